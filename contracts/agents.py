@@ -1,0 +1,51 @@
+"""What node agents say about themselves: accelerators, slots and loaded pipelines."""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class Accelerator(msgspec.Struct, frozen=True, kw_only=True):
+    """A group of identical slots on a node: ``kind`` is ``cpu`` or ``gpu``."""
+
+    kind: str
+    model: str = ""
+    memory_mb: int | None = None
+    slots: int = 1
+
+
+class PipelineStatus(enum.StrEnum):
+    loading = "loading"  # the startup step (cold start) is running
+    ready = "ready"
+    failed = "failed"  # the startup step raised; the agent will not serve it
+
+
+class LoadedPipeline(msgspec.Struct, frozen=True, kw_only=True):
+    pointer: str
+    status: PipelineStatus
+    accelerator: str = "cpu"  # which slot kind its runs need
+    error: str | None = None
+
+
+class AgentHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
+    """Published by every agent every heartbeat interval on ``jetrun.agents.heartbeat.<id>``.
+
+    ``draining`` agents take no new work (a preemption notice is being honoured)."""
+
+    agent_id: str
+    at: float
+    started_at: float
+    accelerators: list[Accelerator]
+    pipelines: list[LoadedPipeline]
+    draining: bool = False
+    running: list[str] = msgspec.field(default_factory=list)
+
+    def slots(self, kind: str) -> int:
+        return sum(a.slots for a in self.accelerators if a.kind == kind)
+
+    def ready(self, pointer: str) -> bool:
+        return any(
+            p.pointer == pointer and p.status is PipelineStatus.ready for p in self.pipelines
+        )

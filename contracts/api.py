@@ -1,0 +1,58 @@
+"""Bodies of the v4 HTTP API that are not runs themselves."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from contracts.values import RunIO
+
+
+class RunCreate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``POST /v4/runs``. ``wait_for_resources=None`` means: false for sync, true for async."""
+
+    pipeline: str
+    inputs: list[RunIO] = msgspec.field(default_factory=list)
+    async_run: bool = False
+    wait_for_resources: bool | None = None
+
+    def waits_for_resources(self) -> bool:
+        if self.wait_for_resources is None:
+            return self.async_run
+        return self.wait_for_resources
+
+
+class ErrorDetail(msgspec.Struct, frozen=True, kw_only=True):
+    code: str
+    message: str
+    field: str | None = None
+
+
+class ConcurrencyLimitDetail(msgspec.Struct, frozen=True, kw_only=True):
+    code: str = "concurrency_limit"
+    tier: str
+    limit: int
+    active: int
+    message: str = ""
+
+
+class ErrorBody(msgspec.Struct, frozen=True, kw_only=True):
+    detail: ErrorDetail | ConcurrencyLimitDetail | Any
+
+
+class Scaling(msgspec.Struct, frozen=True, kw_only=True):
+    """``GET /v4/pipelines/{pointer}/scaling``."""
+
+    current_replicas: int
+    desired_replicas: int
+    current_pipeline_states: dict[str, int]
+
+
+class Health(msgspec.Struct, frozen=True, kw_only=True):
+    status: str
+    checks: dict[str, bool] = msgspec.field(default_factory=dict)
+
+
+def input_list(inputs: list[Any]) -> list[RunIO]:
+    return [RunIO(**i) if isinstance(i, dict) else i for i in inputs]

@@ -1,0 +1,187 @@
+"""The event catalogue: every step of a run, as an immutable, past-tense fact.
+
+Rules for evolving this module: a new field gets a default; a field is never retyped; a tag is
+never reused. Every event names its run and carries its own time (``at``, Unix seconds); events
+that belong to one attempt carry ``attempt`` so that the state machine can fence stale ones.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import msgspec
+
+from contracts.errors import RunError
+from contracts.states import WaitingFor
+from contracts.values import RunIO
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="event"):
+    run_id: str
+    at: float
+
+    kind: ClassVar[str]
+
+    def message_id(self) -> str:
+        """A deterministic id: appending the same fact twice is deduplicated by the log."""
+        return f"{self.run_id}:{self.kind}"
+
+
+class AttemptEvent(Event, frozen=True, kw_only=True):
+    attempt: int
+
+    def message_id(self) -> str:
+        return f"{self.run_id}:{self.kind}:{self.attempt}"
+
+
+class RunSubmitted(Event, frozen=True, kw_only=True, tag="submitted"):
+    kind: ClassVar[str] = "submitted"
+    team: str
+    pipeline: str
+    inputs: list[RunIO]
+    async_run: bool = False
+    wait_for_resources: bool = False
+    idempotency_key: str | None = None
+
+
+class AdmissionSlot(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the admission permit of a run is held, so that it can be given back."""
+
+    stream: str
+    seq: int
+
+
+class RunAdmitted(Event, frozen=True, kw_only=True, tag="admitted"):
+    kind: ClassVar[str] = "admitted"
+    tier: str
+    slot: AdmissionSlot | None = None
+
+
+class RunQueued(AttemptEvent, frozen=True, kw_only=True, tag="queued"):
+    kind: ClassVar[str] = "queued"
+    waiting_for: WaitingFor = WaitingFor.capacity
+
+
+class RunDispatched(AttemptEvent, frozen=True, kw_only=True, tag="dispatched"):
+    kind: ClassVar[str] = "dispatched"
+    agent_id: str
+    slot: str = "cpu"
+
+
+class RunStarted(AttemptEvent, frozen=True, kw_only=True, tag="started"):
+    kind: ClassVar[str] = "started"
+    agent_id: str
+
+
+class RunOutputProduced(AttemptEvent, frozen=True, kw_only=True, tag="output"):
+    """One streamed output value; ``index`` orders them and makes a resend idempotent."""
+
+    kind: ClassVar[str] = "output"
+    index: int
+    output: RunIO
+
+    def message_id(self) -> str:
+        return f"{self.run_id}:{self.kind}:{self.attempt}:{self.index}"
+
+
+class RunCompleted(AttemptEvent, frozen=True, kw_only=True, tag="completed"):
+    kind: ClassVar[str] = "completed"
+    outputs: list[RunIO]
+
+
+class RunFailed(AttemptEvent, frozen=True, kw_only=True, tag="failed"):
+    kind: ClassVar[str] = "failed"
+    error: RunError
+
+
+class RunTimedOut(AttemptEvent, frozen=True, kw_only=True, tag="timed_out"):
+    """The attempt ran past the pipeline's execution timeout and was killed."""
+
+    kind: ClassVar[str] = "timed_out"
+    timeout_s: float
+
+
+class RunPreempted(AttemptEvent, frozen=True, kw_only=True, tag="preempted"):
+    """The node running the attempt was lost or recalled; the run ends ``node_preempted``."""
+
+    kind: ClassVar[str] = "preempted"
+    agent_id: str
+    reason: str
+
+
+class RunRequeued(AttemptEvent, frozen=True, kw_only=True, tag="requeued"):
+    """The attempt was lost with retries left: the run goes back to the front of its queue
+    as attempt ``attempt + 1``."""
+
+    kind: ClassVar[str] = "requeued"
+    agent_id: str
+    reason: str
+
+
+class RunNoResourcesAvailable(AttemptEvent, frozen=True, kw_only=True, tag="no_resources"):
+    kind: ClassVar[str] = "no_resources"
+    reason: str
+
+
+class RunCancelRequested(Event, frozen=True, kw_only=True, tag="cancel_requested"):
+    kind: ClassVar[str] = "cancel_requested"
+
+
+class RunCancelled(Event, frozen=True, kw_only=True, tag="cancelled"):
+    kind: ClassVar[str] = "cancelled"
+
+
+AnyEvent = (
+    RunSubmitted
+    | RunAdmitted
+    | RunQueued
+    | RunDispatched
+    | RunStarted
+    | RunOutputProduced
+    | RunCompleted
+    | RunFailed
+    | RunTimedOut
+    | RunPreempted
+    | RunRequeued
+    | RunNoResourcesAvailable
+    | RunCancelRequested
+    | RunCancelled
+)
+
+EVENT_TYPES: tuple[type[Event], ...] = (
+    RunSubmitted,
+    RunAdmitted,
+    RunQueued,
+    RunDispatched,
+    RunStarted,
+    RunOutputProduced,
+    RunCompleted,
+    RunFailed,
+    RunTimedOut,
+    RunPreempted,
+    RunRequeued,
+    RunNoResourcesAvailable,
+    RunCancelRequested,
+    RunCancelled,
+)
+
+_encoder = msgspec.json.Encoder()
+_decoder: msgspec.json.Decoder[AnyEvent] = msgspec.json.Decoder(AnyEvent)
+_list_decoder: msgspec.json.Decoder[list[AnyEvent]] = msgspec.json.Decoder(list[AnyEvent])
+
+
+def encode_event(event: Event) -> bytes:
+    return _encoder.encode(event)
+
+
+def decode_event(data: bytes) -> AnyEvent:
+    """Decode one event; raises ``msgspec.ValidationError`` or ``msgspec.DecodeError``."""
+    return _decoder.decode(data)
+
+
+def decode_events(data: bytes) -> list[AnyEvent]:
+    return _list_decoder.decode(data)
+
+
+def to_builtins(event: Event) -> Any:
+    return msgspec.to_builtins(event)

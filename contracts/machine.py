@@ -1,0 +1,252 @@
+"""The run state machine: one table, one rule for everything outside it, and a pure fold.
+
+Rules of this machine:
+1. ``TRANSITIONS[state][event type]`` is the next state. Nothing else moves a run.
+2. An event the table does not list for the run's state is *ignored*: the run comes back
+   unchanged (``Verdict.illegal``). That is the one explicit rule for illegal transitions;
+   ``evolve_strict`` raises instead, for callers that want to hear about them.
+3. Terminal states absorb everything (they have no row in the table).
+4. An event of an attempt that is not the run's current attempt changes nothing
+   (``Verdict.stale``): a zombie node can never complete a run twice.
+5. Applying an event is idempotent, and ``updated_at`` only moves forward, so a duplicate
+   event changes nothing wherever it appears after the original.
+No I/O, no clock: time is a field of each event. The same events give the same run anywhere.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import msgspec
+
+from contracts.errors import ErrorType, RunError
+from contracts.events import (
+    AttemptEvent,
+    Event,
+    RunAdmitted,
+    RunCancelled,
+    RunCancelRequested,
+    RunCompleted,
+    RunDispatched,
+    RunFailed,
+    RunNoResourcesAvailable,
+    RunOutputProduced,
+    RunPreempted,
+    RunQueued,
+    RunRequeued,
+    RunStarted,
+    RunSubmitted,
+    RunTimedOut,
+)
+from contracts.run import RunRecord
+from contracts.states import RunState, WaitingFor
+from contracts.values import IOType, RunIO
+
+S = RunState
+
+TRANSITIONS: dict[RunState, dict[type[Event], RunState]] = {
+    S.unknown: {RunSubmitted: S.created},
+    S.created: {
+        RunAdmitted: S.routing,
+        RunCancelRequested: S.created,
+        RunCancelled: S.cancelled,
+    },
+    S.routing: {
+        RunQueued: S.queued,
+        RunNoResourcesAvailable: S.no_resources_available,
+        RunFailed: S.failed,
+        RunCancelRequested: S.routing,
+        RunCancelled: S.cancelled,
+    },
+    S.queued: {
+        RunDispatched: S.running,
+        RunNoResourcesAvailable: S.no_resources_available,
+        RunFailed: S.failed,
+        RunCancelRequested: S.queued,
+        RunCancelled: S.cancelled,
+    },
+    S.running: {
+        RunStarted: S.running,
+        RunOutputProduced: S.running,
+        RunCompleted: S.completed,
+        RunFailed: S.failed,
+        RunTimedOut: S.failed,
+        RunPreempted: S.node_preempted,
+        RunRequeued: S.queued,
+        RunCancelRequested: S.running,
+        RunCancelled: S.cancelled,
+    },
+}
+
+
+class Verdict(enum.StrEnum):
+    applied = "applied"
+    illegal = "illegal"  # not in the table for the run's state (terminal states included)
+    stale = "stale"  # from an attempt that is not the current one
+    foreign = "foreign"  # about another run
+
+
+class IllegalTransition(Exception):
+    def __init__(self, run: RunRecord, event: Event, verdict: Verdict) -> None:
+        super().__init__(
+            f"{type(event).__name__} ({verdict}) for run {run.id} in state {run.state}"
+            f" at attempt {run.attempt}"
+        )
+        self.verdict = verdict
+
+
+def judge(run: RunRecord, event: Event) -> Verdict:
+    """What ``evolve`` would do with ``event``, without doing it."""
+    if event.run_id != run.id:
+        return Verdict.foreign
+    if type(event) not in TRANSITIONS.get(run.state, {}):
+        return Verdict.illegal
+    if isinstance(event, AttemptEvent) and event.attempt != run.attempt:
+        return Verdict.stale
+    return Verdict.applied
+
+
+def evolve(run: RunRecord, event: Event) -> RunRecord:
+    """The run after ``event``; the same run if the event is illegal, stale or foreign."""
+    if judge(run, event) is not Verdict.applied:
+        return run
+    changes = _APPLY[type(event)](run, event)
+    state = TRANSITIONS[run.state][type(event)]
+    if state.is_terminal:
+        changes["waiting_for"] = None
+    elif run.cancel_requested or isinstance(event, RunCancelRequested):
+        changes["waiting_for"] = WaitingFor.cancellation
+    return msgspec.structs.replace(
+        run, state=state, updated_at=max(run.updated_at, event.at), **changes
+    )
+
+
+def evolve_strict(run: RunRecord, event: Event) -> RunRecord:
+    """Like ``evolve``, but raises ``IllegalTransition`` instead of ignoring an event."""
+    verdict = judge(run, event)
+    if verdict is not Verdict.applied:
+        raise IllegalTransition(run, event, verdict)
+    return evolve(run, event)
+
+
+def fold(events: Iterable[Event], run_id: str | None = None) -> RunRecord:
+    """The run that ``events`` (in log order) describe. ``run_id`` defaults to the first
+    event's run; an empty log gives a run in state ``unknown``."""
+    it = iter(events)
+    first = next(it, None)
+    if first is None:
+        return RunRecord(id=run_id or "")
+    run = evolve(RunRecord(id=run_id or first.run_id), first)
+    for event in it:
+        run = evolve(run, event)
+    return run
+
+
+# --- what each event changes, beside the state -------------------------------------------
+
+Changes = dict[str, Any]
+
+
+def _submitted(run: RunRecord, e: RunSubmitted) -> Changes:
+    return {
+        "team": e.team,
+        "pipeline": e.pipeline,
+        "inputs": e.inputs,
+        "created_at": e.at,
+        "async_run": e.async_run,
+        "wait_for_resources": e.wait_for_resources,
+        "idempotency_key": e.idempotency_key,
+        "waiting_for": WaitingFor.admission,
+    }
+
+
+def _admitted(run: RunRecord, e: RunAdmitted) -> Changes:
+    return {"tier": e.tier, "slot": e.slot, "attempt": 1, "waiting_for": WaitingFor.placement}
+
+
+def _queued(run: RunRecord, e: RunQueued) -> Changes:
+    return {"waiting_for": e.waiting_for}
+
+
+def _dispatched(run: RunRecord, e: RunDispatched) -> Changes:
+    return {"agent_id": e.agent_id, "waiting_for": WaitingFor.worker}
+
+
+def _started(run: RunRecord, e: RunStarted) -> Changes:
+    return {"agent_id": e.agent_id, "waiting_for": WaitingFor.execution}
+
+
+def _output(run: RunRecord, e: RunOutputProduced) -> Changes:
+    outputs = list(run.outputs)
+    while len(outputs) <= e.index:
+        outputs.append(RunIO(type=IOType.none))
+    outputs[e.index] = e.output
+    return {"outputs": outputs}
+
+
+def _completed(run: RunRecord, e: RunCompleted) -> Changes:
+    return {"outputs": e.outputs}
+
+
+def _failed(run: RunRecord, e: RunFailed) -> Changes:
+    return {"error": e.error}
+
+
+def _timed_out(run: RunRecord, e: RunTimedOut) -> Changes:
+    message = f"the run exceeded the pipeline's execution timeout of {e.timeout_s:g} s"
+    return {"error": RunError(type=ErrorType.timeout, message=message)}
+
+
+def _preempted(run: RunRecord, e: RunPreempted) -> Changes:
+    return {"preemptions": run.preemptions + 1}
+
+
+def _requeued(run: RunRecord, e: RunRequeued) -> Changes:
+    return {
+        "attempt": run.attempt + 1,
+        "agent_id": None,
+        "outputs": [],
+        "preemptions": run.preemptions + 1,
+        "waiting_for": WaitingFor.capacity,
+    }
+
+
+def _no_changes(run: RunRecord, e: Event) -> Changes:
+    return {}
+
+
+def _cancel_requested(run: RunRecord, e: RunCancelRequested) -> Changes:
+    return {"cancel_requested": True}
+
+
+_APPLY: dict[type[Event], Callable[[RunRecord, Any], Changes]] = {
+    RunSubmitted: _submitted,
+    RunAdmitted: _admitted,
+    RunQueued: _queued,
+    RunDispatched: _dispatched,
+    RunStarted: _started,
+    RunOutputProduced: _output,
+    RunCompleted: _completed,
+    RunFailed: _failed,
+    RunTimedOut: _timed_out,
+    RunPreempted: _preempted,
+    RunRequeued: _requeued,
+    RunNoResourcesAvailable: _no_changes,
+    RunCancelRequested: _cancel_requested,
+    RunCancelled: _no_changes,
+}
+
+
+def mermaid_diagram() -> str:
+    """The state diagram of ``TRANSITIONS`` in Mermaid syntax (docs/architecture.md)."""
+    lines = ["stateDiagram-v2", "    [*] --> unknown"]
+    for state, row in TRANSITIONS.items():
+        for event_type, target in row.items():
+            kind = getattr(event_type, "kind", event_type.__name__)
+            lines.append(f"    {state.value} --> {target.value}: {kind}")
+    for state in RunState:
+        if state.is_terminal:
+            lines.append(f"    {state.value} --> [*]")
+    return "\n".join(lines) + "\n"

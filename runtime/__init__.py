@@ -1,0 +1,1 @@
+"""jetrun's services, agents, clients and CLI: everything that does I/O."""
