@@ -22,6 +22,15 @@ class PipelineStatus(enum.StrEnum):
     failed = "failed"  # the startup step raised; the agent will not serve it
 
 
+class PipelineInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """A pipeline as its agents register it in the catalogue."""
+
+    pointer: str
+    accelerator: str = "cpu"  # which slot kind its runs need
+    timeout_s: float | None = None  # execution timeout of one attempt
+    max_retries: int = 0  # automatic requeues after a node is lost or preempted
+
+
 class LoadedPipeline(msgspec.Struct, frozen=True, kw_only=True):
     pointer: str
     status: PipelineStatus

@@ -1,0 +1,122 @@
+"""jetrun's TOML config: teams, their tokens and tiers, tier limits, and service timings.
+
+Example (see ``examples/jetrun.toml``)::
+
+    [tiers]              # concurrent runs per tier; "unlimited" for no cap
+    basic = 3
+    [teams.acme]
+    tier = "basic"
+    tokens = ["jr_acme_secret"]
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+DEFAULT_TIERS: dict[str, int | None] = {
+    "basic": 3,
+    "starter": 5,
+    "pro": 12,
+    "startup": None,
+    "byoc": None,
+}
+
+TEAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+DEMO_TOKEN = "jr_demo_token"
+
+
+class ConfigError(ValueError):
+    """The config file is invalid; the message names the key."""
+
+
+class Team(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    tier: str
+    tokens: list[str]
+
+
+class Settings(msgspec.Struct, frozen=True, kw_only=True):
+    lookback_s: float = 86_400.0  # admission counts non-terminal runs created this recently
+    resource_wait_timeout_s: float = 300.0
+    node_loss_timeout_s: float = 10.0
+    heartbeat_interval_s: float = 1.0
+    max_body_bytes: int = 1_048_576
+    sync_wait_s: float = 600.0  # a sync POST waits this long, then answers 202 like async
+    settle_s: float = 1.0  # an async POST waits this long for the run to be queued
+    release_grace_s: float = 30.0  # an admission slot with no run after this is leaked
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    tiers: dict[str, int | None]
+    teams: dict[str, Team]
+    settings: Settings = Settings()
+    by_token: dict[str, Team] = msgspec.field(default_factory=dict)
+
+    def team_for_token(self, token: str) -> Team | None:
+        return self.by_token.get(token)
+
+    def limit(self, tier: str) -> int | None:
+        return self.tiers[tier]
+
+
+def demo_config() -> Config:
+    """What ``jetrun up`` runs with when no config file is given: one demo team."""
+    return parse({"teams": {"demo": {"tier": "pro", "tokens": [DEMO_TOKEN]}}})
+
+
+def load(path: str | Path) -> Config:
+    """Read and check a TOML config file; raises ``ConfigError`` naming the bad key."""
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise ConfigError(f"cannot read config {path}: {err}") from err
+    return parse(data)
+
+
+def parse(data: dict[str, Any]) -> Config:
+    tiers = dict(DEFAULT_TIERS)
+    for name, limit in data.get("tiers", {}).items():
+        tiers[name] = _limit(name, limit)
+    teams: dict[str, Team] = {}
+    seen_tokens: set[str] = set()
+    for name, raw in data.get("teams", {}).items():
+        team = _team(name, raw, tiers)
+        if dup := seen_tokens.intersection(team.tokens):
+            raise ConfigError(f"teams.{name}.tokens: token already used by another team: {dup}")
+        seen_tokens.update(team.tokens)
+        teams[name] = team
+    try:
+        settings = msgspec.convert(data.get("settings", {}), Settings, strict=False)
+    except msgspec.ValidationError as err:
+        raise ConfigError(f"settings: {err}") from err
+    by_token = {token: team for team in teams.values() for token in team.tokens}
+    return Config(tiers=tiers, teams=teams, settings=settings, by_token=by_token)
+
+
+def _limit(tier: str, value: Any) -> int | None:
+    if value == "unlimited":
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    raise ConfigError(f"tiers.{tier}: expected a positive integer or \"unlimited\", got {value!r}")
+
+
+def _team(name: str, raw: Any, tiers: dict[str, int | None]) -> Team:
+    if not TEAM_NAME.match(name):
+        raise ConfigError(f"teams.{name}: a team name is 1-64 letters, digits, '_' or '-'")
+    if not isinstance(raw, dict):
+        raise ConfigError(f"teams.{name}: expected a table")
+    tier = raw.get("tier")
+    if tier not in tiers:
+        raise ConfigError(f"teams.{name}.tier: unknown tier {tier!r}; known: {sorted(tiers)}")
+    tokens = raw.get("tokens")
+    if not isinstance(tokens, list) or not tokens or not all(
+        isinstance(t, str) and t for t in tokens
+    ):
+        raise ConfigError(f"teams.{name}.tokens: expected a non-empty list of strings")
+    return Team(name=name, tier=tier, tokens=tokens)

@@ -1,0 +1,184 @@
+"""Read models built from the event log: every run's record and every pipeline's queue.
+
+``RunIndex.apply(seq, event)`` is the only way in; it is pure bookkeeping (no I/O), so every
+process that tails the log holds the same index at the same sequence, and it can be rebuilt from
+the stream at any time. Queue positions are exact and cost O(log n) to read: each queue is a
+sorted list of tickets ``(group, seq)``; requeued runs (group 0) go before fresh ones (group 1),
+each group in log order.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+
+import anyio
+import msgspec
+from sortedcontainers import SortedList
+
+from contracts.events import AnyEvent, RunRequeued
+from contracts.machine import evolve
+from contracts.run import RunRecord
+from contracts.states import RunState
+
+Ticket = tuple[int, int]
+Listener = Callable[[int, AnyEvent, RunRecord | None, RunRecord], None]
+
+
+class QueueStats(msgspec.Struct, frozen=True, kw_only=True):
+    pipeline: str
+    depth: int
+    oldest_ticket_seq: int | None
+
+
+class IndexStats(msgspec.Struct, frozen=True, kw_only=True):
+    last_seq: int
+    runs: int
+    active: int
+    queues: list[QueueStats]
+
+
+class RunIndex:
+    """In-memory projection of the event log. Not thread-safe; one event loop owns it."""
+
+    def __init__(self) -> None:
+        self.last_seq = 0
+        self.records: dict[str, RunRecord] = {}
+        self._queues: dict[str, SortedList] = defaultdict(SortedList)
+        self._tickets: dict[str, Ticket] = {}
+        self._by_ticket: dict[Ticket, str] = {}
+        self.on_agent: dict[str, set[str]] = defaultdict(set)
+        self._listeners: list[Listener] = []
+        self._changed: dict[str, anyio.Event] = {}
+        self._seq_waiters: list[tuple[int, anyio.Event]] = []
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def listen(self, listener: Listener) -> None:
+        """Call ``listener(seq, event, before, after)`` after every event that changed a run."""
+        self._listeners.append(listener)
+
+    def apply(self, seq: int, event: AnyEvent) -> RunRecord | None:
+        """Apply the event stored at ``seq``; sequences already applied are skipped. Returns
+        the run if the event changed it."""
+        if seq <= self.last_seq:
+            return None
+        self.last_seq = seq
+        before = self.records.get(event.run_id)
+        base = before or RunRecord(id=event.run_id)
+        after = evolve(base, event)
+        if after is base:
+            self._wake_seq_waiters()
+            return None
+        self.records[event.run_id] = after
+        self._reindex(seq, event, before, after)
+        for listener in self._listeners:
+            listener(seq, event, before, after)
+        if waiter := self._changed.pop(event.run_id, None):
+            waiter.set()
+        self._wake_seq_waiters()
+        return after
+
+    def _reindex(
+        self, seq: int, event: AnyEvent, before: RunRecord | None, after: RunRecord
+    ) -> None:
+        was_queued = before is not None and before.state is RunState.queued
+        if after.state is RunState.queued and not was_queued:
+            group = 0 if isinstance(event, RunRequeued) else 1
+            self._enqueue(after, (group, seq))
+        elif was_queued and after.state is not RunState.queued:
+            self._dequeue(after)
+        if before is not None and before.agent_id and before.agent_id != after.agent_id:
+            self.on_agent[before.agent_id].discard(after.id)
+        if after.agent_id and after.state is RunState.running:
+            self.on_agent[after.agent_id].add(after.id)
+        elif after.agent_id:
+            self.on_agent[after.agent_id].discard(after.id)
+
+    def _enqueue(self, run: RunRecord, ticket: Ticket) -> None:
+        self._queues[run.pipeline].add(ticket)
+        self._tickets[run.id] = ticket
+        self._by_ticket[ticket] = run.id
+
+    def _dequeue(self, run: RunRecord) -> None:
+        ticket = self._tickets.pop(run.id, None)
+        if ticket is not None:
+            self._queues[run.pipeline].discard(ticket)
+            del self._by_ticket[ticket]
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def get(self, run_id: str) -> RunRecord | None:
+        return self.records.get(run_id)
+
+    def queue_position(self, run_id: str) -> int | None:
+        """Runs of the same queue waiting ahead of ``run_id``; ``None`` unless it is queued."""
+        ticket = self._tickets.get(run_id)
+        if ticket is None:
+            return None
+        run = self.records[run_id]
+        return int(self._queues[run.pipeline].bisect_left(ticket))
+
+    def queue_depth(self, pipeline: str) -> int:
+        return len(self._queues.get(pipeline, ()))
+
+    def queued(self, pipeline: str, limit: int | None = None) -> list[str]:
+        """The first ``limit`` waiting runs of ``pipeline``'s queue, head first."""
+        queue = self._queues.get(pipeline)
+        if not queue:
+            return []
+        stop = len(queue) if limit is None else min(limit, len(queue))
+        return [self._by_ticket[t] for t in queue.islice(0, stop)]
+
+    def pipelines_with_queue(self) -> list[str]:
+        return [p for p, q in self._queues.items() if q]
+
+    def statistics(self) -> IndexStats:
+        queues = [
+            QueueStats(pipeline=p, depth=len(q), oldest_ticket_seq=q[0][1] if q else None)
+            for p, q in sorted(self._queues.items())
+            if q
+        ]
+        active = sum(1 for r in self.records.values() if not r.is_terminal)
+        return IndexStats(last_seq=self.last_seq, runs=len(self.records), active=active,
+                          queues=queues)
+
+    # --- waiting -----------------------------------------------------------------------------
+
+    async def wait_for_seq(self, seq: int, timeout: float = math.inf) -> bool:
+        """Wait until the index has applied ``seq``; False on timeout."""
+        if self.last_seq >= seq:
+            return True
+        event = anyio.Event()
+        self._seq_waiters.append((seq, event))
+        with anyio.move_on_after(timeout):
+            await event.wait()
+        return self.last_seq >= seq
+
+    def _wake_seq_waiters(self) -> None:
+        if not self._seq_waiters:
+            return
+        keep = []
+        for seq, event in self._seq_waiters:
+            if self.last_seq >= seq:
+                event.set()
+            else:
+                keep.append((seq, event))
+        self._seq_waiters = keep
+
+    async def wait_until(
+        self, run_id: str, done: Callable[[RunRecord], bool], timeout: float
+    ) -> RunRecord | None:
+        """Wait until the run exists and ``done(run)``; returns the run as it is then (also on
+        timeout), or None if it does not exist."""
+        with anyio.move_on_after(timeout):
+            while True:
+                run = self.records.get(run_id)
+                if run is not None and done(run):
+                    return run
+                event = self._changed.get(run_id)
+                if event is None:
+                    event = self._changed[run_id] = anyio.Event()
+                await event.wait()
+        return self.records.get(run_id)

@@ -1,0 +1,372 @@
+"""The scheduler: the one decider that places, queues, dispatches, cancels and preempts runs.
+
+It tails the event log into a ``RunIndex``, hears agents' heartbeats into a ``Fleet``, and on
+every change runs a decision pass that appends events. It keeps no state of its own that the log
+cannot rebuild: after a crash it replays the log and carries on. Every decision is an event with a
+deterministic message id (run, kind, attempt), so a decision made twice, by a restarted scheduler
+or a second one, is recorded once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from contracts.agents import AgentHeartbeat, PipelineStatus
+from contracts.events import (
+    AnyEvent,
+    Event,
+    RunCancelled,
+    RunDispatched,
+    RunNoResourcesAvailable,
+    RunPreempted,
+    RunQueued,
+    RunRequeued,
+)
+from contracts.run import RunRecord
+from contracts.states import RunState, WaitingFor
+from runtime.admission import Admission
+from runtime.catalog import Catalog
+from runtime.clock import SYSTEM_CLOCK, Clock
+from runtime.config import Config
+from runtime.eventlog import EventLog, LogSettings
+from runtime.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
+from runtime.projection import RunIndex
+
+log = logging.getLogger("jetrun.scheduler")
+
+
+class SchedulerStats(msgspec.Struct, frozen=True, kw_only=True):
+    caught_up: bool
+    live_agents: int
+    routing: int
+    pending_decisions: int
+    reserved_slots: int
+    decisions: int
+    lost_agents: int
+
+
+class Scheduler:
+    def __init__(
+        self,
+        nc: Client,
+        config: Config,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        log_settings: LogSettings | None = None,
+        tick_s: float = 0.25,
+    ) -> None:
+        self.nc = nc
+        self.config = config
+        self.clock = clock
+        self.tick_s = tick_s
+        settings = log_settings or LogSettings()
+        self.log = EventLog(nc, settings)
+        self.index = RunIndex()
+        self.index.listen(self._observe)
+        self.fleet = Fleet(clock.monotonic, config.settings.node_loss_timeout_s)
+        self.catalog = Catalog(self.log.js, replicas=settings.replicas)
+        limits = {v for v in config.tiers.values() if v is not None}
+        self.admission = Admission(
+            self.log.js,
+            limits,
+            lookback_s=config.settings.lookback_s,
+            replicas=settings.replicas,
+            lookup=self.index.get,
+        )
+        self.caught_up = False
+        self._routing: set[str] = set()
+        self._cancelling: set[str] = set()
+        self._ended: list[RunRecord] = []
+        self._pending: dict[str, str] = {}  # run id -> kind of the decision in flight
+        self._pending_since: dict[str, float] = {}
+        self._reserved: dict[str, tuple[str, str]] = {}  # run id -> (agent id, slot kind)
+        self._kick = anyio.Event()
+        self._decisions = 0
+        self._lost = 0
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def ensure(self) -> None:
+        await self.log.ensure()
+        await self.catalog.ensure()
+        await self.admission.ensure()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Replay the log, then decide until cancelled. ``task_status.started()`` once caught
+        up."""
+        await self.ensure()
+        target = await self.log.last_seq()
+        heartbeats = await self.nc.subscribe(f"{HEARTBEAT_SUBJECT}.*", cb=self._on_heartbeat)
+        drains = await self.nc.subscribe(DRAIN_SUBJECT, cb=self._on_drain)
+        tail = await self.log.tail(self._on_event)
+        try:
+            await self.index.wait_for_seq(target)
+            self.caught_up = True
+            self._ended.clear()  # permits of runs that ended before now: the sweep's job
+            log.info("scheduler caught up at seq %d", target)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._decide_loop)
+                tg.start_soon(self._tick_loop)
+                task_status.started()
+        finally:
+            with anyio.CancelScope(shield=True):
+                for sub in (heartbeats, drains, tail):
+                    try:
+                        await sub.unsubscribe()
+                    except Exception:  # the connection may be gone already
+                        pass
+
+    def statistics(self) -> SchedulerStats:
+        return SchedulerStats(
+            caught_up=self.caught_up,
+            live_agents=len(self.fleet.live()),
+            routing=len(self._routing),
+            pending_decisions=len(self._pending),
+            reserved_slots=len(self._reserved),
+            decisions=self._decisions,
+            lost_agents=self._lost,
+        )
+
+    # --- inputs ------------------------------------------------------------------------------
+
+    async def _on_event(self, seq: int, event: AnyEvent) -> None:
+        self.index.apply(seq, event)
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            beat = heartbeat_decoder.decode(msg.data)
+        except msgspec.MsgspecError:
+            log.warning("undecodable heartbeat on %s", msg.subject)
+            return
+        known = self.fleet.get(beat.agent_id)
+        self.fleet.observe(beat)
+        if known is None or _capacity_changed(known, beat):
+            self._kick.set()
+
+    async def _on_drain(self, msg: Msg) -> None:
+        """An agent got a preemption notice: its runs are preempted (or requeued) at once."""
+        agent_id = msg.data.decode()
+        handled = await self._handle_lost(agent_id, "node_preempted: the node was recalled")
+        if msg.reply:
+            await self.nc.publish(msg.reply, str(handled).encode())
+
+    def _observe(self, seq: int, event: AnyEvent, before: RunRecord | None, run: RunRecord) -> None:
+        _toggle(self._routing, run.id, run.state is RunState.routing)
+        _toggle(self._cancelling, run.id, run.cancel_requested and not run.is_terminal)
+        pending = self._pending.get(run.id)
+        if pending is not None and (pending == event.kind or run.is_terminal):
+            del self._pending[run.id]
+        if isinstance(event, RunDispatched) or run.state is not RunState.queued:
+            self._reserved.pop(run.id, None)
+        newly_ended = run.is_terminal and (before is None or not before.is_terminal)
+        if newly_ended and self.caught_up and run.slot is not None:
+            self._ended.append(run)
+        self._kick.set()
+
+    # --- the decision pass -------------------------------------------------------------------
+
+    async def _decide_loop(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick = anyio.Event()
+            await self.decide()
+
+    async def decide(self) -> None:
+        """One pass: cancel, place, dispatch, give permits back."""
+        for run_id in list(self._cancelling):
+            run = self.index.get(run_id)
+            if run is not None and run_id not in self._pending:
+                await self._append(run_id, RunCancelled(run_id=run_id, at=self.clock.now()))
+        for run_id in list(self._routing):
+            if run_id not in self._pending:
+                await self._place(run_id)
+        for pipeline in self.index.pipelines_with_queue():
+            await self._dispatch(pipeline)
+        ended, self._ended = self._ended, []
+        for run in ended:
+            if run.slot is not None:
+                await self.admission.release(run.slot)
+
+    async def _append(self, run_id: str, event: Event) -> bool:
+        self._pending[run_id] = event.kind
+        self._pending_since[run_id] = self.clock.monotonic()
+        try:
+            await self.log.append(event)
+        except Exception as err:
+            log.warning("could not append %s for %s: %r", event.kind, run_id, err)
+            self._pending.pop(run_id, None)
+            self._reserved.pop(run_id, None)
+            return False
+        self._decisions += 1
+        return True
+
+    async def _place(self, run_id: str) -> None:
+        run = self.index.get(run_id)
+        if run is None or run.state is not RunState.routing:
+            return
+        now = self.clock.now()
+        if self.fleet.serving(run.pipeline):
+            waiting = WaitingFor.capacity
+        elif not run.wait_for_resources:
+            reason = f"no replica of {run.pipeline} is alive"
+            event: Event = RunNoResourcesAvailable(
+                run_id=run_id, at=now, attempt=run.attempt, reason=reason
+            )
+            await self._append(run_id, event)
+            return
+        elif self.fleet.serving(run.pipeline, PipelineStatus.loading):
+            waiting = WaitingFor.cold_start
+        else:
+            waiting = WaitingFor.resources
+        await self._append(
+            run_id, RunQueued(run_id=run_id, at=now, attempt=run.attempt, waiting_for=waiting)
+        )
+
+    async def _dispatch(self, pipeline: str) -> None:
+        info = await self.catalog.lookup(pipeline)
+        kind = info.accelerator if info is not None else "cpu"
+        agents = self.fleet.serving(pipeline)
+        free = {a.agent_id: self._free(a, kind) for a in agents}
+        budget = sum(max(n, 0) for n in free.values())
+        if budget <= 0:
+            return
+        in_flight = sum(1 for r in self._pending if r in self._reserved)
+        for run_id in self.index.queued(pipeline, limit=budget + in_flight):
+            if run_id in self._pending:
+                continue
+            agent_id = max(free, key=lambda a: free[a])
+            if free[agent_id] <= 0:
+                return
+            run = self.index.records[run_id]
+            free[agent_id] -= 1
+            self._reserved[run_id] = (agent_id, kind)
+            event = RunDispatched(
+                run_id=run_id, at=self.clock.now(), attempt=run.attempt, agent_id=agent_id,
+                slot=kind,
+            )
+            await self._append(run_id, event)
+
+    def _free(self, beat: AgentHeartbeat, kind: str) -> int:
+        used = sum(1 for r in self.index.on_agent.get(beat.agent_id, ()) if self._kind(r) == kind)
+        reserved = sum(1 for a, k in self._reserved.values() if a == beat.agent_id and k == kind)
+        return beat.slots(kind) - used - reserved
+
+    def _kind(self, run_id: str) -> str:
+        info = self.catalog.cached(self.index.records[run_id].pipeline)
+        return info.accelerator if info is not None else "cpu"
+
+    # --- time-driven decisions ---------------------------------------------------------------
+
+    async def _tick_loop(self) -> None:
+        sweep_every = max(1, int(self.config.settings.release_grace_s / self.tick_s))
+        ticks = 0
+        while True:
+            await self.tick()
+            ticks += 1
+            if ticks % sweep_every == 0:
+                await self._sweep()
+            await self.clock.sleep(self.tick_s)
+
+    async def tick(self) -> None:
+        """Detect lost agents and expired resource waits; forget decisions that were never seen
+        in the log (deduplicated against an earlier copy), so they are made again."""
+        stale = self.clock.monotonic() - 5.0
+        for run_id, since in list(self._pending_since.items()):
+            if since < stale or run_id not in self._pending:
+                self._pending_since.pop(run_id, None)
+                if since < stale:
+                    self._pending.pop(run_id, None)
+                    self._reserved.pop(run_id, None)
+        for agent_id, runs in list(self.index.on_agent.items()):
+            if runs:
+                self.fleet.suspect(agent_id)
+        lost = set(self.fleet.expired())
+        lost.update(a for a, runs in self.index.on_agent.items() if runs and self.fleet.is_gone(a))
+        for agent_id in lost:
+            timeout = self.config.settings.node_loss_timeout_s
+            await self._handle_lost(agent_id, f"node_lost: no heartbeat for {timeout:g} s")
+        await self._expire_resource_waits()
+        self._kick.set()
+
+    async def _handle_lost(self, agent_id: str, reason: str) -> int:
+        """Preempt or requeue every run on ``agent_id``; forget the agent once all are
+        recorded. Returns how many runs were handled."""
+        handled = 0
+        ok = True
+        for run_id in list(self.index.on_agent.get(agent_id, ())):
+            run = self.index.records[run_id]
+            if run.state is not RunState.running:
+                continue
+            ok &= await self._append(run_id, await self._loss_event(run, agent_id, reason))
+            handled += 1
+        if ok:
+            if not self.fleet.is_gone(agent_id):
+                self._lost += 1
+                log.info("agent %s lost (%s); %d runs handled", agent_id, reason, handled)
+            self.fleet.forget(agent_id)
+        return handled
+
+    async def _loss_event(self, run: RunRecord, agent_id: str, reason: str) -> Event:
+        info = await self.catalog.lookup(run.pipeline)
+        retries = info.max_retries if info is not None else 0
+        now = self.clock.now()
+        if run.preemptions < retries:
+            return RunRequeued(
+                run_id=run.id, at=now, attempt=run.attempt, agent_id=agent_id, reason=reason
+            )
+        return RunPreempted(
+            run_id=run.id, at=now, attempt=run.attempt, agent_id=agent_id, reason=reason
+        )
+
+    async def _expire_resource_waits(self) -> None:
+        timeout = self.config.settings.resource_wait_timeout_s
+        now = self.clock.now()
+        for pipeline in self.index.pipelines_with_queue():
+            if self.fleet.serving(pipeline):
+                continue
+            for run_id in self.index.queued(pipeline):
+                run = self.index.records[run_id]
+                if now - run.created_at < timeout or run_id in self._pending:
+                    continue
+                reason = f"no replica of {pipeline} came alive within {timeout:g} s"
+                await self._append(
+                    run_id,
+                    RunNoResourcesAvailable(
+                        run_id=run_id, at=now, attempt=run.attempt, reason=reason
+                    ),
+                )
+
+    async def _sweep(self) -> None:
+        try:
+            released = await self.admission.sweep(
+                self.clock.now(), self.config.settings.release_grace_s
+            )
+        except Exception as err:
+            log.warning("admission sweep failed: %r", err)
+            return
+        if released:
+            log.info("gave back %d admission permits of ended or unrecorded runs", released)
+
+
+def _toggle(items: set[str], item: str, present: bool) -> None:
+    if present:
+        items.add(item)
+    else:
+        items.discard(item)
+
+
+def _capacity_changed(old: AgentHeartbeat, new: AgentHeartbeat) -> bool:
+    return (
+        old.pipelines != new.pipelines
+        or old.accelerators != new.accelerators
+        or old.draining != new.draining
+    )
+
+
+__all__ = ["Scheduler", "SchedulerStats"]
