@@ -23,3 +23,8 @@ class RunError(msgspec.Struct, frozen=True, kw_only=True):
     type: ErrorType
     message: str
     traceback: str | None = None
+
+    def json(self, indent: int = 0) -> str:
+        """The error as JSON text (the seed prints ``result.error.json(indent=2)``)."""
+        data = msgspec.json.encode(self)
+        return msgspec.json.format(data, indent=indent).decode()

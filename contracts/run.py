@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 from contracts.errors import RunError
 from contracts.events import AdmissionSlot
 from contracts.states import RunState, WaitingFor
-from contracts.values import RunIO
+from contracts.values import RunIO, to_python
 
 
 class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -76,3 +78,7 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
             error=record.error,
             attempt=record.attempt,
         )
+
+    def outputs_formatted(self) -> list[Any]:
+        """The outputs as Python values, as the seed SDK's ``Run.outputs_formatted()``."""
+        return [to_python(o) for o in self.outputs]

@@ -216,3 +216,18 @@ async def ensure_stream(js: Any, config: api.StreamConfig, deadline_s: float = 3
         await js.update_stream(config)
 
     await retrying(f"ensure stream {config.name}", attempt, deadline_s)
+
+
+async def last_event_of_kind(log: EventLog, run_id: str, kind: str) -> AnyEvent | None:
+    """The latest ``kind`` event of one run, by a single direct get; None if there is none."""
+
+    async def get() -> Any:
+        return await log.js.get_msg(EVENTS_STREAM, subject=event_subject(run_id, kind), direct=True)
+
+    try:
+        msg = await retrying(f"get {kind} of {run_id}", get, log.settings.append_deadline_s)
+    except NotFoundError:
+        return None
+    if msg.data is None:
+        return None
+    return decode_event(msg.data)

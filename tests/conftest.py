@@ -12,7 +12,7 @@ from runtime.nats_conn import connect
 from runtime.natsserver import NatsServer
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def anyio_backend() -> tuple[str, dict[str, bool]]:
     return ("asyncio", {"use_uvloop": True})
 

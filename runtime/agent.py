@@ -1,0 +1,309 @@
+"""The node agent: registers its accelerators, loads pipelines, runs attempts in worker processes.
+
+An agent subscribes to dispatches addressed to it (``jetrun.ev.*.dispatched``) before it first
+heartbeats, so it cannot miss one. Each attempt runs in a worker process that the agent can kill:
+on the pipeline's execution timeout, on cancellation, and on a preemption notice. Results are
+events carrying the attempt number; the state machine drops those of an attempt that is no longer
+current, so a late result from this agent can never change a run that moved on.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup, TaskStatus
+from nats.aio.client import Client
+
+from contracts.agents import (
+    Accelerator,
+    AgentHeartbeat,
+    LoadedPipeline,
+    PipelineInfo,
+    PipelineStatus,
+)
+from contracts.errors import ErrorType, RunError
+from contracts.events import (
+    AnyEvent,
+    Event,
+    RunCancelled,
+    RunCompleted,
+    RunDispatched,
+    RunFailed,
+    RunOutputProduced,
+    RunStarted,
+    RunSubmitted,
+    RunTimedOut,
+)
+from contracts.values import RunIO
+from runtime.accelerators import detect
+from runtime.catalog import Catalog
+from runtime.clock import SYSTEM_CLOCK, Clock
+from runtime.eventlog import EventLog, LogSettings, kind_subjects, last_event_of_kind
+from runtime.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT
+from runtime.pipelines import PipelineSpec, load_module
+from runtime.worker import PipelineWorker, StartupFailed
+
+log = logging.getLogger("jetrun.agent")
+_encoder = msgspec.json.Encoder()
+
+
+@dataclass
+class _Pool:
+    """Warm workers of one pipeline; a worker that ran its startup is reused."""
+
+    spec: PipelineSpec
+    module: str
+    idle: list[PipelineWorker] = field(default_factory=list)
+    status: PipelineStatus = PipelineStatus.loading
+    error: str | None = None
+
+
+@dataclass
+class _Attempt:
+    run_id: str
+    attempt: int
+    scope: anyio.CancelScope
+    worker: PipelineWorker | None = None
+    cancelled: bool = False
+
+
+class Agent:
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        modules: list[str],
+        cpu_slots: int = 2,
+        agent_id: str | None = None,
+        heartbeat_interval_s: float = 1.0,
+        clock: Clock = SYSTEM_CLOCK,
+        log_settings: LogSettings | None = None,
+        accelerators: list[Accelerator] | None = None,
+    ) -> None:
+        self.nc = nc
+        self.modules = modules
+        self.agent_id = agent_id or f"agent-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.clock = clock
+        self.log = EventLog(nc, log_settings)
+        self.catalog = Catalog(self.log.js)
+        self.accelerators = accelerators if accelerators is not None else detect(cpu_slots)
+        self.pools: dict[str, _Pool] = {}
+        self.attempts: dict[str, _Attempt] = {}
+        self.draining = False
+        self.started_at = clock.now()
+        self._tg: TaskGroup | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Load pipelines, subscribe, heartbeat, and run dispatched attempts until cancelled."""
+        self._load_specs()
+        await self.catalog.ensure()
+        for pool in self.pools.values():
+            await self.catalog.register(_info(pool.spec))
+        start = await self.log.last_seq() + 1
+        subs = [
+            await self.log.tail(self._on_event, from_seq=start, subject=kind_subjects(kind))
+            for kind in ("dispatched", "cancelled")
+        ]
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self._heartbeat_loop)
+                for pool in self.pools.values():
+                    tg.start_soon(self._warm, pool)
+                task_status.started()
+        finally:
+            with anyio.CancelScope(shield=True):
+                for sub in subs:
+                    try:
+                        await sub.unsubscribe()
+                    except Exception:
+                        pass
+                await self._kill_all()
+
+    def _load_specs(self) -> None:
+        kinds = {a.kind for a in self.accelerators if a.slots > 0}
+        for module in self.modules:
+            for spec in load_module(module):
+                if spec.accelerator not in kinds:
+                    log.warning(
+                        "%s needs a %s slot; this node has none", spec.pointer, spec.accelerator
+                    )
+                    continue
+                self.pools[spec.pointer] = _Pool(spec=spec, module=module)
+
+    async def _warm(self, pool: _Pool) -> None:
+        """The cold start: one worker runs the pipeline's startup step."""
+        try:
+            worker = await self._spawn(pool)
+        except StartupFailed as failed:
+            pool.status, pool.error = PipelineStatus.failed, failed.error.message
+            log.error("%s failed to start: %s", pool.spec.pointer, failed.error.message)
+        else:
+            pool.idle.append(worker)
+            pool.status = PipelineStatus.ready
+            log.info("%s ready on %s", pool.spec.pointer, self.agent_id)
+        await self._beat()
+
+    async def _spawn(self, pool: _Pool) -> PipelineWorker:
+        worker = PipelineWorker(pool.module, pool.spec.pointer)
+        await worker.start()
+        return worker
+
+    async def drain(self, reason: str = "preemption notice") -> int:
+        """Honour a preemption notice: take no more work, have the scheduler preempt (or
+        requeue) every run here at once, and kill the workers. Returns how many runs the
+        scheduler handled (-1 if it did not answer)."""
+        self.draining = True
+        log.warning("%s draining: %s", self.agent_id, reason)
+        await self._beat()
+        try:
+            reply = await self.nc.request(DRAIN_SUBJECT, self.agent_id.encode(), timeout=5.0)
+            handled = int(reply.data or b"0")
+        except Exception as err:
+            log.warning("no scheduler answered the drain request: %r", err)
+            handled = -1
+        for attempt in list(self.attempts.values()):
+            attempt.cancelled = True
+            attempt.scope.cancel()
+        await self._kill_all()
+        return handled
+
+    async def _kill_all(self) -> None:
+        for pool in self.pools.values():
+            for worker in pool.idle:
+                await worker.kill()
+            pool.idle.clear()
+        for attempt in self.attempts.values():
+            if attempt.worker is not None:
+                await attempt.worker.kill()
+
+    # --- heartbeats --------------------------------------------------------------------------
+
+    def heartbeat(self) -> AgentHeartbeat:
+        return AgentHeartbeat(
+            agent_id=self.agent_id,
+            at=self.clock.now(),
+            started_at=self.started_at,
+            accelerators=self.accelerators,
+            pipelines=[
+                LoadedPipeline(
+                    pointer=p.spec.pointer,
+                    status=p.status,
+                    accelerator=p.spec.accelerator,
+                    error=p.error,
+                )
+                for p in self.pools.values()
+            ],
+            draining=self.draining,
+            running=sorted(self.attempts),
+        )
+
+    async def _beat(self) -> None:
+        subject = f"{HEARTBEAT_SUBJECT}.{self.agent_id}"
+        try:
+            await self.nc.publish(subject, _encoder.encode(self.heartbeat()))
+        except Exception as err:  # disconnected: the next beat will do
+            log.debug("heartbeat not sent: %r", err)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self._beat()
+            await self.clock.sleep(self.heartbeat_interval_s)
+
+    # --- attempts ----------------------------------------------------------------------------
+
+    async def _on_event(self, seq: int, event: AnyEvent) -> None:
+        if isinstance(event, RunDispatched) and event.agent_id == self.agent_id:
+            if event.run_id not in self.attempts and not self.draining and self._tg is not None:
+                attempt = _Attempt(event.run_id, event.attempt, anyio.CancelScope())
+                self.attempts[event.run_id] = attempt
+                self._tg.start_soon(self._run_attempt, event, attempt)
+        elif isinstance(event, RunCancelled):
+            running = self.attempts.get(event.run_id)
+            if running is not None:
+                running.cancelled = True
+                running.scope.cancel()
+
+    async def _run_attempt(self, dispatch: RunDispatched, attempt: _Attempt) -> None:
+        try:
+            with attempt.scope:
+                result = await self._execute(dispatch, attempt)
+            if attempt.cancelled:
+                return  # cancelled or preempted: the control plane has recorded the end
+            if result is not None:
+                await self._report(result)
+        finally:
+            self.attempts.pop(dispatch.run_id, None)
+            if attempt.worker is not None:  # interrupted mid-run: the worker may be busy
+                with anyio.CancelScope(shield=True):
+                    await attempt.worker.kill()
+
+    async def _execute(self, dispatch: RunDispatched, attempt: _Attempt) -> Event | None:
+        run_id, n = dispatch.run_id, dispatch.attempt
+        submitted = await self._submitted(run_id)
+        pool = self.pools.get(submitted.pipeline) if submitted is not None else None
+        if pool is None or submitted is None:
+            error = RunError(
+                type=ErrorType.pipeline_loading,
+                message=f"pipeline is not loaded on node {self.agent_id}",
+            )
+            return RunFailed(run_id=run_id, at=self.clock.now(), attempt=n, error=error)
+        try:
+            worker = pool.idle.pop() if pool.idle else await self._spawn(pool)
+        except StartupFailed as failed:
+            return RunFailed(run_id=run_id, at=self.clock.now(), attempt=n, error=failed.error)
+        attempt.worker = worker
+        await self._report(
+            RunStarted(run_id=run_id, at=self.clock.now(), attempt=n, agent_id=self.agent_id)
+        )
+
+        async def on_output(index: int, output: RunIO) -> None:
+            await self._report(
+                RunOutputProduced(
+                    run_id=run_id, at=self.clock.now(), attempt=n, index=index, output=output
+                )
+            )
+
+        timeout = pool.spec.timeout_s
+        with anyio.move_on_after(timeout if timeout is not None else float("inf")) as limit:
+            result = await worker.run(submitted.inputs, on_output)
+        if limit.cancelled_caught:
+            await worker.kill()
+            return RunTimedOut(
+                run_id=run_id, at=self.clock.now(), attempt=n, timeout_s=timeout or 0.0
+            )
+        if worker.alive:
+            pool.idle.append(worker)
+        attempt.worker = None
+        now = self.clock.now()
+        if result.error is not None:
+            return RunFailed(run_id=run_id, at=now, attempt=n, error=result.error)
+        return RunCompleted(run_id=run_id, at=now, attempt=n, outputs=result.outputs or [])
+
+    async def _submitted(self, run_id: str) -> RunSubmitted | None:
+        event = await last_event_of_kind(self.log, run_id, "submitted")
+        return event if isinstance(event, RunSubmitted) else None
+
+    async def _report(self, event: Event) -> None:
+        with anyio.CancelScope(shield=True):
+            try:
+                await self.log.append(event)
+            except Exception as err:
+                log.error("could not report %s for %s: %r", event.kind, event.run_id, err)
+
+
+def _info(spec: PipelineSpec) -> PipelineInfo:
+    return PipelineInfo(
+        pointer=spec.pointer,
+        accelerator=spec.accelerator,
+        timeout_s=spec.timeout_s,
+        max_retries=spec.max_retries,
+    )

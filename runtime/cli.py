@@ -1,0 +1,179 @@
+"""The ``jetrun`` command (click: subcommands, options, help texts)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import anyio
+import click
+
+from runtime import config as config_module
+from runtime.config import Config, ConfigError
+from runtime.eventlog import LogSettings
+
+DEMO_MODULE = "runtime.demo"
+
+
+def _config(path: str | None) -> Config:
+    if path is None:
+        return config_module.demo_config()
+    try:
+        return config_module.load(path)
+    except ConfigError as err:
+        raise click.BadParameter(str(err), param_hint="--config") from None
+
+
+def _run(main: object, *args: object) -> None:
+    anyio.run(main, *args, backend="asyncio", backend_options={"use_uvloop": True})  # type: ignore[arg-type]
+
+
+nats_option = click.option(
+    "--nats",
+    "nats_url",
+    default=lambda: os.environ.get("JETRUN_NATS", "nats://127.0.0.1:4222"),
+    show_default="$JETRUN_NATS or nats://127.0.0.1:4222",
+    help="NATS URL(s), comma-separated.",
+)
+config_option = click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="TOML config (teams, tokens, tiers, timings); see examples/jetrun.toml.",
+)
+replicas_option = click.option(
+    "--replicas",
+    type=click.IntRange(1, 5),
+    default=1,
+    show_default=True,
+    help="Stream replicas (3 on a 3-node JetStream cluster).",
+)
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+def main(verbose: bool) -> None:
+    """jetrun: run ML pipelines on GPU nodes for many teams, on NATS JetStream."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+    )
+    logging.getLogger("nats").setLevel(logging.CRITICAL)
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int, help="HTTP port.")
+@click.option(
+    "--data-dir", default="./jetrun-data", show_default=True, type=click.Path(path_type=Path)
+)
+@config_option
+@click.option("--nats", "nats_url", default=None, help="Use this NATS instead of an embedded one.")
+@click.option(
+    "--nats-port", default=0, type=int, help="Port of the embedded nats-server (0: free)."
+)
+@click.option(
+    "--pipelines",
+    "modules",
+    multiple=True,
+    default=[DEMO_MODULE],
+    show_default=True,
+    help="Pipeline module (dotted name or .py path) for the local agent; repeatable.",
+)
+@click.option(
+    "--slots", default=4, show_default=True, type=int, help="CPU slots of the local agent."
+)
+def up(
+    host: str,
+    port: int,
+    data_dir: Path,
+    config_path: str | None,
+    nats_url: str | None,
+    nats_port: int,
+    modules: tuple[str, ...],
+    slots: int,
+) -> None:
+    """Start everything: nats-server, gateway, scheduler and a local agent."""
+    from runtime.services import serve_up
+
+    async def go() -> None:
+        await serve_up(
+            data_dir=data_dir.resolve(),
+            config=_config(config_path),
+            host=host,
+            port=port,
+            nats_url=nats_url,
+            nats_port=nats_port,
+            modules=list(modules),
+            slots=slots,
+        )
+
+    _run(go)
+
+
+@main.command()
+@nats_option
+@config_option
+@replicas_option
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8080, show_default=True, type=int)
+def gateway(nats_url: str, config_path: str | None, replicas: int, host: str, port: int) -> None:
+    """Serve the v4 HTTP API."""
+    from runtime.services import serve_gateway
+
+    _run(serve_gateway, nats_url, _config(config_path), host, port, LogSettings(replicas=replicas))
+
+
+@main.command()
+@nats_option
+@config_option
+@replicas_option
+def scheduler(nats_url: str, config_path: str | None, replicas: int) -> None:
+    """Place, queue, dispatch, cancel and preempt runs."""
+    from runtime.services import serve_scheduler
+
+    _run(serve_scheduler, nats_url, _config(config_path), LogSettings(replicas=replicas))
+
+
+@main.command()
+@nats_option
+@replicas_option
+@click.option(
+    "--pipelines",
+    "modules",
+    multiple=True,
+    default=[DEMO_MODULE],
+    show_default=True,
+    help="Pipeline module (dotted name or .py path); repeatable.",
+)
+@click.option("--slots", default=2, show_default=True, type=int, help="CPU slots.")
+@click.option(
+    "--heartbeat", default=1.0, show_default=True, type=float, help="Seconds between heartbeats."
+)
+@click.option("--id", "agent_id", default=None, help="Agent id (default: host name + random).")
+def agent(
+    nats_url: str,
+    replicas: int,
+    modules: tuple[str, ...],
+    slots: int,
+    heartbeat: float,
+    agent_id: str | None,
+) -> None:
+    """Run a node agent: load pipelines, run attempts. SIGTERM = preemption notice."""
+    from runtime.services import serve_agent
+
+    _run(
+        serve_agent,
+        nats_url,
+        list(modules),
+        slots,
+        heartbeat,
+        agent_id,
+        LogSettings(replicas=replicas),
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""The HTTP gateway: the Mystic-compatible v4 API.
+
+Stateless apart from a ``RunIndex`` it tails from the event log, so any number of gateway
+processes can serve the same runs. A POST takes an admission permit, appends ``RunSubmitted`` and
+``RunAdmitted``, then waits in the index (sync: for a terminal state; async: until the run is
+placed). Reads never touch NATS: they come from the index, queue positions included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import anyio
+import msgspec
+from anyio.abc import TaskStatus
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import Response, StreamingResponse
+from starlette.routing import Route
+
+from contracts.api import ConcurrencyLimitDetail, ErrorBody, ErrorDetail, Health, RunCreate, Scaling
+from contracts.events import AnyEvent, RunAdmitted, RunCancelRequested, RunSubmitted
+from contracts.run import Run, RunRecord
+from contracts.states import RunState
+from contracts.values import ValueTypeError, check
+from runtime.admission import Admission, LimitReached
+from runtime.catalog import Catalog
+from runtime.clock import SYSTEM_CLOCK, Clock
+from runtime.config import Config, Team
+from runtime.eventlog import EventLog, LogSettings
+from runtime.fleet import HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
+from runtime.projection import RunIndex
+
+log = logging.getLogger("jetrun.gateway")
+
+POINTER = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+$")
+_FIELD = re.compile(r"at `\$\.?(?P<path>[^`]*)`")
+_encoder = msgspec.json.Encoder()
+_create_decoder = msgspec.json.Decoder(RunCreate)
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, detail: Any, headers: dict[str, str] | None = None) -> None:
+        super().__init__(status, detail)
+        self.status, self.detail, self.headers = status, detail, headers or {}
+
+
+def error(status: int, code: str, message: str, field: str | None = None) -> HTTPError:
+    return HTTPError(status, ErrorDetail(code=code, message=message, field=field))
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(_encoder.encode(body), status, headers, media_type="application/json")
+
+
+def run_id_for(team: str, idempotency_key: str | None) -> str:
+    """A fresh id, or one derived from the team and its key so a retried POST finds its run."""
+    if idempotency_key is None:
+        return f"run_{uuid.uuid4().hex}"
+    digest = hashlib.sha256(f"{team}\0{idempotency_key}".encode()).hexdigest()
+    return f"run_{digest[:32]}"
+
+
+class Gateway:
+    def __init__(
+        self,
+        nc: Client,
+        config: Config,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        log_settings: LogSettings | None = None,
+    ) -> None:
+        self.nc = nc
+        self.config = config
+        self.clock = clock
+        settings = log_settings or LogSettings()
+        self.log = EventLog(nc, settings)
+        self.index = RunIndex()
+        self.catalog = Catalog(self.log.js, replicas=settings.replicas)
+        self.fleet = Fleet(clock.monotonic, config.settings.node_loss_timeout_s)
+        limits = {v for v in config.tiers.values() if v is not None}
+        self.admission = Admission(
+            self.log.js,
+            limits,
+            lookback_s=config.settings.lookback_s,
+            replicas=settings.replicas,
+            lookup=self.index.get,
+        )
+        self.ready = False
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Create the streams if needed, replay the log into the index, then follow it."""
+        await self.log.ensure()
+        await self.catalog.ensure()
+        await self.admission.ensure()
+        target = await self.log.last_seq()
+        tail = await self.log.tail(self._on_event)
+        beats = await self.nc.subscribe(f"{HEARTBEAT_SUBJECT}.*", cb=self._on_heartbeat)
+        try:
+            await self.index.wait_for_seq(target)
+            self.ready = True
+            task_status.started()
+            await anyio.sleep_forever()
+        finally:
+            self.ready = False
+            with anyio.CancelScope(shield=True):
+                for sub in (tail, beats):
+                    try:
+                        await sub.unsubscribe()
+                    except Exception:
+                        pass
+
+    async def _on_event(self, seq: int, event: AnyEvent) -> None:
+        self.index.apply(seq, event)
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            self.fleet.observe(heartbeat_decoder.decode(msg.data))
+        except msgspec.MsgspecError:
+            log.warning("undecodable heartbeat on %s", msg.subject)
+
+    def app(self) -> Starlette:
+        routes = [
+            Route("/v4/runs", self.create_run, methods=["POST"]),
+            Route("/v4/runs/stream", self.stream_run, methods=["POST"]),
+            Route("/v4/runs/{run_id}", self.get_run, methods=["GET"]),
+            Route("/v4/runs/{run_id}/cancel", self.cancel_run, methods=["POST"]),
+            Route("/v4/pipelines/{pointer:path}/scaling", self.scaling, methods=["GET"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readyz", self.readyz, methods=["GET"]),
+        ]
+        return Starlette(routes=routes, exception_handlers={HTTPError: self._on_error})
+
+    async def _on_error(self, request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPError)
+        return json_response(ErrorBody(detail=exc.detail), exc.status, exc.headers)
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    def _team(self, request: Request) -> Team:
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise error(
+                401, "unauthorized", "missing bearer token: send Authorization: Bearer <token>"
+            )
+        team = self.config.team_for_token(token.strip())
+        if team is None:
+            raise error(401, "unauthorized", "unknown token")
+        return team
+
+    async def _body(self, request: Request) -> bytes:
+        limit = self.config.settings.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise error(413, "body_too_large", f"request body is over {limit} bytes")
+        chunks, size = [], 0
+        try:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise error(413, "body_too_large", f"request body is over {limit} bytes")
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise error(400, "client_disconnected", "the request body was cut off") from None
+        return b"".join(chunks)
+
+    async def _parse(self, request: Request) -> RunCreate:
+        body = await self._body(request)
+        try:
+            create = _create_decoder.decode(body)
+        except msgspec.ValidationError as err:
+            match = _FIELD.search(str(err))
+            field = match.group("path") if match else None
+            raise error(422, "invalid_field", str(err), field) from None
+        except msgspec.DecodeError as err:
+            raise error(422, "invalid_json", f"malformed JSON body: {err}") from None
+        if not POINTER.match(create.pipeline):
+            raise error(
+                422,
+                "invalid_field",
+                f"pipeline {create.pipeline!r} is not a pointer like user/pipeline:v1",
+                "pipeline",
+            )
+        for i, item in enumerate(create.inputs):
+            try:
+                check(item)
+            except ValueTypeError as err:
+                raise error(
+                    422, "invalid_field", f"inputs[{i}]: {err}", f"inputs[{i}].value"
+                ) from None
+        return create
+
+    def _visible(self, run_id: str, team: Team) -> RunRecord:
+        run = self.index.get(run_id)
+        if run is None or run.team != team.name:
+            raise error(404, "run_not_found", f"run {run_id} not found")
+        return run
+
+    def view(self, run: RunRecord) -> Run:
+        return Run.of(run, self.index.queue_position(run.id))
+
+    def _respond(self, run: RunRecord, *, created: bool, sync: bool) -> Response:
+        if sync and run.state is RunState.no_resources_available:
+            return json_response(self.view(run), 503)
+        if sync and run.is_terminal:
+            return json_response(self.view(run), 200)
+        return json_response(self.view(run), 202, {"Location": f"/v4/runs/{run.id}"})
+
+    # --- endpoints ---------------------------------------------------------------------------
+
+    async def create_run(self, request: Request) -> Response:
+        team = self._team(request)
+        create = await self._parse(request)
+        run = await self._submit(team, create, request.headers.get("idempotency-key"))
+        sync = not create.async_run
+        if sync:
+            run = await self._wait(
+                run.id, lambda r: r.is_terminal, self.config.settings.sync_wait_s
+            )
+        else:
+            run = await self._wait(run.id, _placed, self.config.settings.settle_s)
+        return self._respond(run, created=True, sync=sync)
+
+    async def _submit(self, team: Team, create: RunCreate, key: str | None) -> RunRecord:
+        if await self.catalog.lookup(create.pipeline) is None:
+            raise error(404, "pipeline_not_found", f"pipeline {create.pipeline} not found")
+        run_id = run_id_for(team.name, key)
+        existing = self.index.get(run_id)
+        if existing is not None and existing.state is not RunState.created:
+            return existing
+        now = self.clock.now()
+        limit = self.config.limit(team.tier)
+        try:
+            slot = await self.admission.try_admit(
+                team=team.name, tier=team.tier, limit=limit, run_id=run_id, now=now
+            )
+        except LimitReached as full:
+            detail = ConcurrencyLimitDetail(
+                tier=team.tier, limit=full.limit, active=full.active, message=str(full)
+            )
+            raise HTTPError(429, detail, {"Retry-After": "1"}) from None
+        submitted = RunSubmitted(
+            run_id=run_id,
+            at=now,
+            team=team.name,
+            pipeline=create.pipeline,
+            inputs=create.inputs,
+            async_run=create.async_run,
+            wait_for_resources=create.waits_for_resources(),
+            idempotency_key=key,
+        )
+        try:
+            await self.log.append(submitted)
+            ack = await self.log.append(
+                RunAdmitted(run_id=run_id, at=now, tier=team.tier, slot=slot)
+            )
+        except Exception as err:
+            log.warning("could not record run %s: %r", run_id, err)
+            if slot is not None and existing is None:
+                await self.admission.release(slot)
+            raise error(
+                503, "event_log_unavailable", "the event log is unavailable; retry"
+            ) from err
+        await self.index.wait_for_seq(ack.seq, timeout=10.0)
+        run = self.index.get(run_id)
+        if run is None:
+            raise error(503, "event_log_lagging", "the run was recorded but is not visible yet")
+        return run
+
+    async def _wait(
+        self, run_id: str, done: Callable[[RunRecord], bool], timeout: float
+    ) -> RunRecord:
+        run = await self.index.wait_until(run_id, done, timeout)
+        assert run is not None
+        return run
+
+    async def get_run(self, request: Request) -> Response:
+        team = self._team(request)
+        run = self._visible(request.path_params["run_id"], team)
+        return json_response(self.view(run))
+
+    async def cancel_run(self, request: Request) -> Response:
+        team = self._team(request)
+        run = self._visible(request.path_params["run_id"], team)
+        if run.is_terminal:
+            raise error(409, "not_cancellable", f"run {run.id} is already {run.state}")
+        ack = await self.log.append(RunCancelRequested(run_id=run.id, at=self.clock.now()))
+        await self.index.wait_for_seq(ack.seq, timeout=10.0)
+        run = await self._wait(run.id, lambda r: r.is_terminal, 10.0)
+        return json_response(self.view(run), 200 if run.is_terminal else 202)
+
+    async def stream_run(self, request: Request) -> Response:
+        """NDJSON: the run once now, then after every change, until it is terminal."""
+        team = self._team(request)
+        create = await self._parse(request)
+        run = await self._submit(team, create, request.headers.get("idempotency-key"))
+
+        async def lines() -> AsyncIterator[bytes]:
+            seen: RunRecord | None = None
+            while True:
+                current = await self._wait(run.id, lambda r: r is not seen, 30.0)
+                if current is not seen:
+                    seen = current
+                    yield _encoder.encode(self.view(current)) + b"\n"
+                if current.is_terminal:
+                    return
+
+        return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+    async def scaling(self, request: Request) -> Response:
+        self._team(request)
+        pointer = request.path_params["pointer"]
+        if await self.catalog.lookup(pointer) is None:
+            raise error(404, "pipeline_not_found", f"pipeline {pointer} not found")
+        states = self.fleet.pipeline_states(pointer)
+        current = states.get("ready", 0)
+        waiting = self.index.queue_depth(pointer)
+        desired = max(current, 1) if waiting else current
+        return json_response(
+            Scaling(
+                current_replicas=current, desired_replicas=desired, current_pipeline_states=states
+            )
+        )
+
+    async def healthz(self, request: Request) -> Response:
+        return json_response(Health(status="ok"))
+
+    async def readyz(self, request: Request) -> Response:
+        checks = {"nats_connected": self.nc.is_connected, "event_log_replayed": self.ready}
+        ok = all(checks.values())
+        return json_response(
+            Health(status="ok" if ok else "unavailable", checks=checks), 200 if ok else 503
+        )
+
+
+def _placed(run: RunRecord) -> bool:
+    return run.state not in (RunState.created, RunState.routing)

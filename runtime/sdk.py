@@ -1,0 +1,280 @@
+"""The Python SDK, mirroring the seed's (``pipeline.cloud``) functions, sync and async.
+
+    from runtime.sdk import run_pipeline, get_run, poll_for_run_completion
+    result = run_pipeline("demo/echo:v1", "my_input_string", 5)
+    print(result.outputs_formatted())
+
+The base URL and token come from arguments or from ``$JETRUN_URL`` (default
+``http://127.0.0.1:8080``) and ``$JETRUN_TOKEN``. Python values become typed inputs as the seed
+does it (``str`` -> ``string``, ``int`` -> ``integer``, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+
+from contracts.run import Run
+from contracts.states import RunState
+from contracts.values import from_python
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "ConcurrencyLimitReached",
+    "JetrunError",
+    "NoResourcesAvailable",
+    "Run",
+    "RunState",
+    "get_run",
+    "poll_for_run_completion",
+    "run_pipeline",
+    "stream_pipeline",
+]
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+_run_decoder = msgspec.json.Decoder(Run)
+
+
+class JetrunError(Exception):
+    """The API answered with an error: ``status`` and the ``detail`` object."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        message = detail.get("message") if isinstance(detail, dict) else None
+        super().__init__(f"HTTP {status}: {message or detail}")
+        self.status, self.detail = status, detail
+
+
+class NoResourcesAvailable(JetrunError):
+    """No replica of the pipeline was alive (or came alive in time); ``run`` is the ended run."""
+
+    def __init__(self, run: Run) -> None:
+        super().__init__(503, {"code": "no_resources_available", "message": run.pipeline})
+        self.run = run
+
+
+class ConcurrencyLimitReached(JetrunError):
+    """The team is at its tier's limit; no run was created. Retry after ``retry_after`` s."""
+
+    def __init__(self, detail: dict[str, Any], retry_after: float) -> None:
+        super().__init__(429, detail)
+        self.tier: str = detail.get("tier", "")
+        self.limit: int = detail.get("limit", 0)
+        self.active: int = detail.get("active", 0)
+        self.retry_after = retry_after
+
+
+class RunTimeout(JetrunError):
+    """``poll_for_run_completion`` gave up; ``run`` is the last state seen."""
+
+    def __init__(self, run: Run, timeout_secs: float) -> None:
+        super().__init__(408, {"message": f"run {run.id} not done after {timeout_secs} s"})
+        self.run = run
+
+
+def _body(
+    pointer: str, inputs: tuple[Any, ...], async_run: bool, wait_for_resources: bool | None
+) -> bytes:
+    return msgspec.json.encode(
+        {
+            "pipeline": pointer,
+            "inputs": [from_python(i) for i in inputs],
+            "async_run": async_run,
+            "wait_for_resources": wait_for_resources,
+        }
+    )
+
+
+def _check(response: httpx.Response) -> Run:
+    if response.status_code in (200, 202):
+        return _run_decoder.decode(response.content)
+    if response.status_code == 503 and response.content.startswith(b'{"id"'):
+        raise NoResourcesAvailable(_run_decoder.decode(response.content))
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = response.text
+    if response.status_code == 429:
+        raise ConcurrencyLimitReached(detail, float(response.headers.get("retry-after", "1")))
+    raise JetrunError(response.status_code, detail)
+
+
+def _headers(token: str | None, idempotency_key: str | None) -> dict[str, str]:
+    token = token or os.environ.get("JETRUN_TOKEN")
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if idempotency_key:
+        headers["Idempotency-Key"] = idempotency_key
+    return headers
+
+
+class Client:
+    """A blocking client. Calls raise ``JetrunError`` (or a subclass) on API errors."""
+
+    def __init__(
+        self, base_url: str | None = None, token: str | None = None, timeout: float = 660.0
+    ) -> None:
+        self._http = httpx.Client(
+            base_url=base_url or os.environ.get("JETRUN_URL", DEFAULT_URL),
+            headers=_headers(token, None),
+            timeout=timeout,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run_pipeline(
+        self,
+        pointer: str,
+        *inputs: Any,
+        async_run: bool = False,
+        wait_for_resources: bool | None = None,
+        idempotency_key: str | None = None,
+    ) -> Run:
+        """Submit a run. Sync (default): blocks until it ends; async: returns it queued."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = _body(pointer, inputs, async_run, wait_for_resources)
+        return _check(self._http.post("/v4/runs", content=body, headers=headers))
+
+    def get_run(self, run_id: str) -> Run:
+        return _check(self._http.get(f"/v4/runs/{run_id}"))
+
+    def cancel_run(self, run_id: str) -> Run:
+        return _check(self._http.post(f"/v4/runs/{run_id}/cancel"))
+
+    def poll_for_run_completion(
+        self, run_id: str, timeout_secs: float = 300, interval_secs: float = 1.0
+    ) -> Run:
+        """Poll until the run is terminal; raises ``RunTimeout`` after ``timeout_secs``."""
+        deadline = time.monotonic() + timeout_secs
+        while True:
+            run = self.get_run(run_id)
+            if run.state.is_terminal:
+                return run
+            if time.monotonic() >= deadline:
+                raise RunTimeout(run, timeout_secs)
+            time.sleep(interval_secs)
+
+    def stream_pipeline(self, pointer: str, *inputs: Any) -> Iterator[Run]:
+        """Submit a run and yield it at every change (streamed outputs included) until it
+        ends."""
+        body = _body(pointer, inputs, False, None)
+        with self._http.stream("POST", "/v4/runs/stream", content=body) as response:
+            if response.status_code != 200:
+                response.read()
+                _check(response)
+            for line in response.iter_lines():
+                if line:
+                    yield _run_decoder.decode(line)
+
+
+class AsyncClient:
+    """The same calls, awaitable."""
+
+    def __init__(
+        self, base_url: str | None = None, token: str | None = None, timeout: float = 660.0
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url or os.environ.get("JETRUN_URL", DEFAULT_URL),
+            headers=_headers(token, None),
+            timeout=timeout,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def run_pipeline(
+        self,
+        pointer: str,
+        *inputs: Any,
+        async_run: bool = False,
+        wait_for_resources: bool | None = None,
+        idempotency_key: str | None = None,
+    ) -> Run:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = _body(pointer, inputs, async_run, wait_for_resources)
+        return _check(await self._http.post("/v4/runs", content=body, headers=headers))
+
+    async def get_run(self, run_id: str) -> Run:
+        return _check(await self._http.get(f"/v4/runs/{run_id}"))
+
+    async def cancel_run(self, run_id: str) -> Run:
+        return _check(await self._http.post(f"/v4/runs/{run_id}/cancel"))
+
+    async def poll_for_run_completion(
+        self, run_id: str, timeout_secs: float = 300, interval_secs: float = 1.0
+    ) -> Run:
+        with anyio.move_on_after(timeout_secs):
+            while True:
+                run = await self.get_run(run_id)
+                if run.state.is_terminal:
+                    return run
+                await anyio.sleep(interval_secs)
+        raise RunTimeout(await self.get_run(run_id), timeout_secs)
+
+    async def stream_pipeline(self, pointer: str, *inputs: Any) -> AsyncIterator[Run]:
+        body = _body(pointer, inputs, False, None)
+        async with self._http.stream("POST", "/v4/runs/stream", content=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                _check(response)
+            async for line in response.aiter_lines():
+                if line:
+                    yield _run_decoder.decode(line)
+
+
+def run_pipeline(
+    pointer: str,
+    *inputs: Any,
+    async_run: bool = False,
+    wait_for_resources: bool | None = None,
+    base_url: str | None = None,
+    token: str | None = None,
+) -> Run:
+    """``Client().run_pipeline(...)`` with the URL and token from arguments or the env."""
+    with Client(base_url, token) as client:
+        return client.run_pipeline(
+            pointer, *inputs, async_run=async_run, wait_for_resources=wait_for_resources
+        )
+
+
+def get_run(run_id: str, base_url: str | None = None, token: str | None = None) -> Run:
+    with Client(base_url, token) as client:
+        return client.get_run(run_id)
+
+
+def poll_for_run_completion(
+    run_id: str,
+    timeout_secs: float = 300,
+    interval_secs: float = 1.0,
+    base_url: str | None = None,
+    token: str | None = None,
+) -> Run:
+    with Client(base_url, token) as client:
+        return client.poll_for_run_completion(run_id, timeout_secs, interval_secs)
+
+
+def stream_pipeline(
+    pointer: str, *inputs: Any, base_url: str | None = None, token: str | None = None
+) -> Iterator[Run]:
+    with Client(base_url, token) as client:
+        yield from client.stream_pipeline(pointer, *inputs)

@@ -1,0 +1,208 @@
+"""Real processes for end-to-end and fault tests: nats-server, gateways, schedulers, agents.
+
+Every process is started with ``python -m runtime.cli ...`` exactly as an operator would, on
+loopback ports, and its output goes to a log file in the test's temp dir (printed on failure).
+Waiting is bounded polling of public endpoints (``/readyz``, the scaling endpoint).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import httpx
+
+from runtime.natsserver import NatsServer, free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+CONFIG = """
+[tiers]
+basic = 3
+starter = 5
+pro = 12
+
+[teams.acme]
+tier = "basic"
+tokens = ["tok_acme"]
+
+[teams.rival]
+tier = "basic"
+tokens = ["tok_rival"]
+
+[teams.demo]
+tier = "pro"
+tokens = ["jr_demo_token"]
+
+[teams.big]
+tier = "startup"
+tokens = ["tok_big"]
+
+[settings]
+node_loss_timeout_s = {node_loss_timeout_s}
+resource_wait_timeout_s = {resource_wait_timeout_s}
+heartbeat_interval_s = 0.5
+release_grace_s = 5
+"""
+
+
+@dataclass
+class Proc:
+    name: str
+    argv: list[str]
+    log_path: Path
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
+        with open(self.log_path, "ab") as out:
+            self.popen = subprocess.Popen(
+                self.argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.popen is not None
+        return self.popen.pid
+
+    def signal(self, signum: int) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            os.kill(self.popen.pid, signum)
+
+    def kill(self) -> None:
+        """SIGKILL the process (and its workers: the whole session)."""
+        if self.popen is not None and self.popen.poll() is None:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            self.popen.wait()
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.popen is None:
+            return None
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        try:
+            os.killpg(self.popen.pid, signal.SIGKILL)  # leftover workers
+        except ProcessLookupError:
+            pass
+        return self.popen.returncode
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    node_loss_timeout_s: float = 3.0
+    resource_wait_timeout_s: float = 300.0
+    nats: NatsServer | None = None
+    procs: list[Proc] = field(default_factory=list)
+    gateway_urls: list[str] = field(default_factory=list)
+
+    @property
+    def config_path(self) -> Path:
+        return self.tmp / "jetrun.toml"
+
+    @property
+    def url(self) -> str:
+        return self.gateway_urls[0]
+
+    async def start_nats(self) -> NatsServer:
+        self.config_path.write_text(
+            CONFIG.format(
+                node_loss_timeout_s=self.node_loss_timeout_s,
+                resource_wait_timeout_s=self.resource_wait_timeout_s,
+            )
+        )
+        port = self.nats.port if self.nats is not None else 0
+        self.nats = NatsServer(store_dir=self.tmp / "nats", port=port)
+        await self.nats.start()
+        return self.nats
+
+    def _cli(self, name: str, *args: str) -> Proc:
+        assert self.nats is not None
+        argv = [sys.executable, "-m", "runtime.cli", *args]
+        proc = Proc(name, argv, self.tmp / f"{name}.log").start()
+        self.procs.append(proc)
+        return proc
+
+    async def start_gateway(self, port: int | None = None) -> str:
+        port = port or free_port()
+        assert self.nats is not None
+        self._cli(f"gateway-{port}", "gateway", "--nats", self.nats.url, "--config",
+                  str(self.config_path), "--port", str(port))
+        url = f"http://127.0.0.1:{port}"
+        await wait_ready(url)
+        if url not in self.gateway_urls:
+            self.gateway_urls.append(url)
+        return url
+
+    def start_scheduler(self, name: str = "scheduler") -> Proc:
+        assert self.nats is not None
+        return self._cli(name, "scheduler", "--nats", self.nats.url, "--config",
+                         str(self.config_path))
+
+    def start_agent(self, name: str, *modules: str, slots: int = 2) -> Proc:
+        assert self.nats is not None
+        args = ["agent", "--nats", self.nats.url, "--slots", str(slots), "--heartbeat", "0.5",
+                "--id", name]
+        for module in modules or ("runtime.demo",):
+            args += ["--pipelines", module]
+        return self._cli(name, *args)
+
+    async def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        if self.nats is not None:
+            await self.nats.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"----- {p.name} -----\n{p.output()[-4000:]}" for p in self.procs)
+
+
+async def wait_ready(url: str, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient() as client:
+        while time.monotonic() < deadline:
+            try:
+                if (await client.get(f"{url}/readyz")).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            await anyio.sleep(0.1)
+    raise TimeoutError(f"{url} not ready within {timeout} s")
+
+
+async def wait_replicas(url: str, token: str, pointer: str, n: int = 1, timeout: float = 30.0) -> None:
+    """Wait until ``pointer`` has ``n`` ready replicas, as the scaling endpoint says."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as client:
+        while time.monotonic() < deadline:
+            response = await client.get(f"{url}/v4/pipelines/{pointer}/scaling")
+            if response.status_code == 200 and response.json()["current_replicas"] >= n:
+                return
+            await anyio.sleep(0.1)
+    raise TimeoutError(f"{pointer} has no {n} ready replicas within {timeout} s")
+
+
+async def wait_state(client: httpx.AsyncClient, run_id: str, states: set[str], timeout: float = 30.0) -> dict:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = (await client.get(f"/v4/runs/{run_id}")).json()
+        if run["state"] in states:
+            return run  # type: ignore[no-any-return]
+        await anyio.sleep(0.05)
+    raise TimeoutError(f"run {run_id} not in {states} within {timeout} s: {run}")
