@@ -175,5 +175,13 @@ def agent(
     )
 
 
+@main.command("state-diagram")
+def state_diagram() -> None:
+    """Print the run state diagram (Mermaid), generated from the transition table."""
+    from contracts.machine import mermaid_diagram
+
+    click.echo(mermaid_diagram(), nl=False)
+
+
 if __name__ == "__main__":
     main()
