@@ -66,11 +66,37 @@ def _port_open(host: str, port: int) -> bool:
 
 @dataclass
 class ClusterSpec:
-    """Membership of a JetStream cluster on loopback."""
+    """Membership of a JetStream cluster: this node's route port and every node's route URL."""
 
     name: str
     port: int
-    routes: list[int] = field(default_factory=list)
+    routes: list[str] = field(default_factory=list)
+
+
+def server_config(
+    *,
+    name: str,
+    host: str,
+    port: int,
+    store_dir: str,
+    cluster: ClusterSpec | None = None,
+) -> str:
+    """A nats-server config file. The cluster test and ``deploy/nats/*.conf`` (compose.yaml)
+    are both made by this function, so they cannot drift apart."""
+    lines = [
+        f'server_name: "{name}"',
+        f'listen: "{host}:{port}"',
+        "max_payload: 8MB",
+        f'jetstream {{ store_dir: "{store_dir}" }}',
+    ]
+    if cluster is not None:
+        routes = ", ".join(f'"{r}"' for r in cluster.routes)
+        lines.append(
+            f'cluster {{ name: "{cluster.name}", listen: "{host}:{cluster.port}", '
+            f"routes: [{routes}] }}"
+        )
+        lines.append("lame_duck_duration: 30s")
+    return "\n".join(lines) + "\n"
 
 
 @dataclass
@@ -97,22 +123,13 @@ class NatsServer:
         return self.store_dir / f"{self.name}.conf"
 
     def config_text(self) -> str:
-        """The server config; the cluster test and compose.yaml use the same shape."""
-        jetstream_dir = self.store_dir / "jetstream"
-        lines = [
-            f'server_name: "{self.name}"',
-            f'listen: "{self.host}:{self.port}"',
-            "max_payload: 8MB",
-            f'jetstream {{ store_dir: "{jetstream_dir}" }}',
-        ]
-        if self.cluster is not None:
-            routes = ", ".join(f'"nats-route://{self.host}:{p}"' for p in self.cluster.routes)
-            lines.append(
-                f'cluster {{ name: "{self.cluster.name}", '
-                f'listen: "{self.host}:{self.cluster.port}", routes: [{routes}] }}'
-            )
-            lines.append("lame_duck_duration: 30s")
-        return "\n".join(lines) + "\n"
+        return server_config(
+            name=self.name,
+            host=self.host,
+            port=self.port,
+            store_dir=str(self.store_dir / "jetstream"),
+            cluster=self.cluster,
+        )
 
     def start_process(self) -> None:
         """Start the process without waiting for it (see ``wait_ready``)."""

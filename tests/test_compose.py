@@ -1,0 +1,75 @@
+"""compose.yaml stays consistent with the code: its commands parse as ``jetrun`` commands and
+its NATS configs are exactly what ``server_config`` (used by the cluster test) generates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+import yaml
+
+from runtime.cli import main
+from runtime.config import load
+from runtime.natsserver import ClusterSpec, server_config
+
+ROOT = Path(__file__).resolve().parent.parent
+COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
+SERVICES: dict[str, Any] = COMPOSE["services"]
+JETRUN = {name: s for name, s in SERVICES.items() if s.get("image") == "jetrun:latest"}
+NATS = {name: s for name, s in SERVICES.items() if name.startswith("nats-")}
+
+
+def parse(argv: list[str]) -> click.Context:
+    command = main.get_command(click.Context(main), argv[0])
+    if command is None:
+        raise click.UsageError(f"no such command: jetrun {argv[0]}")
+    return command.make_context(argv[0], list(argv[1:]))
+
+
+def test_topology_has_three_nats_nodes_gateways_a_scheduler_and_agents() -> None:
+    assert sorted(NATS) == ["nats-1", "nats-2", "nats-3"]
+    commands = sorted(s["command"][0] for s in JETRUN.values())
+    assert commands == ["agent", "gateway", "gateway", "scheduler"]
+
+
+def on_host(service: dict[str, Any], argv: list[str]) -> list[str]:
+    """The command with mounted container paths replaced by the files they mount."""
+    mounts = {}
+    for volume in service.get("volumes", []):
+        host, container = volume.split(":")[:2]
+        mounts[container] = str(ROOT / host)
+    return [mounts.get(arg, arg) for arg in argv]
+
+
+@pytest.mark.parametrize("name", sorted(JETRUN))
+def test_every_service_command_parses_as_a_jetrun_command(name: str) -> None:
+    ctx = parse(on_host(JETRUN[name], JETRUN[name]["command"]))
+    if ctx.params.get("config_path"):
+        load(ctx.params["config_path"])  # the mounted config is valid
+    assert ctx.params["replicas"] == 3  # streams replicated on the 3-node cluster
+
+
+def test_a_wrong_command_would_be_caught() -> None:
+    with pytest.raises(click.UsageError):
+        parse(["gateway", "--no-such-option"])
+    with pytest.raises(click.UsageError):
+        parse(["gatewy"])
+
+
+def test_services_reach_every_nats_node() -> None:
+    for service in JETRUN.values():
+        urls = service["environment"]["JETRUN_NATS"].split(",")
+        assert urls == [f"nats://{n}:4222" for n in sorted(NATS)]
+
+
+@pytest.mark.parametrize("name", ["nats-1", "nats-2", "nats-3"])
+def test_nats_configs_are_the_generated_ones(name: str) -> None:
+    mounted = NATS[name]["volumes"][0].split(":")[0]
+    routes = [f"nats-route://{n}:6222" for n in sorted(NATS)]
+    expected = server_config(
+        name=name, host="0.0.0.0", port=4222, store_dir="/data/jetstream",
+        cluster=ClusterSpec(name="jetrun", port=6222, routes=routes),
+    )
+    assert (ROOT / mounted).read_text() == expected
