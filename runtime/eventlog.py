@@ -21,7 +21,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import ConnectionClosedError, NoRespondersError, OutboundBufferLimitError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
-from nats.js.errors import NotFoundError, ServiceUnavailableError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from contracts.events import AnyEvent, Event, decode_event, encode_event
 from contracts.machine import fold
@@ -41,6 +41,14 @@ RETRYABLE = (
     ConnectionClosedError,
     OutboundBufferLimitError,
 )
+
+
+# A 503 that is a final answer, not an outage: a per-subject limit was reached (10077).
+FINAL_ERR_CODES = frozenset({10077})
+
+
+def _refused(err: Exception) -> bool:
+    return isinstance(err, APIError) and err.err_code in FINAL_ERR_CODES
 
 
 def event_subject(run_id: str, kind: str) -> str:
@@ -86,7 +94,7 @@ async def retrying(what: str, call: Callable[[], Awaitable[T]], deadline_s: floa
         try:
             return await call()
         except RETRYABLE as err:
-            if time.monotonic() >= deadline:
+            if _refused(err) or time.monotonic() >= deadline:
                 raise
             log.debug("%s: retrying after %r", what, err)
             await anyio.sleep(delay)

@@ -1,0 +1,103 @@
+"""RunIndex: records, exact queue positions, replays."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+from contracts import (
+    RunAdmitted,
+    RunCancelled,
+    RunDispatched,
+    RunQueued,
+    RunRequeued,
+    RunState,
+    RunSubmitted,
+)
+from contracts.events import AnyEvent
+from runtime.projection import RunIndex
+
+
+def admit(run_id: str, pipeline: str = "a/b:v1") -> list[AnyEvent]:
+    return [
+        RunSubmitted(run_id=run_id, at=1.0, team="t", pipeline=pipeline, inputs=[]),
+        RunAdmitted(run_id=run_id, at=1.0, tier="basic"),
+        RunQueued(run_id=run_id, at=2.0, attempt=1),
+    ]
+
+
+def feed(index: RunIndex, events: list[AnyEvent]) -> None:
+    for event in events:
+        index.apply(index.last_seq + 1, event)
+
+
+def test_positions_are_exact_and_move_up() -> None:
+    index = RunIndex()
+    ids = [f"r{i}" for i in range(20)]
+    for run_id in ids:
+        feed(index, admit(run_id))
+    assert [index.queue_position(r) for r in ids] == list(range(20))
+    feed(index, [RunDispatched(run_id="r0", at=3.0, attempt=1, agent_id="a")])
+    assert index.queue_position("r0") is None
+    assert [index.queue_position(r) for r in ids[1:]] == list(range(19))
+    feed(index, [RunCancelled(run_id="r5", at=3.0)])
+    assert index.queue_position("r6") == 4
+    assert index.queue_depth("a/b:v1") == 18
+    assert index.queued("a/b:v1", limit=2) == ["r1", "r2"]
+
+
+def test_queues_are_per_pipeline() -> None:
+    index = RunIndex()
+    feed(index, admit("x1", "a/x:v1") + admit("y1", "a/y:v1") + admit("x2", "a/x:v1"))
+    assert index.queue_position("x2") == 1
+    assert index.queue_position("y1") == 0
+
+
+def test_a_requeued_run_goes_first_and_others_move_back() -> None:
+    index = RunIndex()
+    feed(index, admit("r0") + admit("r1") + admit("r2"))
+    feed(index, [RunDispatched(run_id="r0", at=3.0, attempt=1, agent_id="a")])
+    assert index.on_agent["a"] == {"r0"}
+    assert index.queue_position("r1") == 0
+    feed(index, [RunRequeued(run_id="r0", at=4.0, attempt=1, agent_id="a", reason="lost")])
+    assert index.queue_position("r0") == 0
+    assert index.queue_position("r1") == 1  # it may grow when a run is requeued
+    assert index.get("r0").attempt == 2  # type: ignore[union-attr]
+    assert index.on_agent["a"] == set()
+
+
+def test_sequences_already_applied_are_skipped() -> None:
+    index = RunIndex()
+    events = admit("r0")
+    for seq, event in enumerate(events, start=1):
+        index.apply(seq, event)
+    before = index.get("r0")
+    assert index.apply(2, events[1]) is None
+    assert index.get("r0") is before
+    assert index.statistics().queues[0].depth == 1
+
+
+def test_events_for_unknown_runs_create_nothing() -> None:
+    index = RunIndex()
+    assert index.apply(1, RunCancelled(run_id="ghost", at=1.0)) is None
+    assert index.get("ghost") is None and index.last_seq == 1
+
+
+@pytest.mark.anyio
+async def test_waiting_for_a_state_and_a_sequence() -> None:
+    index = RunIndex()
+    feed(index, admit("r0"))
+    results: list[RunState] = []
+
+    async def waiter() -> None:
+        run = await index.wait_until("r0", lambda r: r.state is RunState.running, 5.0)
+        assert run is not None
+        results.append(run.state)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(waiter)
+        await anyio.wait_all_tasks_blocked()
+        assert not await index.wait_for_seq(10, timeout=0)
+        feed(index, [RunDispatched(run_id="r0", at=3.0, attempt=1, agent_id="a")])
+    assert results == [RunState.running]
+    assert await index.wait_for_seq(4, timeout=0)
