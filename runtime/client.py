@@ -1,0 +1,124 @@
+"""The NATS-level client for platform services: publish run events, follow run state.
+
+    async with RunEvents.connect("nats://127.0.0.1:4222") as events:
+        async with aclosing(events.watch(team="acme")) as changes:
+            async for change in changes:
+                print(change.seq, change.run.id, change.run.state)
+
+``watch`` yields a ``RunChange`` for every event that changed a matching run, in log order.
+Filter by team, pipeline or run id. It is resumable: pass ``from_seq=change.seq + 1`` after a
+disconnect (runs that began before ``from_seq`` are loaded from the log when first seen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from types import TracebackType
+
+import anyio
+import msgspec
+from nats.aio.client import Client
+
+from contracts.events import AnyEvent, Event
+from contracts.machine import evolve
+from contracts.run import RunRecord
+from runtime.eventlog import ALL_EVENTS, Appended, EventLog, run_subjects
+from runtime.nats_conn import connect
+
+
+class RunChange(msgspec.Struct, frozen=True, kw_only=True):
+    seq: int
+    event: AnyEvent
+    run: RunRecord
+
+
+class RunEvents:
+    def __init__(self, nc: Client, *, own_connection: bool = False) -> None:
+        self.log = EventLog(nc)
+        self._own = own_connection
+
+    @classmethod
+    def connect(cls, url: str) -> _Connecting:
+        return _Connecting(url)
+
+    async def publish(self, event: Event) -> Appended:
+        """Append a run event (idempotent by its message id); blocks until stored."""
+        return await self.log.append(event)
+
+    async def watch(
+        self,
+        *,
+        team: str | None = None,
+        pipeline: str | None = None,
+        run_id: str | None = None,
+        from_seq: int = 1,
+        buffer: int = 1024,
+    ) -> AsyncIterator[RunChange]:
+        """Yield run changes matching every filter given, from ``from_seq`` on, for ever.
+        Close it when done (``async with contextlib.aclosing(events.watch(...)) as changes``)
+        so that its consumer is removed at once."""
+        runs: dict[str, RunRecord] = {}
+        send, receive = anyio.create_memory_object_stream[tuple[int, AnyEvent]](buffer)
+        last = from_seq - 1
+
+        async def on_event(seq: int, event: AnyEvent) -> None:
+            await send.send((seq, event))
+
+        subject = run_subjects(run_id) if run_id else ALL_EVENTS
+        sub = await self.log.tail(on_event, from_seq=from_seq, subject=subject)
+        try:
+            async with receive:
+                async for seq, event in receive:
+                    if seq <= last:
+                        continue  # a consumer recreated after a gap delivers again
+                    last = seq
+                    before = runs.get(event.run_id)
+                    if before is None and seq > 1 and from_seq > 1:
+                        before = await self._load_before(event.run_id, seq)
+                    base = before or RunRecord(id=event.run_id)
+                    after = evolve(base, event)
+                    if after is base:
+                        continue
+                    runs[event.run_id] = after
+                    if _matches(after, team, pipeline, run_id):
+                        yield RunChange(seq=seq, event=event, run=after)
+        finally:
+            send.close()
+            with anyio.CancelScope(shield=True):
+                try:
+                    await sub.unsubscribe()
+                except Exception:  # the connection is already closed
+                    pass
+
+    async def _load_before(self, run_id: str, seq: int) -> RunRecord | None:
+        stored = await self.log.read(run_id)
+        record: RunRecord | None = None
+        for s in stored:
+            if s.seq >= seq:
+                break
+            record = evolve(record or RunRecord(id=run_id), s.event)
+        return record
+
+
+def _matches(run: RunRecord, team: str | None, pipeline: str | None, run_id: str | None) -> bool:
+    return (
+        (team is None or run.team == team)
+        and (pipeline is None or run.pipeline == pipeline)
+        and (run_id is None or run.id == run_id)
+    )
+
+
+class _Connecting:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.nc: Client | None = None
+
+    async def __aenter__(self) -> RunEvents:
+        self.nc = await connect(self.url, "jetrun-client")
+        return RunEvents(self.nc, own_connection=True)
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.nc is not None:
+            await self.nc.close()
