@@ -9,7 +9,9 @@ or a second one, is recorded once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import AsyncIterator
 
 import anyio
 import msgspec
@@ -100,6 +102,16 @@ class Scheduler:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Replay the log, then decide until cancelled. ``task_status.started()`` once caught
         up."""
+        async with self.following():
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._decide_loop)
+                tg.start_soon(self._tick_loop)
+                task_status.started()
+
+    @contextlib.asynccontextmanager
+    async def following(self) -> AsyncIterator[None]:
+        """Inside: the index follows the log (caught up on entry) and heartbeats are heard;
+        decisions are made only by calling ``decide()`` and ``tick()`` (what tests do)."""
         await self.ensure()
         target = await self.log.last_seq()
         heartbeats = await self.nc.subscribe(f"{HEARTBEAT_SUBJECT}.*", cb=self._on_heartbeat)
@@ -110,10 +122,7 @@ class Scheduler:
             self.caught_up = True
             self._ended.clear()  # permits of runs that ended before now: the sweep's job
             log.info("scheduler caught up at seq %d", target)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._decide_loop)
-                tg.start_soon(self._tick_loop)
-                task_status.started()
+            yield
         finally:
             with anyio.CancelScope(shield=True):
                 for sub in (heartbeats, drains, tail):

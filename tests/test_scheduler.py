@@ -1,0 +1,185 @@
+"""The scheduler's decisions, driven step by step with a fake clock, on a real nats-server."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import pytest
+from nats.aio.client import Client
+
+from contracts import RunAdmitted, RunCancelRequested, RunState, RunSubmitted, WaitingFor
+from contracts.agents import (
+    Accelerator,
+    AgentHeartbeat,
+    LoadedPipeline,
+    PipelineInfo,
+    PipelineStatus,
+)
+from contracts.events import RunCompleted, RunStarted
+from contracts.run import RunRecord
+from runtime.config import parse
+from runtime.scheduler import Scheduler
+from tests.fakes import FakeClock
+
+pytestmark = pytest.mark.anyio
+
+CONFIG = parse({"settings": {"node_loss_timeout_s": 10, "resource_wait_timeout_s": 60}})
+
+
+def beat(agent_id: str, pointer: str, slots: int = 1,
+         status: PipelineStatus = PipelineStatus.ready) -> AgentHeartbeat:
+    return AgentHeartbeat(
+        agent_id=agent_id, at=0.0, started_at=0.0,
+        accelerators=[Accelerator(kind="cpu", slots=slots)],
+        pipelines=[LoadedPipeline(pointer=pointer, status=status)],
+    )
+
+
+class Harness:
+    def __init__(self, scheduler: Scheduler, clock: FakeClock) -> None:
+        self.scheduler, self.clock = scheduler, clock
+        self.log = scheduler.log
+
+    async def settle(self) -> None:
+        """Decide until nothing changes; the index has every event the decisions appended."""
+        for _ in range(20):
+            before = self.scheduler.index.last_seq
+            await self.scheduler.decide()
+            await self.scheduler.index.wait_for_seq(await self.log.last_seq(), timeout=5)
+            if self.scheduler.index.last_seq == before:
+                return
+        raise AssertionError("decisions did not settle")
+
+    async def submit(self, run_id: str, pointer: str = "t/p:v1", wait: bool = True) -> None:
+        now = self.clock.now()
+        await self.log.append(RunSubmitted(run_id=run_id, at=now, team="t", pipeline=pointer,
+                                           inputs=[], wait_for_resources=wait))
+        await self.log.append(RunAdmitted(run_id=run_id, at=now, tier="startup"))
+        await self.settle()
+
+    def run(self, run_id: str) -> RunRecord:
+        run = self.scheduler.index.get(run_id)
+        assert run is not None
+        return run
+
+
+@pytest.fixture
+async def h(nc: Client) -> AsyncIterator[Harness]:
+    clock = FakeClock()
+    scheduler = Scheduler(nc, CONFIG, clock=clock)
+    await scheduler.ensure()
+    await scheduler.catalog.register(PipelineInfo(pointer="t/p:v1", max_retries=0))
+    await scheduler.catalog.register(PipelineInfo(pointer="t/retry:v1", max_retries=1))
+    async with scheduler.following():
+        yield Harness(scheduler, clock)
+
+
+async def test_dispatches_to_a_ready_agent_with_a_free_slot_in_fifo_order(h: Harness) -> None:
+    h.scheduler.fleet.observe(beat("a1", "t/p:v1", slots=1))
+    for run_id in ("r1", "r2", "r3"):
+        await h.submit(run_id)
+    assert h.run("r1").state is RunState.running and h.run("r1").agent_id == "a1"
+    assert h.run("r2").state is RunState.queued
+    assert h.run("r2").waiting_for is WaitingFor.capacity
+    assert h.scheduler.index.queue_position("r3") == 1
+    await h.log.append(RunCompleted(run_id="r1", at=h.clock.now(), attempt=1, outputs=[]))
+    await h.settle()
+    assert h.run("r2").state is RunState.running
+    assert h.scheduler.index.queue_position("r3") == 0
+    stats = h.scheduler.statistics()
+    assert stats.caught_up and stats.live_agents == 1 and stats.pending_decisions == 0
+
+
+async def test_no_replica_and_no_waiting_ends_at_once(h: Harness) -> None:
+    await h.submit("r1", wait=False)
+    run = h.run("r1")
+    assert run.state is RunState.no_resources_available
+
+
+async def test_waiting_runs_give_up_after_the_resource_wait_timeout(h: Harness) -> None:
+    await h.submit("r1")
+    assert h.run("r1").waiting_for is WaitingFor.resources
+    h.clock.advance(59)
+    await h.scheduler.tick()
+    await h.settle()
+    assert h.run("r1").state is RunState.queued
+    h.clock.advance(2)
+    await h.scheduler.tick()
+    await h.settle()
+    assert h.run("r1").state is RunState.no_resources_available
+
+
+async def test_a_loading_replica_means_cold_start_then_dispatch(h: Harness) -> None:
+    h.scheduler.fleet.observe(beat("a1", "t/p:v1", status=PipelineStatus.loading))
+    await h.submit("r1")
+    assert h.run("r1").waiting_for is WaitingFor.cold_start
+    h.scheduler.fleet.observe(beat("a1", "t/p:v1"))
+    await h.settle()
+    assert h.run("r1").state is RunState.running
+
+
+async def test_a_lost_agent_preempts_its_runs(h: Harness) -> None:
+    h.scheduler.fleet.observe(beat("a1", "t/p:v1"))
+    await h.submit("r1")
+    await h.log.append(RunStarted(run_id="r1", at=h.clock.now(), attempt=1, agent_id="a1"))
+    h.clock.advance(5)
+    await h.scheduler.tick()
+    await h.settle()
+    assert h.run("r1").state is RunState.running
+    h.clock.advance(6)
+    await h.scheduler.tick()
+    await h.settle()
+    assert h.run("r1").state is RunState.node_preempted
+    # a heartbeat from the lost agent does not bring it back
+    h.scheduler.fleet.observe(beat("a1", "t/p:v1"))
+    assert h.scheduler.fleet.live() == []
+
+
+async def test_a_lost_agent_requeues_runs_with_retries_left(h: Harness) -> None:
+    h.scheduler.fleet.observe(beat("a1", "t/retry:v1"))
+    await h.submit("r1", "t/retry:v1")
+    h.clock.advance(11)
+    h.scheduler.fleet.observe(beat("a2", "t/retry:v1"))
+    await h.scheduler.tick()
+    await h.settle()
+    run = h.run("r1")
+    assert run.state is RunState.running and run.attempt == 2 and run.agent_id == "a2"
+    # the stale attempt's completion changes nothing
+    await h.log.append(RunCompleted(run_id="r1", at=h.clock.now(), attempt=1, outputs=[]))
+    await h.settle()
+    assert h.run("r1").state is RunState.running
+    # a second loss: no retries left
+    h.clock.advance(11)
+    await h.scheduler.tick()
+    await h.settle()
+    assert h.run("r1").state is RunState.node_preempted
+
+
+async def test_cancel_requests_are_honoured(h: Harness) -> None:
+    await h.submit("r1")
+    await h.log.append(RunCancelRequested(run_id="r1", at=h.clock.now()))
+    await h.settle()
+    assert h.run("r1").state is RunState.cancelled
+
+
+async def test_a_restarted_scheduler_carries_on_from_the_log(nc: Client) -> None:
+    clock = FakeClock()
+    first = Scheduler(nc, CONFIG, clock=clock)
+    await first.ensure()
+    await first.catalog.register(PipelineInfo(pointer="t/p:v1"))
+    async with first.following():
+        h = Harness(first, clock)
+        first.fleet.observe(beat("a1", "t/p:v1"))
+        await h.submit("r1")
+        await h.submit("r2")
+    second = Scheduler(nc, CONFIG, clock=clock)
+    async with second.following():
+        h2 = Harness(second, clock)
+        assert h2.run("r1").state is RunState.running
+        assert second.index.queue_position("r2") == 0
+        # the agent it never heard from is lost after the timeout
+        await second.tick()
+        clock.advance(11)
+        await second.tick()
+        await h2.settle()
+        assert h2.run("r1").state is RunState.node_preempted
