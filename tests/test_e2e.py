@@ -172,7 +172,7 @@ async def test_bad_requests_get_a_precise_error_and_change_nothing(
     assert await event_count(stack) == before
 
 
-@pytest.mark.parametrize("header", [None, "Bearer nope", "Basic tok_acme", "Bearer "])
+@pytest.mark.parametrize("header", [None, "Bearer nope", "Basic tok_acme", "Bearer"])
 async def test_missing_or_unknown_tokens_are_401(stack: Stack, header: str | None) -> None:
     headers = {"Authorization": header} if header else {}
     async with httpx.AsyncClient(base_url=stack.url) as c:
@@ -198,15 +198,22 @@ async def test_idempotency_key_returns_the_same_run(stack: Stack, tmp_path: Path
     body = {"pipeline": "test/gate:v1", "inputs": [{"type": "string", "value": str(gate)}],
             "async_run": True}
     headers = {"Idempotency-Key": "order-42"}
-    async with client(stack, "tok_acme") as c, client(stack, "tok_acme", gateway=1) as c2:
+    async with (
+        client(stack, "tok_acme") as c,
+        client(stack, "tok_acme", gateway=1) as c2,
+        client(stack, "tok_rival") as rival,
+    ):
         first = (await c.post("/v4/runs", json=body, headers=headers)).json()
         again = (await c2.post("/v4/runs", json=body, headers=headers)).json()
         assert again["id"] == first["id"]
-        other_team = await client(stack, "tok_rival").post("/v4/runs", json=body, headers=headers)
-        assert other_team.json()["id"] != first["id"]
+        other_team = (await rival.post("/v4/runs", json=body, headers=headers)).json()
+        assert other_team["id"] != first["id"]
         gate.write_text("open")
-        await wait_state(c, first["id"], {"completed"})
-        await wait_state(c, other_team.json()["id"], {"completed"})
+        assert (await wait_state(c, first["id"], {"completed"}))["outputs"][0]["value"] == "open"
+        await wait_state(rival, other_team["id"], {"completed"})
+        # a retry after the run ended still returns it, and runs nothing again
+        retried = await c2.post("/v4/runs", json=body, headers=headers)
+        assert retried.json()["id"] == first["id"] and retried.json()["state"] == "completed"
 
 
 # --- cancellation -------------------------------------------------------------------------
@@ -263,8 +270,9 @@ async def test_fifty_simultaneous_submissions_admit_exactly_three(
         # another team is not affected
         async with client(stack, "tok_rival") as rival:
             assert (await rival.post("/v4/runs", json=ECHO)).status_code == 200
-        # finish one: the next submission is admitted
-        first = admitted[0].json()
+        # finish one (the one holding the gate pipeline's only slot): the next is admitted
+        runs = [(await c0.get(f"/v4/runs/{r.json()['id']}")).json() for r in admitted]
+        first = next(run for run in runs if run["state"] == "running")
         Path(first["inputs"][0]["value"]).write_text("done")
         await wait_state(c0, first["id"], {"completed"})
         late_gate = tmp_path / "late"
