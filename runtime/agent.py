@@ -9,6 +9,7 @@ current, so a late result from this agent can never change a run that moved on.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import uuid
@@ -122,10 +123,8 @@ class Agent:
         finally:
             with anyio.CancelScope(shield=True):
                 for sub in subs:
-                    try:
+                    with contextlib.suppress(Exception):
                         await sub.unsubscribe()
-                    except Exception:
-                        pass
                 await self._kill_all()
 
     def _load_specs(self) -> None:

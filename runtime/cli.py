@@ -96,11 +96,12 @@ def up(
     slots: int,
 ) -> None:
     """Start everything: nats-server, gateway, scheduler and a local agent."""
+    data_dir = data_dir.resolve()
     from runtime.services import serve_up
 
     async def go() -> None:
         await serve_up(
-            data_dir=data_dir.resolve(),
+            data_dir=data_dir,
             config=_config(config_path),
             host=host,
             port=port,

@@ -12,6 +12,7 @@ disconnect (runs that began before ``from_seq`` are loaded from the log when fir
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from types import TracebackType
 
@@ -85,10 +86,8 @@ class RunEvents:
         finally:
             send.close()
             with anyio.CancelScope(shield=True):
-                try:
+                with contextlib.suppress(Exception):  # the connection is already closed
                     await sub.unsubscribe()
-                except Exception:  # the connection is already closed
-                    pass
 
     async def _load_before(self, run_id: str, seq: int) -> RunRecord | None:
         stored = await self.log.read(run_id)

@@ -103,7 +103,7 @@ def _limit(tier: str, value: Any) -> int | None:
         return None
     if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
-    raise ConfigError(f"tiers.{tier}: expected a positive integer or \"unlimited\", got {value!r}")
+    raise ConfigError(f'tiers.{tier}: expected a positive integer or "unlimited", got {value!r}')
 
 
 def _team(name: str, raw: Any, tiers: dict[str, int | None]) -> Team:
@@ -115,8 +115,10 @@ def _team(name: str, raw: Any, tiers: dict[str, int | None]) -> Team:
     if tier not in tiers:
         raise ConfigError(f"teams.{name}.tier: unknown tier {tier!r}; known: {sorted(tiers)}")
     tokens = raw.get("tokens")
-    if not isinstance(tokens, list) or not tokens or not all(
-        isinstance(t, str) and t for t in tokens
+    if (
+        not isinstance(tokens, list)
+        or not tokens
+        or not all(isinstance(t, str) and t for t in tokens)
     ):
         raise ConfigError(f"teams.{name}.tokens: expected a non-empty list of strings")
     return Team(name=name, tier=tier, tokens=tokens)

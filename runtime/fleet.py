@@ -74,9 +74,9 @@ class Fleet:
         seen = self._agents.get(agent_id)
         return seen.beat if seen is not None else None
 
-    def serving(self, pointer: str, status: PipelineStatus = PipelineStatus.ready) -> list[
-        AgentHeartbeat
-    ]:
+    def serving(
+        self, pointer: str, status: PipelineStatus = PipelineStatus.ready
+    ) -> list[AgentHeartbeat]:
         """Live agents on which ``pointer`` has ``status``."""
         return [
             beat

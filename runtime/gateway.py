@@ -8,6 +8,7 @@ placed). Reads never touch NATS: they come from the index, queue positions inclu
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import re
@@ -114,10 +115,8 @@ class Gateway:
             self.ready = False
             with anyio.CancelScope(shield=True):
                 for sub in (tail, beats):
-                    try:
+                    with contextlib.suppress(Exception):
                         await sub.unsubscribe()
-                    except Exception:
-                        pass
 
     async def _on_event(self, seq: int, event: AnyEvent) -> None:
         self.index.apply(seq, event)
@@ -307,13 +306,16 @@ class Gateway:
 
         async def lines() -> AsyncIterator[bytes]:
             seen: RunRecord | None = None
-            while True:
-                current = await self._wait(run.id, lambda r: r is not seen, 30.0)
-                if current is not seen:
+            while seen is None or not seen.is_terminal:
+                last = seen
+
+                def changed(r: RunRecord, last: RunRecord | None = last) -> bool:
+                    return r is not last
+
+                current = await self._wait(run.id, changed, 30.0)
+                if current is not last:
                     seen = current
                     yield _encoder.encode(self.view(current)) + b"\n"
-                if current.is_terminal:
-                    return
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 

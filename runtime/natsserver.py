@@ -184,10 +184,9 @@ class NatsServer:
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while proc.poll() is None and time.monotonic() < deadline:
-            await anyio.sleep(0.02)
-        if proc.poll() is None:
+        try:
+            await anyio.to_thread.run_sync(proc.wait, grace)
+        except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
 

@@ -162,8 +162,10 @@ def validate_inputs(spec: PipelineSpec, inputs: list[RunIO]) -> list[Any]:
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     required = [p for p in positional if p.default is p.empty]
     if not (len(required) <= len(inputs) <= len(positional)):
-        expected = f"{len(required)}" if len(required) == len(positional) else (
-            f"{len(required)} to {len(positional)}"
+        expected = (
+            f"{len(required)}"
+            if len(required) == len(positional)
+            else (f"{len(required)} to {len(positional)}")
         )
         raise InputError(f"expected {expected} inputs, got {len(inputs)}")
     args = []

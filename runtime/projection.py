@@ -141,8 +141,9 @@ class RunIndex:
             if q
         ]
         active = sum(1 for r in self.records.values() if not r.is_terminal)
-        return IndexStats(last_seq=self.last_seq, runs=len(self.records), active=active,
-                          queues=queues)
+        return IndexStats(
+            last_seq=self.last_seq, runs=len(self.records), active=active, queues=queues
+        )
 
     # --- waiting -----------------------------------------------------------------------------
 

@@ -102,11 +102,10 @@ class Scheduler:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Replay the log, then decide until cancelled. ``task_status.started()`` once caught
         up."""
-        async with self.following():
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._decide_loop)
-                tg.start_soon(self._tick_loop)
-                task_status.started()
+        async with self.following(), anyio.create_task_group() as tg:
+            tg.start_soon(self._decide_loop)
+            tg.start_soon(self._tick_loop)
+            task_status.started()
 
     @contextlib.asynccontextmanager
     async def following(self) -> AsyncIterator[None]:
@@ -126,10 +125,8 @@ class Scheduler:
         finally:
             with anyio.CancelScope(shield=True):
                 for sub in (heartbeats, drains, tail):
-                    try:
+                    with contextlib.suppress(Exception):  # the connection may be gone
                         await sub.unsubscribe()
-                    except Exception:  # the connection may be gone already
-                        pass
 
     def statistics(self) -> SchedulerStats:
         return SchedulerStats(
@@ -256,7 +253,10 @@ class Scheduler:
             free[agent_id] -= 1
             self._reserved[run_id] = (agent_id, kind)
             event = RunDispatched(
-                run_id=run_id, at=self.clock.now(), attempt=run.attempt, agent_id=agent_id,
+                run_id=run_id,
+                at=self.clock.now(),
+                attempt=run.attempt,
+                agent_id=agent_id,
                 slot=kind,
             )
             await self._append(run_id, event)

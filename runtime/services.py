@@ -157,7 +157,7 @@ async def serve_up(
             await tg.start(scheduler.run)
             async with anyio.create_task_group() as http_tg:
                 http = await http_tg.start(serve_http, gateway, host, port)
-                agent = subprocess.Popen(agent_command(nats_url, modules, slots))
+                agent = subprocess.Popen(agent_command(nats_url, modules, slots))  # noqa: ASYNC220
                 _banner(host, port, nats_url, data_dir if server else None, config)
                 await until_signalled()
                 print("\njetrun: shutting down", flush=True)
@@ -178,6 +178,9 @@ def _stop_child(proc: subprocess.Popen[bytes]) -> None:
         proc.send_signal(signal.SIGTERM)
 
 
+_INPUTS = '{"type":"string","value":"my_input_string"},{"type":"integer","value":5}'
+
+
 def _banner(host: str, port: int, nats_url: str, data_dir: Path | None, config: Config) -> None:
     url = f"http://{host}:{port}"
     token = DEMO_TOKEN if config.team_for_token(DEMO_TOKEN) else "<a token from your config>"
@@ -189,7 +192,7 @@ def _banner(host: str, port: int, nats_url: str, data_dir: Path | None, config: 
   try:   curl -X POST '{url}/v4/runs' \\
            --header 'Authorization: Bearer {token}' \\
            --header 'Content-Type: application/json' \\
-           --data '{{"pipeline": "demo/echo:v1", "inputs": [{{"type":"string","value":"my_input_string"}},{{"type":"integer","value":5}}]}}'
+           --data '{{"pipeline": "demo/echo:v1", "inputs": [{_INPUTS}]}}'
 Ctrl-C stops everything.""",
         flush=True,
     )

@@ -8,6 +8,7 @@ pointed at stderr so a pipeline's prints cannot corrupt the protocol.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 import subprocess
@@ -147,10 +148,8 @@ class PipelineWorker:
             return
         with anyio.CancelScope(shield=True):
             if proc.returncode is None:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     proc.kill()
-                except ProcessLookupError:
-                    pass
             await proc.wait()
             await proc.aclose()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 
 
 class FakeClock:
@@ -21,4 +22,4 @@ class FakeClock:
         self._mono += seconds
 
     async def sleep(self, seconds: float) -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()

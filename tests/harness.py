@@ -7,6 +7,7 @@ Waiting is bounded polling of public endpoints (``/readyz``, the scaling endpoin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -64,7 +65,11 @@ class Proc:
         env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=str(ROOT))
         with open(self.log_path, "ab") as out:
             self.popen = subprocess.Popen(
-                self.argv, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                self.argv,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=ROOT,
                 start_new_session=True,
             )
         return self
@@ -93,10 +98,8 @@ class Proc:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
                 self.kill()
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)  # leftover workers
-        except ProcessLookupError:
-            pass
+        with contextlib.suppress(ProcessLookupError):  # leftover workers
+            os.killpg(self.popen.pid, signal.SIGKILL)
         return self.popen.returncode
 
     def output(self) -> str:
@@ -142,8 +145,16 @@ class Stack:
     async def start_gateway(self, port: int | None = None) -> str:
         port = port or free_port()
         assert self.nats is not None
-        self._cli(f"gateway-{port}", "gateway", "--nats", self.nats.url, "--config",
-                  str(self.config_path), "--port", str(port))
+        self._cli(
+            f"gateway-{port}",
+            "gateway",
+            "--nats",
+            self.nats.url,
+            "--config",
+            str(self.config_path),
+            "--port",
+            str(port),
+        )
         url = f"http://127.0.0.1:{port}"
         await wait_ready(url)
         if url not in self.gateway_urls:
@@ -152,13 +163,23 @@ class Stack:
 
     def start_scheduler(self, name: str = "scheduler") -> Proc:
         assert self.nats is not None
-        return self._cli(name, "scheduler", "--nats", self.nats.url, "--config",
-                         str(self.config_path))
+        return self._cli(
+            name, "scheduler", "--nats", self.nats.url, "--config", str(self.config_path)
+        )
 
     def start_agent(self, name: str, *modules: str, slots: int = 2) -> Proc:
         assert self.nats is not None
-        args = ["agent", "--nats", self.nats.url, "--slots", str(slots), "--heartbeat", "0.5",
-                "--id", name]
+        args = [
+            "agent",
+            "--nats",
+            self.nats.url,
+            "--slots",
+            str(slots),
+            "--heartbeat",
+            "0.5",
+            "--id",
+            name,
+        ]
         for module in modules or ("runtime.demo",):
             args += ["--pipelines", module]
         return self._cli(name, *args)
@@ -186,7 +207,9 @@ async def wait_ready(url: str, timeout: float = 30.0) -> None:
     raise TimeoutError(f"{url} not ready within {timeout} s")
 
 
-async def wait_replicas(url: str, token: str, pointer: str, n: int = 1, timeout: float = 30.0) -> None:
+async def wait_replicas(
+    url: str, token: str, pointer: str, n: int = 1, timeout: float = 30.0
+) -> None:
     """Wait until ``pointer`` has ``n`` ready replicas, as the scaling endpoint says."""
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as client:
@@ -198,7 +221,9 @@ async def wait_replicas(url: str, token: str, pointer: str, n: int = 1, timeout:
     raise TimeoutError(f"{pointer} has no {n} ready replicas within {timeout} s")
 
 
-async def wait_state(client: httpx.AsyncClient, run_id: str, states: set[str], timeout: float = 30.0) -> dict:  # type: ignore[type-arg]
+async def wait_state(
+    client: httpx.AsyncClient, run_id: str, states: set[str], timeout: float = 30.0
+) -> dict:  # type: ignore[type-arg]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         run = (await client.get(f"/v4/runs/{run_id}")).json()

@@ -41,7 +41,10 @@ async def test_fifty_concurrent_admissions_admit_exactly_the_limit(nc: Client) -
     # another team, same tier: its own count
     assert await admission.try_admit(team="rival", tier="basic", limit=3, run_id="x", now=1.0)
     # unlimited tiers take no permit
-    assert await admission.try_admit(team="big", tier="startup", limit=None, run_id="y", now=1.0) is None
+    assert (
+        await admission.try_admit(team="big", tier="startup", limit=None, run_id="y", now=1.0)
+        is None
+    )
     # giving one back admits the next; giving it back twice is harmless
     assert await admission.release(slots[0])
     assert not await admission.release(slots[0])
@@ -66,10 +69,12 @@ async def test_permits_of_ended_runs_are_reclaimed_and_swept(nc: Client) -> None
     with pytest.raises(LimitReached):
         await admission.try_admit(team="t", tier="x", limit=2, run_id="c", now=100.0)
     # "a" ended but its permit was never given back: the next admission reclaims it
-    records["a"] = fold([
-        RunSubmitted(run_id="a", at=1.0, team="t", pipeline="p/q:v1", inputs=[]),
-        RunCancelled(run_id="a", at=2.0),
-    ])
+    records["a"] = fold(
+        [
+            RunSubmitted(run_id="a", at=1.0, team="t", pipeline="p/q:v1", inputs=[]),
+            RunCancelled(run_id="a", at=2.0),
+        ]
+    )
     assert await admission.try_admit(team="t", tier="x", limit=2, run_id="c", now=100.0)
     # the sweep: "b" and "c" were never recorded (their gateway died, say): within the grace
     # nothing is given back; after it, both are

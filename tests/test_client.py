@@ -37,8 +37,11 @@ async def collect(events: RunEvents, n: int, **filters: object) -> list[RunChang
 async def test_watch_filters_and_resumes(nats_server: NatsServer) -> None:
     async with RunEvents.connect(nats_server.url) as events:
         await events.log.ensure()
-        for run_id, team, pipeline in [("r1", "acme", "a/x:v1"), ("r2", "rival", "a/x:v1"),
-                                       ("r3", "acme", "a/y:v1")]:
+        for run_id, team, pipeline in [
+            ("r1", "acme", "a/x:v1"),
+            ("r2", "rival", "a/x:v1"),
+            ("r3", "acme", "a/y:v1"),
+        ]:
             for event in history(run_id, team, pipeline):
                 appended = await events.publish(event)
                 assert not appended.duplicate

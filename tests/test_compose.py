@@ -69,7 +69,10 @@ def test_nats_configs_are_the_generated_ones(name: str) -> None:
     mounted = NATS[name]["volumes"][0].split(":")[0]
     routes = [f"nats-route://{n}:6222" for n in sorted(NATS)]
     expected = server_config(
-        name=name, host="0.0.0.0", port=4222, store_dir="/data/jetstream",
+        name=name,
+        host="0.0.0.0",
+        port=4222,
+        store_dir="/data/jetstream",
         cluster=ClusterSpec(name="jetrun", port=6222, routes=routes),
     )
     assert (ROOT / mounted).read_text() == expected

@@ -32,8 +32,15 @@ def test_demo_config_has_the_demo_token() -> None:
         ({"teams": {"a": {"tier": "gold", "tokens": ["t"]}}}, "teams.a.tier"),
         ({"teams": {"a": {"tier": "basic", "tokens": []}}}, "teams.a.tokens"),
         ({"teams": {"a b": {"tier": "basic", "tokens": ["t"]}}}, "teams.a b"),
-        ({"teams": {"a": {"tier": "basic", "tokens": ["t"]},
-                    "b": {"tier": "basic", "tokens": ["t"]}}}, "teams.b.tokens"),
+        (
+            {
+                "teams": {
+                    "a": {"tier": "basic", "tokens": ["t"]},
+                    "b": {"tier": "basic", "tokens": ["t"]},
+                }
+            },
+            "teams.b.tokens",
+        ),
         ({"settings": {"lookback_s": "long"}}, "settings"),
     ],
 )

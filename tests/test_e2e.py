@@ -97,8 +97,10 @@ async def test_async_run_then_get_as_in_the_seed(stack: Stack) -> None:
 
 
 async def test_inputs_not_matching_the_signature_fail_with_input_error(stack: Stack) -> None:
-    body = {"pipeline": "demo/echo:v1", "inputs": [{"type": "string", "value": "a"},
-                                                   {"type": "string", "value": "5"}]}
+    body = {
+        "pipeline": "demo/echo:v1",
+        "inputs": [{"type": "string", "value": "a"}, {"type": "string", "value": "5"}],
+    }
     async with client(stack) as c:
         response = await c.post("/v4/runs", json=body)
     run = response.json()
@@ -147,10 +149,18 @@ async def test_waiting_for_resources_gives_up_after_the_resource_wait_timeout(st
         (b"{not json", 422, "invalid_json", None),
         (b'{"pipeline": 5}', 422, "invalid_field", "pipeline"),
         (b'{"inputs": []}', 422, "invalid_field", None),
-        (b'{"pipeline": "demo/echo:v1", "inputs": [{"type": "integer", "value": "x"}]}',
-         422, "invalid_field", "inputs[0].value"),
-        (b'{"pipeline": "demo/echo:v1", "inputs": [{"type": "weird", "value": 1}]}',
-         422, "invalid_field", "inputs[0].type"),
+        (
+            b'{"pipeline": "demo/echo:v1", "inputs": [{"type": "integer", "value": "x"}]}',
+            422,
+            "invalid_field",
+            "inputs[0].value",
+        ),
+        (
+            b'{"pipeline": "demo/echo:v1", "inputs": [{"type": "weird", "value": 1}]}',
+            422,
+            "invalid_field",
+            "inputs[0].type",
+        ),
         (b'{"pipeline": "demo/echo:v1", "async_run": "yes"}', 422, "invalid_field", "async_run"),
         (b'{"pipeline": "not a pointer"}', 422, "invalid_field", "pipeline"),
         (b'{"pipeline": "nobody/nothing:v1", "inputs": []}', 404, "pipeline_not_found", None),
@@ -162,8 +172,9 @@ async def test_bad_requests_get_a_precise_error_and_change_nothing(
 ) -> None:
     before = await event_count(stack)
     async with client(stack, "tok_acme") as c:
-        response = await c.post("/v4/runs", content=body,
-                                headers={"Content-Type": "application/json"})
+        response = await c.post(
+            "/v4/runs", content=body, headers={"Content-Type": "application/json"}
+        )
     assert response.status_code == status, response.text
     detail = response.json()["detail"]
     assert detail["code"] == code
@@ -195,8 +206,11 @@ async def test_a_team_never_sees_another_teams_runs(stack: Stack) -> None:
 
 async def test_idempotency_key_returns_the_same_run(stack: Stack, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
-    body = {"pipeline": "test/gate:v1", "inputs": [{"type": "string", "value": str(gate)}],
-            "async_run": True}
+    body = {
+        "pipeline": "test/gate:v1",
+        "inputs": [{"type": "string", "value": str(gate)}],
+        "async_run": True,
+    }
     headers = {"Idempotency-Key": "order-42"}
     async with (
         client(stack, "tok_acme") as c,
@@ -224,8 +238,11 @@ async def test_cancel_a_running_and_a_queued_run(stack: Stack, tmp_path: Path) -
     async with client(stack, "tok_big") as c:
         ids = []
         for gate in gates:
-            body = {"pipeline": "test/gate:v1", "async_run": True,
-                    "inputs": [{"type": "string", "value": str(gate)}]}
+            body = {
+                "pipeline": "test/gate:v1",
+                "async_run": True,
+                "inputs": [{"type": "string", "value": str(gate)}],
+            }
             ids.append((await c.post("/v4/runs", json=body)).json()["id"])
         await wait_state(c, ids[0], {"running"})
         assert (await c.get(f"/v4/runs/{ids[1]}")).json()["state"] == "queued"
@@ -252,8 +269,11 @@ async def test_fifty_simultaneous_submissions_admit_exactly_three(
     responses: list[httpx.Response] = []
 
     async def submit(i: int, c: httpx.AsyncClient) -> None:
-        body = {"pipeline": "test/gate:v1", "async_run": True,
-                "inputs": [{"type": "string", "value": str(gates[i])}]}
+        body = {
+            "pipeline": "test/gate:v1",
+            "async_run": True,
+            "inputs": [{"type": "string", "value": str(gates[i])}],
+        }
         responses.append(await c.post("/v4/runs", json=body))
 
     async with client(stack, "tok_acme") as c0, client(stack, "tok_acme", gateway=1) as c1:
@@ -264,8 +284,13 @@ async def test_fifty_simultaneous_submissions_admit_exactly_three(
         rejected = [r for r in responses if r.status_code == 429]
         assert len(admitted) == 3 and len(rejected) == 47
         detail = rejected[0].json()["detail"]
-        assert detail == {**detail, "code": "concurrency_limit", "tier": "basic", "limit": 3,
-                          "active": 3}
+        assert detail == {
+            **detail,
+            "code": "concurrency_limit",
+            "tier": "basic",
+            "limit": 3,
+            "active": 3,
+        }
         assert rejected[0].headers["retry-after"]
         # another team is not affected
         async with client(stack, "tok_rival") as rival:
@@ -276,8 +301,11 @@ async def test_fifty_simultaneous_submissions_admit_exactly_three(
         Path(first["inputs"][0]["value"]).write_text("done")
         await wait_state(c0, first["id"], {"completed"})
         late_gate = tmp_path / "late"
-        body = {"pipeline": "test/gate:v1", "async_run": True,
-                "inputs": [{"type": "string", "value": str(late_gate)}]}
+        body = {
+            "pipeline": "test/gate:v1",
+            "async_run": True,
+            "inputs": [{"type": "string", "value": str(late_gate)}],
+        }
         late = await c1.post("/v4/runs", json=body)
         assert late.status_code == 202, late.text
         assert (await c1.post("/v4/runs", json=body | {"inputs": []})).status_code == 429
@@ -295,13 +323,16 @@ async def test_queue_positions_are_exact_and_move_up(stack: Stack, tmp_path: Pat
     async with client(stack, "tok_big") as c, client(stack, "tok_big", gateway=1) as c1:
         ids = []
         for gate in gates:
-            body = {"pipeline": "test/gate:v1", "async_run": True,
-                    "inputs": [{"type": "string", "value": str(gate)}]}
+            body = {
+                "pipeline": "test/gate:v1",
+                "async_run": True,
+                "inputs": [{"type": "string", "value": str(gate)}],
+            }
             ids.append((await c.post("/v4/runs", json=body)).json()["id"])
         await wait_state(c, ids[0], {"running"})
         for finished in range(20):
             for gateway in (c, c1):
-                runs = [(await gateway.get(f"/v4/runs/{i}")).json() for i in ids[finished + 1:]]
+                runs = [(await gateway.get(f"/v4/runs/{i}")).json() for i in ids[finished + 1 :]]
                 assert [r["queue_position"] for r in runs] == list(range(len(runs)))
                 assert all(r["state"] == "queued" for r in runs)
             gates[finished].write_text("go")

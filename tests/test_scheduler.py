@@ -26,10 +26,13 @@ pytestmark = pytest.mark.anyio
 CONFIG = parse({"settings": {"node_loss_timeout_s": 10, "resource_wait_timeout_s": 60}})
 
 
-def beat(agent_id: str, pointer: str, slots: int = 1,
-         status: PipelineStatus = PipelineStatus.ready) -> AgentHeartbeat:
+def beat(
+    agent_id: str, pointer: str, slots: int = 1, status: PipelineStatus = PipelineStatus.ready
+) -> AgentHeartbeat:
     return AgentHeartbeat(
-        agent_id=agent_id, at=0.0, started_at=0.0,
+        agent_id=agent_id,
+        at=0.0,
+        started_at=0.0,
         accelerators=[Accelerator(kind="cpu", slots=slots)],
         pipelines=[LoadedPipeline(pointer=pointer, status=status)],
     )
@@ -52,8 +55,16 @@ class Harness:
 
     async def submit(self, run_id: str, pointer: str = "t/p:v1", wait: bool = True) -> None:
         now = self.clock.now()
-        await self.log.append(RunSubmitted(run_id=run_id, at=now, team="t", pipeline=pointer,
-                                           inputs=[], wait_for_resources=wait))
+        await self.log.append(
+            RunSubmitted(
+                run_id=run_id,
+                at=now,
+                team="t",
+                pipeline=pointer,
+                inputs=[],
+                wait_for_resources=wait,
+            )
+        )
         await self.log.append(RunAdmitted(run_id=run_id, at=now, tier="startup"))
         await self.settle()
 
