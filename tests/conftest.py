@@ -8,8 +8,11 @@ from pathlib import Path
 import pytest
 from nats.aio.client import Client
 
+from contracts.agents import PipelineInfo
+from runtime.catalog import Catalog
 from runtime.nats_conn import connect
 from runtime.natsserver import NatsServer
+from tests.harness import FIXTURES, Stack, wait_replicas
 
 
 @pytest.fixture(scope="session")
@@ -31,3 +34,29 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
         yield client
     finally:
         await client.close()
+
+
+@pytest.fixture(scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    """nats-server, a scheduler, two gateways, a demo agent (4 slots) and an agent serving
+    tests/fixtures/gate_pipelines.py (1 slot); test/ghost:v1 is known but has no replica."""
+    stack = Stack(tmp_path_factory.mktemp("stack"), resource_wait_timeout_s=2.0)
+    await stack.start_nats()
+    try:
+        stack.start_scheduler()
+        await stack.start_gateway()
+        await stack.start_gateway()
+        stack.start_agent("agent-demo", "runtime.demo", slots=4)
+        stack.start_agent("agent-gates", str(FIXTURES / "gate_pipelines.py"), slots=1)
+        await wait_replicas(stack.url, "tok_big", "demo/echo:v1")
+        await wait_replicas(stack.url, "tok_big", "test/gate:v1")
+        assert stack.nats is not None
+        nc = await connect(stack.nats.url, "test")
+        await Catalog(nc.jetstream()).register(PipelineInfo(pointer="test/ghost:v1"))
+        await nc.close()
+        yield stack
+    except BaseException:
+        print(stack.logs())
+        raise
+    finally:
+        await stack.stop()

@@ -2,51 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
 import httpx
 import pytest
 
-from contracts.agents import PipelineInfo
-from runtime.catalog import Catalog
 from runtime.eventlog import EventLog
 from runtime.nats_conn import connect
-from tests.harness import FIXTURES, Stack, wait_replicas, wait_state
+from tests.harness import FIXTURES, Stack, wait_state
 
 pytestmark = pytest.mark.anyio
 
-GATES = str(FIXTURES / "gate_pipelines.py")
 ECHO = {
     "pipeline": "demo/echo:v1",
     "inputs": [{"type": "string", "value": "my_input_string"}, {"type": "integer", "value": 5}],
 }
-
-
-@pytest.fixture(scope="module")
-async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    stack = Stack(tmp_path_factory.mktemp("stack"), resource_wait_timeout_s=2.0)
-    await stack.start_nats()
-    try:
-        stack.start_scheduler()
-        await stack.start_gateway()
-        await stack.start_gateway()
-        stack.start_agent("agent-demo", "runtime.demo", slots=4)
-        stack.start_agent("agent-gates", GATES, slots=1)
-        await wait_replicas(stack.url, "tok_big", "demo/echo:v1")
-        await wait_replicas(stack.url, "tok_big", "test/gate:v1")
-        # a pipeline that is known but has no replica at all
-        assert stack.nats is not None
-        nc = await connect(stack.nats.url, "test")
-        await Catalog(nc.jetstream()).register(PipelineInfo(pointer="test/ghost:v1"))
-        await nc.close()
-        yield stack
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        await stack.stop()
 
 
 def client(stack: Stack, token: str = "jr_demo_token", gateway: int = 0) -> httpx.AsyncClient:
