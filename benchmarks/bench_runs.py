@@ -1,0 +1,197 @@
+"""Sync-run latency and async throughput of a no-op pipeline through the HTTP API, on
+``jetrun up``.
+
+    python benchmarks/bench_runs.py [--sync 300] [--async-runs 1000] [--concurrency 64]
+
+Starts ``jetrun up`` (embedded nats-server, gateway, scheduler, one local agent) in a temp dir,
+then prints: sync latency p50/p90/p99 (sequential runs), async throughput (runs/s from the first
+submit to the last terminal state, seen on the event stream), and the peak RSS of the processes.
+Loopback only; every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from runtime.client import RunEvents  # noqa: E402
+from runtime.natsserver import free_port  # noqa: E402
+
+CONFIG = """
+[teams.bench]
+tier = "startup"
+tokens = ["bench"]
+"""
+NOOP = {"pipeline": "demo/noop:v1", "inputs": []}
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its children, from /proc (Linux)."""
+    total = 0
+    pids = [pid]
+    try:
+        children = subprocess.run(
+            ["pgrep", "-g", str(os.getpgid(pid))], capture_output=True, text=True, check=False
+        ).stdout.split()
+        pids = [int(p) for p in children] or pids
+    except (OSError, ValueError):
+        pass
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+async def wait_ready(url: str) -> None:
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": "Bearer bench"}) as c:
+        for _ in range(600):
+            try:
+                r = await c.get("/v4/pipelines/demo/noop:v1/scaling")
+                if r.status_code == 200 and r.json()["current_replicas"] >= 1:
+                    return
+            except httpx.TransportError:
+                pass
+            await anyio.sleep(0.1)
+    raise TimeoutError("jetrun up did not become ready")
+
+
+async def sync_latency(url: str, n: int) -> list[float]:
+    latencies = []
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": "Bearer bench"}) as c:
+        for _ in range(20):  # warm-up
+            await c.post("/v4/runs", json=NOOP)
+        for _ in range(n):
+            start = time.perf_counter()
+            response = await c.post("/v4/runs", json=NOOP)
+            latencies.append(time.perf_counter() - start)
+            assert response.json()["state"] == "completed", response.text
+    return latencies
+
+
+async def async_throughput(url: str, nats_url: str, n: int, concurrency: int) -> float:
+    ids: set[str] = set()
+    done = anyio.Event()
+    ended: set[str] = set()
+
+    async def watch(events: RunEvents, task_status: anyio.abc.TaskStatus[None]) -> None:
+        start_seq = await events.log.last_seq() + 1
+        task_status.started()
+        async for change in events.watch(team="bench", from_seq=start_seq):
+            if change.run.state.is_terminal:
+                ended.add(change.run.id)
+                if len(ended & ids) >= n:
+                    done.set()
+                    return
+
+    limiter = anyio.Semaphore(concurrency)
+    body = {**NOOP, "async_run": True}
+    async with (
+        RunEvents.connect(nats_url) as events,
+        httpx.AsyncClient(
+            base_url=url,
+            headers={"Authorization": "Bearer bench"},
+            limits=httpx.Limits(max_connections=concurrency),
+            timeout=60,
+        ) as c,
+    ):
+
+        async def submit() -> None:
+            async with limiter:
+                response = await c.post("/v4/runs", json=body)
+                ids.add(response.json()["id"])
+
+        async with anyio.create_task_group() as tg:
+            await tg.start(watch, events)
+            start = time.perf_counter()
+            async with anyio.create_task_group() as submitters:
+                for _ in range(n):
+                    submitters.start_soon(submit)
+            with anyio.fail_after(600):
+                await done.wait()
+            elapsed = time.perf_counter() - start
+            tg.cancel_scope.cancel()
+    assert len(ids) == n
+    return n / elapsed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sync", type=int, default=300)
+    parser.add_argument("--async-runs", type=int, default=1000)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--slots", type=int, default=4)
+    args = parser.parse_args()
+
+    tmp = Path(tempfile.mkdtemp(prefix="jetrun-bench-"))
+    (tmp / "jetrun.toml").write_text(CONFIG)
+    port, nats_port = free_port(), free_port()
+    url = f"http://127.0.0.1:{port}"
+    jetrun = str(Path(sys.executable).parent / "jetrun")
+    argv = [
+        jetrun,
+        "up",
+        "--port",
+        str(port),
+        "--nats-port",
+        str(nats_port),
+        "--data-dir",
+        str(tmp / "data"),
+        "--config",
+        str(tmp / "jetrun.toml"),
+        "--slots",
+        str(args.slots),
+    ]
+    with open(tmp / "up.log", "wb") as log:
+        up = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        await wait_ready(url)
+        latencies = await sync_latency(url, args.sync)
+        throughput = await async_throughput(
+            url, f"nats://127.0.0.1:{nats_port}", args.async_runs, args.concurrency
+        )
+        memory = rss_mb(up.pid)
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(60)
+
+    ms = [x * 1000 for x in latencies]
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+    print(f"sync no-op runs over HTTP (n={len(ms)}, sequential):")
+    print(
+        f"  p50 {percentile(ms, 50):.2f} ms  p90 {percentile(ms, 90):.2f} ms  "
+        f"p99 {percentile(ms, 99):.2f} ms  mean {statistics.mean(ms):.2f} ms"
+    )
+    print(
+        f"async no-op runs (n={args.async_runs}, {args.concurrency} in flight): "
+        f"{throughput:.0f} runs/s submit-to-terminal"
+    )
+    print(f"memory: {memory:.0f} MiB RSS (jetrun up: nats-server, control plane, agent, workers)")
+
+
+if __name__ == "__main__":
+    anyio.run(main, backend_options={"use_uvloop": True})
