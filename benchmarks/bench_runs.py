@@ -41,7 +41,7 @@ NOOP = {"pipeline": "demo/noop:v1", "inputs": []}
 
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def rss_mb(pid: int) -> float:

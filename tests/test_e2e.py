@@ -10,7 +10,7 @@ import pytest
 
 from runtime.eventlog import EventLog
 from runtime.nats_conn import connect
-from tests.harness import FIXTURES, Stack, wait_state
+from tests.harness import Stack, wait_state
 
 pytestmark = pytest.mark.anyio
 
