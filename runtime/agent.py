@@ -10,6 +10,7 @@ current, so a late result from this agent can never change a run that moved on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import socket
 import uuid
@@ -36,6 +37,8 @@ from contracts.events import (
     RunDispatched,
     RunFailed,
     RunOutputProduced,
+    RunPreempted,
+    RunRequeued,
     RunStarted,
     RunSubmitted,
     RunTimedOut,
@@ -51,6 +54,14 @@ from runtime.worker import PipelineWorker, StartupFailed
 
 log = logging.getLogger("jetrun.agent")
 _encoder = msgspec.json.Encoder()
+
+
+class AgentFenced(Exception):
+    """The scheduler declared this agent lost (it was cut off, or stopped, for longer than the
+    node loss timeout). Its runs went elsewhere; it must come back under a new id."""
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__(f"agent {agent_id} was declared lost; restart it to rejoin")
 
 
 @dataclass
@@ -85,20 +96,28 @@ class Agent:
         clock: Clock = SYSTEM_CLOCK,
         log_settings: LogSettings | None = None,
         accelerators: list[Accelerator] | None = None,
+        report_deadline_s: float = 600.0,
     ) -> None:
         self.nc = nc
         self.modules = modules
         self.agent_id = agent_id or f"agent-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
         self.heartbeat_interval_s = heartbeat_interval_s
         self.clock = clock
-        self.log = EventLog(nc, log_settings)
+        # results must outlive a NATS outage: reports retry for report_deadline_s
+        settings = dataclasses.replace(
+            log_settings or LogSettings(), append_deadline_s=report_deadline_s
+        )
+        self.log = EventLog(nc, settings)
         self.catalog = Catalog(self.log.js)
         self.accelerators = accelerators if accelerators is not None else detect(cpu_slots)
         self.pools: dict[str, _Pool] = {}
         self.attempts: dict[str, _Attempt] = {}
         self.draining = False
+        self.draining_on_notice = False  # drain() was called: being declared lost is expected
         self.started_at = clock.now()
         self._tg: TaskGroup | None = None
+        self._fenced = anyio.Event()  # the scheduler declared this agent lost
+        self._idle = anyio.Event()  # an attempt ended
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -109,10 +128,10 @@ class Agent:
         for pool in self.pools.values():
             await self.catalog.register(_info(pool.spec))
         start = await self.log.last_seq() + 1
-        subs = [
-            await self.log.tail(self._on_event, from_seq=start, subject=kind_subjects(kind))
-            for kind in ("dispatched", "cancelled")
-        ]
+        kinds = ("dispatched", "cancelled", "preempted", "requeued")
+        sub = await self.log.tail(
+            self._on_event, from_seq=start, subjects=[kind_subjects(k) for k in kinds]
+        )
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -120,11 +139,21 @@ class Agent:
                 for pool in self.pools.values():
                     tg.start_soon(self._warm, pool)
                 task_status.started()
+                await self._fenced.wait()
+                log.error(
+                    "%s was declared lost by the scheduler; finishing its attempts, then exiting",
+                    self.agent_id,
+                )
+                self.draining = True
+                await self._beat()
+                while self.attempts:
+                    await self._idle.wait()
+                    self._idle = anyio.Event()
+                raise AgentFenced(self.agent_id)
         finally:
             with anyio.CancelScope(shield=True):
-                for sub in subs:
-                    with contextlib.suppress(Exception):
-                        await sub.unsubscribe()
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
                 await self._kill_all()
 
     def _load_specs(self) -> None:
@@ -161,6 +190,7 @@ class Agent:
         requeue) every run here at once, and kill the workers. Returns how many runs the
         scheduler handled (-1 if it did not answer)."""
         self.draining = True
+        self.draining_on_notice = True
         log.warning("%s draining: %s", self.agent_id, reason)
         await self._beat()
         try:
@@ -230,6 +260,8 @@ class Agent:
             if running is not None:
                 running.cancelled = True
                 running.scope.cancel()
+        elif isinstance(event, RunPreempted | RunRequeued) and event.agent_id == self.agent_id:
+            self._fenced.set()
 
     async def _run_attempt(self, dispatch: RunDispatched, attempt: _Attempt) -> None:
         try:
@@ -241,6 +273,7 @@ class Agent:
                 await self._report(result)
         finally:
             self.attempts.pop(dispatch.run_id, None)
+            self._idle.set()
             if attempt.worker is not None:  # interrupted mid-run: the worker may be busy
                 with anyio.CancelScope(shield=True):
                     await attempt.worker.kill()

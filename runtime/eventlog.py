@@ -180,7 +180,12 @@ class EventLog:
         return int(info.state.last_seq)
 
     async def tail(
-        self, handler: Handler, *, from_seq: int = 1, subject: str = ALL_EVENTS
+        self,
+        handler: Handler,
+        *,
+        from_seq: int = 1,
+        subject: str = ALL_EVENTS,
+        subjects: list[str] | None = None,
     ) -> Subscription:
         """Call ``handler(seq, event)`` for every event on ``subject`` from ``from_seq`` on,
         in order, one at a time. An ordered consumer: after a reconnect, a server restart or a
@@ -193,6 +198,10 @@ class EventLog:
             if event is not None:
                 await handler(msg.metadata.sequence.stream, event)
 
+        config = api.ConsumerConfig(opt_start_seq=max(from_seq, 1))
+        if subjects:  # several filters on one consumer (``subject`` is then ignored)
+            config.filter_subjects = subjects
+            subject = subjects[0]
         return await self.js.subscribe(
             subject,
             stream=EVENTS_STREAM,
@@ -200,7 +209,7 @@ class EventLog:
             ordered_consumer=True,
             idle_heartbeat=1.0,
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            config=api.ConsumerConfig(opt_start_seq=max(from_seq, 1)),
+            config=config,
         )
 
 

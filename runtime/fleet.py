@@ -45,6 +45,12 @@ class Fleet:
         if agent_id not in self._agents and agent_id not in self._gone:
             self._agents[agent_id] = _Seen(None, self.monotonic())
 
+    def refresh(self) -> None:
+        """Restart every agent's loss clock (after this process was cut off from NATS)."""
+        now = self.monotonic()
+        for seen in self._agents.values():
+            seen.last_seen = now
+
     def forget(self, agent_id: str) -> None:
         """Declare the agent lost for good."""
         self._agents.pop(agent_id, None)

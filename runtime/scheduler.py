@@ -91,6 +91,7 @@ class Scheduler:
         self._kick = anyio.Event()
         self._decisions = 0
         self._lost = 0
+        self._cut_off = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -285,6 +286,12 @@ class Scheduler:
     async def tick(self) -> None:
         """Detect lost agents and expired resource waits; forget decisions that were never seen
         in the log (deduplicated against an earlier copy), so they are made again."""
+        if not self.nc.is_connected:
+            self._cut_off = True  # agents cannot reach us either: no loss is decided now
+            return
+        if self._cut_off:
+            self._cut_off = False
+            self.fleet.refresh()  # every agent gets a full timeout after a reconnect
         stale = self.clock.monotonic() - 5.0
         for run_id, since in list(self._pending_since.items()):
             if since < stale or run_id not in self._pending:

@@ -19,7 +19,7 @@ import anyio
 import uvicorn
 from anyio.abc import TaskStatus
 
-from runtime.agent import Agent
+from runtime.agent import Agent, AgentFenced
 from runtime.config import DEMO_TOKEN, Config
 from runtime.eventlog import LogSettings
 from runtime.gateway import Gateway
@@ -112,13 +112,20 @@ async def serve_agent(
         heartbeat_interval_s=heartbeat_s,
         log_settings=settings,
     )
-    async with anyio.create_task_group() as tg:
-        await tg.start(agent.run)
-        log.info("agent %s running %s", agent.agent_id, ", ".join(sorted(agent.pools)))
-        await until_signalled()
-        await agent.drain("SIGTERM/SIGINT: preemption notice")
-        tg.cancel_scope.cancel()
+    fenced = False
+    try:
+        async with anyio.create_task_group() as tg:
+            await tg.start(agent.run)
+            log.info("agent %s running %s", agent.agent_id, ", ".join(sorted(agent.pools)))
+            await until_signalled()
+            await agent.drain("SIGTERM/SIGINT: preemption notice")
+            tg.cancel_scope.cancel()
+    except* AgentFenced as group:
+        fenced = not agent.draining_on_notice
+        log.error("%s", group.exceptions[0])
     await nc.close()
+    if fenced:
+        raise SystemExit(3)  # a supervisor restarts it under a new id
 
 
 def agent_command(nats_url: str, modules: list[str], slots: int) -> list[str]:

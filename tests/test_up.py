@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from runtime.natsserver import free_port
-from tests.harness import Proc, wait_ready, wait_replicas
+from tests.harness import Proc, wait_ready, wait_replicas, wait_state
 
 pytestmark = pytest.mark.anyio
 
@@ -41,6 +41,7 @@ async def test_up_serves_the_seed_examples_and_keeps_history(tmp_path: Path) -> 
             started = await c.post("/v4/runs", json={**SEED, "async_run": True})
             assert started.status_code == 202
             run_id = started.json()["id"]
+            assert (await wait_state(c, run_id, {"completed"}))["outputs"]
         banner = first.output()
         assert f"jetrun is up: {url}" in banner and "jr_demo_token" in banner
         assert "curl -X POST" in banner
