@@ -231,3 +231,117 @@ async def wait_state(
             return run  # type: ignore[no-any-return]
         await anyio.sleep(0.05)
     raise TimeoutError(f"run {run_id} not in {states} within {timeout} s: {run}")
+
+
+# --- load and audit, for fault tests and the fault report ------------------------------------
+
+TERMINAL = {"completed", "failed", "no_resources_available", "node_preempted", "cancelled"}
+
+
+@dataclass
+class Load:
+    """Async runs of ``test/count:v1`` submitted with idempotency keys, so that a request that
+    died with its gateway can be retried on another one without creating a second run."""
+
+    stack: Stack
+    work_dir: Path
+    token: str = "tok_big"
+    seconds: float = 0.05
+    run_ids: dict[str, str] = field(default_factory=dict)  # idempotency key -> run id
+    refused: int = 0
+
+    def marker(self, key: str) -> Path:
+        return self.work_dir / f"{key}.runs"
+
+    async def submit(self, key: str, deadline_s: float = 90.0) -> None:
+        """Submit one run, retrying on any gateway until one answers (bounded)."""
+        body = {
+            "pipeline": "test/count:v1",
+            "async_run": True,
+            "inputs": [
+                {"type": "string", "value": str(self.marker(key))},
+                {"type": "fp", "value": self.seconds},
+            ],
+        }
+        headers = {"Authorization": f"Bearer {self.token}", "Idempotency-Key": key}
+        deadline = time.monotonic() + deadline_s
+        attempt = 0
+        async with httpx.AsyncClient(timeout=30.0) as client:
+            while time.monotonic() < deadline:
+                url = self.stack.gateway_urls[attempt % len(self.stack.gateway_urls)]
+                attempt += 1
+                try:
+                    response = await client.post(f"{url}/v4/runs", json=body, headers=headers)
+                except httpx.TransportError:
+                    await anyio.sleep(0.2)
+                    continue
+                if response.status_code == 202:
+                    self.run_ids[key] = response.json()["id"]
+                    return
+                if response.status_code == 429:
+                    self.refused += 1
+                await anyio.sleep(0.2)
+        raise TimeoutError(f"run {key} could not be submitted in {deadline_s} s")
+
+    async def submit_many(self, n: int, prefix: str, concurrency: int = 8) -> None:
+        limiter = anyio.Semaphore(concurrency)
+
+        async def one(i: int) -> None:
+            async with limiter:
+                await self.submit(f"{prefix}-{i}")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(n):
+                tg.start_soon(one, i)
+
+    async def states(self, timeout: float = 120.0) -> dict[str, str]:
+        """Wait (bounded) until every run is terminal; the final state of each."""
+        deadline = time.monotonic() + timeout
+        headers = {"Authorization": f"Bearer {self.token}"}
+        final: dict[str, str] = {}
+        async with httpx.AsyncClient(timeout=10.0, headers=headers) as client:
+            while time.monotonic() < deadline:
+                for key, run_id in self.run_ids.items():
+                    if key in final:
+                        continue
+                    url = self.stack.gateway_urls[len(final) % len(self.stack.gateway_urls)]
+                    try:
+                        state = (await client.get(f"{url}/v4/runs/{run_id}")).json()["state"]
+                    except (httpx.TransportError, KeyError, ValueError):
+                        continue
+                    if state in TERMINAL:
+                        final[key] = state
+                if len(final) == len(self.run_ids):
+                    return final
+                await anyio.sleep(0.2)
+        return final
+
+    def executions(self, key: str) -> int:
+        marker = self.marker(key)
+        return len(marker.read_text().split()) if marker.exists() else 0
+
+
+@dataclass
+class Audit:
+    submitted: int
+    terminal: int
+    lost: int
+    ran_twice: int
+    states: dict[str, int]
+
+
+async def audit(load: Load, timeout: float = 120.0) -> Audit:
+    """Submitted, terminal, lost (admitted but never terminal) and run twice (executed more
+    than once without a node loss in between: the pipeline's own marker file says)."""
+    final = await load.states(timeout)
+    counts: dict[str, int] = {}
+    for state in final.values():
+        counts[state] = counts.get(state, 0) + 1
+    twice = sum(1 for key in load.run_ids if load.executions(key) > 1)
+    return Audit(
+        submitted=len(load.run_ids),
+        terminal=len(final),
+        lost=len(load.run_ids) - len(final),
+        ran_twice=twice,
+        states=counts,
+    )

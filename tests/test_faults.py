@@ -1,0 +1,242 @@
+"""Faults with real processes: agents killed, stopped and recalled; attempts timed out; control
+plane processes and the nats-server killed under load. No admitted run is lost or run twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from contracts.states import RunState
+from runtime.eventlog import EventLog
+from runtime.nats_conn import connect
+from tests.harness import FIXTURES, Load, Stack, audit, wait_replicas, wait_state
+
+pytestmark = pytest.mark.anyio
+
+GATES = str(FIXTURES / "gate_pipelines.py")
+NODE_LOSS_S = 2.0
+
+
+@pytest.fixture
+async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
+    stack = Stack(tmp_path / "stack", node_loss_timeout_s=NODE_LOSS_S)
+    stack.tmp.mkdir()
+    await stack.start_nats()
+    try:
+        stack.start_scheduler()
+        await stack.start_gateway()
+        yield stack
+    except BaseException:
+        print(stack.logs())
+        raise
+    finally:
+        await stack.stop()
+
+
+def client(stack: Stack, token: str = "tok_big") -> httpx.AsyncClient:
+    return httpx.AsyncClient(
+        base_url=stack.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+    )
+
+
+async def gate_run(c: httpx.AsyncClient, gate: Path, pointer: str = "test/gate:v1") -> str:
+    body = {
+        "pipeline": pointer,
+        "async_run": True,
+        "inputs": [{"type": "string", "value": str(gate)}],
+    }
+    response = await c.post("/v4/runs", json=body)
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
+async def test_a_killed_agents_run_ends_node_preempted_in_bounded_time(
+    stack: Stack, tmp_path: Path
+) -> None:
+    victim = stack.start_agent("victim", GATES, slots=1)
+    await wait_replicas(stack.url, "tok_big", "test/gate:v1")
+    async with client(stack) as c:
+        run_id = await gate_run(c, tmp_path / "never")
+        await wait_state(c, run_id, {"running"})
+        killed_at = time.monotonic()
+        victim.kill()
+        run = await wait_state(c, run_id, {"node_preempted"}, timeout=15)
+        detected_s = time.monotonic() - killed_at
+    assert run["attempt"] == 1 and run["error"] is None
+    assert detected_s < NODE_LOSS_S + 2.0
+
+
+async def test_a_killed_agents_run_is_requeued_when_the_pipeline_retries(
+    stack: Stack, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    victim = stack.start_agent("victim", GATES, slots=1)
+    await wait_replicas(stack.url, "tok_big", "test/retry-gate:v1")
+    async with client(stack) as c:
+        run_id = await gate_run(c, gate, "test/retry-gate:v1")
+        await wait_state(c, run_id, {"running"})
+        stack.start_agent("survivor", GATES, slots=1)
+        await wait_replicas(stack.url, "tok_big", "test/retry-gate:v1", n=2)
+        victim.kill()
+        run = await wait_state(c, run_id, {"running"}, timeout=15)
+        deadline = time.monotonic() + 15
+        while run["attempt"] != 2 and time.monotonic() < deadline:
+            run = await wait_state(c, run_id, {"running"}, timeout=15)
+        assert run["attempt"] == 2
+        gate.write_text("open")
+        run = await wait_state(c, run_id, {"completed"})
+    pids = Path(f"{gate}.attempts").read_text().split()
+    assert len(pids) == 2  # attempt 1 on the victim, attempt 2 on the survivor
+    assert run["outputs"][0]["value"] == f"open by {pids[1]}"
+
+
+async def test_sigterm_is_a_preemption_notice(stack: Stack, tmp_path: Path) -> None:
+    victim = stack.start_agent("victim", GATES, slots=1)
+    await wait_replicas(stack.url, "tok_big", "test/gate:v1")
+    async with client(stack) as c:
+        run_id = await gate_run(c, tmp_path / "never")
+        await wait_state(c, run_id, {"running"})
+        noticed_at = time.monotonic()
+        victim.signal(signal.SIGTERM)
+        await wait_state(c, run_id, {"node_preempted"}, timeout=10)
+        assert time.monotonic() - noticed_at < NODE_LOSS_S  # at once, not by timeout
+    assert victim.popen is not None and victim.popen.wait(15) == 0
+
+
+async def test_the_execution_timeout_kills_the_attempt(stack: Stack, tmp_path: Path) -> None:
+    stack.start_agent("agent", GATES, slots=1)
+    await wait_replicas(stack.url, "tok_big", "test/hang:v1")
+    pid_file = tmp_path / "pid"
+    async with client(stack) as c:
+        body = {"pipeline": "test/hang:v1", "inputs": [{"type": "string", "value": str(pid_file)}]}
+        run = (await c.post("/v4/runs", json=body)).json()
+        assert run["state"] == "failed"
+        assert run["error"]["type"] == "timeout"
+        assert "1 s" in run["error"]["message"]
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), 0)
+        # the pipeline still serves the next run (a fresh worker)
+        gate = tmp_path / "open"
+        gate.write_text("ok")
+        body = {"pipeline": "test/gate:v1", "inputs": [{"type": "string", "value": str(gate)}]}
+        assert (await c.post("/v4/runs", json=body)).json()["state"] == "completed"
+
+
+async def test_a_late_result_from_a_lost_attempt_is_fenced(stack: Stack, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    zombie = stack.start_agent("zombie", GATES, slots=1)
+    await wait_replicas(stack.url, "tok_big", "test/retry-gate:v1")
+    async with client(stack) as c:
+        run_id = await gate_run(c, gate, "test/retry-gate:v1")
+        await wait_state(c, run_id, {"running"})
+        stack.start_agent("healthy", GATES, slots=1)
+        await wait_replicas(stack.url, "tok_big", "test/retry-gate:v1", n=2)
+        zombie.signal(signal.SIGSTOP)  # the agent freezes; its worker keeps waiting
+        deadline = time.monotonic() + 15
+        run = await wait_state(c, run_id, {"running", "queued"})
+        while run["attempt"] != 2 and time.monotonic() < deadline:
+            run = await wait_state(c, run_id, {"running", "queued"})
+        assert run["attempt"] == 2
+        await wait_state(c, run_id, {"running"})
+        gate.write_text("open")  # both attempts can finish now
+        run = await wait_state(c, run_id, {"completed"})
+        zombie.signal(signal.SIGCONT)
+        # the zombie reports its stale completion, learns it was declared lost, and exits 3
+        assert zombie.popen is not None and zombie.popen.wait(20) == 3
+        assert (await c.get(f"/v4/runs/{run_id}")).json() == run
+    pids = Path(f"{gate}.attempts").read_text().split()
+    assert run["attempt"] == 2 and run["outputs"][0]["value"] == f"open by {pids[1]}"
+    assert stack.nats is not None
+    nc = await connect(stack.nats.url, "test")
+    stored = await EventLog(nc).read(run_id)
+    await nc.close()
+    completions = [s.event for s in stored if s.event.kind == "completed"]
+    assert sorted(e.attempt for e in completions) == [1, 2]  # type: ignore[attr-defined]
+    stale = next(e for e in completions if e.attempt == 1)  # type: ignore[attr-defined]
+    assert stale.outputs[0].value == f"open by {pids[0]}"  # type: ignore[attr-defined]
+
+
+# --- the control plane and NATS under load ------------------------------------------------
+
+
+async def load_with_fault(stack: Stack, tmp_path: Path, fault: str) -> None:
+    stack.start_agent("agent-1", GATES, slots=2)
+    stack.start_agent("agent-2", GATES, slots=2)
+    await wait_replicas(stack.url, "tok_big", "test/count:v1", n=2)
+    load = Load(stack, tmp_path, seconds=0.05)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(load.submit_many, 60, fault)
+        await wait_until(lambda: len(load.run_ids) >= 20)
+        await inject(stack, fault)
+    result = await audit(load, timeout=120)
+    assert result.submitted == 60
+    assert result.lost == 0, result
+    assert result.ran_twice == 0, result
+    assert result.states == {"completed": 60}, result
+
+
+async def wait_until(condition: object, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:  # type: ignore[operator]
+        await anyio.sleep(0.05)
+
+
+async def inject(stack: Stack, fault: str) -> None:
+    if fault == "scheduler":
+        proc = next(p for p in stack.procs if p.name == "scheduler")
+        proc.kill()
+        stack.procs.remove(proc)
+        stack.start_scheduler()
+    elif fault == "gateway":
+        proc = next(p for p in stack.procs if p.name.startswith("gateway"))
+        port = int(stack.url.rsplit(":", 1)[1])
+        proc.kill()
+        stack.procs.remove(proc)
+        await stack.start_gateway(port)
+    elif fault == "nats":
+        assert stack.nats is not None
+        stack.nats.kill()
+        await stack.start_nats()
+
+
+@pytest.mark.parametrize("fault", ["scheduler", "gateway", "nats"])
+async def test_nothing_admitted_is_lost_or_run_twice_when_a_process_dies(
+    stack: Stack, tmp_path: Path, fault: str
+) -> None:
+    await stack.start_gateway()  # a second gateway takes requests while the first is down
+    await load_with_fault(stack, tmp_path, fault)
+
+
+async def test_queue_positions_stay_exact_across_control_plane_restarts(
+    stack: Stack, tmp_path: Path
+) -> None:
+    stack.start_agent("agent", GATES, slots=1)
+    await wait_replicas(stack.url, "tok_big", "test/gate:v1")
+    gates = [tmp_path / f"g{i}" for i in range(6)]
+    async with client(stack) as c:
+        ids = [await gate_run(c, g) for g in gates]
+        await wait_state(c, ids[0], {"running"})
+        for proc in [p for p in stack.procs if p.name == "scheduler" or p.name.startswith("gate")]:
+            proc.kill()
+            stack.procs.remove(proc)
+    stack.start_scheduler()
+    stack.gateway_urls.clear()
+    await stack.start_gateway()
+    async with client(stack) as c:
+        positions = [(await c.get(f"/v4/runs/{i}")).json()["queue_position"] for i in ids[1:]]
+        assert positions == [0, 1, 2, 3, 4]
+        gates[0].write_text("go")
+        await wait_state(c, ids[1], {"running"})
+        positions = [(await c.get(f"/v4/runs/{i}")).json()["queue_position"] for i in ids[2:]]
+        assert positions == [0, 1, 2, 3]
+        for gate in gates[1:]:
+            gate.write_text("go")
+        for run_id in ids:
+            assert (await wait_state(c, run_id, {"completed"}))["state"] == RunState.completed
