@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import anyio
 import msgspec
 from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NotFoundError
@@ -77,19 +78,22 @@ class Admission:
 
     async def ensure(self) -> None:
         """Create or update one stream per distinct limit. Idempotent."""
-        for limit in sorted(self.limits):
-            config = api.StreamConfig(
-                name=stream_name(limit),
-                subjects=[f"jetrun.admit.{limit}.>"],
-                storage=api.StorageType.FILE,
-                num_replicas=self.replicas,
-                max_msgs_per_subject=limit,
-                discard=api.DiscardPolicy.NEW,
-                discard_new_per_subject=True,
-                max_age=self.lookback_s,
-                duplicate_window=min(600.0, self.lookback_s),
-            )
-            await ensure_stream(self.js, config, self.deadline_s)
+        async with anyio.create_task_group() as tg:
+            for limit in sorted(self.limits):
+                tg.start_soon(ensure_stream, self.js, self._config(limit), self.deadline_s)
+
+    def _config(self, limit: int) -> api.StreamConfig:
+        return api.StreamConfig(
+            name=stream_name(limit),
+            subjects=[f"jetrun.admit.{limit}.>"],
+            storage=api.StorageType.FILE,
+            num_replicas=self.replicas,
+            max_msgs_per_subject=limit,
+            discard=api.DiscardPolicy.NEW,
+            discard_new_per_subject=True,
+            max_age=self.lookback_s,
+            duplicate_window=min(600.0, self.lookback_s),
+        )
 
     async def try_admit(
         self, *, team: str, tier: str, limit: int | None, run_id: str, now: float

@@ -47,7 +47,13 @@ from contracts.values import RunIO
 from runtime.accelerators import detect
 from runtime.catalog import Catalog
 from runtime.clock import SYSTEM_CLOCK, Clock
-from runtime.eventlog import EventLog, LogSettings, kind_subjects, last_event_of_kind
+from runtime.eventlog import (
+    EventLog,
+    LogSettings,
+    ensure_all,
+    kind_subjects,
+    last_event_of_kind,
+)
 from runtime.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT
 from runtime.pipelines import PipelineSpec, load_module
 from runtime.worker import PipelineWorker, StartupFailed
@@ -108,7 +114,7 @@ class Agent:
             log_settings or LogSettings(), append_deadline_s=report_deadline_s
         )
         self.log = EventLog(nc, settings)
-        self.catalog = Catalog(self.log.js)
+        self.catalog = Catalog(self.log.js, replicas=settings.replicas)
         self.accelerators = accelerators if accelerators is not None else detect(cpu_slots)
         self.pools: dict[str, _Pool] = {}
         self.attempts: dict[str, _Attempt] = {}
@@ -124,7 +130,7 @@ class Agent:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Load pipelines, subscribe, heartbeat, and run dispatched attempts until cancelled."""
         self._load_specs()
-        await self.catalog.ensure()
+        await ensure_all(self.log, self.catalog)
         for pool in self.pools.values():
             await self.catalog.register(_info(pool.spec))
         start = await self.log.last_seq() + 1

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 import anyio
 import msgspec
@@ -248,3 +248,15 @@ async def last_event_of_kind(log: EventLog, run_id: str, kind: str) -> AnyEvent 
     if msg.data is None:
         return None
     return decode_event(msg.data)
+
+
+class Ensurable(Protocol):
+    async def ensure(self) -> None: ...
+
+
+async def ensure_all(*parts: Ensurable) -> None:
+    """Create or update every part's streams at once (on a cluster each new replicated stream
+    waits for its leader election, so doing them one by one adds up)."""
+    async with anyio.create_task_group() as tg:
+        for part in parts:
+            tg.start_soon(part.ensure)

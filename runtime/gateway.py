@@ -35,7 +35,7 @@ from runtime.admission import Admission, LimitReached
 from runtime.catalog import Catalog
 from runtime.clock import SYSTEM_CLOCK, Clock
 from runtime.config import Config, Team
-from runtime.eventlog import EventLog, LogSettings
+from runtime.eventlog import EventLog, LogSettings, ensure_all
 from runtime.fleet import HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
 from runtime.projection import RunIndex
 
@@ -100,9 +100,7 @@ class Gateway:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Create the streams if needed, replay the log into the index, then follow it."""
-        await self.log.ensure()
-        await self.catalog.ensure()
-        await self.admission.ensure()
+        await ensure_all(self.log, self.catalog, self.admission)
         target = await self.log.last_seq()
         tail = await self.log.tail(self._on_event)
         beats = await self.nc.subscribe(f"{HEARTBEAT_SUBJECT}.*", cb=self._on_heartbeat)

@@ -36,7 +36,7 @@ from runtime.admission import Admission
 from runtime.catalog import Catalog
 from runtime.clock import SYSTEM_CLOCK, Clock
 from runtime.config import Config
-from runtime.eventlog import EventLog, LogSettings
+from runtime.eventlog import EventLog, LogSettings, ensure_all
 from runtime.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
 from runtime.projection import RunIndex
 
@@ -96,9 +96,7 @@ class Scheduler:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def ensure(self) -> None:
-        await self.log.ensure()
-        await self.catalog.ensure()
-        await self.admission.ensure()
+        await ensure_all(self.log, self.catalog, self.admission)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Replay the log, then decide until cancelled. ``task_status.started()`` once caught

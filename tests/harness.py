@@ -19,7 +19,7 @@ from pathlib import Path
 import anyio
 import httpx
 
-from runtime.natsserver import NatsServer, free_port
+from runtime.natsserver import ClusterSpec, NatsServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -123,17 +123,52 @@ class Stack:
     def url(self) -> str:
         return self.gateway_urls[0]
 
-    async def start_nats(self) -> NatsServer:
+    cluster: list[NatsServer] = field(default_factory=list)
+
+    @property
+    def nats_url(self) -> str:
+        if self.cluster:
+            return ",".join(node.url for node in self.cluster)
+        assert self.nats is not None
+        return self.nats.url
+
+    @property
+    def replicas(self) -> str:
+        return "3" if self.cluster else "1"
+
+    def write_config(self) -> None:
         self.config_path.write_text(
             CONFIG.format(
                 node_loss_timeout_s=self.node_loss_timeout_s,
                 resource_wait_timeout_s=self.resource_wait_timeout_s,
             )
         )
+
+    async def start_nats(self) -> NatsServer:
+        """One nats-server; called again, restarts it on the same port and store dir."""
+        self.write_config()
         port = self.nats.port if self.nats is not None else 0
         self.nats = NatsServer(store_dir=self.tmp / "nats", port=port)
         await self.nats.start()
         return self.nats
+
+    async def start_cluster(self, size: int = 3) -> list[NatsServer]:
+        """A JetStream cluster on loopback: the config shape of deploy/nats/*.conf."""
+        self.write_config()
+        route_ports = [free_port() for _ in range(size)]
+        routes = [f"nats-route://127.0.0.1:{p}" for p in route_ports]
+        for i, route_port in enumerate(route_ports):
+            node = NatsServer(
+                store_dir=self.tmp / f"nats-{i + 1}",
+                name=f"nats-{i + 1}",
+                cluster=ClusterSpec(name="jetrun-test", port=route_port, routes=routes),
+            )
+            node.start_process()
+            self.cluster.append(node)
+        for node in self.cluster:
+            await node.wait_ready()
+        self.nats = self.cluster[0]
+        return self.cluster
 
     def _cli(self, name: str, *args: str) -> Proc:
         assert self.nats is not None
@@ -142,21 +177,23 @@ class Stack:
         self.procs.append(proc)
         return proc
 
-    async def start_gateway(self, port: int | None = None) -> str:
+    async def start_gateway(self, port: int | None = None, timeout: float = 30.0) -> str:
         port = port or free_port()
         assert self.nats is not None
         self._cli(
             f"gateway-{port}",
             "gateway",
+            "--replicas",
+            self.replicas,
             "--nats",
-            self.nats.url,
+            self.nats_url,
             "--config",
             str(self.config_path),
             "--port",
             str(port),
         )
         url = f"http://127.0.0.1:{port}"
-        await wait_ready(url)
+        await wait_ready(url, timeout)
         if url not in self.gateway_urls:
             self.gateway_urls.append(url)
         return url
@@ -164,15 +201,24 @@ class Stack:
     def start_scheduler(self, name: str = "scheduler") -> Proc:
         assert self.nats is not None
         return self._cli(
-            name, "scheduler", "--nats", self.nats.url, "--config", str(self.config_path)
+            name,
+            "scheduler",
+            "--replicas",
+            self.replicas,
+            "--nats",
+            self.nats_url,
+            "--config",
+            str(self.config_path),
         )
 
     def start_agent(self, name: str, *modules: str, slots: int = 2) -> Proc:
         assert self.nats is not None
         args = [
             "agent",
+            "--replicas",
+            self.replicas,
             "--nats",
-            self.nats.url,
+            self.nats_url,
             "--slots",
             str(slots),
             "--heartbeat",
@@ -187,8 +233,8 @@ class Stack:
     async def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
-        if self.nats is not None:
-            await self.nats.stop()
+        for node in self.cluster or ([self.nats] if self.nats is not None else []):
+            await node.stop()
 
     def logs(self) -> str:
         return "\n".join(f"----- {p.name} -----\n{p.output()[-4000:]}" for p in self.procs)
