@@ -7,6 +7,7 @@ dispatches are ``jetrun.ev.*.dispatched``. Every append carries ``Nats-Msg-Id`` 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -18,10 +19,21 @@ import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import ConnectionClosedError, NoRespondersError, OutboundBufferLimitError
+from nats.errors import (
+    ConnectionClosedError,
+    NoRespondersError,
+    OutboundBufferLimitError,
+    StaleConnectionError,
+)
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
-from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    APIError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServerError,
+    ServiceUnavailableError,
+)
 
 from contracts.events import AnyEvent, Event, decode_event, encode_event
 from contracts.machine import fold
@@ -33,12 +45,17 @@ EVENTS_STREAM = "JETRUN_EVENTS"
 EVENTS_PREFIX = "jetrun.ev"
 ALL_EVENTS = f"{EVENTS_PREFIX}.>"
 
+# Outages, not answers: no JetStream responder, timeouts, a leader change (503, or a reply that
+# is not a stream's), a closed, stale or full connection. Retried with the same message id.
 RETRYABLE = (
     NoRespondersError,
     NatsTimeoutError,
     TimeoutError,
     ServiceUnavailableError,
+    ServerError,
+    NoStreamResponseError,
     ConnectionClosedError,
+    StaleConnectionError,
     OutboundBufferLimitError,
 )
 
@@ -157,8 +174,9 @@ class EventLog:
             mem_storage=True,
         )
         psub = await self.js.pull_subscribe(subject, stream=EVENTS_STREAM, config=config)
+        info = await psub.consumer_info()
         try:
-            pending = (await psub.consumer_info()).num_pending or 0
+            pending = info.num_pending or 0
             while len(stored) < pending:
                 batch = await psub.fetch(min(pending - len(stored), 1024), timeout=5.0)
                 for msg in batch:
@@ -169,6 +187,8 @@ class EventLog:
                         pending -= 1
         finally:
             await psub.unsubscribe()
+            with contextlib.suppress(Exception):  # else it lingers until inactive_threshold
+                await self.js.delete_consumer(EVENTS_STREAM, info.name)
         return stored
 
     async def load(self, run_id: str) -> RunRecord:

@@ -76,6 +76,11 @@ class Fleet:
             if s.beat is not None and s.last_seen >= cutoff and not s.beat.draining
         ]
 
+    def heard_at(self, agent_id: str) -> float:
+        """When the last heartbeat of ``agent_id`` arrived (this process's monotonic clock)."""
+        seen = self._agents.get(agent_id)
+        return seen.last_seen if seen is not None else float("-inf")
+
     def get(self, agent_id: str) -> AgentHeartbeat | None:
         seen = self._agents.get(agent_id)
         return seen.beat if seen is not None else None

@@ -92,6 +92,7 @@ class Scheduler:
         self._decisions = 0
         self._lost = 0
         self._cut_off = False
+        self._running_since: dict[str, float] = {}  # run id -> when it last changed, running
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -169,6 +170,10 @@ class Scheduler:
             del self._pending[run.id]
         if isinstance(event, RunDispatched) or run.state is not RunState.queued:
             self._reserved.pop(run.id, None)
+        if run.state is RunState.running:
+            self._running_since[run.id] = self.clock.monotonic()
+        else:
+            self._running_since.pop(run.id, None)
         newly_ended = run.is_terminal and (before is None or not before.is_terminal)
         if newly_ended and self.caught_up and run.slot is not None:
             self._ended.append(run)
@@ -300,6 +305,7 @@ class Scheduler:
         for agent_id, runs in list(self.index.on_agent.items()):
             if runs:
                 self.fleet.suspect(agent_id)
+        await self._reconcile_attempts()
         lost = set(self.fleet.expired())
         lost.update(a for a, runs in self.index.on_agent.items() if runs and self.fleet.is_gone(a))
         for agent_id in lost:
@@ -307,6 +313,28 @@ class Scheduler:
             await self._handle_lost(agent_id, f"node_lost: no heartbeat for {timeout:g} s")
         await self._expire_resource_waits()
         self._kick.set()
+
+    async def _reconcile_attempts(self) -> None:
+        """A live agent that no longer lists a run the log says it runs has lost that attempt
+        (its dispatch or its result never got through): preempt or requeue it. An agent lists a
+        run until its result is stored, and a result stored before this decision wins in the
+        log, so a finished run is never touched."""
+        grace = max(5.0, 3 * self.config.settings.heartbeat_interval_s)
+        for beat in self.fleet.live():
+            listed = set(beat.running)
+            heard_at = self.fleet.heard_at(beat.agent_id)
+            for run_id in list(self.index.on_agent.get(beat.agent_id, ())):
+                run = self.index.records[run_id]
+                # on this process's clock: the beat came well after the run last changed
+                since = self._running_since.get(run_id, heard_at)
+                if (
+                    run_id not in listed
+                    and heard_at - since > grace
+                    and run_id not in self._pending
+                ):
+                    reason = f"attempt_lost: node {beat.agent_id} no longer runs it"
+                    log.warning("run %s: %s", run_id, reason)
+                    await self._append(run_id, await self._loss_event(run, beat.agent_id, reason))
 
     async def _handle_lost(self, agent_id: str, reason: str) -> int:
         """Preempt or requeue every run on ``agent_id``; forget the agent once all are

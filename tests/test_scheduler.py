@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import msgspec
 import pytest
 from nats.aio.client import Client
 
@@ -194,3 +195,17 @@ async def test_a_restarted_scheduler_carries_on_from_the_log(nc: Client) -> None
         await second.tick()
         await h2.settle()
         assert h2.run("r1").state is RunState.node_preempted
+
+
+async def test_an_attempt_its_live_agent_no_longer_runs_is_recovered(h: Harness) -> None:
+    h.scheduler.fleet.observe(beat("a1", "t/retry:v1", slots=2))
+    await h.submit("kept", "t/retry:v1")
+    await h.submit("lost", "t/retry:v1")
+    h.clock.advance(6)
+    listing = msgspec.structs.replace(beat("a1", "t/retry:v1", slots=2), running=["kept"])
+    h.scheduler.fleet.observe(listing)  # the agent is alive but does not run "lost"
+    await h.scheduler.tick()
+    await h.settle()
+    assert h.run("kept").state is RunState.running and h.run("kept").attempt == 1
+    lost = h.run("lost")
+    assert lost.attempt == 2 and lost.state is RunState.running  # requeued and dispatched again

@@ -1,0 +1,492 @@
+"""Table tests of the run state machine: every legal transition, every illegal pair, stale
+attempts and foreign runs, and the fold around them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+import pytest
+
+from contracts.errors import ErrorType, RunError
+from contracts.events import (
+    EVENT_TYPES,
+    AdmissionSlot,
+    AnyEvent,
+    AttemptEvent,
+    Event,
+    RunAdmitted,
+    RunCancelled,
+    RunCancelRequested,
+    RunCompleted,
+    RunDispatched,
+    RunFailed,
+    RunNoResourcesAvailable,
+    RunOutputProduced,
+    RunPreempted,
+    RunQueued,
+    RunRequeued,
+    RunStarted,
+    RunSubmitted,
+    RunTimedOut,
+)
+from contracts.machine import (
+    TRANSITIONS,
+    IllegalTransition,
+    Verdict,
+    evolve,
+    evolve_strict,
+    fold,
+    judge,
+    mermaid_diagram,
+)
+from contracts.run import RunRecord
+from contracts.states import TERMINAL_STATES, RunState, WaitingFor
+from contracts.values import IOType, RunIO, from_python
+
+RUN = "run_table"
+T0 = 1_700_000_000.0
+AT = T0 + 100.0  # the time of the event under test: later than every prefix event
+
+
+# --- realistic prefixes: the log of a run that has reached a given state -------------------------
+
+
+def submitted(at: float = T0) -> RunSubmitted:
+    return RunSubmitted(
+        run_id=RUN,
+        at=at,
+        team="team-a",
+        pipeline="demo/echo:v1",
+        inputs=[from_python("hello"), from_python(3)],
+        async_run=True,
+        wait_for_resources=True,
+        idempotency_key="key-7",
+    )
+
+
+def admitted(at: float = T0 + 1) -> RunAdmitted:
+    return RunAdmitted(
+        run_id=RUN, at=at, tier="pro", slot=AdmissionSlot(stream="ADMISSION", seq=12)
+    )
+
+
+def queued(attempt: int = 1, at: float = T0 + 2) -> RunQueued:
+    return RunQueued(run_id=RUN, at=at, attempt=attempt, waiting_for=WaitingFor.cold_start)
+
+
+def dispatched(attempt: int = 1, at: float = T0 + 3, agent: str = "agent-a") -> RunDispatched:
+    return RunDispatched(run_id=RUN, at=at, attempt=attempt, agent_id=agent, slot="gpu")
+
+
+def started(attempt: int = 1, at: float = T0 + 4, agent: str = "agent-a") -> RunStarted:
+    return RunStarted(run_id=RUN, at=at, attempt=attempt, agent_id=agent)
+
+
+def output(index: int, value: Any, attempt: int = 1, at: float = T0 + 5) -> RunOutputProduced:
+    return RunOutputProduced(
+        run_id=RUN, at=at, attempt=attempt, index=index, output=from_python(value)
+    )
+
+
+def requeued(attempt: int = 1, at: float = T0 + 6) -> RunRequeued:
+    return RunRequeued(run_id=RUN, at=at, attempt=attempt, agent_id="agent-a", reason="node lost")
+
+
+def cancel_requested(at: float) -> RunCancelRequested:
+    return RunCancelRequested(run_id=RUN, at=at)
+
+
+_TO_CREATED: list[AnyEvent] = [submitted()]
+_TO_ROUTING: list[AnyEvent] = [*_TO_CREATED, admitted()]
+_TO_QUEUED: list[AnyEvent] = [*_TO_ROUTING, queued()]
+_TO_RUNNING: list[AnyEvent] = [*_TO_QUEUED, dispatched()]
+_TO_EXECUTING: list[AnyEvent] = [*_TO_RUNNING, started(), output(0, "partial")]
+_TO_REQUEUED: list[AnyEvent] = [*_TO_EXECUTING, requeued()]
+
+#: Several realistic ways into each state (first attempt, retried attempt, cancel pending).
+PREFIXES: dict[RunState, dict[str, list[AnyEvent]]] = {
+    RunState.unknown: {"empty log": []},
+    RunState.created: {
+        "submitted": _TO_CREATED,
+        "cancel pending": [*_TO_CREATED, cancel_requested(T0 + 0.5)],
+    },
+    RunState.routing: {
+        "admitted": _TO_ROUTING,
+        "cancel pending": [*_TO_ROUTING, cancel_requested(T0 + 1.5)],
+    },
+    RunState.queued: {
+        "first attempt": _TO_QUEUED,
+        "requeued, attempt 2": _TO_REQUEUED,
+        "cancel pending": [*_TO_QUEUED, cancel_requested(T0 + 2.5)],
+    },
+    RunState.running: {
+        "dispatched": _TO_RUNNING,
+        "executing with an output": _TO_EXECUTING,
+        "attempt 2": [
+            *_TO_REQUEUED,
+            dispatched(2, T0 + 7, "agent-b"),
+            started(2, T0 + 8, "agent-b"),
+        ],
+        "cancel pending": [*_TO_EXECUTING, cancel_requested(T0 + 5.5)],
+    },
+    RunState.completed: {
+        "completed": [
+            *_TO_EXECUTING,
+            RunCompleted(run_id=RUN, at=T0 + 6, attempt=1, outputs=[from_python("done")]),
+        ]
+    },
+    RunState.failed: {
+        "failed": [
+            *_TO_EXECUTING,
+            RunFailed(
+                run_id=RUN,
+                at=T0 + 6,
+                attempt=1,
+                error=RunError(type=ErrorType.pipeline_error, message="boom"),
+            ),
+        ],
+        "timed out": [*_TO_EXECUTING, RunTimedOut(run_id=RUN, at=T0 + 6, attempt=1, timeout_s=5)],
+    },
+    RunState.no_resources_available: {
+        "no resources": [
+            *_TO_ROUTING,
+            RunNoResourcesAvailable(run_id=RUN, at=T0 + 2, attempt=1, reason="no replica"),
+        ]
+    },
+    RunState.node_preempted: {
+        "preempted": [
+            *_TO_EXECUTING,
+            RunPreempted(run_id=RUN, at=T0 + 6, attempt=1, agent_id="agent-a", reason="lost"),
+        ]
+    },
+    RunState.cancelled: {
+        "cancelled": [
+            *_TO_QUEUED,
+            cancel_requested(T0 + 3),
+            RunCancelled(run_id=RUN, at=T0 + 4),
+        ]
+    },
+}
+
+
+def run_in(state: RunState, how: str) -> RunRecord:
+    run = fold(PREFIXES[state][how], run_id=RUN)
+    assert run.state is state, f"prefix {how!r} folds to {run.state}, not {state}"
+    return run
+
+
+def all_prefixes(states: list[RunState]) -> list[tuple[RunState, str]]:
+    return [(state, how) for state in states for how in PREFIXES[state]]
+
+
+# --- one event of each type, for a given run, and what it must change ----------------------------
+
+
+def event_for(event_type: type[Event], run: RunRecord, **overrides: Any) -> AnyEvent:
+    """An event of ``event_type`` for ``run``'s current attempt, at time ``AT``."""
+    base: dict[str, Any] = {"run_id": RUN, "at": AT}
+    attempt: dict[str, Any] = {**base, "attempt": run.attempt}
+    make: dict[type[Event], Callable[[], AnyEvent]] = {
+        RunSubmitted: lambda: submitted(AT),
+        RunAdmitted: lambda: admitted(AT),
+        RunQueued: lambda: RunQueued(**attempt, waiting_for=WaitingFor.resources),
+        RunDispatched: lambda: RunDispatched(**attempt, agent_id="agent-z", slot="gpu"),
+        RunStarted: lambda: RunStarted(**attempt, agent_id="agent-z"),
+        RunOutputProduced: lambda: RunOutputProduced(
+            **attempt, index=2, output=RunIO(type=IOType.string, value="third")
+        ),
+        RunCompleted: lambda: RunCompleted(**attempt, outputs=[from_python(1.5)]),
+        RunFailed: lambda: RunFailed(
+            **attempt,
+            error=RunError(type=ErrorType.pipeline_error, message="ValueError: x", traceback="tb"),
+        ),
+        RunTimedOut: lambda: RunTimedOut(**attempt, timeout_s=90.0),
+        RunPreempted: lambda: RunPreempted(**attempt, agent_id="agent-a", reason="spot recall"),
+        RunRequeued: lambda: RunRequeued(**attempt, agent_id="agent-a", reason="node lost"),
+        RunNoResourcesAvailable: lambda: RunNoResourcesAvailable(**attempt, reason="none alive"),
+        RunCancelRequested: lambda: RunCancelRequested(**base),
+        RunCancelled: lambda: RunCancelled(**base),
+    }
+    event = make[event_type]()
+    return msgspec.structs.replace(event, **overrides) if overrides else event
+
+
+def expected_changes(run: RunRecord, event: AnyEvent) -> dict[str, Any]:
+    """The fields ``event`` sets on ``run``, written out by hand from the spec."""
+    match event:
+        case RunSubmitted():
+            return {
+                "team": event.team,
+                "pipeline": event.pipeline,
+                "inputs": event.inputs,
+                "created_at": event.at,
+                "async_run": event.async_run,
+                "wait_for_resources": event.wait_for_resources,
+                "idempotency_key": event.idempotency_key,
+                "waiting_for": WaitingFor.admission,
+            }
+        case RunAdmitted():
+            return {
+                "tier": event.tier,
+                "slot": event.slot,
+                "attempt": 1,
+                "waiting_for": WaitingFor.placement,
+            }
+        case RunQueued():
+            return {"waiting_for": event.waiting_for}
+        case RunDispatched():
+            return {"agent_id": event.agent_id, "waiting_for": WaitingFor.worker}
+        case RunStarted():
+            return {"agent_id": event.agent_id, "waiting_for": WaitingFor.execution}
+        case RunOutputProduced():
+            outputs = list(run.outputs)
+            outputs += [RunIO(type=IOType.none)] * (event.index + 1 - len(outputs))
+            outputs[event.index] = event.output
+            return {"outputs": outputs}
+        case RunCompleted():
+            return {"outputs": event.outputs, "waiting_for": None}
+        case RunFailed():
+            return {"error": event.error, "waiting_for": None}
+        case RunTimedOut():
+            message = "the run exceeded the pipeline's execution timeout of 90 s"
+            return {"error": RunError(type=ErrorType.timeout, message=message), "waiting_for": None}
+        case RunPreempted():
+            return {"preemptions": run.preemptions + 1, "waiting_for": None}
+        case RunRequeued():
+            return {
+                "attempt": run.attempt + 1,
+                "agent_id": None,
+                "outputs": [],
+                "preemptions": run.preemptions + 1,
+                "waiting_for": WaitingFor.capacity,
+            }
+        case RunNoResourcesAvailable() | RunCancelled():
+            return {"waiting_for": None}
+        case RunCancelRequested():
+            return {"cancel_requested": True, "waiting_for": WaitingFor.cancellation}
+    raise AssertionError(f"no expectation for {type(event).__name__}")
+
+
+LEGAL = [
+    (state, how, event_type)
+    for state, row in TRANSITIONS.items()
+    for how in PREFIXES[state]
+    for event_type in row
+]
+ILLEGAL = [
+    (state, how, event_type)
+    for state in RunState
+    for how in PREFIXES[state]
+    for event_type in EVENT_TYPES
+    if event_type not in TRANSITIONS.get(state, {})
+]
+
+
+def _id(value: object) -> str:
+    if isinstance(value, type):
+        return value.__name__
+    return str(value).replace(" ", "_")
+
+
+# --- legal transitions ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("state", "how", "event_type"), LEGAL, ids=_id)
+def test_legal_transition(state: RunState, how: str, event_type: type[Event]) -> None:
+    run = run_in(state, how)
+    event = event_for(event_type, run)
+    after = evolve(run, event)
+
+    target = TRANSITIONS[state][event_type]
+    changes = expected_changes(run, event)
+    if not target.is_terminal and run.cancel_requested:
+        changes["waiting_for"] = WaitingFor.cancellation  # a pending cancel outranks the rest
+    assert judge(run, event) is Verdict.applied
+    assert after.state is target
+    assert after == msgspec.structs.replace(run, state=target, updated_at=AT, **changes)
+    assert evolve_strict(run, event) == after
+
+
+def test_every_state_of_the_table_has_a_prefix() -> None:
+    states = set(TRANSITIONS) | {s for row in TRANSITIONS.values() for s in row.values()}
+    assert states <= set(PREFIXES)
+    assert set(PREFIXES) == set(RunState)
+
+
+def test_the_table_is_the_specs_lifecycle() -> None:
+    """Terminal states have no row; every other reachable state has one."""
+    assert not TERMINAL_STATES & set(TRANSITIONS)
+    targets = {s for row in TRANSITIONS.values() for s in row.values()}
+    assert targets >= TERMINAL_STATES
+    assert {s for s in targets if not s.is_terminal} <= set(TRANSITIONS)
+    assert RunState.unknown not in targets  # nothing moves a run back to unknown
+
+
+def test_updated_at_only_moves_forward() -> None:
+    run = run_in(RunState.running, "executing with an output")
+    late_clock = event_for(RunStarted, run, at=T0 - 50)
+    after = evolve(run, late_clock)
+    assert after.updated_at == run.updated_at == T0 + 5
+    assert after.waiting_for is WaitingFor.execution
+
+
+def test_outputs_out_of_order_are_placed_by_index() -> None:
+    run = fold([*_TO_RUNNING, output(1, "b"), output(0, "a")])
+    assert [o.value for o in run.outputs] == ["a", "b"]
+    gap = fold([*_TO_RUNNING, output(2, "c")])
+    assert gap.outputs == [RunIO(type=IOType.none), RunIO(type=IOType.none), from_python("c")]
+
+
+def test_cancel_request_marks_every_later_non_terminal_state() -> None:
+    events = [submitted(), cancel_requested(T0 + 0.5), admitted(), queued(), dispatched()]
+    run = fold([*events, started()])
+    assert run.state is RunState.running
+    assert run.cancel_requested
+    assert run.waiting_for is WaitingFor.cancellation
+    ended = evolve(run, RunCancelled(run_id=RUN, at=AT))
+    assert ended.state is RunState.cancelled
+    assert ended.waiting_for is None
+
+
+# --- illegal pairs: one explicit rule ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("state", "how", "event_type"), ILLEGAL, ids=_id)
+def test_illegal_pair_is_ignored(state: RunState, how: str, event_type: type[Event]) -> None:
+    run = run_in(state, how)
+    event = event_for(event_type, run)  # the current attempt: illegal, not stale
+
+    assert judge(run, event) is Verdict.illegal
+    assert evolve(run, event) is run
+    with pytest.raises(IllegalTransition) as raised:
+        evolve_strict(run, event)
+    assert raised.value.verdict is Verdict.illegal
+    assert type(event).__name__ in str(raised.value)
+    assert f"state {state}" in str(raised.value)
+
+
+def test_illegal_pairs_cover_terminal_states_and_every_event_type() -> None:
+    for state in TERMINAL_STATES:
+        assert {t for s, _, t in ILLEGAL if s is state} == set(EVENT_TYPES)
+    pairs = {(s, t) for s, _, t in LEGAL} | {(s, t) for s, _, t in ILLEGAL}
+    assert pairs == {(s, t) for s in RunState for t in EVENT_TYPES}
+
+
+# --- stale attempts ------------------------------------------------------------------------------
+
+ATTEMPT_TRANSITIONS = [
+    (state, how, event_type)
+    for state, how, event_type in LEGAL
+    if issubclass(event_type, AttemptEvent)
+]
+
+
+@pytest.mark.parametrize("offset", [-1, +1], ids=["older", "newer"])
+@pytest.mark.parametrize(("state", "how", "event_type"), ATTEMPT_TRANSITIONS, ids=_id)
+def test_event_of_another_attempt_is_stale(
+    state: RunState, how: str, event_type: type[Event], offset: int
+) -> None:
+    run = run_in(state, how)
+    event = event_for(event_type, run, attempt=run.attempt + offset)
+
+    assert judge(run, event) is Verdict.stale
+    assert evolve(run, event) is run
+    with pytest.raises(IllegalTransition) as raised:
+        evolve_strict(run, event)
+    assert raised.value.verdict is Verdict.stale
+    assert f"attempt {run.attempt}" in str(raised.value)
+
+
+def test_zombie_completion_of_a_requeued_attempt_is_ignored() -> None:
+    run = run_in(RunState.running, "attempt 2")
+    zombie = RunCompleted(run_id=RUN, at=AT, attempt=1, outputs=[from_python("stale")])
+    assert fold([*PREFIXES[RunState.running]["attempt 2"], zombie]) == run
+    assert run.state is RunState.running
+    assert run.outputs == []
+
+
+def test_attempt_events_before_admission_are_stale_or_illegal() -> None:
+    run = run_in(RunState.created, "submitted")
+    assert run.attempt == 0
+    assert judge(run, queued(attempt=1)) is Verdict.illegal
+    assert judge(run_in(RunState.routing, "admitted"), queued(attempt=0)) is Verdict.stale
+
+
+# --- foreign runs --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("state", "how", "event_type"), LEGAL, ids=_id)
+def test_event_of_another_run_is_foreign(
+    state: RunState, how: str, event_type: type[Event]
+) -> None:
+    run = run_in(state, how)
+    event = event_for(event_type, run, run_id="run_other")
+
+    assert judge(run, event) is Verdict.foreign
+    assert evolve(run, event) is run
+    with pytest.raises(IllegalTransition) as raised:
+        evolve_strict(run, event)
+    assert raised.value.verdict is Verdict.foreign
+
+
+def test_fold_with_a_run_id_skips_other_runs() -> None:
+    mine = PREFIXES[RunState.running]["executing with an output"]
+    theirs = [
+        msgspec.structs.replace(e, run_id="run_other") for e in PREFIXES[RunState.failed]["failed"]
+    ]
+    mixed = [e for pair in zip(theirs, mine, strict=False) for e in pair] + theirs[len(mine) :]
+    assert fold(mixed, run_id=RUN) == fold(mine)
+    assert fold(mixed).id == "run_other"  # without run_id: the first event's run
+    assert fold(mixed).state is RunState.failed
+
+
+# --- fold ----------------------------------------------------------------------------------------
+
+
+def test_fold_of_an_empty_log_is_unknown() -> None:
+    assert fold([]) == RunRecord(id="")
+    assert fold([], run_id="run_x") == RunRecord(id="run_x", state=RunState.unknown)
+    assert fold(iter([]), run_id="run_x").waiting_for is None
+
+
+def test_fold_is_a_loop_over_evolve() -> None:
+    events = PREFIXES[RunState.running]["attempt 2"]
+    run = RunRecord(id=RUN)
+    for event in events:
+        run = evolve(run, event)
+    assert fold(events) == run
+    assert fold(iter(events)) == run
+    assert run.attempt == 2
+    assert run.preemptions == 1
+    assert run.agent_id == "agent-b"
+    assert run.created_at == T0
+    assert run.updated_at == T0 + 8
+
+
+def test_evolve_returns_a_new_frozen_record() -> None:
+    run = run_in(RunState.queued, "first attempt")
+    after = evolve(run, event_for(RunDispatched, run))
+    assert after is not run
+    assert run.state is RunState.queued  # the old value is untouched
+    with pytest.raises(AttributeError):
+        after.state = RunState.failed  # type: ignore[misc]
+
+
+# --- the diagram is generated from the table -----------------------------------------------------
+
+
+def test_mermaid_diagram_lists_every_transition() -> None:
+    diagram = mermaid_diagram()
+    assert diagram.startswith("stateDiagram-v2\n")
+    edges = [line.strip() for line in diagram.splitlines() if "-->" in line and ":" in line]
+    expected = {
+        f"{state.value} --> {target.value}: {event_type.kind}"
+        for state, row in TRANSITIONS.items()
+        for event_type, target in row.items()
+    }
+    assert set(edges) == expected
+    assert len(edges) == len(expected)
+    for state in TERMINAL_STATES:
+        assert f"    {state.value} --> [*]" in diagram.splitlines()
