@@ -7,7 +7,7 @@ that belong to one attempt carry ``attempt`` so that the state machine can fence
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import msgspec
 
@@ -77,7 +77,7 @@ class RunOutputProduced(AttemptEvent, frozen=True, kw_only=True, tag="output"):
     """One streamed output value; ``index`` orders them and makes a resend idempotent."""
 
     kind: ClassVar[str] = "output"
-    index: int
+    index: Annotated[int, msgspec.Meta(ge=0)]  # a negative index would crash the fold
     output: RunIO
 
     def message_id(self) -> str:
