@@ -1,42 +1,68 @@
-"""What a node can run on: its GPUs (from ``nvidia-smi``) and CPU slots."""
+"""What a node can run on: its GPUs (from ``nvidia-smi``) and its CPU slots."""
 
 from __future__ import annotations
 
 import logging
 import shutil
 import subprocess
-from collections import Counter
+
+import anyio.to_thread
 
 from contracts.agents import Accelerator
 
 log = logging.getLogger("jetrun.accelerators")
-QUERY = ["--query-gpu=name,memory.total", "--format=csv,noheader,nounits"]
+NVIDIA_SMI_ARGS = ["--query-gpu=name,memory.total", "--format=csv,noheader,nounits"]
+NVIDIA_SMI_TIMEOUT_S = 5.0
 
 
 def detect(cpu_slots: int) -> list[Accelerator]:
-    """The GPUs ``nvidia-smi`` reports, one slot each (identical ones grouped), and
-    ``cpu_slots`` CPU slots. Without ``nvidia-smi``, or if it fails, only the CPU slots."""
-    return [*gpus(), Accelerator(kind="cpu", model="cpu", slots=cpu_slots)]
+    """The node's GPUs, one slot each (identical ones grouped), then ``cpu_slots`` CPU slots.
+
+    Blocks for up to 5 s while ``nvidia-smi`` runs. Never raises for a missing or failing
+    ``nvidia-smi``: the node then reports CPU slots only (and logs a warning if it failed).
+    """
+    return [*detect_gpus(), Accelerator(kind="cpu", model="cpu", slots=cpu_slots)]
 
 
-def gpus() -> list[Accelerator]:
+async def detect_async(cpu_slots: int) -> list[Accelerator]:
+    """``detect`` in a worker thread, for async callers."""
+    return await anyio.to_thread.run_sync(detect, cpu_slots)
+
+
+def detect_gpus() -> list[Accelerator]:
+    """The GPUs ``nvidia-smi`` reports; empty without it, or if it fails. Blocks up to 5 s."""
     binary = shutil.which("nvidia-smi")
     if binary is None:
         return []
     try:
         done = subprocess.run(
-            [binary, *QUERY], capture_output=True, text=True, timeout=5, check=True
+            [binary, *NVIDIA_SMI_ARGS],
+            capture_output=True,
+            text=True,
+            timeout=NVIDIA_SMI_TIMEOUT_S,
+            check=True,
         )
     except (OSError, subprocess.SubprocessError) as err:
-        log.warning("nvidia-smi failed, using CPU slots only: %s", err)
+        log.warning("nvidia-smi failed, reporting CPU slots only: %s", err)
         return []
-    found: Counter[tuple[str, int | None]] = Counter()
-    for line in done.stdout.splitlines():
+    return parse_gpus(done.stdout)
+
+
+def parse_gpus(text: str) -> list[Accelerator]:
+    """Parse ``name, memory_mb`` lines (nvidia-smi's CSV, no header, no units); identical
+    GPUs become one accelerator with ``slots`` = their count, in order of first appearance.
+    Unreadable lines are skipped with a warning; unknown memory (``[N/A]``) gives None."""
+    counts: dict[tuple[str, int | None], int] = {}
+    for line in text.splitlines():
         if not line.strip():
             continue
-        name, _, memory = (part.strip() for part in line.rpartition(","))
-        found[(name, int(memory) if memory.isdigit() else None)] += 1
+        name, comma, memory = (part.strip() for part in line.rpartition(","))
+        if not comma or not name:
+            log.warning("ignoring unreadable nvidia-smi line %r", line)
+            continue
+        key = (name, int(memory) if memory.isdigit() else None)
+        counts[key] = counts.get(key, 0) + 1
     return [
         Accelerator(kind="gpu", model=name, memory_mb=memory, slots=count)
-        for (name, memory), count in sorted(found.items(), key=lambda kv: kv[0][0])
+        for (name, memory), count in counts.items()
     ]

@@ -1,21 +1,30 @@
 """Attempts run in worker processes that the agent can kill.
 
-The child is ``python -m runtime.worker <module> <pointer>``: it imports the pipeline module,
-runs the startup step once (the cold start) and then serves runs one at a time. It talks over
-its stdin and a duplicate of its original stdout, in length-prefixed msgpack frames; fd 1 is
-pointed at stderr so a pipeline's prints cannot corrupt the protocol.
+The child is ``python -m runtime.worker <module-spec> <pointer>``: it imports the pipeline
+module, runs the startup step once (the cold start), reports ``Ready`` or ``StartupError``, then
+serves run requests one at a time until its stdin closes. Frames are msgpack, each prefixed by
+its length (4 bytes, big-endian). The child reads requests from a duplicate of its original
+stdin and writes replies to a duplicate of its original stdout; fd 1 is then pointed at stderr
+and fd 0 at /dev/null, so a pipeline's prints cannot corrupt the protocol.
+
+Child to parent: ``Ready``, ``StartupError``, then per run any number of ``Output`` (streamed,
+one per ``yield``) and one ``Finished`` or ``Failed``. A run's outputs are the streamed ones
+followed by ``Finished.outputs``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
+import io
 import os
 import struct
 import subprocess
 import sys
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
+from types import TracebackType
 from typing import Any, BinaryIO
 
 import anyio
@@ -27,157 +36,101 @@ from contracts.errors import ErrorType, RunError
 from contracts.values import RunIO
 
 _HEADER = struct.Struct(">I")
+_STREAM_ENDED = (
+    anyio.IncompleteRead,
+    anyio.EndOfStream,
+    anyio.ClosedResourceError,
+    anyio.BrokenResourceError,
+)
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
-class Ready(msgspec.Struct, frozen=True, tag="ready"):
-    pass
+class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
+    pid: int
 
 
-class StartupError(msgspec.Struct, frozen=True, tag="startup_error"):
+class StartupError(msgspec.Struct, frozen=True, kw_only=True, tag="startup_error"):
     error: RunError
 
 
-class RunRequest(msgspec.Struct, frozen=True, tag="run"):
+class RunRequest(msgspec.Struct, frozen=True, kw_only=True, tag="run"):
     inputs: list[RunIO]
 
 
-class Output(msgspec.Struct, frozen=True, tag="output"):
+class Output(msgspec.Struct, frozen=True, kw_only=True, tag="output"):
     index: int
     output: RunIO
 
 
-class Result(msgspec.Struct, frozen=True, tag="result"):
-    outputs: list[RunIO] | None = None
-    error: RunError | None = None
+class Finished(msgspec.Struct, frozen=True, kw_only=True, tag="finished"):
+    outputs: list[RunIO]
 
 
-Frame = Ready | StartupError | RunRequest | Output | Result
+class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
+    error: RunError
+
+
+Frame = Ready | StartupError | RunRequest | Output | Finished | Failed
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Frame)
 
-WorkerResult = Result
 OnOutput = Callable[[int, RunIO], Awaitable[None]]
 
 
+class WorkerResult(msgspec.Struct, frozen=True, kw_only=True):
+    """How an attempt ended: its outputs, and ``error`` if it failed (outputs streamed before
+    a failure are kept)."""
+
+    outputs: list[RunIO] = msgspec.field(default_factory=list)
+    error: RunError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
+    pid: int | None
+    alive: bool
+    busy: bool
+    runs: int  # attempts that ended, however they ended
+
+
 class StartupFailed(Exception):
-    """The pipeline's startup step failed (or the worker died during it)."""
+    """The pipeline could not start: import failed, no such pointer, startup() raised, or the
+    worker died during startup. ``error.type`` is ``startup_error``."""
 
     def __init__(self, error: RunError) -> None:
         super().__init__(error.message)
         self.error = error
 
 
+class _Gone(Exception):
+    """The worker stopped answering (exited, killed or sent garbage)."""
+
+
 def error_of(exc: BaseException, kind: ErrorType = ErrorType.pipeline_error) -> RunError:
-    """The run error for an exception: MemoryError is ``oom``, torch's OutOfMemoryError is
-    ``cuda_oom``."""
-    if isinstance(exc, MemoryError):
-        kind = ErrorType.oom
-    elif type(exc).__name__ == "OutOfMemoryError":
+    """The run error for an exception: ``MemoryError`` is ``oom``, an ``OutOfMemoryError``
+    class (torch.cuda) is ``cuda_oom``, a "CUDA error" is ``cuda_error``, else ``kind``."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "OutOfMemoryError" in names:
         kind = ErrorType.cuda_oom
-    message = f"{type(exc).__name__}: {exc}"
-    text = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    return RunError(type=kind, message=message, traceback=text)
+    elif isinstance(exc, MemoryError):
+        kind = ErrorType.oom
+    elif "AcceleratorError" in names or str(exc).startswith("CUDA error"):
+        kind = ErrorType.cuda_error
+    text = str(exc)
+    message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return RunError(type=kind, message=message, traceback=_format_traceback(exc))
 
 
-# --- the parent side -----------------------------------------------------------------------
-
-
-class PipelineWorker:
-    """One worker process for one pipeline. Not safe for concurrent ``run`` calls."""
-
-    def __init__(self, module: str, pointer: str) -> None:
-        self.module = str(Path(module).resolve()) if module.endswith(".py") else module
-        self.pointer = pointer
-        self._proc: Process | None = None
-        self._reader: BufferedByteReceiveStream | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None else None
-
-    @property
-    def alive(self) -> bool:
-        return self._proc is not None and self._proc.returncode is None
-
-    async def start(self) -> None:
-        """Spawn the process and wait for its startup step. Raises ``StartupFailed``."""
-        self._proc = await anyio.open_process(
-            [sys.executable, "-m", "runtime.worker", self.module, self.pointer],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=None,
-            start_new_session=False,
-        )
-        assert self._proc.stdout is not None
-        self._reader = BufferedByteReceiveStream(self._proc.stdout)
-        frame = await self._receive()
-        if isinstance(frame, StartupError):
-            await self.kill()
-            raise StartupFailed(frame.error)
-        if not isinstance(frame, Ready):
-            code = await self._exit_code()
-            raise StartupFailed(
-                RunError(
-                    type=ErrorType.startup_error,
-                    message=f"the worker process exited with code {code} during startup",
-                )
-            )
-
-    async def run(self, inputs: list[RunIO], on_output: OnOutput | None = None) -> Result:
-        """Run one attempt; blocks until it ends. Streamed outputs go to ``on_output`` as they
-        come. A dead worker gives an ``unknown`` error."""
-        assert self._proc is not None and self._proc.stdin is not None
-        try:
-            await self._proc.stdin.send(_frame(RunRequest(inputs)))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            return await self._died()
-        while True:
-            frame = await self._receive()
-            if isinstance(frame, Output):
-                if on_output is not None:
-                    await on_output(frame.index, frame.output)
-            elif isinstance(frame, Result):
-                return frame
-            else:
-                return await self._died()
-
-    async def kill(self) -> None:
-        """SIGKILL the process and reap it. Idempotent."""
-        proc = self._proc
-        if proc is None:
-            return
-        with anyio.CancelScope(shield=True):
-            if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-            await proc.wait()
-            await proc.aclose()
-
-    async def _receive(self) -> Frame | None:
-        assert self._reader is not None
-        try:
-            header = await self._reader.receive_exactly(_HEADER.size)
-            (size,) = _HEADER.unpack(header)
-            frame: Frame = _decoder.decode(await self._reader.receive_exactly(size))
-            return frame
-        except (anyio.IncompleteRead, anyio.EndOfStream, anyio.ClosedResourceError):
-            return None
-
-    async def _exit_code(self) -> int | None:
-        assert self._proc is not None
-        with anyio.move_on_after(5):
-            return await self._proc.wait()
-        await self.kill()
-        return self._proc.returncode
-
-    async def _died(self) -> Result:
-        code = await self._exit_code()
-        return Result(
-            error=RunError(
-                type=ErrorType.unknown,
-                message=f"the worker process exited with code {code} during the run",
-            )
-        )
+def _format_traceback(exc: BaseException) -> str:
+    """The traceback without the worker's own leading frames."""
+    ours = {__file__, str(Path(__file__).with_name("pipelines.py"))}
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename in ours:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 def _frame(frame: Frame) -> bytes:
@@ -185,61 +138,301 @@ def _frame(frame: Frame) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-# --- the child side ------------------------------------------------------------------------
+# --- the parent side ----------------------------------------------------------------------
 
 
-def _send(out: BinaryIO, frame: Frame) -> None:
-    out.write(_frame(frame))
-    out.flush()
+class PipelineWorker:
+    """One child process serving one pipeline, one attempt at a time.
+
+    Use ``async with PipelineWorker(...) as worker`` (start, then kill on exit), or call
+    ``start()`` and ``kill()`` yourself. Concurrent ``run()`` calls queue behind each other.
+    """
+
+    def __init__(self, module: str, pointer: str, *, env: Mapping[str, str] | None = None) -> None:
+        self.module = str(Path(module).resolve()) if module.endswith(".py") else module
+        self.pointer = pointer
+        self._env = dict(env or {})
+        self._process: Process | None = None
+        self._reader: BufferedByteReceiveStream | None = None
+        self._lock = anyio.Lock()
+        self._reaped: anyio.Event | None = None
+        self._busy = False
+        self._runs = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def alive(self) -> bool:
+        """Started and neither killed nor known to have exited."""
+        return (
+            self._process is not None and self._reaped is None and self._process.returncode is None
+        )
+
+    def statistics(self) -> WorkerStatistics:
+        """A snapshot; does not block."""
+        return WorkerStatistics(pid=self.pid, alive=self.alive, busy=self._busy, runs=self._runs)
+
+    async def __aenter__(self) -> PipelineWorker:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.kill()
+
+    async def start(self) -> None:
+        """Spawn the child and block until its startup step has finished.
+
+        Raises ``StartupFailed`` (the child is then reaped) and ``RuntimeError`` if called
+        twice. If cancelled, the child is killed.
+        """
+        if self._process is not None:
+            raise RuntimeError(f"worker for {self.pointer} was already started")
+        self._process = await anyio.open_process(
+            [sys.executable, "-m", "runtime.worker", self.module, self.pointer],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            env=self._child_env(),
+        )
+        assert self._process.stdout is not None
+        self._reader = BufferedByteReceiveStream(self._process.stdout)
+        try:
+            frame = await self._receive()
+        except _Gone:
+            code = await self._reap()
+            raise StartupFailed(_startup_error(f"{_exited(code)} during startup")) from None
+        except BaseException:
+            await self.kill()
+            raise
+        if not isinstance(frame, Ready):
+            await self.kill()
+            error = frame.error if isinstance(frame, StartupError) else None
+            raise StartupFailed(error or _startup_error(f"unexpected first frame {frame!r}"))
+
+    def _child_env(self) -> dict[str, str]:
+        env = {**os.environ, **self._env}
+        path = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + path if path else "")
+        return env
+
+    async def run(self, inputs: list[RunIO], on_output: OnOutput | None = None) -> WorkerResult:
+        """Run one attempt; block until it ends and return how it ended.
+
+        Streamed outputs are passed to ``on_output(index, output)`` as they come. Pipeline
+        failures come back as ``WorkerResult.error`` (``input_error``, ``pipeline_error``,
+        ``oom``, ``cuda_oom``, ``cuda_error``; ``unknown`` if the worker died or was killed).
+        If cancelled (e.g. by a timeout) or if ``on_output`` raises, the worker is killed and
+        the exception propagates. Raises ``RuntimeError`` if the worker was never started.
+        """
+        if self._process is None:
+            raise RuntimeError(f"worker for {self.pointer} was not started")
+        request = _frame(RunRequest(inputs=inputs))
+        async with self._lock:
+            self._busy = True
+            try:
+                return await self._attempt(request, on_output)
+            except BaseException:
+                await self.kill()
+                raise
+            finally:
+                self._busy = False
+                self._runs += 1
+
+    async def _attempt(self, request: bytes, on_output: OnOutput | None) -> WorkerResult:
+        streamed: list[RunIO] = []
+        try:
+            await self._send(request)
+            while True:
+                frame = await self._receive()
+                if isinstance(frame, Output):
+                    streamed.append(frame.output)
+                    if on_output is not None:
+                        await on_output(frame.index, frame.output)
+                elif isinstance(frame, Finished):
+                    return WorkerResult(outputs=streamed + frame.outputs)
+                elif isinstance(frame, Failed):
+                    return WorkerResult(outputs=streamed, error=frame.error)
+                else:
+                    raise _Gone(f"unexpected frame {type(frame).__name__} during a run")
+        except _Gone as gone:
+            code = await self._reap()
+            message = str(gone) or _exited(code)
+            return WorkerResult(
+                outputs=streamed, error=RunError(type=ErrorType.unknown, message=message)
+            )
+
+    async def kill(self) -> None:
+        """SIGKILL the child and reap it; blocks until it is reaped (shielded from
+        cancellation). Idempotent; a no-op before ``start()``."""
+        process = self._process
+        if process is None:
+            return
+        if self._reaped is not None:
+            await self._reaped.wait()
+            return
+        self._reaped = anyio.Event()
+        with anyio.CancelScope(shield=True):
+            try:
+                if process.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        process.kill()
+                await process.wait()
+                await process.aclose()
+            finally:
+                self._reaped.set()
+
+    async def _reap(self) -> int | None:
+        """The exit code of a child that stopped talking: wait up to 5 s, then kill it."""
+        assert self._process is not None
+        if self._reaped is None:
+            with anyio.move_on_after(5):
+                await self._process.wait()
+        await self.kill()
+        return self._process.returncode
+
+    async def _send(self, data: bytes) -> None:
+        assert self._process is not None and self._process.stdin is not None
+        try:
+            await self._process.stdin.send(data)
+        except (*_STREAM_ENDED, OSError):
+            raise _Gone() from None
+
+    async def _receive(self) -> Frame:
+        assert self._reader is not None
+        try:
+            header = await self._reader.receive_exactly(_HEADER.size)
+            body = await self._reader.receive_exactly(_HEADER.unpack(header)[0])
+        except _STREAM_ENDED:
+            raise _Gone() from None
+        try:
+            frame: Frame = _decoder.decode(body)
+        except msgspec.DecodeError as exc:
+            raise _Gone(f"the worker process sent an unreadable frame: {exc}") from None
+        return frame
 
 
-def _read(inp: BinaryIO) -> Frame | None:
-    header = inp.read(_HEADER.size)
-    if len(header) < _HEADER.size:
-        return None
-    (size,) = _HEADER.unpack(header)
-    frame: Frame = _decoder.decode(inp.read(size))
-    return frame
+def _exited(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"the worker process exited with code {code} (killed by signal {-code})"
+    return f"the worker process exited with code {code}"
 
 
-def serve(module: str, pointer: str) -> None:
-    """The worker's main loop (in the child process)."""
+def _startup_error(message: str, trace: str | None = None) -> RunError:
+    return RunError(type=ErrorType.startup_error, message=message, traceback=trace)
+
+
+# --- the child side -----------------------------------------------------------------------
+
+
+class _Channel:
+    """The child's end of the protocol; every call blocks."""
+
+    def __init__(self, inp: BinaryIO, out: BinaryIO) -> None:
+        self.inp, self.out = inp, out
+
+    @classmethod
+    def take_stdio(cls) -> _Channel:
+        """Move the protocol off fds 0 and 1: fd 1 now goes to stderr, fd 0 reads /dev/null."""
+        sys.stdout.flush()
+        out = os.fdopen(os.dup(1), "wb")
+        inp = os.fdopen(os.dup(0), "rb")
+        os.dup2(2, 1)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            sys.stdout.reconfigure(line_buffering=True)
+        return cls(inp, out)
+
+    def send(self, frame: Frame) -> None:
+        self.write(_frame(frame))
+
+    def write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.out.flush()
+
+    def receive(self) -> RunRequest | None:
+        """The next request, or None once the parent closed our stdin."""
+        header = self.inp.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            return None
+        body = self.inp.read(_HEADER.unpack(header)[0])
+        return msgspec.msgpack.decode(body, type=RunRequest)
+
+
+def _encode_output(frame: Output | Finished) -> bytes:
+    try:
+        return _frame(frame)
+    except (TypeError, ValueError, msgspec.EncodeError) as exc:
+        raise ValueError(f"a pipeline output cannot be sent: {exc}") from exc
+
+
+def _startup(module: str, pointer: str) -> tuple[Any, Callable[..., Any]]:
+    """Load the pipeline and run its startup step; raises ``StartupFailed``."""
     from runtime import pipelines
 
-    out = os.fdopen(os.dup(1), "wb")
-    os.dup2(2, 1)
-    inp = sys.stdin.buffer
     try:
-        spec = pipelines.find(module, pointer)
-        call = pipelines.start(spec)
-    except BaseException as exc:
-        _send(out, StartupError(error_of(exc, ErrorType.startup_error)))
-        return
-    _send(out, Ready())
-    while (request := _read(inp)) is not None:
-        if isinstance(request, RunRequest):
-            _send(out, _attempt(spec, call, request.inputs, out))
+        specs = pipelines.load_module(module)
+    except (Exception, SystemExit) as exc:
+        error = error_of(exc, ErrorType.startup_error)
+        message = f"could not import {module}: {error.message}"
+        raise StartupFailed(_startup_error(message, error.traceback)) from exc
+    spec = next((s for s in specs if s.pointer == pointer), None)
+    if spec is None:
+        known = ", ".join(s.pointer for s in specs) or "none"
+        raise StartupFailed(_startup_error(f"{module} has no pipeline {pointer} (it has: {known})"))
+    try:
+        return spec, pipelines.instantiate(spec)
+    except (Exception, SystemExit) as exc:
+        error = error_of(exc)
+        raise StartupFailed(_startup_error(error.message, error.traceback)) from exc
 
 
-def _attempt(spec: Any, call: Callable[..., Any], inputs: list[RunIO], out: BinaryIO) -> Result:
+def _serve_one(channel: _Channel, spec: Any, call: Callable[..., Any], inputs: list[RunIO]) -> None:
     from runtime import pipelines
 
     try:
         args = pipelines.validate_inputs(spec, inputs)
     except pipelines.InputError as exc:
-        return Result(error=RunError(type=ErrorType.input_error, message=str(exc)))
+        channel.send(Failed(error=RunError(type=ErrorType.input_error, message=str(exc))))
+        return
     try:
         result = call(*args)
-        if not pipelines.is_stream(result):
-            return Result(outputs=pipelines.outputs_of(result))
-        outputs = []
-        for index, output in enumerate(pipelines.stream_outputs(result)):
-            _send(out, Output(index, output))
-            outputs.append(output)
-        return Result(outputs=outputs)
-    except Exception as exc:
-        return Result(error=error_of(exc))
+        if inspect.isgenerator(result):
+            for index, output in enumerate(pipelines.outputs(result)):
+                channel.write(_encode_output(Output(index=index, output=output)))
+            reply = _encode_output(Finished(outputs=[]))
+        else:
+            reply = _encode_output(Finished(outputs=list(pipelines.outputs(result))))
+    except (Exception, SystemExit) as exc:
+        reply = _frame(Failed(error=error_of(exc)))
+    channel.write(reply)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child's entry point: blocks serving runs until stdin closes; returns the exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        print("usage: python -m runtime.worker <module-or-file.py> <pointer>", file=sys.stderr)
+        return 2
+    channel = _Channel.take_stdio()
+    try:
+        try:
+            spec, call = _startup(*args)
+        except StartupFailed as failed:
+            channel.send(StartupError(error=failed.error))
+            return 1
+        channel.send(Ready(pid=os.getpid()))
+        while (request := channel.receive()) is not None:
+            _serve_one(channel, spec, call, request.inputs)
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    serve(sys.argv[1], sys.argv[2])
+    sys.exit(main())
