@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
@@ -36,6 +37,7 @@ CONFIG = """
 tier = "startup"
 tokens = ["bench"]
 """
+TERMINAL_KINDS = {"completed", "failed", "no_resources", "preempted", "cancelled"}
 NOOP = {"pipeline": "demo/noop:v1", "inputs": []}
 
 
@@ -91,7 +93,9 @@ async def sync_latency(url: str, n: int) -> list[float]:
     return latencies
 
 
-async def async_throughput(url: str, nats_url: str, n: int, concurrency: int) -> float:
+async def async_throughput(
+    url: str, nats_url: str, n: int, concurrency: int
+) -> tuple[float, float]:
     ids: set[str] = set()
     done = anyio.Event()
     ended: set[str] = set()
@@ -129,12 +133,57 @@ async def async_throughput(url: str, nats_url: str, n: int, concurrency: int) ->
             async with anyio.create_task_group() as submitters:
                 for _ in range(n):
                     submitters.start_soon(submit)
+            accepted = time.perf_counter() - start
             with anyio.fail_after(600):
                 await done.wait()
             elapsed = time.perf_counter() - start
             tg.cancel_scope.cancel()
     assert len(ids) == n
-    return n / elapsed
+    return n / accepted, n / elapsed
+
+
+POST_LUA = """
+wrk.method = "POST"
+wrk.body = '{"pipeline": "demo/noop:v1", "inputs": [], "async_run": true}'
+wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = "Bearer bench"
+"""
+
+
+async def wrk_throughput(
+    url: str, nats_url: str, seconds: int, concurrency: int, tmp: Path
+) -> tuple[float, float, int]:
+    """Async runs submitted by wrk (a C load generator: the Python client tops out first) for
+    ``seconds``; then waits until every run is terminal. Returns (accepted runs/s, runs/s from
+    the first submit to the last terminal state, runs)."""
+    script = tmp / "post.lua"
+    script.write_text(POST_LUA)
+    argv = ["wrk", "-t2", f"-c{concurrency}", f"-d{seconds}s", "-s", str(script), f"{url}/v4/runs"]
+    since = time.time()
+    out = await anyio.run_process(argv)
+    accepted = float(out.stdout.decode().split("Requests/sec:")[1].split()[0])
+    async with RunEvents.connect(nats_url) as events:
+        for _ in range(1200):  # bounded: 10 minutes
+            first, last, total, ended = await span(events, since)
+            if total and ended == total:
+                return accepted, ended / (last - first), total
+            await anyio.sleep(0.5)
+    raise TimeoutError("runs did not all end")
+
+
+async def span(events: RunEvents, since: float) -> tuple[float, float, int, int]:
+    """First submit, last end, runs and ended runs, of the runs submitted after ``since``."""
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for stored in await events.log.read_subject("jetrun.ev.>"):
+        event = stored.event
+        if event.kind == "submitted" and event.at >= since:
+            first[event.run_id] = event.at
+        elif event.kind in TERMINAL_KINDS and event.run_id in first:
+            last[event.run_id] = event.at
+    if not first or not last:
+        return 0.0, 0.0, len(first), 0
+    return min(first.values()), max(last.values()), len(first), len(last)
 
 
 async def main() -> None:
@@ -143,6 +192,7 @@ async def main() -> None:
     parser.add_argument("--async-runs", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--wrk-seconds", type=int, default=5)
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="jetrun-bench-"))
@@ -169,9 +219,13 @@ async def main() -> None:
     try:
         await wait_ready(url)
         latencies = await sync_latency(url, args.sync)
-        throughput = await async_throughput(
-            url, f"nats://127.0.0.1:{nats_port}", args.async_runs, args.concurrency
+        nats_url = f"nats://127.0.0.1:{nats_port}"
+        accepted, throughput = await async_throughput(
+            url, nats_url, args.async_runs, args.concurrency
         )
+        loaded = None
+        if shutil.which("wrk"):
+            loaded = await wrk_throughput(url, nats_url, args.wrk_seconds, args.concurrency, tmp)
         memory = rss_mb(up.pid)
     finally:
         up.send_signal(signal.SIGINT)
@@ -188,8 +242,17 @@ async def main() -> None:
     )
     print(
         f"async no-op runs (n={args.async_runs}, {args.concurrency} in flight): "
-        f"{throughput:.0f} runs/s submit-to-terminal"
+        f"{throughput:.0f} runs/s submit-to-terminal ({accepted:.0f} runs/s accepted by the API)"
     )
+    if loaded is None:
+        print("wrk not installed (apt-get install wrk): no figures under a C load generator")
+    else:
+        wrk_accepted, wrk_throughput_, wrk_runs = loaded
+        print(
+            f"async no-op runs from wrk ({args.concurrency} connections, {wrk_runs} runs): "
+            f"{wrk_accepted:.0f} runs/s accepted by the API, {wrk_throughput_:.0f} runs/s "
+            f"submit-to-terminal"
+        )
     print(f"memory: {memory:.0f} MiB RSS (jetrun up: nats-server, control plane, agent, workers)")
 
 

@@ -20,7 +20,7 @@ import anyio
 import msgspec
 from nats.aio.client import Client
 
-from contracts.events import AnyEvent, Event
+from contracts.events import AnyEvent, Event, RunSubmitted
 from contracts.machine import evolve
 from contracts.run import RunRecord
 from runtime.eventlog import ALL_EVENTS, Appended, EventLog, run_subjects
@@ -74,7 +74,8 @@ class RunEvents:
                         continue  # a consumer recreated after a gap delivers again
                     last = seq
                     before = runs.get(event.run_id)
-                    if before is None and seq > 1 and from_seq > 1:
+                    if before is None and from_seq > 1 and not isinstance(event, RunSubmitted):
+                        # the run began before from_seq: load what came before
                         before = await self._load_before(event.run_id, seq)
                     base = before or RunRecord(id=event.run_id)
                     after = evolve(base, event)
