@@ -20,6 +20,7 @@ import anyio
 import msgspec
 from anyio.abc import TaskGroup, TaskStatus
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 
 from contracts.agents import (
     Accelerator,
@@ -54,7 +55,7 @@ from runtime.eventlog import (
     kind_subjects,
     last_event_of_kind,
 )
-from runtime.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT
+from runtime.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT, RECALL_SUBJECT
 from runtime.pipelines import PipelineSpec, load_module
 from runtime.worker import PipelineWorker, StartupFailed
 
@@ -123,6 +124,7 @@ class Agent:
         self.started_at = clock.now()
         self._tg: TaskGroup | None = None
         self._fenced = anyio.Event()  # the scheduler declared this agent lost
+        self.recalled = anyio.Event()  # a recall request arrived
         self._idle = anyio.Event()  # an attempt ended
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -138,6 +140,7 @@ class Agent:
         sub = await self.log.tail(
             self._on_event, from_seq=start, subjects=[kind_subjects(k) for k in kinds]
         )
+        recall = await self.nc.subscribe(f"{RECALL_SUBJECT}.{self.agent_id}", cb=self._on_recall)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -158,8 +161,9 @@ class Agent:
                 raise AgentFenced(self.agent_id)
         finally:
             with anyio.CancelScope(shield=True):
-                with contextlib.suppress(Exception):
-                    await sub.unsubscribe()
+                for subscription in (sub, recall):
+                    with contextlib.suppress(Exception):
+                        await subscription.unsubscribe()
                 await self._kill_all()
 
     def _load_specs(self) -> None:
@@ -190,6 +194,13 @@ class Agent:
         worker = PipelineWorker(pool.module, pool.spec.pointer)
         await worker.start()
         return worker
+
+    async def _on_recall(self, msg: Msg) -> None:
+        """An explicit spot recall (``jetrun recall <agent-id>``): acknowledge, then the
+        process drains as on SIGTERM."""
+        if msg.reply:
+            await self.nc.publish(msg.reply, f"{self.agent_id} draining".encode())
+        self.recalled.set()
 
     async def drain(self, reason: str = "preemption notice") -> int:
         """Honour a preemption notice: take no more work, have the scheduler preempt (or

@@ -176,6 +176,23 @@ def agent(
     )
 
 
+@main.command()
+@nats_option
+@click.argument("agent_id")
+@click.option("--timeout", default=5.0, show_default=True, type=float)
+def recall(nats_url: str, agent_id: str, timeout: float) -> None:
+    """Recall a node now (a spot recall): its runs are preempted or requeued, it exits."""
+    from nats.errors import NoRespondersError, TimeoutError
+
+    from runtime.services import recall_agent
+
+    try:
+        answer = anyio.run(recall_agent, nats_url, agent_id, timeout)
+    except (NoRespondersError, TimeoutError):
+        raise click.ClickException(f"no agent {agent_id} answered") from None
+    click.echo(answer)
+
+
 @main.command("state-diagram")
 def state_diagram() -> None:
     """Print the run state diagram (Mermaid), generated from the transition table."""

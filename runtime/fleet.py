@@ -16,6 +16,7 @@ from contracts.agents import AgentHeartbeat, PipelineStatus
 
 HEARTBEAT_SUBJECT = "jetrun.agents.heartbeat"
 DRAIN_SUBJECT = "jetrun.agents.drain"  # request: an agent received a preemption notice
+RECALL_SUBJECT = "jetrun.agents.recall"  # request to ``.<agent_id>``: recall that node now
 
 heartbeat_decoder = msgspec.json.Decoder(AgentHeartbeat)
 

@@ -22,6 +22,7 @@ from anyio.abc import TaskStatus
 from runtime.agent import Agent, AgentFenced
 from runtime.config import DEMO_TOKEN, Config
 from runtime.eventlog import LogSettings
+from runtime.fleet import RECALL_SUBJECT
 from runtime.gateway import Gateway
 from runtime.nats_conn import connect
 from runtime.natsserver import NatsServer
@@ -117,8 +118,8 @@ async def serve_agent(
         async with anyio.create_task_group() as tg:
             await tg.start(agent.run)
             log.info("agent %s running %s", agent.agent_id, ", ".join(sorted(agent.pools)))
-            await until_signalled()
-            await agent.drain("SIGTERM/SIGINT: preemption notice")
+            reason = await _signal_or_recall(agent)
+            await agent.drain(reason)
             tg.cancel_scope.cancel()
     except* AgentFenced as group:
         fenced = not agent.draining_on_notice
@@ -126,6 +127,36 @@ async def serve_agent(
     await nc.close()
     if fenced:
         raise SystemExit(3)  # a supervisor restarts it under a new id
+
+
+async def _signal_or_recall(agent: Agent) -> str:
+    """Wait for SIGTERM/SIGINT or an explicit recall; say which."""
+    reasons: list[str] = []
+    async with anyio.create_task_group() as tg:
+
+        async def signalled() -> None:
+            await until_signalled()
+            reasons.append("SIGTERM/SIGINT: preemption notice")
+            tg.cancel_scope.cancel()
+
+        async def recalled() -> None:
+            await agent.recalled.wait()
+            reasons.append("recalled: preemption notice")
+            tg.cancel_scope.cancel()
+
+        tg.start_soon(signalled)
+        tg.start_soon(recalled)
+    return reasons[0] if reasons else "stopped"
+
+
+async def recall_agent(nats_url: str, agent_id: str, timeout: float) -> str:
+    """Ask one agent to honour a preemption notice now; returns its answer."""
+    nc = await connect(nats_url, "jetrun-recall")
+    try:
+        reply = await nc.request(f"{RECALL_SUBJECT}.{agent_id}", b"", timeout=timeout)
+        return reply.data.decode()
+    finally:
+        await nc.close()
 
 
 def agent_command(nats_url: str, modules: list[str], slots: int) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from tests.harness import FIXTURES, Load, Stack, audit, wait_replicas, wait_stat
 pytestmark = pytest.mark.anyio
 
 GATES = str(FIXTURES / "gate_pipelines.py")
+JETRUN = str(Path(sys.executable).parent / "jetrun")
 NODE_LOSS_S = 2.0
 
 
@@ -108,6 +110,25 @@ async def test_sigterm_is_a_preemption_notice(stack: Stack, tmp_path: Path) -> N
         await wait_state(c, run_id, {"node_preempted"}, timeout=10)
         assert time.monotonic() - noticed_at < NODE_LOSS_S  # at once, not by timeout
     assert victim.popen is not None and victim.popen.wait(15) == 0
+
+
+async def test_an_explicit_recall_preempts_at_once(stack: Stack, tmp_path: Path) -> None:
+    victim = stack.start_agent("victim", GATES, slots=1)
+    await wait_replicas(stack.url, "tok_big", "test/gate:v1")
+    async with client(stack) as c:
+        run_id = await gate_run(c, tmp_path / "never")
+        await wait_state(c, run_id, {"running"})
+        recalled_at = time.monotonic()
+        argv = [JETRUN, "recall", "victim", "--nats", stack.nats_url]
+        answer = await anyio.run_process(argv)
+        assert answer.stdout.decode().strip() == "victim draining"
+        await wait_state(c, run_id, {"node_preempted"}, timeout=10)
+        assert time.monotonic() - recalled_at < NODE_LOSS_S
+    assert victim.popen is not None and victim.popen.wait(15) == 0
+    unknown = await anyio.run_process(
+        [JETRUN, "recall", "nobody", "--nats", stack.nats_url, "--timeout", "0.5"], check=False
+    )
+    assert unknown.returncode == 1 and b"no agent nobody answered" in unknown.stderr
 
 
 async def test_the_execution_timeout_kills_the_attempt(stack: Stack, tmp_path: Path) -> None:
