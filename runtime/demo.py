@@ -1,4 +1,4 @@
-"""Demo pipelines, served by ``jetrun up``'s local agent (``--module runtime.demo``).
+"""Demo pipelines, served by ``jetrun up``'s local agent (``--pipelines runtime.demo``).
 
 | pointer | inputs | outputs |
 |---|---|---|
