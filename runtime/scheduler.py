@@ -21,8 +21,10 @@ from nats.aio.msg import Msg
 
 from contracts.agents import AgentHeartbeat, PipelineStatus
 from contracts.events import (
+    AdmissionSlot,
     AnyEvent,
     Event,
+    RunAdmitted,
     RunCancelled,
     RunDispatched,
     RunNoResourcesAvailable,
@@ -32,7 +34,7 @@ from contracts.events import (
 )
 from contracts.run import RunRecord
 from contracts.states import RunState, WaitingFor
-from runtime.admission import Admission
+from runtime.admission import Admission, stream_name
 from runtime.catalog import Catalog
 from runtime.clock import SYSTEM_CLOCK, Clock
 from runtime.config import Config
@@ -83,6 +85,7 @@ class Scheduler:
         )
         self.caught_up = False
         self._routing: set[str] = set()
+        self._created: set[str] = set()
         self._cancelling: set[str] = set()
         self._ended: list[RunRecord] = []
         self._pending: dict[str, str] = {}  # run id -> kind of the decision in flight
@@ -164,6 +167,7 @@ class Scheduler:
 
     def _observe(self, seq: int, event: AnyEvent, before: RunRecord | None, run: RunRecord) -> None:
         _toggle(self._routing, run.id, run.state is RunState.routing)
+        _toggle(self._created, run.id, run.state is RunState.created)
         _toggle(self._cancelling, run.id, run.cancel_requested and not run.is_terminal)
         pending = self._pending.get(run.id)
         if pending is not None and (pending == event.kind or run.is_terminal):
@@ -312,6 +316,7 @@ class Scheduler:
             timeout = self.config.settings.node_loss_timeout_s
             await self._handle_lost(agent_id, f"node_lost: no heartbeat for {timeout:g} s")
         await self._expire_resource_waits()
+        await self._finish_admissions()
         self._kick.set()
 
     async def _reconcile_attempts(self) -> None:
@@ -365,6 +370,27 @@ class Scheduler:
         return RunPreempted(
             run_id=run.id, at=now, attempt=run.attempt, agent_id=agent_id, reason=reason
         )
+
+    async def _finish_admissions(self) -> None:
+        """A run still ``created`` after the grace lost its gateway between ``submitted`` and
+        ``admitted``. Its permit was taken before ``submitted``: record the admission for it
+        (the same event the gateway would have appended, so a late gateway changes nothing)."""
+        now = self.clock.now()
+        grace = self.config.settings.release_grace_s
+        for run_id in list(self._created):
+            run = self.index.records[run_id]
+            if now - run.created_at < grace or run_id in self._pending:
+                continue
+            team = self.config.teams.get(run.team)
+            tier = team.tier if team is not None else "unknown"
+            limit = self.config.tiers.get(tier)
+            slot = None
+            if limit is not None:
+                for seq, permit in await self.admission.holders(limit, run.team):
+                    if permit.run_id == run_id:
+                        slot = AdmissionSlot(stream=stream_name(limit), seq=seq)
+            log.warning("run %s was never admitted by its gateway; admitting it", run_id)
+            await self._append(run_id, RunAdmitted(run_id=run_id, at=now, tier=tier, slot=slot))
 
     async def _expire_resource_waits(self) -> None:
         timeout = self.config.settings.resource_wait_timeout_s

@@ -209,3 +209,32 @@ async def test_an_attempt_its_live_agent_no_longer_runs_is_recovered(h: Harness)
     assert h.run("kept").state is RunState.running and h.run("kept").attempt == 1
     lost = h.run("lost")
     assert lost.attempt == 2 and lost.state is RunState.running  # requeued and dispatched again
+
+
+async def test_a_run_its_gateway_never_admitted_is_admitted_with_its_permit(nc: Client) -> None:
+    clock = FakeClock()
+    config = parse(
+        {"teams": {"acme": {"tier": "basic", "tokens": ["t"]}}, "settings": {"release_grace_s": 30}}
+    )
+    scheduler = Scheduler(nc, config, clock=clock)
+    await scheduler.ensure()
+    await scheduler.catalog.register(PipelineInfo(pointer="t/p:v1"))
+    async with scheduler.following():
+        h = Harness(scheduler, clock)
+        scheduler.fleet.observe(beat("a1", "t/p:v1"))
+        slot = await scheduler.admission.try_admit(
+            team="acme", tier="basic", limit=3, run_id="r1", now=clock.now()
+        )
+        # the gateway died right after recording the submission
+        await h.log.append(
+            RunSubmitted(run_id="r1", at=clock.now(), team="acme", pipeline="t/p:v1", inputs=[])
+        )
+        await h.settle()
+        await scheduler.tick()
+        assert h.run("r1").state is RunState.created
+        clock.advance(31)
+        scheduler.fleet.observe(beat("a1", "t/p:v1"))  # the agent is still there
+        await scheduler.tick()
+        await h.settle()
+        run = h.run("r1")
+        assert run.state is RunState.running and run.slot == slot and run.tier == "basic"
