@@ -124,23 +124,16 @@ async def inject(stack: Stack, name: str, victim: Proc) -> None:
         victim.signal(signal.SIGTERM)
     elif name == "agent SIGSTOP":
         victim.signal(signal.SIGSTOP)
-    elif name == "scheduler SIGKILL + restart":
-        proc = next(p for p in stack.procs if p.name == "scheduler")
-        proc.kill()
-        stack.procs.remove(proc)
-        stack.start_scheduler()
-    elif name == "gateway SIGKILL + restart":
-        proc = next(p for p in stack.procs if p.name.startswith("gateway"))
-        port = int(stack.url.rsplit(":", 1)[1])
-        proc.kill()
-        stack.procs.remove(proc)
-        await stack.start_gateway(port)
-    elif name == "nats-server SIGKILL + restart":
-        assert stack.nats is not None
-        stack.nats.kill()
-        await stack.start_nats()
-    elif name == "nats cluster node SIGKILL":
-        stack.cluster[0].kill()
+    else:
+        await stack.inject(PROCESS_FAULTS[name])
+
+
+PROCESS_FAULTS = {
+    "scheduler SIGKILL + restart": "scheduler",
+    "gateway SIGKILL + restart": "gateway",
+    "nats-server SIGKILL + restart": "nats",
+    "nats cluster node SIGKILL": "cluster-node",
+}
 
 
 FAULTS = [

@@ -52,7 +52,3 @@ class Scaling(msgspec.Struct, frozen=True, kw_only=True):
 class Health(msgspec.Struct, frozen=True, kw_only=True):
     status: str
     checks: dict[str, bool] = msgspec.field(default_factory=dict)
-
-
-def input_list(inputs: list[Any]) -> list[RunIO]:
-    return [RunIO(**i) if isinstance(i, dict) else i for i in inputs]

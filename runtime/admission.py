@@ -19,6 +19,7 @@ from nats.js.errors import APIError, NotFoundError
 
 from contracts.events import AdmissionSlot
 from contracts.run import RunRecord
+from runtime.config import Config
 from runtime.eventlog import ensure_stream, retrying
 
 log = logging.getLogger("jetrun.admission")
@@ -186,3 +187,13 @@ class Admission:
             if (ended or orphan) and await self.release(slot):
                 released += 1
         return released
+
+    @classmethod
+    def for_config(
+        cls, js: JetStreamContext, config: Config, *, replicas: int, lookup: Lookup | None
+    ) -> Admission:
+        """One permit stream per distinct limit among the config's tiers."""
+        limits = {v for v in config.tiers.values() if v is not None}
+        return cls(
+            js, limits, lookback_s=config.settings.lookback_s, replicas=replicas, lookup=lookup
+        )

@@ -86,13 +86,8 @@ class Gateway:
         self.index = RunIndex()
         self.catalog = Catalog(self.log.js, replicas=settings.replicas)
         self.fleet = Fleet(clock.monotonic, config.settings.node_loss_timeout_s)
-        limits = {v for v in config.tiers.values() if v is not None}
-        self.admission = Admission(
-            self.log.js,
-            limits,
-            lookback_s=config.settings.lookback_s,
-            replicas=settings.replicas,
-            lookup=self.index.get,
+        self.admission = Admission.for_config(
+            self.log.js, config, replicas=settings.replicas, lookup=self.index.get
         )
         self.ready = False
 
@@ -206,7 +201,7 @@ class Gateway:
     def view(self, run: RunRecord) -> Run:
         return Run.of(run, self.index.queue_position(run.id))
 
-    def _respond(self, run: RunRecord, *, created: bool, sync: bool) -> Response:
+    def _respond(self, run: RunRecord, *, sync: bool) -> Response:
         if sync and run.state is RunState.no_resources_available:
             return json_response(self.view(run), 503)
         if sync and run.is_terminal:
@@ -226,7 +221,7 @@ class Gateway:
             )
         else:
             run = await self._wait(run.id, _placed, self.config.settings.settle_s)
-        return self._respond(run, created=True, sync=sync)
+        return self._respond(run, sync=sync)
 
     async def _submit(self, team: Team, create: RunCreate, key: str | None) -> RunRecord:
         if await self.catalog.lookup(create.pipeline) is None:

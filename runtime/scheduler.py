@@ -75,13 +75,8 @@ class Scheduler:
         self.index.listen(self._observe)
         self.fleet = Fleet(clock.monotonic, config.settings.node_loss_timeout_s)
         self.catalog = Catalog(self.log.js, replicas=settings.replicas)
-        limits = {v for v in config.tiers.values() if v is not None}
-        self.admission = Admission(
-            self.log.js,
-            limits,
-            lookback_s=config.settings.lookback_s,
-            replicas=settings.replicas,
-            lookup=self.index.get,
+        self.admission = Admission.for_config(
+            self.log.js, config, replicas=settings.replicas, lookup=self.index.get
         )
         self.caught_up = False
         self._routing: set[str] = set()

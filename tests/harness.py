@@ -230,6 +230,30 @@ class Stack:
             args += ["--pipelines", module]
         return self._cli(name, *args)
 
+    async def inject(self, fault: str) -> None:
+        """Kill a control-plane process or the nats-server and start it again at once:
+        ``scheduler``, ``gateway`` (the first one, on the same port), ``nats`` (same port and
+        store dir), or ``cluster-node`` (SIGKILL one node of a cluster, no restart)."""
+        if fault == "scheduler":
+            proc = next(p for p in self.procs if p.name == "scheduler")
+            proc.kill()
+            self.procs.remove(proc)
+            self.start_scheduler()
+        elif fault == "gateway":
+            proc = next(p for p in self.procs if p.name.startswith("gateway"))
+            port = int(self.url.rsplit(":", 1)[1])
+            proc.kill()
+            self.procs.remove(proc)
+            await self.start_gateway(port)
+        elif fault == "nats":
+            assert self.nats is not None
+            self.nats.kill()
+            await self.start_nats()
+        elif fault == "cluster-node":
+            self.cluster[0].kill()
+        else:
+            raise ValueError(f"unknown fault {fault!r}")
+
     async def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()

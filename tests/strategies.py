@@ -8,10 +8,11 @@ compare the fold with it.
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
-import msgspec
 from hypothesis import assume
 from hypothesis import strategies as st
 
@@ -19,6 +20,7 @@ from contracts.errors import ErrorType, RunError
 from contracts.events import (
     AdmissionSlot,
     AnyEvent,
+    AttemptEvent,
     Event,
     RunAdmitted,
     RunCancelled,
@@ -81,50 +83,86 @@ agent_ids = st.sampled_from(["agent-a", "agent-b", "agent-c"])
 reasons = st.sampled_from(["node lost", "spot instance recalled", "heartbeat missed"])
 timestamps = st.integers(min_value=0, max_value=2_000_000).map(lambda ms: 1_700_000_000 + ms / 1000)
 
+# Histories draw payloads from fixed samples: cheap to generate, and still every wire type.
+_SAMPLE_IOS = [
+    from_python(value)
+    for value in [
+        None,
+        True,
+        False,
+        0,
+        -7,
+        2**53,
+        0.1,
+        -2.5e-300,
+        "",
+        "a cat in a hat",
+        "ünïcødé ✓",
+        [1, "two", 3.0, None],
+        {"k": [1, {"nested": True}], "": None},
+        File(url="https://example.com/cat.png", name="cat.png"),
+        File(path="/data/out.bin"),
+    ]
+]
+_SAMPLE_ERRORS = [
+    RunError(type=ErrorType.input_error, message="input 'prompt': expected string, got integer"),
+    RunError(
+        type=ErrorType.pipeline_error,
+        message="ValueError: bad shape",
+        traceback='Traceback (most recent call last):\n  File "pipeline.py", line 3',
+    ),
+    RunError(type=ErrorType.startup_error, message="model weights missing"),
+    RunError(type=ErrorType.pipeline_loading, message="pipeline is not loaded"),
+    RunError(type=ErrorType.cuda_oom, message="CUDA out of memory"),
+]
+sample_ios = st.sampled_from(_SAMPLE_IOS)
+
 
 # --- single events, any field values -------------------------------------------------------
 
+_FIELDS: dict[type[Event], st.SearchStrategy[dict[str, Any]]] = {
+    RunSubmitted: st.fixed_dictionaries(
+        {
+            "team": st.sampled_from(["team-a", "team-b"]),
+            "pipeline": st.sampled_from(["demo/echo:v1", "demo/sd:v2"]),
+            "inputs": st.lists(sample_ios, max_size=2),
+            "async_run": st.booleans(),
+            "wait_for_resources": st.booleans(),
+            "idempotency_key": st.sampled_from([None, "key-1"]),
+        }
+    ),
+    RunAdmitted: st.fixed_dictionaries(
+        {
+            "tier": st.sampled_from(["free", "pro"]),
+            "slot": st.sampled_from([None, AdmissionSlot(stream="ADMISSION", seq=42)]),
+        }
+    ),
+    RunQueued: st.fixed_dictionaries({"waiting_for": st.sampled_from(WaitingFor)}),
+    RunDispatched: st.fixed_dictionaries(
+        {"agent_id": agent_ids, "slot": st.sampled_from(["cpu", "gpu"])}
+    ),
+    RunStarted: st.fixed_dictionaries({"agent_id": agent_ids}),
+    RunOutputProduced: st.fixed_dictionaries({"index": st.integers(0, 3), "output": sample_ios}),
+    RunCompleted: st.fixed_dictionaries({"outputs": st.lists(sample_ios, max_size=2)}),
+    RunFailed: st.fixed_dictionaries({"error": st.sampled_from(_SAMPLE_ERRORS)}),
+    RunTimedOut: st.fixed_dictionaries({"timeout_s": st.sampled_from([1.0, 300.0, 0.25])}),
+    RunPreempted: st.fixed_dictionaries({"agent_id": agent_ids, "reason": reasons}),
+    RunRequeued: st.fixed_dictionaries({"agent_id": agent_ids, "reason": reasons}),
+    RunNoResourcesAvailable: st.fixed_dictionaries({"reason": reasons}),
+    RunCancelRequested: st.fixed_dictionaries({}),
+    RunCancelled: st.fixed_dictionaries({}),
+}
+EVENT_TYPE_LIST: list[type[Event]] = list(_FIELDS)
+_attempts = st.integers(0, MAX_ATTEMPTS + 1)
 
-def _builders(run_id: str, at: float, attempt: int) -> dict[type[Event], st.SearchStrategy[Any]]:
-    common: dict[str, Any] = {"run_id": st.just(run_id), "at": st.just(at)}
-    per_attempt = {**common, "attempt": st.just(attempt)}
-    return {
-        RunSubmitted: st.builds(
-            RunSubmitted,
-            **common,
-            team=st.sampled_from(["team-a", "team-b"]),
-            pipeline=st.sampled_from(["demo/echo:v1", "demo/sd:v2"]),
-            inputs=st.lists(run_ios, max_size=2),
-            async_run=st.booleans(),
-            wait_for_resources=st.booleans(),
-            idempotency_key=st.one_of(st.none(), st.just("key-1")),
-        ),
-        RunAdmitted: st.builds(
-            RunAdmitted,
-            **common,
-            tier=st.sampled_from(["free", "pro"]),
-            slot=st.one_of(
-                st.none(),
-                st.builds(AdmissionSlot, stream=st.just("ADMISSION"), seq=st.integers(1, 99)),
-            ),
-        ),
-        RunQueued: st.builds(RunQueued, **per_attempt, waiting_for=st.sampled_from(WaitingFor)),
-        RunDispatched: st.builds(
-            RunDispatched, **per_attempt, agent_id=agent_ids, slot=st.sampled_from(["cpu", "gpu"])
-        ),
-        RunStarted: st.builds(RunStarted, **per_attempt, agent_id=agent_ids),
-        RunOutputProduced: st.builds(
-            RunOutputProduced, **per_attempt, index=st.integers(0, 3), output=run_ios
-        ),
-        RunCompleted: st.builds(RunCompleted, **per_attempt, outputs=st.lists(run_ios, max_size=2)),
-        RunFailed: st.builds(RunFailed, **per_attempt, error=run_errors),
-        RunTimedOut: st.builds(RunTimedOut, **per_attempt, timeout_s=st.sampled_from([1.0, 300.0])),
-        RunPreempted: st.builds(RunPreempted, **per_attempt, agent_id=agent_ids, reason=reasons),
-        RunRequeued: st.builds(RunRequeued, **per_attempt, agent_id=agent_ids, reason=reasons),
-        RunNoResourcesAvailable: st.builds(RunNoResourcesAvailable, **per_attempt, reason=reasons),
-        RunCancelRequested: st.builds(RunCancelRequested, **common),
-        RunCancelled: st.builds(RunCancelled, **common),
-    }
+
+def make_event(
+    event_type: type[Event], fields: dict[str, Any], run_id: str, at: float, attempt: int
+) -> AnyEvent:
+    if issubclass(event_type, AttemptEvent):
+        fields = {**fields, "attempt": attempt}
+    event: AnyEvent = event_type(run_id=run_id, at=at, **fields)  # type: ignore[assignment]
+    return event
 
 
 @st.composite
@@ -136,26 +174,24 @@ def events_of(
     at: float | None = None,
 ) -> AnyEvent:
     """One event of ``event_type``; random attempt (0..4) and time unless given."""
-    attempt = draw(st.integers(0, MAX_ATTEMPTS + 1)) if attempt is None else attempt
+    attempt = draw(_attempts) if attempt is None else attempt
     at = draw(timestamps) if at is None else at
-    event: AnyEvent = draw(_builders(run_id, at, attempt)[event_type])
-    return event
-
-
-def _event_types() -> list[type[Event]]:
-    return list(_builders(RUN_ID, 0.0, 0))
+    return make_event(event_type, draw(_FIELDS[event_type]), run_id, at, attempt)
 
 
 #: Any event of the catalogue, about run ``RUN_ID``, with any attempt and time.
-any_event: st.SearchStrategy[AnyEvent] = st.sampled_from(_event_types()).flatmap(events_of)
+any_event: st.SearchStrategy[AnyEvent] = st.sampled_from(EVENT_TYPE_LIST).flatmap(events_of)
+
+
+_junk_run_ids = st.sampled_from([RUN_ID, RUN_ID, RUN_ID, OTHER_RUN_ID])
 
 
 @st.composite
 def junk_events(draw: st.DrawFn) -> AnyEvent:
     """Events a log can hold besides the valid ones: any type, any attempt, sometimes about
     another run."""
-    run_id = draw(st.sampled_from([RUN_ID, RUN_ID, RUN_ID, OTHER_RUN_ID]))
-    event_type = draw(st.sampled_from(_event_types()))
+    run_id = draw(_junk_run_ids)
+    event_type = draw(st.sampled_from(EVENT_TYPE_LIST))
     return draw(events_of(event_type, run_id=run_id))
 
 
@@ -187,24 +223,34 @@ class _Walk:
         self.cancel_requested = False
 
     def tick(self) -> float:
-        self.now += self.draw(st.integers(min_value=-200, max_value=5000)) / 1000
+        self.now += self.draw(_ticks) / 1000
         return self.now
 
     def add(self, event_type: type[Event], **fields: Any) -> AnyEvent:
-        event = self.draw(events_of(event_type, attempt=self.attempt, at=self.tick()))
-        if fields:
-            event = msgspec.structs.replace(event, **fields)
+        drawn = self.draw(_FIELDS[event_type])
+        event = make_event(event_type, {**drawn, **fields}, RUN_ID, self.tick(), self.attempt)
         self.events.append(event)
         return event
 
     def maybe_cancel_request(self) -> None:
-        if not self.cancel_requested and self.draw(st.integers(0, 5)) == 0:
+        if not self.cancel_requested and self.draw(_one_in_six) == 0:
             self.cancel_requested = True
             self.add(RunCancelRequested)
 
     def choose(self, *options: str) -> str:
-        choice: str = self.draw(st.sampled_from(options))
+        choice: str = self.draw(_choices(options))
         return choice
+
+
+_output_counts = st.integers(0, 3)
+_output_orders = {n: st.sampled_from(list(itertools.permutations(range(n)))) for n in range(4)}
+_ticks = st.integers(min_value=-200, max_value=5000)
+_one_in_six = st.integers(0, 5)
+
+
+@functools.cache
+def _choices(options: tuple[str, ...]) -> st.SearchStrategy[str]:
+    return st.sampled_from(options)
 
 
 @st.composite
@@ -275,8 +321,7 @@ def _running(walk: _Walk, agent_id: str) -> RunState:
     walk.maybe_cancel_request()
     if walk.choose("start", "start", "start", "skip") == "start":
         walk.add(RunStarted, agent_id=agent_id)
-    n_outputs = walk.draw(st.integers(0, 3))
-    order = walk.draw(st.permutations(range(n_outputs)))
+    order = walk.draw(_output_orders[walk.draw(_output_counts)])
     for index in order:
         walk.maybe_cancel_request()
         walk.add(RunOutputProduced, index=index)

@@ -195,7 +195,7 @@ async def load_with_fault(stack: Stack, tmp_path: Path, fault: str) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(load.submit_many, 60, fault)
         await wait_until(lambda: len(load.run_ids) >= 20)
-        await inject(stack, fault)
+        await stack.inject(fault)
     result = await audit(load, timeout=120)
     assert result.submitted == 60
     assert result.lost == 0, result
@@ -207,24 +207,6 @@ async def wait_until(condition: object, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while not condition() and time.monotonic() < deadline:  # type: ignore[operator]
         await anyio.sleep(0.05)
-
-
-async def inject(stack: Stack, fault: str) -> None:
-    if fault == "scheduler":
-        proc = next(p for p in stack.procs if p.name == "scheduler")
-        proc.kill()
-        stack.procs.remove(proc)
-        stack.start_scheduler()
-    elif fault == "gateway":
-        proc = next(p for p in stack.procs if p.name.startswith("gateway"))
-        port = int(stack.url.rsplit(":", 1)[1])
-        proc.kill()
-        stack.procs.remove(proc)
-        await stack.start_gateway(port)
-    elif fault == "nats":
-        assert stack.nats is not None
-        stack.nats.kill()
-        await stack.start_nats()
 
 
 @pytest.mark.parametrize("fault", ["scheduler", "gateway", "nats"])
