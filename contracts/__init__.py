@@ -21,6 +21,7 @@ from contracts.events import (
     RunStarted,
     RunSubmitted,
     RunTimedOut,
+    RunWaitChanged,
     decode_event,
     encode_event,
 )
@@ -59,6 +60,7 @@ __all__ = [
     "RunState",
     "RunSubmitted",
     "RunTimedOut",
+    "RunWaitChanged",
     "Verdict",
     "WaitingFor",
     "decode_event",

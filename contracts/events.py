@@ -15,6 +15,8 @@ from contracts.errors import RunError
 from contracts.states import WaitingFor
 from contracts.values import RunIO
 
+MAX_OUTPUTS = 100_000  # streamed outputs of one attempt
+
 
 class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="event"):
     run_id: str
@@ -62,6 +64,18 @@ class RunQueued(AttemptEvent, frozen=True, kw_only=True, tag="queued"):
     waiting_for: WaitingFor = WaitingFor.capacity
 
 
+class RunWaitChanged(AttemptEvent, frozen=True, kw_only=True, tag="waiting"):
+    """A queued run now waits for something else (a replica came alive, or went away)."""
+
+    kind: ClassVar[str] = "waiting"
+    waiting_for: WaitingFor
+
+    def message_id(self) -> str:
+        # the same change restamped is the same fact; a reason that comes back within the
+        # log's duplicate window is not announced twice
+        return f"{self.run_id}:{self.kind}:{self.attempt}:{self.waiting_for}"
+
+
 class RunDispatched(AttemptEvent, frozen=True, kw_only=True, tag="dispatched"):
     kind: ClassVar[str] = "dispatched"
     agent_id: str
@@ -77,7 +91,8 @@ class RunOutputProduced(AttemptEvent, frozen=True, kw_only=True, tag="output"):
     """One streamed output value; ``index`` orders them and makes a resend idempotent."""
 
     kind: ClassVar[str] = "output"
-    index: Annotated[int, msgspec.Meta(ge=0)]  # a negative index would crash the fold
+    # a negative index would crash the fold; a huge one would allocate placeholders up to it
+    index: Annotated[int, msgspec.Meta(ge=0, le=MAX_OUTPUTS - 1)]
     output: RunIO
 
     def message_id(self) -> str:
@@ -135,6 +150,7 @@ AnyEvent = (
     RunSubmitted
     | RunAdmitted
     | RunQueued
+    | RunWaitChanged
     | RunDispatched
     | RunStarted
     | RunOutputProduced
@@ -152,6 +168,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     RunSubmitted,
     RunAdmitted,
     RunQueued,
+    RunWaitChanged,
     RunDispatched,
     RunStarted,
     RunOutputProduced,

@@ -39,6 +39,7 @@ from contracts.events import (
     RunStarted,
     RunSubmitted,
     RunTimedOut,
+    RunWaitChanged,
 )
 from contracts.run import RunRecord
 from contracts.states import RunState, WaitingFor
@@ -61,6 +62,7 @@ TRANSITIONS: dict[RunState, dict[type[Event], RunState]] = {
         RunCancelled: S.cancelled,
     },
     S.queued: {
+        RunWaitChanged: S.queued,
         RunDispatched: S.running,
         RunNoResourcesAvailable: S.no_resources_available,
         RunFailed: S.failed,
@@ -170,6 +172,10 @@ def _queued(run: RunRecord, e: RunQueued) -> Changes:
     return {"waiting_for": e.waiting_for}
 
 
+def _wait_changed(run: RunRecord, e: RunWaitChanged) -> Changes:
+    return {"waiting_for": e.waiting_for}
+
+
 def _dispatched(run: RunRecord, e: RunDispatched) -> Changes:
     return {"agent_id": e.agent_id, "waiting_for": WaitingFor.worker}
 
@@ -225,6 +231,7 @@ _APPLY: dict[type[Event], Callable[[RunRecord, Any], Changes]] = {
     RunSubmitted: _submitted,
     RunAdmitted: _admitted,
     RunQueued: _queued,
+    RunWaitChanged: _wait_changed,
     RunDispatched: _dispatched,
     RunStarted: _started,
     RunOutputProduced: _output,

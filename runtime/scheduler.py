@@ -31,6 +31,7 @@ from contracts.events import (
     RunPreempted,
     RunQueued,
     RunRequeued,
+    RunWaitChanged,
 )
 from contracts.run import RunRecord
 from contracts.states import RunState, WaitingFor
@@ -81,6 +82,7 @@ class Scheduler:
         self.caught_up = False
         self._routing: set[str] = set()
         self._created: set[str] = set()
+        self._announced: dict[str, WaitingFor] = {}  # pipeline -> what its queue waits for
         self._cancelling: set[str] = set()
         self._ended: list[RunRecord] = []
         self._pending: dict[str, str] = {}  # run id -> kind of the decision in flight
@@ -220,22 +222,46 @@ class Scheduler:
         if run is None or run.state is not RunState.routing:
             return
         now = self.clock.now()
-        if self.fleet.serving(run.pipeline):
-            waiting = WaitingFor.capacity
-        elif not run.wait_for_resources:
+        waiting = self._waits_for(run.pipeline)
+        if waiting is WaitingFor.resources and not run.wait_for_resources:
             reason = f"no replica of {run.pipeline} is alive"
             event: Event = RunNoResourcesAvailable(
                 run_id=run_id, at=now, attempt=run.attempt, reason=reason
             )
             await self._append(run_id, event)
             return
-        elif self.fleet.serving(run.pipeline, PipelineStatus.loading):
-            waiting = WaitingFor.cold_start
-        else:
-            waiting = WaitingFor.resources
         await self._append(
             run_id, RunQueued(run_id=run_id, at=now, attempt=run.attempt, waiting_for=waiting)
         )
+
+    def _waits_for(self, pipeline: str) -> WaitingFor:
+        """What a queued run of ``pipeline`` waits for, as the fleet stands."""
+        if self.fleet.serving(pipeline):
+            return WaitingFor.capacity
+        if self.fleet.serving(pipeline, PipelineStatus.loading):
+            return WaitingFor.cold_start
+        return WaitingFor.resources
+
+    async def _announce_waits(self) -> None:
+        """When what a pipeline's queue waits for changes (a replica came alive, started
+        loading, or went away), say so on each of its queued runs. O(queue) only then."""
+        for pipeline in self.index.pipelines_with_queue():
+            waiting = self._waits_for(pipeline)
+            if self._announced.get(pipeline) is waiting:
+                continue
+            now = self.clock.now()
+            told = True
+            for run_id in self.index.queued(pipeline):
+                run = self.index.records[run_id]
+                if run.waiting_for in (waiting, WaitingFor.cancellation):
+                    continue
+                if run_id not in self._pending:
+                    event = RunWaitChanged(
+                        run_id=run_id, at=now, attempt=run.attempt, waiting_for=waiting
+                    )
+                    told &= await self._append(run_id, event)
+            if told:
+                self._announced[pipeline] = waiting
 
     async def _dispatch(self, pipeline: str) -> None:
         info = await self.catalog.lookup(pipeline)
@@ -312,6 +338,7 @@ class Scheduler:
             await self._handle_lost(agent_id, f"node_lost: no heartbeat for {timeout:g} s")
         await self._expire_resource_waits()
         await self._finish_admissions()
+        await self._announce_waits()
         self._kick.set()
 
     async def _reconcile_attempts(self) -> None:

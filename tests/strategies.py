@@ -36,6 +36,7 @@ from contracts.events import (
     RunStarted,
     RunSubmitted,
     RunTimedOut,
+    RunWaitChanged,
 )
 from contracts.states import RunState, WaitingFor
 from contracts.values import File, RunIO, from_python
@@ -138,6 +139,7 @@ _FIELDS: dict[type[Event], st.SearchStrategy[dict[str, Any]]] = {
         }
     ),
     RunQueued: st.fixed_dictionaries({"waiting_for": st.sampled_from(WaitingFor)}),
+    RunWaitChanged: st.fixed_dictionaries({"waiting_for": st.sampled_from(WaitingFor)}),
     RunDispatched: st.fixed_dictionaries(
         {"agent_id": agent_ids, "slot": st.sampled_from(["cpu", "gpu"])}
     ),
@@ -384,6 +386,7 @@ def mixed_logs(draw: st.DrawFn) -> list[AnyEvent]:
 _COMMUTES_WITH_CANCEL_REQUEST = (
     RunAdmitted,
     RunQueued,
+    RunWaitChanged,
     RunDispatched,
     RunStarted,
     RunOutputProduced,

@@ -30,6 +30,7 @@ from contracts.events import (
     RunStarted,
     RunSubmitted,
     RunTimedOut,
+    RunWaitChanged,
     decode_event,
     decode_events,
     encode_event,
@@ -57,6 +58,7 @@ SAMPLES: dict[type[Event], AnyEvent] = {
         run_id=RUN, at=AT, tier="pro", slot=AdmissionSlot(stream="ADMISSION", seq=9)
     ),
     RunQueued: RunQueued(run_id=RUN, at=AT, attempt=1, waiting_for=WaitingFor.cold_start),
+    RunWaitChanged: RunWaitChanged(run_id=RUN, at=AT, attempt=1, waiting_for=WaitingFor.capacity),
     RunDispatched: RunDispatched(run_id=RUN, at=AT, attempt=1, agent_id="agent-a", slot="gpu"),
     RunStarted: RunStarted(run_id=RUN, at=AT, attempt=1, agent_id="agent-a"),
     RunOutputProduced: RunOutputProduced(
@@ -164,7 +166,7 @@ def test_message_ids_differ_per_kind_run_attempt_and_output_index() -> None:
                 ]
             ids += [msgspec.structs.replace(v, run_id=run_id).message_id() for v in variants]
     per_attempt = sum(issubclass(t, AttemptEvent) for t in EVENT_TYPES)
-    assert per_attempt == 10
+    assert per_attempt == 11
     per_run = len(EVENT_TYPES) + 2 * per_attempt + 3 * 2  # kinds, attempts 2 and 3, indices 0, 1
     assert len(ids) == 2 * per_run
     assert len(set(ids)) == len(ids)

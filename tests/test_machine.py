@@ -30,6 +30,7 @@ from contracts.events import (
     RunStarted,
     RunSubmitted,
     RunTimedOut,
+    RunWaitChanged,
 )
 from contracts.machine import (
     TRANSITIONS,
@@ -192,6 +193,7 @@ def event_for(event_type: type[Event], run: RunRecord, **overrides: Any) -> AnyE
         RunSubmitted: lambda: submitted(AT),
         RunAdmitted: lambda: admitted(AT),
         RunQueued: lambda: RunQueued(**attempt, waiting_for=WaitingFor.resources),
+        RunWaitChanged: lambda: RunWaitChanged(**attempt, waiting_for=WaitingFor.capacity),
         RunDispatched: lambda: RunDispatched(**attempt, agent_id="agent-z", slot="gpu"),
         RunStarted: lambda: RunStarted(**attempt, agent_id="agent-z"),
         RunOutputProduced: lambda: RunOutputProduced(
@@ -234,7 +236,7 @@ def expected_changes(run: RunRecord, event: AnyEvent) -> dict[str, Any]:
                 "attempt": 1,
                 "waiting_for": WaitingFor.placement,
             }
-        case RunQueued():
+        case RunQueued() | RunWaitChanged():
             return {"waiting_for": event.waiting_for}
         case RunDispatched():
             return {"agent_id": event.agent_id, "waiting_for": WaitingFor.worker}

@@ -238,3 +238,17 @@ async def test_a_run_its_gateway_never_admitted_is_admitted_with_its_permit(nc: 
         await h.settle()
         run = h.run("r1")
         assert run.state is RunState.running and run.slot == slot and run.tier == "basic"
+
+
+async def test_queued_runs_say_what_they_wait_for_as_the_fleet_changes(h: Harness) -> None:
+    await h.submit("r1")
+    assert h.run("r1").waiting_for is WaitingFor.resources
+    h.scheduler.fleet.observe(beat("a1", "t/p:v1", status=PipelineStatus.loading))
+    await h.scheduler.tick()
+    await h.settle()
+    assert h.run("r1").state is RunState.queued
+    assert h.run("r1").waiting_for is WaitingFor.cold_start
+    h.scheduler.fleet.observe(beat("a1", "t/p:v1"))
+    await h.scheduler.tick()
+    await h.settle()
+    assert h.run("r1").state is RunState.running
