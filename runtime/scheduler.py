@@ -80,10 +80,11 @@ class Scheduler:
             self.log.js, config, replicas=settings.replicas, lookup=self.index.get
         )
         self.caught_up = False
-        self._routing: set[str] = set()
-        self._created: set[str] = set()
+        # ordered by when runs entered the state (log order): placement keeps queues FIFO
+        self._routing: dict[str, None] = {}
+        self._created: dict[str, None] = {}
         self._announced: dict[str, WaitingFor] = {}  # pipeline -> what its queue waits for
-        self._cancelling: set[str] = set()
+        self._cancelling: dict[str, None] = {}
         self._ended: list[RunRecord] = []
         self._pending: dict[str, str] = {}  # run id -> kind of the decision in flight
         self._pending_since: dict[str, float] = {}
@@ -444,11 +445,12 @@ class Scheduler:
             log.info("gave back %d admission permits of ended or unrecorded runs", released)
 
 
-def _toggle(items: set[str], item: str, present: bool) -> None:
+def _toggle(items: dict[str, None], item: str, present: bool) -> None:
+    """Keep ``item`` in (or out of) an insertion-ordered set."""
     if present:
-        items.add(item)
+        items.setdefault(item, None)
     else:
-        items.discard(item)
+        items.pop(item, None)
 
 
 def _capacity_changed(old: AgentHeartbeat, new: AgentHeartbeat) -> bool:

@@ -252,3 +252,22 @@ async def test_queued_runs_say_what_they_wait_for_as_the_fleet_changes(h: Harnes
     await h.scheduler.tick()
     await h.settle()
     assert h.run("r1").state is RunState.running
+
+
+async def test_runs_admitted_together_are_queued_in_admission_order(h: Harness) -> None:
+    ids = [f"r{i}" for i in range(30)]
+    for run_id in ids:  # all admitted before the scheduler decides anything
+        await h.log.append(
+            RunSubmitted(
+                run_id=run_id,
+                at=h.clock.now(),
+                team="t",
+                pipeline="t/p:v1",
+                inputs=[],
+                wait_for_resources=True,
+            )
+        )
+        await h.log.append(RunAdmitted(run_id=run_id, at=h.clock.now(), tier="startup"))
+    await h.scheduler.index.wait_for_seq(await h.log.last_seq(), timeout=5)
+    await h.settle()
+    assert [h.scheduler.index.queue_position(r) for r in ids] == list(range(30))
