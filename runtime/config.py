@@ -49,6 +49,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     sync_wait_s: float = 600.0  # a sync POST waits this long, then answers 202 like async
     settle_s: float = 1.0  # an async POST waits this long for the run to be queued
     release_grace_s: float = 30.0  # an admission slot with no run after this is leaked
+    request_deadline_s: float = 10.0  # a request retries an unreachable NATS this long, then 503
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):

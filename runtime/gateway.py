@@ -9,6 +9,7 @@ placed). Reads never touch NATS: they come from the index, queue positions inclu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import re
@@ -18,6 +19,7 @@ from typing import Any
 
 import anyio
 import msgspec
+import nats.errors
 from anyio.abc import TaskStatus
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -27,7 +29,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from contracts.api import ConcurrencyLimitDetail, ErrorBody, ErrorDetail, Health, RunCreate, Scaling
-from contracts.events import AnyEvent, RunAdmitted, RunCancelRequested, RunSubmitted
+from contracts.events import AnyEvent, Event, RunAdmitted, RunCancelRequested, RunSubmitted
 from contracts.run import Run, RunRecord
 from contracts.states import RunState
 from contracts.values import ValueTypeError, check
@@ -81,7 +83,10 @@ class Gateway:
         self.nc = nc
         self.config = config
         self.clock = clock
-        settings = log_settings or LogSettings()
+        settings = dataclasses.replace(
+            log_settings or LogSettings(),
+            append_deadline_s=config.settings.request_deadline_s,
+        )
         self.log = EventLog(nc, settings)
         self.index = RunIndex()
         self.catalog = Catalog(self.log.js, replicas=settings.replicas)
@@ -89,6 +94,7 @@ class Gateway:
         self.admission = Admission.for_config(
             self.log.js, config, replicas=settings.replicas, lookup=self.index.get
         )
+        self.admission.deadline_s = config.settings.request_deadline_s
         self.ready = False
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -130,11 +136,22 @@ class Gateway:
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
         ]
-        return Starlette(routes=routes, exception_handlers={HTTPError: self._on_error})
+        handlers = {
+            HTTPError: self._on_error,
+            nats.errors.Error: self._on_nats_error,
+            TimeoutError: self._on_nats_error,
+        }
+        return Starlette(routes=routes, exception_handlers=handlers)
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPError)
         return json_response(ErrorBody(detail=exc.detail), exc.status, exc.headers)
+
+    async def _on_nats_error(self, request: Request, exc: Exception) -> Response:
+        """NATS stayed unreachable for the request's deadline: nothing was recorded."""
+        log.warning("%s %s: NATS unavailable: %r", request.method, request.url.path, exc)
+        unavailable = error(503, "event_log_unavailable", "the event log is unavailable; retry")
+        return await self._on_error(request, unavailable)
 
     # --- helpers -----------------------------------------------------------------------------
 
@@ -252,22 +269,28 @@ class Gateway:
             idempotency_key=key,
         )
         try:
-            await self.log.append(submitted)
-            ack = await self.log.append(
-                RunAdmitted(run_id=run_id, at=now, tier=team.tier, slot=slot)
-            )
-        except Exception as err:
-            log.warning("could not record run %s: %r", run_id, err)
+            await self._record(submitted)
+        except HTTPError:
             if slot is not None and existing is None:
-                await self.admission.release(slot)
-            raise error(
-                503, "event_log_unavailable", "the event log is unavailable; retry"
-            ) from err
-        await self.index.wait_for_seq(ack.seq, timeout=10.0)
+                await self.admission.release(slot)  # no run exists: nothing holds the permit
+            raise
+        # from here the run exists; if admitting fails, the scheduler admits it after a grace
+        seq = await self._record(RunAdmitted(run_id=run_id, at=now, tier=team.tier, slot=slot))
+        await self.index.wait_for_seq(seq, timeout=10.0)
         run = self.index.get(run_id)
         if run is None:
             raise error(503, "event_log_lagging", "the run was recorded but is not visible yet")
         return run
+
+    async def _record(self, event: Event) -> int:
+        """Append ``event``; 503 (nothing recorded) if the log stays unreachable."""
+        try:
+            return (await self.log.append(event)).seq
+        except Exception as err:
+            log.warning("could not record %s of %s: %r", event.kind, event.run_id, err)
+            raise error(
+                503, "event_log_unavailable", "the event log is unavailable; retry"
+            ) from err
 
     async def _wait(
         self, run_id: str, done: Callable[[RunRecord], bool], timeout: float
@@ -286,8 +309,8 @@ class Gateway:
         run = self._visible(request.path_params["run_id"], team)
         if run.is_terminal:
             raise error(409, "not_cancellable", f"run {run.id} is already {run.state}")
-        ack = await self.log.append(RunCancelRequested(run_id=run.id, at=self.clock.now()))
-        await self.index.wait_for_seq(ack.seq, timeout=10.0)
+        seq = await self._record(RunCancelRequested(run_id=run.id, at=self.clock.now()))
+        await self.index.wait_for_seq(seq, timeout=10.0)
         run = await self._wait(run.id, lambda r: r.is_terminal, 10.0)
         return json_response(self.view(run), 200 if run.is_terminal else 202)
 

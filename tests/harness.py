@@ -51,6 +51,7 @@ node_loss_timeout_s = {node_loss_timeout_s}
 resource_wait_timeout_s = {resource_wait_timeout_s}
 heartbeat_interval_s = 0.5
 release_grace_s = 5
+request_deadline_s = 3
 """
 
 

@@ -243,3 +243,26 @@ async def test_queue_positions_stay_exact_across_control_plane_restarts(
             gate.write_text("go")
         for run_id in ids:
             assert (await wait_state(c, run_id, {"completed"}))["state"] == RunState.completed
+
+
+async def test_requests_get_503_while_nats_is_down_and_nothing_is_half_recorded(
+    stack: Stack, tmp_path: Path
+) -> None:
+    stack.start_agent("agent", GATES, slots=1)
+    await wait_replicas(stack.url, "tok_big", "test/gate:v1")
+    gate = tmp_path / "gate"
+    gate.write_text("ok")
+    body = {"pipeline": "test/gate:v1", "inputs": [{"type": "string", "value": str(gate)}]}
+    assert stack.nats is not None
+    async with client(stack, "tok_acme") as c:
+        stack.nats.kill()
+        down = await c.post("/v4/runs", json=body)
+        assert down.status_code == 503
+        assert down.json()["detail"]["code"] == "event_log_unavailable"
+        await stack.start_nats()
+        # the basic team's permit was given back: three runs still fit
+        for _ in range(3):
+            again = await c.post("/v4/runs", json={**body, "async_run": True})
+            assert again.status_code == 202, again.text
+        ready = await c.get("/readyz")
+        assert ready.status_code == 200
