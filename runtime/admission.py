@@ -25,6 +25,7 @@ from runtime.eventlog import ensure_stream, retrying
 log = logging.getLogger("jetrun.admission")
 
 PER_SUBJECT_LIMIT_REACHED = 10077
+SETUP_DEADLINE_S = 120.0  # creating streams on a cluster waits for leader elections
 
 
 class Permit(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,7 +82,7 @@ class Admission:
         """Create or update one stream per distinct limit. Idempotent."""
         async with anyio.create_task_group() as tg:
             for limit in sorted(self.limits):
-                tg.start_soon(ensure_stream, self.js, self._config(limit), self.deadline_s)
+                tg.start_soon(ensure_stream, self.js, self._config(limit), SETUP_DEADLINE_S)
 
     def _config(self, limit: int) -> api.StreamConfig:
         return api.StreamConfig(

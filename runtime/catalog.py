@@ -44,6 +44,7 @@ class Catalog:
                 max_msgs_per_subject=1,
                 allow_direct=True,
             ),
+            120.0,
         )
 
     async def register(self, info: PipelineInfo) -> None:

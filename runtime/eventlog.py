@@ -86,6 +86,7 @@ class LogSettings:
     duplicate_window_s: float = 600.0
     max_age_s: float = 0.0  # 0 keeps events for ever
     append_deadline_s: float = 60.0  # how long an append keeps retrying through outages
+    setup_deadline_s: float = 120.0  # how long creating streams may take (cluster elections)
 
 
 class Appended(NamedTuple):
@@ -141,7 +142,7 @@ class EventLog:
 
     async def ensure(self) -> None:
         """Create the stream, or bring its config up to date. Idempotent."""
-        await ensure_stream(self.js, self.stream_config(), self.settings.append_deadline_s)
+        await ensure_stream(self.js, self.stream_config(), self.settings.setup_deadline_s)
 
     async def append(self, event: Event, *, expect_last_seq: int | None = None) -> Appended:
         """Append ``event``; blocks until the server has stored it. Idempotent for the duplicate
