@@ -26,7 +26,6 @@ from contracts.agents import (
     Accelerator,
     AgentHeartbeat,
     LoadedPipeline,
-    PipelineInfo,
     PipelineStatus,
 )
 from contracts.errors import ErrorType, RunError
@@ -55,7 +54,12 @@ from runtime.eventlog import (
     kind_subjects,
     last_event_of_kind,
 )
-from runtime.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT, RECALL_SUBJECT
+from runtime.fleet import (
+    DRAIN_SUBJECT,
+    HEARTBEAT_SUBJECT,
+    RECALL_SUBJECT,
+    declares_node_lost,
+)
 from runtime.pipelines import PipelineSpec, load_module
 from runtime.worker import PipelineWorker, StartupFailed
 
@@ -134,7 +138,7 @@ class Agent:
         self._load_specs()
         await ensure_all(self.log, self.catalog)
         for pool in self.pools.values():
-            await self.catalog.register(_info(pool.spec))
+            await self.catalog.register(pool.spec.info())
         start = await self.log.last_seq() + 1
         kinds = ("dispatched", "cancelled", "preempted", "requeued")
         sub = await self.log.tail(
@@ -277,7 +281,11 @@ class Agent:
             if running is not None:
                 running.cancelled = True
                 running.scope.cancel()
-        elif isinstance(event, RunPreempted | RunRequeued) and event.agent_id == self.agent_id:
+        elif (
+            isinstance(event, RunPreempted | RunRequeued)
+            and event.agent_id == self.agent_id
+            and declares_node_lost(event.reason)
+        ):
             self._fenced.set()
 
     async def _run_attempt(self, dispatch: RunDispatched, attempt: _Attempt) -> None:
@@ -347,12 +355,3 @@ class Agent:
                 await self.log.append(event)
             except Exception as err:
                 log.error("could not report %s for %s: %r", event.kind, event.run_id, err)
-
-
-def _info(spec: PipelineSpec) -> PipelineInfo:
-    return PipelineInfo(
-        pointer=spec.pointer,
-        accelerator=spec.accelerator,
-        timeout_s=spec.timeout_s,
-        max_retries=spec.max_retries,
-    )

@@ -18,7 +18,17 @@ HEARTBEAT_SUBJECT = "jetrun.agents.heartbeat"
 DRAIN_SUBJECT = "jetrun.agents.drain"  # request: an agent received a preemption notice
 RECALL_SUBJECT = "jetrun.agents.recall"  # request to ``.<agent_id>``: recall that node now
 
+# Reasons on preempted/requeued events. Only the node-level ones mean the agent itself was
+# declared lost; an attempt lost on a live agent leaves the agent in service.
+NODE_LOST = "node_lost"
+NODE_RECALLED = "node_preempted"
+ATTEMPT_LOST = "attempt_lost"
+
 heartbeat_decoder = msgspec.json.Decoder(AgentHeartbeat)
+
+
+def declares_node_lost(reason: str) -> bool:
+    return not reason.startswith(ATTEMPT_LOST)
 
 
 @dataclass

@@ -40,7 +40,15 @@ from runtime.catalog import Catalog
 from runtime.clock import SYSTEM_CLOCK, Clock
 from runtime.config import Config
 from runtime.eventlog import EventLog, LogSettings, ensure_all
-from runtime.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
+from runtime.fleet import (
+    ATTEMPT_LOST,
+    DRAIN_SUBJECT,
+    HEARTBEAT_SUBJECT,
+    NODE_LOST,
+    NODE_RECALLED,
+    Fleet,
+    heartbeat_decoder,
+)
 from runtime.projection import RunIndex
 
 log = logging.getLogger("jetrun.scheduler")
@@ -159,7 +167,7 @@ class Scheduler:
     async def _on_drain(self, msg: Msg) -> None:
         """An agent got a preemption notice: its runs are preempted (or requeued) at once."""
         agent_id = msg.data.decode()
-        handled = await self._handle_lost(agent_id, "node_preempted: the node was recalled")
+        handled = await self._handle_lost(agent_id, f"{NODE_RECALLED}: the node was recalled")
         if msg.reply:
             await self.nc.publish(msg.reply, str(handled).encode())
 
@@ -336,7 +344,7 @@ class Scheduler:
         lost.update(a for a, runs in self.index.on_agent.items() if runs and self.fleet.is_gone(a))
         for agent_id in lost:
             timeout = self.config.settings.node_loss_timeout_s
-            await self._handle_lost(agent_id, f"node_lost: no heartbeat for {timeout:g} s")
+            await self._handle_lost(agent_id, f"{NODE_LOST}: no heartbeat for {timeout:g} s")
         await self._expire_resource_waits()
         await self._finish_admissions()
         await self._announce_waits()
@@ -360,7 +368,7 @@ class Scheduler:
                     and heard_at - since > grace
                     and run_id not in self._pending
                 ):
-                    reason = f"attempt_lost: node {beat.agent_id} no longer runs it"
+                    reason = f"{ATTEMPT_LOST}: node {beat.agent_id} no longer runs it"
                     log.warning("run %s: %s", run_id, reason)
                     await self._append(run_id, await self._loss_event(run, beat.agent_id, reason))
 
