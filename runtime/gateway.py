@@ -245,6 +245,12 @@ class Gateway:
             raise error(404, "pipeline_not_found", f"pipeline {create.pipeline} not found")
         run_id = run_id_for(team.name, key)
         existing = self.index.get(run_id)
+        if existing is not None and not _same_request(existing, create):
+            raise error(
+                422,
+                "idempotency_key_reused",
+                f"Idempotency-Key {key!r} was used for a different request (run {run_id})",
+            )
         if existing is not None and existing.state is not RunState.created:
             return existing
         now = self.clock.now()
@@ -363,3 +369,13 @@ class Gateway:
 
 def _placed(run: RunRecord) -> bool:
     return run.state not in (RunState.created, RunState.routing)
+
+
+def _same_request(run: RunRecord, create: RunCreate) -> bool:
+    """Whether a retried POST asks for what the run was created with."""
+    return (
+        run.pipeline == create.pipeline
+        and run.inputs == create.inputs
+        and run.async_run == create.async_run
+        and run.wait_for_resources == create.waits_for_resources()
+    )

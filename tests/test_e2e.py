@@ -199,6 +199,12 @@ async def test_idempotency_key_returns_the_same_run(stack: Stack, tmp_path: Path
         # a retry after the run ended still returns it, and runs nothing again
         retried = await c2.post("/v4/runs", json=body, headers=headers)
         assert retried.json()["id"] == first["id"] and retried.json()["state"] == "completed"
+        # the same key for a different request is an error, and creates nothing
+        before = await event_count(stack)
+        other = await c.post("/v4/runs", json={**body, "async_run": False}, headers=headers)
+        assert other.status_code == 422
+        assert other.json()["detail"]["code"] == "idempotency_key_reused"
+        assert await event_count(stack) == before
 
 
 # --- cancellation -------------------------------------------------------------------------
