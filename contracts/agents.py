@@ -50,6 +50,9 @@ class AgentHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     pipelines: list[LoadedPipeline]
     draining: bool = False
     running: list[str] = msgspec.field(default_factory=list)
+    # the last event-log sequence the agent has processed: a run it does not list although
+    # its dispatch is at or below this sequence is not running there
+    seen_seq: int = 0
 
     def slots(self, kind: str) -> int:
         return sum(a.slots for a in self.accelerators if a.kind == kind)

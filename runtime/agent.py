@@ -130,6 +130,7 @@ class Agent:
         self._fenced = anyio.Event()  # the scheduler declared this agent lost
         self.recalled = anyio.Event()  # a recall request arrived
         self._idle = anyio.Event()  # an attempt ended
+        self.seen_seq = 0  # the last event-log sequence handled
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -254,6 +255,7 @@ class Agent:
             ],
             draining=self.draining,
             running=sorted(self.attempts),
+            seen_seq=self.seen_seq,
         )
 
     async def _beat(self) -> None:
@@ -271,6 +273,7 @@ class Agent:
     # --- attempts ----------------------------------------------------------------------------
 
     async def _on_event(self, seq: int, event: AnyEvent) -> None:
+        self.seen_seq = max(self.seen_seq, seq)
         if isinstance(event, RunDispatched) and event.agent_id == self.agent_id:
             if event.run_id not in self.attempts and not self.draining and self._tg is not None:
                 attempt = _Attempt(event.run_id, event.attempt, anyio.CancelScope())

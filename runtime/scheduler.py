@@ -102,6 +102,7 @@ class Scheduler:
         self._lost = 0
         self._cut_off = False
         self._running_since: dict[str, float] = {}  # run id -> when it last changed, running
+        self._dispatched_at: dict[str, int] = {}  # run id -> log sequence of its dispatch
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -182,8 +183,11 @@ class Scheduler:
             self._reserved.pop(run.id, None)
         if run.state is RunState.running:
             self._running_since[run.id] = self.clock.monotonic()
+            if isinstance(event, RunDispatched):
+                self._dispatched_at[run.id] = seq
         else:
             self._running_since.pop(run.id, None)
+            self._dispatched_at.pop(run.id, None)
         newly_ended = run.is_terminal and (before is None or not before.is_terminal)
         if newly_ended and self.caught_up and run.slot is not None:
             self._ended.append(run)
@@ -361,10 +365,14 @@ class Scheduler:
             heard_at = self.fleet.heard_at(beat.agent_id)
             for run_id in list(self.index.on_agent.get(beat.agent_id, ())):
                 run = self.index.records[run_id]
-                # on this process's clock: the beat came well after the run last changed
+                # the agent has processed the dispatch (a delivery held up while its consumer
+                # is recreated is no loss), and on this process's clock the beat came well
+                # after the run last changed
+                delivered = beat.seen_seq >= self._dispatched_at.get(run_id, 0)
                 since = self._running_since.get(run_id, heard_at)
                 if (
                     run_id not in listed
+                    and delivered
                     and heard_at - since > grace
                     and run_id not in self._pending
                 ):

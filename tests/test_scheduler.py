@@ -203,7 +203,15 @@ async def test_an_attempt_its_live_agent_no_longer_runs_is_recovered(h: Harness)
     await h.submit("lost", "t/retry:v1")
     h.clock.advance(6)
     listing = msgspec.structs.replace(beat("a1", "t/retry:v1", slots=2), running=["kept"])
-    h.scheduler.fleet.observe(listing)  # the agent is alive but does not run "lost"
+    # the agent has not processed the dispatch of "lost" yet (its consumer is being
+    # recreated, say): that is no loss
+    h.scheduler.fleet.observe(listing)
+    await h.scheduler.tick()
+    await h.settle()
+    assert h.run("lost").attempt == 1 and h.run("lost").state is RunState.running
+    # it has processed everything and does not run "lost": the attempt was lost
+    seen = msgspec.structs.replace(listing, seen_seq=await h.log.last_seq())
+    h.scheduler.fleet.observe(seen)
     await h.scheduler.tick()
     await h.settle()
     assert h.run("kept").state is RunState.running and h.run("kept").attempt == 1
