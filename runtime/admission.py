@@ -191,10 +191,21 @@ class Admission:
 
     @classmethod
     def for_config(
-        cls, js: JetStreamContext, config: Config, *, replicas: int, lookup: Lookup | None
+        cls,
+        js: JetStreamContext,
+        config: Config,
+        *,
+        replicas: int,
+        lookup: Lookup | None,
+        deadline_s: float = 30.0,
     ) -> Admission:
         """One permit stream per distinct limit among the config's tiers."""
         limits = {v for v in config.tiers.values() if v is not None}
         return cls(
-            js, limits, lookback_s=config.settings.lookback_s, replicas=replicas, lookup=lookup
+            js,
+            limits,
+            lookback_s=config.settings.lookback_s,
+            replicas=replicas,
+            lookup=lookup,
+            deadline_s=deadline_s,
         )

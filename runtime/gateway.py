@@ -92,9 +92,12 @@ class Gateway:
         self.catalog = Catalog(self.log.js, replicas=settings.replicas)
         self.fleet = Fleet(clock.monotonic, config.settings.node_loss_timeout_s)
         self.admission = Admission.for_config(
-            self.log.js, config, replicas=settings.replicas, lookup=self.index.get
+            self.log.js,
+            config,
+            replicas=settings.replicas,
+            lookup=self.index.get,
+            deadline_s=config.settings.request_deadline_s,
         )
-        self.admission.deadline_s = config.settings.request_deadline_s
         self.ready = False
 
     # --- lifecycle ---------------------------------------------------------------------------

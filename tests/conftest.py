@@ -40,9 +40,8 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
     """nats-server, a scheduler, two gateways, a demo agent (4 slots) and an agent serving
     tests/fixtures/gate_pipelines.py (1 slot); test/ghost:v1 is known but has no replica."""
-    stack = Stack(tmp_path_factory.mktemp("stack"), resource_wait_timeout_s=2.0)
-    await stack.start_nats()
-    try:
+    async with Stack(tmp_path_factory.mktemp("stack"), resource_wait_timeout_s=2.0) as stack:
+        await stack.start_nats()
         stack.start_scheduler()
         await stack.start_gateway()
         await stack.start_gateway()
@@ -50,13 +49,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         stack.start_agent("agent-gates", str(FIXTURES / "gate_pipelines.py"), slots=1)
         await wait_replicas(stack.url, "tok_big", "demo/echo:v1")
         await wait_replicas(stack.url, "tok_big", "test/gate:v1")
-        assert stack.nats is not None
-        nc = await connect(stack.nats.url, "test")
+        nc = await connect(stack.nats_url, "test")
         await Catalog(nc.jetstream()).register(PipelineInfo(pointer="test/ghost:v1"))
         await nc.close()
         yield stack
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        await stack.stop()

@@ -255,6 +255,15 @@ class Stack:
         else:
             raise ValueError(f"unknown fault {fault!r}")
 
+    async def __aenter__(self) -> Stack:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        """Print every process's log if the block failed; stop everything."""
+        if exc_type is not None:
+            print(self.logs())
+        await self.stop()
+
     async def stop(self) -> None:
         for proc in reversed(self.procs):
             proc.stop()
@@ -263,6 +272,15 @@ class Stack:
 
     def logs(self) -> str:
         return "\n".join(f"----- {p.name} -----\n{p.output()[-4000:]}" for p in self.procs)
+
+
+def client(stack: Stack, token: str, gateway: int = 0) -> httpx.AsyncClient:
+    """An HTTP client for one of the stack's gateways, with a team's token."""
+    return httpx.AsyncClient(
+        base_url=stack.gateway_urls[gateway],
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=60.0,
+    )
 
 
 async def wait_ready(url: str, timeout: float = 30.0) -> None:

@@ -19,10 +19,9 @@ GATES = str(FIXTURES / "gate_pipelines.py")
 
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    stack = Stack(tmp_path / "stack", node_loss_timeout_s=10.0)
-    stack.tmp.mkdir()
-    await stack.start_cluster(3)
-    try:
+    async with Stack(tmp_path / "stack", node_loss_timeout_s=10.0) as stack:
+        stack.tmp.mkdir()
+        await stack.start_cluster(3)
         stack.start_scheduler()
         await stack.start_gateway(timeout=90)
         await stack.start_gateway(timeout=90)
@@ -30,11 +29,6 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
         stack.start_agent("agent-2", GATES, slots=2)
         await wait_replicas(stack.url, "tok_big", "test/count:v1", n=2, timeout=60)
         yield stack
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        await stack.stop()
 
 
 async def test_losing_one_node_of_three_loses_nothing(stack: Stack, tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from runtime.eventlog import EventLog
 from runtime.nats_conn import connect
+from tests import harness
 from tests.harness import Stack, wait_state
 
 pytestmark = pytest.mark.anyio
@@ -21,11 +22,7 @@ ECHO = {
 
 
 def client(stack: Stack, token: str = "jr_demo_token", gateway: int = 0) -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        base_url=stack.gateway_urls[gateway],
-        headers={"Authorization": f"Bearer {token}"},
-        timeout=60.0,
-    )
+    return harness.client(stack, token, gateway)
 
 
 async def event_count(stack: Stack) -> int:

@@ -18,6 +18,7 @@ from contracts.states import RunState
 from runtime.eventlog import EventLog
 from runtime.gateway import run_id_for
 from runtime.nats_conn import connect
+from tests import harness
 from tests.harness import FIXTURES, Load, Stack, audit, wait_ready, wait_replicas, wait_state
 
 pytestmark = pytest.mark.anyio
@@ -29,24 +30,16 @@ NODE_LOSS_S = 2.0
 
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
-    stack = Stack(tmp_path / "stack", node_loss_timeout_s=NODE_LOSS_S)
-    stack.tmp.mkdir()
-    await stack.start_nats()
-    try:
+    async with Stack(tmp_path / "stack", node_loss_timeout_s=NODE_LOSS_S) as stack:
+        stack.tmp.mkdir()
+        await stack.start_nats()
         stack.start_scheduler()
         await stack.start_gateway()
         yield stack
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        await stack.stop()
 
 
 def client(stack: Stack, token: str = "tok_big") -> httpx.AsyncClient:
-    return httpx.AsyncClient(
-        base_url=stack.url, headers={"Authorization": f"Bearer {token}"}, timeout=30
-    )
+    return harness.client(stack, token)
 
 
 async def gate_run(c: httpx.AsyncClient, gate: Path, pointer: str = "test/gate:v1") -> str:
