@@ -1,0 +1,326 @@
+"""The same no-op workload on jetrun, Ray tasks and Celery + Redis, in one run, side by side.
+
+    pip install -e '.[bench]'          # ray, celery[redis], psutil
+    apt-get install wrk redis-server   # the load generator and Celery's broker
+    python benchmarks/bench_peers.py [--runs 5000] [--sync 300] [--rounds 3] [--slots 4]
+
+The task returns its input (a short string). Each round measures every system in turn
+(interleaved, so a noisy neighbour hits all of them alike); the table shows medians over the rounds
+and jetrun's ratio to each peer. Figures:
+- sync p50 / p99: sequential runs, one waiting for the other (jetrun: HTTP with keep-alive);
+- throughput: runs/s from the first submit to the last result (jetrun: async runs submitted by wrk
+  for a fixed time, then until every one is terminal in the event log);
+- CPU: seconds of CPU per 1,000 runs of each system's own processes during the throughput phase.
+
+Durability, as measured: jetrun with nats-server's default file-store sync (every 2 minutes),
+or ``--nats-sync always``; Celery with Redis ``appendonly yes``, ``appendfsync everysec``; Ray
+keeps task results in memory only. Everything listens on 127.0.0.1 and every loop is bounded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+import httpx
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import bench_runs  # noqa: E402
+
+from runtime.natsserver import free_port  # noqa: E402
+
+PAYLOAD = "x" * 16
+ECHO = {"pipeline": "demo/echo:v1", "inputs": [{"type": "string", "value": PAYLOAD}]}
+
+
+@dataclass
+class Figures:
+    p50_ms: list[float] = field(default_factory=list)
+    p99_ms: list[float] = field(default_factory=list)
+    runs_per_s: list[float] = field(default_factory=list)
+    cpu_s_per_1k: list[float] = field(default_factory=list)
+
+    def add(self, latencies: list[float], rate: float, cpu_s_per_1k: float) -> None:
+        ms = [x * 1000 for x in latencies]
+        self.p50_ms.append(bench_runs.percentile(ms, 50))
+        self.p99_ms.append(bench_runs.percentile(ms, 99))
+        self.runs_per_s.append(rate)
+        self.cpu_s_per_1k.append(cpu_s_per_1k)
+
+
+def cpu_seconds(pids: Callable[[], list[int]]) -> float:
+    import psutil
+
+    total = 0.0
+    for pid in pids():
+        try:
+            times = psutil.Process(pid).cpu_times()
+            total += times.user + times.system
+        except psutil.Error:
+            pass
+    return total
+
+
+def tree(pid: int) -> Callable[[], list[int]]:
+    import psutil
+
+    def pids() -> list[int]:
+        try:
+            root = psutil.Process(pid)
+            return [pid, *(p.pid for p in root.children(recursive=True))]
+        except psutil.Error:
+            return []
+
+    return pids
+
+
+# ---- jetrun ---------------------------------------------------------------------------------
+
+
+class Jetrun:
+    name = "jetrun"
+
+    def __init__(self, tmp: Path, slots: int, nats_sync: str | None, wrk_seconds: int) -> None:
+        self.tmp, self.wrk_seconds = tmp, wrk_seconds
+        (tmp / "jetrun.toml").write_text(bench_runs.CONFIG)
+        port, self.nats_port = free_port(), free_port()
+        self.url = f"http://127.0.0.1:{port}"
+        argv = [str(Path(sys.executable).parent / "jetrun"), "up", "--port", str(port)]
+        argv += ["--nats-port", str(self.nats_port), "--data-dir", str(tmp / "data")]
+        argv += ["--config", str(tmp / "jetrun.toml"), "--slots", str(slots)]
+        if nats_sync:
+            argv += ["--nats-sync", nats_sync]
+        with open(tmp / "up.log", "wb") as log:
+            self.proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        anyio.run(bench_runs.wait_ready, self.url)
+        self.client = httpx.Client(
+            base_url=self.url, headers={"Authorization": "Bearer bench"}, timeout=30
+        )
+
+    def sync_run(self) -> None:
+        response = self.client.post("/v4/runs", json=ECHO)
+        assert response.json()["outputs"][0]["value"] == PAYLOAD, response.text
+
+    def throughput(self, runs: int) -> tuple[float, int]:
+        del runs  # wrk runs for a fixed time; the count is what it submitted
+        body = json.dumps({**ECHO, "async_run": True})
+        bench_runs.POST_LUA = re.sub(
+            r"wrk\.body = '.*'", lambda _: f"wrk.body = '{body}'", bench_runs.POST_LUA
+        )
+        nats_url = f"nats://127.0.0.1:{self.nats_port}"
+        _, rate, total = anyio.run(
+            bench_runs.wrk_throughput, self.url, nats_url, self.wrk_seconds, 256, self.tmp
+        )
+        return rate, total
+
+    def pids(self) -> list[int]:
+        return tree(self.proc.pid)()
+
+    def close(self) -> None:
+        self.client.close()
+        self.proc.send_signal(2)
+        self.proc.wait(60)
+
+
+# ---- Ray ------------------------------------------------------------------------------------
+
+
+class Ray:
+    name = "Ray"
+
+    def __init__(self) -> None:
+        import ray
+
+        self.ray = ray
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+
+        @ray.remote
+        def echo(value: str) -> str:
+            return value
+
+        self.echo = echo
+        ray.get([echo.remote(PAYLOAD) for _ in range(200)])  # start the workers
+
+    def sync_run(self) -> None:
+        assert self.ray.get(self.echo.remote(PAYLOAD), timeout=30) == PAYLOAD
+
+    def throughput(self, runs: int) -> tuple[float, int]:
+        start = time.perf_counter()
+        refs = [self.echo.remote(PAYLOAD) for _ in range(runs)]
+        results = self.ray.get(refs, timeout=600)
+        assert len(results) == runs
+        return runs / (time.perf_counter() - start), runs
+
+    def pids(self) -> list[int]:
+        return tree(os.getpid())()  # the driver and the raylet, GCS and workers it started
+
+    def close(self) -> None:
+        self.ray.shutdown()
+
+
+# ---- Celery + Redis -------------------------------------------------------------------------
+
+
+class Celery:
+    name = "Celery"
+
+    def __init__(self, tmp: Path) -> None:
+        port = free_port()
+        self.redis = subprocess.Popen(
+            [
+                *("redis-server", "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp)),
+                *("--appendonly", "yes", "--appendfsync", "everysec", "--save", ""),
+            ],
+            stdout=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        os.environ["PEERS_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+        import peers_celery
+
+        self.app, self.echo = peers_celery.app, peers_celery.echo
+        self.worker = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "celery", "-A", "peers_celery", "worker", "-l", "WARNING"),
+                *(f"--concurrency={os.cpu_count()}", "--without-gossip", "--without-mingle"),
+            ],
+            cwd=HERE,
+            stdout=open(tmp / "celery.log", "wb"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.sync_run()
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def sync_run(self) -> None:
+        assert self.echo.delay(PAYLOAD).get(timeout=10) == PAYLOAD
+
+    def throughput(self, runs: int) -> tuple[float, int]:
+        start = time.perf_counter()
+        pending = [self.echo.delay(PAYLOAD) for _ in range(runs)]
+        for result in pending:
+            assert result.get(timeout=600) == PAYLOAD
+        return runs / (time.perf_counter() - start), runs
+
+    def pids(self) -> list[int]:
+        return [*tree(self.worker.pid)(), self.redis.pid]
+
+    def close(self) -> None:
+        self.worker.terminate()
+        self.worker.wait(30)
+        self.redis.terminate()
+        self.redis.wait(30)
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+
+def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) -> None:
+    for _ in range(20):
+        system.sync_run()
+    latencies = []
+    for _ in range(sync):
+        start = time.perf_counter()
+        system.sync_run()
+        latencies.append(time.perf_counter() - start)
+    before = cpu_seconds(system.pids)
+    rate, total = system.throughput(runs)
+    used = cpu_seconds(system.pids) - before
+    into.add(latencies, rate, used / total * 1000)
+    print(
+        f"  {system.name:7} p50 {into.p50_ms[-1]:6.2f} ms  p99 {into.p99_ms[-1]:6.2f} ms  "
+        f"{rate:6.0f} runs/s ({total} runs)  {used / total * 1000:5.2f} CPU s per 1k runs",
+        flush=True,
+    )
+
+
+@contextmanager
+def systems(args: argparse.Namespace, tmp: Path) -> Iterator[list[Jetrun | Ray | Celery]]:
+    started: list[Jetrun | Ray | Celery] = []
+    try:
+        started.append(Jetrun(tmp, args.slots, args.nats_sync, args.wrk_seconds))
+        if "ray" in args.peers:
+            started.append(Ray())
+        if "celery" in args.peers:
+            started.append(Celery(tmp))
+        yield started
+    finally:
+        for system in reversed(started):
+            system.close()
+
+
+def report(figures: dict[str, Figures]) -> None:
+    med = statistics.median
+    print("\nmedians over the rounds:")
+    print(f"  {'system':8} {'sync p50':>9} {'sync p99':>9} {'runs/s':>8} {'CPU s/1k':>9}")
+    for name, f in figures.items():
+        print(
+            f"  {name:8} {med(f.p50_ms):7.2f}ms {med(f.p99_ms):7.2f}ms "
+            f"{med(f.runs_per_s):8.0f} {med(f.cpu_s_per_1k):9.2f}"
+        )
+    ours = figures["jetrun"]
+    for name, f in figures.items():
+        if name != "jetrun":
+            print(
+                f"  jetrun / {name}: throughput {med(ours.runs_per_s) / med(f.runs_per_s):.2f}x,"
+                f" sync p50 {med(ours.p50_ms) / med(f.p50_ms):.2f}x,"
+                f" sync p99 {med(ours.p99_ms) / med(f.p99_ms):.2f}x"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=5000, help="runs per throughput round (peers)")
+    parser.add_argument("--wrk-seconds", type=int, default=3, help="jetrun's submit window")
+    parser.add_argument("--sync", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument("--nats-sync", default=None, help="nats-server sync_interval, or always")
+    parser.add_argument("--peers", default="ray,celery")
+    args = parser.parse_args()
+    for tool in ("wrk", "redis-server"):
+        if not shutil.which(tool):
+            sys.exit(f"{tool} is not installed (apt-get install wrk redis-server)")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.2f}, Python {platform.python_version()}"
+    )
+    print(f"jetrun durability: nats-server sync {args.nats_sync or 'default (every 2 min)'}")
+    tmp = Path(tempfile.mkdtemp(prefix="jetrun-peers-"))
+    with systems(args, tmp) as started:
+        figures = {system.name: Figures() for system in started}
+        for round_ in range(1, args.rounds + 1):
+            print(f"round {round_}:", flush=True)
+            for system in started:
+                measure(system, args.sync, args.runs, figures[system.name])
+    report(figures)
+    print(f"load average after: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
