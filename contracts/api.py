@@ -6,6 +6,7 @@ from typing import Any
 
 import msgspec
 
+from contracts.run import Run
 from contracts.values import RunIO
 
 
@@ -52,3 +53,11 @@ class Scaling(msgspec.Struct, frozen=True, kw_only=True):
 class Health(msgspec.Struct, frozen=True, kw_only=True):
     status: str
     checks: dict[str, bool] = msgspec.field(default_factory=dict)
+
+
+class RunList(msgspec.Struct, frozen=True, kw_only=True):
+    """``GET /v4/runs``: the team's runs, newest first; ``next_cursor`` fetches the next page
+    (``None`` on the last one)."""
+
+    runs: list[Run]
+    next_cursor: str | None = None

@@ -28,7 +28,15 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
-from contracts.api import ConcurrencyLimitDetail, ErrorBody, ErrorDetail, Health, RunCreate, Scaling
+from contracts.api import (
+    ConcurrencyLimitDetail,
+    ErrorBody,
+    ErrorDetail,
+    Health,
+    RunCreate,
+    RunList,
+    Scaling,
+)
 from contracts.events import AnyEvent, Event, RunAdmitted, RunCancelRequested, RunSubmitted
 from contracts.run import Run, RunRecord
 from contracts.states import RunState
@@ -39,6 +47,7 @@ from runtime.clock import SYSTEM_CLOCK, Clock
 from runtime.config import Config, Team
 from runtime.eventlog import EventLog, LogSettings, ensure_all
 from runtime.fleet import HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
+from runtime.listing import BadQuery, RunListing, parse_query
 from runtime.projection import RunIndex
 
 log = logging.getLogger("jetrun.gateway")
@@ -89,6 +98,7 @@ class Gateway:
         )
         self.log = EventLog(nc, settings)
         self.index = RunIndex()
+        self.listing = RunListing(self.index)
         self.catalog = Catalog(self.log.js, replicas=settings.replicas)
         self.fleet = Fleet(clock.monotonic, config.settings.node_loss_timeout_s)
         self.admission = Admission.for_config(
@@ -132,6 +142,7 @@ class Gateway:
     def app(self) -> Starlette:
         routes = [
             Route("/v4/runs", self.create_run, methods=["POST"]),
+            Route("/v4/runs", self.list_runs, methods=["GET"]),
             Route("/v4/runs/stream", self.stream_run, methods=["POST"]),
             Route("/v4/runs/{run_id}", self.get_run, methods=["GET"]),
             Route("/v4/runs/{run_id}/cancel", self.cancel_run, methods=["POST"]),
@@ -312,6 +323,16 @@ class Gateway:
         team = self._team(request)
         run = self._visible(request.path_params["run_id"], team)
         return json_response(self.view(run))
+
+    async def list_runs(self, request: Request) -> Response:
+        team = self._team(request)
+        params = request.query_params
+        try:
+            query = parse_query({k: params.getlist(k) for k in params})
+        except BadQuery as bad:
+            raise error(422, "invalid_field", str(bad), bad.field) from None
+        runs, cursor = self.listing.page(team.name, query)
+        return json_response(RunList(runs=[self.view(r) for r in runs], next_cursor=cursor))
 
     async def cancel_run(self, request: Request) -> Response:
         team = self._team(request)

@@ -20,6 +20,7 @@ import anyio
 import httpx
 import msgspec
 
+from contracts.api import RunList
 from contracts.run import Run
 from contracts.states import RunState
 from contracts.values import from_python
@@ -31,8 +32,10 @@ __all__ = [
     "JetrunError",
     "NoResourcesAvailable",
     "Run",
+    "RunList",
     "RunState",
     "get_run",
+    "list_runs",
     "poll_for_run_completion",
     "run_pipeline",
     "stream_pipeline",
@@ -40,6 +43,7 @@ __all__ = [
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 _run_decoder = msgspec.json.Decoder(Run)
+_list_decoder = msgspec.json.Decoder(RunList)
 
 
 class JetrunError(Exception):
@@ -105,6 +109,32 @@ def _check(response: httpx.Response) -> Run:
     raise JetrunError(response.status_code, detail)
 
 
+def _list_params(
+    pipeline: str | None,
+    state: str | list[str] | None,
+    created_after: float | None,
+    created_before: float | None,
+    limit: int | None,
+    cursor: str | None,
+) -> dict[str, Any]:
+    params = {
+        "pipeline": pipeline,
+        "state": [state] if isinstance(state, str) else state,
+        "created_after": created_after,
+        "created_before": created_before,
+        "limit": limit,
+        "cursor": cursor,
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _check_list(response: httpx.Response) -> RunList:
+    if response.status_code == 200:
+        return _list_decoder.decode(response.content)
+    _check(response)
+    raise JetrunError(response.status_code, response.text)
+
+
 def _headers(token: str | None, idempotency_key: str | None) -> dict[str, str]:
     token = token or os.environ.get("JETRUN_TOKEN")
     headers = {"Content-Type": "application/json"}
@@ -151,6 +181,21 @@ class Client:
 
     def get_run(self, run_id: str) -> Run:
         return _check(self._http.get(f"/v4/runs/{run_id}"))
+
+    def list_runs(
+        self,
+        *,
+        pipeline: str | None = None,
+        state: str | list[str] | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> RunList:
+        """One page of the team's runs, newest first; pass ``next_cursor`` back as
+        ``cursor`` for the next page. ``pipeline`` is a pointer or a pipeline id."""
+        params = _list_params(pipeline, state, created_after, created_before, limit, cursor)
+        return _check_list(self._http.get("/v4/runs", params=params))
 
     def cancel_run(self, run_id: str) -> Run:
         return _check(self._http.post(f"/v4/runs/{run_id}/cancel"))
@@ -217,6 +262,19 @@ class AsyncClient:
     async def get_run(self, run_id: str) -> Run:
         return _check(await self._http.get(f"/v4/runs/{run_id}"))
 
+    async def list_runs(
+        self,
+        *,
+        pipeline: str | None = None,
+        state: str | list[str] | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> RunList:
+        params = _list_params(pipeline, state, created_after, created_before, limit, cursor)
+        return _check_list(await self._http.get("/v4/runs", params=params))
+
     async def cancel_run(self, run_id: str) -> Run:
         return _check(await self._http.post(f"/v4/runs/{run_id}/cancel"))
 
@@ -260,6 +318,29 @@ def run_pipeline(
 def get_run(run_id: str, base_url: str | None = None, token: str | None = None) -> Run:
     with Client(base_url, token) as client:
         return client.get_run(run_id)
+
+
+def list_runs(
+    *,
+    pipeline: str | None = None,
+    state: str | list[str] | None = None,
+    created_after: float | None = None,
+    created_before: float | None = None,
+    limit: int | None = None,
+    cursor: str | None = None,
+    base_url: str | None = None,
+    token: str | None = None,
+) -> RunList:
+    """``Client().list_runs(...)``: one page of the team's runs, newest first."""
+    with Client(base_url, token) as client:
+        return client.list_runs(
+            pipeline=pipeline,
+            state=state,
+            created_after=created_after,
+            created_before=created_before,
+            limit=limit,
+            cursor=cursor,
+        )
 
 
 def poll_for_run_completion(

@@ -1,0 +1,154 @@
+"""Listing runs: ``RunListing`` on an index (pure), then ``GET /v4/runs`` and the SDK's
+``list_runs`` against a live stack (real processes)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import anyio
+import msgspec
+import pytest
+
+from contracts import RunAdmitted, RunCancelled, RunSubmitted
+from contracts.events import AnyEvent
+from contracts.states import RunState
+from runtime import sdk
+from runtime.listing import BadQuery, ListQuery, RunListing, decode_cursor, parse_query
+from runtime.projection import RunIndex
+from tests.harness import Stack, client, wait_state
+
+
+def submit(run_id: str, at: float, team: str = "t", pipeline: str = "a/b:v1") -> list[AnyEvent]:
+    return [
+        RunSubmitted(run_id=run_id, at=at, team=team, pipeline=pipeline, inputs=[]),
+        RunAdmitted(run_id=run_id, at=at, tier="basic"),
+    ]
+
+
+def feed(index: RunIndex, events: list[AnyEvent]) -> None:
+    for event in events:
+        index.apply(index.last_seq + 1, event)
+
+
+def all_pages(listing: RunListing, team: str, query: ListQuery) -> list[list[str]]:
+    pages, cursor = [], None
+    while True:
+        q = msgspec.structs.replace(query, cursor=cursor and decode_cursor(cursor))
+        runs, cursor = listing.page(team, q)
+        pages.append([r.id for r in runs])
+        if cursor is None:
+            return pages
+
+
+def test_pages_are_newest_first_per_team_and_end() -> None:
+    index = RunIndex()
+    listing = RunListing(index)
+    for i in range(7):
+        feed(index, submit(f"r{i}", at=100.0 + i))
+    feed(index, submit("other", at=200.0, team="u"))
+    pages = all_pages(listing, "t", ListQuery(limit=3))
+    assert pages == [["r6", "r5", "r4"], ["r3", "r2", "r1"], ["r0"]]
+    assert all_pages(listing, "u", ListQuery()) == [["other"]]
+    assert all_pages(listing, "nobody", ListQuery()) == [[]]
+
+
+def test_runs_created_at_the_same_second_are_neither_lost_nor_repeated() -> None:
+    index = RunIndex()
+    listing = RunListing(index)
+    for i in range(5):
+        feed(index, submit(f"r{i}", at=100.0))
+    pages = all_pages(listing, "t", ListQuery(limit=2))
+    assert sorted(i for page in pages for i in page) == [f"r{i}" for i in range(5)]
+
+
+def test_filters_by_pipeline_state_and_creation_time() -> None:
+    index = RunIndex()
+    listing = RunListing(index)
+    feed(index, submit("x1", 10.0, pipeline="a/x:v1") + submit("x2", 20.0, pipeline="a/x:v2"))
+    feed(index, [*submit("y1", 30.0, pipeline="a/y:v1"), RunCancelled(run_id="x2", at=40.0)])
+
+    def ids(**kw: object) -> list[str]:
+        return [r.id for r in listing.page("t", ListQuery(**kw))[0]]  # type: ignore[arg-type]
+
+    assert ids(pipeline="a/x") == ["x2", "x1"]
+    assert ids(pipeline="a/x:v1") == ["x1"]
+    assert ids(states=frozenset({RunState.cancelled})) == ["x2"]
+    assert ids(created_after=20.0) == ["y1", "x2"]
+    assert ids(created_before=20.0) == ["x1"]
+    assert ids(created_after=15.0, created_before=30.0) == ["x2"]
+    assert [r.id for r in listing.active("t")] == ["x1", "y1"]
+    assert [r.id for r in listing.active(None)] == ["x1", "y1"]
+
+
+def test_query_parameters_are_checked_and_named() -> None:
+    assert parse_query({"state": ["queued,running"], "limit": ["5"]}) == ListQuery(
+        states=frozenset({RunState.queued, RunState.running}), limit=5
+    )
+    for params, field in [
+        ({"state": ["bogus"]}, "state"),
+        ({"limit": ["0"]}, "limit"),
+        ({"limit": ["101"]}, "limit"),
+        ({"limit": ["ten"]}, "limit"),
+        ({"created_after": ["nan"]}, "created_after"),
+        ({"created_before": ["1e999"]}, "created_before"),
+        ({"cursor": ["!!!"]}, "cursor"),
+        ({"cursor": ["eyJhIjoxfQ"]}, "cursor"),  # valid base64, not a cursor
+        ({"pipeline": ["a/b:v1", "a/c:v1"]}, "pipeline"),
+    ]:
+        with pytest.raises(BadQuery) as err:
+            parse_query(params)
+        assert err.value.field == field
+
+
+@pytest.mark.anyio
+async def test_listing_over_http_and_the_sdk(stack: Stack) -> None:
+    ids = []
+    async with client(stack, "tok_acme") as acme, client(stack, "tok_rival") as rival:
+        for text in ("a", "b", "c"):
+            body = {
+                "pipeline": "demo/echo:v1",
+                "inputs": [{"type": "string", "value": text}, {"type": "integer", "value": 1}],
+                "async_run": True,
+            }
+            response = await acme.post("/v4/runs", json=body)
+            assert response.status_code == 202, response.text
+            ids.append(response.json()["id"])
+            await wait_state(acme, ids[-1], {"completed"})
+        await rival.post("/v4/runs", json={**body, "pipeline": "demo/noop:v1", "inputs": []})
+
+        first = await acme.get("/v4/runs", params={"limit": 2, "pipeline": "demo/echo"})
+        assert first.status_code == 200, first.text
+        page = first.json()
+        assert [r["id"] for r in page["runs"]] == ids[::-1][:2]
+        assert page["runs"][0]["state"] == "completed" and page["runs"][0]["outputs"]
+        second = await acme.get("/v4/runs", params={"limit": 2, "cursor": page["next_cursor"]})
+        assert [r["id"] for r in second.json()["runs"]] == ids[:1]
+        assert second.json()["next_cursor"] is None
+
+        theirs = (await rival.get("/v4/runs")).json()["runs"]
+        assert theirs and not set(ids) & {r["id"] for r in theirs}
+        assert (await acme.get("/v4/runs", params={"pipeline": "demo/noop"})).json() == {
+            "runs": [],
+            "next_cursor": None,
+        }
+
+        bad = await acme.get("/v4/runs", params={"state": "done"})
+        assert bad.status_code == 422 and bad.json()["detail"]["field"] == "state"
+        assert (await acme.get("/v4/runs", headers={"Authorization": ""})).status_code == 401
+
+    listed = await anyio.to_thread.run_sync(
+        partial(
+            sdk.list_runs,
+            pipeline="demo/echo:v1",
+            state="completed",
+            base_url=stack.url,
+            token="tok_acme",
+        )
+    )
+    assert [r.id for r in listed.runs] == ids[::-1]
+    async with sdk.AsyncClient(stack.url, "tok_acme") as c:
+        page1 = await c.list_runs(limit=1, created_after=listed.runs[-1].created_at)
+        assert page1.runs[0].id == ids[-1] and page1.next_cursor
+        with pytest.raises(sdk.JetrunError) as err:
+            await c.list_runs(limit=1000)
+        assert err.value.status == 422
