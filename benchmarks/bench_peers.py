@@ -120,6 +120,18 @@ class Jetrun:
         response = self.client.post("/v4/runs", json=ECHO)
         assert response.json()["outputs"][0]["value"] == PAYLOAD, response.text
 
+    def sdk_p50_ms(self, n: int) -> float:
+        """Sequential runs through the SDK's module-level ``run_pipeline`` (as the seed does)."""
+        from runtime import sdk
+
+        latencies = []
+        for _ in range(n):
+            start = time.perf_counter()
+            run = sdk.run_pipeline("demo/echo:v1", PAYLOAD, base_url=self.url, token="bench")
+            latencies.append((time.perf_counter() - start) * 1000)
+            assert run.outputs_formatted() == [PAYLOAD]
+        return statistics.median(latencies)
+
     def throughput(self, runs: int) -> tuple[float, int]:
         del runs  # wrk runs for a fixed time; the count is what it submitted
         body = json.dumps({**ECHO, "async_run": True})
@@ -252,6 +264,8 @@ def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) 
     rate, total = system.throughput(runs)
     used = cpu_seconds(system.pids) - before
     into.add(latencies, rate, used / total * 1000)
+    if isinstance(system, Jetrun):
+        print(f"  jetrun SDK run_pipeline() p50 {system.sdk_p50_ms(sync // 3):.2f} ms", flush=True)
     print(
         f"  {system.name:7} p50 {into.p50_ms[-1]:6.2f} ms  p99 {into.p99_ms[-1]:6.2f} ms  "
         f"{rate:6.0f} runs/s ({total} runs)  {used / total * 1000:5.2f} CPU s per 1k runs",

@@ -11,7 +11,9 @@ does it (``str`` -> ``string``, ``int`` -> ``integer``, ...).
 
 from __future__ import annotations
 
+import atexit
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -38,6 +40,7 @@ __all__ = [
     "list_runs",
     "poll_for_run_completion",
     "run_pipeline",
+    "shared_client",
     "stream_pipeline",
 ]
 
@@ -300,6 +303,31 @@ class AsyncClient:
                     yield _run_decoder.decode(line)
 
 
+_shared_lock = threading.Lock()
+_shared_clients: dict[tuple[int, str, str | None], Client] = {}
+
+
+def shared_client(base_url: str | None = None, token: str | None = None) -> Client:
+    """The ``Client`` the module-level functions use: one per process, base URL and token, kept
+    open (keep-alive) so that each call costs one request, not a new connection pool. Thread
+    safe; closed at interpreter exit."""
+    url = base_url or os.environ.get("JETRUN_URL", DEFAULT_URL)
+    key = (os.getpid(), url, token or os.environ.get("JETRUN_TOKEN"))
+    with _shared_lock:
+        client = _shared_clients.get(key)
+        if client is None:
+            client = _shared_clients[key] = Client(url, key[2])
+        return client
+
+
+@atexit.register
+def _close_shared() -> None:
+    with _shared_lock:
+        for client in _shared_clients.values():
+            client.close()
+        _shared_clients.clear()
+
+
 def run_pipeline(
     pointer: str,
     *inputs: Any,
@@ -309,15 +337,13 @@ def run_pipeline(
     token: str | None = None,
 ) -> Run:
     """``Client().run_pipeline(...)`` with the URL and token from arguments or the env."""
-    with Client(base_url, token) as client:
-        return client.run_pipeline(
-            pointer, *inputs, async_run=async_run, wait_for_resources=wait_for_resources
-        )
+    return shared_client(base_url, token).run_pipeline(
+        pointer, *inputs, async_run=async_run, wait_for_resources=wait_for_resources
+    )
 
 
 def get_run(run_id: str, base_url: str | None = None, token: str | None = None) -> Run:
-    with Client(base_url, token) as client:
-        return client.get_run(run_id)
+    return shared_client(base_url, token).get_run(run_id)
 
 
 def list_runs(
@@ -350,12 +376,12 @@ def poll_for_run_completion(
     base_url: str | None = None,
     token: str | None = None,
 ) -> Run:
-    with Client(base_url, token) as client:
-        return client.poll_for_run_completion(run_id, timeout_secs, interval_secs)
+    return shared_client(base_url, token).poll_for_run_completion(
+        run_id, timeout_secs, interval_secs
+    )
 
 
 def stream_pipeline(
     pointer: str, *inputs: Any, base_url: str | None = None, token: str | None = None
 ) -> Iterator[Run]:
-    with Client(base_url, token) as client:
-        yield from client.stream_pipeline(pointer, *inputs)
+    yield from shared_client(base_url, token).stream_pipeline(pointer, *inputs)

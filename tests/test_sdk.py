@@ -31,6 +31,21 @@ async def test_the_seeds_sync_call(stack: Stack, monkeypatch: pytest.MonkeyPatch
     assert result.outputs_formatted() == ["my_input_string" * 5]
 
 
+async def test_module_level_calls_share_one_kept_alive_client(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("JETRUN_URL", stack.url)
+    monkeypatch.setenv("JETRUN_TOKEN", "jr_demo_token")
+    first = sdk.shared_client()
+    assert sdk.shared_client(stack.url, "jr_demo_token") is first
+    assert sdk.shared_client(stack.url, "tok_acme") is not first
+    for _ in range(3):
+        run = await anyio.to_thread.run_sync(partial(sdk.run_pipeline, "demo/noop:v1"))
+        assert run.state is RunState.completed
+    pool = first._http._transport._pool  # type: ignore[attr-defined]
+    assert len(pool.connections) == 1  # three calls, one connection
+
+
 async def test_the_seeds_async_call_and_polling(stack: Stack) -> None:
     kw = {"base_url": stack.url, "token": "jr_demo_token"}
     initial = await anyio.to_thread.run_sync(
