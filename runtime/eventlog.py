@@ -101,6 +101,7 @@ class Stored(NamedTuple):
 
 T = TypeVar("T")
 Handler = Callable[[int, AnyEvent], Awaitable[None]]
+SkipHandler = Callable[[int], Awaitable[None]]
 
 
 async def retrying(what: str, call: Callable[[], Awaitable[T]], deadline_s: float) -> T:
@@ -207,17 +208,23 @@ class EventLog:
         from_seq: int = 1,
         subject: str = ALL_EVENTS,
         subjects: list[str] | None = None,
+        skipped: SkipHandler | None = None,
     ) -> Subscription:
         """Call ``handler(seq, event)`` for every event on ``subject`` from ``from_seq`` on,
         in order, one at a time. An ordered consumer: after a reconnect, a server restart or a
         gap it is recreated from the last sequence seen, so a handler may see a sequence again
-        (handlers must skip sequences they have seen). Undecodable messages are logged and
-        skipped. Unsubscribe the returned subscription to stop."""
+        (handlers must skip sequences they have seen). A message that does not decode (an
+        event kind from a newer release, say) is logged at WARNING and passed to
+        ``skipped(seq)``, so a reader that counts sequences still moves past it. Unsubscribe
+        the returned subscription to stop."""
 
         async def on_msg(msg: Msg) -> None:
+            seq = msg.metadata.sequence.stream
             event = _decode(msg)
             if event is not None:
-                await handler(msg.metadata.sequence.stream, event)
+                await handler(seq, event)
+            elif skipped is not None:
+                await skipped(seq)
 
         config = api.ConsumerConfig(opt_start_seq=max(from_seq, 1))
         if subjects:  # several filters on one consumer (``subject`` is then ignored)

@@ -116,10 +116,10 @@ class Gateway:
         """Create the streams if needed, replay the log into the index, then follow it."""
         await ensure_all(self.log, self.catalog, self.admission)
         target = await self.log.last_seq()
-        tail = await self.log.tail(self._on_event)
+        tail = await self.log.tail(self._on_event, skipped=self._on_skipped)
         beats = await self.nc.subscribe(f"{HEARTBEAT_SUBJECT}.*", cb=self._on_heartbeat)
         try:
-            await self.index.wait_for_seq(target)
+            await self.index.catch_up(target, timeout=self.config.settings.replay_deadline_s)
             self.ready = True
             task_status.started()
             await anyio.sleep_forever()
@@ -132,6 +132,9 @@ class Gateway:
 
     async def _on_event(self, seq: int, event: AnyEvent) -> None:
         self.index.apply(seq, event)
+
+    async def _on_skipped(self, seq: int) -> None:
+        self.index.skip(seq)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:

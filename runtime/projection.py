@@ -9,7 +9,6 @@ each group in log order.
 
 from __future__ import annotations
 
-import math
 from collections import defaultdict
 from collections.abc import Callable
 
@@ -37,6 +36,10 @@ class IndexStats(msgspec.Struct, frozen=True, kw_only=True):
     runs: int
     active: int
     queues: list[QueueStats]
+
+
+class IndexLagging(TimeoutError):
+    """The index did not reach a sequence of the log in time."""
 
 
 class RunIndex:
@@ -79,6 +82,13 @@ class RunIndex:
             waiter.set()
         self._wake_seq_waiters()
         return after
+
+    def skip(self, seq: int) -> None:
+        """Move past ``seq``, a message that is not an event this release knows (a newer kind
+        during a rolling upgrade): waiters for that sequence are not left hanging."""
+        if seq > self.last_seq:
+            self.last_seq = seq
+            self._wake_seq_waiters()
 
     def _reindex(
         self, seq: int, event: AnyEvent, before: RunRecord | None, after: RunRecord
@@ -147,8 +157,9 @@ class RunIndex:
 
     # --- waiting -----------------------------------------------------------------------------
 
-    async def wait_for_seq(self, seq: int, timeout: float = math.inf) -> bool:
-        """Wait until the index has applied ``seq``; False on timeout."""
+    async def wait_for_seq(self, seq: int, *, timeout: float) -> bool:
+        """Wait until the index has applied (or skipped) ``seq``; False after ``timeout``
+        seconds. Every wait has a deadline: the caller says what to do when it passes."""
         if self.last_seq >= seq:
             return True
         event = anyio.Event()
@@ -156,6 +167,15 @@ class RunIndex:
         with anyio.move_on_after(timeout):
             await event.wait()
         return self.last_seq >= seq
+
+    async def catch_up(self, seq: int, *, timeout: float) -> None:
+        """Wait until the index has reached ``seq`` (a replay on start); raises
+        ``IndexLagging`` after ``timeout`` seconds, so a service that cannot catch up fails
+        loudly instead of never becoming ready."""
+        if not await self.wait_for_seq(seq, timeout=timeout):
+            raise IndexLagging(
+                f"the index reached sequence {self.last_seq} of {seq} within {timeout:g} s"
+            )
 
     def _wake_seq_waiters(self) -> None:
         if not self._seq_waiters:

@@ -125,9 +125,9 @@ class Scheduler:
         target = await self.log.last_seq()
         heartbeats = await self.nc.subscribe(f"{HEARTBEAT_SUBJECT}.*", cb=self._on_heartbeat)
         drains = await self.nc.subscribe(DRAIN_SUBJECT, cb=self._on_drain)
-        tail = await self.log.tail(self._on_event)
+        tail = await self.log.tail(self._on_event, skipped=self._on_skipped)
         try:
-            await self.index.wait_for_seq(target)
+            await self.index.catch_up(target, timeout=self.config.settings.replay_deadline_s)
             self.caught_up = True
             self._ended.clear()  # permits of runs that ended before now: the sweep's job
             log.info("scheduler caught up at seq %d", target)
@@ -153,6 +153,9 @@ class Scheduler:
 
     async def _on_event(self, seq: int, event: AnyEvent) -> None:
         self.index.apply(seq, event)
+
+    async def _on_skipped(self, seq: int) -> None:
+        self.index.skip(seq)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:

@@ -15,7 +15,7 @@ from contracts import (
     RunSubmitted,
 )
 from contracts.events import AnyEvent
-from runtime.projection import RunIndex
+from runtime.projection import IndexLagging, RunIndex
 
 
 def admit(run_id: str, pipeline: str = "a/b:v1") -> list[AnyEvent]:
@@ -101,3 +101,23 @@ async def test_waiting_for_a_state_and_a_sequence() -> None:
         feed(index, [RunDispatched(run_id="r0", at=3.0, attempt=1, agent_id="a")])
     assert results == [RunState.running]
     assert await index.wait_for_seq(4, timeout=0)
+
+
+@pytest.mark.anyio
+async def test_a_skipped_sequence_wakes_its_waiters_and_replays_have_a_deadline() -> None:
+    index = RunIndex()
+    feed(index, admit("r0"))
+    async with anyio.create_task_group() as tg:
+
+        async def wait() -> None:
+            await index.catch_up(5, timeout=5.0)
+
+        tg.start_soon(wait)
+        await anyio.wait_all_tasks_blocked()
+        index.skip(4)  # a message this release cannot decode
+        index.skip(5)
+    assert index.last_seq == 5
+    index.skip(2)  # an old sequence moves nothing back
+    assert index.last_seq == 5
+    with pytest.raises(IndexLagging, match="reached sequence 5 of 6"):
+        await index.catch_up(6, timeout=0)
