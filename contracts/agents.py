@@ -6,6 +6,8 @@ import enum
 
 import msgspec
 
+from contracts.scaling import ScalingSettings
+
 
 class Accelerator(msgspec.Struct, frozen=True, kw_only=True):
     """A group of identical slots on a node: ``kind`` is ``cpu`` or ``gpu``."""
@@ -20,6 +22,7 @@ class PipelineStatus(enum.StrEnum):
     loading = "loading"  # the startup step (cold start) is running
     ready = "ready"
     failed = "failed"  # the startup step raised; the agent will not serve it
+    draining = "draining"  # being unloaded: finishes its runs, takes no new ones
 
 
 class PipelineInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -29,6 +32,11 @@ class PipelineInfo(msgspec.Struct, frozen=True, kw_only=True):
     accelerator: str = "cpu"  # which slot kind its runs need
     timeout_s: float | None = None  # execution timeout of one attempt
     max_retries: int = 0  # automatic requeues after a node is lost or preempted
+    gpus: int = 1  # accelerators of ``accelerator`` kind one replica needs (GPU pipelines)
+    gpu_memory_mb: int = 0  # GPU memory one replica needs on each of its GPUs (0: unknown)
+    # None: every agent that can serve it keeps a replica loaded (always on); settings: the
+    # autoscaler decides where replicas load and unload
+    scaling: ScalingSettings | None = None
 
 
 class LoadedPipeline(msgspec.Struct, frozen=True, kw_only=True):
@@ -36,6 +44,7 @@ class LoadedPipeline(msgspec.Struct, frozen=True, kw_only=True):
     status: PipelineStatus
     accelerator: str = "cpu"  # which slot kind its runs need
     error: str | None = None
+    gpus: list[int] = msgspec.field(default_factory=list)  # GPU indices it was loaded on
 
 
 class AgentHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,6 +62,8 @@ class AgentHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     # the last event-log sequence the agent has processed: a run it does not list although
     # its dispatch is at or below this sequence is not running there
     seen_seq: int = 0
+    # pointers this agent could load (code present, hardware fits), loaded or not
+    can_serve: list[str] = msgspec.field(default_factory=list)
 
     def slots(self, kind: str) -> int:
         return sum(a.slots for a in self.accelerators if a.kind == kind)

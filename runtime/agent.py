@@ -256,6 +256,7 @@ class Agent:
             draining=self.draining,
             running=sorted(self.attempts),
             seen_seq=self.seen_seq,
+            can_serve=sorted(self.pools),
         )
 
     async def _beat(self) -> None:
