@@ -25,7 +25,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from contracts.api import (
@@ -41,6 +41,7 @@ from contracts.events import AnyEvent, Event, RunAdmitted, RunCancelRequested, R
 from contracts.run import Run, RunRecord
 from contracts.states import RunState
 from contracts.values import ValueTypeError, check
+from runtime import openapi
 from runtime.admission import Admission, LimitReached
 from runtime.catalog import Catalog
 from runtime.clock import SYSTEM_CLOCK, Clock
@@ -152,6 +153,8 @@ class Gateway:
             Route("/v4/pipelines/{pointer:path}/scaling", self.scaling, methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
+            Route("/openapi.json", self.openapi, methods=["GET"]),
+            Route("/docs", self.docs, methods=["GET"]),
         ]
         handlers = {
             HTTPError: self._on_error,
@@ -385,6 +388,12 @@ class Gateway:
 
     async def healthz(self, request: Request) -> Response:
         return json_response(Health(status="ok"))
+
+    async def openapi(self, request: Request) -> Response:
+        return json_response(openapi.document())
+
+    async def docs(self, request: Request) -> Response:
+        return HTMLResponse(openapi.DOCS_HTML)
 
     async def readyz(self, request: Request) -> Response:
         checks = {"nats_connected": self.nc.is_connected, "event_log_replayed": self.ready}
