@@ -21,6 +21,7 @@ from contracts.events import AdmissionSlot
 from contracts.run import RunRecord
 from runtime.config import Config
 from runtime.eventlog import ensure_stream, retrying
+from runtime.streams import admission_config, admission_stream
 
 log = logging.getLogger("jetrun.admission")
 
@@ -45,7 +46,7 @@ class LimitReached(Exception):
 
 
 def stream_name(limit: int) -> str:
-    return f"JETRUN_ADMIT_{limit}"
+    return admission_stream(limit)
 
 
 def permit_subject(limit: int, team: str) -> str:
@@ -85,17 +86,7 @@ class Admission:
                 tg.start_soon(ensure_stream, self.js, self._config(limit), SETUP_DEADLINE_S)
 
     def _config(self, limit: int) -> api.StreamConfig:
-        return api.StreamConfig(
-            name=stream_name(limit),
-            subjects=[f"jetrun.admit.{limit}.>"],
-            storage=api.StorageType.FILE,
-            num_replicas=self.replicas,
-            max_msgs_per_subject=limit,
-            discard=api.DiscardPolicy.NEW,
-            discard_new_per_subject=True,
-            max_age=self.lookback_s,
-            duplicate_window=min(600.0, self.lookback_s),
-        )
+        return admission_config(limit, lookback_s=self.lookback_s, replicas=self.replicas)
 
     async def try_admit(
         self, *, team: str, tier: str, limit: int | None, run_id: str, now: float

@@ -14,8 +14,8 @@ from nats.js.errors import NotFoundError
 
 from contracts.agents import PipelineInfo
 from runtime.eventlog import ensure_stream, retrying
+from runtime.streams import CATALOG_STREAM, catalog_config
 
-CATALOG_STREAM = "JETRUN_PIPELINES"
 _encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(PipelineInfo)
 
@@ -34,18 +34,7 @@ class Catalog:
         self._known: dict[str, PipelineInfo] = {}
 
     async def ensure(self) -> None:
-        await ensure_stream(
-            self.js,
-            api.StreamConfig(
-                name=CATALOG_STREAM,
-                subjects=["jetrun.pipelines.>"],
-                storage=api.StorageType.FILE,
-                num_replicas=self.replicas,
-                max_msgs_per_subject=1,
-                allow_direct=True,
-            ),
-            120.0,
-        )
+        await ensure_stream(self.js, catalog_config(replicas=self.replicas), 120.0)
 
     async def register(self, info: PipelineInfo) -> None:
         """Record ``info`` (last one wins). Retries through outages."""

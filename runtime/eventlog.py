@@ -38,11 +38,11 @@ from nats.js.errors import (
 from contracts.events import AnyEvent, Event, decode_event, encode_event
 from contracts.machine import fold
 from contracts.run import RunRecord
+from runtime import streams
+from runtime.streams import EVENTS_PREFIX, EVENTS_STREAM
 
 log = logging.getLogger("jetrun.eventlog")
 
-EVENTS_STREAM = "JETRUN_EVENTS"
-EVENTS_PREFIX = "jetrun.ev"
 ALL_EVENTS = f"{EVENTS_PREFIX}.>"
 
 # Outages, not answers: no JetStream responder, timeouts, a leader change (503, or a reply that
@@ -130,19 +130,13 @@ class EventLog:
 
     def stream_config(self) -> api.StreamConfig:
         s = self.settings
-        return api.StreamConfig(
-            name=EVENTS_STREAM,
-            subjects=[ALL_EVENTS],
-            retention=api.RetentionPolicy.LIMITS,
-            storage=api.StorageType.FILE,
-            num_replicas=s.replicas,
-            duplicate_window=s.duplicate_window_s,
-            max_age=s.max_age_s,
-            allow_direct=True,
+        return streams.events_config(
+            replicas=s.replicas, duplicate_window_s=s.duplicate_window_s, max_age_s=s.max_age_s
         )
 
     async def ensure(self) -> None:
-        """Create the stream, or bring its config up to date. Idempotent."""
+        """Create the stream if it is missing (see ``runtime.streams`` for what an existing
+        stream gets). Idempotent."""
         await ensure_stream(self.js, self.stream_config(), self.settings.setup_deadline_s)
 
     async def append(self, event: Event, *, expect_last_seq: int | None = None) -> Appended:
@@ -250,15 +244,20 @@ def _decode(msg: Msg) -> AnyEvent | None:
 
 
 async def ensure_stream(js: Any, config: api.StreamConfig, deadline_s: float = 30.0) -> None:
-    """Create ``config``'s stream or update it to ``config``. Idempotent, retries outages."""
+    """Create ``config``'s stream if it is missing. An existing stream keeps its settings; its
+    replicas are only ever raised (``streams.reconcile``). Idempotent, retries outages."""
 
     async def attempt() -> None:
         try:
-            await js.stream_info(config.name)
+            info = await js.stream_info(config.name)
         except NotFoundError:
             await js.add_stream(config)
             return
-        await js.update_stream(config)
+        streams.warn_differences(info.config, config)
+        update = streams.reconcile(info.config, config)
+        if update is not None:
+            log.info("stream %s: raising replicas to %s", config.name, update.num_replicas)
+            await js.update_stream(update)
 
     await retrying(f"ensure stream {config.name}", attempt, deadline_s)
 

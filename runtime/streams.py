@@ -1,0 +1,126 @@
+"""Every JetStream stream jetrun uses, and the one rule for bringing an existing one up to date.
+
+The configs of the event log, the admission streams and the pipeline catalogue are built here
+and nowhere else. A service creates a stream that is missing with these settings. A stream that
+exists belongs to its operator: a service only ever *raises* its replicas (a service started
+with ``--replicas 1`` never downgrades a production stream), and never rewrites a setting such as
+``max_age`` or ``duplicate_window``, so services started with different settings (two admission
+lookbacks, say) cannot flip a stream back and forth. A setting that differs from what this
+service would have chosen is logged once at WARNING; change it with ``nats stream edit``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from nats.js import api
+
+log = logging.getLogger("jetrun.streams")
+
+EVENTS_STREAM = "JETRUN_EVENTS"
+EVENTS_PREFIX = "jetrun.ev"
+CATALOG_STREAM = "JETRUN_PIPELINES"
+CATALOG_PREFIX = "jetrun.pipelines"
+ADMIT_PREFIX = "jetrun.admit"
+
+#: Settings a service compares (and warns about) but never changes on an existing stream.
+OPERATOR_SETTINGS = (
+    "max_age",
+    "duplicate_window",
+    "max_msgs_per_subject",
+    "max_msgs",
+    "max_bytes",
+    "discard",
+    "discard_new_per_subject",
+    "storage",
+    "retention",
+)
+
+
+def events_config(
+    *, replicas: int, duplicate_window_s: float, max_age_s: float
+) -> api.StreamConfig:
+    """``JETRUN_EVENTS``: every run event, the source of truth (``max_age_s`` 0: for ever)."""
+    return api.StreamConfig(
+        name=EVENTS_STREAM,
+        subjects=[f"{EVENTS_PREFIX}.>"],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=duplicate_window_s,
+        max_age=max_age_s,
+        allow_direct=True,
+    )
+
+
+def admission_stream(limit: int) -> str:
+    return f"JETRUN_ADMIT_{limit}"
+
+
+def admission_config(limit: int, *, lookback_s: float, replicas: int) -> api.StreamConfig:
+    """``JETRUN_ADMIT_<limit>``: at most ``limit`` permits per team subject; a permit expires
+    after the admission lookback."""
+    return api.StreamConfig(
+        name=admission_stream(limit),
+        subjects=[f"{ADMIT_PREFIX}.{limit}.>"],
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        max_msgs_per_subject=limit,
+        discard=api.DiscardPolicy.NEW,
+        discard_new_per_subject=True,
+        max_age=lookback_s,
+        duplicate_window=min(600.0, lookback_s),
+    )
+
+
+def catalog_config(*, replicas: int) -> api.StreamConfig:
+    """``JETRUN_PIPELINES``: the last registration of each pipeline."""
+    return api.StreamConfig(
+        name=CATALOG_STREAM,
+        subjects=[f"{CATALOG_PREFIX}.>"],
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        max_msgs_per_subject=1,
+        allow_direct=True,
+    )
+
+
+def reconcile(existing: api.StreamConfig, wanted: api.StreamConfig) -> api.StreamConfig | None:
+    """The update to send for a stream that exists, or None to leave it alone. Pure.
+
+    Only the replica count may change, and only upwards; every other setting of ``existing``
+    is kept as the operator (or the first service) left it."""
+    have = existing.num_replicas or 1
+    want = wanted.num_replicas or 1
+    if want <= have:
+        return None
+    return dataclasses.replace(existing, num_replicas=want)
+
+
+def differences(
+    existing: api.StreamConfig, wanted: api.StreamConfig
+) -> dict[str, tuple[object, object]]:
+    """Operator settings where ``existing`` differs from ``wanted``: name -> (kept, wanted)."""
+    found: dict[str, tuple[object, object]] = {}
+    for name in OPERATOR_SETTINGS:
+        kept, mine = getattr(existing, name), getattr(wanted, name)
+        if kept != mine and not (_unset(kept) and _unset(mine)):
+            found[name] = (kept, mine)
+    return found
+
+
+def _unset(value: object) -> bool:
+    return value in (None, 0, -1)
+
+
+def warn_differences(existing: api.StreamConfig, wanted: api.StreamConfig) -> None:
+    for name, (kept, mine) in differences(existing, wanted).items():
+        log.warning(
+            "stream %s keeps %s=%r (this service would have created it with %r); "
+            "change it with `nats stream edit` if that is wanted",
+            existing.name,
+            name,
+            kept,
+            mine,
+        )
