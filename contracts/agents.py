@@ -72,3 +72,13 @@ class AgentHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
         return any(
             p.pointer == pointer and p.status is PipelineStatus.ready for p in self.pipelines
         )
+
+
+class SchedulerHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
+    """Published by the scheduler every heartbeat interval on ``jetrun.scheduler.heartbeat``
+    once it has caught up with the log: a run admitted now will be placed."""
+
+    scheduler_id: str
+    at: float
+    started_at: float
+    seen_seq: int = 0

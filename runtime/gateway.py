@@ -50,6 +50,7 @@ from runtime.eventlog import EventLog, LogSettings, ensure_all
 from runtime.fleet import HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
 from runtime.listing import BadQuery, RunListing, parse_query
 from runtime.projection import RunIndex
+from runtime.readiness import Readiness, SchedulerWatch
 
 log = logging.getLogger("jetrun.gateway")
 
@@ -110,15 +111,20 @@ class Gateway:
             deadline_s=config.settings.request_deadline_s,
         )
         self.ready = False
+        self.scheduler = SchedulerWatch(clock.monotonic, config.settings.node_loss_timeout_s)
+        self.readiness = Readiness(
+            nc, self.log.js, self.scheduler, replayed=lambda: self.ready, replicas=settings.replicas
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Create the streams if needed, replay the log into the index, then follow it."""
-        await ensure_all(self.log, self.catalog, self.admission)
+        await ensure_all(self.log, self.catalog, self.admission, self.readiness)
         target = await self.log.last_seq()
         tail = await self.log.tail(self._on_event, skipped=self._on_skipped)
         beats = await self.nc.subscribe(f"{HEARTBEAT_SUBJECT}.*", cb=self._on_heartbeat)
+        scheduler_beats = await self.scheduler.subscribe(self.nc)
         try:
             await self.index.catch_up(target, timeout=self.config.settings.replay_deadline_s)
             self.ready = True
@@ -127,7 +133,7 @@ class Gateway:
         finally:
             self.ready = False
             with anyio.CancelScope(shield=True):
-                for sub in (tail, beats):
+                for sub in (tail, beats, scheduler_beats):
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
 
@@ -396,7 +402,7 @@ class Gateway:
         return HTMLResponse(openapi.DOCS_HTML)
 
     async def readyz(self, request: Request) -> Response:
-        checks = {"nats_connected": self.nc.is_connected, "event_log_replayed": self.ready}
+        checks = await self.readiness.checks()
         ok = all(checks.values())
         return json_response(
             Health(status="ok" if ok else "unavailable", checks=checks), 200 if ok else 503

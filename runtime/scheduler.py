@@ -19,7 +19,7 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from contracts.agents import AgentHeartbeat, PipelineStatus
+from contracts.agents import AgentHeartbeat, PipelineStatus, SchedulerHeartbeat
 from contracts.events import (
     AdmissionSlot,
     AnyEvent,
@@ -50,6 +50,7 @@ from runtime.fleet import (
     heartbeat_decoder,
 )
 from runtime.projection import RunIndex
+from runtime.readiness import new_scheduler_id, publish_scheduler_heartbeats
 
 log = logging.getLogger("jetrun.scheduler")
 
@@ -103,6 +104,8 @@ class Scheduler:
         self._cut_off = False
         self._running_since: dict[str, float] = {}  # run id -> when it last changed, running
         self._dispatched_at: dict[str, int] = {}  # run id -> log sequence of its dispatch
+        self.scheduler_id = new_scheduler_id()
+        self.started_at = clock.now()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -115,6 +118,8 @@ class Scheduler:
         async with self.following(), anyio.create_task_group() as tg:
             tg.start_soon(self._decide_loop)
             tg.start_soon(self._tick_loop)
+            every = self.config.settings.heartbeat_interval_s
+            tg.start_soon(publish_scheduler_heartbeats, self.nc, self.heartbeat, every, self.clock)
             task_status.started()
 
     @contextlib.asynccontextmanager
@@ -137,6 +142,14 @@ class Scheduler:
                 for sub in (heartbeats, drains, tail):
                     with contextlib.suppress(Exception):  # the connection may be gone
                         await sub.unsubscribe()
+
+    def heartbeat(self) -> SchedulerHeartbeat:
+        return SchedulerHeartbeat(
+            scheduler_id=self.scheduler_id,
+            at=self.clock.now(),
+            started_at=self.started_at,
+            seen_seq=self.index.last_seq,
+        )
 
     def statistics(self) -> SchedulerStats:
         return SchedulerStats(

@@ -322,7 +322,14 @@ async def test_health_and_scaling(stack: Stack) -> None:
     async with client(stack) as c:
         assert (await c.get("/healthz")).json()["status"] == "ok"
         ready = (await c.get("/readyz")).json()
-        assert ready["checks"] == {"nats_connected": True, "event_log_replayed": True}
+        assert ready["status"] == "ok"
+        assert ready["checks"] == {
+            "nats_connected": True,
+            "event_log_replayed": True,
+            "event_log_stream": True,
+            "store_writable": True,
+            "scheduler_alive": True,
+        }
         scaling = (await c.get("/v4/pipelines/demo/echo:v1/scaling")).json()
         assert scaling["current_replicas"] == 1
         assert scaling["current_pipeline_states"] == {"ready": 1}
