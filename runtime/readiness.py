@@ -26,13 +26,12 @@ from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from contracts.agents import SchedulerHeartbeat
 from runtime.clock import Clock
-from runtime.eventlog import EVENTS_STREAM, ensure_stream
+from runtime.eventlog import ensure_stream
+from runtime.streams import EVENTS_STREAM, PROBE_PREFIX, probe_config
 
 log = logging.getLogger("jetrun.readiness")
 
 SCHEDULER_HEARTBEAT_SUBJECT = "jetrun.scheduler.heartbeat"
-PROBE_STREAM = "JETRUN_PROBE"
-PROBE_SUBJECTS = "jetrun.probe.>"
 CHECK_TIMEOUT_S = 1.0
 CACHE_S = 1.0
 # a page's worth, so a probe needs fresh space on the store's disk (a tiny one fits in a page
@@ -103,18 +102,11 @@ class Readiness:
         self.watch = watch
         self.replayed = replayed
         self.replicas = replicas
-        self._probe_subject = f"jetrun.probe.{uuid.uuid4().hex}"
+        self._probe_subject = f"{PROBE_PREFIX}.{uuid.uuid4().hex}"
         self._cached: tuple[float, dict[str, bool]] | None = None
 
     def _probe_config(self) -> api.StreamConfig:
-        return api.StreamConfig(
-            name=PROBE_STREAM,
-            subjects=[PROBE_SUBJECTS],
-            storage=api.StorageType.FILE,
-            num_replicas=self.replicas,
-            max_msgs_per_subject=1,
-            max_age=3600.0,
-        )
+        return probe_config(replicas=self.replicas)
 
     async def ensure(self) -> None:
         """Create the probe stream. Idempotent."""

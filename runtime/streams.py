@@ -23,6 +23,8 @@ EVENTS_PREFIX = "jetrun.ev"
 CATALOG_STREAM = "JETRUN_PIPELINES"
 CATALOG_PREFIX = "jetrun.pipelines"
 ADMIT_PREFIX = "jetrun.admit"
+PROBE_STREAM = "JETRUN_PROBE"
+PROBE_PREFIX = "jetrun.probe"
 
 #: Settings a service compares (and warns about) but never changes on an existing stream.
 OPERATOR_SETTINGS = (
@@ -83,6 +85,18 @@ def catalog_config(*, replicas: int) -> api.StreamConfig:
         num_replicas=replicas,
         max_msgs_per_subject=1,
         allow_direct=True,
+    )
+
+
+def probe_config(*, replicas: int) -> api.StreamConfig:
+    """``JETRUN_PROBE``: readiness probes, the last one per gateway, kept an hour."""
+    return api.StreamConfig(
+        name=PROBE_STREAM,
+        subjects=[f"{PROBE_PREFIX}.>"],
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        max_msgs_per_subject=1,
+        max_age=3600.0,
     )
 
 

@@ -13,8 +13,8 @@ import anyio
 import httpx
 import pytest
 
-from runtime.eventlog import EVENTS_STREAM
 from runtime.nats_conn import connect
+from runtime.streams import EVENTS_STREAM
 from tests.harness import Stack
 
 pytestmark = pytest.mark.anyio
