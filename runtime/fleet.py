@@ -7,7 +7,7 @@ receiver's own (injected, monotonic) clock, never the sender's, so clock skew ca
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import msgspec
@@ -37,18 +37,96 @@ class _Seen:
     last_seen: float
 
 
+@dataclass(frozen=True)
+class FleetView:
+    """The fleet as it stands at one instant (``mono``, the receiver's monotonic clock): what a
+    decision pass reads. Pure: no clock, no I/O."""
+
+    agents: Mapping[str, _Seen]
+    gone: frozenset[str]
+    recalled: frozenset[str]  # agents that sent a preemption notice (drain request)
+    mono: float
+    loss_timeout_s: float
+
+    def _alive(self, seen: _Seen) -> bool:
+        return seen.last_seen >= self.mono - self.loss_timeout_s
+
+    def expired(self) -> list[str]:
+        """Agents silent for longer than the loss timeout."""
+        return [a for a, seen in self.agents.items() if not self._alive(seen)]
+
+    def draining(self) -> list[str]:
+        """Agents that announced a drain (a recall notice, or ``draining`` in a heartbeat)."""
+        announced = [a for a, s in self.agents.items() if s.beat is not None and s.beat.draining]
+        return sorted(self.recalled.union(announced))
+
+    def live(self) -> list[AgentHeartbeat]:
+        """Agents that may take new work: heard from in time, not draining, not recalled."""
+        return [
+            s.beat
+            for a, s in self.agents.items()
+            if s.beat is not None
+            and self._alive(s)
+            and not s.beat.draining
+            and a not in self.recalled
+        ]
+
+    def heard_at(self, agent_id: str) -> float:
+        """When the last heartbeat of ``agent_id`` arrived (the receiver's monotonic clock)."""
+        seen = self.agents.get(agent_id)
+        return seen.last_seen if seen is not None else float("-inf")
+
+    def is_gone(self, agent_id: str) -> bool:
+        return agent_id in self.gone
+
+    def serving(
+        self, pointer: str, status: PipelineStatus = PipelineStatus.ready
+    ) -> list[AgentHeartbeat]:
+        """Live agents on which ``pointer`` has ``status``."""
+        return [
+            beat
+            for beat in self.live()
+            if any(p.pointer == pointer and p.status is status for p in beat.pipelines)
+        ]
+
+    def startup_errors(self, pointer: str) -> dict[str, str]:
+        """Live agents on which ``pointer``'s startup step raised: agent id -> the error."""
+        return {
+            beat.agent_id: p.error or "startup failed"
+            for beat in self.live()
+            for p in beat.pipelines
+            if p.pointer == pointer and p.status is PipelineStatus.failed
+        }
+
+    def pipeline_states(self, pointer: str) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for beat in self.live():
+            for p in beat.pipelines:
+                if p.pointer == pointer:
+                    counts[p.status.value] += 1
+        return dict(counts)
+
+
 class Fleet:
+    """What heartbeats and drain requests said, on the receiver's monotonic clock. Read it
+    through ``view()`` (one instant) or the shortcuts below (now)."""
+
     def __init__(self, monotonic: Callable[[], float], loss_timeout_s: float) -> None:
         self.monotonic = monotonic
         self.loss_timeout_s = loss_timeout_s
         self._agents: dict[str, _Seen] = {}
         self._gone: set[str] = set()
+        self._recalled: set[str] = set()
 
     def observe(self, beat: AgentHeartbeat) -> None:
         """Record a heartbeat. Heartbeats of an agent declared lost are ignored: it must come
         back under a new id."""
         if beat.agent_id not in self._gone:
             self._agents[beat.agent_id] = _Seen(beat, self.monotonic())
+
+    def recall(self, agent_id: str) -> None:
+        """The agent got a preemption notice: it takes no new work from now on."""
+        self._recalled.add(agent_id)
 
     def suspect(self, agent_id: str) -> None:
         """Start the loss clock for an agent known only from the log (it holds runs but has
@@ -65,51 +143,40 @@ class Fleet:
     def forget(self, agent_id: str) -> None:
         """Declare the agent lost for good."""
         self._agents.pop(agent_id, None)
+        self._recalled.discard(agent_id)
         self._gone.add(agent_id)
+
+    def view(self) -> FleetView:
+        """A snapshot at this instant. Copies the agent table (O(agents))."""
+        agents = {a: _Seen(s.beat, s.last_seen) for a, s in self._agents.items()}
+        return FleetView(
+            agents=agents,
+            gone=frozenset(self._gone),
+            recalled=frozenset(self._recalled),
+            mono=self.monotonic(),
+            loss_timeout_s=self.loss_timeout_s,
+        )
 
     def is_gone(self, agent_id: str) -> bool:
         return agent_id in self._gone
-
-    def expired(self) -> list[str]:
-        """Agents silent for longer than the loss timeout, or that announced a drain."""
-        cutoff = self.monotonic() - self.loss_timeout_s
-        return [
-            agent_id
-            for agent_id, seen in self._agents.items()
-            if seen.last_seen < cutoff or (seen.beat is not None and seen.beat.draining)
-        ]
-
-    def live(self) -> list[AgentHeartbeat]:
-        cutoff = self.monotonic() - self.loss_timeout_s
-        return [
-            s.beat
-            for s in self._agents.values()
-            if s.beat is not None and s.last_seen >= cutoff and not s.beat.draining
-        ]
-
-    def heard_at(self, agent_id: str) -> float:
-        """When the last heartbeat of ``agent_id`` arrived (this process's monotonic clock)."""
-        seen = self._agents.get(agent_id)
-        return seen.last_seen if seen is not None else float("-inf")
 
     def get(self, agent_id: str) -> AgentHeartbeat | None:
         seen = self._agents.get(agent_id)
         return seen.beat if seen is not None else None
 
+    def expired(self) -> list[str]:
+        return self.view().expired()
+
+    def live(self) -> list[AgentHeartbeat]:
+        return self.view().live()
+
+    def heard_at(self, agent_id: str) -> float:
+        return self.view().heard_at(agent_id)
+
     def serving(
         self, pointer: str, status: PipelineStatus = PipelineStatus.ready
     ) -> list[AgentHeartbeat]:
-        """Live agents on which ``pointer`` has ``status``."""
-        return [
-            beat
-            for beat in self.live()
-            if any(p.pointer == pointer and p.status is status for p in beat.pipelines)
-        ]
+        return self.view().serving(pointer, status)
 
     def pipeline_states(self, pointer: str) -> dict[str, int]:
-        counts: Counter[str] = Counter()
-        for beat in self.live():
-            for p in beat.pipelines:
-                if p.pointer == pointer:
-                    counts[p.status.value] += 1
-        return dict(counts)
+        return self.view().pipeline_states(pointer)

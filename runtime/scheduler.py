@@ -1,68 +1,70 @@
 """The scheduler: the one decider that places, queues, dispatches, cancels and preempts runs.
 
-It tails the event log into a ``RunIndex``, hears agents' heartbeats into a ``Fleet``, and on
-every change runs a decision pass that appends events. It keeps no state of its own that the log
-cannot rebuild: after a crash it replays the log and carries on. Every decision is an event with a
-deterministic message id (run, kind, attempt), so a decision made twice, by a restarted scheduler
-or a second one, is recorded once.
+It tails the event log into a ``RunIndex``, hears agents' heartbeats and drain requests into a
+``Fleet``, and runs decision passes (``runtime.decide``, pure) in one task that applies them: on
+every change a pass over what events ask for, every tick one that adds what time asks for. It
+appends a pass's events together, waits until its own index has them, and only then decides
+again, so no two passes ever work from the same picture. It keeps no state of its own that the
+log cannot rebuild: after a crash it replays the log and carries on. Every decision is an event
+with a deterministic message id (run, kind, attempt), so a decision made twice, by a restarted
+scheduler or a second one, is recorded once.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import TypeVar
 
 import anyio
 import msgspec
+import stamina
 from anyio.abc import TaskStatus
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from contracts.agents import AgentHeartbeat, PipelineStatus, SchedulerHeartbeat
-from contracts.events import (
-    AdmissionSlot,
-    AnyEvent,
-    Event,
-    RunAdmitted,
-    RunCancelled,
-    RunDispatched,
-    RunNoResourcesAvailable,
-    RunPreempted,
-    RunQueued,
-    RunRequeued,
-    RunWaitChanged,
-)
+from contracts.agents import AgentHeartbeat, PipelineInfo, SchedulerHeartbeat
+from contracts.events import AdmissionSlot, AnyEvent, Event, RunAdmitted
 from contracts.run import RunRecord
-from contracts.states import RunState, WaitingFor
 from runtime.admission import Admission, stream_name
 from runtime.catalog import Catalog
 from runtime.clock import SYSTEM_CLOCK, Clock
 from runtime.config import Config
-from runtime.eventlog import EventLog, LogSettings, ensure_all
-from runtime.fleet import (
-    ATTEMPT_LOST,
-    DRAIN_SUBJECT,
-    HEARTBEAT_SUBJECT,
-    NODE_LOST,
-    NODE_RECALLED,
-    Fleet,
-    heartbeat_decoder,
-)
+from runtime.decide import Decisions, Now, Pass, Worklist, decide
+from runtime.eventlog import RETRYABLE, EventLog, LogSettings, ensure_all
+from runtime.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
 from runtime.projection import RunIndex
 from runtime.readiness import new_scheduler_id, publish_scheduler_heartbeats
 
 log = logging.getLogger("jetrun.scheduler")
+
+T = TypeVar("T")
+
+APPENDS_IN_FLIGHT = 64  # appends of one pass in flight at once
+CATCH_UP_S = 5.0  # how long a pass waits for the index to hold what it appended
 
 
 class SchedulerStats(msgspec.Struct, frozen=True, kw_only=True):
     caught_up: bool
     live_agents: int
     routing: int
-    pending_decisions: int
-    reserved_slots: int
+    pending_decisions: int  # events of the pass being applied
     decisions: int
     lost_agents: int
+    passes: int = 0
+
+
+async def patiently(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``, retried with jittered exponential backoff through NATS outages (timeouts,
+    no responders, a leader change) for up to 10 s; then the last error is raised."""
+    async for attempt in stamina.retry_context(
+        on=RETRYABLE, attempts=None, timeout=10.0, wait_initial=0.05, wait_max=1.0
+    ):
+        with attempt:
+            return await call()
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class Scheduler:
@@ -83,27 +85,22 @@ class Scheduler:
         self.log = EventLog(nc, settings)
         self.index = RunIndex()
         self.index.listen(self._observe)
+        self.work = Worklist()
         self.fleet = Fleet(clock.monotonic, config.settings.node_loss_timeout_s)
         self.catalog = Catalog(self.log.js, replicas=settings.replicas)
         self.admission = Admission.for_config(
             self.log.js, config, replicas=settings.replicas, lookup=self.index.get
         )
         self.caught_up = False
-        # ordered by when runs entered the state (log order): placement keeps queues FIFO
-        self._routing: dict[str, None] = {}
-        self._created: dict[str, None] = {}
-        self._announced: dict[str, WaitingFor] = {}  # pipeline -> what its queue waits for
-        self._cancelling: dict[str, None] = {}
-        self._ended: list[RunRecord] = []
-        self._pending: dict[str, str] = {}  # run id -> kind of the decision in flight
-        self._pending_since: dict[str, float] = {}
-        self._reserved: dict[str, tuple[str, str]] = {}  # run id -> (agent id, slot kind)
+        self._ended: list[RunRecord] = []  # runs that ended since the last pass: permits back
+        self._drain_replies: dict[str, list[str]] = {}  # agent -> reply subjects waiting
         self._kick = anyio.Event()
+        self._timed = False
+        self._applying = 0
         self._decisions = 0
+        self._passes = 0
         self._lost = 0
         self._cut_off = False
-        self._running_since: dict[str, float] = {}  # run id -> when it last changed, running
-        self._dispatched_at: dict[str, int] = {}  # run id -> log sequence of its dispatch
         self.scheduler_id = new_scheduler_id()
         self.started_at = clock.now()
 
@@ -124,8 +121,9 @@ class Scheduler:
 
     @contextlib.asynccontextmanager
     async def following(self) -> AsyncIterator[None]:
-        """Inside: the index follows the log (caught up on entry) and heartbeats are heard;
-        decisions are made only by calling ``decide()`` and ``tick()`` (what tests do)."""
+        """Inside: the index follows the log (caught up on entry) and heartbeats and drain
+        requests are heard; decisions are made only by calling ``decide()`` and ``tick()``
+        (what tests do)."""
         await self.ensure()
         target = await self.log.last_seq()
         heartbeats = await self.nc.subscribe(f"{HEARTBEAT_SUBJECT}.*", cb=self._on_heartbeat)
@@ -155,14 +153,14 @@ class Scheduler:
         return SchedulerStats(
             caught_up=self.caught_up,
             live_agents=len(self.fleet.live()),
-            routing=len(self._routing),
-            pending_decisions=len(self._pending),
-            reserved_slots=len(self._reserved),
+            routing=len(self.work.routing),
+            pending_decisions=self._applying,
             decisions=self._decisions,
             lost_agents=self._lost,
+            passes=self._passes,
         )
 
-    # --- inputs ------------------------------------------------------------------------------
+    # --- inputs: they only record what they heard and wake the deciding task ----------------
 
     async def _on_event(self, seq: int, event: AnyEvent) -> None:
         self.index.apply(seq, event)
@@ -182,287 +180,174 @@ class Scheduler:
             self._kick.set()
 
     async def _on_drain(self, msg: Msg) -> None:
-        """An agent got a preemption notice: its runs are preempted (or requeued) at once."""
-        agent_id = msg.data.decode()
-        handled = await self._handle_lost(agent_id, f"{NODE_RECALLED}: the node was recalled")
+        """An agent got a preemption notice: from now on it gets no new run; the next pass
+        preempts (or requeues) its runs and answers with how many it handled."""
+        agent_id = msg.data.decode(errors="replace")
+        self.fleet.recall(agent_id)
         if msg.reply:
-            await self.nc.publish(msg.reply, str(handled).encode())
+            self._drain_replies.setdefault(agent_id, []).append(msg.reply)
+        self._kick.set()
 
     def _observe(self, seq: int, event: AnyEvent, before: RunRecord | None, run: RunRecord) -> None:
-        _toggle(self._routing, run.id, run.state is RunState.routing)
-        _toggle(self._created, run.id, run.state is RunState.created)
-        _toggle(self._cancelling, run.id, run.cancel_requested and not run.is_terminal)
-        pending = self._pending.get(run.id)
-        if pending is not None and (pending == event.kind or run.is_terminal):
-            del self._pending[run.id]
-        if isinstance(event, RunDispatched) or run.state is not RunState.queued:
-            self._reserved.pop(run.id, None)
-        if run.state is RunState.running:
-            self._running_since[run.id] = self.clock.monotonic()
-            if isinstance(event, RunDispatched):
-                self._dispatched_at[run.id] = seq
-        else:
-            self._running_since.pop(run.id, None)
-            self._dispatched_at.pop(run.id, None)
+        self.work.observe(seq, event, run, self.clock.monotonic())
         newly_ended = run.is_terminal and (before is None or not before.is_terminal)
         if newly_ended and self.caught_up and run.slot is not None:
             self._ended.append(run)
         self._kick.set()
 
-    # --- the decision pass -------------------------------------------------------------------
+    # --- the deciding task -------------------------------------------------------------------
 
     async def _decide_loop(self) -> None:
         while True:
             await self._kick.wait()
             self._kick = anyio.Event()
-            await self.decide()
-
-    async def decide(self) -> None:
-        """One pass: cancel, place, dispatch, give permits back."""
-        for run_id in list(self._cancelling):
-            run = self.index.get(run_id)
-            if run is not None and run_id not in self._pending:
-                await self._append(run_id, RunCancelled(run_id=run_id, at=self.clock.now()))
-        for run_id in list(self._routing):
-            if run_id not in self._pending:
-                await self._place(run_id)
-        for pipeline in self.index.pipelines_with_queue():
-            await self._dispatch(pipeline)
-        ended, self._ended = self._ended, []
-        for run in ended:
-            if run.slot is not None:
-                await self.admission.release(run.slot)
-
-    async def _append(self, run_id: str, event: Event) -> bool:
-        self._pending[run_id] = event.kind
-        self._pending_since[run_id] = self.clock.monotonic()
-        try:
-            await self.log.append(event)
-        except Exception as err:
-            log.warning("could not append %s for %s: %r", event.kind, run_id, err)
-            self._pending.pop(run_id, None)
-            self._reserved.pop(run_id, None)
-            return False
-        self._decisions += 1
-        return True
-
-    async def _place(self, run_id: str) -> None:
-        run = self.index.get(run_id)
-        if run is None or run.state is not RunState.routing:
-            return
-        now = self.clock.now()
-        waiting = self._waits_for(run.pipeline)
-        if waiting is WaitingFor.resources and not run.wait_for_resources:
-            reason = f"no replica of {run.pipeline} is alive"
-            event: Event = RunNoResourcesAvailable(
-                run_id=run_id, at=now, attempt=run.attempt, reason=reason
-            )
-            await self._append(run_id, event)
-            return
-        await self._append(
-            run_id, RunQueued(run_id=run_id, at=now, attempt=run.attempt, waiting_for=waiting)
-        )
-
-    def _waits_for(self, pipeline: str) -> WaitingFor:
-        """What a queued run of ``pipeline`` waits for, as the fleet stands."""
-        if self.fleet.serving(pipeline):
-            return WaitingFor.capacity
-        if self.fleet.serving(pipeline, PipelineStatus.loading):
-            return WaitingFor.cold_start
-        return WaitingFor.resources
-
-    async def _announce_waits(self) -> None:
-        """When what a pipeline's queue waits for changes (a replica came alive, started
-        loading, or went away), say so on each of its queued runs. O(queue) only then."""
-        for pipeline in self.index.pipelines_with_queue():
-            waiting = self._waits_for(pipeline)
-            if self._announced.get(pipeline) is waiting:
-                continue
-            now = self.clock.now()
-            told = True
-            for run_id in self.index.queued(pipeline):
-                run = self.index.records[run_id]
-                if run.waiting_for in (waiting, WaitingFor.cancellation):
-                    continue
-                if run_id not in self._pending:
-                    event = RunWaitChanged(
-                        run_id=run_id, at=now, attempt=run.attempt, waiting_for=waiting
-                    )
-                    told &= await self._append(run_id, event)
-            if told:
-                self._announced[pipeline] = waiting
-
-    async def _dispatch(self, pipeline: str) -> None:
-        info = await self.catalog.lookup(pipeline)
-        kind = info.accelerator if info is not None else "cpu"
-        agents = self.fleet.serving(pipeline)
-        free = {a.agent_id: self._free(a, kind) for a in agents}
-        budget = sum(max(n, 0) for n in free.values())
-        if budget <= 0:
-            return
-        in_flight = sum(1 for r in self._pending if r in self._reserved)
-        for run_id in self.index.queued(pipeline, limit=budget + in_flight):
-            if run_id in self._pending:
-                continue
-            agent_id = max(free, key=lambda a: free[a])
-            if free[agent_id] <= 0:
-                return
-            run = self.index.records[run_id]
-            free[agent_id] -= 1
-            self._reserved[run_id] = (agent_id, kind)
-            event = RunDispatched(
-                run_id=run_id,
-                at=self.clock.now(),
-                attempt=run.attempt,
-                agent_id=agent_id,
-                slot=kind,
-            )
-            await self._append(run_id, event)
-
-    def _free(self, beat: AgentHeartbeat, kind: str) -> int:
-        used = sum(1 for r in self.index.on_agent.get(beat.agent_id, ()) if self._kind(r) == kind)
-        reserved = sum(1 for a, k in self._reserved.values() if a == beat.agent_id and k == kind)
-        return beat.slots(kind) - used - reserved
-
-    def _kind(self, run_id: str) -> str:
-        info = self.catalog.cached(self.index.records[run_id].pipeline)
-        return info.accelerator if info is not None else "cpu"
-
-    # --- time-driven decisions ---------------------------------------------------------------
+            timed, self._timed = self._timed, False
+            await self._pass(timed=timed)
 
     async def _tick_loop(self) -> None:
         sweep_every = max(1, int(self.config.settings.release_grace_s / self.tick_s))
         ticks = 0
         while True:
-            await self.tick()
+            await self.clock.sleep(self.tick_s)
+            self._timed = True
+            self._kick.set()
             ticks += 1
             if ticks % sweep_every == 0:
                 await self._sweep()
-            await self.clock.sleep(self.tick_s)
+
+    async def decide(self) -> None:
+        """One pass over what events ask for (cancel, drains, place, dispatch), applied."""
+        await self._pass(timed=False)
 
     async def tick(self) -> None:
-        """Detect lost agents and expired resource waits; forget decisions that were never seen
-        in the log (deduplicated against an earlier copy), so they are made again."""
+        """One pass that also decides what time asks for (lost nodes and attempts, resource
+        waits, unfinished admissions, wait reasons), applied."""
+        await self._pass(timed=True)
+
+    async def _pass(self, *, timed: bool) -> None:
         if not self.nc.is_connected:
             self._cut_off = True  # agents cannot reach us either: no loss is decided now
             return
         if self._cut_off:
             self._cut_off = False
             self.fleet.refresh()  # every agent gets a full timeout after a reconnect
-        stale = self.clock.monotonic() - 5.0
-        for run_id, since in list(self._pending_since.items()):
-            if since < stale or run_id not in self._pending:
-                self._pending_since.pop(run_id, None)
-                if since < stale:
-                    self._pending.pop(run_id, None)
-                    self._reserved.pop(run_id, None)
-        for agent_id, runs in list(self.index.on_agent.items()):
+        for agent_id, runs in self.index.on_agent.items():
             if runs:
                 self.fleet.suspect(agent_id)
-        await self._reconcile_attempts()
-        lost = set(self.fleet.expired())
-        lost.update(a for a, runs in self.index.on_agent.items() if runs and self.fleet.is_gone(a))
-        for agent_id in lost:
-            timeout = self.config.settings.node_loss_timeout_s
-            await self._handle_lost(agent_id, f"{NODE_LOST}: no heartbeat for {timeout:g} s")
-        await self._expire_resource_waits()
-        await self._finish_admissions()
-        await self._announce_waits()
-        self._kick.set()
+        catalogue = await self._catalogue()
+        if catalogue is not None:
+            now = Now(self.clock.now(), self.clock.monotonic())
+            view = Pass(self.index, self.work, self.fleet.view(), catalogue, self.config, now)
+            await self.apply(decide(view, timed=timed))
+            self._passes += 1
+        await self._release_ended()
 
-    async def _reconcile_attempts(self) -> None:
-        """A live agent that no longer lists a run the log says it runs has lost that attempt
-        (its dispatch or its result never got through): preempt or requeue it. An agent lists a
-        run until its result is stored, and a result stored before this decision wins in the
-        log, so a finished run is never touched."""
-        grace = max(5.0, 3 * self.config.settings.heartbeat_interval_s)
-        for beat in self.fleet.live():
-            listed = set(beat.running)
-            heard_at = self.fleet.heard_at(beat.agent_id)
-            for run_id in list(self.index.on_agent.get(beat.agent_id, ())):
-                run = self.index.records[run_id]
-                # the agent has processed the dispatch (a delivery held up while its consumer
-                # is recreated is no loss), and on this process's clock the beat came well
-                # after the run last changed
-                delivered = beat.seen_seq >= self._dispatched_at.get(run_id, 0)
-                since = self._running_since.get(run_id, heard_at)
-                if (
-                    run_id not in listed
-                    and delivered
-                    and heard_at - since > grace
-                    and run_id not in self._pending
-                ):
-                    reason = f"{ATTEMPT_LOST}: node {beat.agent_id} no longer runs it"
-                    log.warning("run %s: %s", run_id, reason)
-                    await self._append(run_id, await self._loss_event(run, beat.agent_id, reason))
+    async def _catalogue(self) -> dict[str, PipelineInfo] | None:
+        """The settings of every pipeline with runs to decide on; None (no pass now) if the
+        catalogue stays unreachable."""
+        pipelines = set(self.index.pipelines_with_queue())
+        pipelines.update(self.index.records[r].pipeline for r in self.work.routing)
+        for runs in self.index.on_agent.values():
+            pipelines.update(self.index.records[r].pipeline for r in runs)
+        found: dict[str, PipelineInfo] = {}
+        for pipeline in pipelines:
+            try:
+                info = await patiently(
+                    f"look up {pipeline}", partial(self.catalog.lookup, pipeline)
+                )
+            except RETRYABLE as err:
+                log.warning("catalogue unreachable (%r); deciding again later", err)
+                return None
+            if info is not None:
+                found[pipeline] = info
+        return found
 
-    async def _handle_lost(self, agent_id: str, reason: str) -> int:
-        """Preempt or requeue every run on ``agent_id``; forget the agent once all are
-        recorded. Returns how many runs were handled."""
-        handled = 0
-        ok = True
-        for run_id in list(self.index.on_agent.get(agent_id, ())):
-            run = self.index.records[run_id]
-            if run.state is not RunState.running:
+    # --- applying a pass ---------------------------------------------------------------------
+
+    async def apply(self, d: Decisions) -> None:
+        """Append a pass's events together (they are about different runs), wait until the
+        index holds them, then act on what was stored: forget lost agents, remember announced
+        waits, answer drain requests."""
+        failed: set[str] = set()
+        stored = 0
+        limiter = anyio.CapacityLimiter(APPENDS_IN_FLIGHT)
+        self._applying = len(d.events) + len(d.admissions)
+
+        async def append(event: Event) -> None:
+            nonlocal stored
+            async with limiter:
+                try:
+                    seq = (await self.log.append(event)).seq
+                except Exception as err:
+                    log.warning("could not append %s for %s: %r", event.kind, event.run_id, err)
+                    failed.add(event.run_id)
+                    return
+            stored = max(stored, seq)
+            self._decisions += 1
+
+        async def admit(event: RunAdmitted) -> None:
+            try:
+                await append(await self._with_permit(event))
+            except RETRYABLE as err:
+                log.warning("permit of %s not found now (%r); later", event.run_id, err)
+                failed.add(event.run_id)
+
+        async with anyio.create_task_group() as tg:
+            for event in d.events:
+                tg.start_soon(append, event)
+            for admission in d.admissions:
+                tg.start_soon(admit, admission)
+        self._applying = 0
+        if stored:
+            await self.index.wait_for_seq(stored, timeout=CATCH_UP_S)
+        await self._settle(d, failed)
+
+    async def _settle(self, d: Decisions, failed: set[str]) -> None:
+        for agent_id, runs in d.lost.items():
+            if failed.intersection(runs):
                 continue
-            ok &= await self._append(run_id, await self._loss_event(run, agent_id, reason))
-            handled += 1
-        if ok:
             if not self.fleet.is_gone(agent_id):
                 self._lost += 1
-                log.info("agent %s lost (%s); %d runs handled", agent_id, reason, handled)
+                log.info(
+                    "agent %s lost (%s); %d runs handled",
+                    agent_id,
+                    d.lost_reasons[agent_id],
+                    len(runs),
+                )
             self.fleet.forget(agent_id)
-        return handled
+            for reply in self._drain_replies.pop(agent_id, []):
+                with contextlib.suppress(Exception):  # the agent may be gone already
+                    await self.nc.publish(reply, str(len(runs)).encode())
+        if not failed:
+            self.work.announced.update(d.announced)
 
-    async def _loss_event(self, run: RunRecord, agent_id: str, reason: str) -> Event:
-        info = await self.catalog.lookup(run.pipeline)
-        retries = info.max_retries if info is not None else 0
-        now = self.clock.now()
-        if run.preemptions < retries:
-            return RunRequeued(
-                run_id=run.id, at=now, attempt=run.attempt, agent_id=agent_id, reason=reason
-            )
-        return RunPreempted(
-            run_id=run.id, at=now, attempt=run.attempt, agent_id=agent_id, reason=reason
+    async def _with_permit(self, event: RunAdmitted) -> RunAdmitted:
+        """A late admission carries the permit its gateway took, if the team holds one."""
+        run = self.index.records[event.run_id]
+        limit = self.config.tiers.get(event.tier)
+        if limit is None:
+            return event
+        holders = await patiently(
+            f"permits of {run.team}", lambda: self.admission.holders(limit, run.team)
         )
+        for seq, permit in holders:
+            if permit.run_id == run.id:
+                slot = AdmissionSlot(stream=stream_name(limit), seq=seq)
+                return msgspec.structs.replace(event, slot=slot)
+        log.warning("run %s was never admitted by its gateway; admitting it", run.id)
+        return event
 
-    async def _finish_admissions(self) -> None:
-        """A run still ``created`` after the grace lost its gateway between ``submitted`` and
-        ``admitted``. Its permit was taken before ``submitted``: record the admission for it
-        (the same event the gateway would have appended, so a late gateway changes nothing)."""
-        now = self.clock.now()
-        grace = self.config.settings.release_grace_s
-        for run_id in list(self._created):
-            run = self.index.records[run_id]
-            if now - run.created_at < grace or run_id in self._pending:
+    async def _release_ended(self) -> None:
+        ended, self._ended = self._ended, []
+        for run in ended:
+            if run.slot is None:
                 continue
-            team = self.config.teams.get(run.team)
-            tier = team.tier if team is not None else "unknown"
-            limit = self.config.tiers.get(tier)
-            slot = None
-            if limit is not None:
-                for seq, permit in await self.admission.holders(limit, run.team):
-                    if permit.run_id == run_id:
-                        slot = AdmissionSlot(stream=stream_name(limit), seq=seq)
-            log.warning("run %s was never admitted by its gateway; admitting it", run_id)
-            await self._append(run_id, RunAdmitted(run_id=run_id, at=now, tier=tier, slot=slot))
-
-    async def _expire_resource_waits(self) -> None:
-        timeout = self.config.settings.resource_wait_timeout_s
-        now = self.clock.now()
-        for pipeline in self.index.pipelines_with_queue():
-            if self.fleet.serving(pipeline):
-                continue
-            for run_id in self.index.queued(pipeline):
-                run = self.index.records[run_id]
-                if now - run.created_at < timeout or run_id in self._pending:
-                    continue
-                reason = f"no replica of {pipeline} came alive within {timeout:g} s"
-                await self._append(
-                    run_id,
-                    RunNoResourcesAvailable(
-                        run_id=run_id, at=now, attempt=run.attempt, reason=reason
-                    ),
+            slot = run.slot
+            try:
+                await patiently(f"release {slot}", partial(self.admission.release, slot))
+            except RETRYABLE as err:
+                log.warning(
+                    "could not give back the permit of %s (%r): the sweep will", run.id, err
                 )
 
     async def _sweep(self) -> None:
@@ -477,14 +362,6 @@ class Scheduler:
             log.info("gave back %d admission permits of ended or unrecorded runs", released)
 
 
-def _toggle(items: dict[str, None], item: str, present: bool) -> None:
-    """Keep ``item`` in (or out of) an insertion-ordered set."""
-    if present:
-        items.setdefault(item, None)
-    else:
-        items.pop(item, None)
-
-
 def _capacity_changed(old: AgentHeartbeat, new: AgentHeartbeat) -> bool:
     return (
         old.pipelines != new.pipelines
@@ -493,4 +370,4 @@ def _capacity_changed(old: AgentHeartbeat, new: AgentHeartbeat) -> bool:
     )
 
 
-__all__ = ["Scheduler", "SchedulerStats"]
+__all__ = ["Scheduler", "SchedulerStats", "patiently"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 
+import anyio
 import msgspec
 import pytest
 from nats.aio.client import Client
@@ -19,6 +21,8 @@ from contracts.agents import (
 from contracts.events import RunCompleted, RunStarted
 from contracts.run import RunRecord
 from runtime.config import parse
+from runtime.eventlog import kind_subjects
+from runtime.fleet import DRAIN_SUBJECT, NODE_RECALLED
 from runtime.scheduler import Scheduler
 from tests.fakes import FakeClock
 
@@ -279,3 +283,68 @@ async def test_runs_admitted_together_are_queued_in_admission_order(h: Harness) 
     await h.scheduler.index.wait_for_seq(await h.log.last_seq(), timeout=5)
     await h.settle()
     assert [h.scheduler.index.queue_position(r) for r in ids] == list(range(30))
+
+
+async def test_a_draining_agent_is_never_dispatched_new_runs(nc: Client) -> None:
+    """Runs keep arriving while an agent asks to drain: none is dispatched to it after its
+    notice, and every run it had is handled (requeued or preempted as recalled) before the
+    answer, so none ends later as a lost node's run that never started."""
+    config = parse({"settings": {"node_loss_timeout_s": 30}})
+    scheduler = Scheduler(nc, config, tick_s=0.05)
+    await scheduler.ensure()
+    await scheduler.catalog.register(PipelineInfo(pointer="t/p:v1"))
+    log = scheduler.log
+
+    async def submit(run_id: str) -> None:
+        at = time.time()
+        await log.append(
+            RunSubmitted(
+                run_id=run_id,
+                at=at,
+                team="t",
+                pipeline="t/p:v1",
+                inputs=[],
+                wait_for_resources=True,
+            )
+        )
+        await log.append(RunAdmitted(run_id=run_id, at=at, tier="startup"))
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            await tg.start(scheduler.run)
+            scheduler.fleet.observe(beat("a1", "t/p:v1", slots=40))
+            scheduler.fleet.observe(beat("a2", "t/p:v1", slots=40))
+            async with anyio.create_task_group() as load:
+                for i in range(60):
+                    load.start_soon(submit, f"d{i}")
+                    if i == 20:
+                        reply = await nc.request(DRAIN_SUBJECT, b"a1", timeout=5)
+            handled = int(reply.data)
+            await _until(
+                lambda: all(
+                    (r := scheduler.index.get(f"d{i}")) is not None
+                    and r.state is not RunState.routing
+                    and r.state is not RunState.created
+                    for i in range(60)
+                )
+            )
+            dispatched = await log.read_subject(kind_subjects("dispatched"))
+            to_a1 = [s for s in dispatched if s.event.agent_id == "a1"]  # type: ignore[union-attr]
+            preempted = await log.read_subject(kind_subjects("preempted"))
+            recalled = {
+                s.event.run_id for s in preempted if s.event.reason.startswith(NODE_RECALLED)
+            }  # type: ignore[union-attr]
+            assert handled == len(to_a1)
+            assert {s.event.run_id for s in to_a1} == recalled
+            assert (
+                max((s.seq for s in to_a1), default=0) < min(s.seq for s in preempted)
+                if to_a1
+                else True
+            )
+            assert not scheduler.index.on_agent.get("a1")
+            tg.cancel_scope.cancel()
+
+
+async def _until(done: Callable[[], bool]) -> None:
+    while not done():
+        await anyio.sleep(0.02)

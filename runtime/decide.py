@@ -1,0 +1,334 @@
+"""The scheduler's decisions: pure functions from what the log, the fleet and the catalogue say,
+and the time, to the events that should be appended.
+
+Rules of this module:
+1. No I/O, no clock, no NATS: the run index, a fleet snapshot, the catalogue and ``now`` come in
+   as arguments; events (and what to do once they are stored) go out as a ``Decisions`` value.
+2. One pass decides at most one event per run, from one consistent picture: nothing it reads
+   changes while it decides.
+3. Every event has a deterministic message id (run, kind, attempt), so a decision made twice, by
+   a pass that ran before the log caught up or by a second scheduler, is stored once.
+4. ``decide(..., timed=False)`` is what an event asks for (cancel, drains, place, dispatch);
+   ``timed=True`` adds the checks that only time triggers (lost nodes and attempts, resource
+   waits, unfinished admissions, wait reasons), which cost O(queued or running runs).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+from contracts.agents import PipelineInfo, PipelineStatus
+from contracts.events import (
+    AnyEvent,
+    Event,
+    RunAdmitted,
+    RunCancelled,
+    RunDispatched,
+    RunNoResourcesAvailable,
+    RunPreempted,
+    RunQueued,
+    RunRequeued,
+    RunWaitChanged,
+)
+from contracts.run import RunRecord
+from contracts.states import RunState, WaitingFor
+from runtime.config import Config
+from runtime.fleet import ATTEMPT_LOST, NODE_LOST, NODE_RECALLED, FleetView
+
+
+class Now(NamedTuple):
+    wall: float  # Unix seconds: stamped on events, compared with event times
+    mono: float  # this process's monotonic clock: compared with heartbeat arrival times
+
+
+class Runs(Protocol):
+    """What a pass reads from the run index (``runtime.projection.RunIndex``)."""
+
+    records: dict[str, RunRecord]
+    on_agent: dict[str, set[str]]
+
+    def queued(self, pipeline: str, limit: int | None = None) -> list[str]: ...
+
+    def pipelines_with_queue(self) -> list[str]: ...
+
+
+@dataclass
+class Worklist:
+    """The scheduler's own projection of the log, beside the index: which runs need a decision
+    (insertion-ordered sets, in log order, so placement keeps queues FIFO) and, per running
+    attempt, where its dispatch is in the log and when it last changed on this process's
+    monotonic clock. Fed by ``observe``; rebuilt by replaying the log."""
+
+    routing: dict[str, None] = field(default_factory=dict)
+    created: dict[str, None] = field(default_factory=dict)
+    cancelling: dict[str, None] = field(default_factory=dict)
+    running_since: dict[str, float] = field(default_factory=dict)
+    dispatched_at: dict[str, int] = field(default_factory=dict)
+    announced: dict[str, WaitingFor] = field(default_factory=dict)  # pipeline -> its queue's wait
+
+    def observe(self, seq: int, event: AnyEvent, run: RunRecord, mono: float) -> None:
+        _toggle(self.routing, run.id, run.state is RunState.routing)
+        _toggle(self.created, run.id, run.state is RunState.created)
+        _toggle(self.cancelling, run.id, run.cancel_requested and not run.is_terminal)
+        if run.state is RunState.running:
+            self.running_since[run.id] = mono
+            if isinstance(event, RunDispatched):
+                self.dispatched_at[run.id] = seq
+        else:
+            self.running_since.pop(run.id, None)
+            self.dispatched_at.pop(run.id, None)
+        if isinstance(event, RunRequeued):
+            self.announced.pop(run.pipeline, None)  # it comes back waiting for capacity
+
+
+@dataclass
+class Decisions:
+    """What one pass decided. The applier appends ``events`` (one per run) and the late
+    ``admissions`` (after looking up each one's permit); once an agent's events are all stored
+    it forgets the agent (``lost``) and, per pipeline whose runs were all told, records the
+    wait it announced (``announced``)."""
+
+    events: list[Event] = field(default_factory=list)
+    admissions: list[RunAdmitted] = field(default_factory=list)
+    lost: dict[str, list[str]] = field(default_factory=dict)  # agent -> its runs' event ids
+    lost_reasons: dict[str, str] = field(default_factory=dict)
+    announced: dict[str, WaitingFor] = field(default_factory=dict)
+    decided: set[str] = field(default_factory=set)
+
+    def add(self, event: Event) -> bool:
+        """Record ``event`` unless its run already has a decision in this pass."""
+        if event.run_id in self.decided:
+            return False
+        self.decided.add(event.run_id)
+        self.events.append(event)
+        return True
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.admissions or self.lost)
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Everything one pass reads."""
+
+    runs: Runs
+    work: Worklist
+    fleet: FleetView
+    catalogue: Mapping[str, PipelineInfo]
+    config: Config
+    now: Now
+
+    def kind(self, pipeline: str) -> str:
+        """The slot kind ``pipeline``'s runs need (cpu for a pipeline never registered)."""
+        info = self.catalogue.get(pipeline)
+        return info.accelerator if info is not None else "cpu"
+
+    def retries(self, pipeline: str) -> int:
+        info = self.catalogue.get(pipeline)
+        return info.max_retries if info is not None else 0
+
+    def run(self, run_id: str) -> RunRecord:
+        return self.runs.records[run_id]
+
+
+def decide(p: Pass, *, timed: bool) -> Decisions:
+    """One decision pass over ``p``: every event to append, at most one per run."""
+    d = Decisions()
+    cancel(p, d)
+    lose_agents(p, d, timed=timed)
+    if timed:
+        lose_attempts(p, d)
+        finish_admissions(p, d)
+        expire_resource_waits(p, d)
+        announce_waits(p, d)
+    place(p, d)
+    dispatch(p, d)
+    return d
+
+
+# --- what events ask for -----------------------------------------------------------------
+
+
+def cancel(p: Pass, d: Decisions) -> None:
+    for run_id in p.work.cancelling:
+        d.add(RunCancelled(run_id=run_id, at=p.now.wall))
+
+
+def lose_agents(p: Pass, d: Decisions, *, timed: bool) -> None:
+    """Agents that announced a drain (every pass) and, on a timed pass, agents silent past the
+    loss timeout or already declared lost that still hold runs: their runs are requeued (with
+    retries left) or preempted."""
+    reasons = {a: f"{NODE_RECALLED}: the node was recalled" for a in p.fleet.draining()}
+    if timed:
+        silent = f"{NODE_LOST}: no heartbeat for {p.fleet.loss_timeout_s:g} s"
+        for agent_id in p.fleet.expired():
+            reasons.setdefault(agent_id, silent)
+        for agent_id, runs in p.runs.on_agent.items():
+            if runs and p.fleet.is_gone(agent_id):
+                reasons.setdefault(agent_id, silent)
+    for agent_id, reason in reasons.items():
+        handled = []
+        for run_id in sorted(p.runs.on_agent.get(agent_id, ())):
+            run = p.run(run_id)
+            if run.state is RunState.running and d.add(loss_event(p, run, agent_id, reason)):
+                handled.append(run_id)
+        d.lost[agent_id] = handled
+        d.lost_reasons[agent_id] = reason
+
+
+def loss_event(p: Pass, run: RunRecord, agent_id: str, reason: str) -> Event:
+    """The attempt on ``agent_id`` is lost: requeue the run if it has retries left."""
+    if run.preemptions < p.retries(run.pipeline):
+        return RunRequeued(
+            run_id=run.id, at=p.now.wall, attempt=run.attempt, agent_id=agent_id, reason=reason
+        )
+    return RunPreempted(
+        run_id=run.id, at=p.now.wall, attempt=run.attempt, agent_id=agent_id, reason=reason
+    )
+
+
+def waits_for(fleet: FleetView, pipeline: str) -> WaitingFor:
+    """What a queued run of ``pipeline`` waits for, as the fleet stands."""
+    if fleet.serving(pipeline):
+        return WaitingFor.capacity
+    if fleet.serving(pipeline, PipelineStatus.loading):
+        return WaitingFor.cold_start
+    return WaitingFor.resources
+
+
+def place(p: Pass, d: Decisions) -> None:
+    """Queue every ``routing`` run, in admission order; with no replica alive, a run that does
+    not wait for resources ends ``no_resources_available`` instead."""
+    waits: dict[str, WaitingFor] = {}
+    for run_id in p.work.routing:
+        run = p.run(run_id)
+        waiting = waits.get(run.pipeline)
+        if waiting is None:
+            waiting = waits[run.pipeline] = waits_for(p.fleet, run.pipeline)
+        if waiting is WaitingFor.resources and not run.wait_for_resources:
+            reason = f"no replica of {run.pipeline} is alive"
+            d.add(no_resources(p, run, reason))
+        else:
+            d.add(RunQueued(run_id=run_id, at=p.now.wall, attempt=run.attempt, waiting_for=waiting))
+
+
+def no_resources(p: Pass, run: RunRecord, reason: str) -> RunNoResourcesAvailable:
+    return RunNoResourcesAvailable(run_id=run.id, at=p.now.wall, attempt=run.attempt, reason=reason)
+
+
+def dispatch(p: Pass, d: Decisions) -> None:
+    """Hand queued runs, head first, to live agents with the pipeline ready and a free slot of
+    the kind it needs, the freest agent first. Slots taken in this pass count at once."""
+    used = _slots_in_use(p)
+    for pipeline in p.runs.pipelines_with_queue():
+        kind = p.kind(pipeline)
+        free = {
+            a.agent_id: a.slots(kind) - used[a.agent_id, kind] for a in p.fleet.serving(pipeline)
+        }
+        budget = sum(max(n, 0) for n in free.values())
+        if budget <= 0:
+            continue
+        for run_id in p.runs.queued(pipeline, limit=budget + len(d.decided)):
+            agent_id = max(free, key=lambda a: free[a])
+            if free[agent_id] <= 0:
+                break
+            run = p.run(run_id)
+            event = RunDispatched(
+                run_id=run_id, at=p.now.wall, attempt=run.attempt, agent_id=agent_id, slot=kind
+            )
+            if d.add(event):
+                free[agent_id] -= 1
+                used[agent_id, kind] += 1
+
+
+def _slots_in_use(p: Pass) -> Counter[tuple[str, str]]:
+    used: Counter[tuple[str, str]] = Counter()
+    for beat in p.fleet.live():
+        for run_id in p.runs.on_agent.get(beat.agent_id, ()):
+            used[beat.agent_id, p.kind(p.run(run_id).pipeline)] += 1
+    return used
+
+
+# --- what time asks for ------------------------------------------------------------------
+
+
+def lose_attempts(p: Pass, d: Decisions) -> None:
+    """A live agent that no longer lists a run the log says it runs has lost that attempt (its
+    dispatch or its result never got through): requeue or preempt it. Only once the agent has
+    processed the dispatch (a delivery held up while its consumer is recreated is no loss), and
+    a heartbeat came well after the run last changed, on this process's clock. An agent lists a
+    run until its result is stored, and a result stored first wins in the log."""
+    grace = max(5.0, 3 * p.config.settings.heartbeat_interval_s)
+    for beat in p.fleet.live():
+        listed = set(beat.running)
+        heard_at = p.fleet.heard_at(beat.agent_id)
+        for run_id in sorted(p.runs.on_agent.get(beat.agent_id, ())):
+            delivered = beat.seen_seq >= p.work.dispatched_at.get(run_id, 0)
+            since = p.work.running_since.get(run_id, heard_at)
+            if run_id not in listed and delivered and heard_at - since > grace:
+                reason = f"{ATTEMPT_LOST}: node {beat.agent_id} no longer runs it"
+                d.add(loss_event(p, p.run(run_id), beat.agent_id, reason))
+
+
+def finish_admissions(p: Pass, d: Decisions) -> None:
+    """A run still ``created`` after the grace lost its gateway between ``submitted`` and
+    ``admitted``; its permit was taken before ``submitted``. Admit it (the applier looks the
+    permit up and fills in ``slot``: the same event the gateway would have appended)."""
+    grace = p.config.settings.release_grace_s
+    for run_id in p.work.created:
+        run = p.run(run_id)
+        if p.now.wall - run.created_at < grace or run_id in d.decided:
+            continue
+        team = p.config.teams.get(run.team)
+        tier = team.tier if team is not None else "unknown"
+        d.decided.add(run_id)
+        d.admissions.append(RunAdmitted(run_id=run_id, at=p.now.wall, tier=tier))
+
+
+def expire_resource_waits(p: Pass, d: Decisions) -> None:
+    timeout = p.config.settings.resource_wait_timeout_s
+    for pipeline in p.runs.pipelines_with_queue():
+        if p.fleet.serving(pipeline):
+            continue
+        for run_id in p.runs.queued(pipeline):
+            run = p.run(run_id)
+            if p.now.wall - run.created_at >= timeout:
+                reason = f"no replica of {pipeline} came alive within {timeout:g} s"
+                d.add(no_resources(p, run, reason))
+
+
+def announce_waits(p: Pass, d: Decisions) -> None:
+    """When what a pipeline's queue waits for changes (a replica came alive, started loading,
+    or went away), say so on each of its queued runs. O(queue) only then."""
+    for pipeline in p.runs.pipelines_with_queue():
+        waiting = waits_for(p.fleet, pipeline)
+        if p.work.announced.get(pipeline) is waiting:
+            continue
+        for run_id in _stale_waits(p, pipeline, waiting):
+            run = p.run(run_id)
+            d.add(
+                RunWaitChanged(
+                    run_id=run_id, at=p.now.wall, attempt=run.attempt, waiting_for=waiting
+                )
+            )
+        d.announced[pipeline] = waiting
+
+
+def _stale_waits(p: Pass, pipeline: str, waiting: WaitingFor) -> Iterator[str]:
+    for run_id in p.runs.queued(pipeline):
+        if p.run(run_id).waiting_for not in (waiting, WaitingFor.cancellation):
+            yield run_id
+
+
+def _toggle(items: dict[str, None], item: str, present: bool) -> None:
+    """Keep ``item`` in (or out of) an insertion-ordered set."""
+    if present:
+        items.setdefault(item, None)
+    else:
+        items.pop(item, None)
+
+
+__all__ = ["Decisions", "Now", "Pass", "Runs", "Worklist", "decide", "waits_for"]

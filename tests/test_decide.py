@@ -1,0 +1,267 @@
+"""The scheduler's decisions as pure functions: no NATS, no clock, no tasks."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from contracts.agents import (
+    Accelerator,
+    AgentHeartbeat,
+    LoadedPipeline,
+    PipelineInfo,
+    PipelineStatus,
+)
+from contracts.events import (
+    AnyEvent,
+    RunAdmitted,
+    RunCancelRequested,
+    RunDispatched,
+    RunPreempted,
+    RunRequeued,
+    RunStarted,
+    RunSubmitted,
+)
+from contracts.states import RunState, WaitingFor
+from runtime.config import parse
+from runtime.decide import Decisions, Now, Pass, Worklist, decide
+from runtime.fleet import NODE_LOST, NODE_RECALLED, Fleet
+from runtime.projection import RunIndex
+
+CONFIG = parse({"settings": {"node_loss_timeout_s": 10, "resource_wait_timeout_s": 60}})
+T0 = 1_000_000.0
+CATALOGUE = {
+    "t/p:v1": PipelineInfo(pointer="t/p:v1"),
+    "t/q:v1": PipelineInfo(pointer="t/q:v1"),
+    "t/retry:v1": PipelineInfo(pointer="t/retry:v1", max_retries=1),
+    "t/gpu:v1": PipelineInfo(pointer="t/gpu:v1", accelerator="gpu"),
+}
+
+
+def beat(
+    agent_id: str,
+    *pointers: str,
+    slots: int = 1,
+    status: PipelineStatus = PipelineStatus.ready,
+    draining: bool = False,
+    gpus: int = 0,
+) -> AgentHeartbeat:
+    accelerators = [Accelerator(kind="cpu", slots=slots)]
+    if gpus:
+        accelerators.append(Accelerator(kind="gpu", slots=gpus))
+    return AgentHeartbeat(
+        agent_id=agent_id,
+        at=0.0,
+        started_at=0.0,
+        accelerators=accelerators,
+        pipelines=[LoadedPipeline(pointer=p, status=status) for p in pointers],
+        draining=draining,
+    )
+
+
+class World:
+    """A run index and a fleet fed by hand; ``decide`` applies each pass's events at once."""
+
+    def __init__(self) -> None:
+        self.mono = 0.0
+        self.wall = T0
+        self.index = RunIndex()
+        self.work = Worklist()
+        self.index.listen(lambda seq, e, before, run: self.work.observe(seq, e, run, self.mono))
+        self.fleet = Fleet(lambda: self.mono, CONFIG.settings.node_loss_timeout_s)
+        self.seq = 0
+
+    def append(self, *events: AnyEvent) -> None:
+        for event in events:
+            self.seq += 1
+            self.index.apply(self.seq, event)
+
+    def submit(self, run_id: str, pointer: str = "t/p:v1", wait: bool = True) -> None:
+        self.append(
+            RunSubmitted(
+                run_id=run_id,
+                at=self.wall,
+                team="t",
+                pipeline=pointer,
+                inputs=[],
+                wait_for_resources=wait,
+            ),
+            RunAdmitted(run_id=run_id, at=self.wall, tier="startup"),
+        )
+
+    def advance(self, seconds: float) -> None:
+        self.mono += seconds
+        self.wall += seconds
+
+    def decide(self, *, timed: bool = False) -> Decisions:
+        view = Pass(
+            self.index,
+            self.work,
+            self.fleet.view(),
+            CATALOGUE,
+            CONFIG,
+            Now(self.wall, self.mono),
+        )
+        d = decide(view, timed=timed)
+        self.append(*d.events)  # type: ignore[arg-type]
+        self.work.announced.update(d.announced)
+        for agent_id in d.lost:
+            self.fleet.forget(agent_id)
+        return d
+
+    def settle(self, *, timed: bool = False) -> None:
+        while self.decide(timed=timed):
+            pass
+
+    def state(self, run_id: str) -> RunState:
+        return self.index.records[run_id].state
+
+
+def test_a_recalled_agent_gets_no_new_run_and_its_runs_are_handled_in_the_same_pass() -> None:
+    w = World()
+    w.fleet.observe(beat("a1", "t/p:v1", slots=4))
+    w.fleet.observe(beat("a2", "t/p:v1", slots=1))
+    w.submit("r1")
+    w.settle()
+    on_a1 = w.index.records["r1"].agent_id
+    for run_id in ("r2", "r3", "r4"):
+        w.submit(run_id)
+    w.decide()  # queued, not yet dispatched
+    w.fleet.recall("a1")
+    d = w.decide()
+    dispatched = [e for e in d.events if isinstance(e, RunDispatched)]
+    assert dispatched and all(e.agent_id == "a2" for e in dispatched)
+    if on_a1 == "a1":
+        assert d.lost == {"a1": ["r1"]}
+        assert any(isinstance(e, RunPreempted) and e.run_id == "r1" for e in d.events)
+        assert d.lost_reasons["a1"].startswith(NODE_RECALLED)
+    w.settle()
+    assert all(r.agent_id != "a1" for r in w.index.records.values() if r.state is RunState.running)
+
+
+def test_an_agent_announcing_a_drain_in_its_heartbeat_gets_no_new_run() -> None:
+    w = World()
+    w.fleet.observe(beat("a1", "t/p:v1", slots=2, draining=True))
+    w.submit("r1")
+    w.settle()
+    assert w.state("r1") is RunState.queued
+    assert w.index.records["r1"].waiting_for is WaitingFor.resources
+
+
+def test_slots_taken_in_one_pass_count_across_pipelines() -> None:
+    w = World()
+    w.submit("p1")
+    w.submit("q1", "t/q:v1")
+    w.decide()
+    w.fleet.observe(beat("a1", "t/p:v1", "t/q:v1", slots=1))
+    d = w.decide()
+    assert len([e for e in d.events if isinstance(e, RunDispatched)]) == 1
+
+
+def test_a_run_needs_a_free_slot_of_its_accelerator_kind() -> None:
+    w = World()
+    w.fleet.observe(beat("cpu-only", "t/gpu:v1", slots=8))
+    w.submit("g1", "t/gpu:v1")
+    w.settle()
+    assert w.state("g1") is RunState.queued
+    w.fleet.observe(beat("gpu", "t/gpu:v1", slots=8, gpus=1))
+    w.settle()
+    run = w.index.records["g1"]
+    assert run.state is RunState.running and run.agent_id == "gpu"
+
+
+def test_silence_is_judged_only_on_timed_passes() -> None:
+    w = World()
+    w.fleet.observe(beat("a1", "t/retry:v1"))
+    w.submit("r1", "t/retry:v1")
+    w.settle()
+    w.append(RunStarted(run_id="r1", at=w.wall, attempt=1, agent_id="a1"))
+    w.advance(11)
+    assert not w.decide().lost
+    d = w.decide(timed=True)
+    assert d.lost == {"a1": ["r1"]} and d.lost_reasons["a1"].startswith(NODE_LOST)
+    assert isinstance(d.events[0], RunRequeued)
+
+
+def test_one_decision_per_run_per_pass_cancel_first() -> None:
+    w = World()
+    w.fleet.observe(beat("a1", "t/p:v1"))
+    w.submit("r1")
+    w.settle()
+    w.append(RunCancelRequested(run_id="r1", at=w.wall))
+    w.fleet.recall("a1")
+    d = w.decide()
+    assert [e.kind for e in d.events] == ["cancelled"]
+    assert d.lost == {"a1": []}
+
+
+def test_a_run_left_created_past_the_grace_is_admitted() -> None:
+    w = World()
+    w.append(RunSubmitted(run_id="r1", at=w.wall, team="t", pipeline="t/p:v1", inputs=[]))
+    assert not w.decide(timed=True).admissions
+    w.advance(CONFIG.settings.release_grace_s)
+    d = w.decide(timed=True)
+    assert [a.run_id for a in d.admissions] == ["r1"] and not d.events
+
+
+AGENTS = st.lists(
+    st.tuples(
+        st.sampled_from(["a1", "a2", "a3"]),
+        st.sets(st.sampled_from(["t/p:v1", "t/q:v1", "t/gpu:v1"]), max_size=3),
+        st.integers(0, 3),  # cpu slots
+        st.integers(0, 2),  # gpu slots
+        st.sampled_from(list(PipelineStatus)),
+        st.booleans(),  # recalled
+    ),
+    max_size=4,
+)
+STEPS = st.lists(
+    st.one_of(
+        st.tuples(st.just("submit"), st.sampled_from(["t/p:v1", "t/q:v1", "t/gpu:v1"])),
+        st.tuples(st.just("pass"), st.booleans()),
+        st.tuples(st.just("time"), st.floats(0, 20)),
+    ),
+    max_size=25,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(agents=AGENTS, steps=STEPS)
+def test_passes_never_overbook_nor_dispatch_to_agents_that_cannot_take_work(
+    agents: list[tuple[str, set[str], int, int, PipelineStatus, bool]],
+    steps: list[tuple[str, object]],
+) -> None:
+    w = World()
+    for agent_id, pointers, cpus, gpus, status, recalled in agents:
+        w.fleet.observe(beat(agent_id, *sorted(pointers), slots=cpus, gpus=gpus, status=status))
+        if recalled:
+            w.fleet.recall(agent_id)
+    for n, (step, arg) in enumerate(steps):
+        if step == "submit":
+            w.submit(f"r{n}", str(arg))
+        elif step == "time":
+            w.advance(float(arg))  # type: ignore[arg-type]
+        else:
+            view = w.fleet.view()
+            takers = {b.agent_id: b for b in view.live()}
+            d = w.decide(timed=bool(arg))
+            ids = [e.run_id for e in d.events]
+            assert len(ids) == len(set(ids))  # one decision per run
+            for e in d.events:
+                if isinstance(e, RunDispatched):
+                    agent = takers[e.agent_id]  # live, not draining, not recalled
+                    assert agent.ready(w.index.records[e.run_id].pipeline)
+                    assert e.slot == CATALOGUE[w.index.records[e.run_id].pipeline].accelerator
+        used = Counter(
+            (r.agent_id, CATALOGUE[r.pipeline].accelerator)
+            for r in w.index.records.values()
+            if r.state is RunState.running
+        )
+        for (agent_id, kind), n_used in used.items():
+            beat_ = w.fleet.get(str(agent_id))
+            if beat_ is not None:
+                assert n_used <= beat_.slots(kind)
+    queued = [r for r in w.index.records.values() if r.state is RunState.queued]
+    assert all(isinstance(r.waiting_for, WaitingFor) for r in queued)
