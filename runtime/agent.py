@@ -60,6 +60,7 @@ from runtime.fleet import (
     RECALL_SUBJECT,
     declares_node_lost,
 )
+from runtime.metrics import cold_start_histogram
 from runtime.pipelines import PipelineSpec, load_module
 from runtime.worker import PipelineWorker, StartupFailed
 
@@ -131,6 +132,8 @@ class Agent:
         self.recalled = anyio.Event()  # a recall request arrived
         self._idle = anyio.Event()  # an attempt ended
         self.seen_seq = 0  # the last event-log sequence handled
+        self.serving = False  # subscribed to dispatches and heartbeating
+        self.cold_starts = cold_start_histogram()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -152,6 +155,7 @@ class Agent:
                 tg.start_soon(self._heartbeat_loop)
                 for pool in self.pools.values():
                     tg.start_soon(self._warm, pool)
+                self.serving = True
                 task_status.started()
                 await self._fenced.wait()
                 log.error(
@@ -197,7 +201,8 @@ class Agent:
 
     async def _spawn(self, pool: _Pool) -> PipelineWorker:
         worker = PipelineWorker(pool.module, pool.spec.pointer)
-        await worker.start()
+        with self.cold_starts.labels(pool.spec.pointer).time():
+            await worker.start()
         return worker
 
     async def _on_recall(self, msg: Msg) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -50,6 +52,22 @@ replicas_option = click.option(
     show_default=True,
     help="Stream replicas (3 on a 3-node JetStream cluster).",
 )
+
+
+def health_options(default_port: int) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    def wrap(command: Callable[..., None]) -> Callable[..., None]:
+        command = click.option(
+            "--health-port",
+            default=default_port,
+            show_default=True,
+            type=click.IntRange(0, 65535),
+            help="Port of /metrics, /healthz and /readyz (0: any free port, logged).",
+        )(command)
+        return click.option(
+            "--health-host", default="127.0.0.1", show_default=True, help="Its address."
+        )(command)
+
+    return wrap
 
 
 @click.group()
@@ -131,11 +149,16 @@ def gateway(nats_url: str, config_path: str | None, replicas: int, host: str, po
 @nats_option
 @config_option
 @replicas_option
-def scheduler(nats_url: str, config_path: str | None, replicas: int) -> None:
+@health_options(8081)
+def scheduler(
+    nats_url: str, config_path: str | None, replicas: int, health_host: str, health_port: int
+) -> None:
     """Place, queue, dispatch, cancel and preempt runs."""
     from runtime.services import serve_scheduler
 
-    _run(serve_scheduler, nats_url, _config(config_path), LogSettings(replicas=replicas))
+    settings = LogSettings(replicas=replicas)
+    health = (health_host, health_port)
+    _run(partial(serve_scheduler, nats_url, _config(config_path), settings, health=health))
 
 
 @main.command()
@@ -154,6 +177,7 @@ def scheduler(nats_url: str, config_path: str | None, replicas: int) -> None:
     "--heartbeat", default=1.0, show_default=True, type=float, help="Seconds between heartbeats."
 )
 @click.option("--id", "agent_id", default=None, help="Agent id (default: host name + random).")
+@health_options(8082)
 def agent(
     nats_url: str,
     replicas: int,
@@ -161,19 +185,14 @@ def agent(
     slots: int,
     heartbeat: float,
     agent_id: str | None,
+    health_host: str,
+    health_port: int,
 ) -> None:
     """Run a node agent: load pipelines, run attempts. SIGTERM = preemption notice."""
     from runtime.services import serve_agent
 
-    _run(
-        serve_agent,
-        nats_url,
-        list(modules),
-        slots,
-        heartbeat,
-        agent_id,
-        LogSettings(replicas=replicas),
-    )
+    serve = partial(serve_agent, health=(health_host, health_port))
+    _run(serve, nats_url, list(modules), slots, heartbeat, agent_id, LogSettings(replicas=replicas))
 
 
 @main.command()

@@ -39,6 +39,7 @@ from contracts.events import AnyEvent, Event, decode_event, encode_event
 from contracts.machine import fold
 from contracts.run import RunRecord
 from runtime import streams
+from runtime.metrics import LOG_FAILURES, LOG_RETRIES, operation_of
 from runtime.streams import EVENTS_PREFIX, EVENTS_STREAM
 
 log = logging.getLogger("jetrun.eventlog")
@@ -114,7 +115,9 @@ async def retrying(what: str, call: Callable[[], Awaitable[T]], deadline_s: floa
             return await call()
         except RETRYABLE as err:
             if _refused(err) or time.monotonic() >= deadline:
+                LOG_FAILURES.labels(operation_of(what)).inc()
                 raise
+            LOG_RETRIES.labels(operation_of(what)).inc()
             log.debug("%s: retrying after %r", what, err)
             await anyio.sleep(delay)
             delay = min(delay * 2, 0.5)

@@ -24,6 +24,7 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -41,7 +42,7 @@ from contracts.events import AnyEvent, Event, RunAdmitted, RunCancelRequested, R
 from contracts.run import Run, RunRecord
 from contracts.states import RunState
 from contracts.values import ValueTypeError, check
-from runtime import openapi
+from runtime import health, openapi
 from runtime.admission import Admission, LimitReached
 from runtime.catalog import Catalog
 from runtime.clock import SYSTEM_CLOCK, Clock
@@ -115,6 +116,7 @@ class Gateway:
         self.readiness = Readiness(
             nc, self.log.js, self.scheduler, replayed=lambda: self.ready, replicas=settings.replicas
         )
+        self.telemetry = health.gateway_telemetry(self)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -161,13 +163,15 @@ class Gateway:
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/openapi.json", self.openapi, methods=["GET"]),
             Route("/docs", self.docs, methods=["GET"]),
+            Route("/metrics", health.metrics_endpoint(self.telemetry.exposition), methods=["GET"]),
         ]
         handlers = {
             HTTPError: self._on_error,
             nats.errors.Error: self._on_nats_error,
             TimeoutError: self._on_nats_error,
         }
-        return Starlette(routes=routes, exception_handlers=handlers)
+        latency = Middleware(health.HttpLatency, histogram=self.telemetry.http)
+        return Starlette(routes=routes, exception_handlers=handlers, middleware=[latency])
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPError)
@@ -286,6 +290,7 @@ class Gateway:
                 team=team.name, tier=team.tier, limit=limit, run_id=run_id, now=now
             )
         except LimitReached as full:
+            self.telemetry.refusals.labels(team.name).inc()
             detail = ConcurrencyLimitDetail(
                 tier=team.tier, limit=full.limit, active=full.active, message=str(full)
             )

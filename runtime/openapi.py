@@ -132,7 +132,7 @@ OPERATIONS: list[Operation] = [
     Operation(
         "get",
         "/readyz",
-        "Ready: connected to NATS with the event log replayed",
+        "Ready: a run can flow (NATS, event log, store writes, a scheduler heard)",
         {200: ("ready", Health, JSON), 503: ("not ready; checks say why", Health, JSON)},
         auth=False,
     ),
@@ -141,6 +141,13 @@ OPERATIONS: list[Operation] = [
         "/openapi.json",
         "This document",
         {200: ("OpenAPI 3.1", None, JSON)},
+        auth=False,
+    ),
+    Operation(
+        "get",
+        "/metrics",
+        "Prometheus metrics of this gateway (and of the scheduler in jetrun up)",
+        {200: ("Prometheus text exposition", None, "text/plain")},
         auth=False,
     ),
     Operation(

@@ -24,11 +24,21 @@ from runtime.config import DEMO_TOKEN, Config
 from runtime.eventlog import LogSettings
 from runtime.fleet import RECALL_SUBJECT
 from runtime.gateway import Gateway
+from runtime.health import (
+    add_scheduler,
+    agent_checks,
+    agent_exposition,
+    health_app,
+    scheduler_checks,
+    serve_health,
+)
+from runtime.metrics import Exposition
 from runtime.nats_conn import connect
 from runtime.natsserver import NatsServer
 from runtime.scheduler import Scheduler
 
 log = logging.getLogger("jetrun")
+Address = tuple[str, int]  # host, port of a service's /metrics, /healthz, /readyz
 
 
 class _Server(uvicorn.Server):
@@ -85,10 +95,17 @@ async def serve_gateway(
     await nc.close()
 
 
-async def serve_scheduler(nats_url: str, config: Config, settings: LogSettings) -> None:
+async def serve_scheduler(
+    nats_url: str, config: Config, settings: LogSettings, *, health: Address | None = None
+) -> None:
     nc = await connect(nats_url, "jetrun-scheduler")
     scheduler = Scheduler(nc, config, log_settings=settings)
     async with anyio.create_task_group() as tg:
+        if health is not None:
+            exposition = Exposition()
+            add_scheduler(exposition, scheduler)
+            app = health_app(exposition, scheduler_checks(scheduler))
+            await tg.start(serve_health, app, *health)
         await tg.start(scheduler.run)
         log.info("scheduler running")
         await until_signalled()
@@ -103,6 +120,8 @@ async def serve_agent(
     heartbeat_s: float,
     agent_id: str | None,
     settings: LogSettings,
+    *,
+    health: Address | None = None,
 ) -> None:
     nc = await connect(nats_url, "jetrun-agent")
     agent = Agent(
@@ -116,6 +135,9 @@ async def serve_agent(
     fenced = False
     try:
         async with anyio.create_task_group() as tg:
+            if health is not None:
+                app = health_app(agent_exposition(agent), agent_checks(agent))
+                await tg.start(serve_health, app, *health)
             await tg.start(agent.run)
             log.info("agent %s running %s", agent.agent_id, ", ".join(sorted(agent.pools)))
             reason = await _signal_or_recall(agent)
@@ -161,7 +183,7 @@ async def recall_agent(nats_url: str, agent_id: str, timeout: float) -> str:
 
 def agent_command(nats_url: str, modules: list[str], slots: int) -> list[str]:
     command = [sys.executable, "-m", "runtime.cli", "agent", "--nats", nats_url]
-    command += ["--slots", str(slots)]
+    command += ["--slots", str(slots), "--health-port", "0"]
     for module in modules:
         command += ["--pipelines", module]
     return command
@@ -191,6 +213,7 @@ async def serve_up(
         gateway = Gateway(nc, config, log_settings=settings)
         scheduler = Scheduler(nc, config, log_settings=settings)
         async with anyio.create_task_group() as tg:
+            add_scheduler(gateway.telemetry.exposition, scheduler, alongside=gateway.telemetry)
             await tg.start(gateway.run)
             await tg.start(scheduler.run)
             async with anyio.create_task_group() as http_tg:

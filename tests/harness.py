@@ -115,6 +115,8 @@ class Stack:
     nats: NatsServer | None = None
     procs: list[Proc] = field(default_factory=list)
     gateway_urls: list[str] = field(default_factory=list)
+    # name -> URL of a scheduler's or agent's /metrics, /healthz, /readyz
+    health_urls: dict[str, str] = field(default_factory=dict)
 
     @property
     def config_path(self) -> Path:
@@ -199,11 +201,17 @@ class Stack:
             self.gateway_urls.append(url)
         return url
 
+    def _health(self, name: str) -> list[str]:
+        port = free_port()
+        self.health_urls[name] = f"http://127.0.0.1:{port}"
+        return ["--health-port", str(port)]
+
     def start_scheduler(self, name: str = "scheduler") -> Proc:
         assert self.nats is not None
         return self._cli(
             name,
             "scheduler",
+            *self._health(name),
             "--replicas",
             self.replicas,
             "--nats",
@@ -216,6 +224,7 @@ class Stack:
         assert self.nats is not None
         args = [
             "agent",
+            *self._health(name),
             "--replicas",
             self.replicas,
             "--nats",
