@@ -11,6 +11,7 @@ Example (see ``examples/jetrun.toml``)::
 
 from __future__ import annotations
 
+import hmac
 import re
 import tomllib
 from pathlib import Path
@@ -58,9 +59,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     teams: dict[str, Team]
     settings: Settings = Settings()
     by_token: dict[str, Team] = msgspec.field(default_factory=dict)
+    admin_tokens: frozenset[str] = frozenset()  # [admin] tokens: the dashboard's admin view
 
     def team_for_token(self, token: str) -> Team | None:
         return self.by_token.get(token)
+
+    def is_admin(self, token: str) -> bool:
+        return any(hmac.compare_digest(token.encode(), t.encode()) for t in self.admin_tokens)
 
     def limit(self, tier: str) -> int | None:
         return self.tiers[tier]
@@ -97,7 +102,21 @@ def parse(data: dict[str, Any]) -> Config:
     except msgspec.ValidationError as err:
         raise ConfigError(f"settings: {err}") from err
     by_token = {token: team for team in teams.values() for token in team.tokens}
-    return Config(tiers=tiers, teams=teams, settings=settings, by_token=by_token)
+    admin = _admin_tokens(data.get("admin", {}), seen_tokens)
+    return Config(
+        tiers=tiers, teams=teams, settings=settings, by_token=by_token, admin_tokens=admin
+    )
+
+
+def _admin_tokens(raw: Any, team_tokens: set[str]) -> frozenset[str]:
+    if not isinstance(raw, dict):
+        raise ConfigError("admin: expected a table")
+    tokens = raw.get("tokens", [])
+    if not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens):
+        raise ConfigError("admin.tokens: expected a list of non-empty strings")
+    if team_tokens.intersection(tokens):
+        raise ConfigError("admin.tokens: a token is also a team's token")
+    return frozenset(tokens)
 
 
 def _limit(tier: str, value: Any) -> int | None:

@@ -42,7 +42,7 @@ from contracts.events import AnyEvent, Event, RunAdmitted, RunCancelRequested, R
 from contracts.run import Run, RunRecord
 from contracts.states import RunState
 from contracts.values import ValueTypeError, check
-from runtime import health, openapi
+from runtime import dashboard, health, openapi
 from runtime.admission import Admission, LimitReached
 from runtime.catalog import Catalog
 from runtime.clock import SYSTEM_CLOCK, Clock
@@ -117,6 +117,7 @@ class Gateway:
             nc, self.log.js, self.scheduler, replayed=lambda: self.ready, replicas=settings.replicas
         )
         self.telemetry = health.gateway_telemetry(self)
+        self.paths: set[str] = set()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -164,7 +165,10 @@ class Gateway:
             Route("/openapi.json", self.openapi, methods=["GET"]),
             Route("/docs", self.docs, methods=["GET"]),
             Route("/metrics", health.metrics_endpoint(self.telemetry.exposition), methods=["GET"]),
+            Route("/dashboard", self.dashboard_page, methods=["GET"]),
+            Route("/v4/dashboard", self.dashboard, methods=["GET"]),
         ]
+        self.paths = {route.path for route in routes}
         handlers = {
             HTTPError: self._on_error,
             nats.errors.Error: self._on_nats_error,
@@ -399,6 +403,26 @@ class Gateway:
 
     async def healthz(self, request: Request) -> Response:
         return json_response(Health(status="ok"))
+
+    async def dashboard_page(self, request: Request) -> Response:
+        return HTMLResponse(dashboard.PAGE_HTML)
+
+    async def dashboard(self, request: Request) -> Response:
+        """The team's dashboard; every team's for an admin token."""
+        _, _, token = request.headers.get("authorization", "").partition(" ")
+        team = None if self.config.is_admin(token.strip()) else self._team(request).name
+        logs = "/v4/runs/{run_id}/logs"
+        view = dashboard.snapshot(
+            team=team,
+            teams=sorted(self.config.teams),
+            index=self.index,
+            listing=self.listing,
+            fleet=self.fleet,
+            runs=self.telemetry.runs,
+            now=self.clock.now(),
+            logs_url=logs if logs in self.paths else None,
+        )
+        return json_response(view)
 
     async def openapi(self, request: Request) -> Response:
         return json_response(openapi.document())

@@ -14,6 +14,7 @@ from typing import Any
 import msgspec
 
 from contracts.api import ErrorBody, Health, RunCreate, RunList, Scaling
+from contracts.dashboard import Dashboard
 from contracts.run import Run
 
 JSON = "application/json"
@@ -141,6 +142,20 @@ OPERATIONS: list[Operation] = [
         "/openapi.json",
         "This document",
         {200: ("OpenAPI 3.1", None, JSON)},
+        auth=False,
+    ),
+    Operation(
+        "get",
+        "/v4/dashboard",
+        "What the dashboard shows: the team's live runs, queues, agents, recent failures "
+        "(every team's for an admin token)",
+        {200: ("the dashboard", Dashboard, JSON), 401: ERR_401},
+    ),
+    Operation(
+        "get",
+        "/dashboard",
+        "The dashboard page (asks for a token; polls /v4/dashboard)",
+        {200: ("HTML", None, "text/html")},
         auth=False,
     ),
     Operation(

@@ -46,6 +46,9 @@ tokens = ["jr_demo_token"]
 tier = "startup"
 tokens = ["tok_big"]
 
+[admin]
+tokens = ["tok_admin"]
+
 [settings]
 node_loss_timeout_s = {node_loss_timeout_s}
 resource_wait_timeout_s = {resource_wait_timeout_s}
