@@ -3,6 +3,7 @@
 from contracts.errors import ErrorType, RunError
 from contracts.events import (
     EVENT_TYPES,
+    AdmissionGrant,
     AdmissionSlot,
     AnyEvent,
     AttemptEvent,
@@ -34,6 +35,7 @@ __all__ = [
     "EVENT_TYPES",
     "TERMINAL_STATES",
     "TRANSITIONS",
+    "AdmissionGrant",
     "AdmissionSlot",
     "AnyEvent",
     "AttemptEvent",

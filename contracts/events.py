@@ -36,7 +36,26 @@ class AttemptEvent(Event, frozen=True, kw_only=True):
         return f"{self.run_id}:{self.kind}:{self.attempt}"
 
 
+class AdmissionSlot(msgspec.Struct, frozen=True, kw_only=True):
+    """Where the admission permit of a run is held, so that it can be given back."""
+
+    stream: str
+    seq: int
+
+
+class AdmissionGrant(msgspec.Struct, frozen=True, kw_only=True):
+    """The admission a gateway took before recording a run: the team's tier, and the permit
+    (None for an unlimited tier)."""
+
+    tier: str
+    slot: AdmissionSlot | None = None
+
+
 class RunSubmitted(Event, frozen=True, kw_only=True, tag="submitted"):
+    """The run exists. With ``admission`` (what a gateway appends: one append per run) it was
+    admitted too and starts in ``routing``; without, it waits in ``created`` for an
+    ``admitted`` event."""
+
     kind: ClassVar[str] = "submitted"
     team: str
     pipeline: str
@@ -44,13 +63,15 @@ class RunSubmitted(Event, frozen=True, kw_only=True, tag="submitted"):
     async_run: bool = False
     wait_for_resources: bool = False
     idempotency_key: str | None = None
+    admission: AdmissionGrant | None = None
 
-
-class AdmissionSlot(msgspec.Struct, frozen=True, kw_only=True):
-    """Where the admission permit of a run is held, so that it can be given back."""
-
-    stream: str
-    seq: int
+    def implied(self) -> RunAdmitted | None:
+        """The admission this submission carries, as the event it stands for."""
+        if self.admission is None:
+            return None
+        return RunAdmitted(
+            run_id=self.run_id, at=self.at, tier=self.admission.tier, slot=self.admission.slot
+        )
 
 
 class RunAdmitted(Event, frozen=True, kw_only=True, tag="admitted"):

@@ -10,6 +10,9 @@ Rules of this machine:
    (``Verdict.stale``): a zombie node can never complete a run twice.
 5. Applying an event is idempotent, and ``updated_at`` only moves forward, so a duplicate
    event changes nothing wherever it appears after the original.
+6. One event may stand for two: a ``submitted`` that carries its admission (a gateway's single
+   append) is applied as that ``submitted`` and then the ``admitted`` it implies, each by the
+   table, so the run goes from ``unknown`` through ``created`` to ``routing`` at once.
 No I/O, no clock: time is a field of each event. The same events give the same run anywhere.
 """
 
@@ -51,6 +54,7 @@ TRANSITIONS: dict[RunState, dict[type[Event], RunState]] = {
     S.unknown: {RunSubmitted: S.created},
     S.created: {
         RunAdmitted: S.routing,
+        RunFailed: S.failed,  # never admitted: a submission that bypassed admission
         RunCancelRequested: S.created,
         RunCancelled: S.cancelled,
     },
@@ -111,7 +115,16 @@ def judge(run: RunRecord, event: Event) -> Verdict:
 
 
 def evolve(run: RunRecord, event: Event) -> RunRecord:
-    """The run after ``event``; the same run if the event is illegal, stale or foreign."""
+    """The run after ``event`` (and what it implies: rule 6); the same run if the event is
+    illegal, stale or foreign."""
+    after = _evolve_one(run, event)
+    follow = event.implied() if isinstance(event, RunSubmitted) else None
+    if after is not run and follow is not None:
+        after = _evolve_one(after, follow)
+    return after
+
+
+def _evolve_one(run: RunRecord, event: Event) -> RunRecord:
     if judge(run, event) is not Verdict.applied:
         return run
     changes = _APPLY[type(event)](run, event)
@@ -253,6 +266,8 @@ def mermaid_diagram() -> str:
         for event_type, target in row.items():
             kind = getattr(event_type, "kind", event_type.__name__)
             lines.append(f"    {state.value} --> {target.value}: {kind}")
+        if state is S.unknown:  # rule 6: a submission that carries its admission
+            lines.append(f"    {S.unknown.value} --> {S.routing.value}: submitted (admitted)")
     for state in RunState:
         if state.is_terminal:
             lines.append(f"    {state.value} --> [*]")

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from contracts.errors import ErrorType, RunError
 from contracts.events import (
+    AdmissionGrant,
     AdmissionSlot,
     AnyEvent,
     AttemptEvent,
@@ -121,6 +122,11 @@ sample_ios = st.sampled_from(_SAMPLE_IOS)
 
 # --- single events, any field values -------------------------------------------------------
 
+_GRANTS = [
+    AdmissionGrant(tier="pro", slot=AdmissionSlot(stream="JETRUN_ADMIT_12", seq=42)),
+    AdmissionGrant(tier="startup"),
+]
+
 _FIELDS: dict[type[Event], st.SearchStrategy[dict[str, Any]]] = {
     RunSubmitted: st.fixed_dictionaries(
         {
@@ -130,6 +136,7 @@ _FIELDS: dict[type[Event], st.SearchStrategy[dict[str, Any]]] = {
             "async_run": st.booleans(),
             "wait_for_resources": st.booleans(),
             "idempotency_key": st.sampled_from([None, "key-1"]),
+            "admission": st.sampled_from([None, *_GRANTS]),
         }
     ),
     RunAdmitted: st.fixed_dictionaries(
@@ -268,16 +275,28 @@ def histories(draw: st.DrawFn, terminal: bool | None = None) -> History:
 
 
 def _walk(walk: _Walk) -> RunState:
-    walk.add(RunSubmitted)
+    if walk.choose("one append", "two appends") == "one append":
+        # a gateway's submission carries its admission: the run starts in routing
+        walk.add(RunSubmitted, admission=walk.draw(st.sampled_from(_GRANTS)))
+        walk.attempt = 1
+        return _from_routing(walk)
+    walk.add(RunSubmitted, admission=None)
     walk.maybe_cancel_request()
-    match walk.choose("admit", "admit", "admit", "cancel", "stop"):
+    match walk.choose("admit", "admit", "admit", "cancel", "not admitted", "stop"):
         case "cancel":
             walk.add(RunCancelled)
             return RunState.cancelled
+        case "not admitted":
+            walk.add(RunFailed)
+            return RunState.failed
         case "stop":
             return RunState.created
     walk.add(RunAdmitted)
     walk.attempt = 1
+    return _from_routing(walk)
+
+
+def _from_routing(walk: _Walk) -> RunState:
     walk.maybe_cancel_request()
     match walk.choose("queue", "queue", "queue", "no_resources", "fail", "cancel", "stop"):
         case "no_resources":

@@ -12,6 +12,7 @@ import pytest
 from contracts.errors import ErrorType, RunError
 from contracts.events import (
     EVENT_TYPES,
+    AdmissionGrant,
     AdmissionSlot,
     AnyEvent,
     AttemptEvent,
@@ -488,7 +489,31 @@ def test_mermaid_diagram_lists_every_transition() -> None:
         for state, row in TRANSITIONS.items()
         for event_type, target in row.items()
     }
+    expected.add("unknown --> routing: submitted (admitted)")  # rule 6
     assert set(edges) == expected
     assert len(edges) == len(expected)
     for state in TERMINAL_STATES:
         assert f"    {state.value} --> [*]" in diagram.splitlines()
+
+
+# --- rule 6: a submission that carries its admission -------------------------------------------
+
+
+def test_a_submission_with_its_admission_goes_straight_to_routing() -> None:
+    slot = AdmissionSlot(stream="JETRUN_ADMIT_3", seq=4)
+    event = msgspec.structs.replace(
+        submitted(T0), admission=AdmissionGrant(tier="basic", slot=slot)
+    )
+    run = fold([event])
+    two_appends = fold([submitted(T0), RunAdmitted(run_id=RUN, at=T0, tier="basic", slot=slot)])
+    assert run.state is RunState.routing and run.attempt == 1
+    assert run == two_appends
+    assert judge(run, admitted(T0 + 5)) is Verdict.illegal  # a late admitted changes nothing
+    assert evolve(run, admitted(T0 + 5)) is run
+    assert evolve(run, event) is run  # nor does the same submission again
+
+
+def test_a_run_never_admitted_can_fail() -> None:
+    error = RunError(type=ErrorType.not_admitted, message="did not go through admission")
+    run = fold([submitted(T0), RunFailed(run_id=RUN, at=T0 + 30, attempt=0, error=error)])
+    assert run.state is RunState.failed and run.error == error and run.waiting_for is None
