@@ -107,19 +107,42 @@ class Admission:
             raise LimitReached(tier, limit, full.active) from None
 
     async def _take(self, limit: int, team: str, run_id: str, now: float) -> AdmissionSlot:
+        """Publish the run's permit (message id = run id, so a retry takes one permit). A
+        retry that finds its permit already given back (the sweep returned it while the run's
+        outcome was unknown) takes a fresh one under a derived id."""
         payload = _encoder.encode(Permit(run_id=run_id, team=team, at=now))
         subject = permit_subject(limit, team)
+        msg_id = run_id
+        for _ in range(3):
+            ack = await self._publish(subject, payload, msg_id, limit)
+            slot = AdmissionSlot(stream=stream_name(limit), seq=ack.seq)
+            if not ack.duplicate or await self._held(slot):
+                return slot
+            msg_id = f"{run_id}:{ack.seq}"  # concurrent retries derive the same id
+        raise LimitReached("", limit, limit)
 
+    async def _publish(self, subject: str, payload: bytes, msg_id: str, limit: int) -> api.PubAck:
         async def publish() -> api.PubAck:
-            return await self.js.publish(subject, payload, headers={"Nats-Msg-Id": run_id})
+            return await self.js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id})
 
         try:
-            ack = await retrying(f"admit {subject}", publish, self.deadline_s)
+            return await retrying(f"admit {subject}", publish, self.deadline_s)
         except APIError as err:
             if err.err_code != PER_SUBJECT_LIMIT_REACHED:
                 raise
             raise LimitReached("", limit, limit) from None
-        return AdmissionSlot(stream=stream_name(limit), seq=ack.seq)
+
+    async def _held(self, slot: AdmissionSlot) -> bool:
+        """Whether the permit at ``slot`` is still there."""
+
+        async def get() -> object:
+            return await self.js.get_msg(slot.stream, slot.seq)
+
+        try:
+            await retrying(f"check {slot.stream}:{slot.seq}", get, self.deadline_s)
+        except NotFoundError:
+            return False
+        return True
 
     async def _reclaim(self, limit: int, team: str) -> bool:
         """Give back the permits of this team's runs that have ended; True if any was freed."""

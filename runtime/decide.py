@@ -21,12 +21,14 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 from contracts.agents import PipelineInfo, PipelineStatus
+from contracts.errors import ErrorType, RunError
 from contracts.events import (
     AnyEvent,
     Event,
     RunAdmitted,
     RunCancelled,
     RunDispatched,
+    RunFailed,
     RunNoResourcesAvailable,
     RunPreempted,
     RunQueued,
@@ -274,18 +276,34 @@ def lose_attempts(p: Pass, d: Decisions) -> None:
 
 
 def finish_admissions(p: Pass, d: Decisions) -> None:
-    """A run still ``created`` after the grace lost its gateway between ``submitted`` and
-    ``admitted``; its permit was taken before ``submitted``. Admit it (the applier looks the
-    permit up and fills in ``slot``: the same event the gateway would have appended)."""
+    """A run still ``created`` after the grace was not recorded by a gateway of this release
+    (a gateway's ``submitted`` carries its admission). Either an older gateway died between
+    ``submitted`` and ``admitted`` (its permit was taken first: the applier looks it up and
+    admits the run with it) or the ``submitted`` was published straight to the log, past
+    admission: without a permit it fails ``not_admitted`` and never runs."""
     grace = p.config.settings.release_grace_s
     for run_id in p.work.created:
         run = p.run(run_id)
         if p.now.wall - run.created_at < grace or run_id in d.decided:
             continue
         team = p.config.teams.get(run.team)
-        tier = team.tier if team is not None else "unknown"
-        d.decided.add(run_id)
-        d.admissions.append(RunAdmitted(run_id=run_id, at=p.now.wall, tier=tier))
+        if team is None:
+            d.add(not_admitted(run, p.now.wall, f"team {run.team!r} is not in the config"))
+        elif p.config.tiers.get(team.tier) is None:
+            d.add(not_admitted(run, p.now.wall, "no admission was recorded for it"))
+        else:
+            d.decided.add(run_id)
+            d.admissions.append(RunAdmitted(run_id=run_id, at=p.now.wall, tier=team.tier))
+
+
+def not_admitted(run: RunRecord, at: float, why: str) -> RunFailed:
+    """The end of a run that never went through admission."""
+    message = (
+        f"run {run.id} was not admitted ({why}): runs are submitted over HTTP or with"
+        " RunEvents.submit, which go through admission; a raw submitted event never runs"
+    )
+    error = RunError(type=ErrorType.not_admitted, message=message)
+    return RunFailed(run_id=run.id, at=at, attempt=run.attempt, error=error)
 
 
 def expire_resource_waits(p: Pass, d: Decisions) -> None:
@@ -331,4 +349,4 @@ def _toggle(items: dict[str, None], item: str, present: bool) -> None:
         items.pop(item, None)
 
 
-__all__ = ["Decisions", "Now", "Pass", "Runs", "Worklist", "decide", "waits_for"]
+__all__ = ["Decisions", "Now", "Pass", "Runs", "Worklist", "decide", "not_admitted", "waits_for"]

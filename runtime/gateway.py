@@ -1,19 +1,18 @@
 """The HTTP gateway: the Mystic-compatible v4 API.
 
 Stateless apart from a ``RunIndex`` it tails from the event log, so any number of gateway
-processes can serve the same runs. A POST takes an admission permit, appends ``RunSubmitted`` and
-``RunAdmitted``, then waits in the index (sync: for a terminal state; async: until the run is
-placed). Reads never touch NATS: they come from the index, queue positions included.
+processes can serve the same runs. A POST is admitted and recorded by ``runtime.submit`` (one
+append: a ``RunSubmitted`` carrying its admission), then waits in the index (sync: for a
+terminal state; async: until the run is placed). Reads never touch NATS: they come from the
+index, queue positions included.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import re
-import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -30,7 +29,6 @@ from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from contracts.api import (
-    ConcurrencyLimitDetail,
     ErrorBody,
     ErrorDetail,
     Health,
@@ -38,12 +36,12 @@ from contracts.api import (
     RunList,
     Scaling,
 )
-from contracts.events import AnyEvent, Event, RunAdmitted, RunCancelRequested, RunSubmitted
+from contracts.events import AnyEvent, Event, RunCancelRequested
 from contracts.run import Run, RunRecord
 from contracts.states import RunState
 from contracts.values import ValueTypeError, check
 from runtime import dashboard, health, openapi
-from runtime.admission import Admission, LimitReached
+from runtime.admission import Admission
 from runtime.catalog import Catalog
 from runtime.clock import SYSTEM_CLOCK, Clock
 from runtime.config import Config, Team
@@ -52,6 +50,7 @@ from runtime.fleet import HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
 from runtime.listing import BadQuery, RunListing, parse_query
 from runtime.projection import RunIndex
 from runtime.readiness import Readiness, SchedulerWatch
+from runtime.submit import Refused, Submitter
 
 log = logging.getLogger("jetrun.gateway")
 
@@ -73,14 +72,6 @@ def error(status: int, code: str, message: str, field: str | None = None) -> HTT
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(_encoder.encode(body), status, headers, media_type="application/json")
-
-
-def run_id_for(team: str, idempotency_key: str | None) -> str:
-    """A fresh id, or one derived from the team and its key so a retried POST finds its run."""
-    if idempotency_key is None:
-        return f"run_{uuid.uuid4().hex}"
-    digest = hashlib.sha256(f"{team}\0{idempotency_key}".encode()).hexdigest()
-    return f"run_{digest[:32]}"
 
 
 class Gateway:
@@ -110,6 +101,9 @@ class Gateway:
             replicas=settings.replicas,
             lookup=self.index.get,
             deadline_s=config.settings.request_deadline_s,
+        )
+        self.submitter = Submitter(
+            self.log, self.index, self.catalog, self.admission, config, clock
         )
         self.ready = False
         self.scheduler = SchedulerWatch(clock.monotonic, config.settings.node_loss_timeout_s)
@@ -171,6 +165,7 @@ class Gateway:
         self.paths = {route.path for route in routes}
         handlers = {
             HTTPError: self._on_error,
+            Refused: self._on_error,
             nats.errors.Error: self._on_nats_error,
             TimeoutError: self._on_nats_error,
         }
@@ -178,7 +173,7 @@ class Gateway:
         return Starlette(routes=routes, exception_handlers=handlers, middleware=[latency])
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPError)
+        assert isinstance(exc, HTTPError | Refused)
         return json_response(ErrorBody(detail=exc.detail), exc.status, exc.headers)
 
     async def _on_nats_error(self, request: Request, exc: Exception) -> Response:
@@ -275,62 +270,24 @@ class Gateway:
         return self._respond(run, sync=sync)
 
     async def _submit(self, team: Team, create: RunCreate, key: str | None) -> RunRecord:
-        if await self.catalog.lookup(create.pipeline) is None:
-            raise error(404, "pipeline_not_found", f"pipeline {create.pipeline} not found")
-        run_id = run_id_for(team.name, key)
-        existing = self.index.get(run_id)
-        if existing is not None and not _same_request(existing, create):
-            raise error(
-                422,
-                "idempotency_key_reused",
-                f"Idempotency-Key {key!r} was used for a different request (run {run_id})",
-            )
-        if existing is not None and existing.state is not RunState.created:
-            return existing
-        now = self.clock.now()
-        limit = self.config.limit(team.tier)
         try:
-            slot = await self.admission.try_admit(
-                team=team.name, tier=team.tier, limit=limit, run_id=run_id, now=now
-            )
-        except LimitReached as full:
-            self.telemetry.refusals.labels(team.name).inc()
-            detail = ConcurrencyLimitDetail(
-                tier=team.tier, limit=full.limit, active=full.active, message=str(full)
-            )
-            raise HTTPError(429, detail, {"Retry-After": "1"}) from None
-        submitted = RunSubmitted(
-            run_id=run_id,
-            at=now,
-            team=team.name,
-            pipeline=create.pipeline,
-            inputs=create.inputs,
-            async_run=create.async_run,
-            wait_for_resources=create.waits_for_resources(),
-            idempotency_key=key,
-        )
-        try:
-            await self._record(submitted)
-        except HTTPError:
-            if slot is not None and existing is None:
-                await self.admission.release(slot)  # no run exists: nothing holds the permit
+            return await self.submitter.submit(team, create, key)
+        except Refused as refusal:
+            if refusal.status == 429:
+                self.telemetry.refusals.labels(team.name).inc()
             raise
-        # from here the run exists; if admitting fails, the scheduler admits it after a grace
-        seq = await self._record(RunAdmitted(run_id=run_id, at=now, tier=team.tier, slot=slot))
-        await self.index.wait_for_seq(seq, timeout=10.0)
-        run = self.index.get(run_id)
-        if run is None:
-            raise error(503, "event_log_lagging", "the run was recorded but is not visible yet")
-        return run
 
     async def _record(self, event: Event) -> int:
-        """Append ``event``; 503 (nothing recorded) if the log stays unreachable."""
+        """Append ``event`` (a cancel request: retrying it is safe); 503 if the log stays
+        unreachable, which does not claim that nothing was stored."""
         try:
             return (await self.log.append(event)).seq
         except Exception as err:
             log.warning("could not record %s of %s: %r", event.kind, event.run_id, err)
             raise error(
-                503, "event_log_unavailable", "the event log is unavailable; retry"
+                503,
+                "event_log_unavailable",
+                f"the event log did not confirm the {event.kind} event; retrying is safe",
             ) from err
 
     async def _wait(
@@ -440,13 +397,3 @@ class Gateway:
 
 def _placed(run: RunRecord) -> bool:
     return run.state not in (RunState.created, RunState.routing)
-
-
-def _same_request(run: RunRecord, create: RunCreate) -> bool:
-    """Whether a retried POST asks for what the run was created with."""
-    return (
-        run.pipeline == create.pipeline
-        and run.inputs == create.inputs
-        and run.async_run == create.async_run
-        and run.wait_for_resources == create.waits_for_resources()
-    )

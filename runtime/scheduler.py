@@ -32,7 +32,7 @@ from runtime.admission import Admission, stream_name
 from runtime.catalog import Catalog
 from runtime.clock import SYSTEM_CLOCK, Clock
 from runtime.config import Config
-from runtime.decide import Decisions, Now, Pass, Worklist, decide
+from runtime.decide import Decisions, Now, Pass, Worklist, decide, not_admitted
 from runtime.eventlog import RETRYABLE, EventLog, LogSettings, ensure_all
 from runtime.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
 from runtime.projection import RunIndex
@@ -321,21 +321,22 @@ class Scheduler:
         if not failed:
             self.work.announced.update(d.announced)
 
-    async def _with_permit(self, event: RunAdmitted) -> RunAdmitted:
-        """A late admission carries the permit its gateway took, if the team holds one."""
+    async def _with_permit(self, event: RunAdmitted) -> Event:
+        """A late admission carries the permit its gateway took; a run for which the team
+        holds no permit never went through admission: it fails instead."""
         run = self.index.records[event.run_id]
-        limit = self.config.tiers.get(event.tier)
-        if limit is None:
-            return event
+        limit = self.config.tiers[event.tier]
+        assert limit is not None  # decide admits late only runs of limited tiers
         holders = await patiently(
             f"permits of {run.team}", lambda: self.admission.holders(limit, run.team)
         )
         for seq, permit in holders:
             if permit.run_id == run.id:
                 slot = AdmissionSlot(stream=stream_name(limit), seq=seq)
+                log.warning("run %s: its gateway never admitted it; admitting it", run.id)
                 return msgspec.structs.replace(event, slot=slot)
-        log.warning("run %s was never admitted by its gateway; admitting it", run.id)
-        return event
+        log.warning("run %s did not go through admission: failing it", run.id)
+        return not_admitted(run, event.at, "no permit was taken for it")
 
     async def _release_ended(self) -> None:
         ended, self._ended = self._ended, []

@@ -14,11 +14,13 @@ from contracts.agents import (
     PipelineInfo,
     PipelineStatus,
 )
+from contracts.errors import ErrorType
 from contracts.events import (
     AnyEvent,
     RunAdmitted,
     RunCancelRequested,
     RunDispatched,
+    RunFailed,
     RunPreempted,
     RunRequeued,
     RunStarted,
@@ -30,7 +32,15 @@ from runtime.decide import Decisions, Now, Pass, Worklist, decide
 from runtime.fleet import NODE_LOST, NODE_RECALLED, Fleet
 from runtime.projection import RunIndex
 
-CONFIG = parse({"settings": {"node_loss_timeout_s": 10, "resource_wait_timeout_s": 60}})
+CONFIG = parse(
+    {
+        "teams": {
+            "t": {"tier": "basic", "tokens": ["tok_t"]},
+            "big": {"tier": "startup", "tokens": ["tok_big"]},
+        },
+        "settings": {"node_loss_timeout_s": 10, "resource_wait_timeout_s": 60},
+    }
+)
 T0 = 1_000_000.0
 CATALOGUE = {
     "t/p:v1": PipelineInfo(pointer="t/p:v1"),
@@ -197,13 +207,21 @@ def test_one_decision_per_run_per_pass_cancel_first() -> None:
     assert d.lost == {"a1": []}
 
 
-def test_a_run_left_created_past_the_grace_is_admitted() -> None:
+def test_a_run_left_created_past_the_grace_is_admitted_or_fails_not_admitted() -> None:
     w = World()
-    w.append(RunSubmitted(run_id="r1", at=w.wall, team="t", pipeline="t/p:v1", inputs=[]))
-    assert not w.decide(timed=True).admissions
+    for run_id, team in [("r1", "t"), ("r2", "nobody"), ("r3", "big")]:
+        w.append(RunSubmitted(run_id=run_id, at=w.wall, team=team, pipeline="t/p:v1", inputs=[]))
+    assert not w.decide(timed=True)
     w.advance(CONFIG.settings.release_grace_s)
     d = w.decide(timed=True)
-    assert [a.run_id for a in d.admissions] == ["r1"] and not d.events
+    # a limited tier: the applier admits it with the permit an older gateway took, if any
+    assert [a.run_id for a in d.admissions] == ["r1"]
+    # a team not in the config, or an unlimited tier (no permit to find): never admitted
+    failed = {e.run_id: e for e in d.events if isinstance(e, RunFailed)}
+    assert set(failed) == {"r2", "r3"} and len(d.events) == 2
+    assert all(e.error.type is ErrorType.not_admitted for e in failed.values())
+    assert "'nobody' is not in the config" in failed["r2"].error.message
+    assert w.index.records["r3"].state is RunState.failed
 
 
 AGENTS = st.lists(

@@ -16,8 +16,8 @@ import pytest
 
 from contracts.states import RunState
 from runtime.eventlog import EventLog
-from runtime.gateway import run_id_for
 from runtime.nats_conn import connect
+from runtime.submit import run_id_for
 from tests import harness
 from tests.harness import FIXTURES, Load, Stack, audit, wait_ready, wait_replicas, wait_state
 

@@ -1,0 +1,121 @@
+"""Admission is one append, and a submission whose append has an unknown outcome keeps its
+permit and says so. A gateway in this process against a real nats-server; the event log's
+append is made to fail the way an outage does (stored, then no answer until the deadline)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from nats.aio.client import Client
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.errors import BadRequestError
+
+from contracts.agents import PipelineInfo
+from contracts.events import Event, RunSubmitted
+from contracts.states import RunState
+from runtime.config import parse
+from runtime.eventlog import Appended
+from runtime.gateway import Gateway
+from runtime.submit import run_id_for
+
+pytestmark = pytest.mark.anyio
+
+CONFIG = parse(
+    {
+        "teams": {"acme": {"tier": "basic", "tokens": ["tok_acme"]}},
+        "settings": {"request_deadline_s": 2, "settle_s": 0.1},
+    }
+)
+BODY = {"pipeline": "t/p:v1", "inputs": [{"type": "string", "value": "x"}], "async_run": True}
+Append = Callable[..., Awaitable[Appended]]
+
+
+@dataclass
+class Harness:
+    gateway: Gateway
+    http: httpx.AsyncClient
+    real_append: Append
+
+    def fail_submissions(self, how: Callable[[Event], Awaitable[Appended]]) -> None:
+        async def append(event: Event, **kw: Any) -> Appended:
+            if isinstance(event, RunSubmitted):
+                return await how(event)
+            return await self.real_append(event, **kw)
+
+        self.gateway.log.append = append  # type: ignore[method-assign]
+
+    def heal(self) -> None:
+        self.gateway.log.append = self.real_append  # type: ignore[method-assign]
+
+    async def permits(self) -> list[str]:
+        return [p.run_id for _, p in await self.gateway.admission.holders(3, "acme")]
+
+    async def kinds(self, run_id: str) -> list[str]:
+        return [s.event.kind for s in await self.gateway.log.read(run_id)]
+
+
+@pytest.fixture
+async def h(nc: Client) -> AsyncIterator[Harness]:
+    gateway = Gateway(nc, CONFIG)
+    async with anyio.create_task_group() as tg:
+        await tg.start(gateway.run)
+        await gateway.catalog.register(PipelineInfo(pointer="t/p:v1"))
+        transport = httpx.ASGITransport(app=gateway.app())
+        headers = {"Authorization": "Bearer tok_acme"}
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://gw", headers=headers
+        ) as http:
+            yield Harness(gateway, http, gateway.log.append)
+        tg.cancel_scope.cancel()
+
+
+async def test_a_run_is_admitted_and_recorded_by_one_append(h: Harness) -> None:
+    response = await h.http.post("/v4/runs", json=BODY)
+    assert response.status_code == 202, response.text
+    run_id = response.json()["id"]
+    assert response.json()["state"] == "routing"  # admitted: no scheduler here to place it
+    assert await h.kinds(run_id) == ["submitted"]
+    assert await h.permits() == [run_id]
+    record = h.gateway.index.get(run_id)
+    assert record is not None and record.state is RunState.routing and record.slot is not None
+
+
+async def test_an_append_stored_but_unconfirmed_keeps_its_permit_and_says_so(h: Harness) -> None:
+    async def stored_then_silent(event: Event) -> Appended:
+        await h.real_append(event)
+        raise NatsTimeoutError
+
+    h.fail_submissions(stored_then_silent)
+    headers = {"Idempotency-Key": "k-unknown"}
+    response = await h.http.post("/v4/runs", json=BODY, headers=headers)
+    assert response.status_code == 503, response.text
+    detail = response.json()["detail"]
+    run_id = run_id_for("acme", "k-unknown")
+    assert detail["code"] == "outcome_unknown"
+    assert run_id in detail["message"] and "Idempotency-Key is safe" in detail["message"]
+    # the run was stored: its permit was not given back, so it cannot run over the limit
+    assert await h.kinds(run_id) == ["submitted"]
+    assert await h.permits() == [run_id]
+    # the retry the answer suggests finds the run, and takes no second permit
+    h.heal()
+    retried = await h.http.post("/v4/runs", json=BODY, headers=headers)
+    assert retried.status_code == 202 and retried.json()["id"] == run_id
+    assert await h.permits() == [run_id]
+
+
+async def test_an_append_the_log_refused_gives_the_permit_back(h: Harness) -> None:
+    async def refused(event: Event) -> Appended:
+        raise BadRequestError(code=400, err_code=10071, description="wrong last sequence")
+
+    h.fail_submissions(refused)
+    response = await h.http.post("/v4/runs", json=BODY, headers={"Idempotency-Key": "k-no"})
+    assert response.status_code == 503
+    assert response.json()["detail"]["code"] == "event_log_unavailable"
+    assert "nothing was recorded" in response.json()["detail"]["message"]
+    assert await h.kinds(run_id_for("acme", "k-no")) == []
+    assert await h.permits() == []
