@@ -65,6 +65,7 @@ from runtime.pipelines import PipelineSpec, load_module
 from runtime.worker import PipelineWorker, StartupFailed
 
 log = logging.getLogger("jetrun.agent")
+REPORT_GRACE_S = 5.0  # how long reports may still retry once a preemption notice came
 _encoder = msgspec.json.Encoder()
 
 
@@ -74,6 +75,19 @@ class AgentFenced(Exception):
 
     def __init__(self, agent_id: str) -> None:
         super().__init__(f"agent {agent_id} was declared lost; restart it to rejoin")
+
+
+def _load(module: str) -> list[PipelineSpec]:
+    try:
+        return load_module(module)
+    except Exception as err:
+        lines = str(err).strip().splitlines()
+        why = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+        raise PipelineModuleError(f"cannot load pipeline module {module!r}: {why}") from err
+
+
+class PipelineModuleError(Exception):
+    """A pipeline module given to the agent cannot be loaded; the message is one line."""
 
 
 @dataclass
@@ -134,6 +148,7 @@ class Agent:
         self.seen_seq = 0  # the last event-log sequence handled
         self.serving = False  # subscribed to dispatches and heartbeating
         self.cold_starts = cold_start_histogram()
+        self._reporting: set[anyio.CancelScope] = set()  # reports in flight
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -178,7 +193,7 @@ class Agent:
     def _load_specs(self) -> None:
         kinds = {a.kind for a in self.accelerators if a.slots > 0}
         for module in self.modules:
-            for spec in load_module(module):
+            for spec in _load(module):
                 if spec.accelerator not in kinds:
                     log.warning(
                         "%s needs a %s slot; this node has none", spec.pointer, spec.accelerator
@@ -219,6 +234,9 @@ class Agent:
         self.draining = True
         self.draining_on_notice = True
         log.warning("%s draining: %s", self.agent_id, reason)
+        give_up = anyio.current_time() + REPORT_GRACE_S
+        for scope in self._reporting:  # reports retrying through an outage: bounded now
+            scope.deadline = min(scope.deadline, give_up)
         await self._beat()
         try:
             reply = await self.nc.request(DRAIN_SUBJECT, self.agent_id.encode(), timeout=5.0)
@@ -359,8 +377,17 @@ class Agent:
         return event if isinstance(event, RunSubmitted) else None
 
     async def _report(self, event: Event) -> None:
-        with anyio.CancelScope(shield=True):
+        """Append a result; it outlives cancellation and NATS outages (``report_deadline_s``),
+        but not a preemption notice by more than ``REPORT_GRACE_S``: shutdown is bounded."""
+        with anyio.CancelScope(shield=True) as scope:
+            if self.draining_on_notice:
+                scope.deadline = anyio.current_time() + REPORT_GRACE_S
+            self._reporting.add(scope)
             try:
                 await self.log.append(event)
             except Exception as err:
                 log.error("could not report %s for %s: %r", event.kind, event.run_id, err)
+            finally:
+                self._reporting.discard(scope)
+        if scope.cancelled_caught:
+            log.error("gave up reporting %s for %s: shutting down", event.kind, event.run_id)

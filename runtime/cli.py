@@ -27,6 +27,14 @@ def _config(path: str | None) -> Config:
         raise click.BadParameter(str(err), param_hint="--config") from None
 
 
+def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
+    """The first leaf exception of a (nested) group."""
+    found: BaseException = group
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found
+
+
 def _run(main: object, *args: object) -> None:
     anyio.run(main, *args, backend="asyncio", backend_options={"use_uvloop": True})  # type: ignore[arg-type]
 
@@ -114,22 +122,23 @@ def up(
     slots: int,
 ) -> None:
     """Start everything: nats-server, gateway, scheduler and a local agent."""
-    data_dir = data_dir.resolve()
-    from runtime.services import serve_up
+    from runtime.up import AgentExited, StartupError, UpOptions, serve_up
 
-    async def go() -> None:
-        await serve_up(
-            data_dir=data_dir,
-            config=_config(config_path),
-            host=host,
-            port=port,
-            nats_url=nats_url,
-            nats_port=nats_port,
-            modules=list(modules),
-            slots=slots,
-        )
-
-    _run(go)
+    options = UpOptions(
+        data_dir=data_dir.resolve(),
+        config=_config(config_path),
+        host=host,
+        port=port,
+        nats_url=nats_url,
+        nats_port=nats_port,
+        modules=list(modules),
+        slots=slots,
+    )
+    try:
+        _run(serve_up, options)
+    except* (StartupError, AgentExited) as group:
+        click.echo(f"jetrun: {_first(group)}", err=True)
+        raise SystemExit(1) from None
 
 
 @main.command()
@@ -189,8 +198,10 @@ def agent(
     health_port: int,
 ) -> None:
     """Run a node agent: load pipelines, run attempts. SIGTERM = preemption notice."""
+    from runtime.lifetime import honour_parent
     from runtime.services import serve_agent
 
+    honour_parent()  # started by `jetrun up`: die with it
     serve = partial(serve_agent, health=(health_host, health_port))
     _run(serve, nats_url, list(modules), slots, heartbeat, agent_id, LogSettings(replicas=replicas))
 

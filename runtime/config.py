@@ -51,6 +51,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     settle_s: float = 1.0  # an async POST waits this long for the run to be queued
     release_grace_s: float = 30.0  # an admission slot with no run after this is leaked
     request_deadline_s: float = 10.0  # a request retries an unreachable NATS this long, then 503
+    shutdown_grace_s: float = 5.0  # open HTTP requests and streams get this long at shutdown
     replay_deadline_s: float = 300.0  # a starting service replays the log this long, then exits
 
 

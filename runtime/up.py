@@ -1,0 +1,276 @@
+"""``jetrun up``: an embedded nats-server, the gateway and the scheduler in this process, and a
+local agent in a child process.
+
+Startup either reaches the banner, printed once the agent's pipelines are ready, or stops with
+one line and a non-zero exit (``StartupError``): a port in use, a store that cannot be written, a
+pipeline module that does not import, a pipeline whose startup step fails. Shutdown (Ctrl-C,
+SIGTERM) is bounded at every step by ``shutdown_grace_s``, also when NATS is gone. The
+nats-server and the agent die with this process, even when it is SIGKILLed
+(``runtime.lifetime``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+from contracts.agents import AgentHeartbeat, PipelineStatus
+from runtime.config import DEMO_TOKEN, Config
+from runtime.eventlog import LogSettings
+from runtime.gateway import Gateway
+from runtime.health import add_scheduler
+from runtime.lifetime import child_env
+from runtime.nats_conn import close, connect
+from runtime.natsserver import NatsServer, NatsServerFailed, NatsServerNotFound
+from runtime.scheduler import Scheduler
+from runtime.services import serve_http
+
+log = logging.getLogger("jetrun")
+
+DEMO_POINTER = "demo/echo:v1"
+FENCED_EXIT = 3  # the agent was declared lost; it may come straight back
+
+
+class StartupError(Exception):
+    """``jetrun up`` cannot start; the message is one line for the user."""
+
+
+class AgentExited(Exception):
+    """The local agent stopped on its own after startup."""
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    data_dir: Path
+    config: Config
+    host: str
+    port: int
+    nats_url: str | None
+    nats_port: int
+    modules: list[str]
+    slots: int
+
+
+def bind(host: str, port: int, what: str) -> socket.socket:
+    """A socket bound to ``host:port`` (address reuse as servers do: a port in TIME_WAIT is
+    free, one somebody listens on is not). Raises ``StartupError``."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        raise StartupError(
+            f"{what} port {port} on {host} is not available: {err.strerror}"
+        ) from None
+    return sock
+
+
+@contextlib.asynccontextmanager
+async def step(what: str) -> AsyncIterator[None]:
+    """Turn any failure inside into a one-line ``StartupError`` naming ``what``."""
+    try:
+        yield
+    except StartupError:
+        raise
+    except Exception as err:
+        raise StartupError(f"{what} failed: {_describe(err)}") from err
+
+
+def _describe(err: BaseException) -> str:
+    while isinstance(err, BaseExceptionGroup) and len(err.exceptions) == 1:
+        err = err.exceptions[0]
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+async def serve_up(opts: UpOptions) -> None:
+    """Everything on one machine until SIGINT or SIGTERM. Raises ``StartupError`` when it
+    cannot start and ``AgentExited`` when the agent stops by itself."""
+    http = bind(opts.host, opts.port, "HTTP")
+    http.listen(2048)
+    stopping = anyio.Event()
+    with contextlib.closing(http), anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sig:
+        async with anyio.create_task_group() as watcher:
+
+            async def on_signal() -> None:
+                async for _ in sig:
+                    stopping.set()
+                    return
+
+            watcher.start_soon(on_signal)
+            try:
+                await _up(opts, http, stopping)
+            finally:
+                watcher.cancel_scope.cancel()
+
+
+async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> None:
+    grace = opts.config.settings.shutdown_grace_s
+    async with contextlib.AsyncExitStack() as stack:
+        server, nats_url = None, opts.nats_url
+        if nats_url is None:
+            server = await _start_nats(opts)
+            stack.push_async_callback(server.stop, grace)
+            nats_url = server.url
+        async with step(f"connecting to NATS at {nats_url}"):
+            nc = await connect(nats_url, "jetrun-up", first_connect_s=10.0)
+        stack.push_async_callback(close, nc, grace)
+        settings = LogSettings()
+        gateway = Gateway(nc, opts.config, log_settings=settings)
+        scheduler = Scheduler(nc, opts.config, log_settings=settings)
+        async with anyio.create_task_group() as tg:
+            add_scheduler(gateway.telemetry.exposition, scheduler, alongside=gateway.telemetry)
+            async with step("setting up the event log"):
+                await tg.start(gateway.run)
+                await tg.start(scheduler.run)
+            async with anyio.create_task_group() as http_tg:
+                server_http = await http_tg.start(serve_http, gateway, opts.host, opts.port, http)
+                try:
+                    await _serve_agent(opts, gateway, nats_url, server is not None, stopping)
+                finally:
+                    if stopping.is_set():
+                        print("\njetrun: shutting down", flush=True)
+                    server_http.should_exit = True  # in-flight requests get the grace period
+            tg.cancel_scope.cancel()
+
+
+async def _start_nats(opts: UpOptions) -> NatsServer:
+    if opts.nats_port:
+        bind("127.0.0.1", opts.nats_port, "NATS").close()
+    server = NatsServer(store_dir=opts.data_dir / "nats", port=opts.nats_port)
+    try:
+        await server.start()
+    except (NatsServerFailed, NatsServerNotFound, OSError) as err:
+        await server.stop()
+        raise StartupError(f"nats-server did not start: {_describe(err)}") from None
+    return server
+
+
+async def _serve_agent(
+    opts: UpOptions, gateway: Gateway, nats_url: str, embedded: bool, stopping: anyio.Event
+) -> None:
+    """Run the local agent: the banner once its pipelines are ready; restarted (same id) if
+    it was declared lost; stopped (bounded) when this process stops."""
+    agent_id = f"local-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    grace = opts.config.settings.shutdown_grace_s
+    first = True
+    while not stopping.is_set():
+        proc = subprocess.Popen(  # noqa: ASYNC220 (returns at once)
+            agent_command(nats_url, opts.modules, opts.slots, agent_id), env=child_env()
+        )
+        try:
+            if first:
+                beat = await _pipelines_ready(gateway, proc, agent_id, stopping)
+                if beat is None:
+                    return
+                data_dir = opts.data_dir if embedded else None
+                _banner(opts.host, opts.port, nats_url, data_dir, opts.config, _pointer(beat))
+                first = False
+            code = await _exited(proc, stopping)
+        finally:
+            await _stop_child(proc, grace + 5.0)
+        if code is None:
+            return
+        if code != FENCED_EXIT:
+            raise AgentExited(f"the local agent exited with code {code}")
+        log.warning("the local agent was declared lost; starting it again")
+
+
+async def _pipelines_ready(
+    gateway: Gateway, proc: subprocess.Popen[bytes], agent_id: str, stopping: anyio.Event
+) -> AgentHeartbeat | None:
+    """Wait until the agent's pipelines have all loaded; None if stopped first. Raises
+    ``StartupError`` if the agent exits or a pipeline's startup step fails."""
+    while not stopping.is_set():
+        code = proc.poll()
+        if code is not None:
+            raise StartupError(f"the local agent exited with code {code} before it was ready")
+        beat = gateway.fleet.get(agent_id)
+        if beat is not None and _loaded(beat):
+            return beat
+        with anyio.move_on_after(0.1):
+            await stopping.wait()
+    return None
+
+
+def _loaded(beat: AgentHeartbeat) -> bool:
+    if any(p.status is PipelineStatus.loading for p in beat.pipelines):
+        return False
+    for p in beat.pipelines:
+        if p.status is PipelineStatus.failed:
+            raise StartupError(f"pipeline {p.pointer} failed to start: {p.error}")
+    if not beat.pipelines and not beat.can_serve:
+        raise StartupError("the pipeline modules define no pipeline this node can run")
+    return True
+
+
+def _pointer(beat: AgentHeartbeat) -> str:
+    ready = [p.pointer for p in beat.pipelines if p.status is PipelineStatus.ready]
+    names = ready or list(beat.can_serve)
+    return DEMO_POINTER if DEMO_POINTER in names else sorted(names)[0]
+
+
+async def _exited(proc: subprocess.Popen[bytes], stopping: anyio.Event) -> int | None:
+    """The agent's exit code once it exits; None if this process is stopping first."""
+    while not stopping.is_set():
+        code = proc.poll()
+        if code is not None:
+            return code
+        with anyio.move_on_after(0.2):
+            await stopping.wait()
+    return None
+
+
+async def _stop_child(proc: subprocess.Popen[bytes], grace: float) -> None:
+    """SIGTERM (the agent's preemption notice), SIGKILL after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        await anyio.to_thread.run_sync(proc.wait, grace)
+    except subprocess.TimeoutExpired:
+        log.warning("the local agent did not stop within %g s; killing it", grace)
+        proc.kill()
+        proc.wait()
+
+
+def agent_command(nats_url: str, modules: list[str], slots: int, agent_id: str) -> list[str]:
+    command = [sys.executable, "-m", "runtime.cli", "agent", "--nats", nats_url]
+    command += ["--slots", str(slots), "--id", agent_id, "--health-port", "0"]
+    for module in modules:
+        command += ["--pipelines", module]
+    return command
+
+
+_INPUTS = '{"type":"string","value":"my_input_string"},{"type":"integer","value":5}'
+
+
+def _banner(
+    host: str, port: int, nats_url: str, data_dir: Path | None, config: Config, pointer: str
+) -> None:
+    url = f"http://{host}:{port}"
+    token = DEMO_TOKEN if config.team_for_token(DEMO_TOKEN) else "<a token from your config>"
+    where = f"embedded nats-server at {nats_url}, data in {data_dir}" if data_dir else nats_url
+    inputs = _INPUTS if pointer == DEMO_POINTER else "...its inputs..."
+    print(
+        f"""jetrun is up: {url}
+  NATS:  {where}
+  token: {token}
+  try:   curl -X POST '{url}/v4/runs' \\
+           --header 'Authorization: Bearer {token}' \\
+           --header 'Content-Type: application/json' \\
+           --data '{{"pipeline": "{pointer}", "inputs": [{inputs}]}}'
+Ctrl-C stops everything.""",
+        flush=True,
+    )
