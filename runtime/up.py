@@ -12,6 +12,7 @@ nats-server and the agent die with this process, even when it is SIGKILLed
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import signal
 import socket
@@ -100,6 +101,7 @@ async def serve_up(opts: UpOptions) -> None:
     cannot start and ``AgentExited`` when the agent stops by itself."""
     http = bind(opts.host, opts.port, "HTTP")
     http.listen(2048)
+    opts = dataclasses.replace(opts, port=http.getsockname()[1])  # --port 0: the one we got
     stopping = anyio.Event()
     with contextlib.closing(http), anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sig:
         async with anyio.create_task_group() as watcher:

@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from runtime.natsserver import free_port
-from tests.harness import Proc, wait_ready, wait_state
+from tests.harness import Proc, wait_ready, wait_replicas, wait_state
 
 pytestmark = pytest.mark.anyio
 
@@ -226,6 +226,7 @@ async def test_ctrl_c_is_bounded_when_nats_is_gone(tmp_path: Path) -> None:
         headers = {"Authorization": "Bearer jr_demo_token"}
         body = {"pipeline": "demo/sleep:v1", "async_run": True}
         body["inputs"] = [{"type": "fp", "value": 1.0}]  # type: ignore[assignment]
+        await wait_replicas(url, "jr_demo_token", "demo/sleep:v1")
         async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as c:
             run = (await c.post("/v4/runs", json=body)).json()
             await wait_state(c, run["id"], {"running"})
