@@ -11,7 +11,7 @@ from typing import Annotated, Any, ClassVar
 
 import msgspec
 
-from contracts.errors import RunError
+from contracts.errors import ErrorType, RunError
 from contracts.states import WaitingFor
 from contracts.values import RunIO
 
@@ -155,8 +155,13 @@ class RunRequeued(AttemptEvent, frozen=True, kw_only=True, tag="requeued"):
 
 
 class RunNoResourcesAvailable(AttemptEvent, frozen=True, kw_only=True, tag="no_resources"):
+    """No replica came alive in time (or none is alive and the run may not wait). ``reason``
+    starts with a code (``no_resources_available: ...``, ``startup_error: ...``) and becomes
+    the run's error message, of type ``error_type``."""
+
     kind: ClassVar[str] = "no_resources"
     reason: str
+    error_type: ErrorType = ErrorType.unknown
 
 
 class RunCancelRequested(Event, frozen=True, kw_only=True, tag="cancel_requested"):

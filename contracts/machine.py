@@ -129,6 +129,10 @@ def _evolve_one(run: RunRecord, event: Event) -> RunRecord:
         return run
     changes = _APPLY[type(event)](run, event)
     state = TRANSITIONS[run.state][type(event)]
+    waiting = changes.get("waiting_for", run.waiting_for)
+    changes["resources_since"] = (
+        None if state.is_terminal else _resources_since(run, waiting, event.at)
+    )
     if state.is_terminal:
         changes["waiting_for"] = None
     elif run.cancel_requested or isinstance(event, RunCancelRequested):
@@ -136,6 +140,21 @@ def _evolve_one(run: RunRecord, event: Event) -> RunRecord:
     return msgspec.structs.replace(
         run, state=state, updated_at=max(run.updated_at, event.at), **changes
     )
+
+
+WAITS_FOR_A_REPLICA = frozenset({WaitingFor.resources, WaitingFor.cold_start})
+
+
+def _resources_since(run: RunRecord, waiting: WaitingFor | None, at: float) -> float | None:
+    """A wait for a replica starts when the run begins waiting for one (queued or told so) and
+    lasts while it waits for one; a cancel request does not end it; anything else does (a
+    requeued run waits for capacity first, so its next wait for a replica is a new one).
+    ``waiting`` is what the event says the run waits for, before a pending cancel outranks it."""
+    if waiting in WAITS_FOR_A_REPLICA:
+        return run.resources_since if run.resources_since is not None else at
+    if waiting is WaitingFor.cancellation:
+        return run.resources_since
+    return None
 
 
 def evolve_strict(run: RunRecord, event: Event) -> RunRecord:
@@ -219,7 +238,12 @@ def _timed_out(run: RunRecord, e: RunTimedOut) -> Changes:
 
 
 def _preempted(run: RunRecord, e: RunPreempted) -> Changes:
-    return {"preemptions": run.preemptions + 1}
+    error = RunError(type=ErrorType.unknown, message=e.reason)
+    return {"preemptions": run.preemptions + 1, "error": error}
+
+
+def _no_resources(run: RunRecord, e: RunNoResourcesAvailable) -> Changes:
+    return {"error": RunError(type=e.error_type, message=e.reason)}
 
 
 def _requeued(run: RunRecord, e: RunRequeued) -> Changes:
@@ -253,7 +277,7 @@ _APPLY: dict[type[Event], Callable[[RunRecord, Any], Changes]] = {
     RunTimedOut: _timed_out,
     RunPreempted: _preempted,
     RunRequeued: _requeued,
-    RunNoResourcesAvailable: _no_changes,
+    RunNoResourcesAvailable: _no_resources,
     RunCancelRequested: _cancel_requested,
     RunCancelled: _no_changes,
 }

@@ -27,6 +27,9 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     attempt: int = 0
     agent_id: str | None = None
     waiting_for: WaitingFor | None = None
+    # when the run began waiting for a replica to come alive (``waiting_for`` resources or
+    # cold_start), the event's time: the resource wait timeout counts from here
+    resources_since: float | None = None
     async_run: bool = False
     wait_for_resources: bool = False
     idempotency_key: str | None = None

@@ -40,6 +40,10 @@ from contracts.states import RunState, WaitingFor
 from runtime.config import Config
 from runtime.fleet import ATTEMPT_LOST, NODE_LOST, NODE_RECALLED, FleetView
 
+# Codes that open the reason of a run that ended for want of a replica (its error message).
+NO_RESOURCES = "no_resources_available"
+STARTUP_ERROR = "startup_error"
+
 
 class Now(NamedTuple):
     wall: float  # Unix seconds: stamped on events, compared with event times
@@ -202,23 +206,41 @@ def waits_for(fleet: FleetView, pipeline: str) -> WaitingFor:
 
 
 def place(p: Pass, d: Decisions) -> None:
-    """Queue every ``routing`` run, in admission order; with no replica alive, a run that does
-    not wait for resources ends ``no_resources_available`` instead."""
+    """Queue every ``routing`` run, in admission order. A run that may not wait for resources
+    ends ``no_resources_available`` at once unless a replica is ready (SPEC 3: one still
+    loading does not count)."""
     waits: dict[str, WaitingFor] = {}
     for run_id in p.work.routing:
         run = p.run(run_id)
         waiting = waits.get(run.pipeline)
         if waiting is None:
             waiting = waits[run.pipeline] = waits_for(p.fleet, run.pipeline)
-        if waiting is WaitingFor.resources and not run.wait_for_resources:
-            reason = f"no replica of {run.pipeline} is alive"
-            d.add(no_resources(p, run, reason))
+        if waiting is not WaitingFor.capacity and not run.wait_for_resources:
+            d.add(no_resources(p, run, "is ready"))
         else:
             d.add(RunQueued(run_id=run_id, at=p.now.wall, attempt=run.attempt, waiting_for=waiting))
 
 
-def no_resources(p: Pass, run: RunRecord, reason: str) -> RunNoResourcesAvailable:
-    return RunNoResourcesAvailable(run_id=run.id, at=p.now.wall, attempt=run.attempt, reason=reason)
+def no_resources(p: Pass, run: RunRecord, what: str) -> RunNoResourcesAvailable:
+    """The run ends for want of a replica; its reason (and error) says why, and says so when
+    the pipeline's startup step raised on every agent that tried it."""
+    loading = len(p.fleet.serving(run.pipeline, PipelineStatus.loading))
+    failed = p.fleet.startup_errors(run.pipeline)
+    error_type = ErrorType.unknown
+    if failed and not loading:
+        agent_id, error = sorted(failed.items())[0]
+        error_type = ErrorType.startup_error
+        reason = (
+            f"{STARTUP_ERROR}: the startup step of {run.pipeline} raised on agent {agent_id}:"
+            f" {error}"
+        )
+    else:
+        reason = f"{NO_RESOURCES}: no replica of {run.pipeline} {what}"
+        if loading:
+            reason += f" ({loading} still starting up)"
+    return RunNoResourcesAvailable(
+        run_id=run.id, at=p.now.wall, attempt=run.attempt, reason=reason, error_type=error_type
+    )
 
 
 def dispatch(p: Pass, d: Decisions) -> None:
@@ -307,15 +329,18 @@ def not_admitted(run: RunRecord, at: float, why: str) -> RunFailed:
 
 
 def expire_resource_waits(p: Pass, d: Decisions) -> None:
+    """A queued run that has waited for a replica to come alive (``resources_since``: from when
+    it began waiting for one, not from when it was created) for the resource wait timeout ends
+    ``no_resources_available``."""
     timeout = p.config.settings.resource_wait_timeout_s
     for pipeline in p.runs.pipelines_with_queue():
         if p.fleet.serving(pipeline):
             continue
         for run_id in p.runs.queued(pipeline):
             run = p.run(run_id)
-            if p.now.wall - run.created_at >= timeout:
-                reason = f"no replica of {pipeline} came alive within {timeout:g} s"
-                d.add(no_resources(p, run, reason))
+            since = run.resources_since
+            if since is not None and p.now.wall - since >= timeout:
+                d.add(no_resources(p, run, f"came alive within {timeout:g} s"))
 
 
 def announce_waits(p: Pass, d: Decisions) -> None:

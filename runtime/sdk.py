@@ -62,7 +62,8 @@ class NoResourcesAvailable(JetrunError):
     """No replica of the pipeline was alive (or came alive in time); ``run`` is the ended run."""
 
     def __init__(self, run: Run) -> None:
-        super().__init__(503, {"code": "no_resources_available", "message": run.pipeline})
+        message = run.error.message if run.error is not None else run.pipeline
+        super().__init__(503, {"code": "no_resources_available", "message": message})
         self.run = run
 
 

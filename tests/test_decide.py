@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections import Counter
 
+import msgspec
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -283,3 +284,90 @@ def test_passes_never_overbook_nor_dispatch_to_agents_that_cannot_take_work(
                 assert n_used <= beat_.slots(kind)
     queued = [r for r in w.index.records.values() if r.state is RunState.queued]
     assert all(isinstance(r.waiting_for, WaitingFor) for r in queued)
+
+
+def test_a_replica_still_starting_up_is_not_alive_for_a_run_that_may_not_wait() -> None:
+    w = World()
+    w.fleet.observe(beat("a1", "t/p:v1", status=PipelineStatus.loading))
+    w.submit("r1", wait=False)
+    d = w.decide()
+    assert [e.kind for e in d.events] == ["no_resources"]
+    run = w.index.records["r1"]
+    assert run.state is RunState.no_resources_available and run.error is not None
+    assert run.error.type is ErrorType.unknown
+    assert run.error.message == (
+        "no_resources_available: no replica of t/p:v1 is ready (1 still starting up)"
+    )
+    w.submit("r2", wait=True)  # one that may wait waits for the cold start
+    w.settle()
+    assert w.index.records["r2"].waiting_for is WaitingFor.cold_start
+
+
+def test_a_pipeline_whose_startup_raised_says_so_on_the_run() -> None:
+    w = World()
+    failed = LoadedPipeline(
+        pointer="t/p:v1", status=PipelineStatus.failed, error="RuntimeError: no weights"
+    )
+    w.fleet.observe(msgspec.structs.replace(beat("a1"), pipelines=[failed]))
+    w.submit("r1", wait=False)
+    w.settle()
+    error = w.index.records["r1"].error
+    assert error is not None and error.type is ErrorType.startup_error
+    assert error.message == (
+        "startup_error: the startup step of t/p:v1 raised on agent a1: RuntimeError: no weights"
+    )
+
+
+def test_a_preempted_run_carries_the_reason_as_its_error() -> None:
+    w = World()
+    w.fleet.observe(beat("a1", "t/p:v1"))
+    w.submit("r1")
+    w.settle()
+    w.fleet.recall("a1")
+    w.settle()
+    run = w.index.records["r1"]
+    assert run.state is RunState.node_preempted and run.error is not None
+    assert run.error.message == "node_preempted: the node was recalled"
+
+
+def test_a_requeued_run_starts_a_new_resource_wait() -> None:
+    w = World()
+    w.fleet.observe(beat("a1", "t/retry:v1"))
+    w.submit("r1", "t/retry:v1")
+    w.settle()
+    w.advance(100)  # runs past the resource wait timeout (60 s) since it was created
+    w.fleet.observe(beat("a1", "t/retry:v1"))
+    w.advance(11)  # then its node goes silent: requeued, no replica left
+    w.settle(timed=True)
+    run = w.index.records["r1"]
+    assert run.state is RunState.queued and run.attempt == 2
+    assert run.waiting_for is WaitingFor.resources and run.resources_since == w.wall
+    w.advance(59)
+    w.settle(timed=True)
+    assert w.state("r1") is RunState.queued
+    w.advance(1)
+    w.settle(timed=True)
+    assert w.state("r1") is RunState.no_resources_available
+
+
+def test_a_run_queued_behind_busy_replicas_waits_in_full_when_the_last_one_goes() -> None:
+    w = World()
+    w.fleet.observe(beat("a1", "t/p:v1"))
+    w.submit("busy")
+    w.submit("r1")
+    w.settle()
+    assert w.index.records["r1"].waiting_for is WaitingFor.capacity
+    w.advance(100)
+    w.fleet.observe(beat("a1", "t/p:v1"))  # the replica kept beating all along
+    w.advance(11)  # then it blips away: the last one
+    w.settle(timed=True)
+    assert w.state("r1") is RunState.queued
+    assert w.index.records["r1"].waiting_for is WaitingFor.resources
+    w.advance(30)
+    w.fleet.observe(beat("a2", "t/p:v1", status=PipelineStatus.loading))
+    w.settle(timed=True)
+    assert w.index.records["r1"].waiting_for is WaitingFor.cold_start  # the same wait goes on
+    w.advance(30)
+    w.fleet.observe(beat("a2", "t/p:v1", status=PipelineStatus.loading))
+    w.settle(timed=True)
+    assert w.state("r1") is RunState.no_resources_available

@@ -334,3 +334,36 @@ async def test_health_and_scaling(stack: Stack) -> None:
         assert scaling["current_replicas"] == 1
         assert scaling["current_pipeline_states"] == {"ready": 1}
         assert (await c.get("/v4/pipelines/nobody/x:v1/scaling")).status_code == 404
+
+
+async def test_a_loading_replica_is_not_alive_and_a_failed_startup_says_so(stack: Stack) -> None:
+    """wait_for_resources=false: a replica still in its cold start does not count (503 at
+    once), and a pipeline whose startup() raised answers 503 with a startup_error naming it."""
+    agent = stack.start_agent("agent-startup", str(harness.FIXTURES / "startup_pipelines.py"))
+    try:
+        async with client(stack, "tok_big") as c:
+            await wait_states(c, "test/bad-start:v1", "failed")
+            await wait_states(c, "test/slow-start:v1", "loading")
+            slow = await c.post("/v4/runs", json={"pipeline": "test/slow-start:v1", "inputs": []})
+            bad = await c.post("/v4/runs", json={"pipeline": "test/bad-start:v1", "inputs": []})
+    finally:
+        agent.stop()
+    assert slow.status_code == 503 and slow.json()["state"] == "no_resources_available"
+    assert slow.json()["error"]["type"] == "unknown"
+    assert "still starting up" in slow.json()["error"]["message"]
+    assert bad.status_code == 503 and bad.json()["state"] == "no_resources_available"
+    error = bad.json()["error"]
+    assert error["type"] == "startup_error"
+    assert "raised on agent agent-startup" in error["message"]
+    assert "model weights not found" in error["message"]
+
+
+async def wait_states(c: httpx.AsyncClient, pointer: str, state: str) -> None:
+    with anyio.fail_after(30):
+        while True:
+            response = await c.get(f"/v4/pipelines/{pointer}/scaling")
+            if response.status_code == 200 and response.json()["current_pipeline_states"].get(
+                state
+            ):
+                return
+            await anyio.sleep(0.1)

@@ -256,7 +256,8 @@ def expected_changes(run: RunRecord, event: AnyEvent) -> dict[str, Any]:
             message = "the run exceeded the pipeline's execution timeout of 90 s"
             return {"error": RunError(type=ErrorType.timeout, message=message), "waiting_for": None}
         case RunPreempted():
-            return {"preemptions": run.preemptions + 1, "waiting_for": None}
+            error = RunError(type=ErrorType.unknown, message=event.reason)
+            return {"preemptions": run.preemptions + 1, "error": error, "waiting_for": None}
         case RunRequeued():
             return {
                 "attempt": run.attempt + 1,
@@ -265,7 +266,12 @@ def expected_changes(run: RunRecord, event: AnyEvent) -> dict[str, Any]:
                 "preemptions": run.preemptions + 1,
                 "waiting_for": WaitingFor.capacity,
             }
-        case RunNoResourcesAvailable() | RunCancelled():
+        case RunNoResourcesAvailable():
+            return {
+                "error": RunError(type=event.error_type, message=event.reason),
+                "waiting_for": None,
+            }
+        case RunCancelled():
             return {"waiting_for": None}
         case RunCancelRequested():
             return {"cancel_requested": True, "waiting_for": WaitingFor.cancellation}
@@ -296,6 +302,20 @@ def _id(value: object) -> str:
 # --- legal transitions ---------------------------------------------------------------------------
 
 
+def expected_resources_since(run: RunRecord, changes: dict[str, Any], ends: bool) -> float | None:
+    """SPEC 3: the resource wait counts from when the run began waiting for a replica."""
+    waiting = changes.get("waiting_for", run.waiting_for)
+    if ends or waiting not in (
+        WaitingFor.resources,
+        WaitingFor.cold_start,
+        WaitingFor.cancellation,
+    ):
+        return None
+    if run.resources_since is not None or waiting is WaitingFor.cancellation:
+        return run.resources_since  # the same wait goes on
+    return AT  # a new wait starts with this event
+
+
 @pytest.mark.parametrize(("state", "how", "event_type"), LEGAL, ids=_id)
 def test_legal_transition(state: RunState, how: str, event_type: type[Event]) -> None:
     run = run_in(state, how)
@@ -304,6 +324,7 @@ def test_legal_transition(state: RunState, how: str, event_type: type[Event]) ->
 
     target = TRANSITIONS[state][event_type]
     changes = expected_changes(run, event)
+    changes["resources_since"] = expected_resources_since(run, changes, target.is_terminal)
     if not target.is_terminal and run.cancel_requested:
         changes["waiting_for"] = WaitingFor.cancellation  # a pending cancel outranks the rest
     assert judge(run, event) is Verdict.applied

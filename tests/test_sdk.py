@@ -66,6 +66,7 @@ async def test_errors_are_typed(stack: Stack, tmp_path: Path) -> None:
         with pytest.raises(NoResourcesAvailable) as no_resources:
             await client.run_pipeline("test/ghost:v1")
         assert no_resources.value.run.state is RunState.no_resources_available
+        assert "no replica of test/ghost:v1 is ready" in str(no_resources.value)
         with pytest.raises(JetrunError) as not_found:
             await client.run_pipeline("nobody/nothing:v1")
         assert not_found.value.status == 404
