@@ -87,7 +87,7 @@ class Scheduler:
         self.index.listen(self._observe)
         self.work = Worklist()
         self.fleet = Fleet(clock.monotonic, config.settings.node_loss_timeout_s)
-        self.catalog = Catalog(self.log.js, replicas=settings.replicas)
+        self.catalog = Catalog(self.log.js, replicas=settings.replicas, monotonic=clock.monotonic)
         self.admission = Admission.for_config(
             self.log.js, config, replicas=settings.replicas, lookup=self.index.get
         )
@@ -121,8 +121,9 @@ class Scheduler:
 
     @contextlib.asynccontextmanager
     async def following(self) -> AsyncIterator[None]:
-        """Inside: the index follows the log (caught up on entry) and heartbeats and drain
-        requests are heard; decisions are made only by calling ``decide()`` and ``tick()``
+        """Inside: the index follows the log (caught up on entry), the catalogue follows its
+        stream (a pipeline registered again with new settings is seen at once), and heartbeats
+        and drain requests are heard; decisions are made only by calling ``decide()`` and ``tick()``
         (what tests do)."""
         await self.ensure()
         target = await self.log.last_seq()
@@ -130,11 +131,12 @@ class Scheduler:
         drains = await self.nc.subscribe(DRAIN_SUBJECT, cb=self._on_drain)
         tail = await self.log.tail(self._on_event, skipped=self._on_skipped)
         try:
-            await self.index.catch_up(target, timeout=self.config.settings.replay_deadline_s)
-            self.caught_up = True
-            self._ended.clear()  # permits of runs that ended before now: the sweep's job
-            log.info("scheduler caught up at seq %d", target)
-            yield
+            async with self.catalog.following():
+                await self.index.catch_up(target, timeout=self.config.settings.replay_deadline_s)
+                self.caught_up = True
+                self._ended.clear()  # permits of runs that ended before now: the sweep's job
+                log.info("scheduler caught up at seq %d", target)
+                yield
         finally:
             with anyio.CancelScope(shield=True):
                 for sub in (heartbeats, drains, tail):

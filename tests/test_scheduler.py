@@ -20,6 +20,7 @@ from contracts.agents import (
 )
 from contracts.events import RunCompleted, RunStarted
 from contracts.run import RunRecord
+from runtime.catalog import Catalog
 from runtime.config import parse
 from runtime.eventlog import kind_subjects
 from runtime.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT, NODE_RECALLED
@@ -343,3 +344,21 @@ async def test_a_draining_agent_is_never_dispatched_new_runs(nc: Client) -> None
 async def _until(done: Callable[[], bool]) -> None:
     while not done():
         await anyio.sleep(0.02)
+
+
+async def test_a_changed_retry_count_is_used_without_a_restart(h: Harness) -> None:
+    h.scheduler.fleet.observe(beat("a1", "t/p:v1"))
+    await h.submit("r1")
+    assert h.run("r1").agent_id == "a1"
+    # the pipeline's agents restart with one retry allowed
+    changed = PipelineInfo(pointer="t/p:v1", max_retries=1)
+    await Catalog(h.scheduler.log.js).register(changed)
+    with anyio.fail_after(10):
+        while h.scheduler.catalog.cached("t/p:v1") != changed:
+            await anyio.sleep(0.01)
+    h.clock.advance(11)
+    h.scheduler.fleet.observe(beat("a2", "t/p:v1"))
+    await h.scheduler.tick()
+    await h.settle()
+    run = h.run("r1")
+    assert run.attempt == 2 and run.state is RunState.running and run.agent_id == "a2"
