@@ -60,6 +60,7 @@ from runtime.fleet import (
     RECALL_SUBJECT,
     declares_node_lost,
 )
+from runtime.guard import Guard
 from runtime.metrics import cold_start_histogram
 from runtime.pipelines import PipelineSpec, load_module
 from runtime.worker import PipelineWorker, StartupFailed
@@ -149,6 +150,7 @@ class Agent:
         self.serving = False  # subscribed to dispatches and heartbeating
         self.cold_starts = cold_start_histogram()
         self._reporting: set[anyio.CancelScope] = set()  # reports in flight
+        self.guard = Guard(f"agent {self.agent_id}")
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -160,13 +162,18 @@ class Agent:
             await self.catalog.register(pool.spec.info())
         start = await self.log.last_seq() + 1
         kinds = ("dispatched", "cancelled", "preempted", "requeued")
+        # a dispatch, cancellation or fencing handled wrongly would leave this agent acting on
+        # a view of its runs the log does not share: fatal
+        on_event = self.guard.wrap("dispatch handler", self._on_event)
         sub = await self.log.tail(
-            self._on_event, from_seq=start, subjects=[kind_subjects(k) for k in kinds]
+            on_event, from_seq=start, subjects=[kind_subjects(k) for k in kinds]
         )
-        recall = await self.nc.subscribe(f"{RECALL_SUBJECT}.{self.agent_id}", cb=self._on_recall)
+        on_recall = self.guard.wrap("recall handler", self._on_recall, fatal=False)
+        recall = await self.nc.subscribe(f"{RECALL_SUBJECT}.{self.agent_id}", cb=on_recall)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                tg.start_soon(self.guard.watch)
                 tg.start_soon(self._heartbeat_loop)
                 for pool in self.pools.values():
                     tg.start_soon(self._warm, pool)

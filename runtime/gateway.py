@@ -47,6 +47,7 @@ from runtime.clock import SYSTEM_CLOCK, Clock
 from runtime.config import Config, Team
 from runtime.eventlog import EventLog, LogSettings, ensure_all
 from runtime.fleet import HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
+from runtime.guard import Guard
 from runtime.listing import BadQuery, RunListing, parse_query
 from runtime.projection import RunIndex
 from runtime.readiness import Readiness, SchedulerWatch
@@ -106,6 +107,7 @@ class Gateway:
             self.log, self.index, self.catalog, self.admission, config, clock
         )
         self.ready = False
+        self.guard = Guard("gateway")
         self.scheduler = SchedulerWatch(clock.monotonic, config.settings.node_loss_timeout_s)
         self.readiness = Readiness(
             nc, self.log.js, self.scheduler, replayed=lambda: self.ready, replicas=settings.replicas
@@ -119,14 +121,20 @@ class Gateway:
         """Create the streams if needed, replay the log into the index, then follow it."""
         await ensure_all(self.log, self.catalog, self.admission, self.readiness)
         target = await self.log.last_seq()
-        tail = await self.log.tail(self._on_event, skipped=self._on_skipped)
-        beats = await self.nc.subscribe(f"{HEARTBEAT_SUBJECT}.*", cb=self._on_heartbeat)
-        scheduler_beats = await self.scheduler.subscribe(self.nc)
+        guard = self.guard.wrap
+        tail = await self.log.tail(
+            guard("event-log tail", self._on_event),
+            skipped=guard("event-log tail", self._on_skipped),
+        )
+        beats = await self.nc.subscribe(
+            f"{HEARTBEAT_SUBJECT}.*", cb=guard("agent heartbeat handler", self._on_heartbeat)
+        )
+        scheduler_beats = await self.scheduler.subscribe(self.nc, self.guard)
         try:
             await self.index.catch_up(target, timeout=self.config.settings.replay_deadline_s)
             self.ready = True
             task_status.started()
-            await anyio.sleep_forever()
+            await self.guard.watch()  # until cancelled, or a callback failed
         finally:
             self.ready = False
             with anyio.CancelScope(shield=True):

@@ -6,6 +6,7 @@ import logging
 
 import anyio
 import nats
+import nats.errors
 from nats.aio.client import Client
 
 log = logging.getLogger("jetrun.nats")
@@ -21,7 +22,10 @@ async def connect(url: str, name: str, *, first_connect_s: float = 30.0) -> Clie
     for ever. Raises ``NatsUnreachable`` if no server answers within ``first_connect_s``."""
 
     async def on_error(err: Exception) -> None:
-        log.debug("%s: nats error: %r", name, err)
+        if isinstance(err, nats.errors.Error | OSError | TimeoutError):
+            log.debug("%s: nats error: %r", name, err)  # the connection's own weather
+        else:  # a subscription callback raised: the message it carried is gone
+            log.error("%s: a NATS callback raised", name, exc_info=err)
 
     async def on_disconnect() -> None:
         log.info("%s: disconnected from NATS", name)

@@ -27,6 +27,7 @@ from nats.js.errors import NoStreamResponseError, NotFoundError
 from contracts.agents import SchedulerHeartbeat
 from runtime.clock import Clock
 from runtime.eventlog import ensure_stream
+from runtime.guard import Guard
 from runtime.streams import EVENTS_STREAM, PROBE_PREFIX, probe_config
 
 log = logging.getLogger("jetrun.readiness")
@@ -65,8 +66,9 @@ class SchedulerWatch:
         self.last: SchedulerHeartbeat | None = None
         self._heard_at = float("-inf")
 
-    async def subscribe(self, nc: Client) -> Subscription:
-        return await nc.subscribe(SCHEDULER_HEARTBEAT_SUBJECT, cb=self._on_beat)
+    async def subscribe(self, nc: Client, guard: Guard) -> Subscription:
+        callback = guard.wrap("scheduler heartbeat handler", self._on_beat)
+        return await nc.subscribe(SCHEDULER_HEARTBEAT_SUBJECT, cb=callback)
 
     async def _on_beat(self, msg: Msg) -> None:
         try:

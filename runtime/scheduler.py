@@ -35,6 +35,7 @@ from runtime.config import Config
 from runtime.decide import Decisions, Now, Pass, Worklist, decide, not_admitted
 from runtime.eventlog import RETRYABLE, EventLog, LogSettings, ensure_all
 from runtime.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
+from runtime.guard import Guard
 from runtime.projection import RunIndex
 from runtime.readiness import new_scheduler_id, publish_scheduler_heartbeats
 
@@ -102,6 +103,7 @@ class Scheduler:
         self._lost = 0
         self._cut_off = False
         self.scheduler_id = new_scheduler_id()
+        self.guard = Guard("scheduler")
         self.started_at = clock.now()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -113,6 +115,7 @@ class Scheduler:
         """Replay the log, then decide until cancelled. ``task_status.started()`` once caught
         up."""
         async with self.following(), anyio.create_task_group() as tg:
+            tg.start_soon(self.guard.watch)
             tg.start_soon(self._decide_loop)
             tg.start_soon(self._tick_loop)
             every = self.config.settings.heartbeat_interval_s
@@ -127,9 +130,17 @@ class Scheduler:
         (what tests do)."""
         await self.ensure()
         target = await self.log.last_seq()
-        heartbeats = await self.nc.subscribe(f"{HEARTBEAT_SUBJECT}.*", cb=self._on_heartbeat)
-        drains = await self.nc.subscribe(DRAIN_SUBJECT, cb=self._on_drain)
-        tail = await self.log.tail(self._on_event, skipped=self._on_skipped)
+        guard = self.guard.wrap
+        heartbeats = await self.nc.subscribe(
+            f"{HEARTBEAT_SUBJECT}.*", cb=guard("agent heartbeat handler", self._on_heartbeat)
+        )
+        # a failed drain answer leaves nothing diverged: the agent is then lost by timeout
+        drain = guard("drain handler", self._on_drain, fatal=False)
+        drains = await self.nc.subscribe(DRAIN_SUBJECT, cb=drain)
+        tail = await self.log.tail(
+            guard("event-log tail", self._on_event),
+            skipped=guard("event-log tail", self._on_skipped),
+        )
         try:
             async with self.catalog.following():
                 await self.index.catch_up(target, timeout=self.config.settings.replay_deadline_s)
