@@ -52,6 +52,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     release_grace_s: float = 30.0  # an admission slot with no run after this is leaked
     request_deadline_s: float = 10.0  # a request retries an unreachable NATS this long, then 503
     shutdown_grace_s: float = 5.0  # open HTTP requests and streams get this long at shutdown
+    http_header_timeout_s: float = 10.0  # a connection must send a request head within this
+    http_max_connections: int = 4096  # open HTTP connections (also kept below the fd limit)
+    http_keepalive_s: float = 5.0  # an idle keep-alive connection is closed after this
     replay_deadline_s: float = 300.0  # a starting service replays the log this long, then exits
 
 

@@ -29,6 +29,7 @@ from runtime.health import (
     scheduler_checks,
     serve_health,
 )
+from runtime.http_server import protocol_for
 from runtime.metrics import Exposition
 from runtime.nats_conn import close, connect
 from runtime.scheduler import Scheduler
@@ -74,9 +75,10 @@ async def serve_http(
         lifespan="off",
         access_log=False,
         log_level="warning",
-        http="httptools",
+        http=protocol_for(settings),
         loop="none",
         timeout_graceful_shutdown=int(max(1, settings.shutdown_grace_s)),
+        timeout_keep_alive=int(max(1, settings.http_keepalive_s)),
     )
     server = _Server(config)
     task_status.started(server)
