@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 
 from contracts.run import Run
+from contracts.scaling import AnyScalingEvent, ReplicaView, ScalingSettings
 from contracts.values import RunIO
 
 
@@ -48,6 +49,11 @@ class Scaling(msgspec.Struct, frozen=True, kw_only=True):
     current_replicas: int
     desired_replicas: int
     current_pipeline_states: dict[str, int]
+    pipeline: str = ""
+    pipeline_id: str = ""
+    autoscaled: bool = False  # False: always on (every agent that can serve it loads it)
+    settings: ScalingSettings | None = None
+    replicas: list[ReplicaView] = msgspec.field(default_factory=list)
 
 
 class Health(msgspec.Struct, frozen=True, kw_only=True):
@@ -61,3 +67,10 @@ class RunList(msgspec.Struct, frozen=True, kw_only=True):
 
     runs: list[Run]
     next_cursor: str | None = None
+
+
+class ScalingHistory(msgspec.Struct, frozen=True, kw_only=True):
+    """``GET /v4/pipelines/{pointer}/scaling/history``: its scaling events, oldest first."""
+
+    pipeline: str
+    events: list[AnyScalingEvent]

@@ -44,6 +44,7 @@ class WaitingFor(enum.StrEnum):
     capacity = "capacity"  # queued: replicas are alive but every matching slot is busy
     cold_start = "cold_start"  # queued: a replica is loading the pipeline (startup step)
     resources = "resources"  # queued: no replica at all; waiting for one to come alive
+    node = "node"  # queued: no replica; a node is being added (booting) to host one
     worker = "worker"  # running: dispatched, the node has not started the attempt yet
     execution = "execution"  # running: the pipeline is executing
     cancellation = "cancellation"  # cancel requested, not yet confirmed

@@ -43,6 +43,7 @@ from contracts.events import (
     RunSubmitted,
     RunTimedOut,
 )
+from contracts.scaling import AnyScalingEvent, ReplicaLoadRequested, ReplicaUnloadRequested
 from contracts.values import RunIO
 from runtime.accelerators import detect
 from runtime.catalog import Catalog
@@ -63,6 +64,7 @@ from runtime.fleet import (
 from runtime.guard import Guard
 from runtime.metrics import cold_start_histogram
 from runtime.pipelines import PipelineSpec, load_module
+from runtime.scalinglog import ScalingLog
 from runtime.worker import PipelineWorker, StartupFailed
 
 log = logging.getLogger("jetrun.agent")
@@ -100,6 +102,10 @@ class _Pool:
     idle: list[PipelineWorker] = field(default_factory=list)
     status: PipelineStatus = PipelineStatus.loading
     error: str | None = None
+    loaded: bool = True  # a replica: False while an autoscaled pipeline is not loaded here
+    scaled: bool = False  # the autoscaler decides when it loads and unloads
+    gpus: list[int] = field(default_factory=list)  # what its workers see (CUDA_VISIBLE_DEVICES)
+    generation: int = 0  # bumped by every load and unload: a stale warm-up or unload gives way
 
 
 @dataclass
@@ -109,6 +115,7 @@ class _Attempt:
     scope: anyio.CancelScope
     worker: PipelineWorker | None = None
     cancelled: bool = False
+    pipeline: str = ""
 
 
 class Agent:
@@ -151,15 +158,23 @@ class Agent:
         self.cold_starts = cold_start_histogram()
         self._reporting: set[anyio.CancelScope] = set()  # reports in flight
         self.guard = Guard(f"agent {self.agent_id}")
+        self.scaling = ScalingLog(self.log.js, replicas=settings.replicas)
+        self._scaling_seq = 0  # the last scaling-log sequence handled
 
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Load pipelines, subscribe, heartbeat, and run dispatched attempts until cancelled."""
         self._load_specs()
-        await ensure_all(self.log, self.catalog)
+        await ensure_all(self.log, self.catalog, self.scaling)
         for pool in self.pools.values():
-            await self.catalog.register(pool.spec.info())
+            await self._register(pool)
+        # a load or unload handled wrongly would leave replicas the autoscaler does not know of
+        scaling = await self.scaling.tail(
+            self.guard.wrap("scaling handler", self._on_scaling),
+            from_seq=await self.scaling.last_seq() + 1,
+            kinds=["replica_load", "replica_unload"],
+        )
         start = await self.log.last_seq() + 1
         kinds = ("dispatched", "cancelled", "preempted", "requeued")
         # a dispatch, cancellation or fencing handled wrongly would leave this agent acting on
@@ -176,7 +191,8 @@ class Agent:
                 tg.start_soon(self.guard.watch)
                 tg.start_soon(self._heartbeat_loop)
                 for pool in self.pools.values():
-                    tg.start_soon(self._warm, pool)
+                    if pool.loaded:
+                        tg.start_soon(self._warm, pool, pool.generation)
                 self.serving = True
                 task_status.started()
                 await self._fenced.wait()
@@ -192,7 +208,7 @@ class Agent:
                 raise AgentFenced(self.agent_id)
         finally:
             with anyio.CancelScope(shield=True):
-                for subscription in (sub, recall):
+                for subscription in (sub, recall, scaling):
                     with contextlib.suppress(Exception):
                         await subscription.unsubscribe()
                 await self._kill_all()
@@ -208,24 +224,82 @@ class Agent:
                     continue
                 self.pools[spec.pointer] = _Pool(spec=spec, module=module)
 
-    async def _warm(self, pool: _Pool) -> None:
+    async def _register(self, pool: _Pool) -> None:
+        """Enter the pipeline in the catalogue, unless it is deployed with scaling settings
+        (those are the operator's: never overwritten by an agent starting)."""
+        known = await self.catalog.lookup(pool.spec.pointer)
+        if known is not None and known.scaling is not None:
+            pool.scaled = True
+        else:
+            await self.catalog.register(pool.spec.info())
+            pool.scaled = pool.spec.scaling is not None
+        pool.loaded = not pool.scaled
+
+    async def _warm(self, pool: _Pool, generation: int) -> None:
         """The cold start: one worker runs the pipeline's startup step."""
         try:
             worker = await self._spawn(pool)
         except StartupFailed as failed:
-            pool.status, pool.error = PipelineStatus.failed, failed.error.message
+            if pool.generation == generation:
+                pool.status, pool.error = PipelineStatus.failed, failed.error.message
             log.error("%s failed to start: %s", pool.spec.pointer, failed.error.message)
         else:
+            if pool.generation != generation:  # unloaded meanwhile
+                await worker.kill()
+                return
             pool.idle.append(worker)
             pool.status = PipelineStatus.ready
             log.info("%s ready on %s", pool.spec.pointer, self.agent_id)
         await self._beat()
 
     async def _spawn(self, pool: _Pool) -> PipelineWorker:
-        worker = PipelineWorker(pool.module, pool.spec.pointer)
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, pool.gpus))} if pool.gpus else None
+        worker = PipelineWorker(pool.module, pool.spec.pointer, env=env)
         with self.cold_starts.labels(pool.spec.pointer).time():
             await worker.start()
         return worker
+
+    # --- replicas the autoscaler asks for ----------------------------------------------------
+
+    async def _on_scaling(self, seq: int, event: AnyScalingEvent) -> None:
+        if seq <= self._scaling_seq or self._tg is None:
+            return  # a redelivery after the consumer was recreated
+        self._scaling_seq = seq
+        pool = self.pools.get(event.pipeline)
+        if getattr(event, "agent_id", None) != self.agent_id or pool is None or self.draining:
+            return
+        if isinstance(event, ReplicaLoadRequested):
+            if pool.loaded and pool.status is not PipelineStatus.failed:
+                return  # already loaded or loading: idempotent
+            await self._kill_idle(pool)
+            pool.generation += 1
+            pool.loaded, pool.status, pool.error = True, PipelineStatus.loading, None
+            pool.gpus = list(event.gpus)
+            log.info("%s loading %s (gpus %s)", self.agent_id, event.pipeline, pool.gpus)
+            await self._beat()
+            self._tg.start_soon(self._warm, pool, pool.generation)
+        elif isinstance(event, ReplicaUnloadRequested) and pool.loaded:
+            pool.generation += 1
+            pool.status = PipelineStatus.draining
+            await self._beat()
+            self._tg.start_soon(self._unload, pool, pool.generation)
+
+    async def _unload(self, pool: _Pool, generation: int) -> None:
+        """Let the replica's running attempts finish, then stop its workers (which frees the
+        memory they hold) and stop advertising it."""
+        while any(a.pipeline == pool.spec.pointer for a in self.attempts.values()):
+            await self.clock.sleep(0.05)
+        if pool.generation != generation:
+            return  # loaded again meanwhile
+        await self._kill_idle(pool)
+        pool.loaded, pool.status, pool.error, pool.gpus = False, PipelineStatus.loading, None, []
+        log.info("%s unloaded %s", self.agent_id, pool.spec.pointer)
+        await self._beat()
+
+    async def _kill_idle(self, pool: _Pool) -> None:
+        idle, pool.idle = pool.idle, []
+        for worker in idle:
+            await worker.kill()
 
     async def _on_recall(self, msg: Msg) -> None:
         """An explicit spot recall (``jetrun recall <agent-id>``): acknowledge, then the
@@ -280,8 +354,10 @@ class Agent:
                     status=p.status,
                     accelerator=p.spec.accelerator,
                     error=p.error,
+                    gpus=p.gpus,
                 )
                 for p in self.pools.values()
+                if p.loaded
             ],
             draining=self.draining,
             running=sorted(self.attempts),
@@ -347,6 +423,7 @@ class Agent:
                 message=f"pipeline is not loaded on node {self.agent_id}",
             )
             return RunFailed(run_id=run_id, at=self.clock.now(), attempt=n, error=error)
+        attempt.pipeline = pool.spec.pointer
         try:
             worker = pool.idle.pop() if pool.idle else await self._spawn(pool)
         except StartupFailed as failed:
@@ -371,8 +448,10 @@ class Agent:
             return RunTimedOut(
                 run_id=run_id, at=self.clock.now(), attempt=n, timeout_s=timeout or 0.0
             )
-        if worker.alive:
+        if worker.alive and pool.loaded and pool.status is PipelineStatus.ready:
             pool.idle.append(worker)
+        else:  # the replica is being (or was) unloaded: its worker exits
+            await worker.kill()
         attempt.worker = None
         now = self.clock.now()
         if result.error is not None:

@@ -103,6 +103,7 @@ class Tuning:
     node_boot_timeout_s: float = 600.0  # a requested node not heard from by then is released
     node_cooldown_s: float = 60.0  # an added node idle this long is released
     max_nodes: int = 8  # nodes a provider may add at once
+    provides: frozenset[str] | None = None  # pipelines a provider's nodes can serve (None: any)
 
 
 @dataclass(frozen=True)
@@ -152,13 +153,19 @@ def remember(memory: Memory, event: ScalingEvent) -> Memory:
             gave_up[p] = event.at
         case NodeRequested():
             nodes[event.node_id] = event
-            count += 1
+            count = max(count + (event.node_id not in memory.nodes), _number(event.node_id))
         case NodeReleased():
             nodes.pop(event.node_id, None)
         case SettingsChanged():
             failures.pop(p, None)
             gave_up.pop(p, None)
     return Memory(loads, unloads, nodes, count, failures, gave_up, desired)
+
+
+def _number(node_id: str) -> int:
+    """``node-7`` -> 7 (0 for other names): folding a request twice does not count it twice."""
+    tail = node_id.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else 0
 
 
 def replay(events: Iterable[AnyScalingEvent], memory: Memory | None = None) -> Memory:
@@ -316,6 +323,8 @@ class _Planner:
             )
             missing -= 1
         boots = booting(self.memory, d.pointer, list(self.nodes.values()), self.now, self.t)
+        if self.t.provides is not None and d.pointer not in self.t.provides:
+            return  # no node the provider adds could serve it
         for _ in range(missing - boots):
             if len(self.memory.nodes) >= self.t.max_nodes:
                 return

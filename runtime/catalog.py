@@ -122,3 +122,7 @@ class Catalog:
             self._following = False
             with anyio.CancelScope(shield=True), contextlib.suppress(Exception):
                 await sub.unsubscribe()  # the connection may be gone
+
+    def entries(self) -> list[PipelineInfo]:
+        """Every pipeline this process has seen (all of them while ``following``)."""
+        return [info for info, _ in self._known.values()]

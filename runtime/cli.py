@@ -12,6 +12,7 @@ import anyio
 import click
 
 from runtime import config as config_module
+from runtime.cli_scaling import register as register_scaling_commands
 from runtime.config import Config, ConfigError
 from runtime.eventlog import LogSettings
 
@@ -111,6 +112,19 @@ def main(verbose: bool) -> None:
 @click.option(
     "--slots", default=4, show_default=True, type=int, help="CPU slots of the local agent."
 )
+@click.option(
+    "--boot-delay",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds an agent the autoscaler adds takes to 'boot' (simulates a machine).",
+)
+@click.option(
+    "--node-slots",
+    default=None,
+    type=int,
+    help="CPU slots of each agent the autoscaler adds (default: --slots).",
+)
 def up(
     host: str,
     port: int,
@@ -120,8 +134,11 @@ def up(
     nats_port: int,
     modules: tuple[str, ...],
     slots: int,
+    boot_delay: float,
+    node_slots: int | None,
 ) -> None:
-    """Start everything: nats-server, gateway, scheduler and a local agent."""
+    """Start everything: nats-server, gateway, scheduler and a local agent; more local agents
+    are started (and stopped) as the autoscaler needs room."""
     from runtime.up import AgentExited, StartupError, UpOptions, serve_up
 
     options = UpOptions(
@@ -133,6 +150,8 @@ def up(
         nats_port=nats_port,
         modules=list(modules),
         slots=slots,
+        boot_delay_s=boot_delay,
+        node_slots=slots if node_slots is None else node_slots,
     )
     try:
         _run(serve_up, options)
@@ -158,16 +177,74 @@ def gateway(nats_url: str, config_path: str | None, replicas: int, host: str, po
 @nats_option
 @config_option
 @replicas_option
+@click.option(
+    "--provider",
+    type=click.Choice(["none", "local", "command"]),
+    default="none",
+    show_default=True,
+    help="How the autoscaler adds nodes when no agent has room.",
+)
+@click.option(
+    "--node-pipelines",
+    multiple=True,
+    default=[DEMO_MODULE],
+    show_default=True,
+    help="local: pipeline modules of the agents it starts; repeatable.",
+)
+@click.option(
+    "--node-slots",
+    default=2,
+    show_default=True,
+    type=int,
+    help="local: CPU slots of the agents it starts.",
+)
+@click.option(
+    "--boot-delay",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="local: simulated boot time of a node, seconds.",
+)
+@click.option(
+    "--add-command",
+    default=None,
+    help="command: run to add a node; {node_id} and {accelerator} are replaced.",
+)
+@click.option(
+    "--remove-command", default=None, help="command: run to remove a node; {node_id} is replaced."
+)
 @health_options(8081)
 def scheduler(
-    nats_url: str, config_path: str | None, replicas: int, health_host: str, health_port: int
+    nats_url: str,
+    config_path: str | None,
+    replicas: int,
+    health_host: str,
+    health_port: int,
+    provider: str,
+    node_pipelines: tuple[str, ...],
+    node_slots: int,
+    boot_delay: float,
+    add_command: str | None,
+    remove_command: str | None,
 ) -> None:
-    """Place, queue, dispatch, cancel and preempt runs."""
+    """Place, queue, dispatch, cancel and preempt runs; scale replicas and nodes."""
+    from runtime.providers import CommandProvider, LocalProvider, NodeProvider
     from runtime.services import serve_scheduler
 
+    chosen: NodeProvider | None = None
+    if provider == "local":
+        chosen = LocalProvider(
+            nats_url, list(node_pipelines), cpu_slots=node_slots, boot_delay_s=boot_delay
+        )
+    elif provider == "command":
+        if not add_command or not remove_command:
+            raise click.BadParameter(
+                "needs --add-command and --remove-command", param_hint="--provider"
+            )
+        chosen = CommandProvider(add_command, remove_command)
     settings = LogSettings(replicas=replicas)
     health = (health_host, health_port)
-    _run(partial(serve_scheduler, nats_url, _config(config_path), settings, health=health))
+    _run(partial(serve_scheduler, nats_url, _config(config_path), settings, chosen, health=health))
 
 
 @main.command()
@@ -230,6 +307,8 @@ def state_diagram() -> None:
 
     click.echo(mermaid_diagram(), nl=False)
 
+
+register_scaling_commands(main, nats_option, replicas_option)
 
 if __name__ == "__main__":
     main()

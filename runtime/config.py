@@ -55,6 +55,12 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     http_header_timeout_s: float = 10.0  # a connection must send a request head within this
     http_max_connections: int = 4096  # open HTTP connections (also kept below the fd limit)
     http_keepalive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    scale_tick_s: float = 0.5  # the autoscaler decides this often
+    node_cooldown_s: float = 60.0  # a node a provider added is released after idling this long
+    node_boot_timeout_s: float = 300.0  # a requested node not registered by then is released
+    max_nodes: int = 4  # nodes a provider may have added at once
+    scaling_operators: list[str] = msgspec.field(default_factory=list)  # teams that may change
+    # any pipeline's scaling settings (a team may always change its own: ``team/...``)
     replay_deadline_s: float = 300.0  # a starting service replays the log this long, then exits
 
 

@@ -126,6 +126,7 @@ class Pass:
     catalogue: Mapping[str, PipelineInfo]
     config: Config
     now: Now
+    booting: frozenset[str] = frozenset()  # pipelines a node is being added for
 
     def kind(self, pipeline: str) -> str:
         """The slot kind ``pipeline``'s runs need (cpu for a pipeline never registered)."""
@@ -196,12 +197,15 @@ def loss_event(p: Pass, run: RunRecord, agent_id: str, reason: str) -> Event:
     )
 
 
-def waits_for(fleet: FleetView, pipeline: str) -> WaitingFor:
-    """What a queued run of ``pipeline`` waits for, as the fleet stands."""
+def waits_for(fleet: FleetView, pipeline: str, booting: frozenset[str] = frozenset()) -> WaitingFor:
+    """What a queued run of ``pipeline`` waits for, as the fleet (and the nodes being added,
+    ``booting``) stand."""
     if fleet.serving(pipeline):
         return WaitingFor.capacity
     if fleet.serving(pipeline, PipelineStatus.loading):
         return WaitingFor.cold_start
+    if pipeline in booting:
+        return WaitingFor.node
     return WaitingFor.resources
 
 
@@ -214,7 +218,7 @@ def place(p: Pass, d: Decisions) -> None:
         run = p.run(run_id)
         waiting = waits.get(run.pipeline)
         if waiting is None:
-            waiting = waits[run.pipeline] = waits_for(p.fleet, run.pipeline)
+            waiting = waits[run.pipeline] = waits_for(p.fleet, run.pipeline, p.booting)
         if waiting is not WaitingFor.capacity and not run.wait_for_resources:
             d.add(no_resources(p, run, "is ready"))
         else:
@@ -347,7 +351,7 @@ def announce_waits(p: Pass, d: Decisions) -> None:
     """When what a pipeline's queue waits for changes (a replica came alive, started loading,
     or went away), say so on each of its queued runs. O(queue) only then."""
     for pipeline in p.runs.pipelines_with_queue():
-        waiting = waits_for(p.fleet, pipeline)
+        waiting = waits_for(p.fleet, pipeline, p.booting)
         if p.work.announced.get(pipeline) is waiting:
             continue
         for run_id in _stale_waits(p, pipeline, waiting):

@@ -34,7 +34,6 @@ from contracts.api import (
     Health,
     RunCreate,
     RunList,
-    Scaling,
 )
 from contracts.events import AnyEvent, Event, RunCancelRequested
 from contracts.run import Run, RunRecord
@@ -51,6 +50,7 @@ from runtime.guard import Guard
 from runtime.listing import BadQuery, RunListing, parse_query
 from runtime.projection import RunIndex
 from runtime.readiness import Readiness, SchedulerWatch
+from runtime.scaling_api import ScalingApi
 from runtime.submit import Refused, Submitter
 
 log = logging.getLogger("jetrun.gateway")
@@ -114,6 +114,7 @@ class Gateway:
         )
         self.telemetry = health.gateway_telemetry(self)
         self.paths: set[str] = set()
+        self.scaling_api = ScalingApi(self)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -130,6 +131,7 @@ class Gateway:
             f"{HEARTBEAT_SUBJECT}.*", cb=guard("agent heartbeat handler", self._on_heartbeat)
         )
         scheduler_beats = await self.scheduler.subscribe(self.nc, self.guard)
+        await self.scaling_api.start()
         try:
             await self.index.catch_up(target, timeout=self.config.settings.replay_deadline_s)
             self.ready = True
@@ -138,6 +140,7 @@ class Gateway:
         finally:
             self.ready = False
             with anyio.CancelScope(shield=True):
+                await self.scaling_api.stop()
                 for sub in (tail, beats, scheduler_beats):
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
@@ -161,7 +164,15 @@ class Gateway:
             Route("/v4/runs/stream", self.stream_run, methods=["POST"]),
             Route("/v4/runs/{run_id}", self.get_run, methods=["GET"]),
             Route("/v4/runs/{run_id}/cancel", self.cancel_run, methods=["POST"]),
-            Route("/v4/pipelines/{pointer:path}/scaling", self.scaling, methods=["GET"]),
+            Route("/v4/pipelines/{pointer:path}/scaling", self.scaling_api.get, methods=["GET"]),
+            Route(
+                "/v4/pipelines/{pointer:path}/scaling", self.scaling_api.patch, methods=["PATCH"]
+            ),
+            Route(
+                "/v4/pipelines/{pointer:path}/scaling/history",
+                self.scaling_api.history,
+                methods=["GET"],
+            ),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/openapi.json", self.openapi, methods=["GET"]),
@@ -350,21 +361,6 @@ class Gateway:
                     yield _encoder.encode(self.view(current)) + b"\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
-
-    async def scaling(self, request: Request) -> Response:
-        self._team(request)
-        pointer = request.path_params["pointer"]
-        if await self.catalog.lookup(pointer) is None:
-            raise error(404, "pipeline_not_found", f"pipeline {pointer} not found")
-        states = self.fleet.pipeline_states(pointer)
-        current = states.get("ready", 0)
-        waiting = self.index.queue_depth(pointer)
-        desired = max(current, 1) if waiting else current
-        return json_response(
-            Scaling(
-                current_replicas=current, desired_replicas=desired, current_pipeline_states=states
-            )
-        )
 
     async def healthz(self, request: Request) -> Response:
         return json_response(Health(status="ok"))

@@ -13,9 +13,10 @@ from typing import Any
 
 import msgspec
 
-from contracts.api import ErrorBody, Health, RunCreate, RunList, Scaling
+from contracts.api import ErrorBody, Health, RunCreate, RunList, Scaling, ScalingHistory
 from contracts.dashboard import Dashboard
 from contracts.run import Run
+from contracts.scaling import ScalingPatch
 
 JSON = "application/json"
 REF = "#/components/schemas/{name}"
@@ -44,6 +45,7 @@ class Operation:
 
 DOCS_HTML = (files("runtime") / "static" / "docs.html").read_text()
 
+POINTER = Param("pointer", "path", {"type": "string"}, "user/name:v1, or its pipeline id")
 RUN_ID = Param("run_id", "path", {"type": "string"}, "the run's id")
 ERR_401 = ("missing, malformed or unknown bearer token", ErrorBody, JSON)
 ERR_404_RUN = ("run_not_found: no such run of this team", ErrorBody, JSON)
@@ -123,11 +125,37 @@ OPERATIONS: list[Operation] = [
         "/v4/pipelines/{pointer}/scaling",
         "Replicas of a pipeline",
         {
-            200: ("replica counts", Scaling, JSON),
+            200: ("current and desired replicas, each replica's state, settings", Scaling, JSON),
+            401: ERR_401,
+            404: ("pipeline_not_found", ErrorBody, JSON),
+            422: ("ambiguous_pipeline_id: give the pointer", ErrorBody, JSON),
+        },
+        params=[POINTER],
+    ),
+    Operation(
+        "patch",
+        "/v4/pipelines/{pointer}/scaling",
+        "Change a pipeline's scaling settings (applies without restarts)",
+        {
+            200: ("the pipeline's scaling with the new settings", Scaling, JSON),
+            401: ERR_401,
+            403: ("forbidden: not the pipeline's team nor a scaling operator", ErrorBody, JSON),
+            404: ("pipeline_not_found", ErrorBody, JSON),
+            422: ERR_422,
+        },
+        body=ScalingPatch,
+        params=[POINTER],
+    ),
+    Operation(
+        "get",
+        "/v4/pipelines/{pointer}/scaling/history",
+        "A pipeline's scaling decisions, oldest first",
+        {
+            200: ("the scaling events", ScalingHistory, JSON),
             401: ERR_401,
             404: ("pipeline_not_found", ErrorBody, JSON),
         },
-        params=[Param("pointer", "path", {"type": "string"}, "user/name:v1")],
+        params=[POINTER],
     ),
     Operation("get", "/healthz", "The process is alive", {200: ("ok", Health, JSON)}, auth=False),
     Operation(

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from contracts.agents import PipelineInfo
+from contracts.scaling import ScalingSettings
 from contracts.values import File, IOType, RunIO, ValueTypeError, check, from_python, to_python
 
 POINTER_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+$")
@@ -77,6 +78,9 @@ class PipelineSpec:
     module: str
     params: tuple[Param, ...]
     variadic: Param | None = None
+    gpus: int = 1
+    gpu_memory_mb: int = 0
+    scaling: ScalingSettings | None = None
 
     @property
     def is_class(self) -> bool:
@@ -89,6 +93,9 @@ class PipelineSpec:
             accelerator=self.accelerator,
             timeout_s=self.timeout_s,
             max_retries=self.max_retries,
+            gpus=self.gpus,
+            gpu_memory_mb=self.gpu_memory_mb,
+            scaling=self.scaling,
         )
 
 
@@ -104,8 +111,15 @@ def pipeline(
     accelerator: str = "cpu",
     timeout_s: float | None = None,
     max_retries: int = 0,
+    gpus: int = 1,
+    gpu_memory_mb: int = 0,
+    scaling: ScalingSettings | None = None,
 ) -> Callable[[T], T]:
     """Register the decorated function or class as the pipeline ``pointer``; return it unchanged.
+
+    ``gpus`` and ``gpu_memory_mb`` say what one replica needs (GPU pipelines). ``scaling``
+    makes it autoscaled (replicas load and unload with traffic, down to ``min_replicas``);
+    without it every agent that can serve it keeps a replica loaded.
 
     Raises ``ValueError`` for a malformed pointer, bad options or a pointer already taken by
     another object, and ``TypeError`` for a signature jetrun cannot map to typed inputs.
@@ -115,6 +129,8 @@ def pipeline(
         raise ValueError(f"timeout_s must be positive, got {timeout_s}")
     if max_retries < 0:
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+    if gpus < 1 or gpu_memory_mb < 0:
+        raise ValueError(f"gpus must be >= 1 and gpu_memory_mb >= 0, got {gpus}, {gpu_memory_mb}")
 
     def register(target: T) -> T:
         if not callable(target):
@@ -129,6 +145,9 @@ def pipeline(
             module=target.__module__,
             params=params,
             variadic=variadic,
+            gpus=gpus,
+            gpu_memory_mb=gpu_memory_mb,
+            scaling=scaling,
         )
         _add(spec)
         return target

@@ -61,6 +61,7 @@ class LocalProvider:
     procs: dict[str, Process] = field(default_factory=dict)
     _booting: set[str] = field(default_factory=set)
     _cancelled: set[str] = field(default_factory=set)
+    _provides: frozenset[str] | None = None
 
     def command(self, node_id: str) -> list[str]:
         argv = [sys.executable, "-m", "runtime.cli", "agent", "--nats", self.nats_url]
@@ -121,6 +122,19 @@ class LocalProvider:
             self._cancelled.add(node_id)
         for node_id in list(self.procs):
             await self.remove(node_id)
+
+    def provides(self) -> frozenset[str]:
+        """The pipelines its agents serve (imports ``modules`` into this process, once)."""
+        from runtime.pipelines import load_module
+
+        if self._provides is None:
+            try:
+                specs = [s for m in self.modules for s in load_module(m)]
+            except Exception as err:  # its agents cannot load them either
+                log.warning("local provider cannot load %s: %r", list(self.modules), err)
+                specs = []
+            self._provides = frozenset(s.pointer for s in specs)
+        return self._provides
 
     def running(self) -> list[str]:
         return sorted(n for n, p in self.procs.items() if p.returncode is None)

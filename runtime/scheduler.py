@@ -105,6 +105,8 @@ class Scheduler:
         self.scheduler_id = new_scheduler_id()
         self.guard = Guard("scheduler")
         self.started_at = clock.now()
+        # the pipelines a node is being added for (the scaler beside it sets this)
+        self.booting: Callable[[], frozenset[str]] = frozenset
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -210,6 +212,10 @@ class Scheduler:
 
     # --- the deciding task -------------------------------------------------------------------
 
+    def kick(self) -> None:
+        """Ask for a decision pass soon (the fleet or the scaling decisions changed)."""
+        self._kick.set()
+
     async def _decide_loop(self) -> None:
         while True:
             await self._kick.wait()
@@ -250,7 +256,8 @@ class Scheduler:
         catalogue = await self._catalogue()
         if catalogue is not None:
             now = Now(self.clock.now(), self.clock.monotonic())
-            view = Pass(self.index, self.work, self.fleet.view(), catalogue, self.config, now)
+            fleet, booting = self.fleet.view(), self.booting()
+            view = Pass(self.index, self.work, fleet, catalogue, self.config, now, booting)
             await self.apply(decide(view, timed=timed))
             self._passes += 1
         await self._release_ended()

@@ -32,6 +32,8 @@ from runtime.health import (
 from runtime.http_server import protocol_for
 from runtime.metrics import Exposition
 from runtime.nats_conn import close, connect
+from runtime.providers import NodeProvider
+from runtime.scaler import Scaler
 from runtime.scheduler import Scheduler
 
 log = logging.getLogger("jetrun")
@@ -102,10 +104,17 @@ async def serve_gateway(
 
 
 async def serve_scheduler(
-    nats_url: str, config: Config, settings: LogSettings, *, health: Address | None = None
+    nats_url: str,
+    config: Config,
+    settings: LogSettings,
+    provider: NodeProvider | None = None,
+    *,
+    health: Address | None = None,
 ) -> None:
+    """The scheduler and, beside it, the autoscaler (adding nodes through ``provider``)."""
     nc = await connect(nats_url, "jetrun-scheduler")
     scheduler = Scheduler(nc, config, log_settings=settings)
+    scaler = Scaler(scheduler, provider)
     async with anyio.create_task_group() as tg:
         if health is not None:
             exposition = Exposition()
@@ -113,6 +122,7 @@ async def serve_scheduler(
             app = health_app(exposition, scheduler_checks(scheduler))
             await tg.start(serve_health, app, *health)
         await tg.start(scheduler.run)
+        await tg.start(scaler.run)
         log.info("scheduler running")
         await until_signalled()
         tg.cancel_scope.cancel()

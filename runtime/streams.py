@@ -25,6 +25,8 @@ CATALOG_PREFIX = "jetrun.pipelines"
 ADMIT_PREFIX = "jetrun.admit"
 PROBE_STREAM = "JETRUN_PROBE"
 PROBE_PREFIX = "jetrun.probe"
+SCALING_STREAM = "JETRUN_SCALING"
+SCALING_PREFIX = "jetrun.scaling"
 
 #: Settings a service compares (and warns about) but never changes on an existing stream.
 OPERATOR_SETTINGS = (
@@ -97,6 +99,19 @@ def probe_config(*, replicas: int) -> api.StreamConfig:
         num_replicas=replicas,
         max_msgs_per_subject=1,
         max_age=3600.0,
+    )
+
+
+def scaling_config(*, replicas: int, max_age_s: float = 30 * 86_400.0) -> api.StreamConfig:
+    """``JETRUN_SCALING``: every scaling decision, one subject per pipeline (kept 30 days)."""
+    return api.StreamConfig(
+        name=SCALING_STREAM,
+        subjects=[f"{SCALING_PREFIX}.>"],
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=600.0,
+        max_age=max_age_s,
+        allow_direct=True,
     )
 
 

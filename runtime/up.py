@@ -1,5 +1,6 @@
 """``jetrun up``: an embedded nats-server, the gateway and the scheduler in this process, and a
-local agent in a child process.
+local agent in a child process; the autoscaler beside the scheduler starts more local agents
+(``LocalProvider``) when the first has no room for a replica, and stops them when idle.
 
 Startup either reaches the banner, printed once the agent's pipelines are ready, or stops with
 one line and a non-zero exit (``StartupError``): a port in use, a store that cannot be written, a
@@ -33,6 +34,8 @@ from runtime.health import add_scheduler
 from runtime.lifetime import child_env
 from runtime.nats_conn import close, connect
 from runtime.natsserver import NatsServer, NatsServerFailed, NatsServerNotFound
+from runtime.providers import LocalProvider
+from runtime.scaler import Scaler
 from runtime.scheduler import Scheduler
 from runtime.services import serve_http
 
@@ -60,6 +63,8 @@ class UpOptions:
     nats_port: int
     modules: list[str]
     slots: int
+    boot_delay_s: float = 0.0  # simulated boot time of an agent the autoscaler adds
+    node_slots: int | None = None  # CPU slots of such an agent (default: ``slots``)
 
 
 def bind(host: str, port: int, what: str) -> socket.socket:
@@ -132,11 +137,13 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
         settings = LogSettings()
         gateway = Gateway(nc, opts.config, log_settings=settings)
         scheduler = Scheduler(nc, opts.config, log_settings=settings)
+        scaler = Scaler(scheduler, _provider(opts, nats_url))
         async with anyio.create_task_group() as tg:
             add_scheduler(gateway.telemetry.exposition, scheduler, alongside=gateway.telemetry)
             async with step("setting up the event log"):
                 await tg.start(gateway.run)
                 await tg.start(scheduler.run)
+                await tg.start(scaler.run)
             async with anyio.create_task_group() as http_tg:
                 server_http = await http_tg.start(serve_http, gateway, opts.host, opts.port, http)
                 try:
@@ -146,6 +153,19 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
                         print("\njetrun: shutting down", flush=True)
                     server_http.should_exit = True  # in-flight requests get the grace period
             tg.cancel_scope.cancel()
+
+
+def _provider(opts: UpOptions, nats_url: str) -> LocalProvider:
+    """More local agents when the autoscaler finds no room; their logs in ``<data>/nodes``."""
+    return LocalProvider(
+        nats_url,
+        opts.modules,
+        cpu_slots=opts.slots if opts.node_slots is None else opts.node_slots,
+        boot_delay_s=opts.boot_delay_s,
+        heartbeat_s=opts.config.settings.heartbeat_interval_s,
+        env=child_env(),
+        log_dir=opts.data_dir / "nodes",
+    )
 
 
 async def _start_nats(opts: UpOptions) -> NatsServer:

@@ -262,6 +262,13 @@ def test_node_requested_once_while_it_boots_then_used() -> None:
     assert [e.agent_id for e in of(booted, ReplicaLoadRequested)] == [request.node_id]
 
 
+def test_no_node_is_requested_for_a_pipeline_the_provider_cannot_serve() -> None:
+    t = Tuning(provides=frozenset({"team/other:v1"}))
+    assert not of(run(deployed(), Demand(queued=1), [], tuning=t), NodeRequested)
+    t = Tuning(provides=frozenset({P}))
+    assert of(run(deployed(), Demand(queued=1), [], tuning=t), NodeRequested)
+
+
 def test_max_nodes_bounds_requests() -> None:
     events = run(deployed(max_replicas=10), Demand(queued=10), [], tuning=Tuning(max_nodes=2))
     assert len(of(events, NodeRequested)) == 2

@@ -27,6 +27,7 @@ from contracts.events import (
     RunStarted,
     RunSubmitted,
 )
+from contracts.run import RunRecord
 from contracts.states import RunState, WaitingFor
 from runtime.config import parse
 from runtime.decide import Decisions, Now, Pass, Worklist, decide
@@ -106,7 +107,7 @@ class World:
         self.mono += seconds
         self.wall += seconds
 
-    def decide(self, *, timed: bool = False) -> Decisions:
+    def decide(self, *, timed: bool = False, booting: frozenset[str] = frozenset()) -> Decisions:
         view = Pass(
             self.index,
             self.work,
@@ -114,6 +115,7 @@ class World:
             CATALOGUE,
             CONFIG,
             Now(self.wall, self.mono),
+            booting,
         )
         d = decide(view, timed=timed)
         self.append(*d.events)  # type: ignore[arg-type]
@@ -128,6 +130,9 @@ class World:
 
     def state(self, run_id: str) -> RunState:
         return self.index.records[run_id].state
+
+    def run(self, run_id: str) -> RunRecord:
+        return self.index.records[run_id]
 
 
 def test_a_recalled_agent_gets_no_new_run_and_its_runs_are_handled_in_the_same_pass() -> None:
@@ -371,3 +376,16 @@ def test_a_run_queued_behind_busy_replicas_waits_in_full_when_the_last_one_goes(
     w.fleet.observe(beat("a2", "t/p:v1", status=PipelineStatus.loading))
     w.settle(timed=True)
     assert w.state("r1") is RunState.no_resources_available
+
+
+def test_runs_wait_for_a_node_while_one_boots_then_for_the_cold_start() -> None:
+    w = World()
+    w.submit("r1")
+    w.decide(booting=frozenset({"t/p:v1"}))
+    assert w.run("r1").waiting_for is WaitingFor.node
+    w.fleet.observe(beat("node-1", "t/p:v1", status=PipelineStatus.loading))
+    w.decide(timed=True, booting=frozenset({"t/p:v1"}))
+    assert w.run("r1").waiting_for is WaitingFor.cold_start
+    w.fleet.observe(beat("node-1", "t/p:v1"))
+    w.decide()
+    assert w.run("r1").state is RunState.running

@@ -1,0 +1,190 @@
+"""The scaling endpoints of the gateway: read a pipeline's replicas, change its settings, show
+its scaling history.
+
+``GET /v4/pipelines/{pointer}/scaling`` (any team): current and desired replicas and each
+replica's state (booting, loading, ready, draining, failed). ``PATCH`` the same path with a
+``ScalingPatch`` (the team that owns the pointer's ``team/`` prefix, or a team listed in
+``settings.scaling_operators``): the catalogue entry is rewritten and a ``settings`` event is
+logged; the scaler and agents follow the catalogue, so it applies without restarts.
+``GET .../scaling/history``: the pipeline's scaling events. ``{pointer}`` may also be the
+``pipeline_id`` the API returns (``team/name``), when exactly one version is deployed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from typing import TYPE_CHECKING
+
+import msgspec
+from nats.aio.subscription import Subscription
+
+from contracts.agents import AgentHeartbeat, PipelineInfo
+from contracts.api import Scaling, ScalingHistory
+from contracts.run import pipeline_id_of
+from contracts.scaling import (
+    AnyScalingEvent,
+    ReplicaState,
+    ReplicaView,
+    ScalingPatch,
+    ScalingSettings,
+    SettingsChanged,
+)
+from runtime.autoscaler import Memory, Node, Replica, remember, replica_states
+from runtime.scalinglog import ScalingLog
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+    from runtime.gateway import Gateway
+
+_patch_decoder = msgspec.json.Decoder(ScalingPatch)
+_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}/[A-Za-z0-9_.-]{1,128}(:[A-Za-z0-9_.-]{1,128})?$")
+
+
+class ScalingApi:
+    def __init__(self, gateway: Gateway) -> None:
+        self.gw = gateway
+        self.log = ScalingLog(gateway.log.js, replicas=gateway.log.settings.replicas)
+        self.memory = Memory()
+        self._subs: list[Subscription] = []
+        self._stack = contextlib.AsyncExitStack()
+
+    async def start(self) -> None:
+        """Follow the scaling log (for desired replicas and pending loads) and the catalogue
+        (so pipeline ids resolve and settings are current)."""
+        await self.log.ensure()
+        self._subs = [await self.log.tail(self.gw.guard.wrap("scaling-log tail", self._fold))]
+        await self._stack.enter_async_context(self.gw.catalog.following())
+
+    async def stop(self) -> None:
+        await self._stack.aclose()
+        for sub in self._subs:
+            with contextlib.suppress(Exception):  # the connection may be gone
+                await sub.unsubscribe()
+
+    async def _fold(self, seq: int, event: AnyScalingEvent) -> None:
+        self.memory = remember(self.memory, event)
+
+    # --- endpoints ---------------------------------------------------------------------------
+
+    async def get(self, request: Request) -> Response:
+        from runtime.gateway import json_response
+
+        self.gw._team(request)
+        info = await self.resolve(request.path_params["pointer"])
+        return json_response(self.view(info))
+
+    async def history(self, request: Request) -> Response:
+        from runtime.gateway import json_response
+
+        self.gw._team(request)
+        info = await self.resolve(request.path_params["pointer"])
+        events = await self.log.history(info.pointer)
+        return json_response(ScalingHistory(pipeline=info.pointer, events=events))
+
+    async def patch(self, request: Request) -> Response:
+        from runtime.gateway import error, json_response
+
+        team = self.gw._team(request)
+        info = await self.resolve(request.path_params["pointer"])
+        owner = info.pointer.split("/", 1)[0]
+        if team.name != owner and team.name not in self.gw.config.settings.scaling_operators:
+            raise error(
+                403, "forbidden", f"team {team.name} may not change the scaling of {info.pointer}"
+            )
+        body = await self.gw._body(request)
+        try:
+            settings = _patch_decoder.decode(body).apply(info.scaling or ScalingSettings())
+        except msgspec.ValidationError as err:
+            raise error(422, "invalid_field", str(err)) from None
+        except msgspec.DecodeError as err:
+            raise error(422, "invalid_json", f"malformed JSON body: {err}") from None
+        updated = msgspec.structs.replace(info, scaling=settings)
+        await self.gw.catalog.register(updated)
+        event = SettingsChanged(
+            pipeline=info.pointer, at=self.gw.clock.now(), settings=settings, by=team.name
+        )
+        await self.log.append(event)
+        self.memory = remember(self.memory, event)
+        return json_response(self.view(updated))
+
+    # --- helpers -----------------------------------------------------------------------------
+
+    async def resolve(self, pointer: str) -> PipelineInfo:
+        """The catalogue entry for a pointer, or for a pipeline id naming one deployed
+        version. 404 otherwise (422 when the id names several versions)."""
+        from runtime.gateway import error
+
+        if not _NAME.match(pointer):
+            raise error(404, "pipeline_not_found", f"pipeline {pointer!r} not found")
+        info = await self.gw.catalog.lookup(pointer)
+        if info is not None:
+            return info
+        versions = sorted(
+            i.pointer for i in self.gw.catalog.entries() if pipeline_id_of(i.pointer) == pointer
+        )
+        if len(versions) == 1:
+            found = await self.gw.catalog.lookup(versions[0])
+            if found is not None:
+                return found
+        if len(versions) > 1:
+            raise error(
+                422,
+                "ambiguous_pipeline_id",
+                f"{pointer} names several versions ({', '.join(versions)}): give the pointer",
+            )
+        raise error(404, "pipeline_not_found", f"pipeline {pointer} not found")
+
+    def view(self, info: PipelineInfo) -> Scaling:
+        now = self.gw.clock.now()
+        nodes = [_node(beat) for beat in self.gw.fleet.live()]
+        states = replica_states(info.pointer, nodes, self.memory, now)
+        gpus = {
+            (r.agent_id): list(r.gpus)
+            for n in nodes
+            for r in n.replicas
+            if r.pipeline == info.pointer
+        }
+        errors = {
+            r.agent_id: r.error for n in nodes for r in n.replicas if r.pipeline == info.pointer
+        }
+        replicas = [
+            ReplicaView(agent_id=a, state=s, gpus=gpus.get(a, []), error=errors.get(a))
+            for a, s in states
+        ]
+        counts: dict[str, int] = {}
+        for r in replicas:
+            counts[r.state.value] = counts.get(r.state.value, 0) + 1
+        current = counts.get(ReplicaState.ready.value, 0)
+        if info.scaling is not None:
+            desired = self.memory.desired.get(info.pointer, info.scaling.floor(now))
+        else:  # always on: every agent that can serve it keeps a replica
+            waiting = self.gw.index.queue_depth(info.pointer)
+            desired = max(current, 1) if waiting else current
+        return Scaling(
+            current_replicas=current,
+            desired_replicas=desired,
+            current_pipeline_states=counts,
+            pipeline=info.pointer,
+            pipeline_id=pipeline_id_of(info.pointer),
+            autoscaled=info.scaling is not None,
+            settings=info.scaling,
+            replicas=replicas,
+        )
+
+
+def _node(beat: AgentHeartbeat) -> Node:
+    replicas = tuple(
+        Replica(
+            p.pointer,
+            beat.agent_id,
+            ReplicaState(p.status.value),
+            tuple(p.gpus),
+            error=p.error,
+        )
+        for p in beat.pipelines
+    )
+    return dataclasses.replace(Node(beat.agent_id), replicas=replicas)
