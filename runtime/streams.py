@@ -134,6 +134,8 @@ def differences(
     found: dict[str, tuple[object, object]] = {}
     for name in OPERATOR_SETTINGS:
         kept, mine = getattr(existing, name), getattr(wanted, name)
+        if mine is None or (name == "duplicate_window" and not mine):
+            continue  # no preference: the server's default is as good
         if kept != mine and not (_unset(kept) and _unset(mine)):
             found[name] = (kept, mine)
     return found

@@ -72,6 +72,7 @@ async def cluster(tmp_path: Path) -> AsyncIterator[Stack]:
 async def test_a_service_started_with_one_replica_never_downgrades_the_cluster(
     cluster: Stack,
 ) -> None:
+    cluster.start_scheduler()  # --replicas 3 (a gateway is ready once a scheduler is heard)
     await cluster.start_gateway(timeout=90)  # --replicas 3: creates every stream at R3
     port = free_port()
     cluster._cli(
