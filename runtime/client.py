@@ -1,6 +1,7 @@
-"""The NATS-level client for platform services: publish run events, follow run state.
+"""The NATS-level client for platform services: submit runs, follow run state.
 
     async with RunEvents.connect("nats://127.0.0.1:4222") as events:
+        run = await events.submit("acme/echo:v1", "hi", token="jr_acme_secret")
         async with aclosing(events.watch(team="acme")) as changes:
             async for change in changes:
                 print(change.seq, change.run.id, change.run.state)
@@ -8,6 +9,7 @@
 ``watch`` yields a ``RunChange`` for every event that changed a matching run, in log order.
 Filter by team, pipeline or run id. It is resumable: pass ``from_seq=change.seq + 1`` after a
 disconnect (runs that began before ``from_seq`` are loaded from the log when first seen).
+``submit`` goes through a gateway's admission, exactly like ``POST /v4/runs``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from types import TracebackType
+from typing import Any
 
 import anyio
 import msgspec
@@ -22,9 +25,14 @@ from nats.aio.client import Client
 
 from contracts.events import AnyEvent, Event, RunSubmitted
 from contracts.machine import evolve
-from contracts.run import RunRecord
+from contracts.run import Run, RunRecord
+from contracts.submission import SUBMIT_SUBJECT, SubmitReply, SubmitRequest
+from contracts.values import from_python
 from runtime.eventlog import ALL_EVENTS, Appended, EventLog, run_subjects
 from runtime.nats_conn import connect
+from runtime.sdk import ConcurrencyLimitReached, JetrunError
+
+_reply_decoder = msgspec.json.Decoder(SubmitReply)
 
 
 class RunChange(msgspec.Struct, frozen=True, kw_only=True):
@@ -43,8 +51,46 @@ class RunEvents:
         return _Connecting(url)
 
     async def publish(self, event: Event) -> Appended:
-        """Append a run event (idempotent by its message id); blocks until stored."""
+        """Append a run event (idempotent by its message id); blocks until stored. A
+        ``submitted`` event published this way skips admission: the scheduler fails that run
+        (``not_admitted``) and it never runs; submit runs with ``submit``."""
         return await self.log.append(event)
+
+    async def submit(
+        self,
+        pointer: str,
+        *inputs: Any,
+        token: str,
+        wait_for_resources: bool | None = None,
+        idempotency_key: str | None = None,
+        timeout: float = 30.0,
+    ) -> Run:
+        """Submit an async run through a gateway's admission (request/reply on
+        ``jetrun.submit``), as the team ``token`` names; returns the admitted run. Raises
+        ``ConcurrencyLimitReached`` (429) or ``JetrunError`` (any other refusal, with the same
+        status and detail as the HTTP API), or a NATS error if no gateway answered in
+        ``timeout`` s. With an ``idempotency_key``, retrying is safe."""
+        body = msgspec.json.encode(
+            {
+                "pipeline": pointer,
+                "inputs": [from_python(i) for i in inputs],
+                "async_run": True,
+                "wait_for_resources": wait_for_resources,
+            }
+        )
+        request = SubmitRequest(
+            token=token, body=msgspec.Raw(body), idempotency_key=idempotency_key
+        )
+        msg = await self.log.nc.request(
+            SUBMIT_SUBJECT, msgspec.json.encode(request), timeout=timeout
+        )
+        reply = _reply_decoder.decode(msg.data)
+        if reply.status == 202 and reply.run is not None:
+            return reply.run
+        detail = msgspec.to_builtins(reply.detail)
+        if reply.status == 429:
+            raise ConcurrencyLimitReached(detail, reply.retry_after or 1.0)
+        raise JetrunError(reply.status, detail)
 
     async def watch(
         self,

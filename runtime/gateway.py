@@ -51,6 +51,7 @@ from runtime.listing import BadQuery, RunListing, parse_query
 from runtime.projection import RunIndex
 from runtime.readiness import Readiness, SchedulerWatch
 from runtime.scaling_api import ScalingApi
+from runtime.submissions import SubmissionService
 from runtime.submit import Refused, Submitter
 
 log = logging.getLogger("jetrun.gateway")
@@ -61,10 +62,8 @@ _encoder = msgspec.json.Encoder()
 _create_decoder = msgspec.json.Decoder(RunCreate)
 
 
-class HTTPError(Exception):
-    def __init__(self, status: int, detail: Any, headers: dict[str, str] | None = None) -> None:
-        super().__init__(status, detail)
-        self.status, self.detail, self.headers = status, detail, headers or {}
+class HTTPError(Refused):
+    """An error answer: an HTTP status, its JSON detail and headers."""
 
 
 def error(status: int, code: str, message: str, field: str | None = None) -> HTTPError:
@@ -106,6 +105,13 @@ class Gateway:
         self.submitter = Submitter(
             self.log, self.index, self.catalog, self.admission, config, clock
         )
+        self.submissions = SubmissionService(
+            nc,
+            authenticate=config.team_for_token,
+            parse=self.parse_body,
+            submit=self._submit,
+            view=self.view,
+        )
         self.ready = False
         self.guard = Guard("gateway")
         self.scheduler = SchedulerWatch(clock.monotonic, config.settings.node_loss_timeout_s)
@@ -134,9 +140,11 @@ class Gateway:
         await self.scaling_api.start()
         try:
             await self.index.catch_up(target, timeout=self.config.settings.replay_deadline_s)
-            self.ready = True
-            task_status.started()
-            await self.guard.watch()  # until cancelled, or a callback failed
+            async with anyio.create_task_group() as tg:
+                await tg.start(self.submissions.run)  # jetrun.submit: NATS submissions
+                self.ready = True
+                task_status.started()
+                await self.guard.watch()  # until cancelled, or a callback failed
         finally:
             self.ready = False
             with anyio.CancelScope(shield=True):
@@ -232,7 +240,10 @@ class Gateway:
         return b"".join(chunks)
 
     async def _parse(self, request: Request) -> RunCreate:
-        body = await self._body(request)
+        return self.parse_body(await self._body(request))
+
+    def parse_body(self, body: bytes) -> RunCreate:
+        """A run request's body, decoded and checked (HTTP and NATS submissions alike)."""
         try:
             create = _create_decoder.decode(body)
         except msgspec.ValidationError as err:

@@ -3,15 +3,25 @@ service submissions over NATS, and a log holding an event kind this release does
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+
 import anyio
 import httpx
 import msgspec
 import pytest
 
+from contracts.errors import ErrorType
+from contracts.events import RunSubmitted
+from contracts.run import RunRecord
+from contracts.states import RunState
+from contracts.values import from_python
+from runtime.client import RunEvents
 from runtime.eventlog import EVENTS_STREAM, event_subject
 from runtime.nats_conn import connect
+from runtime.sdk import ConcurrencyLimitReached, JetrunError
 from tests import harness
-from tests.harness import Stack
+from tests.harness import Stack, wait_state
 
 pytestmark = pytest.mark.anyio
 
@@ -90,3 +100,86 @@ async def test_concurrent_requests_with_one_key_and_two_bodies_one_body_wins(
             assert response.status_code == 422, response.text
             assert response.json()["detail"]["code"] == "idempotency_key_reused"
     assert len({r.json()["id"] for _, r in accepted}) == 1
+
+
+# --- services: submissions over NATS go through admission; raw submitted events never run ---
+
+
+def gate_body(path: Path) -> dict[str, object]:
+    return {
+        "pipeline": "test/gate:v1",
+        "async_run": True,
+        "inputs": [{"type": "string", "value": str(path)}],
+    }
+
+
+async def test_a_service_submits_through_admission_and_hears_typed_refusals(
+    stack: Stack, tmp_path: Path
+) -> None:
+    gates = [tmp_path / f"gate{i}" for i in range(4)]
+    async with RunEvents.connect(stack.nats_url) as events:
+        runs = [
+            await events.submit("test/gate:v1", str(g), token="tok_rival", idempotency_key=g.name)
+            for g in gates[:3]
+        ]
+        assert [r.state for r in runs] != [] and all(r.attempt == 1 for r in runs)
+        again = await events.submit(
+            "test/gate:v1", str(gates[0]), token="tok_rival", idempotency_key=gates[0].name
+        )
+        assert again.id == runs[0].id  # the same key finds the same run
+        with pytest.raises(ConcurrencyLimitReached) as full:
+            await events.submit("test/gate:v1", str(gates[3]), token="tok_rival")
+        assert (full.value.tier, full.value.limit, full.value.active) == ("basic", 3, 3)
+        with pytest.raises(JetrunError) as unknown:
+            await events.submit("test/gate:v1", "x", token="tok_nobody")
+        assert unknown.value.status == 401
+        with pytest.raises(JetrunError) as missing:
+            await events.submit("test/nope:v1", "x", token="tok_rival")
+        assert missing.value.status == 404
+        with pytest.raises(JetrunError) as bad:
+            await events.submit("not a pointer", "x", token="tok_rival")
+        assert bad.value.status == 422 and bad.value.detail["field"] == "pipeline"
+    async with client(stack, "tok_rival") as c:
+        for gate, run in zip(gates, runs, strict=False):
+            gate.write_text("open")
+            assert (await wait_state(c, run.id, {"completed"}))["outputs"][0]["value"] == "open"
+
+
+async def test_submitted_events_published_past_admission_never_run(
+    stack: Stack, tmp_path: Path
+) -> None:
+    gates = [tmp_path / f"gate{i}" for i in range(3)]
+    raw_marker = tmp_path / "raw.runs"
+    async with client(stack, "tok_acme") as c:
+        held = [(await c.post("/v4/runs", json=gate_body(g))).json()["id"] for g in gates]
+        assert len(held) == 3  # acme (basic) is at its limit
+        async with RunEvents.connect(stack.nats_url) as events:
+            raw = {
+                "run_raw_at_limit": "acme",  # a team at its limit
+                "run_raw_no_team": "nobody",  # a team not in the config
+                "run_raw_unlimited": "big",  # an unlimited tier: still not admitted
+            }
+            for run_id, team in raw.items():
+                inputs = [from_python(str(raw_marker)), from_python(0.0)]
+                submitted = RunSubmitted(
+                    run_id=run_id, at=time.time(), team=team, pipeline="test/count:v1",
+                    inputs=inputs, async_run=True, wait_for_resources=True,
+                )  # fmt: skip
+                await events.publish(submitted)
+            deadline = time.monotonic() + 30
+            ended: dict[str, RunRecord] = {}
+            while len(ended) < len(raw) and time.monotonic() < deadline:
+                for run_id in raw:
+                    run = await events.log.load(run_id)
+                    if run.is_terminal:
+                        ended[run_id] = run
+                await anyio.sleep(0.2)
+        assert set(ended) == set(raw), ended
+        for run in ended.values():
+            assert run.state is RunState.failed and run.error is not None
+            assert run.error.type is ErrorType.not_admitted
+        assert "'nobody' is not in the config" in ended["run_raw_no_team"].error.message
+        assert not raw_marker.exists()  # none of them ran
+        for gate, run_id in zip(gates, held, strict=True):
+            gate.write_text("open")
+            await wait_state(c, run_id, {"completed"})
