@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 import anyio
 import msgspec
 from anyio.abc import TaskStatus
+from anyio.streams.memory import MemoryObjectSendStream
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
@@ -53,19 +54,22 @@ class SubmissionService:
     ) -> None:
         self.nc = nc
         self.authenticate, self.parse, self.submit, self.view = authenticate, parse, submit, view
-        self._send, self._receive = anyio.create_memory_object_stream[Msg](BUFFER)
+        self._send: MemoryObjectSendStream[Msg] | None = None
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Answer submissions until cancelled; ``started`` once subscribed."""
+        send, receive = anyio.create_memory_object_stream[Msg](BUFFER)
+        self._send = send
         sub = await self.nc.subscribe(SUBMIT_SUBJECT, queue=SUBMIT_QUEUE, cb=self._on_request)
         limiter = anyio.Semaphore(IN_FLIGHT)
         try:
-            async with anyio.create_task_group() as tg:
+            async with send, receive, anyio.create_task_group() as tg:
                 task_status.started()
-                async for msg in self._receive:
+                async for msg in receive:
                     await limiter.acquire()
                     tg.start_soon(self._handle, msg, limiter)
         finally:
+            self._send = None
             with anyio.CancelScope(shield=True):
                 try:
                     await sub.unsubscribe()
@@ -74,8 +78,10 @@ class SubmissionService:
 
     async def _on_request(self, msg: Msg) -> None:
         try:
+            if self._send is None:
+                raise anyio.WouldBlock
             self._send.send_nowait(msg)
-        except anyio.WouldBlock:
+        except (anyio.WouldBlock, anyio.ClosedResourceError):
             busy = _refusal(503, "busy", "this gateway has too many submissions in flight; retry")
             await self._respond(msg, busy)
 
