@@ -2,9 +2,9 @@
 
     python benchmarks/bench_scaling.py [--burst 200] [--max-replicas 4] [--cooldown 5]
 
-The first agent of ``jetrun up`` has no CPU slots, so every replica needs a node the local
-provider starts (each after the boot delay). ``bench/scaled:v1`` (benchmarks/
-scaling_pipelines.py) starts in 0.5 s. Figures:
+The first agent of ``jetrun up`` has one CPU slot, held by ``bench/filler:v1``, so every replica
+of ``bench/scaled:v1`` needs a node the local provider starts (after the boot delay); its
+``startup()`` takes 0.5 s (benchmarks/scaling_pipelines.py). Figures:
 - first request to a ready replica (and to the run's end), boot delay 0 s and 5 s: an async run
   with waiting against a pipeline scaled to zero;
 - idle to scaled down: from the run's end to zero replicas (the cooldown), and to the added node
@@ -65,7 +65,7 @@ def jetrun_up(
     port = free_port()
     argv = [sys.executable, "-m", "runtime.cli", "up", "--port", str(port)]
     argv += ["--data-dir", str(tmp / f"data-{boot_delay:g}"), "--config", str(config)]
-    argv += ["--pipelines", str(PIPELINES), "--slots", "0", "--node-slots", "2"]
+    argv += ["--pipelines", str(PIPELINES), "--slots", "1", "--node-slots", "1"]
     argv += ["--boot-delay", str(boot_delay)]
     env = dict(
         os.environ,
@@ -82,6 +82,8 @@ def jetrun_up(
             base_url=url, headers={"Authorization": f"Bearer {TOKEN}"}, timeout=120
         ) as client:
             wait(lambda: _scaling(client).get("autoscaled", False), 60, "pipeline deployed")
+            filler = "/v4/pipelines/bench/filler:v1/scaling"
+            wait(lambda: client.get(filler).json().get("current_replicas") == 1, 60, "filler")
             yield client, log_path
     finally:
         proc.send_signal(signal.SIGINT)
@@ -219,8 +221,8 @@ def main() -> None:
                     )
                     rows.append(
                         (
-                            "  replica loads decided during the burst",
-                            f"{b['replica_loads']:.0f} (all time)",
+                            "  replica loads decided (the cold start's and the burst's)",
+                            f"{b['replica_loads']:.0f}",
                         )
                     )
                     rows.append(

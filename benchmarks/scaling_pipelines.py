@@ -1,4 +1,6 @@
-"""The pipeline ``bench_scaling.py`` deploys: autoscaled from zero, a short cold start."""
+"""The pipelines ``bench_scaling.py`` serves: ``bench/scaled:v1``, autoscaled from zero with a
+short cold start, and ``bench/filler:v1``, one replica kept loaded that fills the first agent's
+only slot, so every replica of ``bench/scaled:v1`` needs a node the provider adds."""
 
 from __future__ import annotations
 
@@ -24,3 +26,8 @@ class Scaled:
     def run(self, seconds: float) -> float:
         time.sleep(seconds)
         return seconds
+
+
+@pipeline("bench/filler:v1", scaling=ScalingSettings(min_replicas=1, max_replicas=1))
+def filler() -> None:
+    """Only holds a slot."""

@@ -66,7 +66,7 @@ class LocalProvider:
     def command(self, node_id: str) -> list[str]:
         argv = [sys.executable, "-m", "runtime.cli", "agent", "--nats", self.nats_url]
         argv += ["--id", node_id, "--slots", str(self.cpu_slots)]
-        argv += ["--heartbeat", str(self.heartbeat_s)]
+        argv += ["--heartbeat", str(self.heartbeat_s), "--health-port", "0"]
         for module in self.modules:
             argv += ["--pipelines", module]
         return argv + list(self.extra_args)

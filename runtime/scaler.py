@@ -253,6 +253,7 @@ class Scaler:
         """One planning pass: decide, append, act. Returns the decisions."""
         if not self.scheduler.caught_up or not self.scheduler.nc.is_connected:
             return []
+        await self._release_dead_nodes()
         pipelines = self.deployed()
         decisions = plan(
             pipelines,
@@ -269,6 +270,19 @@ class Scaler:
         if decisions:
             self.scheduler.kick()
         return decisions
+
+    async def _release_dead_nodes(self) -> None:
+        """A node whose local agent process exited is released at once (not after the boot
+        timeout), so another is asked for."""
+        procs = getattr(self.provider, "procs", None) or {}
+        for node_id, proc in list(procs.items()):
+            if proc.returncode is not None and node_id in self.memory.nodes:
+                reason = f"its agent exited with code {proc.returncode}"
+                event = NodeReleased(
+                    pipeline="", at=self.clock.now(), node_id=node_id, reason=reason
+                )
+                if await self._append(event):
+                    await self._act(event)
 
     async def _append(self, event: AnyScalingEvent) -> bool:
         try:
