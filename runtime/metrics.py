@@ -199,7 +199,9 @@ class RunMetrics(Collector):
             labels=["pipeline"],
         )
         now = self.wall()
-        for pipeline in sorted(self.index.pipelines_with_queue()):
+        # every pipeline with runs, so a drained queue reads 0 rather than vanishing
+        known = {pipeline for _, pipeline in self.counts} | set(self.index.pipelines_with_queue())
+        for pipeline in sorted(p for p in known if p):
             depth.add_metric([pipeline], self.index.queue_depth(pipeline))
             head = self.index.queued(pipeline, limit=1)
             since = self.queued_at.get(head[0]) if head else None

@@ -6,14 +6,17 @@ README's picture)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
 
+from runtime import openapi
 from runtime.config import ConfigError, parse
 from tests.harness import ROOT, Stack, client, wait_state
 
@@ -98,61 +101,69 @@ async def test_team_and_admin_views(stack: Stack, tmp_path: Path) -> None:
     assert all(f["team"] == "demo" for f in mine["failures"])
 
 
-def browse(url: str, token: str, wanted: list[str], shot: Path) -> dict[str, Any]:
-    """Open the dashboard in headless Chromium; wait until every id in ``wanted`` shows."""
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@contextlib.contextmanager
+def chromium(profile: Path) -> Iterator[Any]:
+    """Debian's Chromium, headless, with a fresh profile (Playwright never downloads one)."""
     from playwright.sync_api import sync_playwright
 
-    profile = shot.parent / "chromium-profile"
-    flags = [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-    ]
+    if os.environ.get("JETRUN_SKIP_BROWSER") == "1":
+        pytest.skip("JETRUN_SKIP_BROWSER=1")
+    assert shutil.which(CHROMIUM), "install Chromium: apt-get install -y chromium (.ci/run does)"
     with sync_playwright() as pw:
         browser = pw.chromium.launch_persistent_context(
             str(profile),
             executable_path=CHROMIUM,
             headless=True,
-            args=flags,
+            args=FLAGS,
             viewport={"width": 1280, "height": 900},
         )
         try:
-            outside: list[str] = []
-            page = browser.new_page()
-            page.on(
-                "request",
-                lambda r: None if r.url.startswith(url) else outside.append(r.url),
-            )
-            page.goto(f"{url}/dashboard#token={token}")
-            for run_id in wanted:
-                page.get_by_text(run_id).first.wait_for(timeout=15_000)
-            page.get_by_text("live ·").wait_for(timeout=15_000)
-            page.screenshot(path=str(shot), full_page=True)
-            return {
-                "runs": page.inner_text("#runs"),
-                "failures": page.inner_text("#failures"),
-                "agents": page.inner_text("#agents"),
-                "queues": page.inner_text("#queues"),
-                "who": page.inner_text("#who"),
-                "address": page.url,
-                "pwned": page.evaluate("window.pwned === 1"),
-                "images": page.locator("#failures img").count(),
-                "outside": outside,
-            }
+            yield browser
         finally:
             browser.close()
+
+
+def browse(url: str, token: str, wanted: list[str], shot: Path) -> dict[str, Any]:
+    """Open the dashboard in headless Chromium; wait until every id in ``wanted`` shows."""
+    with chromium(shot.parent / "chromium-profile") as browser:
+        outside: list[str] = []
+        page = browser.new_page()
+        page.on(
+            "request",
+            lambda r: None if r.url.startswith(url) else outside.append(r.url),
+        )
+        page.goto(f"{url}/dashboard#token={token}")
+        for run_id in wanted:
+            page.get_by_text(run_id).first.wait_for(timeout=15_000)
+        page.get_by_text("live ·").wait_for(timeout=15_000)
+        page.screenshot(path=str(shot), full_page=True)
+        return {
+            "runs": page.inner_text("#runs"),
+            "failures": page.inner_text("#failures"),
+            "agents": page.inner_text("#agents"),
+            "queues": page.inner_text("#queues"),
+            "who": page.inner_text("#who"),
+            "address": page.url,
+            "pwned": page.evaluate("window.pwned === 1"),
+            "images": page.locator("#failures img").count(),
+            "outside": outside,
+        }
 
 
 async def test_the_page_shows_a_run_just_submitted_in_chromium(
     stack: Stack, tmp_path: Path
 ) -> None:
-    if os.environ.get("JETRUN_SKIP_BROWSER") == "1":
-        pytest.skip("JETRUN_SKIP_BROWSER=1")
-    assert shutil.which(CHROMIUM), "install Chromium: apt-get install -y chromium (.ci/run does)"
     ids = await submit_scene(stack, tmp_path)
     shot = tmp_path / "dashboard.png"
     try:
@@ -171,3 +182,22 @@ async def test_the_page_shows_a_run_just_submitted_in_chromium(
     assert shot.stat().st_size > 10_000
     if os.environ.get("JETRUN_UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(shot, ROOT / "docs" / "dashboard.png")
+
+
+def read_docs_page(url: str, profile: Path) -> tuple[int, str]:
+    with chromium(profile) as browser:
+        page = browser.new_page()
+        page.goto(f"{url}/docs")
+        page.locator(".op").first.wait_for(timeout=15_000)
+        return page.locator(".op").count(), page.inner_text("body")
+
+
+async def test_the_api_docs_page_shows_every_operation_in_chromium(
+    stack: Stack, tmp_path: Path
+) -> None:
+    with anyio.fail_after(60):
+        count, text = await anyio.to_thread.run_sync(read_docs_page, stack.url, tmp_path / "p")
+    assert count == len(openapi.OPERATIONS)
+    for op in openapi.OPERATIONS:
+        assert op.path in text and op.summary in text
+    assert "RunCreate" in text and "could not load" not in text

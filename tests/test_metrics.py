@@ -123,6 +123,8 @@ async def test_runs_queues_phases_slots_and_refusals(mstack: Stack, tmp_path: Pa
         )
 
     scheduler = await eventually(mstack.health_urls["scheduler"], phases_seen)
+    drained = ("jetrun_queue_depth", frozenset({("pipeline", "test/gate:v1")}))
+    assert scheduler[drained] == 0  # a drained queue reads 0, it does not vanish
     waited = value(scheduler, "jetrun_run_phase_seconds_sum", phase="queue_wait")
     assert waited > 0  # two of the gate runs waited in the queue for the only slot
     assert value(scheduler, "jetrun_runs", state="completed", pipeline="test/gate:v1") >= 3
