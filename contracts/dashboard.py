@@ -6,6 +6,7 @@ import msgspec
 
 from contracts.agents import Accelerator
 from contracts.errors import RunError
+from contracts.scaling import AnyScalingEvent
 from contracts.states import RunState, WaitingFor
 
 
@@ -55,3 +56,4 @@ class Dashboard(msgspec.Struct, frozen=True, kw_only=True):
     queues: list[QueueView]
     agents: list[AgentView]
     failures: list[FailedRun]
+    scaling: list[AnyScalingEvent] = msgspec.field(default_factory=list)  # newest first

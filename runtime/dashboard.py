@@ -3,8 +3,9 @@
 for every team's runs.
 
 ``snapshot`` is a pure read of the gateway's read models: the index (runs, queue positions),
-the listing (unfinished and recent runs per team), the fleet (agents, GPUs, slots) and the run
-metrics (when each queue's head was queued, which slot each running run holds).
+the listing (unfinished and recent runs per team), the fleet (agents, GPUs, slots), the run
+metrics (when each queue's head was queued, which slot each running run holds) and the latest
+scaling events the gateway has followed.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from importlib.resources import files
 
 from contracts.dashboard import AgentView, Dashboard, FailedRun, LiveRun, QueueView
 from contracts.run import RunRecord
+from contracts.scaling import AnyScalingEvent
 from contracts.states import RunState
 from runtime.fleet import Fleet
 from runtime.listing import ListQuery, RunListing
@@ -36,6 +38,7 @@ def snapshot(
     runs: RunMetrics,
     now: float,
     logs_url: str | None,
+    scaling: list[AnyScalingEvent],
 ) -> Dashboard:
     """What ``team`` sees (``None``: every team in ``teams``, the admin view)."""
     live = listing.active(team)[:MAX_LIVE] if team else _all_active(listing, teams)
@@ -46,6 +49,7 @@ def snapshot(
         queues=_queues(index, fleet, runs, now),
         agents=_agents(fleet, runs),
         failures=_failures(listing, [team] if team else teams, logs_url),
+        scaling=scaling,
     )
 
 

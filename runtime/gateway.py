@@ -393,6 +393,7 @@ class Gateway:
             runs=self.telemetry.runs,
             now=self.clock.now(),
             logs_url=logs if logs in self.paths else None,
+            scaling=list(reversed(self.scaling_api.recent)),
         )
         return json_response(view)
 

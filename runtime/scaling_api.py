@@ -12,6 +12,7 @@ logged; the scaler and agents follow the catalogue, so it applies without restar
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import re
@@ -49,6 +50,7 @@ class ScalingApi:
         self.gw = gateway
         self.log = ScalingLog(gateway.log.js, replicas=gateway.log.settings.replicas)
         self.memory = Memory()
+        self.recent: collections.deque[AnyScalingEvent] = collections.deque(maxlen=50)  # dashboard
         self._subs: list[Subscription] = []
         self._stack = contextlib.AsyncExitStack()
 
@@ -67,6 +69,7 @@ class ScalingApi:
 
     async def _fold(self, seq: int, event: AnyScalingEvent) -> None:
         self.memory = remember(self.memory, event)
+        self.recent.append(event)
 
     # --- endpoints ---------------------------------------------------------------------------
 

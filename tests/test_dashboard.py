@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,11 @@ from typing import Any
 import anyio
 import pytest
 
+from contracts.scaling import DesiredReplicasChanged
 from runtime import openapi
 from runtime.config import ConfigError, parse
+from runtime.nats_conn import connect
+from runtime.scalinglog import ScalingLog
 from tests.harness import ROOT, Stack, client, wait_state
 
 pytestmark = pytest.mark.anyio
@@ -48,6 +52,16 @@ async def submit_scene(stack: Stack, tmp_path: Path) -> dict[str, str]:
             ids[key] = failed.json()["id"]
         await wait_state(demo, ids["gate0"], {"running"})
         await wait_state(demo, ids["gate2"], {"queued"})
+    nc = await connect(stack.nats_url, "test")
+    try:
+        reason = f"2 queued behind 1 replica ({ids['gate0'][-6:]})"
+        desired = DesiredReplicasChanged(
+            pipeline="test/gate:v1", at=time.time(), desired=2, current=1, reason=reason
+        )
+        await ScalingLog(nc.jetstream()).append(desired)
+    finally:
+        await nc.close()
+    ids["scaling"] = reason
     return ids
 
 
@@ -99,6 +113,8 @@ async def test_team_and_admin_views(stack: Stack, tmp_path: Path) -> None:
     failure = next(f for f in mine["failures"] if f["id"] == ids["xss"])
     assert failure["error"]["type"] == "pipeline_error" and XSS in failure["error"]["message"]
     assert all(f["team"] == "demo" for f in mine["failures"])
+    scaling = next(e for e in mine["scaling"] if e.get("reason") == ids["scaling"])
+    assert scaling["event"] == "desired" and scaling["desired"] == 2
 
 
 FLAGS = [
@@ -167,7 +183,7 @@ async def test_the_page_shows_a_run_just_submitted_in_chromium(
     ids = await submit_scene(stack, tmp_path)
     shot = tmp_path / "dashboard.png"
     try:
-        wanted = [ids["gate0"], ids["gate2"], ids["failed"], ids["xss"]]
+        wanted = [ids["gate0"], ids["gate2"], ids["failed"], ids["xss"], ids["scaling"]]
         with anyio.fail_after(90):
             seen = await anyio.to_thread.run_sync(browse, stack.url, "jr_demo_token", wanted, shot)
     finally:
