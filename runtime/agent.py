@@ -74,7 +74,8 @@ _encoder = msgspec.json.Encoder()
 
 class AgentFenced(Exception):
     """The scheduler declared this agent lost (it was cut off, or stopped, for longer than the
-    node loss timeout). Its runs went elsewhere; it must come back under a new id."""
+    node loss timeout). Its runs went elsewhere: it kills its attempts and exits; restarted,
+    with the same id or another, it is taken back."""
 
     def __init__(self, agent_id: str) -> None:
         super().__init__(f"agent {agent_id} was declared lost; restart it to rejoin")
@@ -87,6 +88,10 @@ def _load(module: str) -> list[PipelineSpec]:
         lines = str(err).strip().splitlines()
         why = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
         raise PipelineModuleError(f"cannot load pipeline module {module!r}: {why}") from err
+
+
+def _ids(attempt: _Attempt) -> tuple[str, int]:
+    return attempt.run_id, attempt.attempt
 
 
 class PipelineModuleError(Exception):
@@ -176,6 +181,7 @@ class Agent:
             kinds=["replica_load", "replica_unload"],
         )
         start = await self.log.last_seq() + 1
+        self.seen_seq = start - 1  # nothing before this process started was for it
         kinds = ("dispatched", "cancelled", "preempted", "requeued")
         # a dispatch, cancellation or fencing handled wrongly would leave this agent acting on
         # a view of its runs the log does not share: fatal
@@ -197,10 +203,13 @@ class Agent:
                 task_status.started()
                 await self._fenced.wait()
                 log.error(
-                    "%s was declared lost by the scheduler; finishing its attempts, then exiting",
+                    "%s was declared lost by the scheduler; killing its attempts (their runs "
+                    "moved on), then exiting",
                     self.agent_id,
                 )
                 self.draining = True
+                for running in list(self.attempts.values()):
+                    self._abandon(running)
                 await self._beat()
                 while self.attempts:
                     await self._idle.wait()
@@ -391,12 +400,25 @@ class Agent:
             if running is not None:
                 running.cancelled = True
                 running.scope.cancel()
-        elif (
-            isinstance(event, RunPreempted | RunRequeued)
-            and event.agent_id == self.agent_id
-            and declares_node_lost(event.reason)
-        ):
-            self._fenced.set()
+        elif isinstance(event, RunPreempted | RunRequeued) and event.agent_id == self.agent_id:
+            if declares_node_lost(event.reason):
+                self._fenced.set()
+                return
+            running = self.attempts.get(event.run_id)
+            if running is not None and running.attempt == event.attempt:
+                # declared lost while running here after all: its result would be ignored,
+                # and its slot must be free, as the scheduler now believes it is
+                log.warning("run %s attempt %d was declared lost; killing it", *_ids(running))
+                self._abandon(running)
+
+    def _abandon(self, attempt: _Attempt) -> None:
+        """Kill an attempt whose run has moved on; it reports nothing. Its slot is free at
+        once: a new dispatch of the same run is taken while the old worker is being killed."""
+        attempt.cancelled = True
+        attempt.scope.cancel()
+        if self.attempts.get(attempt.run_id) is attempt:
+            del self.attempts[attempt.run_id]
+            self._idle.set()
 
     async def _run_attempt(self, dispatch: RunDispatched, attempt: _Attempt) -> None:
         try:
@@ -407,7 +429,8 @@ class Agent:
             if result is not None:
                 await self._report(result)
         finally:
-            self.attempts.pop(dispatch.run_id, None)
+            if self.attempts.get(dispatch.run_id) is attempt:
+                del self.attempts[dispatch.run_id]
             self._idle.set()
             if attempt.worker is not None:  # interrupted mid-run: the worker may be busy
                 with anyio.CancelScope(shield=True):

@@ -116,13 +116,29 @@ class Fleet:
         self.loss_timeout_s = loss_timeout_s
         self._agents: dict[str, _Seen] = {}
         self._gone: set[str] = set()
+        self._gone_started: dict[str, float | None] = {}  # the incarnation declared lost
         self._recalled: set[str] = set()
 
-    def observe(self, beat: AgentHeartbeat) -> None:
-        """Record a heartbeat. Heartbeats of an agent declared lost are ignored: it must come
-        back under a new id."""
-        if beat.agent_id not in self._gone:
-            self._agents[beat.agent_id] = _Seen(beat, self.monotonic())
+    def observe(self, beat: AgentHeartbeat) -> bool:
+        """Record a heartbeat; False if it was ignored. An agent declared lost is ignored until
+        it comes back as a new process (restarted with the same id): the process that was
+        declared lost exits once it learns so, and never takes work again."""
+        agent_id = beat.agent_id
+        if agent_id in self._gone:
+            if not self._restarted(beat):
+                return False
+            self._gone.discard(agent_id)
+            del self._gone_started[agent_id]
+        self._agents[agent_id] = _Seen(beat, self.monotonic())
+        return True
+
+    def _restarted(self, beat: AgentHeartbeat) -> bool:
+        lost = self._gone_started.get(beat.agent_id)
+        if lost is not None:
+            return beat.started_at != lost
+        # declared lost before any of its heartbeats was heard here: a fresh process holds
+        # no runs and does not drain (the lost one lists the runs it still holds, then drains)
+        return not beat.running and not beat.draining
 
     def recall(self, agent_id: str) -> None:
         """The agent got a preemption notice: it takes no new work from now on."""
@@ -141,8 +157,10 @@ class Fleet:
             seen.last_seen = now
 
     def forget(self, agent_id: str) -> None:
-        """Declare the agent lost for good."""
-        self._agents.pop(agent_id, None)
+        """Declare the agent lost: ignored until it restarts."""
+        seen = self._agents.pop(agent_id, None)
+        if agent_id not in self._gone:
+            self._gone_started[agent_id] = seen.beat.started_at if seen and seen.beat else None
         self._recalled.discard(agent_id)
         self._gone.add(agent_id)
 

@@ -190,7 +190,9 @@ class Scheduler:
             log.warning("undecodable heartbeat on %s", msg.subject)
             return
         known = self.fleet.get(beat.agent_id)
-        self.fleet.observe(beat)
+        was_lost = self.fleet.is_gone(beat.agent_id)
+        if self.fleet.observe(beat) and was_lost:
+            log.info("agent %s is back: restarted with the same id", beat.agent_id)
         if known is None or _capacity_changed(known, beat):
             self._kick.set()
 

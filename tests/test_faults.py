@@ -14,8 +14,10 @@ import anyio
 import httpx
 import pytest
 
+from contracts.events import RunRequeued
 from contracts.states import RunState
 from runtime.eventlog import EventLog
+from runtime.fleet import ATTEMPT_LOST
 from runtime.nats_conn import connect
 from runtime.submit import run_id_for
 from tests import harness
@@ -144,8 +146,39 @@ async def test_the_execution_timeout_kills_the_attempt(stack: Stack, tmp_path: P
         assert (await c.post("/v4/runs", json=body)).json()["state"] == "completed"
 
 
-async def test_a_late_result_from_a_lost_attempt_is_fenced(stack: Stack, tmp_path: Path) -> None:
-    gate = tmp_path / "gate"
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting to be reaped does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+async def attempt_pids(gate: Path, n: int, timeout: float = 15.0) -> list[int]:
+    """The worker pids of a retry-gate run's first ``n`` attempts, once they have started."""
+    deadline = time.monotonic() + timeout
+    marker = Path(f"{gate}.attempts")
+    while time.monotonic() < deadline:
+        pids = marker.read_text().split() if marker.exists() else []
+        if len(pids) >= n:
+            return [int(p) for p in pids]
+        await anyio.sleep(0.05)
+    raise TimeoutError(f"{n} attempts of {gate} did not start within {timeout} s")
+
+
+async def wait_dead(pid: int, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while alive(pid):
+        assert time.monotonic() < deadline, f"process {pid} still running after {timeout} s"
+        await anyio.sleep(0.05)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+async def test_a_fenced_agent_kills_its_attempts_at_once_and_exits(
+    stack: Stack, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"  # stays closed until the zombie is gone: no attempt can finish
     zombie = stack.start_agent("zombie", GATES, slots=1)
     await wait_replicas(stack.url, "tok_big", "test/retry-gate:v1")
     async with client(stack) as c:
@@ -154,28 +187,71 @@ async def test_a_late_result_from_a_lost_attempt_is_fenced(stack: Stack, tmp_pat
         stack.start_agent("healthy", GATES, slots=1)
         await wait_replicas(stack.url, "tok_big", "test/retry-gate:v1", n=2)
         zombie.signal(signal.SIGSTOP)  # the agent freezes; its worker keeps waiting
-        deadline = time.monotonic() + 15
-        run = await wait_state(c, run_id, {"running", "queued"})
-        while run["attempt"] != 2 and time.monotonic() < deadline:
-            run = await wait_state(c, run_id, {"running", "queued"})
-        assert run["attempt"] == 2
-        await wait_state(c, run_id, {"running"})
-        gate.write_text("open")  # both attempts can finish now
-        run = await wait_state(c, run_id, {"completed"})
+        stale, fresh = await attempt_pids(gate, 2)  # the run moved on to the healthy agent
         zombie.signal(signal.SIGCONT)
-        # the zombie reports its stale completion, learns it was declared lost, and exits 3
-        assert zombie.popen is not None and zombie.popen.wait(20) == 3
-        assert (await c.get(f"/v4/runs/{run_id}")).json() == run
-    pids = Path(f"{gate}.attempts").read_text().split()
-    assert run["attempt"] == 2 and run["outputs"][0]["value"] == f"open by {pids[1]}"
+        # the zombie learns it was declared lost: its attempt is killed now, it exits 3
+        assert zombie.popen is not None and zombie.popen.wait(20) == 3, zombie.output()
+        await wait_dead(stale)
+        assert alive(fresh)
+        gate.write_text("open")
+        run = await wait_state(c, run_id, {"completed"})
+    assert run["attempt"] == 2 and run["outputs"][0]["value"] == f"open by {fresh}"
     assert stack.nats is not None
     nc = await connect(stack.nats.url, "test")
     stored = await EventLog(nc).read(run_id)
     await nc.close()
     completions = [s.event for s in stored if s.event.kind == "completed"]
-    assert sorted(e.attempt for e in completions) == [1, 2]  # type: ignore[attr-defined]
-    stale = next(e for e in completions if e.attempt == 1)  # type: ignore[attr-defined]
-    assert stale.outputs[0].value == f"open by {pids[0]}"  # type: ignore[attr-defined]
+    assert [e.attempt for e in completions] == [2]  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+async def test_an_attempt_declared_lost_on_a_live_agent_is_killed_there(
+    stack: Stack, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    stack.start_agent("live", GATES, slots=1)
+    await wait_replicas(stack.url, "tok_big", "test/retry-gate:v1")
+    async with client(stack) as c:
+        run_id = await gate_run(c, gate, "test/retry-gate:v1")
+        await wait_state(c, run_id, {"running"})
+        [first] = await attempt_pids(gate, 1)
+        # what the scheduler appends when a live agent's heartbeats stop listing a run
+        lost = RunRequeued(
+            run_id=run_id,
+            at=time.time(),
+            attempt=1,
+            agent_id="live",
+            reason=f"{ATTEMPT_LOST}: node live no longer runs it",
+        )
+        assert stack.nats is not None
+        nc = await connect(stack.nats.url, "test")
+        await EventLog(nc).append(lost)
+        await nc.close()
+        await wait_dead(first)  # killed on the agent, not left running beside attempt 2
+        _, second = await attempt_pids(gate, 2)  # the freed slot takes attempt 2
+        gate.write_text("open")
+        run = await wait_state(c, run_id, {"completed"})
+    assert run["attempt"] == 2 and run["outputs"][0]["value"] == f"open by {second}"
+
+
+async def test_an_agent_restarted_with_the_same_id_is_taken_back(
+    stack: Stack, tmp_path: Path
+) -> None:
+    phoenix = stack.start_agent("phoenix", GATES, slots=1)
+    await wait_replicas(stack.url, "tok_big", "test/gate:v1")
+    async with client(stack) as c:
+        held = await gate_run(c, tmp_path / "never")
+        await wait_state(c, held, {"running"})
+        phoenix.signal(signal.SIGSTOP)
+        await wait_state(c, held, {"node_preempted"}, timeout=15)  # declared lost
+        phoenix.kill()
+        stack.procs.remove(phoenix)
+        stack.start_agent("phoenix", GATES, slots=1)  # its supervisor restarts it
+        gate = tmp_path / "open"
+        gate.write_text("served")
+        run_id = await gate_run(c, gate)
+        run = await wait_state(c, run_id, {"completed"}, timeout=30)
+    assert run["outputs"][0]["value"] == "served"
 
 
 # --- the control plane and NATS under load ------------------------------------------------
