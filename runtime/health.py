@@ -45,6 +45,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("jetrun.health")
 Checks = Callable[[], dict[str, bool]]
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # else "other"
 
 
 class HttpLatency:
@@ -71,7 +72,8 @@ class HttpLatency:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.histogram.labels(template, scope["method"], str(status)).observe(
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.histogram.labels(template, method, str(status)).observe(
                 time.perf_counter() - start
             )
 
