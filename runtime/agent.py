@@ -46,6 +46,7 @@ from contracts.events import (
 from contracts.scaling import AnyScalingEvent, ReplicaLoadRequested, ReplicaUnloadRequested
 from contracts.values import RunIO
 from runtime.accelerators import detect
+from runtime.capture import DEFAULT_MAX_BYTES
 from runtime.catalog import Catalog
 from runtime.clock import SYSTEM_CLOCK, Clock
 from runtime.eventlog import (
@@ -62,8 +63,10 @@ from runtime.fleet import (
     declares_node_lost,
 )
 from runtime.guard import Guard
+from runtime.logsetup import bind, bound
 from runtime.metrics import cold_start_histogram
 from runtime.pipelines import PipelineSpec, load_module
+from runtime.runlogs import AttemptLog, LogStore
 from runtime.scalinglog import ScalingLog
 from runtime.worker import PipelineWorker, StartupFailed
 
@@ -136,6 +139,7 @@ class Agent:
         log_settings: LogSettings | None = None,
         accelerators: list[Accelerator] | None = None,
         report_deadline_s: float = 600.0,
+        log_max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         self.nc = nc
         self.modules = modules
@@ -148,6 +152,8 @@ class Agent:
         )
         self.log = EventLog(nc, settings)
         self.catalog = Catalog(self.log.js, replicas=settings.replicas)
+        self.logs = LogStore(self.log.js, settings)
+        self.log_max_bytes = log_max_bytes
         self.accelerators = accelerators if accelerators is not None else detect(cpu_slots)
         self.pools: dict[str, _Pool] = {}
         self.attempts: dict[str, _Attempt] = {}
@@ -171,7 +177,7 @@ class Agent:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Load pipelines, subscribe, heartbeat, and run dispatched attempts until cancelled."""
         self._load_specs()
-        await ensure_all(self.log, self.catalog, self.scaling)
+        await ensure_all(self.log, self.catalog, self.scaling, self.logs)
         for pool in self.pools.values():
             await self._register(pool)
         # a load or unload handled wrongly would leave replicas the autoscaler does not know of
@@ -421,12 +427,18 @@ class Agent:
             self._idle.set()
 
     async def _run_attempt(self, dispatch: RunDispatched, attempt: _Attempt) -> None:
+        with bound(run_id=dispatch.run_id, attempt=dispatch.attempt, agent_id=self.agent_id):
+            await self._run_attempt_bound(dispatch, attempt)
+
+    async def _run_attempt_bound(self, dispatch: RunDispatched, attempt: _Attempt) -> None:
         try:
             with attempt.scope:
                 result = await self._execute(dispatch, attempt)
             if attempt.cancelled:
+                log.info("attempt interrupted (cancelled or preempted)")
                 return  # cancelled or preempted: the control plane has recorded the end
             if result is not None:
+                log.info("attempt ended: %s", result.kind)
                 await self._report(result)
         finally:
             if self.attempts.get(dispatch.run_id) is attempt:
@@ -447,11 +459,13 @@ class Agent:
             )
             return RunFailed(run_id=run_id, at=self.clock.now(), attempt=n, error=error)
         attempt.pipeline = pool.spec.pointer
+        bind(team=submitted.team, pipeline=submitted.pipeline)
         try:
             worker = pool.idle.pop() if pool.idle else await self._spawn(pool)
         except StartupFailed as failed:
             return RunFailed(run_id=run_id, at=self.clock.now(), attempt=n, error=failed.error)
         attempt.worker = worker
+        log.info("attempt started")
         await self._report(
             RunStarted(run_id=run_id, at=self.clock.now(), attempt=n, agent_id=self.agent_id)
         )
@@ -464,8 +478,14 @@ class Agent:
             )
 
         timeout = pool.spec.timeout_s
-        with anyio.move_on_after(timeout if timeout is not None else float("inf")) as limit:
-            result = await worker.run(submitted.inputs, on_output)
+        output = AttemptLog(self.logs, run_id, n, self.clock, max_bytes=self.log_max_bytes)
+        assert self._tg is not None
+        self._tg.start_soon(output.run)
+        try:
+            with anyio.move_on_after(timeout if timeout is not None else float("inf")) as limit:
+                result = await worker.run(submitted.inputs, on_output, output.capture)
+        finally:
+            await output.close()  # the attempt's logs are stored before its result
         if limit.cancelled_caught:
             await worker.kill()
             return RunTimedOut(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Callable
 from functools import partial
@@ -12,6 +11,7 @@ import anyio
 import click
 
 from runtime import config as config_module
+from runtime import logsetup
 from runtime.cli_scaling import register as register_scaling_commands
 from runtime.config import Config, ConfigError
 from runtime.eventlog import LogSettings
@@ -81,13 +81,18 @@ def health_options(default_port: int) -> Callable[[Callable[..., None]], Callabl
 
 @click.group()
 @click.option("-v", "--verbose", is_flag=True, help="Log more.")
-def main(verbose: bool) -> None:
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    envvar=logsetup.FORMAT_ENV,
+    default="text",
+    show_default=True,
+    help="Service logs as readable lines or JSON lines ($JETRUN_LOG_FORMAT).",
+)
+def main(verbose: bool, log_format: str) -> None:
     """jetrun: run ML pipelines on GPU nodes for many teams, on NATS JetStream."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(name)s %(levelname)s %(message)s",
-    )
-    logging.getLogger("nats").setLevel(logging.CRITICAL)
+    os.environ[logsetup.FORMAT_ENV] = log_format  # child processes log the same way
+    logsetup.configure(verbose=verbose, fmt=log_format)
 
 
 @main.command()
@@ -263,6 +268,13 @@ def scheduler(
     "--heartbeat", default=1.0, show_default=True, type=float, help="Seconds between heartbeats."
 )
 @click.option("--id", "agent_id", default=None, help="Agent id (default: host name + random).")
+@click.option(
+    "--log-max-bytes",
+    default=1_048_576,
+    show_default=True,
+    type=click.IntRange(1024),
+    help="What one attempt may print that is kept with its run (then it is truncated).",
+)
 @health_options(8082)
 def agent(
     nats_url: str,
@@ -271,6 +283,7 @@ def agent(
     slots: int,
     heartbeat: float,
     agent_id: str | None,
+    log_max_bytes: int,
     health_host: str,
     health_port: int,
 ) -> None:
@@ -279,7 +292,7 @@ def agent(
     from runtime.services import serve_agent
 
     honour_parent()  # started by `jetrun up`: die with it
-    serve = partial(serve_agent, health=(health_host, health_port))
+    serve = partial(serve_agent, health=(health_host, health_port), log_max_bytes=log_max_bytes)
     _run(serve, nats_url, list(modules), slots, heartbeat, agent_id, LogSettings(replicas=replicas))
 
 
@@ -309,6 +322,16 @@ def state_diagram() -> None:
 
 
 register_scaling_commands(main, nats_option, replicas_option)
+
+
+def _add_user_commands() -> None:
+    from runtime.cli_runs import events_command, logs_command, run_command, runs_group
+
+    for command in (run_command, runs_group, logs_command, events_command):
+        main.add_command(command)
+
+
+_add_user_commands()
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@
 |---|---|---|
 | ``demo/echo:v1`` | text: string, times: integer (default 1) | text repeated ``times`` times |
 | ``demo/sleep:v1`` | seconds: fp | the seconds actually slept |
-| ``demo/fail:v1`` | message: string (optional) | always fails with ``ValueError(message)`` |
+| ``demo/fail:v1`` | message: string (optional) | prints 2 lines, fails: ``ValueError(message)`` |
 | ``demo/slow-start:v1`` | text: string | ``"warm: " + text``, after a slow startup |
 | ``demo/noop:v1`` | none | none (a ``none`` output); for benchmarks |
 | ``demo/stream:v1`` | n: integer | streams ``"chunk 0"`` ... ``"chunk n-1"`` |
@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator
 
@@ -40,7 +41,10 @@ def sleep(seconds: float) -> float:
 
 @pipeline("demo/fail:v1")
 def fail(message: str = "demo/fail:v1 always fails") -> None:
-    """Always raises ``ValueError(message)``: shows a ``pipeline_error`` with a traceback."""
+    """Prints two lines, then raises ``ValueError(message)``: shows a ``pipeline_error`` with
+    a traceback, and the run's logs."""
+    print("loading the model")
+    print(f"about to fail: {message}", file=sys.stderr)
     raise ValueError(message)
 
 

@@ -40,6 +40,7 @@ from contracts.run import Run, RunRecord
 from contracts.states import RunState
 from contracts.values import ValueTypeError, check
 from runtime import dashboard, health, openapi
+from runtime.accesslog import AccessLog
 from runtime.admission import Admission
 from runtime.catalog import Catalog
 from runtime.clock import SYSTEM_CLOCK, Clock
@@ -48,8 +49,10 @@ from runtime.eventlog import EventLog, LogSettings, ensure_all
 from runtime.fleet import HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
 from runtime.guard import Guard
 from runtime.listing import BadQuery, RunListing, parse_query
+from runtime.logs_api import follow_logs, read_logs, wants_follow
 from runtime.projection import RunIndex
 from runtime.readiness import Readiness, SchedulerWatch
+from runtime.runlogs import LogStore
 from runtime.scaling_api import ScalingApi
 from runtime.submissions import SubmissionService
 from runtime.submit import Refused, Submitter
@@ -94,6 +97,7 @@ class Gateway:
         self.index = RunIndex()
         self.listing = RunListing(self.index)
         self.catalog = Catalog(self.log.js, replicas=settings.replicas)
+        self.logs = LogStore(self.log.js, settings)
         self.fleet = Fleet(clock.monotonic, config.settings.node_loss_timeout_s)
         self.admission = Admission.for_config(
             self.log.js,
@@ -126,7 +130,7 @@ class Gateway:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Create the streams if needed, replay the log into the index, then follow it."""
-        await ensure_all(self.log, self.catalog, self.admission, self.readiness)
+        await ensure_all(self.log, self.catalog, self.admission, self.readiness, self.logs)
         target = await self.log.last_seq()
         guard = self.guard.wrap
         tail = await self.log.tail(
@@ -172,6 +176,7 @@ class Gateway:
             Route("/v4/runs/stream", self.stream_run, methods=["POST"]),
             Route("/v4/runs/{run_id}", self.get_run, methods=["GET"]),
             Route("/v4/runs/{run_id}/cancel", self.cancel_run, methods=["POST"]),
+            Route("/v4/runs/{run_id}/logs", self.run_logs, methods=["GET"]),
             Route("/v4/pipelines/{pointer:path}/scaling", self.scaling_api.get, methods=["GET"]),
             Route(
                 "/v4/pipelines/{pointer:path}/scaling", self.scaling_api.patch, methods=["PATCH"]
@@ -197,7 +202,8 @@ class Gateway:
             TimeoutError: self._on_nats_error,
         }
         latency = Middleware(health.HttpLatency, histogram=self.telemetry.http)
-        return Starlette(routes=routes, exception_handlers=handlers, middleware=[latency])
+        access = Middleware(AccessLog)
+        return Starlette(routes=routes, exception_handlers=handlers, middleware=[access, latency])
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPError | Refused)
@@ -221,6 +227,7 @@ class Gateway:
         team = self.config.team_for_token(token.strip())
         if team is None:
             raise error(401, "unauthorized", "unknown token")
+        request.state.team = team.name  # for the access log
         return team
 
     async def _body(self, request: Request) -> bytes:
@@ -341,6 +348,14 @@ class Gateway:
             raise error(422, "invalid_field", str(bad), bad.field) from None
         runs, cursor = self.listing.page(team.name, query)
         return json_response(RunList(runs=[self.view(r) for r in runs], next_cursor=cursor))
+
+    async def run_logs(self, request: Request) -> Response:
+        """What the run's pipeline printed, per attempt; ``?follow=1`` streams it."""
+        team = self._team(request)
+        run = self._visible(request.path_params["run_id"], team)
+        if wants_follow(request):
+            return follow_logs(self.logs, request, run.id, lambda: self.index.get(run.id))
+        return json_response(await read_logs(self.logs, run))
 
     async def cancel_run(self, request: Request) -> Response:
         team = self._team(request)

@@ -15,6 +15,7 @@ import msgspec
 
 from contracts.api import ErrorBody, Health, RunCreate, RunList, Scaling, ScalingHistory
 from contracts.dashboard import Dashboard
+from contracts.logs import RunLogs
 from contracts.run import Run
 from contracts.scaling import ScalingPatch
 
@@ -119,6 +120,18 @@ OPERATIONS: list[Operation] = [
             503: ERR_503,
         },
         params=[RUN_ID],
+    ),
+    Operation(
+        "get",
+        "/v4/runs/{run_id}/logs",
+        "What the run's pipeline printed (stdout and stderr), per attempt. With follow=1: "
+        "one RunLogLine per line (NDJSON), or Server-Sent Events (event: line, then "
+        "event: end) when the request accepts text/event-stream, until the run has ended",
+        {200: ("the run's captured lines", RunLogs, JSON), 401: ERR_401, 404: ERR_404_RUN},
+        params=[
+            RUN_ID,
+            Param("follow", "query", {"type": "string", "enum": ["1", "true"]}, "stream"),
+        ],
     ),
     Operation(
         "get",

@@ -23,6 +23,7 @@ import httpx
 import msgspec
 
 from contracts.api import RunList
+from contracts.logs import RunLogLine, RunLogs
 from contracts.run import Run
 from contracts.states import RunState
 from contracts.values import from_python
@@ -35,8 +36,12 @@ __all__ = [
     "NoResourcesAvailable",
     "Run",
     "RunList",
+    "RunLogLine",
+    "RunLogs",
     "RunState",
+    "follow_run_logs",
     "get_run",
+    "get_run_logs",
     "list_runs",
     "poll_for_run_completion",
     "run_pipeline",
@@ -47,6 +52,8 @@ __all__ = [
 DEFAULT_URL = "http://127.0.0.1:8080"
 _run_decoder = msgspec.json.Decoder(Run)
 _list_decoder = msgspec.json.Decoder(RunList)
+_logs_decoder = msgspec.json.Decoder(RunLogs)
+_line_decoder = msgspec.json.Decoder(RunLogLine)
 
 
 class JetrunError(Exception):
@@ -139,6 +146,13 @@ def _check_list(response: httpx.Response) -> RunList:
     raise JetrunError(response.status_code, response.text)
 
 
+def _check_logs(response: httpx.Response) -> RunLogs:
+    if response.status_code == 200:
+        return _logs_decoder.decode(response.content)
+    _check(response)
+    raise JetrunError(response.status_code, response.text)
+
+
 def _headers(token: str | None, idempotency_key: str | None) -> dict[str, str]:
     token = token or os.environ.get("JETRUN_TOKEN")
     headers = {"Content-Type": "application/json"}
@@ -203,6 +217,21 @@ class Client:
 
     def cancel_run(self, run_id: str) -> Run:
         return _check(self._http.post(f"/v4/runs/{run_id}/cancel"))
+
+    def get_run_logs(self, run_id: str) -> RunLogs:
+        """What the run's pipeline printed so far (stdout and stderr), every attempt."""
+        return _check_logs(self._http.get(f"/v4/runs/{run_id}/logs"))
+
+    def follow_run_logs(self, run_id: str) -> Iterator[RunLogLine]:
+        """Every line so far, then new ones as printed, until the run has ended."""
+        url = f"/v4/runs/{run_id}/logs"
+        with self._http.stream("GET", url, params={"follow": "1"}) as response:
+            if response.status_code != 200:
+                response.read()
+                _check_logs(response)
+            for line in response.iter_lines():
+                if line:
+                    yield _line_decoder.decode(line)
 
     def poll_for_run_completion(
         self, run_id: str, timeout_secs: float = 300, interval_secs: float = 1.0
@@ -281,6 +310,19 @@ class AsyncClient:
 
     async def cancel_run(self, run_id: str) -> Run:
         return _check(await self._http.post(f"/v4/runs/{run_id}/cancel"))
+
+    async def get_run_logs(self, run_id: str) -> RunLogs:
+        return _check_logs(await self._http.get(f"/v4/runs/{run_id}/logs"))
+
+    async def follow_run_logs(self, run_id: str) -> AsyncIterator[RunLogLine]:
+        url = f"/v4/runs/{run_id}/logs"
+        async with self._http.stream("GET", url, params={"follow": "1"}) as response:
+            if response.status_code != 200:
+                await response.aread()
+                _check_logs(response)
+            async for line in response.aiter_lines():
+                if line:
+                    yield _line_decoder.decode(line)
 
     async def poll_for_run_completion(
         self, run_id: str, timeout_secs: float = 300, interval_secs: float = 1.0
@@ -386,3 +428,15 @@ def stream_pipeline(
     pointer: str, *inputs: Any, base_url: str | None = None, token: str | None = None
 ) -> Iterator[Run]:
     yield from shared_client(base_url, token).stream_pipeline(pointer, *inputs)
+
+
+def get_run_logs(run_id: str, base_url: str | None = None, token: str | None = None) -> RunLogs:
+    """What the run's pipeline printed (stdout and stderr), every attempt."""
+    return shared_client(base_url, token).get_run_logs(run_id)
+
+
+def follow_run_logs(
+    run_id: str, base_url: str | None = None, token: str | None = None
+) -> Iterator[RunLogLine]:
+    """The run's lines so far, then new ones as printed, until it has ended."""
+    yield from shared_client(base_url, token).follow_run_logs(run_id)

@@ -17,6 +17,7 @@ import uvicorn
 from anyio.abc import TaskStatus
 
 from runtime.agent import Agent, AgentFenced, PipelineModuleError
+from runtime.capture import DEFAULT_MAX_BYTES
 from runtime.config import Config
 from runtime.eventlog import LogSettings
 from runtime.fleet import RECALL_SUBJECT
@@ -138,6 +139,7 @@ async def serve_agent(
     settings: LogSettings,
     *,
     health: Address | None = None,
+    log_max_bytes: int = DEFAULT_MAX_BYTES,
 ) -> None:
     nc = await connect(nats_url, "jetrun-agent")
     agent = Agent(
@@ -147,6 +149,7 @@ async def serve_agent(
         agent_id=agent_id,
         heartbeat_interval_s=heartbeat_s,
         log_settings=settings,
+        log_max_bytes=log_max_bytes,
     )
     fenced = False
     try:

@@ -27,6 +27,8 @@ PROBE_STREAM = "JETRUN_PROBE"
 PROBE_PREFIX = "jetrun.probe"
 SCALING_STREAM = "JETRUN_SCALING"
 SCALING_PREFIX = "jetrun.scaling"
+LOGS_STREAM = "JETRUN_LOGS"
+LOGS_PREFIX = "jetrun.logs"
 
 #: Settings a service compares (and warns about) but never changes on an existing stream.
 OPERATOR_SETTINGS = (
@@ -112,6 +114,23 @@ def scaling_config(*, replicas: int, max_age_s: float = 30 * 86_400.0) -> api.St
         duplicate_window=600.0,
         max_age=max_age_s,
         allow_direct=True,
+    )
+
+
+def logs_config(
+    *, replicas: int, duplicate_window_s: float, max_age_s: float, max_msg_size: int
+) -> api.StreamConfig:
+    """``JETRUN_LOGS``: what pipelines printed, ``jetrun.logs.<run_id>.<attempt>``; kept as long
+    as the events (the same ``max_age``; 0: for ever)."""
+    return api.StreamConfig(
+        name=LOGS_STREAM,
+        subjects=[f"{LOGS_PREFIX}.>"],
+        retention=api.RetentionPolicy.LIMITS,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=duplicate_window_s,
+        max_age=max_age_s,
+        max_msg_size=max_msg_size,
     )
 
 

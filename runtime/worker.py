@@ -7,6 +7,13 @@ its length (4 bytes, big-endian). The child reads requests from a duplicate of i
 stdin and writes replies to a duplicate of its original stdout; fd 1 is then pointed at stderr
 and fd 0 at /dev/null, so a pipeline's prints cannot corrupt the protocol.
 
+What the pipeline prints (stdout and stderr, one pipe) is read by the parent into a
+``LogCapture`` per attempt: after its startup step and after each attempt the child flushes
+both and writes the end marker of the nonce it was given (``JETRUN_LOG_MARKER`` for the startup
+step, ``RunRequest.log_marker`` for an attempt). Output with no capture of its own (the startup
+step, or ``run`` without ``output=``) goes to the ``jetrun.worker`` logger, capped. Between
+attempts nobody reads it: a pipeline printing from a background thread then blocks.
+
 Child to parent: ``Ready``, ``StartupError``, then per run any number of ``Output`` (streamed,
 one per ``yield``) and one ``Finished`` or ``Failed``. A run's outputs are the streamed ones
 followed by ``Finished.outputs``.
@@ -17,24 +24,29 @@ from __future__ import annotations
 import contextlib
 import inspect
 import io
+import logging
 import os
 import struct
 import subprocess
 import sys
+import time
 import traceback
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
 
 import anyio
 import msgspec
-from anyio.abc import Process
+from anyio.abc import ByteReceiveStream, Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from contracts.errors import ErrorType, RunError
 from contracts.values import RunIO
+from runtime.capture import LogCapture, marker_bytes
 from runtime.lifetime import child_env, honour_parent
+
+log = logging.getLogger("jetrun.worker")
 
 _HEADER = struct.Struct(">I")
 _STREAM_ENDED = (
@@ -44,6 +56,11 @@ _STREAM_ENDED = (
     anyio.BrokenResourceError,
 )
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+MARKER_ENV = "JETRUN_LOG_MARKER"
+_READ_SIZE = 65_536
+_OVER_CAP_PAUSE_S = 0.005  # past its cap a flood is read (and dropped) at <= 13 MB/s
+_END_GRACE_S = 2.0  # how long to wait for an attempt's end marker after its result
+_UNCAPTURED_MAX_BYTES = 65_536
 
 
 class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
@@ -56,6 +73,7 @@ class StartupError(msgspec.Struct, frozen=True, kw_only=True, tag="startup_error
 
 class RunRequest(msgspec.Struct, frozen=True, kw_only=True, tag="run"):
     inputs: list[RunIO]
+    log_marker: str = ""  # the nonce of this attempt's end-of-output marker
 
 
 class Output(msgspec.Struct, frozen=True, kw_only=True, tag="output"):
@@ -159,6 +177,8 @@ class PipelineWorker:
         self._reaped: anyio.Event | None = None
         self._busy = False
         self._runs = 0
+        self._output: ByteReceiveStream | None = None
+        self._output_leftover = b""
 
     @property
     def pid(self) -> int | None:
@@ -192,17 +212,20 @@ class PipelineWorker:
         """
         if self._process is not None:
             raise RuntimeError(f"worker for {self.pointer} was already started")
+        startup = self._uncaptured()
         self._process = await anyio.open_process(
             [sys.executable, "-m", "runtime.worker", self.module, self.pointer],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=None,
-            env=self._child_env(),
+            stderr=subprocess.PIPE,
+            env={**self._child_env(), MARKER_ENV: startup.nonce},
         )
         assert self._process.stdout is not None
         self._reader = BufferedByteReceiveStream(self._process.stdout)
+        self._output = self._process.stderr
         try:
-            frame = await self._receive()
+            async with self._capturing(startup, own=True):
+                frame = await self._receive()
         except _Gone:
             code = await self._reap()
             raise StartupFailed(_startup_error(f"{_exited(code)} during startup")) from None
@@ -220,10 +243,17 @@ class PipelineWorker:
         env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + path if path else "")
         return env
 
-    async def run(self, inputs: list[RunIO], on_output: OnOutput | None = None) -> WorkerResult:
+    async def run(
+        self,
+        inputs: list[RunIO],
+        on_output: OnOutput | None = None,
+        output: LogCapture | None = None,
+    ) -> WorkerResult:
         """Run one attempt; block until it ends and return how it ended.
 
-        Streamed outputs are passed to ``on_output(index, output)`` as they come. Pipeline
+        What the pipeline prints goes into ``output`` (finished when this returns; if None,
+        to the ``jetrun.worker`` logger, capped). Streamed outputs are passed to
+        ``on_output(index, output)`` as they come. Pipeline
         failures come back as ``WorkerResult.error`` (``input_error``, ``pipeline_error``,
         ``oom``, ``cuda_oom``, ``cuda_error``; ``unknown`` if the worker died or was killed).
         If cancelled (e.g. by a timeout) or if ``on_output`` raises, the worker is killed and
@@ -231,17 +261,62 @@ class PipelineWorker:
         """
         if self._process is None:
             raise RuntimeError(f"worker for {self.pointer} was not started")
-        request = _frame(RunRequest(inputs=inputs))
+        capture = output or self._uncaptured()
+        request = _frame(RunRequest(inputs=inputs, log_marker=capture.nonce))
         async with self._lock:
             self._busy = True
             try:
-                return await self._attempt(request, on_output)
+                async with self._capturing(capture, own=output is None):
+                    return await self._attempt(request, on_output)
             except BaseException:
                 await self.kill()
                 raise
             finally:
                 self._busy = False
                 self._runs += 1
+
+    def _uncaptured(self) -> LogCapture:
+        return LogCapture(time.time, max_bytes=_UNCAPTURED_MAX_BYTES)
+
+    @contextlib.asynccontextmanager
+    async def _capturing(self, capture: LogCapture, *, own: bool) -> AsyncIterator[None]:
+        """Read the child's output into ``capture`` while the body runs, then until the end
+        marker (for at most a short grace); ``capture`` is finished on the way out, and its
+        lines logged if it is ``own``."""
+        ended = anyio.Event()
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._pump, capture, ended)
+                yield
+                with anyio.move_on_after(_END_GRACE_S):
+                    await ended.wait()
+                tg.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # the body's own exception, as if unwrapped
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
+        finally:
+            capture.finish()
+            if own:
+                for line in capture.take():
+                    log.info("%s: %s", self.pointer, line.text, extra={"pipeline": self.pointer})
+
+    async def _pump(self, capture: LogCapture, ended: anyio.Event) -> None:
+        try:
+            if self._output_leftover:
+                data, self._output_leftover = self._output_leftover, b""
+                capture.feed(data)
+            while not capture.done and self._output is not None:
+                try:
+                    data = await self._output.receive(_READ_SIZE)
+                except _STREAM_ENDED:
+                    break
+                capture.feed(data)
+                if capture.over_cap:
+                    await anyio.sleep(_OVER_CAP_PAUSE_S)  # a flood must not starve the agent
+            self._output_leftover = capture.leftover
+        finally:
+            ended.set()
 
     async def _attempt(self, request: bytes, on_output: OnOutput | None) -> WorkerResult:
         streamed: list[RunIO] = []
@@ -352,6 +427,16 @@ class _Channel:
     def send(self, frame: Frame) -> None:
         self.write(_frame(frame))
 
+    @staticmethod
+    def end_output(nonce: str) -> None:
+        """Flush what the pipeline printed, then mark its end (see the module docstring)."""
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a pipeline may have replaced or closed it
+                stream.flush()
+        if nonce:
+            with contextlib.suppress(OSError):
+                os.write(2, marker_bytes(nonce))
+
     def write(self, data: bytes) -> None:
         self.out.write(data)
         self.out.flush()
@@ -393,12 +478,14 @@ def _startup(module: str, pointer: str) -> tuple[Any, Callable[..., Any]]:
         raise StartupFailed(_startup_error(error.message, error.traceback)) from exc
 
 
-def _serve_one(channel: _Channel, spec: Any, call: Callable[..., Any], inputs: list[RunIO]) -> None:
+def _serve_one(channel: _Channel, spec: Any, call: Callable[..., Any], request: RunRequest) -> None:
     from runtime import pipelines
 
+    marker = request.log_marker
     try:
-        args = pipelines.validate_inputs(spec, inputs)
+        args = pipelines.validate_inputs(spec, request.inputs)
     except pipelines.InputError as exc:
+        channel.end_output(marker)
         channel.send(Failed(error=RunError(type=ErrorType.input_error, message=str(exc))))
         return
     try:
@@ -411,6 +498,7 @@ def _serve_one(channel: _Channel, spec: Any, call: Callable[..., Any], inputs: l
             reply = _encode_output(Finished(outputs=list(pipelines.outputs(result))))
     except (Exception, SystemExit) as exc:
         reply = _frame(Failed(error=error_of(exc)))
+    channel.end_output(marker)
     channel.write(reply)
 
 
@@ -421,16 +509,19 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 2:
         print("usage: python -m runtime.worker <module-or-file.py> <pointer>", file=sys.stderr)
         return 2
+    startup_marker = os.environ.pop(MARKER_ENV, "")
     channel = _Channel.take_stdio()
     try:
         try:
             spec, call = _startup(*args)
         except StartupFailed as failed:
+            channel.end_output(startup_marker)
             channel.send(StartupError(error=failed.error))
             return 1
+        channel.end_output(startup_marker)
         channel.send(Ready(pid=os.getpid()))
         while (request := channel.receive()) is not None:
-            _serve_one(channel, spec, call, request.inputs)
+            _serve_one(channel, spec, call, request)
     except (KeyboardInterrupt, BrokenPipeError):
         return 130
     return 0

@@ -84,5 +84,5 @@ async def test_a_scheduler_whose_log_callback_raises_exits_loudly(tmp_path: Path
             await anyio.sleep(0.05)
         output = scheduler.output()
         assert scheduler.popen.returncode != 0, output
-        assert "ERROR scheduler: event-log tail raised" in output, output
+        assert "ERROR jetrun.guard: scheduler: event-log tail raised" in output, output
         assert "RuntimeError: a bug in the index" in output and "Traceback" in output

@@ -1,0 +1,79 @@
+"""LogCapture: lines, caps, markers (pure, no processes)."""
+
+from __future__ import annotations
+
+from runtime.capture import LINE_OVERHEAD, LogCapture, marker_bytes
+
+
+def capture(max_bytes: int = 10_000, max_line_bytes: int = 1000) -> LogCapture:
+    return LogCapture(
+        lambda: 1.0, nonce="n0nce", max_bytes=max_bytes, max_line_bytes=max_line_bytes
+    )
+
+
+def texts(c: LogCapture) -> list[str]:
+    return [line.text for line in c.take()]
+
+
+def test_lines_are_split_and_partial_lines_wait() -> None:
+    c = capture()
+    assert not c.feed(b"one\ntw")
+    assert texts(c) == ["one"]
+    assert not c.feed(b"o\r\nthree")
+    assert texts(c) == ["two"]
+    c.finish()
+    assert texts(c) == ["three"]
+
+
+def test_the_end_marker_ends_the_capture_even_split_across_reads() -> None:
+    c = capture()
+    marker = marker_bytes("n0nce")
+    assert not c.feed(b"last words" + marker[:5])
+    assert c.feed(marker[5:] + b"next attempt\n")
+    c.finish()
+    assert texts(c) == ["last words"]
+    assert c.leftover == b"next attempt\n"
+
+
+def test_a_marker_with_another_nonce_is_just_output() -> None:
+    c = capture()
+    assert not c.feed(marker_bytes("guess") + b"more\n")
+    assert c.feed(marker_bytes("n0nce"))
+    c.finish()
+    assert texts(c) == ["\x1ejetrun-end guess", "more"]
+
+
+def test_output_past_the_cap_is_dropped_and_marked() -> None:
+    c = capture(max_bytes=100)
+    c.feed(b"a" * 40 + b"\n" + b"b" * 40 + b"\n" + b"c" * 500 + b"\n")
+    c.finish()
+    lines = texts(c)
+    assert lines[0] == "a" * 40
+    assert len(lines) == 2
+    assert lines[-1].startswith("[jetrun: output truncated:") and "cap 100 bytes" in lines[-1]
+    assert c.dropped_bytes == 41 + 501
+    assert c.kept_bytes <= 100
+
+
+def test_empty_lines_count_against_the_cap() -> None:
+    c = capture(max_bytes=10 * LINE_OVERHEAD)
+    c.feed(b"\n" * 10_000)
+    c.finish()
+    assert len(c.take()) == 10 + 1  # ten kept, then the truncation marker
+
+
+def test_a_line_without_newline_is_cut_into_pieces() -> None:
+    c = capture(max_line_bytes=100)
+    c.feed(b"z" * 1000)
+    pieces = texts(c)
+    assert pieces and all(len(p) <= 100 for p in pieces)
+    c.finish()
+    assert "".join(pieces + texts(c)) == "z" * 1000
+
+
+def test_finish_is_idempotent() -> None:
+    c = capture(max_bytes=40)
+    c.feed(b"x" * 100 + b"\n")
+    c.finish()
+    c.finish()
+    assert len(c.take()) == 1

@@ -1,0 +1,59 @@
+"""Service log records: fields bound per block, text and JSON shapes (no processes)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import anyio
+import pytest
+
+from runtime.logsetup import ContextFilter, JsonFormatter, TextFormatter, bind, bound
+
+
+def record(message: str = "attempt ended: %s", *args: object, **extra: object) -> logging.LogRecord:
+    rec = logging.LogRecord(
+        "jetrun.agent", logging.INFO, __file__, 1, message, args or ("completed",), None
+    )
+    for key, value in extra.items():
+        setattr(rec, key, value)
+    ContextFilter().filter(rec)
+    return rec
+
+
+def test_bound_fields_reach_records_and_are_dropped_after_the_block() -> None:
+    with bound(run_id="run_1", attempt=2):
+        bind(team="acme")
+        inside = record()
+    outside = record()
+    assert (inside.run_id, inside.attempt, inside.team) == ("run_1", 2, "acme")  # type: ignore[attr-defined]
+    assert not hasattr(outside, "run_id") and not hasattr(outside, "team")
+
+
+def test_json_lines_carry_the_fields_that_apply() -> None:
+    with bound(run_id="run_1", agent_id="a1"):
+        line = JsonFormatter().format(record(pipeline="demo/echo:v1"))
+    entry = json.loads(line)
+    assert entry["msg"] == "attempt ended: completed" and entry["level"] == "INFO"
+    assert entry["logger"] == "jetrun.agent" and entry["ts"].endswith("Z")
+    assert entry["run_id"] == "run_1" and entry["agent_id"] == "a1"
+    assert entry["pipeline"] == "demo/echo:v1" and "team" not in entry
+
+
+def test_text_lines_are_readable_with_fields_at_the_end() -> None:
+    with bound(run_id="run_1", attempt=1):
+        line = TextFormatter().format(record())
+    assert line.endswith("INFO jetrun.agent: attempt ended: completed run_id=run_1 attempt=1")
+
+
+@pytest.mark.anyio
+async def test_tasks_started_in_a_block_inherit_its_fields() -> None:
+    seen: list[object] = []
+
+    async def child() -> None:
+        seen.append(getattr(record(), "run_id", None))
+
+    async with anyio.create_task_group() as tg:
+        with bound(run_id="run_9"):
+            tg.start_soon(child)
+    assert seen == ["run_9"]

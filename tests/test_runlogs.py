@@ -1,0 +1,164 @@
+"""Per-run logs end to end: real nats-server, scheduler, gateway and agent processes (the
+services log JSON lines here), pipelines from tests/fixtures/log_pipelines.py."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from tests.harness import FIXTURES, Stack, client, wait_replicas, wait_state
+
+pytestmark = pytest.mark.anyio
+
+LOGS = str(FIXTURES / "log_pipelines.py")
+
+
+@pytest.fixture(scope="module")
+async def logstack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    before = os.environ.get("JETRUN_LOG_FORMAT")
+    os.environ["JETRUN_LOG_FORMAT"] = "json"  # the processes inherit it
+    try:
+        async with Stack(tmp_path_factory.mktemp("logs")) as stack:
+            await stack.start_nats()
+            stack.start_scheduler()
+            await stack.start_gateway()
+            stack.start_agent("agent-logs", LOGS, slots=3)
+            await wait_replicas(stack.url, "tok_acme", "test/chatty:v1")
+            await wait_replicas(stack.url, "tok_acme", "test/flood:v1")
+            yield stack
+    finally:
+        if before is None:
+            os.environ.pop("JETRUN_LOG_FORMAT", None)
+        else:
+            os.environ["JETRUN_LOG_FORMAT"] = before
+
+
+def chatty(lines: int, fail: bool) -> dict:  # type: ignore[type-arg]
+    return {
+        "pipeline": "test/chatty:v1",
+        "inputs": [{"type": "integer", "value": lines}, {"type": "boolean", "value": fail}],
+    }
+
+
+async def test_a_failed_runs_logs_are_its_teams_only(logstack: Stack) -> None:
+    async with client(logstack, "tok_acme") as c:
+        run = (await c.post("/v4/runs", json=chatty(3, True))).json()
+        assert run["state"] == "failed" and "chatty failed" in run["error"]["message"]
+        response = await c.get(f"/v4/runs/{run['id']}/logs")
+    assert response.status_code == 200, response.text
+    logs = response.json()
+    assert logs["run_id"] == run["id"] and logs["state"] == "failed"
+    assert [line["text"] for line in logs["lines"]] == ["out 0", "out 1", "out 2", "to stderr"]
+    assert {line["attempt"] for line in logs["lines"]} == {1}
+    assert logs["truncated"] is False
+    async with client(logstack, "tok_rival") as rival:
+        other = await rival.get(f"/v4/runs/{run['id']}/logs")
+        missing = await rival.get("/v4/runs/run_nosuchrun/logs")
+        followed = await rival.get(f"/v4/runs/{run['id']}/logs?follow=1")
+    assert other.status_code == missing.status_code == followed.status_code == 404
+    assert other.json()["detail"]["code"] == missing.json()["detail"]["code"] == "run_not_found"
+    async with httpx.AsyncClient(base_url=logstack.url) as anonymous:
+        assert (await anonymous.get(f"/v4/runs/{run['id']}/logs")).status_code == 401
+
+
+async def test_follow_streams_lines_as_printed_and_ends_with_the_run(
+    logstack: Stack, tmp_path: Path
+) -> None:
+    gate = tmp_path / "gate"
+    body = {
+        "pipeline": "test/chatty-gate:v1",
+        "async_run": True,
+        "inputs": [{"type": "string", "value": str(gate)}],
+    }
+    async with client(logstack, "tok_acme") as c:
+        run_id = (await c.post("/v4/runs", json=body)).json()["id"]
+        seen: list[str] = []
+        with anyio.fail_after(30):
+            async with c.stream("GET", f"/v4/runs/{run_id}/logs?follow=1") as response:
+                assert response.headers["content-type"].startswith("application/x-ndjson")
+                async for line in response.aiter_lines():
+                    if not line:
+                        continue
+                    seen.append(json.loads(line)["text"])
+                    if seen == ["before the gate"]:
+                        run = (await c.get(f"/v4/runs/{run_id}")).json()
+                        assert run["state"] == "running"  # streamed while it runs
+                        gate.write_text("go")
+        assert seen == ["before the gate", "after the gate"]
+        assert (await c.get(f"/v4/runs/{run_id}")).json()["state"] == "completed"
+
+
+async def test_follow_as_server_sent_events(logstack: Stack) -> None:
+    async with client(logstack, "tok_acme") as c:
+        run_id = (await c.post("/v4/runs", json=chatty(2, False))).json()["id"]
+        headers = {"Accept": "text/event-stream"}
+        with anyio.fail_after(30):
+            response = await c.get(f"/v4/runs/{run_id}/logs?follow=1", headers=headers)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [block for block in response.text.split("\n\n") if block]
+    assert [e.split("\n")[0] for e in events] == ["event: line"] * 3 + ["event: end"]
+    assert json.loads(events[0].split("data: ", 1)[1])["text"] == "out 0"
+    assert json.loads(events[-1].split("data: ", 1)[1]) == {"state": "completed"}
+
+
+async def test_a_flood_of_output_is_capped_and_hurts_no_one(logstack: Stack) -> None:
+    flood = {
+        "pipeline": "test/flood:v1",
+        "async_run": True,
+        "inputs": [{"type": "integer", "value": 24}],
+    }
+    async with client(logstack, "tok_acme") as c:
+        flood_id = (await c.post("/v4/runs", json=flood)).json()["id"]
+        # another run on the same agent, while the flood is being read
+        other = (await c.post("/v4/runs", json=chatty(1, False))).json()
+        assert other["state"] == "completed", other
+        run = await wait_state(c, flood_id, {"completed", "failed"}, timeout=60)
+        assert run["state"] == "completed" and run["outputs"][0]["value"] == "flooded"
+        logs = (await c.get(f"/v4/runs/{flood_id}/logs")).json()
+    assert logs["truncated"] is True
+    assert logs["lines"][-1]["text"].startswith("[jetrun: output truncated: ")
+    kept = sum(len(line["text"]) for line in logs["lines"])
+    assert kept <= 1_048_576 and len(logs["lines"]) > 100
+    agent = next(p for p in logstack.procs if p.name == "agent-logs")
+    assert agent.popen is not None and agent.popen.poll() is None
+    await wait_replicas(logstack.url, "tok_acme", "test/chatty:v1")
+
+
+async def test_printed_marker_text_cannot_cut_a_runs_logs(logstack: Stack) -> None:
+    fake = "\x1ejetrun-end 0123456789abcdef"
+    body = {"pipeline": "test/say:v1", "inputs": [{"type": "string", "value": fake}]}
+    async with client(logstack, "tok_acme") as c:
+        run = (await c.post("/v4/runs", json=body)).json()
+        assert run["state"] == "completed"
+        logs = (await c.get(f"/v4/runs/{run['id']}/logs")).json()
+        nxt = (await c.post("/v4/runs", json=chatty(1, False))).json()
+        next_logs = (await c.get(f"/v4/runs/{nxt['id']}/logs")).json()
+    assert [line["text"] for line in logs["lines"]] == [fake, "last line"]
+    assert [line["text"] for line in next_logs["lines"]] == ["out 0", "to stderr"]
+
+
+async def test_services_log_json_with_run_fields_and_an_access_log(logstack: Stack) -> None:
+    async with client(logstack, "tok_acme") as c:
+        run = (await c.post("/v4/runs", json=chatty(1, False))).json()
+        await c.get(f"/v4/runs/{run['id']}")
+    gateway = next(p for p in logstack.procs if p.name.startswith("gateway"))
+    agent = next(p for p in logstack.procs if p.name == "agent-logs")
+    with anyio.fail_after(10):
+        while f'"attempt ended: completed","run_id":"{run["id"]}"' not in agent.output():
+            await anyio.sleep(0.05)
+    records = [json.loads(line) for line in gateway.output().splitlines() if line.strip()]
+    access = [r for r in records if r["logger"] == "jetrun.access"]
+    get = next(r for r in access if r["path"] == f"/v4/runs/{run['id']}")
+    assert get["method"] == "GET" and get["status"] == 200 and get["team"] == "acme"
+    assert get["duration_ms"] >= 0 and "ts" in get
+    assert all("Bearer" not in json.dumps(r) for r in records)
+    lines = [json.loads(line) for line in agent.output().splitlines() if line.startswith("{")]
+    ended = next(r for r in lines if r.get("run_id") == run["id"] and "ended" in r["msg"])
+    assert ended["attempt"] == 1 and ended["agent_id"] == "agent-logs"
+    assert ended["team"] == "acme" and ended["pipeline"] == "test/chatty:v1"
