@@ -194,7 +194,8 @@ async def test_live_status_line_on_a_terminal(clistack: Stack, tmp_path: Path) -
             proc.wait()
         os.close(master)
     screen = "".join(seen)
-    assert re.search(r"queued · position 0 · waiting for capacity · \d+\.\ds", screen)
+    elapsed = r"(\d+\.\ds|\d+m\d\ds)"
+    assert re.search(r"queued · position 0 · waiting for capacity · " + elapsed, screen), screen
     assert "two" in screen  # then the outputs
 
 
