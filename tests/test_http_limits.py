@@ -1,18 +1,23 @@
-"""Slow clients cannot take the gateway down: a real gateway process under a 1,024 file limit,
-real slow-header connections on loopback, bounded everywhere."""
+"""Slow clients cannot take the gateway down (a real gateway process under a 1,024 file limit,
+real slow-header connections on loopback), nor hold its shutdown; bounded everywhere."""
 
 from __future__ import annotations
 
 import resource
+import signal
 import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import anyio
 import httpx
 import pytest
 
+from contracts.agents import PipelineInfo
+from runtime.catalog import Catalog
+from runtime.nats_conn import connect
 from runtime.natsserver import free_port
 from tests.harness import Proc, Stack, wait_ready
 
@@ -96,3 +101,27 @@ async def test_a_connection_that_never_finishes_its_head_is_closed(gateway: str)
         waited = time.monotonic() - started
     assert answer.startswith(b"HTTP/1.1 408"), answer
     assert waited < HEADER_TIMEOUT_S + 10
+
+
+async def test_an_open_ndjson_stream_cannot_hold_shutdown(tmp_path: Path) -> None:
+    async with Stack(tmp_path) as stack:
+        await stack.start_nats()
+        stack.start_scheduler()
+        url = await stack.start_gateway()
+        nc = await connect(stack.nats_url, "test")
+        await Catalog(nc.jetstream()).register(PipelineInfo(pointer="test/ghost:v1"))
+        await nc.close()
+        gateway = next(p for p in stack.procs if p.name.startswith("gateway"))
+        body = {"pipeline": "test/ghost:v1", "inputs": [], "wait_for_resources": True}
+        headers = {"Authorization": "Bearer tok_big"}
+        async with (
+            httpx.AsyncClient(timeout=60.0) as client,
+            client.stream("POST", f"{url}/v4/runs/stream", json=body, headers=headers) as stream,
+        ):
+            lines = stream.aiter_lines()
+            first = await anext(lines)  # the run, queued: no replica will ever come
+            assert '"state":"' in first
+            gateway.signal(signal.SIGTERM)
+            assert gateway.popen is not None
+            code = await anyio.to_thread.run_sync(gateway.popen.wait, 30)
+        assert code == 0, gateway.output()
