@@ -166,6 +166,7 @@ OPERATIONS: list[Operation] = [
         {
             200: ("the scaling events", ScalingHistory, JSON),
             401: ERR_401,
+            403: ("forbidden: not the pipeline's team nor a scaling operator", ErrorBody, JSON),
             404: ("pipeline_not_found", ErrorBody, JSON),
         },
         params=[POINTER],

@@ -76,15 +76,19 @@ class ScalingApi:
     async def get(self, request: Request) -> Response:
         from runtime.gateway import json_response
 
-        self.gw._team(request)
+        team = self.gw._team(request)
         info = await self.resolve(request.path_params["pointer"])
-        return json_response(self.view(info))
+        return json_response(self.view(info, errors=self.manages(team.name, info.pointer)))
 
     async def history(self, request: Request) -> Response:
-        from runtime.gateway import json_response
+        from runtime.gateway import error, json_response
 
-        self.gw._team(request)
+        team = self.gw._team(request)
         info = await self.resolve(request.path_params["pointer"])
+        if not self.manages(team.name, info.pointer):  # startup errors are the owner's data
+            raise error(
+                403, "forbidden", f"team {team.name} may not read the history of {info.pointer}"
+            )
         events = await self.log.history(info.pointer)
         return json_response(ScalingHistory(pipeline=info.pointer, events=events))
 
@@ -93,8 +97,7 @@ class ScalingApi:
 
         team = self.gw._team(request)
         info = await self.resolve(request.path_params["pointer"])
-        owner = info.pointer.split("/", 1)[0]
-        if team.name != owner and team.name not in self.gw.config.settings.scaling_operators:
+        if not self.manages(team.name, info.pointer):
             raise error(
                 403, "forbidden", f"team {team.name} may not change the scaling of {info.pointer}"
             )
@@ -115,6 +118,12 @@ class ScalingApi:
         return json_response(self.view(updated))
 
     # --- helpers -----------------------------------------------------------------------------
+
+    def manages(self, team: str, pointer: str) -> bool:
+        """The pipeline's own team (its pointer's ``team/`` prefix) or a scaling operator:
+        may change its settings and see its startup errors and history."""
+        owner = pointer.split("/", 1)[0]
+        return team == owner or team in self.gw.config.settings.scaling_operators
 
     async def resolve(self, pointer: str) -> PipelineInfo:
         """The catalogue entry for a pointer, or for a pipeline id naming one deployed
@@ -141,7 +150,8 @@ class ScalingApi:
             )
         raise error(404, "pipeline_not_found", f"pipeline {pointer} not found")
 
-    def view(self, info: PipelineInfo) -> Scaling:
+    def view(self, info: PipelineInfo, *, errors: bool = True) -> Scaling:
+        """The scaling of ``info``; replicas' startup errors only if ``errors``."""
         now = self.gw.clock.now()
         nodes = [_node(beat) for beat in self.gw.fleet.live()]
         states = replica_states(info.pointer, nodes, self.memory, now)
@@ -151,11 +161,14 @@ class ScalingApi:
             for r in n.replicas
             if r.pipeline == info.pointer
         }
-        errors = {
-            r.agent_id: r.error for n in nodes for r in n.replicas if r.pipeline == info.pointer
+        failed = {
+            r.agent_id: r.error
+            for n in nodes
+            for r in n.replicas
+            if r.pipeline == info.pointer and errors
         }
         replicas = [
-            ReplicaView(agent_id=a, state=s, gpus=gpus.get(a, []), error=errors.get(a))
+            ReplicaView(agent_id=a, state=s, gpus=gpus.get(a, []), error=failed.get(a))
             for a, s in states
         ]
         counts: dict[str, int] = {}

@@ -205,6 +205,9 @@ async def test_startup_that_keeps_failing_ends_waiting_runs_with_startup_error(u
         history = (await c.get("/v4/pipelines/demo/broken:v1/scaling/history")).json()["events"]
         assert [e["event"] for e in history].count("replica_failed") == 2  # 1 + 1 retry
         assert "startup_gave_up" in [e["event"] for e in history]
+    async with client(up, "tok_rival") as rival:  # another team: no history
+        denied = await rival.get("/v4/pipelines/demo/broken:v1/scaling/history")
+        assert denied.status_code == 403
 
 
 async def test_settings_change_through_the_api_applies_without_restart(up: str) -> None:

@@ -1,0 +1,61 @@
+"""The scaling view without a server: replica states and who sees startup errors."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from contracts.agents import (
+    Accelerator,
+    AgentHeartbeat,
+    LoadedPipeline,
+    PipelineInfo,
+    PipelineStatus,
+)
+from contracts.scaling import ReplicaState, ScalingSettings
+from runtime.config import parse
+from runtime.fleet import Fleet
+from runtime.projection import RunIndex
+from runtime.scaling_api import ScalingApi
+from tests.fakes import FakeClock
+
+POINTER = "acme/model:v1"
+
+
+def api(*pipelines: LoadedPipeline) -> ScalingApi:
+    clock = FakeClock()
+    fleet = Fleet(clock.monotonic, 10.0)
+    fleet.observe(
+        AgentHeartbeat(
+            agent_id="a1",
+            at=0.0,
+            started_at=0.0,
+            accelerators=[Accelerator(kind="cpu", slots=2)],
+            pipelines=list(pipelines),
+        )
+    )
+    config = parse({"settings": {"scaling_operators": ["ops"]}})
+    log = SimpleNamespace(js=None, settings=SimpleNamespace(replicas=1))
+    gateway = SimpleNamespace(clock=clock, fleet=fleet, index=RunIndex(), config=config, log=log)
+    return ScalingApi(gateway)  # type: ignore[arg-type]
+
+
+def test_startup_errors_are_shown_only_to_the_pipeline_team_and_operators() -> None:
+    failed = LoadedPipeline(pointer=POINTER, status=PipelineStatus.failed, error="secret path")
+    scaling = api(failed)
+    info = PipelineInfo(pointer=POINTER, scaling=ScalingSettings(max_replicas=2))
+    assert scaling.manages("acme", POINTER) and scaling.manages("ops", POINTER)
+    assert not scaling.manages("rival", POINTER)
+    own = scaling.view(info, errors=True)
+    assert [(r.agent_id, r.state, r.error) for r in own.replicas] == [
+        ("a1", ReplicaState.failed, "secret path")
+    ]
+    other = scaling.view(info, errors=False)
+    assert [(r.state, r.error) for r in other.replicas] == [(ReplicaState.failed, None)]
+    assert other.current_replicas == 0 and other.autoscaled
+
+
+def test_always_on_pipeline_desires_a_replica_only_while_runs_wait() -> None:
+    ready = LoadedPipeline(pointer=POINTER, status=PipelineStatus.ready)
+    view = api(ready).view(PipelineInfo(pointer=POINTER))
+    assert view.current_replicas == 1 and view.desired_replicas == 1 and not view.autoscaled
+    assert view.current_pipeline_states == {"ready": 1}
