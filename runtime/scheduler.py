@@ -361,17 +361,22 @@ class Scheduler:
         return not_admitted(run, event.at, "no permit was taken for it")
 
     async def _release_ended(self) -> None:
+        """Give back the permits of runs that ended, together: an outage holds a pass up for
+        one retry budget at most, not one per run. A permit still held is the sweep's job."""
         ended, self._ended = self._ended, []
-        for run in ended:
-            if run.slot is None:
-                continue
-            slot = run.slot
-            try:
-                await patiently(f"release {slot}", partial(self.admission.release, slot))
-            except RETRYABLE as err:
-                log.warning(
-                    "could not give back the permit of %s (%r): the sweep will", run.id, err
-                )
+        limiter = anyio.CapacityLimiter(APPENDS_IN_FLIGHT)
+
+        async def release(run_id: str, slot: AdmissionSlot) -> None:
+            async with limiter:
+                try:
+                    await patiently(f"release {slot}", partial(self.admission.release, slot))
+                except RETRYABLE as err:
+                    log.warning("could not give back the permit of %s (%r)", run_id, err)
+
+        async with anyio.create_task_group() as tg:
+            for run in ended:
+                if run.slot is not None:
+                    tg.start_soon(release, run.id, run.slot)
 
     async def _sweep(self) -> None:
         try:
