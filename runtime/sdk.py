@@ -215,6 +215,30 @@ class Client:
         params = _list_params(pipeline, state, created_after, created_before, limit, cursor)
         return _check_list(self._http.get("/v4/runs", params=params))
 
+    def iter_runs(
+        self,
+        *,
+        pipeline: str | None = None,
+        state: str | list[str] | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+    ) -> Iterator[Run]:
+        """Every run of the team matching the filters, newest first, page after page."""
+        cursor: str | None = None
+        while True:
+            page = self.list_runs(
+                pipeline=pipeline,
+                state=state,
+                created_after=created_after,
+                created_before=created_before,
+                limit=100,
+                cursor=cursor,
+            )
+            yield from page.runs
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
     def cancel_run(self, run_id: str) -> Run:
         return _check(self._http.post(f"/v4/runs/{run_id}/cancel"))
 

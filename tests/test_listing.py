@@ -146,6 +146,12 @@ async def test_listing_over_http_and_the_sdk(stack: Stack) -> None:
         )
     )
     assert [r.id for r in listed.runs] == ids[::-1]
+
+    def every_echo() -> list[str]:
+        with sdk.Client(stack.url, "tok_acme") as c:
+            return [r.id for r in c.iter_runs(pipeline="demo/echo", state=["completed"])]
+
+    assert await anyio.to_thread.run_sync(every_echo) == ids[::-1]
     async with sdk.AsyncClient(stack.url, "tok_acme") as c:
         page1 = await c.list_runs(limit=1, created_after=listed.runs[-1].created_at)
         assert page1.runs[0].id == ids[-1] and page1.next_cursor
