@@ -408,7 +408,11 @@ class Gateway:
             runs=self.telemetry.runs,
             now=self.clock.now(),
             logs_url=logs if logs in self.paths else None,
-            scaling=list(reversed(self.scaling_api.recent)),
+            scaling=[  # a pipeline's scaling history is its own team's (and operators')
+                e
+                for e in reversed(self.scaling_api.recent)
+                if team is None or (e.pipeline and self.scaling_api.manages(team, e.pipeline))
+            ],
         )
         return json_response(view)
 

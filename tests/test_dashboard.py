@@ -54,14 +54,16 @@ async def submit_scene(stack: Stack, tmp_path: Path) -> dict[str, str]:
         await wait_state(demo, ids["gate2"], {"queued"})
     nc = await connect(stack.nats_url, "test")
     try:
-        reason = f"2 queued behind 1 replica ({ids['gate0'][-6:]})"
-        desired = DesiredReplicasChanged(
-            pipeline="test/gate:v1", at=time.time(), desired=2, current=1, reason=reason
-        )
-        await ScalingLog(nc.jetstream()).append(desired)
+        ours = f"a queue of 3 behind 1 replica ({ids['gate0'][-6:]})"
+        theirs = f"another team's pipeline ({ids['gate0'][-6:]})"
+        for pipeline, reason in [("demo/echo:v1", ours), ("test/gate:v1", theirs)]:
+            desired = DesiredReplicasChanged(
+                pipeline=pipeline, at=time.time(), desired=2, current=1, reason=reason
+            )
+            await ScalingLog(nc.jetstream()).append(desired)
     finally:
         await nc.close()
-    ids["scaling"] = reason
+    ids["scaling"], ids["other_scaling"] = ours, theirs
     return ids
 
 
@@ -115,6 +117,8 @@ async def test_team_and_admin_views(stack: Stack, tmp_path: Path) -> None:
     assert all(f["team"] == "demo" for f in mine["failures"])
     scaling = next(e for e in mine["scaling"] if e.get("reason") == ids["scaling"])
     assert scaling["event"] == "desired" and scaling["desired"] == 2
+    assert all(e["pipeline"].startswith("demo/") for e in mine["scaling"])  # only its own
+    assert ids["other_scaling"] in {e.get("reason") for e in everyone["scaling"]}
 
 
 FLAGS = [
@@ -163,17 +167,25 @@ def browse(url: str, token: str, wanted: list[str], shot: Path) -> dict[str, Any
         for run_id in wanted:
             page.get_by_text(run_id).first.wait_for(timeout=15_000)
         page.get_by_text("live ·").wait_for(timeout=15_000)
+        row = page.locator("#failures tr", has_text=wanted[2])
+        row.get_by_role("button", name="logs").click()
+        logs = row.locator("pre.logs").inner_text(timeout=15_000)
+        page.wait_for_timeout(2500)  # two refreshes later the logs are still shown
+        logs_kept = page.locator("#failures tr", has_text=wanted[2]).locator("pre.logs").count()
         page.screenshot(path=str(shot), full_page=True)
         return {
             "runs": page.inner_text("#runs"),
             "failures": page.inner_text("#failures"),
             "agents": page.inner_text("#agents"),
             "queues": page.inner_text("#queues"),
+            "scaling": page.inner_text("#scaling"),
             "who": page.inner_text("#who"),
             "address": page.url,
             "pwned": page.evaluate("window.pwned === 1"),
             "images": page.locator("#failures img").count(),
             "outside": outside,
+            "logs": logs,
+            "logs_kept": logs_kept,
         }
 
 
@@ -195,6 +207,9 @@ async def test_the_page_shows_a_run_just_submitted_in_chromium(
     assert not seen["pwned"] and seen["images"] == 0
     assert "token" not in seen["address"]  # taken out of the address bar
     assert seen["outside"] == [], "the page fetched something outside the gateway"
+    assert ids["other_scaling"] not in seen["scaling"]
+    assert "weights not found: model.safetensors" in seen["logs"]
+    assert seen["logs_kept"] == 1
     assert shot.stat().st_size > 10_000
     if os.environ.get("JETRUN_UPDATE_SCREENSHOT") == "1":
         shutil.copyfile(shot, ROOT / "docs" / "dashboard.png")
