@@ -59,7 +59,9 @@ _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 MARKER_ENV = "JETRUN_LOG_MARKER"
 _READ_SIZE = 65_536
 _OVER_CAP_PAUSE_S = 0.005  # past its cap a flood is read (and dropped) at <= 13 MB/s
-_END_GRACE_S = 2.0  # how long to wait for an attempt's end marker after its result
+# how long to wait for an attempt's end marker after its result; a worker that misses it is
+# killed, so that what it printed late can never land in another attempt's logs
+_END_GRACE_S = 5.0
 _UNCAPTURED_MAX_BYTES = 65_536
 
 
@@ -224,7 +226,7 @@ class PipelineWorker:
         self._reader = BufferedByteReceiveStream(self._process.stdout)
         self._output = self._process.stderr
         try:
-            async with self._capturing(startup, own=True):
+            async with self._capturing(startup, own=True, strict=False):
                 frame = await self._receive()
         except _Gone:
             code = await self._reap()
@@ -279,7 +281,9 @@ class PipelineWorker:
         return LogCapture(time.time, max_bytes=_UNCAPTURED_MAX_BYTES)
 
     @contextlib.asynccontextmanager
-    async def _capturing(self, capture: LogCapture, *, own: bool) -> AsyncIterator[None]:
+    async def _capturing(
+        self, capture: LogCapture, *, own: bool, strict: bool = True
+    ) -> AsyncIterator[None]:
         """Read the child's output into ``capture`` while the body runs, then until the end
         marker (for at most a short grace); ``capture`` is finished on the way out, and its
         lines logged if it is ``own``."""
@@ -291,6 +295,9 @@ class PipelineWorker:
                 with anyio.move_on_after(_END_GRACE_S):
                     await ended.wait()
                 tg.cancel_scope.cancel()
+                if strict and not ended.is_set():  # its output is out of step: never reuse it
+                    log.warning("%s: no end of output in time; worker retired", self.pointer)
+                    await self.kill()
         except BaseExceptionGroup as group:  # the body's own exception, as if unwrapped
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None

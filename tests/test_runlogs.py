@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import anyio
 import httpx
 import pytest
 
+from contracts.values import from_python
 from tests.harness import FIXTURES, Stack, client, wait_replicas, wait_state
 
 pytestmark = pytest.mark.anyio
@@ -162,3 +164,17 @@ async def test_services_log_json_with_run_fields_and_an_access_log(logstack: Sta
     ended = next(r for r in lines if r.get("run_id") == run["id"] and "ended" in r["msg"])
     assert ended["attempt"] == 1 and ended["agent_id"] == "agent-logs"
     assert ended["team"] == "acme" and ended["pipeline"] == "test/chatty:v1"
+
+
+async def test_a_worker_whose_output_end_is_not_marked_is_never_reused() -> None:
+    """If an attempt's end marker never comes (the pipeline closed fd 2), the worker is
+    retired: whatever it prints later cannot land in another attempt's logs."""
+    from runtime.capture import LogCapture
+    from runtime.worker import PipelineWorker
+
+    async with PipelineWorker(LOGS, "test/mute:v1") as worker:
+        capture = LogCapture(time.time)
+        with anyio.fail_after(30):
+            result = await worker.run([from_python("said once")], output=capture)
+        assert result.ok and [line.text for line in capture.take()] == ["said once"]
+        assert not worker.alive
