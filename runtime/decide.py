@@ -86,8 +86,15 @@ class Worklist:
         else:
             self.running_since.pop(run.id, None)
             self.dispatched_at.pop(run.id, None)
-        if isinstance(event, RunRequeued):
-            self.announced.pop(run.pipeline, None)  # it comes back waiting for capacity
+        # queued (or requeued) with another wait than its queue was told last: the next timed
+        # pass looks at the whole queue again
+        told = self.announced.get(run.pipeline)
+        if (
+            run.state is RunState.queued
+            and told is not None
+            and run.waiting_for not in (told, WaitingFor.cancellation)
+        ):
+            del self.announced[run.pipeline]
 
 
 @dataclass

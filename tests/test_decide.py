@@ -389,3 +389,24 @@ def test_runs_wait_for_a_node_while_one_boots_then_for_the_cold_start() -> None:
     w.fleet.observe(beat("node-1", "t/p:v1"))
     w.decide()
     assert w.run("r1").state is RunState.running
+
+
+def test_a_run_queued_between_two_timed_passes_is_told_when_the_fleet_flips_back() -> None:
+    """Its queue was last told 'resources'; a replica came and went between two timed passes
+    and the run was queued for capacity meanwhile: it is told 'resources' (and its resource
+    wait starts) although the queue's wait looks unchanged."""
+    w = World()
+    w.submit("first")
+    w.settle(timed=True)
+    assert w.index.records["first"].waiting_for is WaitingFor.resources
+    w.fleet.observe(beat("a1", "t/p:v1", slots=0))  # a replica, but no free slot
+    w.submit("r1")
+    w.settle()  # not timed: placed waiting for capacity
+    assert w.index.records["r1"].waiting_for is WaitingFor.capacity
+    w.advance(11)  # the replica goes away before the next timed pass
+    w.settle(timed=True)
+    run = w.index.records["r1"]
+    assert run.waiting_for is WaitingFor.resources and run.resources_since == w.wall
+    w.advance(60)
+    w.settle(timed=True)
+    assert w.state("r1") is RunState.no_resources_available
