@@ -29,6 +29,7 @@ DEFAULT_TIERS: dict[str, int | None] = {
 
 TEAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 DEMO_TOKEN = "jr_demo_token"
+DEMO_ADMIN_TOKEN = "jr_demo_admin"  # jetrun up without --config: /metrics, the admin dashboard
 
 
 class ConfigError(ValueError):
@@ -82,8 +83,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def demo_config() -> Config:
-    """What ``jetrun up`` runs with when no config file is given: one demo team."""
-    return parse({"teams": {"demo": {"tier": "pro", "tokens": [DEMO_TOKEN]}}})
+    """What ``jetrun up`` runs with when no config file is given: one demo team and an admin
+    token."""
+    return parse(
+        {
+            "teams": {"demo": {"tier": "pro", "tokens": [DEMO_TOKEN]}},
+            "admin": {"tokens": [DEMO_ADMIN_TOKEN]},
+        }
+    )
 
 
 def load(path: str | Path) -> Config:

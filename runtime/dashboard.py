@@ -11,6 +11,7 @@ scaling events the gateway has followed.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from importlib.resources import files
 
 from contracts.dashboard import AgentView, Dashboard, FailedRun, LiveRun, QueueView
@@ -42,12 +43,14 @@ def snapshot(
 ) -> Dashboard:
     """What ``team`` sees (``None``: every team in ``teams``, the admin view)."""
     live = listing.active(team)[:MAX_LIVE] if team else _all_active(listing, teams)
+    # a team sees the queues and replicas of its own pipelines and of those it has runs in
+    visible = None if team is None else {r.pipeline for r in live}
     return Dashboard(
         team=team,
         now=now,
         runs=[_live(r, index) for r in live],
-        queues=_queues(index, fleet, runs, now),
-        agents=_agents(fleet, runs),
+        queues=_queues(index, fleet, runs, now, _filter(team, visible)),
+        agents=_agents(fleet, runs, _filter(team, visible)),
         failures=_failures(listing, [team] if team else teams, logs_url),
         scaling=scaling,
     )
@@ -73,12 +76,20 @@ def _live(run: RunRecord, index: RunIndex) -> LiveRun:
     )
 
 
-def _queues(index: RunIndex, fleet: Fleet, runs: RunMetrics, now: float) -> list[QueueView]:
+def _filter(team: str | None, used: set[str] | None) -> Callable[[str], bool]:
+    if team is None or used is None:
+        return lambda pipeline: True
+    return lambda pipeline: pipeline in used or pipeline.split("/", 1)[0] == team
+
+
+def _queues(
+    index: RunIndex, fleet: Fleet, runs: RunMetrics, now: float, shown: Callable[[str], bool]
+) -> list[QueueView]:
     replicas: dict[str, Counter[str]] = {}
     for beat in fleet.live():
         for p in beat.pipelines:
             replicas.setdefault(p.pointer, Counter())[p.status.value] += 1
-    pipelines = sorted(set(replicas) | set(index.pipelines_with_queue()))
+    pipelines = sorted(p for p in set(replicas) | set(index.pipelines_with_queue()) if shown(p))
     views = []
     for pipeline in pipelines:
         head = index.queued(pipeline, limit=1)
@@ -94,7 +105,7 @@ def _queues(index: RunIndex, fleet: Fleet, runs: RunMetrics, now: float) -> list
     return views
 
 
-def _agents(fleet: Fleet, runs: RunMetrics) -> list[AgentView]:
+def _agents(fleet: Fleet, runs: RunMetrics, shown: Callable[[str], bool]) -> list[AgentView]:
     used: dict[str, Counter[str]] = {}
     for agent_id, kind in runs.slots.values():
         used.setdefault(agent_id, Counter())[kind] += 1
@@ -103,7 +114,7 @@ def _agents(fleet: Fleet, runs: RunMetrics) -> list[AgentView]:
             agent_id=beat.agent_id,
             accelerators=beat.accelerators,
             used_slots=dict(used.get(beat.agent_id, {})),
-            pipelines={p.pointer: p.status.value for p in beat.pipelines},
+            pipelines={p.pointer: p.status.value for p in beat.pipelines if shown(p.pointer)},
             draining=beat.draining,
         )
         for beat in sorted(fleet.live(), key=lambda b: b.agent_id)

@@ -50,6 +50,7 @@ from runtime.fleet import HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
 from runtime.guard import Guard
 from runtime.listing import BadQuery, RunListing, parse_query
 from runtime.logs_api import follow_logs, read_logs, wants_follow
+from runtime.metrics import CONTENT_TYPE as metrics_content_type
 from runtime.projection import RunIndex
 from runtime.readiness import Readiness, SchedulerWatch
 from runtime.runlogs import LogStore
@@ -190,7 +191,7 @@ class Gateway:
             Route("/readyz", self.readyz, methods=["GET"]),
             Route("/openapi.json", self.openapi, methods=["GET"]),
             Route("/docs", self.docs, methods=["GET"]),
-            Route("/metrics", health.metrics_endpoint(self.telemetry.exposition), methods=["GET"]),
+            Route("/metrics", self.metrics, methods=["GET"]),
             Route("/dashboard", self.dashboard_page, methods=["GET"]),
             Route("/v4/dashboard", self.dashboard, methods=["GET"]),
         ]
@@ -396,8 +397,7 @@ class Gateway:
 
     async def dashboard(self, request: Request) -> Response:
         """The team's dashboard; every team's for an admin token."""
-        _, _, token = request.headers.get("authorization", "").partition(" ")
-        team = None if self.config.is_admin(token.strip()) else self._team(request).name
+        team = None if self._admin(request) else self._team(request).name
         logs = "/v4/runs/{run_id}/logs"
         view = dashboard.snapshot(
             team=team,
@@ -415,6 +415,18 @@ class Gateway:
             ],
         )
         return json_response(view)
+
+    def _admin(self, request: Request) -> bool:
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and self.config.is_admin(token.strip())
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus metrics: every team's counts, so for admin tokens only."""
+        if not self._admin(request):
+            self._team(request)  # 401 without a known token
+            raise error(403, "forbidden", "metrics need an admin token ([admin] tokens)")
+        body = await self.telemetry.exposition.render()
+        return Response(body, media_type=metrics_content_type)
 
     async def openapi(self, request: Request) -> Response:
         return json_response(openapi.document())

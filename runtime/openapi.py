@@ -203,9 +203,12 @@ OPERATIONS: list[Operation] = [
     Operation(
         "get",
         "/metrics",
-        "Prometheus metrics of this gateway (and of the scheduler in jetrun up)",
-        {200: ("Prometheus text exposition", None, "text/plain")},
-        auth=False,
+        "Prometheus metrics of this gateway (and of the scheduler in jetrun up); admin tokens",
+        {
+            200: ("Prometheus text exposition", None, "text/plain"),
+            401: ERR_401,
+            403: ("forbidden: a team token; metrics need an admin token", ErrorBody, JSON),
+        },
     ),
     Operation(
         "get", "/docs", "This document as a page", {200: ("HTML", None, "text/html")}, auth=False

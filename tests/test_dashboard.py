@@ -109,7 +109,11 @@ async def test_team_and_admin_views(stack: Stack, tmp_path: Path) -> None:
     assert runs[ids["gate2"]]["waiting_for"] == "capacity"
     queue = next(q for q in mine["queues"] if q["pipeline"] == "test/gate:v1")
     assert queue["depth"] >= 2 and queue["oldest_wait_s"] >= 0 and queue["replicas"] == {"ready": 1}
+    shown = {q["pipeline"] for q in mine["queues"]}
+    assert "demo/echo:v1" in shown and "test/slow:v1" not in shown  # own or used pipelines only
+    assert "test/slow:v1" in {q["pipeline"] for q in everyone["queues"]}
     agents = {a["agent_id"]: a for a in mine["agents"]}
+    assert "test/slow:v1" not in agents["agent-gates"]["pipelines"]
     assert agents["agent-gates"]["used_slots"] == {"cpu": 1}
     assert agents["agent-gates"]["accelerators"][0]["slots"] == 1
     failure = next(f for f in mine["failures"] if f["id"] == ids["xss"])

@@ -22,12 +22,14 @@ from tests.harness import FIXTURES, Stack, client, wait_ready, wait_replicas, wa
 
 pytestmark = pytest.mark.anyio
 GATES = str(FIXTURES / "gate_pipelines.py")
+ADMIN = "tok_admin"  # the gateway's /metrics holds every team's counts: admin tokens only
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-async def scrape(url: str) -> Samples:
-    async with httpx.AsyncClient(timeout=10) as http:
+async def scrape(url: str, token: str | None = None) -> Samples:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with httpx.AsyncClient(timeout=10, headers=headers) as http:
         response = await http.get(f"{url}/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
@@ -95,7 +97,7 @@ async def test_runs_queues_phases_slots_and_refusals(mstack: Stack, tmp_path: Pa
 
         for i in range(3):  # odd methods and paths do not make new label values
             await big.request(f"BREW{i}", f"/no/such/path/{i}")
-        gateway = await scrape(mstack.url)
+        gateway = await scrape(mstack.url, ADMIN)
         assert value(gateway, "jetrun_runs", state="completed", pipeline="demo/echo:v1") >= 3
         assert value(gateway, "jetrun_runs", state="running", pipeline="test/gate:v1") == 1
         assert value(gateway, "jetrun_queue_depth", pipeline="test/gate:v1") == 2
@@ -132,7 +134,7 @@ async def test_runs_queues_phases_slots_and_refusals(mstack: Stack, tmp_path: Pa
     assert waited > 0  # two of the gate runs waited in the queue for the only slot
     assert value(scheduler, "jetrun_runs", state="completed", pipeline="test/gate:v1") >= 3
     assert value(scheduler, "jetrun_agents") == 2
-    gateway = await scrape(mstack.url)
+    gateway = await scrape(mstack.url, ADMIN)
     assert value(gateway, "jetrun_run_phase_seconds_count") == 0, "phases are the scheduler's"
 
     agent = await scrape(mstack.health_urls["agent-gates"])
@@ -143,6 +145,10 @@ async def test_runs_queues_phases_slots_and_refusals(mstack: Stack, tmp_path: Pa
 
 async def test_health_ports_answer_and_say_why_not_ready(mstack: Stack) -> None:
     async with httpx.AsyncClient(timeout=10) as http:
+        assert (await http.get(f"{mstack.url}/metrics")).status_code == 401
+        as_team = {"Authorization": "Bearer tok_acme"}
+        refused = await http.get(f"{mstack.url}/metrics", headers=as_team)
+        assert refused.status_code == 403 and refused.json()["detail"]["code"] == "forbidden"
         for name in ("scheduler", "agent-demo"):
             url = mstack.health_urls[name]
             assert (await http.get(f"{url}/healthz")).json()["status"] == "ok"
@@ -191,7 +197,7 @@ async def test_a_lost_node_and_a_nats_outage_are_counted(mstack: Stack, tmp_path
             refused = await big.post("/v4/runs", json=gate_body(gate))
         assert refused.status_code == 503
     await mstack.start_nats()
-    gateway = await scrape(mstack.url)
+    gateway = await scrape(mstack.url, ADMIN)
     assert value(gateway, "jetrun_log_failures_total", operation="admit") >= 1
     await wait_ready(mstack.health_urls["scheduler"])
 
