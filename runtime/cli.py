@@ -24,8 +24,8 @@ def _config(path: str | None) -> Config:
         return config_module.demo_config()
     try:
         return config_module.load(path)
-    except ConfigError as err:
-        raise click.BadParameter(str(err), param_hint="--config") from None
+    except ConfigError as err:  # one line, exit 1: "Error: config <path>: <what is wrong>"
+        raise click.ClickException(f"config {path}: {err}") from None
 
 
 def _first(group: BaseExceptionGroup[Exception]) -> BaseException:

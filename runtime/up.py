@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import shutil
 import signal
 import socket
 import subprocess
@@ -35,6 +36,7 @@ from runtime.lifetime import child_env
 from runtime.nats_conn import close, connect
 from runtime.natsserver import NatsServer, NatsServerFailed, NatsServerNotFound
 from runtime.providers import LocalProvider
+from runtime.readiness import Readiness
 from runtime.scaler import Scaler
 from runtime.scheduler import Scheduler
 from runtime.services import serve_http
@@ -42,6 +44,10 @@ from runtime.services import serve_http
 log = logging.getLogger("jetrun")
 
 DEMO_POINTER = "demo/echo:v1"
+STORE_CHECK_S = 1.0
+STORE_FAILING_S = 3.0  # the store refused writes this long: worth a nats-server restart
+STORE_RESTART_EVERY_S = 30.0
+STORE_FREE_MIN = 8 << 20  # only with this much room on the store's disk
 FENCED_EXIT = 3  # the agent was declared lost; it may come straight back
 
 
@@ -144,6 +150,8 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
                 await tg.start(gateway.run)
                 await tg.start(scheduler.run)
                 await tg.start(scaler.run)
+            if server is not None:
+                tg.start_soon(recover_store, server, gateway.readiness)
             async with anyio.create_task_group() as http_tg:
                 server_http = await http_tg.start(serve_http, gateway, opts.host, opts.port, http)
                 try:
@@ -153,6 +161,48 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
                         print("\njetrun: shutting down", flush=True)
                     server_http.should_exit = True  # in-flight requests get the grace period
             tg.cancel_scope.cancel()
+
+
+async def recover_store(server: NatsServer, readiness: Readiness) -> None:
+    """Restart the embedded nats-server when its store has refused writes for
+    ``STORE_FAILING_S`` while its disk has room (again): nats-server keeps failing a stream
+    that met a write error (a full disk) until it restarts. Every connection reconnects by
+    itself, so writes resume with no jetrun restart. At most one restart per
+    ``STORE_RESTART_EVERY_S``."""
+    failing_since: float | None = None
+    restarted_at = float("-inf")
+    down = False
+    while True:
+        await anyio.sleep(STORE_CHECK_S)
+        now = anyio.current_time()
+        if down and now - restarted_at >= STORE_RESTART_EVERY_S:
+            restarted_at = now  # our restart failed: try again now and then
+            down = not await _restart(server)
+            continue
+        checks = await readiness.checks()
+        if checks["store_writable"] or not checks["nats_connected"]:
+            failing_since = None
+            continue
+        failing_since = now if failing_since is None else failing_since
+        if (
+            now - failing_since < STORE_FAILING_S
+            or now - restarted_at < STORE_RESTART_EVERY_S
+            or shutil.disk_usage(server.store_dir).free < STORE_FREE_MIN
+        ):
+            continue
+        log.warning("the store refuses writes but its disk has room: restarting nats-server")
+        restarted_at, failing_since = now, None
+        down = not await _restart(server)
+
+
+async def _restart(server: NatsServer) -> bool:
+    await server.stop()
+    try:
+        await server.start()
+    except NatsServerFailed as err:
+        log.error("the embedded nats-server did not restart: %s", err)
+        return False
+    return True
 
 
 def _provider(opts: UpOptions, nats_url: str) -> LocalProvider:

@@ -4,7 +4,9 @@ event-log stream, a full store disk)."""
 from __future__ import annotations
 
 import contextlib
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -14,8 +16,9 @@ import httpx
 import pytest
 
 from runtime.nats_conn import connect
+from runtime.natsserver import free_port
 from runtime.streams import EVENTS_STREAM
-from tests.harness import Stack
+from tests.harness import Proc, Stack
 
 pytestmark = pytest.mark.anyio
 
@@ -121,3 +124,34 @@ async def test_ready_needs_a_writable_store_and_recovers_after_space_is_freed(
             await stack.start_nats()
             checks = await wait_readyz(stack.url, 200, timeout=30)
             assert all(checks.values())
+
+
+async def test_jetrun_up_takes_writes_again_once_its_disk_has_room(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", size="48m") as disk:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        argv = [sys.executable, "-m", "runtime.cli", "up", "--port", str(port)]
+        argv += ["--data-dir", str(disk / "data"), "--slots", "1"]
+        up = Proc("up", argv, tmp_path / "up.log").start()
+        try:
+            deadline = time.monotonic() + 60
+            while "Ctrl-C stops everything." not in up.output():
+                assert time.monotonic() < deadline, up.output()
+                await anyio.sleep(0.1)
+            await anyio.to_thread.run_sync(fill, disk / "filler")
+            checks = await wait_readyz(url, 503)
+            assert checks["store_writable"] is False
+            (disk / "filler").unlink()
+            checks = await wait_readyz(url, 200, timeout=30)  # nothing restarted by hand
+            headers = {"Authorization": "Bearer jr_demo_token"}
+            body = {"pipeline": "demo/echo:v1", "inputs": [{"type": "string", "value": "ok"}]}
+            async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as c:
+                run = (await c.post("/v4/runs", json=body)).json()
+            assert run["state"] == "completed", run
+        finally:
+            up.signal(signal.SIGINT)
+            assert up.popen is not None
+            try:
+                up.popen.wait(30)
+            finally:
+                up.kill()

@@ -131,6 +131,15 @@ async def test_a_port_in_use_fails_fast(tmp_path: Path, listener: int, taken: st
     assert_one_clear_line(proc, f"{what} port {listener}", "not available")
 
 
+async def test_a_bad_config_is_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "bad.toml"
+    config.write_text('[teams.acme]\ntier = "platinum"\ntokens = ["t"]\n')
+    proc = up(tmp_path, free_port(), "up", "--config", str(config))
+    assert await exit_code(proc, timeout=20) == 1
+    lines = proc.output().strip().splitlines()
+    assert len(lines) == 1 and "unknown tier 'platinum'" in lines[0], lines
+
+
 async def test_a_pipeline_module_that_fails_to_import_fails_fast(tmp_path: Path) -> None:
     bad = tmp_path / "bad_pipelines.py"
     bad.write_text("import no_such_module_here\n")
