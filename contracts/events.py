@@ -120,9 +120,14 @@ class RunOutputProduced(AttemptEvent, frozen=True, kw_only=True, tag="output"):
         return f"{self.run_id}:{self.kind}:{self.attempt}:{self.index}"
 
 
-class RunCompleted(AttemptEvent, frozen=True, kw_only=True, tag="completed"):
+class RunCompleted(AttemptEvent, frozen=True, kw_only=True, tag="completed", omit_defaults=True):
+    """Success. The run's outputs are its first ``streamed`` outputs (this attempt's ``output``
+    events, not repeated here) followed by ``outputs``. ``streamed`` is left out when 0, so a
+    completion without streamed outputs is written as before the field existed."""
+
     kind: ClassVar[str] = "completed"
     outputs: list[RunIO]
+    streamed: Annotated[int, msgspec.Meta(ge=0, le=MAX_OUTPUTS)] = 0
 
 
 class RunFailed(AttemptEvent, frozen=True, kw_only=True, tag="failed"):

@@ -44,9 +44,9 @@ from contracts.events import (
     RunTimedOut,
     RunWaitChanged,
 )
+from contracts.outputs import Outputs
 from contracts.run import RunRecord
 from contracts.states import RunState, WaitingFor
-from contracts.values import IOType, RunIO
 
 S = RunState
 
@@ -217,15 +217,12 @@ def _started(run: RunRecord, e: RunStarted) -> Changes:
 
 
 def _output(run: RunRecord, e: RunOutputProduced) -> Changes:
-    outputs = list(run.outputs)
-    while len(outputs) <= e.index:
-        outputs.append(RunIO(type=IOType.none))
-    outputs[e.index] = e.output
-    return {"outputs": outputs}
+    return {"outputs": Outputs.of(run.outputs).put(e.index, e.output)}  # O(1), no copy
 
 
 def _completed(run: RunRecord, e: RunCompleted) -> Changes:
-    return {"outputs": e.outputs}
+    # the first ``streamed`` outputs are this attempt's ``output`` events, not repeated here
+    return {"outputs": Outputs.of(run.outputs).extend_from(e.streamed, e.outputs)}
 
 
 def _failed(run: RunRecord, e: RunFailed) -> Changes:
@@ -250,7 +247,7 @@ def _requeued(run: RunRecord, e: RunRequeued) -> Changes:
     return {
         "attempt": run.attempt + 1,
         "agent_id": None,
-        "outputs": [],
+        "outputs": Outputs(),
         "preemptions": run.preemptions + 1,
         "waiting_for": WaitingFor.capacity,
     }

@@ -8,6 +8,7 @@ import msgspec
 
 from contracts.errors import RunError
 from contracts.events import AdmissionSlot
+from contracts.outputs import Outputs
 from contracts.states import RunState, WaitingFor
 from contracts.values import RunIO, to_python
 
@@ -22,7 +23,8 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float = 0.0
     updated_at: float = 0.0
     inputs: list[RunIO] = msgspec.field(default_factory=list)
-    outputs: list[RunIO] = msgspec.field(default_factory=list)
+    # shares storage with earlier versions of the record; encode with ``outputs.encode_hook``
+    outputs: Outputs = msgspec.field(default_factory=Outputs)
     error: RunError | None = None
     attempt: int = 0
     agent_id: str | None = None
@@ -65,8 +67,14 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
     attempt: int = 0
 
     @classmethod
-    def of(cls, record: RunRecord, queue_position: int | None = None) -> Run:
-        """The view of ``record``; ``queue_position`` is live and comes from a queue index."""
+    def of(
+        cls,
+        record: RunRecord,
+        queue_position: int | None = None,
+        outputs: list[RunIO] | None = None,
+    ) -> Run:
+        """The view of ``record``; ``queue_position`` is live and comes from a queue index;
+        ``outputs`` replaces the record's (the stream sends only new ones)."""
         return cls(
             id=record.id,
             created_at=record.created_at,
@@ -77,7 +85,7 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
             queue_position=queue_position if record.state is RunState.queued else None,
             waiting_for=record.waiting_for,
             inputs=record.inputs,
-            outputs=record.outputs,
+            outputs=Outputs.of(record.outputs).to_list() if outputs is None else outputs,
             error=record.error,
             attempt=record.attempt,
         )
@@ -85,3 +93,17 @@ class Run(msgspec.Struct, frozen=True, kw_only=True):
     def outputs_formatted(self) -> list[Any]:
         """The outputs as Python values, as the seed SDK's ``Run.outputs_formatted()``."""
         return [to_python(o) for o in self.outputs]
+
+
+class RunUpdate(Run, frozen=True, kw_only=True):
+    """One line of ``POST /v4/runs/stream``: the run, with only the outputs that are new since
+    the previous line; ``outputs_start`` is the index of the first of them in the run's
+    outputs (a requeued run starts again at 0, with its next ``attempt``)."""
+
+    outputs_start: int = 0
+
+    @classmethod
+    def of_update(cls, record: RunRecord, queue_position: int | None, start: int) -> RunUpdate:
+        outputs = Outputs.of(record.outputs)[start:]
+        view = Run.of(record, queue_position, outputs)
+        return cls(**msgspec.structs.asdict(view), outputs_start=start)

@@ -2,11 +2,15 @@
 
 Conversion follows the seed SDK: ``run_pipeline(pointer, "text", 5)`` sends a ``string`` and an
 ``integer``. ``bool`` is checked before ``int`` because ``True`` is an ``int`` in Python.
+
+What the wire carries (``check``): integers anywhere in a value fit a signed 64-bit integer
+(``INT_MIN`` .. ``INT_MAX``), and dictionaries and arrays nest at most ``MAX_DEPTH`` levels.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from typing import Any
 
 import msgspec
@@ -39,8 +43,20 @@ class RunIO(msgspec.Struct, frozen=True, kw_only=True):
     file: File | None = None
 
 
+MAX_DEPTH = 32  # dictionaries and arrays nested in one value: {"a": {"b": 1}} is 2 levels
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1  # integers are signed 64-bit on the wire
+
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
 class ValueTypeError(ValueError):
-    """A value does not match its declared type, or has no wire type at all."""
+    """A value does not match its declared type, has no wire type at all, or cannot be carried
+    (an integer out of range, nesting too deep). ``path`` says where inside the value
+    (``""`` for the value itself, else e.g. ``.steps[2]``)."""
+
+    def __init__(self, message: str, path: str = "") -> None:
+        super().__init__(message)
+        self.path = path
 
 
 _CHECKS: dict[IOType, tuple[type, ...]] = {
@@ -68,6 +84,38 @@ def check(io: RunIO) -> None:
     wrong_bool = isinstance(value, bool) and bool not in expected
     if wrong_bool or not isinstance(value, expected):
         raise ValueTypeError(f"type '{io.type}' does not take {_kind(value)}")
+    check_carriable(value)
+
+
+def check_carriable(value: Any) -> None:
+    """Raise ``ValueTypeError`` (with ``path``) if an integer anywhere in ``value`` is outside
+    ``INT_MIN`` .. ``INT_MAX``, or dictionaries and arrays nest deeper than ``MAX_DEPTH``.
+    Iterative: any depth is checked without recursion."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if isinstance(item, int) and not isinstance(item, bool):
+            if not INT_MIN <= item <= INT_MAX:
+                raise ValueTypeError(
+                    f"integer out of range: integers must be between {INT_MIN} and {INT_MAX}",
+                    path,
+                )
+        elif isinstance(item, dict | list):
+            if depth >= MAX_DEPTH:
+                raise ValueTypeError(
+                    f"nested too deep: dictionaries and arrays nest at most {MAX_DEPTH} levels",
+                    path,
+                )
+            pairs = item.items() if isinstance(item, dict) else enumerate(item)
+            stack.extend((v, path + _step(k), depth + 1) for k, v in pairs)
+
+
+def _step(key: Any) -> str:
+    if isinstance(key, int):
+        return f"[{key}]"
+    if isinstance(key, str) and _NAME.match(key):
+        return f".{key}"
+    return f"[{msgspec.json.encode(key).decode()}]"
 
 
 def _kind(value: Any) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 import socket
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from contracts.agents import (
 from contracts.errors import ErrorType, RunError
 from contracts.events import (
     AnyEvent,
+    AttemptEvent,
     Event,
     RunCancelled,
     RunCompleted,
@@ -43,6 +45,7 @@ from contracts.events import (
     RunSubmitted,
     RunTimedOut,
 )
+from contracts.names import check_token
 from contracts.scaling import AnyScalingEvent, ReplicaLoadRequested, ReplicaUnloadRequested
 from contracts.values import RunIO
 from runtime.accelerators import detect
@@ -66,6 +69,7 @@ from runtime.guard import Guard
 from runtime.logsetup import bind, bound
 from runtime.metrics import cold_start_histogram
 from runtime.pipelines import PipelineSpec, load_module
+from runtime.results import HEADER_ROOM, ResultTooLarge, check_size, fitted
 from runtime.runlogs import AttemptLog, LogStore
 from runtime.scalinglog import ScalingLog
 from runtime.worker import PipelineWorker, StartupFailed
@@ -73,6 +77,13 @@ from runtime.worker import PipelineWorker, StartupFailed
 log = logging.getLogger("jetrun.agent")
 REPORT_GRACE_S = 5.0  # how long reports may still retry once a preemption notice came
 _encoder = msgspec.json.Encoder()
+
+
+def default_agent_id() -> str:
+    """``agent-<host>-<random>``, with what a subject token cannot hold in a host name
+    (``node-1.example.com`` has dots) replaced by '-'."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64]
+    return f"agent-{host}-{uuid.uuid4().hex[:8]}"
 
 
 class AgentFenced(Exception):
@@ -143,7 +154,8 @@ class Agent:
     ) -> None:
         self.nc = nc
         self.modules = modules
-        self.agent_id = agent_id or f"agent-{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+        self.agent_id = agent_id or default_agent_id()
+        check_token(self.agent_id, "agent id")  # it is a token of the heartbeat subject
         self.heartbeat_interval_s = heartbeat_interval_s
         self.clock = clock
         # results must outlive a NATS outage: reports retry for report_deadline_s
@@ -433,13 +445,13 @@ class Agent:
     async def _run_attempt_bound(self, dispatch: RunDispatched, attempt: _Attempt) -> None:
         try:
             with attempt.scope:
-                result = await self._execute(dispatch, attempt)
+                result = await self._attempt_result(dispatch, attempt)
             if attempt.cancelled:
                 log.info("attempt interrupted (cancelled or preempted)")
                 return  # cancelled or preempted: the control plane has recorded the end
             if result is not None:
                 log.info("attempt ended: %s", result.kind)
-                await self._report(result)
+                await self._report(fitted(result, self.max_event_bytes()))
         finally:
             if self.attempts.get(dispatch.run_id) is attempt:
                 del self.attempts[dispatch.run_id]
@@ -448,7 +460,25 @@ class Agent:
                 with anyio.CancelScope(shield=True):
                     await attempt.worker.kill()
 
-    async def _execute(self, dispatch: RunDispatched, attempt: _Attempt) -> Event | None:
+    async def _attempt_result(
+        self, dispatch: RunDispatched, attempt: _Attempt
+    ) -> AttemptEvent | None:
+        """``_execute``; whatever it raises fails this attempt alone, never the agent."""
+        try:
+            return await self._execute(dispatch, attempt)
+        except ResultTooLarge as err:
+            error = err.error
+        except Exception as err:
+            log.exception("attempt %d of %s failed on the agent", dispatch.attempt, dispatch.run_id)
+            message = f"the agent could not run this attempt: {type(err).__name__}: {err}"
+            error = RunError(type=ErrorType.unknown, message=message[:2000])
+        at = self.clock.now()
+        return RunFailed(run_id=dispatch.run_id, at=at, attempt=dispatch.attempt, error=error)
+
+    def max_event_bytes(self) -> int:
+        return max(self.nc.max_payload - HEADER_ROOM, 1024)
+
+    async def _execute(self, dispatch: RunDispatched, attempt: _Attempt) -> AttemptEvent | None:
         run_id, n = dispatch.run_id, dispatch.attempt
         submitted = await self._submitted(run_id)
         pool = self.pools.get(submitted.pipeline) if submitted is not None else None
@@ -471,11 +501,11 @@ class Agent:
         )
 
         async def on_output(index: int, output: RunIO) -> None:
-            await self._report(
-                RunOutputProduced(
-                    run_id=run_id, at=self.clock.now(), attempt=n, index=index, output=output
-                )
+            event = RunOutputProduced(
+                run_id=run_id, at=self.clock.now(), attempt=n, index=index, output=output
             )
+            check_size(event, self.max_event_bytes())  # too large: the worker is killed
+            await self._report(event)
 
         timeout = pool.spec.timeout_s
         output = AttemptLog(self.logs, run_id, n, self.clock, max_bytes=self.log_max_bytes)
@@ -499,7 +529,13 @@ class Agent:
         now = self.clock.now()
         if result.error is not None:
             return RunFailed(run_id=run_id, at=now, attempt=n, error=result.error)
-        return RunCompleted(run_id=run_id, at=now, attempt=n, outputs=result.outputs or [])
+        return RunCompleted(  # streamed outputs are already in the log: not repeated
+            run_id=run_id,
+            at=now,
+            attempt=n,
+            outputs=result.outputs[result.streamed :],
+            streamed=result.streamed,
+        )
 
     async def _submitted(self, run_id: str) -> RunSubmitted | None:
         event = await last_event_of_kind(self.log, run_id, "submitted")

@@ -25,6 +25,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 
 from contracts.agents import PipelineInfo
+from contracts.names import check_pointer, is_pointer
 from runtime.eventlog import ensure_stream, retrying
 from runtime.streams import CATALOG_STREAM, catalog_config
 
@@ -36,7 +37,9 @@ _decoder = msgspec.json.Decoder(PipelineInfo)
 
 def pipeline_subject(pointer: str) -> str:
     """Pointers are ``user/name:tag`` with ``[A-Za-z0-9_.-]`` parts; '.' would split a subject
-    token, so the key escapes it."""
+    token, so the key escapes it. Raises ``ValueError`` for anything that is not a pointer, so
+    no wildcard (``*``, ``>``) or stray token can reach a subject."""
+    check_pointer(pointer)
     key = pointer.replace("~", "~~").replace(".", "~d").replace(":", "~c").replace("/", "~s")
     return f"jetrun.pipelines.{key}"
 
@@ -73,7 +76,10 @@ class Catalog:
 
     async def lookup(self, pointer: str) -> PipelineInfo | None:
         """The pipeline's settings, or None if no agent ever registered it. Blocks for a read
-        of the stream when the cached entry may be stale; raises NATS errors as they come."""
+        of the stream when the cached entry may be stale; raises NATS errors as they come.
+        None, without touching NATS, for anything that is not a pointer."""
+        if not is_pointer(pointer):
+            return None
         entry = self._known.get(pointer)
         if entry is not None and (self._following or self.monotonic() - entry[1] < self.max_age_s):
             return entry[0]

@@ -310,6 +310,8 @@ def recall(nats_url: str, agent_id: str, timeout: float) -> None:
         answer = anyio.run(recall_agent, nats_url, agent_id, timeout)
     except (NoRespondersError, TimeoutError):
         raise click.ClickException(f"no agent {agent_id} answered") from None
+    except ValueError as err:
+        raise click.ClickException(str(err)) from None
     click.echo(answer)
 
 

@@ -37,6 +37,7 @@ from nats.js.errors import (
 
 from contracts.events import AnyEvent, Event, decode_event, encode_event
 from contracts.machine import fold
+from contracts.names import check_token
 from contracts.run import RunRecord
 from runtime import streams
 from runtime.metrics import LOG_FAILURES, LOG_RETRIES, operation_of
@@ -70,10 +71,14 @@ def _refused(err: Exception) -> bool:
 
 
 def event_subject(run_id: str, kind: str) -> str:
+    """Raises ``ValueError`` for a run id that is not one subject token."""
+    check_token(run_id, "run id")
     return f"{EVENTS_PREFIX}.{run_id}.{kind}"
 
 
 def run_subjects(run_id: str) -> str:
+    """Raises ``ValueError`` for a run id that is not one subject token."""
+    check_token(run_id, "run id")
     return f"{EVENTS_PREFIX}.{run_id}.*"
 
 
@@ -241,7 +246,7 @@ class EventLog:
 def _decode(msg: Msg) -> AnyEvent | None:
     try:
         return decode_event(msg.data)
-    except (msgspec.DecodeError, msgspec.ValidationError) as err:
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as err:
         log.warning("skipping undecodable event on %s: %s", msg.subject, err)
         return None
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
-import re
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -23,22 +22,20 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from contracts.api import (
-    ErrorBody,
-    ErrorDetail,
     Health,
     RunCreate,
     RunList,
 )
 from contracts.events import AnyEvent, Event, RunCancelRequested
-from contracts.run import Run, RunRecord
+from contracts.run import Run, RunRecord, RunUpdate
 from contracts.states import RunState
-from contracts.values import ValueTypeError, check
 from runtime import dashboard, health, openapi
 from runtime.accesslog import AccessLog
 from runtime.admission import Admission
@@ -48,6 +45,16 @@ from runtime.config import Config, Team
 from runtime.eventlog import EventLog, LogSettings, ensure_all
 from runtime.fleet import HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
 from runtime.guard import Guard
+from runtime.http_input import (
+    HTTPError,
+    error,
+    error_response,
+    json_response,
+    on_http_exception,
+    on_unexpected,
+    parse_create,
+    read_body,
+)
 from runtime.listing import BadQuery, RunListing, parse_query
 from runtime.logs_api import follow_logs, read_logs, wants_follow
 from runtime.metrics import CONTENT_TYPE as metrics_content_type
@@ -60,22 +67,7 @@ from runtime.submit import Refused, Submitter
 
 log = logging.getLogger("jetrun.gateway")
 
-POINTER = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+$")
-_FIELD = re.compile(r"at `\$\.?(?P<path>[^`]*)`")
 _encoder = msgspec.json.Encoder()
-_create_decoder = msgspec.json.Decoder(RunCreate)
-
-
-class HTTPError(Refused):
-    """An error answer: an HTTP status, its JSON detail and headers."""
-
-
-def error(status: int, code: str, message: str, field: str | None = None) -> HTTPError:
-    return HTTPError(status, ErrorDetail(code=code, message=message, field=field))
-
-
-def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(_encoder.encode(body), status, headers, media_type="application/json")
 
 
 class Gateway:
@@ -196,11 +188,13 @@ class Gateway:
             Route("/v4/dashboard", self.dashboard, methods=["GET"]),
         ]
         self.paths = {route.path for route in routes}
-        handlers = {
+        handlers: dict[Any, Any] = {
             HTTPError: self._on_error,
             Refused: self._on_error,
+            HTTPException: on_http_exception,
             nats.errors.Error: self._on_nats_error,
             TimeoutError: self._on_nats_error,
+            Exception: on_unexpected,
         }
         latency = Middleware(health.HttpLatency, histogram=self.telemetry.http)
         access = Middleware(AccessLog)
@@ -208,7 +202,7 @@ class Gateway:
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPError | Refused)
-        return json_response(ErrorBody(detail=exc.detail), exc.status, exc.headers)
+        return error_response(exc)
 
     async def _on_nats_error(self, request: Request, exc: Exception) -> Response:
         """NATS stayed unreachable for the request's deadline: nothing was recorded."""
@@ -231,50 +225,12 @@ class Gateway:
         request.state.team = team.name  # for the access log
         return team
 
-    async def _body(self, request: Request) -> bytes:
-        limit = self.config.settings.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise error(413, "body_too_large", f"request body is over {limit} bytes")
-        chunks, size = [], 0
-        try:
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > limit:
-                    raise error(413, "body_too_large", f"request body is over {limit} bytes")
-                chunks.append(chunk)
-        except ClientDisconnect:
-            raise error(400, "client_disconnected", "the request body was cut off") from None
-        return b"".join(chunks)
-
     async def _parse(self, request: Request) -> RunCreate:
-        return self.parse_body(await self._body(request))
+        return self.parse_body(await read_body(request, self.config.settings.max_body_bytes))
 
     def parse_body(self, body: bytes) -> RunCreate:
         """A run request's body, decoded and checked (HTTP and NATS submissions alike)."""
-        try:
-            create = _create_decoder.decode(body)
-        except msgspec.ValidationError as err:
-            match = _FIELD.search(str(err))
-            field = match.group("path") if match else None
-            raise error(422, "invalid_field", str(err), field) from None
-        except msgspec.DecodeError as err:
-            raise error(422, "invalid_json", f"malformed JSON body: {err}") from None
-        if not POINTER.match(create.pipeline):
-            raise error(
-                422,
-                "invalid_field",
-                f"pipeline {create.pipeline!r} is not a pointer like user/pipeline:v1",
-                "pipeline",
-            )
-        for i, item in enumerate(create.inputs):
-            try:
-                check(item)
-            except ValueTypeError as err:
-                raise error(
-                    422, "invalid_field", f"inputs[{i}]: {err}", f"inputs[{i}].value"
-                ) from None
-        return create
+        return parse_create(body)
 
     def _visible(self, run_id: str, team: Team) -> RunRecord:
         run = self.index.get(run_id)
@@ -369,13 +325,16 @@ class Gateway:
         return json_response(self.view(run), 200 if run.is_terminal else 202)
 
     async def stream_run(self, request: Request) -> Response:
-        """NDJSON: the run once now, then after every change, until it is terminal."""
+        """NDJSON: the run once now, then after every change, until it is terminal. Each line
+        carries only the outputs new since the previous line (``RunUpdate``), so a run that
+        streams n outputs costs O(n) bytes, not O(n^2)."""
         team = self._team(request)
         create = await self._parse(request)
         run = await self._submit(team, create, request.headers.get("idempotency-key"))
 
         async def lines() -> AsyncIterator[bytes]:
             seen: RunRecord | None = None
+            sent = 0  # outputs of the current attempt already sent
             while seen is None or not seen.is_terminal:
                 last = seen
 
@@ -384,8 +343,14 @@ class Gateway:
 
                 current = await self._wait(run.id, changed, 30.0)
                 if current is not last:
+                    if last is not None and current.attempt != last.attempt:
+                        sent = 0  # requeued: the next attempt's outputs start again at 0
+                    sent = min(sent, len(current.outputs))
+                    position = self.index.queue_position(current.id)
+                    line = RunUpdate.of_update(current, position, sent)
+                    sent += len(line.outputs)
                     seen = current
-                    yield _encoder.encode(self.view(current)) + b"\n"
+                    yield _encoder.encode(line) + b"\n"
 
         return StreamingResponse(lines(), media_type="application/x-ndjson")
 

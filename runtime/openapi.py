@@ -16,7 +16,7 @@ import msgspec
 from contracts.api import ErrorBody, Health, RunCreate, RunList, Scaling, ScalingHistory
 from contracts.dashboard import Dashboard
 from contracts.logs import RunLogs
-from contracts.run import Run
+from contracts.run import Run, RunUpdate
 from contracts.scaling import ScalingPatch
 
 JSON = "application/json"
@@ -95,8 +95,16 @@ OPERATIONS: list[Operation] = [
     Operation(
         "post",
         "/v4/runs/stream",
-        "Submit a run and stream it (NDJSON: one Run per line after every change)",
-        {200: ("one Run per line, the last one terminal", Run, "application/x-ndjson")}
+        "Submit a run and stream it (NDJSON: one run per line after every change, each with only "
+        "the outputs new since the previous line)",
+        {
+            200: (
+                "one RunUpdate per line (outputs_start: index of its first output), the last "
+                "one terminal",
+                RunUpdate,
+                "application/x-ndjson",
+            )
+        }
         | CREATE_ERRORS,
         body=RunCreate,
     ),
@@ -141,7 +149,12 @@ OPERATIONS: list[Operation] = [
             200: ("current and desired replicas, each replica's state, settings", Scaling, JSON),
             401: ERR_401,
             404: ("pipeline_not_found", ErrorBody, JSON),
-            422: ("ambiguous_pipeline_id: give the pointer", ErrorBody, JSON),
+            422: (
+                "ambiguous_pipeline_id: give the pointer; invalid_field: neither a pointer nor a "
+                "pipeline id (field 'pointer')",
+                ErrorBody,
+                JSON,
+            ),
         },
         params=[POINTER],
     ),

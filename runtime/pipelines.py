@@ -17,7 +17,6 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
-import re
 import sys
 import types
 import typing
@@ -27,10 +26,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from contracts.agents import PipelineInfo
+from contracts.names import check_pointer
 from contracts.scaling import ScalingSettings
-from contracts.values import File, IOType, RunIO, ValueTypeError, check, from_python, to_python
-
-POINTER_RE = re.compile(r"^[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+:[A-Za-z0-9_.-]+$")
+from contracts.values import (
+    File,
+    IOType,
+    RunIO,
+    ValueTypeError,
+    check,
+    check_carriable,
+    from_python,
+    to_python,
+)
 
 T = TypeVar("T")
 
@@ -153,15 +160,6 @@ def pipeline(
         return target
 
     return register
-
-
-def check_pointer(pointer: str) -> None:
-    """Raise ``ValueError`` unless ``pointer`` looks like ``user/name:v1``."""
-    if not POINTER_RE.match(pointer):
-        raise ValueError(
-            f"invalid pipeline pointer {pointer!r}: expected 'user/name:version' "
-            "using letters, digits, '_', '.' and '-'"
-        )
 
 
 def _add(spec: PipelineSpec) -> None:
@@ -328,13 +326,17 @@ def outputs(result: Any) -> Iterator[RunIO]:
     """The wire outputs of a run's return value: one, one per tuple item, or one per ``yield``.
 
     Lazy: iterating a generator runs the pipeline. Raises ``ValueTypeError`` for a value with
-    no wire type, and whatever a generator raises.
+    no wire type or one the wire cannot carry (``check_carriable``), and whatever a generator
+    raises.
     """
-    if inspect.isgenerator(result) or isinstance(result, tuple):
-        for item in result:
-            yield from_python(item)
-    else:
-        yield from_python(result)
+    items = result if inspect.isgenerator(result) or isinstance(result, tuple) else (result,)
+    for index, item in enumerate(items):
+        output = from_python(item)
+        try:
+            check_carriable(output.value)
+        except ValueTypeError as err:
+            raise ValueTypeError(f"output {index}{err.path}: {err}", err.path) from None
+        yield output
 
 
 # --- loading user modules -----------------------------------------------------------------

@@ -33,6 +33,7 @@ from contracts.scaling import (
     SettingsChanged,
 )
 from runtime.autoscaler import Memory, Node, Replica, remember, replica_states
+from runtime.http_input import error, json_response, read_body
 from runtime.scalinglog import ScalingLog
 
 if TYPE_CHECKING:
@@ -74,15 +75,11 @@ class ScalingApi:
     # --- endpoints ---------------------------------------------------------------------------
 
     async def get(self, request: Request) -> Response:
-        from runtime.gateway import json_response
-
         team = self.gw._team(request)
         info = await self.resolve(request.path_params["pointer"])
         return json_response(self.view(info, errors=self.manages(team.name, info.pointer)))
 
     async def history(self, request: Request) -> Response:
-        from runtime.gateway import error, json_response
-
         team = self.gw._team(request)
         info = await self.resolve(request.path_params["pointer"])
         if not self.manages(team.name, info.pointer):  # startup errors are the owner's data
@@ -93,15 +90,13 @@ class ScalingApi:
         return json_response(ScalingHistory(pipeline=info.pointer, events=events))
 
     async def patch(self, request: Request) -> Response:
-        from runtime.gateway import error, json_response
-
         team = self.gw._team(request)
         info = await self.resolve(request.path_params["pointer"])
         if not self.manages(team.name, info.pointer):
             raise error(
                 403, "forbidden", f"team {team.name} may not change the scaling of {info.pointer}"
             )
-        body = await self.gw._body(request)
+        body = await read_body(request, self.gw.config.settings.max_body_bytes)
         try:
             settings = _patch_decoder.decode(body).apply(info.scaling or ScalingSettings())
         except msgspec.ValidationError as err:
@@ -127,11 +122,10 @@ class ScalingApi:
 
     async def resolve(self, pointer: str) -> PipelineInfo:
         """The catalogue entry for a pointer, or for a pipeline id naming one deployed
-        version. 404 otherwise (422 when the id names several versions)."""
-        from runtime.gateway import error
-
-        if not _NAME.match(pointer):
-            raise error(404, "pipeline_not_found", f"pipeline {pointer!r} not found")
+        version. 404 otherwise (422 when the id names several versions, or is not a name at all)."""
+        if not _NAME.match(pointer):  # never a wildcard or a stray token in a subject
+            message = f"{pointer[:200]!r} is neither a pointer (user/name:v1) nor a pipeline id"
+            raise error(422, "invalid_field", message, "pointer")
         info = await self.gw.catalog.lookup(pointer)
         if info is not None:
             return info

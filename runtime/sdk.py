@@ -24,7 +24,7 @@ import msgspec
 
 from contracts.api import RunList
 from contracts.logs import RunLogLine, RunLogs
-from contracts.run import Run
+from contracts.run import Run, RunUpdate
 from contracts.states import RunState
 from contracts.values import from_python
 
@@ -54,6 +54,7 @@ _run_decoder = msgspec.json.Decoder(Run)
 _list_decoder = msgspec.json.Decoder(RunList)
 _logs_decoder = msgspec.json.Decoder(RunLogs)
 _line_decoder = msgspec.json.Decoder(RunLogLine)
+_update_decoder = msgspec.json.Decoder(RunUpdate)
 
 
 class JetrunError(Exception):
@@ -270,9 +271,9 @@ class Client:
                 raise RunTimeout(run, timeout_secs)
             time.sleep(interval_secs)
 
-    def stream_pipeline(self, pointer: str, *inputs: Any) -> Iterator[Run]:
-        """Submit a run and yield it at every change (streamed outputs included) until it
-        ends."""
+    def stream_pipeline(self, pointer: str, *inputs: Any) -> Iterator[RunUpdate]:
+        """Submit a run and yield it at every change until it ends; each update carries only
+        the outputs new since the previous one (``outputs_start`` is the first one's index)."""
         body = _body(pointer, inputs, False, None)
         with self._http.stream("POST", "/v4/runs/stream", content=body) as response:
             if response.status_code != 200:
@@ -280,7 +281,7 @@ class Client:
                 _check(response)
             for line in response.iter_lines():
                 if line:
-                    yield _run_decoder.decode(line)
+                    yield _update_decoder.decode(line)
 
 
 class AsyncClient:
@@ -359,7 +360,7 @@ class AsyncClient:
                 await anyio.sleep(interval_secs)
         raise RunTimeout(await self.get_run(run_id), timeout_secs)
 
-    async def stream_pipeline(self, pointer: str, *inputs: Any) -> AsyncIterator[Run]:
+    async def stream_pipeline(self, pointer: str, *inputs: Any) -> AsyncIterator[RunUpdate]:
         body = _body(pointer, inputs, False, None)
         async with self._http.stream("POST", "/v4/runs/stream", content=body) as response:
             if response.status_code != 200:
@@ -367,7 +368,7 @@ class AsyncClient:
                 _check(response)
             async for line in response.aiter_lines():
                 if line:
-                    yield _run_decoder.decode(line)
+                    yield _update_decoder.decode(line)
 
 
 _shared_lock = threading.Lock()

@@ -16,6 +16,7 @@ import anyio
 import uvicorn
 from anyio.abc import TaskStatus
 
+from contracts.names import check_token
 from runtime.agent import Agent, AgentFenced, PipelineModuleError
 from runtime.capture import DEFAULT_MAX_BYTES
 from runtime.config import Config
@@ -195,7 +196,9 @@ async def _signal_or_recall(agent: Agent) -> str:
 
 
 async def recall_agent(nats_url: str, agent_id: str, timeout: float) -> str:
-    """Ask one agent to honour a preemption notice now; returns its answer."""
+    """Ask one agent to honour a preemption notice now; returns its answer. Raises
+    ``ValueError`` for an id that is not an agent id."""
+    check_token(agent_id, "agent id")
     nc = await connect(nats_url, "jetrun-recall")
     try:
         reply = await nc.request(f"{RECALL_SUBJECT}.{agent_id}", b"", timeout=timeout)

@@ -21,6 +21,7 @@ import logging
 import uuid
 from typing import Any
 
+from nats.errors import MaxPayloadError
 from nats.js.errors import APIError
 
 from contracts.api import ConcurrencyLimitDetail, ErrorDetail, RunCreate
@@ -62,7 +63,7 @@ def same_request(run: RunRecord, create: RunCreate) -> bool:
     """Whether a retried request asks for what the run was created with."""
     return (
         run.pipeline == create.pipeline
-        and run.inputs == create.inputs
+        and run.inputs == create.run_inputs()
         and run.async_run == create.async_run
         and run.wait_for_resources == create.waits_for_resources()
     )
@@ -99,7 +100,7 @@ class Submitter:
             at=now,
             team=team.name,
             pipeline=create.pipeline,
-            inputs=create.inputs,
+            inputs=create.run_inputs(),
             async_run=create.async_run,
             wait_for_resources=create.waits_for_resources(),
             idempotency_key=key,
@@ -139,6 +140,11 @@ class Submitter:
         no; while the outcome is unknown it stays (the sweep gives it back if no run appears)."""
         try:
             return (await self.log.append(submitted)).seq
+        except MaxPayloadError:  # refused by the client itself: certainly not recorded
+            if slot is not None:
+                await self.admission.release(slot)
+            message = "the run is over the event log's message size limit; nothing was recorded"
+            raise refused(413, "body_too_large", message) from None
         except APIError as err:
             if isinstance(err, RETRYABLE):
                 raise self._unknown(submitted, err) from err

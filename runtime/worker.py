@@ -100,10 +100,11 @@ OnOutput = Callable[[int, RunIO], Awaitable[None]]
 
 class WorkerResult(msgspec.Struct, frozen=True, kw_only=True):
     """How an attempt ended: its outputs, and ``error`` if it failed (outputs streamed before
-    a failure are kept)."""
+    a failure are kept). The first ``streamed`` outputs were passed to ``on_output``."""
 
     outputs: list[RunIO] = msgspec.field(default_factory=list)
     error: RunError | None = None
+    streamed: int = 0
 
     @property
     def ok(self) -> bool:
@@ -264,7 +265,11 @@ class PipelineWorker:
         if self._process is None:
             raise RuntimeError(f"worker for {self.pointer} was not started")
         capture = output or self._uncaptured()
-        request = _frame(RunRequest(inputs=inputs, log_marker=capture.nonce))
+        try:
+            request = _frame(RunRequest(inputs=inputs, log_marker=capture.nonce))
+        except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
+            message = f"the inputs cannot be sent to the pipeline: {type(exc).__name__}: {exc}"
+            return WorkerResult(error=RunError(type=ErrorType.input_error, message=message))
         async with self._lock:
             self._busy = True
             try:
@@ -336,16 +341,18 @@ class PipelineWorker:
                     if on_output is not None:
                         await on_output(frame.index, frame.output)
                 elif isinstance(frame, Finished):
-                    return WorkerResult(outputs=streamed + frame.outputs)
+                    return WorkerResult(outputs=streamed + frame.outputs, streamed=len(streamed))
                 elif isinstance(frame, Failed):
-                    return WorkerResult(outputs=streamed, error=frame.error)
+                    return WorkerResult(outputs=streamed, error=frame.error, streamed=len(streamed))
                 else:
                     raise _Gone(f"unexpected frame {type(frame).__name__} during a run")
         except _Gone as gone:
             code = await self._reap()
             message = str(gone) or _exited(code)
             return WorkerResult(
-                outputs=streamed, error=RunError(type=ErrorType.unknown, message=message)
+                outputs=streamed,
+                error=RunError(type=ErrorType.unknown, message=message),
+                streamed=len(streamed),
             )
 
     async def kill(self) -> None:
@@ -393,7 +400,7 @@ class PipelineWorker:
             raise _Gone() from None
         try:
             frame: Frame = _decoder.decode(body)
-        except msgspec.DecodeError as exc:
+        except (msgspec.DecodeError, RecursionError) as exc:
             raise _Gone(f"the worker process sent an unreadable frame: {exc}") from None
         return frame
 
@@ -460,7 +467,7 @@ class _Channel:
 def _encode_output(frame: Output | Finished) -> bytes:
     try:
         return _frame(frame)
-    except (TypeError, ValueError, msgspec.EncodeError) as exc:
+    except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
         raise ValueError(f"a pipeline output cannot be sent: {exc}") from exc
 
 

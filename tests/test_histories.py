@@ -16,6 +16,7 @@ import pytest
 
 from contracts.events import decode_events, encode_event
 from contracts.machine import fold
+from contracts.outputs import encode_hook
 from contracts.run import RunRecord
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -82,7 +83,7 @@ def test_history_folds_to_its_expected_run(path: Path) -> None:
     assert expect, "a golden history must expect something"
     assert set(expect) <= set(RunRecord.__struct_fields__), "unknown RunRecord fields"
     assert "state" in expect
-    problems = mismatches(expect, msgspec.to_builtins(run))
+    problems = mismatches(expect, msgspec.to_builtins(run, enc_hook=encode_hook))
     assert not problems, f"{path.name}: " + "; ".join(problems)
 
 

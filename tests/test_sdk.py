@@ -99,6 +99,7 @@ async def test_cancel_and_stream(stack: Stack, tmp_path: Path) -> None:
         async with aclosing(client.stream_pipeline("demo/stream:v1", 3)) as updates:
             seen = [update async for update in updates]
         assert seen[-1].state is RunState.completed
-        assert seen[-1].outputs_formatted() == ["chunk 0", "chunk 1", "chunk 2"]
+        streamed = [value for update in seen for value in update.outputs_formatted()]
+        assert streamed == ["chunk 0", "chunk 1", "chunk 2"]  # each update: only new outputs
         assert all(not update.state.is_terminal for update in seen[:-1])
         assert len({update.id for update in seen}) == 1

@@ -98,7 +98,7 @@ async def test_streamed_outputs_are_reported_in_order_as_they_come() -> None:
         silent = await worker.run(inputs(2))
     chunks = [from_python(f"chunk {i}") for i in range(3)]
     assert seen == list(enumerate(chunks))
-    assert result == WorkerResult(outputs=chunks)
+    assert result == WorkerResult(outputs=chunks, streamed=3)
     assert silent.outputs == chunks[:2]
 
 
