@@ -27,6 +27,7 @@ PAGE_HTML = (files("runtime") / "static" / "dashboard.html").read_text()
 FAILED = frozenset({RunState.failed, RunState.node_preempted, RunState.no_resources_available})
 MAX_LIVE = 500
 MAX_FAILURES = 20
+FAILURE_SCAN = 2_000  # failures among each team's latest runs: a poll stays cheap
 
 
 def snapshot(
@@ -124,7 +125,8 @@ def _agents(fleet: Fleet, runs: RunMetrics, shown: Callable[[str], bool]) -> lis
 def _failures(listing: RunListing, teams: list[str], logs_url: str | None) -> list[FailedRun]:
     found: list[RunRecord] = []
     for team in teams:
-        page, _ = listing.page(team, ListQuery(states=FAILED, limit=MAX_FAILURES))
+        query = ListQuery(states=FAILED, limit=MAX_FAILURES)
+        page, _ = listing.page(team, query, max_scan=FAILURE_SCAN)
         found.extend(page)
     found.sort(key=lambda r: r.updated_at, reverse=True)
     return [

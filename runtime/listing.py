@@ -127,9 +127,11 @@ class RunListing:
         teams = [team] if team is not None else sorted(self._active)
         return [r for t in teams for i in self._active.get(t, {}) if (r := self.index.get(i))]
 
-    def page(self, team: str, query: ListQuery) -> tuple[list[RunRecord], str | None]:
+    def page(
+        self, team: str, query: ListQuery, max_scan: int = MAX_SCAN
+    ) -> tuple[list[RunRecord], str | None]:
         """One page of ``team``'s runs matching ``query``, newest first, and the cursor of the
-        next page (None when there is none)."""
+        next page (None when there is none). Looks at ``max_scan`` runs at most."""
         found: list[RunRecord] = []
         last: Key | None = None
         for scanned, (key, run) in enumerate(self._scan(team, query), start=1):
@@ -138,7 +140,7 @@ class RunListing:
                 found.append(run)
                 if len(found) == query.limit:
                     break
-            if scanned >= MAX_SCAN:
+            if scanned >= max_scan:
                 break
         else:
             return found, None

@@ -61,6 +61,19 @@ def test_runs_created_at_the_same_second_are_neither_lost_nor_repeated() -> None
     assert sorted(i for page in pages for i in page) == [f"r{i}" for i in range(5)]
 
 
+def test_a_page_scans_a_bounded_number_of_runs_and_says_where_to_go_on() -> None:
+    index = RunIndex()
+    listing = RunListing(index)
+    feed(index, submit("old", at=1.0, pipeline="a/rare:v1"))
+    for i in range(30):
+        feed(index, submit(f"r{i}", at=10.0 + i))
+    query = ListQuery(pipeline="a/rare:v1")
+    runs, cursor = listing.page("t", query, max_scan=20)
+    assert runs == [] and cursor is not None  # nothing in the first 20, more to look at
+    more = msgspec.structs.replace(query, cursor=decode_cursor(cursor))
+    assert [r.id for r in listing.page("t", more, max_scan=20)[0]] == ["old"]
+
+
 def test_filters_by_pipeline_state_and_creation_time() -> None:
     index = RunIndex()
     listing = RunListing(index)
