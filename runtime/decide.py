@@ -74,9 +74,12 @@ class Worklist:
     running_since: dict[str, float] = field(default_factory=dict)
     dispatched_at: dict[str, int] = field(default_factory=dict)
     announced: dict[str, WaitingFor] = field(default_factory=dict)  # pipeline -> its queue's wait
+    permit_held: set[str] = field(default_factory=set)  # late routing runs whose permit is there
 
     def observe(self, seq: int, event: AnyEvent, run: RunRecord, mono: float) -> None:
         _toggle(self.routing, run.id, run.state is RunState.routing)
+        if run.state is not RunState.routing:
+            self.permit_held.discard(run.id)
         _toggle(self.created, run.id, run.state is RunState.created)
         _toggle(self.cancelling, run.id, run.cancel_requested and not run.is_terminal)
         if run.state is RunState.running:
@@ -110,6 +113,7 @@ class Decisions:
     lost_reasons: dict[str, str] = field(default_factory=dict)
     announced: dict[str, WaitingFor] = field(default_factory=dict)
     decided: set[str] = field(default_factory=set)
+    permit_checks: list[str] = field(default_factory=list)  # confirm before placing (see place)
 
     def add(self, event: Event) -> bool:
         """Record ``event`` unless its run already has a decision in this pass."""
@@ -120,7 +124,7 @@ class Decisions:
         return True
 
     def __bool__(self) -> bool:
-        return bool(self.events or self.admissions or self.lost)
+        return bool(self.events or self.admissions or self.lost or self.permit_checks)
 
 
 @dataclass(frozen=True)
@@ -223,6 +227,10 @@ def place(p: Pass, d: Decisions) -> None:
     waits: dict[str, WaitingFor] = {}
     for run_id in p.work.routing:
         run = p.run(run_id)
+        if arrived_late(p, run) and run_id not in d.decided:
+            d.decided.add(run_id)
+            d.permit_checks.append(run_id)
+            continue
         waiting = waits.get(run.pipeline)
         if waiting is None:
             waiting = waits[run.pipeline] = waits_for(p.fleet, run.pipeline, p.booting)
@@ -230,6 +238,16 @@ def place(p: Pass, d: Decisions) -> None:
             d.add(no_resources(p, run, "is ready"))
         else:
             d.add(RunQueued(run_id=run_id, at=p.now.wall, attempt=run.attempt, waiting_for=waiting))
+
+
+def arrived_late(p: Pass, run: RunRecord) -> bool:
+    """Whether ``run`` reached the log so long after its permit was taken that the sweep may
+    have given the permit back meanwhile (a gateway that lost the log answered "outcome
+    unknown", and its buffered append landed later): its permit is confirmed (the applier
+    looks it up and marks it held, or fails the run ``not_admitted``) before it is placed."""
+    if run.slot is None or run.id in p.work.permit_held:
+        return False
+    return p.now.wall - run.created_at > p.config.settings.release_grace_s / 2
 
 
 def no_resources(p: Pass, run: RunRecord, what: str) -> RunNoResourcesAvailable:

@@ -314,11 +314,29 @@ class Scheduler:
                 log.warning("permit of %s not found now (%r); later", event.run_id, err)
                 failed.add(event.run_id)
 
+        async def check(run_id: str) -> None:
+            run = self.index.records[run_id]
+            try:
+                limit = self.config.tiers.get(run.tier or "")
+                held = limit is None or await self._permit_of(run, limit) is not None
+            except RETRYABLE as err:
+                log.warning("permit of %s not checked now (%r); later", run_id, err)
+                return
+            if held:
+                self.work.permit_held.add(run_id)
+                self._kick.set()  # the next pass places it
+                return
+            log.warning("run %s reached the log after its permit was given back", run_id)
+            why = "its admission permit was given back before the run reached the event log"
+            await append(not_admitted(run, self.clock.now(), why))
+
         async with anyio.create_task_group() as tg:
             for event in d.events:
                 tg.start_soon(append, event)
             for admission in d.admissions:
                 tg.start_soon(admit, admission)
+            for run_id in d.permit_checks:
+                tg.start_soon(check, run_id)
         self._applying = 0
         if stored:
             await self.index.wait_for_seq(stored, timeout=CATCH_UP_S)
@@ -349,16 +367,23 @@ class Scheduler:
         run = self.index.records[event.run_id]
         limit = self.config.tiers[event.tier]
         assert limit is not None  # decide admits late only runs of limited tiers
+        slot = await self._permit_of(run, limit)
+        if slot is not None:
+            log.warning("run %s: its gateway never admitted it; admitting it", run.id)
+            self.work.permit_held.add(run.id)  # just confirmed: no second check
+            return msgspec.structs.replace(event, slot=slot)
+        log.warning("run %s did not go through admission: failing it", run.id)
+        return not_admitted(run, event.at, "no permit was taken for it")
+
+    async def _permit_of(self, run: RunRecord, limit: int) -> AdmissionSlot | None:
+        """The permit ``run``'s team holds for it under ``limit``, if any. Retries outages."""
         holders = await patiently(
             f"permits of {run.team}", lambda: self.admission.holders(limit, run.team)
         )
         for seq, permit in holders:
             if permit.run_id == run.id:
-                slot = AdmissionSlot(stream=stream_name(limit), seq=seq)
-                log.warning("run %s: its gateway never admitted it; admitting it", run.id)
-                return msgspec.structs.replace(event, slot=slot)
-        log.warning("run %s did not go through admission: failing it", run.id)
-        return not_admitted(run, event.at, "no permit was taken for it")
+                return AdmissionSlot(stream=stream_name(limit), seq=seq)
+        return None
 
     async def _release_ended(self) -> None:
         """Give back the permits of runs that ended, together: an outage holds a pass up for

@@ -17,6 +17,8 @@ from contracts.agents import (
 )
 from contracts.errors import ErrorType
 from contracts.events import (
+    AdmissionGrant,
+    AdmissionSlot,
     AnyEvent,
     RunAdmitted,
     RunCancelRequested,
@@ -410,3 +412,28 @@ def test_a_run_queued_between_two_timed_passes_is_told_when_the_fleet_flips_back
     w.advance(60)
     w.settle(timed=True)
     assert w.state("r1") is RunState.no_resources_available
+
+
+def test_a_run_that_reaches_the_log_long_after_its_permit_is_placed_only_once_confirmed() -> None:
+    w = World()
+    grant = AdmissionGrant(tier="basic", slot=AdmissionSlot(stream="JETRUN_ADMIT_3", seq=7))
+    late = w.wall - CONFIG.settings.release_grace_s  # its gateway lost the log for a while
+    for run_id, at in [("late", late), ("fresh", w.wall)]:
+        w.append(
+            RunSubmitted(
+                run_id=run_id,
+                at=at,
+                team="t",
+                pipeline="t/p:v1",
+                inputs=[],
+                wait_for_resources=True,
+                admission=grant,
+            )
+        )
+    d = w.decide()
+    assert d.permit_checks == ["late"]  # the sweep may have given its permit back
+    assert [e.run_id for e in d.events] == ["fresh"]
+    w.work.permit_held.add("late")  # the applier found the permit
+    assert [e.kind for e in w.decide().events] == ["queued"]
+    assert w.index.records["late"].state is RunState.queued
+    assert "late" not in w.work.permit_held  # forgotten once it left routing

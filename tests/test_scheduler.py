@@ -18,7 +18,8 @@ from contracts.agents import (
     PipelineInfo,
     PipelineStatus,
 )
-from contracts.events import RunCompleted, RunStarted
+from contracts.errors import ErrorType
+from contracts.events import AdmissionGrant, RunCompleted, RunStarted
 from contracts.run import RunRecord
 from runtime.catalog import Catalog
 from runtime.config import parse
@@ -362,3 +363,37 @@ async def test_a_changed_retry_count_is_used_without_a_restart(h: Harness) -> No
     await h.settle()
     run = h.run("r1")
     assert run.attempt == 2 and run.state is RunState.running and run.agent_id == "a2"
+
+
+async def test_a_run_whose_permit_was_given_back_before_it_reached_the_log_never_runs(
+    h: Harness,
+) -> None:
+    """A gateway cut off from NATS answered "outcome unknown"; the sweep gave the permit back;
+    then the buffered submitted landed. Only a run whose team still holds its permit runs."""
+    h.scheduler.fleet.observe(beat("a1", "t/p:v1", slots=2))
+    admission = h.scheduler.admission
+    late_at = h.clock.now() - 60
+    slots = {}
+    for run_id in ("held", "given-back"):
+        slots[run_id] = await admission.try_admit(
+            team="t", tier="basic", limit=3, run_id=run_id, now=late_at
+        )
+    assert slots["given-back"] is not None and await admission.release(slots["given-back"])
+    for run_id, slot in slots.items():
+        grant = AdmissionGrant(tier="basic", slot=slot)
+        await h.log.append(
+            RunSubmitted(
+                run_id=run_id, at=late_at, team="t", pipeline="t/p:v1", inputs=[], admission=grant
+            )
+        )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not (
+        h.run("held").state is RunState.running and h.run("given-back").is_terminal
+    ):
+        await h.scheduler.decide()
+        await anyio.sleep(0.05)
+    assert h.run("held").state is RunState.running
+    gone = h.run("given-back")
+    assert gone.state is RunState.failed and gone.error is not None
+    assert gone.error.type is ErrorType.not_admitted
+    assert "given back before the run reached the event log" in gone.error.message
