@@ -17,7 +17,14 @@ from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 
-from contracts.scaling import AnyScalingEvent, ScalingEvent, decode_scaling, encode_scaling
+from contracts.scaling import (
+    AnyScalingEvent,
+    NodeReleased,
+    NodeRequested,
+    ScalingEvent,
+    decode_scaling,
+    encode_scaling,
+)
 from runtime.catalog import pipeline_subject
 from runtime.eventlog import ensure_stream, retrying
 from runtime.streams import SCALING_PREFIX, SCALING_STREAM, scaling_config
@@ -100,8 +107,20 @@ class ScalingLog:
         )
 
     async def history(self, pipeline: str, limit: int = 1000) -> list[AnyScalingEvent]:
-        """The last ``limit`` scaling events of ``pipeline``, oldest first."""
-        subject = f"{SCALING_PREFIX}.{scaling_key(pipeline)}.>"
+        """The last ``limit`` scaling events of ``pipeline``, oldest first, with the releases
+        of the nodes that were requested for it."""
+        own = await self._read(f"{SCALING_PREFIX}.{scaling_key(pipeline)}.>")
+        nodes = {e.node_id for _, e in own if isinstance(e, NodeRequested)}
+        released: list[tuple[int, AnyScalingEvent]] = []
+        if nodes:
+            subject = f"{SCALING_PREFIX}.{scaling_key('')}.node_released"
+            for seq, e in await self._read(subject):
+                if isinstance(e, NodeReleased) and e.node_id in nodes:
+                    released.append((seq, e))
+        return [e for _, e in sorted(own + released, key=lambda item: item[0])][-limit:]
+
+    async def _read(self, subject: str) -> list[tuple[int, AnyScalingEvent]]:
+        """Every event on ``subject`` with its sequence, oldest first."""
         config = api.ConsumerConfig(
             ack_policy=api.AckPolicy.NONE,
             deliver_policy=api.DeliverPolicy.ALL,
@@ -109,7 +128,7 @@ class ScalingLog:
             mem_storage=True,
         )
         psub = await self.js.pull_subscribe(subject, stream=SCALING_STREAM, config=config)
-        events: list[AnyScalingEvent] = []
+        events: list[tuple[int, AnyScalingEvent]] = []
         info = await psub.consumer_info()
         try:
             pending = info.num_pending or 0
@@ -117,8 +136,10 @@ class ScalingLog:
             while seen < pending:
                 batch = await psub.fetch(min(pending - seen, 512), timeout=5.0)
                 seen += len(batch)
-                events.extend(e for e in map(_decode, batch) if e is not None)
-                events = events[-limit:]
+                for msg in batch:
+                    event = _decode(msg)
+                    if event is not None:
+                        events.append((msg.metadata.sequence.stream, event))
         finally:
             await psub.unsubscribe()
             with contextlib.suppress(Exception):

@@ -191,6 +191,7 @@ async def test_scale_to_zero_503_then_cold_start_then_burst_and_back(up: str) ->
         kinds = [e["event"] for e in history]
         assert "replica_load" in kinds and "replica_ready" in kinds
         assert "replica_unload" in kinds and "node_requested" in kinds
+        assert "node_released" in kinds  # the added agent's release is part of the history
 
 
 async def test_startup_that_keeps_failing_ends_waiting_runs_with_startup_error(up: str) -> None:
