@@ -140,10 +140,13 @@ async def test_scale_to_zero_503_then_cold_start_then_burst_and_back(up: str) ->
         assert zero["current_replicas"] == 0 and zero["replicas"] == []
         by_id = (await c.get("/v4/pipelines/demo/scaled/scaling")).json()
         assert by_id["pipeline"] == SCALED
-        for bad in ("a*b/c:v1", "demo/scaled:v1 >", "nope/none:v1"):
-            missing = await c.get(f"/v4/pipelines/{bad}/scaling")
-            assert missing.status_code == 404, missing.text
-            assert missing.json()["detail"]["code"] == "pipeline_not_found"
+        for bad in ("a*b/c:v1", "demo/scaled:v1 >"):  # not a pointer: never a subject
+            malformed = await c.get(f"/v4/pipelines/{bad}/scaling")
+            assert malformed.status_code == 422, malformed.text
+            assert malformed.json()["detail"]["code"] == "invalid_field"
+        missing = await c.get("/v4/pipelines/nope/none:v1/scaling")
+        assert missing.status_code == 404, missing.text
+        assert missing.json()["detail"]["code"] == "pipeline_not_found"
 
         # a sync run without waiting: 503 at once, and a replica comes up in the background
         started = time.monotonic()
