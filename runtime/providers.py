@@ -15,7 +15,9 @@ times out and is made again later.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shlex
 import signal
 import subprocess
@@ -123,17 +125,19 @@ class LocalProvider:
         for node_id in list(self.procs):
             await self.remove(node_id)
 
-    def provides(self) -> frozenset[str]:
-        """The pipelines its agents serve (imports ``modules`` into this process, once)."""
-        from runtime.pipelines import load_module
-
+    async def provides(self) -> frozenset[str]:
+        """The pipelines its agents serve. Pipeline code is never imported into this process
+        (the control plane): a child with a minimal environment lists them, once."""
         if self._provides is None:
+            argv = [sys.executable, "-m", "runtime.providers", *self.modules]
+            env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": _PACKAGE_ROOT}
             try:
-                specs = [s for m in self.modules for s in load_module(m)]
+                with anyio.fail_after(120):
+                    listed = await anyio.run_process(argv, env=env, check=True)
+                self._provides = frozenset(json.loads(listed.stdout))
             except Exception as err:  # its agents cannot load them either
-                log.warning("local provider cannot load %s: %r", list(self.modules), err)
-                specs = []
-            self._provides = frozenset(s.pointer for s in specs)
+                log.warning("local provider cannot list %s: %r", list(self.modules), err)
+                self._provides = frozenset()
         return self._provides
 
     def running(self) -> list[str]:
@@ -185,3 +189,16 @@ class CommandProvider:
 
     async def aclose(self) -> None:
         """Nodes added by commands outlive this process; the operator's tooling owns them."""
+
+
+_PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+def _list_pointers(modules: Sequence[str]) -> list[str]:
+    from runtime.pipelines import load_module
+
+    return sorted({spec.pointer for module in modules for spec in load_module(module)})
+
+
+if __name__ == "__main__":  # python -m runtime.providers MODULE...: their pointers, as JSON
+    print(json.dumps(_list_pointers(sys.argv[1:])))

@@ -11,6 +11,7 @@ themselves. All it keeps besides the log is demand and idle times, rebuilt from 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from collections import Counter
@@ -65,12 +66,10 @@ _STATES = {
 
 def tuning_of(scheduler: Scheduler, provider: NodeProvider | None) -> Tuning:
     s = scheduler.config.settings
-    provides = getattr(provider, "provides", None)
     return Tuning(
         node_cooldown_s=s.node_cooldown_s,
         node_boot_timeout_s=s.node_boot_timeout_s,
         max_nodes=s.max_nodes if provider is not None else 0,
-        provides=provides() if callable(provides) else None,
     )
 
 
@@ -106,6 +105,9 @@ class Scaler:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Replay the scaling log, then decide every ``tick_s`` until cancelled."""
         await self.scaling.ensure()
+        provides = getattr(self.provider, "provides", None)
+        if callable(provides):  # nodes it adds can serve only these
+            self.tuning = dataclasses.replace(self.tuning, provides=await provides())
         target = await self.scaling.last_seq()
         caught_up = anyio.Event()
 

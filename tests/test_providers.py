@@ -97,3 +97,14 @@ async def test_command_provider_string_template_is_split_without_a_shell(tmp_pat
     provider = CommandProvider(add_command=f'{template} "{{node_id}}"', remove_command="true")
     await provider.add("a b", "cpu")
     assert out.read_text().splitlines() == ["a b"]
+
+
+async def test_local_provider_lists_what_its_agents_serve_without_importing_it_here() -> None:
+    from runtime import pipelines
+    from tests.harness import FIXTURES
+
+    provider = LocalProvider("nats://127.0.0.1:1", [str(FIXTURES / "deploy_only.py")])
+    assert await provider.provides() == frozenset({"demo/elsewhere:v1"})
+    assert all(s.pointer != "demo/elsewhere:v1" for s in pipelines.registered())
+    broken = LocalProvider("nats://127.0.0.1:1", ["no_such_module_anywhere"])
+    assert await broken.provides() == frozenset()
