@@ -74,10 +74,10 @@ async def deploy_module(
     else scale-to-zero defaults, then ``patch``). Returns lines to print."""
     from runtime.catalog import Catalog
     from runtime.nats_conn import connect
-    from runtime.pipelines import load_module
+    from runtime.providers import list_pipelines
     from runtime.scalinglog import ScalingLog
 
-    specs = load_module(module)
+    infos = await list_pipelines([module])  # the pipeline code runs in a child, not here
     nc = await connect(nats_url, "jetrun-deploy")
     try:
         js = nc.jetstream(timeout=5.0)
@@ -85,14 +85,14 @@ async def deploy_module(
         await catalog.ensure()
         await log.ensure()
         lines = []
-        for spec in specs:
-            settings = patch.apply(spec.scaling or ScalingSettings())
-            await catalog.register(msgspec.structs.replace(spec.info(), scaling=settings))
+        for info in infos:
+            settings = patch.apply(info.scaling or ScalingSettings())
+            await catalog.register(msgspec.structs.replace(info, scaling=settings))
             at = time.time()
             await log.append(
-                SettingsChanged(pipeline=spec.pointer, at=at, settings=settings, by="deploy")
+                SettingsChanged(pipeline=info.pointer, at=at, settings=settings, by="deploy")
             )
-            lines.append(f"deployed {spec.pointer}: {json.dumps(msgspec.to_builtins(settings))}")
+            lines.append(f"deployed {info.pointer}: {json.dumps(msgspec.to_builtins(settings))}")
         return lines
     finally:
         await nc.close()
@@ -114,7 +114,7 @@ def register(main: click.Group, nats_option: Decorator, replicas_option: Decorat
         patch = _patch(options)
         try:
             lines = anyio.run(deploy_module, nats_url, module, patch, replicas)
-        except (ImportError, ValueError, TypeError, OSError) as err:
+        except (RuntimeError, ValueError, OSError, msgspec.MsgspecError) as err:
             raise click.ClickException(f"cannot deploy {module}: {err}") from None
         for line in lines:
             click.echo(line)

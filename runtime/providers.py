@@ -15,7 +15,6 @@ times out and is made again later.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shlex
@@ -28,7 +27,10 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import anyio
+import msgspec
 from anyio.abc import Process
+
+from contracts.agents import PipelineInfo
 
 log = logging.getLogger("jetrun.providers")
 
@@ -129,12 +131,9 @@ class LocalProvider:
         """The pipelines its agents serve. Pipeline code is never imported into this process
         (the control plane): a child with a minimal environment lists them, once."""
         if self._provides is None:
-            argv = [sys.executable, "-m", "runtime.providers", *self.modules]
-            env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": _PACKAGE_ROOT}
             try:
-                with anyio.fail_after(120):
-                    listed = await anyio.run_process(argv, env=env, check=True)
-                self._provides = frozenset(json.loads(listed.stdout))
+                infos = await list_pipelines(self.modules)
+                self._provides = frozenset(info.pointer for info in infos)
             except Exception as err:  # its agents cannot load them either
                 log.warning("local provider cannot list %s: %r", list(self.modules), err)
                 self._provides = frozenset()
@@ -194,11 +193,22 @@ class CommandProvider:
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 
 
-def _list_pointers(modules: Sequence[str]) -> list[str]:
+async def list_pipelines(modules: Sequence[str], timeout_s: float = 120.0) -> list[PipelineInfo]:
+    """The catalogue entries the pipeline ``modules`` define, read by a child process with a
+    minimal environment (pipeline code never runs in the caller). Raises ``RuntimeError`` with
+    the child's output when a module does not load."""
+    argv = [sys.executable, "-m", "runtime.providers", *modules]
+    env = {"PATH": os.environ.get("PATH", ""), "PYTHONPATH": _PACKAGE_ROOT}
+    with anyio.fail_after(timeout_s):
+        listed = await anyio.run_process(argv, env=env, check=False)
+    if listed.returncode != 0:
+        lines = listed.stderr.decode(errors="replace").strip().splitlines()
+        raise RuntimeError(lines[-1] if lines else f"exit code {listed.returncode}")
+    return msgspec.json.decode(listed.stdout, type=list[PipelineInfo])
+
+
+if __name__ == "__main__":  # python -m runtime.providers MODULE...: their entries, as JSON
     from runtime.pipelines import load_module
 
-    return sorted({spec.pointer for module in modules for spec in load_module(module)})
-
-
-if __name__ == "__main__":  # python -m runtime.providers MODULE...: their pointers, as JSON
-    print(json.dumps(_list_pointers(sys.argv[1:])))
+    infos = [spec.info() for module in sys.argv[1:] for spec in load_module(module)]
+    sys.stdout.buffer.write(msgspec.json.encode(infos))

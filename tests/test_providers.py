@@ -108,3 +108,12 @@ async def test_local_provider_lists_what_its_agents_serve_without_importing_it_h
     assert all(s.pointer != "demo/elsewhere:v1" for s in pipelines.registered())
     broken = LocalProvider("nats://127.0.0.1:1", ["no_such_module_anywhere"])
     assert await broken.provides() == frozenset()
+
+
+async def test_deploy_of_a_module_that_does_not_load_fails_with_its_error(tmp_path: Path) -> None:
+    from runtime.providers import list_pipelines
+
+    bad = tmp_path / "bad_pipelines.py"
+    bad.write_text("raise RuntimeError('no such model')\n")
+    with pytest.raises(RuntimeError, match="no such model"):
+        await list_pipelines([str(bad)])

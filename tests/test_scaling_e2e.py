@@ -93,9 +93,13 @@ class Up:
     url: str
     proc: Proc
 
-    def nats_url(self) -> str:
-        found = re.search(r"embedded nats-server at (\S+),", self.proc.output())
-        assert found is not None, self.proc.output()
+    async def nats_url(self) -> str:
+        """From the banner (printed once the agent is ready)."""
+        with anyio.fail_after(30):
+            while (
+                found := re.search(r"embedded nats-server at (\S+),", self.proc.output())
+            ) is None:
+                await anyio.sleep(0.1)
         return found.group(1)
 
 
@@ -231,7 +235,7 @@ async def test_settings_change_through_the_api_applies_without_restart(up: str) 
 
 
 async def test_deployed_pipeline_without_any_agent_is_503_not_404(stack: Up) -> None:
-    argv = [JETRUN, "deploy", "--nats", stack.nats_url(), str(FIXTURES / "deploy_only.py")]
+    argv = [JETRUN, "deploy", "--nats", await stack.nats_url(), str(FIXTURES / "deploy_only.py")]
     argv += ["--max-replicas", "3", "--cooldown", "30"]
     done = await anyio.run_process(argv, check=False, stderr=subprocess.STDOUT)
     assert done.returncode == 0, done.stdout.decode()
