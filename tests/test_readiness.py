@@ -155,3 +155,16 @@ async def test_jetrun_up_takes_writes_again_once_its_disk_has_room(tmp_path: Pat
                 up.popen.wait(30)
             finally:
                 up.kill()
+
+
+async def test_jetrun_up_on_a_full_disk_says_so_in_one_line(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk", size="4m") as disk:
+        await anyio.to_thread.run_sync(fill, disk / "filler")
+        argv = [sys.executable, "-m", "runtime.cli", "up", "--port", str(free_port())]
+        argv += ["--data-dir", str(disk / "data")]
+        up = Proc("up", argv, tmp_path / "up.log").start()
+        assert up.popen is not None
+        code = await anyio.to_thread.run_sync(up.popen.wait, 30)
+        lines = up.output().strip().splitlines()
+    assert code == 1 and len(lines) == 1, lines
+    assert lines[0].startswith("jetrun: ") and "No space left on device" in lines[0]

@@ -150,6 +150,22 @@ async def test_a_pipeline_module_that_fails_to_import_fails_fast(tmp_path: Path)
     assert "No module named 'no_such_module_here'" in proc.output()
 
 
+async def test_a_pipeline_whose_startup_fails_fails_fast(tmp_path: Path) -> None:
+    broken = tmp_path / "broken_pipelines.py"
+    broken.write_text(
+        "from runtime.pipelines import pipeline\n\n\n"
+        '@pipeline("mine/broken:v1")\n'
+        "class Broken:\n"
+        "    def startup(self) -> None:\n"
+        '        raise RuntimeError("no model file")\n\n'
+        "    def run(self, text: str) -> str:\n"
+        "        return text\n"
+    )
+    proc = up(tmp_path, free_port(), "up", "--pipelines", str(broken))
+    assert await exit_code(proc, timeout=30) == 1
+    assert_one_clear_line(proc, "pipeline mine/broken:v1 failed to start", "no model file")
+
+
 async def test_the_banner_names_a_pipeline_that_exists(tmp_path: Path) -> None:
     mine = tmp_path / "my_pipelines.py"
     mine.write_text(
