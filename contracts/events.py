@@ -97,10 +97,15 @@ class RunWaitChanged(AttemptEvent, frozen=True, kw_only=True, tag="waiting"):
         return f"{self.run_id}:{self.kind}:{self.attempt}:{self.waiting_for}"
 
 
-class RunDispatched(AttemptEvent, frozen=True, kw_only=True, tag="dispatched"):
+class RunDispatched(AttemptEvent, frozen=True, kw_only=True, tag="dispatched", omit_defaults=True):
     kind: ClassVar[str] = "dispatched"
     agent_id: str
     slot: str = "cpu"
+    # what the agent needs to run the attempt, so that it reads nothing back from the log
+    # (None: inputs too large to repeat here; the agent reads the run's ``submitted`` event)
+    team: str | None = None
+    pipeline: str | None = None
+    inputs: list[RunIO] | None = None
 
 
 class RunStarted(AttemptEvent, frozen=True, kw_only=True, tag="started"):

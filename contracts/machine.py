@@ -60,6 +60,7 @@ TRANSITIONS: dict[RunState, dict[type[Event], RunState]] = {
     },
     S.routing: {
         RunQueued: S.queued,
+        RunDispatched: S.running,  # a replica had a free slot and nothing was queued before it
         RunNoResourcesAvailable: S.no_resources_available,
         RunFailed: S.failed,
         RunCancelRequested: S.routing,

@@ -480,7 +480,7 @@ class Agent:
 
     async def _execute(self, dispatch: RunDispatched, attempt: _Attempt) -> AttemptEvent | None:
         run_id, n = dispatch.run_id, dispatch.attempt
-        submitted = await self._submitted(run_id)
+        submitted = await self._submitted(dispatch)
         pool = self.pools.get(submitted.pipeline) if submitted is not None else None
         if pool is None or submitted is None:
             error = RunError(
@@ -496,15 +496,41 @@ class Agent:
             return RunFailed(run_id=run_id, at=self.clock.now(), attempt=n, error=failed.error)
         attempt.worker = worker
         log.info("attempt started")
-        await self._report(
-            RunStarted(run_id=run_id, at=self.clock.now(), attempt=n, agent_id=self.agent_id)
-        )
+        # ``started`` is appended while the worker runs; what follows it in the log (outputs,
+        # the result) is appended only once it is stored
+        reported = anyio.Event()
+        started = RunStarted(run_id=run_id, at=self.clock.now(), attempt=n, agent_id=self.agent_id)
+        assert self._tg is not None
+        self._tg.start_soon(self._report_then_set, started, reported)
+        try:
+            return await self._run_worker(dispatch, submitted, pool, worker, attempt, reported)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await reported.wait()
+
+    async def _report_then_set(self, event: Event, done: anyio.Event) -> None:
+        try:
+            await self._report(event)
+        finally:
+            done.set()
+
+    async def _run_worker(
+        self,
+        dispatch: RunDispatched,
+        submitted: RunSubmitted,
+        pool: _Pool,
+        worker: PipelineWorker,
+        attempt: _Attempt,
+        reported: anyio.Event,
+    ) -> AttemptEvent:
+        run_id, n = dispatch.run_id, dispatch.attempt
 
         async def on_output(index: int, output: RunIO) -> None:
             event = RunOutputProduced(
                 run_id=run_id, at=self.clock.now(), attempt=n, index=index, output=output
             )
             check_size(event, self.max_event_bytes())  # too large: the worker is killed
+            await reported.wait()
             await self._report(event)
 
         timeout = pool.spec.timeout_s
@@ -537,8 +563,17 @@ class Agent:
             streamed=result.streamed,
         )
 
-    async def _submitted(self, run_id: str) -> RunSubmitted | None:
-        event = await last_event_of_kind(self.log, run_id, "submitted")
+    async def _submitted(self, dispatch: RunDispatched) -> RunSubmitted | None:
+        """What the run was submitted with: carried by the dispatch, else read from the log."""
+        if dispatch.inputs is not None and dispatch.pipeline is not None:
+            return RunSubmitted(
+                run_id=dispatch.run_id,
+                at=dispatch.at,
+                team=dispatch.team or "",
+                pipeline=dispatch.pipeline,
+                inputs=dispatch.inputs,
+            )
+        event = await last_event_of_kind(self.log, dispatch.run_id, "submitted")
         return event if isinstance(event, RunSubmitted) else None
 
     async def _report(self, event: Event) -> None:

@@ -95,6 +95,14 @@ def main(verbose: bool, log_format: str) -> None:
     logsetup.configure(verbose=verbose, fmt=log_format)
 
 
+def _sync_interval(value: str | None) -> str | None:
+    from runtime.natsserver import SYNC_VALUE
+
+    if value is not None and not SYNC_VALUE.match(value):
+        raise click.BadParameter("expected always or a duration such as 500ms, 1s, 2m")
+    return value
+
+
 @main.command()
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int, help="HTTP port.")
@@ -105,6 +113,14 @@ def main(verbose: bool, log_format: str) -> None:
 @click.option("--nats", "nats_url", default=None, help="Use this NATS instead of an embedded one.")
 @click.option(
     "--nats-port", default=0, type=int, help="Port of the embedded nats-server (0: free)."
+)
+@click.option(
+    "--nats-sync",
+    default=None,
+    metavar="INTERVAL|always",
+    callback=lambda _ctx, _param, value: _sync_interval(value),
+    help="How often the embedded nats-server syncs its store to disk: a duration such as 1s, "
+    "or always (fsync on every write). Default: nats-server's own (every 2 minutes).",
 )
 @click.option(
     "--pipelines",
@@ -137,6 +153,7 @@ def up(
     config_path: str | None,
     nats_url: str | None,
     nats_port: int,
+    nats_sync: str | None,
     modules: tuple[str, ...],
     slots: int,
     boot_delay: float,
@@ -153,6 +170,7 @@ def up(
         port=port,
         nats_url=nats_url,
         nats_port=nats_port,
+        nats_sync=nats_sync,
         modules=list(modules),
         slots=slots,
         boot_delay_s=boot_delay,

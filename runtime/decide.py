@@ -20,6 +20,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+import msgspec
+
 from contracts.agents import PipelineInfo, PipelineStatus
 from contracts.errors import ErrorType, RunError
 from contracts.events import (
@@ -43,6 +45,7 @@ from runtime.fleet import ATTEMPT_LOST, NODE_LOST, NODE_RECALLED, FleetView
 # Codes that open the reason of a run that ended for want of a replica (its error message).
 NO_RESOURCES = "no_resources_available"
 STARTUP_ERROR = "startup_error"
+INLINE_INPUTS_BYTES = 64 * 1024  # inputs up to this size ride in the dispatch
 
 
 class Now(NamedTuple):
@@ -162,8 +165,9 @@ def decide(p: Pass, *, timed: bool) -> Decisions:
         finish_admissions(p, d)
         expire_resource_waits(p, d)
         announce_waits(p, d)
-    place(p, d)
-    dispatch(p, d)
+    slots = Slots(p)
+    dispatch(p, d, slots)
+    place(p, d, slots)
     return d
 
 
@@ -220,14 +224,19 @@ def waits_for(fleet: FleetView, pipeline: str, booting: frozenset[str] = frozens
     return WaitingFor.resources
 
 
-def place(p: Pass, d: Decisions) -> None:
-    """Queue every ``routing`` run, in admission order. A run that may not wait for resources
-    ends ``no_resources_available`` at once unless a replica is ready (SPEC 3: one still
-    loading does not count)."""
+def place(p: Pass, d: Decisions, slots: Slots) -> None:
+    """Place every ``routing`` run, in admission order: straight to an agent when a ready
+    replica has a free slot and no run of its pipeline still waits in the queue, else into the
+    queue. A run that may not wait for resources ends ``no_resources_available`` at once unless
+    a replica is ready (SPEC 3: one still loading does not count)."""
     waits: dict[str, WaitingFor] = {}
+    queueing: set[str] = set()  # pipelines whose runs go to the queue from here on
+    clear: set[str] = set()  # pipelines with no queued run left waiting
     for run_id in p.work.routing:
+        if run_id in d.decided:
+            continue
         run = p.run(run_id)
-        if arrived_late(p, run) and run_id not in d.decided:
+        if arrived_late(p, run):
             d.decided.add(run_id)
             d.permit_checks.append(run_id)
             continue
@@ -236,8 +245,16 @@ def place(p: Pass, d: Decisions) -> None:
             waiting = waits[run.pipeline] = waits_for(p.fleet, run.pipeline, p.booting)
         if waiting is not WaitingFor.capacity and not run.wait_for_resources:
             d.add(no_resources(p, run, "is ready"))
-        else:
-            d.add(RunQueued(run_id=run_id, at=p.now.wall, attempt=run.attempt, waiting_for=waiting))
+            continue
+        if waiting is WaitingFor.capacity and run.pipeline not in queueing:
+            if run.pipeline not in clear and queue_waits(p, d, run.pipeline):
+                queueing.add(run.pipeline)
+            elif slots.place(p, d, run):
+                clear.add(run.pipeline)
+                continue
+            else:
+                queueing.add(run.pipeline)
+        d.add(RunQueued(run_id=run_id, at=p.now.wall, attempt=run.attempt, waiting_for=waiting))
 
 
 def arrived_late(p: Pass, run: RunRecord) -> bool:
@@ -272,29 +289,68 @@ def no_resources(p: Pass, run: RunRecord, what: str) -> RunNoResourcesAvailable:
     )
 
 
-def dispatch(p: Pass, d: Decisions) -> None:
+def dispatch(p: Pass, d: Decisions, slots: Slots) -> None:
     """Hand queued runs, head first, to live agents with the pipeline ready and a free slot of
     the kind it needs, the freest agent first. Slots taken in this pass count at once."""
-    used = _slots_in_use(p)
     for pipeline in p.runs.pipelines_with_queue():
-        kind = p.kind(pipeline)
-        free = {
-            a.agent_id: a.slots(kind) - used[a.agent_id, kind] for a in p.fleet.serving(pipeline)
-        }
-        budget = sum(max(n, 0) for n in free.values())
+        budget = slots.free(pipeline)
         if budget <= 0:
             continue
         for run_id in p.runs.queued(pipeline, limit=budget + len(d.decided)):
-            agent_id = max(free, key=lambda a: free[a])
-            if free[agent_id] <= 0:
+            if not slots.place(p, d, p.run(run_id)) and run_id not in d.decided:
                 break
-            run = p.run(run_id)
-            event = RunDispatched(
-                run_id=run_id, at=p.now.wall, attempt=run.attempt, agent_id=agent_id, slot=kind
-            )
-            if d.add(event):
-                free[agent_id] -= 1
-                used[agent_id, kind] += 1
+
+
+class Slots:
+    """The free slots of live agents in one pass: slots taken in the pass count at once."""
+
+    def __init__(self, p: Pass) -> None:
+        self.used = _slots_in_use(p)
+        self.fleet = p.fleet
+        self.kind = p.kind
+
+    def free(self, pipeline: str) -> int:
+        kind = self.kind(pipeline)
+        return sum(
+            max(a.slots(kind) - self.used[a.agent_id, kind], 0)
+            for a in self.fleet.serving(pipeline)
+        )
+
+    def place(self, p: Pass, d: Decisions, run: RunRecord) -> bool:
+        """Dispatch ``run`` to the agent with the most free slots for it; False if none has
+        one (or the run already has a decision in this pass)."""
+        kind = self.kind(run.pipeline)
+        best, most = None, 0
+        for agent in self.fleet.serving(run.pipeline):
+            n = agent.slots(kind) - self.used[agent.agent_id, kind]
+            if n > most:
+                best, most = agent.agent_id, n
+        if best is None or not d.add(dispatched(run, p.now.wall, best, kind)):
+            return False
+        self.used[best, kind] += 1
+        return True
+
+
+def queue_waits(p: Pass, d: Decisions, pipeline: str) -> bool:
+    """Whether a queued run of ``pipeline`` is still waiting after this pass's decisions."""
+    ahead = p.runs.queued(pipeline, limit=len(d.decided) + 1)
+    return any(run_id not in d.decided for run_id in ahead)
+
+
+def dispatched(run: RunRecord, at: float, agent_id: str, slot: str) -> RunDispatched:
+    """The dispatch of ``run``'s attempt, carrying its team, pipeline and inputs when they are
+    small enough (the agent then runs it without reading the log)."""
+    inline = len(msgspec.json.encode(run.inputs)) <= INLINE_INPUTS_BYTES
+    return RunDispatched(
+        run_id=run.id,
+        at=at,
+        attempt=run.attempt,
+        agent_id=agent_id,
+        slot=slot,
+        team=run.team if inline else None,
+        pipeline=run.pipeline if inline else None,
+        inputs=run.inputs if inline else None,
+    )
 
 
 def _slots_in_use(p: Pass) -> Counter[tuple[str, str]]:

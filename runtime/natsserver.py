@@ -8,6 +8,7 @@ starts the process, waits until the client port accepts connections, and stops i
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -82,6 +83,7 @@ def server_config(
     port: int,
     store_dir: str,
     cluster: ClusterSpec | None = None,
+    sync: str | None = None,
 ) -> str:
     """A nats-server config file. The cluster test and ``deploy/nats/*.conf`` (compose.yaml)
     are both made by this function, so they cannot drift apart."""
@@ -89,7 +91,7 @@ def server_config(
         f'server_name: "{name}"',
         f'listen: "{host}:{port}"',
         "max_payload: 8MB",
-        f'jetstream {{ store_dir: "{store_dir}" }}',
+        f'jetstream {{ store_dir: "{store_dir}"{_sync_setting(sync)} }}',
     ]
     if cluster is not None:
         routes = ", ".join(f'"{r}"' for r in cluster.routes)
@@ -101,6 +103,19 @@ def server_config(
     return "\n".join(lines) + "\n"
 
 
+SYNC_VALUE = re.compile(r"^(always|[0-9]+(ms|s|m|h))$")
+
+
+def _sync_setting(sync: str | None) -> str:
+    """JetStream's ``sync_interval``: how often the file store is synced to disk (nats-server's
+    default is every 2 minutes; ``always`` syncs every write)."""
+    if sync is None:
+        return ""
+    if not SYNC_VALUE.match(sync):
+        raise ValueError(f"sync interval {sync!r}: expected always or a duration such as 1s")
+    return f", sync_interval: {sync}"
+
+
 @dataclass
 class NatsServer:
     store_dir: Path
@@ -109,6 +124,7 @@ class NatsServer:
     name: str = "jetrun"
     cluster: ClusterSpec | None = None
     log_file: Path | None = None
+    sync: str | None = None  # sync_interval of the file store (None: nats-server's default)
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -131,6 +147,7 @@ class NatsServer:
             port=self.port,
             store_dir=str(self.store_dir / "jetstream"),
             cluster=self.cluster,
+            sync=self.sync,
         )
 
     def start_process(self) -> None:

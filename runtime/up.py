@@ -71,6 +71,7 @@ class UpOptions:
     slots: int
     boot_delay_s: float = 0.0  # simulated boot time of an agent the autoscaler adds
     node_slots: int | None = None  # CPU slots of such an agent (default: ``slots``)
+    nats_sync: str | None = None  # the embedded nats-server's sync_interval (None: its default)
 
 
 def bind(host: str, port: int, what: str) -> socket.socket:
@@ -221,7 +222,7 @@ def _provider(opts: UpOptions, nats_url: str) -> LocalProvider:
 async def _start_nats(opts: UpOptions) -> NatsServer:
     if opts.nats_port:
         bind("127.0.0.1", opts.nats_port, "NATS").close()
-    server = NatsServer(store_dir=opts.data_dir / "nats", port=opts.nats_port)
+    server = NatsServer(store_dir=opts.data_dir / "nats", port=opts.nats_port, sync=opts.nats_sync)
     try:
         await server.start()
     except (NatsServerFailed, NatsServerNotFound, OSError) as err:

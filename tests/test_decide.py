@@ -22,17 +22,20 @@ from contracts.events import (
     AnyEvent,
     RunAdmitted,
     RunCancelRequested,
+    RunCompleted,
     RunDispatched,
     RunFailed,
     RunPreempted,
+    RunQueued,
     RunRequeued,
     RunStarted,
     RunSubmitted,
 )
 from contracts.run import RunRecord
 from contracts.states import RunState, WaitingFor
+from contracts.values import IOType, RunIO
 from runtime.config import parse
-from runtime.decide import Decisions, Now, Pass, Worklist, decide
+from runtime.decide import INLINE_INPUTS_BYTES, Decisions, Now, Pass, Worklist, decide, dispatched
 from runtime.fleet import NODE_LOST, NODE_RECALLED, Fleet
 from runtime.projection import RunIndex
 
@@ -146,8 +149,7 @@ def test_a_recalled_agent_gets_no_new_run_and_its_runs_are_handled_in_the_same_p
     on_a1 = w.index.records["r1"].agent_id
     for run_id in ("r2", "r3", "r4"):
         w.submit(run_id)
-    w.decide()  # queued, not yet dispatched
-    w.fleet.recall("a1")
+    w.fleet.recall("a1")  # before their first pass: not one of them may go to a1
     d = w.decide()
     dispatched = [e for e in d.events if isinstance(e, RunDispatched)]
     assert dispatched and all(e.agent_id == "a2" for e in dispatched)
@@ -437,3 +439,35 @@ def test_a_run_that_reaches_the_log_long_after_its_permit_is_placed_only_once_co
     assert [e.kind for e in w.decide().events] == ["queued"]
     assert w.index.records["late"].state is RunState.queued
     assert "late" not in w.work.permit_held  # forgotten once it left routing
+
+
+def test_a_run_goes_straight_to_a_free_slot_carrying_what_the_agent_needs() -> None:
+    w = World()
+    w.fleet.observe(beat("a1", "t/p:v1", slots=1))
+    w.submit("r1")
+    d = w.decide()
+    assert [type(e) for e in d.events] == [RunDispatched]  # no queued step
+    sent = d.events[0]
+    assert isinstance(sent, RunDispatched)
+    assert (sent.agent_id, sent.team, sent.pipeline, sent.inputs) == ("a1", "t", "t/p:v1", [])
+    assert w.state("r1") is RunState.running
+
+
+def test_a_new_run_never_overtakes_a_queued_one() -> None:
+    w = World()
+    w.fleet.observe(beat("a1", "t/p:v1", slots=1))
+    for run_id in ("r1", "r2"):
+        w.submit(run_id)
+    w.decide()
+    assert (w.state("r1"), w.state("r2")) == (RunState.running, RunState.queued)
+    w.append(RunCompleted(run_id="r1", at=w.wall, attempt=1, outputs=[]))
+    w.submit("r3")
+    d = w.decide()  # one slot free: r2 (queued first) takes it, r3 queues behind it
+    assert [(type(e), e.run_id) for e in d.events] == [(RunDispatched, "r2"), (RunQueued, "r3")]
+
+
+def test_inputs_too_large_to_repeat_are_left_for_the_agent_to_read() -> None:
+    big = [RunIO(type=IOType.string, value="x" * (INLINE_INPUTS_BYTES + 1))]
+    run = RunRecord(id="r1", team="t", pipeline="t/p:v1", inputs=big, attempt=1)
+    sent = dispatched(run, 1.0, "a1", "cpu")
+    assert (sent.team, sent.pipeline, sent.inputs) == (None, None, None)
