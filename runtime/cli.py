@@ -134,6 +134,12 @@ def _sync_interval(value: str | None) -> str | None:
     "--slots", default=4, show_default=True, type=int, help="CPU slots of the local agent."
 )
 @click.option(
+    "--gateways",
+    default=None,
+    type=click.IntRange(1, 64),
+    help="Gateway processes sharing the HTTP port (default: one per two cores, at most 8).",
+)
+@click.option(
     "--boot-delay",
     default=0.0,
     show_default=True,
@@ -156,11 +162,13 @@ def up(
     nats_sync: str | None,
     modules: tuple[str, ...],
     slots: int,
+    gateways: int | None,
     boot_delay: float,
     node_slots: int | None,
 ) -> None:
     """Start everything: nats-server, gateway, scheduler and a local agent; more local agents
     are started (and stopped) as the autoscaler needs room."""
+    from runtime.gateway_pool import default_gateways
     from runtime.up import AgentExited, StartupError, UpOptions, serve_up
 
     options = UpOptions(
@@ -175,6 +183,8 @@ def up(
         slots=slots,
         boot_delay_s=boot_delay,
         node_slots=slots if node_slots is None else node_slots,
+        gateways=default_gateways() if gateways is None else gateways,
+        config_path=None if config_path is None else str(Path(config_path).resolve()),
     )
     try:
         _run(serve_up, options)
@@ -189,11 +199,22 @@ def up(
 @replicas_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8080, show_default=True, type=int)
-def gateway(nats_url: str, config_path: str | None, replicas: int, host: str, port: int) -> None:
+@click.option(
+    "--reuse-port",
+    is_flag=True,
+    help="Share the port with other gateways (SO_REUSEPORT); listen only once caught up.",
+)
+def gateway(
+    nats_url: str, config_path: str | None, replicas: int, host: str, port: int, reuse_port: bool
+) -> None:
     """Serve the v4 HTTP API."""
+    from runtime.lifetime import honour_parent
     from runtime.services import serve_gateway
 
-    _run(serve_gateway, nats_url, _config(config_path), host, port, LogSettings(replicas=replicas))
+    honour_parent()  # started by `jetrun up`: die with it
+    settings = LogSettings(replicas=replicas)
+    config = _config(config_path)
+    _run(serve_gateway, nats_url, config, host, port, settings, reuse_port)
 
 
 @main.command()

@@ -23,6 +23,7 @@ from runtime.config import Config
 from runtime.eventlog import LogSettings
 from runtime.fleet import RECALL_SUBJECT
 from runtime.gateway import Gateway
+from runtime.gateway_pool import listening_socket
 from runtime.health import (
     add_scheduler,
     agent_checks,
@@ -90,14 +91,22 @@ async def serve_http(
 
 
 async def serve_gateway(
-    nats_url: str, config: Config, host: str, port: int, settings: LogSettings
+    nats_url: str,
+    config: Config,
+    host: str,
+    port: int,
+    settings: LogSettings,
+    reuse_port: bool = False,
 ) -> None:
+    """The HTTP API; with ``reuse_port`` on a port shared with other gateways, listened on only
+    once this one has caught up with the log."""
     nc = await connect(nats_url, "jetrun-gateway")
     gateway = Gateway(nc, config, log_settings=settings)
     async with anyio.create_task_group() as tg:
         await tg.start(gateway.run)
+        sock = listening_socket(host, port, reuse_port=True) if reuse_port else None
         async with anyio.create_task_group() as http_tg:
-            server = await http_tg.start(serve_http, gateway, host, port)
+            server = await http_tg.start(serve_http, gateway, host, port, sock)
             log.info("gateway listening on http://%s:%d", host, port)
             await until_signalled()
             server.should_exit = True  # finish in-flight requests, then return

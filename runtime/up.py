@@ -31,6 +31,7 @@ from contracts.agents import AgentHeartbeat, PipelineStatus
 from runtime.config import DEMO_TOKEN, Config
 from runtime.eventlog import LogSettings
 from runtime.gateway import Gateway
+from runtime.gateway_pool import extra_gateways, gateway_command
 from runtime.health import add_scheduler
 from runtime.lifetime import child_env
 from runtime.nats_conn import close, connect
@@ -72,14 +73,18 @@ class UpOptions:
     boot_delay_s: float = 0.0  # simulated boot time of an agent the autoscaler adds
     node_slots: int | None = None  # CPU slots of such an agent (default: ``slots``)
     nats_sync: str | None = None  # the embedded nats-server's sync_interval (None: its default)
+    gateways: int = 1  # gateway processes on the HTTP port (this one and gateways - 1 more)
+    config_path: str | None = None  # what the extra gateways read (None: the demo config)
 
 
-def bind(host: str, port: int, what: str) -> socket.socket:
+def bind(host: str, port: int, what: str, *, reuse_port: bool = False) -> socket.socket:
     """A socket bound to ``host:port`` (address reuse as servers do: a port in TIME_WAIT is
     free, one somebody listens on is not). Raises ``StartupError``."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:  # the extra gateways listen on it too
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError as err:
@@ -111,7 +116,7 @@ def _describe(err: BaseException) -> str:
 async def serve_up(opts: UpOptions) -> None:
     """Everything on one machine until SIGINT or SIGTERM. Raises ``StartupError`` when it
     cannot start and ``AgentExited`` when the agent stops by itself."""
-    http = bind(opts.host, opts.port, "HTTP")
+    http = bind(opts.host, opts.port, "HTTP", reuse_port=opts.gateways > 1)
     http.listen(2048)
     opts = dataclasses.replace(opts, port=http.getsockname()[1])  # --port 0: the one we got
     stopping = anyio.Event()
@@ -155,8 +160,10 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
                 tg.start_soon(recover_store, server, gateway.readiness)
             async with anyio.create_task_group() as http_tg:
                 server_http = await http_tg.start(serve_http, gateway, opts.host, opts.port, http)
+                command = gateway_command(nats_url, opts.host, opts.port, opts.config_path)
                 try:
-                    await _serve_agent(opts, gateway, nats_url, server is not None, stopping)
+                    async with extra_gateways(opts.gateways - 1, command, grace + 5.0):
+                        await _serve_agent(opts, gateway, nats_url, server is not None, stopping)
                 finally:
                     if stopping.is_set():
                         print("\njetrun: shutting down", flush=True)

@@ -1,0 +1,102 @@
+"""``jetrun up`` uses the cores it has: several gateway processes share the HTTP port
+(SO_REUSEPORT), each listening only once caught up, restarted when one dies."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import time
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from runtime.gateway_pool import MAX_GATEWAYS, default_gateways
+from runtime.natsserver import free_port
+from tests.test_up import SEED, children, up, wait_output
+
+pytestmark = [
+    pytest.mark.anyio,
+    pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc"),
+]
+
+
+def test_one_gateway_per_two_cores_at_least_one_at_most_the_cap() -> None:
+    assert [default_gateways(n) for n in (1, 2, 3, 4, 16)] == [1, 1, 1, 2, 8]
+    assert default_gateways(256) == MAX_GATEWAYS
+    assert default_gateways() == default_gateways(os.cpu_count())
+
+
+def listening_on(pid: int, port: int) -> bool:
+    """Whether process ``pid`` holds a TCP socket listening on ``port`` (from /proc)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    for table in ("tcp", "tcp6"):
+        for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            local, state, inode = fields[1], fields[3], fields[9]
+            if state == "0A" and int(local.rsplit(":", 1)[1], 16) == port and inode in inodes:
+                return True
+    return False
+
+
+def gateways_of(pid: int) -> list[int]:
+    found = []
+    for child in children(pid):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+            if b"gateway" in argv and b"--reuse-port" in argv:
+                found.append(child)
+    return found
+
+
+async def listening_gateways(pid: int, port: int, count: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [g for g in gateways_of(pid) if listening_on(g, port)]
+        if len(found) == count:
+            return found
+        await anyio.sleep(0.2)
+    raise TimeoutError(f"not {count} extra gateways listening on {port}: {gateways_of(pid)}")
+
+
+async def test_extra_gateways_share_the_port_and_one_that_dies_is_replaced(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    proc = up(tmp_path, port, "up", "--gateways", "3")
+    headers = {"Authorization": "Bearer jr_demo_token"}
+    try:
+        await wait_output(proc, "Ctrl-C stops everything.")
+        assert listening_on(proc.pid, port)
+        first = await listening_gateways(proc.pid, port, 2, timeout=30)
+
+        async def sync_run() -> None:  # a new connection each: spread over the gateways
+            async with httpx.AsyncClient(headers=headers, timeout=30) as c:
+                r = await c.post(f"http://127.0.0.1:{port}/v4/runs", json=SEED)
+                assert r.status_code == 200 and r.json()["state"] == "completed", r.text
+
+        with anyio.fail_after(60):
+            for _ in range(3):  # the demo team may have 12 runs at once
+                async with anyio.create_task_group() as tg:
+                    for _ in range(8):
+                        tg.start_soon(sync_run)
+
+        os.kill(first[0], signal.SIGKILL)
+        again = await listening_gateways(proc.pid, port, 2, timeout=30)
+        assert first[0] not in again and first[1] in again
+        with anyio.fail_after(60):
+            for _ in range(6):
+                await sync_run()
+    finally:
+        family = list(children(proc.pid))
+        proc.stop()
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
