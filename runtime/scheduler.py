@@ -1,5 +1,8 @@
 """The scheduler: the one decider that places, queues, dispatches, cancels and preempts runs.
 
+Several may run: the one that holds the scheduler lease (``runtime.lease``) decides, the others
+follow the log as hot standbys and take over within a few seconds of its death.
+
 It tails the event log into a ``RunIndex``, hears agents' heartbeats and drain requests into a
 ``Fleet``, and runs decision passes (``runtime.decide``, pure) in one task that applies them: on
 every change a pass over what events ask for, every tick one that adds what time asks for. It
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from functools import partial
 from typing import TypeVar
@@ -36,6 +40,7 @@ from runtime.decide import Decisions, Now, Pass, Worklist, decide, not_admitted
 from runtime.eventlog import RETRYABLE, EventLog, LogSettings, ensure_all
 from runtime.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
 from runtime.guard import Guard
+from runtime.lease import Lease
 from runtime.projection import RunIndex
 from runtime.readiness import new_scheduler_id, publish_scheduler_heartbeats
 
@@ -103,6 +108,11 @@ class Scheduler:
         self._lost = 0
         self._cut_off = False
         self.scheduler_id = new_scheduler_id()
+        # the lease is about real time (the server expires it), never an injected clock
+        self.lease = Lease(
+            self.log.js, self.scheduler_id, monotonic=time.monotonic, replicas=settings.replicas
+        )
+        self._leading = False  # run() decides only under the lease; tests call decide() directly
         self.guard = Guard("scheduler")
         self.started_at = clock.now()
         # the pipelines a node is being added for (the scaler beside it sets this)
@@ -111,15 +121,14 @@ class Scheduler:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def ensure(self) -> None:
-        await ensure_all(self.log, self.catalog, self.admission)
+        await ensure_all(self.log, self.catalog, self.admission, self.lease)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Replay the log, then decide until cancelled. ``task_status.started()`` once caught
         up."""
         async with self.following(), anyio.create_task_group() as tg:
             tg.start_soon(self.guard.watch)
-            tg.start_soon(self._decide_loop)
-            tg.start_soon(self._tick_loop)
+            tg.start_soon(self._lead)
             every = self.config.settings.heartbeat_interval_s
             tg.start_soon(publish_scheduler_heartbeats, self.nc, self.heartbeat, every, self.clock)
             task_status.started()
@@ -218,6 +227,23 @@ class Scheduler:
         """Ask for a decision pass soon (the fleet or the scaling decisions changed)."""
         self._kick.set()
 
+    async def _lead(self) -> None:
+        """Decide while holding the scheduler lease; a standby until then (its index hot)."""
+        while True:
+            await self.lease.acquire()
+            self._leading = True
+            log.info("scheduler %s holds the lease: deciding", self.scheduler_id)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._decide_loop)
+                    tg.start_soon(self._tick_loop)
+                    await self.lease.keep()
+                    tg.cancel_scope.cancel()
+                log.warning("scheduler %s lost the lease: standing by", self.scheduler_id)
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                    await self.lease.release()
+
     async def _decide_loop(self) -> None:
         while True:
             await self._kick.wait()
@@ -298,6 +324,9 @@ class Scheduler:
         async def append(event: Event) -> None:
             nonlocal stored
             async with limiter:
+                if not self.lease.valid() and self._leading:
+                    failed.add(event.run_id)  # the lease ran out: no decision from a stale leader
+                    return
                 try:
                     seq = (await self.log.append(event)).seq
                 except Exception as err:

@@ -1,0 +1,97 @@
+"""One scheduler decides at a time (a lease in NATS KV); a hot standby takes over within a few
+seconds of the leader's death, and a leader whose lease ran out appends no decision."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from runtime.lease import Lease
+from runtime.nats_conn import connect
+from runtime.natsserver import NatsServer
+from tests.harness import FIXTURES, Load, Proc, Stack, audit, wait_replicas
+
+pytestmark = pytest.mark.anyio
+
+GATES = str(FIXTURES / "gate_pipelines.py")
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    async with NatsServer(store_dir=tmp_path / "nats") as server:
+        yield server
+
+
+async def test_one_holder_at_a_time_and_the_next_takes_over_after_the_ttl(
+    server: NatsServer,
+) -> None:
+    nc = await connect(server.url, "test")
+    try:
+        a = Lease(nc.jetstream(), "a", monotonic=time.monotonic, ttl_s=1.2)
+        b = Lease(nc.jetstream(), "b", monotonic=time.monotonic, ttl_s=1.2)
+        await a.ensure()
+        await b.ensure()
+        with anyio.fail_after(5):
+            await a.acquire()
+        assert a.valid() and not await b._try(take=True)
+        # a stops renewing (frozen or dead): its own clock says it lost the lease before the
+        # server lets b take it
+        taken_at = time.monotonic()
+        with anyio.fail_after(10):
+            await b.acquire()
+        assert not a.valid() and b.valid()
+        assert time.monotonic() - taken_at >= 1.2 - 1.2 / 3 - 0.05
+        with anyio.fail_after(5):  # a's renewal is refused: it knows it lost
+            await a.keep()
+        assert not a.valid()
+        await b.release()  # given back: a takes it at once
+        with anyio.fail_after(2):
+            await a.acquire()
+    finally:
+        await nc.close()
+
+
+async def leader(stack: Stack, names: list[str], timeout: float = 30.0) -> Proc:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        leading = [p for p in stack.procs if p.name in names and "holds the lease" in p.output()]
+        if leading:
+            assert len(leading) == 1, "two schedulers lead at once"
+            return leading[0]
+        await anyio.sleep(0.1)
+    raise TimeoutError("no scheduler took the lease")
+
+
+async def test_killing_the_leading_scheduler_under_load_loses_nothing_and_runs_nothing_twice(
+    tmp_path: Path,
+) -> None:
+    async with Stack(tmp_path / "stack", node_loss_timeout_s=2.0) as stack:
+        stack.tmp.mkdir()
+        await stack.start_nats()
+        stack.start_scheduler("scheduler-a")
+        stack.start_scheduler("scheduler-b")
+        await stack.start_gateway()
+        stack.start_agent("agent-1", GATES, slots=2)
+        stack.start_agent("agent-2", GATES, slots=2)
+        await wait_replicas(stack.url, "tok_big", "test/count:v1", n=2)
+        first = await leader(stack, ["scheduler-a", "scheduler-b"])
+        load = Load(stack, tmp_path, seconds=0.05)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(load.submit_many, 60, "scheduler")
+            with anyio.fail_after(60):
+                while len(load.run_ids) < 20:
+                    await anyio.sleep(0.05)
+            first.kill()
+            killed_at = time.monotonic()
+        standby = "scheduler-b" if first.name == "scheduler-a" else "scheduler-a"
+        await leader(stack, [standby])
+        assert time.monotonic() - killed_at < 10, "the standby took too long to take over"
+        result = await audit(load, timeout=120)
+        assert result.submitted == 60
+        assert result.lost == 0, result
+        assert result.ran_twice == 0, result
+        assert result.states == {"completed": 60}, result
