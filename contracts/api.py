@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -53,6 +53,8 @@ class RunCreate(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields
     async_run: bool = False
     wait_for_resources: bool | None = None
     run_id: None = None
+    # POSTed the ended run, signed (see docs/webhooks in the README); http or https
+    callback_url: Annotated[str, msgspec.Meta(max_length=2048)] | None = None
 
     def waits_for_resources(self) -> bool:
         if self.wait_for_resources is None:

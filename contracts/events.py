@@ -64,6 +64,7 @@ class RunSubmitted(Event, frozen=True, kw_only=True, tag="submitted"):
     wait_for_resources: bool = False
     idempotency_key: str | None = None
     admission: AdmissionGrant | None = None
+    callback_url: str | None = None  # the run is POSTed there when it ends (webhooks)
 
     def implied(self) -> RunAdmitted | None:
         """The admission this submission carries, as the event it stands for."""

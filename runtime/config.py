@@ -30,6 +30,7 @@ DEFAULT_TIERS: dict[str, int | None] = {
 TEAM_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 DEMO_TOKEN = "jr_demo_token"
 DEMO_ADMIN_TOKEN = "jr_demo_admin"  # jetrun up without --config: /metrics, the admin dashboard
+DEMO_WEBHOOK_SECRET = "whsec_jetrun_demo_secret"
 
 
 class ConfigError(ValueError):
@@ -40,6 +41,20 @@ class Team(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     tier: str
     tokens: list[str]
+    webhook_secret: str | None = None  # signs this team's callbacks; none: no callbacks
+
+
+class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """``[webhooks]``: where callbacks may go, and how hard to try."""
+
+    allow_private: bool = False  # loopback, private, link-local, ... addresses
+    allowed_hosts: list[str] = msgspec.field(default_factory=list)  # names, IPs or CIDRs
+    only_allowed_hosts: bool = False  # nothing but allowed_hosts
+    max_attempts: int = 8
+    initial_backoff_s: float = 1.0
+    max_backoff_s: float = 60.0
+    timeout_s: float = 10.0  # one POST
+    concurrency: int = 16  # deliveries in flight
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
@@ -71,6 +86,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     settings: Settings = Settings()
     by_token: dict[str, Team] = msgspec.field(default_factory=dict)
     admin_tokens: frozenset[str] = frozenset()  # [admin] tokens: the dashboard's admin view
+    webhooks: WebhookSettings = WebhookSettings()
 
     def team_for_token(self, token: str) -> Team | None:
         return self.by_token.get(token)
@@ -83,12 +99,15 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def demo_config() -> Config:
-    """What ``jetrun up`` runs with when no config file is given: one demo team and an admin
+    """What ``jetrun up`` runs with when no config file is given: one demo team (whose
+    callbacks are signed with ``DEMO_WEBHOOK_SECRET`` and may go to this machine) and an admin
     token."""
+    demo = {"tier": "pro", "tokens": [DEMO_TOKEN], "webhook_secret": DEMO_WEBHOOK_SECRET}
     return parse(
         {
-            "teams": {"demo": {"tier": "pro", "tokens": [DEMO_TOKEN]}},
+            "teams": {"demo": demo},
             "admin": {"tokens": [DEMO_ADMIN_TOKEN]},
+            "webhooks": {"allow_private": True},
         }
     )
 
@@ -120,8 +139,17 @@ def parse(data: dict[str, Any]) -> Config:
         raise ConfigError(f"settings: {err}") from err
     by_token = {token: team for team in teams.values() for token in team.tokens}
     admin = _admin_tokens(data.get("admin", {}), seen_tokens)
+    try:
+        webhooks = msgspec.convert(data.get("webhooks", {}), WebhookSettings, strict=False)
+    except msgspec.ValidationError as err:
+        raise ConfigError(f"webhooks: {err}") from err
     return Config(
-        tiers=tiers, teams=teams, settings=settings, by_token=by_token, admin_tokens=admin
+        tiers=tiers,
+        teams=teams,
+        settings=settings,
+        by_token=by_token,
+        admin_tokens=admin,
+        webhooks=webhooks,
     )
 
 
@@ -159,4 +187,7 @@ def _team(name: str, raw: Any, tiers: dict[str, int | None]) -> Team:
         or not all(isinstance(t, str) and t for t in tokens)
     ):
         raise ConfigError(f"teams.{name}.tokens: expected a non-empty list of strings")
-    return Team(name=name, tier=tier, tokens=tokens)
+    secret = raw.get("webhook_secret")
+    if secret is not None and not (isinstance(secret, str) and len(secret) >= 16):
+        raise ConfigError(f"teams.{name}.webhook_secret: expected a string of 16+ characters")
+    return Team(name=name, tier=tier, tokens=tokens, webhook_secret=secret)

@@ -64,6 +64,7 @@ from runtime.runlogs import LogStore
 from runtime.scaling_api import ScalingApi
 from runtime.submissions import SubmissionService
 from runtime.submit import Refused, Submitter
+from runtime.webhook_policy import DestinationRefused, check_callback_url
 
 log = logging.getLogger("jetrun.gateway")
 
@@ -230,7 +231,13 @@ class Gateway:
 
     def parse_body(self, body: bytes) -> RunCreate:
         """A run request's body, decoded and checked (HTTP and NATS submissions alike)."""
-        return parse_create(body)
+        create = parse_create(body)
+        if create.callback_url is not None:
+            try:
+                check_callback_url(create.callback_url, self.config.webhooks)
+            except DestinationRefused as err:
+                raise error(422, "invalid_field", str(err), "callback_url") from None
+        return create
 
     def _visible(self, run_id: str, team: Team) -> RunRecord:
         run = self.index.get(run_id)

@@ -29,6 +29,10 @@ SCALING_STREAM = "JETRUN_SCALING"
 SCALING_PREFIX = "jetrun.scaling"
 LOGS_STREAM = "JETRUN_LOGS"
 LOGS_PREFIX = "jetrun.logs"
+WEBHOOKS_STREAM = "JETRUN_WEBHOOKS"
+WEBHOOKS_PREFIX = "jetrun.webhooks.pending"
+DEAD_STREAM = "JETRUN_WEBHOOKS_DEAD"
+DEAD_PREFIX = "jetrun.webhooks.dead"
 
 #: Settings a service compares (and warns about) but never changes on an existing stream.
 OPERATOR_SETTINGS = (
@@ -131,6 +135,32 @@ def logs_config(
         duplicate_window=duplicate_window_s,
         max_age=max_age_s,
         max_msg_size=max_msg_size,
+    )
+
+
+def webhooks_config(*, replicas: int) -> api.StreamConfig:
+    """``JETRUN_WEBHOOKS``: one delivery per ended run with a callback, ``.pending.<run_id>``;
+    kept a week; a day's dedup window (a delivery re-queued after a restart is stored once)."""
+    return api.StreamConfig(
+        name=WEBHOOKS_STREAM,
+        subjects=[f"{WEBHOOKS_PREFIX}.>"],
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=86_400.0,
+        max_age=7 * 86_400.0,
+    )
+
+
+def dead_config(*, replicas: int) -> api.StreamConfig:
+    """``JETRUN_WEBHOOKS_DEAD``: deliveries that failed for good, ``.dead.<run_id>``, kept 30
+    days for an operator to inspect and replay."""
+    return api.StreamConfig(
+        name=DEAD_STREAM,
+        subjects=[f"{DEAD_PREFIX}.>"],
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        max_age=30 * 86_400.0,
+        allow_direct=True,
     )
 
 

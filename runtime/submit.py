@@ -89,6 +89,9 @@ class Submitter:
         Blocks until this process's index shows it. Raises ``Refused``."""
         if await self.catalog.lookup(create.pipeline) is None:
             raise refused(404, "pipeline_not_found", f"pipeline {create.pipeline} not found")
+        if create.callback_url is not None and not team.webhook_secret:
+            message = f"team {team.name} has no webhook_secret in the config: no callbacks"
+            raise refused(422, "webhook_secret_missing", message)
         run_id = run_id_for(team.name, key)
         existing = self.index.get(run_id)
         if existing is not None:
@@ -105,6 +108,7 @@ class Submitter:
             wait_for_resources=create.waits_for_resources(),
             idempotency_key=key,
             admission=AdmissionGrant(tier=team.tier, slot=slot),
+            callback_url=create.callback_url,
         )
         seq = await self._record(submitted, slot)
         await self.index.wait_for_seq(seq, timeout=VISIBLE_WITHIN_S)

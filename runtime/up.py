@@ -74,7 +74,7 @@ class UpOptions:
     node_slots: int | None = None  # CPU slots of such an agent (default: ``slots``)
     nats_sync: str | None = None  # the embedded nats-server's sync_interval (None: its default)
     gateways: int = 1  # gateway processes on the HTTP port (this one and gateways - 1 more)
-    config_path: str | None = None  # what the extra gateways read (None: the demo config)
+    config_path: str | None = None  # what extra gateways and the webhook deliverer read
 
 
 def bind(host: str, port: int, what: str, *, reuse_port: bool = False) -> socket.socket:
@@ -162,7 +162,10 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
                 server_http = await http_tg.start(serve_http, gateway, opts.host, opts.port, http)
                 command = gateway_command(nats_url, opts.host, opts.port, opts.config_path)
                 try:
-                    async with extra_gateways(opts.gateways - 1, command, grace + 5.0):
+                    async with (
+                        extra_gateways(opts.gateways - 1, command, grace + 5.0),
+                        _webhooks(opts, nats_url),
+                    ):
                         await _serve_agent(opts, gateway, nats_url, server is not None, stopping)
                 finally:
                     if stopping.is_set():
@@ -211,6 +214,19 @@ async def _restart(server: NatsServer) -> bool:
         log.error("the embedded nats-server did not restart: %s", err)
         return False
     return True
+
+
+@contextlib.asynccontextmanager
+async def _webhooks(opts: UpOptions, nats_url: str) -> AsyncIterator[None]:
+    """The webhook deliverer (``jetrun webhooks``) as a child process while the body runs."""
+    command = [sys.executable, "-m", "runtime.cli", "webhooks", "--nats", nats_url]
+    if opts.config_path is not None:
+        command += ["--config", opts.config_path]
+    proc = subprocess.Popen(command, env=child_env())  # noqa: ASYNC220 (returns at once)
+    try:
+        yield
+    finally:
+        await _stop_child(proc, opts.config.settings.shutdown_grace_s + 5.0)
 
 
 def _provider(opts: UpOptions, nats_url: str) -> LocalProvider:

@@ -1,0 +1,122 @@
+"""``jetrun webhooks``: the deliverer service, and the dead letters for operators."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import anyio
+import click
+import msgspec
+from nats.js import JetStreamContext
+from rich.console import Console
+from rich.table import Table
+
+from runtime.config import Config
+from runtime.eventlog import LogSettings
+
+T = TypeVar("T")
+
+
+Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
+
+
+def register(
+    main: click.Group,
+    nats_option: Decorator,
+    config_option: Decorator,
+    load: Callable[[str | None], Config],
+) -> None:
+    """Add the ``webhooks`` group to ``main`` (``load(path)`` reads a config)."""
+
+    @main.group("webhooks", invoke_without_command=True)
+    @nats_option
+    @config_option
+    @click.option("--replicas", type=click.IntRange(1, 5), default=1, show_default=True)
+    @click.pass_context
+    def webhooks(ctx: click.Context, nats_url: str, config_path: str | None, replicas: int) -> None:
+        """Deliver run callbacks (signed POSTs with retries); `dead` and `replay` for the
+        deliveries that failed for good."""
+        ctx.obj = nats_url
+        if ctx.invoked_subcommand is None:
+            _serve(nats_url, load(config_path), LogSettings(replicas=replicas))
+
+    @webhooks.command("dead")
+    @click.option("--json", "as_json", is_flag=True, help="One dead delivery per line.")
+    @click.pass_obj
+    def dead(nats_url: str, as_json: bool) -> None:
+        """Deliveries that failed for good: run, team, URL, attempts, last error."""
+        from runtime.webhooks import dead_letters
+
+        rows = _with_js(nats_url, dead_letters)
+        if as_json:
+            for seq, letter in rows:
+                click.echo(msgspec.json.encode({"seq": seq, **msgspec.to_builtins(letter)}))
+            return
+        table = Table(box=None, padding=(0, 1), header_style="bold")
+        for column in ("DELIVERY", "TEAM", "URL", "ATTEMPTS", "FAILED", "ERROR"):
+            table.add_column(column, overflow="fold", no_wrap=column == "DELIVERY")
+        for _, letter in rows:
+            at = datetime.datetime.fromtimestamp(letter.at, datetime.UTC)
+            d = letter.delivery
+            row = (d.delivery_id, d.team, d.url, str(letter.attempts), f"{at:%F %T}", letter.error)
+            table.add_row(*row)
+        Console(highlight=False).print(table)
+
+    @webhooks.command("replay")
+    @click.argument("ids", nargs=-1)
+    @click.option("--all", "everything", is_flag=True, help="Every dead delivery.")
+    @click.pass_obj
+    def replay(nats_url: str, ids: tuple[str, ...], everything: bool) -> None:
+        """Queue dead deliveries (delivery or run ids) for delivery again."""
+        from runtime.webhooks import replay as replay_dead
+
+        if not ids and not everything:
+            raise click.UsageError("name delivery or run ids, or pass --all")
+
+        async def go(js: JetStreamContext) -> list[str]:
+            return await replay_dead(js, set(ids), everything)
+
+        queued = _with_js(nats_url, go)
+        for delivery_id in queued:
+            click.echo(f"queued {delivery_id}")
+        if not queued:
+            raise click.ClickException("no such dead delivery")
+
+
+def _with_js(nats_url: str, call: Callable[[JetStreamContext], Awaitable[T]]) -> T:
+    from runtime.nats_conn import connect
+
+    logging.getLogger("jetrun").setLevel(logging.WARNING)  # not the connection's comings, goings
+
+    async def go() -> T:
+        nc = await connect(nats_url, "jetrun-webhooks-cli")
+        try:
+            return await call(nc.jetstream(timeout=5.0))
+        finally:
+            await nc.close()
+
+    try:
+        return anyio.run(go)
+    except Exception as err:
+        message = f"cannot read the webhook streams at {nats_url}: {err!r}"
+        raise click.ClickException(message) from None
+
+
+def _serve(nats_url: str, config: Config, settings: LogSettings) -> None:
+    from runtime.nats_conn import connect
+    from runtime.services import until_signalled
+    from runtime.webhooks import WebhookService
+
+    async def go() -> None:
+        nc = await connect(nats_url, "jetrun-webhooks")
+        service = WebhookService(nc, config, settings=settings)
+        async with anyio.create_task_group() as tg:
+            await tg.start(service.run)
+            await until_signalled()
+            tg.cancel_scope.cancel()
+        await nc.close()
+
+    anyio.run(go, backend="asyncio", backend_options={"use_uvloop": True})

@@ -1,0 +1,306 @@
+"""Webhooks end to end: real nats-server, scheduler, gateway, agent and deliverer processes,
+delivering to an HTTP server on 127.0.0.1; the deliverer SIGKILLed mid-way."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from runtime.nats_conn import connect
+from runtime.natsserver import free_port
+from runtime.streams import WEBHOOKS_STREAM
+from runtime.webhook_policy import verify
+from runtime.webhooks import DELIVERER
+from tests.harness import CONFIG, ROOT, Proc, Stack, client, wait_replicas
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "whsec_acme_0123456789abcdef"
+WEBHOOKS = """
+[webhooks]
+allowed_hosts = ["127.0.0.1"]
+max_attempts = {attempts}
+initial_backoff_s = 0.1
+max_backoff_s = 0.3
+timeout_s = 2
+"""
+
+
+@dataclass
+class Receiver:
+    """Records every POST; /ok answers 200, /gone 410, /flaky 503 while ``down``."""
+
+    port: int
+    down: bool = True
+    posts: list[dict] = field(default_factory=list)  # type: ignore[type-arg]
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def status_for(self, path: str) -> int:
+        if path == "/gone":
+            return 410
+        if path == "/flaky" and self.down:
+            return 503
+        return 200
+
+    def of(self, run_id: str) -> list[dict]:  # type: ignore[type-arg]
+        with self.lock:
+            return [p for p in self.posts if p["run"]["id"] == run_id]
+
+    def ok(self, run_id: str) -> list[dict]:  # type: ignore[type-arg]
+        return [p for p in self.of(run_id) if p["status"] == 200]
+
+
+def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            status = receiver.status_for(self.path)
+            with receiver.lock:
+                receiver.posts.append(
+                    {
+                        "path": self.path,
+                        "status": status,
+                        "delivery": self.headers["Jetrun-Delivery-Id"],
+                        "timestamp": self.headers["Jetrun-Timestamp"],
+                        "signature": self.headers["Jetrun-Signature"],
+                        "body": body,
+                        "run": json.loads(body),
+                    }
+                )
+            self.send_response(status)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return Handler
+
+
+@pytest.fixture(scope="module")
+def receiver() -> Iterator[Receiver]:
+    port = free_port()
+    box = Receiver(port)
+    server = ThreadingHTTPServer(("127.0.0.1", port), _handler(box))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield box
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def write_config(path: Path, attempts: int) -> None:
+    text = CONFIG.format(node_loss_timeout_s=3.0, resource_wait_timeout_s=300.0)
+    text = text.replace(
+        'tokens = ["tok_acme"]', f'tokens = ["tok_acme"]\nwebhook_secret = "{SECRET}"'
+    )
+    path.write_text(text + WEBHOOKS.format(attempts=attempts))
+
+
+def start_deliverer(stack: Stack, name: str, config: Path) -> Proc:
+    argv = [sys.executable, "-m", "runtime.cli", "webhooks", "--nats", stack.nats_url]
+    proc = Proc(name, [*argv, "--config", str(config)], stack.tmp / f"{name}.log").start()
+    stack.procs.append(proc)
+    return proc
+
+
+@pytest.fixture(scope="module")
+async def hookstack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    async with Stack(tmp_path_factory.mktemp("hooks")) as stack:
+        await stack.start_nats()
+        write_config(stack.config_path, attempts=3)
+        stack.start_scheduler()
+        await stack.start_gateway()
+        stack.start_agent("agent-demo", "runtime.demo", slots=4)
+        start_deliverer(stack, "webhooks", stack.config_path)
+        await wait_replicas(stack.url, "tok_acme", "demo/echo:v1")
+        yield stack
+
+
+async def run_with_callback(stack: Stack, url: str, text: str = "hi") -> dict:  # type: ignore[type-arg]
+    body = {
+        "pipeline": "demo/echo:v1",
+        "inputs": [{"type": "string", "value": text}],
+        "callback_url": url,
+    }
+    async with client(stack, "tok_acme") as c:
+        response = await c.post("/v4/runs", json=body)
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+async def until(check: object, timeout: float = 30.0) -> None:
+    with anyio.fail_after(timeout):
+        while not check():  # type: ignore[operator]
+            await anyio.sleep(0.05)
+
+
+async def test_an_ended_run_is_posted_once_signed(hookstack: Stack, receiver: Receiver) -> None:
+    run = await run_with_callback(hookstack, receiver.url("/ok"), "signed")
+    await until(lambda: receiver.ok(run["id"]))
+    await anyio.sleep(1.0)  # nothing more comes
+    [post] = receiver.of(run["id"])
+    assert post["delivery"] == f"dlv_{run['id']}"
+    assert verify(SECRET, post["timestamp"], post["signature"], post["body"], now=time.time())
+    assert not verify(
+        "not-the-secret-xxxxx", post["timestamp"], post["signature"], post["body"], time.time()
+    )
+    assert post["run"]["state"] == "completed" and post["run"]["outputs"][0]["value"] == "signed"
+
+
+async def test_callback_urls_are_validated(hookstack: Stack, receiver: Receiver) -> None:
+    cases = {
+        "ftp://127.0.0.1/x": "invalid_field",
+        "http://169.254.169.254/latest/meta-data": "invalid_field",
+        "http://user:pw@127.0.0.1/": "invalid_field",
+    }
+    async with client(hookstack, "tok_acme") as c:
+        for url, code in cases.items():
+            body = {"pipeline": "demo/echo:v1", "inputs": [{"type": "string", "value": "x"}],
+                    "callback_url": url}  # fmt: skip
+            response = await c.post("/v4/runs", json=body)
+            assert response.status_code == 422, url
+            assert response.json()["detail"]["code"] == code
+            assert response.json()["detail"]["field"] == "callback_url"
+    async with client(hookstack, "tok_rival") as rival:  # no webhook_secret in the config
+        body = {"pipeline": "demo/echo:v1", "inputs": [{"type": "string", "value": "x"}],
+                "callback_url": receiver.url("/ok")}  # fmt: skip
+        response = await rival.post("/v4/runs", json=body)
+    assert response.status_code == 422
+    assert response.json()["detail"]["code"] == "webhook_secret_missing"
+
+
+async def jetrun(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    argv = [sys.executable, "-m", "runtime.cli", "webhooks", "--nats", stack.nats_url, *args]
+    with anyio.fail_after(60):
+        env = dict(os.environ, COLUMNS="250")
+        done = await anyio.run_process(argv, check=False, cwd=ROOT, env=env)
+    return subprocess.CompletedProcess(
+        argv, done.returncode, done.stdout.decode(), done.stderr.decode()
+    )
+
+
+async def test_failed_deliveries_are_dead_letters_until_replayed(
+    hookstack: Stack, receiver: Receiver
+) -> None:
+    gone = await run_with_callback(hookstack, receiver.url("/gone"))
+    flaky = await run_with_callback(hookstack, receiver.url("/flaky"))
+
+    async def dead_ids() -> dict[str, dict]:  # type: ignore[type-arg]
+        listed = await jetrun(hookstack, "dead", "--json")
+        assert listed.returncode == 0, listed.stderr
+        rows = [json.loads(line) for line in listed.stdout.splitlines()]
+        return {row["delivery"]["run"]["id"]: row for row in rows}
+
+    with anyio.fail_after(30):
+        while not {gone["id"], flaky["id"]} <= set(await dead_ids()):
+            await anyio.sleep(0.2)
+    dead = await dead_ids()
+    assert dead[gone["id"]]["attempts"] == 1 and dead[gone["id"]]["error"] == "HTTP 410"
+    assert dead[flaky["id"]]["attempts"] == 3 and dead[flaky["id"]]["error"] == "HTTP 503"
+    assert len(receiver.of(flaky["id"])) == 3
+    table = await jetrun(hookstack, "dead")
+    assert f"dlv_{gone['id']}" in table.stdout and "HTTP 410" in table.stdout
+
+    receiver.down = False
+    try:
+        replayed = await jetrun(hookstack, "replay", flaky["id"])
+        assert replayed.returncode == 0 and replayed.stdout.strip() == f"queued dlv_{flaky['id']}"
+        await until(lambda: receiver.ok(flaky["id"]))
+        assert flaky["id"] not in await dead_ids() and gone["id"] in await dead_ids()
+        assert {p["delivery"] for p in receiver.of(flaky["id"])} == {f"dlv_{flaky['id']}"}
+    finally:
+        receiver.down = True
+    missing = await jetrun(hookstack, "replay", "run_nothing")
+    assert missing.returncode == 1 and "no such dead delivery" in missing.stderr
+
+
+async def acked(stack: Stack, in_flight: int) -> bool:
+    """Every stored delivery was handed out, and only ``in_flight`` are not acked."""
+    nc = await connect(stack.nats_url, "test")
+    try:
+        info = await nc.jetstream().consumer_info(WEBHOOKS_STREAM, DELIVERER)
+    finally:
+        await nc.close()
+    return info.num_pending == 0 and info.num_ack_pending == in_flight
+
+
+async def test_a_killed_deliverer_loses_nothing_and_sends_nothing_twice(
+    hookstack: Stack, receiver: Receiver
+) -> None:
+    main = next(p for p in hookstack.procs if p.name == "webhooks")
+    main.stop()
+    hookstack.procs.remove(main)
+    patient = hookstack.tmp / "patient.toml"
+    write_config(patient, attempts=1000)  # retries /flaky for as long as the test needs
+    first = start_deliverer(hookstack, "webhooks-b", patient)
+    receiver.down = True
+    try:
+        ok = [await run_with_callback(hookstack, receiver.url("/ok"), f"ok{i}") for i in range(3)]
+        flaky = [await run_with_callback(hookstack, receiver.url("/flaky")) for _ in range(2)]
+        await until(lambda: all(receiver.ok(r["id"]) for r in ok))
+        await until(lambda: all(receiver.of(r["id"]) for r in flaky))
+        with anyio.fail_after(30):
+            while not await acked(hookstack, in_flight=2):  # ok ones acked, flaky ones retrying
+                await anyio.sleep(0.1)
+        first.kill()  # SIGKILL, mid-retry
+        later = [await run_with_callback(hookstack, receiver.url("/ok"), "late")]  # while down
+        receiver.down = False
+        start_deliverer(hookstack, "webhooks-c", patient)
+        runs = ok + flaky + later
+        await until(lambda: all(receiver.ok(r["id"]) for r in runs), timeout=60)
+        await anyio.sleep(1.0)  # anything sent twice would come now
+    finally:
+        receiver.down = True
+    for run in runs:
+        assert len(receiver.ok(run["id"])) == 1, run["id"]  # one 2xx per delivery id
+        posts = receiver.of(run["id"])
+        assert {p["delivery"] for p in posts} == {f"dlv_{run['id']}"}
+        assert all(
+            verify(SECRET, p["timestamp"], p["signature"], p["body"], time.time()) for p in posts
+        )
+    for run in ok + later:
+        assert len(receiver.of(run["id"])) == 1  # acked before the kill: never sent again
+
+
+async def test_jetrun_up_runs_the_deliverer(tmp_path: Path, receiver: Receiver) -> None:
+    """With no config, ``jetrun up``'s demo team signs its callbacks with the demo secret and
+    may call this machine."""
+    from runtime.config import DEMO_WEBHOOK_SECRET
+    from tests.test_up import up, wait_output
+
+    port = free_port()
+    proc = up(tmp_path, port, "up-hooks")
+    try:
+        await wait_output(proc, "Ctrl-C stops everything.")
+        body = {"pipeline": "demo/echo:v1", "inputs": [{"type": "string", "value": "up"}],
+                "callback_url": receiver.url("/ok")}  # fmt: skip
+        headers = {"Authorization": "Bearer jr_demo_token"}
+        async with httpx.AsyncClient(timeout=30) as c:
+            response = await c.post(f"http://127.0.0.1:{port}/v4/runs", json=body, headers=headers)
+        run = response.json()
+        assert run["state"] == "completed", response.text
+        await until(lambda: receiver.ok(run["id"]))
+        [post] = receiver.of(run["id"])
+        assert verify(
+            DEMO_WEBHOOK_SECRET, post["timestamp"], post["signature"], post["body"], time.time()
+        )
+    finally:
+        proc.stop()
