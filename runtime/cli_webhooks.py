@@ -106,6 +106,7 @@ def _with_js(nats_url: str, call: Callable[[JetStreamContext], Awaitable[T]]) ->
 
 
 def _serve(nats_url: str, config: Config, settings: LogSettings) -> None:
+    from runtime.lifetime import honour_parent
     from runtime.nats_conn import connect
     from runtime.services import until_signalled
     from runtime.webhooks import WebhookService
@@ -119,4 +120,5 @@ def _serve(nats_url: str, config: Config, settings: LogSettings) -> None:
             tg.cancel_scope.cancel()
         await nc.close()
 
+    honour_parent()  # started by `jetrun up`: die with it (nothing is lost: durable consumers)
     anyio.run(go, backend="asyncio", backend_options={"use_uvloop": True})
