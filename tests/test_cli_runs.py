@@ -188,6 +188,7 @@ async def test_live_status_line_on_a_terminal(clistack: Stack, tmp_path: Path) -
         done = await anyio.to_thread.run_sync(_read_pty, master, "completed", deadline, seen)
         assert done, "".join(seen)
         assert await anyio.to_thread.run_sync(proc.wait, 30) == 0
+        await anyio.to_thread.run_sync(_read_pty, master, r"\btwo\b", deadline, seen)
     finally:
         if proc.poll() is None:
             proc.kill()
