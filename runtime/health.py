@@ -135,7 +135,13 @@ async def serve_health(
     sock.setblocking(False)
     bound = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, lifespan="off", access_log=False, log_level="warning", loop="none", http="httptools"
+        app,
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        log_config=None,  # its records go through jetrun's formatter (text or JSON)
+        loop="none",
+        http="httptools",
     )
     server = _Server(config)
     log.info("metrics and health on http://%s:%d", host, bound)

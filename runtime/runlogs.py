@@ -93,8 +93,12 @@ class LogStore:
                 was_ended = ended()
                 try:
                     batch = await psub.fetch(256, timeout=0.2 if was_ended else 1.0)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, TimeoutError):  # nats-py raises either
                     batch = []
+                except nats.errors.Error as err:  # disconnected: the consumer waits for us
+                    log.warning("following logs of %s: %r", run_id, err)
+                    await anyio.sleep(0.5)
+                    continue
                 for chunk in map(_decode, batch):
                     if chunk is not None:
                         yield chunk

@@ -80,6 +80,7 @@ async def serve_http(
         lifespan="off",
         access_log=False,
         log_level="warning",
+        log_config=None,  # its records go through jetrun's formatter (text or JSON)
         http=protocol_for(settings),
         loop="none",
         timeout_graceful_shutdown=int(max(1, settings.shutdown_grace_s)),
