@@ -92,7 +92,7 @@ async def test_async_then_get_logs_and_events(clistack: Stack) -> None:
     events = await jetrun(clistack, "events", run_id, "--nats", clistack.nats.url, "--json")
     kinds = [json.loads(line)["event"] for line in events.stdout.splitlines()]
     assert kinds[0] == "submitted" and kinds[-1] == "completed"
-    assert {"queued", "dispatched", "started"} <= set(kinds)
+    assert {"dispatched", "started"} <= set(kinds)
     table = await jetrun(clistack, "events", run_id, "--nats", clistack.nats.url)
     assert "dispatched" in table.stdout and "agent_id=agent-demo" in table.stdout
 
