@@ -29,6 +29,7 @@ async def clistack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[St
         stack.start_agent("agent-demo", "runtime.demo", str(FIXTURES / "log_pipelines.py"))
         stack.start_agent("agent-gates", str(FIXTURES / "gate_pipelines.py"), slots=1)
         await wait_replicas(stack.url, "tok_acme", "demo/echo:v1")
+        await wait_replicas(stack.url, "tok_acme", "test/chatty:v1")
         await wait_replicas(stack.url, "tok_acme", "test/gate:v1")
         yield stack
 
