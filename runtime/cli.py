@@ -278,8 +278,14 @@ def scheduler(
 
     chosen: NodeProvider | None = None
     if provider == "local":
-        chosen = LocalProvider(
-            nats_url, list(node_pipelines), cpu_slots=node_slots, boot_delay_s=boot_delay
+        from runtime.lifetime import child_env
+
+        chosen = LocalProvider(  # its agents die with this process, even on SIGKILL
+            nats_url,
+            list(node_pipelines),
+            cpu_slots=node_slots,
+            boot_delay_s=boot_delay,
+            env=child_env(),
         )
     elif provider == "command":
         if not add_command or not remove_command:
