@@ -15,7 +15,7 @@ import hmac
 import re
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -71,6 +71,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     http_header_timeout_s: float = 10.0  # a connection must send a request head within this
     http_max_connections: int = 4096  # open HTTP connections (also kept below the fd limit)
     http_keepalive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    # followed logs and streamed runs a team may hold open per gateway process (429 past it)
+    max_streams_per_team: Annotated[int, msgspec.Meta(ge=1)] = 32
     scale_tick_s: float = 0.5  # the autoscaler decides this often
     node_cooldown_s: float = 60.0  # a node a provider added is released after idling this long
     node_boot_timeout_s: float = 300.0  # a requested node not registered by then is released

@@ -62,6 +62,7 @@ from runtime.projection import RunIndex
 from runtime.readiness import Readiness, SchedulerWatch
 from runtime.runlogs import LogStore
 from runtime.scaling_api import ScalingApi
+from runtime.streamquota import Held, StreamQuota
 from runtime.submissions import SubmissionService
 from runtime.submit import Refused, Submitter
 from runtime.webhook_policy import DestinationRefused, check_callback_url
@@ -119,6 +120,7 @@ class Gateway:
         self.telemetry = health.gateway_telemetry(self)
         self.paths: set[str] = set()
         self.scaling_api = ScalingApi(self)
+        self.streams = StreamQuota(config.settings.max_streams_per_team)
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -318,7 +320,9 @@ class Gateway:
         team = self._team(request)
         run = self._visible(request.path_params["run_id"], team)
         if wants_follow(request):
-            return follow_logs(self.logs, request, run.id, lambda: self.index.get(run.id))
+            release = self.streams.acquire(team.name)
+            response = follow_logs(self.logs, request, run.id, lambda: self.index.get(run.id))
+            return Held(response, release)
         return json_response(await read_logs(self.logs, run))
 
     async def cancel_run(self, request: Request) -> Response:
@@ -337,7 +341,12 @@ class Gateway:
         streams n outputs costs O(n) bytes, not O(n^2)."""
         team = self._team(request)
         create = await self._parse(request)
-        run = await self._submit(team, create, request.headers.get("idempotency-key"))
+        release = self.streams.acquire(team.name)  # before the run is recorded
+        try:
+            run = await self._submit(team, create, request.headers.get("idempotency-key"))
+        except BaseException:
+            release()
+            raise
 
         async def lines() -> AsyncIterator[bytes]:
             seen: RunRecord | None = None
@@ -359,7 +368,7 @@ class Gateway:
                     seen = current
                     yield _encoder.encode(line) + b"\n"
 
-        return StreamingResponse(lines(), media_type="application/x-ndjson")
+        return Held(StreamingResponse(lines(), media_type="application/x-ndjson"), release)
 
     async def healthz(self, request: Request) -> Response:
         return json_response(Health(status="ok"))

@@ -1,0 +1,94 @@
+"""Attacks by one tenant on the others, against real processes (nats-server, scheduler,
+gateway, agent): each must fail only the attacker's own request, with a clear error."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+
+from tests.harness import FIXTURES, Stack, client, wait_replicas
+
+pytestmark = pytest.mark.anyio
+
+LOGS = str(FIXTURES / "log_pipelines.py")
+MAX_CONNECTIONS = 24
+STREAMS_PER_TEAM = 4
+
+
+@pytest.fixture(scope="module")
+async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
+    async with Stack(tmp_path_factory.mktemp("attacks")) as stack:
+        await stack.start_nats()
+        with stack.config_path.open("a") as config:  # [settings] is the config's last table
+            config.write(f"http_max_connections = {MAX_CONNECTIONS}\n")
+            config.write(f"max_streams_per_team = {STREAMS_PER_TEAM}\n")
+        stack.start_scheduler()
+        await stack.start_gateway()
+        stack.start_agent("agent-attacks", LOGS, slots=2)
+        await wait_replicas(stack.url, "tok_acme", "test/chatty-gate:v1")
+        yield stack
+
+
+async def test_open_streams_of_one_team_cannot_starve_the_gateway(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """A team that opens a follow stream per connection the gateway has (on a run that waits)
+    gets 429 too_many_streams past its share; another team's requests still get answers."""
+    gate = tmp_path / "gate"
+    body = {
+        "pipeline": "test/chatty-gate:v1",
+        "async_run": True,
+        "inputs": [{"type": "string", "value": str(gate)}],
+    }
+    statuses: list[int] = []
+    async with contextlib.AsyncExitStack() as streams:
+        async with client(stack, "tok_acme") as acme:
+            run_id = (await acme.post("/v4/runs", json=body)).json()["id"]
+        limits = httpx.Limits(max_connections=MAX_CONNECTIONS + 8)
+        attacker = await streams.enter_async_context(
+            httpx.AsyncClient(
+                base_url=stack.url,
+                headers={"Authorization": "Bearer tok_acme"},
+                limits=limits,
+                timeout=httpx.Timeout(10.0),
+            )
+        )
+
+        async def follow() -> None:
+            try:
+                response = await streams.enter_async_context(
+                    attacker.stream("GET", f"/v4/runs/{run_id}/logs?follow=1")
+                )
+            except httpx.TransportError:
+                statuses.append(0)  # the gateway closed the connection (over its cap)
+                return
+            statuses.append(response.status_code)
+            if response.status_code != 200:
+                await response.aread()
+
+        with anyio.fail_after(60):
+            for _ in range(MAX_CONNECTIONS + 4):
+                await follow()
+            async with client(stack, "tok_rival") as rival:
+                listing = await rival.get("/v4/runs")
+        assert listing.status_code == 200, listing.text
+        assert statuses.count(200) == STREAMS_PER_TEAM, statuses
+        assert statuses.count(429) == MAX_CONNECTIONS + 4 - STREAMS_PER_TEAM, statuses
+        async with client(stack, "tok_acme") as acme:  # a streamed run shares the quota
+            before = (await acme.get("/v4/runs")).json()["runs"]
+            streamed = await acme.post("/v4/runs/stream", json=body)
+            after = (await acme.get("/v4/runs")).json()["runs"]
+        assert streamed.status_code == 429, streamed.text
+        assert streamed.json()["detail"]["code"] == "too_many_streams"
+        assert streamed.headers["retry-after"]
+        assert after == before  # refused before anything was recorded
+        gate.write_text("go")  # the run ends, and with it the streams
+    async with client(stack, "tok_acme") as acme:
+        with anyio.fail_after(30):
+            follow = await acme.get(f"/v4/runs/{run_id}/logs?follow=1")  # slots came back
+    assert follow.status_code == 200
