@@ -105,7 +105,8 @@ OPERATIONS: list[Operation] = [
                 "application/x-ndjson",
             )
         }
-        | CREATE_ERRORS,
+        | CREATE_ERRORS
+        | {429: ("concurrency_limit or too_many_streams, with Retry-After", ErrorBody, JSON)},
         body=RunCreate,
     ),
     Operation(
@@ -135,7 +136,12 @@ OPERATIONS: list[Operation] = [
         "What the run's pipeline printed (stdout and stderr), per attempt. With follow=1: "
         "one RunLogLine per line (NDJSON), or Server-Sent Events (event: line, then "
         "event: end) when the request accepts text/event-stream, until the run has ended",
-        {200: ("the run's captured lines", RunLogs, JSON), 401: ERR_401, 404: ERR_404_RUN},
+        {
+            200: ("the run's captured lines", RunLogs, JSON),
+            401: ERR_401,
+            404: ERR_404_RUN,
+            429: ("too_many_streams: the team holds max_streams_per_team open", ErrorBody, JSON),
+        },
         params=[
             RUN_ID,
             Param("follow", "query", {"type": "string", "enum": ["1", "true"]}, "stream"),
