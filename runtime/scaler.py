@@ -209,6 +209,15 @@ class Scaler:
     def nodes(self) -> list[Node]:
         return [self._node(beat) for beat in self.scheduler.fleet.live()]
 
+    def _forget_gone_agents(self) -> None:
+        """Idle clocks of agents no longer alive are dropped (bounded by the live fleet)."""
+        live = {beat.agent_id for beat in self.scheduler.fleet.live()}
+        for table in (self._busy, self._seen):
+            for key in [k for k in table if k[1] not in live]:
+                del table[key]
+        for agent_id in [a for a in self._node_busy if a not in live]:
+            del self._node_busy[agent_id]
+
     def _node(self, beat: AgentHeartbeat) -> Node:
         now = self.clock.now()
         per_pipeline: Counter[str] = Counter()
@@ -256,6 +265,7 @@ class Scaler:
         if not self.scheduler.caught_up or not self.scheduler.nc.is_connected:
             return []
         await self._release_dead_nodes()
+        self._forget_gone_agents()
         pipelines = self.deployed()
         decisions = plan(
             pipelines,

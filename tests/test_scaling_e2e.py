@@ -66,8 +66,9 @@ async def poll(
     raise TimeoutError(f"scaling of {pointer} never got there: {body}")
 
 
-def agent_running(node_id: str) -> bool:
-    """Whether a ``jetrun agent --id node_id`` process exists on this machine."""
+def agent_running(node_id: str, nats_url: str) -> bool:
+    """Whether a ``jetrun agent --id node_id`` of this stack (its NATS URL) runs here: other
+    stacks on the machine have their own ``node-1``."""
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -75,7 +76,7 @@ def agent_running(node_id: str) -> bool:
             argv = (entry / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"agent" in argv and node_id.encode() in argv:
+        if b"agent" in argv and node_id.encode() in argv and nats_url.encode() in argv:
             return True
     return False
 
@@ -137,7 +138,8 @@ def client(url: str, token: str = "jr_demo_token") -> httpx.AsyncClient:
     return httpx.AsyncClient(base_url=url, headers=headers, timeout=60)
 
 
-async def test_scale_to_zero_503_then_cold_start_then_burst_and_back(up: str) -> None:
+async def test_scale_to_zero_503_then_cold_start_then_burst_and_back(stack: Up) -> None:
+    up, nats_url = stack.url, await stack.nats_url()
     async with client(up) as c:
         # deployed, autoscaled, no replica at all: never a 404
         zero = await poll(c, SCALED, lambda b: b.get("autoscaled"))
@@ -184,14 +186,14 @@ async def test_scale_to_zero_503_then_cold_start_then_burst_and_back(up: str) ->
         ]
         two = await poll(c, SCALED, lambda b: b["current_replicas"] == 2, timeout=60)
         nodes = [r["agent_id"] for r in two["replicas"] if r["agent_id"].startswith("node-")]
-        assert len(nodes) == 1 and agent_running(nodes[0])
+        assert len(nodes) == 1 and agent_running(nodes[0], nats_url)
         for run_id in burst:
             assert (await wait_state(c, run_id, {"completed"}, timeout=60))["state"]
 
         # idle again: back to zero replicas, and the added agent is stopped
         await poll(c, SCALED, lambda b: b["current_replicas"] == 0, timeout=30)
         with anyio.fail_after(30):
-            while agent_running(nodes[0]):
+            while agent_running(nodes[0], nats_url):
                 await anyio.sleep(0.2)
 
         history = (await c.get(f"/v4/pipelines/{SCALED}/scaling/history")).json()["events"]

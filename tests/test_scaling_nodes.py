@@ -5,6 +5,7 @@ idle. ``jetrun scaling`` reads and changes the settings through the API."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from tests.harness import FIXTURES, Proc, wait_ready
 pytestmark = pytest.mark.anyio
 
 JETRUN = str(Path(sys.executable).parent / "jetrun")
+UP_LOG: list[Path] = []  # the module's jetrun up log (its banner names its NATS URL)
 CONFIG = """
 [teams.test]
 tier = "pro"
@@ -41,6 +43,7 @@ async def url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
     argv += ["--config", str(tmp / "jetrun.toml"), "--pipelines", str(FIXTURES / "node_needed.py")]
     argv += ["--slots", "1", "--boot-delay", "2"]
     proc = Proc("up", argv, tmp / "up.log").start()
+    UP_LOG[:] = [tmp / "up.log"]
     try:
         await wait_ready(f"http://127.0.0.1:{port}")
         yield f"http://127.0.0.1:{port}"
@@ -91,18 +94,22 @@ async def test_a_waiting_run_waits_for_a_node_then_the_cold_start(url: str) -> N
                     break
                 await anyio.sleep(0.2)
         with anyio.fail_after(30):
-            while _agent_running(node):
+            while _agent_running(node, UP_LOG[0]):
                 await anyio.sleep(0.2)
 
 
-def _agent_running(node_id: str) -> bool:
+def _agent_running(node_id: str, log: Path) -> bool:
+    """Whether a ``jetrun agent --id node_id`` of this stack (the NATS URL in its banner) runs
+    here: other stacks on the machine have their own ``node-1``."""
+    found = re.search(r"embedded nats-server at (\S+),", log.read_text(errors="replace"))
+    assert found is not None
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 argv = (entry / "cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"agent" in argv and node_id.encode() in argv and b"--heartbeat" in argv:
+            if b"agent" in argv and node_id.encode() in argv and found.group(1).encode() in argv:
                 return True
     return False
 
