@@ -1,10 +1,11 @@
 """The node agent: registers its accelerators, loads pipelines, runs attempts in worker processes.
 
-An agent subscribes to dispatches addressed to it (``jetrun.ev.*.dispatched``) before it first
-heartbeats, so it cannot miss one. Each attempt runs in a worker process that the agent can kill:
-on the pipeline's execution timeout, on cancellation, and on a preemption notice. Results are
-events carrying the attempt number; the state machine drops those of an attempt that is no longer
-current, so a late result from this agent can never change a run that moved on.
+An agent subscribes to dispatches addressed to it (``jetrun.ev.*.dispatched.<agent_id>``: never
+another agent's) before it first heartbeats, so it cannot miss one. Each attempt runs in a worker
+process that the agent can kill: on the pipeline's execution timeout, on cancellation, and on a
+preemption notice. Results are events carrying the attempt number; the state machine drops those
+of an attempt that is no longer current, so a late result from this agent can never change a run
+that moved on.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from runtime.clock import SYSTEM_CLOCK, Clock
 from runtime.eventlog import (
     EventLog,
     LogSettings,
+    agent_dispatches,
     ensure_all,
     kind_subjects,
     last_event_of_kind,
@@ -200,13 +202,12 @@ class Agent:
         )
         start = await self.log.last_seq() + 1
         self.seen_seq = start - 1  # nothing before this process started was for it
-        kinds = ("dispatched", "cancelled", "preempted", "requeued")
+        kinds = ("cancelled", "preempted", "requeued")  # dispatches: only those addressed here
         # a dispatch, cancellation or fencing handled wrongly would leave this agent acting on
         # a view of its runs the log does not share: fatal
         on_event = self.guard.wrap("dispatch handler", self._on_event)
-        sub = await self.log.tail(
-            on_event, from_seq=start, subjects=[kind_subjects(k) for k in kinds]
-        )
+        subjects = [agent_dispatches(self.agent_id), *(kind_subjects(k) for k in kinds)]
+        sub = await self.log.tail(on_event, from_seq=start, subjects=subjects)
         on_recall = self.guard.wrap("recall handler", self._on_recall, fatal=False)
         recall = await self.nc.subscribe(f"{RECALL_SUBJECT}.{self.agent_id}", cb=on_recall)
         try:

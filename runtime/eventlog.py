@@ -1,8 +1,10 @@
 """The event log: one JetStream stream holding every run event, the source of truth.
 
-Subjects are ``jetrun.ev.<run_id>.<kind>``: one run's events are ``jetrun.ev.<run_id>.*``, all
-dispatches are ``jetrun.ev.*.dispatched``. Every append carries ``Nats-Msg-Id`` =
-``event.message_id()``, so a retried append inside the stream's duplicate window is recorded once.
+Subjects are ``jetrun.ev.<run_id>.<kind>``, except dispatches, which name their agent:
+``jetrun.ev.<run_id>.dispatched.<agent_id>``, so an agent's consumer receives only its own
+(``jetrun.ev.*.dispatched.<agent_id>``). One run's events are ``jetrun.ev.<run_id>.>``. Every
+append carries ``Nats-Msg-Id`` = ``event.message_id()``, so a retried append inside the stream's
+duplicate window is recorded once.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from nats.js.errors import (
     ServiceUnavailableError,
 )
 
-from contracts.events import AnyEvent, Event, decode_event, encode_event
+from contracts.events import AnyEvent, Event, RunDispatched, decode_event, encode_event
 from contracts.machine import fold
 from contracts.names import check_token
 from contracts.run import RunRecord
@@ -76,14 +78,36 @@ def event_subject(run_id: str, kind: str) -> str:
     return f"{EVENTS_PREFIX}.{run_id}.{kind}"
 
 
+def dispatch_subject(run_id: str, agent_id: str) -> str:
+    """Where a dispatch of ``run_id`` to ``agent_id`` is appended. Raises ``ValueError`` for an
+    id that is not one subject token."""
+    check_token(agent_id, "agent id")
+    return f"{event_subject(run_id, 'dispatched')}.{agent_id}"
+
+
+def subject_of(event: Event) -> str:
+    if isinstance(event, RunDispatched):
+        return dispatch_subject(event.run_id, event.agent_id)
+    return event_subject(event.run_id, event.kind)
+
+
 def run_subjects(run_id: str) -> str:
     """Raises ``ValueError`` for a run id that is not one subject token."""
     check_token(run_id, "run id")
-    return f"{EVENTS_PREFIX}.{run_id}.*"
+    return f"{EVENTS_PREFIX}.{run_id}.>"
 
 
 def kind_subjects(kind: str) -> str:
+    """Every event of ``kind``; dispatches: every agent's."""
+    if kind == "dispatched":
+        return f"{EVENTS_PREFIX}.*.dispatched.*"
     return f"{EVENTS_PREFIX}.*.{kind}"
+
+
+def agent_dispatches(agent_id: str) -> str:
+    """The dispatches addressed to ``agent_id``."""
+    check_token(agent_id, "agent id")
+    return f"{EVENTS_PREFIX}.*.dispatched.{agent_id}"
 
 
 @dataclass(frozen=True)
@@ -154,7 +178,7 @@ class EventLog:
         if expect_last_seq is not None:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(expect_last_seq)
             headers["Nats-Expected-Last-Subject-Sequence-Subject"] = run_subjects(event.run_id)
-        subject = event_subject(event.run_id, event.kind)
+        subject = subject_of(event)
         payload = encode_event(event)
 
         async def publish() -> api.PubAck:
