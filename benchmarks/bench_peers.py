@@ -66,7 +66,11 @@ class Figures:
 
 
 def cpu_seconds(pids: Callable[[], list[int]]) -> float:
-    import psutil
+    """CPU seconds of ``pids`` (NaN without psutil: ``--peers ''`` needs only jetrun's deps)."""
+    try:
+        import psutil
+    except ImportError:
+        return float("nan")
 
     total = 0.0
     for pid in pids():
@@ -97,7 +101,14 @@ def tree(pid: int) -> Callable[[], list[int]]:
 class Jetrun:
     name = "jetrun"
 
-    def __init__(self, tmp: Path, slots: int, nats_sync: str | None, wrk_seconds: int) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        slots: int,
+        nats_sync: str | None,
+        wrk_seconds: int,
+        gateways: int | None = None,
+    ) -> None:
         self.tmp, self.wrk_seconds = tmp, wrk_seconds
         (tmp / "jetrun.toml").write_text(bench_runs.CONFIG)
         port, self.nats_port = free_port(), free_port()
@@ -107,6 +118,8 @@ class Jetrun:
         argv += ["--config", str(tmp / "jetrun.toml"), "--slots", str(slots)]
         if nats_sync:
             argv += ["--nats-sync", nats_sync]
+        if gateways:
+            argv += ["--gateways", str(gateways)]
         with open(tmp / "up.log", "wb") as log:
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -277,7 +290,7 @@ def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) 
 def systems(args: argparse.Namespace, tmp: Path) -> Iterator[list[Jetrun | Ray | Celery]]:
     started: list[Jetrun | Ray | Celery] = []
     try:
-        started.append(Jetrun(tmp, args.slots, args.nats_sync, args.wrk_seconds))
+        started.append(Jetrun(tmp, args.slots, args.nats_sync, args.wrk_seconds, args.gateways))
         if "ray" in args.peers:
             started.append(Ray())
         if "celery" in args.peers:
@@ -315,9 +328,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--nats-sync", default=None, help="nats-server sync_interval, or always")
-    parser.add_argument("--peers", default="ray,celery")
+    parser.add_argument("--gateways", type=int, default=None, help="default: jetrun up's")
+    parser.add_argument("--peers", default="ray,celery", help="'' measures jetrun alone")
     args = parser.parse_args()
-    for tool in ("wrk", "redis-server"):
+    for tool in ("wrk", "redis-server") if "celery" in args.peers else ("wrk",):
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed (apt-get install wrk redis-server)")
     print(
@@ -325,6 +339,7 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.2f}, Python {platform.python_version()}"
     )
     print(f"jetrun durability: nats-server sync {args.nats_sync or 'default (every 2 min)'}")
+    print(f"jetrun gateways: {args.gateways or 'jetrun up default (one per two cores)'}")
     tmp = Path(tempfile.mkdtemp(prefix="jetrun-peers-"))
     with systems(args, tmp) as started:
         figures = {system.name: Figures() for system in started}

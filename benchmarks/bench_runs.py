@@ -193,7 +193,12 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--wrk-seconds", type=int, default=5)
+    parser.add_argument("--gateways", type=int, default=None, help="default: jetrun up's")
+    parser.add_argument("--nats-sync", default=None, help="nats-server sync_interval, or always")
+    parser.add_argument("--peers", default="", help="jetrun only here (bench_peers.py: peers)")
     args = parser.parse_args()
+    if args.peers:
+        parser.error("bench_runs measures jetrun alone; use bench_peers.py --peers for peers")
 
     tmp = Path(tempfile.mkdtemp(prefix="jetrun-bench-"))
     (tmp / "jetrun.toml").write_text(CONFIG)
@@ -214,6 +219,10 @@ async def main() -> None:
         "--slots",
         str(args.slots),
     ]
+    if args.gateways:
+        argv += ["--gateways", str(args.gateways)]
+    if args.nats_sync:
+        argv += ["--nats-sync", args.nats_sync]
     with open(tmp / "up.log", "wb") as log:
         up = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
