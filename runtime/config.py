@@ -80,6 +80,11 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     scaling_operators: list[str] = msgspec.field(default_factory=list)  # teams that may change
     # any pipeline's scaling settings (a team may always change its own: ``team/...``)
     replay_deadline_s: float = 300.0  # a starting service replays the log this long, then exits
+    keep_ended_s: float = 300.0  # an ended run stays in memory this long (then: its stored view)
+    checkpoint_every_s: float = 5.0  # the scheduler records where a restart may start this often
+    # retention, applied by ``jetrun admin apply-retention`` (0: kept for ever)
+    events_max_age_s: float = 0.0  # run events (and pipelines' logs)
+    views_max_age_s: float = 0.0  # stored views of ended runs
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):

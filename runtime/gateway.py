@@ -65,6 +65,8 @@ from runtime.scaling_api import ScalingApi
 from runtime.streamquota import Held, StreamQuota
 from runtime.submissions import SubmissionService
 from runtime.submit import Refused, Submitter
+from runtime.views import RunViews, find_run, forget_loop, start_position
+from runtime.warming import UntilReady
 from runtime.webhook_policy import DestinationRefused, check_callback_url
 
 log = logging.getLogger("jetrun.gateway")
@@ -90,6 +92,7 @@ class Gateway:
         )
         self.log = EventLog(nc, settings)
         self.index = RunIndex()
+        self.views = RunViews(self.log.js, replicas=settings.replicas)
         self.listing = RunListing(self.index)
         self.catalog = Catalog(self.log.js, replicas=settings.replicas)
         self.logs = LogStore(self.log.js, settings)
@@ -102,7 +105,7 @@ class Gateway:
             deadline_s=config.settings.request_deadline_s,
         )
         self.submitter = Submitter(
-            self.log, self.index, self.catalog, self.admission, config, clock
+            self.log, self.index, self.catalog, self.admission, config, clock, self._stored
         )
         self.submissions = SubmissionService(
             nc,
@@ -126,11 +129,14 @@ class Gateway:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Create the streams if needed, replay the log into the index, then follow it."""
-        await ensure_all(self.log, self.catalog, self.admission, self.readiness, self.logs)
-        target = await self.log.last_seq()
+        parts = (self.log, self.catalog, self.admission, self.readiness, self.logs, self.views)
+        await ensure_all(*parts)
+        start, target = await start_position(self.log.js, self.views)
+        self.index.start_at(start - 1)
         guard = self.guard.wrap
         tail = await self.log.tail(
             guard("event-log tail", self._on_event),
+            from_seq=start,
             skipped=guard("event-log tail", self._on_skipped),
         )
         beats = await self.nc.subscribe(
@@ -142,6 +148,8 @@ class Gateway:
             await self.index.catch_up(target, timeout=self.config.settings.replay_deadline_s)
             async with anyio.create_task_group() as tg:
                 await tg.start(self.submissions.run)  # jetrun.submit: NATS submissions
+                keep = self.config.settings.keep_ended_s
+                tg.start_soon(forget_loop, self.index, self.clock, keep)
                 self.ready = True
                 task_status.started()
                 await self.guard.watch()  # until cancelled, or a callback failed
@@ -201,7 +209,9 @@ class Gateway:
         }
         latency = Middleware(health.HttpLatency, histogram=self.telemetry.http)
         access = Middleware(AccessLog)
-        return Starlette(routes=routes, exception_handlers=handlers, middleware=[access, latency])
+        warming = Middleware(UntilReady, ready=lambda: self.ready)
+        middleware = [access, latency, warming]
+        return Starlette(routes=routes, exception_handlers=handlers, middleware=middleware)
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPError | Refused)
@@ -241,8 +251,12 @@ class Gateway:
                 raise error(422, "invalid_field", str(err), "callback_url") from None
         return create
 
-    def _visible(self, run_id: str, team: Team) -> RunRecord:
-        run = self.index.get(run_id)
+    async def _stored(self, run_id: str) -> RunRecord | None:
+        """A run this gateway's index does not hold: ended long ago, or too new to be here."""
+        return await find_run(self.log, self.views, run_id)
+
+    async def _visible(self, run_id: str, team: Team) -> RunRecord:
+        run = self.index.get(run_id) or await self._stored(run_id)
         if run is None or run.team != team.name:
             raise error(404, "run_not_found", f"run {run_id} not found")
         return run
@@ -297,12 +311,15 @@ class Gateway:
         self, run_id: str, done: Callable[[RunRecord], bool], timeout: float
     ) -> RunRecord:
         run = await self.index.wait_until(run_id, done, timeout)
-        assert run is not None
+        if run is None:  # an ended run this index no longer holds (an idempotent retry)
+            run = await self._stored(run_id)
+        if run is None:
+            raise error(503, "event_log_lagging", f"run {run_id} is not visible here yet")
         return run
 
     async def get_run(self, request: Request) -> Response:
         team = self._team(request)
-        run = self._visible(request.path_params["run_id"], team)
+        run = await self._visible(request.path_params["run_id"], team)
         return json_response(self.view(run))
 
     async def list_runs(self, request: Request) -> Response:
@@ -318,7 +335,7 @@ class Gateway:
     async def run_logs(self, request: Request) -> Response:
         """What the run's pipeline printed, per attempt; ``?follow=1`` streams it."""
         team = self._team(request)
-        run = self._visible(request.path_params["run_id"], team)
+        run = await self._visible(request.path_params["run_id"], team)
         if wants_follow(request):
             release = self.streams.acquire(team.name)
             response = follow_logs(self.logs, request, run.id, lambda: self.index.get(run.id))
@@ -327,7 +344,7 @@ class Gateway:
 
     async def cancel_run(self, request: Request) -> Response:
         team = self._team(request)
-        run = self._visible(request.path_params["run_id"], team)
+        run = await self._visible(request.path_params["run_id"], team)
         if run.is_terminal:
             raise error(409, "not_cancellable", f"run {run.id} is already {run.state}")
         seq = await self._record(RunCancelRequested(run_id=run.id, at=self.clock.now()))

@@ -2,9 +2,11 @@
 
 ``RunListing`` follows a ``RunIndex`` (as one of its listeners) and keeps, per team, the run ids
 sorted newest first plus the set of the team's runs that have not ended. Records themselves stay
-in the index: a run the index no longer holds is skipped, so the index may bound its history
-without this module knowing how. A page scans at most ``MAX_SCAN`` runs; with narrow filters a
-page may hold fewer runs than asked for while ``next_cursor`` still points further back.
+in the index: a run the index forgets (it ended more than ``keep_ended_s`` ago) leaves the
+listing too, so a listing covers every unfinished run and the runs that ended within that window;
+an older run is still answered by ``GET /v4/runs/{id}`` (from the run views, ``runtime.views``).
+A page scans at most ``MAX_SCAN`` runs; with narrow filters a page may hold fewer runs than
+asked for while ``next_cursor`` still points further back.
 """
 
 from __future__ import annotations
@@ -109,6 +111,14 @@ class RunListing:
         self._by_team: dict[str, SortedList] = defaultdict(SortedList)
         self._active: dict[str, dict[str, None]] = defaultdict(dict)
         index.listen(self._on_change)
+        index.on_forget(self._forget)
+
+    def _forget(self, run: RunRecord) -> None:
+        keys = self._by_team.get(run.team)
+        if keys is not None:
+            keys.discard((-run.created_at, run.id))
+            if not keys:
+                del self._by_team[run.team]
 
     def _on_change(
         self, seq: int, event: AnyEvent, before: RunRecord | None, after: RunRecord

@@ -9,7 +9,7 @@ each group in log order.
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 
 import anyio
@@ -23,6 +23,7 @@ from contracts.states import RunState
 
 Ticket = tuple[int, int]
 Listener = Callable[[int, AnyEvent, RunRecord | None, RunRecord], None]
+Forgetter = Callable[[RunRecord], None]
 
 
 class QueueStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,6 +54,9 @@ class RunIndex:
         self._by_ticket: dict[Ticket, str] = {}
         self.on_agent: dict[str, set[str]] = defaultdict(set)
         self._listeners: list[Listener] = []
+        self._forgetters: list[Forgetter] = []
+        self._first_seq: dict[str, int] = {}  # held run -> its first event's sequence (log order)
+        self._ended: deque[str] = deque()  # runs that ended, in log order, until forgotten
         self._changed: dict[str, anyio.Event] = {}
         self._seq_waiters: list[tuple[int, anyio.Event]] = []
 
@@ -61,6 +65,17 @@ class RunIndex:
     def listen(self, listener: Listener) -> None:
         """Call ``listener(seq, event, before, after)`` after every event that changed a run."""
         self._listeners.append(listener)
+
+    def start_at(self, seq: int) -> None:
+        """Start an empty index at ``seq``: the log is read from ``seq + 1`` on (a replay from a
+        checkpoint). A run whose first event comes before that is not in the index."""
+        if self.records or self.last_seq:
+            raise ValueError("start_at is for an empty index")
+        self.last_seq = max(seq, 0)
+
+    def on_forget(self, forgetter: Forgetter) -> None:
+        """Call ``forgetter(run)`` for every ended run that ``forget_ended`` drops."""
+        self._forgetters.append(forgetter)
 
     def apply(self, seq: int, event: AnyEvent) -> RunRecord | None:
         """Apply the event stored at ``seq``; sequences already applied are skipped. Returns
@@ -75,6 +90,10 @@ class RunIndex:
             self._wake_seq_waiters()
             return None
         self.records[event.run_id] = after
+        if before is None:
+            self._first_seq[event.run_id] = seq
+        if after.is_terminal and (before is None or not before.is_terminal):
+            self._ended.append(event.run_id)
         self._reindex(seq, event, before, after)
         for listener in self._listeners:
             listener(seq, event, before, after)
@@ -116,6 +135,35 @@ class RunIndex:
         if ticket is not None:
             self._queues[run.pipeline].discard(ticket)
             del self._by_ticket[ticket]
+
+    def forget_ended(self, before: float, may: Callable[[str], bool] | None = None) -> int:
+        """Drop runs that ended (by their last event's time) before ``before``, oldest first,
+        stopping at the first that ``may`` refuses (a run whose view is not stored yet).
+        Returns how many were dropped. Live state is bounded by live runs, not history."""
+        dropped = 0
+        while self._ended:
+            run = self.records.get(self._ended[0])
+            if run is not None and run.updated_at >= before:
+                break
+            if run is not None and may is not None and not may(run.id):
+                break
+            self._ended.popleft()
+            if run is None or not run.is_terminal:
+                continue
+            del self.records[run.id]
+            self._first_seq.pop(run.id, None)
+            self._changed.pop(run.id, None)
+            for forgetter in self._forgetters:
+                forgetter(run)
+            dropped += 1
+        return dropped
+
+    def replay_from(self) -> int:
+        """Where a process starting now may begin reading the log and hold what this index
+        holds: the first event of the oldest run held, or the next sequence if none is held."""
+        for seq in self._first_seq.values():  # insertion (log) order: the first is the oldest
+            return seq
+        return self.last_seq + 1
 
     # --- reading -----------------------------------------------------------------------------
 

@@ -43,6 +43,7 @@ from runtime.guard import Guard
 from runtime.lease import Lease
 from runtime.projection import RunIndex
 from runtime.readiness import new_scheduler_id, publish_scheduler_heartbeats
+from runtime.views import RunViews, ViewKeeper, start_position
 
 log = logging.getLogger("jetrun.scheduler")
 
@@ -91,6 +92,8 @@ class Scheduler:
         self.log = EventLog(nc, settings)
         self.index = RunIndex()
         self.index.listen(self._observe)
+        self.views = RunViews(self.log.js, replicas=settings.replicas)
+        self.keeper = ViewKeeper(self.views, self.index, config.settings)
         self.work = Worklist()
         self.fleet = Fleet(clock.monotonic, config.settings.node_loss_timeout_s)
         self.catalog = Catalog(self.log.js, replicas=settings.replicas, monotonic=clock.monotonic)
@@ -121,7 +124,7 @@ class Scheduler:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def ensure(self) -> None:
-        await ensure_all(self.log, self.catalog, self.admission, self.lease)
+        await ensure_all(self.log, self.catalog, self.admission, self.lease, self.views)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Replay the log, then decide until cancelled. ``task_status.started()`` once caught
@@ -129,6 +132,7 @@ class Scheduler:
         async with self.following(), anyio.create_task_group() as tg:
             tg.start_soon(self.guard.watch)
             tg.start_soon(self._lead)
+            tg.start_soon(self.keeper.run, self.clock, lambda: self._leading)
             every = self.config.settings.heartbeat_interval_s
             tg.start_soon(publish_scheduler_heartbeats, self.nc, self.heartbeat, every, self.clock)
             task_status.started()
@@ -140,7 +144,8 @@ class Scheduler:
         and drain requests are heard; decisions are made only by calling ``decide()`` and ``tick()``
         (what tests do)."""
         await self.ensure()
-        target = await self.log.last_seq()
+        start, target = await start_position(self.log.js, self.views)
+        self.index.start_at(start - 1)
         guard = self.guard.wrap
         heartbeats = await self.nc.subscribe(
             f"{HEARTBEAT_SUBJECT}.*", cb=guard("agent heartbeat handler", self._on_heartbeat)
@@ -150,6 +155,7 @@ class Scheduler:
         drains = await self.nc.subscribe(DRAIN_SUBJECT, cb=drain)
         tail = await self.log.tail(
             guard("event-log tail", self._on_event),
+            from_seq=start,
             skipped=guard("event-log tail", self._on_skipped),
         )
         try:
@@ -157,7 +163,7 @@ class Scheduler:
                 await self.index.catch_up(target, timeout=self.config.settings.replay_deadline_s)
                 self.caught_up = True
                 self._ended.clear()  # permits of runs that ended before now: the sweep's job
-                log.info("scheduler caught up at seq %d", target)
+                log.info("scheduler caught up at seq %d (read from %d)", target, start)
                 yield
         finally:
             with anyio.CancelScope(shield=True):

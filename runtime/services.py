@@ -100,11 +100,15 @@ async def serve_gateway(
     reuse_port: bool = False,
 ) -> None:
     """The HTTP API; with ``reuse_port`` on a port shared with other gateways, listened on only
-    once this one has caught up with the log."""
+    once this one has caught up with the log; else at once (the API says 503 ``starting`` until
+    then)."""
     nc = await connect(nats_url, "jetrun-gateway")
     gateway = Gateway(nc, config, log_settings=settings)
     async with anyio.create_task_group() as tg:
-        await tg.start(gateway.run)
+        if reuse_port:  # a shared port: listened on only once caught up
+            await tg.start(gateway.run)
+        else:  # the port answers (503 starting) while it catches up
+            tg.start_soon(gateway.run)
         sock = listening_socket(host, port, reuse_port=True) if reuse_port else None
         async with anyio.create_task_group() as http_tg:
             server = await http_tg.start(serve_http, gateway, host, port, sock)

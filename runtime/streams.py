@@ -33,6 +33,8 @@ WEBHOOKS_STREAM = "JETRUN_WEBHOOKS"
 WEBHOOKS_PREFIX = "jetrun.webhooks.pending"
 DEAD_STREAM = "JETRUN_WEBHOOKS_DEAD"
 DEAD_PREFIX = "jetrun.webhooks.dead"
+VIEWS_BUCKET = "JETRUN_RUNS"
+VIEWS_STREAM = f"KV_{VIEWS_BUCKET}"
 
 #: Settings a service compares (and warns about) but never changes on an existing stream.
 OPERATOR_SETTINGS = (
@@ -161,6 +163,24 @@ def dead_config(*, replicas: int) -> api.StreamConfig:
         num_replicas=replicas,
         max_age=30 * 86_400.0,
         allow_direct=True,
+    )
+
+
+def views_config(*, replicas: int, max_age_s: float = 0.0) -> api.StreamConfig:
+    """``KV_JETRUN_RUNS``: the KV bucket of ended runs' views (key ``run.<run_id>``) and the
+    scheduler's replay checkpoint (key ``checkpoint``); ``max_age_s`` 0: kept for ever."""
+    return api.StreamConfig(
+        name=VIEWS_STREAM,
+        subjects=[f"$KV.{VIEWS_BUCKET}.>"],
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        max_msgs_per_subject=1,
+        max_age=max_age_s,
+        discard=api.DiscardPolicy.NEW,
+        allow_rollup_hdrs=True,
+        deny_delete=True,
+        allow_direct=True,
+        duplicate_window=min(120.0, max_age_s) if max_age_s else 120.0,
     )
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import uuid
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from nats.errors import MaxPayloadError
@@ -80,9 +81,11 @@ class Submitter:
         admission: Admission,
         config: Config,
         clock: Clock,
+        stored: Callable[[str], Awaitable[RunRecord | None]] | None = None,
     ) -> None:
         self.log, self.index, self.catalog = log, index, catalog
         self.admission, self.config, self.clock = admission, config, clock
+        self.stored = stored  # a run the index no longer holds (it ended long ago)
 
     async def submit(self, team: Team, create: RunCreate, key: str | None) -> RunRecord:
         """The run for this request, recorded and admitted (or found again by its key).
@@ -94,6 +97,8 @@ class Submitter:
             raise refused(422, "webhook_secret_missing", message)
         run_id = run_id_for(team.name, key)
         existing = self.index.get(run_id)
+        if existing is None and key is not None and self.stored is not None:
+            existing = await self.stored(run_id)  # a key reused after its run left memory
         if existing is not None:
             return self._same_or_refuse(existing, create, key)
         now = self.clock.now()

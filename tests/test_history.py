@@ -1,0 +1,195 @@
+"""Bounded history: ended runs leave memory once their view is stored, services start from the
+scheduler's checkpoint instead of sequence 1, and any gateway answers any run, however old."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import httpx
+import pytest
+from nats.aio.client import Client
+
+from contracts import RunState, RunSubmitted
+from contracts.agents import PipelineInfo
+from contracts.events import (
+    AdmissionGrant,
+    AnyEvent,
+    RunCompleted,
+    RunDispatched,
+    RunQueued,
+    RunStarted,
+)
+from contracts.values import RunIO
+from runtime.config import parse
+from runtime.eventlog import EventLog, LogSettings
+from runtime.gateway import Gateway
+from runtime.projection import RunIndex
+from runtime.scheduler import Scheduler
+from runtime.streams import EVENTS_STREAM
+from runtime.views import RunViews, find_run, start_position
+
+pytestmark = pytest.mark.anyio
+
+T0 = 1_000_000.0
+PIPELINE = "t/p:v1"
+CONFIG = parse(
+    {
+        "teams": {
+            "acme": {"tier": "startup", "tokens": ["tok_acme"]},
+            "rival": {"tier": "startup", "tokens": ["tok_rival"]},
+        },
+        "settings": {"keep_ended_s": 60, "checkpoint_every_s": 0, "replay_deadline_s": 5},
+    }
+)
+
+
+def submitted(run_id: str, at: float, team: str = "acme") -> RunSubmitted:
+    return RunSubmitted(
+        run_id=run_id,
+        at=at,
+        team=team,
+        pipeline=PIPELINE,
+        inputs=[RunIO(type="string", value="x")],
+        admission=AdmissionGrant(tier="startup"),
+    )
+
+
+def completed_history(run_id: str, at: float, team: str = "acme") -> list[AnyEvent]:
+    return [
+        submitted(run_id, at, team),
+        RunQueued(run_id=run_id, at=at, attempt=1),
+        RunDispatched(run_id=run_id, at=at + 1, attempt=1, agent_id="a1"),
+        RunStarted(run_id=run_id, at=at + 1, attempt=1, agent_id="a1"),
+        RunCompleted(
+            run_id=run_id, at=at + 2, attempt=1, outputs=[RunIO(type="string", value="y")]
+        ),
+    ]
+
+
+def feed(index: RunIndex, events: list[AnyEvent]) -> None:
+    for event in events:
+        index.apply(index.last_seq + 1, event)
+
+
+# --- the index, no NATS ------------------------------------------------------------------------
+
+
+def test_ended_runs_are_forgotten_after_the_window_and_live_ones_kept() -> None:
+    index = RunIndex()
+    feed(index, completed_history("old", T0))
+    feed(index, [submitted("live", T0 + 1), RunQueued(run_id="live", at=T0 + 1, attempt=1)])
+    feed(index, completed_history("recent", T0 + 100))
+    forgotten: list[str] = []
+    index.on_forget(lambda run: forgotten.append(run.id))
+    assert index.forget_ended(T0 + 50) == 1
+    assert forgotten == ["old"]
+    assert index.get("old") is None and index.get("recent") is not None
+    assert index.queue_position("live") == 0
+    assert index.replay_from() == 6  # the live run's first event: read from there on a restart
+
+
+def test_a_run_whose_view_is_not_stored_stays_and_holds_the_replay_position() -> None:
+    index = RunIndex()
+    feed(index, completed_history("a", T0))
+    feed(index, completed_history("b", T0))
+    assert index.forget_ended(T0 + 50, may=lambda run_id: run_id != "a") == 0
+    assert index.replay_from() == 1
+    assert index.forget_ended(T0 + 50) == 2
+    assert index.replay_from() == index.last_seq + 1 == 11
+
+
+def test_a_replay_from_a_checkpoint_ignores_runs_that_began_before_it() -> None:
+    index = RunIndex()
+    index.start_at(3)  # the run's submitted (1), queued (2), dispatched (3) are before
+    for seq, event in enumerate(completed_history("r", T0)[3:], start=4):
+        index.apply(seq, event)
+    assert index.get("r") is None and index.last_seq == 5
+
+
+# --- on a real nats-server ---------------------------------------------------------------------
+
+
+async def fill(log: EventLog, runs: int, at: float = T0, team: str = "acme") -> list[str]:
+    ids = [f"done{i}" for i in range(runs)]
+    for run_id in ids:
+        for event in completed_history(run_id, at, team):
+            await log.append(event)
+    return ids
+
+
+@pytest.fixture
+async def log(nc: Client) -> AsyncIterator[EventLog]:
+    log = EventLog(nc)
+    await log.ensure()
+    yield log
+
+
+async def test_the_scheduler_stores_views_forgets_ended_runs_and_a_restart_starts_late(
+    nc: Client, log: EventLog
+) -> None:
+    ids = await fill(log, 20)
+    await log.append(submitted("live", T0 + 10))
+    first = Scheduler(nc, CONFIG)
+    async with first.following():
+        assert len(first.index.records) == 21
+        await first.keeper.step(T0 + 1000, 0.0)  # past the window: views stored, then forgotten
+        assert set(first.index.records) == {"live"}
+    views = RunViews(log.js)
+    await views.ensure()
+    checkpoint = await views.checkpoint()
+    assert checkpoint is not None and checkpoint.replay_from == 101  # "live" was appended at 101
+    stored = await views.get(ids[0])
+    assert stored is not None and stored.state is RunState.completed and stored.team == "acme"
+
+    second = Scheduler(nc, CONFIG)
+    async with second.following():  # reads from 101: 1 event, not 101
+        assert set(second.index.records) == {"live"}
+        live = second.index.get("live")
+        assert live is not None and live.state is RunState.routing
+        assert second.index.last_seq == 101
+    assert await find_run(log, views, ids[-1]) == await views.get(ids[-1])
+
+
+async def test_a_gateway_answers_old_runs_and_runs_another_gateway_just_made(
+    nc: Client, log: EventLog
+) -> None:
+    ids = await fill(log, 3)
+    scheduler = Scheduler(nc, CONFIG)
+    async with scheduler.following():
+        await scheduler.keeper.step(T0 + 1000, 0.0)
+    await log.append(submitted("fresh", T0 + 2000))
+    gateway = Gateway(nc, CONFIG)
+    async with anyio.create_task_group() as tg:
+        await tg.start(gateway.run)
+        await gateway.catalog.register(PipelineInfo(pointer=PIPELINE))
+        assert gateway.index.get(ids[0]) is None  # never held: started from the checkpoint
+        gateway.index.records.pop("fresh")  # as if this gateway had not seen it yet
+        transport = httpx.ASGITransport(app=gateway.app())
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+            acme = {"Authorization": "Bearer tok_acme"}
+            rival = {"Authorization": "Bearer tok_rival"}
+            old = await http.get(f"/v4/runs/{ids[0]}", headers=acme)
+            assert old.status_code == 200 and old.json()["state"] == "completed"
+            new = await http.get("/v4/runs/fresh", headers=acme)
+            assert new.status_code == 200 and new.json()["id"] == "fresh"
+            assert (await http.get(f"/v4/runs/{ids[0]}", headers=rival)).status_code == 404
+            assert (await http.get("/v4/runs/nope", headers=acme)).status_code == 404
+            assert (await http.get("/v4/runs/a.b", headers=acme)).status_code == 404
+        tg.cancel_scope.cancel()
+
+
+async def test_an_empty_or_fully_aged_out_stream_starts_at_once(nc: Client) -> None:
+    log = EventLog(nc, LogSettings(max_age_s=1.0, duplicate_window_s=1.0))
+    await log.ensure()
+    await fill(log, 2)
+    with anyio.fail_after(10):
+        while (await log.js.stream_info(EVENTS_STREAM)).state.messages:
+            await anyio.sleep(0.2)
+    views = RunViews(log.js)
+    await views.ensure()
+    assert await start_position(log.js, views) == (11, 10)
+    scheduler = Scheduler(nc, CONFIG)
+    with anyio.fail_after(3):  # before: waited for sequence 10, which never comes
+        async with scheduler.following():
+            assert scheduler.caught_up and scheduler.index.last_seq == 10
