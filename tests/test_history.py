@@ -193,3 +193,13 @@ async def test_an_empty_or_fully_aged_out_stream_starts_at_once(nc: Client) -> N
     with anyio.fail_after(3):  # before: waited for sequence 10, which never comes
         async with scheduler.following():
             assert scheduler.caught_up and scheduler.index.last_seq == 10
+
+
+async def test_the_api_says_starting_until_the_gateway_has_caught_up(nc: Client) -> None:
+    gateway = Gateway(nc, CONFIG)  # not run: still catching up
+    transport = httpx.ASGITransport(app=gateway.app())
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+        answer = await http.get("/v4/runs/x", headers={"Authorization": "Bearer tok_acme"})
+        assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
+        assert answer.json()["detail"]["code"] == "starting"
+        assert (await http.get("/healthz")).status_code == 200
