@@ -369,6 +369,30 @@ def state_diagram() -> None:
     click.echo(mermaid_diagram(), nl=False)
 
 
+@main.group()
+def admin() -> None:
+    """Operator steps on the streams."""
+
+
+@admin.command("apply-retention")
+@nats_option
+@config_option
+def apply_retention(nats_url: str, config_path: str | None) -> None:
+    """Set how long events, logs and run views are kept (the config's events_max_age_s and
+    views_max_age_s); services never change it back."""
+    from runtime.retention import RetentionRefused
+    from runtime.services import apply_retention_at
+
+    try:
+        changed = anyio.run(apply_retention_at, nats_url, _config(config_path).settings)
+    except RetentionRefused as err:
+        raise click.ClickException(str(err)) from None
+    for name, max_age in changed:
+        click.echo(f"{name}: max_age {max_age:g} s" if max_age else f"{name}: kept for ever")
+    if not changed:
+        click.echo("retention already as configured")
+
+
 register_scaling_commands(main, nats_option, replicas_option)
 register_webhook_commands(main, nats_option, config_option, _config)
 

@@ -19,7 +19,7 @@ from anyio.abc import TaskStatus
 from contracts.names import check_token
 from runtime.agent import Agent, AgentFenced, PipelineModuleError
 from runtime.capture import DEFAULT_MAX_BYTES
-from runtime.config import Config
+from runtime.config import Config, Settings
 from runtime.eventlog import LogSettings
 from runtime.fleet import RECALL_SUBJECT
 from runtime.gateway import Gateway
@@ -217,5 +217,17 @@ async def recall_agent(nats_url: str, agent_id: str, timeout: float) -> str:
     try:
         reply = await nc.request(f"{RECALL_SUBJECT}.{agent_id}", b"", timeout=timeout)
         return reply.data.decode()
+    finally:
+        await close(nc)
+
+
+async def apply_retention_at(nats_url: str, settings: Settings) -> list[tuple[str, float]]:
+    """``jetrun admin apply-retention``: one connection, the updates, closed."""
+    from runtime.retention import apply_retention, wanted
+
+    wanted(settings)  # refuse bad settings before connecting
+    nc = await connect(nats_url, "jetrun-admin")
+    try:
+        return await apply_retention(nc.jetstream(timeout=10.0), settings)
     finally:
         await close(nc)
