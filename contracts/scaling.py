@@ -74,6 +74,12 @@ class ScalingSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
         warm = max((w.replicas for w in self.warm if w.covers(unix_s)), default=0)
         return min(max(self.min_replicas, warm), self.max_replicas)
 
+    def most_kept(self) -> int:
+        """The most replicas these settings keep ready with no traffic (``min_replicas`` or
+        the largest warm window), never above ``max_replicas``."""
+        warm = max((w.replicas for w in self.warm), default=0)
+        return min(max(self.min_replicas, warm), self.max_replicas)
+
     def backoff_s(self, failures: int) -> float:
         """Wait before the next startup attempt after ``failures`` failed ones (doubling)."""
         return float(self.startup_backoff_s * 2.0 ** max(failures - 1, 0))

@@ -16,7 +16,7 @@ import collections
 import contextlib
 import dataclasses
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import msgspec
 from nats.aio.subscription import Subscription
@@ -103,6 +103,10 @@ class ScalingApi:
             raise error(422, "invalid_field", str(err)) from None
         except msgspec.DecodeError as err:
             raise error(422, "invalid_json", f"malformed JSON body: {err}") from None
+        if team.name not in self.gw.config.settings.scaling_operators:
+            limit = self.gw.config.limit(team.tier)
+            if over := kept_over_limit(team.name, limit, info.pointer, settings, self.gw.catalog):
+                raise error(422, "replica_limit", over, "min_replicas")
         updated = msgspec.structs.replace(info, scaling=settings)
         await self.gw.catalog.register(updated)
         event = SettingsChanged(
@@ -184,6 +188,33 @@ class ScalingApi:
             settings=info.scaling,
             replicas=replicas,
         )
+
+
+class _Entries(Protocol):
+    def entries(self) -> list[PipelineInfo]: ...
+
+
+def kept_over_limit(
+    team: str, limit: int | None, pointer: str, settings: ScalingSettings, catalog: _Entries
+) -> str | None:
+    """Why ``settings`` for ``pointer`` would keep more idle replicas ready for ``team``
+    (across its pipelines: ``team/...``) than it may run at once (its tier's ``limit``), or
+    None. Replicas kept ready with no traffic hold nodes other teams would otherwise get."""
+    if limit is None:
+        return None
+    others = sum(
+        i.scaling.most_kept()
+        for i in catalog.entries()
+        if i.scaling is not None and i.pointer != pointer and i.pointer.split("/", 1)[0] == team
+    )
+    wanted = settings.most_kept()
+    if others + wanted <= limit:
+        return None
+    return (
+        f"team {team} may keep at most {limit} replicas ready with no traffic (its tier's "
+        f"concurrency limit), across its pipelines: {others} elsewhere, {wanted} asked here "
+        "(min_replicas or a warm window)"
+    )
 
 
 def _node(beat: AgentHeartbeat) -> Node:

@@ -11,11 +11,11 @@ from contracts.agents import (
     PipelineInfo,
     PipelineStatus,
 )
-from contracts.scaling import ReplicaState, ScalingSettings
+from contracts.scaling import ReplicaState, ScalingSettings, WarmWindow
 from runtime.config import parse
 from runtime.fleet import Fleet
 from runtime.projection import RunIndex
-from runtime.scaling_api import ScalingApi
+from runtime.scaling_api import ScalingApi, kept_over_limit
 from tests.fakes import FakeClock
 
 POINTER = "acme/model:v1"
@@ -59,3 +59,26 @@ def test_always_on_pipeline_desires_a_replica_only_while_runs_wait() -> None:
     view = api(ready).view(PipelineInfo(pointer=POINTER))
     assert view.current_replicas == 1 and view.desired_replicas == 1 and not view.autoscaled
     assert view.current_pipeline_states == {"ready": 1}
+
+
+def test_a_team_keeps_no_more_idle_replicas_than_its_tier_runs_at_once() -> None:
+    """min_replicas 1000 (or a warm window) would hold every node a provider can add."""
+    other = PipelineInfo(
+        pointer="acme/other:v1", scaling=ScalingSettings(min_replicas=2, max_replicas=2)
+    )
+    rivals = PipelineInfo(
+        pointer="rival/big:v1", scaling=ScalingSettings(min_replicas=9, max_replicas=9)
+    )
+    catalog = SimpleNamespace(entries=lambda: [other, rivals])
+    huge = ScalingSettings(min_replicas=1000, max_replicas=1000)
+    assert "at most 3" in (kept_over_limit("acme", 3, POINTER, huge, catalog) or "")
+    one = ScalingSettings(min_replicas=1, max_replicas=1000)  # 2 elsewhere + 1: within 3
+    assert kept_over_limit("acme", 3, POINTER, one, catalog) is None
+    window = WarmWindow(start="08:00", end="18:00", replicas=2)
+    warm = ScalingSettings(max_replicas=5, warm=[window])
+    assert kept_over_limit("acme", 3, POINTER, warm, catalog) is not None
+    assert kept_over_limit("acme", None, POINTER, huge, catalog) is None  # unlimited tier
+    same = SimpleNamespace(entries=lambda: [PipelineInfo(pointer=POINTER, scaling=huge)])
+    assert kept_over_limit("acme", 3, POINTER, one, same) is None  # its own old settings
+    scale_by_demand = ScalingSettings(max_replicas=1000)  # no floor: demand stays in the tier
+    assert kept_over_limit("acme", 3, POINTER, scale_by_demand, catalog) is None

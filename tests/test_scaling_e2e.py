@@ -226,6 +226,9 @@ async def test_settings_change_through_the_api_applies_without_restart(up: str) 
         assert denied.status_code == 403 and denied.json()["detail"]["code"] == "forbidden"
         bad = await c.patch(f"/v4/pipelines/{SCALED}/scaling", json={"min_replicas": 5})
         assert bad.status_code == 422 and "min_replicas" in bad.text
+        greedy = {"min_replicas": 1000, "max_replicas": 1000}  # every node the provider has
+        hoard = await c.patch(f"/v4/pipelines/{SCALED}/scaling", json=greedy)
+        assert hoard.status_code == 422 and hoard.json()["detail"]["code"] == "replica_limit"
         changed = await c.patch(f"/v4/pipelines/{SCALED}/scaling", json={"min_replicas": 1})
         assert changed.status_code == 200, changed.text
         assert changed.json()["settings"]["min_replicas"] == 1
