@@ -7,7 +7,9 @@ network (a metadata service, an admin port). So by default a destination must re
 public addresses: loopback, private, link-local, multicast, reserved and unspecified addresses
 are refused unless ``[webhooks] allow_private = true``. ``allowed_hosts`` (host names, IPs or
 CIDRs) are always allowed; with ``only_allowed_hosts = true`` nothing else is. The deliverer
-checks every address a name resolves to just before each POST, and never follows redirects.
+checks every address a name resolves to just before each POST, connects to the address it
+checked (no second resolution: DNS rebinding cannot aim it elsewhere), and never follows
+redirects.
 
 Signature: ``Jetrun-Signature: v1=<hex>``, the HMAC-SHA256 with the team's ``webhook_secret``
 of ``<Jetrun-Timestamp>.<raw body>``; receivers recompute it, compare in constant time, and

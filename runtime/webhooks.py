@@ -246,7 +246,7 @@ class WebhookService:
         """One signed POST; raises ``Retry`` or ``GiveUp`` unless the answer is 2xx."""
         try:
             host, port = check_callback_url(delivery.url, self.policy)
-            await self._check_resolved(host, port)
+            address = await self._check_resolved(host, port)
         except DestinationRefused as refused:
             raise GiveUp(str(refused)) from None
         body = _json.encode(delivery.run)
@@ -258,27 +258,29 @@ class WebhookService:
             TIMESTAMP_HEADER: str(now),
             SIGNATURE_HEADER: sign(secret, now, body),
         }
-        try:
-            response = await self.http.post(
-                delivery.url, content=body, headers=headers, timeout=self.policy.timeout_s
-            )
-        except httpx.HTTPError as err:
-            raise Retry(f"{type(err).__name__}: {err}") from None
-        status = response.status_code
+        status = await post_pinned(
+            self.http, delivery.url, address, body, headers, self.policy.timeout_s
+        )
         if 200 <= status < 300:
             return
         if status in (408, 425, 429) or status >= 500:
             raise Retry(f"HTTP {status}")
         raise GiveUp(f"HTTP {status}")
 
-    async def _check_resolved(self, host: str, port: int) -> None:
+    async def _check_resolved(self, host: str, port: int) -> str:
+        """The address to POST to: every address ``host`` resolves to is checked, and the
+        POST goes to one of them (the name is not resolved again, so a DNS answer that
+        changes between the check and the connection cannot aim it elsewhere)."""
         try:
             infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         except OSError as err:
             raise Retry(f"cannot resolve {host}: {err}") from None
-        for info in infos:
-            address = ipaddress.ip_address(str(info[4][0]).split("%")[0])
+        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
+        for address in addresses:
             check_address(host, address, self.policy)
+        if not addresses:
+            raise Retry(f"{host} resolves to no address")
+        return str(addresses[0])
 
     async def _bury(self, msg: Msg, delivery: Delivery, attempts: int, error: str) -> None:
         """Record the delivery in the dead letters, then ack it."""
@@ -296,6 +298,37 @@ class WebhookService:
             error,
             extra={"run_id": delivery.run.id, "team": delivery.team},
         )
+
+
+async def post_pinned(
+    http: httpx.AsyncClient,
+    url: str,
+    address: str,
+    body: bytes,
+    headers: dict[str, str],
+    timeout_s: float,
+) -> int:
+    """POST ``body`` to ``url`` at ``address`` (an IP the policy allowed; ``Host`` and TLS
+    name stay the URL's) and return the status. The whole exchange has ``timeout_s``,
+    however slowly a receiver answers, and the response body is never read (a receiver
+    cannot make the deliverer hold gigabytes). Raises ``Retry`` on a timeout or an HTTP
+    error."""
+    target = httpx.URL(url)
+    pinned = target.copy_with(host=address)
+    headers = {**headers, "Host": target.netloc.decode("ascii")}
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    try:
+        with anyio.fail_after(timeout_s):
+            request = http.build_request(
+                "POST", pinned, content=body, headers=headers, extensions=extensions
+            )
+            response = await http.send(request, stream=True)
+            await response.aclose()  # the status is all a delivery needs
+    except TimeoutError:
+        raise Retry(f"no answer within {timeout_s} s") from None
+    except httpx.HTTPError as err:
+        raise Retry(f"{type(err).__name__}: {err}") from None
+    return response.status_code
 
 
 async def _fetch(psub: JetStreamContext.PullSubscription, batch: int) -> list[Msg]:
