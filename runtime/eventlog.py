@@ -295,7 +295,9 @@ async def ensure_stream(js: Any, config: api.StreamConfig, deadline_s: float = 3
 
 
 async def last_event_of_kind(log: EventLog, run_id: str, kind: str) -> AnyEvent | None:
-    """The latest ``kind`` event of one run, by a single direct get; None if there is none."""
+    """The latest ``kind`` event of one run, by a single direct get; None if there is none,
+    or if it cannot be decoded (a newer kind, or nested past what the decoder allows: such a
+    run is skipped by every reader of the log, so it is no run here either)."""
 
     async def get() -> Any:
         return await log.js.get_msg(EVENTS_STREAM, subject=event_subject(run_id, kind), direct=True)
@@ -306,7 +308,13 @@ async def last_event_of_kind(log: EventLog, run_id: str, kind: str) -> AnyEvent 
         return None
     if msg.data is None:
         return None
-    return decode_event(msg.data)
+    try:
+        return decode_event(msg.data)
+    except (msgspec.MsgspecError, RecursionError) as err:
+        logging.getLogger("jetrun.eventlog").warning(
+            "undecodable %s event of %s: %s", kind, run_id, err
+        )
+        return None
 
 
 class Ensurable(Protocol):
