@@ -71,6 +71,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     http_header_timeout_s: float = 10.0  # a connection must send a request head within this
     http_max_connections: int = 4096  # open HTTP connections (also kept below the fd limit)
     http_keepalive_s: float = 5.0  # an idle keep-alive connection is closed after this
+    http_max_head_bytes: int = 65_536  # a request line and headers; past it 431
     # followed logs and streamed runs a team may hold open per gateway process (429 past it)
     max_streams_per_team: Annotated[int, msgspec.Meta(ge=1)] = 32
     scale_tick_s: float = 0.5  # the autoscaler decides this often

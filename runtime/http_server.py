@@ -10,6 +10,10 @@
   slow or idle connections can neither exhaust file descriptors (when ``accept`` fails, every
   client fails) nor keep a client with a whole request out.
 
+- **Head size cap** (``http_max_head_bytes``): a request line and headers over it are answered
+  ``431`` and the connection closed. The HTTP parser has no limit of its own, so without it a
+  client could stream headers into the gateway's memory until the header-read deadline.
+
 Keep-alive idle connections are closed after ``http_keepalive_s`` (uvicorn's own timer).
 """
 
@@ -29,6 +33,10 @@ log = logging.getLogger("jetrun.http")
 
 FD_RESERVE = 64  # descriptors kept for everything that is not an HTTP connection
 _408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_431 = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"content-length: 0\r\nconnection: close\r\n\r\n"
+)
 _503 = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
@@ -52,6 +60,7 @@ def protocol_for(settings: Settings) -> type[asyncio.Protocol]:
 
     Protocol.header_timeout_s = header_timeout
     Protocol.max_connections = cap
+    Protocol.max_head_bytes = settings.http_max_head_bytes
     Protocol.reading = reading
     return Protocol
 
@@ -59,11 +68,13 @@ def protocol_for(settings: Settings) -> type[asyncio.Protocol]:
 class LimitedHttpTools(HttpToolsProtocol):
     header_timeout_s: float
     max_connections: int
+    max_head_bytes: int = 65_536
     reading: OrderedDict[LimitedHttpTools, None]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0  # received while the current request head is unfinished
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -71,6 +82,13 @@ class LimitedHttpTools(HttpToolsProtocol):
             self._refuse(_503)
             return
         self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._head_timer is not None and not self.transport.is_closing():  # head unfinished
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes:
+                self._refuse(_431)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
@@ -91,6 +109,7 @@ class LimitedHttpTools(HttpToolsProtocol):
             self.reading[self] = None  # idle between requests: as evictable as a slow head
 
     def _await_head(self) -> None:
+        self._head_bytes = 0
         self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
         self.reading[self] = None
 

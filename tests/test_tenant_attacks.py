@@ -4,6 +4,7 @@ gateway, agent): each must fail only the attacker's own request, with a clear er
 from __future__ import annotations
 
 import contextlib
+import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -92,3 +93,23 @@ async def test_open_streams_of_one_team_cannot_starve_the_gateway(
         with anyio.fail_after(30):
             follow = await acme.get(f"/v4/runs/{run_id}/logs?follow=1")  # slots came back
     assert follow.status_code == 200
+
+
+async def test_a_request_head_past_the_cap_is_431_not_gateway_memory(stack: Stack) -> None:
+    """Anyone who can reach the port could stream headers into the gateway's memory until the
+    head deadline (tens of MB a second per connection); past http_max_head_bytes it is 431."""
+    port = int(stack.url.rsplit(":", 1)[1])
+
+    def send_big_head() -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000)
+            sock.settimeout(5)  # the head is not finished: only the cap can answer now
+            return sock.recv(200)
+
+    answer = await anyio.to_thread.run_sync(send_big_head)
+    assert answer.startswith(b"HTTP/1.1 431 "), answer
+    async with client(stack, "tok_acme") as acme:  # a big but allowed head still works
+        ok = await acme.get("/v4/runs", headers={"X-Pad": "p" * 30_000})
+        post = await acme.post("/v4/runs", content=b" " * 900_000 + b"{}")  # body is not head
+    assert ok.status_code == 200, ok.text
+    assert post.status_code == 422, post.text
