@@ -87,7 +87,12 @@ class SubmissionService:
 
     async def _handle(self, msg: Msg, limiter: anyio.Semaphore) -> None:
         try:
-            await self._respond(msg, await self.answer(msg.data))
+            try:
+                reply = await self.answer(msg.data)
+            except Exception:  # a bug: one request fails, never the gateway that answers it
+                log.exception("a submission could not be answered")
+                reply = _refusal(500, "internal_error", "the gateway failed; this is a bug")
+            await self._respond(msg, reply)
         finally:
             limiter.release()
 
@@ -95,7 +100,7 @@ class SubmissionService:
         """The reply to one request. Never raises (an unexpected error is a 503 reply)."""
         try:
             request = _request_decoder.decode(data)
-        except msgspec.MsgspecError as err:
+        except (msgspec.MsgspecError, RecursionError) as err:  # nested past the decoder's limit
             return _refusal(400, "invalid_request", f"not a submit request: {err}")
         team = self.authenticate(request.token)
         if team is None:

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import anyio
 import httpx
+import msgspec
 import pytest
 
+from contracts.submission import SUBMIT_SUBJECT, SubmitReply
+from runtime.client import RunEvents
 from tests.harness import FIXTURES, Stack, client, wait_replicas
 
 pytestmark = pytest.mark.anyio
@@ -113,3 +116,21 @@ async def test_a_request_head_past_the_cap_is_431_not_gateway_memory(stack: Stac
         post = await acme.post("/v4/runs", content=b" " * 900_000 + b"{}")  # body is not head
     assert ok.status_code == 200, ok.text
     assert post.status_code == 422, post.text
+
+
+async def test_a_nats_submission_nested_too_deep_is_refused_and_the_gateway_lives(
+    stack: Stack,
+) -> None:
+    """One request on jetrun.submit whose body nests 3,000 levels killed every gateway that
+    answered it (a RecursionError out of the request decoder ended its task group)."""
+    nested = b"[" * 3000 + b"]" * 3000
+    async with RunEvents.connect(stack.nats_url) as events:
+        for payload in (b'{"token": "tok_acme", "body": ' + nested + b"}", nested):
+            with anyio.fail_after(15):
+                msg = await events.log.nc.request(SUBMIT_SUBJECT, payload, timeout=10)
+            reply = msgspec.json.decode(msg.data, type=SubmitReply)
+            assert reply.status == 400 and reply.detail["code"] == "invalid_request", reply
+    gateway = next(p for p in stack.procs if p.name.startswith("gateway"))
+    assert gateway.popen is not None and gateway.popen.poll() is None, gateway.output()
+    async with client(stack, "tok_acme") as acme:
+        assert (await acme.get("/v4/runs")).status_code == 200
