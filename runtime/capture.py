@@ -32,6 +32,11 @@ def marker_bytes(nonce: str) -> bytes:
     return b"\x1ejetrun-end " + nonce.encode() + b"\n"
 
 
+def start_marker_bytes(nonce: str) -> bytes:
+    """Written by the worker when it begins the attempt of ``nonce`` (see ``expect_start``)."""
+    return b"\x1ejetrun-start " + nonce.encode() + b"\n"
+
+
 class LogCapture:
     """Splits output into ``LogLine``s until the end marker; ``feed`` never blocks."""
 
@@ -52,6 +57,8 @@ class LogCapture:
         self.dropped_bytes = 0
         self.done = False
         self.leftover = b""  # bytes after the end marker: the next capture's
+        self.started = True  # False: bytes before the start marker are dropped
+        self.stray_bytes = 0  # dropped before the start marker (printed between attempts)
         self._partial = b""
         self._lines: list[LogLine] = []
         self._finished = False
@@ -60,8 +67,18 @@ class LogCapture:
     def over_cap(self) -> bool:
         return self.dropped_bytes > 0
 
+    def expect_start(self) -> None:
+        """Drop what comes before this attempt's start marker: output printed between two
+        attempts (a pipeline's thread after its run returned) belongs to neither, and the
+        next attempt may be another team's run. Call before the first ``feed``."""
+        self.started = False
+
     def feed(self, data: bytes) -> bool:
         """Take output bytes; True once the end marker was seen (then call ``finish``)."""
+        if not self.started:
+            data = self._until_start(data)
+            if not self.started:
+                return False
         if self.done:
             self.leftover += data
             return True
@@ -78,6 +95,20 @@ class LogCapture:
         self._complete(buf[:cut], final=False)
         self._bound_partial()
         return False
+
+    def _until_start(self, data: bytes) -> bytes:
+        """The bytes after the start marker (``started`` then); before it, they are dropped
+        but for a tail that may be the start of a marker split across two reads."""
+        buf, marker = self._partial + data, start_marker_bytes(self.nonce)
+        at = buf.find(marker)
+        if at < 0:
+            keep = min(len(buf), len(marker) - 1)
+            self.stray_bytes += len(buf) - keep
+            self._partial = buf[len(buf) - keep :]
+            return b""
+        self.stray_bytes += at
+        self.started, self._partial = True, b""
+        return buf[at + len(marker) :]
 
     def finish(self) -> None:
         """The attempt's output ended (marker seen, or the worker exited): flush the last

@@ -10,7 +10,10 @@ and fd 0 at /dev/null, so a pipeline's prints cannot corrupt the protocol.
 What the pipeline prints (stdout and stderr, one pipe) is read by the parent into a
 ``LogCapture`` per attempt: after its startup step and after each attempt the child flushes
 both and writes the end marker of the nonce it was given (``JETRUN_LOG_MARKER`` for the startup
-step, ``RunRequest.log_marker`` for an attempt). Output with no capture of its own (the startup
+step, ``RunRequest.log_marker`` for an attempt); before an attempt it flushes and writes that
+attempt's start marker, and what came before it (printed after the previous attempt ended, by
+a thread of its pipeline, say) is dropped: the next attempt may be another team's run. Output
+with no capture of its own (the startup
 step, or ``run`` without ``output=``) goes to the ``jetrun.worker`` logger, capped. Between
 attempts nobody reads it: a pipeline printing from a background thread then blocks.
 
@@ -43,7 +46,7 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from contracts.errors import ErrorType, RunError
 from contracts.values import RunIO
-from runtime.capture import LogCapture, marker_bytes
+from runtime.capture import LogCapture, marker_bytes, start_marker_bytes
 from runtime.lifetime import child_env, honour_parent
 
 log = logging.getLogger("jetrun.worker")
@@ -265,6 +268,7 @@ class PipelineWorker:
         if self._process is None:
             raise RuntimeError(f"worker for {self.pointer} was not started")
         capture = output or self._uncaptured()
+        capture.expect_start()  # what was printed before this attempt began is not its
         try:
             request = _frame(RunRequest(inputs=inputs, log_marker=capture.nonce))
         except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
@@ -442,6 +446,16 @@ class _Channel:
         self.write(_frame(frame))
 
     @staticmethod
+    def start_output(nonce: str) -> None:
+        """Flush what was printed before this attempt, then mark where the attempt starts."""
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        if nonce:
+            with contextlib.suppress(OSError):
+                os.write(2, start_marker_bytes(nonce))
+
+    @staticmethod
     def end_output(nonce: str) -> None:
         """Flush what the pipeline printed, then mark its end (see the module docstring)."""
         for stream in (sys.stdout, sys.stderr):
@@ -496,6 +510,7 @@ def _serve_one(channel: _Channel, spec: Any, call: Callable[..., Any], request: 
     from runtime import pipelines
 
     marker = request.log_marker
+    channel.start_output(marker)
     try:
         args = pipelines.validate_inputs(spec, request.inputs)
     except pipelines.InputError as exc:

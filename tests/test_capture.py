@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.capture import LINE_OVERHEAD, LogCapture, marker_bytes
+from runtime.capture import LINE_OVERHEAD, LogCapture, marker_bytes, start_marker_bytes
 
 
 def capture(max_bytes: int = 10_000, max_line_bytes: int = 1000) -> LogCapture:
@@ -77,3 +77,15 @@ def test_finish_is_idempotent() -> None:
     c.finish()
     c.finish()
     assert len(c.take()) == 1
+
+
+def test_what_comes_before_the_start_marker_is_dropped_even_split_byte_by_byte() -> None:
+    c = capture()
+    c.expect_start()
+    stream = b"late line of the last attempt\n" + start_marker_bytes("n0nce") + b"mine\n"
+    stream += marker_bytes("n0nce")
+    done = [c.feed(bytes([b])) for b in stream]
+    assert done[-1] and not any(done[:-1])
+    c.finish()
+    assert texts(c) == ["mine"]
+    assert c.stray_bytes == len(b"late line of the last attempt\n")
