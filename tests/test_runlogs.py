@@ -178,3 +178,19 @@ async def test_a_worker_whose_output_end_is_not_marked_is_never_reused() -> None
             result = await worker.run([from_python("said once")], output=capture)
         assert result.ok and [line.text for line in capture.take()] == ["said once"]
         assert not worker.alive
+
+
+async def test_the_sdk_reads_and_follows_a_runs_logs(logstack: Stack) -> None:
+    from runtime.sdk import AsyncClient, JetrunError
+
+    async with AsyncClient(logstack.url, "tok_acme") as sdk:
+        run = await sdk.run_pipeline("test/chatty:v1", 2, False, async_run=True)
+        with anyio.fail_after(30):
+            followed = [line.text async for line in sdk.follow_run_logs(run.id)]
+        logs = await sdk.get_run_logs(run.id)
+    assert followed == [line.text for line in logs.lines] == ["out 0", "out 1", "to stderr"]
+    assert logs.state == "completed" and not logs.truncated
+    async with AsyncClient(logstack.url, "tok_rival") as rival:
+        with pytest.raises(JetrunError) as refused:
+            await rival.get_run_logs(run.id)
+    assert refused.value.status == 404
