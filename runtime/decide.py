@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
 import msgspec
+from sortedcontainers import SortedList
 
 from contracts.agents import PipelineInfo, PipelineStatus
 from contracts.errors import ErrorType, RunError
@@ -78,6 +79,10 @@ class Worklist:
     dispatched_at: dict[str, int] = field(default_factory=dict)
     announced: dict[str, WaitingFor] = field(default_factory=dict)  # pipeline -> its queue's wait
     permit_held: set[str] = field(default_factory=set)  # late routing runs whose permit is there
+    # per pipeline, its queued runs waiting for a replica ordered by when they began waiting
+    # (``resources_since``): expiring resource waits looks only at the heads that are due
+    resource_waits: dict[str, SortedList] = field(default_factory=dict)
+    _waiting: dict[str, tuple[str, float]] = field(default_factory=dict)  # run -> its entry
 
     def observe(self, seq: int, event: AnyEvent, run: RunRecord, mono: float) -> None:
         _toggle(self.routing, run.id, run.state is RunState.routing)
@@ -85,6 +90,7 @@ class Worklist:
             self.permit_held.discard(run.id)
         _toggle(self.created, run.id, run.state is RunState.created)
         _toggle(self.cancelling, run.id, run.cancel_requested and not run.is_terminal)
+        self._track_resource_wait(run)
         if run.state is RunState.running:
             self.running_since[run.id] = mono
             if isinstance(event, RunDispatched):
@@ -101,6 +107,22 @@ class Worklist:
             and run.waiting_for not in (told, WaitingFor.cancellation)
         ):
             del self.announced[run.pipeline]
+
+    def _track_resource_wait(self, run: RunRecord) -> None:
+        since = run.resources_since if run.state is RunState.queued else None
+        entry = None if since is None else (run.pipeline, since)
+        old = self._waiting.get(run.id)
+        if old == entry:
+            return
+        if old is not None:
+            queue = self.resource_waits[old[0]]
+            queue.discard((old[1], run.id))
+            if not queue:
+                del self.resource_waits[old[0]]
+            del self._waiting[run.id]
+        if entry is not None:
+            self.resource_waits.setdefault(entry[0], SortedList()).add((entry[1], run.id))
+            self._waiting[run.id] = entry
 
 
 @dataclass
@@ -418,14 +440,13 @@ def expire_resource_waits(p: Pass, d: Decisions) -> None:
     it began waiting for one, not from when it was created) for the resource wait timeout ends
     ``no_resources_available``."""
     timeout = p.config.settings.resource_wait_timeout_s
-    for pipeline in p.runs.pipelines_with_queue():
+    for pipeline, waits in p.work.resource_waits.items():
         if p.fleet.serving(pipeline):
             continue
-        for run_id in p.runs.queued(pipeline):
-            run = p.run(run_id)
-            since = run.resources_since
-            if since is not None and p.now.wall - since >= timeout:
-                d.add(no_resources(p, run, f"came alive within {timeout:g} s"))
+        for since, run_id in waits:  # oldest wait first: stop at the first not yet due
+            if p.now.wall - since < timeout:
+                break
+            d.add(no_resources(p, p.run(run_id), f"came alive within {timeout:g} s"))
 
 
 def announce_waits(p: Pass, d: Decisions) -> None:

@@ -359,6 +359,26 @@ def test_a_requeued_run_starts_a_new_resource_wait() -> None:
     assert w.state("r1") is RunState.no_resources_available
 
 
+def test_resource_waits_expire_in_the_order_they_began_and_only_when_due() -> None:
+    w = World()
+    w.submit("r1", "t/ghost:v1")  # no replica anywhere: waits for resources from now
+    w.settle()
+    w.advance(30)
+    w.submit("r2", "t/ghost:v1")
+    w.settle()
+    waits = w.work.resource_waits["t/ghost:v1"]
+    assert [run_id for _, run_id in waits] == ["r1", "r2"]
+    w.advance(30)  # r1 waited 60 s, r2 30 s
+    w.settle(timed=True)
+    assert w.state("r1") is RunState.no_resources_available
+    assert w.state("r2") is RunState.queued
+    assert [run_id for _, run_id in w.work.resource_waits["t/ghost:v1"]] == ["r2"]
+    w.advance(30)
+    w.settle(timed=True)
+    assert w.state("r2") is RunState.no_resources_available
+    assert "t/ghost:v1" not in w.work.resource_waits  # nothing left behind
+
+
 def test_a_run_queued_behind_busy_replicas_waits_in_full_when_the_last_one_goes() -> None:
     w = World()
     w.fleet.observe(beat("a1", "t/p:v1"))
