@@ -27,7 +27,6 @@ from contracts.events import (
     AnyEvent,
     RunDispatched,
     RunPreempted,
-    RunQueued,
     RunRequeued,
     RunStarted,
 )
@@ -64,6 +63,10 @@ LOG_FAILURES = Counter(
 def operation_of(what: str) -> str:
     """``"append jetrun.ev.run_1.queued"`` -> ``"append"``: a bounded label."""
     return what.split(" ", 1)[0][:32]
+
+
+# States in which a run waits to be placed on a slot: routing (admitted), queued.
+_WAITING_FOR_A_SLOT = frozenset({RunState.routing, RunState.queued})
 
 
 class Exposition:
@@ -128,8 +131,9 @@ class RunMetrics(Collector):
         self.log_last_seq: int | None = None
         self.phase = Histogram(
             "jetrun_run_phase_seconds",
-            "Time runs spend in each phase, from event timestamps: queue_wait (queued to "
-            "dispatched), start (dispatched to started: worker, cold start included), "
+            "Time runs spend in each phase, from event timestamps: queue_wait (admitted or "
+            "requeued to dispatched), start (dispatched to started: worker, cold start "
+            "included), "
             "execution (started to the attempt's end)",
             ["phase", "pipeline"],
             buckets=PHASE_BUCKETS,
@@ -152,8 +156,8 @@ class RunMetrics(Collector):
                 self.counts[(before.state.value, before.pipeline)] -= 1
             self.counts[(after.state.value, after.pipeline)] += 1
         live = self.caught_up()
-        if isinstance(event, RunQueued | RunRequeued) and after.state is RunState.queued:
-            self.queued_at[after.id] = event.at
+        if after.state in _WAITING_FOR_A_SLOT and state_before not in _WAITING_FOR_A_SLOT:
+            self.queued_at[after.id] = event.at  # admitted or requeued: placement may begin
         if isinstance(event, RunPreempted | RunRequeued) and live:
             self.lost.labels(_reason_class(event.reason)).inc()
         if isinstance(event, RunDispatched):
