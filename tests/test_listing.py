@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import base64
 from functools import partial
 
 import anyio
@@ -50,6 +51,23 @@ def test_pages_are_newest_first_per_team_and_end() -> None:
     assert pages == [["r6", "r5", "r4"], ["r3", "r2", "r1"], ["r0"]]
     assert all_pages(listing, "u", ListQuery()) == [["other"]]
     assert all_pages(listing, "nobody", ListQuery()) == [[]]
+
+
+def test_a_cursor_from_another_team_or_forged_pages_only_the_callers_runs() -> None:
+    index = RunIndex()
+    listing = RunListing(index)
+    for i in range(4):
+        feed(index, submit(f"mine{i}", at=100.0 + 2 * i))
+        feed(index, submit(f"theirs{i}", at=101.0 + 2 * i, team="u"))
+    _, theirs = listing.page("u", ListQuery(limit=1))
+    assert theirs is not None
+    runs, _ = listing.page("t", ListQuery(cursor=decode_cursor(theirs)))  # their cursor
+    assert [r.id for r in runs] == ["mine3", "mine2", "mine1", "mine0"]
+    forged = ListQuery(cursor=(-1e300, "theirs3"))  # a key naming their run, before all
+    assert [r.id for r in listing.page("t", forged)[0]] == ["mine3", "mine2", "mine1", "mine0"]
+    assert listing.page("t", ListQuery(cursor=(1e300, "")))[0] == []
+    with pytest.raises(BadQuery):
+        decode_cursor(base64.urlsafe_b64encode(b"[" * 5000 + b"]" * 5000).decode())
 
 
 def test_runs_created_at_the_same_second_are_neither_lost_nor_repeated() -> None:
