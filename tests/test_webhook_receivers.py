@@ -17,7 +17,7 @@ import pytest
 from contracts.run import Run, RunRecord
 from contracts.webhooks import Delivery
 from runtime.config import parse
-from runtime.webhooks import Retry, WebhookService
+from runtime.webhooks import GiveUp, Retry, WebhookService
 
 pytestmark = pytest.mark.anyio
 
@@ -124,3 +124,20 @@ async def test_the_post_goes_to_the_address_that_was_checked(
     assert await _post(f"http://hooks.rebind.test:{port}/hook") == 200
     assert answers == ["hooks.rebind.test"]
     assert seen_hosts == [f"host: hooks.rebind.test:{port}".encode()]
+
+
+async def test_a_redirect_is_not_followed(serve: Callable[[Handler], Awaitable[int]]) -> None:
+    """A receiver answering 302 to an address the policy would refuse gets no second POST."""
+    seen_hosts.clear()
+    target = await serve(_record_host)
+
+    async def redirect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        location = f"Location: http://127.0.0.1:{target}/metadata\r\n".encode()
+        writer.write(b"HTTP/1.1 302 Found\r\n" + location + b"Content-Length: 0\r\n\r\n")
+        await writer.drain()
+
+    port = await serve(redirect)
+    with pytest.raises(GiveUp, match="HTTP 302"):
+        await _post(f"http://127.0.0.1:{port}/hook")
+    assert seen_hosts == []
