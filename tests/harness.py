@@ -286,6 +286,14 @@ class Stack:
         return "\n".join(f"----- {p.name} -----\n{p.output()[-4000:]}" for p in self.procs)
 
 
+def open_gate(path: Path, text: str) -> None:
+    """Open a gate (tests/fixtures/gate_pipelines.py): the file appears with its whole content
+    at once (written aside, then renamed), so a gate never reads it half written."""
+    aside = path.with_name(f".{path.name}.writing")
+    aside.write_text(text)
+    os.replace(aside, path)
+
+
 def client(stack: Stack, token: str, gateway: int = 0) -> httpx.AsyncClient:
     """An HTTP client for one of the stack's gateways, with a team's token."""
     return httpx.AsyncClient(

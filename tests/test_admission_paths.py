@@ -21,7 +21,7 @@ from runtime.eventlog import EVENTS_STREAM, event_subject
 from runtime.nats_conn import connect
 from runtime.sdk import ConcurrencyLimitReached, JetrunError
 from tests import harness
-from tests.harness import Stack, wait_state
+from tests.harness import Stack, open_gate, wait_state
 
 pytestmark = pytest.mark.anyio
 
@@ -141,7 +141,7 @@ async def test_a_service_submits_through_admission_and_hears_typed_refusals(
         assert bad.value.status == 422 and bad.value.detail["field"] == "pipeline"
     async with client(stack, "tok_rival") as c:
         for gate, run in zip(gates, runs, strict=False):
-            gate.write_text("open")
+            open_gate(gate, "open")
             assert (await wait_state(c, run.id, {"completed"}))["outputs"][0]["value"] == "open"
 
 
@@ -181,5 +181,5 @@ async def test_submitted_events_published_past_admission_never_run(
         assert "'nobody' is not in the config" in ended["run_raw_no_team"].error.message
         assert not raw_marker.exists()  # none of them ran
         for gate, run_id in zip(gates, held, strict=True):
-            gate.write_text("open")
+            open_gate(gate, "open")
             await wait_state(c, run_id, {"completed"})

@@ -15,7 +15,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from tests.harness import FIXTURES, ROOT, Stack, client, wait_replicas, wait_state
+from tests.harness import FIXTURES, ROOT, Stack, client, open_gate, wait_replicas, wait_state
 
 pytestmark = pytest.mark.anyio
 
@@ -184,8 +184,8 @@ async def test_live_status_line_on_a_terminal(clistack: Stack, tmp_path: Path) -
             _read_pty, master, "queued · position 0 · waiting for capacity", deadline, seen
         )
         assert queued, "".join(seen)
-        first.write_text("one")
-        second.write_text("two")
+        open_gate(first, "one")
+        open_gate(second, "two")
         done = await anyio.to_thread.run_sync(_read_pty, master, "completed", deadline, seen)
         assert done, "".join(seen)
         assert await anyio.to_thread.run_sync(proc.wait, 30) == 0
@@ -215,7 +215,7 @@ async def test_watch_shows_a_live_table_of_the_teams_runs(clistack: Stack, tmp_p
         deadline = time.monotonic() + 30
         row = rf"{run_id}\s+test/gate:v1\s+"
         assert await anyio.to_thread.run_sync(_read_pty, master, row + "running", deadline, seen)
-        gate.write_text("open")  # the table follows the run to its end
+        open_gate(gate, "open")  # the table follows the run to its end
         done = row + "completed"
         assert await anyio.to_thread.run_sync(_read_pty, master, done, deadline, seen)
         proc.send_signal(2)

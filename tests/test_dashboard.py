@@ -22,7 +22,7 @@ from runtime import openapi
 from runtime.config import ConfigError, parse
 from runtime.nats_conn import connect
 from runtime.scalinglog import ScalingLog
-from tests.harness import ROOT, Stack, client, wait_state
+from tests.harness import ROOT, Stack, client, open_gate, wait_state
 
 pytestmark = pytest.mark.anyio
 CHROMIUM = "/usr/bin/chromium"
@@ -70,7 +70,7 @@ async def submit_scene(stack: Stack, tmp_path: Path) -> dict[str, str]:
 async def open_gates(stack: Stack, tmp_path: Path, ids: dict[str, str]) -> None:
     async with client(stack, "jr_demo_token") as demo:
         for i in range(3):
-            (tmp_path / f"gate{i}").write_text("open")
+            open_gate(tmp_path / f"gate{i}", "open")
         for i in range(3):
             await wait_state(demo, ids[f"gate{i}"], {"completed"})
 
@@ -97,7 +97,7 @@ async def test_team_and_admin_views(stack: Stack, tmp_path: Path) -> None:
                 await demo.get("/v4/dashboard", headers={"Authorization": "x"})
             ).status_code == 401
     finally:
-        (tmp_path / "acme").write_text("open")
+        open_gate(tmp_path / "acme", "open")
         await open_gates(stack, tmp_path, ids)
 
     assert mine["team"] == "demo" and everyone["team"] is None

@@ -11,7 +11,7 @@ import pytest
 from runtime.eventlog import EventLog
 from runtime.nats_conn import connect
 from tests import harness
-from tests.harness import Stack, wait_state
+from tests.harness import Stack, open_gate, wait_state
 
 pytestmark = pytest.mark.anyio
 
@@ -190,7 +190,7 @@ async def test_idempotency_key_returns_the_same_run(stack: Stack, tmp_path: Path
         assert again["id"] == first["id"]
         other_team = (await rival.post("/v4/runs", json=body, headers=headers)).json()
         assert other_team["id"] != first["id"]
-        gate.write_text("open")
+        open_gate(gate, "open")
         assert (await wait_state(c, first["id"], {"completed"}))["outputs"][0]["value"] == "open"
         await wait_state(rival, other_team["id"], {"completed"})
         # a retry after the run ended still returns it, and runs nothing again
@@ -228,7 +228,7 @@ async def test_cancel_a_running_and_a_queued_run(stack: Stack, tmp_path: Path) -
         assert again.status_code == 409 and again.json()["detail"]["code"] == "not_cancellable"
         # the slot is free again: a new run goes through
         gate = tmp_path / "after"
-        gate.write_text("ok")
+        open_gate(gate, "ok")
         body = {"pipeline": "test/gate:v1", "inputs": [{"type": "string", "value": str(gate)}]}
         assert (await c.post("/v4/runs", json=body)).json()["state"] == "completed"
 
@@ -272,7 +272,7 @@ async def test_fifty_simultaneous_submissions_admit_exactly_three(
         # finish one (the one holding the gate pipeline's only slot): the next is admitted
         runs = [(await c0.get(f"/v4/runs/{r.json()['id']}")).json() for r in admitted]
         first = next(run for run in runs if run["state"] == "running")
-        Path(first["inputs"][0]["value"]).write_text("done")
+        open_gate(Path(first["inputs"][0]["value"]), "done")
         await wait_state(c0, first["id"], {"completed"})
         late_gate = tmp_path / "late"
         body = {
@@ -284,7 +284,7 @@ async def test_fifty_simultaneous_submissions_admit_exactly_three(
         assert late.status_code == 202, late.text
         assert (await c1.post("/v4/runs", json=body | {"inputs": []})).status_code == 429
         for response in [*admitted, late]:
-            Path(response.json()["inputs"][0]["value"]).write_text("done")
+            open_gate(Path(response.json()["inputs"][0]["value"]), "done")
         for response in [*admitted, late]:
             await wait_state(c0, response.json()["id"], {"completed"})
 
@@ -309,7 +309,7 @@ async def test_queue_positions_are_exact_and_move_up(stack: Stack, tmp_path: Pat
                 runs = [(await gateway.get(f"/v4/runs/{i}")).json() for i in ids[finished + 1 :]]
                 assert [r["queue_position"] for r in runs] == list(range(len(runs)))
                 assert all(r["state"] == "queued" for r in runs)
-            gates[finished].write_text("go")
+            open_gate(gates[finished], "go")
             await wait_state(c, ids[finished], {"completed"})
             if finished + 1 < len(ids):
                 await wait_state(c, ids[finished + 1], {"running"})

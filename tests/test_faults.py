@@ -21,7 +21,16 @@ from runtime.fleet import ATTEMPT_LOST
 from runtime.nats_conn import connect
 from runtime.submit import run_id_for
 from tests import harness
-from tests.harness import FIXTURES, Load, Stack, audit, wait_ready, wait_replicas, wait_state
+from tests.harness import (
+    FIXTURES,
+    Load,
+    Stack,
+    audit,
+    open_gate,
+    wait_ready,
+    wait_replicas,
+    wait_state,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -89,7 +98,7 @@ async def test_a_killed_agents_run_is_requeued_when_the_pipeline_retries(
         while run["attempt"] != 2 and time.monotonic() < deadline:
             run = await wait_state(c, run_id, {"running"}, timeout=15)
         assert run["attempt"] == 2
-        gate.write_text("open")
+        open_gate(gate, "open")
         run = await wait_state(c, run_id, {"completed"})
     pids = Path(f"{gate}.attempts").read_text().split()
     assert len(pids) == 2  # attempt 1 on the victim, attempt 2 on the survivor
@@ -142,7 +151,7 @@ async def test_the_execution_timeout_kills_the_attempt(stack: Stack, tmp_path: P
             os.kill(int(pid_file.read_text()), 0)
         # the pipeline still serves the next run (a fresh worker)
         gate = tmp_path / "open"
-        gate.write_text("ok")
+        open_gate(gate, "ok")
         body = {"pipeline": "test/gate:v1", "inputs": [{"type": "string", "value": str(gate)}]}
         assert (await c.post("/v4/runs", json=body)).json()["state"] == "completed"
 
@@ -194,7 +203,7 @@ async def test_a_fenced_agent_kills_its_attempts_at_once_and_exits(
         assert zombie.popen is not None and zombie.popen.wait(20) == 3, zombie.output()
         await wait_dead(stale)
         assert alive(fresh)
-        gate.write_text("open")
+        open_gate(gate, "open")
         run = await wait_state(c, run_id, {"completed"})
     assert run["attempt"] == 2 and run["outputs"][0]["value"] == f"open by {fresh}"
     assert stack.nats is not None
@@ -230,7 +239,7 @@ async def test_an_attempt_declared_lost_on_a_live_agent_is_killed_there(
         await nc.close()
         await wait_dead(first)  # killed on the agent, not left running beside attempt 2
         _, second = await attempt_pids(gate, 2)  # the freed slot takes attempt 2
-        gate.write_text("open")
+        open_gate(gate, "open")
         run = await wait_state(c, run_id, {"completed"})
     assert run["attempt"] == 2 and run["outputs"][0]["value"] == f"open by {second}"
 
@@ -249,7 +258,7 @@ async def test_an_agent_restarted_with_the_same_id_is_taken_back(
         stack.procs.remove(phoenix)
         stack.start_agent("phoenix", GATES, slots=1)  # its supervisor restarts it
         gate = tmp_path / "open"
-        gate.write_text("served")
+        open_gate(gate, "served")
         run_id = await gate_run(c, gate)
         run = await wait_state(c, run_id, {"completed"}, timeout=30)
     assert run["outputs"][0]["value"] == "served"
@@ -306,12 +315,12 @@ async def test_queue_positions_stay_exact_across_control_plane_restarts(
     async with client(stack) as c:
         positions = [(await c.get(f"/v4/runs/{i}")).json()["queue_position"] for i in ids[1:]]
         assert positions == [0, 1, 2, 3, 4]
-        gates[0].write_text("go")
+        open_gate(gates[0], "go")
         await wait_state(c, ids[1], {"running"})
         positions = [(await c.get(f"/v4/runs/{i}")).json()["queue_position"] for i in ids[2:]]
         assert positions == [0, 1, 2, 3]
         for gate in gates[1:]:
-            gate.write_text("go")
+            open_gate(gate, "go")
         for run_id in ids:
             assert (await wait_state(c, run_id, {"completed"}))["state"] == RunState.completed
 
@@ -322,7 +331,7 @@ async def test_requests_get_503_while_nats_is_down_and_nothing_is_half_recorded(
     stack.start_agent("agent", GATES, slots=1)
     await wait_replicas(stack.url, "tok_big", "test/gate:v1")
     gate = tmp_path / "gate"
-    gate.write_text("ok")
+    open_gate(gate, "ok")
     body = {"pipeline": "test/gate:v1", "inputs": [{"type": "string", "value": str(gate)}]}
     assert stack.nats is not None
     async with client(stack, "tok_acme") as c:

@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from runtime.eventlog import retrying
 from runtime.metrics import LOG_FAILURES, LOG_RETRIES
-from tests.harness import FIXTURES, Stack, client, wait_ready, wait_replicas, wait_state
+from tests.harness import FIXTURES, Stack, client, open_gate, wait_ready, wait_replicas, wait_state
 
 pytestmark = pytest.mark.anyio
 GATES = str(FIXTURES / "gate_pipelines.py")
@@ -116,7 +116,7 @@ async def test_runs_queues_phases_slots_and_refusals(mstack: Stack, tmp_path: Pa
         assert not any(re.search(r"run_[0-9a-f]{8}", label) for label in labels), "no run ids"
 
         for g in gates:
-            g.write_text("open")
+            open_gate(g, "open")
         for run_id in held:
             await wait_state(acme, run_id, {"completed"})
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from contracts.values import from_python
-from tests.harness import FIXTURES, Stack, client, wait_replicas, wait_state
+from tests.harness import FIXTURES, Stack, client, open_gate, wait_replicas, wait_state
 
 pytestmark = pytest.mark.anyio
 
@@ -91,7 +91,7 @@ async def test_follow_streams_lines_as_printed_and_ends_with_the_run(
                     if seen == ["before the gate"]:
                         run = (await c.get(f"/v4/runs/{run_id}")).json()
                         assert run["state"] == "running"  # streamed while it runs
-                        gate.write_text("go")
+                        open_gate(gate, "go")
         assert seen == ["before the gate", "after the gate"]
         assert (await c.get(f"/v4/runs/{run_id}")).json()["state"] == "completed"
 

@@ -17,7 +17,7 @@ from runtime.sdk import (
     NoResourcesAvailable,
     RunState,
 )
-from tests.harness import Stack
+from tests.harness import Stack, open_gate
 
 pytestmark = pytest.mark.anyio
 
@@ -81,7 +81,7 @@ async def test_errors_are_typed(stack: Stack, tmp_path: Path) -> None:
         assert (full.value.tier, full.value.limit, full.value.active) == ("basic", 3, 3)
         assert full.value.retry_after >= 1
         for gate in gates:
-            gate.write_text("ok")
+            open_gate(gate, "ok")
         for run in held:
             done = await rival.poll_for_run_completion(run.id, timeout_secs=30, interval_secs=0.05)
             assert done.outputs_formatted() == ["ok"]
