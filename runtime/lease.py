@@ -27,11 +27,14 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
+from runtime.eventlog import retrying
+
 log = logging.getLogger("jetrun.lease")
 
 LEASE_BUCKET = "JETRUN_LEASES"
 SCHEDULER_KEY = "scheduler"
 LEASE_TTL_S = 3.0
+SETUP_DEADLINE_S = 120.0  # as long as the other streams' setup may take on a cluster
 LOST = (nats.errors.Error, nats.js.errors.Error, TimeoutError, OSError)
 
 
@@ -57,14 +60,20 @@ class Lease:
         self._until: float | None = None  # on this process's monotonic clock
 
     async def ensure(self) -> None:
-        """Create the bucket if it is missing (an existing one keeps its settings)."""
-        try:
-            self._kv = await self.js.key_value(LEASE_BUCKET)
-        except nats.js.errors.BucketNotFoundError:
-            config = KeyValueConfig(
-                bucket=LEASE_BUCKET, history=1, ttl=self.ttl_s, replicas=self.replicas
-            )
-            self._kv = await self.js.create_key_value(config)
+        """Create the bucket if it is missing (an existing one keeps its settings). Retries
+        outages like every stream's setup: on a cluster that is still electing its leaders a
+        lookup can time out, and a scheduler must not die of that at startup."""
+
+        async def attempt() -> KeyValue:
+            try:
+                return await self.js.key_value(LEASE_BUCKET)
+            except nats.js.errors.BucketNotFoundError:
+                config = KeyValueConfig(
+                    bucket=LEASE_BUCKET, history=1, ttl=self.ttl_s, replicas=self.replicas
+                )
+                return await self.js.create_key_value(config)
+
+        self._kv = await retrying(f"ensure bucket {LEASE_BUCKET}", attempt, SETUP_DEADLINE_S)
 
     def valid(self) -> bool:
         """Whether this process holds the lease now (with the safety margin)."""

@@ -3,6 +3,8 @@ seconds of the leader's death, and a leader whose lease ran out appends no decis
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -95,3 +97,26 @@ async def test_killing_the_leading_scheduler_under_load_loses_nothing_and_runs_n
         assert result.lost == 0, result
         assert result.ran_twice == 0, result
         assert result.states == {"completed": 60}, result
+
+
+async def test_setting_the_bucket_up_outlasts_a_stalled_server(server: NatsServer) -> None:
+    """A lookup that times out at startup (a cluster still electing its leaders, a server
+    frozen for a moment) is retried: the scheduler that calls ``ensure`` does not die of it."""
+    nc = await connect(server.url, "test")
+    try:
+        lease = Lease(nc.jetstream(timeout=0.3), "a", monotonic=time.monotonic)
+        assert server.pid is not None
+        os.kill(server.pid, signal.SIGSTOP)
+        try:
+            with anyio.fail_after(30):
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(lease.ensure)
+                    await anyio.sleep(1.0)  # several lookups time out meanwhile
+                    os.kill(server.pid, signal.SIGCONT)
+        finally:
+            os.kill(server.pid, signal.SIGCONT)
+        with anyio.fail_after(10):
+            await lease.acquire()
+        assert lease.valid()
+    finally:
+        await nc.close()
