@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from pathlib import Path
 
 import pytest
@@ -13,6 +13,20 @@ from runtime.catalog import Catalog
 from runtime.nats_conn import connect
 from runtime.natsserver import NatsServer
 from tests.harness import FIXTURES, Stack, wait_replicas
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """A failed test that used a stack shows its processes' logs (the fixture that started
+    the stack does not see the test's exception)."""
+    report = yield
+    if report.failed and call.when == "call":
+        for name, value in getattr(item, "funcargs", {}).items():
+            if isinstance(value, Stack):
+                report.sections.append((f"logs of the stack {name!r}", value.logs()))
+    return report
 
 
 @pytest.fixture(scope="session")
