@@ -14,6 +14,22 @@ from runtime.nats_conn import connect
 from runtime.natsserver import NatsServer
 from tests.harness import FIXTURES, Stack, wait_replicas
 
+DEMO_PIPELINES = [
+    "demo/echo:v1",
+    "demo/sleep:v1",
+    "demo/fail:v1",
+    "demo/slow-start:v1",
+    "demo/noop:v1",
+    "demo/stream:v1",
+]
+GATE_PIPELINES = [
+    "test/gate:v1",
+    "test/retry-gate:v1",
+    "test/slow:v1",
+    "test/hang:v1",
+    "test/count:v1",
+]
+
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(
@@ -61,8 +77,9 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         await stack.start_gateway()
         stack.start_agent("agent-demo", "runtime.demo", slots=4)
         stack.start_agent("agent-gates", str(FIXTURES / "gate_pipelines.py"), slots=1)
-        await wait_replicas(stack.url, "tok_big", "demo/echo:v1")
-        await wait_replicas(stack.url, "tok_big", "test/gate:v1")
+        # an agent's pipelines become ready one by one: wait for every one a test may run
+        for pointer in DEMO_PIPELINES + GATE_PIPELINES:
+            await wait_replicas(stack.url, "tok_big", pointer)
         nc = await connect(stack.nats_url, "test")
         await Catalog(nc.jetstream()).register(PipelineInfo(pointer="test/ghost:v1"))
         await nc.close()
