@@ -17,7 +17,6 @@ class ErrorType(enum.StrEnum):
     cuda_oom = "cuda_oom"
     cuda_error = "cuda_error"
     unknown = "unknown"
-    not_admitted = "not_admitted"  # the run never went through admission (a raw submission)
 
 
 class RunError(msgspec.Struct, frozen=True, kw_only=True):

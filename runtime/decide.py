@@ -428,10 +428,10 @@ def finish_admissions(p: Pass, d: Decisions) -> None:
 def not_admitted(run: RunRecord, at: float, why: str) -> RunFailed:
     """The end of a run that never went through admission."""
     message = (
-        f"run {run.id} was not admitted ({why}): runs are submitted over HTTP or with"
+        f"not_admitted: run {run.id} was not admitted ({why}): runs are submitted over HTTP or with"
         " RunEvents.submit, which go through admission; a raw submitted event never runs"
     )
-    error = RunError(type=ErrorType.not_admitted, message=message)
+    error = RunError(type=ErrorType.unknown, message=message)
     return RunFailed(run_id=run.id, at=at, attempt=run.attempt, error=error)
 
 

@@ -177,7 +177,8 @@ async def test_submitted_events_published_past_admission_never_run(
         assert set(ended) == set(raw), ended
         for run in ended.values():
             assert run.state is RunState.failed and run.error is not None
-            assert run.error.type is ErrorType.not_admitted
+            assert run.error.type is ErrorType.unknown
+            assert run.error.message.startswith("not_admitted: ")
         assert "'nobody' is not in the config" in ended["run_raw_no_team"].error.message
         assert not raw_marker.exists()  # none of them ran
         for gate, run_id in zip(gates, held, strict=True):

@@ -229,7 +229,8 @@ def test_a_run_left_created_past_the_grace_is_admitted_or_fails_not_admitted() -
     # a team not in the config, or an unlimited tier (no permit to find): never admitted
     failed = {e.run_id: e for e in d.events if isinstance(e, RunFailed)}
     assert set(failed) == {"r2", "r3"} and len(d.events) == 2
-    assert all(e.error.type is ErrorType.not_admitted for e in failed.values())
+    assert all(e.error.type is ErrorType.unknown for e in failed.values())
+    assert all(e.error.message.startswith("not_admitted: ") for e in failed.values())
     assert "'nobody' is not in the config" in failed["r2"].error.message
     assert w.index.records["r3"].state is RunState.failed
 

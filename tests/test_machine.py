@@ -535,6 +535,6 @@ def test_a_submission_with_its_admission_goes_straight_to_routing() -> None:
 
 
 def test_a_run_never_admitted_can_fail() -> None:
-    error = RunError(type=ErrorType.not_admitted, message="did not go through admission")
+    error = RunError(type=ErrorType.unknown, message="not_admitted: did not go through admission")
     run = fold([submitted(T0), RunFailed(run_id=RUN, at=T0 + 30, attempt=0, error=error)])
     assert run.state is RunState.failed and run.error == error and run.waiting_for is None

@@ -397,5 +397,6 @@ async def test_a_run_whose_permit_was_given_back_before_it_reached_the_log_never
     assert h.run("held").state is RunState.running
     gone = h.run("given-back")
     assert gone.state is RunState.failed and gone.error is not None
-    assert gone.error.type is ErrorType.not_admitted
+    assert gone.error.type is ErrorType.unknown
+    assert gone.error.message.startswith("not_admitted: ")
     assert "given back before the run reached the event log" in gone.error.message
