@@ -121,10 +121,10 @@ async def test_runs_queues_phases_slots_and_refusals(mstack: Stack, tmp_path: Pa
             await wait_state(acme, run_id, {"completed"})
 
     def phases_seen(samples: Samples) -> bool:
-        """Each gate run started and executed; the two behind the only slot waited in the
-        queue (the first may go straight to the free slot, never queued: no queue_wait)."""
+        """Each gate run was placed (queue_wait counts from admission, so a run that went
+        straight to the free slot is measured too), started and executed."""
         count = "jetrun_run_phase_seconds_count"
-        least = {"queue_wait": 2, "start": 3, "execution": 3}
+        least = {"queue_wait": 3, "start": 3, "execution": 3}
         return all(
             value(samples, count, phase=p, pipeline="test/gate:v1") >= n for p, n in least.items()
         )
