@@ -335,7 +335,7 @@ def main() -> None:
         if not shutil.which(tool):
             sys.exit(f"{tool} is not installed (apt-get install wrk redis-server)")
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, "
+        f"machine: {platform.machine()}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} cores, "
         f"load average {os.getloadavg()[0]:.2f}, Python {platform.python_version()}"
     )
     print(f"jetrun durability: nats-server sync {args.nats_sync or 'default (every 2 min)'}")

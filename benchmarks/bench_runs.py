@@ -159,6 +159,8 @@ async def wrk_throughput(
     script = tmp / "post.lua"
     script.write_text(POST_LUA)
     argv = ["wrk", "-t2", f"-c{concurrency}", f"-d{seconds}s", "-s", str(script), f"{url}/v4/runs"]
+    if os.environ.get("JETRUN_BENCH_LOADGEN_CPUS"):  # keep the load generator off jetrun's cores
+        argv = ["taskset", "-c", os.environ["JETRUN_BENCH_LOADGEN_CPUS"], *argv]
     since = time.time()
     out = await anyio.run_process(argv)
     accepted = float(out.stdout.decode().split("Requests/sec:")[1].split()[0])
@@ -242,7 +244,8 @@ async def main() -> None:
 
     ms = [x * 1000 for x in latencies]
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+        f"machine: {platform.machine()}, {len(os.sched_getaffinity(0))} of {os.cpu_count()} "
+        f"cores, Python {platform.python_version()}"
     )
     print(f"sync no-op runs over HTTP (n={len(ms)}, sequential):")
     print(

@@ -25,10 +25,18 @@ MAX_GATEWAYS = 8  # beyond this the event log's fan-out, not the gateways, is th
 RESTART_PAUSE_S = 1.0  # between a gateway's exit and its next start
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def default_gateways(cpus: int | None = None) -> int:
-    """Gateways for a machine with ``cpus`` cores (default: this one): one per two cores, so
-    the scheduler, the agent's workers and nats-server keep the rest; at least one."""
-    cores = os.cpu_count() if cpus is None else cpus
+    """Gateways for a machine with ``cpus`` cores (default: the cores this process may run on,
+    so ``taskset`` and CPU sets count): one per two cores, so the scheduler, the agent's workers
+    and nats-server keep the rest; at least one."""
+    cores = usable_cores() if cpus is None else cpus
     return max(1, min(MAX_GATEWAYS, (cores or 1) // 2))
 
 

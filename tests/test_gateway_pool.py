@@ -13,7 +13,7 @@ import anyio
 import httpx
 import pytest
 
-from runtime.gateway_pool import MAX_GATEWAYS, default_gateways
+from runtime.gateway_pool import MAX_GATEWAYS, default_gateways, usable_cores
 from runtime.natsserver import free_port
 from tests.test_up import SEED, children, up, wait_output
 
@@ -26,6 +26,8 @@ pytestmark = [
 def test_one_gateway_per_two_cores_at_least_one_at_most_the_cap() -> None:
     assert [default_gateways(n) for n in (1, 2, 3, 4, 16)] == [1, 1, 1, 2, 8]
     assert default_gateways(256) == MAX_GATEWAYS
+    assert default_gateways() == default_gateways(usable_cores())
+    assert usable_cores() == len(os.sched_getaffinity(0))  # taskset and CPU sets count
     assert default_gateways() == default_gateways(os.cpu_count())
 
 
