@@ -89,8 +89,9 @@ async def test_follow_streams_lines_as_printed_and_ends_with_the_run(
                         continue
                     seen.append(json.loads(line)["text"])
                     if seen == ["before the gate"]:
-                        run = (await c.get(f"/v4/runs/{run_id}")).json()
-                        assert run["state"] == "running"  # streamed while it runs
+                        # streamed while it runs (the gateway may hear the line before the
+                        # dispatch: they come on different subjects)
+                        await wait_state(c, run_id, {"running"}, timeout=10)
                         open_gate(gate, "go")
         assert seen == ["before the gate", "after the gate"]
         assert (await c.get(f"/v4/runs/{run_id}")).json()["state"] == "completed"
@@ -153,6 +154,9 @@ async def test_services_log_json_with_run_fields_and_an_access_log(logstack: Sta
     agent = next(p for p in logstack.procs if p.name == "agent-logs")
     with anyio.fail_after(10):
         while f'"attempt ended: completed","run_id":"{run["id"]}"' not in agent.output():
+            await anyio.sleep(0.05)
+        # the access line is written once the answer has gone out: it may come a little later
+        while f'"path":"/v4/runs/{run["id"]}"' not in gateway.output():
             await anyio.sleep(0.05)
     records = [json.loads(line) for line in gateway.output().splitlines() if line.strip()]
     access = [r for r in records if r["logger"] == "jetrun.access"]
