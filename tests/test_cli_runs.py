@@ -149,6 +149,11 @@ async def test_cancel(clistack: Stack, tmp_path: Path) -> None:
     assert done.returncode == 0 and done.stdout.strip() == f"{run_id} cancelled"
 
 
+def _within(seconds: float) -> float:
+    """A deadline for one step (steps do not share one: the last would get what is left)."""
+    return time.monotonic() + seconds
+
+
 def _read_pty(fd: int, until: str, deadline: float, seen: list[str]) -> bool:
     while time.monotonic() < deadline:
         try:
@@ -179,17 +184,16 @@ async def test_live_status_line_on_a_terminal(clistack: Stack, tmp_path: Path) -
     os.close(slave)
     seen: list[str] = []
     try:
-        deadline = time.monotonic() + 30
         queued = await anyio.to_thread.run_sync(
-            _read_pty, master, "queued · position 0 · waiting for capacity", deadline, seen
+            _read_pty, master, "queued · position 0 · waiting for capacity", _within(30), seen
         )
         assert queued, "".join(seen)
         open_gate(first, "one")
         open_gate(second, "two")
-        done = await anyio.to_thread.run_sync(_read_pty, master, "completed", deadline, seen)
+        done = await anyio.to_thread.run_sync(_read_pty, master, "completed", _within(30), seen)
         assert done, "".join(seen)
         assert await anyio.to_thread.run_sync(proc.wait, 30) == 0
-        await anyio.to_thread.run_sync(_read_pty, master, r"\btwo\b", deadline, seen)
+        await anyio.to_thread.run_sync(_read_pty, master, r"\btwo\b", _within(10), seen)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -212,12 +216,12 @@ async def test_watch_shows_a_live_table_of_the_teams_runs(clistack: Stack, tmp_p
     os.close(slave)
     seen: list[str] = []
     try:
-        deadline = time.monotonic() + 30
         row = rf"{run_id}\s+test/gate:v1\s+"
-        assert await anyio.to_thread.run_sync(_read_pty, master, row + "running", deadline, seen)
+        running = row + "running"
+        assert await anyio.to_thread.run_sync(_read_pty, master, running, _within(30), seen)
         open_gate(gate, "open")  # the table follows the run to its end
         done = row + "completed"
-        assert await anyio.to_thread.run_sync(_read_pty, master, done, deadline, seen)
+        assert await anyio.to_thread.run_sync(_read_pty, master, done, _within(30), seen)
         proc.send_signal(2)
         assert await anyio.to_thread.run_sync(proc.wait, 10) == 0
     finally:
