@@ -17,7 +17,7 @@ import pytest
 from contracts.events import RunRequeued
 from contracts.states import RunState
 from runtime.eventlog import EventLog
-from runtime.fleet import ATTEMPT_LOST
+from runtime.fleet import ATTEMPT_LOST, NODE_RECALLED
 from runtime.nats_conn import connect
 from runtime.submit import run_id_for
 from tests import harness
@@ -124,12 +124,13 @@ async def test_an_explicit_recall_preempts_at_once(stack: Stack, tmp_path: Path)
     async with client(stack) as c:
         run_id = await gate_run(c, tmp_path / "never")
         await wait_state(c, run_id, {"running"})
-        recalled_at = time.monotonic()
         argv = [JETRUN, "recall", "victim", "--nats", stack.nats_url]
         answer = await anyio.run_process(argv)
         assert answer.stdout.decode().strip() == "victim draining"
-        await wait_state(c, run_id, {"node_preempted"}, timeout=10)
-        assert time.monotonic() - recalled_at < NODE_LOSS_S
+        run = await wait_state(c, run_id, {"node_preempted"}, timeout=10)
+        # preempted by the recall itself, not by a node-loss timeout later (no clock read: a
+        # loaded machine makes any bound on seconds a guess)
+        assert run["error"]["message"] == f"{NODE_RECALLED}: the node was recalled", run
     assert victim.popen is not None and victim.popen.wait(15) == 0
     unknown = await anyio.run_process(
         [JETRUN, "recall", "nobody", "--nats", stack.nats_url, "--timeout", "0.5"], check=False
