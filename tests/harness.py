@@ -330,6 +330,19 @@ async def wait_replicas(
     raise TimeoutError(f"{pointer} has no {n} ready replicas within {timeout} s")
 
 
+async def wait_known(url: str, token: str, pointer: str, timeout: float = 30.0) -> None:
+    """Wait until the gateway knows ``pointer`` (its scaling endpoint answers 200): a pipeline
+    deployed by ``jetrun up`` may be registered a little after the gateway is ready."""
+    deadline = time.monotonic() + timeout
+    async with httpx.AsyncClient(headers={"Authorization": f"Bearer {token}"}) as client:
+        while time.monotonic() < deadline:
+            response = await client.get(f"{url}/v4/pipelines/{pointer}/scaling")
+            if response.status_code == 200:
+                return
+            await anyio.sleep(0.1)
+    raise TimeoutError(f"{pointer} is not known within {timeout} s")
+
+
 async def wait_state(
     client: httpx.AsyncClient, run_id: str, states: set[str], timeout: float = 30.0
 ) -> dict:  # type: ignore[type-arg]

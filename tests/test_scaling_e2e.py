@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from runtime.natsserver import free_port
-from tests.harness import FIXTURES, Proc, wait_ready, wait_state
+from tests.harness import FIXTURES, Proc, wait_known, wait_ready, wait_state
 
 pytestmark = pytest.mark.anyio
 
@@ -115,6 +115,8 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Up]:
     url = f"http://127.0.0.1:{port}"
     try:
         await wait_ready(url)
+        for pointer in (SCALED, "demo/broken:v1"):
+            await wait_known(url, "jr_demo_token", pointer)
         yield Up(url, proc)
     finally:
         proc.signal(signal.SIGINT)

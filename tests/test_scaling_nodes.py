@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from runtime.natsserver import free_port
-from tests.harness import FIXTURES, Proc, wait_ready
+from tests.harness import FIXTURES, Proc, wait_known, wait_ready
 
 pytestmark = pytest.mark.anyio
 
@@ -46,6 +46,7 @@ async def url(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str]:
     UP_LOG[:] = [tmp / "up.log"]
     try:
         await wait_ready(f"http://127.0.0.1:{port}")
+        await wait_known(f"http://127.0.0.1:{port}", "tok_test", "test/later:v1")
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.signal(signal.SIGINT)
