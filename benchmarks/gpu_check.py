@@ -58,7 +58,8 @@ def main() -> None:
     baseline = gpu_memory_used_mb()
     print(f"GPU memory used before: {baseline} MiB")
     log = open(tmp / "up.log", "wb")  # noqa: SIM115
-    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    path = os.environ.get("PYTHONPATH")
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent) + (os.pathsep + path if path else ""))
     up = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=HERE.parent)
     http = httpx.Client(base_url=url, headers={"Authorization": "Bearer bench"}, timeout=120)
     try:
