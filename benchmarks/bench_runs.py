@@ -36,6 +36,9 @@ CONFIG = """
 [teams.bench]
 tier = "startup"
 tokens = ["bench"]
+
+[settings]
+rate_limit_per_s = 0  # the load generator is one token: measure jetrun, not its rate limit
 """
 TERMINAL_KINDS = {"completed", "failed", "no_resources", "preempted", "cancelled"}
 NOOP = {"pipeline": "demo/noop:v1", "inputs": []}

@@ -46,6 +46,7 @@ scale_tick_s = 0.2
 node_cooldown_s = {node_cooldown}
 max_nodes = {max_nodes}
 resource_wait_timeout_s = 120
+rate_limit_per_s = 0
 """
 
 

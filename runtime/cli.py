@@ -13,6 +13,7 @@ import click
 from runtime import config as config_module
 from runtime import logsetup
 from runtime.cli_scaling import register as register_scaling_commands
+from runtime.cli_tokens import register as register_token_commands
 from runtime.cli_webhooks import register as register_webhook_commands
 from runtime.config import Config, ConfigError
 from runtime.eventlog import LogSettings
@@ -395,6 +396,7 @@ def apply_retention(nats_url: str, config_path: str | None) -> None:
 
 register_scaling_commands(main, nats_option, replicas_option)
 register_webhook_commands(main, nats_option, config_option, _config)
+register_token_commands(main)
 
 
 def _add_user_commands() -> None:

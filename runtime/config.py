@@ -6,11 +6,12 @@ Example (see ``examples/jetrun.toml``)::
     basic = 3
     [teams.acme]
     tier = "basic"
-    tokens = ["jr_acme_secret"]
+    tokens = ["jr_acme_secret"]   # or its hash: "sha256:<hex>" (``jetrun hash-token``)
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import re
 import tomllib
@@ -34,7 +35,27 @@ DEMO_WEBHOOK_SECRET = "whsec_jetrun_demo_secret"
 
 
 class ConfigError(ValueError):
-    """The config file is invalid; the message names the key."""
+    """The config file is invalid; the message names the key (never a token)."""
+
+
+HASH_PREFIX = "sha256:"
+_HASHED = re.compile(r"^sha256:[0-9a-f]{64}$")
+
+
+def token_digest(token: str) -> str:
+    """What a bearer token is checked against: ``sha256:<hex>``. Tokens are random secrets, so
+    a fast hash is enough (nothing to brute-force); the config may store this instead."""
+    return HASH_PREFIX + hashlib.sha256(token.encode()).hexdigest()
+
+
+def _configured_digest(entry: str) -> str:
+    """A config entry, plain or already hashed, as a digest."""
+    lowered = entry.lower()
+    if lowered.startswith(HASH_PREFIX):
+        if not _HASHED.match(lowered):
+            raise ConfigError("a token hash is 'sha256:' followed by 64 hex digits")
+        return lowered
+    return token_digest(entry)
 
 
 class Team(msgspec.Struct, frozen=True, kw_only=True):
@@ -81,6 +102,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     scaling_operators: list[str] = msgspec.field(default_factory=list)  # teams that may change
     # any pipeline's scaling settings (a team may always change its own: ``team/...``)
     replay_deadline_s: float = 300.0  # a starting service replays the log this long, then exits
+    # requests per second one bearer token may make to one gateway process, and its burst
+    # (429 rate_limited with Retry-After past it); 0 turns the limit off
+    rate_limit_per_s: Annotated[float, msgspec.Meta(ge=0)] = 200.0
+    rate_limit_burst: Annotated[float, msgspec.Meta(ge=1)] = 400.0
     keep_ended_s: float = 300.0  # an ended run stays in memory this long (then: its stored view)
     checkpoint_every_s: float = 5.0  # the scheduler records where a restart may start this often
     # retention, applied by ``jetrun admin apply-retention`` (0: kept for ever)
@@ -92,15 +117,24 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     tiers: dict[str, int | None]
     teams: dict[str, Team]
     settings: Settings = Settings()
-    by_token: dict[str, Team] = msgspec.field(default_factory=dict)
-    admin_tokens: frozenset[str] = frozenset()  # [admin] tokens: the dashboard's admin view
+    by_token: dict[str, Team] = msgspec.field(default_factory=dict)  # token digest -> team
+    admin_tokens: frozenset[str] = frozenset()  # digests of [admin] tokens (admin views)
     webhooks: WebhookSettings = WebhookSettings()
 
     def team_for_token(self, token: str) -> Team | None:
-        return self.by_token.get(token)
+        """The team a bearer token names. The token's digest is compared with every configured
+        one in constant time (no early exit), so timing tells nothing about how much of a real
+        token a guess matches."""
+        digest = token_digest(token).encode()
+        found = None
+        for known, team in self.by_token.items():
+            if hmac.compare_digest(digest, known.encode()):
+                found = team
+        return found
 
     def is_admin(self, token: str) -> bool:
-        return any(hmac.compare_digest(token.encode(), t.encode()) for t in self.admin_tokens)
+        digest = token_digest(token).encode()
+        return any(hmac.compare_digest(digest, t.encode()) for t in self.admin_tokens)
 
     def limit(self, tier: str) -> int | None:
         return self.tiers[tier]
@@ -134,18 +168,19 @@ def parse(data: dict[str, Any]) -> Config:
     for name, limit in data.get("tiers", {}).items():
         tiers[name] = _limit(name, limit)
     teams: dict[str, Team] = {}
-    seen_tokens: set[str] = set()
+    seen_tokens: set[str] = set()  # digests
     for name, raw in data.get("teams", {}).items():
         team = _team(name, raw, tiers)
-        if dup := seen_tokens.intersection(team.tokens):
-            raise ConfigError(f"teams.{name}.tokens: token already used by another team: {dup}")
-        seen_tokens.update(team.tokens)
+        digests = _digests(f"teams.{name}.tokens", team.tokens)
+        if seen_tokens.intersection(digests):
+            raise ConfigError(f"teams.{name}.tokens: a token is already used by another team")
+        seen_tokens.update(digests)
         teams[name] = team
     try:
         settings = msgspec.convert(data.get("settings", {}), Settings, strict=False)
     except msgspec.ValidationError as err:
         raise ConfigError(f"settings: {err}") from err
-    by_token = {token: team for team in teams.values() for token in team.tokens}
+    by_token = {_configured_digest(token): team for team in teams.values() for token in team.tokens}
     admin = _admin_tokens(data.get("admin", {}), seen_tokens)
     try:
         webhooks = msgspec.convert(data.get("webhooks", {}), WebhookSettings, strict=False)
@@ -167,9 +202,20 @@ def _admin_tokens(raw: Any, team_tokens: set[str]) -> frozenset[str]:
     tokens = raw.get("tokens", [])
     if not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens):
         raise ConfigError("admin.tokens: expected a list of non-empty strings")
-    if team_tokens.intersection(tokens):
+    digests = _digests("admin.tokens", tokens)
+    if team_tokens.intersection(digests):
         raise ConfigError("admin.tokens: a token is also a team's token")
-    return frozenset(tokens)
+    return frozenset(digests)
+
+
+def _digests(key: str, tokens: list[str]) -> set[str]:
+    try:
+        digests = [_configured_digest(t) for t in tokens]
+    except ConfigError as err:
+        raise ConfigError(f"{key}: {err}") from None
+    if len(set(digests)) != len(digests):
+        raise ConfigError(f"{key}: a token is listed twice")
+    return set(digests)
 
 
 def _limit(tier: str, value: Any) -> int | None:

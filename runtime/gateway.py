@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -41,7 +42,7 @@ from runtime.accesslog import AccessLog
 from runtime.admission import Admission
 from runtime.catalog import Catalog
 from runtime.clock import SYSTEM_CLOCK, Clock
-from runtime.config import Config, Team
+from runtime.config import Config, Team, token_digest
 from runtime.eventlog import EventLog, LogSettings, ensure_all
 from runtime.fleet import HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
 from runtime.guard import Guard
@@ -59,6 +60,7 @@ from runtime.listing import BadQuery, RunListing, parse_query
 from runtime.logs_api import follow_logs, read_logs, wants_follow
 from runtime.metrics import CONTENT_TYPE as metrics_content_type
 from runtime.projection import RunIndex
+from runtime.ratelimit import RateLimiter
 from runtime.readiness import Readiness, SchedulerWatch
 from runtime.runlogs import LogStore
 from runtime.scaling_api import ScalingApi
@@ -97,6 +99,9 @@ class Gateway:
         self.catalog = Catalog(self.log.js, replicas=settings.replicas)
         self.logs = LogStore(self.log.js, settings)
         self.fleet = Fleet(clock.monotonic, config.settings.node_loss_timeout_s)
+        self.limiter = RateLimiter(
+            config.settings.rate_limit_per_s, config.settings.rate_limit_burst
+        )
         self.admission = Admission.for_config(
             self.log.js,
             config,
@@ -236,6 +241,12 @@ class Gateway:
         if team is None:
             raise error(401, "unauthorized", "unknown token")
         request.state.team = team.name  # for the access log
+        wait = self.limiter.check(token_digest(token.strip()), self.clock.monotonic())
+        if wait > 0:
+            limit = self.config.settings.rate_limit_per_s
+            limited = error(429, "rate_limited", f"over {limit:g} requests/s for this token")
+            limited.headers["Retry-After"] = str(max(1, math.ceil(wait)))
+            raise limited
         return team
 
     async def _parse(self, request: Request) -> RunCreate:
