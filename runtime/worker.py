@@ -48,6 +48,7 @@ from contracts.errors import ErrorType, RunError
 from contracts.values import RunIO
 from runtime.capture import LogCapture, marker_bytes, start_marker_bytes
 from runtime.lifetime import child_env, honour_parent
+from runtime.worker_env import worker_env
 
 log = logging.getLogger("jetrun.worker")
 
@@ -60,6 +61,7 @@ _STREAM_ENDED = (
 )
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 MARKER_ENV = "JETRUN_LOG_MARKER"
+PASS_ENV = "JETRUN_WORKER_ENV"  # names, comma-separated, the operator lets through to workers
 _READ_SIZE = 65_536
 _OVER_CAP_PAUSE_S = 0.005  # past its cap a flood is read (and dropped) at <= 13 MB/s
 # how long to wait for an attempt's end marker after its result; a worker that misses it is
@@ -244,10 +246,18 @@ class PipelineWorker:
             raise StartupFailed(error or _startup_error(f"unexpected first frame {frame!r}"))
 
     def _child_env(self) -> dict[str, str]:
-        env = child_env({**os.environ, **self._env})  # the worker dies with its agent
-        path = env.get("PYTHONPATH")
-        env["PYTHONPATH"] = _PACKAGE_ROOT + (os.pathsep + path if path else "")
-        return env
+        """Tenant code gets an allow-list of the agent's environment (never NATS addresses,
+        credentials or jetrun's settings), the names the operator lets through in
+        ``$JETRUN_WORKER_ENV``, and what the agent sets for this worker (its GPUs)."""
+        passed = [n.strip() for n in os.environ.get(PASS_ENV, "").split(",") if n.strip()]
+        env = worker_env(
+            os.environ,
+            passed=passed,
+            package_root=_PACKAGE_ROOT,
+            home=os.environ.get("HOME", "/"),
+        )
+        env.update(self._env)
+        return child_env(env)  # the worker dies with its agent
 
     async def run(
         self,
