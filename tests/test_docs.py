@@ -26,6 +26,8 @@ def test_state_diagram_command_prints_the_table() -> None:
 def test_ci_runs_the_readme_test_command() -> None:
     readme = (ROOT / "README.md").read_text().split("```")[1].splitlines()  # the first block
     test_command = next(line for line in readme if "pytest" in line)
-    assert "pytest" in test_command
+    install, run = test_command.split(" && ")[-2:]
+    assert install == "pip install -c constraints.txt -e '.[dev]'"  # the pinned versions
+    assert run.startswith("python -m pytest")
     ci = (ROOT / ".ci" / "run").read_text()
-    assert test_command.split("&& ")[-1] in ci
+    assert install in ci and run in ci
