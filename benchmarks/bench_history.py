@@ -42,9 +42,10 @@ from contracts.machine import fold
 from contracts.states import WaitingFor
 from contracts.values import RunIO
 from runtime.catalog import Catalog
-from runtime.eventlog import EventLog, subject_of
-from runtime.nats_conn import connect
+from runtime.config import load
+from runtime.eventlog import EventLog, LogSettings, subject_of
 from runtime.natsserver import NatsServer, free_port
+from runtime.provision import provision
 from runtime.streams import EVENTS_STREAM, VIEWS_BUCKET, VIEWS_STREAM
 from runtime.views import Checkpoint, RunViews, _encoder
 
@@ -137,7 +138,8 @@ def du_mb(path: Path) -> float:
 
 
 class Service:
-    def __init__(self, kind: str, url: str, config: Path, logs: Path) -> None:
+    def __init__(self, kind: str, server: NatsServer, config: Path, logs: Path) -> None:
+        url, seed = server.url, server.credentials(kind).seed_file
         self.port = free_port()
         args = (
             ["--port", str(self.port)] if kind == "gateway" else ["--health-port", str(self.port)]
@@ -152,6 +154,7 @@ class Service:
                 kind,
                 "--nats",
                 url,
+                *(["--nats-seed", str(seed)] if seed is not None else []),
                 "--config",
                 str(config),
                 *args,
@@ -184,9 +187,11 @@ class Service:
         self.log.close()
 
 
-async def start_pair(url: str, config: Path, logs: Path) -> tuple[float, float, float, float]:
-    scheduler = Service("scheduler", url, config, logs)
-    gateway = Service("gateway", url, config, logs)
+async def start_pair(
+    server: NatsServer, config: Path, logs: Path
+) -> tuple[float, float, float, float]:
+    scheduler = Service("scheduler", server, config, logs)
+    gateway = Service("gateway", server, config, logs)
     try:
         s_ready, g_ready = await scheduler.ready_s(), await gateway.ready_s()
         return g_ready, rss_mib(gateway.proc.pid), s_ready, rss_mib(scheduler.proc.pid)
@@ -202,13 +207,12 @@ async def main(sizes: list[int], queued: list[int]) -> None:
         config = root / "jetrun.toml"
         config.write_text(CONFIG)
         async with NatsServer(store_dir=root / "nats") as server:
-            nc = await connect(server.url, "bench")
+            nc = await server.connect("admin")  # the admin step: every stream the services use
+            await provision(nc, load(config), LogSettings())
             log = EventLog(nc)
             views = RunViews(log.js)
-            await log.ensure()
             await views.ensure()
             catalog = Catalog(log.js)
-            await catalog.ensure()
             await catalog.register(PipelineInfo(pointer=PIPELINE))
             print(
                 f"{'runs':>9} {'start':>7} {'gateway ready':>13} {'gw RSS':>8} "
@@ -225,7 +229,7 @@ async def main(sizes: list[int], queued: list[int]) -> None:
                     if label == "from 1" and size > 100_000:
                         continue  # minutes per start: the table has these
                     await views.put_checkpoint(Checkpoint(replay_from=replay_from, seq=last, at=0))
-                    g, g_rss, s, s_rss = await start_pair(server.url, config, root)
+                    g, g_rss, s, s_rss = await start_pair(server, config, root)
                     print(
                         f"{size:>9,} {label:>7} {g:>11.2f} s {g_rss:>4.0f} MiB {s:>9.2f} s "
                         f"{s_rss:>5.0f} MiB {rss_mib(server.pid or 0):>5.0f} MiB "
@@ -235,7 +239,7 @@ async def main(sizes: list[int], queued: list[int]) -> None:
                 await views.put_checkpoint(Checkpoint(replay_from=last + 1, seq=last, at=0))
             for depth in queued:
                 await fill(nc, 10_000_000, depth, queued=True)
-                scheduler = Service("scheduler", server.url, config, root)
+                scheduler = Service("scheduler", server, config, root)
                 try:
                     ready = await scheduler.ready_s()
                     await anyio.sleep(3)

@@ -152,8 +152,9 @@ class Jetrun:
             r"wrk\.body = '.*'", lambda _: f"wrk.body = '{body}'", bench_runs.POST_LUA
         )
         nats_url = f"nats://127.0.0.1:{self.nats_port}"
+        creds = bench_runs.Credentials.from_dir(self.tmp / "data" / "credentials", "service")
         _, rate, total = anyio.run(
-            bench_runs.wrk_throughput, self.url, nats_url, self.wrk_seconds, 256, self.tmp
+            bench_runs.wrk_throughput, self.url, nats_url, self.wrk_seconds, 256, self.tmp, creds
         )
         return rate, total
 

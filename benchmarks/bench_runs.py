@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from runtime.client import RunEvents  # noqa: E402
+from runtime.nats_auth import Credentials  # noqa: E402
 from runtime.natsserver import free_port  # noqa: E402
 
 CONFIG = """
@@ -97,7 +98,7 @@ async def sync_latency(url: str, n: int) -> list[float]:
 
 
 async def async_throughput(
-    url: str, nats_url: str, n: int, concurrency: int
+    url: str, nats_url: str, n: int, concurrency: int, creds: Credentials
 ) -> tuple[float, float]:
     ids: set[str] = set()
     done = anyio.Event()
@@ -116,7 +117,7 @@ async def async_throughput(
     limiter = anyio.Semaphore(concurrency)
     body = {**NOOP, "async_run": True}
     async with (
-        RunEvents.connect(nats_url) as events,
+        RunEvents.connect(nats_url, creds) as events,
         httpx.AsyncClient(
             base_url=url,
             headers={"Authorization": "Bearer bench"},
@@ -154,7 +155,7 @@ wrk.headers["Authorization"] = "Bearer bench"
 
 
 async def wrk_throughput(
-    url: str, nats_url: str, seconds: int, concurrency: int, tmp: Path
+    url: str, nats_url: str, seconds: int, concurrency: int, tmp: Path, creds: Credentials
 ) -> tuple[float, float, int]:
     """Async runs submitted by wrk (a C load generator: the Python client tops out first) for
     ``seconds``; then waits until every run is terminal. Returns (accepted runs/s, runs/s from
@@ -167,7 +168,7 @@ async def wrk_throughput(
     since = time.time()
     out = await anyio.run_process(argv)
     accepted = float(out.stdout.decode().split("Requests/sec:")[1].split()[0])
-    async with RunEvents.connect(nats_url) as events:
+    async with RunEvents.connect(nats_url, creds) as events:
         for _ in range(1200):  # bounded: 10 minutes
             first, last, total, ended = await span(events, since)
             if total and ended == total:
@@ -234,12 +235,15 @@ async def main() -> None:
         await wait_ready(url)
         latencies = await sync_latency(url, args.sync)
         nats_url = f"nats://127.0.0.1:{nats_port}"
+        creds = Credentials.from_dir(tmp / "data" / "credentials", "service")
         accepted, throughput = await async_throughput(
-            url, nats_url, args.async_runs, args.concurrency
+            url, nats_url, args.async_runs, args.concurrency, creds
         )
         loaded = None
         if shutil.which("wrk"):
-            loaded = await wrk_throughput(url, nats_url, args.wrk_seconds, args.concurrency, tmp)
+            loaded = await wrk_throughput(
+                url, nats_url, args.wrk_seconds, args.concurrency, tmp, creds
+            )
         memory = rss_mb(up.pid)
     finally:
         up.send_signal(signal.SIGINT)

@@ -31,7 +31,6 @@ sys.path.insert(0, str(ROOT))
 from contracts.run import RunRecord  # noqa: E402
 from contracts.states import RunState  # noqa: E402
 from runtime.eventlog import EventLog  # noqa: E402
-from runtime.nats_conn import connect  # noqa: E402
 from tests.harness import (  # noqa: E402
     FIXTURES,
     Audit,
@@ -61,7 +60,7 @@ async def until(check: Callable[[], Awaitable[bool]], timeout: float = 120.0) ->
 
 async def records(stack: Stack, load: Load) -> list[RunRecord]:
     """Every run of the load, folded from the event log."""
-    nc = await connect(stack.nats_url, "fault-report")
+    nc = await stack.connect("admin", "fault-report")
     try:
         log = EventLog(nc)
         return [await log.load(run_id) for run_id in list(load.run_ids.values())]

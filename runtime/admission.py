@@ -20,7 +20,7 @@ from nats.js.errors import APIError, NotFoundError
 from contracts.events import AdmissionSlot
 from contracts.run import RunRecord
 from runtime.config import Config
-from runtime.eventlog import ensure_stream, retrying
+from runtime.eventlog import ensure_stream, require_stream, retrying
 from runtime.streams import admission_config, admission_stream
 
 log = logging.getLogger("jetrun.admission")
@@ -84,6 +84,12 @@ class Admission:
         async with anyio.create_task_group() as tg:
             for limit in sorted(self.limits):
                 tg.start_soon(ensure_stream, self.js, self._config(limit), SETUP_DEADLINE_S)
+
+    async def require(self) -> None:
+        """Wait until every permit stream exists (``jetrun setup`` creates them)."""
+        async with anyio.create_task_group() as tg:
+            for limit in sorted(self.limits):
+                tg.start_soon(require_stream, self.js, stream_name(limit), SETUP_DEADLINE_S)
 
     def _config(self, limit: int) -> api.StreamConfig:
         return admission_config(limit, lookback_s=self.lookback_s, replicas=self.replicas)

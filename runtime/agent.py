@@ -57,9 +57,9 @@ from runtime.eventlog import (
     EventLog,
     LogSettings,
     agent_dispatches,
-    ensure_all,
     kind_subjects,
     last_event_of_kind,
+    require_all,
 )
 from runtime.fleet import (
     DRAIN_SUBJECT,
@@ -191,7 +191,7 @@ class Agent:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Load pipelines, subscribe, heartbeat, and run dispatched attempts until cancelled."""
         self._load_specs()
-        await ensure_all(self.log, self.catalog, self.scaling, self.logs)
+        await require_all(self.log, self.catalog, self.scaling, self.logs)
         for pool in self.pools.values():
             await self._register(pool)
         # a load or unload handled wrongly would leave replicas the autoscaler does not know of

@@ -26,7 +26,7 @@ from nats.js.errors import NotFoundError
 
 from contracts.agents import PipelineInfo
 from contracts.names import check_pointer, is_pointer
-from runtime.eventlog import ensure_stream, retrying
+from runtime.eventlog import ensure_stream, require_stream, retrying
 from runtime.streams import CATALOG_STREAM, catalog_config
 
 log = logging.getLogger("jetrun.catalog")
@@ -62,6 +62,9 @@ class Catalog:
 
     async def ensure(self) -> None:
         await ensure_stream(self.js, catalog_config(replicas=self.replicas), 120.0)
+
+    async def require(self) -> None:
+        await require_stream(self.js, CATALOG_STREAM, 120.0)
 
     async def register(self, info: PipelineInfo) -> None:
         """Record ``info`` (last one wins). Retries through outages."""

@@ -12,6 +12,7 @@ import click
 
 from runtime import config as config_module
 from runtime import logsetup
+from runtime.cli_auth import ca_option, credentials_for, seed_option
 from runtime.cli_scaling import register as register_scaling_commands
 from runtime.cli_tokens import register as register_token_commands
 from runtime.cli_webhooks import register as register_webhook_commands
@@ -56,6 +57,14 @@ config_option = click.option(
     default=None,
     help="TOML config (teams, tokens, tiers, timings); see examples/jetrun.toml.",
 )
+
+
+def _nats_args(seed: Path | None, ca: Path | None) -> list[str]:
+    """Credential options for a ``jetrun`` process this one starts."""
+    args = ["--nats-seed", str(seed)] if seed is not None else []
+    return args + (["--nats-ca", str(ca)] if ca is not None else [])
+
+
 replicas_option = click.option(
     "--replicas",
     type=click.IntRange(1, 5),
@@ -154,6 +163,13 @@ def _sync_interval(value: str | None) -> str | None:
     type=int,
     help="CPU slots of each agent the autoscaler adds (default: --slots).",
 )
+@click.option(
+    "--nats-credentials",
+    "credentials_dir",
+    default=None,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="With --nats: a directory of role seeds (jetrun keys); the embedded server makes its own.",
+)
 def up(
     host: str,
     port: int,
@@ -167,6 +183,7 @@ def up(
     gateways: int | None,
     boot_delay: float,
     node_slots: int | None,
+    credentials_dir: Path | None,
 ) -> None:
     """Start everything: nats-server, gateway, scheduler and a local agent; more local agents
     are started (and stopped) as the autoscaler needs room."""
@@ -187,6 +204,7 @@ def up(
         node_slots=slots if node_slots is None else node_slots,
         gateways=default_gateways() if gateways is None else gateways,
         config_path=None if config_path is None else str(Path(config_path).resolve()),
+        credentials_dir=credentials_dir,
     )
     try:
         _run(serve_up, options)
@@ -197,6 +215,8 @@ def up(
 
 @main.command()
 @nats_option
+@seed_option
+@ca_option
 @config_option
 @replicas_option
 @click.option("--host", default="127.0.0.1", show_default=True)
@@ -207,20 +227,31 @@ def up(
     help="Share the port with other gateways (SO_REUSEPORT); listen only once caught up.",
 )
 def gateway(
-    nats_url: str, config_path: str | None, replicas: int, host: str, port: int, reuse_port: bool
+    nats_url: str,
+    nats_seed: Path | None,
+    nats_ca: Path | None,
+    config_path: str | None,
+    replicas: int,
+    host: str,
+    port: int,
+    reuse_port: bool,
 ) -> None:
-    """Serve the v4 HTTP API."""
+    """Serve the v4 HTTP API (NATS role: gateway)."""
     from runtime.lifetime import honour_parent
     from runtime.services import serve_gateway
 
     honour_parent()  # started by `jetrun up`: die with it
+    credentials = credentials_for("gateway", nats_seed, nats_ca)
     settings = LogSettings(replicas=replicas)
     config = _config(config_path)
-    _run(serve_gateway, nats_url, config, host, port, settings, reuse_port)
+    serve = partial(serve_gateway, credentials=credentials)
+    _run(serve, nats_url, config, host, port, settings, reuse_port)
 
 
 @main.command()
 @nats_option
+@seed_option
+@ca_option
 @config_option
 @replicas_option
 @click.option(
@@ -259,9 +290,17 @@ def gateway(
 @click.option(
     "--remove-command", default=None, help="command: run to remove a node; {node_id} is replaced."
 )
+@click.option(
+    "--node-seed",
+    default=None,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="local: the agent nkey seed file the agents it starts connect with.",
+)
 @health_options(8081)
 def scheduler(
     nats_url: str,
+    nats_seed: Path | None,
+    nats_ca: Path | None,
     config_path: str | None,
     replicas: int,
     health_host: str,
@@ -272,8 +311,10 @@ def scheduler(
     boot_delay: float,
     add_command: str | None,
     remove_command: str | None,
+    node_seed: Path | None,
 ) -> None:
-    """Place, queue, dispatch, cancel and preempt runs; scale replicas and nodes."""
+    """Place, queue, dispatch, cancel and preempt runs; scale replicas and nodes
+    (NATS role: scheduler)."""
     from runtime.providers import CommandProvider, LocalProvider, NodeProvider
     from runtime.services import serve_scheduler
 
@@ -287,6 +328,7 @@ def scheduler(
             cpu_slots=node_slots,
             boot_delay_s=boot_delay,
             env=child_env(),
+            extra_args=[*_nats_args(node_seed, nats_ca)],
         )
     elif provider == "command":
         if not add_command or not remove_command:
@@ -296,11 +338,37 @@ def scheduler(
         chosen = CommandProvider(add_command, remove_command)
     settings = LogSettings(replicas=replicas)
     health = (health_host, health_port)
-    _run(partial(serve_scheduler, nats_url, _config(config_path), settings, chosen, health=health))
+    credentials = credentials_for("scheduler", nats_seed, nats_ca)
+    serve = partial(serve_scheduler, health=health, credentials=credentials)
+    _run(partial(serve, nats_url, _config(config_path), settings, chosen))
 
 
 @main.command()
 @nats_option
+@seed_option
+@ca_option
+@config_option
+@replicas_option
+def setup(
+    nats_url: str,
+    nats_seed: Path | None,
+    nats_ca: Path | None,
+    config_path: str | None,
+    replicas: int,
+) -> None:
+    """Create or update every stream (NATS role: admin). Run before the services start."""
+    from runtime.services import setup_streams
+
+    credentials = credentials_for("admin", nats_seed, nats_ca)
+    settings = LogSettings(replicas=replicas)
+    names = anyio.run(setup_streams, nats_url, _config(config_path), settings, credentials)
+    click.echo("streams ready: " + ", ".join(names))
+
+
+@main.command()
+@nats_option
+@seed_option
+@ca_option
 @replicas_option
 @click.option(
     "--pipelines",
@@ -325,6 +393,8 @@ def scheduler(
 @health_options(8082)
 def agent(
     nats_url: str,
+    nats_seed: Path | None,
+    nats_ca: Path | None,
     replicas: int,
     modules: tuple[str, ...],
     slots: int,
@@ -334,32 +404,78 @@ def agent(
     health_host: str,
     health_port: int,
 ) -> None:
-    """Run a node agent: load pipelines, run attempts. SIGTERM = preemption notice."""
+    """Run a node agent: load pipelines, run attempts. SIGTERM = preemption notice.
+    (NATS role: agent.)"""
     from runtime.lifetime import honour_parent
     from runtime.services import serve_agent
 
     honour_parent()  # started by `jetrun up`: die with it
-    serve = partial(serve_agent, health=(health_host, health_port), log_max_bytes=log_max_bytes)
+    credentials = credentials_for("agent", nats_seed, nats_ca)
+    serve = partial(
+        serve_agent,
+        health=(health_host, health_port),
+        log_max_bytes=log_max_bytes,
+        credentials=credentials,
+    )
     _run(serve, nats_url, list(modules), slots, heartbeat, agent_id, LogSettings(replicas=replicas))
 
 
 @main.command()
 @nats_option
+@seed_option
+@ca_option
 @click.argument("agent_id")
 @click.option("--timeout", default=5.0, show_default=True, type=float)
-def recall(nats_url: str, agent_id: str, timeout: float) -> None:
-    """Recall a node now (a spot recall): its runs are preempted or requeued, it exits."""
+def recall(
+    nats_url: str, nats_seed: Path | None, nats_ca: Path | None, agent_id: str, timeout: float
+) -> None:
+    """Recall a node now (a spot recall): its runs are preempted or requeued, it exits.
+    (NATS role: admin.)"""
     from nats.errors import NoRespondersError, TimeoutError
 
     from runtime.services import recall_agent
 
     try:
-        answer = anyio.run(recall_agent, nats_url, agent_id, timeout)
+        credentials = credentials_for("admin", nats_seed, nats_ca)
+        answer = anyio.run(recall_agent, nats_url, agent_id, timeout, credentials)
     except (NoRespondersError, TimeoutError):
         raise click.ClickException(f"no agent {agent_id} answered") from None
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     click.echo(answer)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+def keys(directory: Path) -> None:
+    """Write one nkey seed per NATS role to DIRECTORY (owner-only files; existing seeds are
+    kept) and auth.conf, the nats-server authorization block with their public keys."""
+    from runtime.nats_auth import authorization_block, generate_keys
+
+    public = generate_keys(directory)
+    (directory / "auth.conf").write_text(authorization_block(public))
+    for role, found in public.items():
+        click.echo(f"{role}: {directory / (role + '.nk')} ({found[0]})")
+    click.echo(f"nats-server: include {directory / 'auth.conf'}")
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--host",
+    "hosts",
+    multiple=True,
+    required=True,
+    help="A DNS name or IP address the NATS servers are reached by; repeatable.",
+)
+def certs(directory: Path, hosts: tuple[str, ...]) -> None:
+    """Write a CA (kept if DIRECTORY has one) and a certificate for the NATS servers, valid
+    for every --host, for TLS on client and route connections. Clients need ca.pem."""
+    from runtime.certs import create
+
+    files = create(directory, list(hosts))
+    click.echo(f"CA:          {files.ca_file} (clients: --nats-ca)")
+    click.echo(f"certificate: {files.cert_file}, key {files.key_file} (owner-only)")
 
 
 @main.command("state-diagram")
@@ -377,15 +493,24 @@ def admin() -> None:
 
 @admin.command("apply-retention")
 @nats_option
+@seed_option
+@ca_option
 @config_option
-def apply_retention(nats_url: str, config_path: str | None) -> None:
+def apply_retention(
+    nats_url: str, nats_seed: Path | None, nats_ca: Path | None, config_path: str | None
+) -> None:
     """Set how long events, logs and run views are kept (the config's events_max_age_s and
     views_max_age_s); services never change it back."""
     from runtime.retention import RetentionRefused
     from runtime.services import apply_retention_at
 
     try:
-        changed = anyio.run(apply_retention_at, nats_url, _config(config_path).settings)
+        changed = anyio.run(
+            apply_retention_at,
+            nats_url,
+            _config(config_path).settings,
+            credentials_for("admin", nats_seed, nats_ca),
+        )
     except RetentionRefused as err:
         raise click.ClickException(str(err)) from None
     for name, max_age in changed:
@@ -394,7 +519,9 @@ def apply_retention(nats_url: str, config_path: str | None) -> None:
         click.echo("retention already as configured")
 
 
-register_scaling_commands(main, nats_option, replicas_option)
+register_scaling_commands(
+    main, nats_option, replicas_option, lambda command: seed_option(ca_option(command))
+)
 register_webhook_commands(main, nats_option, config_option, _config)
 register_token_commands(main)
 

@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -24,6 +25,7 @@ from rich.live import Live
 from contracts.run import Run
 from contracts.states import RunState
 from runtime import cli_render as render
+from runtime.cli_auth import ca_option, credentials_for, seed_option
 from runtime.cli_client import InputError, parse_input, resolve
 from runtime.sdk import Client, ConcurrencyLimitReached, JetrunError
 
@@ -320,16 +322,22 @@ def _print_lines(text: str) -> None:
     default="nats://127.0.0.1:4222",
     show_default="$JETRUN_NATS or nats://127.0.0.1:4222",
 )
+@seed_option
+@ca_option
 @click.option("--json", "as_json", is_flag=True, help="One event per line, as stored.")
-def events_command(run_id: str, nats_url: str, as_json: bool) -> None:
-    """RUN_ID's full event history, read from the event log over NATS (for operators)."""
+def events_command(
+    run_id: str, nats_url: str, nats_seed: Path | None, nats_ca: Path | None, as_json: bool
+) -> None:
+    """RUN_ID's full event history, read from the event log over NATS (for operators; the
+    service or admin seed)."""
+    credentials = credentials_for("service", nats_seed, nats_ca)
     from runtime.eventlog import EventLog
     from runtime.nats_conn import connect
 
     logging.getLogger("jetrun").setLevel(logging.WARNING)  # not the connection's comings, goings
 
     async def read() -> list[tuple[int, dict[str, Any]]]:
-        nc = await connect(nats_url, "jetrun-events")
+        nc = await connect(nats_url, "jetrun-events", credentials)
         try:
             stored = await EventLog(nc).read(run_id)
         finally:

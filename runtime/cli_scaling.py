@@ -15,6 +15,7 @@ import httpx
 import msgspec
 
 from contracts.scaling import ScalingPatch, ScalingSettings, SettingsChanged
+from runtime.nats_auth import Credentials
 
 SETTING_OPTIONS = [
     click.option("--min-replicas", type=click.IntRange(0, 1000), default=None),
@@ -68,7 +69,11 @@ def with_settings(command: Any) -> Any:
 
 
 async def deploy_module(
-    nats_url: str, module: str, patch: ScalingPatch, replicas: int
+    nats_url: str,
+    module: str,
+    patch: ScalingPatch,
+    replicas: int,
+    credentials: Credentials | None = None,
 ) -> list[str]:
     """Register every pipeline of ``module`` as autoscaled (the decorator's scaling settings,
     else scale-to-zero defaults, then ``patch``). Returns lines to print."""
@@ -78,7 +83,7 @@ async def deploy_module(
     from runtime.scalinglog import ScalingLog
 
     infos = await list_pipelines([module])  # the pipeline code runs in a child, not here
-    nc = await connect(nats_url, "jetrun-deploy")
+    nc = await connect(nats_url, "jetrun-deploy", credentials)
     try:
         js = nc.jetstream(timeout=5.0)
         catalog, log = Catalog(js, replicas=replicas), ScalingLog(js, replicas=replicas)
@@ -101,19 +106,29 @@ async def deploy_module(
 Decorator = Callable[[Callable[..., Any]], Callable[..., Any]]
 
 
-def register(main: click.Group, nats_option: Decorator, replicas_option: Decorator) -> None:
+def register(
+    main: click.Group,
+    nats_option: Decorator,
+    replicas_option: Decorator,
+    credential_options: Decorator = lambda command: command,
+) -> None:
     @main.command()
     @nats_option
+    @credential_options
     @replicas_option
     @click.argument("module")
     @with_settings
     def deploy(nats_url: str, replicas: int, module: str, **options: Any) -> None:
         """Deploy the pipelines of MODULE (a .py path or dotted name) into the catalogue,
         autoscaled: they exist with zero replicas until runs arrive; agents with the code
-        load them when told."""
+        load them when told. (NATS role: admin.)"""
+        seed, ca = options.pop("nats_seed", None), options.pop("nats_ca", None)
+        credentials = None
+        if seed is not None or ca is not None:
+            credentials = Credentials(role="admin", seed_file=seed, ca_file=ca)
         patch = _patch(options)
         try:
-            lines = anyio.run(deploy_module, nats_url, module, patch, replicas)
+            lines = anyio.run(deploy_module, nats_url, module, patch, replicas, credentials)
         except (RuntimeError, ValueError, OSError, msgspec.MsgspecError) as err:
             raise click.ClickException(f"cannot deploy {module}: {err}") from None
         for line in lines:

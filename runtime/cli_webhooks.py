@@ -5,7 +5,8 @@ from __future__ import annotations
 import datetime
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
 
 import anyio
 import click
@@ -14,8 +15,10 @@ from nats.js import JetStreamContext
 from rich.console import Console
 from rich.table import Table
 
+from runtime.cli_auth import ca_option, credentials_for, seed_option
 from runtime.config import Config
 from runtime.eventlog import LogSettings
+from runtime.nats_auth import Credentials
 
 T = TypeVar("T")
 
@@ -33,20 +36,29 @@ def register(
 
     @main.group("webhooks", invoke_without_command=True)
     @nats_option
+    @seed_option
+    @ca_option
     @config_option
     @click.option("--replicas", type=click.IntRange(1, 5), default=1, show_default=True)
     @click.pass_context
-    def webhooks(ctx: click.Context, nats_url: str, config_path: str | None, replicas: int) -> None:
+    def webhooks(
+        ctx: click.Context,
+        nats_url: str,
+        nats_seed: Path | None,
+        nats_ca: Path | None,
+        config_path: str | None,
+        replicas: int,
+    ) -> None:
         """Deliver run callbacks (signed POSTs with retries); `dead` and `replay` for the
-        deliveries that failed for good."""
-        ctx.obj = nats_url
+        deliveries that failed for good. (NATS role: webhooks.)"""
+        ctx.obj = Target(nats_url, credentials_for("webhooks", nats_seed, nats_ca))
         if ctx.invoked_subcommand is None:
-            _serve(nats_url, load(config_path), LogSettings(replicas=replicas))
+            _serve(ctx.obj, load(config_path), LogSettings(replicas=replicas))
 
     @webhooks.command("dead")
     @click.option("--json", "as_json", is_flag=True, help="One dead delivery per line.")
     @click.pass_obj
-    def dead(nats_url: str, as_json: bool) -> None:
+    def dead(nats_url: Target, as_json: bool) -> None:
         """Deliveries that failed for good: run, team, URL, attempts, last error."""
         from runtime.webhooks import dead_letters
 
@@ -69,7 +81,7 @@ def register(
     @click.argument("ids", nargs=-1)
     @click.option("--all", "everything", is_flag=True, help="Every dead delivery.")
     @click.pass_obj
-    def replay(nats_url: str, ids: tuple[str, ...], everything: bool) -> None:
+    def replay(nats_url: Target, ids: tuple[str, ...], everything: bool) -> None:
         """Queue dead deliveries (delivery or run ids) for delivery again."""
         from runtime.webhooks import replay as replay_dead
 
@@ -86,13 +98,20 @@ def register(
             raise click.ClickException("no such dead delivery")
 
 
-def _with_js(nats_url: str, call: Callable[[JetStreamContext], Awaitable[T]]) -> T:
+class Target(NamedTuple):
+    """Where NATS is and who this command is there."""
+
+    url: str
+    credentials: Credentials | None
+
+
+def _with_js(target: Target, call: Callable[[JetStreamContext], Awaitable[T]]) -> T:
     from runtime.nats_conn import connect
 
     logging.getLogger("jetrun").setLevel(logging.WARNING)  # not the connection's comings, goings
 
     async def go() -> T:
-        nc = await connect(nats_url, "jetrun-webhooks-cli")
+        nc = await connect(target.url, "jetrun-webhooks-cli", target.credentials)
         try:
             return await call(nc.jetstream(timeout=5.0))
         finally:
@@ -101,18 +120,18 @@ def _with_js(nats_url: str, call: Callable[[JetStreamContext], Awaitable[T]]) ->
     try:
         return anyio.run(go)
     except Exception as err:
-        message = f"cannot read the webhook streams at {nats_url}: {err!r}"
+        message = f"cannot read the webhook streams at {target.url}: {err!r}"
         raise click.ClickException(message) from None
 
 
-def _serve(nats_url: str, config: Config, settings: LogSettings) -> None:
+def _serve(target: Target, config: Config, settings: LogSettings) -> None:
     from runtime.lifetime import honour_parent
     from runtime.nats_conn import connect
     from runtime.services import until_signalled
     from runtime.webhooks import WebhookService
 
     async def go() -> None:
-        nc = await connect(nats_url, "jetrun-webhooks")
+        nc = await connect(target.url, "jetrun-webhooks", target.credentials)
         service = WebhookService(nc, config, settings=settings)
         async with anyio.create_task_group() as tg:
             await tg.start(service.run)

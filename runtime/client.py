@@ -1,6 +1,6 @@
 """The NATS-level client for platform services: submit runs, follow run state.
 
-    async with RunEvents.connect("nats://127.0.0.1:4222") as events:
+    async with RunEvents.connect(url, Credentials(role="service", seed_file=seed)) as events:
         run = await events.submit("acme/echo:v1", "hi", token="jr_acme_secret")
         async with aclosing(events.watch(team="acme")) as changes:
             async for change in changes:
@@ -29,6 +29,7 @@ from contracts.run import Run, RunRecord
 from contracts.submission import SUBMIT_SUBJECT, SubmitReply, SubmitRequest
 from contracts.values import from_python
 from runtime.eventlog import ALL_EVENTS, Appended, EventLog, run_subjects
+from runtime.nats_auth import Credentials
 from runtime.nats_conn import connect
 from runtime.sdk import ConcurrencyLimitReached, JetrunError
 
@@ -47,8 +48,10 @@ class RunEvents:
         self._own = own_connection
 
     @classmethod
-    def connect(cls, url: str) -> _Connecting:
-        return _Connecting(url)
+    def connect(cls, url: str, credentials: Credentials | None = None) -> _Connecting:
+        """Connect as ``credentials`` (a platform service uses the ``service`` role: it may
+        watch runs, submit through admission and ask for cancellation)."""
+        return _Connecting(url, credentials)
 
     async def publish(self, event: Event) -> Appended:
         """Append a run event (idempotent by its message id); blocks until stored. A
@@ -155,12 +158,13 @@ def _matches(run: RunRecord, team: str | None, pipeline: str | None, run_id: str
 
 
 class _Connecting:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, credentials: Credentials | None) -> None:
         self.url = url
+        self.credentials = credentials
         self.nc: Client | None = None
 
     async def __aenter__(self) -> RunEvents:
-        self.nc = await connect(self.url, "jetrun-client")
+        self.nc = await connect(self.url, "jetrun-client", self.credentials)
         return RunEvents(self.nc, own_connection=True)
 
     async def __aexit__(

@@ -168,8 +168,12 @@ class EventLog:
 
     async def ensure(self) -> None:
         """Create the stream if it is missing (see ``runtime.streams`` for what an existing
-        stream gets). Idempotent."""
+        stream gets). Idempotent. Needs the admin role."""
         await ensure_stream(self.js, self.stream_config(), self.settings.setup_deadline_s)
+
+    async def require(self) -> None:
+        """Wait until the stream exists (``jetrun setup`` creates it)."""
+        await require_stream(self.js, EVENTS_STREAM, self.settings.setup_deadline_s)
 
     async def append(self, event: Event, *, expect_last_seq: int | None = None) -> Appended:
         """Append ``event``; blocks until the server has stored it. Idempotent for the duplicate
@@ -294,6 +298,31 @@ async def ensure_stream(js: Any, config: api.StreamConfig, deadline_s: float = 3
     await retrying(f"ensure stream {config.name}", attempt, deadline_s)
 
 
+class StreamMissing(RuntimeError):
+    """A stream that only the admin role may create does not exist."""
+
+
+async def require_stream(js: Any, name: str, deadline_s: float = 30.0) -> None:
+    """Wait (bounded by ``deadline_s``) until stream ``name`` exists; services never create or
+    change streams. Raises ``StreamMissing`` naming the step that creates it."""
+    deadline = time.monotonic() + deadline_s
+    logged = False
+    while True:
+        try:
+            await retrying(f"stream info {name}", lambda: js.stream_info(name), deadline_s)
+            return
+        except NotFoundError:
+            if time.monotonic() >= deadline:
+                raise StreamMissing(
+                    f"stream {name} does not exist: run `jetrun setup` with the admin "
+                    "credentials first"
+                ) from None
+            if not logged:
+                log.warning("waiting for stream %s: `jetrun setup` creates it", name)
+                logged = True
+            await anyio.sleep(0.2)
+
+
 async def last_event_of_kind(log: EventLog, run_id: str, kind: str) -> AnyEvent | None:
     """The latest ``kind`` event of one run, by a single direct get; None if there is none,
     or if it cannot be decoded (a newer kind, or nested past what the decoder allows: such a
@@ -320,6 +349,8 @@ async def last_event_of_kind(log: EventLog, run_id: str, kind: str) -> AnyEvent 
 class Ensurable(Protocol):
     async def ensure(self) -> None: ...
 
+    async def require(self) -> None: ...
+
 
 async def ensure_all(*parts: Ensurable) -> None:
     """Create or update every part's streams at once (on a cluster each new replicated stream
@@ -327,3 +358,10 @@ async def ensure_all(*parts: Ensurable) -> None:
     async with anyio.create_task_group() as tg:
         for part in parts:
             tg.start_soon(part.ensure)
+
+
+async def require_all(*parts: Ensurable) -> None:
+    """Wait until every part's streams exist (created by the admin step, ``jetrun setup``)."""
+    async with anyio.create_task_group() as tg:
+        for part in parts:
+            tg.start_soon(part.require)

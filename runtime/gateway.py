@@ -43,7 +43,7 @@ from runtime.admission import Admission
 from runtime.catalog import Catalog
 from runtime.clock import SYSTEM_CLOCK, Clock
 from runtime.config import Config, Team, token_digest
-from runtime.eventlog import EventLog, LogSettings, ensure_all
+from runtime.eventlog import EventLog, LogSettings, require_all
 from runtime.fleet import HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
 from runtime.guard import Guard
 from runtime.http_input import (
@@ -135,7 +135,7 @@ class Gateway:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Create the streams if needed, replay the log into the index, then follow it."""
         parts = (self.log, self.catalog, self.admission, self.readiness, self.logs, self.views)
-        await ensure_all(*parts)
+        await require_all(*parts)
         start, target = await start_position(self.log.js, self.views)
         self.index.start_at(start - 1)
         guard = self.guard.wrap

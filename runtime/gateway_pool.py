@@ -67,14 +67,15 @@ def gateway_command(nats_url: str, host: str, port: int, config_path: str | None
 
 @contextlib.asynccontextmanager
 async def extra_gateways(
-    count: int, command: list[str], grace_s: float
+    count: int, command: list[str], grace_s: float, env: dict[str, str] | None = None
 ) -> AsyncIterator[list[subprocess.Popen[bytes]]]:
     """``count`` gateway processes running ``command``, kept running (restarted after an
     exit) while inside; stopped (SIGTERM, SIGKILL after ``grace_s``) on the way out."""
-    procs = [_start(command) for _ in range(count)]
+    env = env or child_env()
+    procs = [_start(command, env) for _ in range(count)]
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_supervise, procs, command)
+            tg.start_soon(_supervise, procs, command, env)
             yield procs
             tg.cancel_scope.cancel()
     finally:
@@ -86,11 +87,13 @@ async def extra_gateways(
                 await _reap(proc, grace_s)
 
 
-def _start(command: list[str]) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(command, env=child_env())
+def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, env=env)
 
 
-async def _supervise(procs: list[subprocess.Popen[bytes]], command: list[str]) -> None:
+async def _supervise(
+    procs: list[subprocess.Popen[bytes]], command: list[str], env: dict[str, str]
+) -> None:
     while True:
         await anyio.sleep(RESTART_PAUSE_S)
         for i, proc in enumerate(procs):
@@ -99,7 +102,7 @@ async def _supervise(procs: list[subprocess.Popen[bytes]], command: list[str]) -
                 log.error(
                     "gateway process %d exited with code %d; starting it again", proc.pid, code
                 )
-                procs[i] = _start(command)
+                procs[i] = _start(command, env)
 
 
 async def _reap(proc: subprocess.Popen[bytes], grace_s: float) -> None:

@@ -27,7 +27,7 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
-from runtime.eventlog import retrying
+from runtime.eventlog import require_stream, retrying
 
 log = logging.getLogger("jetrun.lease")
 
@@ -74,6 +74,11 @@ class Lease:
                 return await self.js.create_key_value(config)
 
         self._kv = await retrying(f"ensure bucket {LEASE_BUCKET}", attempt, SETUP_DEADLINE_S)
+
+    async def require(self) -> None:
+        """Wait until the bucket exists (``jetrun setup`` creates it), then use it."""
+        await require_stream(self.js, f"KV_{LEASE_BUCKET}", 120.0)
+        self._kv = await self.js.key_value(LEASE_BUCKET)
 
     def valid(self) -> bool:
         """Whether this process holds the lease now (with the safety margin)."""

@@ -3,6 +3,12 @@
 Used by ``jetrun up`` and by the tests. ``NatsServer`` writes a config file into its store dir,
 starts the process, waits until the client port accepts connections, and stops it with SIGTERM
 (SIGKILL after a grace period). ``kill()`` is there for fault tests.
+
+Authorization is on unless ``auth=False``: on first start the server makes one nkey seed per
+role in ``credentials_dir`` (owner-only files; kept across restarts) and accepts only those
+keys, each with its role's permissions (``runtime.nats_auth``). ``tls`` makes client and route
+connections TLS-only. ``credentials(role)`` and ``connect(role)`` are how processes and tests
+connect.
 """
 
 from __future__ import annotations
@@ -16,13 +22,17 @@ import subprocess
 import sys
 import sysconfig
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
 import anyio
+from nats.aio.client import Client
 
 from runtime.lifetime import die_with_parent
+from runtime.nats_auth import Credentials, authorization_block, generate_keys
+from runtime.nats_conn import connect
 
 
 class NatsServerNotFound(RuntimeError):
@@ -76,6 +86,22 @@ class ClusterSpec:
     routes: list[str] = field(default_factory=list)
 
 
+@dataclass(frozen=True)
+class ServerTls:
+    """The server's certificate and key, and the CA that signed every node's certificate
+    (routes verify each other with it). ``jetrun certs`` makes all three."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+
+    def block(self) -> str:
+        return (
+            f'tls {{ cert_file: "{self.cert_file}", key_file: "{self.key_file}", '
+            f'ca_file: "{self.ca_file}", timeout: 2 }}'
+        )
+
+
 def server_config(
     *,
     name: str,
@@ -84,23 +110,37 @@ def server_config(
     store_dir: str,
     cluster: ClusterSpec | None = None,
     sync: str | None = None,
+    users: Mapping[str, Sequence[str]] | None = None,
+    auth_include: str | None = None,
+    tls: ServerTls | None = None,
 ) -> str:
     """A nats-server config file. The cluster test and ``deploy/nats/*.conf`` (compose.yaml)
-    are both made by this function, so they cannot drift apart."""
+    are both made by this function, so they cannot drift apart. ``users``: each role's public
+    nkeys (an inline ``authorization`` block); ``auth_include``: a file holding that block
+    instead (``jetrun keys`` writes it); ``tls``: TLS-only clients and routes. ``host`` is the
+    one interface both ports listen on."""
     lines = [
         f'server_name: "{name}"',
         f'listen: "{host}:{port}"',
         "max_payload: 8MB",
         f'jetstream {{ store_dir: "{store_dir}"{_sync_setting(sync)} }}',
     ]
+    if tls is not None:
+        lines.append(tls.block())
     if cluster is not None:
         routes = ", ".join(f'"{r}"' for r in cluster.routes)
+        route_tls = f", {tls.block()}" if tls is not None else ""
         lines.append(
             f'cluster {{ name: "{cluster.name}", listen: "{host}:{cluster.port}", '
-            f"routes: [{routes}] }}"
+            f"routes: [{routes}]{route_tls} }}"
         )
         lines.append("lame_duck_duration: 30s")
-    return "\n".join(lines) + "\n"
+    if auth_include is not None:
+        lines.append(f'include "{auth_include}"')
+    text = "\n".join(lines) + "\n"
+    if users is not None:
+        text += authorization_block(users)
+    return text
 
 
 SYNC_VALUE = re.compile(r"^(always|[0-9]+(ms|s|m|h))$")
@@ -125,10 +165,15 @@ class NatsServer:
     cluster: ClusterSpec | None = None
     log_file: Path | None = None
     sync: str | None = None  # sync_interval of the file store (None: nats-server's default)
+    auth: bool = True
+    credentials_dir: Path | None = None  # default: <store_dir>/credentials
+    tls: ServerTls | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.store_dir = Path(self.store_dir)
+        if self.credentials_dir is None:
+            self.credentials_dir = self.store_dir / "credentials"
         if self.port == 0:
             self.port = free_port(self.host)
 
@@ -141,6 +186,10 @@ class NatsServer:
         return self.store_dir / f"{self.name}.conf"
 
     def config_text(self) -> str:
+        users = None
+        if self.auth:
+            assert self.credentials_dir is not None
+            users = generate_keys(self.credentials_dir)
         return server_config(
             name=self.name,
             host=self.host,
@@ -148,12 +197,27 @@ class NatsServer:
             store_dir=str(self.store_dir / "jetstream"),
             cluster=self.cluster,
             sync=self.sync,
+            users=users,
+            tls=self.tls,
         )
+
+    def credentials(self, role: str = "admin") -> Credentials:
+        """How a process connects as ``role`` (seed file, inbox, TLS CA)."""
+        ca = Path(self.tls.ca_file) if self.tls is not None else None
+        if not self.auth:
+            return Credentials(role=role, ca_file=ca)
+        assert self.credentials_dir is not None
+        return Credentials.from_dir(self.credentials_dir, role, ca)
+
+    async def connect(self, role: str = "admin", name: str | None = None) -> Client:
+        """A client connected as ``role`` (close it when done)."""
+        return await connect(self.url, name or f"jetrun-{role}", self.credentials(role))
 
     def start_process(self) -> None:
         """Start the process without waiting for it (see ``wait_ready``)."""
         binary = find_binary()
         self.store_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.store_dir, 0o700)
         self.config_path.write_text(self.config_text())
         log = self.log_file or (self.store_dir / f"{self.name}.log")
         with open(log, "ab") as out:

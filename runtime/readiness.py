@@ -26,9 +26,9 @@ from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from contracts.agents import SchedulerHeartbeat
 from runtime.clock import Clock
-from runtime.eventlog import ensure_stream
+from runtime.eventlog import ensure_stream, require_stream
 from runtime.guard import Guard
-from runtime.streams import EVENTS_STREAM, PROBE_PREFIX, probe_config
+from runtime.streams import EVENTS_STREAM, PROBE_PREFIX, PROBE_STREAM, probe_config
 
 log = logging.getLogger("jetrun.readiness")
 
@@ -111,8 +111,12 @@ class Readiness:
         return probe_config(replicas=self.replicas)
 
     async def ensure(self) -> None:
-        """Create the probe stream. Idempotent."""
+        """Create the probe stream. Idempotent. Needs the admin role."""
         await ensure_stream(self.js, self._probe_config(), 120.0)
+
+    async def require(self) -> None:
+        """Wait until the probe stream exists (``jetrun setup`` creates it)."""
+        await require_stream(self.js, PROBE_STREAM, 120.0)
 
     async def checks(self) -> dict[str, bool]:
         now = time.monotonic()

@@ -23,7 +23,7 @@ from nats.js import JetStreamContext, api
 from contracts.logs import LogChunk, LogLine
 from runtime.capture import DEFAULT_MAX_BYTES, LogCapture
 from runtime.clock import Clock
-from runtime.eventlog import LogSettings, ensure_stream, retrying
+from runtime.eventlog import LogSettings, ensure_stream, require_stream, retrying
 from runtime.streams import LOGS_PREFIX, LOGS_STREAM, logs_config
 
 log = logging.getLogger("jetrun.runlogs")
@@ -61,6 +61,10 @@ class LogStore:
     async def ensure(self) -> None:
         """Create the stream, or bring its config up to date. Idempotent."""
         await ensure_stream(self.js, self.stream_config(), self.settings.setup_deadline_s)
+
+    async def require(self) -> None:
+        """Wait until the stream exists (``jetrun setup`` creates it)."""
+        await require_stream(self.js, LOGS_STREAM, self.settings.setup_deadline_s)
 
     async def append(self, chunk: LogChunk, deadline_s: float = PUBLISH_DEADLINE_S) -> None:
         """Store one chunk; blocks until stored, retrying outages for ``deadline_s``."""

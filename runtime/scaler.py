@@ -104,7 +104,7 @@ class Scaler:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Replay the scaling log, then decide every ``tick_s`` until cancelled."""
-        await self.scaling.ensure()
+        await self.scaling.require()
         provides = getattr(self.provider, "provides", None)
         if callable(provides):  # nodes it adds can serve only these
             self.tuning = dataclasses.replace(self.tuning, provides=await provides())

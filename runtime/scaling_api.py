@@ -58,7 +58,7 @@ class ScalingApi:
     async def start(self) -> None:
         """Follow the scaling log (for desired replicas and pending loads) and the catalogue
         (so pipeline ids resolve and settings are current)."""
-        await self.log.ensure()
+        await self.log.require()
         self._subs = [await self.log.tail(self.gw.guard.wrap("scaling-log tail", self._fold))]
         await self._stack.enter_async_context(self.gw.catalog.following())
 

@@ -26,7 +26,7 @@ from contracts.scaling import (
     encode_scaling,
 )
 from runtime.catalog import pipeline_subject
-from runtime.eventlog import ensure_stream, retrying
+from runtime.eventlog import ensure_stream, require_stream, retrying
 from runtime.streams import SCALING_PREFIX, SCALING_STREAM, scaling_config
 
 log = logging.getLogger("jetrun.scalinglog")
@@ -66,6 +66,10 @@ class ScalingLog:
         await ensure_stream(
             self.js, scaling_config(replicas=self.replicas, max_age_s=self.max_age_s), 120.0
         )
+
+    async def require(self) -> None:
+        """Wait until the stream exists (``jetrun setup`` creates it)."""
+        await require_stream(self.js, SCALING_STREAM, 120.0)
 
     async def append(self, event: ScalingEvent) -> int:
         """Store ``event``; returns its sequence. Retries outages, then raises."""

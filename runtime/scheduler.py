@@ -37,7 +37,7 @@ from runtime.catalog import Catalog
 from runtime.clock import SYSTEM_CLOCK, Clock
 from runtime.config import Config
 from runtime.decide import Decisions, Now, Pass, Worklist, decide, not_admitted
-from runtime.eventlog import RETRYABLE, EventLog, LogSettings, ensure_all
+from runtime.eventlog import RETRYABLE, EventLog, LogSettings, ensure_all, require_all
 from runtime.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
 from runtime.guard import Guard
 from runtime.lease import Lease
@@ -143,7 +143,7 @@ class Scheduler:
         stream (a pipeline registered again with new settings is seen at once), and heartbeats
         and drain requests are heard; decisions are made only by calling ``decide()`` and ``tick()``
         (what tests do)."""
-        await self.ensure()
+        await require_all(self.log, self.catalog, self.admission, self.lease, self.views)
         start, target = await start_position(self.log.js, self.views)
         self.index.start_at(start - 1)
         guard = self.guard.wrap

@@ -34,8 +34,10 @@ from runtime.health import (
 )
 from runtime.http_server import protocol_for
 from runtime.metrics import Exposition
+from runtime.nats_auth import Credentials
 from runtime.nats_conn import close, connect
 from runtime.providers import NodeProvider
+from runtime.provision import provision
 from runtime.scaler import Scaler
 from runtime.scheduler import Scheduler
 
@@ -98,11 +100,13 @@ async def serve_gateway(
     port: int,
     settings: LogSettings,
     reuse_port: bool = False,
+    *,
+    credentials: Credentials | None = None,
 ) -> None:
     """The HTTP API; with ``reuse_port`` on a port shared with other gateways, listened on only
     once this one has caught up with the log; else at once (the API says 503 ``starting`` until
     then)."""
-    nc = await connect(nats_url, "jetrun-gateway")
+    nc = await connect(nats_url, "jetrun-gateway", credentials)
     gateway = Gateway(nc, config, log_settings=settings)
     async with anyio.create_task_group() as tg:
         if reuse_port:  # a shared port: listened on only once caught up
@@ -126,9 +130,10 @@ async def serve_scheduler(
     provider: NodeProvider | None = None,
     *,
     health: Address | None = None,
+    credentials: Credentials | None = None,
 ) -> None:
     """The scheduler and, beside it, the autoscaler (adding nodes through ``provider``)."""
-    nc = await connect(nats_url, "jetrun-scheduler")
+    nc = await connect(nats_url, "jetrun-scheduler", credentials)
     scheduler = Scheduler(nc, config, log_settings=settings)
     scaler = Scaler(scheduler, provider)
     async with anyio.create_task_group() as tg:
@@ -155,8 +160,9 @@ async def serve_agent(
     *,
     health: Address | None = None,
     log_max_bytes: int = DEFAULT_MAX_BYTES,
+    credentials: Credentials | None = None,
 ) -> None:
-    nc = await connect(nats_url, "jetrun-agent")
+    nc = await connect(nats_url, "jetrun-agent", credentials)
     agent = Agent(
         nc,
         modules=modules,
@@ -209,11 +215,24 @@ async def _signal_or_recall(agent: Agent) -> str:
     return reasons[0] if reasons else "stopped"
 
 
-async def recall_agent(nats_url: str, agent_id: str, timeout: float) -> str:
+async def setup_streams(
+    nats_url: str, config: Config, settings: LogSettings, credentials: Credentials | None
+) -> list[str]:
+    """The admin step: create or update every stream; returns their names."""
+    nc = await connect(nats_url, "jetrun-setup", credentials)
+    try:
+        return await provision(nc, config, settings)
+    finally:
+        await nc.close()
+
+
+async def recall_agent(
+    nats_url: str, agent_id: str, timeout: float, credentials: Credentials | None = None
+) -> str:
     """Ask one agent to honour a preemption notice now; returns its answer. Raises
     ``ValueError`` for an id that is not an agent id."""
     check_token(agent_id, "agent id")
-    nc = await connect(nats_url, "jetrun-recall")
+    nc = await connect(nats_url, "jetrun-recall", credentials)
     try:
         reply = await nc.request(f"{RECALL_SUBJECT}.{agent_id}", b"", timeout=timeout)
         return reply.data.decode()
@@ -221,12 +240,15 @@ async def recall_agent(nats_url: str, agent_id: str, timeout: float) -> str:
         await close(nc)
 
 
-async def apply_retention_at(nats_url: str, settings: Settings) -> list[tuple[str, float]]:
-    """``jetrun admin apply-retention``: one connection, the updates, closed."""
+async def apply_retention_at(
+    nats_url: str, settings: Settings, credentials: Credentials | None = None
+) -> list[tuple[str, float]]:
+    """``jetrun admin apply-retention`` (NATS role: admin): one connection, the updates,
+    closed."""
     from runtime.retention import apply_retention, wanted
 
     wanted(settings)  # refuse bad settings before connecting
-    nc = await connect(nats_url, "jetrun-admin")
+    nc = await connect(nats_url, "jetrun-admin", credentials)
     try:
         return await apply_retention(nc.jetstream(timeout=10.0), settings)
     finally:

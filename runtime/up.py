@@ -34,9 +34,11 @@ from runtime.gateway import Gateway
 from runtime.gateway_pool import extra_gateways, gateway_command
 from runtime.health import add_scheduler
 from runtime.lifetime import child_env
+from runtime.nats_auth import Credentials
 from runtime.nats_conn import close, connect
 from runtime.natsserver import NatsServer, NatsServerFailed, NatsServerNotFound
 from runtime.providers import LocalProvider
+from runtime.provision import provision
 from runtime.readiness import Readiness
 from runtime.scaler import Scaler
 from runtime.scheduler import Scheduler
@@ -75,6 +77,14 @@ class UpOptions:
     nats_sync: str | None = None  # the embedded nats-server's sync_interval (None: its default)
     gateways: int = 1  # gateway processes on the HTTP port (this one and gateways - 1 more)
     config_path: str | None = None  # what extra gateways and the webhook deliverer read
+    credentials_dir: Path | None = None  # with nats_url: role seeds (none: anonymous)
+
+    def credentials(self, role: str) -> Credentials | None:
+        """Embedded NATS: the seeds it made in ``<data dir>/credentials``."""
+        directory = self.credentials_dir
+        if self.nats_url is None:
+            directory = self.data_dir / "credentials"
+        return Credentials.from_dir(directory, role) if directory is not None else None
 
 
 def bind(host: str, port: int, what: str, *, reuse_port: bool = False) -> socket.socket:
@@ -143,12 +153,25 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
             server = await _start_nats(opts)
             stack.push_async_callback(server.stop, grace)
             nats_url = server.url
-        async with step(f"connecting to NATS at {nats_url}"):
-            nc = await connect(nats_url, "jetrun-up", first_connect_s=10.0)
-        stack.push_async_callback(close, nc, grace)
         settings = LogSettings()
+        async with step(f"connecting to NATS at {nats_url}"):
+            admin = await connect(
+                nats_url, "jetrun-setup", opts.credentials("admin"), first_connect_s=10.0
+            )
+            try:
+                await provision(admin, opts.config, settings)  # only admin manages streams
+            finally:
+                await close(admin, grace)
+            nc = await connect(
+                nats_url, "jetrun-gateway", opts.credentials("gateway"), first_connect_s=10.0
+            )
+            stack.push_async_callback(close, nc, grace)
+            snc = await connect(
+                nats_url, "jetrun-scheduler", opts.credentials("scheduler"), first_connect_s=10.0
+            )
+            stack.push_async_callback(close, snc, grace)
         gateway = Gateway(nc, opts.config, log_settings=settings)
-        scheduler = Scheduler(nc, opts.config, log_settings=settings)
+        scheduler = Scheduler(snc, opts.config, log_settings=settings)
         scaler = Scaler(scheduler, _provider(opts, nats_url))
         async with anyio.create_task_group() as tg:
             add_scheduler(gateway.telemetry.exposition, scheduler, alongside=gateway.telemetry)
@@ -163,7 +186,12 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
                 command = gateway_command(nats_url, opts.host, opts.port, opts.config_path)
                 try:
                     async with (
-                        extra_gateways(opts.gateways - 1, command, grace + 5.0),
+                        extra_gateways(
+                            opts.gateways - 1,
+                            command,
+                            grace + 5.0,
+                            env=agent_env(nats_url, opts.credentials("gateway")),
+                        ),
                         _webhooks(opts, nats_url),
                     ):
                         await _serve_agent(opts, gateway, nats_url, server is not None, stopping)
@@ -222,7 +250,8 @@ async def _webhooks(opts: UpOptions, nats_url: str) -> AsyncIterator[None]:
     command = [sys.executable, "-m", "runtime.cli", "webhooks", "--nats", nats_url]
     if opts.config_path is not None:
         command += ["--config", opts.config_path]
-    proc = subprocess.Popen(command, env=child_env())  # noqa: ASYNC220 (returns at once)
+    env = agent_env(nats_url, opts.credentials("webhooks"))
+    proc = subprocess.Popen(command, env=env)  # noqa: ASYNC220 (returns at once)
     try:
         yield
     finally:
@@ -237,7 +266,7 @@ def _provider(opts: UpOptions, nats_url: str) -> LocalProvider:
         cpu_slots=opts.slots if opts.node_slots is None else opts.node_slots,
         boot_delay_s=opts.boot_delay_s,
         heartbeat_s=opts.config.settings.heartbeat_interval_s,
-        env=child_env(),
+        env=agent_env(nats_url, opts.credentials("agent")),
         log_dir=opts.data_dir / "nodes",
     )
 
@@ -245,7 +274,12 @@ def _provider(opts: UpOptions, nats_url: str) -> LocalProvider:
 async def _start_nats(opts: UpOptions) -> NatsServer:
     if opts.nats_port:
         bind("127.0.0.1", opts.nats_port, "NATS").close()
-    server = NatsServer(store_dir=opts.data_dir / "nats", port=opts.nats_port, sync=opts.nats_sync)
+    server = NatsServer(
+        store_dir=opts.data_dir / "nats",
+        port=opts.nats_port,
+        sync=opts.nats_sync,
+        credentials_dir=opts.data_dir / "credentials",
+    )
     try:
         await server.start()
     except (NatsServerFailed, NatsServerNotFound, OSError) as err:
@@ -264,7 +298,8 @@ async def _serve_agent(
     first = True
     while not stopping.is_set():
         proc = subprocess.Popen(  # noqa: ASYNC220 (returns at once)
-            agent_command(nats_url, opts.modules, opts.slots, agent_id), env=child_env()
+            agent_command(opts.modules, opts.slots, agent_id),
+            env=agent_env(nats_url, opts.credentials("agent")),
         )
         try:
             if first:
@@ -341,8 +376,21 @@ async def _stop_child(proc: subprocess.Popen[bytes], grace: float) -> None:
         proc.wait()
 
 
-def agent_command(nats_url: str, modules: list[str], slots: int, agent_id: str) -> list[str]:
-    command = [sys.executable, "-m", "runtime.cli", "agent", "--nats", nats_url]
+def agent_env(nats_url: str, credentials: Credentials | None) -> dict[str, str]:
+    """A child's environment (agent, extra gateway, webhook deliverer): where NATS is and its
+    role's seed file path go here, not on its command line (which every local user can
+    read)."""
+    env = child_env()
+    env["JETRUN_NATS"] = nats_url
+    if credentials is not None and credentials.seed_file is not None:
+        env["JETRUN_NATS_SEED"] = str(credentials.seed_file)
+    if credentials is not None and credentials.ca_file is not None:
+        env["JETRUN_NATS_CA"] = str(credentials.ca_file)
+    return env
+
+
+def agent_command(modules: list[str], slots: int, agent_id: str) -> list[str]:
+    command = [sys.executable, "-m", "runtime.cli", "agent"]
     command += ["--slots", str(slots), "--id", agent_id, "--health-port", "0"]
     for module in modules:
         command += ["--pipelines", module]
@@ -357,7 +405,12 @@ def _banner(
 ) -> None:
     url = f"http://{host}:{port}"
     token = DEMO_TOKEN if config.team_for_token(DEMO_TOKEN) else "<a token from your config>"
-    where = f"embedded nats-server at {nats_url}, data in {data_dir}" if data_dir else nats_url
+    where = (
+        f"embedded nats-server at {nats_url}, data in {data_dir}, one nkey per role in "
+        f"{data_dir / 'credentials'}"
+        if data_dir
+        else nats_url
+    )
     inputs = _INPUTS if pointer == DEMO_POINTER else "...its inputs..."
     print(
         f"""jetrun is up: {url}

@@ -27,9 +27,16 @@ from contracts.states import RunState
 from contracts.values import RunIO
 from runtime.clock import Clock
 from runtime.config import Settings
-from runtime.eventlog import RETRYABLE, EventLog, ensure_stream, last_event_of_kind, retrying
+from runtime.eventlog import (
+    RETRYABLE,
+    EventLog,
+    ensure_stream,
+    last_event_of_kind,
+    require_stream,
+    retrying,
+)
 from runtime.projection import RunIndex
-from runtime.streams import EVENTS_STREAM, VIEWS_BUCKET, views_config
+from runtime.streams import EVENTS_STREAM, VIEWS_BUCKET, VIEWS_STREAM, views_config
 
 log = logging.getLogger("jetrun.views")
 
@@ -82,6 +89,11 @@ class RunViews:
     async def ensure(self) -> None:
         """Create the bucket if it is missing (an existing one keeps its settings). Idempotent."""
         await ensure_stream(self.js, views_config(replicas=self.replicas), 120.0)
+        self._kv = await self.js.key_value(VIEWS_BUCKET)
+
+    async def require(self) -> None:
+        """Wait until the bucket exists (``jetrun setup`` creates it), then use it."""
+        await require_stream(self.js, VIEWS_STREAM, 120.0)
         self._kv = await self.js.key_value(VIEWS_BUCKET)
 
     @property

@@ -10,8 +10,10 @@ from nats.aio.client import Client
 
 from contracts.agents import PipelineInfo
 from runtime.catalog import Catalog
-from runtime.nats_conn import connect
+from runtime.config import Config
+from runtime.eventlog import LogSettings
 from runtime.natsserver import NatsServer
+from runtime.provision import provision
 from tests.harness import FIXTURES, Stack, wait_replicas
 
 DEMO_PIPELINES = [
@@ -59,7 +61,9 @@ async def nats_server(tmp_path: Path) -> AsyncIterator[NatsServer]:
 
 @pytest.fixture
 async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
-    client = await connect(nats_server.url, "test")
+    client = await nats_server.connect("admin", "test")
+    # the admin step, as jetrun setup runs it (no permit streams: tests make their own)
+    await provision(client, Config(tiers={}, teams={}), LogSettings())
     try:
         yield client
     finally:
@@ -80,7 +84,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         # an agent's pipelines become ready one by one: wait for every one a test may run
         for pointer in DEMO_PIPELINES + GATE_PIPELINES:
             await wait_replicas(stack.url, "tok_big", pointer)
-        nc = await connect(stack.nats_url, "test")
+        nc = await stack.connect()
         await Catalog(nc.jetstream()).register(PipelineInfo(pointer="test/ghost:v1"))
         await nc.close()
         yield stack

@@ -3,6 +3,11 @@
 Every process is started with ``python -m runtime.cli ...`` exactly as an operator would, on
 loopback ports, and its output goes to a log file in the test's temp dir (printed on failure).
 Waiting is bounded polling of public endpoints (``/readyz``, the scaling endpoint).
+
+NATS authorization is always on: the stack's servers accept only the role nkeys in
+``<tmp>/credentials``; streams are created by the admin step (``jetrun setup``'s code) before
+any service starts, and every service connects with its own role. Tests inspect NATS with
+``await stack.connect()`` (admin) or ``stack.connect("agent")`` to act as a role.
 """
 
 from __future__ import annotations
@@ -18,8 +23,15 @@ from pathlib import Path
 
 import anyio
 import httpx
+from nats.aio.client import Client
 
-from runtime.natsserver import ClusterSpec, NatsServer, free_port
+from runtime import certs
+from runtime.config import load
+from runtime.eventlog import LogSettings
+from runtime.nats_auth import Credentials
+from runtime.nats_conn import connect
+from runtime.natsserver import ClusterSpec, NatsServer, ServerTls, free_port
+from runtime.provision import provision
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -120,6 +132,7 @@ class Stack:
     gateway_urls: list[str] = field(default_factory=list)
     # name -> URL of a scheduler's or agent's /metrics, /healthz, /readyz
     health_urls: dict[str, str] = field(default_factory=dict)
+    tls: bool = False  # TLS-only NATS (client and route ports), certificates by jetrun certs
 
     @property
     def config_path(self) -> Path:
@@ -142,6 +155,50 @@ class Stack:
     def replicas(self) -> str:
         return "3" if self.cluster else "1"
 
+    @property
+    def credentials_dir(self) -> Path:
+        return self.tmp / "credentials"
+
+    def credentials(self, role: str = "admin") -> Credentials:
+        assert self.nats is not None
+        return self.nats.credentials(role)
+
+    async def connect(self, role: str = "admin", name: str = "test") -> Client:
+        """A NATS client of ``role`` (admin: may read and change anything). Close it."""
+        return await connect(self.nats_url, name, self.credentials(role))
+
+    def server_tls(self) -> ServerTls | None:
+        """With ``tls``: a CA and a loopback certificate (made once, by ``jetrun certs``'s
+        code) for every node's client and route ports."""
+        if not self.tls:
+            return None
+        directory = self.tmp / "certs"
+        if not (directory / "server.pem").exists():
+            certs.create(directory, ["127.0.0.1", "localhost"])
+        return ServerTls(
+            cert_file=str(directory / "server.pem"),
+            key_file=str(directory / "server-key.pem"),
+            ca_file=str(directory / "ca.pem"),
+        )
+
+    async def provision(self) -> None:
+        """The admin step: create the streams the services wait for."""
+        nc = await self.connect("admin", "setup")
+        try:
+            settings = LogSettings(replicas=int(self.replicas))
+            await provision(nc, load(self.config_path), settings)
+        finally:
+            await nc.close()
+
+    def nats_args(self, role: str) -> list[str]:
+        credentials = self.credentials(role)
+        args = ["--nats", self.nats_url]
+        if credentials.seed_file is not None:
+            args += ["--nats-seed", str(credentials.seed_file)]
+        if credentials.ca_file is not None:
+            args += ["--nats-ca", str(credentials.ca_file)]
+        return args
+
     def write_config(self) -> None:
         self.config_path.write_text(
             CONFIG.format(
@@ -154,8 +211,14 @@ class Stack:
         """One nats-server; called again, restarts it on the same port and store dir."""
         self.write_config()
         port = self.nats.port if self.nats is not None else 0
-        self.nats = NatsServer(store_dir=self.tmp / "nats", port=port)
+        self.nats = NatsServer(
+            store_dir=self.tmp / "nats",
+            port=port,
+            credentials_dir=self.credentials_dir,
+            tls=self.server_tls(),
+        )
         await self.nats.start()
+        await self.provision()
         return self.nats
 
     async def start_cluster(self, size: int = 3) -> list[NatsServer]:
@@ -168,12 +231,15 @@ class Stack:
                 store_dir=self.tmp / f"nats-{i + 1}",
                 name=f"nats-{i + 1}",
                 cluster=ClusterSpec(name="jetrun-test", port=route_port, routes=routes),
+                credentials_dir=self.credentials_dir,
+                tls=self.server_tls(),
             )
             node.start_process()
             self.cluster.append(node)
         for node in self.cluster:
             await node.wait_ready()
         self.nats = self.cluster[0]
+        await self.provision()
         return self.cluster
 
     def _cli(self, name: str, *args: str) -> Proc:
@@ -191,8 +257,7 @@ class Stack:
             "gateway",
             "--replicas",
             self.replicas,
-            "--nats",
-            self.nats_url,
+            *self.nats_args("gateway"),
             "--config",
             str(self.config_path),
             "--port",
@@ -217,8 +282,7 @@ class Stack:
             *self._health(name),
             "--replicas",
             self.replicas,
-            "--nats",
-            self.nats_url,
+            *self.nats_args("scheduler"),
             "--config",
             str(self.config_path),
         )
@@ -230,8 +294,7 @@ class Stack:
             *self._health(name),
             "--replicas",
             self.replicas,
-            "--nats",
-            self.nats_url,
+            *self.nats_args("agent"),
             "--slots",
             str(slots),
             "--heartbeat",

@@ -18,7 +18,6 @@ from contracts.states import RunState
 from contracts.values import from_python
 from runtime.client import RunEvents
 from runtime.eventlog import EVENTS_STREAM, event_subject
-from runtime.nats_conn import connect
 from runtime.sdk import ConcurrencyLimitReached, JetrunError
 from tests import harness
 from tests.harness import Stack, open_gate, wait_state
@@ -42,7 +41,7 @@ async def test_a_gateway_starts_and_serves_past_an_event_kind_it_does_not_know(
     stack: Stack,
 ) -> None:
     newer = {"event": "frobnicated", "run_id": "run_from_the_future", "at": 1.0, "level": 11}
-    nc = await connect(stack.nats_url, "test")
+    nc = await stack.connect()
     try:
         ack = await nc.jetstream().publish(
             event_subject("run_from_the_future", "frobnicated"),
@@ -117,7 +116,7 @@ async def test_a_service_submits_through_admission_and_hears_typed_refusals(
     stack: Stack, tmp_path: Path
 ) -> None:
     gates = [tmp_path / f"gate{i}" for i in range(4)]
-    async with RunEvents.connect(stack.nats_url) as events:
+    async with RunEvents.connect(stack.nats_url, stack.credentials("service")) as events:
         runs = [
             await events.submit("test/gate:v1", str(g), token="tok_rival", idempotency_key=g.name)
             for g in gates[:3]
@@ -153,7 +152,10 @@ async def test_submitted_events_published_past_admission_never_run(
     async with client(stack, "tok_acme") as c:
         held = [(await c.post("/v4/runs", json=gate_body(g))).json()["id"] for g in gates]
         assert len(held) == 3  # acme (basic) is at its limit
-        async with RunEvents.connect(stack.nats_url) as events:
+        # a service may not publish raw events at all (tests/test_nats_auth.py); what gets
+        # past the permissions (admin, a gateway) is still never run unadmitted
+        admin = stack.credentials("admin")
+        async with RunEvents.connect(stack.nats_url, admin) as events:
             raw = {
                 "run_raw_at_limit": "acme",  # a team at its limit
                 "run_raw_no_team": "nobody",  # a team not in the config

@@ -21,7 +21,6 @@ import pytest
 from contracts.events import RunAdmitted, RunCompleted, RunSubmitted
 from contracts.values import INT_MAX, INT_MIN, MAX_DEPTH, IOType, RunIO
 from runtime.eventlog import EventLog
-from runtime.nats_conn import connect
 from tests import harness
 from tests.harness import FIXTURES, ROOT, Stack, wait_replicas, wait_state
 
@@ -48,7 +47,7 @@ def client(stack: Stack) -> httpx.AsyncClient:
 
 
 async def event_count(stack: Stack) -> int:
-    nc = await connect(stack.nats_url, "test")
+    nc = await stack.connect()
     try:
         return await EventLog(nc).last_seq()
     finally:
@@ -273,7 +272,7 @@ async def test_a_well_formed_unknown_pointer_is_404(stack: Stack) -> None:
 async def submit_as_admin(stack: Stack, run_id: str, inputs: list[RunIO]) -> None:
     """Append a run straight to the event log, as an admin (or a bug) could: the gateway's
     checks are bypassed, so the agent gets exactly these inputs."""
-    nc = await connect(stack.nats_url, "test")
+    nc = await stack.connect()
     try:
         log = EventLog(nc)
         now = time.time()
@@ -364,7 +363,7 @@ async def test_a_streamed_run_costs_linear_bytes_in_the_stream_and_the_log(stack
     # so far on every line (the old shape) gave 42.7 MB here
     assert size < len(lines) * 600 + n * 60, size
 
-    nc = await connect(stack.nats_url, "test")
+    nc = await stack.connect()
     try:
         stored = await EventLog(nc).read(lines[-1]["id"])
     finally:

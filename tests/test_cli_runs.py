@@ -90,11 +90,12 @@ async def test_async_then_get_logs_and_events(clistack: Stack) -> None:
         "out 0", "out 1", "out 2", "to stderr"
     ]  # fmt: skip
     assert clistack.nats is not None
-    events = await jetrun(clistack, "events", run_id, "--nats", clistack.nats.url, "--json")
+    nats = clistack.nats_args("service")
+    events = await jetrun(clistack, "events", run_id, *nats, "--json")
     kinds = [json.loads(line)["event"] for line in events.stdout.splitlines()]
     assert kinds[0] == "submitted" and kinds[-1] == "completed"
     assert {"dispatched", "started"} <= set(kinds)
-    table = await jetrun(clistack, "events", run_id, "--nats", clistack.nats.url)
+    table = await jetrun(clistack, "events", run_id, *nats)
     assert "dispatched" in table.stdout and "agent_id=agent-demo" in table.stdout
 
 

@@ -35,7 +35,7 @@ async def collect(events: RunEvents, n: int, **filters: object) -> list[RunChang
 
 
 async def test_watch_filters_and_resumes(nats_server: NatsServer) -> None:
-    async with RunEvents.connect(nats_server.url) as events:
+    async with RunEvents.connect(nats_server.url, nats_server.credentials("admin")) as events:
         await events.log.ensure()
         for run_id, team, pipeline in [
             ("r1", "acme", "a/x:v1"),

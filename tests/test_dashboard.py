@@ -20,7 +20,6 @@ import pytest
 from contracts.scaling import DesiredReplicasChanged
 from runtime import openapi
 from runtime.config import ConfigError, parse
-from runtime.nats_conn import connect
 from runtime.scalinglog import ScalingLog
 from tests.harness import ROOT, Stack, client, open_gate, wait_state
 
@@ -52,7 +51,7 @@ async def submit_scene(stack: Stack, tmp_path: Path) -> dict[str, str]:
             ids[key] = failed.json()["id"]
         await wait_state(demo, ids["gate0"], {"running"})
         await wait_state(demo, ids["gate2"], {"queued"})
-    nc = await connect(stack.nats_url, "test")
+    nc = await stack.connect()
     try:
         ours = f"a queue of 3 behind 1 replica ({ids['gate0'][-6:]})"
         theirs = f"another team's pipeline ({ids['gate0'][-6:]})"

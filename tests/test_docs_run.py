@@ -95,6 +95,7 @@ class Live:
     url: str
     nats: str
     workdir: Path
+    data_dir: Path  # jetrun up --data-dir: its credentials are in <data_dir>/credentials
     run_ids: dict[str, str] = field(default_factory=dict)  # as documented -> as made here
 
     def env(self) -> dict[str, str]:
@@ -104,8 +105,10 @@ class Live:
         return env
 
     def localise(self, code: str) -> str:
-        return code.replace("http://127.0.0.1:8080", self.url).replace(
-            "nats://127.0.0.1:4222", self.nats
+        return (
+            code.replace("http://127.0.0.1:8080", self.url)
+            .replace("nats://127.0.0.1:4222", self.nats)
+            .replace("./jetrun-data", str(self.data_dir))
         )
 
 
@@ -123,7 +126,7 @@ async def live(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Live]:
             await wait_replicas(url, "jr_demo_token", pointer)
         work = tmp / "work"
         work.mkdir()
-        yield Live(url, f"nats://127.0.0.1:{nats_port}", work)
+        yield Live(url, f"nats://127.0.0.1:{nats_port}", work, tmp / "data")
     except BaseException:
         print(proc.output()[-4000:])
         raise

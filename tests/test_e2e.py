@@ -9,7 +9,6 @@ import httpx
 import pytest
 
 from runtime.eventlog import EventLog
-from runtime.nats_conn import connect
 from tests import harness
 from tests.harness import Stack, open_gate, wait_state
 
@@ -26,8 +25,7 @@ def client(stack: Stack, token: str = "jr_demo_token", gateway: int = 0) -> http
 
 
 async def event_count(stack: Stack) -> int:
-    assert stack.nats is not None
-    nc = await connect(stack.nats.url, "test")
+    nc = await stack.connect()
     try:
         return await EventLog(nc).last_seq()
     finally:

@@ -18,7 +18,6 @@ from contracts import (
 )
 from contracts.events import AnyEvent
 from runtime.eventlog import EventLog
-from runtime.nats_conn import connect
 from runtime.natsserver import NatsServer, NatsServerNotFound, find_binary
 
 pytestmark = pytest.mark.anyio
@@ -70,7 +69,7 @@ async def test_duplicate_append_is_deduplicated(nc) -> None:  # type: ignore[no-
 async def test_events_survive_a_server_restart(tmp_path: Path) -> None:
     server = NatsServer(store_dir=tmp_path / "nats")
     await server.start()
-    nc = await connect(server.url, "test")
+    nc = await server.connect()
     log = EventLog(nc)
     await log.ensure()
     for run_id in ("run_a", "run_b"):
@@ -81,7 +80,7 @@ async def test_events_survive_a_server_restart(tmp_path: Path) -> None:
 
     restarted = NatsServer(store_dir=tmp_path / "nats", port=server.port)
     async with restarted:
-        nc = await connect(restarted.url, "test")
+        nc = await restarted.connect()
         log = EventLog(nc)
         await log.ensure()
         assert [s.event for s in await log.read("run_a")] == history("run_a")

@@ -18,7 +18,6 @@ from contracts.events import RunRequeued
 from contracts.states import RunState
 from runtime.eventlog import EventLog
 from runtime.fleet import ATTEMPT_LOST, NODE_RECALLED
-from runtime.nats_conn import connect
 from runtime.submit import run_id_for
 from tests import harness
 from tests.harness import (
@@ -124,7 +123,7 @@ async def test_an_explicit_recall_preempts_at_once(stack: Stack, tmp_path: Path)
     async with client(stack) as c:
         run_id = await gate_run(c, tmp_path / "never")
         await wait_state(c, run_id, {"running"})
-        argv = [JETRUN, "recall", "victim", "--nats", stack.nats_url]
+        argv = [JETRUN, "recall", "victim", *stack.nats_args("admin")]
         answer = await anyio.run_process(argv)
         assert answer.stdout.decode().strip() == "victim draining"
         run = await wait_state(c, run_id, {"node_preempted"}, timeout=10)
@@ -133,7 +132,8 @@ async def test_an_explicit_recall_preempts_at_once(stack: Stack, tmp_path: Path)
         assert run["error"]["message"] == f"{NODE_RECALLED}: the node was recalled", run
     assert victim.popen is not None and victim.popen.wait(15) == 0
     unknown = await anyio.run_process(
-        [JETRUN, "recall", "nobody", "--nats", stack.nats_url, "--timeout", "0.5"], check=False
+        [JETRUN, "recall", "nobody", *stack.nats_args("admin"), "--timeout", "0.5"],
+        check=False,
     )
     assert unknown.returncode == 1 and b"no agent nobody answered" in unknown.stderr
 
@@ -207,8 +207,7 @@ async def test_a_fenced_agent_kills_its_attempts_at_once_and_exits(
         open_gate(gate, "open")
         run = await wait_state(c, run_id, {"completed"})
     assert run["attempt"] == 2 and run["outputs"][0]["value"] == f"open by {fresh}"
-    assert stack.nats is not None
-    nc = await connect(stack.nats.url, "test")
+    nc = await stack.connect()
     stored = await EventLog(nc).read(run_id)
     await nc.close()
     completions = [s.event for s in stored if s.event.kind == "completed"]
@@ -235,7 +234,7 @@ async def test_an_attempt_declared_lost_on_a_live_agent_is_killed_there(
             reason=f"{ATTEMPT_LOST}: node live no longer runs it",
         )
         assert stack.nats is not None
-        nc = await connect(stack.nats.url, "test")
+        nc = await stack.connect()
         await EventLog(nc).append(lost)
         await nc.close()
         await wait_dead(first)  # killed on the agent, not left running beside attempt 2

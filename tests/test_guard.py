@@ -15,7 +15,6 @@ from contracts.events import RunSubmitted
 from contracts.values import RunIO
 from runtime.eventlog import EventLog
 from runtime.guard import CallbackFailed, Guard
-from runtime.nats_conn import connect
 from tests.harness import FIXTURES, Proc, Stack
 
 pytestmark = pytest.mark.anyio
@@ -58,10 +57,10 @@ async def test_a_scheduler_whose_log_callback_raises_exits_loudly(tmp_path: Path
     async with Stack(tmp_path) as stack:
         await stack.start_nats()
         argv = [sys.executable, str(FIXTURES / "buggy_scheduler.py"), "scheduler"]
-        argv += ["--nats", stack.nats_url, "--config", str(stack.config_path)]
+        argv += [*stack.nats_args("scheduler"), "--config", str(stack.config_path)]
         scheduler = Proc("scheduler", argv, tmp_path / "scheduler.log").start()
         stack.procs.append(scheduler)
-        nc = await connect(stack.nats_url, "test")
+        nc = await stack.connect()
         try:
             deadline = time.monotonic() + 30
             while "scheduler running" not in scheduler.output():

@@ -17,7 +17,6 @@ import pytest
 
 from contracts.agents import PipelineInfo
 from runtime.catalog import Catalog
-from runtime.nats_conn import connect
 from runtime.natsserver import free_port
 from tests.harness import Proc, Stack, wait_ready
 
@@ -44,7 +43,7 @@ async def gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[str
         stack.config_path.write_text(config + f"http_header_timeout_s = {HEADER_TIMEOUT_S}\n")
         stack.start_scheduler()
         port = free_port()
-        argv = [sys.executable, "-c", LIMITED, "gateway", "--nats", stack.nats_url]
+        argv = [sys.executable, "-c", LIMITED, "gateway", *stack.nats_args("gateway")]
         argv += ["--config", str(stack.config_path), "--port", str(port)]
         stack.procs.append(Proc("gateway", argv, tmp / "gateway.log").start())
         url = f"http://127.0.0.1:{port}"
@@ -108,7 +107,7 @@ async def test_an_open_ndjson_stream_cannot_hold_shutdown(tmp_path: Path) -> Non
         await stack.start_nats()
         stack.start_scheduler()
         url = await stack.start_gateway()
-        nc = await connect(stack.nats_url, "test")
+        nc = await stack.connect()
         await Catalog(nc.jetstream()).register(PipelineInfo(pointer="test/ghost:v1"))
         await nc.close()
         gateway = next(p for p in stack.procs if p.name.startswith("gateway"))

@@ -211,7 +211,7 @@ async def test_a_lost_node_and_a_nats_outage_are_counted(mstack: Stack, tmp_path
 async def test_a_busy_health_port_fails_the_process_loudly(mstack: Stack) -> None:
     busy = mstack.url.rsplit(":", 1)[1]  # the gateway holds it
     proc = mstack._cli(
-        "scheduler-clash", "scheduler", "--nats", mstack.nats_url, "--health-port", busy
+        "scheduler-clash", "scheduler", *mstack.nats_args("scheduler"), "--health-port", busy
     )
     assert proc.popen is not None
     code = await anyio.to_thread.run_sync(lambda: proc.popen.wait(30))  # type: ignore[union-attr]

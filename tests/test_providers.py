@@ -13,9 +13,12 @@ import pytest
 from nats.aio.client import Client
 
 from contracts.agents import AgentHeartbeat
+from runtime.config import demo_config
+from runtime.eventlog import LogSettings
 from runtime.fleet import HEARTBEAT_SUBJECT
 from runtime.natsserver import NatsServer
 from runtime.providers import CommandProvider, LocalProvider
+from runtime.provision import provision
 
 pytestmark = pytest.mark.anyio
 
@@ -32,8 +35,15 @@ async def first_beat(nc: Client, node_id: str, timeout: float = 60.0) -> AgentHe
 async def test_local_provider_starts_an_agent_that_registers_and_stops_it(
     nats_server: NatsServer, nc: Client, tmp_path: Path
 ) -> None:
+    await provision(nc, demo_config(), LogSettings())  # the admin step: the streams exist
+    seed = str(nats_server.credentials("agent").seed_file)
     provider = LocalProvider(
-        nats_server.url, ["runtime.demo"], cpu_slots=3, heartbeat_s=0.2, log_dir=tmp_path
+        nats_server.url,
+        ["runtime.demo"],
+        cpu_slots=3,
+        heartbeat_s=0.2,
+        log_dir=tmp_path,
+        extra_args=["--nats-seed", seed],
     )
     try:
         await provider.add("node-1", "cpu")

@@ -15,7 +15,6 @@ import anyio
 import httpx
 import pytest
 
-from runtime.nats_conn import connect
 from runtime.natsserver import free_port
 from runtime.streams import EVENTS_STREAM
 from tests.harness import Proc, Stack
@@ -69,7 +68,7 @@ async def test_ready_needs_a_live_scheduler(stack: Stack) -> None:
 
 async def test_ready_needs_the_event_log_stream(stack: Stack) -> None:
     await wait_readyz(stack.url, 200)
-    nc = await connect(stack.nats_url, "test")
+    nc = await stack.connect()
     try:
         await nc.jetstream().delete_stream(EVENTS_STREAM)
     finally:

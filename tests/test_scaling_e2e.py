@@ -242,7 +242,10 @@ async def test_settings_change_through_the_api_applies_without_restart(up: str) 
 
 
 async def test_deployed_pipeline_without_any_agent_is_503_not_404(stack: Up) -> None:
+    admin = re.search(r"one nkey per role in (\S+)", stack.proc.output())
+    assert admin is not None
     argv = [JETRUN, "deploy", "--nats", await stack.nats_url(), str(FIXTURES / "deploy_only.py")]
+    argv += ["--nats-seed", f"{admin.group(1)}/admin.nk"]
     argv += ["--max-replicas", "3", "--cooldown", "30"]
     done = await anyio.run_process(argv, check=False, stderr=subprocess.STDOUT)
     assert done.returncode == 0, done.stdout.decode()

@@ -16,7 +16,6 @@ from runtime import streams
 from runtime.admission import Admission
 from runtime.catalog import Catalog
 from runtime.eventlog import EventLog, LogSettings
-from runtime.nats_conn import connect
 from runtime.natsserver import free_port
 from runtime.streams import CATALOG_STREAM, EVENTS_STREAM, admission_stream
 from tests.harness import Stack, wait_ready
@@ -80,15 +79,14 @@ async def test_a_service_started_with_one_replica_never_downgrades_the_cluster(
         "gateway",
         "--replicas",
         "1",
-        "--nats",
-        cluster.nats_url,
+        *cluster.nats_args("gateway"),
         "--config",
         str(cluster.config_path),
         "--port",
         str(port),
     )
     await wait_ready(f"http://127.0.0.1:{port}", 90)
-    nc = await connect(cluster.nats_url, "test")
+    nc = await cluster.connect()
     try:
         js = nc.jetstream()
         for name in (EVENTS_STREAM, CATALOG_STREAM, admission_stream(3), admission_stream(12)):

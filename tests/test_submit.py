@@ -19,8 +19,9 @@ from contracts.agents import PipelineInfo
 from contracts.events import Event, RunSubmitted
 from contracts.states import RunState
 from runtime.config import parse
-from runtime.eventlog import Appended
+from runtime.eventlog import Appended, LogSettings
 from runtime.gateway import Gateway
+from runtime.provision import provision
 from runtime.submit import run_id_for
 
 pytestmark = pytest.mark.anyio
@@ -61,6 +62,7 @@ class Harness:
 
 @pytest.fixture
 async def h(nc: Client) -> AsyncIterator[Harness]:
+    await provision(nc, CONFIG, LogSettings())  # the admin step; the gateway only checks
     gateway = Gateway(nc, CONFIG)
     async with anyio.create_task_group() as tg:
         await tg.start(gateway.run)

@@ -18,7 +18,6 @@ import anyio
 import httpx
 import pytest
 
-from runtime.nats_conn import connect
 from runtime.natsserver import free_port
 from runtime.streams import WEBHOOKS_STREAM
 from runtime.webhook_policy import verify
@@ -115,7 +114,7 @@ def write_config(path: Path, attempts: int) -> None:
 
 
 def start_deliverer(stack: Stack, name: str, config: Path) -> Proc:
-    argv = [sys.executable, "-m", "runtime.cli", "webhooks", "--nats", stack.nats_url]
+    argv = [sys.executable, "-m", "runtime.cli", "webhooks", *stack.nats_args("webhooks")]
     proc = Proc(name, [*argv, "--config", str(config)], stack.tmp / f"{name}.log").start()
     stack.procs.append(proc)
     return proc
@@ -188,7 +187,7 @@ async def test_callback_urls_are_validated(hookstack: Stack, receiver: Receiver)
 
 
 async def jetrun(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
-    argv = [sys.executable, "-m", "runtime.cli", "webhooks", "--nats", stack.nats_url, *args]
+    argv = [sys.executable, "-m", "runtime.cli", "webhooks", *stack.nats_args("webhooks"), *args]
     with anyio.fail_after(60):
         env = dict(os.environ, COLUMNS="250")
         done = await anyio.run_process(argv, check=False, cwd=ROOT, env=env)
@@ -234,7 +233,7 @@ async def test_failed_deliveries_are_dead_letters_until_replayed(
 
 async def acked(stack: Stack, in_flight: int) -> bool:
     """Every stored delivery was handed out, and only ``in_flight`` are not acked."""
-    nc = await connect(stack.nats_url, "test")
+    nc = await stack.connect()
     try:
         info = await nc.jetstream().consumer_info(WEBHOOKS_STREAM, DELIVERER)
     finally:

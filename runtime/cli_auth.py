@@ -1,0 +1,40 @@
+"""The ``--nats-seed`` and ``--nats-ca`` options every NATS-speaking command takes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+from runtime.nats_auth import Credentials
+
+seed_option = click.option(
+    "--nats-seed",
+    "nats_seed",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=lambda: os.environ.get("JETRUN_NATS_SEED"),
+    show_default="$JETRUN_NATS_SEED",
+    help="This role's nkey seed file (jetrun keys makes them); none: connect anonymously.",
+)
+ca_option = click.option(
+    "--nats-ca",
+    "nats_ca",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=lambda: os.environ.get("JETRUN_NATS_CA"),
+    show_default="$JETRUN_NATS_CA",
+    help="CA certificate of the NATS servers (TLS; jetrun certs makes it).",
+)
+
+
+def credentials_for(role: str, seed: Path | None, ca: Path | None) -> Credentials | None:
+    """The credentials of a command acting as ``role``; None: anonymous, no TLS. Raises
+    ``click.BadParameter`` for a missing or invalid file (never showing its content)."""
+    if seed is None and ca is None:
+        return None
+    credentials = Credentials(role=role, seed_file=seed, ca_file=ca)
+    try:
+        credentials.check()
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--nats-seed/--nats-ca") from None
+    return credentials
