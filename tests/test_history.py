@@ -25,6 +25,7 @@ from runtime.config import parse
 from runtime.eventlog import EventLog, LogSettings
 from runtime.gateway import Gateway
 from runtime.projection import RunIndex
+from runtime.provision import provision
 from runtime.scheduler import Scheduler
 from runtime.streams import EVENTS_STREAM
 from runtime.views import RunViews, find_run, start_position
@@ -120,9 +121,9 @@ async def fill(log: EventLog, runs: int, at: float = T0, team: str = "acme") -> 
 
 @pytest.fixture
 async def log(nc: Client) -> AsyncIterator[EventLog]:
-    log = EventLog(nc)
-    await log.ensure()
-    yield log
+    """The admin step for CONFIG (its permit streams too): services only wait for streams."""
+    await provision(nc, CONFIG, LogSettings())
+    yield EventLog(nc)
 
 
 async def test_the_scheduler_stores_views_forgets_ended_runs_and_a_restart_starts_late(
@@ -180,8 +181,10 @@ async def test_a_gateway_answers_old_runs_and_runs_another_gateway_just_made(
 
 
 async def test_an_empty_or_fully_aged_out_stream_starts_at_once(nc: Client) -> None:
-    log = EventLog(nc, LogSettings(max_age_s=1.0, duplicate_window_s=1.0))
-    await log.ensure()
+    settings = LogSettings(max_age_s=1.0, duplicate_window_s=1.0)
+    await nc.jetstream().delete_stream(EVENTS_STREAM)  # remade by the admin step with 1 s
+    await provision(nc, CONFIG, settings)
+    log = EventLog(nc, settings)
     await fill(log, 2)
     with anyio.fail_after(10):
         while (await log.js.stream_info(EVENTS_STREAM)).state.messages:
