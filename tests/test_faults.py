@@ -95,6 +95,7 @@ async def test_a_killed_agents_run_is_requeued_when_the_pipeline_retries(
         run = await wait_state(c, run_id, {"running"}, timeout=15)
         deadline = time.monotonic() + 15
         while run["attempt"] != 2 and time.monotonic() < deadline:
+            await anyio.sleep(0.1)  # attempt 1 reads running until the loss: poll, not spin
             run = await wait_state(c, run_id, {"running"}, timeout=15)
         assert run["attempt"] == 2
         open_gate(gate, "open")

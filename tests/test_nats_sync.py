@@ -9,7 +9,6 @@ from click.testing import CliRunner
 
 from runtime.cli import main
 from runtime.eventlog import EventLog
-from runtime.nats_conn import connect
 from runtime.natsserver import NatsServer, server_config
 from tests.test_eventlog import history
 
@@ -45,7 +44,7 @@ async def test_a_server_that_syncs_every_write_stores_events(tmp_path: Path) -> 
     server = NatsServer(store_dir=tmp_path / "nats", sync="always")
     async with server:
         assert "sync_interval: always" in server.config_path.read_text()
-        nc = await connect(server.url, "test")
+        nc = await server.connect("admin", "test")
         try:
             log = EventLog(nc)
             await log.ensure()

@@ -51,7 +51,9 @@ async def test_retention_applied_by_an_operator_survives_restarts(
     )
     gateway = Gateway(nc, config)
     await ensure_all(gateway.log, gateway.logs, gateway.views)
-    changed = await apply_retention_at(nats_server.url, SETTINGS.settings)
+    changed = await apply_retention_at(
+        nats_server.url, SETTINGS.settings, nats_server.credentials("admin")
+    )
     assert sorted(changed) == sorted(
         [(EVENTS_STREAM, 7 * DAY), (LOGS_STREAM, 7 * DAY), (VIEWS_STREAM, 90 * DAY)]
     )
@@ -61,4 +63,9 @@ async def test_retention_applied_by_an_operator_survives_restarts(
     js = nc.jetstream()
     ages = {name: (await js.stream_info(name)).config.max_age for name in dict(changed)}
     assert ages == {EVENTS_STREAM: 7 * DAY, LOGS_STREAM: 7 * DAY, VIEWS_STREAM: 90 * DAY}
-    assert await apply_retention_at(nats_server.url, SETTINGS.settings) == []
+    assert (
+        await apply_retention_at(
+            nats_server.url, SETTINGS.settings, nats_server.credentials("admin")
+        )
+        == []
+    )

@@ -13,7 +13,6 @@ import anyio
 import pytest
 
 from runtime.lease import Lease
-from runtime.nats_conn import connect
 from runtime.natsserver import NatsServer
 from tests.harness import FIXTURES, Load, Proc, Stack, audit, wait_replicas
 
@@ -31,7 +30,7 @@ async def server(tmp_path: Path) -> AsyncIterator[NatsServer]:
 async def test_one_holder_at_a_time_and_the_next_takes_over_after_the_ttl(
     server: NatsServer,
 ) -> None:
-    nc = await connect(server.url, "test")
+    nc = await server.connect("admin", "test")  # the bucket: made by the admin step
     try:
         a = Lease(nc.jetstream(), "a", monotonic=time.monotonic, ttl_s=1.2)
         b = Lease(nc.jetstream(), "b", monotonic=time.monotonic, ttl_s=1.2)
@@ -102,7 +101,7 @@ async def test_killing_the_leading_scheduler_under_load_loses_nothing_and_runs_n
 async def test_setting_the_bucket_up_outlasts_a_stalled_server(server: NatsServer) -> None:
     """A lookup that times out at startup (a cluster still electing its leaders, a server
     frozen for a moment) is retried: the scheduler that calls ``ensure`` does not die of it."""
-    nc = await connect(server.url, "test")
+    nc = await server.connect("admin", "test")  # the bucket: made by the admin step
     try:
         lease = Lease(nc.jetstream(timeout=0.3), "a", monotonic=time.monotonic)
         assert server.pid is not None

@@ -133,7 +133,7 @@ async def test_a_nats_submission_nested_too_deep_is_refused_and_the_gateway_live
     """One request on jetrun.submit whose body nests 3,000 levels killed every gateway that
     answered it (a RecursionError out of the request decoder ended its task group)."""
     nested = b"[" * 3000 + b"]" * 3000
-    async with RunEvents.connect(stack.nats_url) as events:
+    async with RunEvents.connect(stack.nats_url, stack.credentials("service")) as events:
         for payload in (b'{"token": "tok_acme", "body": ' + nested + b"}", nested):
             with anyio.fail_after(15):
                 msg = await events.log.nc.request(SUBMIT_SUBJECT, payload, timeout=10)

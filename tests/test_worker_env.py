@@ -87,3 +87,14 @@ async def test_a_hostile_pipeline_finds_no_credentials(hostile_stack: Stack) -> 
     findings = json.loads(done.json()["outputs"][0]["value"])
     own = [f for f in findings if f.startswith(("env ", "/proc/self/"))]
     assert own == [], findings
+
+
+@pytest.mark.anyio
+async def test_the_agents_seed_is_its_owners_only(hostile_stack: Stack) -> None:
+    """What a worker under another OS user cannot read (docs/security.md): the agent's seed
+    file is mode 0600 and owned by the user the agent runs as, its directory 0700."""
+    seed = hostile_stack.credentials("agent").seed_file
+    assert seed is not None and seed.is_file()
+    assert seed.stat().st_mode & 0o777 == 0o600
+    assert seed.parent.stat().st_mode & 0o777 == 0o700
+    assert seed.stat().st_uid == os.getuid()
