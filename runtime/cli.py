@@ -456,7 +456,10 @@ def keys(directory: Path) -> None:
     (directory / "auth.conf").write_text(authorization_block(public))
     for role, found in public.items():
         click.echo(f"{role}: {directory / (role + '.nk')} ({found[0]})")
-    click.echo(f"nats-server: include {directory / 'auth.conf'}")
+    click.echo(
+        f"nats-server: put {directory / 'auth.conf'} beside its config and add "
+        '`include "auth.conf"` (includes are read relative to the config file)'
+    )
 
 
 @main.command()

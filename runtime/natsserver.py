@@ -117,8 +117,9 @@ def server_config(
     """A nats-server config file. The cluster test and ``deploy/nats/*.conf`` (compose.yaml)
     are both made by this function, so they cannot drift apart. ``users``: each role's public
     nkeys (an inline ``authorization`` block); ``auth_include``: a file holding that block
-    instead (``jetrun keys`` writes it); ``tls``: TLS-only clients and routes. ``host`` is the
-    one interface both ports listen on."""
+    instead (``jetrun keys`` writes it; nats-server reads an include relative to the config
+    file's directory, so give a path beside it, e.g. ``auth.conf``); ``tls``: TLS-only clients
+    and routes. ``host`` is the one interface both ports listen on."""
     lines = [
         f'server_name: "{name}"',
         f'listen: "{host}:{port}"',

@@ -3,6 +3,7 @@ its NATS configs are exactly what ``server_config`` (used by the cluster test) g
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -10,9 +11,11 @@ import click
 import pytest
 import yaml
 
+from runtime import certs
 from runtime.cli import main
 from runtime.config import load
-from runtime.natsserver import ClusterSpec, server_config
+from runtime.nats_auth import ROLES, authorization_block, generate_keys
+from runtime.natsserver import ClusterSpec, ServerTls, find_binary, server_config
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())
@@ -31,7 +34,7 @@ def parse(argv: list[str]) -> click.Context:
 def test_topology_has_three_nats_nodes_gateways_a_scheduler_and_agents() -> None:
     assert sorted(NATS) == ["nats-1", "nats-2", "nats-3"]
     commands = sorted(s["command"][0] for s in JETRUN.values())
-    assert commands == ["agent", "gateway", "gateway", "scheduler"]
+    assert commands == ["agent", "gateway", "gateway", "scheduler", "setup"]
 
 
 def on_host(service: dict[str, Any], argv: list[str]) -> list[str]:
@@ -64,6 +67,21 @@ def test_services_reach_every_nats_node() -> None:
         assert urls == [f"nats://{n}:4222" for n in sorted(NATS)]
 
 
+ROLE_OF = {"setup": "admin", "gateway": "gateway", "scheduler": "scheduler", "agent": "agent"}
+
+
+@pytest.mark.parametrize("name", sorted(JETRUN))
+def test_each_service_gets_only_its_own_roles_seed_and_the_ca(name: str) -> None:
+    service = JETRUN[name]
+    role = ROLE_OF[service["command"][0]]
+    assert role in ROLES
+    assert service["secrets"] == [f"{role}.nk"]
+    assert service["environment"]["JETRUN_NATS_SEED"] == f"/run/secrets/{role}.nk"
+    assert COMPOSE["secrets"][f"{role}.nk"] == {"file": f"./deploy/secrets/{role}.nk"}
+    ca = service["environment"]["JETRUN_NATS_CA"]
+    assert any(v.split(":")[1] == ca for v in service["volumes"])
+
+
 @pytest.mark.parametrize("name", ["nats-1", "nats-2", "nats-3"])
 def test_nats_configs_are_the_generated_ones(name: str) -> None:
     mounted = NATS[name]["volumes"][0].split(":")[0]
@@ -74,5 +92,36 @@ def test_nats_configs_are_the_generated_ones(name: str) -> None:
         port=4222,
         store_dir="/data/jetstream",
         cluster=ClusterSpec(name="jetrun", port=6222, routes=routes),
+        auth_include="auth.conf",  # beside nats.conf (includes are relative to it)
+        tls=ServerTls(  # jetrun certs deploy/certs --host nats-1 --host nats-2 --host nats-3
+            cert_file="/etc/nats/certs/server.pem",
+            key_file="/etc/nats/certs/server-key.pem",
+            ca_file="/etc/nats/certs/ca.pem",
+        ),
     )
     assert (ROOT / mounted).read_text() == expected
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in NATS[name]["volumes"]}
+    assert mounts["/etc/nats/auth.conf"] == "./deploy/secrets/auth.conf"
+    assert mounts["/etc/nats/certs"] == "./deploy/certs"
+
+
+def test_a_nats_server_accepts_the_config_with_keys_and_certificates_made_as_documented(
+    tmp_path: Path,
+) -> None:
+    """What compose mounts, made by `jetrun keys` and `jetrun certs`, in a copy of nats-1's
+    config whose container paths point at them: nats-server checks it (``-t``)."""
+    public = generate_keys(tmp_path / "secrets")
+    (tmp_path / "auth.conf").write_text(authorization_block(public))  # beside the config
+    made = certs.create(tmp_path / "certs", ["nats-1", "nats-2", "nats-3"])
+    text = (ROOT / "deploy" / "nats" / "nats-1.conf").read_text()
+    text = text.replace("/etc/nats/certs", str(made.ca_file.parent))
+    text = text.replace("/data/jetstream", str(tmp_path / "js")).replace("0.0.0.0", "127.0.0.1")
+    (tmp_path / "nats.conf").write_text(text)
+    check = subprocess.run(
+        [find_binary(), "-c", str(tmp_path / "nats.conf"), "-t"],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert check.returncode == 0, check.stderr.decode()
+    assert 'include "auth.conf"' in text and text.count("tls {") == 2
