@@ -62,6 +62,11 @@ _STREAM_ENDED = (
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent)
 MARKER_ENV = "JETRUN_LOG_MARKER"
 PASS_ENV = "JETRUN_WORKER_ENV"  # names, comma-separated, the operator lets through to workers
+# The OS user workers run as (the agent must be root to switch): then tenant code cannot read
+# the agent's owner-only seed file, its /proc entries or signal it; and the interpreter that
+# user runs (default: the agent's own, which that user may not be able to read)
+USER_ENV = "JETRUN_WORKER_USER"
+PYTHON_ENV = "JETRUN_WORKER_PYTHON"
 _READ_SIZE = 65_536
 _OVER_CAP_PAUSE_S = 0.005  # past its cap a flood is read (and dropped) at <= 13 MB/s
 # how long to wait for an attempt's end marker after its result; a worker that misses it is
@@ -168,6 +173,27 @@ def _frame(frame: Frame) -> bytes:
 # --- the parent side ----------------------------------------------------------------------
 
 
+def _as_user(user: str | None, argv: list[str]) -> list[str]:
+    """``argv`` run as ``user`` (util-linux ``setpriv``, which then execs it: the worker keeps
+    its pid; the event loop's subprocess support cannot switch users itself)."""
+    if user is None:
+        return argv
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    ids = [f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups"]
+    return ["setpriv", *ids, "--", *argv]
+
+
+def _home(user: str | None) -> str:
+    """The workers' ``HOME``: the agent's, or that of the user they run as."""
+    if user is None:
+        return os.environ.get("HOME", "/")
+    import pwd
+
+    return pwd.getpwnam(user).pw_dir
+
+
 class PipelineWorker:
     """One child process serving one pipeline, one attempt at a time.
 
@@ -221,8 +247,10 @@ class PipelineWorker:
         if self._process is not None:
             raise RuntimeError(f"worker for {self.pointer} was already started")
         startup = self._uncaptured()
+        python = os.environ.get(PYTHON_ENV) or sys.executable
+        argv = [python, "-m", "runtime.worker", self.module, self.pointer]
         self._process = await anyio.open_process(
-            [sys.executable, "-m", "runtime.worker", self.module, self.pointer],
+            _as_user(os.environ.get(USER_ENV) or None, argv),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -254,7 +282,7 @@ class PipelineWorker:
             os.environ,
             passed=passed,
             package_root=_PACKAGE_ROOT,
-            home=os.environ.get("HOME", "/"),
+            home=_home(os.environ.get(USER_ENV) or None),
         )
         env.update(self._env)
         return child_env(env)  # the worker dies with its agent

@@ -6,6 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -98,3 +104,70 @@ async def test_the_agents_seed_is_its_owners_only(hostile_stack: Stack) -> None:
     assert seed.stat().st_mode & 0o777 == 0o600
     assert seed.parent.stat().st_mode & 0o777 == 0o700
     assert seed.stat().st_uid == os.getuid()
+
+
+SYSTEM_PYTHON = f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor}"
+
+
+def _why_workers_cannot_run_as_nobody() -> str | None:
+    """Why this machine cannot run a worker as another user (None: it can)."""
+    if os.geteuid() != 0:
+        return "switching a worker's user needs root"
+    try:
+        pwd.getpwnam("nobody")
+    except KeyError:
+        return "no user 'nobody'"
+    if not os.path.exists(SYSTEM_PYTHON):
+        return f"{SYSTEM_PYTHON} (an interpreter 'nobody' can run) is missing"
+    probe = subprocess.run(
+        [SYSTEM_PYTHON, "-c", "import msgspec, anyio"],
+        user="nobody",
+        env={"PYTHONPATH": sysconfig.get_path("purelib")},
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    return None if probe.returncode == 0 else "'nobody' cannot import this venv's packages"
+
+
+@pytest.fixture
+async def other_user_stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Stack]:
+    reason = _why_workers_cannot_run_as_nobody()
+    if reason is not None:
+        pytest.skip(reason)
+    async with Stack(tmp_path / "stack") as stack:
+        stack.tmp.mkdir()
+        await stack.start_nats()
+        stack.start_scheduler()
+        await stack.start_gateway()
+        # the system interpreter with this venv's packages, somewhere 'nobody' can read
+        bin_dir = Path(tempfile.mkdtemp(prefix="jetrun-worker-python-"))
+        python = bin_dir / "python"
+        site = sysconfig.get_path("purelib")
+        python.write_text(f'#!/bin/sh\nPYTHONPATH="$PYTHONPATH:{site}" exec {SYSTEM_PYTHON} "$@"\n')
+        python.chmod(0o755)
+        bin_dir.chmod(0o755)
+        monkeypatch.setenv("JETRUN_WORKER_USER", "nobody")
+        monkeypatch.setenv("JETRUN_WORKER_PYTHON", str(python))
+        stack.start_agent("hostile-other-user", HOSTILE, slots=1)
+        try:
+            yield stack
+        finally:
+            shutil.rmtree(bin_dir, ignore_errors=True)
+
+
+@pytest.mark.anyio
+async def test_a_worker_under_its_own_user_cannot_read_the_agents_credentials(
+    other_user_stack: Stack,
+) -> None:
+    """The operator step docs/security.md asks for: workers as another OS user. The hostile
+    pipeline then finds nothing anywhere it looks: not the agent's seed (named on the agent's
+    command line, mode 0600), not the agent's /proc environ, not the stack's files."""
+    stack = other_user_stack
+    await wait_replicas(stack.url, "tok_big", "test/snoop:v1")
+    roots = json.dumps([str(stack.tmp)])  # the stack's files: seeds, configs, logs
+    body = {"pipeline": "test/snoop:v1", "inputs": [{"type": "string", "value": roots}]}
+    async with client(stack, "tok_big") as c:
+        done = await c.post("/v4/runs", json=body)
+    assert done.status_code == 200 and done.json()["state"] == "completed", done.text
+    assert json.loads(done.json()["outputs"][0]["value"]) == []
