@@ -122,13 +122,16 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     webhooks: WebhookSettings = WebhookSettings()
 
     def team_for_token(self, token: str) -> Team | None:
-        """The team a bearer token names. The token's digest is compared with every configured
-        one in constant time (no early exit), so timing tells nothing about how much of a real
-        token a guess matches."""
-        digest = token_digest(token).encode()
+        """The team a bearer token names."""
+        return self.team_for_digest(token_digest(token))
+
+    def team_for_digest(self, digest: str) -> Team | None:
+        """The team whose token has this digest (``token_digest``). It is compared with every
+        configured digest in constant time (no early exit), so timing tells nothing about how
+        much of a real token a guess matches."""
         found = None
         for known, team in self.by_token.items():
-            if hmac.compare_digest(digest, known.encode()):
+            if hmac.compare_digest(digest.encode(), known.encode()):
                 found = team
         return found
 

@@ -237,11 +237,12 @@ class Gateway:
             raise error(
                 401, "unauthorized", "missing bearer token: send Authorization: Bearer <token>"
             )
-        team = self.config.team_for_token(token.strip())
+        digest = token_digest(token.strip())  # hashed once: the lookup and the rate limit
+        team = self.config.team_for_digest(digest)
         if team is None:
             raise error(401, "unauthorized", "unknown token")
         request.state.team = team.name  # for the access log
-        wait = self.limiter.check(token_digest(token.strip()), self.clock.monotonic())
+        wait = self.limiter.check(digest, self.clock.monotonic())
         if wait > 0:
             limit = self.config.settings.rate_limit_per_s
             limited = error(429, "rate_limited", f"over {limit:g} requests/s for this token")
