@@ -41,13 +41,13 @@ from contracts.events import (
 from contracts.machine import fold
 from contracts.states import WaitingFor
 from contracts.values import RunIO
-from runtime.catalog import Catalog
-from runtime.config import load
-from runtime.eventlog import EventLog, LogSettings, subject_of
-from runtime.natsserver import NatsServer, free_port
+from runtime.control.views import Checkpoint, RunViews, _encoder
+from runtime.infra.catalog import Catalog
+from runtime.infra.config import load
+from runtime.infra.eventlog import EventLog, LogSettings, subject_of
+from runtime.infra.natsserver import NatsServer, free_port
+from runtime.infra.streams import EVENTS_STREAM, VIEWS_BUCKET, VIEWS_STREAM
 from runtime.provision import provision
-from runtime.streams import EVENTS_STREAM, VIEWS_BUCKET, VIEWS_STREAM
-from runtime.views import Checkpoint, RunViews, _encoder
 
 ROOT = Path(__file__).resolve().parent.parent
 PIPELINE = "bench/p:v1"

@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_runs  # noqa: E402
 
-from runtime.natsserver import free_port  # noqa: E402
+from runtime.infra.natsserver import free_port  # noqa: E402
 
 PAYLOAD = "x" * 16
 ECHO = {"pipeline": "demo/echo:v1", "inputs": [{"type": "string", "value": PAYLOAD}]}
@@ -135,7 +135,7 @@ class Jetrun:
 
     def sdk_p50_ms(self, n: int) -> float:
         """Sequential runs through the SDK's module-level ``run_pipeline`` (as the seed does)."""
-        from runtime import sdk
+        from runtime.clients import sdk
 
         latencies = []
         for _ in range(n):

@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from contracts.events import RunAdmitted, RunDispatched, RunQueued, RunSubmitted
-from runtime.projection import RunIndex
+from runtime.infra.projection import RunIndex
 
 
 def fill(index: RunIndex, n: int) -> list[str]:

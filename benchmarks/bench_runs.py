@@ -29,9 +29,9 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runtime.client import RunEvents  # noqa: E402
-from runtime.nats_auth import Credentials  # noqa: E402
-from runtime.natsserver import free_port  # noqa: E402
+from runtime.clients.client import RunEvents  # noqa: E402
+from runtime.infra.nats_auth import Credentials  # noqa: E402
+from runtime.infra.natsserver import free_port  # noqa: E402
 
 CONFIG = """
 [teams.bench]

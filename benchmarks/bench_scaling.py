@@ -52,7 +52,7 @@ rate_limit_per_s = 0
 
 def free_port() -> int:
     sys.path.insert(0, str(ROOT))
-    from runtime.natsserver import free_port as pick
+    from runtime.infra.natsserver import free_port as pick
 
     return pick()
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from contracts.run import RunRecord  # noqa: E402
 from contracts.states import RunState  # noqa: E402
-from runtime.eventlog import EventLog  # noqa: E402
+from runtime.infra.eventlog import EventLog  # noqa: E402
 from tests.harness import (  # noqa: E402
     FIXTURES,
     Audit,

@@ -24,7 +24,7 @@ import httpx
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from runtime.natsserver import free_port  # noqa: E402
+from runtime.infra.natsserver import free_port  # noqa: E402
 
 POINTER = "gpu/matmul:v1"
 CONFIG = '[teams.bench]\ntier = "startup"\ntokens = ["bench"]\n'

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 
 from contracts.scaling import ScalingSettings
-from runtime.pipelines import pipeline
+from runtime.node.pipelines import pipeline
 
 HOLD_GB = 16
 SIZE = 8192

@@ -8,7 +8,7 @@ import os
 import time
 
 from contracts.scaling import ScalingSettings
-from runtime.pipelines import pipeline
+from runtime.node.pipelines import pipeline
 
 STARTUP_S = float(os.environ.get("JETRUN_BENCH_STARTUP_S", "0.5"))
 MAX_REPLICAS = int(os.environ.get("JETRUN_BENCH_MAX_REPLICAS", "4"))

@@ -10,16 +10,16 @@ from pathlib import Path
 import anyio
 import click
 
-from runtime import config as config_module
-from runtime import logsetup
 from runtime.cli_auth import ca_option, credentials_for, seed_option
 from runtime.cli_scaling import register as register_scaling_commands
 from runtime.cli_tokens import register as register_token_commands
 from runtime.cli_webhooks import register as register_webhook_commands
-from runtime.config import Config, ConfigError
-from runtime.eventlog import LogSettings
+from runtime.infra import config as config_module
+from runtime.infra import logsetup
+from runtime.infra.config import Config, ConfigError
+from runtime.infra.eventlog import LogSettings
 
-DEMO_MODULE = "runtime.demo"
+DEMO_MODULE = "runtime.node.demo"
 
 
 def _config(path: str | None) -> Config:
@@ -107,7 +107,7 @@ def main(verbose: bool, log_format: str) -> None:
 
 
 def _sync_interval(value: str | None) -> str | None:
-    from runtime.natsserver import SYNC_VALUE
+    from runtime.infra.natsserver import SYNC_VALUE
 
     if value is not None and not SYNC_VALUE.match(value):
         raise click.BadParameter("expected always or a duration such as 500ms, 1s, 2m")
@@ -187,7 +187,7 @@ def up(
 ) -> None:
     """Start everything: nats-server, gateway, scheduler and a local agent; more local agents
     are started (and stopped) as the autoscaler needs room."""
-    from runtime.gateway_pool import default_gateways
+    from runtime.control.gateway_pool import default_gateways
     from runtime.up import AgentExited, StartupError, UpOptions, serve_up
 
     options = UpOptions(
@@ -237,7 +237,7 @@ def gateway(
     reuse_port: bool,
 ) -> None:
     """Serve the v4 HTTP API (NATS role: gateway)."""
-    from runtime.lifetime import honour_parent
+    from runtime.infra.lifetime import honour_parent
     from runtime.services import serve_gateway
 
     honour_parent()  # started by `jetrun up`: die with it
@@ -315,12 +315,12 @@ def scheduler(
 ) -> None:
     """Place, queue, dispatch, cancel and preempt runs; scale replicas and nodes
     (NATS role: scheduler)."""
-    from runtime.providers import CommandProvider, LocalProvider, NodeProvider
+    from runtime.control.providers import CommandProvider, LocalProvider, NodeProvider
     from runtime.services import serve_scheduler
 
     chosen: NodeProvider | None = None
     if provider == "local":
-        from runtime.lifetime import child_env
+        from runtime.infra.lifetime import child_env
 
         chosen = LocalProvider(  # its agents die with this process, even on SIGKILL
             nats_url,
@@ -406,7 +406,7 @@ def agent(
 ) -> None:
     """Run a node agent: load pipelines, run attempts. SIGTERM = preemption notice.
     (NATS role: agent.)"""
-    from runtime.lifetime import honour_parent
+    from runtime.infra.lifetime import honour_parent
     from runtime.services import serve_agent
 
     honour_parent()  # started by `jetrun up`: die with it
@@ -450,7 +450,7 @@ def recall(
 def keys(directory: Path) -> None:
     """Write one nkey seed per NATS role to DIRECTORY (owner-only files; existing seeds are
     kept) and auth.conf, the nats-server authorization block with their public keys."""
-    from runtime.nats_auth import authorization_block, generate_keys
+    from runtime.infra.nats_auth import authorization_block, generate_keys
 
     public = generate_keys(directory)
     (directory / "auth.conf").write_text(authorization_block(public))
@@ -474,7 +474,7 @@ def keys(directory: Path) -> None:
 def certs(directory: Path, hosts: tuple[str, ...]) -> None:
     """Write a CA (kept if DIRECTORY has one) and a certificate for the NATS servers, valid
     for every --host, for TLS on client and route connections. Clients need ca.pem."""
-    from runtime.certs import create
+    from runtime.infra.certs import create
 
     files = create(directory, list(hosts))
     click.echo(f"CA:          {files.ca_file} (clients: --nats-ca)")
@@ -504,7 +504,7 @@ def apply_retention(
 ) -> None:
     """Set how long events, logs and run views are kept (the config's events_max_age_s and
     views_max_age_s); services never change it back."""
-    from runtime.retention import RetentionRefused
+    from runtime.control.retention import RetentionRefused
     from runtime.services import apply_retention_at
 
     try:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from runtime.nats_auth import Credentials
+from runtime.infra.nats_auth import Credentials
 
 seed_option = click.option(
     "--nats-seed",

@@ -26,8 +26,8 @@ from contracts.run import Run
 from contracts.states import RunState
 from runtime import cli_render as render
 from runtime.cli_auth import ca_option, credentials_for, seed_option
-from runtime.cli_client import InputError, parse_input, resolve
-from runtime.sdk import Client, ConcurrencyLimitReached, JetrunError
+from runtime.clients.cli_client import InputError, parse_input, resolve
+from runtime.clients.sdk import Client, ConcurrencyLimitReached, JetrunError
 
 T = TypeVar("T")
 POLL_S = 0.25
@@ -331,8 +331,8 @@ def events_command(
     """RUN_ID's full event history, read from the event log over NATS (for operators; the
     service or admin seed)."""
     credentials = credentials_for("service", nats_seed, nats_ca)
-    from runtime.eventlog import EventLog
-    from runtime.nats_conn import connect
+    from runtime.infra.eventlog import EventLog
+    from runtime.infra.nats_conn import connect
 
     logging.getLogger("jetrun").setLevel(logging.WARNING)  # not the connection's comings, goings
 

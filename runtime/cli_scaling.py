@@ -15,7 +15,7 @@ import httpx
 import msgspec
 
 from contracts.scaling import ScalingPatch, ScalingSettings, SettingsChanged
-from runtime.nats_auth import Credentials
+from runtime.infra.nats_auth import Credentials
 
 SETTING_OPTIONS = [
     click.option("--min-replicas", type=click.IntRange(0, 1000), default=None),
@@ -77,10 +77,10 @@ async def deploy_module(
 ) -> list[str]:
     """Register every pipeline of ``module`` as autoscaled (the decorator's scaling settings,
     else scale-to-zero defaults, then ``patch``). Returns lines to print."""
-    from runtime.catalog import Catalog
-    from runtime.nats_conn import connect
-    from runtime.providers import list_pipelines
-    from runtime.scalinglog import ScalingLog
+    from runtime.control.providers import list_pipelines
+    from runtime.infra.catalog import Catalog
+    from runtime.infra.nats_conn import connect
+    from runtime.infra.scalinglog import ScalingLog
 
     infos = await list_pipelines([module])  # the pipeline code runs in a child, not here
     nc = await connect(nats_url, "jetrun-deploy", credentials)

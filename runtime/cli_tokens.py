@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from runtime.config import token_digest
+from runtime.infra.config import token_digest
 
 
 @click.command("hash-token")

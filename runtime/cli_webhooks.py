@@ -16,9 +16,9 @@ from rich.console import Console
 from rich.table import Table
 
 from runtime.cli_auth import ca_option, credentials_for, seed_option
-from runtime.config import Config
-from runtime.eventlog import LogSettings
-from runtime.nats_auth import Credentials
+from runtime.infra.config import Config
+from runtime.infra.eventlog import LogSettings
+from runtime.infra.nats_auth import Credentials
 
 T = TypeVar("T")
 
@@ -60,7 +60,7 @@ def register(
     @click.pass_obj
     def dead(nats_url: Target, as_json: bool) -> None:
         """Deliveries that failed for good: run, team, URL, attempts, last error."""
-        from runtime.webhooks import dead_letters
+        from runtime.control.webhooks import dead_letters
 
         rows = _with_js(nats_url, dead_letters)
         if as_json:
@@ -83,7 +83,7 @@ def register(
     @click.pass_obj
     def replay(nats_url: Target, ids: tuple[str, ...], everything: bool) -> None:
         """Queue dead deliveries (delivery or run ids) for delivery again."""
-        from runtime.webhooks import replay as replay_dead
+        from runtime.control.webhooks import replay as replay_dead
 
         if not ids and not everything:
             raise click.UsageError("name delivery or run ids, or pass --all")
@@ -106,7 +106,7 @@ class Target(NamedTuple):
 
 
 def _with_js(target: Target, call: Callable[[JetStreamContext], Awaitable[T]]) -> T:
-    from runtime.nats_conn import connect
+    from runtime.infra.nats_conn import connect
 
     logging.getLogger("jetrun").setLevel(logging.WARNING)  # not the connection's comings, goings
 
@@ -125,10 +125,10 @@ def _with_js(target: Target, call: Callable[[JetStreamContext], Awaitable[T]]) -
 
 
 def _serve(target: Target, config: Config, settings: LogSettings) -> None:
-    from runtime.lifetime import honour_parent
-    from runtime.nats_conn import connect
+    from runtime.control.webhooks import WebhookService
+    from runtime.infra.lifetime import honour_parent
+    from runtime.infra.nats_conn import connect
     from runtime.services import until_signalled
-    from runtime.webhooks import WebhookService
 
     async def go() -> None:
         nc = await connect(target.url, "jetrun-webhooks", target.credentials)

@@ -28,7 +28,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.api import Health
-from runtime.metrics import (
+from runtime.infra.metrics import (
     CONTENT_TYPE,
     Exposition,
     FleetMetrics,
@@ -39,9 +39,9 @@ from runtime.metrics import (
 )
 
 if TYPE_CHECKING:
-    from runtime.agent import Agent
-    from runtime.gateway import Gateway
-    from runtime.scheduler import Scheduler
+    from runtime.control.gateway import Gateway
+    from runtime.control.scheduler import Scheduler
+    from runtime.node.agent import Agent
 
 log = logging.getLogger("jetrun.health")
 Checks = Callable[[], dict[str, bool]]

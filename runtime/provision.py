@@ -11,14 +11,15 @@ import time
 
 from nats.aio.client import Client
 
-from runtime.admission import Admission, stream_name
-from runtime.catalog import Catalog
-from runtime.config import Config
-from runtime.eventlog import EventLog, LogSettings, ensure_all, ensure_stream
-from runtime.lease import LEASE_BUCKET, Lease
-from runtime.runlogs import LogStore
-from runtime.scalinglog import ScalingLog
-from runtime.streams import (
+from runtime.control.admission import Admission, stream_name
+from runtime.control.views import RunViews
+from runtime.infra.catalog import Catalog
+from runtime.infra.config import Config
+from runtime.infra.eventlog import EventLog, LogSettings, ensure_all, ensure_stream
+from runtime.infra.lease import LEASE_BUCKET, Lease
+from runtime.infra.runlogs import LogStore
+from runtime.infra.scalinglog import ScalingLog
+from runtime.infra.streams import (
     CATALOG_STREAM,
     DEAD_STREAM,
     EVENTS_STREAM,
@@ -31,7 +32,6 @@ from runtime.streams import (
     probe_config,
     webhooks_config,
 )
-from runtime.views import RunViews
 
 
 async def provision(nc: Client, config: Config, settings: LogSettings) -> list[str]:

@@ -17,13 +17,11 @@ import uvicorn
 from anyio.abc import TaskStatus
 
 from contracts.names import check_token
-from runtime.agent import Agent, AgentFenced, PipelineModuleError
-from runtime.capture import DEFAULT_MAX_BYTES
-from runtime.config import Config, Settings
-from runtime.eventlog import LogSettings
-from runtime.fleet import RECALL_SUBJECT
-from runtime.gateway import Gateway
-from runtime.gateway_pool import listening_socket
+from runtime.control.gateway import Gateway
+from runtime.control.gateway_pool import listening_socket
+from runtime.control.providers import NodeProvider
+from runtime.control.scaler import Scaler
+from runtime.control.scheduler import Scheduler
 from runtime.health import (
     add_scheduler,
     agent_checks,
@@ -32,14 +30,16 @@ from runtime.health import (
     scheduler_checks,
     serve_health,
 )
-from runtime.http_server import protocol_for
-from runtime.metrics import Exposition
-from runtime.nats_auth import Credentials
-from runtime.nats_conn import close, connect
-from runtime.providers import NodeProvider
+from runtime.infra.capture import DEFAULT_MAX_BYTES
+from runtime.infra.config import Config, Settings
+from runtime.infra.eventlog import LogSettings
+from runtime.infra.fleet import RECALL_SUBJECT
+from runtime.infra.http_server import protocol_for
+from runtime.infra.metrics import Exposition
+from runtime.infra.nats_auth import Credentials
+from runtime.infra.nats_conn import close, connect
+from runtime.node.agent import Agent, AgentFenced, PipelineModuleError
 from runtime.provision import provision
-from runtime.scaler import Scaler
-from runtime.scheduler import Scheduler
 
 log = logging.getLogger("jetrun")
 Address = tuple[str, int]  # host, port of a service's /metrics, /healthz, /readyz
@@ -245,7 +245,7 @@ async def apply_retention_at(
 ) -> list[tuple[str, float]]:
     """``jetrun admin apply-retention`` (NATS role: admin): one connection, the updates,
     closed."""
-    from runtime.retention import apply_retention, wanted
+    from runtime.control.retention import apply_retention, wanted
 
     wanted(settings)  # refuse bad settings before connecting
     nc = await connect(nats_url, "jetrun-admin", credentials)

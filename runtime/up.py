@@ -7,7 +7,7 @@ one line and a non-zero exit (``StartupError``): a port in use, a store that can
 pipeline module that does not import, a pipeline whose startup step fails. Shutdown (Ctrl-C,
 SIGTERM) is bounded at every step by ``shutdown_grace_s``, also when NATS is gone. The
 nats-server and the agent die with this process, even when it is SIGKILLed
-(``runtime.lifetime``).
+(``runtime.infra.lifetime``).
 """
 
 from __future__ import annotations
@@ -28,20 +28,20 @@ from pathlib import Path
 import anyio
 
 from contracts.agents import AgentHeartbeat, PipelineStatus
-from runtime.config import DEMO_TOKEN, Config
-from runtime.eventlog import LogSettings
-from runtime.gateway import Gateway
-from runtime.gateway_pool import extra_gateways, gateway_command
+from runtime.control.gateway import Gateway
+from runtime.control.gateway_pool import extra_gateways, gateway_command
+from runtime.control.providers import LocalProvider
+from runtime.control.readiness import Readiness
+from runtime.control.scaler import Scaler
+from runtime.control.scheduler import Scheduler
 from runtime.health import add_scheduler
-from runtime.lifetime import child_env
-from runtime.nats_auth import Credentials
-from runtime.nats_conn import close, connect
-from runtime.natsserver import NatsServer, NatsServerFailed, NatsServerNotFound
-from runtime.providers import LocalProvider
+from runtime.infra.config import DEMO_TOKEN, Config
+from runtime.infra.eventlog import LogSettings
+from runtime.infra.lifetime import child_env
+from runtime.infra.nats_auth import Credentials
+from runtime.infra.nats_conn import close, connect
+from runtime.infra.natsserver import NatsServer, NatsServerFailed, NatsServerNotFound
 from runtime.provision import provision
-from runtime.readiness import Readiness
-from runtime.scaler import Scaler
-from runtime.scheduler import Scheduler
 from runtime.services import serve_http
 
 log = logging.getLogger("jetrun")

@@ -9,10 +9,10 @@ import pytest
 from nats.aio.client import Client
 
 from contracts.agents import PipelineInfo
-from runtime.catalog import Catalog
-from runtime.config import Config
-from runtime.eventlog import LogSettings
-from runtime.natsserver import NatsServer
+from runtime.infra.catalog import Catalog
+from runtime.infra.config import Config
+from runtime.infra.eventlog import LogSettings
+from runtime.infra.natsserver import NatsServer
 from runtime.provision import provision
 from tests.harness import FIXTURES, Stack, wait_replicas
 
@@ -79,7 +79,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         stack.start_scheduler()
         await stack.start_gateway()
         await stack.start_gateway()
-        stack.start_agent("agent-demo", "runtime.demo", slots=4)
+        stack.start_agent("agent-demo", "runtime.node.demo", slots=4)
         stack.start_agent("agent-gates", str(FIXTURES / "gate_pipelines.py"), slots=1)
         # an agent's pipelines become ready one by one: wait for every one a test may run
         for pointer in DEMO_PIPELINES + GATE_PIPELINES:

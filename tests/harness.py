@@ -25,12 +25,12 @@ import anyio
 import httpx
 from nats.aio.client import Client
 
-from runtime import certs
-from runtime.config import load
-from runtime.eventlog import LogSettings
-from runtime.nats_auth import Credentials
-from runtime.nats_conn import connect
-from runtime.natsserver import ClusterSpec, NatsServer, ServerTls, free_port
+from runtime.infra import certs
+from runtime.infra.config import load
+from runtime.infra.eventlog import LogSettings
+from runtime.infra.nats_auth import Credentials
+from runtime.infra.nats_conn import connect
+from runtime.infra.natsserver import ClusterSpec, NatsServer, ServerTls, free_port
 from runtime.provision import provision
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -302,7 +302,7 @@ class Stack:
             "--id",
             name,
         ]
-        for module in modules or ("runtime.demo",):
+        for module in modules or ("runtime.node.demo",):
             args += ["--pipelines", module]
         return self._cli(name, *args)
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from contracts.agents import Accelerator
-from runtime import accelerators
-from runtime.accelerators import detect, detect_async, parse_gpus
+from runtime.node import accelerators
+from runtime.node.accelerators import detect, detect_async, parse_gpus
 
 CPU = Accelerator(kind="cpu", model="cpu", slots=4)
 

@@ -10,7 +10,7 @@ from contracts import RunSubmitted
 from contracts.events import AdmissionSlot, RunCancelled
 from contracts.machine import fold
 from contracts.run import RunRecord
-from runtime.admission import Admission, LimitReached
+from runtime.control.admission import Admission, LimitReached
 
 pytestmark = pytest.mark.anyio
 

@@ -16,9 +16,9 @@ from contracts.events import RunSubmitted
 from contracts.run import RunRecord
 from contracts.states import RunState
 from contracts.values import from_python
-from runtime.client import RunEvents
-from runtime.eventlog import EVENTS_STREAM, event_subject
-from runtime.sdk import ConcurrencyLimitReached, JetrunError
+from runtime.clients.client import RunEvents
+from runtime.clients.sdk import ConcurrencyLimitReached, JetrunError
+from runtime.infra.eventlog import EVENTS_STREAM, event_subject
 from tests import harness
 from tests.harness import Stack, open_gate, wait_state
 

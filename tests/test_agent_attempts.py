@@ -9,8 +9,8 @@ from nats.aio.client import Client
 from contracts.errors import ErrorType, RunError
 from contracts.events import RunCompleted, RunDispatched, RunFailed
 from contracts.values import from_python
-from runtime.agent import Agent, _Attempt, default_agent_id
-from runtime.results import fitted
+from runtime.node.agent import Agent, _Attempt, default_agent_id
+from runtime.node.results import fitted
 
 pytestmark = pytest.mark.anyio
 

@@ -14,8 +14,8 @@ from nats.aio.client import Client
 
 from contracts.agents import Accelerator, AgentHeartbeat, PipelineStatus
 from contracts.scaling import ReplicaLoadRequested, ReplicaUnloadRequested
-from runtime.agent import Agent
-from runtime.scalinglog import ScalingLog
+from runtime.infra.scalinglog import ScalingLog
+from runtime.node.agent import Agent
 from tests.harness import FIXTURES
 
 pytestmark = pytest.mark.anyio

@@ -25,7 +25,7 @@ from contracts.scaling import (
     decode_scaling,
     encode_scaling,
 )
-from runtime.autoscaler import (
+from runtime.control.autoscaler import (
     Demand,
     Deployed,
     Gpu,

@@ -20,7 +20,7 @@ import pytest
 
 from contracts.events import RunAdmitted, RunCompleted, RunSubmitted
 from contracts.values import INT_MAX, INT_MIN, MAX_DEPTH, IOType, RunIO
-from runtime.eventlog import EventLog
+from runtime.infra.eventlog import EventLog
 from tests import harness
 from tests.harness import FIXTURES, ROOT, Stack, wait_replicas, wait_state
 
@@ -36,7 +36,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
         await stack.start_nats()
         stack.start_scheduler()
         await stack.start_gateway()
-        stack.start_agent("agent-input", "runtime.demo", OUTPUTS, slots=2)
+        stack.start_agent("agent-input", "runtime.node.demo", OUTPUTS, slots=2)
         await wait_replicas(stack.url, "tok_big", "demo/echo:v1")
         await wait_replicas(stack.url, "tok_big", "test/big-chunks:v1")
         yield stack

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from runtime.capture import LINE_OVERHEAD, LogCapture, marker_bytes, start_marker_bytes
+from runtime.infra.capture import LINE_OVERHEAD, LogCapture, marker_bytes, start_marker_bytes
 
 
 def capture(max_bytes: int = 10_000, max_line_bytes: int = 1000) -> LogCapture:

@@ -7,7 +7,7 @@ import pytest
 from nats.aio.client import Client
 
 from contracts.agents import PipelineInfo
-from runtime.catalog import Catalog
+from runtime.infra.catalog import Catalog
 from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.anyio

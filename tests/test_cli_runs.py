@@ -26,7 +26,7 @@ async def clistack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[St
         await stack.start_nats()
         stack.start_scheduler()
         await stack.start_gateway()
-        stack.start_agent("agent-demo", "runtime.demo", str(FIXTURES / "log_pipelines.py"))
+        stack.start_agent("agent-demo", "runtime.node.demo", str(FIXTURES / "log_pipelines.py"))
         stack.start_agent("agent-gates", str(FIXTURES / "gate_pipelines.py"), slots=1)
         await wait_replicas(stack.url, "tok_acme", "demo/echo:v1")
         await wait_replicas(stack.url, "tok_acme", "test/chatty:v1")

@@ -8,8 +8,8 @@ import pytest
 
 from contracts import RunAdmitted, RunCompleted, RunDispatched, RunQueued, RunState, RunSubmitted
 from contracts.events import AnyEvent
-from runtime.client import RunChange, RunEvents
-from runtime.natsserver import NatsServer
+from runtime.clients.client import RunChange, RunEvents
+from runtime.infra.natsserver import NatsServer
 
 pytestmark = pytest.mark.anyio
 

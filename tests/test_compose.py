@@ -11,11 +11,11 @@ import click
 import pytest
 import yaml
 
-from runtime import certs
 from runtime.cli import main
-from runtime.config import load
-from runtime.nats_auth import ROLES, authorization_block, generate_keys
-from runtime.natsserver import ClusterSpec, ServerTls, find_binary, server_config
+from runtime.infra import certs
+from runtime.infra.config import load
+from runtime.infra.nats_auth import ROLES, authorization_block, generate_keys
+from runtime.infra.natsserver import ClusterSpec, ServerTls, find_binary, server_config
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE: dict[str, Any] = yaml.safe_load((ROOT / "compose.yaml").read_text())

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.config import ConfigError, demo_config, load, parse
+from runtime.infra.config import ConfigError, demo_config, load, parse
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,9 +18,9 @@ import anyio
 import pytest
 
 from contracts.scaling import DesiredReplicasChanged
-from runtime import openapi
-from runtime.config import ConfigError, parse
-from runtime.scalinglog import ScalingLog
+from runtime.control import openapi
+from runtime.infra.config import ConfigError, parse
+from runtime.infra.scalinglog import ScalingLog
 from tests.harness import ROOT, Stack, client, open_gate, wait_state
 
 pytestmark = pytest.mark.anyio

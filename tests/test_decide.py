@@ -34,10 +34,18 @@ from contracts.events import (
 from contracts.run import RunRecord
 from contracts.states import RunState, WaitingFor
 from contracts.values import IOType, RunIO
-from runtime.config import parse
-from runtime.decide import INLINE_INPUTS_BYTES, Decisions, Now, Pass, Worklist, decide, dispatched
-from runtime.fleet import NODE_LOST, NODE_RECALLED, Fleet
-from runtime.projection import RunIndex
+from runtime.control.decide import (
+    INLINE_INPUTS_BYTES,
+    Decisions,
+    Now,
+    Pass,
+    Worklist,
+    decide,
+    dispatched,
+)
+from runtime.infra.config import parse
+from runtime.infra.fleet import NODE_LOST, NODE_RECALLED, Fleet
+from runtime.infra.projection import RunIndex
 
 CONFIG = parse(
     {

@@ -8,7 +8,7 @@ import pytest
 from nats.aio.client import Client
 
 from contracts.events import AnyEvent, RunDispatched, RunSubmitted
-from runtime.eventlog import EventLog, agent_dispatches, dispatch_subject, kind_subjects
+from runtime.infra.eventlog import EventLog, agent_dispatches, dispatch_subject, kind_subjects
 
 pytestmark = pytest.mark.anyio
 

@@ -5,7 +5,7 @@ Blocks are taken from the Markdown as written and checked by their language agai
 
 - ``bash``: run with ``bash -euo pipefail``; ``curl`` fails on an HTTP error status;
 - ``python``: run as a script;
-- ``toml``: parsed as a jetrun config (``runtime.config.parse``);
+- ``toml``: parsed as a jetrun config (``runtime.infra.config.parse``);
 - ``mermaid``: must be the generated state diagram;
 - ``text`` blocks that are terminal transcripts (lines starting with ``$ ``): each command runs
   in one shell, in order, and each line the transcript shows as its output must be in what it
@@ -37,8 +37,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from contracts.machine import mermaid_diagram
-from runtime.config import parse
-from runtime.natsserver import free_port
+from runtime.infra.config import parse
+from runtime.infra.natsserver import free_port
 from tests.harness import ROOT, Proc, wait_ready, wait_replicas
 
 JETRUN = str(Path(sys.executable).parent / "jetrun")

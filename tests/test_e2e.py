@@ -8,7 +8,7 @@ import anyio
 import httpx
 import pytest
 
-from runtime.eventlog import EventLog
+from runtime.infra.eventlog import EventLog
 from tests import harness
 from tests.harness import Stack, open_gate, wait_state
 

@@ -17,8 +17,8 @@ from contracts import (
     from_python,
 )
 from contracts.events import AnyEvent
-from runtime.eventlog import EventLog
-from runtime.natsserver import NatsServer, NatsServerNotFound, find_binary
+from runtime.infra.eventlog import EventLog
+from runtime.infra.natsserver import NatsServer, NatsServerNotFound, find_binary
 
 pytestmark = pytest.mark.anyio
 

@@ -16,9 +16,9 @@ import pytest
 
 from contracts.events import RunRequeued
 from contracts.states import RunState
-from runtime.eventlog import EventLog
-from runtime.fleet import ATTEMPT_LOST, NODE_RECALLED
-from runtime.submit import run_id_for
+from runtime.control.submit import run_id_for
+from runtime.infra.eventlog import EventLog
+from runtime.infra.fleet import ATTEMPT_LOST, NODE_RECALLED
 from tests import harness
 from tests.harness import (
     FIXTURES,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from contracts.agents import Accelerator, AgentHeartbeat
-from runtime.fleet import Fleet
+from runtime.infra.fleet import Fleet
 
 
 def beat(agent_id: str, started_at: float, running: list[str] | None = None) -> AgentHeartbeat:

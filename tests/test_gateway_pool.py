@@ -13,8 +13,8 @@ import anyio
 import httpx
 import pytest
 
-from runtime.gateway_pool import MAX_GATEWAYS, default_gateways, usable_cores
-from runtime.natsserver import free_port
+from runtime.control.gateway_pool import MAX_GATEWAYS, default_gateways, usable_cores
+from runtime.infra.natsserver import free_port
 from tests.test_up import SEED, children, up, wait_output
 
 pytestmark = [

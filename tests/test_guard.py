@@ -13,8 +13,8 @@ import pytest
 
 from contracts.events import RunSubmitted
 from contracts.values import RunIO
-from runtime.eventlog import EventLog
-from runtime.guard import CallbackFailed, Guard
+from runtime.infra.eventlog import EventLog
+from runtime.infra.guard import CallbackFailed, Guard
 from tests.harness import FIXTURES, Proc, Stack
 
 pytestmark = pytest.mark.anyio

@@ -21,14 +21,14 @@ from contracts.events import (
     RunStarted,
 )
 from contracts.values import RunIO
-from runtime.config import parse
-from runtime.eventlog import EventLog, LogSettings
-from runtime.gateway import Gateway
-from runtime.projection import RunIndex
+from runtime.control.gateway import Gateway
+from runtime.control.scheduler import Scheduler
+from runtime.control.views import RunViews, find_run, start_position
+from runtime.infra.config import parse
+from runtime.infra.eventlog import EventLog, LogSettings
+from runtime.infra.projection import RunIndex
+from runtime.infra.streams import EVENTS_STREAM
 from runtime.provision import provision
-from runtime.scheduler import Scheduler
-from runtime.streams import EVENTS_STREAM
-from runtime.views import RunViews, find_run, start_position
 
 pytestmark = pytest.mark.anyio
 

@@ -16,8 +16,8 @@ import httpx
 import pytest
 
 from contracts.agents import PipelineInfo
-from runtime.catalog import Catalog
-from runtime.natsserver import free_port
+from runtime.infra.catalog import Catalog
+from runtime.infra.natsserver import free_port
 from tests.harness import Proc, Stack, wait_ready
 
 pytestmark = pytest.mark.anyio

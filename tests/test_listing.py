@@ -13,9 +13,9 @@ import pytest
 from contracts import RunAdmitted, RunCancelled, RunSubmitted
 from contracts.events import AnyEvent
 from contracts.states import RunState
-from runtime import sdk
-from runtime.listing import BadQuery, ListQuery, RunListing, decode_cursor, parse_query
-from runtime.projection import RunIndex
+from runtime.clients import sdk
+from runtime.control.listing import BadQuery, ListQuery, RunListing, decode_cursor, parse_query
+from runtime.infra.projection import RunIndex
 from tests.harness import Stack, client, wait_state
 
 

@@ -11,8 +11,8 @@ import anyio
 import pytest
 
 from contracts.values import from_python
-from runtime.capture import LogCapture
-from runtime.worker import PipelineWorker
+from runtime.infra.capture import LogCapture
+from runtime.node.worker import PipelineWorker
 
 pytestmark = pytest.mark.anyio
 

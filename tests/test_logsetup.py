@@ -8,7 +8,7 @@ import logging
 import anyio
 import pytest
 
-from runtime.logsetup import ContextFilter, JsonFormatter, TextFormatter, bind, bound
+from runtime.infra.logsetup import ContextFilter, JsonFormatter, TextFormatter, bind, bound
 
 
 def record(message: str = "attempt ended: %s", *args: object, **extra: object) -> logging.LogRecord:

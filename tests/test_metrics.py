@@ -16,8 +16,8 @@ from nats.errors import NoRespondersError
 from prometheus_client import Counter
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.eventlog import retrying
-from runtime.metrics import LOG_FAILURES, LOG_RETRIES
+from runtime.infra.eventlog import retrying
+from runtime.infra.metrics import LOG_FAILURES, LOG_RETRIES
 from tests.harness import FIXTURES, Stack, client, open_gate, wait_ready, wait_replicas, wait_state
 
 pytestmark = pytest.mark.anyio
@@ -63,7 +63,7 @@ async def mstack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stac
         await stack.start_nats()
         stack.start_scheduler()
         await stack.start_gateway()
-        stack.start_agent("agent-demo", "runtime.demo", slots=2)
+        stack.start_agent("agent-demo", "runtime.node.demo", slots=2)
         stack.start_agent("agent-gates", GATES, slots=1)
         await wait_replicas(stack.url, "tok_big", "demo/echo:v1")
         await wait_replicas(stack.url, "tok_big", "test/gate:v1")

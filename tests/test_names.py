@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from contracts.names import check_pointer, check_token, is_pointer
-from runtime.catalog import pipeline_subject
-from runtime.eventlog import event_subject, run_subjects
+from runtime.infra.catalog import pipeline_subject
+from runtime.infra.eventlog import event_subject, run_subjects
 
 BAD_POINTERS = ["*", ">", "demo/*:v1", "demo/echo:>", "demo/echo", "a b/c:d", "x/y:v1 ", ""]
 

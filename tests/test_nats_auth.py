@@ -22,14 +22,14 @@ from contracts.events import (
     RunStarted,
     RunSubmitted,
 )
-from runtime.admission import Admission, permit_subject, stream_name
-from runtime.config import parse
-from runtime.eventlog import EVENTS_STREAM, EventLog, LogSettings, subject_of
-from runtime.nats_auth import ROLES, Credentials, authorization_block, permissions
-from runtime.nats_conn import NatsRefused, connect
-from runtime.natsserver import NatsServer
+from runtime.control.admission import Admission, permit_subject, stream_name
+from runtime.infra.config import parse
+from runtime.infra.eventlog import EVENTS_STREAM, EventLog, LogSettings, subject_of
+from runtime.infra.nats_auth import ROLES, Credentials, authorization_block, permissions
+from runtime.infra.nats_conn import NatsRefused, connect
+from runtime.infra.natsserver import NatsServer
+from runtime.infra.streams import VIEWS_BUCKET, VIEWS_STREAM
 from runtime.provision import provision
-from runtime.streams import VIEWS_BUCKET, VIEWS_STREAM
 
 pytestmark = pytest.mark.anyio
 
@@ -294,7 +294,7 @@ async def test_credential_errors_never_show_the_seed(tmp_path: Path) -> None:
 
 
 def test_seeds_are_owner_only_and_kept(tmp_path: Path) -> None:
-    from runtime.nats_auth import generate_keys
+    from runtime.infra.nats_auth import generate_keys
 
     first = generate_keys(tmp_path / "creds")
     assert generate_keys(tmp_path / "creds") == first  # a restart keeps the same identities

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from runtime.nats_conn import NatsUnreachable, connect
+from runtime.infra.nats_conn import NatsUnreachable, connect
 
 pytestmark = pytest.mark.anyio
 

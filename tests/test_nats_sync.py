@@ -8,8 +8,8 @@ import pytest
 from click.testing import CliRunner
 
 from runtime.cli import main
-from runtime.eventlog import EventLog
-from runtime.natsserver import NatsServer, server_config
+from runtime.infra.eventlog import EventLog
+from runtime.infra.natsserver import NatsServer, server_config
 from tests.test_eventlog import history
 
 pytestmark = pytest.mark.anyio

@@ -11,9 +11,9 @@ import jsonschema
 import pytest
 from nats.aio.client import Client
 
-from runtime import openapi
-from runtime.config import demo_config
-from runtime.gateway import Gateway
+from runtime.control import openapi
+from runtime.control.gateway import Gateway
+from runtime.infra.config import demo_config
 from tests.harness import Stack, client, wait_state
 
 CONVERTER = re.compile(r"\{(\w+):\w+\}")
@@ -32,7 +32,7 @@ def app_routes() -> set[tuple[str, str]]:
 def test_every_route_is_documented_and_every_operation_is_routed() -> None:
     documented = {(op.method, op.path) for op in openapi.OPERATIONS}
     routes = app_routes()
-    assert routes - documented == set(), "add these routes to runtime/openapi.py OPERATIONS"
+    assert routes - documented == set(), "add these routes to runtime/control/openapi.py OPERATIONS"
     assert documented - routes == set(), "these operations have no route in the gateway"
     doc_paths = openapi.document()["paths"]
     assert {(m, p) for p, ms in doc_paths.items() for m in ms} == routes

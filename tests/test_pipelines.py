@@ -11,8 +11,8 @@ import pytest
 
 from contracts.agents import PipelineInfo
 from contracts.values import File, IOType, RunIO, from_python
-from runtime import pipelines
-from runtime.pipelines import (
+from runtime.node import pipelines
+from runtime.node.pipelines import (
     InputError,
     instantiate,
     load_module,
@@ -224,7 +224,7 @@ def test_instantiate_runs_a_class_startup_once_and_returns_run() -> None:
 
 
 def test_load_module_by_dotted_name() -> None:
-    pointers = [s.pointer for s in load_module("runtime.demo")]
+    pointers = [s.pointer for s in load_module("runtime.node.demo")]
     assert pointers == [
         "demo/echo:v1",
         "demo/fail:v1",
@@ -256,7 +256,7 @@ def test_a_module_that_fails_to_import_can_be_fixed_and_reloaded(tmp_path: Path)
     with pytest.raises(RuntimeError, match="broken"):
         load_module(str(module))
     module.write_text(
-        "from runtime.pipelines import pipeline\n"
+        "from runtime.node.pipelines import pipeline\n"
         "@pipeline('tp/fixed:v1')\n"
         "def fixed() -> str:\n"
         "    return 'ok'\n"

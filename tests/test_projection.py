@@ -15,7 +15,7 @@ from contracts import (
     RunSubmitted,
 )
 from contracts.events import AnyEvent
-from runtime.projection import IndexLagging, RunIndex
+from runtime.infra.projection import IndexLagging, RunIndex
 
 
 def admit(run_id: str, pipeline: str = "a/b:v1") -> list[AnyEvent]:

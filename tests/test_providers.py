@@ -13,11 +13,11 @@ import pytest
 from nats.aio.client import Client
 
 from contracts.agents import AgentHeartbeat
-from runtime.config import demo_config
-from runtime.eventlog import LogSettings
-from runtime.fleet import HEARTBEAT_SUBJECT
-from runtime.natsserver import NatsServer
-from runtime.providers import CommandProvider, LocalProvider
+from runtime.control.providers import CommandProvider, LocalProvider
+from runtime.infra.config import demo_config
+from runtime.infra.eventlog import LogSettings
+from runtime.infra.fleet import HEARTBEAT_SUBJECT
+from runtime.infra.natsserver import NatsServer
 from runtime.provision import provision
 
 pytestmark = pytest.mark.anyio
@@ -39,7 +39,7 @@ async def test_local_provider_starts_an_agent_that_registers_and_stops_it(
     seed = str(nats_server.credentials("agent").seed_file)
     provider = LocalProvider(
         nats_server.url,
-        ["runtime.demo"],
+        ["runtime.node.demo"],
         cpu_slots=3,
         heartbeat_s=0.2,
         log_dir=tmp_path,
@@ -61,7 +61,7 @@ async def test_local_provider_starts_an_agent_that_registers_and_stops_it(
 
 
 async def test_local_provider_boot_delay_and_removal_while_booting(tmp_path: Path) -> None:
-    provider = LocalProvider("nats://127.0.0.1:1", ["runtime.demo"], boot_delay_s=0.5)
+    provider = LocalProvider("nats://127.0.0.1:1", ["runtime.node.demo"], boot_delay_s=0.5)
     async with anyio.create_task_group() as tg:
         tg.start_soon(provider.add, "node-7", "cpu")
         await anyio.sleep(0.1)
@@ -110,7 +110,7 @@ async def test_command_provider_string_template_is_split_without_a_shell(tmp_pat
 
 
 async def test_local_provider_lists_what_its_agents_serve_without_importing_it_here() -> None:
-    from runtime import pipelines
+    from runtime.node import pipelines
     from tests.harness import FIXTURES
 
     provider = LocalProvider("nats://127.0.0.1:1", [str(FIXTURES / "deploy_only.py")])
@@ -121,7 +121,7 @@ async def test_local_provider_lists_what_its_agents_serve_without_importing_it_h
 
 
 async def test_deploy_of_a_module_that_does_not_load_fails_with_its_error(tmp_path: Path) -> None:
-    from runtime.providers import list_pipelines
+    from runtime.control.providers import list_pipelines
 
     bad = tmp_path / "bad_pipelines.py"
     bad.write_text("raise RuntimeError('no such model')\n")

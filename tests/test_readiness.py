@@ -15,8 +15,8 @@ import anyio
 import httpx
 import pytest
 
-from runtime.natsserver import free_port
-from runtime.streams import EVENTS_STREAM
+from runtime.infra.natsserver import free_port
+from runtime.infra.streams import EVENTS_STREAM
 from tests.harness import Proc, Stack
 
 pytestmark = pytest.mark.anyio

@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 from nats.aio.client import Client
 
-from runtime.config import parse
-from runtime.eventlog import ensure_all
-from runtime.gateway import Gateway
-from runtime.natsserver import NatsServer
-from runtime.retention import RetentionRefused, plan, wanted
-from runtime.scheduler import Scheduler
+from runtime.control.gateway import Gateway
+from runtime.control.retention import RetentionRefused, plan, wanted
+from runtime.control.scheduler import Scheduler
+from runtime.infra.config import parse
+from runtime.infra.eventlog import ensure_all
+from runtime.infra.natsserver import NatsServer
+from runtime.infra.streams import EVENTS_STREAM, LOGS_STREAM, VIEWS_STREAM, events_config
 from runtime.services import apply_retention_at
-from runtime.streams import EVENTS_STREAM, LOGS_STREAM, VIEWS_STREAM, events_config
 
 pytestmark = pytest.mark.anyio
 

@@ -173,8 +173,8 @@ async def test_services_log_json_with_run_fields_and_an_access_log(logstack: Sta
 async def test_a_worker_whose_output_end_is_not_marked_is_never_reused() -> None:
     """If an attempt's end marker never comes (the pipeline closed fd 2), the worker is
     retired: whatever it prints later cannot land in another attempt's logs."""
-    from runtime.capture import LogCapture
-    from runtime.worker import PipelineWorker
+    from runtime.infra.capture import LogCapture
+    from runtime.node.worker import PipelineWorker
 
     async with PipelineWorker(LOGS, "test/mute:v1") as worker:
         capture = LogCapture(time.time)
@@ -185,7 +185,7 @@ async def test_a_worker_whose_output_end_is_not_marked_is_never_reused() -> None
 
 
 async def test_the_sdk_reads_and_follows_a_runs_logs(logstack: Stack) -> None:
-    from runtime.sdk import AsyncClient, JetrunError
+    from runtime.clients.sdk import AsyncClient, JetrunError
 
     async with AsyncClient(logstack.url, "tok_acme") as sdk:
         run = await sdk.run_pipeline("test/chatty:v1", 2, False, async_run=True)

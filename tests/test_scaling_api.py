@@ -12,10 +12,10 @@ from contracts.agents import (
     PipelineStatus,
 )
 from contracts.scaling import ReplicaState, ScalingSettings, WarmWindow
-from runtime.config import parse
-from runtime.fleet import Fleet
-from runtime.projection import RunIndex
-from runtime.scaling_api import ScalingApi, kept_over_limit
+from runtime.control.scaling_api import ScalingApi, kept_over_limit
+from runtime.infra.config import parse
+from runtime.infra.fleet import Fleet
+from runtime.infra.projection import RunIndex
 from tests.fakes import FakeClock
 
 POINTER = "acme/model:v1"

@@ -15,7 +15,7 @@ import anyio
 import httpx
 import pytest
 
-from runtime.natsserver import free_port
+from runtime.infra.natsserver import free_port
 from tests.harness import FIXTURES, Proc, wait_known, wait_ready
 
 pytestmark = pytest.mark.anyio

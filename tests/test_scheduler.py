@@ -21,11 +21,11 @@ from contracts.agents import (
 from contracts.errors import ErrorType
 from contracts.events import AdmissionGrant, RunCompleted, RunStarted
 from contracts.run import RunRecord
-from runtime.catalog import Catalog
-from runtime.config import parse
-from runtime.eventlog import kind_subjects
-from runtime.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT, NODE_RECALLED
-from runtime.scheduler import Scheduler
+from runtime.control.scheduler import Scheduler
+from runtime.infra.catalog import Catalog
+from runtime.infra.config import parse
+from runtime.infra.eventlog import kind_subjects
+from runtime.infra.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT, NODE_RECALLED
 from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.anyio

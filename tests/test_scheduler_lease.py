@@ -12,8 +12,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from runtime.lease import Lease
-from runtime.natsserver import NatsServer
+from runtime.infra.lease import Lease
+from runtime.infra.natsserver import NatsServer
 from tests.harness import FIXTURES, Load, Proc, Stack, audit, wait_replicas
 
 pytestmark = pytest.mark.anyio

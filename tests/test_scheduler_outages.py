@@ -21,10 +21,10 @@ from contracts.agents import (
     PipelineStatus,
 )
 from contracts.events import AdmissionSlot, RunCompleted, RunQueued
-from runtime.catalog import Catalog
-from runtime.config import parse
-from runtime.natsserver import NatsServer
-from runtime.scheduler import Scheduler
+from runtime.control.scheduler import Scheduler
+from runtime.infra.catalog import Catalog
+from runtime.infra.config import parse
+from runtime.infra.natsserver import NatsServer
 
 pytestmark = pytest.mark.anyio
 

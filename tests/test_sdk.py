@@ -9,8 +9,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from runtime import sdk
-from runtime.sdk import (
+from runtime.clients import sdk
+from runtime.clients.sdk import (
     AsyncClient,
     ConcurrencyLimitReached,
     JetrunError,

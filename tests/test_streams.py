@@ -1,5 +1,5 @@
-"""Stream settings: created once from ``runtime.streams``; a running system's streams are never
-downgraded or rewritten by a service that starts with other settings."""
+"""Stream settings: created once from ``runtime.infra.streams``; a running system's streams are
+never downgraded or rewritten by a service that starts with other settings."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import pytest
 from nats.aio.client import Client
 from nats.js import api
 
-from runtime import streams
-from runtime.admission import Admission
-from runtime.catalog import Catalog
-from runtime.eventlog import EventLog, LogSettings
-from runtime.natsserver import free_port
-from runtime.streams import CATALOG_STREAM, EVENTS_STREAM, admission_stream
+from runtime.control.admission import Admission
+from runtime.infra import streams
+from runtime.infra.catalog import Catalog
+from runtime.infra.eventlog import EventLog, LogSettings
+from runtime.infra.natsserver import free_port
+from runtime.infra.streams import CATALOG_STREAM, EVENTS_STREAM, admission_stream
 from tests.harness import Stack, wait_ready
 
 pytestmark = pytest.mark.anyio

@@ -18,11 +18,11 @@ from nats.js.errors import BadRequestError
 from contracts.agents import PipelineInfo
 from contracts.events import Event, RunSubmitted
 from contracts.states import RunState
-from runtime.config import parse
-from runtime.eventlog import Appended, LogSettings
-from runtime.gateway import Gateway
+from runtime.control.gateway import Gateway
+from runtime.control.submit import run_id_for
+from runtime.infra.config import parse
+from runtime.infra.eventlog import Appended, LogSettings
 from runtime.provision import provision
-from runtime.submit import run_id_for
 
 pytestmark = pytest.mark.anyio
 

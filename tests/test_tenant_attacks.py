@@ -14,7 +14,7 @@ import msgspec
 import pytest
 
 from contracts.submission import SUBMIT_SUBJECT, SubmitReply
-from runtime.client import RunEvents
+from runtime.clients.client import RunEvents
 from tests.harness import FIXTURES, Stack, client, wait_replicas
 
 pytestmark = pytest.mark.anyio

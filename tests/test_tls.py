@@ -15,10 +15,10 @@ import pytest
 from cryptography import x509
 from nats.aio.client import Client
 
-from runtime import certs
-from runtime.eventlog import EventLog
-from runtime.nats_auth import Credentials
-from runtime.nats_conn import NatsUnreachable, connect
+from runtime.infra import certs
+from runtime.infra.eventlog import EventLog
+from runtime.infra.nats_auth import Credentials
+from runtime.infra.nats_conn import NatsUnreachable, connect
 from tests.harness import Stack, client, wait_replicas
 
 pytestmark = pytest.mark.anyio
@@ -40,7 +40,7 @@ async def tls_stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[S
         await stack.start_nats()
         stack.start_scheduler()
         await stack.start_gateway()
-        stack.start_agent("agent-tls", "runtime.demo", slots=2)
+        stack.start_agent("agent-tls", "runtime.node.demo", slots=2)
         await wait_replicas(stack.url, "tok_big", "demo/echo:v1")
         yield stack
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from runtime.config import ConfigError, parse, token_digest
-from runtime.ratelimit import RateLimiter
+from runtime.control.ratelimit import RateLimiter
+from runtime.infra.config import ConfigError, parse, token_digest
 from tests.harness import ROOT, Stack
 
 SECRET = "jr_very_secret_token_value"

@@ -18,7 +18,7 @@ import anyio
 import httpx
 import pytest
 
-from runtime.natsserver import free_port
+from runtime.infra.natsserver import free_port
 from tests.harness import Proc, wait_ready, wait_replicas, wait_state
 
 pytestmark = pytest.mark.anyio
@@ -153,7 +153,7 @@ async def test_a_pipeline_module_that_fails_to_import_fails_fast(tmp_path: Path)
 async def test_a_pipeline_whose_startup_fails_fails_fast(tmp_path: Path) -> None:
     broken = tmp_path / "broken_pipelines.py"
     broken.write_text(
-        "from runtime.pipelines import pipeline\n\n\n"
+        "from runtime.node.pipelines import pipeline\n\n\n"
         '@pipeline("mine/broken:v1")\n'
         "class Broken:\n"
         "    def startup(self) -> None:\n"
@@ -169,7 +169,7 @@ async def test_a_pipeline_whose_startup_fails_fails_fast(tmp_path: Path) -> None
 async def test_the_banner_names_a_pipeline_that_exists(tmp_path: Path) -> None:
     mine = tmp_path / "my_pipelines.py"
     mine.write_text(
-        "from runtime.pipelines import pipeline\n\n\n"
+        "from runtime.node.pipelines import pipeline\n\n\n"
         '@pipeline("mine/hello:v1")\n'
         "def hello(name: str) -> str:\n"
         '    return "hello " + name\n'

@@ -6,14 +6,14 @@ import ipaddress
 
 import pytest
 
-from runtime.config import WebhookSettings
-from runtime.webhook_policy import (
+from runtime.control.webhook_policy import (
     DestinationRefused,
     check_address,
     check_callback_url,
     sign,
     verify,
 )
+from runtime.infra.config import WebhookSettings
 
 PUBLIC = WebhookSettings()
 

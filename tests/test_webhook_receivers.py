@@ -16,8 +16,8 @@ import pytest
 
 from contracts.run import Run, RunRecord
 from contracts.webhooks import Delivery
-from runtime.config import parse
-from runtime.webhooks import GiveUp, Retry, WebhookService
+from runtime.control.webhooks import GiveUp, Retry, WebhookService
+from runtime.infra.config import parse
 
 pytestmark = pytest.mark.anyio
 

@@ -18,10 +18,10 @@ import anyio
 import httpx
 import pytest
 
-from runtime.natsserver import free_port
-from runtime.streams import WEBHOOKS_STREAM
-from runtime.webhook_policy import verify
-from runtime.webhooks import DELIVERER
+from runtime.control.webhook_policy import verify
+from runtime.control.webhooks import DELIVERER
+from runtime.infra.natsserver import free_port
+from runtime.infra.streams import WEBHOOKS_STREAM
 from tests.harness import CONFIG, ROOT, Proc, Stack, client, wait_replicas
 
 pytestmark = pytest.mark.anyio
@@ -127,7 +127,7 @@ async def hookstack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[S
         write_config(stack.config_path, attempts=3)
         stack.start_scheduler()
         await stack.start_gateway()
-        stack.start_agent("agent-demo", "runtime.demo", slots=4)
+        stack.start_agent("agent-demo", "runtime.node.demo", slots=4)
         start_deliverer(stack, "webhooks", stack.config_path)
         await wait_replicas(stack.url, "tok_acme", "demo/echo:v1")
         yield stack
@@ -282,7 +282,7 @@ async def test_a_killed_deliverer_loses_nothing_and_sends_nothing_twice(
 async def test_jetrun_up_runs_the_deliverer(tmp_path: Path, receiver: Receiver) -> None:
     """With no config, ``jetrun up``'s demo team signs its callbacks with the demo secret and
     may call this machine."""
-    from runtime.config import DEMO_WEBHOOK_SECRET
+    from runtime.infra.config import DEMO_WEBHOOK_SECRET
     from tests.test_up import up, wait_output
 
     port = free_port()

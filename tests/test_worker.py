@@ -12,12 +12,12 @@ import pytest
 
 from contracts.errors import ErrorType
 from contracts.values import File, IOType, RunIO, from_python
-from runtime.worker import PipelineWorker, StartupFailed, WorkerResult, error_of
+from runtime.node.worker import PipelineWorker, StartupFailed, WorkerResult, error_of
 
 pytestmark = pytest.mark.anyio
 
 USER_MODULE = str(Path(__file__).parent / "fixtures" / "user_pipelines.py")
-DEMO = "runtime.demo"
+DEMO = "runtime.node.demo"
 
 
 def inputs(*values: object) -> list[RunIO]:
@@ -131,8 +131,8 @@ async def test_a_raising_pipeline_is_a_pipeline_error_with_its_traceback() -> No
     assert error.message == "ValueError: no model today"
     assert error.traceback is not None
     assert error.traceback.startswith("Traceback (most recent call last):")
-    assert 'runtime/demo.py", line' in error.traceback and "in fail" in error.traceback
-    assert "runtime/worker.py" not in error.traceback  # the worker's own frames are trimmed
+    assert 'runtime/node/demo.py", line' in error.traceback and "in fail" in error.traceback
+    assert "runtime/node/worker.py" not in error.traceback  # the worker's own frames are trimmed
 
 
 async def test_a_stream_that_fails_keeps_the_outputs_it_streamed() -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from runtime.worker_env import check_declared, worker_env
+from runtime.node.worker_env import check_declared, worker_env
 from tests.harness import FIXTURES, Stack, client, wait_replicas
 
 HOSTILE = str(FIXTURES / "hostile_pipelines.py")

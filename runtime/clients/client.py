@@ -1,0 +1,174 @@
+"""The NATS-level client for platform services: submit runs, follow run state.
+
+    async with RunEvents.connect(url, Credentials(role="service", seed_file=seed)) as events:
+        run = await events.submit("acme/echo:v1", "hi", token="jr_acme_secret")
+        async with aclosing(events.watch(team="acme")) as changes:
+            async for change in changes:
+                print(change.seq, change.run.id, change.run.state)
+
+``watch`` yields a ``RunChange`` for every event that changed a matching run, in log order.
+Filter by team, pipeline or run id. It is resumable: pass ``from_seq=change.seq + 1`` after a
+disconnect (runs that began before ``from_seq`` are loaded from the log when first seen).
+``submit`` goes through a gateway's admission, exactly like ``POST /v4/runs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any
+
+import anyio
+import msgspec
+from nats.aio.client import Client
+
+from contracts.events import AnyEvent, Event, RunSubmitted
+from contracts.machine import evolve
+from contracts.run import Run, RunRecord
+from contracts.submission import SUBMIT_SUBJECT, SubmitReply, SubmitRequest
+from contracts.values import from_python
+from runtime.clients.sdk import ConcurrencyLimitReached, JetrunError
+from runtime.infra.eventlog import ALL_EVENTS, Appended, EventLog, run_subjects
+from runtime.infra.nats_auth import Credentials
+from runtime.infra.nats_conn import connect
+
+_reply_decoder = msgspec.json.Decoder(SubmitReply)
+
+
+class RunChange(msgspec.Struct, frozen=True, kw_only=True):
+    seq: int
+    event: AnyEvent
+    run: RunRecord
+
+
+class RunEvents:
+    def __init__(self, nc: Client, *, own_connection: bool = False) -> None:
+        self.log = EventLog(nc)
+        self._own = own_connection
+
+    @classmethod
+    def connect(cls, url: str, credentials: Credentials | None = None) -> _Connecting:
+        """Connect as ``credentials`` (a platform service uses the ``service`` role: it may
+        watch runs, submit through admission and ask for cancellation)."""
+        return _Connecting(url, credentials)
+
+    async def publish(self, event: Event) -> Appended:
+        """Append a run event (idempotent by its message id); blocks until stored. A
+        ``submitted`` event published this way skips admission: the scheduler fails that run
+        (``not_admitted``) and it never runs; submit runs with ``submit``."""
+        return await self.log.append(event)
+
+    async def submit(
+        self,
+        pointer: str,
+        *inputs: Any,
+        token: str,
+        wait_for_resources: bool | None = None,
+        idempotency_key: str | None = None,
+        timeout: float = 30.0,
+    ) -> Run:
+        """Submit an async run through a gateway's admission (request/reply on
+        ``jetrun.submit``), as the team ``token`` names; returns the admitted run. Raises
+        ``ConcurrencyLimitReached`` (429) or ``JetrunError`` (any other refusal, with the same
+        status and detail as the HTTP API), or a NATS error if no gateway answered in
+        ``timeout`` s. With an ``idempotency_key``, retrying is safe."""
+        body = msgspec.json.encode(
+            {
+                "pipeline": pointer,
+                "inputs": [from_python(i) for i in inputs],
+                "async_run": True,
+                "wait_for_resources": wait_for_resources,
+            }
+        )
+        request = SubmitRequest(
+            token=token, body=msgspec.Raw(body), idempotency_key=idempotency_key
+        )
+        msg = await self.log.nc.request(
+            SUBMIT_SUBJECT, msgspec.json.encode(request), timeout=timeout
+        )
+        reply = _reply_decoder.decode(msg.data)
+        if reply.status == 202 and reply.run is not None:
+            return reply.run
+        detail = msgspec.to_builtins(reply.detail)
+        if reply.status == 429:
+            raise ConcurrencyLimitReached(detail, reply.retry_after or 1.0)
+        raise JetrunError(reply.status, detail)
+
+    async def watch(
+        self,
+        *,
+        team: str | None = None,
+        pipeline: str | None = None,
+        run_id: str | None = None,
+        from_seq: int = 1,
+        buffer: int = 1024,
+    ) -> AsyncIterator[RunChange]:
+        """Yield run changes matching every filter given, from ``from_seq`` on, for ever.
+        Close it when done (``async with contextlib.aclosing(events.watch(...)) as changes``)
+        so that its consumer is removed at once."""
+        runs: dict[str, RunRecord] = {}
+        send, receive = anyio.create_memory_object_stream[tuple[int, AnyEvent]](buffer)
+        last = from_seq - 1
+
+        async def on_event(seq: int, event: AnyEvent) -> None:
+            await send.send((seq, event))
+
+        subject = run_subjects(run_id) if run_id else ALL_EVENTS
+        sub = await self.log.tail(on_event, from_seq=from_seq, subject=subject)
+        try:
+            async with receive:
+                async for seq, event in receive:
+                    if seq <= last:
+                        continue  # a consumer recreated after a gap delivers again
+                    last = seq
+                    before = runs.get(event.run_id)
+                    if before is None and from_seq > 1 and not isinstance(event, RunSubmitted):
+                        # the run began before from_seq: load what came before
+                        before = await self._load_before(event.run_id, seq)
+                    base = before or RunRecord(id=event.run_id)
+                    after = evolve(base, event)
+                    if after is base:
+                        continue
+                    runs[event.run_id] = after
+                    if _matches(after, team, pipeline, run_id):
+                        yield RunChange(seq=seq, event=event, run=after)
+        finally:
+            send.close()
+            with anyio.CancelScope(shield=True):
+                with contextlib.suppress(Exception):  # the connection is already closed
+                    await sub.unsubscribe()
+
+    async def _load_before(self, run_id: str, seq: int) -> RunRecord | None:
+        stored = await self.log.read(run_id)
+        record: RunRecord | None = None
+        for s in stored:
+            if s.seq >= seq:
+                break
+            record = evolve(record or RunRecord(id=run_id), s.event)
+        return record
+
+
+def _matches(run: RunRecord, team: str | None, pipeline: str | None, run_id: str | None) -> bool:
+    return (
+        (team is None or run.team == team)
+        and (pipeline is None or run.pipeline == pipeline)
+        and (run_id is None or run.id == run_id)
+    )
+
+
+class _Connecting:
+    def __init__(self, url: str, credentials: Credentials | None) -> None:
+        self.url = url
+        self.credentials = credentials
+        self.nc: Client | None = None
+
+    async def __aenter__(self) -> RunEvents:
+        self.nc = await connect(self.url, "jetrun-client", self.credentials)
+        return RunEvents(self.nc, own_connection=True)
+
+    async def __aexit__(
+        self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self.nc is not None:
+            await self.nc.close()

@@ -1,0 +1,467 @@
+"""The Python SDK, mirroring the seed's (``pipeline.cloud``) functions, sync and async.
+
+    from runtime.clients.sdk import run_pipeline, get_run, poll_for_run_completion
+    result = run_pipeline("demo/echo:v1", "my_input_string", 5)
+    print(result.outputs_formatted())
+
+The base URL and token come from arguments or from ``$JETRUN_URL`` (default
+``http://127.0.0.1:8080``) and ``$JETRUN_TOKEN``. Python values become typed inputs as the seed
+does it (``str`` -> ``string``, ``int`` -> ``integer``, ...).
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+import httpx
+import msgspec
+
+from contracts.api import RunList
+from contracts.logs import RunLogLine, RunLogs
+from contracts.run import Run, RunUpdate
+from contracts.states import RunState
+from contracts.values import from_python
+
+__all__ = [
+    "AsyncClient",
+    "Client",
+    "ConcurrencyLimitReached",
+    "JetrunError",
+    "NoResourcesAvailable",
+    "Run",
+    "RunList",
+    "RunLogLine",
+    "RunLogs",
+    "RunState",
+    "follow_run_logs",
+    "get_run",
+    "get_run_logs",
+    "list_runs",
+    "poll_for_run_completion",
+    "run_pipeline",
+    "shared_client",
+    "stream_pipeline",
+]
+
+DEFAULT_URL = "http://127.0.0.1:8080"
+_run_decoder = msgspec.json.Decoder(Run)
+_list_decoder = msgspec.json.Decoder(RunList)
+_logs_decoder = msgspec.json.Decoder(RunLogs)
+_line_decoder = msgspec.json.Decoder(RunLogLine)
+_update_decoder = msgspec.json.Decoder(RunUpdate)
+
+
+class JetrunError(Exception):
+    """The API answered with an error: ``status`` and the ``detail`` object."""
+
+    def __init__(self, status: int, detail: Any) -> None:
+        message = detail.get("message") if isinstance(detail, dict) else None
+        super().__init__(f"HTTP {status}: {message or detail}")
+        self.status, self.detail = status, detail
+
+
+class NoResourcesAvailable(JetrunError):
+    """No replica of the pipeline was alive (or came alive in time); ``run`` is the ended run."""
+
+    def __init__(self, run: Run) -> None:
+        message = run.error.message if run.error is not None else run.pipeline
+        super().__init__(503, {"code": "no_resources_available", "message": message})
+        self.run = run
+
+
+class ConcurrencyLimitReached(JetrunError):
+    """The team is at its tier's limit; no run was created. Retry after ``retry_after`` s."""
+
+    def __init__(self, detail: dict[str, Any], retry_after: float) -> None:
+        super().__init__(429, detail)
+        self.tier: str = detail.get("tier", "")
+        self.limit: int = detail.get("limit", 0)
+        self.active: int = detail.get("active", 0)
+        self.retry_after = retry_after
+
+
+class RunTimeout(JetrunError):
+    """``poll_for_run_completion`` gave up; ``run`` is the last state seen."""
+
+    def __init__(self, run: Run, timeout_secs: float) -> None:
+        super().__init__(408, {"message": f"run {run.id} not done after {timeout_secs} s"})
+        self.run = run
+
+
+def _body(
+    pointer: str, inputs: tuple[Any, ...], async_run: bool, wait_for_resources: bool | None
+) -> bytes:
+    return msgspec.json.encode(
+        {
+            "pipeline": pointer,
+            "inputs": [from_python(i) for i in inputs],
+            "async_run": async_run,
+            "wait_for_resources": wait_for_resources,
+        }
+    )
+
+
+def _check(response: httpx.Response) -> Run:
+    if response.status_code in (200, 202):
+        return _run_decoder.decode(response.content)
+    if response.status_code == 503 and response.content.startswith(b'{"id"'):
+        raise NoResourcesAvailable(_run_decoder.decode(response.content))
+    try:
+        detail = response.json().get("detail")
+    except ValueError:
+        detail = response.text
+    if response.status_code == 429:
+        raise ConcurrencyLimitReached(detail, float(response.headers.get("retry-after", "1")))
+    raise JetrunError(response.status_code, detail)
+
+
+def _list_params(
+    pipeline: str | None,
+    state: str | list[str] | None,
+    created_after: float | None,
+    created_before: float | None,
+    limit: int | None,
+    cursor: str | None,
+) -> dict[str, Any]:
+    params = {
+        "pipeline": pipeline,
+        "state": [state] if isinstance(state, str) else state,
+        "created_after": created_after,
+        "created_before": created_before,
+        "limit": limit,
+        "cursor": cursor,
+    }
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def _check_list(response: httpx.Response) -> RunList:
+    if response.status_code == 200:
+        return _list_decoder.decode(response.content)
+    _check(response)
+    raise JetrunError(response.status_code, response.text)
+
+
+def _check_logs(response: httpx.Response) -> RunLogs:
+    if response.status_code == 200:
+        return _logs_decoder.decode(response.content)
+    _check(response)
+    raise JetrunError(response.status_code, response.text)
+
+
+def _headers(token: str | None, idempotency_key: str | None) -> dict[str, str]:
+    token = token or os.environ.get("JETRUN_TOKEN")
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    if idempotency_key:
+        headers["Idempotency-Key"] = idempotency_key
+    return headers
+
+
+class Client:
+    """A blocking client. Calls raise ``JetrunError`` (or a subclass) on API errors."""
+
+    def __init__(
+        self, base_url: str | None = None, token: str | None = None, timeout: float = 660.0
+    ) -> None:
+        self._http = httpx.Client(
+            base_url=base_url or os.environ.get("JETRUN_URL", DEFAULT_URL),
+            headers=_headers(token, None),
+            timeout=timeout,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def run_pipeline(
+        self,
+        pointer: str,
+        *inputs: Any,
+        async_run: bool = False,
+        wait_for_resources: bool | None = None,
+        idempotency_key: str | None = None,
+    ) -> Run:
+        """Submit a run. Sync (default): blocks until it ends; async: returns it queued."""
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = _body(pointer, inputs, async_run, wait_for_resources)
+        return _check(self._http.post("/v4/runs", content=body, headers=headers))
+
+    def get_run(self, run_id: str) -> Run:
+        return _check(self._http.get(f"/v4/runs/{run_id}"))
+
+    def list_runs(
+        self,
+        *,
+        pipeline: str | None = None,
+        state: str | list[str] | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> RunList:
+        """One page of the team's runs, newest first; pass ``next_cursor`` back as
+        ``cursor`` for the next page. ``pipeline`` is a pointer or a pipeline id."""
+        params = _list_params(pipeline, state, created_after, created_before, limit, cursor)
+        return _check_list(self._http.get("/v4/runs", params=params))
+
+    def iter_runs(
+        self,
+        *,
+        pipeline: str | None = None,
+        state: str | list[str] | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+    ) -> Iterator[Run]:
+        """Every run of the team matching the filters, newest first, page after page."""
+        cursor: str | None = None
+        while True:
+            page = self.list_runs(
+                pipeline=pipeline,
+                state=state,
+                created_after=created_after,
+                created_before=created_before,
+                limit=100,
+                cursor=cursor,
+            )
+            yield from page.runs
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
+
+    def cancel_run(self, run_id: str) -> Run:
+        return _check(self._http.post(f"/v4/runs/{run_id}/cancel"))
+
+    def get_run_logs(self, run_id: str) -> RunLogs:
+        """What the run's pipeline printed so far (stdout and stderr), every attempt."""
+        return _check_logs(self._http.get(f"/v4/runs/{run_id}/logs"))
+
+    def follow_run_logs(self, run_id: str) -> Iterator[RunLogLine]:
+        """Every line so far, then new ones as printed, until the run has ended."""
+        url = f"/v4/runs/{run_id}/logs"
+        with self._http.stream("GET", url, params={"follow": "1"}) as response:
+            if response.status_code != 200:
+                response.read()
+                _check_logs(response)
+            for line in response.iter_lines():
+                if line:
+                    yield _line_decoder.decode(line)
+
+    def poll_for_run_completion(
+        self, run_id: str, timeout_secs: float = 300, interval_secs: float = 1.0
+    ) -> Run:
+        """Poll until the run is terminal; raises ``RunTimeout`` after ``timeout_secs``."""
+        deadline = time.monotonic() + timeout_secs
+        while True:
+            run = self.get_run(run_id)
+            if run.state.is_terminal:
+                return run
+            if time.monotonic() >= deadline:
+                raise RunTimeout(run, timeout_secs)
+            time.sleep(interval_secs)
+
+    def stream_pipeline(self, pointer: str, *inputs: Any) -> Iterator[RunUpdate]:
+        """Submit a run and yield it at every change until it ends; each update carries only
+        the outputs new since the previous one (``outputs_start`` is the first one's index)."""
+        body = _body(pointer, inputs, False, None)
+        with self._http.stream("POST", "/v4/runs/stream", content=body) as response:
+            if response.status_code != 200:
+                response.read()
+                _check(response)
+            for line in response.iter_lines():
+                if line:
+                    yield _update_decoder.decode(line)
+
+
+class AsyncClient:
+    """The same calls, awaitable."""
+
+    def __init__(
+        self, base_url: str | None = None, token: str | None = None, timeout: float = 660.0
+    ) -> None:
+        self._http = httpx.AsyncClient(
+            base_url=base_url or os.environ.get("JETRUN_URL", DEFAULT_URL),
+            headers=_headers(token, None),
+            timeout=timeout,
+        )
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def run_pipeline(
+        self,
+        pointer: str,
+        *inputs: Any,
+        async_run: bool = False,
+        wait_for_resources: bool | None = None,
+        idempotency_key: str | None = None,
+    ) -> Run:
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        body = _body(pointer, inputs, async_run, wait_for_resources)
+        return _check(await self._http.post("/v4/runs", content=body, headers=headers))
+
+    async def get_run(self, run_id: str) -> Run:
+        return _check(await self._http.get(f"/v4/runs/{run_id}"))
+
+    async def list_runs(
+        self,
+        *,
+        pipeline: str | None = None,
+        state: str | list[str] | None = None,
+        created_after: float | None = None,
+        created_before: float | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> RunList:
+        params = _list_params(pipeline, state, created_after, created_before, limit, cursor)
+        return _check_list(await self._http.get("/v4/runs", params=params))
+
+    async def cancel_run(self, run_id: str) -> Run:
+        return _check(await self._http.post(f"/v4/runs/{run_id}/cancel"))
+
+    async def get_run_logs(self, run_id: str) -> RunLogs:
+        return _check_logs(await self._http.get(f"/v4/runs/{run_id}/logs"))
+
+    async def follow_run_logs(self, run_id: str) -> AsyncIterator[RunLogLine]:
+        url = f"/v4/runs/{run_id}/logs"
+        async with self._http.stream("GET", url, params={"follow": "1"}) as response:
+            if response.status_code != 200:
+                await response.aread()
+                _check_logs(response)
+            async for line in response.aiter_lines():
+                if line:
+                    yield _line_decoder.decode(line)
+
+    async def poll_for_run_completion(
+        self, run_id: str, timeout_secs: float = 300, interval_secs: float = 1.0
+    ) -> Run:
+        with anyio.move_on_after(timeout_secs):
+            while True:
+                run = await self.get_run(run_id)
+                if run.state.is_terminal:
+                    return run
+                await anyio.sleep(interval_secs)
+        raise RunTimeout(await self.get_run(run_id), timeout_secs)
+
+    async def stream_pipeline(self, pointer: str, *inputs: Any) -> AsyncIterator[RunUpdate]:
+        body = _body(pointer, inputs, False, None)
+        async with self._http.stream("POST", "/v4/runs/stream", content=body) as response:
+            if response.status_code != 200:
+                await response.aread()
+                _check(response)
+            async for line in response.aiter_lines():
+                if line:
+                    yield _update_decoder.decode(line)
+
+
+_shared_lock = threading.Lock()
+_shared_clients: dict[tuple[int, str, str | None], Client] = {}
+
+
+def shared_client(base_url: str | None = None, token: str | None = None) -> Client:
+    """The ``Client`` the module-level functions use: one per process, base URL and token, kept
+    open (keep-alive) so that each call costs one request, not a new connection pool. Thread
+    safe; closed at interpreter exit."""
+    url = base_url or os.environ.get("JETRUN_URL", DEFAULT_URL)
+    key = (os.getpid(), url, token or os.environ.get("JETRUN_TOKEN"))
+    with _shared_lock:
+        client = _shared_clients.get(key)
+        if client is None:
+            client = _shared_clients[key] = Client(url, key[2])
+        return client
+
+
+@atexit.register
+def _close_shared() -> None:
+    with _shared_lock:
+        for client in _shared_clients.values():
+            client.close()
+        _shared_clients.clear()
+
+
+def run_pipeline(
+    pointer: str,
+    *inputs: Any,
+    async_run: bool = False,
+    wait_for_resources: bool | None = None,
+    base_url: str | None = None,
+    token: str | None = None,
+) -> Run:
+    """``Client().run_pipeline(...)`` with the URL and token from arguments or the env."""
+    return shared_client(base_url, token).run_pipeline(
+        pointer, *inputs, async_run=async_run, wait_for_resources=wait_for_resources
+    )
+
+
+def get_run(run_id: str, base_url: str | None = None, token: str | None = None) -> Run:
+    return shared_client(base_url, token).get_run(run_id)
+
+
+def list_runs(
+    *,
+    pipeline: str | None = None,
+    state: str | list[str] | None = None,
+    created_after: float | None = None,
+    created_before: float | None = None,
+    limit: int | None = None,
+    cursor: str | None = None,
+    base_url: str | None = None,
+    token: str | None = None,
+) -> RunList:
+    """``Client().list_runs(...)``: one page of the team's runs, newest first."""
+    with Client(base_url, token) as client:
+        return client.list_runs(
+            pipeline=pipeline,
+            state=state,
+            created_after=created_after,
+            created_before=created_before,
+            limit=limit,
+            cursor=cursor,
+        )
+
+
+def poll_for_run_completion(
+    run_id: str,
+    timeout_secs: float = 300,
+    interval_secs: float = 1.0,
+    base_url: str | None = None,
+    token: str | None = None,
+) -> Run:
+    return shared_client(base_url, token).poll_for_run_completion(
+        run_id, timeout_secs, interval_secs
+    )
+
+
+def stream_pipeline(
+    pointer: str, *inputs: Any, base_url: str | None = None, token: str | None = None
+) -> Iterator[Run]:
+    yield from shared_client(base_url, token).stream_pipeline(pointer, *inputs)
+
+
+def get_run_logs(run_id: str, base_url: str | None = None, token: str | None = None) -> RunLogs:
+    """What the run's pipeline printed (stdout and stderr), every attempt."""
+    return shared_client(base_url, token).get_run_logs(run_id)
+
+
+def follow_run_logs(
+    run_id: str, base_url: str | None = None, token: str | None = None
+) -> Iterator[RunLogLine]:
+    """The run's lines so far, then new ones as printed, until it has ended."""
+    yield from shared_client(base_url, token).follow_run_logs(run_id)

@@ -1,0 +1,117 @@
+"""The extra gateway processes of ``jetrun up``: one Python event loop serves about one core, so
+on a machine with more cores ``jetrun up`` runs more gateways, every one on the same HTTP port
+(``SO_REUSEPORT``: the kernel spreads new connections over them). Each is ``jetrun gateway
+--reuse-port``, follows the event log into its own index and answers every run; it binds the
+port only once it has caught up, so no connection reaches a gateway that is not ready. One that
+exits is started again; all of them die with ``jetrun up`` (``PR_SET_PDEATHSIG``)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+
+import anyio
+
+from runtime.infra.lifetime import child_env
+
+log = logging.getLogger("jetrun.up")
+
+MAX_GATEWAYS = 8  # beyond this the event log's fan-out, not the gateways, is the limit
+RESTART_PAUSE_S = 1.0  # between a gateway's exit and its next start
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def default_gateways(cpus: int | None = None) -> int:
+    """Gateways for a machine with ``cpus`` cores (default: the cores this process may run on,
+    so ``taskset`` and CPU sets count): one per two cores, so the scheduler, the agent's workers
+    and nats-server keep the rest; at least one."""
+    cores = usable_cores() if cpus is None else cpus
+    return max(1, min(MAX_GATEWAYS, (cores or 1) // 2))
+
+
+def listening_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
+    """A listening TCP socket on ``host:port``; with ``reuse_port`` other processes of this
+    user may listen on the same port (Linux spreads connections over them). Raises OSError."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def gateway_command(nats_url: str, host: str, port: int, config_path: str | None) -> list[str]:
+    command = [sys.executable, "-m", "runtime.cli", "gateway", "--nats", nats_url]
+    command += ["--host", host, "--port", str(port), "--reuse-port"]
+    if config_path is not None:
+        command += ["--config", config_path]
+    return command
+
+
+@contextlib.asynccontextmanager
+async def extra_gateways(
+    count: int, command: list[str], grace_s: float, env: dict[str, str] | None = None
+) -> AsyncIterator[list[subprocess.Popen[bytes]]]:
+    """``count`` gateway processes running ``command``, kept running (restarted after an
+    exit) while inside; stopped (SIGTERM, SIGKILL after ``grace_s``) on the way out."""
+    env = env or child_env()
+    procs = [_start(command, env) for _ in range(count)]
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(_supervise, procs, command, env)
+            yield procs
+            tg.cancel_scope.cancel()
+    finally:
+        with anyio.CancelScope(shield=True):
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.terminate()
+            for proc in procs:
+                await _reap(proc, grace_s)
+
+
+def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(command, env=env)
+
+
+async def _supervise(
+    procs: list[subprocess.Popen[bytes]], command: list[str], env: dict[str, str]
+) -> None:
+    while True:
+        await anyio.sleep(RESTART_PAUSE_S)
+        for i, proc in enumerate(procs):
+            code = proc.poll()
+            if code is not None:
+                log.error(
+                    "gateway process %d exited with code %d; starting it again", proc.pid, code
+                )
+                procs[i] = _start(command, env)
+
+
+async def _reap(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+    try:
+        await anyio.to_thread.run_sync(proc.wait, grace_s)
+    except subprocess.TimeoutExpired:
+        log.warning("gateway process %d did not stop within %g s; killing it", proc.pid, grace_s)
+        proc.kill()
+        await anyio.to_thread.run_sync(proc.wait)
+
+
+__all__ = ["default_gateways", "extra_gateways", "gateway_command", "listening_socket"]

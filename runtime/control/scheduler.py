@@ -1,0 +1,462 @@
+"""The scheduler: the one decider that places, queues, dispatches, cancels and preempts runs.
+
+Several may run: the one that holds the scheduler lease (``runtime.infra.lease``) decides,
+the others follow the log as hot standbys and take over within a few seconds of its death.
+
+It tails the event log into a ``RunIndex``, hears agents' heartbeats and drain requests into a
+``Fleet``, and runs decision passes (``runtime.control.decide``, pure) in one task that
+applies them: on every change a pass over what events ask for, every tick one that adds what
+time asks for. It
+appends a pass's events together, waits until its own index has them, and only then decides
+again, so no two passes ever work from the same picture. It keeps no state of its own that the
+log cannot rebuild: after a crash it replays the log and carries on. Every decision is an event
+with a deterministic message id (run, kind, attempt), so a decision made twice, by a restarted
+scheduler or a second one, is recorded once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
+from typing import TypeVar
+
+import anyio
+import msgspec
+import stamina
+from anyio.abc import TaskStatus
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from contracts.agents import AgentHeartbeat, PipelineInfo, SchedulerHeartbeat
+from contracts.events import AdmissionSlot, AnyEvent, Event, RunAdmitted
+from contracts.run import RunRecord
+from runtime.control.admission import Admission, stream_name
+from runtime.control.decide import Decisions, Now, Pass, Worklist, decide, not_admitted
+from runtime.control.readiness import new_scheduler_id, publish_scheduler_heartbeats
+from runtime.control.views import RunViews, ViewKeeper, start_position
+from runtime.infra.catalog import Catalog
+from runtime.infra.clock import SYSTEM_CLOCK, Clock
+from runtime.infra.config import Config
+from runtime.infra.eventlog import RETRYABLE, EventLog, LogSettings, ensure_all, require_all
+from runtime.infra.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
+from runtime.infra.guard import Guard
+from runtime.infra.lease import Lease
+from runtime.infra.projection import RunIndex
+
+log = logging.getLogger("jetrun.scheduler")
+
+T = TypeVar("T")
+
+APPENDS_IN_FLIGHT = 64  # appends of one pass in flight at once
+CATCH_UP_S = 5.0  # how long a pass waits for the index to hold what it appended
+
+
+class SchedulerStats(msgspec.Struct, frozen=True, kw_only=True):
+    caught_up: bool
+    live_agents: int
+    routing: int
+    pending_decisions: int  # events of the pass being applied
+    decisions: int
+    lost_agents: int
+    passes: int = 0
+
+
+async def patiently(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``, retried with jittered exponential backoff through NATS outages (timeouts,
+    no responders, a leader change) for up to 10 s; then the last error is raised."""
+    async for attempt in stamina.retry_context(
+        on=RETRYABLE, attempts=None, timeout=10.0, wait_initial=0.05, wait_max=1.0
+    ):
+        with attempt:
+            return await call()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class Scheduler:
+    def __init__(
+        self,
+        nc: Client,
+        config: Config,
+        *,
+        clock: Clock = SYSTEM_CLOCK,
+        log_settings: LogSettings | None = None,
+        tick_s: float = 0.25,
+    ) -> None:
+        self.nc = nc
+        self.config = config
+        self.clock = clock
+        self.tick_s = tick_s
+        settings = log_settings or LogSettings()
+        self.log = EventLog(nc, settings)
+        self.index = RunIndex()
+        self.index.listen(self._observe)
+        self.views = RunViews(self.log.js, replicas=settings.replicas)
+        self.keeper = ViewKeeper(self.views, self.index, config.settings)
+        self.work = Worklist()
+        self.fleet = Fleet(clock.monotonic, config.settings.node_loss_timeout_s)
+        self.catalog = Catalog(self.log.js, replicas=settings.replicas, monotonic=clock.monotonic)
+        self.admission = Admission.for_config(
+            self.log.js, config, replicas=settings.replicas, lookup=self.index.get
+        )
+        self.caught_up = False
+        self._ended: list[RunRecord] = []  # runs that ended since the last pass: permits back
+        self._drain_replies: dict[str, list[str]] = {}  # agent -> reply subjects waiting
+        self._kick = anyio.Event()
+        self._timed = False
+        self._applying = 0
+        self._decisions = 0
+        self._passes = 0
+        self._lost = 0
+        self._cut_off = False
+        self.scheduler_id = new_scheduler_id()
+        # the lease is about real time (the server expires it), never an injected clock
+        self.lease = Lease(
+            self.log.js, self.scheduler_id, monotonic=time.monotonic, replicas=settings.replicas
+        )
+        self._leading = False  # run() decides only under the lease; tests call decide() directly
+        self.guard = Guard("scheduler")
+        self.started_at = clock.now()
+        # the pipelines a node is being added for (the scaler beside it sets this)
+        self.booting: Callable[[], frozenset[str]] = frozenset
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def ensure(self) -> None:
+        await ensure_all(self.log, self.catalog, self.admission, self.lease, self.views)
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Replay the log, then decide until cancelled. ``task_status.started()`` once caught
+        up."""
+        async with self.following(), anyio.create_task_group() as tg:
+            tg.start_soon(self.guard.watch)
+            tg.start_soon(self._lead)
+            tg.start_soon(self.keeper.run, self.clock, lambda: self._leading)
+            every = self.config.settings.heartbeat_interval_s
+            tg.start_soon(publish_scheduler_heartbeats, self.nc, self.heartbeat, every, self.clock)
+            task_status.started()
+
+    @contextlib.asynccontextmanager
+    async def following(self) -> AsyncIterator[None]:
+        """Inside: the index follows the log (caught up on entry), the catalogue follows its
+        stream (a pipeline registered again with new settings is seen at once), and heartbeats
+        and drain requests are heard; decisions are made only by calling ``decide()`` and ``tick()``
+        (what tests do)."""
+        await require_all(self.log, self.catalog, self.admission, self.lease, self.views)
+        start, target = await start_position(self.log.js, self.views)
+        self.index.start_at(start - 1)
+        guard = self.guard.wrap
+        heartbeats = await self.nc.subscribe(
+            f"{HEARTBEAT_SUBJECT}.*", cb=guard("agent heartbeat handler", self._on_heartbeat)
+        )
+        # a failed drain answer leaves nothing diverged: the agent is then lost by timeout
+        drain = guard("drain handler", self._on_drain, fatal=False)
+        drains = await self.nc.subscribe(DRAIN_SUBJECT, cb=drain)
+        tail = await self.log.tail(
+            guard("event-log tail", self._on_event),
+            from_seq=start,
+            skipped=guard("event-log tail", self._on_skipped),
+        )
+        try:
+            async with self.catalog.following():
+                await self.index.catch_up(target, timeout=self.config.settings.replay_deadline_s)
+                self.caught_up = True
+                self._ended.clear()  # permits of runs that ended before now: the sweep's job
+                log.info("scheduler caught up at seq %d (read from %d)", target, start)
+                yield
+        finally:
+            with anyio.CancelScope(shield=True):
+                for sub in (heartbeats, drains, tail):
+                    with contextlib.suppress(Exception):  # the connection may be gone
+                        await sub.unsubscribe()
+
+    def heartbeat(self) -> SchedulerHeartbeat:
+        return SchedulerHeartbeat(
+            scheduler_id=self.scheduler_id,
+            at=self.clock.now(),
+            started_at=self.started_at,
+            seen_seq=self.index.last_seq,
+        )
+
+    def statistics(self) -> SchedulerStats:
+        return SchedulerStats(
+            caught_up=self.caught_up,
+            live_agents=len(self.fleet.live()),
+            routing=len(self.work.routing),
+            pending_decisions=self._applying,
+            decisions=self._decisions,
+            lost_agents=self._lost,
+            passes=self._passes,
+        )
+
+    # --- inputs: they only record what they heard and wake the deciding task ----------------
+
+    async def _on_event(self, seq: int, event: AnyEvent) -> None:
+        self.index.apply(seq, event)
+
+    async def _on_skipped(self, seq: int) -> None:
+        self.index.skip(seq)
+
+    async def _on_heartbeat(self, msg: Msg) -> None:
+        try:
+            beat = heartbeat_decoder.decode(msg.data)
+        except msgspec.MsgspecError:
+            log.warning("undecodable heartbeat on %s", msg.subject)
+            return
+        known = self.fleet.get(beat.agent_id)
+        was_lost = self.fleet.is_gone(beat.agent_id)
+        if self.fleet.observe(beat) and was_lost:
+            log.info("agent %s is back: restarted with the same id", beat.agent_id)
+        if known is None or _capacity_changed(known, beat):
+            self._kick.set()
+
+    async def _on_drain(self, msg: Msg) -> None:
+        """An agent got a preemption notice: from now on it gets no new run; the next pass
+        preempts (or requeues) its runs and answers with how many it handled."""
+        agent_id = msg.data.decode(errors="replace")
+        self.fleet.recall(agent_id)
+        if msg.reply:
+            self._drain_replies.setdefault(agent_id, []).append(msg.reply)
+        self._kick.set()
+
+    def _observe(self, seq: int, event: AnyEvent, before: RunRecord | None, run: RunRecord) -> None:
+        self.work.observe(seq, event, run, self.clock.monotonic())
+        newly_ended = run.is_terminal and (before is None or not before.is_terminal)
+        if newly_ended and self.caught_up and run.slot is not None:
+            self._ended.append(run)
+        self._kick.set()
+
+    # --- the deciding task -------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Ask for a decision pass soon (the fleet or the scaling decisions changed)."""
+        self._kick.set()
+
+    async def _lead(self) -> None:
+        """Decide while holding the scheduler lease; a standby until then (its index hot)."""
+        while True:
+            await self.lease.acquire()
+            self._leading = True
+            log.info("scheduler %s holds the lease: deciding", self.scheduler_id)
+            try:
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._decide_loop)
+                    tg.start_soon(self._tick_loop)
+                    await self.lease.keep()
+                    tg.cancel_scope.cancel()
+                log.warning("scheduler %s lost the lease: standing by", self.scheduler_id)
+            finally:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
+                    await self.lease.release()
+
+    async def _decide_loop(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick = anyio.Event()
+            timed, self._timed = self._timed, False
+            await self._pass(timed=timed)
+
+    async def _tick_loop(self) -> None:
+        sweep_every = max(1, int(self.config.settings.release_grace_s / self.tick_s))
+        ticks = 0
+        while True:
+            await self.clock.sleep(self.tick_s)
+            self._timed = True
+            self._kick.set()
+            ticks += 1
+            if ticks % sweep_every == 0:
+                await self._sweep()
+
+    async def decide(self) -> None:
+        """One pass over what events ask for (cancel, drains, place, dispatch), applied."""
+        await self._pass(timed=False)
+
+    async def tick(self) -> None:
+        """One pass that also decides what time asks for (lost nodes and attempts, resource
+        waits, unfinished admissions, wait reasons), applied."""
+        await self._pass(timed=True)
+
+    async def _pass(self, *, timed: bool) -> None:
+        if not self.nc.is_connected:
+            self._cut_off = True  # agents cannot reach us either: no loss is decided now
+            return
+        if self._cut_off:
+            self._cut_off = False
+            self.fleet.refresh()  # every agent gets a full timeout after a reconnect
+        for agent_id, runs in self.index.on_agent.items():
+            if runs:
+                self.fleet.suspect(agent_id)
+        catalogue = await self._catalogue()
+        if catalogue is not None:
+            now = Now(self.clock.now(), self.clock.monotonic())
+            fleet, booting = self.fleet.view(), self.booting()
+            view = Pass(self.index, self.work, fleet, catalogue, self.config, now, booting)
+            await self.apply(decide(view, timed=timed))
+            self._passes += 1
+        await self._release_ended()
+
+    async def _catalogue(self) -> dict[str, PipelineInfo] | None:
+        """The settings of every pipeline with runs to decide on; None (no pass now) if the
+        catalogue stays unreachable."""
+        pipelines = set(self.index.pipelines_with_queue())
+        pipelines.update(self.index.records[r].pipeline for r in self.work.routing)
+        for runs in self.index.on_agent.values():
+            pipelines.update(self.index.records[r].pipeline for r in runs)
+        found: dict[str, PipelineInfo] = {}
+        for pipeline in pipelines:
+            try:
+                info = await patiently(
+                    f"look up {pipeline}", partial(self.catalog.lookup, pipeline)
+                )
+            except RETRYABLE as err:
+                log.warning("catalogue unreachable (%r); deciding again later", err)
+                return None
+            if info is not None:
+                found[pipeline] = info
+        return found
+
+    # --- applying a pass ---------------------------------------------------------------------
+
+    async def apply(self, d: Decisions) -> None:
+        """Append a pass's events together (they are about different runs), wait until the
+        index holds them, then act on what was stored: forget lost agents, remember announced
+        waits, answer drain requests."""
+        failed: set[str] = set()
+        stored = 0
+        limiter = anyio.CapacityLimiter(APPENDS_IN_FLIGHT)
+        self._applying = len(d.events) + len(d.admissions)
+
+        async def append(event: Event) -> None:
+            nonlocal stored
+            async with limiter:
+                if not self.lease.valid() and self._leading:
+                    failed.add(event.run_id)  # the lease ran out: no decision from a stale leader
+                    return
+                try:
+                    seq = (await self.log.append(event)).seq
+                except Exception as err:
+                    log.warning("could not append %s for %s: %r", event.kind, event.run_id, err)
+                    failed.add(event.run_id)
+                    return
+            stored = max(stored, seq)
+            self._decisions += 1
+
+        async def admit(event: RunAdmitted) -> None:
+            try:
+                await append(await self._with_permit(event))
+            except RETRYABLE as err:
+                log.warning("permit of %s not found now (%r); later", event.run_id, err)
+                failed.add(event.run_id)
+
+        async def check(run_id: str) -> None:
+            run = self.index.records[run_id]
+            try:
+                limit = self.config.tiers.get(run.tier or "")
+                held = limit is None or await self._permit_of(run, limit) is not None
+            except RETRYABLE as err:
+                log.warning("permit of %s not checked now (%r); later", run_id, err)
+                return
+            if held:
+                self.work.permit_held.add(run_id)
+                self._kick.set()  # the next pass places it
+                return
+            log.warning("run %s reached the log after its permit was given back", run_id)
+            why = "its admission permit was given back before the run reached the event log"
+            await append(not_admitted(run, self.clock.now(), why))
+
+        async with anyio.create_task_group() as tg:
+            for event in d.events:
+                tg.start_soon(append, event)
+            for admission in d.admissions:
+                tg.start_soon(admit, admission)
+            for run_id in d.permit_checks:
+                tg.start_soon(check, run_id)
+        self._applying = 0
+        if stored:
+            await self.index.wait_for_seq(stored, timeout=CATCH_UP_S)
+        await self._settle(d, failed)
+
+    async def _settle(self, d: Decisions, failed: set[str]) -> None:
+        for agent_id, runs in d.lost.items():
+            if failed.intersection(runs):
+                continue
+            if not self.fleet.is_gone(agent_id):
+                self._lost += 1
+                log.info(
+                    "agent %s lost (%s); %d runs handled",
+                    agent_id,
+                    d.lost_reasons[agent_id],
+                    len(runs),
+                )
+            self.fleet.forget(agent_id)
+            for reply in self._drain_replies.pop(agent_id, []):
+                with contextlib.suppress(Exception):  # the agent may be gone already
+                    await self.nc.publish(reply, str(len(runs)).encode())
+        if not failed:
+            self.work.announced.update(d.announced)
+
+    async def _with_permit(self, event: RunAdmitted) -> Event:
+        """A late admission carries the permit its gateway took; a run for which the team
+        holds no permit never went through admission: it fails instead."""
+        run = self.index.records[event.run_id]
+        limit = self.config.tiers[event.tier]
+        assert limit is not None  # decide admits late only runs of limited tiers
+        slot = await self._permit_of(run, limit)
+        if slot is not None:
+            log.warning("run %s: its gateway never admitted it; admitting it", run.id)
+            self.work.permit_held.add(run.id)  # just confirmed: no second check
+            return msgspec.structs.replace(event, slot=slot)
+        log.warning("run %s did not go through admission: failing it", run.id)
+        return not_admitted(run, event.at, "no permit was taken for it")
+
+    async def _permit_of(self, run: RunRecord, limit: int) -> AdmissionSlot | None:
+        """The permit ``run``'s team holds for it under ``limit``, if any. Retries outages."""
+        holders = await patiently(
+            f"permits of {run.team}", lambda: self.admission.holders(limit, run.team)
+        )
+        for seq, permit in holders:
+            if permit.run_id == run.id:
+                return AdmissionSlot(stream=stream_name(limit), seq=seq)
+        return None
+
+    async def _release_ended(self) -> None:
+        """Give back the permits of runs that ended, together: an outage holds a pass up for
+        one retry budget at most, not one per run. A permit still held is the sweep's job."""
+        ended, self._ended = self._ended, []
+        limiter = anyio.CapacityLimiter(APPENDS_IN_FLIGHT)
+
+        async def release(run_id: str, slot: AdmissionSlot) -> None:
+            async with limiter:
+                try:
+                    await patiently(f"release {slot}", partial(self.admission.release, slot))
+                except RETRYABLE as err:
+                    log.warning("could not give back the permit of %s (%r)", run_id, err)
+
+        async with anyio.create_task_group() as tg:
+            for run in ended:
+                if run.slot is not None:
+                    tg.start_soon(release, run.id, run.slot)
+
+    async def _sweep(self) -> None:
+        try:
+            released = await self.admission.sweep(
+                self.clock.now(), self.config.settings.release_grace_s
+            )
+        except Exception as err:
+            log.warning("admission sweep failed: %r", err)
+            return
+        if released:
+            log.info("gave back %d admission permits of ended or unrecorded runs", released)
+
+
+def _capacity_changed(old: AgentHeartbeat, new: AgentHeartbeat) -> bool:
+    return (
+        old.pipelines != new.pipelines
+        or old.accelerators != new.accelerators
+        or old.draining != new.draining
+    )
+
+
+__all__ = ["Scheduler", "SchedulerStats", "patiently"]

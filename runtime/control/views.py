@@ -1,0 +1,239 @@
+"""Run views: the durable read model of ended runs, and the checkpoint services start from.
+
+A JetStream KV bucket (``JETRUN_RUNS``) holds, per ended run, its folded ``RunRecord`` (key
+``run.<run_id>``) and one ``Checkpoint`` (key ``checkpoint``). The scheduler is the only writer:
+it stores a run's view once the run has ended, forgets the run from memory only after the view
+is stored, and every few seconds records where a starting process may begin reading the log
+(the first event of the oldest run it still holds). Gateways read a view when a run is no longer
+in their index, so any gateway answers any run, however old, without holding it in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import anyio
+import msgspec
+from nats.js import JetStreamContext
+from nats.js.errors import KeyNotFoundError, NotFoundError
+from nats.js.kv import KeyValue
+
+from contracts.events import AnyEvent
+from contracts.names import check_token
+from contracts.outputs import Outputs
+from contracts.run import RunRecord
+from contracts.states import RunState
+from contracts.values import RunIO
+from runtime.infra.clock import Clock
+from runtime.infra.config import Settings
+from runtime.infra.eventlog import (
+    RETRYABLE,
+    EventLog,
+    ensure_stream,
+    last_event_of_kind,
+    require_stream,
+    retrying,
+)
+from runtime.infra.projection import RunIndex
+from runtime.infra.streams import EVENTS_STREAM, VIEWS_BUCKET, VIEWS_STREAM, views_config
+
+log = logging.getLogger("jetrun.views")
+
+CHECKPOINT_KEY = "checkpoint"
+STORES_IN_FLIGHT = 64
+
+
+class Checkpoint(msgspec.Struct, frozen=True, kw_only=True):
+    """Reading the log from ``replay_from`` gives every run a process must hold (every
+    unfinished run, every run ended recently, every ended run whose view is not stored)."""
+
+    replay_from: int
+    seq: int  # the scheduler's position when it wrote this
+    at: float
+
+
+def _enc_hook(obj: object) -> object:
+    if isinstance(obj, Outputs):
+        return obj.to_list()
+    raise NotImplementedError(f"cannot encode {type(obj).__name__}")
+
+
+def _dec_hook(kind: type, obj: object) -> object:
+    if kind is Outputs:
+        return Outputs(msgspec.convert(obj, list[RunIO]))
+    raise NotImplementedError(f"cannot decode {kind.__name__}")
+
+
+_run_decoder = msgspec.json.Decoder(RunRecord, dec_hook=_dec_hook)
+_checkpoint_decoder = msgspec.json.Decoder(Checkpoint)
+_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+
+
+def view_key(run_id: str) -> str:
+    check_token(run_id, "run id")
+    return f"run.{run_id}"
+
+
+class RunViews:
+    """Read and write the bucket. Safe to share within one process."""
+
+    def __init__(
+        self, js: JetStreamContext, *, replicas: int = 1, deadline_s: float = 10.0
+    ) -> None:
+        self.js = js
+        self.replicas = replicas
+        self.deadline_s = deadline_s
+        self._kv: KeyValue | None = None
+
+    async def ensure(self) -> None:
+        """Create the bucket if it is missing (an existing one keeps its settings). Idempotent."""
+        await ensure_stream(self.js, views_config(replicas=self.replicas), 120.0)
+        self._kv = await self.js.key_value(VIEWS_BUCKET)
+
+    async def require(self) -> None:
+        """Wait until the bucket exists (``jetrun setup`` creates it), then use it."""
+        await require_stream(self.js, VIEWS_STREAM, 120.0)
+        self._kv = await self.js.key_value(VIEWS_BUCKET)
+
+    @property
+    def kv(self) -> KeyValue:
+        if self._kv is None:
+            raise RuntimeError("RunViews.ensure() has not run")
+        return self._kv
+
+    async def put(self, run: RunRecord) -> None:
+        data = _encoder.encode(run)
+        await retrying(
+            f"store view of {run.id}", lambda: self.kv.put(view_key(run.id), data), self.deadline_s
+        )
+
+    async def get(self, run_id: str) -> RunRecord | None:
+        """The stored view of ``run_id``; None if there is none (or it aged out)."""
+        data = await self._get(view_key(run_id))
+        return None if data is None else _run_decoder.decode(data)
+
+    async def put_checkpoint(self, checkpoint: Checkpoint) -> None:
+        data = _encoder.encode(checkpoint)
+        await retrying(
+            "store checkpoint", lambda: self.kv.put(CHECKPOINT_KEY, data), self.deadline_s
+        )
+
+    async def checkpoint(self) -> Checkpoint | None:
+        data = await self._get(CHECKPOINT_KEY)
+        if data is None:
+            return None
+        try:
+            return _checkpoint_decoder.decode(data)
+        except msgspec.MsgspecError as err:
+            log.warning("ignoring an undecodable checkpoint: %s", err)
+            return None
+
+    async def _get(self, key: str) -> bytes | None:
+        async def get() -> bytes | None:
+            try:
+                entry = await self.kv.get(key)
+            except (KeyNotFoundError, NotFoundError):
+                return None
+            return entry.value
+
+        return await retrying(f"get {key}", get, self.deadline_s)
+
+
+async def start_position(js: JetStreamContext, views: RunViews) -> tuple[int, int]:
+    """``(from_seq, target)``: read the event log from ``from_seq`` and be caught up at
+    ``target``. From the checkpoint if there is one that fits this stream, else from the start;
+    an empty or fully aged-out stream has nothing to wait for."""
+    info = await retrying("event log info", lambda: js.stream_info(EVENTS_STREAM), 30.0)
+    last, messages = int(info.state.last_seq), int(info.state.messages)
+    if messages == 0:
+        return last + 1, last
+    checkpoint = await views.checkpoint()
+    if checkpoint is None or checkpoint.replay_from > last + 1:
+        return 1, last  # none yet, or written for a stream that was since recreated
+    return checkpoint.replay_from, last
+
+
+class ViewKeeper:
+    """The scheduler's side: stores the view of every run that ends, lets the index forget an
+    ended run once its view is stored and ``keep_ended_s`` has passed, and writes the
+    checkpoint. ``step`` does one round; ``run`` repeats it."""
+
+    def __init__(self, views: RunViews, index: RunIndex, settings: Settings) -> None:
+        self.views = views
+        self.index = index
+        self.settings = settings
+        self.unstored: dict[str, RunRecord] = {}
+        self._last_checkpoint = float("-inf")
+        index.listen(self._observe)
+
+    def _observe(
+        self, seq: int, event: AnyEvent, before: RunRecord | None, after: RunRecord
+    ) -> None:
+        if after.is_terminal and (before is None or not before.is_terminal):
+            self.unstored[after.id] = after
+
+    async def step(self, now: float, mono: float, leading: bool = True) -> None:
+        """Store pending views, forget ended runs, checkpoint. A standby (``leading`` False)
+        only forgets: the leader is the one writer."""
+        cutoff = now - self.settings.keep_ended_s
+        if not leading:
+            self.unstored.clear()
+            self.index.forget_ended(cutoff)
+            return
+        pending = list(self.unstored.values())
+        limiter = anyio.CapacityLimiter(STORES_IN_FLIGHT)
+
+        async def store(run: RunRecord) -> None:
+            async with limiter:
+                try:
+                    await self.views.put(run)
+                except RETRYABLE as err:
+                    log.warning("view of %s not stored now (%r); later", run.id, err)
+                    return
+            if self.unstored.get(run.id) is run:
+                del self.unstored[run.id]
+
+        async with anyio.create_task_group() as tg:
+            for run in pending:
+                tg.start_soon(store, run)
+        self.index.forget_ended(cutoff, may=lambda run_id: run_id not in self.unstored)
+        if mono - self._last_checkpoint >= self.settings.checkpoint_every_s:
+            checkpoint = Checkpoint(
+                replay_from=self.index.replay_from(), seq=self.index.last_seq, at=now
+            )
+            try:
+                await self.views.put_checkpoint(checkpoint)
+            except RETRYABLE as err:
+                log.warning("checkpoint not stored now (%r); later", err)
+                return
+            self._last_checkpoint = mono
+
+    async def run(self, clock: Clock, leading: Callable[[], bool], every_s: float = 1.0) -> None:
+        while True:
+            await self.step(clock.now(), clock.monotonic(), leading())
+            await clock.sleep(every_s)
+
+
+async def forget_loop(index: RunIndex, clock: Clock, keep_s: float, every_s: float = 1.0) -> None:
+    """A reader's side (a gateway): forget ended runs ``keep_s`` after they ended."""
+    while True:
+        index.forget_ended(clock.now() - keep_s)
+        await clock.sleep(every_s)
+
+
+async def find_run(log: EventLog, views: RunViews, run_id: str) -> RunRecord | None:
+    """A run read from durable storage: its stored view, else its events read back (a run
+    created a moment ago through another gateway, or whose view is not stored yet). None for
+    a run that does not exist (or whose events and view both aged out)."""
+    try:
+        check_token(run_id, "run id")
+    except ValueError:
+        return None
+    run = await views.get(run_id)
+    if run is not None:
+        return run
+    if await last_event_of_kind(log, run_id, "submitted") is None:
+        return None  # one direct get: no consumer is made for a run that does not exist
+    run = await log.load(run_id)
+    return None if run.state is RunState.unknown else run

@@ -1,0 +1,367 @@
+"""The event log: one JetStream stream holding every run event, the source of truth.
+
+Subjects are ``jetrun.ev.<run_id>.<kind>``, except dispatches, which name their agent:
+``jetrun.ev.<run_id>.dispatched.<agent_id>``, so an agent's consumer receives only its own
+(``jetrun.ev.*.dispatched.<agent_id>``). One run's events are ``jetrun.ev.<run_id>.>``. Every
+append carries ``Nats-Msg-Id`` = ``event.message_id()``, so a retried append inside the stream's
+duplicate window is recorded once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, TypeVar
+
+import anyio
+import msgspec
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import (
+    ConnectionClosedError,
+    NoRespondersError,
+    OutboundBufferLimitError,
+    StaleConnectionError,
+)
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import api
+from nats.js.errors import (
+    APIError,
+    NoStreamResponseError,
+    NotFoundError,
+    ServerError,
+    ServiceUnavailableError,
+)
+
+from contracts.events import AnyEvent, Event, RunDispatched, decode_event, encode_event
+from contracts.machine import fold
+from contracts.names import check_token
+from contracts.run import RunRecord
+from runtime.infra import streams
+from runtime.infra.metrics import LOG_FAILURES, LOG_RETRIES, operation_of
+from runtime.infra.streams import EVENTS_PREFIX, EVENTS_STREAM
+
+log = logging.getLogger("jetrun.eventlog")
+
+ALL_EVENTS = f"{EVENTS_PREFIX}.>"
+
+# Outages, not answers: no JetStream responder, timeouts, a leader change (503, or a reply that
+# is not a stream's), a closed, stale or full connection. Retried with the same message id.
+RETRYABLE = (
+    NoRespondersError,
+    NatsTimeoutError,
+    TimeoutError,
+    ServiceUnavailableError,
+    ServerError,
+    NoStreamResponseError,
+    ConnectionClosedError,
+    StaleConnectionError,
+    OutboundBufferLimitError,
+)
+
+
+# A 503 that is a final answer, not an outage: a per-subject limit was reached (10077).
+FINAL_ERR_CODES = frozenset({10077})
+
+
+def _refused(err: Exception) -> bool:
+    return isinstance(err, APIError) and err.err_code in FINAL_ERR_CODES
+
+
+def event_subject(run_id: str, kind: str) -> str:
+    """Raises ``ValueError`` for a run id that is not one subject token."""
+    check_token(run_id, "run id")
+    return f"{EVENTS_PREFIX}.{run_id}.{kind}"
+
+
+def dispatch_subject(run_id: str, agent_id: str) -> str:
+    """Where a dispatch of ``run_id`` to ``agent_id`` is appended. Raises ``ValueError`` for an
+    id that is not one subject token."""
+    check_token(agent_id, "agent id")
+    return f"{event_subject(run_id, 'dispatched')}.{agent_id}"
+
+
+def subject_of(event: Event) -> str:
+    if isinstance(event, RunDispatched):
+        return dispatch_subject(event.run_id, event.agent_id)
+    return event_subject(event.run_id, event.kind)
+
+
+def run_subjects(run_id: str) -> str:
+    """Raises ``ValueError`` for a run id that is not one subject token."""
+    check_token(run_id, "run id")
+    return f"{EVENTS_PREFIX}.{run_id}.>"
+
+
+def kind_subjects(kind: str) -> str:
+    """Every event of ``kind``; dispatches: every agent's."""
+    if kind == "dispatched":
+        return f"{EVENTS_PREFIX}.*.dispatched.*"
+    return f"{EVENTS_PREFIX}.*.{kind}"
+
+
+def agent_dispatches(agent_id: str) -> str:
+    """The dispatches addressed to ``agent_id``."""
+    check_token(agent_id, "agent id")
+    return f"{EVENTS_PREFIX}.*.dispatched.{agent_id}"
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    replicas: int = 1
+    duplicate_window_s: float = 600.0
+    max_age_s: float = 0.0  # 0 keeps events for ever
+    append_deadline_s: float = 60.0  # how long an append keeps retrying through outages
+    setup_deadline_s: float = 120.0  # how long creating streams may take (cluster elections)
+
+
+class Appended(NamedTuple):
+    seq: int
+    duplicate: bool
+
+
+class Stored(NamedTuple):
+    seq: int
+    event: AnyEvent
+
+
+T = TypeVar("T")
+Handler = Callable[[int, AnyEvent], Awaitable[None]]
+SkipHandler = Callable[[int], Awaitable[None]]
+
+
+async def retrying(what: str, call: Callable[[], Awaitable[T]], deadline_s: float) -> T:
+    """Run ``call`` until it succeeds, retrying outages (no responders, timeouts, leader
+    changes, a closed or full connection) until ``deadline_s`` has passed."""
+    deadline = time.monotonic() + deadline_s
+    delay = 0.02
+    while True:
+        try:
+            return await call()
+        except RETRYABLE as err:
+            if _refused(err) or time.monotonic() >= deadline:
+                LOG_FAILURES.labels(operation_of(what)).inc()
+                raise
+            LOG_RETRIES.labels(operation_of(what)).inc()
+            log.debug("%s: retrying after %r", what, err)
+            await anyio.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+
+class EventLog:
+    """Append, read back and tail run events. Safe to share within one process."""
+
+    def __init__(self, nc: Client, settings: LogSettings | None = None) -> None:
+        self.nc = nc
+        self.js = nc.jetstream(timeout=5.0)
+        self.settings = settings or LogSettings()
+
+    def stream_config(self) -> api.StreamConfig:
+        s = self.settings
+        return streams.events_config(
+            replicas=s.replicas, duplicate_window_s=s.duplicate_window_s, max_age_s=s.max_age_s
+        )
+
+    async def ensure(self) -> None:
+        """Create the stream if it is missing (see ``runtime.infra.streams`` for what an existing
+        stream gets). Idempotent. Needs the admin role."""
+        await ensure_stream(self.js, self.stream_config(), self.settings.setup_deadline_s)
+
+    async def require(self) -> None:
+        """Wait until the stream exists (``jetrun setup`` creates it)."""
+        await require_stream(self.js, EVENTS_STREAM, self.settings.setup_deadline_s)
+
+    async def append(self, event: Event, *, expect_last_seq: int | None = None) -> Appended:
+        """Append ``event``; blocks until the server has stored it. Idempotent for the duplicate
+        window. Retries through outages for ``append_deadline_s``, then raises."""
+        headers = {"Nats-Msg-Id": event.message_id()}
+        if expect_last_seq is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(expect_last_seq)
+            headers["Nats-Expected-Last-Subject-Sequence-Subject"] = run_subjects(event.run_id)
+        subject = subject_of(event)
+        payload = encode_event(event)
+
+        async def publish() -> api.PubAck:
+            return await self.js.publish(subject, payload, headers=headers)
+
+        ack = await retrying(f"append {subject}", publish, self.settings.append_deadline_s)
+        return Appended(ack.seq, bool(ack.duplicate))
+
+    async def read(self, run_id: str) -> list[Stored]:
+        """Every event of one run, in log order."""
+        return await self.read_subject(run_subjects(run_id))
+
+    async def read_subject(self, subject: str, start_seq: int = 1) -> list[Stored]:
+        """Every event on ``subject`` from ``start_seq``, in log order."""
+        stored: list[Stored] = []
+        config = api.ConsumerConfig(
+            ack_policy=api.AckPolicy.NONE,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=start_seq,
+            inactive_threshold=30.0,
+            mem_storage=True,
+        )
+        psub = await self.js.pull_subscribe(subject, stream=EVENTS_STREAM, config=config)
+        info = await psub.consumer_info()
+        try:
+            pending = info.num_pending or 0
+            while len(stored) < pending:
+                batch = await psub.fetch(min(pending - len(stored), 1024), timeout=5.0)
+                for msg in batch:
+                    event = _decode(msg)
+                    if event is not None:
+                        stored.append(Stored(msg.metadata.sequence.stream, event))
+                    else:
+                        pending -= 1
+        finally:
+            await psub.unsubscribe()
+            with contextlib.suppress(Exception):  # else it lingers until inactive_threshold
+                await self.js.delete_consumer(EVENTS_STREAM, info.name)
+        return stored
+
+    async def load(self, run_id: str) -> RunRecord:
+        """The run folded from its events; state ``unknown`` if it has none."""
+        return fold((s.event for s in await self.read(run_id)), run_id=run_id)
+
+    async def last_seq(self) -> int:
+        info = await self.js.stream_info(EVENTS_STREAM)
+        return int(info.state.last_seq)
+
+    async def tail(
+        self,
+        handler: Handler,
+        *,
+        from_seq: int = 1,
+        subject: str = ALL_EVENTS,
+        subjects: list[str] | None = None,
+        skipped: SkipHandler | None = None,
+    ) -> Subscription:
+        """Call ``handler(seq, event)`` for every event on ``subject`` from ``from_seq`` on,
+        in order, one at a time. An ordered consumer: after a reconnect, a server restart or a
+        gap it is recreated from the last sequence seen, so a handler may see a sequence again
+        (handlers must skip sequences they have seen). A message that does not decode (an
+        event kind from a newer release, say) is logged at WARNING and passed to
+        ``skipped(seq)``, so a reader that counts sequences still moves past it. Unsubscribe
+        the returned subscription to stop."""
+
+        async def on_msg(msg: Msg) -> None:
+            seq = msg.metadata.sequence.stream
+            event = _decode(msg)
+            if event is not None:
+                await handler(seq, event)
+            elif skipped is not None:
+                await skipped(seq)
+
+        config = api.ConsumerConfig(opt_start_seq=max(from_seq, 1))
+        if subjects:  # several filters on one consumer (``subject`` is then ignored)
+            config.filter_subjects = subjects
+            subject = subjects[0]
+        return await self.js.subscribe(
+            subject,
+            stream=EVENTS_STREAM,
+            cb=on_msg,
+            ordered_consumer=True,
+            idle_heartbeat=1.0,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            config=config,
+        )
+
+
+def _decode(msg: Msg) -> AnyEvent | None:
+    try:
+        return decode_event(msg.data)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as err:
+        log.warning("skipping undecodable event on %s: %s", msg.subject, err)
+        return None
+
+
+async def ensure_stream(js: Any, config: api.StreamConfig, deadline_s: float = 30.0) -> None:
+    """Create ``config``'s stream if it is missing. An existing stream keeps its settings; its
+    replicas are only ever raised (``streams.reconcile``). Idempotent, retries outages."""
+
+    async def attempt() -> None:
+        try:
+            info = await js.stream_info(config.name)
+        except NotFoundError:
+            await js.add_stream(config)
+            return
+        streams.warn_differences(info.config, config)
+        update = streams.reconcile(info.config, config)
+        if update is not None:
+            log.info("stream %s: raising replicas to %s", config.name, update.num_replicas)
+            await js.update_stream(update)
+
+    await retrying(f"ensure stream {config.name}", attempt, deadline_s)
+
+
+class StreamMissing(RuntimeError):
+    """A stream that only the admin role may create does not exist."""
+
+
+async def require_stream(js: Any, name: str, deadline_s: float = 30.0) -> None:
+    """Wait (bounded by ``deadline_s``) until stream ``name`` exists; services never create or
+    change streams. Raises ``StreamMissing`` naming the step that creates it."""
+    deadline = time.monotonic() + deadline_s
+    logged = False
+    while True:
+        try:
+            await retrying(f"stream info {name}", lambda: js.stream_info(name), deadline_s)
+            return
+        except NotFoundError:
+            if time.monotonic() >= deadline:
+                raise StreamMissing(
+                    f"stream {name} does not exist: run `jetrun setup` with the admin "
+                    "credentials first"
+                ) from None
+            if not logged:
+                log.warning("waiting for stream %s: `jetrun setup` creates it", name)
+                logged = True
+            await anyio.sleep(0.2)
+
+
+async def last_event_of_kind(log: EventLog, run_id: str, kind: str) -> AnyEvent | None:
+    """The latest ``kind`` event of one run, by a single direct get; None if there is none,
+    or if it cannot be decoded (a newer kind, or nested past what the decoder allows: such a
+    run is skipped by every reader of the log, so it is no run here either)."""
+
+    async def get() -> Any:
+        return await log.js.get_msg(EVENTS_STREAM, subject=event_subject(run_id, kind), direct=True)
+
+    try:
+        msg = await retrying(f"get {kind} of {run_id}", get, log.settings.append_deadline_s)
+    except NotFoundError:
+        return None
+    if msg.data is None:
+        return None
+    try:
+        return decode_event(msg.data)
+    except (msgspec.MsgspecError, RecursionError) as err:
+        logging.getLogger("jetrun.eventlog").warning(
+            "undecodable %s event of %s: %s", kind, run_id, err
+        )
+        return None
+
+
+class Ensurable(Protocol):
+    async def ensure(self) -> None: ...
+
+    async def require(self) -> None: ...
+
+
+async def ensure_all(*parts: Ensurable) -> None:
+    """Create or update every part's streams at once (on a cluster each new replicated stream
+    waits for its leader election, so doing them one by one adds up)."""
+    async with anyio.create_task_group() as tg:
+        for part in parts:
+            tg.start_soon(part.ensure)
+
+
+async def require_all(*parts: Ensurable) -> None:
+    """Wait until every part's streams exist (created by the admin step, ``jetrun setup``)."""
+    async with anyio.create_task_group() as tg:
+        for part in parts:
+            tg.start_soon(part.require)

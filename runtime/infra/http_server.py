@@ -1,0 +1,139 @@
+"""The gateway's HTTP server protocol: uvicorn's httptools protocol with two limits it lacks.
+
+- **Header-read deadline** (``http_header_timeout_s``): a connection that has not sent a whole
+  request head that long after it opened (or after its previous response) is answered
+  ``408`` and closed. Without it, a client that sends half a header holds its socket for ever.
+- **Connection cap** (``http_max_connections``, and never more than the process's open-file
+  limit minus a reserve for NATS, workers and logs): a new connection over the cap closes the
+  oldest connection still reading its request head (it had its chance) or, when every
+  connection is busy with a real request, is itself answered ``503`` and closed. So a pile of
+  slow or idle connections can neither exhaust file descriptors (when ``accept`` fails, every
+  client fails) nor keep a client with a whole request out.
+
+- **Head size cap** (``http_max_head_bytes``): a request line and headers over it are answered
+  ``431`` and the connection closed. The HTTP parser has no limit of its own, so without it a
+  client could stream headers into the gateway's memory until the header-read deadline.
+
+Keep-alive idle connections are closed after ``http_keepalive_s`` (uvicorn's own timer).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import resource
+from collections import OrderedDict
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from runtime.infra.config import Settings
+
+log = logging.getLogger("jetrun.http")
+
+FD_RESERVE = 64  # descriptors kept for everything that is not an HTTP connection
+_408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+_431 = (
+    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+    b"content-length: 0\r\nconnection: close\r\n\r\n"
+)
+_503 = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+
+
+def connection_cap(configured: int) -> int:
+    """``configured``, lowered to stay below this process's open-file limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        return configured
+    return max(1, min(configured, soft - FD_RESERVE))
+
+
+def protocol_for(settings: Settings) -> type[asyncio.Protocol]:
+    """A protocol class for one server: the limits and the set of connections still reading
+    a request head are shared by its connections."""
+    header_timeout = settings.http_header_timeout_s
+    cap = connection_cap(settings.http_max_connections)
+    reading: OrderedDict[LimitedHttpTools, None] = OrderedDict()  # oldest first
+
+    class Protocol(LimitedHttpTools):
+        pass
+
+    Protocol.header_timeout_s = header_timeout
+    Protocol.max_connections = cap
+    Protocol.max_head_bytes = settings.http_max_head_bytes
+    Protocol.reading = reading
+    return Protocol
+
+
+class LimitedHttpTools(HttpToolsProtocol):
+    header_timeout_s: float
+    max_connections: int
+    max_head_bytes: int = 65_536
+    reading: OrderedDict[LimitedHttpTools, None]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_bytes = 0  # received while the current request head is unfinished
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections and not self._evict_one():
+            self._refuse(_503)
+            return
+        self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self._head_timer is not None and not self.transport.is_closing():  # head unfinished
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes:
+                self._refuse(_431)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._head_done()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._head_timer is None:  # a keep-alive connection's next request
+            self._await_head()
+
+    def on_headers_complete(self) -> None:
+        self._head_done()
+        super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self.reading[self] = None  # idle between requests: as evictable as a slow head
+
+    def _await_head(self) -> None:
+        self._head_bytes = 0
+        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+        self.reading[self] = None
+
+    def _head_done(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        self.reading.pop(self, None)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        self._refuse(_408)
+
+    def _evict_one(self) -> bool:
+        """Close the oldest connection still reading its request head; False if none is."""
+        for victim in self.reading:
+            if victim is not self:
+                log.warning("connection limit %d reached: closing a slow one", self.max_connections)
+                victim._refuse(_408)
+                return True
+        return False
+
+    def _refuse(self, response: bytes) -> None:
+        self._head_done()
+        if not self.transport.is_closing():
+            self.transport.write(response)
+            self.transport.close()

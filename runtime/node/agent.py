@@ -1,0 +1,594 @@
+"""The node agent: registers its accelerators, loads pipelines, runs attempts in worker processes.
+
+An agent subscribes to dispatches addressed to it (``jetrun.ev.*.dispatched.<agent_id>``: never
+another agent's) before it first heartbeats, so it cannot miss one. Each attempt runs in a worker
+process that the agent can kill: on the pipeline's execution timeout, on cancellation, and on a
+preemption notice. Results are events carrying the attempt number; the state machine drops those
+of an attempt that is no longer current, so a late result from this agent can never change a run
+that moved on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import re
+import socket
+import uuid
+from dataclasses import dataclass, field
+
+import anyio
+import msgspec
+from anyio.abc import TaskGroup, TaskStatus
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+
+from contracts.agents import (
+    Accelerator,
+    AgentHeartbeat,
+    LoadedPipeline,
+    PipelineStatus,
+)
+from contracts.errors import ErrorType, RunError
+from contracts.events import (
+    AnyEvent,
+    AttemptEvent,
+    Event,
+    RunCancelled,
+    RunCompleted,
+    RunDispatched,
+    RunFailed,
+    RunOutputProduced,
+    RunPreempted,
+    RunRequeued,
+    RunStarted,
+    RunSubmitted,
+    RunTimedOut,
+)
+from contracts.names import check_token
+from contracts.scaling import AnyScalingEvent, ReplicaLoadRequested, ReplicaUnloadRequested
+from contracts.values import RunIO
+from runtime.infra.capture import DEFAULT_MAX_BYTES
+from runtime.infra.catalog import Catalog
+from runtime.infra.clock import SYSTEM_CLOCK, Clock
+from runtime.infra.eventlog import (
+    EventLog,
+    LogSettings,
+    agent_dispatches,
+    kind_subjects,
+    last_event_of_kind,
+    require_all,
+)
+from runtime.infra.fleet import (
+    DRAIN_SUBJECT,
+    HEARTBEAT_SUBJECT,
+    RECALL_SUBJECT,
+    declares_node_lost,
+)
+from runtime.infra.guard import Guard
+from runtime.infra.logsetup import bind, bound
+from runtime.infra.metrics import cold_start_histogram
+from runtime.infra.runlogs import AttemptLog, LogStore
+from runtime.infra.scalinglog import ScalingLog
+from runtime.node.accelerators import detect
+from runtime.node.pipelines import PipelineSpec, load_module
+from runtime.node.results import HEADER_ROOM, ResultTooLarge, check_size, fitted
+from runtime.node.worker import PipelineWorker, StartupFailed
+
+log = logging.getLogger("jetrun.agent")
+REPORT_GRACE_S = 5.0  # how long reports may still retry once a preemption notice came
+_encoder = msgspec.json.Encoder()
+
+
+def default_agent_id() -> str:
+    """``agent-<host>-<random>``, with what a subject token cannot hold in a host name
+    (``node-1.example.com`` has dots) replaced by '-'."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:64]
+    return f"agent-{host}-{uuid.uuid4().hex[:8]}"
+
+
+class AgentFenced(Exception):
+    """The scheduler declared this agent lost (it was cut off, or stopped, for longer than the
+    node loss timeout). Its runs went elsewhere: it kills its attempts and exits; restarted,
+    with the same id or another, it is taken back."""
+
+    def __init__(self, agent_id: str) -> None:
+        super().__init__(f"agent {agent_id} was declared lost; restart it to rejoin")
+
+
+def _load(module: str) -> list[PipelineSpec]:
+    try:
+        return load_module(module)
+    except Exception as err:
+        lines = str(err).strip().splitlines()
+        why = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
+        raise PipelineModuleError(f"cannot load pipeline module {module!r}: {why}") from err
+
+
+def _ids(attempt: _Attempt) -> tuple[str, int]:
+    return attempt.run_id, attempt.attempt
+
+
+class PipelineModuleError(Exception):
+    """A pipeline module given to the agent cannot be loaded; the message is one line."""
+
+
+@dataclass
+class _Pool:
+    """Warm workers of one pipeline; a worker that ran its startup is reused."""
+
+    spec: PipelineSpec
+    module: str
+    idle: list[PipelineWorker] = field(default_factory=list)
+    status: PipelineStatus = PipelineStatus.loading
+    error: str | None = None
+    loaded: bool = True  # a replica: False while an autoscaled pipeline is not loaded here
+    scaled: bool = False  # the autoscaler decides when it loads and unloads
+    gpus: list[int] = field(default_factory=list)  # what its workers see (CUDA_VISIBLE_DEVICES)
+    generation: int = 0  # bumped by every load and unload: a stale warm-up or unload gives way
+
+
+@dataclass
+class _Attempt:
+    run_id: str
+    attempt: int
+    scope: anyio.CancelScope
+    worker: PipelineWorker | None = None
+    cancelled: bool = False
+    pipeline: str = ""
+
+
+class Agent:
+    def __init__(
+        self,
+        nc: Client,
+        *,
+        modules: list[str],
+        cpu_slots: int = 2,
+        agent_id: str | None = None,
+        heartbeat_interval_s: float = 1.0,
+        clock: Clock = SYSTEM_CLOCK,
+        log_settings: LogSettings | None = None,
+        accelerators: list[Accelerator] | None = None,
+        report_deadline_s: float = 600.0,
+        log_max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        self.nc = nc
+        self.modules = modules
+        self.agent_id = agent_id or default_agent_id()
+        check_token(self.agent_id, "agent id")  # it is a token of the heartbeat subject
+        self.heartbeat_interval_s = heartbeat_interval_s
+        self.clock = clock
+        # results must outlive a NATS outage: reports retry for report_deadline_s
+        settings = dataclasses.replace(
+            log_settings or LogSettings(), append_deadline_s=report_deadline_s
+        )
+        self.log = EventLog(nc, settings)
+        self.catalog = Catalog(self.log.js, replicas=settings.replicas)
+        self.logs = LogStore(self.log.js, settings)
+        self.log_max_bytes = log_max_bytes
+        self.accelerators = accelerators if accelerators is not None else detect(cpu_slots)
+        self.pools: dict[str, _Pool] = {}
+        self.attempts: dict[str, _Attempt] = {}
+        self.draining = False
+        self.draining_on_notice = False  # drain() was called: being declared lost is expected
+        self.started_at = clock.now()
+        self._tg: TaskGroup | None = None
+        self._fenced = anyio.Event()  # the scheduler declared this agent lost
+        self.recalled = anyio.Event()  # a recall request arrived
+        self._idle = anyio.Event()  # an attempt ended
+        self.seen_seq = 0  # the last event-log sequence handled
+        self.serving = False  # subscribed to dispatches and heartbeating
+        self.cold_starts = cold_start_histogram()
+        self._reporting: set[anyio.CancelScope] = set()  # reports in flight
+        self.guard = Guard(f"agent {self.agent_id}")
+        self.scaling = ScalingLog(self.log.js, replicas=settings.replicas)
+        self._scaling_seq = 0  # the last scaling-log sequence handled
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Load pipelines, subscribe, heartbeat, and run dispatched attempts until cancelled."""
+        self._load_specs()
+        await require_all(self.log, self.catalog, self.scaling, self.logs)
+        for pool in self.pools.values():
+            await self._register(pool)
+        # a load or unload handled wrongly would leave replicas the autoscaler does not know of
+        scaling = await self.scaling.tail(
+            self.guard.wrap("scaling handler", self._on_scaling),
+            from_seq=await self.scaling.last_seq() + 1,
+            kinds=["replica_load", "replica_unload"],
+        )
+        start = await self.log.last_seq() + 1
+        self.seen_seq = start - 1  # nothing before this process started was for it
+        kinds = ("cancelled", "preempted", "requeued")  # dispatches: only those addressed here
+        # a dispatch, cancellation or fencing handled wrongly would leave this agent acting on
+        # a view of its runs the log does not share: fatal
+        on_event = self.guard.wrap("dispatch handler", self._on_event)
+        subjects = [agent_dispatches(self.agent_id), *(kind_subjects(k) for k in kinds)]
+        sub = await self.log.tail(on_event, from_seq=start, subjects=subjects)
+        on_recall = self.guard.wrap("recall handler", self._on_recall, fatal=False)
+        recall = await self.nc.subscribe(f"{RECALL_SUBJECT}.{self.agent_id}", cb=on_recall)
+        try:
+            async with anyio.create_task_group() as tg:
+                self._tg = tg
+                tg.start_soon(self.guard.watch)
+                tg.start_soon(self._heartbeat_loop)
+                for pool in self.pools.values():
+                    if pool.loaded:
+                        tg.start_soon(self._warm, pool, pool.generation)
+                self.serving = True
+                task_status.started()
+                await self._fenced.wait()
+                log.error(
+                    "%s was declared lost by the scheduler; killing its attempts (their runs "
+                    "moved on), then exiting",
+                    self.agent_id,
+                )
+                self.draining = True
+                for running in list(self.attempts.values()):
+                    self._abandon(running)
+                await self._beat()
+                while self.attempts:
+                    await self._idle.wait()
+                    self._idle = anyio.Event()
+                raise AgentFenced(self.agent_id)
+        finally:
+            with anyio.CancelScope(shield=True):
+                for subscription in (sub, recall, scaling):
+                    with contextlib.suppress(Exception):
+                        await subscription.unsubscribe()
+                await self._kill_all()
+
+    def _load_specs(self) -> None:
+        kinds = {a.kind for a in self.accelerators if a.slots > 0}
+        for module in self.modules:
+            for spec in _load(module):
+                if spec.accelerator not in kinds:
+                    log.warning(
+                        "%s needs a %s slot; this node has none", spec.pointer, spec.accelerator
+                    )
+                    continue
+                self.pools[spec.pointer] = _Pool(spec=spec, module=module)
+
+    async def _register(self, pool: _Pool) -> None:
+        """Enter the pipeline in the catalogue, unless it is deployed with scaling settings
+        (those are the operator's: never overwritten by an agent starting)."""
+        known = await self.catalog.lookup(pool.spec.pointer)
+        if known is not None and known.scaling is not None:
+            pool.scaled = True
+        else:
+            await self.catalog.register(pool.spec.info())
+            pool.scaled = pool.spec.scaling is not None
+        pool.loaded = not pool.scaled
+
+    async def _warm(self, pool: _Pool, generation: int) -> None:
+        """The cold start: one worker runs the pipeline's startup step."""
+        try:
+            worker = await self._spawn(pool)
+        except StartupFailed as failed:
+            if pool.generation == generation:
+                pool.status, pool.error = PipelineStatus.failed, failed.error.message
+            log.error("%s failed to start: %s", pool.spec.pointer, failed.error.message)
+        else:
+            if pool.generation != generation:  # unloaded meanwhile
+                await worker.kill()
+                return
+            pool.idle.append(worker)
+            pool.status = PipelineStatus.ready
+            log.info("%s ready on %s", pool.spec.pointer, self.agent_id)
+        await self._beat()
+
+    async def _spawn(self, pool: _Pool) -> PipelineWorker:
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, pool.gpus))} if pool.gpus else None
+        worker = PipelineWorker(pool.module, pool.spec.pointer, env=env)
+        with self.cold_starts.labels(pool.spec.pointer).time():
+            await worker.start()
+        return worker
+
+    # --- replicas the autoscaler asks for ----------------------------------------------------
+
+    async def _on_scaling(self, seq: int, event: AnyScalingEvent) -> None:
+        if seq <= self._scaling_seq or self._tg is None:
+            return  # a redelivery after the consumer was recreated
+        self._scaling_seq = seq
+        pool = self.pools.get(event.pipeline)
+        if getattr(event, "agent_id", None) != self.agent_id or pool is None or self.draining:
+            return
+        if isinstance(event, ReplicaLoadRequested):
+            if pool.loaded and pool.status is not PipelineStatus.failed:
+                return  # already loaded or loading: idempotent
+            await self._kill_idle(pool)
+            pool.generation += 1
+            pool.loaded, pool.status, pool.error = True, PipelineStatus.loading, None
+            pool.gpus = list(event.gpus)
+            log.info("%s loading %s (gpus %s)", self.agent_id, event.pipeline, pool.gpus)
+            await self._beat()
+            self._tg.start_soon(self._warm, pool, pool.generation)
+        elif isinstance(event, ReplicaUnloadRequested) and pool.loaded:
+            pool.generation += 1
+            pool.status = PipelineStatus.draining
+            await self._beat()
+            self._tg.start_soon(self._unload, pool, pool.generation)
+
+    async def _unload(self, pool: _Pool, generation: int) -> None:
+        """Let the replica's running attempts finish, then stop its workers (which frees the
+        memory they hold) and stop advertising it."""
+        while any(a.pipeline == pool.spec.pointer for a in self.attempts.values()):
+            await self.clock.sleep(0.05)
+        if pool.generation != generation:
+            return  # loaded again meanwhile
+        await self._kill_idle(pool)
+        pool.loaded, pool.status, pool.error, pool.gpus = False, PipelineStatus.loading, None, []
+        log.info("%s unloaded %s", self.agent_id, pool.spec.pointer)
+        await self._beat()
+
+    async def _kill_idle(self, pool: _Pool) -> None:
+        idle, pool.idle = pool.idle, []
+        for worker in idle:
+            await worker.kill()
+
+    async def _on_recall(self, msg: Msg) -> None:
+        """An explicit spot recall (``jetrun recall <agent-id>``): acknowledge, then the
+        process drains as on SIGTERM."""
+        if msg.reply:
+            await self.nc.publish(msg.reply, f"{self.agent_id} draining".encode())
+        self.recalled.set()
+
+    async def drain(self, reason: str = "preemption notice") -> int:
+        """Honour a preemption notice: take no more work, have the scheduler preempt (or
+        requeue) every run here at once, and kill the workers. Returns how many runs the
+        scheduler handled (-1 if it did not answer)."""
+        self.draining = True
+        self.draining_on_notice = True
+        log.warning("%s draining: %s", self.agent_id, reason)
+        give_up = anyio.current_time() + REPORT_GRACE_S
+        for scope in self._reporting:  # reports retrying through an outage: bounded now
+            scope.deadline = min(scope.deadline, give_up)
+        await self._beat()
+        try:
+            reply = await self.nc.request(DRAIN_SUBJECT, self.agent_id.encode(), timeout=5.0)
+            handled = int(reply.data or b"0")
+        except Exception as err:
+            log.warning("no scheduler answered the drain request: %r", err)
+            handled = -1
+        for attempt in list(self.attempts.values()):
+            attempt.cancelled = True
+            attempt.scope.cancel()
+        await self._kill_all()
+        return handled
+
+    async def _kill_all(self) -> None:
+        for pool in self.pools.values():
+            for worker in pool.idle:
+                await worker.kill()
+            pool.idle.clear()
+        for attempt in self.attempts.values():
+            if attempt.worker is not None:
+                await attempt.worker.kill()
+
+    # --- heartbeats --------------------------------------------------------------------------
+
+    def heartbeat(self) -> AgentHeartbeat:
+        return AgentHeartbeat(
+            agent_id=self.agent_id,
+            at=self.clock.now(),
+            started_at=self.started_at,
+            accelerators=self.accelerators,
+            pipelines=[
+                LoadedPipeline(
+                    pointer=p.spec.pointer,
+                    status=p.status,
+                    accelerator=p.spec.accelerator,
+                    error=p.error,
+                    gpus=p.gpus,
+                )
+                for p in self.pools.values()
+                if p.loaded
+            ],
+            draining=self.draining,
+            running=sorted(self.attempts),
+            seen_seq=self.seen_seq,
+            can_serve=sorted(self.pools),
+        )
+
+    async def _beat(self) -> None:
+        subject = f"{HEARTBEAT_SUBJECT}.{self.agent_id}"
+        try:
+            await self.nc.publish(subject, _encoder.encode(self.heartbeat()))
+        except Exception as err:  # disconnected: the next beat will do
+            log.debug("heartbeat not sent: %r", err)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await self._beat()
+            await self.clock.sleep(self.heartbeat_interval_s)
+
+    # --- attempts ----------------------------------------------------------------------------
+
+    async def _on_event(self, seq: int, event: AnyEvent) -> None:
+        self.seen_seq = max(self.seen_seq, seq)
+        if isinstance(event, RunDispatched) and event.agent_id == self.agent_id:
+            if event.run_id not in self.attempts and not self.draining and self._tg is not None:
+                attempt = _Attempt(event.run_id, event.attempt, anyio.CancelScope())
+                self.attempts[event.run_id] = attempt
+                self._tg.start_soon(self._run_attempt, event, attempt)
+        elif isinstance(event, RunCancelled):
+            running = self.attempts.get(event.run_id)
+            if running is not None:
+                running.cancelled = True
+                running.scope.cancel()
+        elif isinstance(event, RunPreempted | RunRequeued) and event.agent_id == self.agent_id:
+            if declares_node_lost(event.reason):
+                self._fenced.set()
+                return
+            running = self.attempts.get(event.run_id)
+            if running is not None and running.attempt == event.attempt:
+                # declared lost while running here after all: its result would be ignored,
+                # and its slot must be free, as the scheduler now believes it is
+                log.warning("run %s attempt %d was declared lost; killing it", *_ids(running))
+                self._abandon(running)
+
+    def _abandon(self, attempt: _Attempt) -> None:
+        """Kill an attempt whose run has moved on; it reports nothing. Its slot is free at
+        once: a new dispatch of the same run is taken while the old worker is being killed."""
+        attempt.cancelled = True
+        attempt.scope.cancel()
+        if self.attempts.get(attempt.run_id) is attempt:
+            del self.attempts[attempt.run_id]
+            self._idle.set()
+
+    async def _run_attempt(self, dispatch: RunDispatched, attempt: _Attempt) -> None:
+        with bound(run_id=dispatch.run_id, attempt=dispatch.attempt, agent_id=self.agent_id):
+            await self._run_attempt_bound(dispatch, attempt)
+
+    async def _run_attempt_bound(self, dispatch: RunDispatched, attempt: _Attempt) -> None:
+        try:
+            with attempt.scope:
+                result = await self._attempt_result(dispatch, attempt)
+            if attempt.cancelled:
+                log.info("attempt interrupted (cancelled or preempted)")
+                return  # cancelled or preempted: the control plane has recorded the end
+            if result is not None:
+                log.info("attempt ended: %s", result.kind)
+                await self._report(fitted(result, self.max_event_bytes()))
+        finally:
+            if self.attempts.get(dispatch.run_id) is attempt:
+                del self.attempts[dispatch.run_id]
+            self._idle.set()
+            if attempt.worker is not None:  # interrupted mid-run: the worker may be busy
+                with anyio.CancelScope(shield=True):
+                    await attempt.worker.kill()
+
+    async def _attempt_result(
+        self, dispatch: RunDispatched, attempt: _Attempt
+    ) -> AttemptEvent | None:
+        """``_execute``; whatever it raises fails this attempt alone, never the agent."""
+        try:
+            return await self._execute(dispatch, attempt)
+        except ResultTooLarge as err:
+            error = err.error
+        except Exception as err:
+            log.exception("attempt %d of %s failed on the agent", dispatch.attempt, dispatch.run_id)
+            message = f"the agent could not run this attempt: {type(err).__name__}: {err}"
+            error = RunError(type=ErrorType.unknown, message=message[:2000])
+        at = self.clock.now()
+        return RunFailed(run_id=dispatch.run_id, at=at, attempt=dispatch.attempt, error=error)
+
+    def max_event_bytes(self) -> int:
+        return max(self.nc.max_payload - HEADER_ROOM, 1024)
+
+    async def _execute(self, dispatch: RunDispatched, attempt: _Attempt) -> AttemptEvent | None:
+        run_id, n = dispatch.run_id, dispatch.attempt
+        submitted = await self._submitted(dispatch)
+        pool = self.pools.get(submitted.pipeline) if submitted is not None else None
+        if pool is None or submitted is None:
+            error = RunError(
+                type=ErrorType.pipeline_loading,
+                message=f"pipeline is not loaded on node {self.agent_id}",
+            )
+            return RunFailed(run_id=run_id, at=self.clock.now(), attempt=n, error=error)
+        attempt.pipeline = pool.spec.pointer
+        bind(team=submitted.team, pipeline=submitted.pipeline)
+        try:
+            worker = pool.idle.pop() if pool.idle else await self._spawn(pool)
+        except StartupFailed as failed:
+            return RunFailed(run_id=run_id, at=self.clock.now(), attempt=n, error=failed.error)
+        attempt.worker = worker
+        log.info("attempt started")
+        # ``started`` is appended while the worker runs; what follows it in the log (outputs,
+        # the result) is appended only once it is stored
+        reported = anyio.Event()
+        started = RunStarted(run_id=run_id, at=self.clock.now(), attempt=n, agent_id=self.agent_id)
+        assert self._tg is not None
+        self._tg.start_soon(self._report_then_set, started, reported)
+        try:
+            return await self._run_worker(dispatch, submitted, pool, worker, attempt, reported)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await reported.wait()
+
+    async def _report_then_set(self, event: Event, done: anyio.Event) -> None:
+        try:
+            await self._report(event)
+        finally:
+            done.set()
+
+    async def _run_worker(
+        self,
+        dispatch: RunDispatched,
+        submitted: RunSubmitted,
+        pool: _Pool,
+        worker: PipelineWorker,
+        attempt: _Attempt,
+        reported: anyio.Event,
+    ) -> AttemptEvent:
+        run_id, n = dispatch.run_id, dispatch.attempt
+
+        async def on_output(index: int, output: RunIO) -> None:
+            event = RunOutputProduced(
+                run_id=run_id, at=self.clock.now(), attempt=n, index=index, output=output
+            )
+            check_size(event, self.max_event_bytes())  # too large: the worker is killed
+            await reported.wait()
+            await self._report(event)
+
+        timeout = pool.spec.timeout_s
+        output = AttemptLog(self.logs, run_id, n, self.clock, max_bytes=self.log_max_bytes)
+        assert self._tg is not None
+        self._tg.start_soon(output.run)
+        try:
+            with anyio.move_on_after(timeout if timeout is not None else float("inf")) as limit:
+                result = await worker.run(submitted.inputs, on_output, output.capture)
+        finally:
+            await output.close()  # the attempt's logs are stored before its result
+        if limit.cancelled_caught:
+            await worker.kill()
+            return RunTimedOut(
+                run_id=run_id, at=self.clock.now(), attempt=n, timeout_s=timeout or 0.0
+            )
+        if worker.alive and pool.loaded and pool.status is PipelineStatus.ready:
+            pool.idle.append(worker)
+        else:  # the replica is being (or was) unloaded: its worker exits
+            await worker.kill()
+        attempt.worker = None
+        now = self.clock.now()
+        if result.error is not None:
+            return RunFailed(run_id=run_id, at=now, attempt=n, error=result.error)
+        return RunCompleted(  # streamed outputs are already in the log: not repeated
+            run_id=run_id,
+            at=now,
+            attempt=n,
+            outputs=result.outputs[result.streamed :],
+            streamed=result.streamed,
+        )
+
+    async def _submitted(self, dispatch: RunDispatched) -> RunSubmitted | None:
+        """What the run was submitted with: carried by the dispatch, else read from the log."""
+        if dispatch.inputs is not None and dispatch.pipeline is not None:
+            return RunSubmitted(
+                run_id=dispatch.run_id,
+                at=dispatch.at,
+                team=dispatch.team or "",
+                pipeline=dispatch.pipeline,
+                inputs=dispatch.inputs,
+            )
+        event = await last_event_of_kind(self.log, dispatch.run_id, "submitted")
+        return event if isinstance(event, RunSubmitted) else None
+
+    async def _report(self, event: Event) -> None:
+        """Append a result; it outlives cancellation and NATS outages (``report_deadline_s``),
+        but not a preemption notice by more than ``REPORT_GRACE_S``: shutdown is bounded."""
+        with anyio.CancelScope(shield=True) as scope:
+            if self.draining_on_notice:
+                scope.deadline = anyio.current_time() + REPORT_GRACE_S
+            self._reporting.add(scope)
+            try:
+                await self.log.append(event)
+            except Exception as err:
+                log.error("could not report %s for %s: %r", event.kind, event.run_id, err)
+            finally:
+                self._reporting.discard(scope)
+        if scope.cancelled_caught:
+            log.error("gave up reporting %s for %s: shutting down", event.kind, event.run_id)
