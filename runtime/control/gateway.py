@@ -26,11 +26,10 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import HTMLResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from contracts.api import (
-    Health,
     RunCreate,
     RunList,
 )
@@ -38,7 +37,6 @@ from contracts.events import AnyEvent, Event, RunCancelRequested
 from contracts.run import Run, RunRecord, RunUpdate
 from contracts.states import RunState
 from runtime import health
-from runtime.control import dashboard, openapi
 from runtime.control.admission import Admission
 from runtime.control.http_input import (
     HTTPError,
@@ -52,6 +50,7 @@ from runtime.control.http_input import (
 )
 from runtime.control.listing import BadQuery, RunListing, parse_query
 from runtime.control.logs_api import follow_logs, read_logs, wants_follow
+from runtime.control.ops_api import OpsApi
 from runtime.control.ratelimit import RateLimiter
 from runtime.control.readiness import Readiness, SchedulerWatch
 from runtime.control.scaling_api import ScalingApi
@@ -68,7 +67,6 @@ from runtime.infra.config import Config, Team, token_digest
 from runtime.infra.eventlog import EventLog, LogSettings, require_all
 from runtime.infra.fleet import HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
 from runtime.infra.guard import Guard
-from runtime.infra.metrics import CONTENT_TYPE as metrics_content_type
 from runtime.infra.projection import RunIndex
 from runtime.infra.runlogs import LogStore
 
@@ -129,6 +127,7 @@ class Gateway:
         self.telemetry = health.gateway_telemetry(self)
         self.paths: set[str] = set()
         self.scaling_api = ScalingApi(self)
+        self.ops = OpsApi(self)
         self.streams = StreamQuota(config.settings.max_streams_per_team)
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -180,6 +179,7 @@ class Gateway:
             log.warning("undecodable heartbeat on %s", msg.subject)
 
     def app(self) -> Starlette:
+        ops = self.ops
         routes = [
             Route("/v4/runs", self.create_run, methods=["POST"]),
             Route("/v4/runs", self.list_runs, methods=["GET"]),
@@ -196,13 +196,13 @@ class Gateway:
                 self.scaling_api.history,
                 methods=["GET"],
             ),
-            Route("/healthz", self.healthz, methods=["GET"]),
-            Route("/readyz", self.readyz, methods=["GET"]),
-            Route("/openapi.json", self.openapi, methods=["GET"]),
-            Route("/docs", self.docs, methods=["GET"]),
-            Route("/metrics", self.metrics, methods=["GET"]),
-            Route("/dashboard", self.dashboard_page, methods=["GET"]),
-            Route("/v4/dashboard", self.dashboard, methods=["GET"]),
+            Route("/healthz", ops.healthz, methods=["GET"]),
+            Route("/readyz", ops.readyz, methods=["GET"]),
+            Route("/openapi.json", ops.openapi, methods=["GET"]),
+            Route("/docs", ops.docs, methods=["GET"]),
+            Route("/metrics", ops.metrics, methods=["GET"]),
+            Route("/dashboard", ops.dashboard_page, methods=["GET"]),
+            Route("/v4/dashboard", ops.dashboard, methods=["GET"]),
         ]
         self.paths = {route.path for route in routes}
         handlers: dict[Any, Any] = {
@@ -399,58 +399,6 @@ class Gateway:
                     yield _encoder.encode(line) + b"\n"
 
         return Held(StreamingResponse(lines(), media_type="application/x-ndjson"), release)
-
-    async def healthz(self, request: Request) -> Response:
-        return json_response(Health(status="ok"))
-
-    async def dashboard_page(self, request: Request) -> Response:
-        return HTMLResponse(dashboard.PAGE_HTML)
-
-    async def dashboard(self, request: Request) -> Response:
-        """The team's dashboard; every team's for an admin token."""
-        team = None if self._admin(request) else self._team(request).name
-        logs = "/v4/runs/{run_id}/logs"
-        view = dashboard.snapshot(
-            team=team,
-            teams=sorted(self.config.teams),
-            index=self.index,
-            listing=self.listing,
-            fleet=self.fleet,
-            runs=self.telemetry.runs,
-            now=self.clock.now(),
-            logs_url=logs if logs in self.paths else None,
-            scaling=[  # a pipeline's scaling history is its own team's (and operators')
-                e
-                for e in reversed(self.scaling_api.recent)
-                if team is None or (e.pipeline and self.scaling_api.manages(team, e.pipeline))
-            ],
-        )
-        return json_response(view)
-
-    def _admin(self, request: Request) -> bool:
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        return scheme.lower() == "bearer" and self.config.is_admin(token.strip())
-
-    async def metrics(self, request: Request) -> Response:
-        """Prometheus metrics: every team's counts, so for admin tokens only."""
-        if not self._admin(request):
-            self._team(request)  # 401 without a known token
-            raise error(403, "forbidden", "metrics need an admin token ([admin] tokens)")
-        body = await self.telemetry.exposition.render()
-        return Response(body, media_type=metrics_content_type)
-
-    async def openapi(self, request: Request) -> Response:
-        return json_response(openapi.document())
-
-    async def docs(self, request: Request) -> Response:
-        return HTMLResponse(openapi.DOCS_HTML)
-
-    async def readyz(self, request: Request) -> Response:
-        checks = await self.readiness.checks()
-        ok = all(checks.values())
-        return json_response(
-            Health(status="ok" if ok else "unavailable", checks=checks), 200 if ok else 503
-        )
 
 
 def _placed(run: RunRecord) -> bool:
