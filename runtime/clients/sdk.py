@@ -20,13 +20,26 @@ from typing import Any
 
 import anyio
 import httpx
-import msgspec
 
 from contracts.api import RunList
 from contracts.logs import RunLogLine, RunLogs
 from contracts.run import Run, RunUpdate
 from contracts.states import RunState
-from contracts.values import from_python
+from runtime.clients.sdk_wire import (
+    DEFAULT_URL,
+    ConcurrencyLimitReached,
+    JetrunError,
+    NoResourcesAvailable,
+    RunTimeout,
+    body_for,
+    check_list,
+    check_logs,
+    check_run,
+    decode_line,
+    decode_update,
+    headers_for,
+    list_params,
+)
 
 __all__ = [
     "AsyncClient",
@@ -49,120 +62,6 @@ __all__ = [
     "stream_pipeline",
 ]
 
-DEFAULT_URL = "http://127.0.0.1:8080"
-_run_decoder = msgspec.json.Decoder(Run)
-_list_decoder = msgspec.json.Decoder(RunList)
-_logs_decoder = msgspec.json.Decoder(RunLogs)
-_line_decoder = msgspec.json.Decoder(RunLogLine)
-_update_decoder = msgspec.json.Decoder(RunUpdate)
-
-
-class JetrunError(Exception):
-    """The API answered with an error: ``status`` and the ``detail`` object."""
-
-    def __init__(self, status: int, detail: Any) -> None:
-        message = detail.get("message") if isinstance(detail, dict) else None
-        super().__init__(f"HTTP {status}: {message or detail}")
-        self.status, self.detail = status, detail
-
-
-class NoResourcesAvailable(JetrunError):
-    """No replica of the pipeline was alive (or came alive in time); ``run`` is the ended run."""
-
-    def __init__(self, run: Run) -> None:
-        message = run.error.message if run.error is not None else run.pipeline
-        super().__init__(503, {"code": "no_resources_available", "message": message})
-        self.run = run
-
-
-class ConcurrencyLimitReached(JetrunError):
-    """The team is at its tier's limit; no run was created. Retry after ``retry_after`` s."""
-
-    def __init__(self, detail: dict[str, Any], retry_after: float) -> None:
-        super().__init__(429, detail)
-        self.tier: str = detail.get("tier", "")
-        self.limit: int = detail.get("limit", 0)
-        self.active: int = detail.get("active", 0)
-        self.retry_after = retry_after
-
-
-class RunTimeout(JetrunError):
-    """``poll_for_run_completion`` gave up; ``run`` is the last state seen."""
-
-    def __init__(self, run: Run, timeout_secs: float) -> None:
-        super().__init__(408, {"message": f"run {run.id} not done after {timeout_secs} s"})
-        self.run = run
-
-
-def _body(
-    pointer: str, inputs: tuple[Any, ...], async_run: bool, wait_for_resources: bool | None
-) -> bytes:
-    return msgspec.json.encode(
-        {
-            "pipeline": pointer,
-            "inputs": [from_python(i) for i in inputs],
-            "async_run": async_run,
-            "wait_for_resources": wait_for_resources,
-        }
-    )
-
-
-def _check(response: httpx.Response) -> Run:
-    if response.status_code in (200, 202):
-        return _run_decoder.decode(response.content)
-    if response.status_code == 503 and response.content.startswith(b'{"id"'):
-        raise NoResourcesAvailable(_run_decoder.decode(response.content))
-    try:
-        detail = response.json().get("detail")
-    except ValueError:
-        detail = response.text
-    if response.status_code == 429:
-        raise ConcurrencyLimitReached(detail, float(response.headers.get("retry-after", "1")))
-    raise JetrunError(response.status_code, detail)
-
-
-def _list_params(
-    pipeline: str | None,
-    state: str | list[str] | None,
-    created_after: float | None,
-    created_before: float | None,
-    limit: int | None,
-    cursor: str | None,
-) -> dict[str, Any]:
-    params = {
-        "pipeline": pipeline,
-        "state": [state] if isinstance(state, str) else state,
-        "created_after": created_after,
-        "created_before": created_before,
-        "limit": limit,
-        "cursor": cursor,
-    }
-    return {k: v for k, v in params.items() if v is not None}
-
-
-def _check_list(response: httpx.Response) -> RunList:
-    if response.status_code == 200:
-        return _list_decoder.decode(response.content)
-    _check(response)
-    raise JetrunError(response.status_code, response.text)
-
-
-def _check_logs(response: httpx.Response) -> RunLogs:
-    if response.status_code == 200:
-        return _logs_decoder.decode(response.content)
-    _check(response)
-    raise JetrunError(response.status_code, response.text)
-
-
-def _headers(token: str | None, idempotency_key: str | None) -> dict[str, str]:
-    token = token or os.environ.get("JETRUN_TOKEN")
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    if idempotency_key:
-        headers["Idempotency-Key"] = idempotency_key
-    return headers
-
 
 class Client:
     """A blocking client. Calls raise ``JetrunError`` (or a subclass) on API errors."""
@@ -172,7 +71,7 @@ class Client:
     ) -> None:
         self._http = httpx.Client(
             base_url=base_url or os.environ.get("JETRUN_URL", DEFAULT_URL),
-            headers=_headers(token, None),
+            headers=headers_for(token, None),
             timeout=timeout,
         )
 
@@ -195,11 +94,11 @@ class Client:
     ) -> Run:
         """Submit a run. Sync (default): blocks until it ends; async: returns it queued."""
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        body = _body(pointer, inputs, async_run, wait_for_resources)
-        return _check(self._http.post("/v4/runs", content=body, headers=headers))
+        body = body_for(pointer, inputs, async_run, wait_for_resources)
+        return check_run(self._http.post("/v4/runs", content=body, headers=headers))
 
     def get_run(self, run_id: str) -> Run:
-        return _check(self._http.get(f"/v4/runs/{run_id}"))
+        return check_run(self._http.get(f"/v4/runs/{run_id}"))
 
     def list_runs(
         self,
@@ -213,8 +112,8 @@ class Client:
     ) -> RunList:
         """One page of the team's runs, newest first; pass ``next_cursor`` back as
         ``cursor`` for the next page. ``pipeline`` is a pointer or a pipeline id."""
-        params = _list_params(pipeline, state, created_after, created_before, limit, cursor)
-        return _check_list(self._http.get("/v4/runs", params=params))
+        params = list_params(pipeline, state, created_after, created_before, limit, cursor)
+        return check_list(self._http.get("/v4/runs", params=params))
 
     def iter_runs(
         self,
@@ -241,11 +140,11 @@ class Client:
             cursor = page.next_cursor
 
     def cancel_run(self, run_id: str) -> Run:
-        return _check(self._http.post(f"/v4/runs/{run_id}/cancel"))
+        return check_run(self._http.post(f"/v4/runs/{run_id}/cancel"))
 
     def get_run_logs(self, run_id: str) -> RunLogs:
         """What the run's pipeline printed so far (stdout and stderr), every attempt."""
-        return _check_logs(self._http.get(f"/v4/runs/{run_id}/logs"))
+        return check_logs(self._http.get(f"/v4/runs/{run_id}/logs"))
 
     def follow_run_logs(self, run_id: str) -> Iterator[RunLogLine]:
         """Every line so far, then new ones as printed, until the run has ended."""
@@ -253,10 +152,10 @@ class Client:
         with self._http.stream("GET", url, params={"follow": "1"}) as response:
             if response.status_code != 200:
                 response.read()
-                _check_logs(response)
+                check_logs(response)
             for line in response.iter_lines():
                 if line:
-                    yield _line_decoder.decode(line)
+                    yield decode_line(line)
 
     def poll_for_run_completion(
         self, run_id: str, timeout_secs: float = 300, interval_secs: float = 1.0
@@ -274,14 +173,14 @@ class Client:
     def stream_pipeline(self, pointer: str, *inputs: Any) -> Iterator[RunUpdate]:
         """Submit a run and yield it at every change until it ends; each update carries only
         the outputs new since the previous one (``outputs_start`` is the first one's index)."""
-        body = _body(pointer, inputs, False, None)
+        body = body_for(pointer, inputs, False, None)
         with self._http.stream("POST", "/v4/runs/stream", content=body) as response:
             if response.status_code != 200:
                 response.read()
-                _check(response)
+                check_run(response)
             for line in response.iter_lines():
                 if line:
-                    yield _update_decoder.decode(line)
+                    yield decode_update(line)
 
 
 class AsyncClient:
@@ -292,7 +191,7 @@ class AsyncClient:
     ) -> None:
         self._http = httpx.AsyncClient(
             base_url=base_url or os.environ.get("JETRUN_URL", DEFAULT_URL),
-            headers=_headers(token, None),
+            headers=headers_for(token, None),
             timeout=timeout,
         )
 
@@ -314,11 +213,11 @@ class AsyncClient:
         idempotency_key: str | None = None,
     ) -> Run:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        body = _body(pointer, inputs, async_run, wait_for_resources)
-        return _check(await self._http.post("/v4/runs", content=body, headers=headers))
+        body = body_for(pointer, inputs, async_run, wait_for_resources)
+        return check_run(await self._http.post("/v4/runs", content=body, headers=headers))
 
     async def get_run(self, run_id: str) -> Run:
-        return _check(await self._http.get(f"/v4/runs/{run_id}"))
+        return check_run(await self._http.get(f"/v4/runs/{run_id}"))
 
     async def list_runs(
         self,
@@ -330,24 +229,24 @@ class AsyncClient:
         limit: int | None = None,
         cursor: str | None = None,
     ) -> RunList:
-        params = _list_params(pipeline, state, created_after, created_before, limit, cursor)
-        return _check_list(await self._http.get("/v4/runs", params=params))
+        params = list_params(pipeline, state, created_after, created_before, limit, cursor)
+        return check_list(await self._http.get("/v4/runs", params=params))
 
     async def cancel_run(self, run_id: str) -> Run:
-        return _check(await self._http.post(f"/v4/runs/{run_id}/cancel"))
+        return check_run(await self._http.post(f"/v4/runs/{run_id}/cancel"))
 
     async def get_run_logs(self, run_id: str) -> RunLogs:
-        return _check_logs(await self._http.get(f"/v4/runs/{run_id}/logs"))
+        return check_logs(await self._http.get(f"/v4/runs/{run_id}/logs"))
 
     async def follow_run_logs(self, run_id: str) -> AsyncIterator[RunLogLine]:
         url = f"/v4/runs/{run_id}/logs"
         async with self._http.stream("GET", url, params={"follow": "1"}) as response:
             if response.status_code != 200:
                 await response.aread()
-                _check_logs(response)
+                check_logs(response)
             async for line in response.aiter_lines():
                 if line:
-                    yield _line_decoder.decode(line)
+                    yield decode_line(line)
 
     async def poll_for_run_completion(
         self, run_id: str, timeout_secs: float = 300, interval_secs: float = 1.0
@@ -361,14 +260,14 @@ class AsyncClient:
         raise RunTimeout(await self.get_run(run_id), timeout_secs)
 
     async def stream_pipeline(self, pointer: str, *inputs: Any) -> AsyncIterator[RunUpdate]:
-        body = _body(pointer, inputs, False, None)
+        body = body_for(pointer, inputs, False, None)
         async with self._http.stream("POST", "/v4/runs/stream", content=body) as response:
             if response.status_code != 200:
                 await response.aread()
-                _check(response)
+                check_run(response)
             async for line in response.aiter_lines():
                 if line:
-                    yield _update_decoder.decode(line)
+                    yield decode_update(line)
 
 
 _shared_lock = threading.Lock()
