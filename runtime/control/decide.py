@@ -11,22 +11,20 @@ Rules of this module:
 4. ``decide(..., timed=False)`` is what an event asks for (cancel, drains, place, dispatch);
    ``timed=True`` adds the checks that only time triggers (lost nodes and attempts, resource
    waits, unfinished admissions, wait reasons), which cost O(queued or running runs).
+What a pass reads and returns (``Pass``, ``Decisions``, ``Worklist``) is in
+``runtime.control.passes``.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from collections.abc import Iterator
 
 import msgspec
-from sortedcontainers import SortedList
 
-from contracts.agents import PipelineInfo, PipelineStatus
+from contracts.agents import PipelineStatus
 from contracts.errors import ErrorType, RunError
 from contracts.events import (
-    AnyEvent,
     Event,
     RunAdmitted,
     RunCancelled,
@@ -40,141 +38,13 @@ from contracts.events import (
 )
 from contracts.run import RunRecord
 from contracts.states import RunState, WaitingFor
-from runtime.infra.config import Config
+from runtime.control.passes import Decisions, Now, Pass, Runs, Worklist
 from runtime.infra.fleet import ATTEMPT_LOST, NODE_LOST, NODE_RECALLED, FleetView
 
 # Codes that open the reason of a run that ended for want of a replica (its error message).
 NO_RESOURCES = "no_resources_available"
 STARTUP_ERROR = "startup_error"
 INLINE_INPUTS_BYTES = 64 * 1024  # inputs up to this size ride in the dispatch
-
-
-class Now(NamedTuple):
-    wall: float  # Unix seconds: stamped on events, compared with event times
-    mono: float  # this process's monotonic clock: compared with heartbeat arrival times
-
-
-class Runs(Protocol):
-    """What a pass reads from the run index (``runtime.infra.projection.RunIndex``)."""
-
-    records: dict[str, RunRecord]
-    on_agent: dict[str, set[str]]
-
-    def queued(self, pipeline: str, limit: int | None = None) -> list[str]: ...
-
-    def pipelines_with_queue(self) -> list[str]: ...
-
-
-@dataclass
-class Worklist:
-    """The scheduler's own projection of the log, beside the index: which runs need a decision
-    (insertion-ordered sets, in log order, so placement keeps queues FIFO) and, per running
-    attempt, where its dispatch is in the log and when it last changed on this process's
-    monotonic clock. Fed by ``observe``; rebuilt by replaying the log."""
-
-    routing: dict[str, None] = field(default_factory=dict)
-    created: dict[str, None] = field(default_factory=dict)
-    cancelling: dict[str, None] = field(default_factory=dict)
-    running_since: dict[str, float] = field(default_factory=dict)
-    dispatched_at: dict[str, int] = field(default_factory=dict)
-    announced: dict[str, WaitingFor] = field(default_factory=dict)  # pipeline -> its queue's wait
-    permit_held: set[str] = field(default_factory=set)  # late routing runs whose permit is there
-    # per pipeline, its queued runs waiting for a replica ordered by when they began waiting
-    # (``resources_since``): expiring resource waits looks only at the heads that are due
-    resource_waits: dict[str, SortedList] = field(default_factory=dict)
-    _waiting: dict[str, tuple[str, float]] = field(default_factory=dict)  # run -> its entry
-
-    def observe(self, seq: int, event: AnyEvent, run: RunRecord, mono: float) -> None:
-        _toggle(self.routing, run.id, run.state is RunState.routing)
-        if run.state is not RunState.routing:
-            self.permit_held.discard(run.id)
-        _toggle(self.created, run.id, run.state is RunState.created)
-        _toggle(self.cancelling, run.id, run.cancel_requested and not run.is_terminal)
-        self._track_resource_wait(run)
-        if run.state is RunState.running:
-            self.running_since[run.id] = mono
-            if isinstance(event, RunDispatched):
-                self.dispatched_at[run.id] = seq
-        else:
-            self.running_since.pop(run.id, None)
-            self.dispatched_at.pop(run.id, None)
-        # queued (or requeued) with another wait than its queue was told last: the next timed
-        # pass looks at the whole queue again
-        told = self.announced.get(run.pipeline)
-        if (
-            run.state is RunState.queued
-            and told is not None
-            and run.waiting_for not in (told, WaitingFor.cancellation)
-        ):
-            del self.announced[run.pipeline]
-
-    def _track_resource_wait(self, run: RunRecord) -> None:
-        since = run.resources_since if run.state is RunState.queued else None
-        entry = None if since is None else (run.pipeline, since)
-        old = self._waiting.get(run.id)
-        if old == entry:
-            return
-        if old is not None:
-            queue = self.resource_waits[old[0]]
-            queue.discard((old[1], run.id))
-            if not queue:
-                del self.resource_waits[old[0]]
-            del self._waiting[run.id]
-        if entry is not None:
-            self.resource_waits.setdefault(entry[0], SortedList()).add((entry[1], run.id))
-            self._waiting[run.id] = entry
-
-
-@dataclass
-class Decisions:
-    """What one pass decided. The applier appends ``events`` (one per run) and the late
-    ``admissions`` (after looking up each one's permit); once an agent's events are all stored
-    it forgets the agent (``lost``) and, per pipeline whose runs were all told, records the
-    wait it announced (``announced``)."""
-
-    events: list[Event] = field(default_factory=list)
-    admissions: list[RunAdmitted] = field(default_factory=list)
-    lost: dict[str, list[str]] = field(default_factory=dict)  # agent -> its runs' event ids
-    lost_reasons: dict[str, str] = field(default_factory=dict)
-    announced: dict[str, WaitingFor] = field(default_factory=dict)
-    decided: set[str] = field(default_factory=set)
-    permit_checks: list[str] = field(default_factory=list)  # confirm before placing (see place)
-
-    def add(self, event: Event) -> bool:
-        """Record ``event`` unless its run already has a decision in this pass."""
-        if event.run_id in self.decided:
-            return False
-        self.decided.add(event.run_id)
-        self.events.append(event)
-        return True
-
-    def __bool__(self) -> bool:
-        return bool(self.events or self.admissions or self.lost or self.permit_checks)
-
-
-@dataclass(frozen=True)
-class Pass:
-    """Everything one pass reads."""
-
-    runs: Runs
-    work: Worklist
-    fleet: FleetView
-    catalogue: Mapping[str, PipelineInfo]
-    config: Config
-    now: Now
-    booting: frozenset[str] = frozenset()  # pipelines a node is being added for
-
-    def kind(self, pipeline: str) -> str:
-        """The slot kind ``pipeline``'s runs need (cpu for a pipeline never registered)."""
-        info = self.catalogue.get(pipeline)
-        return info.accelerator if info is not None else "cpu"
-
-    def retries(self, pipeline: str) -> int:
-        info = self.catalogue.get(pipeline)
-        return info.max_retries if info is not None else 0
-
-    def run(self, run_id: str) -> RunRecord:
-        return self.runs.records[run_id]
 
 
 def decide(p: Pass, *, timed: bool) -> Decisions:
@@ -470,14 +340,6 @@ def _stale_waits(p: Pass, pipeline: str, waiting: WaitingFor) -> Iterator[str]:
     for run_id in p.runs.queued(pipeline):
         if p.run(run_id).waiting_for not in (waiting, WaitingFor.cancellation):
             yield run_id
-
-
-def _toggle(items: dict[str, None], item: str, present: bool) -> None:
-    """Keep ``item`` in (or out of) an insertion-ordered set."""
-    if present:
-        items.setdefault(item, None)
-    else:
-        items.pop(item, None)
 
 
 __all__ = ["Decisions", "Now", "Pass", "Runs", "Worklist", "decide", "not_admitted", "waits_for"]

@@ -1,0 +1,203 @@
+"""How the scheduler applies a decision pass: it appends the pass's events together, waits
+until its own index holds them, then acts on what was stored (forgets lost agents, remembers
+announced waits, answers drain requests); it looks permits up for late admissions and gives
+permits of ended runs back. A mixin of ``runtime.control.scheduler.Scheduler``: the attributes
+below are the scheduler's."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import TypeVar
+
+import anyio
+import msgspec
+import stamina
+from nats.aio.client import Client
+
+from contracts.events import AdmissionSlot, Event, RunAdmitted
+from contracts.run import RunRecord
+from runtime.control.admission import Admission, stream_name
+from runtime.control.decide import not_admitted
+from runtime.control.passes import Decisions, Worklist
+from runtime.infra.clock import Clock
+from runtime.infra.config import Config
+from runtime.infra.eventlog import RETRYABLE, EventLog
+from runtime.infra.fleet import Fleet
+from runtime.infra.lease import Lease
+from runtime.infra.projection import RunIndex
+
+log = logging.getLogger("jetrun.scheduler")
+
+T = TypeVar("T")
+
+APPENDS_IN_FLIGHT = 64  # appends of one pass in flight at once
+CATCH_UP_S = 5.0  # how long a pass waits for the index to hold what it appended
+
+
+async def patiently(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``, retried with jittered exponential backoff through NATS outages (timeouts,
+    no responders, a leader change) for up to 10 s; then the last error is raised."""
+    async for attempt in stamina.retry_context(
+        on=RETRYABLE, attempts=None, timeout=10.0, wait_initial=0.05, wait_max=1.0
+    ):
+        with attempt:
+            return await call()
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+class Applier:
+    """Applying passes; mixed into the scheduler."""
+
+    nc: Client
+    config: Config
+    clock: Clock
+    log: EventLog
+    index: RunIndex
+    work: Worklist
+    fleet: Fleet
+    admission: Admission
+    lease: Lease
+    _leading: bool
+    _kick: anyio.Event
+    _applying: int
+    _decisions: int
+    _lost: int
+    _ended: list[RunRecord]
+    _drain_replies: dict[str, list[str]]
+
+    async def apply(self, d: Decisions) -> None:
+        """Append a pass's events together (they are about different runs), wait until the
+        index holds them, then act on what was stored: forget lost agents, remember announced
+        waits, answer drain requests."""
+        failed: set[str] = set()
+        stored = 0
+        limiter = anyio.CapacityLimiter(APPENDS_IN_FLIGHT)
+        self._applying = len(d.events) + len(d.admissions)
+
+        async def append(event: Event) -> None:
+            nonlocal stored
+            async with limiter:
+                if not self.lease.valid() and self._leading:
+                    failed.add(event.run_id)  # the lease ran out: no decision from a stale leader
+                    return
+                try:
+                    seq = (await self.log.append(event)).seq
+                except Exception as err:
+                    log.warning("could not append %s for %s: %r", event.kind, event.run_id, err)
+                    failed.add(event.run_id)
+                    return
+            stored = max(stored, seq)
+            self._decisions += 1
+
+        async def admit(event: RunAdmitted) -> None:
+            try:
+                await append(await self._with_permit(event))
+            except RETRYABLE as err:
+                log.warning("permit of %s not found now (%r); later", event.run_id, err)
+                failed.add(event.run_id)
+
+        async def check(run_id: str) -> None:
+            run = self.index.records[run_id]
+            try:
+                limit = self.config.tiers.get(run.tier or "")
+                held = limit is None or await self._permit_of(run, limit) is not None
+            except RETRYABLE as err:
+                log.warning("permit of %s not checked now (%r); later", run_id, err)
+                return
+            if held:
+                self.work.permit_held.add(run_id)
+                self._kick.set()  # the next pass places it
+                return
+            log.warning("run %s reached the log after its permit was given back", run_id)
+            why = "its admission permit was given back before the run reached the event log"
+            await append(not_admitted(run, self.clock.now(), why))
+
+        async with anyio.create_task_group() as tg:
+            for event in d.events:
+                tg.start_soon(append, event)
+            for admission in d.admissions:
+                tg.start_soon(admit, admission)
+            for run_id in d.permit_checks:
+                tg.start_soon(check, run_id)
+        self._applying = 0
+        if stored:
+            await self.index.wait_for_seq(stored, timeout=CATCH_UP_S)
+        await self._settle(d, failed)
+
+    async def _settle(self, d: Decisions, failed: set[str]) -> None:
+        for agent_id, runs in d.lost.items():
+            if failed.intersection(runs):
+                continue
+            if not self.fleet.is_gone(agent_id):
+                self._lost += 1
+                log.info(
+                    "agent %s lost (%s); %d runs handled",
+                    agent_id,
+                    d.lost_reasons[agent_id],
+                    len(runs),
+                )
+            self.fleet.forget(agent_id)
+            for reply in self._drain_replies.pop(agent_id, []):
+                with contextlib.suppress(Exception):  # the agent may be gone already
+                    await self.nc.publish(reply, str(len(runs)).encode())
+        if not failed:
+            self.work.announced.update(d.announced)
+
+    async def _with_permit(self, event: RunAdmitted) -> Event:
+        """A late admission carries the permit its gateway took; a run for which the team
+        holds no permit never went through admission: it fails instead."""
+        run = self.index.records[event.run_id]
+        limit = self.config.tiers[event.tier]
+        assert limit is not None  # decide admits late only runs of limited tiers
+        slot = await self._permit_of(run, limit)
+        if slot is not None:
+            log.warning("run %s: its gateway never admitted it; admitting it", run.id)
+            self.work.permit_held.add(run.id)  # just confirmed: no second check
+            return msgspec.structs.replace(event, slot=slot)
+        log.warning("run %s did not go through admission: failing it", run.id)
+        return not_admitted(run, event.at, "no permit was taken for it")
+
+    async def _permit_of(self, run: RunRecord, limit: int) -> AdmissionSlot | None:
+        """The permit ``run``'s team holds for it under ``limit``, if any. Retries outages."""
+        holders = await patiently(
+            f"permits of {run.team}", lambda: self.admission.holders(limit, run.team)
+        )
+        for seq, permit in holders:
+            if permit.run_id == run.id:
+                return AdmissionSlot(stream=stream_name(limit), seq=seq)
+        return None
+
+    async def _release_ended(self) -> None:
+        """Give back the permits of runs that ended, together: an outage holds a pass up for
+        one retry budget at most, not one per run. A permit still held is the sweep's job."""
+        ended, self._ended = self._ended, []
+        limiter = anyio.CapacityLimiter(APPENDS_IN_FLIGHT)
+
+        async def release(run_id: str, slot: AdmissionSlot) -> None:
+            async with limiter:
+                try:
+                    await patiently(f"release {slot}", partial(self.admission.release, slot))
+                except RETRYABLE as err:
+                    log.warning("could not give back the permit of %s (%r)", run_id, err)
+
+        async with anyio.create_task_group() as tg:
+            for run in ended:
+                if run.slot is not None:
+                    tg.start_soon(release, run.id, run.slot)
+
+    async def _sweep(self) -> None:
+        try:
+            released = await self.admission.sweep(
+                self.clock.now(), self.config.settings.release_grace_s
+            )
+        except Exception as err:
+            log.warning("admission sweep failed: %r", err)
+            return
+        if released:
+            log.info("gave back %d admission permits of ended or unrecorded runs", released)
+
+
+__all__ = ["APPENDS_IN_FLIGHT", "Applier", "patiently"]
