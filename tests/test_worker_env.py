@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime.node.pipelines import pipeline
 from runtime.node.worker_env import check_declared, worker_env
 from tests.harness import FIXTURES, Stack, client, wait_replicas
 
@@ -93,6 +94,36 @@ async def test_a_hostile_pipeline_finds_no_credentials(hostile_stack: Stack) -> 
     findings = json.loads(done.json()["outputs"][0]["value"])
     own = [f for f in findings if f.startswith(("env ", "/proc/self/"))]
     assert own == [], findings
+
+
+@pytest.mark.anyio
+async def test_a_pipeline_gets_the_variables_it_declares_and_still_no_credentials(
+    hostile_stack: Stack,
+) -> None:
+    """``@pipeline(env=...)`` reaches its workers, over what the operator passed; jetrun's and
+    NATS variables still do not."""
+    await wait_replicas(hostile_stack.url, "tok_big", "test/declared:v1")
+    names = json.dumps(["MODEL_SIZE", "HF_HOME", "NATS_TOKEN", "JETRUN_NATS", "NATS_URL"])
+    body = {"pipeline": "test/declared:v1", "inputs": [{"type": "string", "value": names}]}
+    async with client(hostile_stack, "tok_big") as c:
+        done = await c.post("/v4/runs", json=body)
+    assert done.status_code == 200 and done.json()["state"] == "completed", done.text
+    seen = json.loads(done.json()["outputs"][0]["value"])
+    assert seen == {
+        "MODEL_SIZE": "7b",
+        "HF_HOME": "/declared",  # the pipeline's value wins over the operator's /models
+        "NATS_TOKEN": None,
+        "JETRUN_NATS": None,
+        "NATS_URL": None,
+    }
+
+
+def test_a_pipeline_declaring_reserved_variables_is_refused_when_defined() -> None:
+    for name in ("JETRUN_NATS", "NATS_URL", "CUDA_VISIBLE_DEVICES", "HOME"):
+        with pytest.raises(ValueError, match=name):
+            pipeline("test/greedy:v1", env={name: "x"})(lambda: None)
+    with pytest.raises(ValueError, match="string"):
+        pipeline("test/greedy:v1", env={"N": 1})(lambda: None)  # type: ignore[dict-item]
 
 
 @pytest.mark.anyio

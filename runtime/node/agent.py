@@ -282,7 +282,7 @@ class Agent:
 
     async def _spawn(self, pool: _Pool) -> PipelineWorker:
         env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, pool.gpus))} if pool.gpus else None
-        worker = PipelineWorker(pool.module, pool.spec.pointer, env=env)
+        worker = PipelineWorker(pool.module, pool.spec.pointer, env=env, declared=pool.spec.env)
         with self.cold_starts.labels(pool.spec.pointer).time():
             await worker.start()
         return worker

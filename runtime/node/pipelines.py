@@ -20,8 +20,8 @@ import inspect
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,6 +38,7 @@ from contracts.values import (
     from_python,
     to_python,
 )
+from runtime.node.worker_env import check_declared
 
 T = TypeVar("T")
 
@@ -88,6 +89,7 @@ class PipelineSpec:
     gpus: int = 1
     gpu_memory_mb: int = 0
     scaling: ScalingSettings | None = None
+    env: Mapping[str, str] = field(default_factory=dict)  # its workers' declared variables
 
     @property
     def is_class(self) -> bool:
@@ -121,12 +123,15 @@ def pipeline(
     gpus: int = 1,
     gpu_memory_mb: int = 0,
     scaling: ScalingSettings | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> Callable[[T], T]:
     """Register the decorated function or class as the pipeline ``pointer``; return it unchanged.
 
     ``gpus`` and ``gpu_memory_mb`` say what one replica needs (GPU pipelines). ``scaling``
     makes it autoscaled (replicas load and unload with traffic, down to ``min_replicas``);
-    without it every agent that can serve it keeps a replica loaded.
+    without it every agent that can serve it keeps a replica loaded. ``env``: environment
+    variables its worker processes get (on top of the allow-listed ones; never ``JETRUN_*``,
+    ``NATS*`` or the accelerator selection, which stay the agent's).
 
     Raises ``ValueError`` for a malformed pointer, bad options or a pointer already taken by
     another object, and ``TypeError`` for a signature jetrun cannot map to typed inputs.
@@ -138,6 +143,8 @@ def pipeline(
         raise ValueError(f"max_retries must be >= 0, got {max_retries}")
     if gpus < 1 or gpu_memory_mb < 0:
         raise ValueError(f"gpus must be >= 1 and gpu_memory_mb >= 0, got {gpus}, {gpu_memory_mb}")
+    declared = dict(env or {})
+    check_declared(declared)
 
     def register(target: T) -> T:
         if not callable(target):
@@ -155,6 +162,7 @@ def pipeline(
             gpus=gpus,
             gpu_memory_mb=gpu_memory_mb,
             scaling=scaling,
+            env=declared,
         )
         _add(spec)
         return target

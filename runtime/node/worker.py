@@ -201,10 +201,18 @@ class PipelineWorker:
     ``start()`` and ``kill()`` yourself. Concurrent ``run()`` calls queue behind each other.
     """
 
-    def __init__(self, module: str, pointer: str, *, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        module: str,
+        pointer: str,
+        *,
+        env: Mapping[str, str] | None = None,
+        declared: Mapping[str, str] | None = None,
+    ) -> None:
         self.module = str(Path(module).resolve()) if module.endswith(".py") else module
         self.pointer = pointer
-        self._env = dict(env or {})
+        self._env = dict(env or {})  # the agent's settings for this worker (its GPUs)
+        self._declared = dict(declared or {})  # the pipeline's ``@pipeline(env=...)``
         self._process: Process | None = None
         self._reader: BufferedByteReceiveStream | None = None
         self._lock = anyio.Lock()
@@ -276,10 +284,12 @@ class PipelineWorker:
     def _child_env(self) -> dict[str, str]:
         """Tenant code gets an allow-list of the agent's environment (never NATS addresses,
         credentials or jetrun's settings), the names the operator lets through in
-        ``$JETRUN_WORKER_ENV``, and what the agent sets for this worker (its GPUs)."""
+        ``$JETRUN_WORKER_ENV``, what the pipeline declares (``@pipeline(env=...)``) and what
+        the agent sets for this worker (its GPUs)."""
         passed = [n.strip() for n in os.environ.get(PASS_ENV, "").split(",") if n.strip()]
         env = worker_env(
             os.environ,
+            declared=self._declared,
             passed=passed,
             package_root=_PACKAGE_ROOT,
             home=_home(os.environ.get(USER_ENV) or None),

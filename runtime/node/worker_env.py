@@ -4,7 +4,7 @@ The agent's environment may hold where NATS is and its credentials (``JETRUN_NAT
 ``JETRUN_NATS_SEED``, ...), cloud keys of the node, tokens. A worker gets only the variables
 named here (locale, paths, the accelerator selection), plus what its pipeline declares with
 ``@pipeline(env={...})`` (values written in the pipeline's own code), plus the names the
-operator passes through with ``jetrun agent --worker-env NAME``. Pure functions.
+operator lets through in ``$JETRUN_WORKER_ENV``. Pure functions.
 """
 
 from __future__ import annotations
@@ -32,6 +32,9 @@ ALLOWED = frozenset(
 ALLOWED_PREFIXES = ("LC_",)
 # jetrun's own settings and anything about NATS never reach tenant code, whoever asks
 RESERVED_PREFIXES = ("JETRUN_", "NATS")
+# which accelerators a worker may use is the agent's to say (a pipeline that named them itself
+# could run on GPUs another team's replica holds)
+AGENTS_OWN = frozenset({"CUDA_VISIBLE_DEVICES", "NVIDIA_VISIBLE_DEVICES", "HOME"})
 
 
 def is_reserved(name: str) -> bool:
@@ -45,6 +48,10 @@ def check_declared(env: Mapping[str, str]) -> None:
             raise ValueError(f"env: {name!r} is not a valid environment variable")
         if is_reserved(name):
             raise ValueError(f"env: {name} is reserved for jetrun itself")
+        if name.upper() in AGENTS_OWN:
+            raise ValueError(f"env: {name} is set by the agent, not by a pipeline")
+        if not isinstance(value, str):
+            raise ValueError(f"env: the value of {name} must be a string")
 
 
 def worker_env(
@@ -64,7 +71,13 @@ def worker_env(
         for name, value in parent.items()
         if (name in allowed or name.startswith(ALLOWED_PREFIXES)) and not is_reserved(name)
     }
-    env.update({k: v for k, v in (declared or {}).items() if not is_reserved(k)})
+    env.update(
+        {
+            k: v
+            for k, v in (declared or {}).items()
+            if not is_reserved(k) and k.upper() not in AGENTS_OWN
+        }
+    )
     env["HOME"] = home
     path = env.get("PYTHONPATH")
     env["PYTHONPATH"] = package_root + (os.pathsep + path if path else "")
