@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import anyio
 import pytest
+from anyio.abc import TaskGroup
 from nats.aio.client import Client
 
 from contracts.errors import ErrorType, RunError
 from contracts.events import RunCompleted, RunDispatched, RunFailed
 from contracts.values import from_python
-from runtime.node.agent import Agent, _Attempt, default_agent_id
+from runtime.node.agent import Agent, default_agent_id
+from runtime.node.attempts import Attempt
 from runtime.node.results import fitted
 
 pytestmark = pytest.mark.anyio
@@ -22,11 +24,12 @@ async def test_an_exception_in_an_attempt_fails_that_attempt_alone(
 ) -> None:
     agent = Agent(nc, modules=[], agent_id="agent-t")
 
-    async def explode(dispatch: RunDispatched, attempt: _Attempt) -> None:
+    async def explode(dispatch: RunDispatched, attempt: Attempt, tg: TaskGroup) -> None:
         raise OverflowError("can't serialize ints > 2**64 - 1")
 
-    monkeypatch.setattr(agent, "_execute", explode)
-    result = await agent._attempt_result(DISPATCH, _Attempt("run_x", 2, anyio.CancelScope()))
+    monkeypatch.setattr(agent.runner, "execute", explode)
+    async with anyio.create_task_group() as tg:
+        result = await agent.runner.result(DISPATCH, Attempt("run_x", 2, anyio.CancelScope()), tg)
     assert isinstance(result, RunFailed)
     assert (result.run_id, result.attempt) == ("run_x", 2)
     assert result.error.type is ErrorType.unknown

@@ -132,7 +132,7 @@ async def test_a_raising_pipeline_is_a_pipeline_error_with_its_traceback() -> No
     assert error.traceback is not None
     assert error.traceback.startswith("Traceback (most recent call last):")
     assert 'runtime/node/demo.py", line' in error.traceback and "in fail" in error.traceback
-    assert "runtime/node/worker.py" not in error.traceback  # the worker's own frames are trimmed
+    assert "runtime/node/worker_process.py" not in error.traceback  # its own frames are trimmed
 
 
 async def test_a_stream_that_fails_keeps_the_outputs_it_streamed() -> None:

@@ -16,7 +16,6 @@ import logging
 import re
 import socket
 import uuid
-from dataclasses import dataclass, field
 
 import anyio
 import msgspec
@@ -30,25 +29,15 @@ from contracts.agents import (
     LoadedPipeline,
     PipelineStatus,
 )
-from contracts.errors import ErrorType, RunError
 from contracts.events import (
     AnyEvent,
-    AttemptEvent,
-    Event,
     RunCancelled,
-    RunCompleted,
     RunDispatched,
-    RunFailed,
-    RunOutputProduced,
     RunPreempted,
     RunRequeued,
-    RunStarted,
-    RunSubmitted,
-    RunTimedOut,
 )
 from contracts.names import check_token
 from contracts.scaling import AnyScalingEvent, ReplicaLoadRequested, ReplicaUnloadRequested
-from contracts.values import RunIO
 from runtime.infra.capture import DEFAULT_MAX_BYTES
 from runtime.infra.catalog import Catalog
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
@@ -57,7 +46,6 @@ from runtime.infra.eventlog import (
     LogSettings,
     agent_dispatches,
     kind_subjects,
-    last_event_of_kind,
     require_all,
 )
 from runtime.infra.fleet import (
@@ -67,17 +55,17 @@ from runtime.infra.fleet import (
     declares_node_lost,
 )
 from runtime.infra.guard import Guard
-from runtime.infra.logsetup import bind, bound
+from runtime.infra.logsetup import bound
 from runtime.infra.metrics import cold_start_histogram
-from runtime.infra.runlogs import AttemptLog, LogStore
+from runtime.infra.runlogs import LogStore
 from runtime.infra.scalinglog import ScalingLog
 from runtime.node.accelerators import detect
+from runtime.node.attempts import Attempt, Pool, Reporter, Runner
 from runtime.node.pipelines import PipelineSpec, load_module
-from runtime.node.results import HEADER_ROOM, ResultTooLarge, check_size, fitted
+from runtime.node.results import HEADER_ROOM
 from runtime.node.worker import PipelineWorker, StartupFailed
 
 log = logging.getLogger("jetrun.agent")
-REPORT_GRACE_S = 5.0  # how long reports may still retry once a preemption notice came
 _encoder = msgspec.json.Encoder()
 
 
@@ -106,37 +94,12 @@ def _load(module: str) -> list[PipelineSpec]:
         raise PipelineModuleError(f"cannot load pipeline module {module!r}: {why}") from err
 
 
-def _ids(attempt: _Attempt) -> tuple[str, int]:
+def _ids(attempt: Attempt) -> tuple[str, int]:
     return attempt.run_id, attempt.attempt
 
 
 class PipelineModuleError(Exception):
     """A pipeline module given to the agent cannot be loaded; the message is one line."""
-
-
-@dataclass
-class _Pool:
-    """Warm workers of one pipeline; a worker that ran its startup is reused."""
-
-    spec: PipelineSpec
-    module: str
-    idle: list[PipelineWorker] = field(default_factory=list)
-    status: PipelineStatus = PipelineStatus.loading
-    error: str | None = None
-    loaded: bool = True  # a replica: False while an autoscaled pipeline is not loaded here
-    scaled: bool = False  # the autoscaler decides when it loads and unloads
-    gpus: list[int] = field(default_factory=list)  # what its workers see (CUDA_VISIBLE_DEVICES)
-    generation: int = 0  # bumped by every load and unload: a stale warm-up or unload gives way
-
-
-@dataclass
-class _Attempt:
-    run_id: str
-    attempt: int
-    scope: anyio.CancelScope
-    worker: PipelineWorker | None = None
-    cancelled: bool = False
-    pipeline: str = ""
 
 
 class Agent:
@@ -169,8 +132,8 @@ class Agent:
         self.logs = LogStore(self.log.js, settings)
         self.log_max_bytes = log_max_bytes
         self.accelerators = accelerators if accelerators is not None else detect(cpu_slots)
-        self.pools: dict[str, _Pool] = {}
-        self.attempts: dict[str, _Attempt] = {}
+        self.pools: dict[str, Pool] = {}
+        self.attempts: dict[str, Attempt] = {}
         self.draining = False
         self.draining_on_notice = False  # drain() was called: being declared lost is expected
         self.started_at = clock.now()
@@ -181,7 +144,18 @@ class Agent:
         self.seen_seq = 0  # the last event-log sequence handled
         self.serving = False  # subscribed to dispatches and heartbeating
         self.cold_starts = cold_start_histogram()
-        self._reporting: set[anyio.CancelScope] = set()  # reports in flight
+        self.reporter = Reporter(self.log)
+        self.runner = Runner(
+            agent_id=self.agent_id,
+            pools=self.pools,
+            log=self.log,
+            logs=self.logs,
+            reporter=self.reporter,
+            clock=clock,
+            spawn=self._spawn,
+            max_event_bytes=self.max_event_bytes,
+            log_max_bytes=log_max_bytes,
+        )
         self.guard = Guard(f"agent {self.agent_id}")
         self.scaling = ScalingLog(self.log.js, replicas=settings.replicas)
         self._scaling_seq = 0  # the last scaling-log sequence handled
@@ -250,9 +224,9 @@ class Agent:
                         "%s needs a %s slot; this node has none", spec.pointer, spec.accelerator
                     )
                     continue
-                self.pools[spec.pointer] = _Pool(spec=spec, module=module)
+                self.pools[spec.pointer] = Pool(spec=spec, module=module)
 
-    async def _register(self, pool: _Pool) -> None:
+    async def _register(self, pool: Pool) -> None:
         """Enter the pipeline in the catalogue, unless it is deployed with scaling settings
         (those are the operator's: never overwritten by an agent starting)."""
         known = await self.catalog.lookup(pool.spec.pointer)
@@ -263,7 +237,7 @@ class Agent:
             pool.scaled = pool.spec.scaling is not None
         pool.loaded = not pool.scaled
 
-    async def _warm(self, pool: _Pool, generation: int) -> None:
+    async def _warm(self, pool: Pool, generation: int) -> None:
         """The cold start: one worker runs the pipeline's startup step."""
         try:
             worker = await self._spawn(pool)
@@ -280,7 +254,7 @@ class Agent:
             log.info("%s ready on %s", pool.spec.pointer, self.agent_id)
         await self._beat()
 
-    async def _spawn(self, pool: _Pool) -> PipelineWorker:
+    async def _spawn(self, pool: Pool) -> PipelineWorker:
         env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, pool.gpus))} if pool.gpus else None
         worker = PipelineWorker(pool.module, pool.spec.pointer, env=env, declared=pool.spec.env)
         with self.cold_starts.labels(pool.spec.pointer).time():
@@ -312,7 +286,7 @@ class Agent:
             await self._beat()
             self._tg.start_soon(self._unload, pool, pool.generation)
 
-    async def _unload(self, pool: _Pool, generation: int) -> None:
+    async def _unload(self, pool: Pool, generation: int) -> None:
         """Let the replica's running attempts finish, then stop its workers (which frees the
         memory they hold) and stop advertising it."""
         while any(a.pipeline == pool.spec.pointer for a in self.attempts.values()):
@@ -324,7 +298,7 @@ class Agent:
         log.info("%s unloaded %s", self.agent_id, pool.spec.pointer)
         await self._beat()
 
-    async def _kill_idle(self, pool: _Pool) -> None:
+    async def _kill_idle(self, pool: Pool) -> None:
         idle, pool.idle = pool.idle, []
         for worker in idle:
             await worker.kill()
@@ -343,9 +317,7 @@ class Agent:
         self.draining = True
         self.draining_on_notice = True
         log.warning("%s draining: %s", self.agent_id, reason)
-        give_up = anyio.current_time() + REPORT_GRACE_S
-        for scope in self._reporting:  # reports retrying through an outage: bounded now
-            scope.deadline = min(scope.deadline, give_up)
+        self.reporter.bound()  # reports retrying through an outage: bounded now
         await self._beat()
         try:
             reply = await self.nc.request(DRAIN_SUBJECT, self.agent_id.encode(), timeout=5.0)
@@ -411,7 +383,7 @@ class Agent:
         self.seen_seq = max(self.seen_seq, seq)
         if isinstance(event, RunDispatched) and event.agent_id == self.agent_id:
             if event.run_id not in self.attempts and not self.draining and self._tg is not None:
-                attempt = _Attempt(event.run_id, event.attempt, anyio.CancelScope())
+                attempt = Attempt(event.run_id, event.attempt, anyio.CancelScope())
                 self.attempts[event.run_id] = attempt
                 self._tg.start_soon(self._run_attempt, event, attempt)
         elif isinstance(event, RunCancelled):
@@ -430,7 +402,7 @@ class Agent:
                 log.warning("run %s attempt %d was declared lost; killing it", *_ids(running))
                 self._abandon(running)
 
-    def _abandon(self, attempt: _Attempt) -> None:
+    def _abandon(self, attempt: Attempt) -> None:
         """Kill an attempt whose run has moved on; it reports nothing. Its slot is free at
         once: a new dispatch of the same run is taken while the old worker is being killed."""
         attempt.cancelled = True
@@ -439,20 +411,11 @@ class Agent:
             del self.attempts[attempt.run_id]
             self._idle.set()
 
-    async def _run_attempt(self, dispatch: RunDispatched, attempt: _Attempt) -> None:
-        with bound(run_id=dispatch.run_id, attempt=dispatch.attempt, agent_id=self.agent_id):
-            await self._run_attempt_bound(dispatch, attempt)
-
-    async def _run_attempt_bound(self, dispatch: RunDispatched, attempt: _Attempt) -> None:
+    async def _run_attempt(self, dispatch: RunDispatched, attempt: Attempt) -> None:
+        assert self._tg is not None
         try:
-            with attempt.scope:
-                result = await self._attempt_result(dispatch, attempt)
-            if attempt.cancelled:
-                log.info("attempt interrupted (cancelled or preempted)")
-                return  # cancelled or preempted: the control plane has recorded the end
-            if result is not None:
-                log.info("attempt ended: %s", result.kind)
-                await self._report(fitted(result, self.max_event_bytes()))
+            with bound(run_id=dispatch.run_id, attempt=dispatch.attempt, agent_id=self.agent_id):
+                await self.runner.run(dispatch, attempt, self._tg)
         finally:
             if self.attempts.get(dispatch.run_id) is attempt:
                 del self.attempts[dispatch.run_id]
@@ -461,134 +424,5 @@ class Agent:
                 with anyio.CancelScope(shield=True):
                     await attempt.worker.kill()
 
-    async def _attempt_result(
-        self, dispatch: RunDispatched, attempt: _Attempt
-    ) -> AttemptEvent | None:
-        """``_execute``; whatever it raises fails this attempt alone, never the agent."""
-        try:
-            return await self._execute(dispatch, attempt)
-        except ResultTooLarge as err:
-            error = err.error
-        except Exception as err:
-            log.exception("attempt %d of %s failed on the agent", dispatch.attempt, dispatch.run_id)
-            message = f"the agent could not run this attempt: {type(err).__name__}: {err}"
-            error = RunError(type=ErrorType.unknown, message=message[:2000])
-        at = self.clock.now()
-        return RunFailed(run_id=dispatch.run_id, at=at, attempt=dispatch.attempt, error=error)
-
     def max_event_bytes(self) -> int:
         return max(self.nc.max_payload - HEADER_ROOM, 1024)
-
-    async def _execute(self, dispatch: RunDispatched, attempt: _Attempt) -> AttemptEvent | None:
-        run_id, n = dispatch.run_id, dispatch.attempt
-        submitted = await self._submitted(dispatch)
-        pool = self.pools.get(submitted.pipeline) if submitted is not None else None
-        if pool is None or submitted is None:
-            error = RunError(
-                type=ErrorType.pipeline_loading,
-                message=f"pipeline is not loaded on node {self.agent_id}",
-            )
-            return RunFailed(run_id=run_id, at=self.clock.now(), attempt=n, error=error)
-        attempt.pipeline = pool.spec.pointer
-        bind(team=submitted.team, pipeline=submitted.pipeline)
-        try:
-            worker = pool.idle.pop() if pool.idle else await self._spawn(pool)
-        except StartupFailed as failed:
-            return RunFailed(run_id=run_id, at=self.clock.now(), attempt=n, error=failed.error)
-        attempt.worker = worker
-        log.info("attempt started")
-        # ``started`` is appended while the worker runs; what follows it in the log (outputs,
-        # the result) is appended only once it is stored
-        reported = anyio.Event()
-        started = RunStarted(run_id=run_id, at=self.clock.now(), attempt=n, agent_id=self.agent_id)
-        assert self._tg is not None
-        self._tg.start_soon(self._report_then_set, started, reported)
-        try:
-            return await self._run_worker(dispatch, submitted, pool, worker, attempt, reported)
-        finally:
-            with anyio.CancelScope(shield=True):
-                await reported.wait()
-
-    async def _report_then_set(self, event: Event, done: anyio.Event) -> None:
-        try:
-            await self._report(event)
-        finally:
-            done.set()
-
-    async def _run_worker(
-        self,
-        dispatch: RunDispatched,
-        submitted: RunSubmitted,
-        pool: _Pool,
-        worker: PipelineWorker,
-        attempt: _Attempt,
-        reported: anyio.Event,
-    ) -> AttemptEvent:
-        run_id, n = dispatch.run_id, dispatch.attempt
-
-        async def on_output(index: int, output: RunIO) -> None:
-            event = RunOutputProduced(
-                run_id=run_id, at=self.clock.now(), attempt=n, index=index, output=output
-            )
-            check_size(event, self.max_event_bytes())  # too large: the worker is killed
-            await reported.wait()
-            await self._report(event)
-
-        timeout = pool.spec.timeout_s
-        output = AttemptLog(self.logs, run_id, n, self.clock, max_bytes=self.log_max_bytes)
-        assert self._tg is not None
-        self._tg.start_soon(output.run)
-        try:
-            with anyio.move_on_after(timeout if timeout is not None else float("inf")) as limit:
-                result = await worker.run(submitted.inputs, on_output, output.capture)
-        finally:
-            await output.close()  # the attempt's logs are stored before its result
-        if limit.cancelled_caught:
-            await worker.kill()
-            return RunTimedOut(
-                run_id=run_id, at=self.clock.now(), attempt=n, timeout_s=timeout or 0.0
-            )
-        if worker.alive and pool.loaded and pool.status is PipelineStatus.ready:
-            pool.idle.append(worker)
-        else:  # the replica is being (or was) unloaded: its worker exits
-            await worker.kill()
-        attempt.worker = None
-        now = self.clock.now()
-        if result.error is not None:
-            return RunFailed(run_id=run_id, at=now, attempt=n, error=result.error)
-        return RunCompleted(  # streamed outputs are already in the log: not repeated
-            run_id=run_id,
-            at=now,
-            attempt=n,
-            outputs=result.outputs[result.streamed :],
-            streamed=result.streamed,
-        )
-
-    async def _submitted(self, dispatch: RunDispatched) -> RunSubmitted | None:
-        """What the run was submitted with: carried by the dispatch, else read from the log."""
-        if dispatch.inputs is not None and dispatch.pipeline is not None:
-            return RunSubmitted(
-                run_id=dispatch.run_id,
-                at=dispatch.at,
-                team=dispatch.team or "",
-                pipeline=dispatch.pipeline,
-                inputs=dispatch.inputs,
-            )
-        event = await last_event_of_kind(self.log, dispatch.run_id, "submitted")
-        return event if isinstance(event, RunSubmitted) else None
-
-    async def _report(self, event: Event) -> None:
-        """Append a result; it outlives cancellation and NATS outages (``report_deadline_s``),
-        but not a preemption notice by more than ``REPORT_GRACE_S``: shutdown is bounded."""
-        with anyio.CancelScope(shield=True) as scope:
-            if self.draining_on_notice:
-                scope.deadline = anyio.current_time() + REPORT_GRACE_S
-            self._reporting.add(scope)
-            try:
-                await self.log.append(event)
-            except Exception as err:
-                log.error("could not report %s for %s: %r", event.kind, event.run_id, err)
-            finally:
-                self._reporting.discard(scope)
-        if scope.cancelled_caught:
-            log.error("gave up reporting %s for %s: shutting down", event.kind, event.run_id)

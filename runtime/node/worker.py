@@ -1,11 +1,9 @@
 """Attempts run in worker processes that the agent can kill.
 
-The child is ``python -m runtime.node.worker <module-spec> <pointer>``: it imports the pipeline
-module, runs the startup step once (the cold start), reports ``Ready`` or ``StartupError``, then
-serves run requests one at a time until its stdin closes. Frames are msgpack, each prefixed by
-its length (4 bytes, big-endian). The child reads requests from a duplicate of its original
-stdin and writes replies to a duplicate of its original stdout; fd 1 is then pointed at stderr
-and fd 0 at /dev/null, so a pipeline's prints cannot corrupt the protocol.
+``PipelineWorker`` is the agent's side: it starts ``python -m runtime.node.worker_process
+<module-spec> <pointer>`` (the child, and the frames both sides speak, are in
+``runtime.node.worker_process``), waits for its startup step, and sends it one attempt at a
+time.
 
 What the pipeline prints (stdout and stderr, one pipe) is read by the parent into a
 ``LogCapture`` per attempt: after its startup step and after each attempt the child flushes
@@ -13,31 +11,22 @@ both and writes the end marker of the nonce it was given (``JETRUN_LOG_MARKER`` 
 step, ``RunRequest.log_marker`` for an attempt); before an attempt it flushes and writes that
 attempt's start marker, and what came before it (printed after the previous attempt ended, by
 a thread of its pipeline, say) is dropped: the next attempt may be another team's run. Output
-with no capture of its own (the startup
-step, or ``run`` without ``output=``) goes to the ``jetrun.worker`` logger, capped. Between
-attempts nobody reads it: a pipeline printing from a background thread then blocks.
-
-Child to parent: ``Ready``, ``StartupError``, then per run any number of ``Output`` (streamed,
-one per ``yield``) and one ``Finished`` or ``Failed``. A run's outputs are the streamed ones
-followed by ``Finished.outputs``.
+with no capture of its own (the startup step, or ``run`` without ``output=``) goes to the
+``jetrun.worker`` logger, capped. Between attempts nobody reads it: a pipeline printing from a
+background thread then blocks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import io
 import logging
 import os
-import struct
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
 
 import anyio
 import msgspec
@@ -46,13 +35,30 @@ from anyio.streams.buffered import BufferedByteReceiveStream
 
 from contracts.errors import ErrorType, RunError
 from contracts.values import RunIO
-from runtime.infra.capture import LogCapture, marker_bytes, start_marker_bytes
-from runtime.infra.lifetime import child_env, honour_parent
+from runtime.infra.capture import LogCapture
+from runtime.infra.lifetime import child_env
 from runtime.node.worker_env import worker_env
+from runtime.node.worker_process import (
+    HEADER,
+    MARKER_ENV,
+    Failed,
+    Finished,
+    Frame,
+    Output,
+    Ready,
+    RunRequest,
+    StartupError,
+    StartupFailed,
+    decoder,
+    error_of,
+    frame_bytes,
+    startup_error,
+)
+
+__all__ = ["PipelineWorker", "StartupFailed", "WorkerResult", "WorkerStatistics", "error_of"]
 
 log = logging.getLogger("jetrun.worker")
 
-_HEADER = struct.Struct(">I")
 _STREAM_ENDED = (
     anyio.IncompleteRead,
     anyio.EndOfStream,
@@ -60,7 +66,6 @@ _STREAM_ENDED = (
     anyio.BrokenResourceError,
 )
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
-MARKER_ENV = "JETRUN_LOG_MARKER"
 PASS_ENV = "JETRUN_WORKER_ENV"  # names, comma-separated, the operator lets through to workers
 # The OS user workers run as (the agent must be root to switch): then tenant code cannot read
 # the agent's owner-only seed file, its /proc entries or signal it; and the interpreter that
@@ -74,36 +79,6 @@ _OVER_CAP_PAUSE_S = 0.005  # past its cap a flood is read (and dropped) at <= 13
 _END_GRACE_S = 5.0
 _UNCAPTURED_MAX_BYTES = 65_536
 
-
-class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
-    pid: int
-
-
-class StartupError(msgspec.Struct, frozen=True, kw_only=True, tag="startup_error"):
-    error: RunError
-
-
-class RunRequest(msgspec.Struct, frozen=True, kw_only=True, tag="run"):
-    inputs: list[RunIO]
-    log_marker: str = ""  # the nonce of this attempt's end-of-output marker
-
-
-class Output(msgspec.Struct, frozen=True, kw_only=True, tag="output"):
-    index: int
-    output: RunIO
-
-
-class Finished(msgspec.Struct, frozen=True, kw_only=True, tag="finished"):
-    outputs: list[RunIO]
-
-
-class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
-    error: RunError
-
-
-Frame = Ready | StartupError | RunRequest | Output | Finished | Failed
-_encoder = msgspec.msgpack.Encoder()
-_decoder = msgspec.msgpack.Decoder(Frame)
 
 OnOutput = Callable[[int, RunIO], Awaitable[None]]
 
@@ -128,46 +103,8 @@ class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     runs: int  # attempts that ended, however they ended
 
 
-class StartupFailed(Exception):
-    """The pipeline could not start: import failed, no such pointer, startup() raised, or the
-    worker died during startup. ``error.type`` is ``startup_error``."""
-
-    def __init__(self, error: RunError) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
 class _Gone(Exception):
     """The worker stopped answering (exited, killed or sent garbage)."""
-
-
-def error_of(exc: BaseException, kind: ErrorType = ErrorType.pipeline_error) -> RunError:
-    """The run error for an exception: ``MemoryError`` is ``oom``, an ``OutOfMemoryError``
-    class (torch.cuda) is ``cuda_oom``, a "CUDA error" is ``cuda_error``, else ``kind``."""
-    names = {cls.__name__ for cls in type(exc).__mro__}
-    if "OutOfMemoryError" in names:
-        kind = ErrorType.cuda_oom
-    elif isinstance(exc, MemoryError):
-        kind = ErrorType.oom
-    elif "AcceleratorError" in names or str(exc).startswith("CUDA error"):
-        kind = ErrorType.cuda_error
-    text = str(exc)
-    message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return RunError(type=kind, message=message, traceback=_format_traceback(exc))
-
-
-def _format_traceback(exc: BaseException) -> str:
-    """The traceback without the worker's own leading frames."""
-    ours = {__file__, str(Path(__file__).with_name("pipelines.py"))}
-    tb = exc.__traceback__
-    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename in ours:
-        tb = tb.tb_next
-    return "".join(traceback.format_exception(type(exc), exc, tb))
-
-
-def _frame(frame: Frame) -> bytes:
-    body = _encoder.encode(frame)
-    return _HEADER.pack(len(body)) + body
 
 
 # --- the parent side ----------------------------------------------------------------------
@@ -256,7 +193,7 @@ class PipelineWorker:
             raise RuntimeError(f"worker for {self.pointer} was already started")
         startup = self._uncaptured()
         python = os.environ.get(PYTHON_ENV) or sys.executable
-        argv = [python, "-m", "runtime.node.worker", self.module, self.pointer]
+        argv = [python, "-m", "runtime.node.worker_process", self.module, self.pointer]
         self._process = await anyio.open_process(
             _as_user(os.environ.get(USER_ENV) or None, argv),
             stdin=subprocess.PIPE,
@@ -272,14 +209,14 @@ class PipelineWorker:
                 frame = await self._receive()
         except _Gone:
             code = await self._reap()
-            raise StartupFailed(_startup_error(f"{_exited(code)} during startup")) from None
+            raise StartupFailed(startup_error(f"{_exited(code)} during startup")) from None
         except BaseException:
             await self.kill()
             raise
         if not isinstance(frame, Ready):
             await self.kill()
             error = frame.error if isinstance(frame, StartupError) else None
-            raise StartupFailed(error or _startup_error(f"unexpected first frame {frame!r}"))
+            raise StartupFailed(error or startup_error(f"unexpected first frame {frame!r}"))
 
     def _child_env(self) -> dict[str, str]:
         """Tenant code gets an allow-list of the agent's environment (never NATS addresses,
@@ -318,7 +255,7 @@ class PipelineWorker:
         capture = output or self._uncaptured()
         capture.expect_start()  # what was printed before this attempt began is not its
         try:
-            request = _frame(RunRequest(inputs=inputs, log_marker=capture.nonce))
+            request = frame_bytes(RunRequest(inputs=inputs, log_marker=capture.nonce))
         except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
             message = f"the inputs cannot be sent to the pipeline: {type(exc).__name__}: {exc}"
             return WorkerResult(error=RunError(type=ErrorType.input_error, message=message))
@@ -446,12 +383,12 @@ class PipelineWorker:
     async def _receive(self) -> Frame:
         assert self._reader is not None
         try:
-            header = await self._reader.receive_exactly(_HEADER.size)
-            body = await self._reader.receive_exactly(_HEADER.unpack(header)[0])
+            header = await self._reader.receive_exactly(HEADER.size)
+            body = await self._reader.receive_exactly(HEADER.unpack(header)[0])
         except _STREAM_ENDED:
             raise _Gone() from None
         try:
-            frame: Frame = _decoder.decode(body)
+            frame: Frame = decoder.decode(body)
         except (msgspec.DecodeError, RecursionError) as exc:
             raise _Gone(f"the worker process sent an unreadable frame: {exc}") from None
         return frame
@@ -461,148 +398,3 @@ def _exited(code: int | None) -> str:
     if code is not None and code < 0:
         return f"the worker process exited with code {code} (killed by signal {-code})"
     return f"the worker process exited with code {code}"
-
-
-def _startup_error(message: str, trace: str | None = None) -> RunError:
-    return RunError(type=ErrorType.startup_error, message=message, traceback=trace)
-
-
-# --- the child side -----------------------------------------------------------------------
-
-
-class _Channel:
-    """The child's end of the protocol; every call blocks."""
-
-    def __init__(self, inp: BinaryIO, out: BinaryIO) -> None:
-        self.inp, self.out = inp, out
-
-    @classmethod
-    def take_stdio(cls) -> _Channel:
-        """Move the protocol off fds 0 and 1: fd 1 now goes to stderr, fd 0 reads /dev/null."""
-        sys.stdout.flush()
-        out = os.fdopen(os.dup(1), "wb")
-        inp = os.fdopen(os.dup(0), "rb")
-        os.dup2(2, 1)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.close(null)
-        if isinstance(sys.stdout, io.TextIOWrapper):
-            sys.stdout.reconfigure(line_buffering=True)
-        return cls(inp, out)
-
-    def send(self, frame: Frame) -> None:
-        self.write(_frame(frame))
-
-    @staticmethod
-    def start_output(nonce: str) -> None:
-        """Flush what was printed before this attempt, then mark where the attempt starts."""
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        if nonce:
-            with contextlib.suppress(OSError):
-                os.write(2, start_marker_bytes(nonce))
-
-    @staticmethod
-    def end_output(nonce: str) -> None:
-        """Flush what the pipeline printed, then mark its end (see the module docstring)."""
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):  # a pipeline may have replaced or closed it
-                stream.flush()
-        if nonce:
-            with contextlib.suppress(OSError):
-                os.write(2, marker_bytes(nonce))
-
-    def write(self, data: bytes) -> None:
-        self.out.write(data)
-        self.out.flush()
-
-    def receive(self) -> RunRequest | None:
-        """The next request, or None once the parent closed our stdin."""
-        header = self.inp.read(_HEADER.size)
-        if len(header) < _HEADER.size:
-            return None
-        body = self.inp.read(_HEADER.unpack(header)[0])
-        return msgspec.msgpack.decode(body, type=RunRequest)
-
-
-def _encode_output(frame: Output | Finished) -> bytes:
-    try:
-        return _frame(frame)
-    except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
-        raise ValueError(f"a pipeline output cannot be sent: {exc}") from exc
-
-
-def _startup(module: str, pointer: str) -> tuple[Any, Callable[..., Any]]:
-    """Load the pipeline and run its startup step; raises ``StartupFailed``."""
-    from runtime.node import pipelines
-
-    try:
-        specs = pipelines.load_module(module)
-    except (Exception, SystemExit) as exc:
-        error = error_of(exc, ErrorType.startup_error)
-        message = f"could not import {module}: {error.message}"
-        raise StartupFailed(_startup_error(message, error.traceback)) from exc
-    spec = next((s for s in specs if s.pointer == pointer), None)
-    if spec is None:
-        known = ", ".join(s.pointer for s in specs) or "none"
-        raise StartupFailed(_startup_error(f"{module} has no pipeline {pointer} (it has: {known})"))
-    try:
-        return spec, pipelines.instantiate(spec)
-    except (Exception, SystemExit) as exc:
-        error = error_of(exc)
-        raise StartupFailed(_startup_error(error.message, error.traceback)) from exc
-
-
-def _serve_one(channel: _Channel, spec: Any, call: Callable[..., Any], request: RunRequest) -> None:
-    from runtime.node import pipelines
-
-    marker = request.log_marker
-    channel.start_output(marker)
-    try:
-        args = pipelines.validate_inputs(spec, request.inputs)
-    except pipelines.InputError as exc:
-        channel.end_output(marker)
-        channel.send(Failed(error=RunError(type=ErrorType.input_error, message=str(exc))))
-        return
-    try:
-        result = call(*args)
-        if inspect.isgenerator(result):
-            for index, output in enumerate(pipelines.outputs(result)):
-                channel.write(_encode_output(Output(index=index, output=output)))
-            reply = _encode_output(Finished(outputs=[]))
-        else:
-            reply = _encode_output(Finished(outputs=list(pipelines.outputs(result))))
-    except (Exception, SystemExit) as exc:
-        reply = _frame(Failed(error=error_of(exc)))
-    channel.end_output(marker)
-    channel.write(reply)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The child's entry point: blocks serving runs until stdin closes; returns the exit code."""
-    honour_parent()
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2:
-        print("usage: python -m runtime.node.worker <module-or-file.py> <pointer>", file=sys.stderr)
-        return 2
-    startup_marker = os.environ.pop(MARKER_ENV, "")
-    channel = _Channel.take_stdio()
-    try:
-        try:
-            spec, call = _startup(*args)
-        except StartupFailed as failed:
-            channel.end_output(startup_marker)
-            channel.send(StartupError(error=failed.error))
-            return 1
-        channel.end_output(startup_marker)
-        channel.send(Ready(pid=os.getpid()))
-        while (request := channel.receive()) is not None:
-            _serve_one(channel, spec, call, request)
-    except (KeyboardInterrupt, BrokenPipeError):
-        return 130
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,240 @@
+"""Running one attempt on a node: take a warm worker, run the inputs, report what happened.
+
+The agent (``runtime.node.agent``) decides which dispatches to take and when to kill; this
+module runs a taken attempt and appends its events: ``started`` while the worker runs, then
+streamed ``output`` events, then the end (``completed``, ``failed`` or ``timed_out``). Whatever
+goes wrong on the node fails that attempt alone, never the agent. Every result is measured
+before it is appended, so an event the log cannot take fails the attempt instead of being lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import anyio
+from anyio.abc import TaskGroup
+
+from contracts.agents import PipelineStatus
+from contracts.errors import ErrorType, RunError
+from contracts.events import (
+    AttemptEvent,
+    Event,
+    RunCompleted,
+    RunDispatched,
+    RunFailed,
+    RunOutputProduced,
+    RunStarted,
+    RunSubmitted,
+    RunTimedOut,
+)
+from contracts.values import RunIO
+from runtime.infra.clock import Clock
+from runtime.infra.eventlog import EventLog, last_event_of_kind
+from runtime.infra.logsetup import bind
+from runtime.infra.runlogs import AttemptLog, LogStore
+from runtime.node.pipelines import PipelineSpec
+from runtime.node.results import ResultTooLarge, check_size, fitted
+from runtime.node.worker import PipelineWorker, StartupFailed
+
+log = logging.getLogger("jetrun.agent")
+REPORT_GRACE_S = 5.0  # how long reports may still retry once a preemption notice came
+
+
+@dataclass
+class Pool:
+    """Warm workers of one pipeline; a worker that ran its startup is reused."""
+
+    spec: PipelineSpec
+    module: str
+    idle: list[PipelineWorker] = field(default_factory=list)
+    status: PipelineStatus = PipelineStatus.loading
+    error: str | None = None
+    loaded: bool = True  # a replica: False while an autoscaled pipeline is not loaded here
+    scaled: bool = False  # the autoscaler decides when it loads and unloads
+    gpus: list[int] = field(default_factory=list)  # what its workers see (CUDA_VISIBLE_DEVICES)
+    generation: int = 0  # bumped by every load and unload: a stale warm-up or unload gives way
+
+
+@dataclass
+class Attempt:
+    run_id: str
+    attempt: int
+    scope: anyio.CancelScope
+    worker: PipelineWorker | None = None
+    cancelled: bool = False
+    pipeline: str = ""
+
+
+class Reporter:
+    """Appends an attempt's events; a report outlives cancellation and NATS outages (the
+    log's ``append_deadline_s``), but not a preemption notice by more than
+    ``REPORT_GRACE_S``: shutdown is bounded."""
+
+    def __init__(self, log: EventLog) -> None:
+        self.log = log
+        self.on_notice = False  # a preemption notice came: reports are bounded
+        self._reporting: set[anyio.CancelScope] = set()  # reports in flight
+
+    def bound(self) -> None:
+        """A preemption notice came: reports in flight give up within ``REPORT_GRACE_S``."""
+        self.on_notice = True
+        give_up = anyio.current_time() + REPORT_GRACE_S
+        for scope in self._reporting:
+            scope.deadline = min(scope.deadline, give_up)
+
+    async def report(self, event: Event) -> None:
+        with anyio.CancelScope(shield=True) as scope:
+            if self.on_notice:
+                scope.deadline = anyio.current_time() + REPORT_GRACE_S
+            self._reporting.add(scope)
+            try:
+                await self.log.append(event)
+            except Exception as err:
+                log.error("could not report %s for %s: %r", event.kind, event.run_id, err)
+            finally:
+                self._reporting.discard(scope)
+        if scope.cancelled_caught:
+            log.error("gave up reporting %s for %s: shutting down", event.kind, event.run_id)
+
+    async def report_then_set(self, event: Event, done: anyio.Event) -> None:
+        try:
+            await self.report(event)
+        finally:
+            done.set()
+
+
+@dataclass
+class Runner:
+    """Runs attempts of the pipelines in ``pools`` on this node (see the module docstring)."""
+
+    agent_id: str
+    pools: dict[str, Pool]
+    log: EventLog
+    logs: LogStore
+    reporter: Reporter
+    clock: Clock
+    spawn: Callable[[Pool], Awaitable[PipelineWorker]]
+    max_event_bytes: Callable[[], int]
+    log_max_bytes: int
+
+    async def run(self, dispatch: RunDispatched, attempt: Attempt, tg: TaskGroup) -> None:
+        """Run the attempt and report how it ended (nothing if it was interrupted)."""
+        with attempt.scope:
+            result = await self.result(dispatch, attempt, tg)
+        if attempt.cancelled:
+            log.info("attempt interrupted (cancelled or preempted)")
+            return  # cancelled or preempted: the control plane has recorded the end
+        if result is not None:
+            log.info("attempt ended: %s", result.kind)
+            await self.reporter.report(fitted(result, self.max_event_bytes()))
+
+    async def result(
+        self, dispatch: RunDispatched, attempt: Attempt, tg: TaskGroup
+    ) -> AttemptEvent | None:
+        """``execute``; whatever it raises fails this attempt alone, never the agent."""
+        try:
+            return await self.execute(dispatch, attempt, tg)
+        except ResultTooLarge as err:
+            error = err.error
+        except Exception as err:
+            log.exception("attempt %d of %s failed on the agent", dispatch.attempt, dispatch.run_id)
+            message = f"the agent could not run this attempt: {type(err).__name__}: {err}"
+            error = RunError(type=ErrorType.unknown, message=message[:2000])
+        at = self.clock.now()
+        return RunFailed(run_id=dispatch.run_id, at=at, attempt=dispatch.attempt, error=error)
+
+    async def execute(
+        self, dispatch: RunDispatched, attempt: Attempt, tg: TaskGroup
+    ) -> AttemptEvent | None:
+        run_id, n = dispatch.run_id, dispatch.attempt
+        submitted = await self._submitted(dispatch)
+        pool = self.pools.get(submitted.pipeline) if submitted is not None else None
+        if pool is None or submitted is None:
+            error = RunError(
+                type=ErrorType.pipeline_loading,
+                message=f"pipeline is not loaded on node {self.agent_id}",
+            )
+            return RunFailed(run_id=run_id, at=self.clock.now(), attempt=n, error=error)
+        attempt.pipeline = pool.spec.pointer
+        bind(team=submitted.team, pipeline=submitted.pipeline)
+        try:
+            worker = pool.idle.pop() if pool.idle else await self.spawn(pool)
+        except StartupFailed as failed:
+            return RunFailed(run_id=run_id, at=self.clock.now(), attempt=n, error=failed.error)
+        attempt.worker = worker
+        log.info("attempt started")
+        # ``started`` is appended while the worker runs; what follows it in the log (outputs,
+        # the result) is appended only once it is stored
+        reported = anyio.Event()
+        started = RunStarted(run_id=run_id, at=self.clock.now(), attempt=n, agent_id=self.agent_id)
+        tg.start_soon(self.reporter.report_then_set, started, reported)
+        try:
+            return await self._run_worker(dispatch, submitted, pool, attempt, reported, tg)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await reported.wait()
+
+    async def _run_worker(
+        self,
+        dispatch: RunDispatched,
+        submitted: RunSubmitted,
+        pool: Pool,
+        attempt: Attempt,
+        reported: anyio.Event,
+        tg: TaskGroup,
+    ) -> AttemptEvent:
+        run_id, n = dispatch.run_id, dispatch.attempt
+        worker = attempt.worker
+        assert worker is not None
+
+        async def on_output(index: int, output: RunIO) -> None:
+            event = RunOutputProduced(
+                run_id=run_id, at=self.clock.now(), attempt=n, index=index, output=output
+            )
+            check_size(event, self.max_event_bytes())  # too large: the worker is killed
+            await reported.wait()
+            await self.reporter.report(event)
+
+        timeout = pool.spec.timeout_s
+        output = AttemptLog(self.logs, run_id, n, self.clock, max_bytes=self.log_max_bytes)
+        tg.start_soon(output.run)
+        try:
+            with anyio.move_on_after(timeout if timeout is not None else float("inf")) as limit:
+                result = await worker.run(submitted.inputs, on_output, output.capture)
+        finally:
+            await output.close()  # the attempt's logs are stored before its result
+        if limit.cancelled_caught:
+            await worker.kill()
+            return RunTimedOut(
+                run_id=run_id, at=self.clock.now(), attempt=n, timeout_s=timeout or 0.0
+            )
+        if worker.alive and pool.loaded and pool.status is PipelineStatus.ready:
+            pool.idle.append(worker)
+        else:  # the replica is being (or was) unloaded: its worker exits
+            await worker.kill()
+        attempt.worker = None
+        now = self.clock.now()
+        if result.error is not None:
+            return RunFailed(run_id=run_id, at=now, attempt=n, error=result.error)
+        return RunCompleted(  # streamed outputs are already in the log: not repeated
+            run_id=run_id,
+            at=now,
+            attempt=n,
+            outputs=result.outputs[result.streamed :],
+            streamed=result.streamed,
+        )
+
+    async def _submitted(self, dispatch: RunDispatched) -> RunSubmitted | None:
+        """What the run was submitted with: carried by the dispatch, else read from the log."""
+        if dispatch.inputs is not None and dispatch.pipeline is not None:
+            return RunSubmitted(
+                run_id=dispatch.run_id,
+                at=dispatch.at,
+                team=dispatch.team or "",
+                pipeline=dispatch.pipeline,
+                inputs=dispatch.inputs,
+            )
+        event = await last_event_of_kind(self.log, dispatch.run_id, "submitted")
+        return event if isinstance(event, RunSubmitted) else None

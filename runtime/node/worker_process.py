@@ -1,0 +1,255 @@
+"""The worker process: ``python -m runtime.node.worker_process <module-spec> <pointer>``.
+
+It imports the pipeline module, runs the startup step once (the cold start), reports ``Ready``
+or ``StartupError``, then serves run requests one at a time until its stdin closes. Frames are
+msgpack, each prefixed by its length (4 bytes, big-endian). The child reads requests from a
+duplicate of its original stdin and writes replies to a duplicate of its original stdout; fd 1
+is then pointed at stderr and fd 0 at /dev/null, so a pipeline's prints cannot corrupt the
+protocol. After its startup step and after each attempt it flushes stdout and stderr and writes
+the end marker of the nonce it was given (``JETRUN_LOG_MARKER`` for the startup step,
+``RunRequest.log_marker`` for an attempt); before an attempt it flushes and writes that
+attempt's start marker (see ``runtime.node.worker`` for how the agent reads them).
+
+Child to parent: ``Ready``, ``StartupError``, then per run any number of ``Output`` (streamed,
+one per ``yield``) and one ``Finished`` or ``Failed``. A run's outputs are the streamed ones
+followed by ``Finished.outputs``. This module holds the frames both sides speak and the child's
+side; it imports nothing the child does not need.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import os
+import struct
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import msgspec
+
+from contracts.errors import ErrorType, RunError
+from contracts.values import RunIO
+from runtime.infra.capture import marker_bytes, start_marker_bytes
+from runtime.infra.lifetime import honour_parent
+
+HEADER = struct.Struct(">I")
+MARKER_ENV = "JETRUN_LOG_MARKER"
+
+
+class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
+    pid: int
+
+
+class StartupError(msgspec.Struct, frozen=True, kw_only=True, tag="startup_error"):
+    error: RunError
+
+
+class RunRequest(msgspec.Struct, frozen=True, kw_only=True, tag="run"):
+    inputs: list[RunIO]
+    log_marker: str = ""  # the nonce of this attempt's end-of-output marker
+
+
+class Output(msgspec.Struct, frozen=True, kw_only=True, tag="output"):
+    index: int
+    output: RunIO
+
+
+class Finished(msgspec.Struct, frozen=True, kw_only=True, tag="finished"):
+    outputs: list[RunIO]
+
+
+class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
+    error: RunError
+
+
+Frame = Ready | StartupError | RunRequest | Output | Finished | Failed
+encoder = msgspec.msgpack.Encoder()
+decoder = msgspec.msgpack.Decoder(Frame)
+
+
+class StartupFailed(Exception):
+    """The pipeline could not start: import failed, no such pointer, startup() raised, or the
+    worker died during startup. ``error.type`` is ``startup_error``."""
+
+    def __init__(self, error: RunError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def error_of(exc: BaseException, kind: ErrorType = ErrorType.pipeline_error) -> RunError:
+    """The run error for an exception: ``MemoryError`` is ``oom``, an ``OutOfMemoryError``
+    class (torch.cuda) is ``cuda_oom``, a "CUDA error" is ``cuda_error``, else ``kind``."""
+    names = {cls.__name__ for cls in type(exc).__mro__}
+    if "OutOfMemoryError" in names:
+        kind = ErrorType.cuda_oom
+    elif isinstance(exc, MemoryError):
+        kind = ErrorType.oom
+    elif "AcceleratorError" in names or str(exc).startswith("CUDA error"):
+        kind = ErrorType.cuda_error
+    text = str(exc)
+    message = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    return RunError(type=kind, message=message, traceback=_format_traceback(exc))
+
+
+def _format_traceback(exc: BaseException) -> str:
+    """The traceback without the worker's own leading frames."""
+    ours = {__file__, str(Path(__file__).with_name("pipelines.py"))}
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None and tb.tb_frame.f_code.co_filename in ours:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(exc), exc, tb))
+
+
+def frame_bytes(frame: Frame) -> bytes:
+    body = encoder.encode(frame)
+    return HEADER.pack(len(body)) + body
+
+
+def startup_error(message: str, trace: str | None = None) -> RunError:
+    return RunError(type=ErrorType.startup_error, message=message, traceback=trace)
+
+
+# --- the child side -----------------------------------------------------------------------
+
+
+class _Channel:
+    """The child's end of the protocol; every call blocks."""
+
+    def __init__(self, inp: BinaryIO, out: BinaryIO) -> None:
+        self.inp, self.out = inp, out
+
+    @classmethod
+    def take_stdio(cls) -> _Channel:
+        """Move the protocol off fds 0 and 1: fd 1 now goes to stderr, fd 0 reads /dev/null."""
+        sys.stdout.flush()
+        out = os.fdopen(os.dup(1), "wb")
+        inp = os.fdopen(os.dup(0), "rb")
+        os.dup2(2, 1)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        if isinstance(sys.stdout, io.TextIOWrapper):
+            sys.stdout.reconfigure(line_buffering=True)
+        return cls(inp, out)
+
+    def send(self, frame: Frame) -> None:
+        self.write(frame_bytes(frame))
+
+    @staticmethod
+    def start_output(nonce: str) -> None:
+        """Flush what was printed before this attempt, then mark where the attempt starts."""
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        if nonce:
+            with contextlib.suppress(OSError):
+                os.write(2, start_marker_bytes(nonce))
+
+    @staticmethod
+    def end_output(nonce: str) -> None:
+        """Flush what the pipeline printed, then mark its end (see the module docstring)."""
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):  # a pipeline may have replaced or closed it
+                stream.flush()
+        if nonce:
+            with contextlib.suppress(OSError):
+                os.write(2, marker_bytes(nonce))
+
+    def write(self, data: bytes) -> None:
+        self.out.write(data)
+        self.out.flush()
+
+    def receive(self) -> RunRequest | None:
+        """The next request, or None once the parent closed our stdin."""
+        header = self.inp.read(HEADER.size)
+        if len(header) < HEADER.size:
+            return None
+        body = self.inp.read(HEADER.unpack(header)[0])
+        return msgspec.msgpack.decode(body, type=RunRequest)
+
+
+def _encode_output(frame: Output | Finished) -> bytes:
+    try:
+        return frame_bytes(frame)
+    except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
+        raise ValueError(f"a pipeline output cannot be sent: {exc}") from exc
+
+
+def _startup(module: str, pointer: str) -> tuple[Any, Callable[..., Any]]:
+    """Load the pipeline and run its startup step; raises ``StartupFailed``."""
+    from runtime.node import pipelines
+
+    try:
+        specs = pipelines.load_module(module)
+    except (Exception, SystemExit) as exc:
+        error = error_of(exc, ErrorType.startup_error)
+        message = f"could not import {module}: {error.message}"
+        raise StartupFailed(startup_error(message, error.traceback)) from exc
+    spec = next((s for s in specs if s.pointer == pointer), None)
+    if spec is None:
+        known = ", ".join(s.pointer for s in specs) or "none"
+        raise StartupFailed(startup_error(f"{module} has no pipeline {pointer} (it has: {known})"))
+    try:
+        return spec, pipelines.instantiate(spec)
+    except (Exception, SystemExit) as exc:
+        error = error_of(exc)
+        raise StartupFailed(startup_error(error.message, error.traceback)) from exc
+
+
+def _serve_one(channel: _Channel, spec: Any, call: Callable[..., Any], request: RunRequest) -> None:
+    from runtime.node import pipelines
+
+    marker = request.log_marker
+    channel.start_output(marker)
+    try:
+        args = pipelines.validate_inputs(spec, request.inputs)
+    except pipelines.InputError as exc:
+        channel.end_output(marker)
+        channel.send(Failed(error=RunError(type=ErrorType.input_error, message=str(exc))))
+        return
+    try:
+        result = call(*args)
+        if inspect.isgenerator(result):
+            for index, output in enumerate(pipelines.outputs(result)):
+                channel.write(_encode_output(Output(index=index, output=output)))
+            reply = _encode_output(Finished(outputs=[]))
+        else:
+            reply = _encode_output(Finished(outputs=list(pipelines.outputs(result))))
+    except (Exception, SystemExit) as exc:
+        reply = frame_bytes(Failed(error=error_of(exc)))
+    channel.end_output(marker)
+    channel.write(reply)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The child's entry point: blocks serving runs until stdin closes; returns the exit code."""
+    honour_parent()
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 2:
+        usage = "usage: python -m runtime.node.worker_process <module-or-file.py> <pointer>"
+        print(usage, file=sys.stderr)
+        return 2
+    startup_marker = os.environ.pop(MARKER_ENV, "")
+    channel = _Channel.take_stdio()
+    try:
+        try:
+            spec, call = _startup(*args)
+        except StartupFailed as failed:
+            channel.end_output(startup_marker)
+            channel.send(StartupError(error=failed.error))
+            return 1
+        channel.end_output(startup_marker)
+        channel.send(Ready(pid=os.getpid()))
+        while (request := channel.receive()) is not None:
+            _serve_one(channel, spec, call, request)
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
