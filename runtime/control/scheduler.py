@@ -7,10 +7,11 @@ It tails the event log into a ``RunIndex``, hears agents' heartbeats and drain r
 ``Fleet``, and runs decision passes (``runtime.control.decide``, pure) in one task that
 applies them: on every change a pass over what events ask for, every tick one that adds what
 time asks for. It appends a pass's events together (``runtime.control.applier``), waits
-until its own index has them, and only then decides again, so no two passes ever work from the same picture. It keeps no state of its own that the
-log cannot rebuild: after a crash it replays the log and carries on. Every decision is an event
-with a deterministic message id (run, kind, attempt), so a decision made twice, by a restarted
-scheduler or a second one, is recorded once.
+until its own index has them, and only then decides again, so no two passes ever work from
+the same picture. It keeps no state of its own that the log cannot rebuild: after a crash it
+replays the log and carries on. Every decision is an event with a deterministic message id
+(run, kind, attempt), so a decision made twice, by a restarted scheduler or a second one, is
+recorded once.
 """
 
 from __future__ import annotations
