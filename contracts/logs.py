@@ -1,4 +1,5 @@
-"""A run's captured output (its pipeline's stdout and stderr), as stored and as served.
+"""A run's captured output (its pipeline's stdout and stderr, each line naming its stream),
+as stored and as served.
 
 Agents store ``LogChunk``s, one or more per attempt; the API serves ``RunLogLine``s. A chunk's
 ``index`` orders the chunks of one attempt and makes a resent chunk idempotent.
@@ -6,12 +7,19 @@ Agents store ``LogChunk``s, one or more per attempt; the API serves ``RunLogLine
 
 from __future__ import annotations
 
+from typing import Literal
+
 import msgspec
+
+STDOUT: Literal["stdout"] = "stdout"
+STDERR: Literal["stderr"] = "stderr"
+Stream = Literal["stdout", "stderr"]
 
 
 class LogLine(msgspec.Struct, frozen=True, kw_only=True, array_like=True):
     at: float  # when the agent read it (Unix seconds)
     text: str  # one line, without its newline
+    stream: Stream = STDOUT  # which of the pipeline's streams printed it (older chunks: stdout)
 
 
 class LogChunk(msgspec.Struct, frozen=True, kw_only=True):
@@ -31,6 +39,7 @@ class RunLogLine(msgspec.Struct, frozen=True, kw_only=True):
     attempt: int
     at: float
     text: str
+    stream: Stream = STDOUT
 
 
 class RunLogs(msgspec.Struct, frozen=True, kw_only=True):
@@ -48,4 +57,7 @@ def truncation_marker(dropped_bytes: int, cap_bytes: int) -> str:
 
 
 def lines_of(chunk: LogChunk) -> list[RunLogLine]:
-    return [RunLogLine(attempt=chunk.attempt, at=line.at, text=line.text) for line in chunk.lines]
+    return [
+        RunLogLine(attempt=chunk.attempt, at=line.at, text=line.text, stream=line.stream)
+        for line in chunk.lines
+    ]

@@ -78,17 +78,27 @@ def run_summary(run: Run) -> RenderableType:
     return Group(*parts)
 
 
-def log_lines(lines: list[RunLogLine], *, timestamps: bool = False) -> Text:
-    text = Text()
+def log_pieces(lines: list[RunLogLine], *, timestamps: bool = False) -> list[tuple[str, str]]:
+    """``(stream, text)`` per line to print, with a header line where the attempt changes
+    (when there are several); stderr lines stay on ``"stderr"``."""
+    pieces: list[tuple[str, str]] = []
     attempt = 0
     many = len({line.attempt for line in lines}) > 1
     for line in lines:
         if many and line.attempt != attempt:
             attempt = line.attempt
-            text.append(f"--- attempt {attempt} ---\n", style="dim")
-        if timestamps:
-            text.append(f"{_clock(line.at)} ", style="dim")
-        text.append(line.text + "\n")
+            pieces.append(("stdout", f"--- attempt {attempt} ---\n"))
+        stamp = f"{_clock(line.at)} " if timestamps else ""
+        pieces.append((line.stream, f"{stamp}{line.text}\n"))
+    return pieces
+
+
+def log_lines(lines: list[RunLogLine], *, timestamps: bool = False) -> Text:
+    """The lines for a terminal: attempt headers dim, stderr lines red."""
+    text = Text()
+    for stream, piece in log_pieces(lines, timestamps=timestamps):
+        style = "red" if stream == "stderr" else ("dim" if piece.startswith("--- ") else "")
+        text.append(piece, style=style)
     return text
 
 

@@ -22,6 +22,7 @@ import msgspec
 from rich.console import Console
 from rich.live import Live
 
+from contracts.logs import Stream
 from contracts.run import Run
 from contracts.states import RunState
 from runtime import cli_render as render
@@ -291,26 +292,40 @@ def runs_watch(
 @click.argument("run_id")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines until the run ends.")
 @click.option("-t", "--timestamps", is_flag=True, help="Prefix each line with its time (UTC).")
+@click.option(
+    "--stream",
+    type=click.Choice(["stdout", "stderr"]),
+    default=None,
+    help="Only what the pipeline wrote to this stream.",
+)
 @api_options
 def logs_command(
-    run_id: str, follow: bool, timestamps: bool, url: str | None, token: str | None
+    run_id: str,
+    follow: bool,
+    timestamps: bool,
+    stream: Stream | None,
+    url: str | None,
+    token: str | None,
 ) -> None:
-    """What RUN_ID's pipeline printed (stdout and stderr), every attempt."""
+    """What RUN_ID's pipeline printed, every attempt: its stdout here on stdout, its stderr
+    on stderr (so ``2>/dev/null`` keeps only stdout)."""
     with api(url, token) as client:
         if not follow:
-            logs = client.get_run_logs(run_id)
-            _print_lines(render.log_lines(logs.lines, timestamps=timestamps).plain)
+            logs = client.get_run_logs(run_id, stream)
+            _print_lines(render.log_pieces(logs.lines, timestamps=timestamps))
             return
         try:
-            for line in client.follow_run_logs(run_id):
-                _print_lines(render.log_lines([line], timestamps=timestamps).plain)
+            for line in client.follow_run_logs(run_id, stream):
+                _print_lines(render.log_pieces([line], timestamps=timestamps))
         except KeyboardInterrupt:
             return
 
 
-def _print_lines(text: str) -> None:
-    sys.stdout.write(text)
-    sys.stdout.flush()
+def _print_lines(pieces: list[tuple[str, str]]) -> None:
+    for stream, text in pieces:
+        out = sys.stderr if stream == "stderr" else sys.stdout
+        out.write(text)
+        out.flush()
 
 
 @click.command("events")

@@ -30,9 +30,11 @@ def test_the_end_marker_ends_the_capture_even_split_across_reads() -> None:
     marker = marker_bytes("n0nce")
     assert not c.feed(b"last words" + marker[:5])
     assert c.feed(marker[5:] + b"next attempt\n")
+    assert not c.done  # stderr's marker has not come yet
+    assert c.feed(marker, "stderr") and c.done
     c.finish()
     assert texts(c) == ["last words"]
-    assert c.leftover == b"next attempt\n"
+    assert c.leftover("stdout") == b"next attempt\n"
 
 
 def test_a_marker_with_another_nonce_is_just_output() -> None:
@@ -89,3 +91,43 @@ def test_what_comes_before_the_start_marker_is_dropped_even_split_byte_by_byte()
     c.finish()
     assert texts(c) == ["mine"]
     assert c.stray_bytes == len(b"late line of the last attempt\n")
+
+
+def test_stdout_and_stderr_stay_apart_each_ending_on_its_own_marker() -> None:
+    c = capture()
+    marker = marker_bytes("n0nce")
+    assert not c.feed(b"result 1\npartial", "stdout")
+    assert not c.feed(b"warning: slow\n", "stderr")
+    assert c.feed(b" line\n" + marker, "stdout") and not c.done
+    assert c.feed(b"Traceback\n" + marker + b"next\n", "stderr") and c.done
+    c.finish()
+    lines = [(line.stream, line.text) for line in c.take()]
+    assert lines == [
+        ("stdout", "result 1"),
+        ("stderr", "warning: slow"),
+        ("stdout", "partial line"),
+        ("stderr", "Traceback"),
+    ]
+    assert c.leftover("stderr") == b"next\n" and c.leftover("stdout") == b""
+
+
+def test_both_streams_share_one_cap_and_the_truncation_line_is_on_stderr() -> None:
+    c = capture(max_bytes=100)
+    c.feed(b"o" * 40 + b"\n", "stdout")
+    c.feed(b"e" * 40 + b"\n" + b"f" * 40 + b"\n", "stderr")
+    c.feed(b"p" * 10 + b"\n", "stdout")
+    c.finish()
+    lines = c.take()
+    assert [(line.stream, line.text) for line in lines[:-1]] == [("stdout", "o" * 40)]
+    assert lines[-1].stream == "stderr" and lines[-1].text.startswith("[jetrun: output truncated")
+    assert c.dropped_bytes == 41 + 41 + 11
+
+
+def test_a_stream_without_its_start_marker_keeps_nothing_of_before() -> None:
+    c = capture()
+    c.expect_start()
+    c.feed(b"stray on stderr\n", "stderr")
+    c.feed(start_marker_bytes("n0nce") + b"mine\n", "stdout")
+    c.finish()
+    assert [(line.stream, line.text) for line in c.take()] == [("stdout", "mine")]
+    assert c.stray_bytes > 0

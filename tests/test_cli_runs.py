@@ -69,7 +69,7 @@ async def test_a_failed_run_shows_its_error_and_logs_in_one_command(clistack: St
     out = done.stdout
     assert "failed" in out and "pipeline_error: RuntimeError: chatty failed on purpose" in out
     assert "Traceback" in out
-    assert "out 0\nout 1\nto stderr" in out
+    assert "out 0\nout 1\n" in out and "to stderr\n" in out
     assert "jetrun logs run_" in out
 
 
@@ -83,12 +83,16 @@ async def test_async_then_get_logs_and_events(clistack: Stack) -> None:
     got = await jetrun(clistack, "runs", "get", run_id, "--json")
     assert json.loads(got.stdout)["outputs"][0]["value"] == 3
     logs = await jetrun(clistack, "logs", run_id)
-    assert logs.stdout == "out 0\nout 1\nout 2\nto stderr\n"
+    assert logs.stdout == "out 0\nout 1\nout 2\n"  # the pipeline's stderr on stderr
+    assert logs.stderr == "to stderr\n"
+    only = await jetrun(clistack, "logs", "--stream", "stderr", run_id)
+    assert only.stdout == "" and only.stderr == "to stderr\n"
     followed = await jetrun(clistack, "logs", "-f", "--timestamps", run_id)
     assert followed.returncode == 0
     assert [line.split(" ", 2)[2] for line in followed.stdout.splitlines()] == [
-        "out 0", "out 1", "out 2", "to stderr"
+        "out 0", "out 1", "out 2"
     ]  # fmt: skip
+    assert [line.split(" ", 2)[2] for line in followed.stderr.splitlines()] == ["to stderr"]
     assert clistack.nats is not None
     nats = clistack.nats_args("service")
     events = await jetrun(clistack, "events", run_id, *nats, "--json")

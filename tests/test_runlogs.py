@@ -48,6 +48,14 @@ def chatty(lines: int, fail: bool) -> dict:  # type: ignore[type-arg]
     }
 
 
+def by_stream(lines: list[dict[str, object]]) -> dict[object, list[object]]:
+    """Each stream's lines in order (the order between two streams is the order read)."""
+    found: dict[object, list[object]] = {}
+    for line in lines:
+        found.setdefault(line["stream"], []).append(line["text"])
+    return found
+
+
 async def test_a_failed_runs_logs_are_its_teams_only(logstack: Stack) -> None:
     async with client(logstack, "tok_acme") as c:
         run = (await c.post("/v4/runs", json=chatty(3, True))).json()
@@ -56,9 +64,17 @@ async def test_a_failed_runs_logs_are_its_teams_only(logstack: Stack) -> None:
     assert response.status_code == 200, response.text
     logs = response.json()
     assert logs["run_id"] == run["id"] and logs["state"] == "failed"
-    assert [line["text"] for line in logs["lines"]] == ["out 0", "out 1", "out 2", "to stderr"]
+    assert by_stream(logs["lines"]) == {
+        "stdout": ["out 0", "out 1", "out 2"],
+        "stderr": ["to stderr"],
+    }
     assert {line["attempt"] for line in logs["lines"]} == {1}
     assert logs["truncated"] is False
+    async with client(logstack, "tok_acme") as c:
+        errors = (await c.get(f"/v4/runs/{run['id']}/logs?stream=stderr")).json()
+        bad = await c.get(f"/v4/runs/{run['id']}/logs?stream=stdin")
+    assert by_stream(errors["lines"]) == {"stderr": ["to stderr"]}
+    assert bad.status_code == 422 and bad.json()["detail"]["field"] == "stream"
     async with client(logstack, "tok_rival") as rival:
         other = await rival.get(f"/v4/runs/{run['id']}/logs")
         missing = await rival.get("/v4/runs/run_nosuchrun/logs")
@@ -106,7 +122,8 @@ async def test_follow_as_server_sent_events(logstack: Stack) -> None:
     assert response.headers["content-type"].startswith("text/event-stream")
     events = [block for block in response.text.split("\n\n") if block]
     assert [e.split("\n")[0] for e in events] == ["event: line"] * 3 + ["event: end"]
-    assert json.loads(events[0].split("data: ", 1)[1])["text"] == "out 0"
+    lines = [json.loads(e.split("data: ", 1)[1]) for e in events[:-1]]
+    assert by_stream(lines) == {"stdout": ["out 0", "out 1"], "stderr": ["to stderr"]}
     assert json.loads(events[-1].split("data: ", 1)[1]) == {"state": "completed"}
 
 
@@ -143,7 +160,7 @@ async def test_printed_marker_text_cannot_cut_a_runs_logs(logstack: Stack) -> No
         nxt = (await c.post("/v4/runs", json=chatty(1, False))).json()
         next_logs = (await c.get(f"/v4/runs/{nxt['id']}/logs")).json()
     assert [line["text"] for line in logs["lines"]] == [fake, "last line"]
-    assert [line["text"] for line in next_logs["lines"]] == ["out 0", "to stderr"]
+    assert by_stream(next_logs["lines"]) == {"stdout": ["out 0"], "stderr": ["to stderr"]}
 
 
 async def test_services_log_json_with_run_fields_and_an_access_log(logstack: Stack) -> None:
@@ -192,7 +209,16 @@ async def test_the_sdk_reads_and_follows_a_runs_logs(logstack: Stack) -> None:
         with anyio.fail_after(30):
             followed = [line.text async for line in sdk.follow_run_logs(run.id)]
         logs = await sdk.get_run_logs(run.id)
-    assert followed == [line.text for line in logs.lines] == ["out 0", "out 1", "to stderr"]
+    assert followed == [line.text for line in logs.lines]
+    assert [(line.stream, line.text) for line in logs.lines if line.stream == "stdout"] == [
+        ("stdout", "out 0"),
+        ("stdout", "out 1"),
+    ]
+    async with AsyncClient(logstack.url, "tok_acme") as sdk:
+        errors = await sdk.get_run_logs(run.id, stream="stderr")
+        with anyio.fail_after(30):
+            followed_errors = [line.text async for line in sdk.follow_run_logs(run.id, "stderr")]
+    assert [line.text for line in errors.lines] == followed_errors == ["to stderr"]
     assert logs.state == "completed" and not logs.truncated
     async with AsyncClient(logstack.url, "tok_rival") as rival:
         with pytest.raises(JetrunError) as refused:

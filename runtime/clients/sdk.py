@@ -22,7 +22,7 @@ import anyio
 import httpx
 
 from contracts.api import RunList
-from contracts.logs import RunLogLine, RunLogs
+from contracts.logs import RunLogLine, RunLogs, Stream
 from contracts.run import Run, RunUpdate
 from contracts.states import RunState
 from runtime.clients.sdk_wire import (
@@ -39,6 +39,7 @@ from runtime.clients.sdk_wire import (
     decode_update,
     headers_for,
     list_params,
+    logs_params,
 )
 
 __all__ = [
@@ -142,14 +143,16 @@ class Client:
     def cancel_run(self, run_id: str) -> Run:
         return check_run(self._http.post(f"/v4/runs/{run_id}/cancel"))
 
-    def get_run_logs(self, run_id: str) -> RunLogs:
-        """What the run's pipeline printed so far (stdout and stderr), every attempt."""
-        return check_logs(self._http.get(f"/v4/runs/{run_id}/logs"))
+    def get_run_logs(self, run_id: str, stream: Stream | None = None) -> RunLogs:
+        """What the run's pipeline printed so far, every attempt; each line names its
+        ``stream`` (``"stdout"`` or ``"stderr"``), and ``stream=`` keeps only one."""
+        params = logs_params(stream, follow=False)
+        return check_logs(self._http.get(f"/v4/runs/{run_id}/logs", params=params))
 
-    def follow_run_logs(self, run_id: str) -> Iterator[RunLogLine]:
+    def follow_run_logs(self, run_id: str, stream: Stream | None = None) -> Iterator[RunLogLine]:
         """Every line so far, then new ones as printed, until the run has ended."""
-        url = f"/v4/runs/{run_id}/logs"
-        with self._http.stream("GET", url, params={"follow": "1"}) as response:
+        url, params = f"/v4/runs/{run_id}/logs", logs_params(stream, follow=True)
+        with self._http.stream("GET", url, params=params) as response:
             if response.status_code != 200:
                 response.read()
                 check_logs(response)
@@ -235,12 +238,15 @@ class AsyncClient:
     async def cancel_run(self, run_id: str) -> Run:
         return check_run(await self._http.post(f"/v4/runs/{run_id}/cancel"))
 
-    async def get_run_logs(self, run_id: str) -> RunLogs:
-        return check_logs(await self._http.get(f"/v4/runs/{run_id}/logs"))
+    async def get_run_logs(self, run_id: str, stream: Stream | None = None) -> RunLogs:
+        params = logs_params(stream, follow=False)
+        return check_logs(await self._http.get(f"/v4/runs/{run_id}/logs", params=params))
 
-    async def follow_run_logs(self, run_id: str) -> AsyncIterator[RunLogLine]:
-        url = f"/v4/runs/{run_id}/logs"
-        async with self._http.stream("GET", url, params={"follow": "1"}) as response:
+    async def follow_run_logs(
+        self, run_id: str, stream: Stream | None = None
+    ) -> AsyncIterator[RunLogLine]:
+        url, params = f"/v4/runs/{run_id}/logs", logs_params(stream, follow=True)
+        async with self._http.stream("GET", url, params=params) as response:
             if response.status_code != 200:
                 await response.aread()
                 check_logs(response)
@@ -354,13 +360,21 @@ def stream_pipeline(
     yield from shared_client(base_url, token).stream_pipeline(pointer, *inputs)
 
 
-def get_run_logs(run_id: str, base_url: str | None = None, token: str | None = None) -> RunLogs:
-    """What the run's pipeline printed (stdout and stderr), every attempt."""
-    return shared_client(base_url, token).get_run_logs(run_id)
+def get_run_logs(
+    run_id: str,
+    stream: Stream | None = None,
+    base_url: str | None = None,
+    token: str | None = None,
+) -> RunLogs:
+    """What the run's pipeline printed, every attempt (``stream=``: only stdout or stderr)."""
+    return shared_client(base_url, token).get_run_logs(run_id, stream)
 
 
 def follow_run_logs(
-    run_id: str, base_url: str | None = None, token: str | None = None
+    run_id: str,
+    stream: Stream | None = None,
+    base_url: str | None = None,
+    token: str | None = None,
 ) -> Iterator[RunLogLine]:
     """The run's lines so far, then new ones as printed, until it has ended."""
-    yield from shared_client(base_url, token).follow_run_logs(run_id)
+    yield from shared_client(base_url, token).follow_run_logs(run_id, stream)

@@ -105,6 +105,13 @@ def list_params(
     return {k: v for k, v in params.items() if v is not None}
 
 
+def logs_params(stream: str | None, *, follow: bool) -> dict[str, str]:
+    params = {"follow": "1"} if follow else {}
+    if stream is not None:
+        params["stream"] = stream
+    return params
+
+
 def check_list(response: httpx.Response) -> RunList:
     if response.status_code == 200:
         return _list_decoder.decode(response.content)

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 from collections.abc import AsyncIterator, Callable
+from functools import partial
 from typing import Any
 
 import anyio
@@ -49,7 +50,7 @@ from runtime.control.http_input import (
     read_body,
 )
 from runtime.control.listing import BadQuery, RunListing, parse_query
-from runtime.control.logs_api import follow_logs, read_logs, wants_follow
+from runtime.control.logs_api import follow_logs, read_logs, stream_filter, wants_follow
 from runtime.control.ops_api import OpsApi
 from runtime.control.ratelimit import RateLimiter
 from runtime.control.readiness import Readiness, SchedulerWatch
@@ -349,11 +350,13 @@ class Gateway:
         """What the run's pipeline printed, per attempt; ``?follow=1`` streams it."""
         team = self._team(request)
         run = await self._visible(request.path_params["run_id"], team)
+        stream = stream_filter(request)
         if wants_follow(request):
             release = self.streams.acquire(team.name)
-            response = follow_logs(self.logs, request, run.id, lambda: self.index.get(run.id))
+            current = partial(self.index.get, run.id)
+            response = follow_logs(self.logs, request, run.id, current, stream)
             return Held(response, release)
-        return json_response(await read_logs(self.logs, run))
+        return json_response(await read_logs(self.logs, run, stream))
 
     async def cancel_run(self, request: Request) -> Response:
         team = self._team(request)

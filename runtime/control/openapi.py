@@ -133,18 +133,26 @@ OPERATIONS: list[Operation] = [
     Operation(
         "get",
         "/v4/runs/{run_id}/logs",
-        "What the run's pipeline printed (stdout and stderr), per attempt. With follow=1: "
+        "What the run's pipeline printed, per attempt, each line naming its stream (stdout "
+        "or stderr; stream= keeps one). With follow=1: "
         "one RunLogLine per line (NDJSON), or Server-Sent Events (event: line, then "
         "event: end) when the request accepts text/event-stream, until the run has ended",
         {
             200: ("the run's captured lines", RunLogs, JSON),
             401: ERR_401,
             404: ERR_404_RUN,
+            422: ("invalid_field: stream is neither stdout nor stderr", ErrorBody, JSON),
             429: ("too_many_streams: the team holds max_streams_per_team open", ErrorBody, JSON),
         },
         params=[
             RUN_ID,
             Param("follow", "query", {"type": "string", "enum": ["1", "true"]}, "stream"),
+            Param(
+                "stream",
+                "query",
+                {"type": "string", "enum": ["stdout", "stderr"]},
+                "only this stream's lines",
+            ),
         ],
     ),
     Operation(

@@ -5,12 +5,14 @@
 ``runtime.node.worker_process``), waits for its startup step, and sends it one attempt at a
 time.
 
-What the pipeline prints (stdout and stderr, one pipe) is read by the parent into a
-``LogCapture`` per attempt: after its startup step and after each attempt the child flushes
-both and writes the end marker of the nonce it was given (``JETRUN_LOG_MARKER`` for the startup
-step, ``RunRequest.log_marker`` for an attempt); before an attempt it flushes and writes that
-attempt's start marker, and what came before it (printed after the previous attempt ended, by
-a thread of its pipeline, say) is dropped: the next attempt may be another team's run. Output
+The protocol runs over a socket pair (the child's stdin), so the child's stdout and stderr are
+the pipeline's own, each a pipe the parent reads into one ``LogCapture`` per attempt that keeps
+them apart: after its startup step and after each attempt the child flushes both and writes
+the end marker of the nonce it was given on each (``JETRUN_LOG_MARKER`` for the startup step,
+``RunRequest.log_marker`` for an attempt); before an attempt it flushes and writes that
+attempt's start marker on each, and what came before it (printed after the previous attempt
+ended, by a thread of its pipeline, say) is dropped: the next attempt may be another team's
+run. Output
 with no capture of its own (the startup step, or ``run`` without ``output=``) goes to the
 ``jetrun.worker`` logger, capped. Between attempts nobody reads it: a pipeline printing from a
 background thread then blocks.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -30,10 +33,11 @@ from types import TracebackType
 
 import anyio
 import msgspec
-from anyio.abc import ByteReceiveStream, Process
+from anyio.abc import ByteReceiveStream, Process, SocketStream, UNIXSocketStream
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from contracts.errors import ErrorType, RunError
+from contracts.logs import STDERR, STDOUT, Stream
 from contracts.values import RunIO
 from runtime.infra.capture import LogCapture
 from runtime.infra.lifetime import child_env
@@ -151,13 +155,14 @@ class PipelineWorker:
         self._env = dict(env or {})  # the agent's settings for this worker (its GPUs)
         self._declared = dict(declared or {})  # the pipeline's ``@pipeline(env=...)``
         self._process: Process | None = None
+        self._channel: SocketStream | None = None  # the protocol: requests out, frames in
         self._reader: BufferedByteReceiveStream | None = None
         self._lock = anyio.Lock()
         self._reaped: anyio.Event | None = None
         self._busy = False
         self._runs = 0
-        self._output: ByteReceiveStream | None = None
-        self._output_leftover = b""
+        self._outputs: dict[Stream, ByteReceiveStream] = {}
+        self._leftovers: dict[Stream, bytes] = {}
 
     @property
     def pid(self) -> int | None:
@@ -194,16 +199,24 @@ class PipelineWorker:
         startup = self._uncaptured()
         python = os.environ.get(PYTHON_ENV) or sys.executable
         argv = [python, "-m", "runtime.node.worker_process", self.module, self.pointer]
-        self._process = await anyio.open_process(
-            _as_user(os.environ.get(USER_ENV) or None, argv),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            env={**self._child_env(), MARKER_ENV: startup.nonce},
-        )
-        assert self._process.stdout is not None
-        self._reader = BufferedByteReceiveStream(self._process.stdout)
-        self._output = self._process.stderr
+        ours, theirs = socket.socketpair()
+        try:
+            self._process = await anyio.open_process(
+                _as_user(os.environ.get(USER_ENV) or None, argv),
+                stdin=theirs.fileno(),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                env={**self._child_env(), MARKER_ENV: startup.nonce},
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        self._channel = await UNIXSocketStream.from_socket(ours)
+        self._reader = BufferedByteReceiveStream(self._channel)
+        assert self._process.stdout is not None and self._process.stderr is not None
+        self._outputs = {STDOUT: self._process.stdout, STDERR: self._process.stderr}
         try:
             async with self._capturing(startup, own=True, strict=False):
                 frame = await self._receive()
@@ -278,18 +291,20 @@ class PipelineWorker:
     async def _capturing(
         self, capture: LogCapture, *, own: bool, strict: bool = True
     ) -> AsyncIterator[None]:
-        """Read the child's output into ``capture`` while the body runs, then until the end
-        marker (for at most a short grace); ``capture`` is finished on the way out, and its
-        lines logged if it is ``own``."""
-        ended = anyio.Event()
+        """Read the child's stdout and stderr into ``capture`` while the body runs, then until
+        both end markers (for at most a short grace); ``capture`` is finished on the way out,
+        and its lines logged if it is ``own``."""
+        ended = {stream: anyio.Event() for stream in self._outputs}
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._pump, capture, ended)
+                for stream, done in ended.items():
+                    tg.start_soon(self._pump, capture, stream, done)
                 yield
                 with anyio.move_on_after(_END_GRACE_S):
-                    await ended.wait()
+                    for done in ended.values():
+                        await done.wait()
                 tg.cancel_scope.cancel()
-                if strict and not ended.is_set():  # its output is out of step: never reuse it
+                if strict and not all(done.is_set() for done in ended.values()):
                     log.warning("%s: no end of output in time; worker retired", self.pointer)
                     await self.kill()
         except BaseExceptionGroup as group:  # the body's own exception, as if unwrapped
@@ -300,22 +315,24 @@ class PipelineWorker:
             capture.finish()
             if own:
                 for line in capture.take():
-                    log.info("%s: %s", self.pointer, line.text, extra={"pipeline": self.pointer})
+                    extra = {"pipeline": self.pointer, "stream": line.stream}
+                    log.info("%s: %s", self.pointer, line.text, extra=extra)
 
-    async def _pump(self, capture: LogCapture, ended: anyio.Event) -> None:
+    async def _pump(self, capture: LogCapture, stream: Stream, ended: anyio.Event) -> None:
+        """Feed ``stream`` into ``capture`` until its end marker (or the pipe closes)."""
+        output = self._outputs[stream]
         try:
-            if self._output_leftover:
-                data, self._output_leftover = self._output_leftover, b""
-                capture.feed(data)
-            while not capture.done and self._output is not None:
+            data = self._leftovers.pop(stream, b"")
+            done = capture.feed(data, stream) if data else False
+            while not done:
                 try:
-                    data = await self._output.receive(_READ_SIZE)
+                    data = await output.receive(_READ_SIZE)
                 except _STREAM_ENDED:
                     break
-                capture.feed(data)
+                done = capture.feed(data, stream)
                 if capture.over_cap:
                     await anyio.sleep(_OVER_CAP_PAUSE_S)  # a flood must not starve the agent
-            self._output_leftover = capture.leftover
+            self._leftovers[stream] = capture.leftover(stream)
         finally:
             ended.set()
 
@@ -361,6 +378,8 @@ class PipelineWorker:
                         process.kill()
                 await process.wait()
                 await process.aclose()
+                if self._channel is not None:
+                    await self._channel.aclose()
             finally:
                 self._reaped.set()
 
@@ -374,9 +393,9 @@ class PipelineWorker:
         return self._process.returncode
 
     async def _send(self, data: bytes) -> None:
-        assert self._process is not None and self._process.stdin is not None
+        assert self._channel is not None
         try:
-            await self._process.stdin.send(data)
+            await self._channel.send(data)
         except (*_STREAM_ENDED, OSError):
             raise _Gone() from None
 

@@ -2,13 +2,14 @@
 
 It imports the pipeline module, runs the startup step once (the cold start), reports ``Ready``
 or ``StartupError``, then serves run requests one at a time until its stdin closes. Frames are
-msgpack, each prefixed by its length (4 bytes, big-endian). The child reads requests from a
-duplicate of its original stdin and writes replies to a duplicate of its original stdout; fd 1
-is then pointed at stderr and fd 0 at /dev/null, so a pipeline's prints cannot corrupt the
-protocol. After its startup step and after each attempt it flushes stdout and stderr and writes
-the end marker of the nonce it was given (``JETRUN_LOG_MARKER`` for the startup step,
-``RunRequest.log_marker`` for an attempt); before an attempt it flushes and writes that
-attempt's start marker (see ``runtime.node.worker`` for how the agent reads them).
+msgpack, each prefixed by its length (4 bytes, big-endian). Its stdin is a socket (one end of a
+socket pair): the child reads requests from and writes replies to duplicates of it, and fd 0
+then reads /dev/null, so a pipeline's prints (fds 1 and 2, two pipes the agent reads apart)
+cannot corrupt the protocol. After its startup step and after each attempt it flushes stdout
+and stderr and writes the end marker of the nonce it was given on both (``JETRUN_LOG_MARKER``
+for the startup step, ``RunRequest.log_marker`` for an attempt); before an attempt it flushes
+and writes that attempt's start marker on both (see ``runtime.node.worker`` for how the agent
+reads them).
 
 Child to parent: ``Ready``, ``StartupError``, then per run any number of ``Output`` (streamed,
 one per ``yield``) and one ``Finished`` or ``Failed``. A run's outputs are the streamed ones
@@ -124,11 +125,11 @@ class _Channel:
 
     @classmethod
     def take_stdio(cls) -> _Channel:
-        """Move the protocol off fds 0 and 1: fd 1 now goes to stderr, fd 0 reads /dev/null."""
+        """Move the protocol (a socket, both ways) off fd 0, which then reads /dev/null; fds
+        1 and 2 stay the pipeline's stdout and stderr."""
         sys.stdout.flush()
-        out = os.fdopen(os.dup(1), "wb")
+        out = os.fdopen(os.dup(0), "wb")
         inp = os.fdopen(os.dup(0), "rb")
-        os.dup2(2, 1)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
@@ -146,8 +147,7 @@ class _Channel:
             with contextlib.suppress(Exception):
                 stream.flush()
         if nonce:
-            with contextlib.suppress(OSError):
-                os.write(2, start_marker_bytes(nonce))
+            _mark(start_marker_bytes(nonce))
 
     @staticmethod
     def end_output(nonce: str) -> None:
@@ -156,8 +156,7 @@ class _Channel:
             with contextlib.suppress(Exception):  # a pipeline may have replaced or closed it
                 stream.flush()
         if nonce:
-            with contextlib.suppress(OSError):
-                os.write(2, marker_bytes(nonce))
+            _mark(marker_bytes(nonce))
 
     def write(self, data: bytes) -> None:
         self.out.write(data)
@@ -170,6 +169,13 @@ class _Channel:
             return None
         body = self.inp.read(HEADER.unpack(header)[0])
         return msgspec.msgpack.decode(body, type=RunRequest)
+
+
+def _mark(marker: bytes) -> None:
+    """Write ``marker`` on stdout and on stderr (a pipeline that closed one loses its end)."""
+    for fd in (1, 2):
+        with contextlib.suppress(OSError):
+            os.write(fd, marker)
 
 
 def _encode_output(frame: Output | Finished) -> bytes:
