@@ -41,13 +41,14 @@ from contracts.events import AnyEvent, Event, RunDispatched, decode_event, encod
 from contracts.machine import fold
 from contracts.names import check_token
 from contracts.run import RunRecord
-from runtime.infra import streams
+from runtime.infra import jspub, streams
 from runtime.infra.metrics import LOG_FAILURES, LOG_RETRIES, operation_of
 from runtime.infra.streams import EVENTS_PREFIX, EVENTS_STREAM
 
 log = logging.getLogger("jetrun.eventlog")
 
 ALL_EVENTS = f"{EVENTS_PREFIX}.>"
+PUBLISH_TIMEOUT_S = 5.0  # one try of an append; ``retrying`` repeats it until its deadline
 
 # Outages, not answers: no JetStream responder, timeouts, a leader change (503, or a reply that
 # is not a stream's), a closed, stale or full connection. Retried with the same message id.
@@ -157,7 +158,7 @@ class EventLog:
 
     def __init__(self, nc: Client, settings: LogSettings | None = None) -> None:
         self.nc = nc
-        self.js = nc.jetstream(timeout=5.0)
+        self.js = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
         self.settings = settings or LogSettings()
 
     def stream_config(self) -> api.StreamConfig:
@@ -184,9 +185,10 @@ class EventLog:
             headers["Nats-Expected-Last-Subject-Sequence-Subject"] = run_subjects(event.run_id)
         subject = subject_of(event)
         payload = encode_event(event)
+        publisher = jspub.publisher(self.nc)
 
         async def publish() -> api.PubAck:
-            return await self.js.publish(subject, payload, headers=headers)
+            return await publisher.publish(subject, payload, headers, PUBLISH_TIMEOUT_S)
 
         ack = await retrying(f"append {subject}", publish, self.settings.append_deadline_s)
         return Appended(ack.seq, bool(ack.duplicate))
