@@ -1,0 +1,72 @@
+"""Acknowledged publishes (runtime.infra.jspub) answer as nats-py's JetStream publish does,
+against a real nats-server."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from nats.aio.client import Client
+from nats.js import api
+from nats.js.errors import APIError, NoStreamResponseError
+
+from runtime.infra import jspub
+
+pytestmark = pytest.mark.anyio
+
+STREAM = api.StreamConfig(name="JSPUB_T", subjects=["jspub.t.>"], duplicate_window=60.0)
+
+
+async def test_acks_match_nats_py_and_duplicates_are_flagged(nc: Client) -> None:
+    js = nc.jetstream(timeout=5.0)
+    await js.add_stream(STREAM)
+    pub = jspub.publisher(nc)
+    assert jspub.publisher(nc) is pub  # one per connection
+    ours = await pub.publish("jspub.t.a", b"1", {"Nats-Msg-Id": "m1"}, 5.0)
+    theirs = await js.publish("jspub.t.a", b"2", headers={"Nats-Msg-Id": "m2"})
+    again = await pub.publish("jspub.t.a", b"1", {"Nats-Msg-Id": "m1"}, 5.0)
+    assert (ours.stream, ours.seq, bool(ours.duplicate)) == ("JSPUB_T", 1, False)
+    assert theirs.seq == 2
+    assert (again.seq, again.duplicate) == (1, True)
+    stored = await js.get_msg("JSPUB_T", 1)
+    assert stored.data == b"1"
+
+
+async def test_many_in_flight_each_get_their_own_ack(nc: Client) -> None:
+    js = nc.jetstream(timeout=5.0)
+    await js.add_stream(STREAM)
+    pub = jspub.publisher(nc)
+    seqs: list[int] = []
+
+    async def one(i: int) -> None:
+        seqs.append((await pub.publish(f"jspub.t.{i}", str(i).encode(), None, 5.0)).seq)
+
+    async with anyio.create_task_group() as tg:
+        for i in range(300):
+            tg.start_soon(one, i)
+    assert sorted(seqs) == list(range(1, 301))
+    for seq in (1, 150, 300):
+        msg = await js.get_msg("JSPUB_T", seq)
+        assert msg.subject == f"jspub.t.{msg.data.decode()}"
+
+
+async def test_a_refusal_raises_the_servers_error(nc: Client) -> None:
+    js = nc.jetstream(timeout=5.0)
+    await js.add_stream(STREAM)
+    pub = jspub.publisher(nc)
+    await pub.publish("jspub.t.x", b"1", None, 5.0)
+    wrong = {"Nats-Expected-Last-Subject-Sequence": "7"}
+    with pytest.raises(APIError) as refused:
+        await pub.publish("jspub.t.x", b"2", wrong, 5.0)
+    assert refused.value.err_code == 10071  # wrong last sequence
+    assert (await js.stream_info("JSPUB_T")).state.messages == 1
+
+
+async def test_no_stream_and_no_answer(nc: Client) -> None:
+    pub = jspub.publisher(nc)
+    with pytest.raises(NoStreamResponseError):
+        await pub.publish("jspub.nowhere", b"1", None, 5.0)
+    await nc.subscribe("jspub.silent")  # someone listens, nobody answers
+    with anyio.fail_after(5):
+        with pytest.raises(TimeoutError):  # nats.errors.TimeoutError is one
+            await pub.publish("jspub.silent", b"1", None, 0.2)
+    assert not pub._waiting  # nothing left behind
