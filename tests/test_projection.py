@@ -121,3 +121,27 @@ async def test_a_skipped_sequence_wakes_its_waiters_and_replays_have_a_deadline(
     assert index.last_seq == 5
     with pytest.raises(IndexLagging, match="reached sequence 5 of 6"):
         await index.catch_up(6, timeout=0)
+
+
+@pytest.mark.anyio
+async def test_seq_waiters_wake_when_their_sequence_is_applied_and_not_before() -> None:
+    index = RunIndex()
+    woken: list[int] = []
+
+    async def wait(seq: int) -> None:
+        assert await index.wait_for_seq(seq, timeout=5)
+        woken.append(seq)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for seq in (5, 2, 9, 2, 7):
+                tg.start_soon(wait, seq)
+            await anyio.wait_all_tasks_blocked()
+            feed(index, admit("r0"))  # sequences 1-3
+            await anyio.wait_all_tasks_blocked()
+            assert sorted(woken) == [2, 2]
+            index.skip(6)  # a message this release cannot read still moves waiters on
+            await anyio.wait_all_tasks_blocked()
+            assert sorted(woken) == [2, 2, 5]
+            feed(index, admit("r1"))  # sequences 7-9
+    assert sorted(woken) == [2, 2, 5, 7, 9]

@@ -9,6 +9,8 @@ each group in log order.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import defaultdict, deque
 from collections.abc import Callable
 
@@ -58,7 +60,8 @@ class RunIndex:
         self._first_seq: dict[str, int] = {}  # held run -> its first event's sequence (log order)
         self._ended: deque[str] = deque()  # runs that ended, in log order, until forgotten
         self._changed: dict[str, anyio.Event] = {}
-        self._seq_waiters: list[tuple[int, anyio.Event]] = []
+        self._seq_waiters: list[tuple[int, int, anyio.Event]] = []  # a heap: lowest seq first
+        self._waiter_ids = itertools.count()  # ties in seq are broken by arrival
 
     # --- writing -----------------------------------------------------------------------------
 
@@ -211,7 +214,7 @@ class RunIndex:
         if self.last_seq >= seq:
             return True
         event = anyio.Event()
-        self._seq_waiters.append((seq, event))
+        heapq.heappush(self._seq_waiters, (seq, next(self._waiter_ids), event))
         with anyio.move_on_after(timeout):
             await event.wait()
         return self.last_seq >= seq
@@ -226,15 +229,11 @@ class RunIndex:
             )
 
     def _wake_seq_waiters(self) -> None:
-        if not self._seq_waiters:
-            return
-        keep = []
-        for seq, event in self._seq_waiters:
-            if self.last_seq >= seq:
-                event.set()
-            else:
-                keep.append((seq, event))
-        self._seq_waiters = keep
+        """O(woken log n) per event: with hundreds of requests in flight, each waiting for its
+        own append, a scan of every waiter on every event would be quadratic."""
+        waiters = self._seq_waiters
+        while waiters and waiters[0][0] <= self.last_seq:
+            heapq.heappop(waiters)[2].set()
 
     async def wait_until(
         self, run_id: str, done: Callable[[RunRecord], bool], timeout: float
