@@ -14,7 +14,9 @@ from pathlib import Path
 import anyio
 import httpx
 import pytest
+from nats.aio.client import Client
 
+from runtime.control.readiness import Readiness, SchedulerWatch
 from runtime.infra.natsserver import free_port
 from runtime.infra.streams import EVENTS_STREAM
 from tests.harness import Proc, Stack
@@ -167,3 +169,16 @@ async def test_jetrun_up_on_a_full_disk_says_so_in_one_line(tmp_path: Path) -> N
         lines = up.output().strip().splitlines()
     assert code == 1 and len(lines) == 1, lines
     assert lines[0].startswith("jetrun: ") and "No space left on device" in lines[0]
+
+
+async def test_a_caught_up_process_reads_ready_on_the_next_probe(nc: Client) -> None:
+    """The NATS checks are cached for a second; the process's own flags are not: a gateway
+    that has just caught up is not held at 503 by an answer cached a moment before."""
+    replayed = False
+    watch = SchedulerWatch(time.monotonic, timeout_s=60.0)
+    watch._heard_at = time.monotonic()  # a scheduler was heard just now
+    readiness = Readiness(nc, nc.jetstream(), watch, replayed=lambda: replayed)
+    assert (await readiness.checks())["event_log_replayed"] is False
+    replayed = True
+    checks = await readiness.checks()  # within the cache's second
+    assert checks == dict.fromkeys(ALL_CHECKS, True)

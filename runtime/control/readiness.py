@@ -4,8 +4,8 @@ The scheduler publishes a ``SchedulerHeartbeat`` on the plain subject
 ``jetrun.scheduler.heartbeat`` every heartbeat interval once it has caught up with the log.
 Anyone may listen (``SchedulerWatch``); the gateway's ``Readiness`` combines it with the NATS
 connection, the event-log stream being present, and the store taking writes (a probe message on
-its own small stream, so the run log stays clean). Checks are cached for a second so probes
-cannot hammer NATS.
+its own small stream, so the run log stays clean). The checks that ask NATS are cached for a
+second so probes cannot hammer NATS; the others are read fresh on every probe.
 """
 
 from __future__ import annotations
@@ -119,16 +119,25 @@ class Readiness:
         await require_stream(self.js, PROBE_STREAM, 120.0)
 
     async def checks(self) -> dict[str, bool]:
+        """Checks of this process's own state are read fresh (a gateway that has just caught
+        up says so on the next probe); the two that ask NATS are cached for ``CACHE_S``."""
+        connected = self.nc.is_connected
+        store = await self._store_checks() if connected else {}
+        return {
+            "nats_connected": connected,
+            "event_log_replayed": self.replayed(),
+            "event_log_stream": connected and store["event_log_stream"],
+            "store_writable": connected and store["store_writable"],
+            "scheduler_alive": self.watch.alive(),
+        }
+
+    async def _store_checks(self) -> dict[str, bool]:
         now = time.monotonic()
         if self._cached is not None and now - self._cached[0] < CACHE_S:
             return self._cached[1]
-        connected = self.nc.is_connected
         results = {
-            "nats_connected": connected,
-            "event_log_replayed": self.replayed(),
-            "event_log_stream": connected and await self._bounded(self._stream_present),
-            "store_writable": connected and await self._bounded(self._probe),
-            "scheduler_alive": self.watch.alive(),
+            "event_log_stream": await self._bounded(self._stream_present),
+            "store_writable": await self._bounded(self._probe),
         }
         self._cached = (time.monotonic(), results)
         return results
