@@ -90,7 +90,27 @@ def health_options(default_port: int) -> Callable[[Callable[..., None]], Callabl
     return wrap
 
 
-@click.group()
+class _Commands(click.Group):
+    """The user commands (``run``, ``runs``, ``logs``, ``events``: an HTTP client and a terminal
+    UI) are imported when one of them is asked for, so a service process started through this
+    CLI does not spend its start-up importing them."""
+
+    USER = {"run": "run_command", "runs": "runs_group", "logs": "logs_command"}
+    USER |= {"events": "events_command"}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.USER})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.USER:
+            from runtime import cli_runs
+
+            command: click.Command = getattr(cli_runs, self.USER[cmd_name])
+            return command
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(cls=_Commands)
 @click.option("-v", "--verbose", is_flag=True, help="Log more.")
 @click.option(
     "--log-format",
@@ -528,15 +548,6 @@ register_scaling_commands(
 register_webhook_commands(main, nats_option, config_option, _config)
 register_token_commands(main)
 
-
-def _add_user_commands() -> None:
-    from runtime.cli_runs import events_command, logs_command, run_command, runs_group
-
-    for command in (run_command, runs_group, logs_command, events_command):
-        main.add_command(command)
-
-
-_add_user_commands()
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,6 @@ from typing import Any
 
 import anyio
 import click
-import httpx
 import msgspec
 
 from contracts.scaling import ScalingPatch, ScalingSettings, SettingsChanged
@@ -149,6 +148,8 @@ def register(
     def scaling(pointer: str, url: str, token: str, history: bool, **options: Any) -> None:
         """Show POINTER's replicas and scaling settings; with setting options, change them
         (effective at once, no restarts)."""
+        import httpx  # here: a service started through this CLI never loads the HTTP client
+
         patch = _patch(options)
         headers = {"Authorization": f"Bearer {token}"}
         path = f"/v4/pipelines/{pointer}/scaling"

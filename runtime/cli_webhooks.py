@@ -12,8 +12,6 @@ import anyio
 import click
 import msgspec
 from nats.js import JetStreamContext
-from rich.console import Console
-from rich.table import Table
 
 from runtime.cli_auth import ca_option, credentials_for, seed_option
 from runtime.infra.config import Config
@@ -60,6 +58,9 @@ def register(
     @click.pass_obj
     def dead(nats_url: Target, as_json: bool) -> None:
         """Deliveries that failed for good: run, team, URL, attempts, last error."""
+        from rich.console import Console  # here: services started through this CLI skip it
+        from rich.table import Table
+
         from runtime.control.webhooks import dead_letters
 
         rows = _with_js(nats_url, dead_letters)

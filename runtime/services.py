@@ -11,35 +11,26 @@ import logging
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Generator
+from typing import TYPE_CHECKING
 
 import anyio
 import uvicorn
 from anyio.abc import TaskStatus
 
 from contracts.names import check_token
-from runtime.control.gateway import Gateway
-from runtime.control.gateway_pool import listening_socket
-from runtime.control.providers import NodeProvider
-from runtime.control.scaler import Scaler
-from runtime.control.scheduler import Scheduler
-from runtime.health import (
-    add_scheduler,
-    agent_checks,
-    agent_exposition,
-    health_app,
-    scheduler_checks,
-    serve_health,
-)
 from runtime.infra.capture import DEFAULT_MAX_BYTES
 from runtime.infra.config import Config, Settings
 from runtime.infra.eventlog import LogSettings
-from runtime.infra.fleet import RECALL_SUBJECT
-from runtime.infra.http_server import protocol_for
-from runtime.infra.metrics import Exposition
 from runtime.infra.nats_auth import Credentials
 from runtime.infra.nats_conn import close, connect
-from runtime.node.agent import Agent, AgentFenced, PipelineModuleError
-from runtime.provision import provision
+
+if TYPE_CHECKING:
+    from runtime.control.gateway import Gateway
+    from runtime.control.providers import NodeProvider
+    from runtime.node.agent import Agent
+
+# Each serve_* imports what its own process runs, when it starts: a gateway does not load the
+# scheduler or the agent, a scheduler not the HTTP API, an agent neither (faster starts).
 
 log = logging.getLogger("jetrun")
 Address = tuple[str, int]  # host, port of a service's /metrics, /healthz, /readyz
@@ -74,6 +65,8 @@ async def serve_http(
     task_status: TaskStatus[_Server],
 ) -> None:
     """Serve the gateway's HTTP API on ``host:port`` (or on an already bound ``sock``)."""
+    from runtime.infra.http_server import protocol_for
+
     settings = gateway.config.settings
     config = uvicorn.Config(
         gateway.app(),
@@ -106,6 +99,9 @@ async def serve_gateway(
     """The HTTP API; with ``reuse_port`` on a port shared with other gateways, listened on only
     once this one has caught up with the log; else at once (the API says 503 ``starting`` until
     then)."""
+    from runtime.control.gateway import Gateway
+    from runtime.control.gateway_pool import listening_socket
+
     nc = await connect(nats_url, "jetrun-gateway", credentials)
     gateway = Gateway(nc, config, log_settings=settings)
     async with anyio.create_task_group() as tg:
@@ -133,6 +129,11 @@ async def serve_scheduler(
     credentials: Credentials | None = None,
 ) -> None:
     """The scheduler and, beside it, the autoscaler (adding nodes through ``provider``)."""
+    from runtime.control.scaler import Scaler
+    from runtime.control.scheduler import Scheduler
+    from runtime.health import add_scheduler, health_app, scheduler_checks, serve_health
+    from runtime.infra.metrics import Exposition
+
     nc = await connect(nats_url, "jetrun-scheduler", credentials)
     scheduler = Scheduler(nc, config, log_settings=settings)
     scaler = Scaler(scheduler, provider)
@@ -162,6 +163,9 @@ async def serve_agent(
     log_max_bytes: int = DEFAULT_MAX_BYTES,
     credentials: Credentials | None = None,
 ) -> None:
+    from runtime.health import agent_checks, agent_exposition, health_app, serve_health
+    from runtime.node.agent import Agent, AgentFenced, PipelineModuleError
+
     nc = await connect(nats_url, "jetrun-agent", credentials)
     agent = Agent(
         nc,
@@ -219,6 +223,8 @@ async def setup_streams(
     nats_url: str, config: Config, settings: LogSettings, credentials: Credentials | None
 ) -> list[str]:
     """The admin step: create or update every stream; returns their names."""
+    from runtime.provision import provision
+
     nc = await connect(nats_url, "jetrun-setup", credentials)
     try:
         return await provision(nc, config, settings)
@@ -231,6 +237,8 @@ async def recall_agent(
 ) -> str:
     """Ask one agent to honour a preemption notice now; returns its answer. Raises
     ``ValueError`` for an id that is not an agent id."""
+    from runtime.infra.fleet import RECALL_SUBJECT
+
     check_token(agent_id, "agent id")
     nc = await connect(nats_url, "jetrun-recall", credentials)
     try:
