@@ -146,6 +146,7 @@ class Service:
         )
         self.log = open(logs / f"{kind}-{self.port}.log", "wb")  # noqa: SIM115
         self.started = time.monotonic()
+        self.cpu_to_ready = float("nan")  # CPU seconds it used until ready (load does not add)
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -174,6 +175,7 @@ class Service:
                 with contextlib.suppress(httpx.HTTPError, ValueError):
                     body = (await http.get(f"http://127.0.0.1:{self.port}/readyz")).json()
                     if body.get("checks", {}).get("event_log_replayed"):
+                        self.cpu_to_ready = cpu_s(self.proc.pid)
                         return time.monotonic() - self.started
                 await anyio.sleep(0.05)
         raise TimeoutError(f"not ready in {timeout} s; see {self.log.name}")
@@ -192,8 +194,16 @@ async def start_pair(
 ) -> tuple[float, float, float, float]:
     scheduler = Service("scheduler", server, config, logs)
     gateway = Service("gateway", server, config, logs)
+    ready: dict[str, float] = {}
+
+    async def time_ready(name: str, service: Service) -> None:
+        ready[name] = await service.ready_s()
+
     try:
-        s_ready, g_ready = await scheduler.ready_s(), await gateway.ready_s()
+        async with anyio.create_task_group() as tg:  # both at once: each timed on its own
+            tg.start_soon(time_ready, "scheduler", scheduler)
+            tg.start_soon(time_ready, "gateway", gateway)
+        g_ready, s_ready = ready["gateway"], ready["scheduler"]
         return g_ready, rss_mib(gateway.proc.pid), s_ready, rss_mib(scheduler.proc.pid)
     finally:
         gateway.stop()
@@ -217,6 +227,7 @@ async def main(sizes: list[int], queued: list[int]) -> None:
             print(
                 f"{'runs':>9} {'start':>7} {'gateway ready':>13} {'gw RSS':>8} "
                 f"{'sched ready':>11} {'sched RSS':>9} {'nats RSS':>9} {'disk':>8} {'fill':>7}"
+                f" {'load':>5}"
             )
             done = 0
             for size in sorted(sizes):
@@ -233,7 +244,8 @@ async def main(sizes: list[int], queued: list[int]) -> None:
                     print(
                         f"{size:>9,} {label:>7} {g:>11.2f} s {g_rss:>4.0f} MiB {s:>9.2f} s "
                         f"{s_rss:>5.0f} MiB {rss_mib(server.pid or 0):>5.0f} MiB "
-                        f"{du_mb(root / 'nats'):>5.0f} MB {filled:>5.0f} s",
+                        f"{du_mb(root / 'nats'):>5.0f} MB {filled:>5.0f} s "
+                        f"{os.getloadavg()[0]:>5.1f}",
                         flush=True,
                     )
                 await views.put_checkpoint(Checkpoint(replay_from=last + 1, seq=last, at=0))
