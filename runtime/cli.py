@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import click
 
-from runtime.cli_auth import ca_option, credentials_for, seed_option
+from runtime.cli_auth import agent_identity, ca_option, credentials_for, seed_option
 from runtime.cli_scaling import register as register_scaling_commands
 from runtime.cli_tokens import register as register_token_commands
 from runtime.cli_webhooks import register as register_webhook_commands
@@ -311,10 +311,12 @@ def gateway(
     "--remove-command", default=None, help="command: run to remove a node; {node_id} is replaced."
 )
 @click.option(
-    "--node-seed",
+    "--node-credentials",
+    "node_credentials",
     default=None,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="local: the agent nkey seed file the agents it starts connect with.",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="local: where each agent it starts finds its own seed (agents/<node_id>.nk, minted "
+    "with jetrun keys DIR --agent node-1 ...).",
 )
 @health_options(8081)
 def scheduler(
@@ -331,11 +333,11 @@ def scheduler(
     boot_delay: float,
     add_command: str | None,
     remove_command: str | None,
-    node_seed: Path | None,
+    node_credentials: Path | None,
 ) -> None:
     """Place, queue, dispatch, cancel and preempt runs; scale replicas and nodes
     (NATS role: scheduler)."""
-    from runtime.control.providers import CommandProvider, LocalProvider, NodeProvider
+    from runtime.control.providers import CommandProvider, LocalProvider, NodeProvider, seed_env
     from runtime.services import serve_scheduler
 
     chosen: NodeProvider | None = None
@@ -348,7 +350,8 @@ def scheduler(
             cpu_slots=node_slots,
             boot_delay_s=boot_delay,
             env=child_env(),
-            extra_args=[*_nats_args(node_seed, nats_ca)],
+            node_env=seed_env(node_credentials, child_env()) if node_credentials else None,
+            extra_args=[*_nats_args(None, nats_ca)],
         )
     elif provider == "command":
         if not add_command or not remove_command:
@@ -402,7 +405,12 @@ def setup(
 @click.option(
     "--heartbeat", default=1.0, show_default=True, type=float, help="Seconds between heartbeats."
 )
-@click.option("--id", "agent_id", default=None, help="Agent id (default: host name + random).")
+@click.option(
+    "--id",
+    "agent_id",
+    default=None,
+    help="Agent id (default: the one its seed was minted for, else host name + random).",
+)
 @click.option(
     "--log-max-bytes",
     default=1_048_576,
@@ -427,10 +435,16 @@ def agent(
     """Run a node agent: load pipelines, run attempts. SIGTERM = preemption notice.
     (NATS role: agent.)"""
     from runtime.infra.lifetime import honour_parent
+    from runtime.infra.nats_auth import agent_role
     from runtime.services import serve_agent
 
     honour_parent()  # started by `jetrun up`: die with it
-    credentials = credentials_for("agent", nats_seed, nats_ca)
+    agent_id = agent_identity(agent_id, nats_seed)
+    try:
+        role = agent_role(agent_id)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--id") from None
+    credentials = credentials_for(role, nats_seed, nats_ca)
     serve = partial(
         serve_agent,
         health=(health_host, health_port),
@@ -467,18 +481,32 @@ def recall(
 
 @main.command()
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
-def keys(directory: Path) -> None:
+@click.option(
+    "--agent",
+    "agents",
+    multiple=True,
+    help="Also mint a seed of its own for this node agent id (agents/ID.nk); repeatable.",
+)
+def keys(directory: Path, agents: tuple[str, ...]) -> None:
     """Write one nkey seed per NATS role to DIRECTORY (owner-only files; existing seeds are
-    kept) and auth.conf, the nats-server authorization block with their public keys."""
-    from runtime.infra.nats_auth import authorization_block, generate_keys
+    kept), one per --agent in DIRECTORY/agents, and auth.conf, the nats-server authorization
+    block with their public keys and permissions. Reload the servers after adding an agent
+    (nats-server --signal reload)."""
+    from runtime.infra.nats_auth import authorization_block, generate_keys, mint_agent, seed_path
 
+    try:
+        for agent_id in agents:
+            mint_agent(directory, agent_id)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint="--agent") from None
     public = generate_keys(directory)
     (directory / "auth.conf").write_text(authorization_block(public))
     for role, found in public.items():
-        click.echo(f"{role}: {directory / (role + '.nk')} ({found[0]})")
+        click.echo(f"{role}: {seed_path(directory, role)} ({found[0]})")
     click.echo(
         f"nats-server: put {directory / 'auth.conf'} beside its config and add "
-        '`include "auth.conf"` (includes are read relative to the config file)'
+        '`include "auth.conf"` (includes are read relative to the config file); after '
+        "adding an agent, reload it: nats-server --signal reload"
     )
 
 

@@ -38,3 +38,18 @@ def credentials_for(role: str, seed: Path | None, ca: Path | None) -> Credential
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--nats-seed/--nats-ca") from None
     return credentials
+
+
+def agent_identity(agent_id: str | None, seed: Path | None) -> str:
+    """The agent's id: ``--id``, else the one its seed was minted for (``agents/<id>.nk``,
+    what ``jetrun keys DIR --agent ID`` writes), else a new one. Raises ``click.BadParameter``
+    when ``--id`` names another agent than the seed."""
+    from runtime.infra.nats_auth import AGENTS_DIR
+    from runtime.node.agent import default_agent_id
+
+    minted_for = seed.stem if seed is not None and seed.parent.name == AGENTS_DIR else None
+    if agent_id is not None and minted_for is not None and agent_id != minted_for:
+        raise click.BadParameter(
+            f"the seed was minted for agent {minted_for!r}, not {agent_id!r}", param_hint="--id"
+        )
+    return agent_id or minted_for or default_agent_id()

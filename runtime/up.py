@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 import shutil
 import signal
 import socket
@@ -38,7 +39,7 @@ from runtime.health import add_scheduler
 from runtime.infra.config import DEMO_TOKEN, Config
 from runtime.infra.eventlog import LogSettings
 from runtime.infra.lifetime import child_env
-from runtime.infra.nats_auth import Credentials
+from runtime.infra.nats_auth import AGENTS_DIR, Credentials, agent_role
 from runtime.infra.nats_conn import close, connect
 from runtime.infra.natsserver import NatsServer, NatsServerFailed, NatsServerNotFound
 from runtime.provision import provision
@@ -172,7 +173,7 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
             stack.push_async_callback(close, snc, grace)
         gateway = Gateway(nc, opts.config, log_settings=settings)
         scheduler = Scheduler(snc, opts.config, log_settings=settings)
-        scaler = Scaler(scheduler, _provider(opts, nats_url))
+        scaler = Scaler(scheduler, _provider(opts, nats_url, server))
         async with anyio.create_task_group() as tg:
             add_scheduler(gateway.telemetry.exposition, scheduler, alongside=gateway.telemetry)
             async with step("setting up the event log"):
@@ -194,7 +195,7 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
                         ),
                         _webhooks(opts, nats_url),
                     ):
-                        await _serve_agent(opts, gateway, nats_url, server is not None, stopping)
+                        await _serve_agent(opts, gateway, nats_url, server, stopping)
                 finally:
                     if stopping.is_set():
                         print("\njetrun: shutting down", flush=True)
@@ -258,15 +259,39 @@ async def _webhooks(opts: UpOptions, nats_url: str) -> AsyncIterator[None]:
         await _stop_child(proc, opts.config.settings.shutdown_grace_s + 5.0)
 
 
-def _provider(opts: UpOptions, nats_url: str) -> LocalProvider:
-    """More local agents when the autoscaler finds no room; their logs in ``<data>/nodes``."""
+async def agent_identity(
+    opts: UpOptions, server: NatsServer | None, agent_id: str
+) -> Credentials | None:
+    """Agent ``agent_id``'s own NATS identity. The embedded server mints it and reloads; with
+    ``--nats`` and ``--nats-credentials DIR`` it must have been minted ahead (``jetrun keys DIR
+    --agent ID``, servers reloaded): raises ``StartupError`` if DIR has no seed for it."""
+    if server is not None:
+        return await anyio.to_thread.run_sync(server.add_agent, agent_id)
+    credentials = opts.credentials(agent_role(agent_id))
+    if credentials is None or credentials.seed_file is None:
+        return credentials
+    if not credentials.seed_file.is_file():
+        raise StartupError(
+            f"no seed for agent {agent_id} in {credentials.seed_file.parent}: mint it with "
+            f"`jetrun keys {opts.credentials_dir} --agent {agent_id}` and reload the NATS servers"
+        )
+    return credentials
+
+
+def _provider(opts: UpOptions, nats_url: str, server: NatsServer | None) -> LocalProvider:
+    """More local agents when the autoscaler finds no room, each with its own identity; their
+    logs in ``<data>/nodes``."""
+
+    async def node_env(node_id: str) -> dict[str, str]:
+        return agent_env(nats_url, await agent_identity(opts, server, node_id))
+
     return LocalProvider(
         nats_url,
         opts.modules,
         cpu_slots=opts.slots if opts.node_slots is None else opts.node_slots,
         boot_delay_s=opts.boot_delay_s,
         heartbeat_s=opts.config.settings.heartbeat_interval_s,
-        env=agent_env(nats_url, opts.credentials("agent")),
+        node_env=node_env,
         log_dir=opts.data_dir / "nodes",
     )
 
@@ -274,6 +299,8 @@ def _provider(opts: UpOptions, nats_url: str) -> LocalProvider:
 async def _start_nats(opts: UpOptions) -> NatsServer:
     if opts.nats_port:
         bind("127.0.0.1", opts.nats_port, "NATS").close()
+    # agents of an earlier start died with it: their identities go (each start mints its own)
+    shutil.rmtree(opts.data_dir / "credentials" / AGENTS_DIR, ignore_errors=True)
     server = NatsServer(
         store_dir=opts.data_dir / "nats",
         port=opts.nats_port,
@@ -289,17 +316,23 @@ async def _start_nats(opts: UpOptions) -> NatsServer:
 
 
 async def _serve_agent(
-    opts: UpOptions, gateway: Gateway, nats_url: str, embedded: bool, stopping: anyio.Event
+    opts: UpOptions,
+    gateway: Gateway,
+    nats_url: str,
+    server: NatsServer | None,
+    stopping: anyio.Event,
 ) -> None:
     """Run the local agent: the banner once its pipelines are ready; restarted (same id) if
     it was declared lost; stopped (bounded) when this process stops."""
-    agent_id = f"local-{socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+    embedded = server is not None
+    agent_id = _local_agent_id(embedded or opts.credentials_dir is None)
+    env = agent_env(nats_url, await agent_identity(opts, server, agent_id))
     grace = opts.config.settings.shutdown_grace_s
     first = True
     while not stopping.is_set():
         proc = subprocess.Popen(  # noqa: ASYNC220 (returns at once)
             agent_command(opts.modules, opts.slots, agent_id),
-            env=agent_env(nats_url, opts.credentials("agent")),
+            env=env,
         )
         try:
             if first:
@@ -374,6 +407,13 @@ async def _stop_child(proc: subprocess.Popen[bytes], grace: float) -> None:
         log.warning("the local agent did not stop within %g s; killing it", grace)
         proc.kill()
         proc.wait()
+
+
+def _local_agent_id(fresh: bool) -> str:
+    """``local-<host>``, plus a random part where its identity is minted here (``fresh``);
+    without it where the operator minted one ahead for it."""
+    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "host"
+    return f"local-{host}-{uuid.uuid4().hex[:6]}" if fresh else f"local-{host}"
 
 
 def agent_env(nats_url: str, credentials: Credentials | None) -> dict[str, str]:

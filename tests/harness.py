@@ -28,7 +28,7 @@ from nats.aio.client import Client
 from runtime.infra import certs
 from runtime.infra.config import load
 from runtime.infra.eventlog import LogSettings
-from runtime.infra.nats_auth import Credentials
+from runtime.infra.nats_auth import Credentials, agent_role
 from runtime.infra.nats_conn import connect
 from runtime.infra.natsserver import ClusterSpec, NatsServer, ServerTls, free_port
 from runtime.provision import provision
@@ -163,6 +163,13 @@ class Stack:
         assert self.nats is not None
         return self.nats.credentials(role)
 
+    def agent_credentials(self, agent_id: str) -> Credentials:
+        """Agent ``agent_id``'s own identity, minted and accepted by every server."""
+        assert self.nats is not None
+        for node in self.cluster or [self.nats]:
+            node.add_agent(agent_id)
+        return self.nats.credentials(agent_role(agent_id))
+
     async def connect(self, role: str = "admin", name: str = "test") -> Client:
         """A NATS client of ``role`` (admin: may read and change anything). Close it."""
         return await connect(self.nats_url, name, self.credentials(role))
@@ -289,12 +296,13 @@ class Stack:
 
     def start_agent(self, name: str, *modules: str, slots: int = 2) -> Proc:
         assert self.nats is not None
+        self.agent_credentials(name)
         args = [
             "agent",
             *self._health(name),
             "--replicas",
             self.replicas,
-            *self.nats_args("agent"),
+            *self.nats_args(agent_role(name)),
             "--slots",
             str(slots),
             "--heartbeat",

@@ -14,7 +14,7 @@ import yaml
 from runtime.cli import main
 from runtime.infra import certs
 from runtime.infra.config import load
-from runtime.infra.nats_auth import ROLES, authorization_block, generate_keys
+from runtime.infra.nats_auth import ROLES, authorization_block, generate_keys, mint_agent
 from runtime.infra.natsserver import ClusterSpec, ServerTls, find_binary, server_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +34,7 @@ def parse(argv: list[str]) -> click.Context:
 def test_topology_has_three_nats_nodes_gateways_a_scheduler_and_agents() -> None:
     assert sorted(NATS) == ["nats-1", "nats-2", "nats-3"]
     commands = sorted(s["command"][0] for s in JETRUN.values())
-    assert commands == ["agent", "gateway", "gateway", "scheduler", "setup"]
+    assert commands == ["agent", "agent", "gateway", "gateway", "scheduler", "setup"]
 
 
 def on_host(service: dict[str, Any], argv: list[str]) -> list[str]:
@@ -67,17 +67,26 @@ def test_services_reach_every_nats_node() -> None:
         assert urls == [f"nats://{n}:4222" for n in sorted(NATS)]
 
 
-ROLE_OF = {"setup": "admin", "gateway": "gateway", "scheduler": "scheduler", "agent": "agent"}
+ROLE_OF = {"setup": "admin", "gateway": "gateway", "scheduler": "scheduler"}
 
 
 @pytest.mark.parametrize("name", sorted(JETRUN))
-def test_each_service_gets_only_its_own_roles_seed_and_the_ca(name: str) -> None:
+def test_each_service_gets_only_its_own_seed_and_the_ca(name: str) -> None:
+    """Roles: their role's seed; agents: a seed of their own, minted for their --id (by
+    ``jetrun keys deploy/secrets --agent ID``)."""
     service = JETRUN[name]
-    role = ROLE_OF[service["command"][0]]
-    assert role in ROLES
-    assert service["secrets"] == [f"{role}.nk"]
-    assert service["environment"]["JETRUN_NATS_SEED"] == f"/run/secrets/{role}.nk"
-    assert COMPOSE["secrets"][f"{role}.nk"] == {"file": f"./deploy/secrets/{role}.nk"}
+    command = service["command"]
+    if command[0] == "agent":
+        agent_id = command[command.index("--id") + 1]
+        assert agent_id == name
+        secret, path = f"{agent_id}.nk", f"./deploy/secrets/agents/{agent_id}.nk"
+    else:
+        role = ROLE_OF[command[0]]
+        assert role in ROLES
+        secret, path = f"{role}.nk", f"./deploy/secrets/{role}.nk"
+    assert service["secrets"] == [secret]
+    assert service["environment"]["JETRUN_NATS_SEED"] == f"/run/secrets/{secret}"
+    assert COMPOSE["secrets"][secret] == {"file": path}
     ca = service["environment"]["JETRUN_NATS_CA"]
     assert any(v.split(":")[1] == ca for v in service["volumes"])
 
@@ -110,7 +119,10 @@ def test_a_nats_server_accepts_the_config_with_keys_and_certificates_made_as_doc
 ) -> None:
     """What compose mounts, made by `jetrun keys` and `jetrun certs`, in a copy of nats-1's
     config whose container paths point at them: nats-server checks it (``-t``)."""
+    for agent_id in ("agent-gpu-1", "agent-gpu-2"):  # jetrun keys DIR --agent ...
+        mint_agent(tmp_path / "secrets", agent_id)
     public = generate_keys(tmp_path / "secrets")
+    assert "agent:agent-gpu-2" in public
     (tmp_path / "auth.conf").write_text(authorization_block(public))  # beside the config
     made = certs.create(tmp_path / "certs", ["nats-1", "nats-2", "nats-3"])
     text = (ROOT / "deploy" / "nats" / "nats-1.conf").read_text()

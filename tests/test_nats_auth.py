@@ -25,7 +25,14 @@ from contracts.events import (
 from runtime.control.admission import Admission, permit_subject, stream_name
 from runtime.infra.config import parse
 from runtime.infra.eventlog import EVENTS_STREAM, EventLog, LogSettings, subject_of
-from runtime.infra.nats_auth import ROLES, Credentials, authorization_block, permissions
+from runtime.infra.nats_auth import (
+    ROLES,
+    Credentials,
+    agent_of,
+    agent_role,
+    authorization_block,
+    permissions,
+)
 from runtime.infra.nats_conn import NatsRefused, connect
 from runtime.infra.natsserver import NatsServer
 from runtime.infra.streams import VIEWS_BUCKET, VIEWS_STREAM
@@ -75,7 +82,9 @@ async def as_role(server: NatsServer, role: str) -> Role:
     async def on_error(err: Exception) -> None:
         errors.append(str(err))
 
-    options = server.credentials(role).connect_options()
+    agent_id = agent_of(role)
+    credentials = server.add_agent(agent_id) if agent_id else server.credentials(role)
+    options = credentials.connect_options()
     nc = await nats.connect(server.url, error_cb=on_error, allow_reconnect=False, **options)
     return Role(nc, errors)
 
@@ -156,8 +165,10 @@ FORGED_CANCELLED = append(RunCancelled(run_id="run_victim", at=2.0))
 ALWAYS_DENIED = [delete_stream, purge_admission, delete_event, update_stream]
 NOT_THE_VIEWS = [forge_view, forge_checkpoint]  # only the scheduler writes them
 
+AGENT_A = agent_role("node-a")
+
 FORBIDDEN: dict[str, list[Attempt]] = {
-    "agent": [
+    AGENT_A: [
         FORGED_SUBMITTED,
         FORGED_DISPATCH,
         FORGED_CANCELLED,
@@ -217,7 +228,7 @@ async def test_each_roles_forbidden_operations_fail_and_change_nothing(
 
 async def test_each_role_can_do_its_own_job(server: NatsServer) -> None:
     """The control for the denials above: the same calls work for the role that owns them."""
-    agent, gateway = await as_role(server, "agent"), await as_role(server, "gateway")
+    agent, gateway = await as_role(server, AGENT_A), await as_role(server, "gateway")
     scheduler, service = await as_role(server, "scheduler"), await as_role(server, "service")
     try:
         started = RunStarted(run_id="run_victim", at=2.0, attempt=1, agent_id="a")
@@ -248,7 +259,7 @@ async def test_each_role_can_do_its_own_job(server: NatsServer) -> None:
 
 
 async def test_no_role_reads_another_roles_replies(server: NatsServer) -> None:
-    spy = await as_role(server, "agent")
+    spy = await as_role(server, AGENT_A)
     gateway = await server.connect("gateway")
     seen: list[str] = []
 
@@ -305,7 +316,7 @@ def test_seeds_are_owner_only_and_kept(tmp_path: Path) -> None:
 
 
 def test_only_admin_may_manage_streams() -> None:
-    for role in ROLES:
+    for role in (*ROLES, AGENT_A):
         allowed = permissions(role).publish
         manages = [s for s in allowed if ".STREAM.CREATE" in s or ".STREAM.DELETE" in s]
         manages += [s for s in allowed if ".STREAM.PURGE" in s or ".STREAM.UPDATE" in s]

@@ -13,10 +13,11 @@ import pytest
 from nats.aio.client import Client
 
 from contracts.agents import AgentHeartbeat
-from runtime.control.providers import CommandProvider, LocalProvider
+from runtime.control.providers import CommandProvider, LocalProvider, seed_env
 from runtime.infra.config import demo_config
 from runtime.infra.eventlog import LogSettings
 from runtime.infra.fleet import HEARTBEAT_SUBJECT
+from runtime.infra.lifetime import child_env
 from runtime.infra.natsserver import NatsServer
 from runtime.provision import provision
 
@@ -36,14 +37,15 @@ async def test_local_provider_starts_an_agent_that_registers_and_stops_it(
     nats_server: NatsServer, nc: Client, tmp_path: Path
 ) -> None:
     await provision(nc, demo_config(), LogSettings())  # the admin step: the streams exist
-    seed = str(nats_server.credentials("agent").seed_file)
+    nats_server.add_agent("node-1")  # minted ahead (jetrun keys DIR --agent node-1)
+    assert nats_server.credentials_dir is not None
     provider = LocalProvider(
         nats_server.url,
         ["runtime.node.demo"],
         cpu_slots=3,
         heartbeat_s=0.2,
         log_dir=tmp_path,
-        extra_args=["--nats-seed", seed],
+        node_env=seed_env(nats_server.credentials_dir, child_env()),
     )
     try:
         await provider.add("node-1", "cpu")
@@ -58,6 +60,15 @@ async def test_local_provider_starts_an_agent_that_registers_and_stops_it(
     finally:
         await provider.aclose()
     assert "node-1" in (tmp_path / "node-1.log").read_text()
+
+
+async def test_local_provider_needs_a_seed_minted_for_the_node(tmp_path: Path) -> None:
+    provider = LocalProvider(
+        "nats://127.0.0.1:1", ["runtime.node.demo"], node_env=seed_env(tmp_path, {})
+    )
+    with pytest.raises(RuntimeError, match=r"jetrun keys .* --agent node-2"):
+        await provider.add("node-2", "cpu")
+    assert provider.running() == []
 
 
 async def test_local_provider_boot_delay_and_removal_while_booting(tmp_path: Path) -> None:

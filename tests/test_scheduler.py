@@ -25,7 +25,7 @@ from runtime.control.scheduler import Scheduler
 from runtime.infra.catalog import Catalog
 from runtime.infra.config import parse
 from runtime.infra.eventlog import kind_subjects
-from runtime.infra.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT, NODE_RECALLED
+from runtime.infra.fleet import HEARTBEAT_SUBJECT, NODE_RECALLED, drain_subject
 from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -331,7 +331,7 @@ async def test_a_draining_agent_is_never_dispatched_new_runs(nc: Client) -> None
                 data = msgspec.json.encode(beat(agent_id, "t/p:v1", slots=slots))
                 await nc.publish(f"{HEARTBEAT_SUBJECT}.{agent_id}", data)
             await nc.flush()
-            reply = await nc.request(DRAIN_SUBJECT, b"a1", timeout=5)
+            reply = await nc.request(drain_subject("a1"), b"a1", timeout=5)
             handled = int(reply.data)
             await _until(lambda: scheduler.index.queue_depth("t/p:v1") == 0)
             dispatched = await log.read_subject(kind_subjects("dispatched"))

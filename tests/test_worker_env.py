@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from runtime.infra.nats_auth import agent_role
 from runtime.node.pipelines import pipeline
 from runtime.node.worker_env import check_declared, worker_env
 from tests.harness import FIXTURES, Stack, client, wait_replicas
@@ -130,7 +131,7 @@ def test_a_pipeline_declaring_reserved_variables_is_refused_when_defined() -> No
 async def test_the_agents_seed_is_its_owners_only(hostile_stack: Stack) -> None:
     """What a worker under another OS user cannot read (docs/security.md): the agent's seed
     file is mode 0600 and owned by the user the agent runs as, its directory 0700."""
-    seed = hostile_stack.credentials("agent").seed_file
+    seed = hostile_stack.credentials(agent_role("hostile")).seed_file
     assert seed is not None and seed.is_file()
     assert seed.stat().st_mode & 0o777 == 0o600
     assert seed.parent.stat().st_mode & 0o777 == 0o700

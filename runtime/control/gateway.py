@@ -66,7 +66,7 @@ from runtime.infra.catalog import Catalog
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config, Team, token_digest
 from runtime.infra.eventlog import EventLog, LogSettings, require_all
-from runtime.infra.fleet import HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
+from runtime.infra.fleet import HEARTBEAT_SUBJECT, Fleet, decode_heartbeat
 from runtime.infra.guard import Guard
 from runtime.infra.projection import RunIndex
 from runtime.infra.runlogs import LogStore
@@ -175,7 +175,7 @@ class Gateway:
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
-            self.fleet.observe(heartbeat_decoder.decode(msg.data))
+            self.fleet.observe(decode_heartbeat(msg.subject, msg.data))
         except msgspec.MsgspecError:
             log.warning("undecodable heartbeat on %s", msg.subject)
 

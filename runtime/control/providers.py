@@ -21,7 +21,7 @@ import shlex
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -31,6 +31,7 @@ import msgspec
 from anyio.abc import Process
 
 from contracts.agents import PipelineInfo
+from runtime.infra.nats_auth import agent_role, seed_path
 
 log = logging.getLogger("jetrun.providers")
 
@@ -50,7 +51,8 @@ class LocalProvider:
     """Starts ``jetrun agent`` processes on this machine.
 
     ``boot_delay_s`` simulates a machine booting: the agent process starts that long after the
-    request. Each agent gets ``cpu_slots`` slots and serves ``modules``.
+    request. Each agent gets ``cpu_slots`` slots and serves ``modules``. ``node_env(node_id)``,
+    if given, is the environment of that node's agent (its own NATS identity); else ``env``.
     """
 
     nats_url: str
@@ -60,6 +62,7 @@ class LocalProvider:
     heartbeat_s: float = 1.0
     extra_args: Sequence[str] = ()
     env: Mapping[str, str] | None = None
+    node_env: Callable[[str], Awaitable[Mapping[str, str]]] | None = None
     log_dir: Path | None = None
     stop_timeout_s: float = 15.0
     procs: dict[str, Process] = field(default_factory=dict)
@@ -85,10 +88,11 @@ class LocalProvider:
             await anyio.sleep(self.boot_delay_s)
             if node_id in self._cancelled:
                 return
+            env = self.env if self.node_env is None else await self.node_env(node_id)
             out = self._log(node_id)
             try:
                 self.procs[node_id] = await anyio.open_process(
-                    self.command(node_id), stdout=out, stderr=subprocess.STDOUT, env=self.env
+                    self.command(node_id), stdout=out, stderr=subprocess.STDOUT, env=env
                 )
             finally:
                 if not isinstance(out, int):
@@ -188,6 +192,25 @@ class CommandProvider:
 
     async def aclose(self) -> None:
         """Nodes added by commands outlive this process; the operator's tooling owns them."""
+
+
+def seed_env(
+    credentials_dir: Path, base: Mapping[str, str]
+) -> Callable[[str], Awaitable[dict[str, str]]]:
+    """``node_env`` for agents whose seeds were minted ahead (``jetrun keys DIR --agent ID``):
+    ``base`` plus ``JETRUN_NATS_SEED`` naming ``DIR/agents/<node_id>.nk``. Raises
+    ``RuntimeError`` for a node with no seed there."""
+
+    async def env(node_id: str) -> dict[str, str]:
+        seed = seed_path(credentials_dir, agent_role(node_id))
+        if not seed.is_file():
+            raise RuntimeError(
+                f"no seed for node {node_id} in {seed.parent}: mint it with `jetrun keys "
+                f"{credentials_dir} --agent {node_id}` and reload the NATS servers"
+            )
+        return {**base, "JETRUN_NATS_SEED": str(seed)}
+
+    return env
 
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)

@@ -41,7 +41,13 @@ from runtime.infra.catalog import Catalog
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
 from runtime.infra.eventlog import RETRYABLE, EventLog, LogSettings, ensure_all, require_all
-from runtime.infra.fleet import DRAIN_SUBJECT, HEARTBEAT_SUBJECT, Fleet, heartbeat_decoder
+from runtime.infra.fleet import (
+    DRAIN_SUBJECT,
+    HEARTBEAT_SUBJECT,
+    Fleet,
+    agent_of_drain,
+    decode_heartbeat,
+)
 from runtime.infra.guard import Guard
 from runtime.infra.lease import Lease
 from runtime.infra.projection import RunIndex
@@ -137,7 +143,7 @@ class Scheduler(Applier):
         )
         # a failed drain answer leaves nothing diverged: the agent is then lost by timeout
         drain = guard("drain handler", self._on_drain, fatal=False)
-        drains = await self.nc.subscribe(DRAIN_SUBJECT, cb=drain)
+        drains = await self.nc.subscribe(f"{DRAIN_SUBJECT}.*", cb=drain)
         tail = await self.log.tail(
             guard("event-log tail", self._on_event),
             from_seq=start,
@@ -185,7 +191,7 @@ class Scheduler(Applier):
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:
-            beat = heartbeat_decoder.decode(msg.data)
+            beat = decode_heartbeat(msg.subject, msg.data)
         except msgspec.MsgspecError:
             log.warning("undecodable heartbeat on %s", msg.subject)
             return
@@ -199,7 +205,9 @@ class Scheduler(Applier):
     async def _on_drain(self, msg: Msg) -> None:
         """An agent got a preemption notice: from now on it gets no new run; the next pass
         preempts (or requeues) its runs and answers with how many it handled."""
-        agent_id = msg.data.decode(errors="replace")
+        agent_id = agent_of_drain(msg.subject)  # never the payload: an agent drains itself only
+        if agent_id is None:
+            return
         self.fleet.recall(agent_id)
         if msg.reply:
             self._drain_replies.setdefault(agent_id, []).append(msg.reply)

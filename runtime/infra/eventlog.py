@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, TypeVar
@@ -271,6 +272,59 @@ class EventLog:
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
             config=config,
         )
+
+    async def tail_each(
+        self, handler: Handler, *, from_seq: int, subjects: list[str]
+    ) -> list[Subscription]:
+        """``tail`` with one ordered consumer per subject, each created through JetStream's
+        filtered create call (``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``), so that
+        NATS permissions can say which filters a role may read (one consumer with several
+        filters cannot be checked). Events of different subjects may arrive out of log order;
+        within a subject they are in order and each sequence is passed once."""
+        subs: list[Subscription] = []
+        try:
+            for subject in subjects:
+                subs.append(await self._tail_one(handler, from_seq, subject))
+        except BaseException:
+            for sub in subs:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+            raise
+        return subs
+
+    async def _tail_one(self, handler: Handler, from_seq: int, subject: str) -> Subscription:
+        last = 0
+
+        async def on_msg(msg: Msg) -> None:
+            nonlocal last
+            seq = msg.metadata.sequence.stream
+            if seq <= last:  # redelivered after the consumer was recreated
+                return
+            last = seq
+            event = _decode(msg)
+            if event is not None:
+                await handler(seq, event)
+
+        return await self.js.subscribe(
+            subject,
+            stream=EVENTS_STREAM,
+            cb=on_msg,
+            ordered_consumer=True,
+            idle_heartbeat=1.0,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            config=NamedEachTime(opt_start_seq=max(from_seq, 1), filter_subject=subject),
+        )
+
+
+@dataclass
+class NamedEachTime(api.ConsumerConfig):
+    """A consumer config that takes a new name each time a copy is made. nats-py creates (and,
+    after a gap or a reconnect, recreates) an ordered consumer from a copy of its config: a
+    named consumer goes through the filtered create call, and a recreated one must not reuse
+    the name of the one it replaces (that one lingers until it is inactive)."""
+
+    def __post_init__(self) -> None:
+        self.name = uuid.uuid4().hex
 
 
 def _decode(msg: Msg) -> AnyEvent | None:

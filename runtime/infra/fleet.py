@@ -15,7 +15,7 @@ import msgspec
 from contracts.agents import AgentHeartbeat, PipelineStatus
 
 HEARTBEAT_SUBJECT = "jetrun.agents.heartbeat"
-DRAIN_SUBJECT = "jetrun.agents.drain"  # request: an agent received a preemption notice
+DRAIN_SUBJECT = "jetrun.agents.drain"  # request to ``.<agent_id>``: it got a preemption notice
 RECALL_SUBJECT = "jetrun.agents.recall"  # request to ``.<agent_id>``: recall that node now
 
 # Reasons on preempted/requeued events. Only the node-level ones mean the agent itself was
@@ -25,6 +25,27 @@ NODE_RECALLED = "node_preempted"
 ATTEMPT_LOST = "attempt_lost"
 
 heartbeat_decoder = msgspec.json.Decoder(AgentHeartbeat)
+
+
+def decode_heartbeat(subject: str, data: bytes) -> AgentHeartbeat:
+    """The heartbeat published on ``subject``. An agent may publish only on its own subject
+    (NATS permissions), so a beat naming another agent is a forgery: raises
+    ``msgspec.ValidationError`` for it, ``msgspec.DecodeError`` for one that does not decode."""
+    beat = heartbeat_decoder.decode(data)
+    if subject != f"{HEARTBEAT_SUBJECT}.{beat.agent_id}":
+        raise msgspec.ValidationError(f"a heartbeat of {beat.agent_id!r} on {subject}")
+    return beat
+
+
+def drain_subject(agent_id: str) -> str:
+    return f"{DRAIN_SUBJECT}.{agent_id}"
+
+
+def agent_of_drain(subject: str) -> str | None:
+    """The agent a drain request on ``subject`` comes from (its subject's last token)."""
+    prefix = f"{DRAIN_SUBJECT}."
+    rest = subject[len(prefix) :] if subject.startswith(prefix) else ""
+    return rest if rest and "." not in rest else None
 
 
 def declares_node_lost(reason: str) -> bool:

@@ -30,7 +30,12 @@ from typing import Any
 
 import nkeys
 
-ROLES = ("admin", "gateway", "scheduler", "agent", "service", "webhooks")
+from contracts.names import check_token, is_token
+from runtime.infra.streams import EVENTS_PREFIX
+
+ROLES = ("admin", "gateway", "scheduler", "service", "webhooks")  # one seed each
+AGENT = "agent"  # not one identity: each agent has its own (``agent_role``)
+AGENTS_DIR = "agents"  # <credentials>/agents/<agent_id>.nk
 EVENTS = "JETRUN_EVENTS"
 PIPELINES = "JETRUN_PIPELINES"
 SCALING = "JETRUN_SCALING"
@@ -47,8 +52,22 @@ class CredentialsError(ValueError):
     part of the message)."""
 
 
+def agent_role(agent_id: str) -> str:
+    """The identity of one agent (``agent:<agent_id>``). Raises ``ValueError`` for an id that
+    is not one subject token."""
+    check_token(agent_id, "agent id")
+    return f"{AGENT}:{agent_id}"
+
+
+def agent_of(role: str) -> str | None:
+    """The agent id of an agent identity, else None."""
+    kind, _, agent_id = role.partition(":")
+    return agent_id if kind == AGENT and agent_id else None
+
+
 def inbox_prefix(role: str) -> str:
-    return f"_INBOX.{role}"
+    """``_INBOX.<role>``; an agent's is its own (``_INBOX.agent.<agent_id>``)."""
+    return f"_INBOX.{role.replace(':', '.')}"
 
 
 def _append(*kinds: str) -> list[str]:
@@ -151,22 +170,7 @@ def permissions(role: str) -> Permissions:
                 "jetrun.scaling.>",  # the autoscaler's decisions (not teams' settings)
             ),
             publish_deny=(*_NOT_THE_LOG, "jetrun.scaling.*.settings"),
-            subscribe=(*inbox, "jetrun.agents.heartbeat.*", "jetrun.agents.drain"),
-            allow_responses=True,
-        ),
-        "agent": Permissions(
-            publish=(
-                *_READ_LOG,
-                *_READ_CATALOG,
-                *_READ_SCALING,
-                f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.submitted",
-                *_append("started", "output", "completed", "failed", "timed_out"),
-                "jetrun.pipelines.*",
-                "jetrun.logs.*.*",  # what an attempt printed
-                "jetrun.agents.heartbeat.*",
-                "jetrun.agents.drain",
-            ),
-            subscribe=(*inbox, "jetrun.agents.recall.*"),
+            subscribe=(*inbox, "jetrun.agents.heartbeat.*", "jetrun.agents.drain.*"),
             allow_responses=True,
         ),
         "webhooks": Permissions(  # the webhook deliverer (``jetrun webhooks``)
@@ -190,7 +194,45 @@ def permissions(role: str) -> Permissions:
             subscribe=inbox,
         ),
     }
-    return table[role]
+    agent_id = agent_of(role)
+    return agent_permissions(agent_id) if agent_id is not None else table[role]
+
+
+# What an agent reads of the log: the dispatches addressed to it, and the ends of runs it may be
+# running (cancelled, or declared lost). Each through the filtered consumer create call, whose
+# subject carries the filter (nats-server checks it against the request).
+AGENT_READS = ("cancelled", "preempted", "requeued")
+
+
+def _consumer_with_filter(stream: str, subject: str) -> str:
+    return f"{API}.CONSUMER.CREATE.{stream}.*.{subject}"
+
+
+def agent_permissions(agent_id: str) -> Permissions:
+    """One agent's identity: it reads only its own dispatches (and the cancellations and
+    requeues of any run, which carry no inputs), heartbeats and answers recalls only as
+    itself, and appends what an attempt did. Raises ``ValueError`` for a bad id."""
+    check_token(agent_id, "agent id")
+    reads = [f"{EVENTS_PREFIX}.*.dispatched.{agent_id}"]
+    reads += [f"{EVENTS_PREFIX}.*.{kind}" for kind in AGENT_READS]
+    return Permissions(
+        publish=(
+            *_INFO,
+            *(_consumer_with_filter(EVENTS, subject) for subject in reads),
+            f"$JS.FC.{EVENTS}.>",
+            *_READ_CATALOG,
+            *_READ_SCALING,
+            # inputs too large to be repeated in a dispatch are read back by run id
+            f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.submitted",
+            *_append("started", "output", "completed", "failed", "timed_out"),
+            "jetrun.pipelines.*",
+            "jetrun.logs.*.*",  # what an attempt printed
+            f"jetrun.agents.heartbeat.{agent_id}",
+            f"jetrun.agents.drain.{agent_id}",
+        ),
+        subscribe=(f"{inbox_prefix(agent_role(agent_id))}.>", f"jetrun.agents.recall.{agent_id}"),
+        allow_responses=True,
+    )
 
 
 # --- server side -------------------------------------------------------------------------
@@ -212,8 +254,12 @@ def _user(key: str, perms: Permissions) -> str:
 
 
 def authorization_block(users: Mapping[str, Sequence[str]]) -> str:
-    """The nats-server ``authorization`` block: each role's public nkeys and permissions."""
-    lines = [_user(key, permissions(role)) for role in ROLES for key in users.get(role, ())]
+    """The nats-server ``authorization`` block: each role's public nkeys and permissions
+    (``users`` maps a role, or an agent identity ``agent:<id>``, to its public keys)."""
+    agents = sorted(role for role in users if agent_of(role) is not None)
+    lines = [
+        _user(key, permissions(role)) for role in (*ROLES, *agents) for key in users.get(role, ())
+    ]
     return "authorization {\n  users = [\n" + "\n".join(lines) + "\n  ]\n}\n"
 
 
@@ -226,7 +272,28 @@ def write_private(path: Path, data: bytes) -> None:
 
 
 def seed_path(directory: Path, role: str) -> Path:
+    """``<directory>/<role>.nk``; an agent's: ``<directory>/agents/<agent_id>.nk``."""
+    agent_id = agent_of(role)
+    if agent_id is not None:
+        return Path(directory) / AGENTS_DIR / f"{agent_id}.nk"
     return Path(directory) / f"{role}.nk"
+
+
+def _new_seed(path: Path) -> None:
+    write_private(path, nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
+
+
+def mint_agent(directory: Path, agent_id: str) -> Path:
+    """A seed of its own for agent ``agent_id`` in ``<directory>/agents`` (mode 0700, file
+    0600), kept if already there. Returns its path. The servers accept it once their
+    authorization block lists it (``authorization_block(public_keys(directory))``, then a
+    config reload). Raises ``ValueError`` for an id that is not one subject token."""
+    path = seed_path(directory, agent_role(agent_id))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.chmod(path.parent, 0o700)
+    if not path.exists():
+        _new_seed(path)
+    return path
 
 
 def generate_keys(directory: Path) -> dict[str, list[str]]:
@@ -238,18 +305,21 @@ def generate_keys(directory: Path) -> dict[str, list[str]]:
     for role in ROLES:
         path = seed_path(directory, role)
         if not path.exists():
-            write_private(path, nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER))
+            _new_seed(path)
     return public_keys(directory)
 
 
 def public_keys(directory: Path) -> dict[str, list[str]]:
     """Each role's public key, from the seeds in ``directory`` (roles without a seed are
-    left out)."""
+    left out), and each minted agent's (as ``agent:<id>``)."""
     found: dict[str, list[str]] = {}
     for role in ROLES:
         path = seed_path(directory, role)
         if path.exists():
             found[role] = [public_key(path)]
+    for path in sorted((Path(directory) / AGENTS_DIR).glob("*.nk")):
+        if is_token(path.stem):
+            found[agent_role(path.stem)] = [public_key(path)]
     return found
 
 

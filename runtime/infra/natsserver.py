@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +32,13 @@ import anyio
 from nats.aio.client import Client
 
 from runtime.infra.lifetime import die_with_parent
-from runtime.infra.nats_auth import Credentials, authorization_block, generate_keys
+from runtime.infra.nats_auth import (
+    Credentials,
+    agent_role,
+    authorization_block,
+    generate_keys,
+    mint_agent,
+)
 from runtime.infra.nats_conn import connect
 
 
@@ -170,6 +177,7 @@ class NatsServer:
     credentials_dir: Path | None = None  # default: <store_dir>/credentials
     tls: ServerTls | None = None
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _reloading: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.store_dir = Path(self.store_dir)
@@ -220,8 +228,7 @@ class NatsServer:
         self.store_dir.mkdir(parents=True, exist_ok=True)
         os.chmod(self.store_dir, 0o700)
         self.config_path.write_text(self.config_text())
-        log = self.log_file or (self.store_dir / f"{self.name}.log")
-        with open(log, "ab") as out:
+        with open(self._log_path, "ab") as out:
             self._proc = subprocess.Popen(
                 [binary, "-c", str(self.config_path)],
                 stdout=out,
@@ -248,6 +255,50 @@ class NatsServer:
         self.start_process()
         await self.wait_ready(timeout)
         return self
+
+    def add_agent(self, agent_id: str, timeout: float = 10.0) -> Credentials:
+        """An identity of its own for agent ``agent_id`` (minted, or kept if it has one), and
+        the running server made to accept it: its config is rewritten and reloaded. Blocks
+        (at most ``timeout`` s) until the server has reloaded; raises ``NatsServerFailed`` if it
+        does not. Idempotent. Without auth, the anonymous credentials."""
+        role = agent_role(agent_id)
+        if not self.auth:
+            return self.credentials(role)
+        assert self.credentials_dir is not None
+        with self._reloading:  # two agents added at once: one reload at a time
+            mint_agent(self.credentials_dir, agent_id)
+            self.reload(timeout)
+        return self.credentials(role)
+
+    def reload(self, timeout: float = 10.0) -> None:
+        """Rewrite the config (every minted agent's key included) and have the running server
+        reload it (SIGHUP), waiting until its log says it did. Nothing to do if the config is
+        unchanged or the server is not running."""
+        text = self.config_text()
+        if not self.running or text == self.config_path.read_text():
+            return
+        before = self._reloads()
+        self.config_path.write_text(text)
+        assert self._proc is not None
+        self._proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        while self._reloads() <= before:
+            if time.monotonic() > deadline or not self.running:
+                raise NatsServerFailed(
+                    f"nats-server did not reload its config within {timeout} s; see "
+                    f"{self._log_path}"
+                )
+            time.sleep(0.01)
+
+    @property
+    def _log_path(self) -> Path:
+        return self.log_file or (self.store_dir / f"{self.name}.log")
+
+    def _reloads(self) -> int:
+        try:
+            return self._log_path.read_bytes().count(b"Reloaded server configuration")
+        except FileNotFoundError:
+            return 0
 
     @property
     def pid(self) -> int | None:

@@ -49,10 +49,10 @@ from runtime.infra.eventlog import (
     require_all,
 )
 from runtime.infra.fleet import (
-    DRAIN_SUBJECT,
     HEARTBEAT_SUBJECT,
     RECALL_SUBJECT,
     declares_node_lost,
+    drain_subject,
 )
 from runtime.infra.guard import Guard
 from runtime.infra.logsetup import bound
@@ -61,6 +61,7 @@ from runtime.infra.runlogs import LogStore
 from runtime.infra.scalinglog import ScalingLog
 from runtime.node.accelerators import detect
 from runtime.node.attempts import Attempt, Pool, Reporter, Runner
+from runtime.node.ended import EndedRuns
 from runtime.node.pipelines import PipelineSpec, load_module
 from runtime.node.results import HEADER_ROOM
 from runtime.node.worker import PipelineWorker, StartupFailed
@@ -141,7 +142,8 @@ class Agent:
         self._fenced = anyio.Event()  # the scheduler declared this agent lost
         self.recalled = anyio.Event()  # a recall request arrived
         self._idle = anyio.Event()  # an attempt ended
-        self.seen_seq = 0  # the last event-log sequence handled
+        self.seen_seq = 0  # the last dispatch's log sequence handled
+        self._ended = EndedRuns()  # runs cancelled or taken off here, by log sequence
         self.serving = False  # subscribed to dispatches and heartbeating
         self.cold_starts = cold_start_histogram()
         self.reporter = Reporter(self.log)
@@ -181,7 +183,8 @@ class Agent:
         # a view of its runs the log does not share: fatal
         on_event = self.guard.wrap("dispatch handler", self._on_event)
         subjects = [agent_dispatches(self.agent_id), *(kind_subjects(k) for k in kinds)]
-        sub = await self.log.tail(on_event, from_seq=start, subjects=subjects)
+        # one consumer per subject: NATS lets this agent's identity read only its own dispatches
+        subs = await self.log.tail_each(on_event, from_seq=start, subjects=subjects)
         on_recall = self.guard.wrap("recall handler", self._on_recall, fatal=False)
         recall = await self.nc.subscribe(f"{RECALL_SUBJECT}.{self.agent_id}", cb=on_recall)
         try:
@@ -210,7 +213,7 @@ class Agent:
                 raise AgentFenced(self.agent_id)
         finally:
             with anyio.CancelScope(shield=True):
-                for subscription in (sub, recall, scaling):
+                for subscription in (*subs, recall, scaling):
                     with contextlib.suppress(Exception):
                         await subscription.unsubscribe()
                 await self._kill_all()
@@ -320,7 +323,8 @@ class Agent:
         self.reporter.bound()  # reports retrying through an outage: bounded now
         await self._beat()
         try:
-            reply = await self.nc.request(DRAIN_SUBJECT, self.agent_id.encode(), timeout=5.0)
+            subject = drain_subject(self.agent_id)
+            reply = await self.nc.request(subject, self.agent_id.encode(), timeout=5.0)
             handled = int(reply.data or b"0")
         except Exception as err:
             log.warning("no scheduler answered the drain request: %r", err)
@@ -380,18 +384,22 @@ class Agent:
     # --- attempts ----------------------------------------------------------------------------
 
     async def _on_event(self, seq: int, event: AnyEvent) -> None:
-        self.seen_seq = max(self.seen_seq, seq)
         if isinstance(event, RunDispatched) and event.agent_id == self.agent_id:
+            self.seen_seq = max(self.seen_seq, seq)
+            if self._ended.ended_after(event.run_id, seq):
+                return  # cancelled or taken off here later in the log (heard first)
             if event.run_id not in self.attempts and not self.draining and self._tg is not None:
                 attempt = Attempt(event.run_id, event.attempt, anyio.CancelScope())
                 self.attempts[event.run_id] = attempt
                 self._tg.start_soon(self._run_attempt, event, attempt)
         elif isinstance(event, RunCancelled):
+            self._ended.note(event.run_id, seq)
             running = self.attempts.get(event.run_id)
             if running is not None:
                 running.cancelled = True
                 running.scope.cancel()
         elif isinstance(event, RunPreempted | RunRequeued) and event.agent_id == self.agent_id:
+            self._ended.note(event.run_id, seq)
             if declares_node_lost(event.reason):
                 self._fenced.set()
                 return
