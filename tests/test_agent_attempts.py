@@ -1,4 +1,5 @@
-"""An agent survives whatever one attempt raises, and never reports what the log cannot take."""
+"""An agent survives whatever one attempt raises, never reports what the log cannot take, and
+appends ``started`` only for an attempt that runs long enough."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from anyio.abc import TaskGroup
 from nats.aio.client import Client
 
 from contracts.errors import ErrorType, RunError
-from contracts.events import RunCompleted, RunDispatched, RunFailed
+from contracts.events import Event, RunCompleted, RunDispatched, RunFailed, RunStarted
 from contracts.values import from_python
 from runtime.node.agent import Agent, default_agent_id
-from runtime.node.attempts import Attempt
+from runtime.node.attempts import Attempt, Starts
 from runtime.node.results import fitted
 
 pytestmark = pytest.mark.anyio
@@ -63,3 +64,63 @@ def test_the_default_agent_id_is_one_subject_token(monkeypatch: pytest.MonkeyPat
 async def test_an_agent_id_that_is_not_a_subject_token_is_refused(nc: Client, bad: str) -> None:
     with pytest.raises(ValueError, match="invalid agent id"):
         Agent(nc, modules=[], agent_id=bad)
+
+
+# --- ``started``: appended only for an attempt that runs long enough ------------------------
+
+
+class Recorder:
+    """Stands in for the reporter: records what would be appended."""
+
+    def __init__(self) -> None:
+        self.events: list[Event] = []
+
+    async def report_then_set(self, event: Event, done: anyio.Event) -> None:
+        self.events.append(event)
+        done.set()
+
+
+def started(run_id: str) -> RunStarted:
+    return RunStarted(run_id=run_id, at=1.0, attempt=1, agent_id="agent-t")
+
+
+async def test_an_attempt_that_ends_soon_appends_no_started() -> None:
+    recorder = Recorder()
+    starts = Starts(recorder, after_s=0.05)  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(starts.run)
+        start = starts.begin(started("run_short"))
+        await starts.settle(start, ended=True)
+        await anyio.sleep(0.15)  # past its due time: the loop must not append it either
+        tg.cancel_scope.cancel()
+    assert recorder.events == []
+
+
+async def test_an_attempt_still_running_appends_started_while_it_runs() -> None:
+    recorder = Recorder()
+    starts = Starts(recorder, after_s=0.05)  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(starts.run)
+        start = starts.begin(started("run_long"))
+        with anyio.fail_after(5):
+            while not recorder.events:
+                await anyio.sleep(0.01)
+        assert [e.run_id for e in recorder.events] == ["run_long"]
+        with anyio.fail_after(5):
+            await starts.settle(start, ended=True)  # the end waits for it, adds nothing
+        tg.cancel_scope.cancel()
+    assert len(recorder.events) == 1
+
+
+async def test_an_output_before_the_delay_appends_started_first_and_once() -> None:
+    recorder = Recorder()
+    starts = Starts(recorder, after_s=0.05)  # type: ignore[arg-type]
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(starts.run)
+        start = starts.begin(started("run_streams"))
+        await starts.settle(start, ended=False)  # an output: started is stored before it
+        assert [e.run_id for e in recorder.events] == ["run_streams"]
+        await anyio.sleep(0.15)
+        await starts.settle(start, ended=True)
+        tg.cancel_scope.cancel()
+    assert len(recorder.events) == 1

@@ -231,6 +231,35 @@ async def test_cancel_a_running_and_a_queued_run(stack: Stack, tmp_path: Path) -
         assert (await c.post("/v4/runs", json=body)).json()["state"] == "completed"
 
 
+async def test_a_short_attempt_appends_its_end_alone_and_a_long_one_started_first(
+    stack: Stack, tmp_path: Path
+) -> None:
+    gate = tmp_path / "held"
+    async with client(stack, "tok_big") as c:
+        quick = (await c.post("/v4/runs", json=ECHO)).json()
+        assert quick["state"] == "completed"
+        body = {"pipeline": "test/gate:v1", "inputs": [{"type": "string", "value": str(gate)}]}
+        held = (await c.post("/v4/runs", json={**body, "async_run": True})).json()["id"]
+        await wait_state(c, held, {"running"})
+        nc = await stack.connect()
+        try:
+            log = EventLog(nc)
+            with anyio.fail_after(10):  # appended once the attempt has run for 50 ms
+                while "started" not in [s.event.kind for s in await log.read(held)]:
+                    await anyio.sleep(0.05)
+            open_gate(gate, "ok")
+            assert (await wait_state(c, held, {"completed"}))["outputs"][0]["value"] == "ok"
+            kinds = [s.event.kind for s in await log.read(held)]
+            assert kinds[-3:] == ["dispatched", "started", "completed"]
+            # the echo run most likely ended within 50 ms and appended no ``started`` (how
+            # long it took is the machine's business: tests/test_agent_attempts.py pins it)
+            kinds = [s.event.kind for s in await log.read(quick["id"])]
+            shorter = ["submitted", "dispatched", "completed"]
+            assert kinds in (shorter, ["submitted", "dispatched", "started", "completed"])
+        finally:
+            await nc.close()
+
+
 # --- admission ----------------------------------------------------------------------------
 
 

@@ -122,9 +122,10 @@ async def test_runs_queues_phases_slots_and_refusals(mstack: Stack, tmp_path: Pa
 
     def phases_seen(samples: Samples) -> bool:
         """Each gate run was placed (queue_wait counts from admission, so a run that went
-        straight to the free slot is measured too), started and executed."""
+        straight to the free slot is measured too) and executed; the first, held by its gate,
+        reported ``started`` (the other two, ending within STARTED_AFTER_S, need not)."""
         count = "jetrun_run_phase_seconds_count"
-        least = {"queue_wait": 3, "start": 3, "execution": 3}
+        least = {"queue_wait": 3, "start": 1, "execution": 3}
         return all(
             value(samples, count, phase=p, pipeline="test/gate:v1") >= n for p, n in least.items()
         )

@@ -135,7 +135,8 @@ class RunMetrics(Collector):
             "Time runs spend in each phase, from event timestamps: queue_wait (admitted or "
             "requeued to dispatched), start (dispatched to started: worker, cold start "
             "included), "
-            "execution (started to the attempt's end)",
+            "execution (started, or dispatched for an attempt too short to report started, to "
+            "the attempt's end)",
             ["phase", "pipeline"],
             buckets=PHASE_BUCKETS,
             registry=None,
@@ -170,8 +171,12 @@ class RunMetrics(Collector):
             self.started_at[after.id] = event.at
         if after.state is not RunState.running:
             self.slots.pop(after.id, None)
-            self.dispatched_at.pop(after.id, None)
-            self._observe("execution", after, self.started_at.pop(after.id, None), event.at)
+            dispatched = self.dispatched_at.pop(after.id, None)
+            started = self.started_at.pop(after.id, None)
+            # an attempt that ends within the agent's STARTED_AFTER_S appends no ``started``:
+            # its execution counts from the dispatch
+            since = started if started is not None else dispatched
+            self._observe("execution", after, since, event.at)
         if after.is_terminal:
             self.queued_at.pop(after.id, None)
 

@@ -60,7 +60,7 @@ from runtime.infra.metrics import cold_start_histogram
 from runtime.infra.runlogs import LogStore
 from runtime.infra.scalinglog import ScalingLog
 from runtime.node.accelerators import detect
-from runtime.node.attempts import Attempt, Pool, Reporter, Runner
+from runtime.node.attempts import Attempt, Pool, Reporter, Runner, Starts
 from runtime.node.ended import EndedRuns
 from runtime.node.pipelines import PipelineSpec, load_module
 from runtime.node.results import HEADER_ROOM
@@ -157,6 +157,7 @@ class Agent:
             spawn=self._spawn,
             max_event_bytes=self.max_event_bytes,
             log_max_bytes=log_max_bytes,
+            starts=Starts(self.reporter),
         )
         self.guard = Guard(f"agent {self.agent_id}")
         self.scaling = ScalingLog(self.log.js, replicas=settings.replicas)
@@ -191,6 +192,7 @@ class Agent:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
                 tg.start_soon(self.guard.watch)
+                tg.start_soon(self.runner.starts.run)
                 tg.start_soon(self._heartbeat_loop)
                 for pool in self.pools.values():
                     if pool.loaded:

@@ -1,15 +1,20 @@
 """Running one attempt on a node: take a warm worker, run the inputs, report what happened.
 
 The agent (``runtime.node.agent``) decides which dispatches to take and when to kill; this
-module runs a taken attempt and appends its events: ``started`` while the worker runs, then
-streamed ``output`` events, then the end (``completed``, ``failed`` or ``timed_out``). Whatever
-goes wrong on the node fails that attempt alone, never the agent. Every result is measured
-before it is appended, so an event the log cannot take fails the attempt instead of being lost.
+module runs a taken attempt and appends its events: ``started``, streamed ``output`` events,
+then the end (``completed``, ``failed`` or ``timed_out``). ``started`` is appended only once
+the attempt has run for ``STARTED_AFTER_S`` (or before its first output): a shorter attempt
+appends its end alone, one append instead of two (the state machine takes ``dispatched`` then
+the end). Whatever goes wrong on the node fails that attempt alone, never the agent. Every
+result is measured before it is appended, so an event the log cannot take fails the attempt
+instead of being lost.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
@@ -40,6 +45,9 @@ from runtime.node.worker import PipelineWorker, StartupFailed
 
 log = logging.getLogger("jetrun.agent")
 REPORT_GRACE_S = 5.0  # how long reports may still retry once a preemption notice came
+# an attempt still running this long after its worker was taken appends ``started``; one that
+# ends sooner appends only its end
+STARTED_AFTER_S = 0.05
 
 
 @dataclass
@@ -105,6 +113,70 @@ class Reporter:
             done.set()
 
 
+class _Start(enum.Enum):
+    pending = "pending"  # not appended (yet)
+    reporting = "reporting"  # being appended, or appended
+    skipped = "skipped"  # the attempt ended first: never appended
+
+
+@dataclass(eq=False)
+class Start:
+    """The ``started`` event of one attempt, appended only if it runs long enough."""
+
+    event: RunStarted
+    due: float  # anyio.current_time() from which it is appended
+    state: _Start = _Start.pending
+    stored: anyio.Event = field(default_factory=anyio.Event)  # set once the append returned
+
+
+class Starts:
+    """Appends ``started`` for every attempt still running ``after_s`` after it began: one
+    task for all attempts (``run``), waking at most every ``after_s / 4``; an attempt that
+    ends sooner, or streams an output, settles its own (``settle``)."""
+
+    def __init__(self, reporter: Reporter, after_s: float = STARTED_AFTER_S) -> None:
+        self.reporter, self.after_s = reporter, after_s
+        self._pending: deque[Start] = deque()  # in the order begun, so in order due
+        self._wake = anyio.Event()
+
+    def begin(self, event: RunStarted) -> Start:
+        start = Start(event=event, due=anyio.current_time() + self.after_s)
+        self._pending.append(start)
+        self._wake.set()
+        return start
+
+    async def settle(self, start: Start, *, ended: bool) -> None:
+        """Before an output (``ended=False``): ``started`` is stored first. At the attempt's
+        end (``ended=True``): not appended if it was not yet; waited for if it is underway."""
+        if start.state is _Start.pending:
+            if ended:
+                start.state = _Start.skipped
+                return
+            await self._append(start)
+        await start.stored.wait()
+
+    async def run(self) -> None:
+        """Append the ``started`` of attempts that have been running for ``after_s``."""
+        async with anyio.create_task_group() as tg:
+            while True:
+                if not self._pending:
+                    await self._wake.wait()
+                    self._wake = anyio.Event()
+                    continue
+                start = self._pending[0]
+                wait = start.due - anyio.current_time()
+                if wait > 0:
+                    await anyio.sleep(max(wait, self.after_s / 4))
+                    continue
+                self._pending.popleft()
+                if start.state is _Start.pending:
+                    tg.start_soon(self._append, start)
+
+    async def _append(self, start: Start) -> None:
+        start.state = _Start.reporting
+        await self.reporter.report_then_set(start.event, start.stored)
+
+
 @dataclass
 class Runner:
     """Runs attempts of the pipelines in ``pools`` on this node (see the module docstring)."""
@@ -118,6 +190,7 @@ class Runner:
     spawn: Callable[[Pool], Awaitable[PipelineWorker]]
     max_event_bytes: Callable[[], int]
     log_max_bytes: int
+    starts: Starts
 
     async def run(self, dispatch: RunDispatched, attempt: Attempt, tg: TaskGroup) -> None:
         """Run the attempt and report how it ended (nothing if it was interrupted)."""
@@ -164,17 +237,16 @@ class Runner:
         except StartupFailed as failed:
             return RunFailed(run_id=run_id, at=self.clock.now(), attempt=n, error=failed.error)
         attempt.worker = worker
-        log.info("attempt started")
-        # ``started`` is appended while the worker runs; what follows it in the log (outputs,
-        # the result) is appended only once it is stored
-        reported = anyio.Event()
+        log.debug("attempt started")
+        # ``started`` is appended while the worker runs, if it runs long enough; what follows
+        # it in the log (outputs, the result) is appended only once it is stored
         started = RunStarted(run_id=run_id, at=self.clock.now(), attempt=n, agent_id=self.agent_id)
-        tg.start_soon(self.reporter.report_then_set, started, reported)
+        start = self.starts.begin(started)
         try:
-            return await self._run_worker(dispatch, submitted, pool, attempt, reported, tg)
+            return await self._run_worker(dispatch, submitted, pool, attempt, start, tg)
         finally:
             with anyio.CancelScope(shield=True):
-                await reported.wait()
+                await self.starts.settle(start, ended=True)
 
     async def _run_worker(
         self,
@@ -182,7 +254,7 @@ class Runner:
         submitted: RunSubmitted,
         pool: Pool,
         attempt: Attempt,
-        reported: anyio.Event,
+        start: Start,
         tg: TaskGroup,
     ) -> AttemptEvent:
         run_id, n = dispatch.run_id, dispatch.attempt
@@ -194,7 +266,7 @@ class Runner:
                 run_id=run_id, at=self.clock.now(), attempt=n, index=index, output=output
             )
             check_size(event, self.max_event_bytes())  # too large: the worker is killed
-            await reported.wait()
+            await self.starts.settle(start, ended=False)
             await self.reporter.report(event)
 
         timeout = pool.spec.timeout_s
