@@ -67,6 +67,7 @@ resource_wait_timeout_s = {resource_wait_timeout_s}
 heartbeat_interval_s = 0.5
 release_grace_s = 5
 request_deadline_s = 3
+keep_ended_s = {keep_ended_s}
 """
 
 
@@ -127,6 +128,7 @@ class Stack:
     tmp: Path
     node_loss_timeout_s: float = 3.0
     resource_wait_timeout_s: float = 300.0
+    keep_ended_s: float = 300.0  # how long services hold an ended run in memory
     nats: NatsServer | None = None
     procs: list[Proc] = field(default_factory=list)
     gateway_urls: list[str] = field(default_factory=list)
@@ -211,6 +213,7 @@ class Stack:
             CONFIG.format(
                 node_loss_timeout_s=self.node_loss_timeout_s,
                 resource_wait_timeout_s=self.resource_wait_timeout_s,
+                keep_ended_s=self.keep_ended_s,
             )
         )
 

@@ -14,7 +14,14 @@ from contracts import RunAdmitted, RunCancelled, RunSubmitted
 from contracts.events import AnyEvent
 from contracts.states import RunState
 from runtime.clients import sdk
-from runtime.control.listing import BadQuery, ListQuery, RunListing, decode_cursor, parse_query
+from runtime.control.listing import (
+    BadQuery,
+    Cursor,
+    ListQuery,
+    RunListing,
+    decode_cursor,
+    parse_query,
+)
 from runtime.infra.projection import RunIndex
 from tests.harness import Stack, client, wait_state
 
@@ -35,7 +42,7 @@ def all_pages(listing: RunListing, team: str, query: ListQuery) -> list[list[str
     pages, cursor = [], None
     while True:
         q = msgspec.structs.replace(query, cursor=cursor and decode_cursor(cursor))
-        runs, cursor = listing.page(team, q)
+        runs, cursor = listing.page_held(team, q)
         pages.append([r.id for r in runs])
         if cursor is None:
             return pages
@@ -59,13 +66,13 @@ def test_a_cursor_from_another_team_or_forged_pages_only_the_callers_runs() -> N
     for i in range(4):
         feed(index, submit(f"mine{i}", at=100.0 + 2 * i))
         feed(index, submit(f"theirs{i}", at=101.0 + 2 * i, team="u"))
-    _, theirs = listing.page("u", ListQuery(limit=1))
+    _, theirs = listing.page_held("u", ListQuery(limit=1))
     assert theirs is not None
-    runs, _ = listing.page("t", ListQuery(cursor=decode_cursor(theirs)))  # their cursor
-    assert [r.id for r in runs] == ["mine3", "mine2", "mine1", "mine0"]
-    forged = ListQuery(cursor=(-1e300, "theirs3"))  # a key naming their run, before all
-    assert [r.id for r in listing.page("t", forged)[0]] == ["mine3", "mine2", "mine1", "mine0"]
-    assert listing.page("t", ListQuery(cursor=(1e300, "")))[0] == []
+    runs, _ = listing.page_held("t", ListQuery(cursor=decode_cursor(theirs)))  # their cursor
+    assert [r.id for r in runs] == ["mine3", "mine2", "mine1", "mine0"]  # below their position
+    forged = ListQuery(cursor=Cursor(10**18, 5))  # a position past every run
+    assert [r.id for r in listing.page_held("t", forged)[0]] == ["mine3", "mine2", "mine1", "mine0"]
+    assert listing.page_held("t", ListQuery(cursor=Cursor(0)))[0] == []
     with pytest.raises(BadQuery):
         decode_cursor(base64.urlsafe_b64encode(b"[" * 5000 + b"]" * 5000).decode())
 
@@ -86,10 +93,10 @@ def test_a_page_scans_a_bounded_number_of_runs_and_says_where_to_go_on() -> None
     for i in range(30):
         feed(index, submit(f"r{i}", at=10.0 + i))
     query = ListQuery(pipeline="a/rare:v1")
-    runs, cursor = listing.page("t", query, max_scan=20)
+    runs, cursor = listing.page_held("t", query, max_scan=20)
     assert runs == [] and cursor is not None  # nothing in the first 20, more to look at
     more = msgspec.structs.replace(query, cursor=decode_cursor(cursor))
-    assert [r.id for r in listing.page("t", more, max_scan=20)[0]] == ["old"]
+    assert [r.id for r in listing.page_held("t", more, max_scan=20)[0]] == ["old"]
 
 
 def test_filters_by_pipeline_state_and_creation_time() -> None:
@@ -99,7 +106,7 @@ def test_filters_by_pipeline_state_and_creation_time() -> None:
     feed(index, [*submit("y1", 30.0, pipeline="a/y:v1"), RunCancelled(run_id="x2", at=40.0)])
 
     def ids(**kw: object) -> list[str]:
-        return [r.id for r in listing.page("t", ListQuery(**kw))[0]]  # type: ignore[arg-type]
+        return [r.id for r in listing.page_held("t", ListQuery(**kw))[0]]  # type: ignore[arg-type]
 
     assert ids(pipeline="a/x") == ["x2", "x1"]
     assert ids(pipeline="a/x:v1") == ["x1"]

@@ -11,7 +11,13 @@ from runtime.control.scheduler import Scheduler
 from runtime.infra.config import parse
 from runtime.infra.eventlog import ensure_all
 from runtime.infra.natsserver import NatsServer
-from runtime.infra.streams import EVENTS_STREAM, LOGS_STREAM, VIEWS_STREAM, events_config
+from runtime.infra.streams import (
+    EVENTS_STREAM,
+    LISTING_STREAM,
+    LOGS_STREAM,
+    VIEWS_STREAM,
+    events_config,
+)
 from runtime.services import apply_retention_at
 
 pytestmark = pytest.mark.anyio
@@ -55,14 +61,24 @@ async def test_retention_applied_by_an_operator_survives_restarts(
         nats_server.url, SETTINGS.settings, nats_server.credentials("admin")
     )
     assert sorted(changed) == sorted(
-        [(EVENTS_STREAM, 7 * DAY), (LOGS_STREAM, 7 * DAY), (VIEWS_STREAM, 90 * DAY)]
+        [
+            (EVENTS_STREAM, 7 * DAY),
+            (LOGS_STREAM, 7 * DAY),
+            (VIEWS_STREAM, 90 * DAY),
+            (LISTING_STREAM, 90 * DAY),  # the run history is kept like the views
+        ]
     )
     # services restart with their defaults (keep for ever): nothing is reverted
     await ensure_all(Gateway(nc, config).log, Gateway(nc, config).logs, Gateway(nc, config).views)
     await Scheduler(nc, config).ensure()
     js = nc.jetstream()
     ages = {name: (await js.stream_info(name)).config.max_age for name in dict(changed)}
-    assert ages == {EVENTS_STREAM: 7 * DAY, LOGS_STREAM: 7 * DAY, VIEWS_STREAM: 90 * DAY}
+    assert ages == {
+        EVENTS_STREAM: 7 * DAY,
+        LOGS_STREAM: 7 * DAY,
+        VIEWS_STREAM: 90 * DAY,
+        LISTING_STREAM: 90 * DAY,
+    }
     assert (
         await apply_retention_at(
             nats_server.url, SETTINGS.settings, nats_server.credentials("admin")

@@ -106,7 +106,7 @@ def receiver() -> Iterator[Receiver]:
 
 
 def write_config(path: Path, attempts: int) -> None:
-    text = CONFIG.format(node_loss_timeout_s=3.0, resource_wait_timeout_s=300.0)
+    text = CONFIG.format(node_loss_timeout_s=3.0, resource_wait_timeout_s=300.0, keep_ended_s=300.0)
     text = text.replace(
         'tokens = ["tok_acme"]', f'tokens = ["tok_acme"]\nwebhook_secret = "{SECRET}"'
     )

@@ -126,7 +126,7 @@ def _failures(listing: RunListing, teams: list[str], logs_url: str | None) -> li
     found: list[RunRecord] = []
     for team in teams:
         query = ListQuery(states=FAILED, limit=MAX_FAILURES)
-        page, _ = listing.page(team, query, max_scan=FAILURE_SCAN)
+        page, _ = listing.page_held(team, query, max_scan=FAILURE_SCAN)
         found.extend(page)
     found.sort(key=lambda r: r.updated_at, reverse=True)
     return [

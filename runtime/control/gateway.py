@@ -95,7 +95,9 @@ class Gateway:
         self.log = EventLog(nc, settings)
         self.index = RunIndex()
         self.views = RunViews(self.log.js, replicas=settings.replicas)
-        self.listing = RunListing(self.index)
+        self.listing = RunListing(
+            self.index, self.views.history, partial(find_run, self.log, self.views)
+        )
         self.catalog = Catalog(self.log.js, replicas=settings.replicas)
         self.logs = LogStore(self.log.js, settings)
         self.fleet = Fleet(clock.monotonic, config.settings.node_loss_timeout_s)
@@ -343,7 +345,7 @@ class Gateway:
             query = parse_query({k: params.getlist(k) for k in params})
         except BadQuery as bad:
             raise error(422, "invalid_field", str(bad), bad.field) from None
-        runs, cursor = self.listing.page(team.name, query)
+        runs, cursor = await self.listing.page(team.name, query)
         return json_response(RunList(runs=[self.view(r) for r in runs], next_cursor=cursor))
 
     async def run_logs(self, request: Request) -> Response:

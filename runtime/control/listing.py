@@ -1,13 +1,20 @@
 """Listing a team's runs, newest first, with filters and cursor pagination (``GET /v4/runs``).
 
-``RunListing`` follows a ``RunIndex`` (as one of its listeners) and keeps, per team, the run ids
-sorted newest first plus the set of the team's runs that have not ended. Records themselves stay
-in the index: a run the index forgets (it ended more than ``keep_ended_s`` ago) leaves the
-listing too, so a listing covers every unfinished run and the runs that ended within that window;
-an older run is still answered by ``GET /v4/runs/{id}`` (from the run views,
-``runtime.control.views``).
-A page scans at most ``MAX_SCAN`` runs; with narrow filters a page may hold fewer runs than
-asked for while ``next_cursor`` still points further back.
+Runs are listed in the order the event log recorded their submission, newest first. Two sources
+are merged by that order (the sequence of a run's first event):
+
+- ``RunListing`` follows a ``RunIndex`` (as one of its listeners) and keeps, per team, the run
+  ids it holds in that order, plus the set of the team's runs that have not ended: every
+  unfinished run, and runs that ended within ``keep_ended_s``;
+- the run history (``runtime.control.history``) holds one entry per run of the team, however
+  old, written by the leading scheduler moments after the submission; an entry whose run the
+  index still holds is skipped (the index's copy is the fresher one), and the view of an
+  ended run is read from the run views when it is on the page.
+
+The cursor says where both walks resume: the sequence below which runs remain, and the number
+of the next history entry to read. A page looks at ``MAX_SCAN`` held runs and ``MAX_HISTORY``
+history entries at most; with narrow filters a page may hold fewer runs than asked for while
+``next_cursor`` still points further back.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Mapping, Sequence
 from typing import TypeVar
 
 import msgspec
@@ -24,14 +31,26 @@ from sortedcontainers import SortedList
 from contracts.events import AnyEvent
 from contracts.run import RunRecord, pipeline_id_of
 from contracts.states import RunState
+from runtime.control.history import Listed, RunHistory
 from runtime.infra.projection import RunIndex
 
 DEFAULT_LIMIT = 20
 MAX_LIMIT = 100
 MAX_SCAN = 10_000
+MAX_HISTORY = 1_000
+CLOCK_SLACK_S = 60.0  # creation times may run this much against the log's order (gateways)
 
 N = TypeVar("N", int, float)
-Key = tuple[float, str]  # (-created_at, run id): ascending order is newest first
+Key = tuple[int, str]  # (-seq of the run's first event, run id): ascending is newest first
+Load = Callable[[str], Awaitable[RunRecord | None]]
+
+
+class Cursor(msgspec.Struct, frozen=True, array_like=True):
+    """Where the next page starts: runs submitted at log sequences below ``seq`` remain;
+    the history walk resumes at entry ``entry`` (0: none left; -1: from the newest)."""
+
+    seq: int
+    entry: int = -1
 
 
 class ListQuery(msgspec.Struct, frozen=True, kw_only=True):
@@ -40,7 +59,7 @@ class ListQuery(msgspec.Struct, frozen=True, kw_only=True):
     created_after: float | None = None  # inclusive
     created_before: float | None = None  # exclusive
     limit: int = DEFAULT_LIMIT
-    cursor: Key | None = None  # the key of the last run of the previous page
+    cursor: Cursor | None = None
 
 
 class BadQuery(ValueError):
@@ -49,17 +68,19 @@ class BadQuery(ValueError):
         self.field = field
 
 
-def encode_cursor(key: Key) -> str:
-    return base64.urlsafe_b64encode(msgspec.json.encode(key)).decode().rstrip("=")
+_cursor_decoder = msgspec.json.Decoder(Cursor)
 
 
-def decode_cursor(text: str) -> Key:
+def encode_cursor(cursor: Cursor) -> str:
+    return base64.urlsafe_b64encode(msgspec.json.encode(cursor)).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> Cursor:
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        neg_created, run_id = msgspec.json.decode(raw, type=tuple[float, str])
+        return _cursor_decoder.decode(raw)
     except (binascii.Error, ValueError, msgspec.MsgspecError):
         raise BadQuery("cursor", "cursor is not one this API returned") from None
-    return (neg_created, run_id)
 
 
 def parse_query(params: Mapping[str, Sequence[str]]) -> ListQuery:
@@ -105,19 +126,26 @@ def _number(field: str, text: str, kind: type[N]) -> N:
 
 
 class RunListing:
-    """Each team's runs in creation order and its unfinished runs, fed by ``index``."""
+    """Each team's held runs in log order and its unfinished runs, fed by ``index``; with a
+    ``history`` (and ``load`` for the views of ended runs), pages reach every run."""
 
-    def __init__(self, index: RunIndex) -> None:
+    def __init__(
+        self, index: RunIndex, history: RunHistory | None = None, load: Load | None = None
+    ) -> None:
         self.index = index
+        self.history = history
+        self.load = load
         self._by_team: dict[str, SortedList] = defaultdict(SortedList)
+        self._seq: dict[str, int] = {}
         self._active: dict[str, dict[str, None]] = defaultdict(dict)
         index.listen(self._on_change)
         index.on_forget(self._forget)
 
     def _forget(self, run: RunRecord) -> None:
+        seq = self._seq.pop(run.id, None)
         keys = self._by_team.get(run.team)
-        if keys is not None:
-            keys.discard((-run.created_at, run.id))
+        if keys is not None and seq is not None:
+            keys.discard((-seq, run.id))
             if not keys:
                 del self._by_team[run.team]
 
@@ -126,8 +154,9 @@ class RunListing:
     ) -> None:
         if not after.team:
             return
-        if before is None or not before.team:
-            self._by_team[after.team].add((-after.created_at, after.id))
+        if (before is None or not before.team) and after.id not in self._seq:
+            self._seq[after.id] = seq
+            self._by_team[after.team].add((-seq, after.id))
         if after.is_terminal:
             self._active[after.team].pop(after.id, None)
         else:
@@ -138,16 +167,15 @@ class RunListing:
         teams = [team] if team is not None else sorted(self._active)
         return [r for t in teams for i in self._active.get(t, {}) if (r := self.index.get(i))]
 
-    def page(
+    def page_held(
         self, team: str, query: ListQuery, max_scan: int = MAX_SCAN
     ) -> tuple[list[RunRecord], str | None]:
-        """One page of ``team``'s runs matching ``query``, newest first, and the cursor of the
-        next page (None when there is none). Looks at ``max_scan`` runs at most."""
+        """A page of the runs held in memory only (no I/O): the dashboard's recent runs."""
         found: list[RunRecord] = []
-        last: Key | None = None
-        for scanned, (key, run) in enumerate(self._scan(team, query), start=1):
-            last = key
-            if run is not None and _matches(run, query):
+        last: int | None = None
+        for scanned, (seq, run) in enumerate(self.held(team, query), start=1):
+            last = seq
+            if _matches(run, query):
                 found.append(run)
                 if len(found) == query.limit:
                     break
@@ -155,24 +183,144 @@ class RunListing:
                 break
         else:
             return found, None
-        return found, encode_cursor(last) if last is not None else None
+        return found, encode_cursor(Cursor(last, 0)) if last is not None else None
 
-    def _scan(self, team: str, query: ListQuery) -> Iterator[tuple[Key, RunRecord | None]]:
+    async def page(
+        self, team: str, query: ListQuery, max_scan: int = MAX_SCAN
+    ) -> tuple[list[RunRecord], str | None]:
+        """One page of ``team``'s runs matching ``query``, newest first, and the cursor of the
+        next page (None when there is none): held runs and the history, merged."""
+        if self.history is None or _only_unfinished(query):
+            return self.page_held(team, query, max_scan)
+        pager = _Pager(self, self.history, team, query)
+        return await pager.run(max_scan)
+
+    def held(self, team: str, query: ListQuery) -> Iterator[tuple[int, RunRecord]]:
         keys = self._by_team.get(team)
         if not keys:
             return
         start = 0
         if query.cursor is not None:
-            start = keys.bisect_right(query.cursor)
-        if query.created_before is not None:
-            start = max(start, keys.bisect_right((-query.created_before, "\U0010ffff")))
-        for key in keys.islice(start):
-            if query.created_after is not None and -key[0] < query.created_after:
+            start = keys.bisect_right((-query.cursor.seq, "\U0010ffff"))
+        for neg_seq, run_id in keys.islice(start):
+            run = self.index.get(run_id)
+            if run is None:
+                continue
+            if _too_old(run.created_at, query):
                 return
-            yield key, self.index.get(key[1])
+            yield -neg_seq, run
+
+
+class _Pager:
+    """One page of the merge: the held runs and the history entries, newest first."""
+
+    def __init__(
+        self, listing: RunListing, history: RunHistory, team: str, query: ListQuery
+    ) -> None:
+        self.listing, self.history, self.team, self.query = listing, history, team, query
+        self.found: list[RunRecord] = []
+        self.seen: set[str] = set()
+        self.entry = query.cursor.entry if query.cursor is not None else -1
+        self.last_seq: int | None = None
+
+    async def run(self, max_scan: int) -> tuple[list[RunRecord], str | None]:
+        held = self.listing.held(self.team, self.query)
+        listed = self._listed()
+        try:
+            head = next(held, None)
+            entry = await anext(listed, None)
+            held_scanned = listed_scanned = 0
+            while head is not None or entry is not None:
+                full = len(self.found) == self.query.limit
+                if full or held_scanned >= max_scan or listed_scanned >= MAX_HISTORY:
+                    return self.found, self._cursor(entry)
+                if entry is None or (head is not None and head[0] > entry[1].seq):
+                    assert head is not None
+                    held_scanned += 1
+                    self._offer(head[0], head[1])
+                    head = next(held, None)
+                    continue
+                listed_scanned += 1
+                await self._offer_listed(entry[1])
+                entry = await anext(listed, None)
+            return self.found, None
+        finally:
+            await listed.aclose()
+
+    def _cursor(self, entry: tuple[int, Listed] | None) -> str | None:
+        """Resume below the last run looked at; the history at the entry not read yet (0 when
+        none is left: entries written later are of runs held in memory until then)."""
+        if self.last_seq is None:
+            return None
+        resume = entry[0] if entry is not None else 0
+        return encode_cursor(Cursor(self.last_seq, resume))
+
+    def _offer(self, seq: int, run: RunRecord) -> None:
+        self.last_seq = seq
+        if run.id not in self.seen and _matches(run, self.query):
+            self.seen.add(run.id)
+            self.found.append(run)
+
+    async def _offer_listed(self, listed: Listed) -> None:
+        self.last_seq = listed.seq
+        if listed.run_id in self.seen or self.listing.index.get(listed.run_id) is not None:
+            return  # held: the held copy is listed (or was, on an earlier page)
+        if not _matches_listed(listed, self.query):
+            return
+        assert self.listing.load is not None
+        run = await self.listing.load(listed.run_id)
+        if run is not None and run.team == self.team and _matches(run, self.query):
+            self.seen.add(run.id)
+            self.found.append(run)
+
+    async def _listed(self) -> AsyncGenerator[tuple[int, Listed]]:
+        if self.entry == 0:
+            return
+        start = self.entry
+        if start < 0:
+            newest = await self.history.newest(self.team)
+            if newest is None:
+                return
+            start = newest[0]
+        oldest = await self.history.oldest(self.team) or 1
+        cursor_seq = self.query.cursor.seq if self.query.cursor is not None else None
+        async for n, listed in self.history.entries(self.team, start, oldest):
+            if cursor_seq is not None and listed.seq >= cursor_seq:
+                continue
+            if _too_old(listed.created_at, self.query):
+                return
+            yield n, listed
+
+
+def _only_unfinished(query: ListQuery) -> bool:
+    """Every unfinished run is held: a query for unfinished states needs no history."""
+    return bool(query.states) and not any(s.is_terminal for s in query.states)
+
+
+def _too_old(created_at: float, query: ListQuery) -> bool:
+    after = query.created_after
+    return after is not None and created_at < after - CLOCK_SLACK_S
+
+
+def _matches_listed(listed: Listed, query: ListQuery) -> bool:
+    if not _created_in(listed.created_at, query):
+        return False
+    if query.pipeline is None:
+        return True
+    if ":" in query.pipeline:
+        return listed.pipeline == query.pipeline
+    return pipeline_id_of(listed.pipeline) == query.pipeline
+
+
+def _created_in(created_at: float, query: ListQuery) -> bool:
+    if query.created_after is not None and created_at < query.created_after:
+        return False
+    return query.created_before is None or created_at < query.created_before
 
 
 def _matches(run: RunRecord, query: ListQuery) -> bool:
+    if not _created_in(run.created_at, query):
+        return False
     if query.states and run.state not in query.states:
         return False
     if query.pipeline is None:

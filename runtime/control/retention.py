@@ -1,4 +1,5 @@
-"""Retention: how long run events, pipelines' logs and ended runs' views are kept.
+"""Retention: how long run events, pipelines' logs, ended runs' views and the run history
+(the listing index, kept like the views) are kept.
 
 Set in the config (``[settings] events_max_age_s``, ``views_max_age_s``; 0 keeps for ever) and
 applied by an operator with ``jetrun admin apply-retention``: services never rewrite an existing
@@ -14,7 +15,7 @@ from nats.js import JetStreamContext, api
 from nats.js.errors import NotFoundError
 
 from runtime.infra.config import Settings
-from runtime.infra.streams import EVENTS_STREAM, LOGS_STREAM, VIEWS_STREAM
+from runtime.infra.streams import EVENTS_STREAM, LISTING_STREAM, LOGS_STREAM, VIEWS_STREAM
 
 
 class RetentionRefused(ValueError):
@@ -32,7 +33,7 @@ def wanted(settings: Settings) -> dict[str, float]:
             "settings.events_max_age_s must be at least keep_ended_s: a service starting from"
             " the checkpoint reads the events of runs ended within that window"
         )
-    return {EVENTS_STREAM: events, LOGS_STREAM: events, VIEWS_STREAM: views}
+    return {EVENTS_STREAM: events, LOGS_STREAM: events, VIEWS_STREAM: views, LISTING_STREAM: views}
 
 
 def plan(existing: dict[str, api.StreamConfig], settings: Settings) -> list[api.StreamConfig]:

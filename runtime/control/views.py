@@ -1,4 +1,5 @@
 """Run views: the durable read model of ended runs, and the checkpoint services start from.
+(The run history, the listing index of every run, is ``runtime.control.history``.)
 
 A JetStream KV bucket (``JETRUN_RUNS``) holds, per ended run, its folded ``RunRecord`` (key
 ``run.<run_id>``) and one ``Checkpoint`` (key ``checkpoint``). The scheduler is the only writer:
@@ -25,6 +26,7 @@ from contracts.outputs import Outputs
 from contracts.run import RunRecord
 from contracts.states import RunState
 from contracts.values import RunIO
+from runtime.control.history import HistoryWriter, RunHistory
 from runtime.infra.clock import Clock
 from runtime.infra.config import Settings
 from runtime.infra.eventlog import (
@@ -84,16 +86,20 @@ class RunViews:
         self.js = js
         self.replicas = replicas
         self.deadline_s = deadline_s
+        self.history = RunHistory(js, replicas=replicas, deadline_s=deadline_s)
         self._kv: KeyValue | None = None
 
     async def ensure(self) -> None:
-        """Create the bucket if it is missing (an existing one keeps its settings). Idempotent."""
+        """Create the bucket and the run history if missing (existing ones keep their
+        settings). Idempotent."""
         await ensure_stream(self.js, views_config(replicas=self.replicas), 120.0)
+        await self.history.ensure()
         self._kv = await self.js.key_value(VIEWS_BUCKET)
 
     async def require(self) -> None:
-        """Wait until the bucket exists (``jetrun setup`` creates it), then use it."""
+        """Wait until the bucket and the history exist (``jetrun setup`` creates them)."""
         await require_stream(self.js, VIEWS_STREAM, 120.0)
+        await self.history.require()
         self._kv = await self.js.key_value(VIEWS_BUCKET)
 
     @property
@@ -155,14 +161,16 @@ async def start_position(js: JetStreamContext, views: RunViews) -> tuple[int, in
 
 
 class ViewKeeper:
-    """The scheduler's side: stores the view of every run that ends, lets the index forget an
-    ended run once its view is stored and ``keep_ended_s`` has passed, and writes the
-    checkpoint. ``step`` does one round; ``run`` repeats it."""
+    """The scheduler's side: lists every new run in the run history, stores the view of every
+    run that ends, lets the index forget an ended run once it is listed, its view is stored
+    and ``keep_ended_s`` has passed, and writes the checkpoint. ``step`` does one round;
+    ``run`` repeats it."""
 
     def __init__(self, views: RunViews, index: RunIndex, settings: Settings) -> None:
         self.views = views
         self.index = index
         self.settings = settings
+        self.writer = HistoryWriter(views.history, index)
         self.unstored: dict[str, RunRecord] = {}
         self._last_checkpoint = float("-inf")
         index.listen(self._observe)
@@ -177,9 +185,10 @@ class ViewKeeper:
         """Store pending views, forget ended runs, checkpoint. A standby (``leading`` False)
         only forgets: the leader is the one writer."""
         cutoff = now - self.settings.keep_ended_s
+        await self.writer.step(leading)
         if not leading:
             self.unstored.clear()
-            self.index.forget_ended(cutoff)
+            self.index.forget_ended(cutoff, may=lambda run_id: not self.writer.holds(run_id))
             return
         pending = list(self.unstored.values())
         limiter = anyio.CapacityLimiter(STORES_IN_FLIGHT)
@@ -197,7 +206,7 @@ class ViewKeeper:
         async with anyio.create_task_group() as tg:
             for run in pending:
                 tg.start_soon(store, run)
-        self.index.forget_ended(cutoff, may=lambda run_id: run_id not in self.unstored)
+        self.index.forget_ended(cutoff, may=self._may_forget)
         if mono - self._last_checkpoint >= self.settings.checkpoint_every_s:
             checkpoint = Checkpoint(
                 replay_from=self.index.replay_from(), seq=self.index.last_seq, at=now
@@ -208,6 +217,9 @@ class ViewKeeper:
                 log.warning("checkpoint not stored now (%r); later", err)
                 return
             self._last_checkpoint = mono
+
+    def _may_forget(self, run_id: str) -> bool:
+        return run_id not in self.unstored and not self.writer.holds(run_id)
 
     async def run(self, clock: Clock, leading: Callable[[], bool], every_s: float = 1.0) -> None:
         while True:

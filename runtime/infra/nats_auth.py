@@ -43,6 +43,7 @@ LOGS = "JETRUN_LOGS"
 WEBHOOKS = "JETRUN_WEBHOOKS"
 DEAD = "JETRUN_WEBHOOKS_DEAD"
 VIEWS = "JETRUN_RUNS"  # KV bucket: ended runs' views and the replay checkpoint
+LISTING = "JETRUN_LISTING"  # every run per team (the listing index)
 SUBMIT_SUBJECT = "jetrun.submit"  # request: a platform service submits a run through admission
 API = "$JS.API"
 
@@ -97,12 +98,20 @@ _READ_CATALOG = [
 _READ_SCALING = _read(SCALING)
 _READ_RUN_LOGS = _read(LOGS)
 # the run views bucket: the leading scheduler writes it, gateways read it
-_READ_VIEWS = [f"{API}.DIRECT.GET.KV_{VIEWS}.>", f"{API}.STREAM.MSG.GET.KV_{VIEWS}"]
+_READ_VIEWS = [
+    f"{API}.DIRECT.GET.KV_{VIEWS}.>",
+    f"{API}.STREAM.MSG.GET.KV_{VIEWS}",
+    f"{API}.DIRECT.GET.{LISTING}",
+    f"{API}.DIRECT.GET.{LISTING}.>",
+]
 # Admission permits live on JETRUN_ADMIT_<N> streams (one per tier limit): message get and
 # delete on any stream but the log, the catalogue and the scaling log.
 _PERMITS = [f"{API}.STREAM.MSG.GET.*", f"{API}.STREAM.MSG.DELETE.*"]
 _NOT_THE_LOG = [
-    *(f"{API}.STREAM.MSG.DELETE.{stream}" for stream in (EVENTS, PIPELINES, SCALING, LOGS)),
+    *(
+        f"{API}.STREAM.MSG.DELETE.{stream}"
+        for stream in (EVENTS, PIPELINES, SCALING, LOGS, LISTING)
+    ),
     f"{API}.STREAM.MSG.GET.{EVENTS}",
 ]
 
@@ -165,6 +174,7 @@ def permissions(role: str) -> Permissions:
                 "$KV.JETRUN_LEASES.>",  # the scheduler lease: one decides at a time
                 f"{API}.DIRECT.GET.KV_JETRUN_LEASES.>",
                 f"$KV.{VIEWS}.>",  # run views and the checkpoint (the lease holder only)
+                "jetrun.listing.>",  # the run history: one entry per run
                 *_READ_VIEWS,
                 *_READ_SCALING,
                 "jetrun.scaling.>",  # the autoscaler's decisions (not teams' settings)

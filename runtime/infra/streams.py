@@ -33,6 +33,8 @@ WEBHOOKS_STREAM = "JETRUN_WEBHOOKS"
 WEBHOOKS_PREFIX = "jetrun.webhooks.pending"
 DEAD_STREAM = "JETRUN_WEBHOOKS_DEAD"
 DEAD_PREFIX = "jetrun.webhooks.dead"
+LISTING_STREAM = "JETRUN_LISTING"
+LISTING_PREFIX = "jetrun.listing"
 VIEWS_BUCKET = "JETRUN_RUNS"
 VIEWS_STREAM = f"KV_{VIEWS_BUCKET}"
 
@@ -181,6 +183,21 @@ def views_config(*, replicas: int, max_age_s: float = 0.0) -> api.StreamConfig:
         deny_delete=True,
         allow_direct=True,
         duplicate_window=min(120.0, max_age_s) if max_age_s else 120.0,
+    )
+
+
+def listing_config(*, replicas: int, max_age_s: float = 0.0) -> api.StreamConfig:
+    """``JETRUN_LISTING``: one entry per run, ``jetrun.listing.<team>.<n>`` (the team's n-th
+    run); kept like the run views (``max_age_s`` 0: for ever)."""
+    return api.StreamConfig(
+        name=LISTING_STREAM,
+        subjects=[f"{LISTING_PREFIX}.>"],
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        max_msgs_per_subject=1,
+        max_age=max_age_s,
+        allow_direct=True,
+        duplicate_window=min(3600.0, max_age_s) if max_age_s else 3600.0,
     )
 
 

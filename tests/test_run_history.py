@@ -1,0 +1,157 @@
+"""The run history (the durable listing index) against a real nats-server, in process: the
+writer lists every run once, in log order, and pages merge held runs with listed ones across
+the boundary without duplicates or gaps."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from nats.aio.client import Client
+
+from contracts import RunSubmitted
+from contracts.errors import ErrorType, RunError
+from contracts.events import (
+    AdmissionGrant,
+    AnyEvent,
+    RunCompleted,
+    RunDispatched,
+    RunFailed,
+    RunQueued,
+    RunStarted,
+)
+from contracts.run import RunRecord
+from contracts.states import RunState
+from runtime.control.history import HistoryWriter, Listed, RunHistory
+from runtime.control.listing import ListQuery, RunListing, decode_cursor
+from runtime.infra.projection import RunIndex
+
+pytestmark = pytest.mark.anyio
+
+
+class Views:
+    """Stands in for the run views: the last record of every run fed."""
+
+    def __init__(self, index: RunIndex) -> None:
+        self.records: dict[str, RunRecord] = {}
+        index.listen(lambda seq, event, before, after: self.records.__setitem__(after.id, after))
+
+    async def load(self, run_id: str) -> RunRecord | None:
+        return self.records.get(run_id)
+
+
+def run_events(run_id: str, at: float, team: str, pipeline: str, fail: bool) -> list[AnyEvent]:
+    end: AnyEvent = RunCompleted(run_id=run_id, at=at + 1, attempt=1, outputs=[])
+    if fail:
+        error = RunError(type=ErrorType.pipeline_error, message="no")
+        end = RunFailed(run_id=run_id, at=at + 1, attempt=1, error=error)
+    return [
+        RunSubmitted(
+            run_id=run_id,
+            at=at,
+            team=team,
+            pipeline=pipeline,
+            inputs=[],
+            admission=AdmissionGrant(tier="basic"),
+        ),
+        RunQueued(run_id=run_id, at=at, attempt=1),
+        RunDispatched(run_id=run_id, at=at, attempt=1, agent_id="a1"),
+        RunStarted(run_id=run_id, at=at, attempt=1, agent_id="a1"),
+        end,
+    ]
+
+
+def feed(index: RunIndex, events: list[AnyEvent]) -> None:
+    for event in events:
+        index.apply(index.last_seq + 1, event)
+
+
+async def every_page(listing: RunListing, team: str, query: ListQuery) -> list[list[str]]:
+    pages, cursor = [], None
+    while True:
+        q = msgspec.structs.replace(query, cursor=cursor and decode_cursor(cursor))
+        runs, cursor = await listing.page(team, q)
+        pages.append([r.id for r in runs])
+        assert len(pages) < 100
+        if cursor is None:
+            return pages
+
+
+def flat(pages: list[list[str]]) -> list[str]:
+    return [run_id for page in pages for run_id in page]
+
+
+async def test_pages_merge_held_and_listed_runs_without_duplicates_or_gaps(nc: Client) -> None:
+    index = RunIndex()
+    views = Views(index)
+    history = RunHistory(nc.jetstream())
+    writer = HistoryWriter(history, index)
+    listing = RunListing(index, history, views.load)
+    acme: list[str] = []
+    for i in range(30):
+        run_id = f"run_a{i:02d}"
+        acme.append(run_id)
+        pipeline = "t/x:v1" if i % 3 else "t/y:v1"
+        feed(index, run_events(run_id, 1000.0 + i, "acme", pipeline, fail=i % 5 == 0))
+        if i % 3 == 0:
+            feed(index, run_events(f"run_r{i:02d}", 1000.5 + i, "rival", "t/x:v1", fail=False))
+    await writer.step(leading=True)
+    assert not writer.pending
+    assert index.forget_ended(1000.0 + 21) == 20 + 7  # acme's 20 oldest (and rival's) leave
+    for i in range(30, 33):  # held and not listed yet
+        acme.append(f"run_a{i:02d}")
+        feed(index, run_events(acme[-1], 1000.0 + i, "acme", "t/x:v1", fail=False))
+    newest_first = acme[::-1]
+
+    pages = await every_page(listing, "acme", ListQuery(limit=7))
+    assert flat(pages) == newest_first
+    assert all(len(page) == 7 for page in pages[:-1])
+
+    # the boundary moves between pages: more runs are forgotten, the new ones listed
+    runs, cursor = await listing.page("acme", ListQuery(limit=5))
+    seen = [r.id for r in runs]
+    await writer.step(leading=True)
+    index.forget_ended(1000.0 + 40)
+    while cursor is not None:
+        runs, cursor = await listing.page("acme", ListQuery(limit=5, cursor=decode_cursor(cursor)))
+        seen += [r.id for r in runs]
+    assert seen == newest_first
+
+    failed = await every_page(listing, "acme", ListQuery(states=frozenset({RunState.failed})))
+    assert flat(failed) == [f"run_a{i:02d}" for i in (25, 20, 15, 10, 5, 0)]
+    ys = flat(await every_page(listing, "acme", ListQuery(pipeline="t/y:v1", limit=3)))
+    assert ys == [f"run_a{i:02d}" for i in range(30, -1, -3) if i < 30]
+    window = ListQuery(created_after=1005.0, created_before=1009.0)
+    assert flat(await every_page(listing, "acme", window)) == [
+        f"run_a{i:02d}" for i in (8, 7, 6, 5)
+    ]
+    rival = flat(await every_page(listing, "rival", ListQuery(limit=4)))
+    assert rival == [f"run_r{i:02d}" for i in range(27, -1, -3)]
+    assert flat(await every_page(listing, "nobody", ListQuery())) == []
+
+
+async def test_every_run_is_listed_once_in_log_order_by_any_writer(nc: Client) -> None:
+    history = RunHistory(nc.jetstream())
+    first_index, second_index = RunIndex(), RunIndex()
+    first = HistoryWriter(history, first_index)
+    second = HistoryWriter(history, second_index)  # a standby, then the next leader
+    events = [
+        e for i in range(6) for e in run_events(f"run_{i}", 10.0 + i, "acme", "t/x:v1", False)
+    ]
+    feed(first_index, events[:15])
+    await first.step(leading=True)
+    feed(second_index, events[:15])
+    await second.step(leading=False)  # the standby drops what the leader has listed
+    assert not second.pending
+    feed(first_index, events[15:])
+    feed(second_index, events[15:])
+    await second.step(leading=True)  # the leader died before listing runs 3 to 5
+    await first.step(leading=True)  # it comes back, still thinking it leads: lists nothing twice
+    newest = await history.newest("acme")
+    assert newest is not None and newest[0] == 6
+    entries = [(n, listed.run_id) async for n, listed in history.entries("acme", 6, 1)]
+    assert entries == [(6 - i, f"run_{5 - i}") for i in range(6)]
+    seqs = [listed.seq async for _, listed in history.entries("acme", 6, 1)]
+    assert seqs == sorted(seqs, reverse=True)
+    taken = Listed(run_id="run_x", pipeline="t/x:v1", created_at=1.0, seq=999)
+    assert not await history.add("acme", 3, taken)  # a number is never given twice
+    assert await history.oldest("acme") == 1 and await history.oldest("rival") is None
