@@ -172,7 +172,8 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
             )
             stack.push_async_callback(close, snc, grace)
         gateway = Gateway(nc, opts.config, log_settings=settings)
-        scheduler = Scheduler(snc, opts.config, log_settings=settings)
+        # one tail of the log for both: each event delivered and decoded once in this process
+        scheduler = Scheduler(snc, opts.config, log_settings=settings, feed=gateway.feed)
         scaler = Scaler(scheduler, _provider(opts, nats_url, server))
         async with anyio.create_task_group() as tg:
             add_scheduler(gateway.telemetry.exposition, scheduler, alongside=gateway.telemetry)

@@ -50,6 +50,7 @@ from runtime.control.http_input import (
     read_body,
 )
 from runtime.control.listing import BadQuery, RunListing, parse_query
+from runtime.control.logfeed import LogFeed
 from runtime.control.logs_api import follow_logs, read_logs, stream_filter, wants_follow
 from runtime.control.ops_api import OpsApi
 from runtime.control.ratelimit import RateLimiter
@@ -58,7 +59,7 @@ from runtime.control.scaling_api import ScalingApi
 from runtime.control.streamquota import Held, StreamQuota
 from runtime.control.submissions import SubmissionService
 from runtime.control.submit import Refused, Submitter
-from runtime.control.views import RunViews, find_run, forget_loop, start_position
+from runtime.control.views import RunViews, find_run, forget_loop
 from runtime.control.warming import UntilReady
 from runtime.control.webhook_policy import DestinationRefused, check_callback_url
 from runtime.infra.accesslog import AccessLog
@@ -84,7 +85,10 @@ class Gateway:
         *,
         clock: Clock = SYSTEM_CLOCK,
         log_settings: LogSettings | None = None,
+        feed: LogFeed | None = None,
     ) -> None:
+        """``feed``: a log tail shared with other readers in this process (``jetrun up``);
+        by default the gateway has its own."""
         self.nc = nc
         self.config = config
         self.clock = clock
@@ -132,6 +136,13 @@ class Gateway:
         self.scaling_api = ScalingApi(self)
         self.ops = OpsApi(self)
         self.streams = StreamQuota(config.settings.max_streams_per_team)
+        self.feed = feed or LogFeed(self.log, self.views)
+        tail = self.guard.wrap
+        self.feed.join(
+            self.index,
+            tail("event-log tail", self._on_event),
+            tail("event-log tail", self._on_skipped),
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -139,21 +150,16 @@ class Gateway:
         """Create the streams if needed, replay the log into the index, then follow it."""
         parts = (self.log, self.catalog, self.admission, self.readiness, self.logs, self.views)
         await require_all(*parts)
-        start, target = await start_position(self.log.js, self.views)
-        self.index.start_at(start - 1)
+        position = await self.feed.start()
         guard = self.guard.wrap
-        tail = await self.log.tail(
-            guard("event-log tail", self._on_event),
-            from_seq=start,
-            skipped=guard("event-log tail", self._on_skipped),
-        )
         beats = await self.nc.subscribe(
             f"{HEARTBEAT_SUBJECT}.*", cb=guard("agent heartbeat handler", self._on_heartbeat)
         )
         scheduler_beats = await self.scheduler.subscribe(self.nc, self.guard)
         await self.scaling_api.start()
         try:
-            await self.index.catch_up(target, timeout=self.config.settings.replay_deadline_s)
+            deadline = self.config.settings.replay_deadline_s
+            await self.index.catch_up(position.target, timeout=deadline)
             async with anyio.create_task_group() as tg:
                 await tg.start(self.submissions.run)  # jetrun.submit: NATS submissions
                 keep = self.config.settings.keep_ended_s
@@ -165,7 +171,8 @@ class Gateway:
             self.ready = False
             with anyio.CancelScope(shield=True):
                 await self.scaling_api.stop()
-                for sub in (tail, beats, scheduler_beats):
+                await self.feed.leave()
+                for sub in (beats, scheduler_beats):
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
 

@@ -34,9 +34,10 @@ from contracts.run import RunRecord
 from runtime.control.admission import Admission
 from runtime.control.applier import Applier, patiently
 from runtime.control.decide import decide
+from runtime.control.logfeed import LogFeed
 from runtime.control.passes import Now, Pass, Worklist
 from runtime.control.readiness import new_scheduler_id, publish_scheduler_heartbeats
-from runtime.control.views import RunViews, ViewKeeper, start_position
+from runtime.control.views import RunViews, ViewKeeper
 from runtime.infra.catalog import Catalog
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
@@ -74,7 +75,10 @@ class Scheduler(Applier):
         clock: Clock = SYSTEM_CLOCK,
         log_settings: LogSettings | None = None,
         tick_s: float = 0.25,
+        feed: LogFeed | None = None,
     ) -> None:
+        """``feed``: a log tail shared with other readers in this process (``jetrun up``);
+        by default the scheduler has its own."""
         self.nc = nc
         self.config = config
         self.clock = clock
@@ -111,6 +115,13 @@ class Scheduler(Applier):
         self.started_at = clock.now()
         # the pipelines a node is being added for (the scaler beside it sets this)
         self.booting: Callable[[], frozenset[str]] = frozenset
+        self.feed = feed or LogFeed(self.log, self.views)
+        tail = self.guard.wrap
+        self.feed.join(
+            self.index,
+            tail("event-log tail", self._on_event),
+            tail("event-log tail", self._on_skipped),
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -135,8 +146,7 @@ class Scheduler(Applier):
         and drain requests are heard; decisions are made only by calling ``decide()`` and ``tick()``
         (what tests do)."""
         await require_all(self.log, self.catalog, self.admission, self.lease, self.views)
-        start, target = await start_position(self.log.js, self.views)
-        self.index.start_at(start - 1)
+        position = await self.feed.start()
         guard = self.guard.wrap
         heartbeats = await self.nc.subscribe(
             f"{HEARTBEAT_SUBJECT}.*", cb=guard("agent heartbeat handler", self._on_heartbeat)
@@ -144,21 +154,18 @@ class Scheduler(Applier):
         # a failed drain answer leaves nothing diverged: the agent is then lost by timeout
         drain = guard("drain handler", self._on_drain, fatal=False)
         drains = await self.nc.subscribe(f"{DRAIN_SUBJECT}.*", cb=drain)
-        tail = await self.log.tail(
-            guard("event-log tail", self._on_event),
-            from_seq=start,
-            skipped=guard("event-log tail", self._on_skipped),
-        )
         try:
             async with self.catalog.following():
-                await self.index.catch_up(target, timeout=self.config.settings.replay_deadline_s)
+                target, deadline = position.target, self.config.settings.replay_deadline_s
+                await self.index.catch_up(target, timeout=deadline)
                 self.caught_up = True
                 self._ended.clear()  # permits of runs that ended before now: the sweep's job
-                log.info("scheduler caught up at seq %d (read from %d)", target, start)
+                log.info("scheduler caught up at seq %d (read from %d)", target, position.start)
                 yield
         finally:
             with anyio.CancelScope(shield=True):
-                for sub in (heartbeats, drains, tail):
+                await self.feed.leave()
+                for sub in (heartbeats, drains):
                     with contextlib.suppress(Exception):  # the connection may be gone
                         await sub.unsubscribe()
 

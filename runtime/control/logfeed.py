@@ -1,0 +1,85 @@
+"""One tail of the event log for the readers of one process.
+
+A gateway and a scheduler each keep a ``RunIndex`` of the whole log. Apart, each has its own
+ordered consumer: nats-server delivers every event twice, and the process parses and decodes it
+twice. In one process (``jetrun up``) they share a ``LogFeed``: one consumer, each event decoded
+once and handed to every reader in log order, the indexes positioned at the same sequence. A
+component that is alone in its process gets a feed of its own, so the code is the same either
+way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import anyio
+from nats.aio.subscription import Subscription
+
+from contracts.events import AnyEvent
+from runtime.control.views import RunViews, start_position
+from runtime.infra.eventlog import EventLog, Handler, SkipHandler
+from runtime.infra.projection import RunIndex
+
+
+@dataclass(frozen=True)
+class Position:
+    start: int  # the first sequence read
+    target: int  # the last sequence stored when reading began: caught up once applied
+
+
+@dataclass(frozen=True)
+class _Reader:
+    index: RunIndex
+    on_event: Handler
+    on_skipped: SkipHandler
+
+
+class LogFeed:
+    """Join every reader before the first ``start()``. Not thread-safe; one event loop."""
+
+    def __init__(self, log: EventLog, views: RunViews) -> None:
+        self.log, self.views = log, views
+        self._readers: list[_Reader] = []
+        self._position: Position | None = None
+        self._starting = anyio.Lock()
+        self._sub: Subscription | None = None
+        self._active = 0
+
+    def join(self, index: RunIndex, on_event: Handler, on_skipped: SkipHandler) -> None:
+        """Feed ``index`` (through ``on_event``/``on_skipped``, which must not raise: wrap them
+        in the component's ``Guard``). Raises ``RuntimeError`` once the feed has started."""
+        if self._position is not None:
+            raise RuntimeError("a reader joined a log feed that had already started")
+        self._readers.append(_Reader(index, on_event, on_skipped))
+
+    async def start(self) -> Position:
+        """Position every reader's index and start the one consumer; idempotent (a later
+        caller gets the same position). Each call is matched by one ``leave()``."""
+        async with self._starting:
+            if self._position is None:
+                begin, target = await start_position(self.log.js, self.views)
+                for reader in self._readers:
+                    reader.index.start_at(begin - 1)
+                self._sub = await self.log.tail(
+                    self._on_event, from_seq=begin, skipped=self._on_skipped
+                )
+                self._position = Position(begin, target)
+            self._active += 1
+            return self._position
+
+    async def leave(self) -> None:
+        """A reader is done; the last one stops the consumer."""
+        self._active -= 1
+        if self._active <= 0 and self._sub is not None:
+            sub, self._sub = self._sub, None
+            with contextlib.suppress(Exception):  # the connection may be gone
+                await sub.unsubscribe()
+
+    async def _on_event(self, seq: int, event: AnyEvent) -> None:
+        for reader in self._readers:
+            await reader.on_event(seq, event)
+
+    async def _on_skipped(self, seq: int) -> None:
+        for reader in self._readers:
+            await reader.on_skipped(seq)

@@ -1,0 +1,63 @@
+"""A log feed shared by the readers of one process, against a real nats-server."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+from nats.aio.client import Client
+
+from contracts import RunSubmitted
+from contracts.events import AnyEvent
+from runtime.control.logfeed import LogFeed
+from runtime.control.views import RunViews
+from runtime.infra.eventlog import EventLog
+from runtime.infra.projection import RunIndex
+from runtime.infra.streams import EVENTS_STREAM
+
+pytestmark = pytest.mark.anyio
+
+
+def submitted(run_id: str) -> RunSubmitted:
+    return RunSubmitted(run_id=run_id, at=1.0, team="t", pipeline="a/b:v1", inputs=[])
+
+
+class Reader:
+    def __init__(self, feed: LogFeed) -> None:
+        self.index = RunIndex()
+        self.seen: list[int] = []
+        feed.join(self.index, self.on_event, self.on_skipped)
+
+    async def on_event(self, seq: int, event: AnyEvent) -> None:
+        self.seen.append(seq)
+        self.index.apply(seq, event)
+
+    async def on_skipped(self, seq: int) -> None:
+        self.index.skip(seq)
+
+
+async def test_every_reader_gets_every_event_in_order_from_one_consumer(nc: Client) -> None:
+    log = EventLog(nc)
+    views = RunViews(log.js)
+    await views.require()
+    await log.append(submitted("r0"))  # before the feed: read on start (no checkpoint yet)
+    feed = LogFeed(log, views)
+    readers = [Reader(feed), Reader(feed)]
+    first = await feed.start()
+    assert await feed.start() == first  # the second reader gets the same position
+    assert (first.start, first.target) == (1, 1)
+    with pytest.raises(RuntimeError):
+        Reader(feed)  # too late: its index would miss what was already fed
+    for i in range(1, 20):
+        await log.append(submitted(f"r{i}"))
+    with anyio.fail_after(10):
+        for reader in readers:
+            await reader.index.wait_for_seq(20, timeout=10)
+    for reader in readers:
+        assert reader.seen == list(range(1, 21))
+        assert len(reader.index.records) == 20
+    info = await log.js.stream_info(EVENTS_STREAM)
+    assert info.state.consumer_count == 1
+    await feed.leave()
+    assert feed._sub is not None  # one reader is still reading
+    await feed.leave()
+    assert feed._sub is None
