@@ -27,6 +27,7 @@ from contracts.run import RunRecord
 from contracts.states import RunState
 from contracts.values import RunIO
 from runtime.control.history import HistoryWriter, RunHistory
+from runtime.infra import jspub
 from runtime.infra.clock import Clock
 from runtime.infra.config import Settings
 from runtime.infra.eventlog import (
@@ -109,10 +110,16 @@ class RunViews:
         return self._kv
 
     async def put(self, run: RunRecord) -> None:
-        data = _encoder.encode(run)
-        await retrying(
-            f"store view of {run.id}", lambda: self.kv.put(view_key(run.id), data), self.deadline_s
-        )
+        """Store ``run``'s view (a KV put, through the connection's cheaper publisher)."""
+        data, subject = _encoder.encode(run), f"$KV.{VIEWS_BUCKET}.{view_key(run.id)}"
+        publisher = jspub.publisher_of(self.js)
+
+        async def put() -> None:
+            await publisher.publish(subject, data, None, self.deadline_s)
+
+        if self._kv is None:
+            raise RuntimeError("RunViews.ensure() has not run")
+        await retrying(f"store view of {run.id}", put, self.deadline_s)
 
     async def get(self, run_id: str) -> RunRecord | None:
         """The stored view of ``run_id``; None if there is none (or it aged out)."""

@@ -22,7 +22,7 @@ import msgspec
 import nats.errors
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.js import api
+from nats.js import JetStreamContext, api
 from nats.js.errors import APIError, NoStreamResponseError
 
 NO_RESPONDERS = "503"
@@ -107,3 +107,8 @@ def publisher(nc: Client) -> Publisher:
     if found is None:
         found = _publishers[nc] = Publisher(nc)
     return found
+
+
+def publisher_of(js: JetStreamContext) -> Publisher:
+    """The publisher of the connection behind ``js`` (for code that holds only a context)."""
+    return publisher(js._nc)
