@@ -28,10 +28,9 @@ from pathlib import Path
 
 import anyio
 
-from contracts.agents import AgentHeartbeat, PipelineStatus
 from runtime.control.gateway import Gateway
 from runtime.control.gateway_pool import extra_gateways, gateway_command
-from runtime.control.providers import LocalProvider
+from runtime.control.providers import LocalProvider, list_pipelines
 from runtime.control.readiness import Readiness
 from runtime.control.scaler import Scaler
 from runtime.control.scheduler import Scheduler
@@ -44,19 +43,15 @@ from runtime.infra.nats_conn import close, connect
 from runtime.infra.natsserver import NatsServer, NatsServerFailed, NatsServerNotFound
 from runtime.provision import provision
 from runtime.services import serve_http
+from runtime.up_ready import DEMO_POINTER, StartupError, pipelines_ready, pointer, registered
 
 log = logging.getLogger("jetrun")
 
-DEMO_POINTER = "demo/echo:v1"
 STORE_CHECK_S = 1.0
 STORE_FAILING_S = 3.0  # the store refused writes this long: worth a nats-server restart
 STORE_RESTART_EVERY_S = 30.0
 STORE_FREE_MIN = 8 << 20  # only with this much room on the store's disk
 FENCED_EXIT = 3  # the agent was declared lost; it may come straight back
-
-
-class StartupError(Exception):
-    """``jetrun up`` cannot start; the message is one line for the user."""
 
 
 class AgentExited(Exception):
@@ -337,11 +332,14 @@ async def _serve_agent(
         )
         try:
             if first:
-                beat = await _pipelines_ready(gateway, proc, agent_id, stopping)
+                beat = await pipelines_ready(gateway.fleet, proc, agent_id, stopping)
                 if beat is None:
                     return
+                deployed = await list_pipelines(opts.modules)
+                if not await registered(gateway.catalog, deployed, beat, stopping):
+                    return
                 data_dir = opts.data_dir if embedded else None
-                _banner(opts.host, opts.port, nats_url, data_dir, opts.config, _pointer(beat))
+                _banner(opts.host, opts.port, nats_url, data_dir, opts.config, pointer(beat))
                 first = False
             code = await _exited(proc, stopping)
         finally:
@@ -351,40 +349,6 @@ async def _serve_agent(
         if code != FENCED_EXIT:
             raise AgentExited(f"the local agent exited with code {code}")
         log.warning("the local agent was declared lost; starting it again")
-
-
-async def _pipelines_ready(
-    gateway: Gateway, proc: subprocess.Popen[bytes], agent_id: str, stopping: anyio.Event
-) -> AgentHeartbeat | None:
-    """Wait until the agent's pipelines have all loaded; None if stopped first. Raises
-    ``StartupError`` if the agent exits or a pipeline's startup step fails."""
-    while not stopping.is_set():
-        code = proc.poll()
-        if code is not None:
-            raise StartupError(f"the local agent exited with code {code} before it was ready")
-        beat = gateway.fleet.get(agent_id)
-        if beat is not None and _loaded(beat):
-            return beat
-        with anyio.move_on_after(0.1):
-            await stopping.wait()
-    return None
-
-
-def _loaded(beat: AgentHeartbeat) -> bool:
-    if any(p.status is PipelineStatus.loading for p in beat.pipelines):
-        return False
-    for p in beat.pipelines:
-        if p.status is PipelineStatus.failed:
-            raise StartupError(f"pipeline {p.pointer} failed to start: {p.error}")
-    if not beat.pipelines and not beat.can_serve:
-        raise StartupError("the pipeline modules define no pipeline this node can run")
-    return True
-
-
-def _pointer(beat: AgentHeartbeat) -> str:
-    ready = [p.pointer for p in beat.pipelines if p.status is PipelineStatus.ready]
-    names = ready or list(beat.can_serve)
-    return DEMO_POINTER if DEMO_POINTER in names else sorted(names)[0]
 
 
 async def _exited(proc: subprocess.Popen[bytes], stopping: anyio.Event) -> int | None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -167,21 +168,52 @@ async def test_a_pipeline_whose_startup_fails_fails_fast(tmp_path: Path) -> None
 
 
 async def test_the_banner_names_a_pipeline_that_exists(tmp_path: Path) -> None:
+    """And once it is printed, every pipeline of the modules is known (a scaled-to-zero one
+    too, which no replica has loaded)."""
     mine = tmp_path / "my_pipelines.py"
     mine.write_text(
+        "from contracts.scaling import ScalingSettings\n"
         "from runtime.node.pipelines import pipeline\n\n\n"
         '@pipeline("mine/hello:v1")\n'
         "def hello(name: str) -> str:\n"
-        '    return "hello " + name\n'
+        '    return "hello " + name\n\n\n'
+        '@pipeline("mine/idle:v1", scaling=ScalingSettings(min_replicas=0))\n'
+        "def idle(name: str) -> str:\n"
+        "    return name\n"
     )
     port = free_port()
     proc = up(tmp_path, port, "up", "--pipelines", str(mine))
     try:
         banner = await wait_output(proc, "Ctrl-C stops everything.")
         assert '"pipeline": "mine/hello:v1"' in banner and "demo/echo" not in banner
+        headers = {"Authorization": "Bearer jr_demo_token"}
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers) as c:
+            for name in ("mine/hello:v1", "mine/idle:v1"):
+                known = await c.get(f"/v4/pipelines/{name}/scaling")
+                assert known.status_code == 200, known.text
     finally:
         proc.signal(signal.SIGINT)
         assert await exit_code(proc, timeout=30) == 0
+
+
+@pytest.mark.skipif(shutil.which("nvidia-smi") is not None, reason="this machine has a GPU")
+async def test_no_banner_while_a_deployed_pipeline_cannot_be_registered(tmp_path: Path) -> None:
+    """A module's GPU pipeline on a machine without a GPU: no agent here registers it, so its
+    runs would be 404; up says so in one line instead of saying it is up."""
+    mixed = tmp_path / "mixed_pipelines.py"
+    mixed.write_text(
+        "from runtime.node.pipelines import pipeline\n\n\n"
+        '@pipeline("mine/cpu:v1")\n'
+        "def cpu(name: str) -> str:\n"
+        "    return name\n\n\n"
+        '@pipeline("mine/gpu:v1", accelerator="gpu")\n'
+        "def gpu(name: str) -> str:\n"
+        "    return name\n"
+    )
+    proc = up(tmp_path, free_port(), "up", "--pipelines", str(mixed))
+    assert await exit_code(proc, timeout=60) == 1
+    assert_one_clear_line(proc, "pipeline mine/gpu:v1 needs a gpu slot", "404")
+    assert "jetrun is up" not in proc.output()
 
 
 # --- shutdown is bounded; children die with the parent ---------------------------------------
