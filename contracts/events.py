@@ -183,6 +183,23 @@ class RunCancelled(Event, frozen=True, kw_only=True, tag="cancelled"):
     kind: ClassVar[str] = "cancelled"
 
 
+class RunRestated(Event, frozen=True, kw_only=True, tag="restated"):
+    """A live run as it stood after the event at ``of_seq`` (its last), recorded again by the
+    leading scheduler before the events it was folded from age out of the log (retention): a
+    reader that no longer has those events begins the run here. ``record`` is the
+    ``contracts.run.RunRecord`` as builtins (that module imports this one); ``queue_ticket`` is
+    its place in its pipeline's queue (``(group, sequence)``), kept across the restatement.
+    Appended only if ``of_seq`` is still the run's last event, so it never hides a newer one."""
+
+    kind: ClassVar[str] = "restated"
+    of_seq: int
+    record: dict[str, Any]
+    queue_ticket: list[int] | None = None  # [group, sequence]
+
+    def message_id(self) -> str:
+        return f"{self.run_id}:{self.kind}:{self.of_seq}"
+
+
 AnyEvent = (
     RunSubmitted
     | RunAdmitted
@@ -199,6 +216,7 @@ AnyEvent = (
     | RunNoResourcesAvailable
     | RunCancelRequested
     | RunCancelled
+    | RunRestated
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = (
@@ -217,6 +235,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     RunNoResourcesAvailable,
     RunCancelRequested,
     RunCancelled,
+    RunRestated,
 )
 
 _encoder = msgspec.json.Encoder()

@@ -13,6 +13,10 @@ Rules of this machine:
 6. One event may stand for two: a ``submitted`` that carries its admission (a gateway's single
    append) is applied as that ``submitted`` and then the ``admitted`` it implies, each by the
    table, so the run goes from ``unknown`` through ``created`` to ``routing`` at once.
+7. A ``restated`` event (a live run recorded again before its events age out of the log) gives
+   a run this fold does not know (``unknown``: its earlier events were not read) the recorded
+   run; a known run already is that run (it is appended only while ``of_seq`` is the run's last
+   event), so there it changes nothing.
 No I/O, no clock: time is a field of each event. The same events give the same run anywhere.
 """
 
@@ -39,14 +43,16 @@ from contracts.events import (
     RunPreempted,
     RunQueued,
     RunRequeued,
+    RunRestated,
     RunStarted,
     RunSubmitted,
     RunTimedOut,
     RunWaitChanged,
 )
-from contracts.outputs import Outputs
+from contracts.outputs import Outputs, encode_hook
 from contracts.run import RunRecord
 from contracts.states import RunState, WaitingFor
+from contracts.values import RunIO
 
 S = RunState
 
@@ -118,6 +124,10 @@ def judge(run: RunRecord, event: Event) -> Verdict:
 def evolve(run: RunRecord, event: Event) -> RunRecord:
     """The run after ``event`` (and what it implies: rule 6); the same run if the event is
     illegal, stale or foreign."""
+    if isinstance(event, RunRestated):  # rule 7
+        if event.run_id != run.id or run.state is not S.unknown:
+            return run
+        return restated_record(event)
     after = _evolve_one(run, event)
     follow = event.implied() if isinstance(event, RunSubmitted) else None
     if after is not run and follow is not None:
@@ -158,6 +168,25 @@ def _resources_since(run: RunRecord, waiting: WaitingFor | None, at: float) -> f
     return None
 
 
+def _decode_hook(kind: type, obj: Any) -> Any:
+    if kind is Outputs:
+        return Outputs(msgspec.convert(obj, list[RunIO]))
+    raise NotImplementedError(f"cannot decode {kind.__name__}")
+
+
+def restate(run: RunRecord, of_seq: int, at: float, ticket: tuple[int, int] | None) -> RunRestated:
+    """The ``restated`` event of ``run`` as it stands after the event at ``of_seq``."""
+    record = msgspec.to_builtins(run, enc_hook=encode_hook)
+    place = None if ticket is None else list(ticket)
+    return RunRestated(run_id=run.id, at=at, of_seq=of_seq, record=record, queue_ticket=place)
+
+
+def restated_record(event: RunRestated) -> RunRecord:
+    """The run a ``restated`` event records (rule 7)."""
+    run = msgspec.convert(event.record, RunRecord, dec_hook=_decode_hook)
+    return msgspec.structs.replace(run, id=event.run_id)
+
+
 def evolve_strict(run: RunRecord, event: Event) -> RunRecord:
     """Like ``evolve``, but raises ``IllegalTransition`` instead of ignoring an event."""
     verdict = judge(run, event)
@@ -194,6 +223,7 @@ def _submitted(run: RunRecord, e: RunSubmitted) -> Changes:
         "wait_for_resources": e.wait_for_resources,
         "idempotency_key": e.idempotency_key,
         "waiting_for": WaitingFor.admission,
+        "callback_url": e.callback_url,
     }
 
 

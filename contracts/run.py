@@ -39,6 +39,7 @@ class RunRecord(msgspec.Struct, frozen=True, kw_only=True):
     slot: AdmissionSlot | None = None
     cancel_requested: bool = False
     preemptions: int = 0
+    callback_url: str | None = None  # from ``submitted``: where webhooks POST the ended run
 
     @property
     def is_terminal(self) -> bool:

@@ -27,6 +27,7 @@ from contracts.events import (
     RunPreempted,
     RunQueued,
     RunRequeued,
+    RunRestated,
     RunStarted,
     RunSubmitted,
     RunTimedOut,
@@ -81,6 +82,13 @@ SAMPLES: dict[type[Event], AnyEvent] = {
     ),
     RunCancelRequested: RunCancelRequested(run_id=RUN, at=AT),
     RunCancelled: RunCancelled(run_id=RUN, at=AT),
+    RunRestated: RunRestated(
+        run_id=RUN,
+        at=AT,
+        of_seq=41,
+        record={"id": RUN, "state": "queued", "team": "team-a", "inputs": [{"type": "int"}]},
+        queue_ticket=[1, 40],
+    ),
 }
 
 

@@ -28,10 +28,13 @@ from contracts.events import (
     RunPreempted,
     RunQueued,
     RunRequeued,
+    RunRestated,
     RunStarted,
     RunSubmitted,
     RunTimedOut,
     RunWaitChanged,
+    decode_event,
+    encode_event,
 )
 from contracts.machine import (
     TRANSITIONS,
@@ -42,6 +45,8 @@ from contracts.machine import (
     fold,
     judge,
     mermaid_diagram,
+    restate,
+    restated_record,
 )
 from contracts.run import RunRecord
 from contracts.states import TERMINAL_STATES, RunState, WaitingFor
@@ -50,6 +55,8 @@ from contracts.values import IOType, RunIO, from_python
 RUN = "run_table"
 T0 = 1_700_000_000.0
 AT = T0 + 100.0  # the time of the event under test: later than every prefix event
+# the events of the table (rules 1-6); ``restated`` is rule 7, tested on its own below
+TABLE_EVENT_TYPES = [t for t in EVENT_TYPES if t is not RunRestated]
 
 
 # --- realistic prefixes: the log of a run that has reached a given state -------------------------
@@ -288,7 +295,7 @@ ILLEGAL = [
     (state, how, event_type)
     for state in RunState
     for how in PREFIXES[state]
-    for event_type in EVENT_TYPES
+    for event_type in TABLE_EVENT_TYPES
     if event_type not in TRANSITIONS.get(state, {})
 ]
 
@@ -393,9 +400,9 @@ def test_illegal_pair_is_ignored(state: RunState, how: str, event_type: type[Eve
 
 def test_illegal_pairs_cover_terminal_states_and_every_event_type() -> None:
     for state in TERMINAL_STATES:
-        assert {t for s, _, t in ILLEGAL if s is state} == set(EVENT_TYPES)
+        assert {t for s, _, t in ILLEGAL if s is state} == set(TABLE_EVENT_TYPES)
     pairs = {(s, t) for s, _, t in LEGAL} | {(s, t) for s, _, t in ILLEGAL}
-    assert pairs == {(s, t) for s in RunState for t in EVENT_TYPES}
+    assert pairs == {(s, t) for s in RunState for t in TABLE_EVENT_TYPES}
 
 
 # --- stale attempts ------------------------------------------------------------------------------
@@ -538,3 +545,34 @@ def test_a_run_never_admitted_can_fail() -> None:
     error = RunError(type=ErrorType.unknown, message="not_admitted: did not go through admission")
     run = fold([submitted(T0), RunFailed(run_id=RUN, at=T0 + 30, attempt=0, error=error)])
     assert run.state is RunState.failed and run.error == error and run.waiting_for is None
+
+
+# --- rule 7: a restated run ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("state", "how"), all_prefixes([s for s in RunState if s.value != "unknown"])
+)
+def test_a_restatement_gives_an_unknown_run_its_record_and_changes_nothing_else(
+    state: RunState, how: str
+) -> None:
+    run = run_in(state, how)
+    event = restate(run, of_seq=9, at=AT, ticket=(1, 7))
+    assert decode_event(encode_event(event)) == event
+    assert evolve(run, event) is run  # a reader with the history already has this run
+    assert evolve(RunRecord(id=RUN), event) == run  # one without it begins here
+    assert evolve(RunRecord(id="another"), event) == RunRecord(id="another")  # foreign
+
+
+def test_a_restated_run_goes_on_from_there() -> None:
+    slot = AdmissionSlot(stream="JETRUN_ADMIT_3", seq=4)
+    first = msgspec.structs.replace(
+        submitted(T0), admission=AdmissionGrant(tier="basic", slot=slot), callback_url="https://h"
+    )
+    queued = RunQueued(run_id=RUN, at=T0 + 1, attempt=1, waiting_for=WaitingFor.resources)
+    run = fold([first, queued])
+    assert run.callback_url == "https://h" and run.resources_since == T0 + 1
+    restated = restate(run, of_seq=2, at=T0 + 50, ticket=None)
+    assert restated_record(restated) == run and restated.message_id() == f"{RUN}:restated:2"
+    later = [RunDispatched(run_id=RUN, at=AT, attempt=1, agent_id="agent-z", slot="gpu")]
+    assert fold([queued, restated, *later]) == fold([first, queued, restated, *later])
