@@ -37,6 +37,7 @@ from runtime.control.decide import decide
 from runtime.control.logfeed import LogFeed
 from runtime.control.passes import Now, Pass, Worklist
 from runtime.control.readiness import new_scheduler_id, publish_scheduler_heartbeats
+from runtime.control.restate import Restater
 from runtime.control.views import RunViews, ViewKeeper
 from runtime.infra.catalog import Catalog
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
@@ -89,6 +90,7 @@ class Scheduler(Applier):
         self.index.listen(self._observe)
         self.views = RunViews(self.log.js, replicas=settings.replicas)
         self.keeper = ViewKeeper(self.views, self.index, config.settings)
+        self.restater = Restater(self.log, self.index)  # live runs outlive their events
         self.work = Worklist()
         self.fleet = Fleet(clock.monotonic, config.settings.node_loss_timeout_s)
         self.catalog = Catalog(self.log.js, replicas=settings.replicas, monotonic=clock.monotonic)
@@ -135,6 +137,7 @@ class Scheduler(Applier):
             tg.start_soon(self.guard.watch)
             tg.start_soon(self._lead)
             tg.start_soon(self.keeper.run, self.clock, lambda: self._leading)
+            tg.start_soon(self.restater.run, self.clock, lambda: self._leading)
             every = self.config.settings.heartbeat_interval_s
             tg.start_soon(publish_scheduler_heartbeats, self.nc, self.heartbeat, every, self.clock)
             task_status.started()

@@ -34,9 +34,9 @@ from runtime.infra.eventlog import (
     RETRYABLE,
     EventLog,
     ensure_stream,
-    last_event_of_kind,
     require_stream,
     retrying,
+    submission_of,
 )
 from runtime.infra.projection import RunIndex
 from runtime.infra.streams import EVENTS_STREAM, VIEWS_BUCKET, VIEWS_STREAM, views_config
@@ -252,7 +252,7 @@ async def find_run(log: EventLog, views: RunViews, run_id: str) -> RunRecord | N
     run = await views.get(run_id)
     if run is not None:
         return run
-    if await last_event_of_kind(log, run_id, "submitted") is None:
-        return None  # one direct get: no consumer is made for a run that does not exist
+    if await submission_of(log, run_id) is None:
+        return None  # direct gets: no consumer is made for a run that does not exist
     run = await log.load(run_id)
     return None if run.state is RunState.unknown else run

@@ -50,7 +50,7 @@ from runtime.control.webhook_policy import (
 )
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
-from runtime.infra.eventlog import EventLog, LogSettings, ensure_stream, last_event_of_kind
+from runtime.infra.eventlog import EventLog, LogSettings, ensure_stream, submission_of
 from runtime.infra.streams import (
     DEAD_PREFIX,
     DEAD_STREAM,
@@ -165,7 +165,7 @@ class WebhookService:
     async def _on_terminal(self, msg: Msg) -> None:
         seq = msg.metadata.sequence.stream
         event = decode_event(msg.data)
-        submitted = await last_event_of_kind(self.log, event.run_id, "submitted")
+        submitted = await submission_of(self.log, event.run_id)
         url = getattr(submitted, "callback_url", None)
         if submitted is not None and url:
             stored = await self.log.read(event.run_id)

@@ -38,8 +38,16 @@ from nats.js.errors import (
     ServiceUnavailableError,
 )
 
-from contracts.events import AnyEvent, Event, RunDispatched, decode_event, encode_event
-from contracts.machine import fold
+from contracts.events import (
+    AnyEvent,
+    Event,
+    RunDispatched,
+    RunRestated,
+    RunSubmitted,
+    decode_event,
+    encode_event,
+)
+from contracts.machine import fold, restated_record
 from contracts.names import check_token
 from contracts.run import RunRecord
 from runtime.infra import jspub, streams
@@ -400,6 +408,30 @@ async def last_event_of_kind(log: EventLog, run_id: str, kind: str) -> AnyEvent 
             "undecodable %s event of %s: %s", kind, run_id, err
         )
         return None
+
+
+async def submission_of(log: EventLog, run_id: str) -> RunSubmitted | None:
+    """What ``run_id`` was submitted with: its ``submitted`` event, else as its latest
+    ``restated`` event records it (a live run whose first events aged out of the log). None
+    for a run the log does not know (any more)."""
+    event = await last_event_of_kind(log, run_id, "submitted")
+    if isinstance(event, RunSubmitted):
+        return event
+    restated = await last_event_of_kind(log, run_id, "restated")
+    if not isinstance(restated, RunRestated):
+        return None
+    run = restated_record(restated)
+    return RunSubmitted(
+        run_id=run_id,
+        at=run.created_at,
+        team=run.team,
+        pipeline=run.pipeline,
+        inputs=run.inputs,
+        async_run=run.async_run,
+        wait_for_resources=run.wait_for_resources,
+        idempotency_key=run.idempotency_key,
+        callback_url=run.callback_url,
+    )
 
 
 class Ensurable(Protocol):

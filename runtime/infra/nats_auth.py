@@ -139,6 +139,7 @@ def permissions(role: str) -> Permissions:
                 *_PERMITS,
                 *_READ_VIEWS,
                 f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.submitted",  # an old run, by id
+                f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.restated",  # a live run, restated
                 *_append("submitted", "admitted", "cancel_requested"),
                 "jetrun.admit.*.*",
                 "jetrun.probe.*",  # readiness: the store takes writes
@@ -168,6 +169,7 @@ def permissions(role: str) -> Permissions:
                     "requeued",
                     "no_resources",
                     "cancelled",
+                    "restated",  # a live run recorded again before its events age out
                 ),
                 "jetrun.ev.*.dispatched.*",  # a dispatch names its agent
                 "jetrun.scheduler.heartbeat",
@@ -189,6 +191,7 @@ def permissions(role: str) -> Permissions:
                 *_read(WEBHOOKS),
                 *_read(DEAD),
                 f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.submitted",
+                f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.restated",
                 f"{API}.CONSUMER.DURABLE.CREATE.{EVENTS}.*",
                 f"{API}.CONSUMER.DURABLE.CREATE.{WEBHOOKS}.*",
                 f"$JS.ACK.{EVENTS}.>",
@@ -232,8 +235,10 @@ def agent_permissions(agent_id: str) -> Permissions:
             f"$JS.FC.{EVENTS}.>",
             *_READ_CATALOG,
             *_READ_SCALING,
-            # inputs too large to be repeated in a dispatch are read back by run id
+            # inputs too large to be repeated in a dispatch are read back by run id (from the
+            # run's restatement once its submitted event aged out)
             f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.submitted",
+            f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.restated",
             *_append("started", "output", "completed", "failed", "timed_out"),
             "jetrun.pipelines.*",
             "jetrun.logs.*.*",  # what an attempt printed

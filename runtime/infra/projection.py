@@ -18,7 +18,7 @@ import anyio
 import msgspec
 from sortedcontainers import SortedList
 
-from contracts.events import AnyEvent, RunRequeued
+from contracts.events import AnyEvent, RunRequeued, RunRestated
 from contracts.machine import evolve
 from contracts.run import RunRecord
 from contracts.states import RunState
@@ -57,7 +57,10 @@ class RunIndex:
         self.on_agent: dict[str, set[str]] = defaultdict(set)
         self._listeners: list[Listener] = []
         self._forgetters: list[Forgetter] = []
-        self._first_seq: dict[str, int] = {}  # held run -> its first event's sequence (log order)
+        # held run -> (sequence, time) of its first event here (log order: a restated run moves
+        # to the end), and the sequence of its last event (a restatement expects it)
+        self._first: dict[str, tuple[int, float]] = {}
+        self._last_of: dict[str, int] = {}
         self._ended: deque[str] = deque()  # runs that ended, in log order, until forgotten
         self._changed: dict[str, anyio.Event] = {}
         self._seq_waiters: list[tuple[int, int, anyio.Event]] = []  # a heap: lowest seq first
@@ -89,12 +92,18 @@ class RunIndex:
         before = self.records.get(event.run_id)
         base = before or RunRecord(id=event.run_id)
         after = evolve(base, event)
+        if before is not None:
+            self._last_of[event.run_id] = seq
+            if isinstance(event, RunRestated):  # its older events are no longer needed
+                del self._first[event.run_id]
+                self._first[event.run_id] = (seq, event.at)
         if after is base:
             self._wake_seq_waiters()
             return None
         self.records[event.run_id] = after
         if before is None:
-            self._first_seq[event.run_id] = seq
+            self._first[event.run_id] = (seq, event.at)
+            self._last_of[event.run_id] = seq
         if after.is_terminal and (before is None or not before.is_terminal):
             self._ended.append(event.run_id)
         self._reindex(seq, event, before, after)
@@ -118,7 +127,11 @@ class RunIndex:
         was_queued = before is not None and before.state is RunState.queued
         if after.state is RunState.queued and not was_queued:
             group = 0 if isinstance(event, RunRequeued) else 1
-            self._enqueue(after, (group, seq))
+            ticket = (group, seq)
+            place = event.queue_ticket if isinstance(event, RunRestated) else None
+            if place is not None and len(place) == 2:
+                ticket = (place[0], place[1])  # its place in the queue, kept
+            self._enqueue(after, ticket)
         elif was_queued and after.state is not RunState.queued:
             self._dequeue(after)
         if before is not None and before.agent_id and before.agent_id != after.agent_id:
@@ -154,7 +167,8 @@ class RunIndex:
             if run is None or not run.is_terminal:
                 continue
             del self.records[run.id]
-            self._first_seq.pop(run.id, None)
+            self._first.pop(run.id, None)
+            self._last_of.pop(run.id, None)
             self._changed.pop(run.id, None)
             for forgetter in self._forgetters:
                 forgetter(run)
@@ -164,9 +178,26 @@ class RunIndex:
     def replay_from(self) -> int:
         """Where a process starting now may begin reading the log and hold what this index
         holds: the first event of the oldest run held, or the next sequence if none is held."""
-        for seq in self._first_seq.values():  # insertion (log) order: the first is the oldest
+        for seq, _ in self._first.values():  # insertion (log) order: the first is the oldest
             return seq
         return self.last_seq + 1
+
+    def restatable(self, before: float, limit: int) -> list[tuple[RunRecord, int]]:
+        """Up to ``limit`` live runs whose first event here is older than ``before``, oldest
+        first, each with the sequence of its last event: the runs to restate before their
+        events age out of the log. Ended runs are skipped (their views are stored)."""
+        due: list[tuple[RunRecord, int]] = []
+        for run_id, (_, at) in self._first.items():  # log order: stops at the first young one
+            if at >= before or len(due) >= limit:
+                break
+            run = self.records[run_id]
+            if not run.is_terminal:
+                due.append((run, self._last_of[run_id]))
+        return due
+
+    def ticket(self, run_id: str) -> Ticket | None:
+        """The run's place in its queue; None unless it is queued."""
+        return self._tickets.get(run_id)
 
     # --- reading -----------------------------------------------------------------------------
 

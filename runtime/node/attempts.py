@@ -36,7 +36,7 @@ from contracts.events import (
 )
 from contracts.values import RunIO
 from runtime.infra.clock import Clock
-from runtime.infra.eventlog import EventLog, last_event_of_kind
+from runtime.infra.eventlog import EventLog, submission_of
 from runtime.infra.logsetup import bind
 from runtime.infra.runlogs import AttemptLog, LogStore
 from runtime.node.pipelines import PipelineSpec
@@ -308,5 +308,4 @@ class Runner:
                 pipeline=dispatch.pipeline,
                 inputs=dispatch.inputs,
             )
-        event = await last_event_of_kind(self.log, dispatch.run_id, "submitted")
-        return event if isinstance(event, RunSubmitted) else None
+        return await submission_of(self.log, dispatch.run_id)
