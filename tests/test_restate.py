@@ -183,11 +183,11 @@ async def test_a_run_queued_longer_than_the_log_keeps_events_completes_with_its_
 ) -> None:
     """No replica until the run's first events aged out; the gateway and the scheduler are
     killed and started again in between; then a replica comes and the run completes."""
-    async with Stack(tmp_path / "stack") as stack:
+    async with Stack(tmp_path / "stack", keep_ended_s=1) as stack:
         stack.tmp.mkdir()
         await stack.start_nats()
         with stack.config_path.open("a") as config:  # [settings] is the file's last table
-            config.write("events_max_age_s = 3\nkeep_ended_s = 1\ncheckpoint_every_s = 0.5\n")
+            config.write("events_max_age_s = 3\ncheckpoint_every_s = 0.5\n")
         settings = load(stack.config_path).settings
         assert await apply_retention_at(stack.nats_url, settings, stack.credentials("admin"))
         nc = await stack.connect()
