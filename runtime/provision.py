@@ -26,10 +26,12 @@ from runtime.infra.streams import (
     LOGS_STREAM,
     PROBE_STREAM,
     SCALING_STREAM,
+    STREAM_SLOTS_STREAM,
     VIEWS_STREAM,
     WEBHOOKS_STREAM,
     dead_config,
     probe_config,
+    stream_slots_config,
     webhooks_config,
 )
 
@@ -49,6 +51,7 @@ async def provision(nc: Client, config: Config, settings: LogSettings) -> list[s
     for stream in (
         webhooks_config(replicas=settings.replicas),
         dead_config(replicas=settings.replicas),
+        stream_slots_config(replicas=settings.replicas),
     ):
         await ensure_stream(log.js, stream, settings.setup_deadline_s)
     return [
@@ -56,6 +59,7 @@ async def provision(nc: Client, config: Config, settings: LogSettings) -> list[s
         VIEWS_STREAM,
         WEBHOOKS_STREAM,
         DEAD_STREAM,
+        STREAM_SLOTS_STREAM,
         LOGS_STREAM,
         PROBE_STREAM,
         SCALING_STREAM,

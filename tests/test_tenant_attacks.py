@@ -107,6 +107,55 @@ async def test_open_streams_of_one_team_cannot_starve_the_gateway(
         gate.write_text("go")  # the run ends, and with it the streams
 
 
+async def test_the_stream_limit_holds_across_gateways(stack: Stack, tmp_path: Path) -> None:
+    """``max_streams_per_team`` counts a team's streams on every gateway together (``jetrun up
+    --gateways N`` does not give N times as many): half on each of two gateways, then both
+    refuse; a stream closed on one gateway frees a slot on the other."""
+    second = await stack.start_gateway()
+    first = stack.gateway_urls[0]
+    gate = tmp_path / "gate"
+    body = {
+        "pipeline": "test/chatty-gate:v1",
+        "async_run": True,
+        "inputs": [{"type": "string", "value": str(gate)}],
+    }
+    async with client(stack, "tok_acme") as acme:
+        run_id = (await acme.post("/v4/runs", json=body)).json()["id"]
+    url = f"/v4/runs/{run_id}/logs?follow=1"
+    headers = {"Authorization": "Bearer tok_acme"}
+    async with contextlib.AsyncExitStack() as held:
+        gateways = [
+            await held.enter_async_context(httpx.AsyncClient(base_url=base, headers=headers))
+            for base in (first, second)
+        ]
+
+        async def open_stream(gateway: httpx.AsyncClient) -> httpx.Response:
+            return await held.enter_async_context(gateway.stream("GET", url))
+
+        with anyio.fail_after(30):
+            for i in range(STREAMS_PER_TEAM):
+                while (opened := await open_stream(gateways[i % 2])).status_code == 429:
+                    await opened.aclose()  # an earlier test's stream still being given back
+                    await anyio.sleep(0.1)
+                assert opened.status_code == 200
+        refused = [await open_stream(g) for g in gateways]
+        for response in refused:
+            await response.aread()
+        assert [r.status_code for r in refused] == [429, 429]
+        assert refused[1].json()["detail"]["code"] == "too_many_streams"
+    async with contextlib.AsyncExitStack() as again:  # closed: the slots are back, for either
+        other = await again.enter_async_context(httpx.AsyncClient(base_url=second, headers=headers))
+        with anyio.fail_after(30):
+            for _ in range(STREAMS_PER_TEAM):  # all on one gateway now
+                while (
+                    opened := await again.enter_async_context(other.stream("GET", url))
+                ).status_code == 429:
+                    await opened.aclose()  # the other gateway is still giving its slots back
+                    await anyio.sleep(0.1)
+                assert opened.status_code == 200
+    gate.write_text("go")
+
+
 async def test_a_request_head_past_the_cap_is_431_not_gateway_memory(stack: Stack) -> None:
     """Anyone who can reach the port could stream headers into the gateway's memory until the
     head deadline (tens of MB a second per connection); past http_max_head_bytes it is 431."""

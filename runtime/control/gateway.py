@@ -135,7 +135,9 @@ class Gateway:
         self.paths: set[str] = set()
         self.scaling_api = ScalingApi(self)
         self.ops = OpsApi(self)
-        self.streams = StreamQuota(config.settings.max_streams_per_team)
+        self.streams = StreamQuota(
+            self.log.js, config.settings.max_streams_per_team, replicas=settings.replicas
+        )
         self.feed = feed or LogFeed(self.log, self.views)
         tail = self.guard.wrap
         self.feed.join(
@@ -149,7 +151,7 @@ class Gateway:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Create the streams if needed, replay the log into the index, then follow it."""
         parts = (self.log, self.catalog, self.admission, self.readiness, self.logs, self.views)
-        await require_all(*parts)
+        await require_all(self.streams, *parts)
         position = await self.feed.start()
         guard = self.guard.wrap
         beats = await self.nc.subscribe(
@@ -164,6 +166,7 @@ class Gateway:
                 await tg.start(self.submissions.run)  # jetrun.submit: NATS submissions
                 keep = self.config.settings.keep_ended_s
                 tg.start_soon(forget_loop, self.index, self.clock, keep)
+                tg.start_soon(self.streams.renew_loop)  # slots of this gateway's open streams
                 self.ready = True
                 task_status.started()
                 await self.guard.watch()  # until cancelled, or a callback failed
@@ -361,7 +364,7 @@ class Gateway:
         run = await self._visible(request.path_params["run_id"], team)
         stream = stream_filter(request)
         if wants_follow(request):
-            release = self.streams.acquire(team.name)
+            release = await self.streams.acquire(team.name)
             current = partial(self.index.get, run.id)
             response = follow_logs(self.logs, request, run.id, current, stream)
             return Held(response, release)
@@ -383,11 +386,11 @@ class Gateway:
         streams n outputs costs O(n) bytes, not O(n^2)."""
         team = self._team(request)
         create = await self._parse(request)
-        release = self.streams.acquire(team.name)  # before the run is recorded
+        release = await self.streams.acquire(team.name)  # before the run is recorded
         try:
             run = await self._submit(team, create, request.headers.get("idempotency-key"))
         except BaseException:
-            release()
+            await release()
             raise
 
         async def lines() -> AsyncIterator[bytes]:

@@ -142,6 +142,7 @@ def permissions(role: str) -> Permissions:
                 f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.restated",  # a live run, restated
                 *_append("submitted", "admitted", "cancel_requested"),
                 "jetrun.admit.*.*",
+                "jetrun.streams.*.*",  # a team's open streams, counted over every gateway
                 "jetrun.probe.*",  # readiness: the store takes writes
                 "jetrun.pipelines.*",  # a team changes its pipeline's scaling settings
                 "jetrun.scaling.*.settings",

@@ -33,6 +33,9 @@ WEBHOOKS_STREAM = "JETRUN_WEBHOOKS"
 WEBHOOKS_PREFIX = "jetrun.webhooks.pending"
 DEAD_STREAM = "JETRUN_WEBHOOKS_DEAD"
 DEAD_PREFIX = "jetrun.webhooks.dead"
+STREAM_SLOTS_STREAM = "JETRUN_STREAM_SLOTS"
+STREAM_SLOTS_PREFIX = "jetrun.streams"
+STREAM_SLOT_TTL_S = 30.0  # a slot its gateway stopped renewing (it died) is free after this
 LISTING_STREAM = "JETRUN_LISTING"
 LISTING_PREFIX = "jetrun.listing"
 VIEWS_BUCKET = "JETRUN_RUNS"
@@ -85,6 +88,22 @@ def admission_config(limit: int, *, lookback_s: float, replicas: int) -> api.Str
         discard_new_per_subject=True,
         max_age=lookback_s,
         duplicate_window=min(600.0, lookback_s),
+    )
+
+
+def stream_slots_config(*, replicas: int, ttl_s: float = STREAM_SLOT_TTL_S) -> api.StreamConfig:
+    """``JETRUN_STREAM_SLOTS``: a team's open streaming responses, across gateways. One subject
+    per slot (``jetrun.streams.<team>.<n>``, n < max_streams_per_team) holding at most one
+    message: a gateway takes a slot by publishing on it when it is empty, renews it within
+    ``ttl_s`` and gives it back by deleting its message."""
+    return api.StreamConfig(
+        name=STREAM_SLOTS_STREAM,
+        subjects=[f"{STREAM_SLOTS_PREFIX}.>"],
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        max_msgs_per_subject=1,
+        max_age=ttl_s,
+        duplicate_window=min(120.0, ttl_s),
     )
 
 
