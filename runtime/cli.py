@@ -18,6 +18,7 @@ from runtime.infra import config as config_module
 from runtime.infra import logsetup
 from runtime.infra.config import Config, ConfigError
 from runtime.infra.eventlog import LogSettings
+from runtime.infra.gctune import tune_for_service
 
 DEMO_MODULE = "runtime.node.demo"
 
@@ -40,6 +41,7 @@ def _first(group: BaseExceptionGroup[Exception]) -> BaseException:
 
 
 def _run(main: object, *args: object) -> None:
+    tune_for_service()
     anyio.run(main, *args, backend="asyncio", backend_options={"use_uvloop": True})  # type: ignore[arg-type]
 
 

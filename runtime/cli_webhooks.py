@@ -16,6 +16,7 @@ from nats.js import JetStreamContext
 from runtime.cli_auth import ca_option, credentials_for, seed_option
 from runtime.infra.config import Config
 from runtime.infra.eventlog import LogSettings
+from runtime.infra.gctune import tune_for_service
 from runtime.infra.nats_auth import Credentials
 
 T = TypeVar("T")
@@ -141,4 +142,5 @@ def _serve(target: Target, config: Config, settings: LogSettings) -> None:
         await nc.close()
 
     honour_parent()  # started by `jetrun up`: die with it (nothing is lost: durable consumers)
+    tune_for_service()
     anyio.run(go, backend="asyncio", backend_options={"use_uvloop": True})
