@@ -1,10 +1,11 @@
 """The node agent alone: runs/s and CPU per run of one ``jetrun agent`` fed no-op dispatches.
 
-    python benchmarks/bench_agent.py [--runs 3000] [--slots 4] [--rounds 3]
+    python benchmarks/bench_agent.py [--runs 3000] [--slots 4] [--rounds 3] [--stream N]
 
 Starts a nats-server (streams provisioned, NATS authentication on) and one agent process with
 the demo pipelines, then plays the scheduler: it appends ``dispatched`` events addressed to the
-agent (inputs carried, as the scheduler does), keeping ``--slots`` attempts in flight, and
+agent (inputs carried, as the scheduler does; no-op runs, or ``demo/stream:v1`` streaming
+``--stream`` outputs each), keeping ``--slots`` attempts in flight, and
 counts the ends the agent appends. Prints, per round and as medians: runs/s, the agent's CPU
 ms per run (its own process, and its workers apart), dispatch-to-end latency p50/p99, and the
 events and log chunks the agent appended per run. No gateway or scheduler: this isolates the
@@ -32,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from contracts.events import RunDispatched, encode_event  # noqa: E402
+from contracts.values import from_python  # noqa: E402
 from runtime.infra.eventlog import dispatch_subject  # noqa: E402
 from tests.harness import Stack  # noqa: E402
 
@@ -59,7 +61,9 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-async def one_round(stack: Stack, agent: str, pid: int, runs: int, slots: int) -> dict[str, float]:
+async def one_round(
+    stack: Stack, agent: str, pid: int, runs: int, slots: int, stream: int
+) -> dict[str, float]:
     nc = await stack.connect("admin", "bench-agent")
     js = nc.jetstream(timeout=10.0)
     free = anyio.Semaphore(slots)
@@ -100,8 +104,8 @@ async def one_round(stack: Stack, agent: str, pid: int, runs: int, slots: int) -
                 attempt=1,
                 agent_id=agent,
                 team="bench",
-                pipeline="demo/noop:v1",
-                inputs=[],
+                pipeline="demo/stream:v1" if stream else "demo/noop:v1",
+                inputs=[from_python(stream)] if stream else [],
             )
             sent[run_id] = time.perf_counter()
             await js.publish(
@@ -123,7 +127,7 @@ async def one_round(stack: Stack, agent: str, pid: int, runs: int, slots: int) -
         "p50 ms": percentile(ms, 50),
         "p99 ms": percentile(ms, 99),
     }
-    for kind in ("started", *ENDS, "log chunk"):
+    for kind in ("started", "output", *ENDS, "log chunk"):
         figures[f"{kind}/run"] = kinds[kind] / runs
     return figures
 
@@ -148,6 +152,7 @@ async def main() -> None:
     parser.add_argument("--runs", type=int, default=3000)
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--stream", type=int, default=0, help="demo/stream:v1 with N outputs")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="jetrun-bench-agent-") as tmp:
         async with Stack(Path(tmp)) as stack:
@@ -157,7 +162,9 @@ async def main() -> None:
             await wait_serving(stack, agent)
             rounds = []
             for n in range(args.rounds):
-                figures = await one_round(stack, agent, proc.pid, args.runs, args.slots)
+                figures = await one_round(
+                    stack, agent, proc.pid, args.runs, args.slots, args.stream
+                )
                 rounds.append(figures)
                 print(f"round {n + 1}: " + "  ".join(f"{k} {v:.2f}" for k, v in figures.items()))
     load = os.getloadavg()

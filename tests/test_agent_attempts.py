@@ -9,10 +9,17 @@ from anyio.abc import TaskGroup
 from nats.aio.client import Client
 
 from contracts.errors import ErrorType, RunError
-from contracts.events import Event, RunCompleted, RunDispatched, RunFailed, RunStarted
+from contracts.events import (
+    Event,
+    RunCompleted,
+    RunDispatched,
+    RunFailed,
+    RunOutputProduced,
+    RunStarted,
+)
 from contracts.values import from_python
 from runtime.node.agent import Agent, default_agent_id
-from runtime.node.attempts import Attempt, Starts
+from runtime.node.attempts import Attempt, Starts, Streaming
 from runtime.node.results import fitted
 
 pytestmark = pytest.mark.anyio
@@ -124,3 +131,30 @@ async def test_an_output_before_the_delay_appends_started_first_and_once() -> No
         await starts.settle(start, ended=True)
         tg.cancel_scope.cancel()
     assert len(recorder.events) == 1
+
+
+async def test_streamed_outputs_are_appended_together_and_all_stored_before_the_end() -> None:
+    reported: list[int] = []
+    release = anyio.Event()
+
+    class SlowReporter:
+        async def report(self, event: RunOutputProduced) -> None:
+            await release.wait()
+            reported.append(event.index)
+
+    async with anyio.create_task_group() as tg:
+        streaming = Streaming(SlowReporter(), tg)  # type: ignore[arg-type]
+        for index in range(3):  # none waits for the one before it to be stored
+            output = RunOutputProduced(
+                run_id="run_s", at=1.0, attempt=1, index=index, output=from_python(index)
+            )
+            with anyio.fail_after(5):
+                await streaming.append(output)
+        assert reported == []
+        with anyio.move_on_after(0.1):
+            await streaming.stored()
+        assert reported == []  # still in flight: the end must wait
+        release.set()
+        with anyio.fail_after(5):
+            await streaming.stored()
+        assert sorted(reported) == [0, 1, 2]

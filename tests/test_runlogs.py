@@ -13,7 +13,10 @@ import anyio
 import httpx
 import pytest
 
+from contracts.logs import LogChunk
 from contracts.values import from_python
+from runtime.infra.clock import SYSTEM_CLOCK
+from runtime.infra.runlogs import AttemptLog, LogFlusher
 from tests.harness import FIXTURES, Stack, client, open_gate, wait_replicas, wait_state
 
 pytestmark = pytest.mark.anyio
@@ -224,3 +227,34 @@ async def test_the_sdk_reads_and_follows_a_runs_logs(logstack: Stack) -> None:
         with pytest.raises(JetrunError) as refused:
             await rival.get_run_logs(run.id)
     assert refused.value.status == 404
+
+
+class RecordingStore:
+    """Stands in for the log store: records the chunks it is given."""
+
+    def __init__(self) -> None:
+        self.chunks: list[LogChunk] = []
+
+    async def append(self, chunk: LogChunk) -> None:
+        self.chunks.append(chunk)
+
+
+async def test_one_flusher_publishes_open_attempts_while_they_run_and_silent_ones_never() -> None:
+    store = RecordingStore()
+    flusher = LogFlusher(flush_s=0.05)
+    clock = SYSTEM_CLOCK
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(flusher.run)
+        chatty = flusher.open(AttemptLog(store, "run_chatty", 1, clock))  # type: ignore[arg-type]
+        silent = flusher.open(AttemptLog(store, "run_silent", 1, clock))  # type: ignore[arg-type]
+        chatty.capture.feed(b"one\n", "stdout")
+        with anyio.fail_after(5):  # published while the attempt is still open
+            while not store.chunks:
+                await anyio.sleep(0.01)
+        chatty.capture.feed(b"two\n", "stdout")
+        await flusher.close(chatty)
+        await flusher.close(silent)
+        tg.cancel_scope.cancel()
+    assert [c.run_id for c in store.chunks] == ["run_chatty", "run_chatty"]
+    assert [c.index for c in store.chunks] == [0, 1]
+    assert [line.text for c in store.chunks for line in c.lines] == ["one", "two"]

@@ -148,6 +148,11 @@ class LogCapture:
             marker = truncation_marker(self.dropped_bytes, self.max_bytes)
             self._lines.append(LogLine(at=self.now(), text=marker, stream=STDERR))
 
+    @property
+    def has_lines(self) -> bool:
+        """Lines were captured since the last ``take``."""
+        return bool(self._lines)
+
     def take(self) -> list[LogLine]:
         """The lines captured since the last call."""
         lines, self._lines = self._lines, []

@@ -5,7 +5,8 @@ Subjects are ``jetrun.logs.<run_id>.<attempt>``; one message is a ``LogChunk`` (
 messages as long as the event log keeps events (the same ``max_age``). An agent publishes an
 attempt's chunks while it runs (every ``flush_s``) and its last chunk before it reports the
 attempt's result, so once a run is terminal its logs are complete (except after a cancel or a
-lost node, where the last lines may come a moment later, or never).
+lost node, where the last lines may come a moment later, or never). An attempt that prints
+nothing publishes nothing.
 """
 
 from __future__ import annotations
@@ -137,8 +138,9 @@ def _decode(msg: Msg) -> LogChunk | None:
 
 
 class AttemptLog:
-    """One attempt's output on its way to the store: the worker feeds ``capture``; a flush
-    loop (``run``) publishes new lines every ``flush_s``; ``close`` publishes the rest."""
+    """One attempt's output on its way to the store: the worker feeds ``capture``; a
+    ``LogFlusher`` publishes new lines every ``flush_s`` while it is open; ``close`` publishes
+    the rest. It has no task of its own: an attempt that prints nothing publishes nothing."""
 
     def __init__(
         self,
@@ -148,33 +150,32 @@ class AttemptLog:
         clock: Clock,
         *,
         max_bytes: int = DEFAULT_MAX_BYTES,
-        flush_s: float = 0.25,
     ) -> None:
         self.store, self.run_id, self.attempt = store, run_id, attempt
-        self.clock, self.flush_s = clock, flush_s
         self.capture = LogCapture(clock.now, max_bytes=max_bytes)
+        self.closed = False
         self._index = 0
-        self._closing = anyio.Event()
-        self._closed = anyio.Event()
+        self._lock = anyio.Lock()  # one flush at a time: chunks are stored in order
 
-    async def run(self) -> None:
-        """Publish new lines every ``flush_s`` until ``close``; then the last ones."""
-        try:
-            while not self._closing.is_set():
-                with anyio.move_on_after(self.flush_s):
-                    await self._closing.wait()
+    @property
+    def flushing(self) -> bool:
+        return self._lock.locked()
+
+    async def flush(self) -> None:
+        """Publish the lines captured so far (none: nothing is published)."""
+        async with self._lock:
+            if not self.closed:
                 await self._flush(final=False)
-        finally:
-            with anyio.CancelScope(shield=True):
-                self.capture.finish()
-                await self._flush(final=True)
-                self._closed.set()
 
     async def close(self) -> None:
-        """Finish the capture and wait (shielded, bounded) until everything was published."""
-        self._closing.set()
+        """Finish the capture and publish what is left (shielded, bounded)."""
         with anyio.CancelScope(shield=True), anyio.move_on_after(PUBLISH_DEADLINE_S + 5):
-            await self._closed.wait()
+            async with self._lock:
+                if self.closed:
+                    return
+                self.closed = True
+                self.capture.finish()
+                await self._flush(final=True)
 
     async def _flush(self, *, final: bool) -> None:
         lines = self.capture.take()
@@ -196,6 +197,38 @@ class AttemptLog:
                 await self.store.append(chunk)
             except Exception as err:
                 log.warning("dropped %d log lines of %s: %r", len(piece), self.run_id, err)
+
+
+class LogFlusher:
+    """Publishes the new lines of every open ``AttemptLog`` every ``flush_s``: one task for
+    all of a process's attempts (``run``), idle while none is open."""
+
+    def __init__(self, flush_s: float = 0.25) -> None:
+        self.flush_s = flush_s
+        self._open: set[AttemptLog] = set()
+        self._wake = anyio.Event()
+
+    def open(self, attempt_log: AttemptLog) -> AttemptLog:
+        self._open.add(attempt_log)
+        self._wake.set()
+        return attempt_log
+
+    async def close(self, attempt_log: AttemptLog) -> None:
+        """Stop flushing it, and publish what is left (see ``AttemptLog.close``)."""
+        self._open.discard(attempt_log)
+        await attempt_log.close()
+
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            while True:
+                if not self._open:
+                    await self._wake.wait()
+                    self._wake = anyio.Event()
+                    continue
+                await anyio.sleep(self.flush_s)
+                for attempt_log in list(self._open):
+                    if attempt_log.capture.has_lines and not attempt_log.flushing:
+                        tg.start_soon(attempt_log.flush)
 
 
 def _pieces(lines: list[LogLine]) -> list[list[LogLine]]:

@@ -57,7 +57,7 @@ from runtime.infra.fleet import (
 from runtime.infra.guard import Guard
 from runtime.infra.logsetup import bound
 from runtime.infra.metrics import cold_start_histogram
-from runtime.infra.runlogs import LogStore
+from runtime.infra.runlogs import LogFlusher, LogStore
 from runtime.infra.scalinglog import ScalingLog
 from runtime.node.accelerators import detect
 from runtime.node.attempts import Attempt, Pool, Reporter, Runner, Starts
@@ -158,6 +158,7 @@ class Agent:
             max_event_bytes=self.max_event_bytes,
             log_max_bytes=log_max_bytes,
             starts=Starts(self.reporter),
+            flusher=LogFlusher(),
         )
         self.guard = Guard(f"agent {self.agent_id}")
         self.scaling = ScalingLog(self.log.js, replicas=settings.replicas)
@@ -193,6 +194,7 @@ class Agent:
                 self._tg = tg
                 tg.start_soon(self.guard.watch)
                 tg.start_soon(self.runner.starts.run)
+                tg.start_soon(self.runner.flusher.run)
                 tg.start_soon(self._heartbeat_loop)
                 for pool in self.pools.values():
                     if pool.loaded:

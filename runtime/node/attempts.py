@@ -1,13 +1,13 @@
 """Running one attempt on a node: take a warm worker, run the inputs, report what happened.
 
 The agent (``runtime.node.agent``) decides which dispatches to take and when to kill; this
-module runs a taken attempt and appends its events: ``started``, streamed ``output`` events,
-then the end (``completed``, ``failed`` or ``timed_out``). ``started`` is appended only once
-the attempt has run for ``STARTED_AFTER_S`` (or before its first output): a shorter attempt
-appends its end alone, one append instead of two (the state machine takes ``dispatched`` then
-the end). Whatever goes wrong on the node fails that attempt alone, never the agent. Every
-result is measured before it is appended, so an event the log cannot take fails the attempt
-instead of being lost.
+module runs a taken attempt and appends its events: ``started``, streamed ``output`` events
+(several in flight at once), then the end (``completed``, ``failed`` or ``timed_out``).
+``started`` is appended only once the attempt has run for ``STARTED_AFTER_S`` (or before its
+first output): a shorter attempt appends its end alone, one append instead of two (the state
+machine takes ``dispatched`` then the end). Whatever goes wrong on the node fails that attempt
+alone, never the agent. Every result is measured before it is appended, so an event the log
+cannot take fails the attempt instead of being lost.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from contracts.values import RunIO
 from runtime.infra.clock import Clock
 from runtime.infra.eventlog import EventLog, submission_of
 from runtime.infra.logsetup import bind
-from runtime.infra.runlogs import AttemptLog, LogStore
+from runtime.infra.runlogs import AttemptLog, LogFlusher, LogStore
 from runtime.node.pipelines import PipelineSpec
 from runtime.node.results import ResultTooLarge, check_size, fitted
 from runtime.node.worker import PipelineWorker, StartupFailed
@@ -48,6 +48,7 @@ REPORT_GRACE_S = 5.0  # how long reports may still retry once a preemption notic
 # an attempt still running this long after its worker was taken appends ``started``; one that
 # ends sooner appends only its end
 STARTED_AFTER_S = 0.05
+OUTPUTS_IN_FLIGHT = 64  # streamed outputs of one attempt being appended at once
 
 
 @dataclass
@@ -177,6 +178,40 @@ class Starts:
         await self.reporter.report_then_set(start.event, start.stored)
 
 
+class Streaming:
+    """An attempt's streamed outputs, appended as they come without waiting for each other
+    (at most ``OUTPUTS_IN_FLIGHT`` at once: a fast stream waits for the log); ``stored``
+    waits for them all, so the end is appended after them. The index of each output orders
+    them in the run whatever order they are stored in."""
+
+    def __init__(self, reporter: Reporter, tg: TaskGroup) -> None:
+        self.reporter, self.tg = reporter, tg
+        self._slots: anyio.Semaphore | None = None  # made by the first output
+        self._pending = 0
+        self._drained: anyio.Event | None = None
+
+    async def append(self, event: RunOutputProduced) -> None:
+        if self._slots is None:
+            self._slots = anyio.Semaphore(OUTPUTS_IN_FLIGHT)
+        await self._slots.acquire()
+        self._pending += 1
+        self.tg.start_soon(self._report, event, self._slots)
+
+    async def _report(self, event: RunOutputProduced, slots: anyio.Semaphore) -> None:
+        try:
+            await self.reporter.report(event)
+        finally:
+            slots.release()
+            self._pending -= 1
+            if not self._pending and self._drained is not None:
+                self._drained.set()
+
+    async def stored(self) -> None:
+        while self._pending:
+            self._drained = anyio.Event()
+            await self._drained.wait()
+
+
 @dataclass
 class Runner:
     """Runs attempts of the pipelines in ``pools`` on this node (see the module docstring)."""
@@ -191,6 +226,7 @@ class Runner:
     max_event_bytes: Callable[[], int]
     log_max_bytes: int
     starts: Starts
+    flusher: LogFlusher
 
     async def run(self, dispatch: RunDispatched, attempt: Attempt, tg: TaskGroup) -> None:
         """Run the attempt and report how it ended (nothing if it was interrupted)."""
@@ -261,22 +297,27 @@ class Runner:
         worker = attempt.worker
         assert worker is not None
 
+        streaming = Streaming(self.reporter, tg)
+
         async def on_output(index: int, output: RunIO) -> None:
             event = RunOutputProduced(
                 run_id=run_id, at=self.clock.now(), attempt=n, index=index, output=output
             )
             check_size(event, self.max_event_bytes())  # too large: the worker is killed
             await self.starts.settle(start, ended=False)
-            await self.reporter.report(event)
+            await streaming.append(event)
 
         timeout = pool.spec.timeout_s
-        output = AttemptLog(self.logs, run_id, n, self.clock, max_bytes=self.log_max_bytes)
-        tg.start_soon(output.run)
+        output = self.flusher.open(
+            AttemptLog(self.logs, run_id, n, self.clock, max_bytes=self.log_max_bytes)
+        )
         try:
             with anyio.move_on_after(timeout if timeout is not None else float("inf")) as limit:
                 result = await worker.run(submitted.inputs, on_output, output.capture)
-        finally:
-            await output.close()  # the attempt's logs are stored before its result
+        finally:  # the attempt's outputs and logs are stored before its result
+            with anyio.CancelScope(shield=True):
+                await streaming.stored()
+            await self.flusher.close(output)
         if limit.cancelled_caught:
             await worker.kill()
             return RunTimedOut(
