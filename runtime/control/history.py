@@ -27,7 +27,14 @@ from nats.js.errors import BadRequestError, NotFoundError
 from contracts.events import AnyEvent
 from contracts.names import check_token
 from contracts.run import RunRecord
-from runtime.infra.eventlog import RETRYABLE, ensure_stream, require_stream, retrying
+from runtime.infra import jspub
+from runtime.infra.eventlog import (
+    PUBLISH_TIMEOUT_S,
+    RETRYABLE,
+    ensure_stream,
+    require_stream,
+    retrying,
+)
 from runtime.infra.projection import RunIndex
 from runtime.infra.streams import LISTING_PREFIX, LISTING_STREAM, listing_config
 
@@ -117,8 +124,10 @@ class RunHistory:
             "Nats-Expected-Last-Subject-Sequence": "0",
         }
 
+        publisher = jspub.publisher_of(self.js)  # the same answers as js.publish, cheaper
+
         async def publish() -> None:
-            await self.js.publish(subject, payload, headers=headers)
+            await publisher.publish(subject, payload, headers, PUBLISH_TIMEOUT_S)
 
         try:
             await retrying(f"list {listed.run_id}", publish, self.deadline_s)

@@ -31,6 +31,7 @@ from runtime.infra import jspub
 from runtime.infra.clock import Clock
 from runtime.infra.config import Settings
 from runtime.infra.eventlog import (
+    PUBLISH_TIMEOUT_S,
     RETRYABLE,
     EventLog,
     ensure_stream,
@@ -115,7 +116,7 @@ class RunViews:
         publisher = jspub.publisher_of(self.js)
 
         async def put() -> None:
-            await publisher.publish(subject, data, None, self.deadline_s)
+            await publisher.publish(subject, data, None, PUBLISH_TIMEOUT_S)
 
         if self._kv is None:
             raise RuntimeError("RunViews.ensure() has not run")
