@@ -82,6 +82,38 @@ def cpu_seconds(pids: Callable[[], list[int]]) -> float:
     return total
 
 
+def cpu_by_process(pids: Callable[[], list[int]]) -> dict[str, float]:
+    """CPU seconds of ``pids`` by what each runs (``jetrun up``'s children: nats-server,
+    gateway, scheduler, agent, webhooks, worker); empty without psutil."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+
+    found: dict[str, float] = {}
+    for pid in pids():
+        try:
+            process = psutil.Process(pid)
+            times, argv = process.cpu_times(), process.cmdline()
+        except psutil.Error:
+            continue
+        label = _label(argv)
+        found[label] = found.get(label, 0.0) + times.user + times.system
+    return found
+
+
+def _label(argv: list[str]) -> str:
+    text = " ".join(argv)
+    if "nats-server" in text:
+        return "nats-server"
+    if "worker_process" in text:
+        return "worker"
+    for name in ("gateway", "scheduler", "agent", "webhooks", "up"):
+        if f" {name}" in text:
+            return name
+    return "other"
+
+
 def tree(pid: int) -> Callable[[], list[int]]:
     import psutil
 
@@ -274,11 +306,18 @@ def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) 
         start = time.perf_counter()
         system.sync_run()
         latencies.append(time.perf_counter() - start)
-    before = cpu_seconds(system.pids)
+    before, parts = cpu_seconds(system.pids), cpu_by_process(system.pids)
     rate, total = system.throughput(runs)
     used = cpu_seconds(system.pids) - before
     into.add(latencies, rate, used / total * 1000)
     if isinstance(system, Jetrun):
+        after = cpu_by_process(system.pids)
+        shares = {k: (v - parts.get(k, 0.0)) / total * 1000 for k, v in after.items()}
+        print(
+            "  jetrun CPU s per 1k runs by process: "
+            + ", ".join(f"{k} {v:.2f}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1])),
+            flush=True,
+        )
         print(f"  jetrun SDK run_pipeline() p50 {system.sdk_p50_ms(sync // 3):.2f} ms", flush=True)
     print(
         f"  {system.name:7} p50 {into.p50_ms[-1]:6.2f} ms  p99 {into.p99_ms[-1]:6.2f} ms  "

@@ -16,7 +16,8 @@ import pytest
 
 from contracts.run import Run, RunRecord
 from contracts.webhooks import Delivery
-from runtime.control.webhooks import GiveUp, Retry, WebhookService
+from runtime.control.webhook_delivery import Deliverer, GiveUp, Retry
+from runtime.infra.clock import SYSTEM_CLOCK
 from runtime.infra.config import parse
 
 pytestmark = pytest.mark.anyio
@@ -76,8 +77,7 @@ async def _post(url: str, timeout_s: float = 1.0) -> int | None:
     """The deliverer's POST of one delivery to ``url``, allowed to reach 127.0.0.1."""
     hooks = {"allowed_hosts": ["127.0.0.1"], "timeout_s": timeout_s}
     config = parse({"webhooks": hooks})
-    nc = SimpleNamespace(jetstream=lambda **_: None)
-    service = WebhookService(nc, config)  # type: ignore[arg-type]
+    service = Deliverer(SimpleNamespace(), config, SYSTEM_CLOCK)  # type: ignore[arg-type]
     run = Run.of(RunRecord(id="run_x", team="acme", pipeline="acme/p:v1"))
     delivery = Delivery(delivery_id="d1", team="acme", url=url, run=run)
     async with httpx.AsyncClient(trust_env=False) as http:

@@ -18,11 +18,12 @@ import anyio
 import httpx
 import pytest
 
+from runtime.control.webhook_delivery import team_consumer
 from runtime.control.webhook_policy import verify
-from runtime.control.webhooks import DELIVERER
+from runtime.control.webhooks import OUTBOX
 from runtime.infra.natsserver import free_port
-from runtime.infra.streams import WEBHOOKS_STREAM
-from tests.harness import CONFIG, ROOT, Proc, Stack, client, wait_replicas
+from runtime.infra.streams import EVENTS_STREAM, WEBHOOKS_STREAM
+from tests.harness import CONFIG, ROOT, Proc, Stack, client, wait_replicas, wait_state
 
 pytestmark = pytest.mark.anyio
 
@@ -39,10 +40,13 @@ timeout_s = 2
 
 @dataclass
 class Receiver:
-    """Records every POST; /ok answers 200, /gone 410, /flaky 503 while ``down``."""
+    """Records every POST; /ok answers 200, /gone 410, /flaky 503 while ``down``, /hang only
+    once ``released`` (200)."""
 
     port: int
     down: bool = True
+    released: threading.Event = field(default_factory=threading.Event)
+    hanging: int = 0  # /hang requests waiting now
     posts: list[dict] = field(default_factory=list)  # type: ignore[type-arg]
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -68,6 +72,12 @@ def _handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers["Content-Length"]))
+            if self.path == "/hang":
+                with receiver.lock:
+                    receiver.hanging += 1
+                receiver.released.wait(60)
+                with receiver.lock:
+                    receiver.hanging -= 1
             status = receiver.status_for(self.path)
             with receiver.lock:
                 receiver.posts.append(
@@ -105,12 +115,13 @@ def receiver() -> Iterator[Receiver]:
         server.server_close()
 
 
-def write_config(path: Path, attempts: int) -> None:
+def write_config(path: Path, attempts: int, extra: str = "") -> None:
     text = CONFIG.format(node_loss_timeout_s=3.0, resource_wait_timeout_s=300.0, keep_ended_s=300.0)
-    text = text.replace(
-        'tokens = ["tok_acme"]', f'tokens = ["tok_acme"]\nwebhook_secret = "{SECRET}"'
-    )
-    path.write_text(text + WEBHOOKS.format(attempts=attempts))
+    for team in ("acme", "big"):  # rival: none
+        text = text.replace(
+            f'tokens = ["tok_{team}"]', f'tokens = ["tok_{team}"]\nwebhook_secret = "{SECRET}"'
+        )
+    path.write_text(text + WEBHOOKS.format(attempts=attempts) + extra)
 
 
 def start_deliverer(stack: Stack, name: str, config: Path) -> Proc:
@@ -133,13 +144,15 @@ async def hookstack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[S
         yield stack
 
 
-async def run_with_callback(stack: Stack, url: str, text: str = "hi") -> dict:  # type: ignore[type-arg]
+async def run_with_callback(
+    stack: Stack, url: str, text: str = "hi", token: str = "tok_acme"
+) -> dict:  # type: ignore[type-arg]
     body = {
         "pipeline": "demo/echo:v1",
         "inputs": [{"type": "string", "value": text}],
         "callback_url": url,
     }
-    async with client(stack, "tok_acme") as c:
+    async with client(stack, token) as c:
         response = await c.post("/v4/runs", json=body)
     assert response.status_code == 200, response.text
     return response.json()  # type: ignore[no-any-return]
@@ -231,11 +244,47 @@ async def test_failed_deliveries_are_dead_letters_until_replayed(
     assert missing.returncode == 1 and "no such dead delivery" in missing.stderr
 
 
+async def outbox_idle(stack: Stack) -> bool:
+    nc = await stack.connect()
+    try:
+        info = await nc.jetstream().consumer_info(EVENTS_STREAM, OUTBOX)
+    finally:
+        await nc.close()
+    return info.num_pending == 0 and info.num_ack_pending == 0
+
+
+async def test_a_run_submitted_before_the_deliverer_restarted_is_still_posted(
+    hookstack: Stack, receiver: Receiver
+) -> None:
+    """The outbox learns callbacks from ``submitted`` events as they pass; a deliverer started
+    after a run's submission asks the log for it instead."""
+    body = {
+        "pipeline": "demo/sleep:v1",
+        "inputs": [{"type": "fp", "value": 3.0}],
+        "callback_url": receiver.url("/ok"),
+        "async_run": True,
+    }
+    async with client(hookstack, "tok_acme") as c:
+        run_id = (await c.post("/v4/runs", json=body)).json()["id"]
+        await wait_state(c, run_id, {"running"})
+        with anyio.fail_after(10):
+            while not await outbox_idle(hookstack):  # its submitted was read and acked
+                await anyio.sleep(0.05)
+        old = next(p for p in hookstack.procs if p.name == "webhooks")
+        old.stop()
+        hookstack.procs.remove(old)
+        start_deliverer(hookstack, "webhooks", hookstack.config_path)
+        assert (await c.get(f"/v4/runs/{run_id}")).json()["state"] == "running"
+    await until(lambda: receiver.ok(run_id))
+    [post] = receiver.of(run_id)
+    assert post["run"]["state"] == "completed"
+
+
 async def acked(stack: Stack, in_flight: int) -> bool:
     """Every stored delivery was handed out, and only ``in_flight`` are not acked."""
     nc = await stack.connect()
     try:
-        info = await nc.jetstream().consumer_info(WEBHOOKS_STREAM, DELIVERER)
+        info = await nc.jetstream().consumer_info(WEBHOOKS_STREAM, team_consumer("acme"))
     finally:
         await nc.close()
     return info.num_pending == 0 and info.num_ack_pending == in_flight
@@ -277,6 +326,39 @@ async def test_a_killed_deliverer_loses_nothing_and_sends_nothing_twice(
         )
     for run in ok + later:
         assert len(receiver.of(run["id"])) == 1  # acked before the kill: never sent again
+
+
+async def test_a_team_whose_endpoint_hangs_delays_no_other_teams_callbacks(
+    hookstack: Stack, receiver: Receiver
+) -> None:
+    """Two slots in all, one per team: acme's endpoint hangs (each POST waits 30 s for its
+    timeout), yet big's callbacks arrive at once."""
+    for proc in [p for p in hookstack.procs if p.name.startswith("webhooks")]:
+        proc.stop()
+        hookstack.procs.remove(proc)
+    fair = hookstack.tmp / "fair.toml"
+    write_config(fair, attempts=1000)
+    fair.write_text(
+        fair.read_text().replace(
+            "timeout_s = 2", "timeout_s = 30\nconcurrency = 2\nteam_concurrency = 1"
+        )
+    )
+    start_deliverer(hookstack, "webhooks-fair", fair)
+    receiver.released.clear()
+    try:
+        hung = [
+            await run_with_callback(hookstack, receiver.url("/hang"), f"h{i}") for i in range(3)
+        ]
+        await until(lambda: receiver.hanging == 1)
+        theirs = [
+            await run_with_callback(hookstack, receiver.url("/ok"), f"b{i}", token="tok_big")
+            for i in range(3)
+        ]
+        await until(lambda: all(receiver.ok(r["id"]) for r in theirs), timeout=10)
+        assert receiver.hanging == 1  # acme's POSTs: one at a time (its cap), still hung
+    finally:
+        receiver.released.set()
+    await until(lambda: all(receiver.ok(r["id"]) for r in hung), timeout=60)
 
 
 async def test_jetrun_up_runs_the_deliverer(tmp_path: Path, receiver: Receiver) -> None:

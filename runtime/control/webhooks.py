@@ -1,16 +1,19 @@
 """The webhook deliverer (``jetrun webhooks``): POSTs each ended run to its callback URL.
 
-Two durable consumers, so that nothing is lost to a restart:
+Durable consumers, so that nothing is lost to a restart:
 
-1. **Outbox** (``webhooks-outbox`` on ``JETRUN_EVENTS``, terminal event kinds only): for the
-   event that made a run with a ``callback_url`` terminal, store one ``Delivery`` on
-   ``jetrun.webhooks.pending.<run_id>`` (``Nats-Msg-Id`` = its delivery id, so a re-processed
-   event stores it once), then ack the event.
-2. **Deliverer** (``webhooks-deliverer`` on ``JETRUN_WEBHOOKS``): POST it, signed, with retries,
-   exponential back-off and jitter (stamina) on timeouts, connection errors, 408, 425, 429 and
-   5xx; ack after a 2xx. Another 4xx, a refused destination, or the last failed attempt moves it
-   to ``JETRUN_WEBHOOKS_DEAD`` (then ack), where ``jetrun webhooks dead`` lists it and
-   ``jetrun webhooks replay`` queues it again.
+1. **Outbox** (``webhooks-outbox`` on ``JETRUN_EVENTS``, ``submitted`` and the terminal event
+   kinds only): for the event that made a run with a ``callback_url`` terminal, store one
+   ``Delivery`` on ``jetrun.webhooks.pending.<team>.<run_id>`` (``Nats-Msg-Id`` = its delivery
+   id, so a re-processed event stores it once), then ack the event. Which live runs have a
+   callback is learnt from their ``submitted`` events as they pass (``Callbacks``: memory
+   bounded by live runs), so a run without one costs no read of the log; only a run submitted
+   before the deliverer started (or whose ``submitted`` it never saw) costs one direct get.
+2. **Deliverer** (one consumer per team on ``JETRUN_WEBHOOKS``, ``runtime.control.
+   webhook_delivery``): POST it, signed, with retries and back-off, each team within its own
+   cap and the deliverer's slots shared fairly between teams; ack after a 2xx. A delivery that
+   cannot succeed moves to ``JETRUN_WEBHOOKS_DEAD`` (then ack), where ``jetrun webhooks dead``
+   lists it and ``jetrun webhooks replay`` queues it again.
 
 At least once: a delivery is acked only after its 2xx, so a deliverer killed between the 2xx
 and the ack sends it again after ``ack_wait``, with the same ``Jetrun-Delivery-Id``; receivers
@@ -20,16 +23,12 @@ deduplicate on it. A delivery acked is never sent again.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import logging
-import socket
 
 import anyio
 import httpx
 import msgspec
-import nats.errors
-import stamina
-from anyio.abc import TaskGroup, TaskStatus
+from anyio.abc import TaskStatus
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
@@ -39,15 +38,8 @@ from contracts.events import decode_event
 from contracts.machine import evolve, fold
 from contracts.run import Run
 from contracts.webhooks import DeadDelivery, Delivery, delivery_id_for
-from runtime.control.webhook_policy import (
-    DELIVERY_HEADER,
-    SIGNATURE_HEADER,
-    TIMESTAMP_HEADER,
-    DestinationRefused,
-    check_address,
-    check_callback_url,
-    sign,
-)
+from runtime.control.webhook_delivery import Deliverer, fetch, pending_subject
+from runtime.control.webhook_outbox import Callbacks, subject_parts
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
 from runtime.infra.eventlog import EventLog, LogSettings, ensure_stream, submission_of
@@ -56,8 +48,6 @@ from runtime.infra.streams import (
     DEAD_STREAM,
     EVENTS_PREFIX,
     EVENTS_STREAM,
-    WEBHOOKS_PREFIX,
-    WEBHOOKS_STREAM,
     dead_config,
     webhooks_config,
 )
@@ -65,20 +55,12 @@ from runtime.infra.streams import (
 log = logging.getLogger("jetrun.webhooks")
 
 TERMINAL_KINDS = ("completed", "failed", "timed_out", "preempted", "no_resources", "cancelled")
+OUTBOX_KINDS = ("submitted", *TERMINAL_KINDS)
 OUTBOX = "webhooks-outbox"
-DELIVERER = "webhooks-deliverer"
-MAX_REDELIVERIES = 20  # a delivery that keeps killing its deliverer goes to the dead letters
-_delivery_decoder = msgspec.json.Decoder(Delivery)
+OUTBOX_BATCH = 256
+OUTBOX_LINGER_S = 0.05  # after a short batch: let events gather (fewer, fuller fetches)
 _dead_decoder = msgspec.json.Decoder(DeadDelivery)
 _json = msgspec.json.Encoder()
-
-
-class Retry(Exception):
-    """This attempt failed in a way that may pass: try again after a back-off."""
-
-
-class GiveUp(Exception):
-    """This delivery cannot succeed by retrying (a 4xx, a refused destination)."""
 
 
 class WebhookService:
@@ -95,252 +77,98 @@ class WebhookService:
         self.log = EventLog(nc, self.settings)
         self.js: JetStreamContext = self.log.js
         self.policy = config.webhooks
-        self.delivered = 0
-        self.dead = 0
+        self.deliverer = Deliverer(self.js, config, clock)
+        self.callbacks = Callbacks()
 
     @property
-    def ack_wait_s(self) -> float:
-        """Longer than one attempt plus its back-off: in_progress() is sent before each."""
-        return 2 * (self.policy.timeout_s + self.policy.max_backoff_s) + 1.0
+    def delivered(self) -> int:
+        return self.deliverer.delivered
+
+    @property
+    def dead(self) -> int:
+        return self.deliverer.dead
 
     async def ensure(self) -> None:
-        """Streams and the two durable consumers. Idempotent."""
+        """Streams and the durable consumers (the outbox, one per team). Idempotent."""
         await self.log.ensure()
         replicas = self.settings.replicas
         for config in (webhooks_config(replicas=replicas), dead_config(replicas=replicas)):
             await ensure_stream(self.js, config, self.settings.setup_deadline_s)
         outbox = api.ConsumerConfig(
             durable_name=OUTBOX,
-            filter_subjects=[f"{EVENTS_PREFIX}.*.{kind}" for kind in TERMINAL_KINDS],
+            filter_subjects=[f"{EVENTS_PREFIX}.*.{kind}" for kind in OUTBOX_KINDS],
             ack_policy=api.AckPolicy.EXPLICIT,
             deliver_policy=api.DeliverPolicy.ALL,
             ack_wait=60.0,
-            max_ack_pending=1024,
+            max_ack_pending=4 * OUTBOX_BATCH,
         )
-        deliverer = api.ConsumerConfig(
-            durable_name=DELIVERER,
-            filter_subject=f"{WEBHOOKS_PREFIX}.>",
-            ack_policy=api.AckPolicy.EXPLICIT,
-            deliver_policy=api.DeliverPolicy.ALL,
-            ack_wait=self.ack_wait_s,
-            max_ack_pending=4 * self.policy.concurrency,
-        )
-        await self._consumer(EVENTS_STREAM, outbox)
-        await self._consumer(WEBHOOKS_STREAM, deliverer)
-
-    async def _consumer(self, stream: str, config: api.ConsumerConfig) -> None:
         try:
-            await self.js.add_consumer(stream, config)
+            await self.js.add_consumer(EVENTS_STREAM, outbox)
         except BadRequestError as err:  # it exists with other settings: keep the operator's
-            log.warning("consumer %s on %s kept as it is: %s", config.durable_name, stream, err)
+            log.warning("consumer %s on %s kept as it is: %s", OUTBOX, EVENTS_STREAM, err)
+        await self.deliverer.ensure()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Deliver until cancelled."""
         await self.ensure()
         outbox = await self.js.pull_subscribe_bind(durable=OUTBOX, stream=EVENTS_STREAM)
-        pending = await self.js.pull_subscribe_bind(durable=DELIVERER, stream=WEBHOOKS_STREAM)
         transport = httpx.AsyncHTTPTransport(retries=0)
         async with (
             httpx.AsyncClient(transport=transport, trust_env=False) as http,
             anyio.create_task_group() as tg,
         ):
-            self.http = http
             tg.start_soon(self._outbox_loop, outbox)
-            tg.start_soon(self._deliver_loop, pending, tg)
-            log.info("webhooks: delivering (ack_wait %.0f s)", self.ack_wait_s)
+            tg.start_soon(self.deliverer.run, http)
+            log.info("webhooks: delivering (ack_wait %.0f s)", self.deliverer.ack_wait_s)
             task_status.started()
 
-    # --- 1. outbox: terminal events -> deliveries ----------------------------------------------
+    # --- the outbox: terminal events -> deliveries ---------------------------------------------
 
     async def _outbox_loop(self, psub: JetStreamContext.PullSubscription) -> None:
         while True:
-            for msg in await _fetch(psub, 64):
+            msgs = await fetch(psub, OUTBOX_BATCH)
+            for msg in msgs:
                 try:
-                    await self._on_terminal(msg)
+                    await self._on_event(msg)
                 except Exception as err:
                     log.warning("webhooks outbox: %s will be retried: %r", msg.subject, err)
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=1.0)
+            if len(msgs) < OUTBOX_BATCH:
+                await anyio.sleep(OUTBOX_LINGER_S)
 
-    async def _on_terminal(self, msg: Msg) -> None:
+    async def _on_event(self, msg: Msg) -> None:
+        run_id, kind = subject_parts(msg.subject)
+        if kind == "submitted":
+            self.callbacks.submitted(run_id, msg.data)
+            await msg.ack()  # seen again after a restart at worst: nothing to lose
+            return
+        known, url = self.callbacks.ended(run_id)
+        if not known:  # submitted before this process read the log: ask it
+            submitted = await submission_of(self.log, run_id)
+            url = getattr(submitted, "callback_url", None)
+        if not url:
+            await msg.ack()  # no callback: nothing to store, nothing lost if the ack is
+            return
         seq = msg.metadata.sequence.stream
         event = decode_event(msg.data)
-        submitted = await submission_of(self.log, event.run_id)
-        url = getattr(submitted, "callback_url", None)
-        if submitted is not None and url:
-            stored = await self.log.read(event.run_id)
-            before = fold((s.event for s in stored if s.seq < seq), run_id=event.run_id)
-            after = evolve(before, event)
-            if after.is_terminal and not before.is_terminal:  # the event that ended it
-                await self._enqueue(Delivery(
-                    delivery_id=delivery_id_for(event.run_id),
-                    team=after.team,
-                    url=url,
-                    run=Run.of(after),
-                ))  # fmt: skip
+        stored = await self.log.read(run_id)
+        before = fold((s.event for s in stored if s.seq < seq), run_id=run_id)
+        after = evolve(before, event)
+        if after.is_terminal and not before.is_terminal:  # the event that ended it
+            delivery = Delivery(
+                delivery_id=delivery_id_for(run_id), team=after.team, url=url, run=Run.of(after)
+            )
+            if after.team in self.config.teams:
+                await self._enqueue(delivery)
+            else:  # no consumer will ever take it: straight to the dead letters
+                await self.deliverer.bury(delivery, 0, f"team {after.team} is not configured", seq)
         await msg.ack_sync()
 
     async def _enqueue(self, delivery: Delivery, msg_id: str | None = None) -> None:
-        subject = f"{WEBHOOKS_PREFIX}.{delivery.run.id}"
+        subject = pending_subject(delivery.team, delivery.run.id)
         headers = {"Nats-Msg-Id": msg_id or delivery.delivery_id}
         await self.js.publish(subject, _json.encode(delivery), headers=headers)
-
-    # --- 2. deliverer: deliveries -> signed POSTs ---------------------------------------------
-
-    async def _deliver_loop(self, psub: JetStreamContext.PullSubscription, tg: TaskGroup) -> None:
-        slots = anyio.Semaphore(self.policy.concurrency)
-        while True:
-            await slots.acquire()
-            msgs = await _fetch(psub, 1)
-            if not msgs:
-                slots.release()
-                continue
-            tg.start_soon(self._deliver_one, msgs[0], slots)
-
-    async def _deliver_one(self, msg: Msg, slots: anyio.Semaphore) -> None:
-        try:
-            await self._deliver(msg)
-        except Exception as err:  # NATS trouble: the delivery comes back after ack_wait
-            log.warning("webhooks: %s not settled: %r", msg.subject, err)
-        finally:
-            slots.release()
-
-    async def _deliver(self, msg: Msg) -> None:
-        try:
-            delivery = _delivery_decoder.decode(msg.data)
-        except msgspec.MsgspecError as err:
-            log.error("webhooks: undecodable delivery on %s dropped: %s", msg.subject, err)
-            await msg.term()
-            return
-        team = self.config.teams.get(delivery.team)
-        secret = team.webhook_secret if team is not None else None
-        if not secret:
-            await self._bury(msg, delivery, 0, f"team {delivery.team} has no webhook_secret")
-            return
-        if msg.metadata.num_delivered > MAX_REDELIVERIES:
-            await self._bury(msg, delivery, 0, "redelivered too often (the deliverer kept dying)")
-            return
-        attempts = 0
-        p = self.policy
-        try:
-            async for attempt in stamina.retry_context(
-                on=Retry,
-                attempts=p.max_attempts,
-                timeout=None,
-                wait_initial=p.initial_backoff_s,
-                wait_max=p.max_backoff_s,
-                wait_jitter=p.initial_backoff_s,
-            ):
-                with attempt:
-                    attempts += 1
-                    await msg.in_progress()
-                    await self._post(delivery, secret)
-        except (Retry, GiveUp) as failed:
-            await self._bury(msg, delivery, attempts, str(failed))
-            return
-        await msg.ack_sync()
-        self.delivered += 1
-        log.info("webhooks: %s delivered", delivery.delivery_id, extra={"run_id": delivery.run.id})
-
-    async def _post(self, delivery: Delivery, secret: str) -> None:
-        """One signed POST; raises ``Retry`` or ``GiveUp`` unless the answer is 2xx."""
-        try:
-            host, port = check_callback_url(delivery.url, self.policy)
-            address = await self._check_resolved(host, port)
-        except DestinationRefused as refused:
-            raise GiveUp(str(refused)) from None
-        body = _json.encode(delivery.run)
-        now = int(self.clock.now())
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": "jetrun-webhooks",
-            DELIVERY_HEADER: delivery.delivery_id,
-            TIMESTAMP_HEADER: str(now),
-            SIGNATURE_HEADER: sign(secret, now, body),
-        }
-        status = await post_pinned(
-            self.http, delivery.url, address, body, headers, self.policy.timeout_s
-        )
-        if 200 <= status < 300:
-            return
-        if status in (408, 425, 429) or status >= 500:
-            raise Retry(f"HTTP {status}")
-        raise GiveUp(f"HTTP {status}")
-
-    async def _check_resolved(self, host: str, port: int) -> str:
-        """The address to POST to: every address ``host`` resolves to is checked, and the
-        POST goes to one of them (the name is not resolved again, so a DNS answer that
-        changes between the check and the connection cannot aim it elsewhere)."""
-        try:
-            infos = await anyio.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError as err:
-            raise Retry(f"cannot resolve {host}: {err}") from None
-        addresses = [ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos]
-        for address in addresses:
-            check_address(host, address, self.policy)
-        if not addresses:
-            raise Retry(f"{host} resolves to no address")
-        return str(addresses[0])
-
-    async def _bury(self, msg: Msg, delivery: Delivery, attempts: int, error: str) -> None:
-        """Record the delivery in the dead letters, then ack it."""
-        dead = DeadDelivery(delivery=delivery, attempts=attempts, error=error, at=self.clock.now())
-        seq = msg.metadata.sequence.stream
-        headers = {"Nats-Msg-Id": f"{delivery.delivery_id}:dead:{seq}"}
-        subject = f"{DEAD_PREFIX}.{delivery.run.id}"
-        await self.js.publish(subject, _json.encode(dead), headers=headers)
-        await msg.ack_sync()
-        self.dead += 1
-        log.warning(
-            "webhooks: %s failed after %d attempts: %s",
-            delivery.delivery_id,
-            attempts,
-            error,
-            extra={"run_id": delivery.run.id, "team": delivery.team},
-        )
-
-
-async def post_pinned(
-    http: httpx.AsyncClient,
-    url: str,
-    address: str,
-    body: bytes,
-    headers: dict[str, str],
-    timeout_s: float,
-) -> int:
-    """POST ``body`` to ``url`` at ``address`` (an IP the policy allowed; ``Host`` and TLS
-    name stay the URL's) and return the status. The whole exchange has ``timeout_s``,
-    however slowly a receiver answers, and the response body is never read (a receiver
-    cannot make the deliverer hold gigabytes). Raises ``Retry`` on a timeout or an HTTP
-    error."""
-    target = httpx.URL(url)
-    pinned = target.copy_with(host=address)
-    headers = {**headers, "Host": target.netloc.decode("ascii")}
-    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
-    try:
-        with anyio.fail_after(timeout_s):
-            request = http.build_request(
-                "POST", pinned, content=body, headers=headers, extensions=extensions
-            )
-            response = await http.send(request, stream=True)
-            await response.aclose()  # the status is all a delivery needs
-    except TimeoutError:
-        raise Retry(f"no answer within {timeout_s} s") from None
-    except httpx.HTTPError as err:
-        raise Retry(f"{type(err).__name__}: {err}") from None
-    return response.status_code
-
-
-async def _fetch(psub: JetStreamContext.PullSubscription, batch: int) -> list[Msg]:
-    """Up to ``batch`` messages; none after a second without any, or while NATS is away."""
-    try:
-        return await psub.fetch(batch, timeout=1.0)
-    except nats.errors.TimeoutError:
-        return []
-    except Exception as err:  # disconnected, leader change: the durable consumer waits
-        log.debug("webhooks: fetch failed: %r", err)
-        await anyio.sleep(0.5)
-        return []
 
 
 # --- operator commands ----------------------------------------------------------------------
@@ -372,7 +200,7 @@ async def replay(js: JetStreamContext, ids: set[str], everything: bool = False) 
         d = dead.delivery
         if not everything and d.delivery_id not in ids and d.run.id not in ids:
             continue
-        subject = f"{WEBHOOKS_PREFIX}.{d.run.id}"
+        subject = pending_subject(d.team, d.run.id)
         headers = {"Nats-Msg-Id": f"{d.delivery_id}:replay:{seq}"}
         await js.publish(subject, _json.encode(d), headers=headers)
         await js.delete_msg(DEAD_STREAM, seq)

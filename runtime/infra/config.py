@@ -75,7 +75,8 @@ class WebhookSettings(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_
     initial_backoff_s: float = 1.0
     max_backoff_s: float = 60.0
     timeout_s: float = 10.0  # one POST
-    concurrency: int = 16  # deliveries in flight
+    concurrency: int = 16  # deliveries in flight, shared fairly by the teams
+    team_concurrency: int = 4  # one team's deliveries in flight (a slow endpoint holds no more)
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):
