@@ -19,6 +19,7 @@ from contracts.events import (
     RunQueued,
     RunStarted,
 )
+from contracts.machine import restate
 from contracts.run import RunRecord
 from contracts.states import RunState
 from runtime.control.history import HistoryWriter, Listed, RunHistory
@@ -152,6 +153,13 @@ async def test_every_run_is_listed_once_in_log_order_by_any_writer(nc: Client) -
     assert entries == [(6 - i, f"run_{5 - i}") for i in range(6)]
     seqs = [listed.seq async for _, listed in history.entries("acme", 6, 1)]
     assert seqs == sorted(seqs, reverse=True)
+    run_0 = first_index.get("run_0")
+    assert run_0 is not None
+    restated = restate(run_0, 5, 30.0, None)
+    third_index = RunIndex()  # a scheduler that starts where run_0's first events aged out
+    third = HistoryWriter(history, third_index)
+    third_index.apply(100, restated)
+    assert third_index.get("run_0") is not None and not third.pending  # listed once, long ago
     taken = Listed(run_id="run_x", pipeline="t/x:v1", created_at=1.0, seq=999)
     assert not await history.add("acme", 3, taken)  # a number is never given twice
     assert await history.oldest("acme") == 1 and await history.oldest("rival") is None

@@ -24,7 +24,7 @@ import msgspec
 from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError, NotFoundError
 
-from contracts.events import AnyEvent
+from contracts.events import AnyEvent, RunSubmitted
 from contracts.names import check_token
 from contracts.run import RunRecord
 from runtime.infra import jspub
@@ -175,7 +175,8 @@ class HistoryWriter:
     def _observe(
         self, seq: int, event: AnyEvent, before: RunRecord | None, after: RunRecord
     ) -> None:
-        if before is None and after.team:
+        if before is None and isinstance(event, RunSubmitted) and after.team:
+            # (a run first read from its ``restated`` event was listed at its submission)
             listed = Listed(
                 run_id=after.id, pipeline=after.pipeline, created_at=after.created_at, seq=seq
             )
