@@ -7,6 +7,7 @@ that belong to one attempt carry ``attempt`` so that the state machine can fence
 
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated, Any, ClassVar
 
 import msgspec
@@ -96,6 +97,28 @@ class RunWaitChanged(AttemptEvent, frozen=True, kw_only=True, tag="waiting"):
         # the same change restamped is the same fact; a reason that comes back within the
         # log's duplicate window is not announced twice
         return f"{self.run_id}:{self.kind}:{self.attempt}:{self.waiting_for}"
+
+
+class QueueWaitChanged(Event, frozen=True, kw_only=True, tag="queue_waiting"):
+    """What every run waiting in ``pipeline``'s queue at this point of the log waits for now (a
+    replica came alive, started loading, or went away): one event per queue, however long the
+    queue, instead of one ``waiting`` per run. ``run_id`` names the queue (``queue_id``), never
+    a run; runs queued later carry their own ``waiting_for``. ``follows`` is the sequence of the
+    queue's previous such event or of the event that queued its head, whichever is later, so
+    the same change decided twice from one picture is stored once."""
+
+    kind: ClassVar[str] = "queue_waiting"
+    pipeline: str
+    waiting_for: WaitingFor
+    follows: int = 0
+
+    def message_id(self) -> str:
+        return f"{self.run_id}:{self.kind}:{self.follows}:{self.waiting_for}"
+
+
+def queue_id(pipeline: str) -> str:
+    """The ``run_id`` of ``pipeline``'s queue events: one subject token, never a run's id."""
+    return "_queue-" + hashlib.sha256(pipeline.encode()).hexdigest()[:24]
 
 
 class RunDispatched(AttemptEvent, frozen=True, kw_only=True, tag="dispatched", omit_defaults=True):
@@ -200,11 +223,28 @@ class RunRestated(Event, frozen=True, kw_only=True, tag="restated"):
         return f"{self.run_id}:{self.kind}:{self.of_seq}"
 
 
+class SchedulerElected(Event, frozen=True, kw_only=True, tag="elected"):
+    """A scheduler took the lease (``term``: the revision it took it at) and fenced the log:
+    one marker per fence slot, ``run_id`` naming the slot (``_fence<n>``, never a run's id).
+    Each decision it appends names a slot and expects the slot's last message to be its own
+    marker, so once a newer scheduler's markers are stored the server refuses every decision
+    of the older one. It changes no run (the state machine ignores it)."""
+
+    kind: ClassVar[str] = "elected"
+    holder: str
+    term: int
+    renewal: int = 0  # the markers written again (before they age out of the log), counted
+
+    def message_id(self) -> str:
+        return f"{self.run_id}:{self.kind}:{self.holder}:{self.term}:{self.renewal}"
+
+
 AnyEvent = (
     RunSubmitted
     | RunAdmitted
     | RunQueued
     | RunWaitChanged
+    | QueueWaitChanged
     | RunDispatched
     | RunStarted
     | RunOutputProduced
@@ -217,6 +257,7 @@ AnyEvent = (
     | RunCancelRequested
     | RunCancelled
     | RunRestated
+    | SchedulerElected
 )
 
 EVENT_TYPES: tuple[type[Event], ...] = (
@@ -224,6 +265,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     RunAdmitted,
     RunQueued,
     RunWaitChanged,
+    QueueWaitChanged,
     RunDispatched,
     RunStarted,
     RunOutputProduced,
@@ -236,6 +278,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     RunCancelRequested,
     RunCancelled,
     RunRestated,
+    SchedulerElected,
 )
 
 _encoder = msgspec.json.Encoder()

@@ -17,6 +17,9 @@ Rules of this machine:
    a run this fold does not know (``unknown``: its earlier events were not read) the recorded
    run; a known run already is that run (it is appended only while ``of_seq`` is the run's last
    event), so there it changes nothing.
+8. A queue's event (``queue_waiting``) names its pipeline, not a run: it applies to every run of
+   that pipeline that is queued where it stands in the log, as a ``waiting`` would to each
+   (readers of the whole log apply it to the runs in that queue; ``fold`` to the one run).
 No I/O, no clock: time is a field of each event. The same events give the same run anywhere.
 """
 
@@ -32,6 +35,7 @@ from contracts.errors import ErrorType, RunError
 from contracts.events import (
     AttemptEvent,
     Event,
+    QueueWaitChanged,
     RunAdmitted,
     RunCancelled,
     RunCancelRequested,
@@ -74,6 +78,7 @@ TRANSITIONS: dict[RunState, dict[type[Event], RunState]] = {
     },
     S.queued: {
         RunWaitChanged: S.queued,
+        QueueWaitChanged: S.queued,
         RunDispatched: S.running,
         RunNoResourcesAvailable: S.no_resources_available,
         RunFailed: S.failed,
@@ -111,8 +116,12 @@ class IllegalTransition(Exception):
 
 
 def judge(run: RunRecord, event: Event) -> Verdict:
-    """What ``evolve`` would do with ``event``, without doing it."""
-    if event.run_id != run.id:
+    """What ``evolve`` would do with ``event``, without doing it. A queue's event is about
+    every run of its pipeline (rule 8)."""
+    if isinstance(event, QueueWaitChanged):
+        if event.pipeline != run.pipeline:
+            return Verdict.foreign
+    elif event.run_id != run.id:
         return Verdict.foreign
     if type(event) not in TRANSITIONS.get(run.state, {}):
         return Verdict.illegal
@@ -239,6 +248,10 @@ def _wait_changed(run: RunRecord, e: RunWaitChanged) -> Changes:
     return {"waiting_for": e.waiting_for}
 
 
+def _queue_wait_changed(run: RunRecord, e: QueueWaitChanged) -> Changes:
+    return {"waiting_for": e.waiting_for}
+
+
 def _dispatched(run: RunRecord, e: RunDispatched) -> Changes:
     return {"agent_id": e.agent_id, "waiting_for": WaitingFor.worker}
 
@@ -297,6 +310,7 @@ _APPLY: dict[type[Event], Callable[[RunRecord, Any], Changes]] = {
     RunAdmitted: _admitted,
     RunQueued: _queued,
     RunWaitChanged: _wait_changed,
+    QueueWaitChanged: _queue_wait_changed,
     RunDispatched: _dispatched,
     RunStarted: _started,
     RunOutputProduced: _output,

@@ -20,6 +20,7 @@ from contracts.events import (
     AdmissionGrant,
     AdmissionSlot,
     AnyEvent,
+    QueueWaitChanged,
     RunAdmitted,
     RunCancelRequested,
     RunCompleted,
@@ -30,6 +31,7 @@ from contracts.events import (
     RunRequeued,
     RunStarted,
     RunSubmitted,
+    queue_id,
 )
 from contracts.run import RunRecord
 from contracts.states import RunState, WaitingFor
@@ -500,3 +502,58 @@ def test_inputs_too_large_to_repeat_are_left_for_the_agent_to_read() -> None:
     run = RunRecord(id="r1", team="t", pipeline="t/p:v1", inputs=big, attempt=1)
     sent = dispatched(run, 1.0, "a1", "cpu")
     assert (sent.team, sent.pipeline, sent.inputs) == (None, None, None)
+
+
+def test_a_fleet_change_under_ten_thousand_queued_runs_is_one_event() -> None:
+    """What a queue waits for changes once for the whole queue: one ``queue_waiting`` event,
+    not one per queued run; every queued run then waits for the new thing (its resource wait
+    starting then), and runs queued later carry their own."""
+    w = World()
+    for n in range(10_000):
+        w.submit(f"r{n}")
+    w.settle(timed=True)  # no replica: every run queued waiting for resources
+    assert w.index.queue_depth("t/p:v1") == 10_000
+    w.advance(5)
+    w.fleet.observe(beat("a1", "t/p:v1", slots=0, status=PipelineStatus.loading))
+    d = w.decide(timed=True)
+    assert [type(e) for e in d.events] == [QueueWaitChanged]
+    assert d.events[0].run_id == queue_id("t/p:v1")
+    assert all(w.run(f"r{n}").waiting_for is WaitingFor.cold_start for n in (0, 5_000, 9_999))
+    assert not w.decide(timed=True)  # told: nothing more
+    w.advance(11)  # the loading replica goes away: resources again, once
+    d = w.decide(timed=True)
+    assert [type(e) for e in d.events] == [QueueWaitChanged]
+    assert w.run("r9999").waiting_for is WaitingFor.resources
+    assert w.run("r9999").resources_since == T0  # the same wait for a replica goes on
+    assert d.events[0].message_id() != decide_first_change_id(w)
+
+
+def decide_first_change_id(w: World) -> str:
+    """The message id of the first queue event: a later change of the same queue has its own
+    (``follows`` names the event before it), so the log stores both."""
+    first = QueueWaitChanged(
+        run_id=queue_id("t/p:v1"),
+        at=T0,
+        pipeline="t/p:v1",
+        waiting_for=WaitingFor.resources,
+        follows=0,
+    )
+    return first.message_id()
+
+
+def test_a_run_queued_after_the_queue_changed_keeps_its_own_wait() -> None:
+    w = World()
+    w.submit("old")
+    w.settle(timed=True)
+    w.fleet.observe(beat("a1", "t/p:v1", status=PipelineStatus.loading))
+    w.settle(timed=True)
+    assert w.run("old").waiting_for is WaitingFor.cold_start
+    w.submit("new")
+    w.settle()
+    assert w.run("new").waiting_for is WaitingFor.cold_start
+    w.append(  # a queue event of another pipeline changes nothing here
+        QueueWaitChanged(
+            run_id=queue_id("t/q:v1"), at=w.wall, pipeline="t/q:v1", waiting_for=WaitingFor.node
+        )
+    )
+    assert w.run("old").waiting_for is WaitingFor.cold_start

@@ -16,6 +16,7 @@ from contracts.events import (
     AnyEvent,
     AttemptEvent,
     Event,
+    QueueWaitChanged,
     RunAdmitted,
     RunCancelled,
     RunCancelRequested,
@@ -32,6 +33,7 @@ from contracts.events import (
     RunSubmitted,
     RunTimedOut,
     RunWaitChanged,
+    SchedulerElected,
     decode_event,
     decode_events,
     encode_event,
@@ -89,6 +91,10 @@ SAMPLES: dict[type[Event], AnyEvent] = {
         record={"id": RUN, "state": "queued", "team": "team-a", "inputs": [{"type": "int"}]},
         queue_ticket=[1, 40],
     ),
+    QueueWaitChanged: QueueWaitChanged(
+        run_id=RUN, at=AT, pipeline="demo/echo:v1", waiting_for=WaitingFor.node, follows=3
+    ),
+    SchedulerElected: SchedulerElected(run_id=RUN, at=AT, holder="scheduler-1", term=7),
 }
 
 

@@ -17,6 +17,7 @@ from contracts.events import (
     AnyEvent,
     AttemptEvent,
     Event,
+    QueueWaitChanged,
     RunAdmitted,
     RunCancelled,
     RunCancelRequested,
@@ -33,8 +34,10 @@ from contracts.events import (
     RunSubmitted,
     RunTimedOut,
     RunWaitChanged,
+    SchedulerElected,
     decode_event,
     encode_event,
+    queue_id,
 )
 from contracts.machine import (
     TRANSITIONS,
@@ -202,6 +205,12 @@ def event_for(event_type: type[Event], run: RunRecord, **overrides: Any) -> AnyE
         RunAdmitted: lambda: admitted(AT),
         RunQueued: lambda: RunQueued(**attempt, waiting_for=WaitingFor.resources),
         RunWaitChanged: lambda: RunWaitChanged(**attempt, waiting_for=WaitingFor.capacity),
+        QueueWaitChanged: lambda: QueueWaitChanged(
+            run_id=queue_id(run.pipeline),
+            at=AT,
+            pipeline=run.pipeline,
+            waiting_for=WaitingFor.capacity,
+        ),
         RunDispatched: lambda: RunDispatched(**attempt, agent_id="agent-z", slot="gpu"),
         RunStarted: lambda: RunStarted(**attempt, agent_id="agent-z"),
         RunOutputProduced: lambda: RunOutputProduced(
@@ -218,6 +227,7 @@ def event_for(event_type: type[Event], run: RunRecord, **overrides: Any) -> AnyE
         RunNoResourcesAvailable: lambda: RunNoResourcesAvailable(**attempt, reason="none alive"),
         RunCancelRequested: lambda: RunCancelRequested(**base),
         RunCancelled: lambda: RunCancelled(**base),
+        SchedulerElected: lambda: SchedulerElected(**base, holder="scheduler-1", term=3),
     }
     event = make[event_type]()
     return msgspec.structs.replace(event, **overrides) if overrides else event
@@ -244,7 +254,7 @@ def expected_changes(run: RunRecord, event: AnyEvent) -> dict[str, Any]:
                 "attempt": 1,
                 "waiting_for": WaitingFor.placement,
             }
-        case RunQueued() | RunWaitChanged():
+        case RunQueued() | RunWaitChanged() | QueueWaitChanged():
             return {"waiting_for": event.waiting_for}
         case RunDispatched():
             return {"agent_id": event.agent_id, "waiting_for": WaitingFor.worker}
@@ -453,7 +463,8 @@ def test_event_of_another_run_is_foreign(
     state: RunState, how: str, event_type: type[Event]
 ) -> None:
     run = run_in(state, how)
-    event = event_for(event_type, run, run_id="run_other")
+    other = {"pipeline": "other/p:v1"} if event_type is QueueWaitChanged else {"run_id": "run_o"}
+    event = event_for(event_type, run, **other)
 
     assert judge(run, event) is Verdict.foreign
     assert evolve(run, event) is run
@@ -576,3 +587,19 @@ def test_a_restated_run_goes_on_from_there() -> None:
     assert restated_record(restated) == run and restated.message_id() == f"{RUN}:restated:2"
     later = [RunDispatched(run_id=RUN, at=AT, attempt=1, agent_id="agent-z", slot="gpu")]
     assert fold([queued, restated, *later]) == fold([first, queued, restated, *later])
+
+
+def test_a_queue_event_is_about_every_run_queued_in_its_pipeline() -> None:
+    """Rule 8: ``queue_waiting`` names the pipeline; it changes what each queued run of that
+    pipeline waits for (starting a resource wait as a ``waiting`` would), and nothing else."""
+    run = run_in(RunState.queued, "first attempt")
+    event = QueueWaitChanged(
+        run_id=queue_id(run.pipeline), at=AT, pipeline=run.pipeline, waiting_for=WaitingFor.node
+    )
+    after = evolve(run, event)
+    assert after.state is RunState.queued and after.waiting_for is WaitingFor.node
+    gone = evolve(after, msgspec.structs.replace(event, waiting_for=WaitingFor.resources))
+    assert gone.waiting_for is WaitingFor.resources and gone.resources_since == AT
+    running = run_in(RunState.running, "dispatched")
+    assert evolve(running, msgspec.structs.replace(event, pipeline=running.pipeline)) is running
+    assert queue_id(run.pipeline) != queue_id("other/p:v1")

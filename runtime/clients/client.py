@@ -6,7 +6,8 @@
             async for change in changes:
                 print(change.seq, change.run.id, change.run.state)
 
-``watch`` yields a ``RunChange`` for every event that changed a matching run, in log order.
+``watch`` yields a ``RunChange`` for every event that changed a matching run, in log order (a
+queue's ``queue_waiting`` event yields one for each matching run it changed: what it waits for).
 Filter by team, pipeline or run id. It is resumable: pass ``from_seq=change.seq + 1`` after a
 disconnect (runs that began before ``from_seq`` are loaded from the log when first seen).
 ``submit`` goes through a gateway's admission, exactly like ``POST /v4/runs``.
@@ -23,13 +24,13 @@ import anyio
 import msgspec
 from nats.aio.client import Client
 
-from contracts.events import AnyEvent, Event, RunSubmitted
+from contracts.events import AnyEvent, Event, QueueWaitChanged, RunSubmitted
 from contracts.machine import evolve
 from contracts.run import Run, RunRecord
 from contracts.submission import SUBMIT_SUBJECT, SubmitReply, SubmitRequest
 from contracts.values import from_python
 from runtime.clients.sdk import ConcurrencyLimitReached, JetrunError
-from runtime.infra.eventlog import ALL_EVENTS, Appended, EventLog, run_subjects
+from runtime.infra.eventlog import ALL_EVENTS, Appended, EventLog, kind_subjects, run_subjects
 from runtime.infra.nats_auth import Credentials
 from runtime.infra.nats_conn import connect
 
@@ -114,14 +115,22 @@ class RunEvents:
         async def on_event(seq: int, event: AnyEvent) -> None:
             await send.send((seq, event))
 
-        subject = run_subjects(run_id) if run_id else ALL_EVENTS
-        sub = await self.log.tail(on_event, from_seq=from_seq, subject=subject)
+        if run_id:  # the run's own events, and its queue's
+            subjects = [run_subjects(run_id), kind_subjects(QueueWaitChanged.kind)]
+            sub = await self.log.tail(on_event, from_seq=from_seq, subjects=subjects)
+        else:
+            sub = await self.log.tail(on_event, from_seq=from_seq, subject=ALL_EVENTS)
         try:
             async with receive:
                 async for seq, event in receive:
                     if seq <= last:
                         continue  # a consumer recreated after a gap delivers again
                     last = seq
+                    if isinstance(event, QueueWaitChanged):  # about every run in that queue
+                        for after in _apply_to_queue(runs, event):
+                            if _matches(after, team, pipeline, run_id):
+                                yield RunChange(seq=seq, event=event, run=after)
+                        continue
                     before = runs.get(event.run_id)
                     if before is None and from_seq > 1 and not isinstance(event, RunSubmitted):
                         # the run began before from_seq: load what came before
@@ -147,6 +156,17 @@ class RunEvents:
                 break
             record = evolve(record or RunRecord(id=run_id), s.event)
         return record
+
+
+def _apply_to_queue(runs: dict[str, RunRecord], event: QueueWaitChanged) -> list[RunRecord]:
+    """The runs a queue's event changed (those of its pipeline queued now), changed."""
+    changed = []
+    for run_id, before in runs.items():
+        after = evolve(before, event)
+        if after is not before:
+            runs[run_id] = after
+            changed.append(after)
+    return changed
 
 
 def _matches(run: RunRecord, team: str | None, pipeline: str | None, run_id: str | None) -> bool:

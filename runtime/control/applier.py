@@ -25,15 +25,16 @@ from runtime.control.passes import Decisions, Worklist
 from runtime.infra.clock import Clock
 from runtime.infra.config import Config
 from runtime.infra.eventlog import RETRYABLE, EventLog
+from runtime.infra.fence import Fence, Fenced
+from runtime.infra.fence import append as fenced_append
 from runtime.infra.fleet import Fleet
-from runtime.infra.lease import Lease
 from runtime.infra.projection import RunIndex
 
 log = logging.getLogger("jetrun.scheduler")
 
 T = TypeVar("T")
 
-APPENDS_IN_FLIGHT = 64  # appends of one pass in flight at once
+APPENDS_IN_FLIGHT = 64  # permit releases in flight at once (decisions: one per fence slot)
 CATCH_UP_S = 5.0  # how long a pass waits for the index to hold what it appended
 
 
@@ -59,8 +60,9 @@ class Applier:
     work: Worklist
     fleet: Fleet
     admission: Admission
-    lease: Lease
-    _leading: bool
+    fence: Fence
+    fenced: bool  # a newer scheduler fenced the log: stand by
+    scheduler_id: str
     _kick: anyio.Event
     _applying: int
     _decisions: int
@@ -74,17 +76,20 @@ class Applier:
         waits, answer drain requests."""
         failed: set[str] = set()
         stored = 0
-        limiter = anyio.CapacityLimiter(APPENDS_IN_FLIGHT)
         self._applying = len(d.events) + len(d.admissions)
 
         async def append(event: Event) -> None:
             nonlocal stored
-            async with limiter:
-                if not self.lease.valid() and self._leading:
-                    failed.add(event.run_id)  # the lease ran out: no decision from a stale leader
+            async with self.fence.slot() as fencing:  # at most FENCE_SLOTS in flight
+                if self.fenced:
+                    failed.add(event.run_id)
                     return
                 try:
-                    seq = (await self.log.append(event)).seq
+                    seq = (await fenced_append(self.log, event, fencing)).seq
+                except Fenced as err:
+                    self._fenced_out(err)
+                    failed.add(event.run_id)
+                    return
                 except Exception as err:
                     log.warning("could not append %s for %s: %r", event.kind, event.run_id, err)
                     failed.add(event.run_id)
@@ -126,6 +131,16 @@ class Applier:
         if stored:
             await self.index.wait_for_seq(stored, timeout=CATCH_UP_S)
         await self._settle(d, failed)
+
+    def _fenced_out(self, err: Fenced) -> None:
+        if not self.fenced:
+            log.warning(
+                "scheduler %s: decision refused by the server, a newer scheduler leads (%s);"
+                " standing by",
+                self.scheduler_id,
+                err,
+            )
+        self.fenced = True
 
     async def _settle(self, d: Decisions, failed: set[str]) -> None:
         for agent_id, runs in d.lost.items():

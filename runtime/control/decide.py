@@ -26,6 +26,7 @@ from contracts.agents import PipelineStatus
 from contracts.errors import ErrorType, RunError
 from contracts.events import (
     Event,
+    QueueWaitChanged,
     RunAdmitted,
     RunCancelled,
     RunDispatched,
@@ -34,7 +35,7 @@ from contracts.events import (
     RunPreempted,
     RunQueued,
     RunRequeued,
-    RunWaitChanged,
+    queue_id,
 )
 from contracts.run import RunRecord
 from contracts.states import RunState, WaitingFor
@@ -321,16 +322,21 @@ def expire_resource_waits(p: Pass, d: Decisions) -> None:
 
 def announce_waits(p: Pass, d: Decisions) -> None:
     """When what a pipeline's queue waits for changes (a replica came alive, started loading,
-    or went away), say so on each of its queued runs. O(queue) only then."""
+    or went away), say so once for the whole queue (``queue_waiting``: every run queued then
+    takes it on, however long the queue). Looks at the queue only then, and only until the
+    first run that waits for something else."""
     for pipeline in p.runs.pipelines_with_queue():
         waiting = waits_for(p.fleet, pipeline, p.booting)
         if p.work.announced.get(pipeline) is waiting:
             continue
-        for run_id in _stale_waits(p, pipeline, waiting):
-            run = p.run(run_id)
+        if next(_stale_waits(p, pipeline, waiting), None) is not None:
             d.add(
-                RunWaitChanged(
-                    run_id=run_id, at=p.now.wall, attempt=run.attempt, waiting_for=waiting
+                QueueWaitChanged(
+                    run_id=queue_id(pipeline),
+                    at=p.now.wall,
+                    pipeline=pipeline,
+                    waiting_for=waiting,
+                    follows=p.runs.queue_version(pipeline),
                 )
             )
         d.announced[pipeline] = waiting

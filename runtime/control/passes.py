@@ -34,6 +34,8 @@ class Runs(Protocol):
 
     def pipelines_with_queue(self) -> list[str]: ...
 
+    def queue_version(self, pipeline: str) -> int: ...
+
 
 @dataclass
 class Worklist:

@@ -1,7 +1,9 @@
 """The scheduler: the one decider that places, queues, dispatches, cancels and preempts runs.
 
 Several may run: the one that holds the scheduler lease (``runtime.infra.lease``) decides,
-the others follow the log as hot standbys and take over within a few seconds of its death.
+the others follow the log as hot standbys and take over within a few seconds of its death. The
+leader fences the log first (``runtime.infra.fence``): from then on the server refuses every
+decision of a scheduler that led before, and one that finds itself fenced out stands by.
 
 It tails the event log into a ``RunIndex``, hears agents' heartbeats and drain requests into a
 ``Fleet``, and runs decision passes (``runtime.control.decide``, pure) in one task that
@@ -32,7 +34,7 @@ from contracts.agents import AgentHeartbeat, PipelineInfo, SchedulerHeartbeat
 from contracts.events import AnyEvent
 from contracts.run import RunRecord
 from runtime.control.admission import Admission
-from runtime.control.applier import Applier, patiently
+from runtime.control.applier import CATCH_UP_S, Applier, patiently
 from runtime.control.decide import decide
 from runtime.control.logfeed import LogFeed
 from runtime.control.passes import Now, Pass, Worklist
@@ -43,6 +45,7 @@ from runtime.infra.catalog import Catalog
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
 from runtime.infra.eventlog import RETRYABLE, EventLog, LogSettings, ensure_all, require_all
+from runtime.infra.fence import Fence, Fenced
 from runtime.infra.fleet import (
     DRAIN_SUBJECT,
     HEARTBEAT_SUBJECT,
@@ -113,6 +116,8 @@ class Scheduler(Applier):
             self.log.js, self.scheduler_id, monotonic=time.monotonic, replicas=settings.replicas
         )
         self._leading = False  # run() decides only under the lease; tests call decide() directly
+        self.fence = Fence(self.log, self.scheduler_id)  # unfenced until it leads
+        self.fenced = False
         self.guard = Guard("scheduler")
         self.started_at = clock.now()
         # the pipelines a node is being added for (the scaler beside it sets this)
@@ -237,28 +242,73 @@ class Scheduler(Applier):
         self._kick.set()
 
     async def _lead(self) -> None:
-        """Decide while holding the scheduler lease; a standby until then (its index hot)."""
+        """Decide while holding the scheduler lease, behind a fence on the log; a standby until
+        then (its index hot)."""
         while True:
-            await self.lease.acquire()
-            self._leading = True
-            log.info("scheduler %s holds the lease: deciding", self.scheduler_id)
+            term = await self.lease.acquire()
             try:
-                async with anyio.create_task_group() as tg:
-                    tg.start_soon(self._decide_loop)
-                    tg.start_soon(self._tick_loop)
-                    await self.lease.keep()
-                    tg.cancel_scope.cancel()
-                log.warning("scheduler %s lost the lease: standing by", self.scheduler_id)
+                if await self._fence_the_log(term):
+                    await self._decide_while_leading()
             finally:
+                self._leading = False
+                self.fence.drop()
                 with anyio.CancelScope(shield=True), anyio.move_on_after(1.0):
-                    await self.lease.release()
+                    await self.lease.release()  # refused harmlessly if a newer one holds it
+
+    async def _fence_the_log(self, term: int) -> bool:
+        """Fence the log for ``term`` and wait until the index holds everything stored before
+        the fence (the last decisions of the scheduler before, whatever its state)."""
+        self.fenced = False
+        log.info("scheduler %s took the lease (term %d): fencing the log", self.scheduler_id, term)
+        try:
+            last = await self.fence.establish(term)
+        except Fenced as err:
+            self._fenced_out(err)
+            return False
+        except Exception as err:
+            log.warning("scheduler %s could not fence the log (%r)", self.scheduler_id, err)
+            return False
+        if not await self.index.wait_for_seq(last, timeout=CATCH_UP_S):
+            log.warning("scheduler %s: the index did not reach the fence", self.scheduler_id)
+            return False
+        return True
+
+    async def _decide_while_leading(self) -> None:
+        self._leading = True
+        log.info("scheduler %s holds the lease: deciding", self.scheduler_id)
+        async with anyio.create_task_group() as tg:
+
+            async def keep() -> None:
+                await self.lease.keep()
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(keep)
+            tg.start_soon(self._tick_loop)
+            await self._decide_loop()  # returns once fenced out
+            tg.cancel_scope.cancel()
+        why = "was fenced out" if self.fenced else "lost the lease"
+        log.warning("scheduler %s %s: standing by", self.scheduler_id, why)
 
     async def _decide_loop(self) -> None:
-        while True:
+        while not self.fenced:
             await self._kick.wait()
             self._kick = anyio.Event()
             timed, self._timed = self._timed, False
+            if self.fence.due(self.restater.max_age_s) and not await self._refence():
+                return
             await self._pass(timed=timed)
+
+    async def _refence(self) -> bool:
+        """Write the fence markers again (between passes: no decision in flight) before they
+        age out of the log; False if this scheduler was fenced out meanwhile."""
+        try:
+            await self.fence.establish(self.lease.term)
+        except Fenced as err:
+            self._fenced_out(err)
+            return False
+        except Exception as err:  # the old markers stand: try again before the next pass
+            log.warning("scheduler %s could not renew its fence (%r)", self.scheduler_id, err)
+        return True
 
     async def _tick_loop(self) -> None:
         sweep_every = max(1, int(self.config.settings.release_grace_s / self.tick_s))

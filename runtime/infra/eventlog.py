@@ -129,6 +129,14 @@ class LogSettings:
     setup_deadline_s: float = 120.0  # how long creating streams may take (cluster elections)
 
 
+class Fencing(NamedTuple):
+    """Store an append only if the last message on ``subject`` is still at ``seq`` (0: there
+    is none); the server refuses it otherwise (err 10071). See ``runtime.infra.fence``."""
+
+    subject: str
+    seq: int
+
+
 class Appended(NamedTuple):
     seq: int
     duplicate: bool
@@ -185,13 +193,23 @@ class EventLog:
         """Wait until the stream exists (``jetrun setup`` creates it)."""
         await require_stream(self.js, EVENTS_STREAM, self.settings.setup_deadline_s)
 
-    async def append(self, event: Event, *, expect_last_seq: int | None = None) -> Appended:
+    async def append(
+        self,
+        event: Event,
+        *,
+        expect_last_seq: int | None = None,
+        fencing: Fencing | None = None,
+    ) -> Appended:
         """Append ``event``; blocks until the server has stored it. Idempotent for the duplicate
-        window. Retries through outages for ``append_deadline_s``, then raises."""
+        window. Retries through outages for ``append_deadline_s``, then raises. With
+        ``fencing`` (or ``expect_last_seq``: the run's last event) the server stores it only
+        if that subject's last message is still the one expected."""
         headers = {"Nats-Msg-Id": event.message_id()}
         if expect_last_seq is not None:
-            headers["Nats-Expected-Last-Subject-Sequence"] = str(expect_last_seq)
-            headers["Nats-Expected-Last-Subject-Sequence-Subject"] = run_subjects(event.run_id)
+            fencing = Fencing(run_subjects(event.run_id), expect_last_seq)
+        if fencing is not None:
+            headers["Nats-Expected-Last-Subject-Sequence"] = str(fencing.seq)
+            headers["Nats-Expected-Last-Subject-Sequence-Subject"] = fencing.subject
         subject = subject_of(event)
         payload = encode_event(event)
         publisher = jspub.publisher(self.nc)

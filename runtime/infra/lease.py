@@ -7,11 +7,18 @@ it back (a delete on its revision) when it stops. A standby follows the log like
 index is hot) and tries to take the lease every ``poll_s``: it gets it at most ``ttl_s`` after
 the leader's last renewal, so a leader that died is replaced within a few seconds.
 
-A leader counts its lease from *before* the write that renewed it and stops counting
-``margin_s`` early (``valid``), so it stops deciding before the key can have expired on the
-server, and so before anyone else can hold it: a stale leader (frozen, cut off) appends no
-decision once its time is up. The deterministic message ids of decisions (run, kind, attempt)
-remain the last line: the same decision made twice is stored once.
+A write whose answer was lost (a timeout on a loaded machine, the server frozen for a moment)
+may still have been stored: a refused or unanswered write is followed by a read of the key,
+and a key holding this process's own id is its lease (at the revision read). Without that, a
+standby whose create timed out but landed would find the key taken (by itself) and wait a
+whole TTL, again and again on a busy machine; a leader would step down for a renewal that in
+fact went through.
+
+The lease says who should decide; it does not stop a stale leader (frozen, cut off, its clock
+wrong) from appending: the fence does (``runtime.infra.fence``), on the server. A leader still
+counts its lease from *before* the write that renewed it and stops counting ``margin_s`` early
+(``valid``) to step down in time. The deterministic message ids of decisions (run, kind,
+attempt) remain the last line: the same decision made twice is stored once.
 """
 
 from __future__ import annotations
@@ -84,11 +91,16 @@ class Lease:
         """Whether this process holds the lease now (with the safety margin)."""
         return self._until is not None and self.monotonic() < self._until
 
-    async def acquire(self) -> None:
-        """Block until this process holds the lease."""
+    @property
+    def term(self) -> int:
+        """The revision the lease was last written at by this process."""
+        return self._revision
+
+    async def acquire(self) -> int:
+        """Block until this process holds the lease; returns its term (the revision taken)."""
         while True:
             if await self._try(take=True):
-                return
+                return self._revision
             await anyio.sleep(self.poll_s)
 
     async def keep(self) -> None:
@@ -118,18 +130,36 @@ class Lease:
                     revision = await self._kv.create(self.key, value)
                 else:
                     revision = await self._kv.update(self.key, value, last=self._revision)
-        except nats.js.errors.KeyWrongLastSequenceError:
-            if not take:  # somebody else holds it: ours ran out
-                log.warning("%s: the scheduler lease was taken over", self.holder)
-                self._until = None
-            return False
-        except LOST as err:
-            if not take:
-                log.warning("%s: could not renew the scheduler lease (%r)", self.holder, err)
-            return False
+        except (nats.js.errors.KeyWrongLastSequenceError, *LOST) as err:
+            mine = await self._own_revision()  # the write may have landed, its answer lost
+            if mine is None:
+                self._refused(err, take=take)
+                return False
+            revision = mine
         self._revision = revision
         self._until = started + self.ttl_s - self.margin_s
         return True
 
+    async def _own_revision(self) -> int | None:
+        """The key's revision if it holds this process's id (a write of ours landed)."""
+        assert self._kv is not None
+        try:
+            with anyio.fail_after(self.margin_s):
+                entry = await self._kv.get(self.key)
+        except (nats.js.errors.KeyNotFoundError, *LOST):
+            return None
+        if entry.value != self.holder.encode() or entry.revision is None:
+            return None
+        return int(entry.revision)
 
-__all__ = ["LEASE_BUCKET", "Lease"]
+    def _refused(self, err: BaseException, *, take: bool) -> None:
+        if take:
+            return  # somebody else holds it: try again later
+        if isinstance(err, nats.js.errors.KeyWrongLastSequenceError):
+            log.warning("%s: the scheduler lease was taken over", self.holder)
+            self._until = None  # ours ran out
+        else:
+            log.warning("%s: could not renew the scheduler lease (%r)", self.holder, err)
+
+
+__all__ = ["LEASE_BUCKET", "SCHEDULER_KEY", "Lease"]

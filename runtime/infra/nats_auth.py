@@ -165,13 +165,16 @@ def permissions(role: str) -> Permissions:
                     "admitted",
                     "queued",
                     "waiting",
+                    "queue_waiting",  # one per queue: what its queued runs wait for now
                     "failed",
                     "preempted",
                     "requeued",
                     "no_resources",
                     "cancelled",
                     "restated",  # a live run recorded again before its events age out
+                    "elected",  # the fence markers of a scheduler that took the lease
                 ),
+                f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.elected",  # the fence's last markers
                 "jetrun.ev.*.dispatched.*",  # a dispatch names its agent
                 "jetrun.scheduler.heartbeat",
                 "$KV.JETRUN_LEASES.>",  # the scheduler lease: one decides at a time

@@ -18,7 +18,7 @@ import anyio
 import msgspec
 from sortedcontainers import SortedList
 
-from contracts.events import AnyEvent, RunRequeued, RunRestated
+from contracts.events import AnyEvent, QueueWaitChanged, RunRequeued, RunRestated
 from contracts.machine import evolve
 from contracts.run import RunRecord
 from contracts.states import RunState
@@ -65,6 +65,7 @@ class RunIndex:
         self._changed: dict[str, anyio.Event] = {}
         self._seq_waiters: list[tuple[int, int, anyio.Event]] = []  # a heap: lowest seq first
         self._waiter_ids = itertools.count()  # ties in seq are broken by arrival
+        self._queue_events: dict[str, int] = {}  # pipeline -> its queue's last event (seq)
 
     # --- writing -----------------------------------------------------------------------------
 
@@ -89,6 +90,10 @@ class RunIndex:
         if seq <= self.last_seq:
             return None
         self.last_seq = seq
+        if isinstance(event, QueueWaitChanged):
+            self._apply_to_queue(seq, event)
+            self._wake_seq_waiters()
+            return None
         before = self.records.get(event.run_id)
         base = before or RunRecord(id=event.run_id)
         after = evolve(base, event)
@@ -113,6 +118,21 @@ class RunIndex:
             waiter.set()
         self._wake_seq_waiters()
         return after
+
+    def _apply_to_queue(self, seq: int, event: QueueWaitChanged) -> None:
+        """A queue's event applies to every run in that queue (the machine's rule 8): in
+        memory, with no event per run in the log."""
+        self._queue_events[event.pipeline] = seq
+        for run_id in self.queued(event.pipeline):
+            before = self.records[run_id]
+            after = evolve(before, event)
+            if after is before:
+                continue
+            self.records[run_id] = after
+            for listener in self._listeners:
+                listener(seq, event, before, after)
+            if waiter := self._changed.pop(run_id, None):
+                waiter.set()
 
     def skip(self, seq: int) -> None:
         """Move past ``seq``, a message that is not an event this release knows (a newer kind
@@ -222,6 +242,15 @@ class RunIndex:
             return []
         stop = len(queue) if limit is None else min(limit, len(queue))
         return [self._by_ticket[t] for t in queue.islice(0, stop)]
+
+    def queue_version(self, pipeline: str) -> int:
+        """The later of the last ``queue_waiting`` of ``pipeline`` read and the event that
+        queued its head (0: neither): what a new ``queue_waiting`` follows. Every queue event
+        after the head was queued is read (a replay starts before the head's first event), so
+        a needed change never takes the id of an earlier one."""
+        queue = self._queues.get(pipeline)
+        head = queue[0][1] if queue else 0
+        return max(self._queue_events.get(pipeline, 0), head)
 
     def pipelines_with_queue(self) -> list[str]:
         return [p for p, q in self._queues.items() if q]

@@ -1,0 +1,96 @@
+"""The fence on the log: once a newer scheduler fenced it, the server refuses every decision of
+the older one (whatever the older one's clock says), and nothing of it is stored."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import anyio
+import pytest
+
+from contracts.events import RunCancelled, SchedulerElected
+from runtime.infra.eventlog import EventLog
+from runtime.infra.fence import Fence, Fenced, append, slot_id
+from runtime.infra.natsserver import NatsServer
+from runtime.infra.streams import EVENTS_STREAM
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[NatsServer]:
+    async with NatsServer(store_dir=tmp_path / "nats") as server:
+        admin = await server.connect("admin", "setup")
+        try:
+            await EventLog(admin).ensure()
+        finally:
+            await admin.close()
+        yield server
+
+
+async def last_seq(log: EventLog) -> int:
+    info = await log.js.stream_info(EVENTS_STREAM)
+    return int(info.state.last_seq)
+
+
+async def test_a_fenced_out_scheduler_can_append_nothing(server: NatsServer) -> None:
+    a_nc = await server.connect("scheduler", "a")
+    b_nc = await server.connect("scheduler", "b")
+    try:
+        a, b = Fence(EventLog(a_nc), "a", slots=4), Fence(EventLog(b_nc), "b", slots=4)
+        with anyio.fail_after(20):
+            await a.establish(term=1)
+            async with a.slot() as fencing:  # a leads: its decisions are stored
+                assert fencing is not None
+                await append(a.log, RunCancelled(run_id="run-1", at=time.time()), fencing)
+            fenced_at = await b.establish(term=2)
+            assert fenced_at == await last_seq(b.log)
+            for n in range(4):  # every slot of a's is refused, and nothing is stored
+                async with a.slot() as fencing:
+                    with pytest.raises(Fenced):
+                        event = RunCancelled(run_id=f"run-{n + 2}", at=time.time())
+                        await append(a.log, event, fencing)
+            assert await last_seq(a.log) == fenced_at
+            async with b.slot() as fencing:  # b decides
+                await append(b.log, RunCancelled(run_id="run-9", at=time.time()), fencing)
+            assert await last_seq(b.log) == fenced_at + 1
+    finally:
+        await a_nc.close()
+        await b_nc.close()
+
+
+async def test_the_markers_change_no_run_and_name_their_slot(server: NatsServer) -> None:
+    nc = await server.connect("scheduler", "a")
+    try:
+        log = EventLog(nc)
+        with anyio.fail_after(20):
+            await Fence(log, "a", slots=2).establish(term=5)
+            stored = await log.read(slot_id(1))
+        assert [s.event for s in stored] == [
+            SchedulerElected(run_id="_fence1", at=stored[0].event.at, holder="a", term=5)
+        ]
+        assert (await log.load(slot_id(1))).state == "unknown"
+    finally:
+        await nc.close()
+
+
+async def test_a_leader_writes_its_markers_again_before_they_age_out(server: NatsServer) -> None:
+    """A log with a max_age would drop the markers: the leader writes them again (new message
+    ids, each expecting its own previous marker) and goes on deciding behind the new ones."""
+    nc = await server.connect("scheduler", "a")
+    try:
+        a = Fence(EventLog(nc), "a", slots=2)
+        with anyio.fail_after(20):
+            first = await a.establish(term=1)
+            assert not a.due(max_age_s=0.0) and not a.due(max_age_s=3600.0)
+            a.established_at -= 2.0
+            assert a.due(max_age_s=3.0)
+            again = await a.establish(term=1)
+            assert again == first + 2 and not a.due(max_age_s=3.0)
+            async with a.slot() as fencing:
+                await append(a.log, RunCancelled(run_id="run-1", at=time.time()), fencing)
+            assert await last_seq(a.log) == again + 1
+    finally:
+        await nc.close()
