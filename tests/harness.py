@@ -6,8 +6,10 @@ Waiting is bounded polling of public endpoints (``/readyz``, the scaling endpoin
 
 NATS authorization is always on: the stack's servers accept only the role nkeys in
 ``<tmp>/credentials``; streams are created by the admin step (``jetrun setup``'s code) before
-any service starts, and every service connects with its own role. Tests inspect NATS with
-``await stack.connect()`` (admin) or ``stack.connect("agent")`` to act as a role.
+any service starts, and every service connects with its own role; each agent gets an identity
+of its own (``agent_credentials``: minted, and the servers reloaded, as it starts). Tests
+inspect NATS with ``await stack.connect()`` (admin) or ``stack.connect("gateway")`` to act as
+a role.
 """
 
 from __future__ import annotations

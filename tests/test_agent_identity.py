@@ -24,6 +24,7 @@ from contracts.values import RunIO
 from runtime.infra.config import parse
 from runtime.infra.eventlog import EVENTS_STREAM, EventLog, LogSettings, agent_dispatches
 from runtime.infra.fleet import HEARTBEAT_SUBJECT, decode_heartbeat, drain_subject
+from runtime.infra.nats_auth import agent_permissions, agent_role, inbox_prefix
 from runtime.infra.natsserver import NatsServer
 from runtime.node.ended import EndedRuns
 from runtime.provision import provision
@@ -258,3 +259,10 @@ def test_a_dispatch_older_than_its_runs_end_is_stale_whatever_came_first() -> No
     ended.note("r2", 3)
     ended.note("r3", 4)
     assert len(ended) == 2 and not ended.ended_after("r1", 7)  # bounded: the oldest forgotten
+
+
+def test_an_agents_inbox_is_one_token_of_its_own() -> None:
+    """Agent ids may hold ':'; one agent's inbox never covers another's (``a`` and ``a:b``)."""
+    assert inbox_prefix(agent_role("a:b")) == "_INBOX.agent.a:b"
+    assert agent_permissions("a").subscribe[0] == "_INBOX.agent.a.>"
+    assert not inbox_prefix(agent_role("a:b")).startswith("_INBOX.agent.a.")

@@ -68,7 +68,7 @@ def agent_of(role: str) -> str | None:
 
 def inbox_prefix(role: str) -> str:
     """``_INBOX.<role>``; an agent's is its own (``_INBOX.agent.<agent_id>``)."""
-    return f"_INBOX.{role.replace(':', '.')}"
+    return f"_INBOX.{role.replace(':', '.', 1)}"  # an agent id (which may hold ':') is one token
 
 
 def _append(*kinds: str) -> list[str]:
