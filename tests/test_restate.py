@@ -4,8 +4,11 @@ starting from the checkpoint, a gateway asked for it, webhooks, an agent)."""
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import anyio
@@ -30,11 +33,13 @@ from runtime.infra.eventlog import (
     last_event_of_kind,
     submission_of,
 )
+from runtime.infra.natsserver import free_port
 from runtime.infra.projection import RunIndex
 from runtime.infra.streams import EVENTS_STREAM
 from runtime.provision import provision
 from runtime.services import apply_retention_at
 from tests.harness import Stack, client, wait_state
+from tests.test_webhooks import Receiver, _handler, start_deliverer, write_config
 
 pytestmark = pytest.mark.anyio
 
@@ -175,19 +180,39 @@ async def test_a_queued_run_is_restated_before_its_events_age_out_and_found_afte
         tg.cancel_scope.cancel()
 
 
-# --- real processes: a stack whose log keeps events 3 s --------------------------------------
+# --- real processes: a stack whose log keeps events 8 s --------------------------------------
+
+
+@contextlib.contextmanager
+def receiving() -> Iterator[Receiver]:
+    """A local webhook receiver (as tests/test_webhooks.py's)."""
+    box = Receiver(free_port())
+    server = ThreadingHTTPServer(("127.0.0.1", box.port), _handler(box))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield box
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 async def test_a_run_queued_longer_than_the_log_keeps_events_completes_with_its_inputs(
     tmp_path: Path,
 ) -> None:
     """No replica until the run's first events aged out; the gateway and the scheduler are
-    killed and started again in between; then a replica comes and the run completes."""
-    async with Stack(tmp_path / "stack", keep_ended_s=1) as stack:
+    killed and started again in between; then a replica comes, the run completes with its
+    inputs and its callback URL gets it."""
+    async with Stack(tmp_path / "stack") as stack:
         stack.tmp.mkdir()
         await stack.start_nats()
-        with stack.config_path.open("a") as config:  # [settings] is the file's last table
-            config.write("events_max_age_s = 3\ncheckpoint_every_s = 0.5\n")
+        write_config(stack.config_path, attempts=3)  # a webhook secret for acme
+        text = stack.config_path.read_text()
+        assert "keep_ended_s = 300.0\n" in text
+        # 8 s: the restatement made at about 4 s outlives the restart gap (a scheduler must
+        # lead at least once in every half max_age)
+        retention = "keep_ended_s = 1\nevents_max_age_s = 8\ncheckpoint_every_s = 0.5\n"
+        stack.config_path.write_text(text.replace("keep_ended_s = 300.0\n", retention))
         settings = load(stack.config_path).settings
         assert await apply_retention_at(stack.nats_url, settings, stack.credentials("admin"))
         nc = await stack.connect()
@@ -195,37 +220,46 @@ async def test_a_run_queued_longer_than_the_log_keeps_events_completes_with_its_
         log = EventLog(nc)
         stack.start_scheduler()
         await stack.start_gateway()
-        async with client(stack, "tok_big") as http:
-            answer = await http.post(
-                "/v4/runs",
-                json={
-                    "pipeline": "demo/echo:v1",
-                    "inputs": [
-                        {"type": "string", "value": "kept"},
-                        {"type": "integer", "value": 2},
-                    ],
-                    "async_run": True,
-                },
-            )
-            assert answer.status_code in (200, 201, 202), answer.text
-            run_id = answer.json()["id"]
-            await wait_state(http, run_id, {"queued"})
-        await aged_out(log, run_id, "submitted")
-        assert await last_event_of_kind(log, run_id, "restated") is not None
-        for proc in [p for p in stack.procs if p.name.startswith(("gateway", "scheduler"))]:
-            proc.kill()
-            stack.procs.remove(proc)
-        stack.gateway_urls.clear()
-        stack.start_scheduler()
-        await stack.start_gateway()
-        async with client(stack, "tok_big") as http:
-            run = (await http.get(f"/v4/runs/{run_id}")).json()
-            assert run["state"] == "queued", run
-            assert [i["value"] for i in run["inputs"]] == ["kept", 2]
-            stack.start_agent("agent-late", "runtime.node.demo")
-            done = await wait_state(http, run_id, set(TERMINAL), timeout=60)
-        assert done["state"] == "completed", done
-        assert [o["value"] for o in done["outputs"]] == ["keptkept"]
+        start_deliverer(stack, "webhooks", stack.config_path)
+        with receiving() as receiver:
+            async with client(stack, "tok_acme") as http:
+                answer = await http.post(
+                    "/v4/runs",
+                    json={
+                        "pipeline": "demo/echo:v1",
+                        "inputs": [
+                            {"type": "string", "value": "kept"},
+                            {"type": "integer", "value": 2},
+                        ],
+                        "async_run": True,
+                        "callback_url": receiver.url("/ok"),
+                    },
+                )
+                assert answer.status_code in (200, 201, 202), answer.text
+                run_id = answer.json()["id"]
+                await wait_state(http, run_id, {"queued"})
+            await aged_out(log, run_id, "submitted")
+            assert await last_event_of_kind(log, run_id, "restated") is not None
+            for proc in [p for p in stack.procs if p.name.startswith(("gateway", "scheduler"))]:
+                proc.kill()
+                stack.procs.remove(proc)
+            stack.gateway_urls.clear()
+            stack.start_scheduler()
+            await stack.start_gateway()
+            async with client(stack, "tok_acme") as http:
+                answer = await http.get(f"/v4/runs/{run_id}")
+                assert answer.status_code == 200, answer.text
+                run = answer.json()
+                assert run["state"] == "queued", run
+                assert [i["value"] for i in run["inputs"]] == ["kept", 2]
+                stack.start_agent("agent-late", "runtime.node.demo")
+                done = await wait_state(http, run_id, set(TERMINAL), timeout=60)
+            assert done["state"] == "completed", done
+            assert [o["value"] for o in done["outputs"]] == ["keptkept"]
+            with anyio.fail_after(30):
+                while not receiver.ok(run_id):
+                    await anyio.sleep(0.05)
+            assert receiver.ok(run_id)[0]["run"]["state"] == "completed"
         await nc.close()
 
 
