@@ -2,13 +2,15 @@
 scheduler are started as processes and timed to ready, with their RSS, nats-server's RSS and
 the store's size on disk; then Q runs wait in one queue and the scheduler's idle CPU is taken.
 
-    python benchmarks/bench_history.py --runs 100000 --runs 300000 --queued 100000
+    python benchmarks/bench_history.py --runs 100000 --runs 1000000 --queued 100000 --queued 500000
 
 The log is filled quickly and directly: each completed run is its 5 real events (submitted with
 its admission, queued, dispatched, started, completed) and its stored view, published pipelined
 to the streams (core publishes, counted back from the stream), plus the checkpoint the
 scheduler would have written (the next sequence: nothing live). ``from 1`` rows start the same
-processes with the checkpoint at sequence 1 (what every start did before checkpoints).
+processes with the checkpoint at sequence 1 (what every start did before checkpoints). Each
+start prints the wall time to ready and the CPU the process used until then: on a loaded machine
+the first grows with the load, the second does not.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import anyio
 import httpx
@@ -189,22 +192,27 @@ class Service:
         self.log.close()
 
 
-async def start_pair(
-    server: NatsServer, config: Path, logs: Path
-) -> tuple[float, float, float, float]:
+class Started(NamedTuple):
+    ready_s: float  # from spawn to /readyz saying the log is replayed
+    cpu_s: float  # CPU seconds it used until then (what the machine's load does not change)
+    rss_mib: float
+
+
+async def start_pair(server: NatsServer, config: Path, logs: Path) -> tuple[Started, Started]:
+    """A gateway and a scheduler started at once, each timed on its own."""
     scheduler = Service("scheduler", server, config, logs)
     gateway = Service("gateway", server, config, logs)
-    ready: dict[str, float] = {}
+    started: dict[str, Started] = {}
 
     async def time_ready(name: str, service: Service) -> None:
-        ready[name] = await service.ready_s()
+        ready = await service.ready_s()
+        started[name] = Started(ready, service.cpu_to_ready, rss_mib(service.proc.pid))
 
     try:
-        async with anyio.create_task_group() as tg:  # both at once: each timed on its own
+        async with anyio.create_task_group() as tg:
             tg.start_soon(time_ready, "scheduler", scheduler)
             tg.start_soon(time_ready, "gateway", gateway)
-        g_ready, s_ready = ready["gateway"], ready["scheduler"]
-        return g_ready, rss_mib(gateway.proc.pid), s_ready, rss_mib(scheduler.proc.pid)
+        return started["gateway"], started["scheduler"]
     finally:
         gateway.stop()
         scheduler.stop()
@@ -225,9 +233,9 @@ async def main(sizes: list[int], queued: list[int]) -> None:
             catalog = Catalog(log.js)
             await catalog.register(PipelineInfo(pointer=PIPELINE))
             print(
-                f"{'runs':>9} {'start':>7} {'gateway ready':>13} {'gw RSS':>8} "
-                f"{'sched ready':>11} {'sched RSS':>9} {'nats RSS':>9} {'disk':>8} {'fill':>7}"
-                f" {'load':>5}"
+                f"{'runs':>9} {'start':>7} {'gateway ready (CPU)':>20} {'gw RSS':>8} "
+                f"{'sched ready (CPU)':>20} {'sched RSS':>9} {'nats RSS':>9} {'disk':>8} "
+                f"{'fill':>7} {'load':>5}"
             )
             done = 0
             for size in sorted(sizes):
@@ -240,17 +248,20 @@ async def main(sizes: list[int], queued: list[int]) -> None:
                     if label == "from 1" and size > 100_000:
                         continue  # minutes per start: the issue's table has these
                     await views.put_checkpoint(Checkpoint(replay_from=replay_from, seq=last, at=0))
-                    g, g_rss, s, s_rss = await start_pair(server, config, root)
+                    g, s = await start_pair(server, config, root)
                     print(
-                        f"{size:>9,} {label:>7} {g:>11.2f} s {g_rss:>4.0f} MiB {s:>9.2f} s "
-                        f"{s_rss:>5.0f} MiB {rss_mib(server.pid or 0):>5.0f} MiB "
+                        f"{size:>9,} {label:>7} {g.ready_s:>9.2f} s ({g.cpu_s:>5.2f} s) "
+                        f"{g.rss_mib:>4.0f} MiB {s.ready_s:>9.2f} s ({s.cpu_s:>5.2f} s) "
+                        f"{s.rss_mib:>5.0f} MiB {rss_mib(server.pid or 0):>5.0f} MiB "
                         f"{du_mb(root / 'nats'):>5.0f} MB {filled:>5.0f} s "
                         f"{os.getloadavg()[0]:>5.1f}",
                         flush=True,
                     )
                 await views.put_checkpoint(Checkpoint(replay_from=last + 1, seq=last, at=0))
-            for depth in queued:
-                await fill(nc, 10_000_000, depth, queued=True)
+            waiting = 0
+            for depth in sorted(queued):  # queued runs of one pipeline, no replica
+                await fill(nc, 10_000_000 + waiting, depth - waiting, queued=True)
+                waiting = depth
                 scheduler = Service("scheduler", server, config, root)
                 try:
                     ready = await scheduler.ready_s()
@@ -259,8 +270,11 @@ async def main(sizes: list[int], queued: list[int]) -> None:
                     await anyio.sleep(10)
                     busy = (cpu_s(scheduler.proc.pid) - before) / (time.monotonic() - t)
                     print(
-                        f"{depth:,} queued (no replica): scheduler ready in {ready:.2f} s, "
-                        f"RSS {rss_mib(scheduler.proc.pid):.0f} MiB, idle CPU {busy:.0%}"
+                        f"{depth:,} queued (no replica): scheduler ready in {ready:.2f} s "
+                        f"(CPU {scheduler.cpu_to_ready:.2f} s), "
+                        f"RSS {rss_mib(scheduler.proc.pid):.0f} MiB, idle CPU {busy:.1%}, "
+                        f"load {os.getloadavg()[0]:.1f}",
+                        flush=True,
                     )
                 finally:
                     scheduler.stop()
