@@ -98,7 +98,7 @@ async def test_async_then_get_logs_and_events(clistack: Stack) -> None:
     events = await jetrun(clistack, "events", run_id, *nats, "--json")
     kinds = [json.loads(line)["event"] for line in events.stdout.splitlines()]
     assert kinds[0] == "submitted" and kinds[-1] == "completed"
-    assert {"dispatched", "started"} <= set(kinds)
+    assert "dispatched" in kinds  # (an attempt shorter than 50 ms appends no started)
     table = await jetrun(clistack, "events", run_id, *nats)
     assert "dispatched" in table.stdout and "agent_id=agent-demo" in table.stdout
 
