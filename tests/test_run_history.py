@@ -163,3 +163,31 @@ async def test_every_run_is_listed_once_in_log_order_by_any_writer(nc: Client) -
     taken = Listed(run_id="run_x", pipeline="t/x:v1", created_at=1.0, seq=999)
     assert not await history.add("acme", 3, taken)  # a number is never given twice
     assert await history.oldest("acme") == 1 and await history.oldest("rival") is None
+
+
+async def test_a_run_first_read_from_its_restatement_keeps_its_place(nc: Client) -> None:
+    """A gateway that starts after a live run's first events aged out reads the run from its
+    ``restated`` event: it is listed where it was submitted, once, with its live state."""
+    history = RunHistory(nc.jetstream())
+    leader = RunIndex()
+    writer = HistoryWriter(history, leader)
+    queued = run_events("run_q", 10.0, "acme", "t/x:v1", False)[:2]  # submitted, queued
+    done = [e for i in (1, 2) for e in run_events(f"run_{i}", 10.0 + i, "acme", "t/x:v1", False)]
+    events = list(enumerate([*queued, *done], start=1))
+    for seq, event in events:
+        leader.apply(seq, event)
+    await writer.step(leading=True)
+    held = leader.get("run_q")
+    assert held is not None
+    restated = restate(held, 2, 30.0, None)
+    index = RunIndex()  # the gateway, from where run_q's first events are gone
+    views = Views(index)
+    listing = RunListing(index, history, views.load)
+    for seq, event in events[2:]:
+        index.apply(seq, event)
+    index.apply(len(events) + 1, restated)
+    assert not listing.placed("run_q") and listing.placed("run_1")
+    pages = await every_page(listing, "acme", ListQuery(limit=1))
+    assert flat(pages) == ["run_2", "run_1", "run_q"]  # by submission, not by restatement
+    unfinished = ListQuery(states=frozenset({RunState.queued}))
+    assert flat(await every_page(listing, "acme", unfinished)) == ["run_q"]

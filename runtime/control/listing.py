@@ -9,7 +9,9 @@ are merged by that order (the sequence of a run's first event):
 - the run history (``runtime.control.history``) holds one entry per run of the team, however
   old, written by the leading scheduler moments after the submission; an entry whose run the
   index still holds is skipped (the index's copy is the fresher one), and the view of an
-  ended run is read from the run views when it is on the page.
+  ended run is read from the run views when it is on the page. A held run first read from its
+  ``restated`` event (its first events aged out) has no place of its own: its history entry
+  places it, with the held record.
 
 The cursor says where both walks resume: the sequence below which runs remain, and the number
 of the next history entry to read. A page looks at ``MAX_SCAN`` held runs and ``MAX_HISTORY``
@@ -28,7 +30,7 @@ from typing import TypeVar
 import msgspec
 from sortedcontainers import SortedList
 
-from contracts.events import AnyEvent
+from contracts.events import AnyEvent, RunRestated
 from contracts.run import RunRecord, pipeline_id_of
 from contracts.states import RunState
 from runtime.control.history import Listed, RunHistory
@@ -137,12 +139,20 @@ class RunListing:
         self.load = load
         self._by_team: dict[str, SortedList] = defaultdict(SortedList)
         self._seq: dict[str, int] = {}
+        # held runs first read from a restatement (their first events aged out): the history
+        # places them, at their submission
+        self._unplaced: dict[str, dict[str, None]] = defaultdict(dict)
         self._active: dict[str, dict[str, None]] = defaultdict(dict)
         index.listen(self._on_change)
         index.on_forget(self._forget)
 
     def _forget(self, run: RunRecord) -> None:
         seq = self._seq.pop(run.id, None)
+        unplaced = self._unplaced.get(run.team)
+        if unplaced is not None:
+            unplaced.pop(run.id, None)
+            if not unplaced:
+                del self._unplaced[run.team]
         keys = self._by_team.get(run.team)
         if keys is not None and seq is not None:
             keys.discard((-seq, run.id))
@@ -155,12 +165,19 @@ class RunListing:
         if not after.team:
             return
         if (before is None or not before.team) and after.id not in self._seq:
-            self._seq[after.id] = seq
-            self._by_team[after.team].add((-seq, after.id))
+            if isinstance(event, RunRestated):
+                self._unplaced[after.team][after.id] = None
+            else:
+                self._seq[after.id] = seq
+                self._by_team[after.team].add((-seq, after.id))
         if after.is_terminal:
             self._active[after.team].pop(after.id, None)
         else:
             self._active[after.team][after.id] = None
+
+    def placed(self, run_id: str) -> bool:
+        """Held, and placed in the team's order by its submission."""
+        return run_id in self._seq
 
     def active(self, team: str | None) -> list[RunRecord]:
         """The unfinished runs of ``team`` (every team's for ``None``), oldest first."""
@@ -190,7 +207,7 @@ class RunListing:
     ) -> tuple[list[RunRecord], str | None]:
         """One page of ``team``'s runs matching ``query``, newest first, and the cursor of the
         next page (None when there is none): held runs and the history, merged."""
-        if self.history is None or _only_unfinished(query):
+        if self.history is None or (_only_unfinished(query) and not self._unplaced.get(team)):
             return self.page_held(team, query, max_scan)
         pager = _Pager(self, self.history, team, query)
         return await pager.run(max_scan)
@@ -263,12 +280,12 @@ class _Pager:
 
     async def _offer_listed(self, listed: Listed) -> None:
         self.last_seq = listed.seq
-        if listed.run_id in self.seen or self.listing.index.get(listed.run_id) is not None:
-            return  # held: the held copy is listed (or was, on an earlier page)
+        if listed.run_id in self.seen or self.listing.placed(listed.run_id):
+            return  # held and placed: the held copy is listed (or was, on an earlier page)
         if not _matches_listed(listed, self.query):
             return
         assert self.listing.load is not None
-        run = await self.listing.load(listed.run_id)
+        run = self.listing.index.get(listed.run_id) or await self.listing.load(listed.run_id)
         if run is not None and run.team == self.team and _matches(run, self.query):
             self.seen.add(run.id)
             self.found.append(run)
