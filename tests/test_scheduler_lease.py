@@ -12,6 +12,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from runtime.infra.eventlog import EventLog, kind_subjects
 from runtime.infra.lease import LEASE_BUCKET, SCHEDULER_KEY, Lease
 from runtime.infra.natsserver import NatsServer
 from tests.harness import FIXTURES, Load, Proc, Stack, audit, wait_replicas
@@ -184,6 +185,13 @@ async def test_a_frozen_leader_is_fenced_out_by_the_server_when_it_wakes(tmp_pat
         # woken with a picture 4 s old, it took the live agents for lost and decided to end
         # their runs: the server refused that (its own clock was not asked)
         assert "decision refused by the server" in first.output(), first.output()[-2000:]
+        nc = await stack.connect("admin", "audit")
+        try:  # nothing it decided from that picture was stored: no run lost its node
+            log = EventLog(nc)
+            for kind in ("preempted", "requeued"):
+                assert await log.read_subject(kind_subjects(kind)) == [], kind
+        finally:
+            await nc.close()
         assert result.lost == 0, result
         assert result.ran_twice == 0, result
         assert result.states == {"completed": 24}, result

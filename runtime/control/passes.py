@@ -12,7 +12,7 @@ from typing import NamedTuple, Protocol
 from sortedcontainers import SortedList
 
 from contracts.agents import PipelineInfo
-from contracts.events import AnyEvent, Event, RunAdmitted, RunDispatched
+from contracts.events import AnyEvent, Event, QueueWaitChanged, RunAdmitted, RunDispatched
 from contracts.run import RunRecord
 from contracts.states import RunState, WaitingFor
 from runtime.infra.config import Config
@@ -57,6 +57,9 @@ class Worklist:
     _waiting: dict[str, tuple[str, float]] = field(default_factory=dict)  # run -> its entry
 
     def observe(self, seq: int, event: AnyEvent, run: RunRecord, mono: float) -> None:
+        if isinstance(event, QueueWaitChanged):  # a queued run stays queued: only its wait
+            self._track_resource_wait(run)  # changed (and its queue was just told)
+            return
         _toggle(self.routing, run.id, run.state is RunState.routing)
         if run.state is not RunState.routing:
             self.permit_held.discard(run.id)
