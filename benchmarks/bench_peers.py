@@ -10,7 +10,8 @@ and jetrun's ratio to each peer. Figures:
 - sync p50 / p99: sequential runs, one waiting for the other (jetrun: HTTP with keep-alive);
 - throughput: runs/s from the first submit to the last result (jetrun: async runs submitted by wrk
   for a fixed time, then until every one is terminal in the event log);
-- CPU: seconds of CPU per 1,000 runs of each system's own processes during the throughput phase.
+- CPU: seconds of CPU per 1,000 runs of each system's own processes during the throughput phase
+  (jetrun: until its webhook outbox has also read every event; per process with psutil).
 
 Durability, as measured: jetrun with nats-server's default file-store sync (every 2 minutes),
 or ``--nats-sync always``; Celery with Redis ``appendonly yes``, ``appendfsync everysec``; Ray
@@ -44,6 +45,7 @@ sys.path.insert(0, str(HERE))
 
 import bench_runs  # noqa: E402
 
+from runtime.infra.nats_auth import Credentials  # noqa: E402
 from runtime.infra.natsserver import free_port  # noqa: E402
 
 PAYLOAD = "x" * 16
@@ -188,6 +190,7 @@ class Jetrun:
         _, rate, total = anyio.run(
             bench_runs.wrk_throughput, self.url, nats_url, self.wrk_seconds, 256, self.tmp, creds
         )
+        anyio.run(outbox_caught_up, nats_url, creds)  # its CPU for these runs is counted too
         return rate, total
 
     def pids(self) -> list[int]:
@@ -197,6 +200,22 @@ class Jetrun:
         self.client.close()
         self.proc.send_signal(2)
         self.proc.wait(60)
+
+
+async def outbox_caught_up(nats_url: str, creds: Credentials) -> None:
+    """Wait (60 s at most) until the webhook outbox has read every event so far."""
+    from runtime.infra.nats_conn import connect
+
+    nc = await connect(nats_url, "bench-peers", creds)
+    try:
+        with anyio.move_on_after(60):
+            while True:
+                info = await nc.jetstream().consumer_info("JETRUN_EVENTS", "webhooks-outbox")
+                if not info.num_pending and not info.num_ack_pending:
+                    return
+                await anyio.sleep(0.1)
+    finally:
+        await nc.close()
 
 
 # ---- Ray ------------------------------------------------------------------------------------
