@@ -15,7 +15,7 @@ from runtime.control.admission import Admission, stream_name
 from runtime.control.views import RunViews
 from runtime.infra.catalog import Catalog
 from runtime.infra.config import Config
-from runtime.infra.eventlog import EventLog, LogSettings, ensure_all, ensure_stream
+from runtime.infra.eventlog import EventLog, LogSettings
 from runtime.infra.lease import LEASE_BUCKET, Lease
 from runtime.infra.runlogs import LogStore
 from runtime.infra.scalinglog import ScalingLog
@@ -34,6 +34,7 @@ from runtime.infra.streams import (
     stream_slots_config,
     webhooks_config,
 )
+from runtime.infra.streamsetup import ensure_all, ensure_stream
 
 
 async def provision(nc: Client, config: Config, settings: LogSettings) -> list[str]:

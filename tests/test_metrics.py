@@ -16,7 +16,7 @@ from nats.errors import NoRespondersError
 from prometheus_client import Counter
 from prometheus_client.parser import text_string_to_metric_families
 
-from runtime.infra.eventlog import retrying
+from runtime.infra.jsretry import retrying
 from runtime.infra.metrics import LOG_FAILURES, LOG_RETRIES
 from tests.harness import FIXTURES, Stack, client, open_gate, wait_ready, wait_replicas, wait_state
 

@@ -9,7 +9,6 @@ from runtime.control.gateway import Gateway
 from runtime.control.retention import RetentionRefused, plan, wanted
 from runtime.control.scheduler import Scheduler
 from runtime.infra.config import parse
-from runtime.infra.eventlog import ensure_all
 from runtime.infra.natsserver import NatsServer
 from runtime.infra.streams import (
     EVENTS_STREAM,
@@ -18,6 +17,7 @@ from runtime.infra.streams import (
     VIEWS_STREAM,
     events_config,
 )
+from runtime.infra.streamsetup import ensure_all
 from runtime.services import apply_retention_at
 
 pytestmark = pytest.mark.anyio

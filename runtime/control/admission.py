@@ -20,8 +20,9 @@ from nats.js.errors import APIError, NotFoundError
 from contracts.events import AdmissionSlot
 from contracts.run import RunRecord
 from runtime.infra.config import Config
-from runtime.infra.eventlog import ensure_stream, require_stream, retrying
+from runtime.infra.jsretry import retrying
 from runtime.infra.streams import admission_config, admission_stream
+from runtime.infra.streamsetup import ensure_stream, require_stream
 
 log = logging.getLogger("jetrun.admission")
 

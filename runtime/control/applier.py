@@ -24,10 +24,11 @@ from runtime.control.decide import not_admitted
 from runtime.control.passes import Decisions, Worklist
 from runtime.infra.clock import Clock
 from runtime.infra.config import Config
-from runtime.infra.eventlog import RETRYABLE, EventLog
+from runtime.infra.eventlog import EventLog
 from runtime.infra.fence import Fence, Fenced
 from runtime.infra.fence import append as fenced_append
 from runtime.infra.fleet import Fleet
+from runtime.infra.jsretry import RETRYABLE
 from runtime.infra.projection import RunIndex
 
 log = logging.getLogger("jetrun.scheduler")

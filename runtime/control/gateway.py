@@ -66,11 +66,12 @@ from runtime.infra.accesslog import AccessLog
 from runtime.infra.catalog import Catalog
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config, Team, token_digest
-from runtime.infra.eventlog import EventLog, LogSettings, require_all
+from runtime.infra.eventlog import EventLog, LogSettings
 from runtime.infra.fleet import HEARTBEAT_SUBJECT, Fleet, decode_heartbeat
 from runtime.infra.guard import Guard
 from runtime.infra.projection import RunIndex
 from runtime.infra.runlogs import LogStore
+from runtime.infra.streamsetup import require_all
 
 log = logging.getLogger("jetrun.gateway")
 

@@ -28,15 +28,11 @@ from contracts.events import AnyEvent, RunSubmitted
 from contracts.names import check_token
 from contracts.run import RunRecord
 from runtime.infra import jspub
-from runtime.infra.eventlog import (
-    PUBLISH_TIMEOUT_S,
-    RETRYABLE,
-    ensure_stream,
-    require_stream,
-    retrying,
-)
+from runtime.infra.eventlog import PUBLISH_TIMEOUT_S
+from runtime.infra.jsretry import RETRYABLE, retrying
 from runtime.infra.projection import RunIndex
 from runtime.infra.streams import LISTING_PREFIX, LISTING_STREAM, listing_config
+from runtime.infra.streamsetup import ensure_stream, require_stream
 
 log = logging.getLogger("jetrun.history")
 

@@ -26,9 +26,9 @@ from nats.js.errors import NoStreamResponseError, NotFoundError
 
 from contracts.agents import SchedulerHeartbeat
 from runtime.infra.clock import Clock
-from runtime.infra.eventlog import ensure_stream, require_stream
 from runtime.infra.guard import Guard
 from runtime.infra.streams import EVENTS_STREAM, PROBE_PREFIX, PROBE_STREAM, probe_config
+from runtime.infra.streamsetup import ensure_stream, require_stream
 
 log = logging.getLogger("jetrun.readiness")
 

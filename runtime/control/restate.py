@@ -26,7 +26,8 @@ from nats.js.errors import APIError
 
 from contracts.machine import restate
 from runtime.infra.clock import Clock
-from runtime.infra.eventlog import RETRYABLE, EventLog
+from runtime.infra.eventlog import EventLog
+from runtime.infra.jsretry import RETRYABLE
 from runtime.infra.projection import RunIndex
 from runtime.infra.streams import EVENTS_STREAM
 

@@ -44,7 +44,7 @@ from runtime.control.views import RunViews, ViewKeeper
 from runtime.infra.catalog import Catalog
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
-from runtime.infra.eventlog import RETRYABLE, EventLog, LogSettings, ensure_all, require_all
+from runtime.infra.eventlog import EventLog, LogSettings
 from runtime.infra.fence import Fence, Fenced
 from runtime.infra.fleet import (
     DRAIN_SUBJECT,
@@ -54,8 +54,10 @@ from runtime.infra.fleet import (
     decode_heartbeat,
 )
 from runtime.infra.guard import Guard
+from runtime.infra.jsretry import RETRYABLE
 from runtime.infra.lease import Lease
 from runtime.infra.projection import RunIndex
+from runtime.infra.streamsetup import ensure_all, require_all
 
 log = logging.getLogger("jetrun.scheduler")
 

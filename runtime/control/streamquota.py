@@ -31,13 +31,14 @@ from starlette.types import Receive, Scope, Send
 
 from contracts.api import ErrorDetail
 from runtime.control.http_input import HTTPError
-from runtime.infra.eventlog import RETRYABLE, ensure_stream, require_stream
+from runtime.infra.jsretry import RETRYABLE
 from runtime.infra.streams import (
     STREAM_SLOT_TTL_S,
     STREAM_SLOTS_PREFIX,
     STREAM_SLOTS_STREAM,
     stream_slots_config,
 )
+from runtime.infra.streamsetup import ensure_stream, require_stream
 
 log = logging.getLogger("jetrun.streamquota")
 

@@ -32,7 +32,8 @@ from runtime.control.admission import Admission, LimitReached
 from runtime.infra.catalog import Catalog
 from runtime.infra.clock import Clock
 from runtime.infra.config import Config, Team
-from runtime.infra.eventlog import RETRYABLE, EventLog
+from runtime.infra.eventlog import EventLog
+from runtime.infra.jsretry import RETRYABLE
 from runtime.infra.projection import RunIndex
 
 log = logging.getLogger("jetrun.submit")

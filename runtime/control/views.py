@@ -30,17 +30,11 @@ from runtime.control.history import HistoryWriter, RunHistory
 from runtime.infra import jspub
 from runtime.infra.clock import Clock
 from runtime.infra.config import Settings
-from runtime.infra.eventlog import (
-    PUBLISH_TIMEOUT_S,
-    RETRYABLE,
-    EventLog,
-    ensure_stream,
-    require_stream,
-    retrying,
-    submission_of,
-)
+from runtime.infra.eventlog import PUBLISH_TIMEOUT_S, EventLog, submission_of
+from runtime.infra.jsretry import RETRYABLE, retrying
 from runtime.infra.projection import RunIndex
 from runtime.infra.streams import EVENTS_STREAM, VIEWS_BUCKET, VIEWS_STREAM, views_config
+from runtime.infra.streamsetup import ensure_stream, require_stream
 
 log = logging.getLogger("jetrun.views")
 

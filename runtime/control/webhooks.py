@@ -42,7 +42,7 @@ from runtime.control.webhook_delivery import Deliverer, fetch, pending_subject
 from runtime.control.webhook_outbox import Callbacks, subject_parts
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
-from runtime.infra.eventlog import EventLog, LogSettings, ensure_stream, submission_of
+from runtime.infra.eventlog import EventLog, LogSettings, submission_of
 from runtime.infra.streams import (
     DEAD_PREFIX,
     DEAD_STREAM,
@@ -51,6 +51,7 @@ from runtime.infra.streams import (
     dead_config,
     webhooks_config,
 )
+from runtime.infra.streamsetup import ensure_stream
 
 log = logging.getLogger("jetrun.webhooks")
 

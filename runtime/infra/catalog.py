@@ -26,8 +26,9 @@ from nats.js.errors import NotFoundError
 
 from contracts.agents import PipelineInfo
 from contracts.names import check_pointer, is_pointer
-from runtime.infra.eventlog import ensure_stream, require_stream, retrying
+from runtime.infra.jsretry import retrying
 from runtime.infra.streams import CATALOG_STREAM, catalog_config
+from runtime.infra.streamsetup import ensure_stream, require_stream
 
 log = logging.getLogger("jetrun.catalog")
 

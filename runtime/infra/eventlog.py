@@ -11,31 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, NamedTuple
 
-import anyio
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import (
-    ConnectionClosedError,
-    NoRespondersError,
-    OutboundBufferLimitError,
-    StaleConnectionError,
-)
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import api
 from nats.js.errors import (
-    APIError,
-    NoStreamResponseError,
     NotFoundError,
-    ServerError,
-    ServiceUnavailableError,
 )
 
 from contracts.events import (
@@ -51,35 +38,14 @@ from contracts.machine import fold, restated_record
 from contracts.names import check_token
 from contracts.run import RunRecord
 from runtime.infra import jspub, streams
-from runtime.infra.metrics import LOG_FAILURES, LOG_RETRIES, operation_of
+from runtime.infra.jsretry import retrying
 from runtime.infra.streams import EVENTS_PREFIX, EVENTS_STREAM
+from runtime.infra.streamsetup import ensure_stream, require_stream
 
 log = logging.getLogger("jetrun.eventlog")
 
 ALL_EVENTS = f"{EVENTS_PREFIX}.>"
 PUBLISH_TIMEOUT_S = 5.0  # one try of an append; ``retrying`` repeats it until its deadline
-
-# Outages, not answers: no JetStream responder, timeouts, a leader change (503, or a reply that
-# is not a stream's), a closed, stale or full connection. Retried with the same message id.
-RETRYABLE = (
-    NoRespondersError,
-    NatsTimeoutError,
-    TimeoutError,
-    ServiceUnavailableError,
-    ServerError,
-    NoStreamResponseError,
-    ConnectionClosedError,
-    StaleConnectionError,
-    OutboundBufferLimitError,
-)
-
-
-# A 503 that is a final answer, not an outage: a per-subject limit was reached (10077).
-FINAL_ERR_CODES = frozenset({10077})
-
-
-def _refused(err: Exception) -> bool:
-    return isinstance(err, APIError) and err.err_code in FINAL_ERR_CODES
 
 
 def event_subject(run_id: str, kind: str) -> str:
@@ -147,27 +113,8 @@ class Stored(NamedTuple):
     event: AnyEvent
 
 
-T = TypeVar("T")
 Handler = Callable[[int, AnyEvent], Awaitable[None]]
 SkipHandler = Callable[[int], Awaitable[None]]
-
-
-async def retrying(what: str, call: Callable[[], Awaitable[T]], deadline_s: float) -> T:
-    """Run ``call`` until it succeeds, retrying outages (no responders, timeouts, leader
-    changes, a closed or full connection) until ``deadline_s`` has passed."""
-    deadline = time.monotonic() + deadline_s
-    delay = 0.02
-    while True:
-        try:
-            return await call()
-        except RETRYABLE as err:
-            if _refused(err) or time.monotonic() >= deadline:
-                LOG_FAILURES.labels(operation_of(what)).inc()
-                raise
-            LOG_RETRIES.labels(operation_of(what)).inc()
-            log.debug("%s: retrying after %r", what, err)
-            await anyio.sleep(delay)
-            delay = min(delay * 2, 0.5)
 
 
 class EventLog:
@@ -361,50 +308,6 @@ def _decode(msg: Msg) -> AnyEvent | None:
         return None
 
 
-async def ensure_stream(js: Any, config: api.StreamConfig, deadline_s: float = 30.0) -> None:
-    """Create ``config``'s stream if it is missing. An existing stream keeps its settings; its
-    replicas are only ever raised (``streams.reconcile``). Idempotent, retries outages."""
-
-    async def attempt() -> None:
-        try:
-            info = await js.stream_info(config.name)
-        except NotFoundError:
-            await js.add_stream(config)
-            return
-        streams.warn_differences(info.config, config)
-        update = streams.reconcile(info.config, config)
-        if update is not None:
-            log.info("stream %s: raising replicas to %s", config.name, update.num_replicas)
-            await js.update_stream(update)
-
-    await retrying(f"ensure stream {config.name}", attempt, deadline_s)
-
-
-class StreamMissing(RuntimeError):
-    """A stream that only the admin role may create does not exist."""
-
-
-async def require_stream(js: Any, name: str, deadline_s: float = 30.0) -> None:
-    """Wait (bounded by ``deadline_s``) until stream ``name`` exists; services never create or
-    change streams. Raises ``StreamMissing`` naming the step that creates it."""
-    deadline = time.monotonic() + deadline_s
-    logged = False
-    while True:
-        try:
-            await retrying(f"stream info {name}", lambda: js.stream_info(name), deadline_s)
-            return
-        except NotFoundError:
-            if time.monotonic() >= deadline:
-                raise StreamMissing(
-                    f"stream {name} does not exist: run `jetrun setup` with the admin "
-                    "credentials first"
-                ) from None
-            if not logged:
-                log.warning("waiting for stream %s: `jetrun setup` creates it", name)
-                logged = True
-            await anyio.sleep(0.2)
-
-
 async def last_event_of_kind(log: EventLog, run_id: str, kind: str) -> AnyEvent | None:
     """The latest ``kind`` event of one run, by a single direct get; None if there is none,
     or if it cannot be decoded (a newer kind, or nested past what the decoder allows: such a
@@ -450,24 +353,3 @@ async def submission_of(log: EventLog, run_id: str) -> RunSubmitted | None:
         idempotency_key=run.idempotency_key,
         callback_url=run.callback_url,
     )
-
-
-class Ensurable(Protocol):
-    async def ensure(self) -> None: ...
-
-    async def require(self) -> None: ...
-
-
-async def ensure_all(*parts: Ensurable) -> None:
-    """Create or update every part's streams at once (on a cluster each new replicated stream
-    waits for its leader election, so doing them one by one adds up)."""
-    async with anyio.create_task_group() as tg:
-        for part in parts:
-            tg.start_soon(part.ensure)
-
-
-async def require_all(*parts: Ensurable) -> None:
-    """Wait until every part's streams exist (created by the admin step, ``jetrun setup``)."""
-    async with anyio.create_task_group() as tg:
-        for part in parts:
-            tg.start_soon(part.require)

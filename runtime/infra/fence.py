@@ -26,7 +26,8 @@ import anyio
 from nats.js.errors import APIError, NotFoundError
 
 from contracts.events import Event, SchedulerElected
-from runtime.infra.eventlog import Appended, EventLog, Fencing, event_subject, retrying
+from runtime.infra.eventlog import Appended, EventLog, Fencing, event_subject
+from runtime.infra.jsretry import retrying
 from runtime.infra.streams import EVENTS_STREAM
 
 log = logging.getLogger("jetrun.fence")

@@ -34,7 +34,8 @@ from nats.js import JetStreamContext
 from nats.js.api import KeyValueConfig
 from nats.js.kv import KeyValue
 
-from runtime.infra.eventlog import require_stream, retrying
+from runtime.infra.jsretry import retrying
+from runtime.infra.streamsetup import require_stream
 
 log = logging.getLogger("jetrun.lease")
 

@@ -44,7 +44,7 @@ HTTP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
 LOSS_REASONS = (NODE_LOST, NODE_RECALLED, ATTEMPT_LOST)
 
 # --- process-wide: every NATS call that retries through outages ---
-# (runtime.infra.eventlog.retrying)
+# (runtime.infra.jsretry.retrying)
 
 PROCESS = CollectorRegistry(auto_describe=True)
 LOG_RETRIES = Counter(

@@ -24,8 +24,10 @@ from nats.js import JetStreamContext, api
 from contracts.logs import LogChunk, LogLine
 from runtime.infra.capture import DEFAULT_MAX_BYTES, LogCapture
 from runtime.infra.clock import Clock
-from runtime.infra.eventlog import LogSettings, ensure_stream, require_stream, retrying
+from runtime.infra.eventlog import LogSettings
+from runtime.infra.jsretry import retrying
 from runtime.infra.streams import LOGS_PREFIX, LOGS_STREAM, logs_config
+from runtime.infra.streamsetup import ensure_stream, require_stream
 
 log = logging.getLogger("jetrun.runlogs")
 

@@ -26,8 +26,9 @@ from contracts.scaling import (
     encode_scaling,
 )
 from runtime.infra.catalog import pipeline_subject
-from runtime.infra.eventlog import ensure_stream, require_stream, retrying
+from runtime.infra.jsretry import retrying
 from runtime.infra.streams import SCALING_PREFIX, SCALING_STREAM, scaling_config
+from runtime.infra.streamsetup import ensure_stream, require_stream
 
 log = logging.getLogger("jetrun.scalinglog")
 

@@ -41,13 +41,7 @@ from contracts.scaling import AnyScalingEvent, ReplicaLoadRequested, ReplicaUnlo
 from runtime.infra.capture import DEFAULT_MAX_BYTES
 from runtime.infra.catalog import Catalog
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
-from runtime.infra.eventlog import (
-    EventLog,
-    LogSettings,
-    agent_dispatches,
-    kind_subjects,
-    require_all,
-)
+from runtime.infra.eventlog import EventLog, LogSettings, agent_dispatches, kind_subjects
 from runtime.infra.fleet import (
     HEARTBEAT_SUBJECT,
     RECALL_SUBJECT,
@@ -59,6 +53,7 @@ from runtime.infra.logsetup import bound
 from runtime.infra.metrics import cold_start_histogram
 from runtime.infra.runlogs import LogFlusher, LogStore
 from runtime.infra.scalinglog import ScalingLog
+from runtime.infra.streamsetup import require_all
 from runtime.node.accelerators import detect
 from runtime.node.attempts import Attempt, Pool, Reporter, Runner, Starts
 from runtime.node.ended import EndedRuns
