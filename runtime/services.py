@@ -164,7 +164,8 @@ async def serve_agent(
     credentials: Credentials | None = None,
 ) -> None:
     from runtime.health import agent_checks, agent_exposition, health_app, serve_health
-    from runtime.node.agent import Agent, AgentFenced, PipelineModuleError
+    from runtime.node.agent import Agent, AgentFenced
+    from runtime.node.replicas import PipelineModuleError
 
     nc = await connect(nats_url, "jetrun-agent", credentials)
     agent = Agent(
