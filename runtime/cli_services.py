@@ -135,7 +135,8 @@ def up(
     """Start everything: nats-server, gateway, scheduler and a local agent; more local agents
     are started (and stopped) as the autoscaler needs room."""
     from runtime.control.gateway_pool import default_gateways
-    from runtime.up import AgentExited, UpOptions, serve_up
+    from runtime.up import UpOptions, serve_up
+    from runtime.up_children import AgentExited
     from runtime.up_ready import StartupError
 
     options = UpOptions(
