@@ -19,7 +19,8 @@ Rules of this machine:
    event), so there it changes nothing.
 8. A queue's event (``queue_waiting``) names its pipeline, not a run: it applies to every run of
    that pipeline that is queued where it stands in the log, as a ``waiting`` would to each
-   (readers of the whole log apply it to the runs in that queue; ``fold`` to the one run).
+   (``fold`` applies it to the one run; readers of the whole log keep it once for the queue and
+   a queued run takes it on when read: ``runtime.infra.queue_log``).
 No I/O, no clock: time is a field of each event. The same events give the same run anywhere.
 """
 

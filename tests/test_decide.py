@@ -97,6 +97,7 @@ class World:
         self.index = RunIndex()
         self.work = Worklist()
         self.index.listen(lambda seq, e, before, run: self.work.observe(seq, e, run, self.mono))
+        self.index.listen_queue(lambda seq, e, queued: self.work.observe_queue(e, queued))
         self.fleet = Fleet(lambda: self.mono, CONFIG.settings.node_loss_timeout_s)
         self.seq = 0
 

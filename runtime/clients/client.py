@@ -27,6 +27,7 @@ from nats.aio.client import Client
 from contracts.events import AnyEvent, Event, QueueWaitChanged, RunSubmitted
 from contracts.machine import evolve
 from contracts.run import Run, RunRecord
+from contracts.states import RunState
 from contracts.submission import SUBMIT_SUBJECT, SubmitReply, SubmitRequest
 from contracts.values import from_python
 from runtime.clients.sdk import ConcurrencyLimitReached, JetrunError
@@ -109,6 +110,7 @@ class RunEvents:
         Close it when done (``async with contextlib.aclosing(events.watch(...)) as changes``)
         so that its consumer is removed at once."""
         runs: dict[str, RunRecord] = {}
+        queued: dict[str, dict[str, None]] = {}  # pipeline -> its runs queued now, followed here
         send, receive = anyio.create_memory_object_stream[tuple[int, AnyEvent]](buffer)
         last = from_seq - 1
 
@@ -127,7 +129,7 @@ class RunEvents:
                         continue  # a consumer recreated after a gap delivers again
                     last = seq
                     if isinstance(event, QueueWaitChanged):  # about every run in that queue
-                        for after in _apply_to_queue(runs, event):
+                        for after in _apply_to_queue(runs, queued, event):
                             if _matches(after, team, pipeline, run_id):
                                 yield RunChange(seq=seq, event=event, run=after)
                         continue
@@ -140,6 +142,7 @@ class RunEvents:
                     if after is base:
                         continue
                     runs[event.run_id] = after
+                    _track_queued(queued, after)
                     if _matches(after, team, pipeline, run_id):
                         yield RunChange(seq=seq, event=event, run=after)
         finally:
@@ -158,15 +161,28 @@ class RunEvents:
         return record
 
 
-def _apply_to_queue(runs: dict[str, RunRecord], event: QueueWaitChanged) -> list[RunRecord]:
-    """The runs a queue's event changed (those of its pipeline queued now), changed."""
+def _apply_to_queue(
+    runs: dict[str, RunRecord], queued: dict[str, dict[str, None]], event: QueueWaitChanged
+) -> list[RunRecord]:
+    """The runs a queue's event changed (those of its pipeline queued now), changed: only that
+    queue's runs are looked at."""
     changed = []
-    for run_id, before in runs.items():
+    for run_id in queued.get(event.pipeline, {}):
+        before = runs[run_id]
         after = evolve(before, event)
         if after is not before:
             runs[run_id] = after
             changed.append(after)
     return changed
+
+
+def _track_queued(queued: dict[str, dict[str, None]], run: RunRecord) -> None:
+    if run.state is RunState.queued:
+        queued.setdefault(run.pipeline, {})[run.id] = None
+    elif (runs := queued.get(run.pipeline)) is not None:
+        runs.pop(run.id, None)
+        if not runs:
+            del queued[run.pipeline]
 
 
 def _matches(run: RunRecord, team: str | None, pipeline: str | None, run_id: str | None) -> bool:

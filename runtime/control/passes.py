@@ -13,6 +13,7 @@ from sortedcontainers import SortedList
 
 from contracts.agents import PipelineInfo
 from contracts.events import AnyEvent, Event, QueueWaitChanged, RunAdmitted, RunDispatched
+from contracts.machine import WAITS_FOR_A_REPLICA
 from contracts.run import RunRecord
 from contracts.states import RunState, WaitingFor
 from runtime.infra.config import Config
@@ -27,7 +28,9 @@ class Now(NamedTuple):
 class Runs(Protocol):
     """What a pass reads from the run index (``runtime.infra.projection.RunIndex``)."""
 
-    records: dict[str, RunRecord]
+    @property
+    def records(self) -> Mapping[str, RunRecord]: ...
+
     on_agent: dict[str, set[str]]
 
     def queued(self, pipeline: str, limit: int | None = None) -> list[str]: ...
@@ -56,10 +59,24 @@ class Worklist:
     resource_waits: dict[str, SortedList] = field(default_factory=dict)
     _waiting: dict[str, tuple[str, float]] = field(default_factory=dict)  # run -> its entry
 
+    def observe_queue(self, event: QueueWaitChanged, queued: list[str]) -> None:
+        """A queue's event (its runs stay queued: only their wait for a replica changes, as the
+        machine's ``evolve`` changes ``resources_since``): one that waits for a replica starts
+        a wait for each run without one; one that waits for something else (not a
+        cancellation) ends them all. No run record is read."""
+        pipeline = event.pipeline
+        if event.waiting_for in WAITS_FOR_A_REPLICA:
+            entry = (pipeline, event.at)
+            fresh = [(event.at, r) for r in queued if r not in self._waiting]
+            for _, run_id in fresh:
+                self._waiting[run_id] = entry
+            if fresh:
+                self.resource_waits.setdefault(pipeline, SortedList()).update(fresh)
+        elif event.waiting_for is not WaitingFor.cancellation:
+            for _, run_id in self.resource_waits.pop(pipeline, ()):
+                del self._waiting[run_id]
+
     def observe(self, seq: int, event: AnyEvent, run: RunRecord, mono: float) -> None:
-        if isinstance(event, QueueWaitChanged):  # a queued run stays queued: only its wait
-            self._track_resource_wait(run)  # changed (and its queue was just told)
-            return
         _toggle(self.routing, run.id, run.state is RunState.routing)
         if run.state is not RunState.routing:
             self.permit_held.discard(run.id)

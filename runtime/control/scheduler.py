@@ -31,7 +31,7 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from contracts.agents import AgentHeartbeat, PipelineInfo, SchedulerHeartbeat
-from contracts.events import AnyEvent
+from contracts.events import AnyEvent, QueueWaitChanged
 from contracts.run import RunRecord
 from runtime.control.admission import Admission
 from runtime.control.applier import CATCH_UP_S, Applier, patiently
@@ -93,6 +93,7 @@ class Scheduler(Applier):
         self.log = EventLog(nc, settings)
         self.index = RunIndex()
         self.index.listen(self._observe)
+        self.index.listen_queue(self._observe_queue)
         self.views = RunViews(self.log.js, replicas=settings.replicas)
         self.keeper = ViewKeeper(self.views, self.index, config.settings)
         self.restater = Restater(self.log, self.index)  # live runs outlive their events
@@ -235,6 +236,10 @@ class Scheduler(Applier):
         newly_ended = run.is_terminal and (before is None or not before.is_terminal)
         if newly_ended and self.caught_up and run.slot is not None:
             self._ended.append(run)
+        self._kick.set()
+
+    def _observe_queue(self, seq: int, event: QueueWaitChanged, queued: list[str]) -> None:
+        self.work.observe_queue(event, queued)
         self._kick.set()
 
     # --- the deciding task -------------------------------------------------------------------

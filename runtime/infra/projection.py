@@ -12,7 +12,7 @@ from __future__ import annotations
 import heapq
 import itertools
 from collections import defaultdict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 
 import anyio
 import msgspec
@@ -22,10 +22,13 @@ from contracts.events import AnyEvent, QueueWaitChanged, RunRequeued, RunRestate
 from contracts.machine import evolve
 from contracts.run import RunRecord
 from contracts.states import RunState
+from runtime.infra.queue_log import QueueLog
 
 Ticket = tuple[int, int]
+COMPACT_AFTER = 1024  # queue events kept per queue before its queued runs take them on
 Listener = Callable[[int, AnyEvent, RunRecord | None, RunRecord], None]
 Forgetter = Callable[[RunRecord], None]
+QueueListener = Callable[[int, QueueWaitChanged, list[str]], None]
 
 
 class QueueStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -45,12 +48,40 @@ class IndexLagging(TimeoutError):
     """The index did not reach a sequence of the log in time."""
 
 
+class Records(Mapping[str, RunRecord]):
+    """Every held run as it stands now: a queued run is read with its queue's events since its
+    own last event taken on (``QueueLog``), so a queue's event changes no stored record."""
+
+    def __init__(self, index: RunIndex) -> None:
+        self._index = index
+
+    def __getitem__(self, run_id: str) -> RunRecord:
+        return self._index.read(run_id)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index.stored)
+
+    def __len__(self) -> int:
+        return len(self._index.stored)
+
+    def __contains__(self, run_id: object) -> bool:
+        return run_id in self._index.stored
+
+    def pop(self, run_id: str) -> RunRecord:
+        """Drop a run from the index (as if it had not been read)."""
+        return self._index.current(self._index.stored.pop(run_id))
+
+
 class RunIndex:
     """In-memory projection of the event log. Not thread-safe; one event loop owns it."""
 
     def __init__(self) -> None:
         self.last_seq = 0
-        self.records: dict[str, RunRecord] = {}
+        # each run as its own events left it; ``records`` reads it with its queue's events
+        self.stored: dict[str, RunRecord] = {}
+        self.records = Records(self)
+        self._queue_logs: dict[str, QueueLog] = {}  # pipeline -> its queue's events
+        self._queue_listeners: list[QueueListener] = []
         self._queues: dict[str, SortedList] = defaultdict(SortedList)
         self._tickets: dict[str, Ticket] = {}
         self._by_ticket: dict[Ticket, str] = {}
@@ -66,6 +97,7 @@ class RunIndex:
         self._seq_waiters: list[tuple[int, int, anyio.Event]] = []  # a heap: lowest seq first
         self._waiter_ids = itertools.count()  # ties in seq are broken by arrival
         self._queue_events: dict[str, int] = {}  # pipeline -> its queue's last event (seq)
+        self._synced: dict[str, int] = {}  # queued run -> the queue event its record includes
 
     # --- writing -----------------------------------------------------------------------------
 
@@ -73,10 +105,16 @@ class RunIndex:
         """Call ``listener(seq, event, before, after)`` after every event that changed a run."""
         self._listeners.append(listener)
 
+    def listen_queue(self, listener: QueueListener) -> None:
+        """Call ``listener(seq, event, queued)`` after every queue event, with the ids of the
+        runs it applies to (that queue's, head first). Per-run listeners do not hear it: the
+        runs' stored records do not change (``records`` reads them with it)."""
+        self._queue_listeners.append(listener)
+
     def start_at(self, seq: int) -> None:
         """Start an empty index at ``seq``: the log is read from ``seq + 1`` on (a replay from a
         checkpoint). A run whose first event comes before that is not in the index."""
-        if self.records or self.last_seq:
+        if self.stored or self.last_seq:
             raise ValueError("start_at is for an empty index")
         self.last_seq = max(seq, 0)
 
@@ -94,7 +132,8 @@ class RunIndex:
             self._apply_to_queue(seq, event)
             self._wake_seq_waiters()
             return None
-        before = self.records.get(event.run_id)
+        held = self.stored.get(event.run_id)
+        before = None if held is None else self.current(held)
         base = before or RunRecord(id=event.run_id)
         after = evolve(base, event)
         if before is not None:
@@ -103,9 +142,11 @@ class RunIndex:
                 del self._first[event.run_id]
                 self._first[event.run_id] = (seq, event.at)
         if after is base:
+            if before is not None and before is not held:  # its queue's events, taken on now
+                self.stored[event.run_id] = before
             self._wake_seq_waiters()
             return None
-        self.records[event.run_id] = after
+        self.stored[event.run_id] = after
         if before is None:
             self._first[event.run_id] = (seq, event.at)
             self._last_of[event.run_id] = seq
@@ -120,19 +161,57 @@ class RunIndex:
         return after
 
     def _apply_to_queue(self, seq: int, event: QueueWaitChanged) -> None:
-        """A queue's event applies to every run in that queue (the machine's rule 8): in
-        memory, with no event per run in the log."""
+        """A queue's event applies to every run in that queue (the machine's rule 8): kept once
+        for the queue and taken on by each run when it is read, so it costs O(1) however long
+        the queue (no run is touched, and no event per run is in the log)."""
         self._queue_events[event.pipeline] = seq
-        for run_id in self.queued(event.pipeline):
-            before = self.records[run_id]
-            after = evolve(before, event)
-            if after is before:
-                continue
-            self.records[run_id] = after
-            for listener in self._listeners:
-                listener(seq, event, before, after)
-            if waiter := self._changed.pop(run_id, None):
-                waiter.set()
+        queue = self._queues.get(event.pipeline)
+        if not queue:
+            self._queue_logs.pop(event.pipeline, None)  # no run waits: nobody takes it on
+            return
+        log = self._queue_logs.get(event.pipeline)
+        if log is None:
+            log = self._queue_logs[event.pipeline] = QueueLog()
+        elif len(log) >= COMPACT_AFTER:
+            self._compact(event.pipeline)
+            log = self._queue_logs[event.pipeline] = QueueLog()
+        log.append(seq, event)
+        if self._queue_listeners:
+            queued = self.queued(event.pipeline)
+            for listener in self._queue_listeners:
+                listener(seq, event, queued)
+        for run_id in list(self._changed):  # O(waiters): those waiting on a run of the queue
+            run = self.stored.get(run_id)
+            if run is not None and run.pipeline == event.pipeline and run.state is RunState.queued:
+                self._changed.pop(run_id).set()
+
+    def _compact(self, pipeline: str) -> None:
+        """Store every queued run of ``pipeline`` as its queue's events left it, so that those
+        events can go: once per ``COMPACT_AFTER`` events of a queue, O(1) amortised."""
+        upto = self._queue_logs[pipeline].seqs[-1]
+        for run_id in self.queued(pipeline):
+            self.stored[run_id] = self.current(self.stored[run_id])
+            self._synced[run_id] = upto
+
+    def read(self, run_id: str) -> RunRecord:
+        """The run as it stands now; a queued run that took on its queue's events is stored so
+        (a cache: the next read of it is a lookup)."""
+        run = self.stored[run_id]
+        now = self.current(run)
+        if now is not run:
+            self.stored[run_id] = now
+            self._synced[run_id] = self._queue_logs[now.pipeline].seqs[-1]
+        return now
+
+    def current(self, run: RunRecord) -> RunRecord:
+        """``run`` (a stored record) with its queue's events since its own last event."""
+        if run.state is not RunState.queued:
+            return run
+        log = self._queue_logs.get(run.pipeline)
+        if log is None:
+            return run
+        since = max(self._last_of.get(run.id, 0), self._synced.get(run.id, 0))
+        return log.apply(run, since) if log.newer_than(since) else run
 
     def skip(self, seq: int) -> None:
         """Move past ``seq``, a message that is not an event this release knows (a newer kind
@@ -169,8 +248,12 @@ class RunIndex:
     def _dequeue(self, run: RunRecord) -> None:
         ticket = self._tickets.pop(run.id, None)
         if ticket is not None:
-            self._queues[run.pipeline].discard(ticket)
+            queue = self._queues[run.pipeline]
+            queue.discard(ticket)
             del self._by_ticket[ticket]
+            self._synced.pop(run.id, None)
+            if not queue:
+                self._queue_logs.pop(run.pipeline, None)
 
     def forget_ended(self, before: float, may: Callable[[str], bool] | None = None) -> int:
         """Drop runs that ended (by their last event's time) before ``before``, oldest first,
@@ -186,7 +269,7 @@ class RunIndex:
             self._ended.popleft()
             if run is None or not run.is_terminal:
                 continue
-            del self.records[run.id]
+            del self.stored[run.id]
             self._first.pop(run.id, None)
             self._last_of.pop(run.id, None)
             self._changed.pop(run.id, None)
@@ -261,7 +344,7 @@ class RunIndex:
             for p, q in sorted(self._queues.items())
             if q
         ]
-        active = sum(1 for r in self.records.values() if not r.is_terminal)
+        active = sum(1 for r in self.stored.values() if not r.is_terminal)
         return IndexStats(
             last_seq=self.last_seq, runs=len(self.records), active=active, queues=queues
         )
