@@ -26,8 +26,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
 
@@ -42,6 +41,7 @@ from contracts.values import RunIO
 from runtime.infra.capture import LogCapture
 from runtime.infra.lifetime import child_env
 from runtime.node.worker_env import worker_env
+from runtime.node.worker_output import _STREAM_ENDED, WorkerOutput
 from runtime.node.worker_process import (
     HEADER,
     MARKER_ENV,
@@ -63,12 +63,6 @@ __all__ = ["PipelineWorker", "StartupFailed", "WorkerResult", "WorkerStatistics"
 
 log = logging.getLogger("jetrun.worker")
 
-_STREAM_ENDED = (
-    anyio.IncompleteRead,
-    anyio.EndOfStream,
-    anyio.ClosedResourceError,
-    anyio.BrokenResourceError,
-)
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
 PASS_ENV = "JETRUN_WORKER_ENV"  # names, comma-separated, the operator lets through to workers
 # The OS user workers run as (the agent must be root to switch): then tenant code cannot read
@@ -76,12 +70,6 @@ PASS_ENV = "JETRUN_WORKER_ENV"  # names, comma-separated, the operator lets thro
 # user runs (default: the agent's own, which that user may not be able to read)
 USER_ENV = "JETRUN_WORKER_USER"
 PYTHON_ENV = "JETRUN_WORKER_PYTHON"
-_READ_SIZE = 65_536
-_OVER_CAP_PAUSE_S = 0.005  # past its cap a flood is read (and dropped) at <= 13 MB/s
-# how long to wait for an attempt's end marker after its result; a worker that misses it is
-# killed, so that what it printed late can never land in another attempt's logs
-_END_GRACE_S = 5.0
-_UNCAPTURED_MAX_BYTES = 65_536
 
 
 OnOutput = Callable[[int, RunIO], Awaitable[None]]
@@ -135,7 +123,7 @@ def _home(user: str | None) -> str:
     return pwd.getpwnam(user).pw_dir
 
 
-class PipelineWorker:
+class PipelineWorker(WorkerOutput):
     """One child process serving one pipeline, one attempt at a time.
 
     Use ``async with PipelineWorker(...) as worker`` (start, then kill on exit), or call
@@ -283,58 +271,6 @@ class PipelineWorker:
             finally:
                 self._busy = False
                 self._runs += 1
-
-    def _uncaptured(self) -> LogCapture:
-        return LogCapture(time.time, max_bytes=_UNCAPTURED_MAX_BYTES)
-
-    @contextlib.asynccontextmanager
-    async def _capturing(
-        self, capture: LogCapture, *, own: bool, strict: bool = True
-    ) -> AsyncIterator[None]:
-        """Read the child's stdout and stderr into ``capture`` while the body runs, then until
-        both end markers (for at most a short grace); ``capture`` is finished on the way out,
-        and its lines logged if it is ``own``."""
-        ended = {stream: anyio.Event() for stream in self._outputs}
-        try:
-            async with anyio.create_task_group() as tg:
-                for stream, done in ended.items():
-                    tg.start_soon(self._pump, capture, stream, done)
-                yield
-                with anyio.move_on_after(_END_GRACE_S):
-                    for done in ended.values():
-                        await done.wait()
-                tg.cancel_scope.cancel()
-                if strict and not all(done.is_set() for done in ended.values()):
-                    log.warning("%s: no end of output in time; worker retired", self.pointer)
-                    await self.kill()
-        except BaseExceptionGroup as group:  # the body's own exception, as if unwrapped
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
-        finally:
-            capture.finish()
-            if own:
-                for line in capture.take():
-                    extra = {"pipeline": self.pointer, "stream": line.stream}
-                    log.info("%s: %s", self.pointer, line.text, extra=extra)
-
-    async def _pump(self, capture: LogCapture, stream: Stream, ended: anyio.Event) -> None:
-        """Feed ``stream`` into ``capture`` until its end marker (or the pipe closes)."""
-        output = self._outputs[stream]
-        try:
-            data = self._leftovers.pop(stream, b"")
-            done = capture.feed(data, stream) if data else False
-            while not done:
-                try:
-                    data = await output.receive(_READ_SIZE)
-                except _STREAM_ENDED:
-                    break
-                done = capture.feed(data, stream)
-                if capture.over_cap:
-                    await anyio.sleep(_OVER_CAP_PAUSE_S)  # a flood must not starve the agent
-            self._leftovers[stream] = capture.leftover(stream)
-        finally:
-            ended.set()
 
     async def _attempt(self, request: bytes, on_output: OnOutput | None) -> WorkerResult:
         streamed: list[RunIO] = []
