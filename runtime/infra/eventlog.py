@@ -236,15 +236,7 @@ class EventLog:
         if subjects:  # several filters on one consumer (``subject`` is then ignored)
             config.filter_subjects = subjects
             subject = subjects[0]
-        return await self.js.subscribe(
-            subject,
-            stream=EVENTS_STREAM,
-            cb=on_msg,
-            ordered_consumer=True,
-            idle_heartbeat=1.0,
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            config=config,
-        )
+        return await self._ordered(subject, on_msg, config)
 
     async def tail_each(
         self, handler: Handler, *, from_seq: int, subjects: list[str]
@@ -278,6 +270,13 @@ class EventLog:
             if event is not None:
                 await handler(seq, event)
 
+        config = NamedEachTime(opt_start_seq=max(from_seq, 1), filter_subject=subject)
+        return await self._ordered(subject, on_msg, config)
+
+    async def _ordered(
+        self, subject: str, on_msg: Callable[[Msg], Awaitable[None]], config: api.ConsumerConfig
+    ) -> Subscription:
+        """An ordered push consumer on the event stream from ``config``'s start sequence."""
         return await self.js.subscribe(
             subject,
             stream=EVENTS_STREAM,
@@ -285,7 +284,7 @@ class EventLog:
             ordered_consumer=True,
             idle_heartbeat=1.0,
             deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            config=NamedEachTime(opt_start_seq=max(from_seq, 1), filter_subject=subject),
+            config=config,
         )
 
 
