@@ -4,6 +4,7 @@ the boundary without duplicates or gaps."""
 
 from __future__ import annotations
 
+import anyio
 import msgspec
 import pytest
 from nats.aio.client import Client
@@ -23,7 +24,7 @@ from contracts.machine import restate
 from contracts.run import RunRecord
 from contracts.states import RunState
 from runtime.control.history import HistoryWriter, Listed, RunHistory
-from runtime.control.listing import ListQuery, RunListing, decode_cursor
+from runtime.control.listing import Cursor, ListQuery, RunListing, decode_cursor
 from runtime.infra.projection import RunIndex
 
 pytestmark = pytest.mark.anyio
@@ -191,3 +192,27 @@ async def test_a_run_first_read_from_its_restatement_keeps_its_place(nc: Client)
     assert flat(pages) == ["run_2", "run_1", "run_q"]  # by submission, not by restatement
     unfinished = ListQuery(states=frozenset({RunState.queued}))
     assert flat(await every_page(listing, "acme", unfinished)) == ["run_q"]
+
+
+async def test_a_crafted_cursor_pages_only_the_callers_runs_and_ends(nc: Client) -> None:
+    """A cursor is the caller's text: whatever numbers it names, a page holds only the team's
+    own runs below the cursor's sequence and is answered (the history walk starts at most at
+    the team's newest entry, not at an entry number the cursor made up)."""
+    index = RunIndex()
+    views = Views(index)
+    history = RunHistory(nc.jetstream())
+    writer = HistoryWriter(history, index)
+    listing = RunListing(index, history, views.load)
+    for i in range(4):
+        feed(index, run_events(f"run_a{i}", 10.0 + i, "acme", "t/x:v1", fail=False))
+        feed(index, run_events(f"run_r{i}", 10.5 + i, "rival", "t/x:v1", fail=False))
+    await writer.step(leading=True)
+    assert index.forget_ended(100.0) == 8  # every run is read back from the history
+    everything = ["run_a3", "run_a2", "run_a1", "run_a0"]
+    for seq, entry in [(2**62, 2**62), (2**63 - 1, 2**63 - 1), (10**9, 10**9), (10**9, -7)]:
+        with anyio.fail_after(20):
+            runs, cursor = await listing.page("acme", ListQuery(cursor=Cursor(seq, entry)))
+        assert [r.id for r in runs] == everything and cursor is None
+    with anyio.fail_after(20):
+        below, _ = await listing.page("acme", ListQuery(cursor=Cursor(21, 2**62)))
+    assert [r.id for r in below] == ["run_a1", "run_a0"]  # runs submitted below seq 21

@@ -293,12 +293,12 @@ class _Pager:
     async def _listed(self) -> AsyncGenerator[tuple[int, Listed]]:
         if self.entry == 0:
             return
-        start = self.entry
-        if start < 0:
-            newest = await self.history.newest(self.team)
-            if newest is None:
-                return
-            start = newest[0]
+        newest = await self.history.newest(self.team)
+        if newest is None:
+            return
+        # the walk never starts above the team's newest entry: a cursor is the caller's text,
+        # and one naming entry 2**62 would otherwise be walked down one number at a time
+        start = newest[0] if self.entry < 0 else min(self.entry, newest[0])
         oldest = await self.history.oldest(self.team) or 1
         cursor_seq = self.query.cursor.seq if self.query.cursor is not None else None
         async for n, listed in self.history.entries(self.team, start, oldest):
