@@ -10,6 +10,7 @@
 queue's ``queue_waiting`` event yields one for each matching run it changed: what it waits for).
 Filter by team, pipeline or run id. It is resumable: pass ``from_seq=change.seq + 1`` after a
 disconnect (runs that began before ``from_seq`` are loaded from the log when first seen).
+Its memory holds the runs that can still change, not every run it saw (``RunFollower``).
 ``submit`` goes through a gateway's admission, exactly like ``POST /v4/runs``.
 """
 
@@ -109,8 +110,7 @@ class RunEvents:
         """Yield run changes matching every filter given, from ``from_seq`` on, for ever.
         Close it when done (``async with contextlib.aclosing(events.watch(...)) as changes``)
         so that its consumer is removed at once."""
-        runs: dict[str, RunRecord] = {}
-        queued: dict[str, dict[str, None]] = {}  # pipeline -> its runs queued now, followed here
+        runs = RunFollower()
         send, receive = anyio.create_memory_object_stream[tuple[int, AnyEvent]](buffer)
         last = from_seq - 1
 
@@ -128,23 +128,15 @@ class RunEvents:
                     if seq <= last:
                         continue  # a consumer recreated after a gap delivers again
                     last = seq
-                    if isinstance(event, QueueWaitChanged):  # about every run in that queue
-                        for after in _apply_to_queue(runs, queued, event):
-                            if _matches(after, team, pipeline, run_id):
-                                yield RunChange(seq=seq, event=event, run=after)
-                        continue
-                    before = runs.get(event.run_id)
-                    if before is None and from_seq > 1 and not isinstance(event, RunSubmitted):
-                        # the run began before from_seq: load what came before
-                        before = await self._load_before(event.run_id, seq)
-                    base = before or RunRecord(id=event.run_id)
-                    after = evolve(base, event)
-                    if after is base:
-                        continue
-                    runs[event.run_id] = after
-                    _track_queued(queued, after)
-                    if _matches(after, team, pipeline, run_id):
-                        yield RunChange(seq=seq, event=event, run=after)
+                    if (
+                        from_seq > 1
+                        and not isinstance(event, (RunSubmitted, QueueWaitChanged))
+                        and runs.unseen(event.run_id)
+                    ):  # the run began before from_seq: load what came before
+                        runs.load(event.run_id, await self._load_before(event.run_id, seq))
+                    for after in runs.apply(event):
+                        if _matches(after, team, pipeline, run_id):
+                            yield RunChange(seq=seq, event=event, run=after)
         finally:
             send.close()
             with anyio.CancelScope(shield=True):
@@ -161,28 +153,69 @@ class RunEvents:
         return record
 
 
-def _apply_to_queue(
-    runs: dict[str, RunRecord], queued: dict[str, dict[str, None]], event: QueueWaitChanged
-) -> list[RunRecord]:
-    """The runs a queue's event changed (those of its pipeline queued now), changed: only that
-    queue's runs are looked at."""
-    changed = []
-    for run_id in queued.get(event.pipeline, {}):
-        before = runs[run_id]
-        after = evolve(before, event)
-        if after is not before:
-            runs[run_id] = after
-            changed.append(after)
-    return changed
+class RunFollower:
+    """The fold behind ``watch``: the runs followed, in memory only while they can still change.
 
+    A run that reaches a terminal state is dropped (nothing changes it any more) and its id kept
+    among the last ``remember_ended`` ended ones, so a late event of it is known to change
+    nothing; memory grows with the runs live at once, not with every run ever watched."""
 
-def _track_queued(queued: dict[str, dict[str, None]], run: RunRecord) -> None:
-    if run.state is RunState.queued:
-        queued.setdefault(run.pipeline, {})[run.id] = None
-    elif (runs := queued.get(run.pipeline)) is not None:
-        runs.pop(run.id, None)
-        if not runs:
-            del queued[run.pipeline]
+    def __init__(self, *, remember_ended: int = 10_000) -> None:
+        self.runs: dict[str, RunRecord] = {}
+        self.queued: dict[str, dict[str, None]] = {}  # pipeline -> its runs queued now
+        self.ended: dict[str, None] = {}  # insertion-ordered: the oldest is dropped first
+        self.remember_ended = remember_ended
+
+    def unseen(self, run_id: str) -> bool:
+        """Whether this run was never followed here (neither live nor recently ended)."""
+        return run_id not in self.runs and run_id not in self.ended
+
+    def load(self, run_id: str, record: RunRecord | None) -> None:
+        """Take a run's state before the watch began (read from the log)."""
+        if record is not None:
+            self._keep(record)
+
+    def apply(self, event: AnyEvent) -> list[RunRecord]:
+        """The runs ``event`` changed, changed (a queue's event may change many; an event of an
+        ended run changes none)."""
+        if isinstance(event, QueueWaitChanged):
+            return self._apply_to_queue(event)
+        if event.run_id in self.ended:
+            return []
+        base = self.runs.get(event.run_id) or RunRecord(id=event.run_id)
+        after = evolve(base, event)
+        if after is base:
+            return []
+        self._keep(after)
+        return [after]
+
+    def _apply_to_queue(self, event: QueueWaitChanged) -> list[RunRecord]:
+        changed = []
+        for run_id in list(self.queued.get(event.pipeline, {})):
+            before = self.runs[run_id]
+            after = evolve(before, event)
+            if after is not before:
+                self._keep(after)
+                changed.append(after)
+        return changed
+
+    def _keep(self, run: RunRecord) -> None:
+        self._track_queued(run)
+        if not run.state.is_terminal:
+            self.runs[run.id] = run
+            return
+        self.runs.pop(run.id, None)
+        self.ended[run.id] = None
+        if len(self.ended) > self.remember_ended:
+            del self.ended[next(iter(self.ended))]
+
+    def _track_queued(self, run: RunRecord) -> None:
+        if run.state is RunState.queued:
+            self.queued.setdefault(run.pipeline, {})[run.id] = None
+        elif (runs := self.queued.get(run.pipeline)) is not None:
+            runs.pop(run.id, None)
+            if not runs:
+                del self.queued[run.pipeline]
 
 
 def _matches(run: RunRecord, team: str | None, pipeline: str | None, run_id: str | None) -> bool:
