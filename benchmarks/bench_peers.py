@@ -44,8 +44,8 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import bench_runs  # noqa: E402
+import nats_traffic  # noqa: E402
 
-from runtime.infra.nats_auth import Credentials  # noqa: E402
 from runtime.infra.natsserver import free_port  # noqa: E402
 
 PAYLOAD = "x" * 16
@@ -145,10 +145,12 @@ class Jetrun:
     ) -> None:
         self.tmp, self.wrk_seconds = tmp, wrk_seconds
         (tmp / "jetrun.toml").write_text(bench_runs.CONFIG)
-        port, self.nats_port = free_port(), free_port()
+        port, self.nats_port, monitor_port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{port}"
+        self.monitor_url = f"http://127.0.0.1:{monitor_port}"
         argv = [str(Path(sys.executable).parent / "jetrun"), "up", "--port", str(port)]
         argv += ["--nats-port", str(self.nats_port), "--data-dir", str(tmp / "data")]
+        argv += ["--nats-monitor-port", str(monitor_port)]
         argv += ["--config", str(tmp / "jetrun.toml"), "--slots", str(slots)]
         if nats_sync:
             argv += ["--nats-sync", nats_sync]
@@ -190,7 +192,8 @@ class Jetrun:
         _, rate, total = anyio.run(
             bench_runs.wrk_throughput, self.url, nats_url, self.wrk_seconds, 256, self.tmp, creds
         )
-        anyio.run(outbox_caught_up, nats_url, creds)  # its CPU for these runs is counted too
+        # the outbox's CPU (and messages) for these runs are counted too
+        anyio.run(nats_traffic.outbox_caught_up, nats_url, creds)
         return rate, total
 
     def pids(self) -> list[int]:
@@ -200,22 +203,6 @@ class Jetrun:
         self.client.close()
         self.proc.send_signal(2)
         self.proc.wait(60)
-
-
-async def outbox_caught_up(nats_url: str, creds: Credentials) -> None:
-    """Wait (60 s at most) until the webhook outbox has read every event so far."""
-    from runtime.infra.nats_conn import connect
-
-    nc = await connect(nats_url, "bench-peers", creds)
-    try:
-        with anyio.move_on_after(60):
-            while True:
-                info = await nc.jetstream().consumer_info("JETRUN_EVENTS", "webhooks-outbox")
-                if not info.num_pending and not info.num_ack_pending:
-                    return
-                await anyio.sleep(0.1)
-    finally:
-        await nc.close()
 
 
 # ---- Ray ------------------------------------------------------------------------------------
@@ -325,12 +312,16 @@ def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) 
         start = time.perf_counter()
         system.sync_run()
         latencies.append(time.perf_counter() - start)
+    traffic = nats_traffic.snapshot(system.monitor_url) if isinstance(system, Jetrun) else None
     before, parts = cpu_seconds(system.pids), cpu_by_process(system.pids)
     rate, total = system.throughput(runs)
     used = cpu_seconds(system.pids) - before
     into.add(latencies, rate, used / total * 1000)
     if isinstance(system, Jetrun):
+        assert traffic is not None
         after = cpu_by_process(system.pids)
+        counted = nats_traffic.per_run(traffic, nats_traffic.snapshot(system.monitor_url), total)
+        print("\n".join(f"  {line}" for line in counted.lines()), flush=True)
         shares = {k: (v - parts.get(k, 0.0)) / total * 1000 for k, v in after.items()}
         print(
             "  jetrun CPU s per 1k runs by process: "

@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anyio
@@ -28,6 +29,9 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import nats_traffic  # noqa: E402
 
 from runtime.clients.client import RunEvents  # noqa: E402
 from runtime.infra.nats_auth import Credentials  # noqa: E402
@@ -165,31 +169,38 @@ async def wrk_throughput(
     argv = ["wrk", "-t2", f"-c{concurrency}", f"-d{seconds}s", "-s", str(script), f"{url}/v4/runs"]
     if os.environ.get("JETRUN_BENCH_LOADGEN_CPUS"):  # keep the load generator off jetrun's cores
         argv = ["taskset", "-c", os.environ["JETRUN_BENCH_LOADGEN_CPUS"], *argv]
-    since = time.time()
-    out = await anyio.run_process(argv)
-    accepted = float(out.stdout.decode().split("Requests/sec:")[1].split()[0])
     async with RunEvents.connect(nats_url, creds) as events:
+        seen = Span(since=time.time(), next_seq=await events.log.last_seq() + 1)
+        out = await anyio.run_process(argv)
+        accepted = float(out.stdout.decode().split("Requests/sec:")[1].split()[0])
         for _ in range(1200):  # bounded: 10 minutes
-            first, last, total, ended = await span(events, since)
-            if total and ended == total:
-                return accepted, ended / (last - first), total
+            await seen.read(events)
+            if seen.first and len(seen.last) == len(seen.first):
+                first, last = min(seen.first.values()), max(seen.last.values())
+                return accepted, len(seen.last) / (last - first), len(seen.first)
             await anyio.sleep(0.5)
     raise TimeoutError("runs did not all end")
 
 
-async def span(events: RunEvents, since: float) -> tuple[float, float, int, int]:
-    """First submit, last end, runs and ended runs, of the runs submitted after ``since``."""
-    first: dict[str, float] = {}
-    last: dict[str, float] = {}
-    for stored in await events.log.read_subject("jetrun.ev.>"):
-        event = stored.event
-        if event.kind == "submitted" and event.at >= since:
-            first[event.run_id] = event.at
-        elif event.kind in TERMINAL_KINDS and event.run_id in first:
-            last[event.run_id] = event.at
-    if not first or not last:
-        return 0.0, 0.0, len(first), 0
-    return min(first.values()), max(last.values()), len(first), len(last)
+@dataclass
+class Span:
+    """The runs submitted after ``since``: when each was submitted and when each ended, read
+    from the log as it grows (each event once: re-reading the whole log every poll would load
+    nats-server with the benchmark's own reads)."""
+
+    since: float
+    next_seq: int
+    first: dict[str, float] = field(default_factory=dict)
+    last: dict[str, float] = field(default_factory=dict)
+
+    async def read(self, events: RunEvents) -> None:
+        for stored in await events.log.read_subject("jetrun.ev.>", self.next_seq):
+            self.next_seq = max(self.next_seq, stored.seq + 1)
+            event = stored.event
+            if event.kind == "submitted" and event.at >= self.since:
+                self.first[event.run_id] = event.at
+            elif event.kind in TERMINAL_KINDS and event.run_id in self.first:
+                self.last[event.run_id] = event.at
 
 
 async def main() -> None:
@@ -208,8 +219,9 @@ async def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="jetrun-bench-"))
     (tmp / "jetrun.toml").write_text(CONFIG)
-    port, nats_port = free_port(), free_port()
+    port, nats_port, monitor_port = free_port(), free_port(), free_port()
     url = f"http://127.0.0.1:{port}"
+    monitor_url = f"http://127.0.0.1:{monitor_port}"
     jetrun = str(Path(sys.executable).parent / "jetrun")
     argv = [
         jetrun,
@@ -218,6 +230,8 @@ async def main() -> None:
         str(port),
         "--nats-port",
         str(nats_port),
+        "--nats-monitor-port",
+        str(monitor_port),
         "--data-dir",
         str(tmp / "data"),
         "--config",
@@ -236,9 +250,12 @@ async def main() -> None:
         latencies = await sync_latency(url, args.sync)
         nats_url = f"nats://127.0.0.1:{nats_port}"
         creds = Credentials.from_dir(tmp / "data" / "credentials", "service")
+        before = nats_traffic.snapshot(monitor_url)
         accepted, throughput = await async_throughput(
             url, nats_url, args.async_runs, args.concurrency, creds
         )
+        await nats_traffic.outbox_caught_up(nats_url, creds)  # its messages are counted too
+        traffic = nats_traffic.per_run(before, nats_traffic.snapshot(monitor_url), args.async_runs)
         loaded = None
         if shutil.which("wrk"):
             loaded = await wrk_throughput(
@@ -263,6 +280,7 @@ async def main() -> None:
         f"async no-op runs (n={args.async_runs}, {args.concurrency} in flight): "
         f"{throughput:.0f} runs/s submit-to-terminal ({accepted:.0f} runs/s accepted by the API)"
     )
+    print("\n".join(f"  {line}" for line in traffic.lines()))
     if loaded is None:
         print("wrk not installed (apt-get install wrk): no figures under a C load generator")
     else:

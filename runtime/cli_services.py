@@ -81,6 +81,13 @@ def _sync_interval(value: str | None) -> str | None:
     "or always (fsync on every write). Default: nats-server's own (every 2 minutes).",
 )
 @click.option(
+    "--nats-monitor-port",
+    default=None,
+    type=click.IntRange(1, 65535),
+    help="Serve the embedded nats-server's monitoring endpoints (/varz, /connz) on this "
+    "loopback port. Default: off.",
+)
+@click.option(
     "--pipelines",
     "modules",
     multiple=True,
@@ -125,6 +132,7 @@ def up(
     nats_url: str | None,
     nats_port: int,
     nats_sync: str | None,
+    nats_monitor_port: int | None,
     modules: tuple[str, ...],
     slots: int,
     gateways: int | None,
@@ -147,6 +155,7 @@ def up(
         nats_url=nats_url,
         nats_port=nats_port,
         nats_sync=nats_sync,
+        nats_monitor_port=nats_monitor_port,
         modules=list(modules),
         slots=slots,
         boot_delay_s=boot_delay,

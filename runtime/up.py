@@ -64,6 +64,7 @@ class UpOptions:
     gateways: int = 1  # gateway processes on the HTTP port (this one and gateways - 1 more)
     config_path: str | None = None  # what extra gateways and the webhook deliverer read
     credentials_dir: Path | None = None  # with nats_url: role seeds (none: anonymous)
+    nats_monitor_port: int | None = None  # the embedded nats-server's /varz, /connz (loopback)
 
     def credentials(self, role: str) -> Credentials | None:
         """Embedded NATS: the seeds it made in ``<data dir>/credentials``."""
@@ -241,6 +242,7 @@ async def _start_nats(opts: UpOptions) -> NatsServer:
         port=opts.nats_port,
         sync=opts.nats_sync,
         credentials_dir=opts.data_dir / "credentials",
+        monitor_port=opts.nats_monitor_port,
     )
     try:
         await server.start()

@@ -120,19 +120,24 @@ def server_config(
     users: Mapping[str, Sequence[str]] | None = None,
     auth_include: str | None = None,
     tls: ServerTls | None = None,
+    monitor_port: int | None = None,
 ) -> str:
     """A nats-server config file. The cluster test and ``deploy/nats/*.conf`` (compose.yaml)
     are both made by this function, so they cannot drift apart. ``users``: each role's public
     nkeys (an inline ``authorization`` block); ``auth_include``: a file holding that block
     instead (``jetrun keys`` writes it; nats-server reads an include relative to the config
     file's directory, so give a path beside it, e.g. ``auth.conf``); ``tls``: TLS-only clients
-    and routes. ``host`` is the one interface both ports listen on."""
+    and routes; ``monitor_port``: nats-server's HTTP monitoring endpoints (``/varz``,
+    ``/connz``: message counts per server and per connection), off by default. ``host`` is the
+    one interface every port listens on."""
     lines = [
         f'server_name: "{name}"',
         f'listen: "{host}:{port}"',
         "max_payload: 8MB",
         f'jetstream {{ store_dir: "{store_dir}"{_sync_setting(sync)} }}',
     ]
+    if monitor_port is not None:
+        lines.append(f'http: "{host}:{monitor_port}"')
     if tls is not None:
         lines.append(tls.block())
     if cluster is not None:
@@ -176,6 +181,7 @@ class NatsServer:
     auth: bool = True
     credentials_dir: Path | None = None  # default: <store_dir>/credentials
     tls: ServerTls | None = None
+    monitor_port: int | None = None  # HTTP monitoring (/varz, /connz); 0: a free port
     _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _reloading: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
@@ -185,10 +191,19 @@ class NatsServer:
             self.credentials_dir = self.store_dir / "credentials"
         if self.port == 0:
             self.port = free_port(self.host)
+        if self.monitor_port == 0:
+            self.monitor_port = free_port(self.host)
 
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str | None:
+        """``http://host:port`` of the monitoring endpoints; None when they are off."""
+        if self.monitor_port is None:
+            return None
+        return f"http://{self.host}:{self.monitor_port}"
 
     @property
     def config_path(self) -> Path:
@@ -208,6 +223,7 @@ class NatsServer:
             sync=self.sync,
             users=users,
             tls=self.tls,
+            monitor_port=self.monitor_port,
         )
 
     def credentials(self, role: str = "admin") -> Credentials:
