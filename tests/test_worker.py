@@ -51,6 +51,13 @@ async def test_echo_round_trip(echo: PipelineWorker) -> None:
     assert stats.alive and not stats.busy and stats.runs == 2
 
 
+async def test_large_inputs_and_outputs_cross_the_socket_in_pieces(echo: PipelineWorker) -> None:
+    text = "x" * 1_000_000
+    result = await echo.run(inputs(text, 3))
+    assert result.ok and result.outputs[0].value == text * 3
+    assert (await echo.run(inputs("small"))).outputs[0].value == "small"
+
+
 async def test_concurrent_runs_queue_behind_each_other(echo: PipelineWorker) -> None:
     results: dict[int, WorkerResult] = {}
 

@@ -12,14 +12,17 @@ the end marker of the nonce it was given on each (``JETRUN_LOG_MARKER`` for the 
 ``RunRequest.log_marker`` for an attempt); before an attempt it flushes and writes that
 attempt's start marker on each, and what came before it (printed after the previous attempt
 ended, by a thread of its pipeline, say) is dropped: the next attempt may be another team's
-run. Output
-with no capture of its own (the startup step, or ``run`` without ``output=``) goes to the
-``jetrun.worker`` logger, capped. Between attempts nobody reads it: a pipeline printing from a
-background thread then blocks.
+run. Output with no capture of its own (the startup step, or ``run`` without ``output=``) goes
+to the ``jetrun.worker`` logger, capped. The socket and both pipes are protocols of the event
+loop (``runtime.node.worker_channel``, ``runtime.node.worker_output``): registered once for
+the worker's life, read by callbacks, with no task per attempt; the attempt waits once per
+frame. Between attempts a pipe that has something to read is paused: a pipeline printing from
+a background thread then blocks.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -32,18 +35,15 @@ from types import TracebackType
 
 import anyio
 import msgspec
-from anyio.abc import ByteReceiveStream, Process, SocketStream, UNIXSocketStream
-from anyio.streams.buffered import BufferedByteReceiveStream
 
 from contracts.errors import ErrorType, RunError
-from contracts.logs import STDERR, STDOUT, Stream
 from contracts.values import RunIO
 from runtime.infra.capture import LogCapture
 from runtime.infra.lifetime import child_env
+from runtime.node.worker_channel import FrameChannel, Gone
 from runtime.node.worker_env import worker_env
-from runtime.node.worker_output import _STREAM_ENDED, WorkerOutput
+from runtime.node.worker_output import WorkerPipes, log_lines, uncaptured
 from runtime.node.worker_process import (
-    HEADER,
     MARKER_ENV,
     Failed,
     Finished,
@@ -53,7 +53,6 @@ from runtime.node.worker_process import (
     RunRequest,
     StartupError,
     StartupFailed,
-    decoder,
     error_of,
     frame_bytes,
     startup_error,
@@ -95,10 +94,6 @@ class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
     runs: int  # attempts that ended, however they ended
 
 
-class _Gone(Exception):
-    """The worker stopped answering (exited, killed or sent garbage)."""
-
-
 # --- the parent side ----------------------------------------------------------------------
 
 
@@ -123,11 +118,12 @@ def _home(user: str | None) -> str:
     return pwd.getpwnam(user).pw_dir
 
 
-class PipelineWorker(WorkerOutput):
+class PipelineWorker:
     """One child process serving one pipeline, one attempt at a time.
 
     Use ``async with PipelineWorker(...) as worker`` (start, then kill on exit), or call
     ``start()`` and ``kill()`` yourself. Concurrent ``run()`` calls queue behind each other.
+    Needs anyio's asyncio backend (the child's pipes and socket are protocols of its loop).
     """
 
     def __init__(
@@ -142,26 +138,27 @@ class PipelineWorker(WorkerOutput):
         self.pointer = pointer
         self._env = dict(env or {})  # the agent's settings for this worker (its GPUs)
         self._declared = dict(declared or {})  # the pipeline's ``@pipeline(env=...)``
-        self._process: Process | None = None
-        self._channel: SocketStream | None = None  # the protocol: requests out, frames in
-        self._reader: BufferedByteReceiveStream | None = None
-        self._lock = anyio.Lock()
+        self._pipes: WorkerPipes | None = None  # the child: its stdout, stderr and exit
+        self._channel: FrameChannel | None = None  # the protocol: requests out, frames in
+        self._lock = anyio.Lock(fast_acquire=True)
         self._reaped: anyio.Event | None = None
         self._busy = False
         self._runs = 0
-        self._outputs: dict[Stream, ByteReceiveStream] = {}
-        self._leftovers: dict[Stream, bytes] = {}
+
+    @property
+    def _transport(self) -> asyncio.SubprocessTransport | None:
+        return self._pipes.transport if self._pipes is not None else None
 
     @property
     def pid(self) -> int | None:
-        return self._process.pid if self._process is not None else None
+        transport = self._transport
+        return transport.get_pid() if transport is not None else None
 
     @property
     def alive(self) -> bool:
         """Started and neither killed nor known to have exited."""
-        return (
-            self._process is not None and self._reaped is None and self._process.returncode is None
-        )
+        transport = self._transport
+        return transport is not None and self._reaped is None and transport.get_returncode() is None
 
     def statistics(self) -> WorkerStatistics:
         """A snapshot; does not block."""
@@ -182,33 +179,32 @@ class PipelineWorker(WorkerOutput):
         Raises ``StartupFailed`` (the child is then reaped) and ``RuntimeError`` if called
         twice. If cancelled, the child is killed.
         """
-        if self._process is not None:
+        if self._pipes is not None:
             raise RuntimeError(f"worker for {self.pointer} was already started")
-        startup = self._uncaptured()
+        startup = uncaptured()
         python = os.environ.get(PYTHON_ENV) or sys.executable
         argv = [python, "-m", "runtime.node.worker_process", self.module, self.pointer]
+        loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
         try:
-            self._process = await anyio.open_process(
-                _as_user(os.environ.get(USER_ENV) or None, argv),
+            _, self._pipes = await loop.subprocess_exec(
+                lambda: WorkerPipes(self.pointer),
+                *_as_user(os.environ.get(USER_ENV) or None, argv),
                 stdin=theirs.fileno(),
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
                 env={**self._child_env(), MARKER_ENV: startup.nonce},
             )
+            _, self._channel = await loop.create_unix_connection(FrameChannel, sock=ours)
         except BaseException:
             ours.close()
+            await self.kill()
             raise
         finally:
             theirs.close()
-        self._channel = await UNIXSocketStream.from_socket(ours)
-        self._reader = BufferedByteReceiveStream(self._channel)
-        assert self._process.stdout is not None and self._process.stderr is not None
-        self._outputs = {STDOUT: self._process.stdout, STDERR: self._process.stderr}
         try:
-            async with self._capturing(startup, own=True, strict=False):
-                frame = await self._receive()
-        except _Gone:
+            frame = await self._exchange(None, None, startup, own=True, strict=False)
+        except Gone:
             code = await self._reap()
             raise StartupFailed(startup_error(f"{_exited(code)} during startup")) from None
         except BaseException:
@@ -251,9 +247,9 @@ class PipelineWorker(WorkerOutput):
         If cancelled (e.g. by a timeout) or if ``on_output`` raises, the worker is killed and
         the exception propagates. Raises ``RuntimeError`` if the worker was never started.
         """
-        if self._process is None:
+        if self._pipes is None:
             raise RuntimeError(f"worker for {self.pointer} was not started")
-        capture = output or self._uncaptured()
+        capture = output or uncaptured()
         capture.expect_start()  # what was printed before this attempt began is not its
         try:
             request = frame_bytes(RunRequest(inputs=inputs, log_marker=capture.nonce))
@@ -263,8 +259,7 @@ class PipelineWorker(WorkerOutput):
         async with self._lock:
             self._busy = True
             try:
-                async with self._capturing(capture, own=output is None):
-                    return await self._attempt(request, on_output)
+                return await self._attempt(request, on_output, capture, own=output is None)
             except BaseException:
                 await self.kill()
                 raise
@@ -272,23 +267,22 @@ class PipelineWorker(WorkerOutput):
                 self._busy = False
                 self._runs += 1
 
-    async def _attempt(self, request: bytes, on_output: OnOutput | None) -> WorkerResult:
+    async def _attempt(
+        self, request: bytes, on_output: OnOutput | None, capture: LogCapture, *, own: bool
+    ) -> WorkerResult:
         streamed: list[RunIO] = []
+
+        async def on_frame(frame: Frame) -> bool:  # whether the attempt goes on
+            if isinstance(frame, Output):
+                streamed.append(frame.output)
+                if on_output is not None:
+                    await on_output(frame.index, frame.output)
+                return True
+            return False
+
         try:
-            await self._send(request)
-            while True:
-                frame = await self._receive()
-                if isinstance(frame, Output):
-                    streamed.append(frame.output)
-                    if on_output is not None:
-                        await on_output(frame.index, frame.output)
-                elif isinstance(frame, Finished):
-                    return WorkerResult(outputs=streamed + frame.outputs, streamed=len(streamed))
-                elif isinstance(frame, Failed):
-                    return WorkerResult(outputs=streamed, error=frame.error, streamed=len(streamed))
-                else:
-                    raise _Gone(f"unexpected frame {type(frame).__name__} during a run")
-        except _Gone as gone:
+            frame = await self._exchange(request, on_frame, capture, own=own)
+        except Gone as gone:
             code = await self._reap()
             message = str(gone) or _exited(code)
             return WorkerResult(
@@ -296,12 +290,57 @@ class PipelineWorker(WorkerOutput):
                 error=RunError(type=ErrorType.unknown, message=message),
                 streamed=len(streamed),
             )
+        if isinstance(frame, Finished):
+            return WorkerResult(outputs=streamed + frame.outputs, streamed=len(streamed))
+        if isinstance(frame, Failed):
+            return WorkerResult(outputs=streamed, error=frame.error, streamed=len(streamed))
+        await self.kill()
+        message = f"unexpected frame {type(frame).__name__} during a run"
+        return WorkerResult(
+            outputs=streamed,
+            error=RunError(type=ErrorType.unknown, message=message),
+            streamed=len(streamed),
+        )
+
+    async def _exchange(
+        self,
+        request: bytes | None,
+        on_frame: Callable[[Frame], Awaitable[bool]] | None,
+        capture: LogCapture,
+        *,
+        own: bool,
+        strict: bool = True,
+    ) -> Frame:
+        """Send ``request`` (if any) and return the first frame ``on_frame`` does not take,
+        with what the child prints going to ``capture`` meanwhile and until both its end
+        markers came (for at most a short grace; a worker that misses them is killed when
+        ``strict``). ``capture`` is finished on the way out, and its lines logged if ``own``.
+        Raises ``Gone`` if the child stops answering first."""
+        pipes, channel = self._pipes, self._channel
+        assert pipes is not None and channel is not None
+        pipes.begin(capture)
+        try:
+            if request is not None:
+                channel.send(request)
+            while True:
+                frame = await channel.receive()
+                if on_frame is None or not await on_frame(frame):
+                    break
+            if not await pipes.settle() and strict:
+                log.warning("%s: no end of output in time; worker retired", self.pointer)
+                await self.kill()
+            return frame
+        finally:
+            pipes.release()
+            capture.finish()
+            if own:
+                log_lines(self.pointer, capture)
 
     async def kill(self) -> None:
         """SIGKILL the child and reap it; blocks until it is reaped (shielded from
         cancellation). Idempotent; a no-op before ``start()``."""
-        process = self._process
-        if process is None:
+        pipes = self._pipes
+        if pipes is None or pipes.transport is None:
             return
         if self._reaped is not None:
             await self._reaped.wait()
@@ -309,44 +348,24 @@ class PipelineWorker(WorkerOutput):
         self._reaped = anyio.Event()
         with anyio.CancelScope(shield=True):
             try:
-                if process.returncode is None:
+                if pipes.transport.get_returncode() is None:
                     with contextlib.suppress(ProcessLookupError):
-                        process.kill()
-                await process.wait()
-                await process.aclose()
+                        pipes.transport.kill()
+                await pipes.exited.wait()
+                pipes.transport.close()
                 if self._channel is not None:
-                    await self._channel.aclose()
+                    self._channel.close()
             finally:
                 self._reaped.set()
 
     async def _reap(self) -> int | None:
         """The exit code of a child that stopped talking: wait up to 5 s, then kill it."""
-        assert self._process is not None
+        assert self._pipes is not None and self._pipes.transport is not None
         if self._reaped is None:
             with anyio.move_on_after(5):
-                await self._process.wait()
+                await self._pipes.exited.wait()
         await self.kill()
-        return self._process.returncode
-
-    async def _send(self, data: bytes) -> None:
-        assert self._channel is not None
-        try:
-            await self._channel.send(data)
-        except (*_STREAM_ENDED, OSError):
-            raise _Gone() from None
-
-    async def _receive(self) -> Frame:
-        assert self._reader is not None
-        try:
-            header = await self._reader.receive_exactly(HEADER.size)
-            body = await self._reader.receive_exactly(HEADER.unpack(header)[0])
-        except _STREAM_ENDED:
-            raise _Gone() from None
-        try:
-            frame: Frame = decoder.decode(body)
-        except (msgspec.DecodeError, RecursionError) as exc:
-            raise _Gone(f"the worker process sent an unreadable frame: {exc}") from None
-        return frame
+        return self._pipes.transport.get_returncode()
 
 
 def _exited(code: int | None) -> str:

@@ -1,0 +1,109 @@
+"""The agent's end of a worker's protocol socket: requests out, frames in.
+
+A protocol of the event loop: the socket stays registered for reading for the worker's life,
+each read is one callback that splits complete frames off the buffer (length-prefixed msgpack,
+see ``runtime.node.worker_process``), and a waiting ``receive`` wakes once per frame. Sending
+writes at once (what the socket cannot take now is written as it drains).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import cast
+
+import msgspec
+
+from runtime.node.worker_process import HEADER, Frame, decoder
+
+
+class Gone(Exception):
+    """The worker stopped answering (exited, killed or sent garbage)."""
+
+
+class FrameChannel(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self._chunks: list[bytes] = []  # received, not yet a whole frame
+        self._size = 0  # their length
+        self._need = HEADER.size  # how many bytes the next frame needs, once known
+        self._frames: deque[Frame] = deque()
+        self._gone: Gone | None = None  # set once nothing more can come
+        self._waiter: asyncio.Future[None] | None = None
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's: no subclass
+
+    def data_received(self, data: bytes) -> None:
+        if self._gone is not None:
+            return
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size < self._need:  # a frame that came in pieces is joined once, whole
+            return
+        buffer = b"".join(self._chunks) if len(self._chunks) > 1 else data
+        view, start = memoryview(buffer), 0
+        while len(buffer) - start >= HEADER.size:
+            end = start + HEADER.size + HEADER.unpack_from(buffer, start)[0]
+            if len(buffer) < end:
+                break
+            try:
+                self._frames.append(decoder.decode(view[start + HEADER.size : end]))
+            except (msgspec.DecodeError, RecursionError) as exc:
+                self._stop(Gone(f"the worker process sent an unreadable frame: {exc}"))
+                return
+            start = end
+        rest = buffer[start:] if start else buffer
+        self._chunks = [rest] if rest else []
+        self._size = len(rest)
+        self._need = HEADER.size
+        if len(rest) >= HEADER.size:
+            self._need += HEADER.unpack_from(rest)[0]
+        if self._frames:
+            self._wake()
+
+    def eof_received(self) -> bool:
+        self._stop(Gone())
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._stop(Gone())
+
+    # --- the agent's side ----------------------------------------------------------------
+
+    def send(self, data: bytes) -> None:
+        """Write ``data``; never blocks. Raises ``Gone`` once the worker cannot read it."""
+        transport = self.transport
+        if self._gone is not None or transport is None or transport.is_closing():
+            raise Gone()
+        transport.write(data)
+
+    async def receive(self) -> Frame:
+        """The next frame; raises ``Gone`` once none can come."""
+        while not self._frames:
+            if self._gone is not None:
+                raise self._gone
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        return self._frames.popleft()
+
+    def close(self) -> None:
+        """Close the socket (the worker reads end of file). Idempotent."""
+        if self.transport is not None:
+            self.transport.close()
+        self._stop(Gone())
+
+    def _stop(self, gone: Gone) -> None:
+        if self._gone is None:
+            self._gone = gone
+            self._chunks, self._size = [], 0
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
