@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import time
 from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -25,7 +24,6 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from contracts.api import Health
 from runtime.infra.metrics import (
@@ -45,37 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("jetrun.health")
 Checks = Callable[[], dict[str, bool]]
-METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # else "other"
-
-
-class HttpLatency:
-    """ASGI middleware: observe every request's duration by route template, method, status."""
-
-    def __init__(self, app: ASGIApp, histogram: Histogram) -> None:
-        self.app, self.histogram = app, histogram
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        status = 500
-        start = time.perf_counter()
-
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            method = scope["method"] if scope["method"] in METHODS else "other"
-            self.histogram.labels(template, method, str(status)).observe(
-                time.perf_counter() - start
-            )
 
 
 def metrics_endpoint(exposition: Exposition) -> Callable[[Request], Any]:

@@ -23,7 +23,6 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -31,6 +30,7 @@ from starlette.routing import Route
 from contracts.events import AnyEvent
 from runtime import health
 from runtime.control.admission import Admission
+from runtime.control.http_front import Front
 from runtime.control.http_input import (
     HTTPError,
     error,
@@ -49,8 +49,6 @@ from runtime.control.streamquota import StreamQuota
 from runtime.control.submissions import SubmissionService
 from runtime.control.submit import Refused, Submitter
 from runtime.control.views import RunViews, find_run, forget_loop
-from runtime.control.warming import UntilReady
-from runtime.infra.accesslog import AccessLog
 from runtime.infra.catalog import Catalog
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
@@ -180,7 +178,8 @@ class Gateway(RunsApi):
         except msgspec.MsgspecError:
             log.warning("undecodable heartbeat on %s", msg.subject)
 
-    def app(self) -> Starlette:
+    def app(self) -> Front:
+        """The HTTP API: Starlette's routes behind the gateway's one front layer."""
         ops = self.ops
         routes = [
             Route("/v4/runs", self.create_run, methods=["POST"]),
@@ -215,11 +214,14 @@ class Gateway(RunsApi):
             TimeoutError: self._on_nats_error,
             Exception: on_unexpected,
         }
-        latency = Middleware(health.HttpLatency, histogram=self.telemetry.http)
-        access = Middleware(AccessLog)
-        warming = Middleware(UntilReady, ready=lambda: self.ready)
-        middleware = [access, latency, warming]
-        return Starlette(routes=routes, exception_handlers=handlers, middleware=middleware)
+        return Front(
+            Starlette(routes=routes, exception_handlers=handlers),
+            create=self.create_run,
+            get=self.get_run,
+            errors=handlers,
+            ready=lambda: self.ready,
+            latency=self.telemetry.http,
+        )
 
     async def _on_error(self, request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPError | Refused)

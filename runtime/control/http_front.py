@@ -1,0 +1,139 @@
+"""The gateway's one ASGI layer, in front of Starlette.
+
+Every request passes through ``Front`` once, which
+- answers 503 ``starting`` (``Retry-After: 1``) on ``/v4/...`` until the gateway has caught up
+  with the event log (``runtime.control.warming``); ``/healthz``, ``/readyz`` and ``/metrics``
+  answer as usual;
+- hands the two endpoints almost every request is for, ``POST /v4/runs`` and
+  ``GET /v4/runs/{run_id}``, straight to their handlers, and answers whatever they raise as the
+  gateway's exception handlers say (the JSON error shape; a bug is logged and answered 500);
+  every other request goes through Starlette (its router, its handlers of the same errors);
+- observes the request's duration in the latency histogram (route template, method, status);
+- writes the access log line (``runtime.infra.accesslog``).
+
+One layer instead of five nested middlewares (access log, latency, readiness, Starlette's error
+and exception middlewares) and the router: each of those wrapped ``send`` and added a coroutine
+frame per request.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from prometheus_client import Histogram
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute
+from starlette.types import Message, Receive, Scope, Send
+
+from runtime.control.warming import starting_response
+from runtime.infra import accesslog
+
+log = logging.getLogger("jetrun.gateway")
+
+Handler = Callable[[Request], Awaitable[Response]]
+ErrorHandler = Callable[[Request, Exception], Awaitable[Response]]
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # else "other"
+UNMATCHED = "unmatched"  # the route label of a request no route took
+RUNS = "/v4/runs"
+RUN = "/v4/runs/{run_id}"
+_RUN_PREFIX = "/v4/runs/"
+
+
+class Front:
+    """``app``: Starlette with every route (``create`` and ``get`` among them, for what the
+    direct dispatch does not take: ``HEAD``, a path with a trailing slash, ...); ``errors``: the
+    exception handlers by class, looked up along the exception's MRO as Starlette does."""
+
+    def __init__(
+        self,
+        app: Starlette,
+        *,
+        create: Handler,
+        get: Handler,
+        errors: Mapping[type[BaseException], ErrorHandler],
+        ready: Callable[[], bool],
+        latency: Histogram,
+    ) -> None:
+        self.app = app
+        self.create, self.get = create, get
+        self.errors = dict(errors)
+        self.ready = ready
+        self.latency = latency
+        self._children: dict[tuple[str, str, int], Any] = {}  # histogram children by labels
+
+    @property
+    def routes(self) -> list[BaseRoute]:
+        """Every route, those dispatched directly included (the OpenAPI document's check)."""
+        return self.app.routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        path: str = scope["path"]
+        method: str = scope["method"]
+        status, template = 500, ""
+
+        async def sending(message: Message) -> None:  # what Starlette answers
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            if not self.ready() and path.startswith("/v4/"):
+                response = starting_response()
+                status = response.status_code
+                await response(scope, receive, send)
+            elif path == RUNS and method == "POST":
+                template = RUNS
+                status = await self._direct(self.create, scope, receive, send)
+            elif method == "GET" and path.startswith(_RUN_PREFIX) and _one_segment(path):
+                template = RUN
+                scope["path_params"] = {"run_id": path[len(_RUN_PREFIX) :]}
+                status = await self._direct(self.get, scope, receive, send)
+            else:
+                await self.app(scope, receive, sending)
+        finally:
+            elapsed = time.perf_counter() - started
+            if not template:
+                template = getattr(scope.get("route"), "path", None) or UNMATCHED
+            self._observe(template, method, status, elapsed)
+            accesslog.write(scope, status, elapsed)
+
+    async def _direct(self, handler: Handler, scope: Scope, receive: Receive, send: Send) -> int:
+        request = Request(scope, receive, send)
+        try:
+            response = await handler(request)
+        except Exception as exc:
+            response = await self._answer(request, exc)
+        await response(scope, receive, send)
+        return response.status_code
+
+    async def _answer(self, request: Request, exc: Exception) -> Response:
+        for cls in type(exc).__mro__:
+            handler = self.errors.get(cls)
+            if handler is not None:
+                response = await handler(request, exc)
+                exc.__traceback__ = None  # a kept exception instance must not grow a traceback
+                return response
+        raise exc  # no handler (``errors`` holds one for Exception: not reached)
+
+    def _observe(self, template: str, method: str, status: int, elapsed: float) -> None:
+        key = (template, method if method in METHODS else "other", status)
+        child = self._children.get(key)
+        if child is None:  # bounded: the routes x METHODS and "other" x the statuses answered
+            child = self._children[key] = self.latency.labels(key[0], key[1], str(status))
+        child.observe(elapsed)
+
+
+def _one_segment(path: str) -> bool:
+    """``/v4/runs/<id>`` with a non-empty id and no further ``/`` (Starlette's ``{run_id}``)."""
+    return len(path) > len(_RUN_PREFIX) and "/" not in path[len(_RUN_PREFIX) :]
