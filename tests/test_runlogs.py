@@ -167,13 +167,13 @@ async def test_printed_marker_text_cannot_cut_a_runs_logs(logstack: Stack) -> No
 
 
 async def test_services_log_json_with_run_fields_and_an_access_log(logstack: Stack) -> None:
-    async with client(logstack, "tok_acme") as c:
-        run = (await c.post("/v4/runs", json=chatty(1, False))).json()
+    async with client(logstack, "tok_acme") as c:  # a failure: the agent logs it (INFO)
+        run = (await c.post("/v4/runs", json=chatty(1, True))).json()
         await c.get(f"/v4/runs/{run['id']}")
     gateway = next(p for p in logstack.procs if p.name.startswith("gateway"))
     agent = next(p for p in logstack.procs if p.name == "agent-logs")
     with anyio.fail_after(10):
-        while f'"attempt ended: completed","run_id":"{run["id"]}"' not in agent.output():
+        while f'"attempt ended: failed","run_id":"{run["id"]}"' not in agent.output():
             await anyio.sleep(0.05)
         # the access line is written once the answer has gone out: it may come a little later
         while f'"path":"/v4/runs/{run["id"]}"' not in gateway.output():
@@ -188,6 +188,8 @@ async def test_services_log_json_with_run_fields_and_an_access_log(logstack: Sta
     ended = next(r for r in lines if r.get("run_id") == run["id"] and "ended" in r["msg"])
     assert ended["attempt"] == 1 and ended["agent_id"] == "agent-logs"
     assert ended["team"] == "acme" and ended["pipeline"] == "test/chatty:v1"
+    # a completed attempt is in the event log, not a line per run in the agent's (DEBUG)
+    assert "attempt ended: completed" not in agent.output()
 
 
 async def test_a_worker_whose_output_end_is_not_marked_is_never_reused() -> None:

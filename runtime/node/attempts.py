@@ -236,7 +236,9 @@ class Runner:
             log.info("attempt interrupted (cancelled or preempted)")
             return  # cancelled or preempted: the control plane has recorded the end
         if result is not None:
-            log.info("attempt ended: %s", result.kind)
+            # a failure is worth a line in the agent's log; a completion is in the event log
+            level = logging.DEBUG if isinstance(result, RunCompleted) else logging.INFO
+            log.log(level, "attempt ended: %s", result.kind)
             await self.reporter.report(fitted(result, self.max_event_bytes()))
 
     async def result(
