@@ -16,6 +16,7 @@ from contracts.events import (
     RunFailed,
     RunOutputProduced,
     RunStarted,
+    encode_event,
 )
 from contracts.values import from_python
 from runtime.node.agent import Agent, default_agent_id
@@ -46,8 +47,9 @@ async def test_an_exception_in_an_attempt_fails_that_attempt_alone(
 
 def test_a_result_over_the_limit_becomes_a_pipeline_error() -> None:
     done = RunCompleted(run_id="run_x", at=1.0, attempt=1, outputs=[from_python("x" * 5000)])
-    assert fitted(done, 10_000) is done
-    failed = fitted(done, 4000)
+    assert fitted(done, 10_000) == (done, encode_event(done))  # measured is what is sent
+    failed, payload = fitted(done, 4000)
+    assert payload == encode_event(failed)
     assert isinstance(failed, RunFailed) and failed.attempt == 1
     assert failed.error.type is ErrorType.pipeline_error
     assert failed.error.message.startswith("output too large: the result is 5,")
@@ -55,7 +57,8 @@ def test_a_result_over_the_limit_becomes_a_pipeline_error() -> None:
 
 def test_a_failure_too_large_to_store_is_cut() -> None:
     huge = RunError(type=ErrorType.pipeline_error, message="m" * 100_000, traceback="t" * 100_000)
-    failed = fitted(RunFailed(run_id="run_x", at=1.0, attempt=1, error=huge), 50_000)
+    failed, payload = fitted(RunFailed(run_id="run_x", at=1.0, attempt=1, error=huge), 50_000)
+    assert payload == encode_event(failed)
     assert isinstance(failed, RunFailed)
     assert len(failed.error.message) < 20_000 and failed.error.message.endswith("[cut]")
     assert failed.error.traceback is not None and failed.error.traceback.startswith("[cut]")
@@ -138,7 +141,8 @@ async def test_streamed_outputs_are_appended_together_and_all_stored_before_the_
     release = anyio.Event()
 
     class SlowReporter:
-        async def report(self, event: RunOutputProduced) -> None:
+        async def report(self, event: RunOutputProduced, payload: bytes) -> None:
+            assert payload == encode_event(event)
             await release.wait()
             reported.append(event.index)
 
@@ -149,7 +153,7 @@ async def test_streamed_outputs_are_appended_together_and_all_stored_before_the_
                 run_id="run_s", at=1.0, attempt=1, index=index, output=from_python(index)
             )
             with anyio.fail_after(5):
-                await streaming.append(output)
+                await streaming.append(output, encode_event(output))
         assert reported == []
         with anyio.move_on_after(0.1):
             await streaming.stored()

@@ -146,11 +146,13 @@ class EventLog:
         *,
         expect_last_seq: int | None = None,
         fencing: Fencing | None = None,
+        payload: bytes | None = None,
     ) -> Appended:
         """Append ``event``; blocks until the server has stored it. Idempotent for the duplicate
         window. Retries through outages for ``append_deadline_s``, then raises. With
         ``fencing`` (or ``expect_last_seq``: the run's last event) the server stores it only
-        if that subject's last message is still the one expected."""
+        if that subject's last message is still the one expected. ``payload``: the event
+        already encoded (``encode_event(event)``), for a caller that measured it."""
         headers = {"Nats-Msg-Id": event.message_id()}
         if expect_last_seq is not None:
             fencing = Fencing(run_subjects(event.run_id), expect_last_seq)
@@ -158,7 +160,8 @@ class EventLog:
             headers["Nats-Expected-Last-Subject-Sequence"] = str(fencing.seq)
             headers["Nats-Expected-Last-Subject-Sequence-Subject"] = fencing.subject
         subject = subject_of(event)
-        payload = encode_event(event)
+        if payload is None:
+            payload = encode_event(event)
         publisher = jspub.publisher(self.nc)
 
         async def publish() -> api.PubAck:

@@ -40,7 +40,7 @@ from runtime.infra.eventlog import EventLog, submission_of
 from runtime.infra.logsetup import bind
 from runtime.infra.runlogs import AttemptLog, LogFlusher, LogStore
 from runtime.node.pipelines import PipelineSpec
-from runtime.node.results import ResultTooLarge, check_size, fitted
+from runtime.node.results import ResultTooLarge, encoded, fitted
 from runtime.node.worker import PipelineWorker, StartupFailed
 
 log = logging.getLogger("jetrun.agent")
@@ -93,13 +93,14 @@ class Reporter:
         for scope in self._reporting:
             scope.deadline = min(scope.deadline, give_up)
 
-    async def report(self, event: Event) -> None:
+    async def report(self, event: Event, payload: bytes | None = None) -> None:
+        """Append ``event`` (``payload``: its encoding, if the caller has it)."""
         with anyio.CancelScope(shield=True) as scope:
             if self.on_notice:
                 scope.deadline = anyio.current_time() + REPORT_GRACE_S
             self._reporting.add(scope)
             try:
-                await self.log.append(event)
+                await self.log.append(event, payload=payload)
             except Exception as err:
                 log.error("could not report %s for %s: %r", event.kind, event.run_id, err)
             finally:
@@ -190,16 +191,19 @@ class Streaming:
         self._pending = 0
         self._drained: anyio.Event | None = None
 
-    async def append(self, event: RunOutputProduced) -> None:
+    async def append(self, event: RunOutputProduced, payload: bytes) -> None:
+        """Append ``event`` (encoded: ``payload``) once fewer than ``OUTPUTS_IN_FLIGHT`` are."""
         if self._slots is None:
             self._slots = anyio.Semaphore(OUTPUTS_IN_FLIGHT)
         await self._slots.acquire()
         self._pending += 1
-        self.tg.start_soon(self._report, event, self._slots)
+        self.tg.start_soon(self._report, event, payload, self._slots)
 
-    async def _report(self, event: RunOutputProduced, slots: anyio.Semaphore) -> None:
+    async def _report(
+        self, event: RunOutputProduced, payload: bytes, slots: anyio.Semaphore
+    ) -> None:
         try:
-            await self.reporter.report(event)
+            await self.reporter.report(event, payload)
         finally:
             slots.release()
             self._pending -= 1
@@ -239,7 +243,7 @@ class Runner:
             # a failure is worth a line in the agent's log; a completion is in the event log
             level = logging.DEBUG if isinstance(result, RunCompleted) else logging.INFO
             log.log(level, "attempt ended: %s", result.kind)
-            await self.reporter.report(fitted(result, self.max_event_bytes()))
+            await self.reporter.report(*fitted(result, self.max_event_bytes()))
 
     async def result(
         self, dispatch: RunDispatched, attempt: Attempt, tg: TaskGroup
@@ -305,9 +309,9 @@ class Runner:
             event = RunOutputProduced(
                 run_id=run_id, at=self.clock.now(), attempt=n, index=index, output=output
             )
-            check_size(event, self.max_event_bytes())  # too large: the worker is killed
+            payload = encoded(event, self.max_event_bytes())  # too large: the worker is killed
             await self.starts.settle(start, ended=False)
-            await streaming.append(event)
+            await streaming.append(event, payload)
 
         timeout = pool.spec.timeout_s
         output = self.flusher.open(

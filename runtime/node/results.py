@@ -22,14 +22,16 @@ class ResultTooLarge(Exception):
         self.error = error
 
 
-def check_size(event: Event, limit: int) -> None:
-    """Raise ``ResultTooLarge`` if ``event`` encodes to more than ``limit`` bytes, or cannot be
-    encoded at all (nesting too deep for the encoder). Never blocks."""
+def encoded(event: Event, limit: int) -> bytes:
+    """``event`` as the log stores it (``encode_event``); raises ``ResultTooLarge`` if that
+    is more than ``limit`` bytes, or if it cannot be encoded at all (nesting too deep for the
+    encoder). Never blocks."""
     try:
-        size = len(encode_event(event))
+        payload = encode_event(event)
     except (TypeError, ValueError, OverflowError, RecursionError) as err:
         message = f"the {event.kind} result cannot be encoded: {type(err).__name__}: {err}"
         raise ResultTooLarge(RunError(type=ErrorType.pipeline_error, message=message)) from None
+    size = len(payload)
     if size > limit:
         what = "an output" if event.kind == "output" else "the result"
         message = (
@@ -37,6 +39,7 @@ def check_size(event: Event, limit: int) -> None:
             f" {limit:,} bytes per message (NATS max_payload). Return a file or a URL instead."
         )
         raise ResultTooLarge(RunError(type=ErrorType.pipeline_error, message=message))
+    return payload
 
 
 def shortened(error: RunError, keep: int = 16_384) -> RunError:
@@ -49,13 +52,13 @@ def shortened(error: RunError, keep: int = 16_384) -> RunError:
     return RunError(type=error.type, message=message, traceback=trace)
 
 
-def fitted(event: AttemptEvent, limit: int) -> AttemptEvent:
+def fitted(event: AttemptEvent, limit: int) -> tuple[AttemptEvent, bytes]:
     """``event``, or the attempt's failure if the event log cannot take it (a result over
-    ``limit`` bytes, or one that cannot be encoded); a failure too large to store has its
-    message and traceback cut."""
+    ``limit`` bytes, or one that cannot be encoded; a failure too large to store has its
+    message and traceback cut), with its encoding: what is measured is what is sent."""
     try:
-        check_size(event, limit)
+        return event, encoded(event, limit)
     except ResultTooLarge as err:
         error = shortened(event.error) if isinstance(event, RunFailed) else err.error
-        return RunFailed(run_id=event.run_id, at=event.at, attempt=event.attempt, error=error)
-    return event
+    failed = RunFailed(run_id=event.run_id, at=event.at, attempt=event.attempt, error=error)
+    return failed, encode_event(failed)
