@@ -131,3 +131,9 @@ def test_a_stream_without_its_start_marker_keeps_nothing_of_before() -> None:
     c.finish()
     assert [(line.stream, line.text) for line in c.take()] == [("stdout", "mine")]
     assert c.stray_bytes > 0
+
+
+def test_nonces_are_fresh_for_every_capture_and_across_batches() -> None:
+    nonces = [LogCapture(lambda: 1.0).nonce for _ in range(200)]  # more than one batch
+    assert len(set(nonces)) == 200
+    assert all(len(n) == 16 and int(n, 16) >= 0 for n in nonces)

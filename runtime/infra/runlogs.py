@@ -157,24 +157,34 @@ class AttemptLog:
         self.capture = LogCapture(clock.now, max_bytes=max_bytes)
         self.closed = False
         self._index = 0
-        self._lock = anyio.Lock()  # one flush at a time: chunks are stored in order
+        self._lock: anyio.Lock | None = None  # one flush at a time: chunks are stored in order
 
     @property
     def flushing(self) -> bool:
-        return self._lock.locked()
+        return self._lock is not None and self._lock.locked()
+
+    def _flushes(self) -> anyio.Lock:
+        if self._lock is None:
+            self._lock = anyio.Lock(fast_acquire=True)
+        return self._lock
 
     async def flush(self) -> None:
         """Publish the lines captured so far (none: nothing is published)."""
-        async with self._lock:
+        async with self._flushes():
             if not self.closed:
                 await self._flush(final=False)
 
     async def close(self) -> None:
-        """Finish the capture and publish what is left (shielded, bounded)."""
+        """Finish the capture and publish what is left (shielded, bounded). Idempotent."""
+        if self.closed:
+            return
+        if not self.flushing:  # nothing in flight: an attempt that printed nothing is done
+            self.closed = True
+            self.capture.finish()
+            if not self.capture.has_lines and not self.capture.dropped_bytes:
+                return
         with anyio.CancelScope(shield=True), anyio.move_on_after(PUBLISH_DEADLINE_S + 5):
-            async with self._lock:
-                if self.closed:
-                    return
+            async with self._flushes():
                 self.closed = True
                 self.capture.finish()
                 await self._flush(final=True)

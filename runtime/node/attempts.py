@@ -128,7 +128,7 @@ class Start:
     event: RunStarted
     due: float  # anyio.current_time() from which it is appended
     state: _Start = _Start.pending
-    stored: anyio.Event = field(default_factory=anyio.Event)  # set once the append returned
+    stored: anyio.Event | None = None  # made when the append begins, set once it returned
 
 
 class Starts:
@@ -149,13 +149,17 @@ class Starts:
 
     async def settle(self, start: Start, *, ended: bool) -> None:
         """Before an output (``ended=False``): ``started`` is stored first. At the attempt's
-        end (``ended=True``): not appended if it was not yet; waited for if it is underway."""
+        end (``ended=True``): not appended if it was not yet; waited for if it is underway
+        (shielded from cancellation)."""
         if start.state is _Start.pending:
             if ended:
                 start.state = _Start.skipped
                 return
-            await self._append(start)
-        await start.stored.wait()
+            self._claim(start)
+            await self._report(start)
+        if start.stored is not None and not start.stored.is_set():
+            with anyio.CancelScope(shield=ended):
+                await start.stored.wait()
 
     async def run(self) -> None:
         """Append the ``started`` of attempts that have been running for ``after_s``."""
@@ -172,10 +176,16 @@ class Starts:
                     continue
                 self._pending.popleft()
                 if start.state is _Start.pending:
-                    tg.start_soon(self._append, start)
+                    self._claim(start)  # at once: the attempt may end before the task runs
+                    tg.start_soon(self._report, start)
 
-    async def _append(self, start: Start) -> None:
+    @staticmethod
+    def _claim(start: Start) -> None:
         start.state = _Start.reporting
+        start.stored = anyio.Event()
+
+    async def _report(self, start: Start) -> None:
+        assert start.stored is not None
         await self.reporter.report_then_set(start.event, start.stored)
 
 
@@ -209,6 +219,11 @@ class Streaming:
             self._pending -= 1
             if not self._pending and self._drained is not None:
                 self._drained.set()
+
+    @property
+    def pending(self) -> int:
+        """Outputs being appended."""
+        return self._pending
 
     async def stored(self) -> None:
         while self._pending:
@@ -287,8 +302,7 @@ class Runner:
         try:
             return await self._run_worker(dispatch, submitted, pool, attempt, start, tg)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self.starts.settle(start, ended=True)
+            await self.starts.settle(start, ended=True)
 
     async def _run_worker(
         self,
@@ -317,12 +331,14 @@ class Runner:
         output = self.flusher.open(
             AttemptLog(self.logs, run_id, n, self.clock, max_bytes=self.log_max_bytes)
         )
+        limit = anyio.CancelScope() if timeout is None else anyio.move_on_after(timeout)
         try:
-            with anyio.move_on_after(timeout if timeout is not None else float("inf")) as limit:
+            with limit:
                 result = await worker.run(submitted.inputs, on_output, output.capture)
         finally:  # the attempt's outputs and logs are stored before its result
-            with anyio.CancelScope(shield=True):
-                await streaming.stored()
+            if streaming.pending:
+                with anyio.CancelScope(shield=True):
+                    await streaming.stored()
             await self.flusher.close(output)
         if limit.cancelled_caught:
             await worker.kill()
