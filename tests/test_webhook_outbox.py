@@ -1,10 +1,10 @@
-"""The outbox's knowledge of live runs' callbacks (pure)."""
+"""The outbox's knowledge of live runs' callbacks, and when it may acknowledge (pure)."""
 
 from __future__ import annotations
 
 from contracts import RunSubmitted
 from contracts.events import encode_event
-from runtime.control.webhook_outbox import Callbacks, subject_parts
+from runtime.control.webhook_outbox import AckWindow, Callbacks, subject_parts
 
 
 def submitted(run_id: str, url: str | None) -> bytes:
@@ -36,3 +36,32 @@ def test_a_run_never_seen_or_undecodable_is_unknown() -> None:
 
 def test_subject_parts() -> None:
     assert subject_parts("jetrun.ev.run_1.completed") == ("run_1", "completed")
+
+
+def test_the_window_acks_the_newest_handled_only_when_nothing_else_is_outstanding() -> None:
+    window: AckWindow[str] = AckWindow()
+    assert window.newest is None and not window.ready(0)  # nothing handled: nothing to ack
+    window.handled(12, "m12")
+    window.handled(10, "m10")  # a redelivery may come after newer ones
+    assert window.newest == "m12" and len(window) == 2
+    assert window.ready(2)
+    assert not window.ready(3)  # one more outstanding (nak'd, lost, another process's): wait
+    window.acked()
+    assert window.floor == 12 and window.newest is None and len(window) == 0
+
+
+def test_a_late_redelivery_of_an_acked_event_is_not_counted_as_outstanding() -> None:
+    window: AckWindow[str] = AckWindow()
+    window.handled(5, "m5")
+    window.acked()
+    window.handled(5, "m5 again")  # its ack came after its ack_wait: the server sent it again
+    window.handled(7, "m7")
+    assert len(window) == 1 and window.newest == "m7"
+    assert window.ready(1) and not window.ready(2)
+
+
+def test_an_event_handled_twice_counts_once() -> None:
+    window: AckWindow[str] = AckWindow()
+    window.handled(3, "m3")
+    window.handled(3, "m3 redelivered")
+    assert len(window) == 1 and window.ready(1)

@@ -1,13 +1,18 @@
 """What the webhook outbox knows of live runs, learnt from the log as it passes. Pure.
 
-The outbox consumes ``submitted`` and the terminal events. A ``submitted`` tells whether the
+The outbox consumes ``submitted`` and the terminal events (``Callbacks``), and acknowledges
+them one batch at a time (``AckWindow``). A ``submitted`` tells whether the
 run has a callback (only that field is decoded); its terminal event then needs no read of the
 log when it has none. An entry leaves with its run's end, so memory is bounded by live runs.
 """
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 import msgspec
+
+M = TypeVar("M")
 
 
 class _Submitted(msgspec.Struct):
@@ -47,3 +52,46 @@ class Callbacks:
 
     def __len__(self) -> int:
         return len(self._urls)
+
+
+class AckWindow(Generic[M]):
+    """When the outbox may acknowledge, on a consumer with ``AckPolicy.ALL``: one ack, of the
+    newest message handled, covers every message the consumer delivered up to it, so it is
+    sent only once every message the server counts as outstanding has been handled.
+
+    ``handled`` each message once its work is done (its delivery stored); ``ready`` with the
+    consumer's ``num_ack_pending``: True when the server's outstanding messages are exactly
+    the ones handled since the last ack (each of those is outstanding: above the last ack).
+    Anything else outstanding (a message that failed and was nak'd, one lost in transit
+    across a reconnect, one an earlier process was given before it was killed, one another
+    process holds, one still on its way) holds the ack back until it is handled. ``acked``
+    once the ack is confirmed."""
+
+    def __init__(self) -> None:
+        self._handled: set[int] = set()  # stream sequences handled since the last ack
+        self._newest: tuple[int, M] | None = None  # (sequence, its message)
+        self.floor = 0  # the sequence acked last: every message up to it is acked
+
+    def handled(self, seq: int, msg: M) -> None:
+        if seq <= self.floor:
+            return  # covered by an ack already (a late redelivery)
+        self._handled.add(seq)
+        if self._newest is None or seq > self._newest[0]:
+            self._newest = (seq, msg)
+
+    @property
+    def newest(self) -> M | None:
+        """The message whose ack would cover every one handled; None when none is."""
+        return None if self._newest is None else self._newest[1]
+
+    def ready(self, outstanding: int) -> bool:
+        return self._newest is not None and outstanding == len(self._handled)
+
+    def acked(self) -> None:
+        if self._newest is not None:
+            self.floor = self._newest[0]
+        self._handled.clear()
+        self._newest = None
+
+    def __len__(self) -> int:
+        return len(self._handled)

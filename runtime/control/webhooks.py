@@ -5,10 +5,13 @@ Durable consumers, so that nothing is lost to a restart:
 1. **Outbox** (``webhooks-outbox`` on ``JETRUN_EVENTS``, ``submitted`` and the terminal event
    kinds only): for the event that made a run with a ``callback_url`` terminal, store one
    ``Delivery`` on ``jetrun.webhooks.pending.<team>.<run_id>`` (``Nats-Msg-Id`` = its delivery
-   id, so a re-processed event stores it once), then ack the event. Which live runs have a
-   callback is learnt from their ``submitted`` events as they pass (``Callbacks``: memory
-   bounded by live runs), so a run without one costs no read of the log; only a run submitted
-   before the deliverer started (or whose ``submitted`` it never saw) costs one direct get.
+   id, so a re-processed event stores it once). The consumer acks a batch at a time
+   (``AckPolicy.ALL``), and only once every event it counts as outstanding was handled here
+   (``AckWindow``), so an ack never covers an event whose delivery is not stored. Which live
+   runs have a callback is learnt from their ``submitted`` events as they pass (``Callbacks``:
+   memory bounded by live runs), so a run without one costs no read of the log; only a run
+   submitted before the deliverer started (or whose ``submitted`` it never saw) costs one
+   direct get.
 2. **Deliverer** (one consumer per team on ``JETRUN_WEBHOOKS``, ``runtime.control.
    webhook_delivery``): POST it, signed, with retries and back-off, each team within its own
    cap and the deliverer's slots shared fairly between teams; ack after a 2xx. A delivery that
@@ -32,14 +35,14 @@ from anyio.abc import TaskStatus
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext, api
-from nats.js.errors import BadRequestError
+from nats.js.errors import APIError
 
 from contracts.events import decode_event
 from contracts.machine import evolve, fold
 from contracts.run import Run
 from contracts.webhooks import DeadDelivery, Delivery, delivery_id_for
 from runtime.control.webhook_delivery import Deliverer, fetch, pending_subject
-from runtime.control.webhook_outbox import Callbacks, subject_parts
+from runtime.control.webhook_outbox import AckWindow, Callbacks, subject_parts
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
 from runtime.infra.eventlog import EventLog, LogSettings, submission_of
@@ -59,6 +62,7 @@ TERMINAL_KINDS = ("completed", "failed", "timed_out", "preempted", "no_resources
 OUTBOX_KINDS = ("submitted", *TERMINAL_KINDS)
 OUTBOX = "webhooks-outbox"
 OUTBOX_BATCH = 256
+OUTBOX_ACK_WAIT_S = 60.0
 OUTBOX_LINGER_S = 0.05  # after a short batch: let events gather (fewer, fuller fetches)
 _dead_decoder = msgspec.json.Decoder(DeadDelivery)
 _json = msgspec.json.Encoder()
@@ -80,6 +84,7 @@ class WebhookService:
         self.policy = config.webhooks
         self.deliverer = Deliverer(self.js, config, clock)
         self.callbacks = Callbacks()
+        self.outbox_ack_wait_s = OUTBOX_ACK_WAIT_S
 
     @property
     def delivered(self) -> int:
@@ -95,19 +100,25 @@ class WebhookService:
         replicas = self.settings.replicas
         for config in (webhooks_config(replicas=replicas), dead_config(replicas=replicas)):
             await ensure_stream(self.js, config, self.settings.setup_deadline_s)
-        outbox = api.ConsumerConfig(
-            durable_name=OUTBOX,
-            filter_subjects=[f"{EVENTS_PREFIX}.*.{kind}" for kind in OUTBOX_KINDS],
-            ack_policy=api.AckPolicy.EXPLICIT,
-            deliver_policy=api.DeliverPolicy.ALL,
-            ack_wait=60.0,
-            max_ack_pending=4 * OUTBOX_BATCH,
-        )
-        try:
-            await self.js.add_consumer(EVENTS_STREAM, outbox)
-        except BadRequestError as err:  # it exists with other settings: keep the operator's
-            log.warning("consumer %s on %s kept as it is: %s", OUTBOX, EVENTS_STREAM, err)
+        await self._ensure_outbox()
         await self.deliverer.ensure()
+
+    async def _ensure_outbox(self) -> None:
+        try:
+            await self.js.add_consumer(EVENTS_STREAM, outbox_config(None, self.outbox_ack_wait_s))
+        except APIError as err:  # it exists with other settings
+            info = await self.js.consumer_info(EVENTS_STREAM, OUTBOX)
+            if info.config.ack_policy != api.AckPolicy.EXPLICIT:
+                log.warning("consumer %s on %s kept as it is: %s", OUTBOX, EVENTS_STREAM, err)
+                return
+            # an older release's outbox (an ack per event): the same durable, acknowledged a
+            # batch at a time, from its first unacknowledged event (any acknowledged after it
+            # are read again: their deliveries are stored once, by message id)
+            start = (info.ack_floor.stream_seq if info.ack_floor else 0) or 0
+            await self.js.delete_consumer(EVENTS_STREAM, OUTBOX)
+            config = outbox_config(start + 1, self.outbox_ack_wait_s)
+            await self.js.add_consumer(EVENTS_STREAM, config)
+            log.info("consumer %s now acknowledges a batch at a time (from %d)", OUTBOX, start + 1)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Deliver until cancelled."""
@@ -126,31 +137,47 @@ class WebhookService:
     # --- the outbox: terminal events -> deliveries ---------------------------------------------
 
     async def _outbox_loop(self, psub: JetStreamContext.PullSubscription) -> None:
+        window: AckWindow[Msg] = AckWindow()
         while True:
             msgs = await fetch(psub, OUTBOX_BATCH)
             for msg in msgs:
                 try:
                     await self._on_event(msg)
-                except Exception as err:
+                except Exception as err:  # not handled: no ack covers it until it is
                     log.warning("webhooks outbox: %s will be retried: %r", msg.subject, err)
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=1.0)
+                else:
+                    window.handled(msg.metadata.sequence.stream, msg)
+            await self._ack(psub, window)
             if len(msgs) < OUTBOX_BATCH:
                 await anyio.sleep(OUTBOX_LINGER_S)
+
+    async def _ack(self, psub: JetStreamContext.PullSubscription, window: AckWindow[Msg]) -> None:
+        """One ack for every event handled since the last, once the consumer has nothing else
+        outstanding (``AckWindow``); otherwise later."""
+        newest = window.newest
+        if newest is None:
+            return
+        try:
+            info = await psub.consumer_info()
+            if window.ready(info.num_ack_pending or 0):
+                await newest.ack_sync()
+                window.acked()
+        except Exception as err:  # an outage: the events stay outstanding, acked later
+            log.debug("webhooks outbox: ack later: %r", err)
 
     async def _on_event(self, msg: Msg) -> None:
         run_id, kind = subject_parts(msg.subject)
         if kind == "submitted":
             self.callbacks.submitted(run_id, msg.data)
-            await msg.ack()  # seen again after a restart at worst: nothing to lose
-            return
+            return  # seen again after a restart at worst: nothing to lose
         known, url = self.callbacks.ended(run_id)
         if not known:  # submitted before this process read the log: ask it
             submitted = await submission_of(self.log, run_id)
             url = getattr(submitted, "callback_url", None)
         if not url:
-            await msg.ack()  # no callback: nothing to store, nothing lost if the ack is
-            return
+            return  # no callback: nothing to store
         seq = msg.metadata.sequence.stream
         event = decode_event(msg.data)
         stored = await self.log.read(run_id)
@@ -164,12 +191,30 @@ class WebhookService:
                 await self._enqueue(delivery)
             else:  # no consumer will ever take it: straight to the dead letters
                 await self.deliverer.bury(delivery, 0, f"team {after.team} is not configured", seq)
-        await msg.ack_sync()
 
     async def _enqueue(self, delivery: Delivery, msg_id: str | None = None) -> None:
         subject = pending_subject(delivery.team, delivery.run.id)
         headers = {"Nats-Msg-Id": msg_id or delivery.delivery_id}
         await self.js.publish(subject, _json.encode(delivery), headers=headers)
+
+
+def outbox_config(
+    start_seq: int | None = None, ack_wait_s: float = OUTBOX_ACK_WAIT_S
+) -> api.ConsumerConfig:
+    """The outbox's durable consumer: ``submitted`` and the terminal kinds, from the start of
+    the log (or ``start_seq``), acknowledged a batch at a time (``AckPolicy.ALL``); what a
+    dead process held comes back after ``ack_wait_s``."""
+    return api.ConsumerConfig(
+        durable_name=OUTBOX,
+        filter_subjects=[f"{EVENTS_PREFIX}.*.{kind}" for kind in OUTBOX_KINDS],
+        ack_policy=api.AckPolicy.ALL,
+        deliver_policy=(
+            api.DeliverPolicy.ALL if start_seq is None else api.DeliverPolicy.BY_START_SEQUENCE
+        ),
+        opt_start_seq=start_seq,
+        ack_wait=ack_wait_s,
+        max_ack_pending=4 * OUTBOX_BATCH,
+    )
 
 
 # --- operator commands ----------------------------------------------------------------------

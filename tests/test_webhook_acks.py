@@ -1,0 +1,113 @@
+"""The webhook outbox acknowledges a batch at a time (``AckPolicy.ALL``) against a real
+nats-server: its one ack never covers an event that no process has handled."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import anyio
+import msgspec
+import pytest
+from nats.aio.client import Client
+from nats.js import api
+from nats.js.errors import NotFoundError
+
+from contracts.events import AnyEvent, RunSubmitted
+from runtime.control.webhook_delivery import pending_subject
+from runtime.control.webhooks import OUTBOX, WebhookService, outbox_config
+from runtime.infra.config import parse
+from runtime.infra.eventlog import EventLog
+from runtime.infra.natsserver import NatsServer
+from runtime.infra.streams import EVENTS_STREAM, WEBHOOKS_STREAM
+from tests.test_eventlog import history
+
+pytestmark = pytest.mark.anyio
+
+CONFIG = parse(
+    {
+        "teams": {
+            "acme": {"tier": "startup", "tokens": ["tok"], "webhook_secret": "whsec_" + "a" * 24}
+        }
+    }
+)
+
+
+def with_callback(run_id: str) -> list[AnyEvent]:
+    events = history(run_id)
+    first = events[0]
+    assert isinstance(first, RunSubmitted)
+    return [msgspec.structs.replace(first, callback_url="http://127.0.0.1:9/hook"), *events[1:]]
+
+
+async def append(nc: Client, run_id: str) -> list[int]:
+    log = EventLog(nc)
+    return [(await log.append(event)).seq for event in with_callback(run_id)]
+
+
+async def delivery_stored(nc: Client, run_id: str) -> bool:
+    try:
+        await nc.jetstream().get_last_msg(WEBHOOKS_STREAM, pending_subject("acme", run_id))
+    except NotFoundError:
+        return False
+    return True
+
+
+async def test_events_a_killed_process_took_are_never_covered_by_another_ones_ack(
+    nats_server: NatsServer, nc: Client
+) -> None:
+    js = nc.jetstream()
+    service = WebhookService(nc, CONFIG)
+    service.outbox_ack_wait_s = 3.0  # what the dead process took comes back soon
+    await service.ensure()
+    seqs_a = await append(nc, "run_a")
+    other = await nats_server.connect("admin", "jetrun-webhooks")  # another deliverer...
+    taken = await (
+        await other.jetstream().pull_subscribe_bind(durable=OUTBOX, stream=EVENTS_STREAM)
+    ).fetch(10, timeout=5)
+    assert {m.subject for m in taken} == {"jetrun.ev.run_a.submitted", "jetrun.ev.run_a.completed"}
+    await other.close()  # ... killed before it handled or acked them
+    await append(nc, "run_b")
+
+    outbox = await js.pull_subscribe_bind(durable=OUTBOX, stream=EVENTS_STREAM)
+    covered_before_stored = []
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(service._outbox_loop, outbox)
+        with anyio.fail_after(30):
+            while True:
+                info = await js.consumer_info(EVENTS_STREAM, OUTBOX)
+                floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                stored_a, stored_b = (
+                    await delivery_stored(nc, "run_a"),
+                    await delivery_stored(nc, "run_b"),
+                )
+                if floor and floor >= seqs_a[-1] and not stored_a:
+                    covered_before_stored.append(floor)
+                    break
+                if stored_a and stored_b and not info.num_pending and not info.num_ack_pending:
+                    break
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    assert not covered_before_stored  # run_a's end was acked only once its delivery was stored
+    info = await js.consumer_info(EVENTS_STREAM, OUTBOX)
+    assert info.config.ack_policy == api.AckPolicy.ALL
+
+
+async def test_an_outbox_that_acked_each_event_carries_on_from_its_first_unacked_one(
+    nc: Client,
+) -> None:
+    js = nc.jetstream()
+    older = dataclasses.replace(outbox_config(), ack_policy=api.AckPolicy.EXPLICIT)
+    await js.add_consumer(EVENTS_STREAM, older)
+    await append(nc, "run_a")
+    seqs_b = await append(nc, "run_b")
+    psub = await js.pull_subscribe_bind(durable=OUTBOX, stream=EVENTS_STREAM)
+    for msg in await psub.fetch(2, timeout=5):  # run_a's submitted and end, acked one by one
+        assert msg.subject.startswith("jetrun.ev.run_a.")
+        await msg.ack_sync()
+    await psub.unsubscribe()
+
+    await WebhookService(nc, CONFIG).ensure()
+    info = await js.consumer_info(EVENTS_STREAM, OUTBOX)
+    assert info.config.ack_policy == api.AckPolicy.ALL
+    assert info.config.opt_start_seq is not None and info.config.opt_start_seq <= seqs_b[0]
+    assert info.num_pending == 2  # run_b's submitted and end: nothing lost, nothing acked twice
