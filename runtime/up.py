@@ -35,6 +35,7 @@ from runtime.infra.eventlog import LogSettings
 from runtime.infra.nats_auth import AGENTS_DIR, Credentials
 from runtime.infra.nats_conn import close, connect
 from runtime.infra.natsserver import NatsServer, NatsServerFailed, NatsServerNotFound
+from runtime.infra.projection import RunIndex
 from runtime.provision import provision
 from runtime.services import serve_http
 from runtime.up_children import _provider, _serve_agent, _webhooks, agent_env
@@ -157,9 +158,13 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
                 nats_url, "jetrun-scheduler", opts.credentials("scheduler"), first_connect_s=10.0
             )
             stack.push_async_callback(close, snc, grace)
-        gateway = Gateway(nc, opts.config, log_settings=settings)
-        # one tail of the log for both: each event delivered and decoded once in this process
-        scheduler = Scheduler(snc, opts.config, log_settings=settings, feed=gateway.feed)
+        # one tail of the log and one run index for both: each event is delivered, decoded and
+        # applied once in this process; the scheduler forgets ended runs for both
+        index = RunIndex()
+        gateway = Gateway(nc, opts.config, log_settings=settings, index=index)
+        scheduler = Scheduler(
+            snc, opts.config, log_settings=settings, feed=gateway.feed, index=index
+        )
         scaler = Scaler(scheduler, _provider(opts, nats_url, server))
         async with anyio.create_task_group() as tg:
             add_scheduler(gateway.telemetry.exposition, scheduler, alongside=gateway.telemetry)

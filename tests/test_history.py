@@ -29,6 +29,7 @@ from runtime.infra.eventlog import EventLog, LogSettings
 from runtime.infra.projection import RunIndex
 from runtime.infra.streams import EVENTS_STREAM
 from runtime.provision import provision
+from tests.fakes import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -177,6 +178,39 @@ async def test_a_gateway_answers_old_runs_and_runs_another_gateway_just_made(
             assert (await http.get(f"/v4/runs/{ids[0]}", headers=rival)).status_code == 404
             assert (await http.get("/v4/runs/nope", headers=acme)).status_code == 404
             assert (await http.get("/v4/runs/a.b", headers=acme)).status_code == 404
+        tg.cancel_scope.cancel()
+
+
+async def test_a_gateway_and_a_scheduler_sharing_one_index_apply_each_event_once(
+    nc: Client, log: EventLog
+) -> None:
+    """``jetrun up``: one feed, one index. Each event is applied once; the gateway leaves
+    forgetting to the scheduler, which forgets an ended run only once its view is stored."""
+    ids = await fill(log, 3)
+    index = RunIndex()
+    applied: list[int] = []
+    apply = index.apply
+
+    def counted(seq: int, event: AnyEvent) -> object:
+        applied.append(seq)
+        return apply(seq, event)
+
+    index.apply = counted  # type: ignore[method-assign]
+    clock = FakeClock(T0 + 1000)  # every run ended long before: past keep_ended_s
+    gateway = Gateway(nc, CONFIG, index=index, clock=clock)
+    scheduler = Scheduler(nc, CONFIG, feed=gateway.feed, index=index, clock=clock)
+    assert scheduler.index is gateway.index
+    async with anyio.create_task_group() as tg:
+        await tg.start(gateway.run)
+        async with scheduler.following():
+            await log.append(submitted("live", T0 + 10))
+            assert await index.wait_for_seq(16, timeout=5)
+            assert applied == sorted(set(applied)) and len(applied) == 16
+            await anyio.sleep(0.1)  # the gateway's own forgetting would have run by now
+            assert set(ids) <= set(index.records)  # views not stored: nothing forgotten
+            await scheduler.keeper.step(T0 + 1000, 0.0)  # views stored, then forgotten
+            assert set(index.records) == {"live"}
+            assert gateway.index.get(ids[0]) is None
         tg.cancel_scope.cancel()
 
 

@@ -61,3 +61,32 @@ async def test_every_reader_gets_every_event_in_order_from_one_consumer(nc: Clie
     assert feed._sub is not None  # one reader is still reading
     await feed.leave()
     assert feed._sub is None
+
+
+async def test_an_index_two_readers_share_is_fed_once(nc: Client) -> None:
+    """``jetrun up``: the gateway and the scheduler hold one index; each event is applied once,
+    through the callbacks of the reader that joined first."""
+    log = EventLog(nc)
+    views = RunViews(log.js)
+    await views.require()
+    feed = LogFeed(log, views)
+    first = Reader(feed)
+    second_seen: list[int] = []
+
+    async def second(seq: int, event: AnyEvent) -> None:
+        second_seen.append(seq)
+
+    async def skipped(seq: int) -> None:
+        second_seen.append(seq)
+
+    feed.join(first.index, second, skipped)  # the same index: not fed a second time
+    position = await feed.start()  # positions the shared index once
+    last = position.target
+    for i in range(5):
+        await log.append(submitted(f"s{i}"))
+    with anyio.fail_after(10):
+        await first.index.wait_for_seq(last + 5, timeout=10)
+    assert first.seen == list(range(position.start, last + 6))
+    assert second_seen == []
+    assert len(first.index.records) == last + 5 - position.start + 1
+    await feed.leave()

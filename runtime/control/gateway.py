@@ -73,9 +73,13 @@ class Gateway(RunsApi):
         clock: Clock = SYSTEM_CLOCK,
         log_settings: LogSettings | None = None,
         feed: LogFeed | None = None,
+        index: RunIndex | None = None,
     ) -> None:
         """``feed``: a log tail shared with other readers in this process (``jetrun up``);
-        by default the gateway has its own."""
+        by default the gateway has its own. ``index``: a run index shared with the scheduler
+        beside it (``jetrun up``: each event applied once), which then forgets ended runs
+        (once their views are stored and listed); by default the gateway has its own and
+        forgets ended runs ``keep_ended_s`` after they ended."""
         self.nc = nc
         self.config = config
         self.clock = clock
@@ -84,7 +88,8 @@ class Gateway(RunsApi):
             append_deadline_s=config.settings.request_deadline_s,
         )
         self.log = EventLog(nc, settings)
-        self.index = RunIndex()
+        self.index = index if index is not None else RunIndex()
+        self._forgets = index is None
         self.views = RunViews(self.log.js, replicas=settings.replicas)
         self.listing = RunListing(
             self.index, self.views.history, partial(find_run, self.log, self.views)
@@ -151,8 +156,9 @@ class Gateway(RunsApi):
             await self.index.catch_up(position.target, timeout=deadline)
             async with anyio.create_task_group() as tg:
                 await tg.start(self.submissions.run)  # jetrun.submit: NATS submissions
-                keep = self.config.settings.keep_ended_s
-                tg.start_soon(forget_loop, self.index, self.clock, keep)
+                if self._forgets:
+                    keep = self.config.settings.keep_ended_s
+                    tg.start_soon(forget_loop, self.index, self.clock, keep)
                 tg.start_soon(self.streams.renew_loop)  # slots of this gateway's open streams
                 self.ready = True
                 task_status.started()

@@ -3,7 +3,9 @@
 A gateway and a scheduler each keep a ``RunIndex`` of the whole log. Apart, each has its own
 ordered consumer: nats-server delivers every event twice, and the process parses and decodes it
 twice. In one process (``jetrun up``) they share a ``LogFeed``: one consumer, each event decoded
-once and handed to every reader in log order, the indexes positioned at the same sequence. A
+once and handed to every reader in log order, the indexes positioned at the same sequence. Two
+readers may also share one index (``jetrun up``: the gateway and the scheduler hold one
+``RunIndex``): it is then fed once, through the callbacks of the reader that joined first. A
 component that is alone in its process gets a feed of its own, so the code is the same either
 way.
 """
@@ -48,9 +50,12 @@ class LogFeed:
 
     def join(self, index: RunIndex, on_event: Handler, on_skipped: SkipHandler) -> None:
         """Feed ``index`` (through ``on_event``/``on_skipped``, which must not raise: wrap them
-        in the component's ``Guard``). Raises ``RuntimeError`` once the feed has started."""
+        in the component's ``Guard``). An index another reader joined with is fed once, through
+        that reader's callbacks. Raises ``RuntimeError`` once the feed has started."""
         if self._position is not None:
             raise RuntimeError("a reader joined a log feed that had already started")
+        if any(reader.index is index for reader in self._readers):
+            return
         self._readers.append(_Reader(index, on_event, on_skipped))
 
     async def start(self) -> Position:
@@ -61,9 +66,11 @@ class LogFeed:
                 begin, target = await start_position(self.log.js, self.views)
                 for reader in self._readers:
                     reader.index.start_at(begin - 1)
-                self._sub = await self.log.tail(
-                    self._on_event, from_seq=begin, skipped=self._on_skipped
-                )
+                on_event: Handler = self._on_event
+                on_skipped: SkipHandler = self._on_skipped
+                if len(self._readers) == 1:  # straight to the one reader
+                    on_event, on_skipped = self._readers[0].on_event, self._readers[0].on_skipped
+                self._sub = await self.log.tail(on_event, from_seq=begin, skipped=on_skipped)
                 self._position = Position(begin, target)
             self._active += 1
             return self._position

@@ -82,16 +82,19 @@ class Scheduler(Applier):
         log_settings: LogSettings | None = None,
         tick_s: float = 0.25,
         feed: LogFeed | None = None,
+        index: RunIndex | None = None,
     ) -> None:
         """``feed``: a log tail shared with other readers in this process (``jetrun up``);
-        by default the scheduler has its own."""
+        by default the scheduler has its own. ``index``: a run index shared with a gateway in
+        this process (each event applied once; the gateway then leaves forgetting ended runs
+        to this scheduler, which forgets them once their views are stored and listed)."""
         self.nc = nc
         self.config = config
         self.clock = clock
         self.tick_s = tick_s
         settings = log_settings or LogSettings()
         self.log = EventLog(nc, settings)
-        self.index = RunIndex()
+        self.index = index if index is not None else RunIndex()
         self.index.listen(self._observe)
         self.index.listen_queue(self._observe_queue)
         self.views = RunViews(self.log.js, replicas=settings.replicas)
