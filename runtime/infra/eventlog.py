@@ -124,6 +124,7 @@ class EventLog:
         self.nc = nc
         self.js = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
         self.settings = settings or LogSettings()
+        self._publisher = jspub.publisher(nc)
 
     def stream_config(self) -> api.StreamConfig:
         s = self.settings
@@ -162,7 +163,7 @@ class EventLog:
         subject = subject_of(event)
         if payload is None:
             payload = encode_event(event)
-        publisher = jspub.publisher(self.nc)
+        publisher = self._publisher
 
         async def publish() -> api.PubAck:
             return await publisher.publish(subject, payload, headers, PUBLISH_TIMEOUT_S)
@@ -228,7 +229,7 @@ class EventLog:
         the returned subscription to stop."""
 
         async def on_msg(msg: Msg) -> None:
-            seq = msg.metadata.sequence.stream
+            seq = stream_seq(msg)
             event = _decode(msg)
             if event is not None:
                 await handler(seq, event)
@@ -265,7 +266,7 @@ class EventLog:
 
         async def on_msg(msg: Msg) -> None:
             nonlocal last
-            seq = msg.metadata.sequence.stream
+            seq = stream_seq(msg)
             if seq <= last:  # redelivered after the consumer was recreated
                 return
             last = seq
@@ -300,6 +301,19 @@ class NamedEachTime(api.ConsumerConfig):
 
     def __post_init__(self) -> None:
         self.name = uuid.uuid4().hex
+
+
+ACK_TOKENS = 9  # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<seq>.<time>.<pending>
+
+
+def stream_seq(msg: Msg) -> int:
+    """The stream sequence of a message a consumer delivered, read from its reply subject
+    split once (``msg.metadata`` builds every field, the time included, for each message).
+    The longer form (with a domain and an account hash) is read by nats-py."""
+    tokens = (msg.reply or "").split(".")
+    if len(tokens) == ACK_TOKENS and tokens[0] == "$JS" and tokens[1] == "ACK":
+        return int(tokens[5])
+    return int(msg.metadata.sequence.stream)
 
 
 def _decode(msg: Msg) -> AnyEvent | None:
