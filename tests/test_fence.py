@@ -94,3 +94,40 @@ async def test_a_leader_writes_its_markers_again_before_they_age_out(server: Nat
             assert await last_seq(a.log) == again + 1
     finally:
         await nc.close()
+
+
+async def test_each_append_in_flight_holds_its_own_slot_and_one_more_waits() -> None:
+    fence = Fence(EventLog.__new__(EventLog), "a", slots=3)
+    fence.markers = [11, 12, 13]
+    held: list[str] = []
+    release = anyio.Event()
+    waited = anyio.Event()
+
+    async def hold() -> None:
+        async with fence.slot() as fencing:
+            assert fencing is not None
+            held.append(fencing.subject)
+            assert fencing.seq == 11 + int(fencing.subject.split("._fence")[1].split(".")[0])
+            await release.wait()
+
+    async def fourth() -> None:
+        async with fence.slot() as fencing:
+            assert fencing is not None
+            waited.set()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(hold)
+            await anyio.wait_all_tasks_blocked()
+            assert len(set(held)) == 3  # three slots, each its own subject
+            tg.start_soon(fourth)
+            await anyio.wait_all_tasks_blocked()
+            assert not waited.is_set()  # every slot is taken: the fourth waits
+            release.set()
+            await waited.wait()
+    async with fence.slot() as fencing:  # every slot given back
+        assert fencing is not None
+    fence.drop()
+    async with fence.slot() as fencing:
+        assert fencing is None  # not established: unfenced

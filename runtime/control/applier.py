@@ -121,13 +121,15 @@ class Applier:
             why = "its admission permit was given back before the run reached the event log"
             await append(not_admitted(run, self.clock.now(), why))
 
-        async with anyio.create_task_group() as tg:
-            for event in d.events:
-                tg.start_soon(append, event)
-            for admission in d.admissions:
-                tg.start_soon(admit, admission)
-            for run_id in d.permit_checks:
-                tg.start_soon(check, run_id)
+        calls = [partial(append, event) for event in d.events]
+        calls += [partial(admit, admission) for admission in d.admissions]
+        calls += [partial(check, run_id) for run_id in d.permit_checks]
+        if len(calls) == 1:  # one decision (a run at a time): no task group, no task
+            await calls[0]()
+        elif calls:
+            async with anyio.create_task_group() as tg:
+                for call in calls:
+                    tg.start_soon(call)
         self._applying = 0
         if stored:
             await self.index.wait_for_seq(stored, timeout=CATCH_UP_S)
@@ -190,6 +192,8 @@ class Applier:
         """Give back the permits of runs that ended, together: an outage holds a pass up for
         one retry budget at most, not one per run. A permit still held is the sweep's job."""
         ended, self._ended = self._ended, []
+        if not ended:
+            return
         limiter = anyio.CapacityLimiter(APPENDS_IN_FLIGHT)
 
         async def release(run_id: str, slot: AdmissionSlot) -> None:

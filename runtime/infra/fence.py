@@ -17,10 +17,8 @@ check their own slot's subject; a single-server stream has no such limit.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
 
 import anyio
 from nats.js.errors import APIError, NotFoundError
@@ -64,7 +62,9 @@ class Fence:
         self.markers: list[int] = []  # per slot, the sequence of this holder's marker
         self._free = list(range(slots))
         self._slots = slots
-        self._available = anyio.Semaphore(slots)
+        self._subjects = [event_subject(slot_id(slot), "elected") for slot in range(slots)]
+        # a free slot is taken without a trip through the event loop
+        self._available = anyio.Semaphore(slots, fast_acquire=True)
         self.established_at = 0.0
         self._renewals = 0
 
@@ -112,18 +112,10 @@ class Fence:
         (tests that drive passes by hand)."""
         self.markers = []
 
-    @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[Fencing | None]:
-        """A free slot's fencing headers for one append (None when not established)."""
-        async with self._available:
-            slot = self._free.pop()
-            try:
-                if not self.markers:
-                    yield None
-                else:
-                    yield Fencing(event_subject(slot_id(slot), "elected"), self.markers[slot])
-            finally:
-                self._free.append(slot)
+    def slot(self) -> _Slot:
+        """``async with fence.slot() as fencing``: a free slot's fencing headers for one append
+        (None when not established), the slot given back on leaving."""
+        return _Slot(self)
 
     async def _last_marker(self, slot: int) -> int:
         subject = event_subject(slot_id(slot), "elected")
@@ -136,6 +128,32 @@ class Fence:
             return int(msg.seq or 0)
 
         return await retrying(f"last marker of {subject}", get, self.log.settings.append_deadline_s)
+
+
+class _Slot:
+    """One append's hold on a fence slot (a plain class: on the scheduler's hot path a
+    generator-based context manager cost more than the rest of taking a slot)."""
+
+    __slots__ = ("_fence", "_slot")
+
+    def __init__(self, fence: Fence) -> None:
+        self._fence = fence
+        self._slot = -1
+
+    async def __aenter__(self) -> Fencing | None:
+        fence = self._fence
+        try:
+            fence._available.acquire_nowait()
+        except anyio.WouldBlock:  # 64 appends in flight: wait for one to end
+            await fence._available.acquire()
+        self._slot = slot = fence._free.pop()
+        if not fence.markers:
+            return None
+        return Fencing(fence._subjects[slot], fence.markers[slot])
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._fence._free.append(self._slot)
+        self._fence._available.release()
 
 
 async def append(log: EventLog, event: Event, fencing: Fencing | None) -> Appended:
