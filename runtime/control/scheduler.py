@@ -368,6 +368,9 @@ class Scheduler(Applier):
             pipelines.update(self.index.records[r].pipeline for r in runs)
         found: dict[str, PipelineInfo] = {}
         for pipeline in pipelines:
+            if (info := self.catalog.current(pipeline)) is not None:
+                found[pipeline] = info  # the followed cache: no retry wrapper per pass
+                continue
             try:
                 info = await patiently(
                     f"look up {pipeline}", partial(self.catalog.lookup, pipeline)

@@ -84,9 +84,9 @@ class Catalog:
         None, without touching NATS, for anything that is not a pointer."""
         if not is_pointer(pointer):
             return None
-        entry = self._known.get(pointer)
-        if entry is not None and (self._following or self.monotonic() - entry[1] < self.max_age_s):
-            return entry[0]
+        known = self.current(pointer)
+        if known is not None:
+            return known
         try:
             msg = await self.js.get_last_msg(CATALOG_STREAM, pipeline_subject(pointer))
         except NotFoundError:
@@ -96,6 +96,14 @@ class Catalog:
         info = _decoder.decode(msg.data)
         self._remember(info)
         return info
+
+    def current(self, pointer: str) -> PipelineInfo | None:
+        """What ``lookup`` would answer without reading the stream: the cached settings while
+        they are current (followed, or younger than ``max_age_s``); None when it must read."""
+        entry = self._known.get(pointer)
+        if entry is not None and (self._following or self.monotonic() - entry[1] < self.max_age_s):
+            return entry[0]
+        return None
 
     def cached(self, pointer: str) -> PipelineInfo | None:
         """The settings if this process has seen the pipeline, however long ago; never
