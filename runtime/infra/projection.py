@@ -153,10 +153,12 @@ class RunIndex:
         if after.is_terminal and (before is None or not before.is_terminal):
             self._ended.append(event.run_id)
         self._reindex(seq, event, before, after)
-        for listener in self._listeners:
-            listener(seq, event, before, after)
+        # the run's waiters (a request waiting for its end) are woken before the listeners'
+        # tasks (the scheduler's next pass), so an answer does not wait behind that pass
         if waiter := self._changed.pop(event.run_id, None):
             waiter.set()
+        for listener in self._listeners:
+            listener(seq, event, before, after)
         self._wake_seq_waiters()
         return after
 
