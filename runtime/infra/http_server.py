@@ -15,6 +15,12 @@
   client could stream headers into the gateway's memory until the header-read deadline.
 
 Keep-alive idle connections are closed after ``http_keepalive_s`` (uvicorn's own timer).
+
+- **One write per response**: uvicorn writes a response's head and its body with two
+  ``transport.write`` calls (two ``send`` system calls, two TCP segments). A response of known
+  length (``content-length``) has its head held until its body is written, and both leave in
+  one write; a streamed (chunked) response's head still leaves at once, and a response whose
+  body never comes (a ``HEAD``, an application error) has its head written as before.
 """
 
 from __future__ import annotations
@@ -23,9 +29,9 @@ import asyncio
 import logging
 import resource
 from collections import OrderedDict
-from typing import Any
+from typing import Any, cast
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from runtime.infra.config import Settings
 
@@ -102,6 +108,10 @@ class LimitedHttpTools(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_done()
         super().on_headers_complete()
+        cycle = self.cycle  # the request's (not started before this returns)
+        if cycle is not None and not isinstance(cycle, OneWriteCycle):
+            cycle.__class__ = OneWriteCycle  # adds behaviour only: the same fields
+            cast(OneWriteCycle, cycle).transport = HeldHead(self.transport)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -137,3 +147,61 @@ class LimitedHttpTools(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.write(response)
             self.transport.close()
+
+
+class HeldHead:
+    """A response cycle's transport: while ``holding``, the next write (the response head) is
+    kept back and goes out joined to the write after it (the body), or on ``flush``/``close``."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self.holding = False
+        self.held = b""
+
+    def write(self, data: bytes) -> None:
+        if self.holding:
+            self.holding = False
+            self.held = data
+            return
+        if self.held:
+            data, self.held = self.held + data, b""
+        self.transport.write(data)
+
+    def flush(self) -> None:
+        self.holding = False
+        if self.held:
+            data, self.held = self.held, b""
+            if not self.transport.is_closing():
+                self.transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.transport, name)
+
+
+class OneWriteCycle(RequestResponseCycle):
+    """uvicorn's request/response cycle, writing a response of known length in one write."""
+
+    transport: HeldHead  # type: ignore[assignment]
+
+    async def send(self, message: Any) -> None:
+        transport = self.transport
+        if message["type"] == "http.response.start" and not self.response_started:
+            transport.holding = True
+            try:
+                await super().send(message)
+            finally:
+                transport.holding = False
+            if self.chunked_encoding is not False or self.scope["method"] == "HEAD":
+                transport.flush()  # streamed, or no body to come: the head goes now
+            return
+        try:
+            await super().send(message)
+        finally:
+            transport.flush()
