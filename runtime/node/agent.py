@@ -57,6 +57,7 @@ from runtime.node.attempts import Attempt, Pool, Reporter, Runner, Starts
 from runtime.node.ended import EndedRuns
 from runtime.node.replicas import Replicas
 from runtime.node.results import HEADER_ROOM
+from runtime.node.runners import Runners
 
 log = logging.getLogger("jetrun.agent")
 _encoder = msgspec.json.Encoder()
@@ -118,6 +119,7 @@ class Agent(Replicas):
         self.draining_on_notice = False  # drain() was called: being declared lost is expected
         self.started_at = clock.now()
         self._tg: TaskGroup | None = None
+        self._runners: Runners[tuple[RunDispatched, Attempt]] | None = None  # attempts' tasks
         self._fenced = anyio.Event()  # the scheduler declared this agent lost
         self.recalled = anyio.Event()  # a recall request arrived
         self._idle = anyio.Event()  # an attempt ended
@@ -171,6 +173,7 @@ class Agent(Replicas):
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
+                self._runners = Runners(tg, lambda job: self._run_attempt(*job))
                 tg.start_soon(self.guard.watch)
                 tg.start_soon(self.runner.starts.run)
                 tg.start_soon(self.runner.flusher.run)
@@ -283,10 +286,11 @@ class Agent(Replicas):
             self.seen_seq = max(self.seen_seq, seq)
             if self._ended.ended_after(event.run_id, seq):
                 return  # cancelled or taken off here later in the log (heard first)
-            if event.run_id not in self.attempts and not self.draining and self._tg is not None:
+            runners = self._runners
+            if event.run_id not in self.attempts and not self.draining and runners is not None:
                 attempt = Attempt(event.run_id, event.attempt, anyio.CancelScope())
                 self.attempts[event.run_id] = attempt
-                self._tg.start_soon(self._run_attempt, event, attempt)
+                runners.start((event, attempt))
         elif isinstance(event, RunCancelled):
             self._ended.note(event.run_id, seq)
             running = self.attempts.get(event.run_id)
