@@ -26,6 +26,7 @@ from contracts.states import RunState
 from runtime.control.history import HistoryWriter, Listed, RunHistory
 from runtime.control.listing import Cursor, ListQuery, RunListing, decode_cursor
 from runtime.infra.projection import RunIndex
+from runtime.infra.streams import LISTING_STREAM
 
 pytestmark = pytest.mark.anyio
 
@@ -216,3 +217,59 @@ async def test_a_crafted_cursor_pages_only_the_callers_runs_and_ends(nc: Client)
     with anyio.fail_after(20):
         below, _ = await listing.page("acme", ListQuery(cursor=Cursor(21, 2**62)))
     assert [r.id for r in below] == ["run_a1", "run_a0"]  # runs submitted below seq 21
+
+
+async def test_a_step_lists_a_teams_runs_in_blocks_one_message_each(nc: Client) -> None:
+    """40 runs in one step: three messages (16 + 16 + 8 entries), numbered 1 to 40 in log
+    order; a walk from any number (a cursor may name one inside a block) reads them back."""
+    js = nc.jetstream()
+    history = RunHistory(js)
+    index = RunIndex()
+    writer = HistoryWriter(history, index)
+    for i in range(40):
+        feed(index, run_events(f"run_{i:02d}", 10.0 + i, "acme", "t/x:v1", fail=False))
+    await writer.step(leading=True)
+    assert not writer.pending
+    assert (await js.stream_info(LISTING_STREAM)).state.messages == 3
+    newest = await history.newest("acme")
+    assert newest is not None and newest == (40, newest[1]) and newest[1].run_id == "run_39"
+    assert await history.oldest("acme") == 1
+    walked = [(n, listed.run_id) async for n, listed in history.entries("acme", 40, 1)]
+    assert walked == [(40 - i, f"run_{39 - i:02d}") for i in range(40)]
+    inside = [n async for n, _ in history.entries("acme", 21, 14)]  # from inside a block
+    assert inside == list(range(21, 13, -1))
+    entry = await history.entry("acme", 17)
+    assert entry is not None and entry.run_id == "run_16"
+
+
+async def test_a_writer_whose_picture_is_stale_lists_nothing_and_numbers_stay_unique(
+    nc: Client,
+) -> None:
+    history = RunHistory(nc.jetstream())
+    listed = [Listed(run_id=f"run_{i}", pipeline="t/x:v1", created_at=1.0, seq=i) for i in (1, 2)]
+    start = await history.top("acme")
+    assert start == (0, 0, 0)
+    stored = await history.add_block("acme", start, listed[:1])
+    assert stored is not None
+    assert await history.add_block("acme", start, listed[1:]) is None  # another wrote first
+    top = await history.top("acme")
+    assert top.number == 1 and top.seq == 1
+    assert await history.add_block("acme", top, listed[1:]) is not None
+    assert [n async for n, _ in history.entries("acme", 5, 1)] == [2, 1]
+
+
+async def test_entries_of_single_run_messages_and_blocks_are_read_alike(nc: Client) -> None:
+    """Entries an earlier release wrote, one message per run, and blocks after them."""
+    js = nc.jetstream()
+    history = RunHistory(js)
+    for n in (1, 2, 4):  # number 3 was never written (a gap is skipped)
+        old = Listed(run_id=f"run_{n}", pipeline="t/x:v1", created_at=1.0, seq=0)
+        await js.publish(f"jetrun.listing.acme.{n}", msgspec.json.encode(old))
+    index = RunIndex()
+    writer = HistoryWriter(history, index)
+    for i in range(5, 8):
+        feed(index, run_events(f"run_{i}", 10.0 + i, "acme", "t/x:v1", fail=False))
+    await writer.step(leading=True)
+    walked = [(n, listed.run_id) async for n, listed in history.entries("acme", 7, 1)]
+    assert walked == [(7, "run_7"), (6, "run_6"), (5, "run_5"), (4, "run_4"), (2, "run_2"),
+                      (1, "run_1")]  # fmt: skip

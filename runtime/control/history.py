@@ -1,23 +1,29 @@
 """Every run a team has had, durably, newest first: the index behind ``GET /v4/runs``.
 
-The stream ``JETRUN_LISTING`` holds one ``Listed`` entry per run on the subject
-``jetrun.listing.<team>.<n>``, where ``n`` counts the team's runs from 1 in the order the event
-log recorded their submission. The leading scheduler writes each entry once (``HistoryWriter``,
-fed by its index as it reads ``submitted`` events), one team's entries in log order, each with
-``Nats-Expected-Last-Subject-Sequence: 0`` so two writers can never give one number to two runs.
+The stream ``JETRUN_LISTING`` holds one ``Listed`` entry per run, numbered ``n`` from 1 per
+team in the order the event log recorded their submission. The leading scheduler writes each
+entry once (``HistoryWriter``, fed by its index as it reads ``submitted`` events), a team's
+entries in log order, in blocks: each step, one message per team and up to ``BLOCK`` runs (a
+JSON array, oldest first) on ``jetrun.listing.<team>.<n>``, ``n`` the number of its last entry
+(an earlier release wrote one entry, a JSON object, per message; both are read alike). Each
+block is published with ``Nats-Expected-Last-Subject-Sequence`` = the team's newest message
+over ``jetrun.listing.<team>.>``: one chain per team, so two writers can never give one number
+to two runs, and none is skipped.
 
 Reading needs no consumer and holds nothing in memory: the newest number of a team is one
 direct get (the last message on ``jetrun.listing.<team>.>``), the oldest one kept another (the
-first at or after sequence 1), and entry ``n`` a third, exact one. A page walks ``n`` down from
-its cursor, a few gets at a time (``entries``). Entries are kept as long as the run views are
-(``views_max_age_s``, applied by ``jetrun admin apply-retention``). The ``seq`` each entry
-carries orders it against runs still in memory (``runtime.control.listing``).
+first at or after sequence 1), and a block a third, exact one. A page walks ``n`` down from its
+cursor, a few gets at a time (``entries``; the block holding a cursor's number ends at most
+``BLOCK - 1`` above it). Entries are kept as long as the run views are (``views_max_age_s``,
+applied by ``jetrun admin apply-retention``). The ``seq`` each entry carries orders it against
+runs still in memory (``runtime.control.listing``).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from typing import NamedTuple
 
 import anyio
 import msgspec
@@ -37,7 +43,8 @@ from runtime.infra.streamsetup import ensure_stream, require_stream
 log = logging.getLogger("jetrun.history")
 
 WRONG_LAST_SEQUENCE = 10071
-READ_AHEAD = 16  # entries fetched at once while walking down
+READ_AHEAD = 16  # numbers looked up at once while walking down
+BLOCK = 16  # entries per message at most (one message per team per step at up to 16 runs)
 
 
 class Listed(msgspec.Struct, frozen=True, kw_only=True):
@@ -49,8 +56,23 @@ class Listed(msgspec.Struct, frozen=True, kw_only=True):
     seq: int  # the sequence of the run's first event (``submitted``) in the event log
 
 
+class Top(NamedTuple):
+    """Where a team's history ends."""
+
+    number: int  # its newest entry's number (0: none)
+    seq: int  # that run's sequence in the event log
+    stream_seq: int  # the message's sequence in ``JETRUN_LISTING``
+
+
 _encoder = msgspec.json.Encoder()
-_decoder = msgspec.json.Decoder(Listed)
+_block_encoder = msgspec.json.Encoder()
+_decoder = msgspec.json.Decoder(Listed | list[Listed])
+
+
+def _decode(data: bytes) -> list[Listed]:
+    """A message holds one entry (an object) or a block of them (an array, oldest first)."""
+    found = _decoder.decode(data)
+    return found if isinstance(found, list) else [found]
 
 
 def entry_subject(team: str, n: int) -> str:
@@ -76,36 +98,59 @@ class RunHistory:
     async def require(self) -> None:
         await require_stream(self.js, LISTING_STREAM, 120.0)
 
+    async def top(self, team: str) -> Top:
+        """Where the team's history ends: its newest number, that run's log sequence, and the
+        message's sequence in ``JETRUN_LISTING`` (all 0 when the team has none)."""
+        found = await self._get(f"{LISTING_PREFIX}.{_team(team)}.>", last=True)
+        if found is None:
+            return Top(0, 0, 0)
+        end, block, stream_seq = found
+        return Top(end, block[-1].seq, stream_seq)
+
     async def newest(self, team: str) -> tuple[int, Listed] | None:
         """The team's newest entry and its number; None when it has none."""
-        return await self._get(f"{LISTING_PREFIX}.{_team(team)}.>", last=True)
+        found = await self._get(f"{LISTING_PREFIX}.{_team(team)}.>", last=True)
+        return None if found is None else (found[0], found[1][-1])
 
     async def oldest(self, team: str) -> int | None:
         """The number of the team's oldest entry still kept (older ones aged out)."""
         found = await self._get(f"{LISTING_PREFIX}.{_team(team)}.>", last=False)
-        return None if found is None else found[0]
+        return None if found is None else found[0] - len(found[1]) + 1
 
     async def entry(self, team: str, n: int) -> Listed | None:
-        found = await self._get(entry_subject(team, n), last=True)
-        return None if found is None else found[1]
+        async for k, listed in self.entries(team, n, n):
+            if k == n:
+                return listed
+        return None
 
     async def entries(self, team: str, start: int, stop: int) -> AsyncIterator[tuple[int, Listed]]:
         """Entries ``start``, ``start - 1``, ... down to ``stop`` (inclusive), skipping numbers
-        with no entry; ``READ_AHEAD`` gets in flight at a time."""
-        n = start
+        with no entry; ``READ_AHEAD`` gets in flight at a time. A block holds at most
+        ``BLOCK`` entries, so the one holding ``start`` ends at most ``BLOCK - 1`` above it."""
+        if start < stop:
+            return
+        n = start + BLOCK - 1  # numbers above ``start``: only to find the block holding it
+        bottom = max(stop, start - READ_AHEAD + 1)  # (looked up with the first numbers below)
         while n >= stop:
-            batch = list(range(n, max(stop, n - READ_AHEAD + 1) - 1, -1))
-            found = await self._many(team, batch)
-            for k in batch:
-                if (listed := found.get(k)) is not None:
-                    yield k, listed
-            n = batch[-1] - 1
+            found = await self._many(team, list(range(n, bottom - 1, -1)))
+            lowest = bottom
+            for end in sorted(found, reverse=True):
+                block = found[end]
+                first = end - len(block) + 1
+                for k in range(min(end, start), max(first, stop) - 1, -1):
+                    yield k, block[k - first]
+                lowest = min(lowest, first)
+            n = lowest - 1
+            bottom = max(stop, n - READ_AHEAD + 1)
 
-    async def _many(self, team: str, numbers: list[int]) -> dict[int, Listed | None]:
-        found: dict[int, Listed | None] = {}
+    async def _many(self, team: str, numbers: list[int]) -> dict[int, list[Listed]]:
+        """The blocks ending at any of ``numbers``, by their last number."""
+        found: dict[int, list[Listed]] = {}
 
         async def get(k: int) -> None:
-            found[k] = await self.entry(team, k)
+            got = await self._get(entry_subject(team, k), last=True)
+            if got is not None:
+                found[k] = got[1]
 
         async with anyio.create_task_group() as tg:
             for k in numbers:
@@ -113,28 +158,44 @@ class RunHistory:
         return found
 
     async def add(self, team: str, n: int, listed: Listed) -> bool:
-        """Store ``listed`` as the team's entry ``n``; False if ``n`` is taken already."""
-        subject, payload = entry_subject(team, n), _encoder.encode(listed)
-        headers = {
-            "Nats-Msg-Id": f"listed:{listed.run_id}",
-            "Nats-Expected-Last-Subject-Sequence": "0",
-        }
+        """Store ``listed`` as the team's entry ``n``; False unless ``n`` follows the team's
+        newest number (a number is never given twice)."""
+        top = await self.top(team)
+        if n != top.number + 1:
+            return False
+        return await self.add_block(team, top, [listed]) is not None
 
+    async def add_block(self, team: str, after: Top, block: list[Listed]) -> int | None:
+        """Store ``block`` as the team's entries ``after.number + 1`` on, in one message, only
+        if the team's newest message is still ``after`` (``Nats-Expected-Last-Subject-
+        Sequence`` over the team's subjects: one chain per team, so no number is given twice
+        and none is skipped, whoever else writes). Returns the message's sequence; None when
+        ``after`` is no longer the newest (another writer, or this one's earlier try whose
+        answer was lost)."""
+        assert 0 < len(block) <= BLOCK
+        subject = entry_subject(team, after.number + len(block))
+        payload = _block_encoder.encode(block) if len(block) > 1 else _encoder.encode(block[0])
+        headers = {
+            "Nats-Expected-Last-Subject-Sequence": str(after.stream_seq),
+            "Nats-Expected-Last-Subject-Sequence-Subject": f"{LISTING_PREFIX}.{team}.>",
+        }
         publisher = jspub.publisher_of(self.js)  # the same answers as js.publish, cheaper
 
-        async def publish() -> None:
-            await publisher.publish(subject, payload, headers, PUBLISH_TIMEOUT_S)
+        async def publish() -> int:
+            ack = await publisher.publish(subject, payload, headers, PUBLISH_TIMEOUT_S)
+            return int(ack.seq)
 
         try:
-            await retrying(f"list {listed.run_id}", publish, self.deadline_s)
+            return await retrying(f"list {len(block)} runs of {team}", publish, self.deadline_s)
         except BadRequestError as err:
             if err.err_code == WRONG_LAST_SEQUENCE:
-                return False
+                return None
             raise
-        return True
 
-    async def _get(self, subject: str, *, last: bool) -> tuple[int, Listed] | None:
-        async def get() -> tuple[int, Listed] | None:
+    async def _get(self, subject: str, *, last: bool) -> tuple[int, list[Listed], int] | None:
+        """``(last number, entries, stream sequence)`` of the message found; None if none."""
+
+        async def get() -> tuple[int, list[Listed], int] | None:
             try:
                 if last:
                     msg = await self.js.get_last_msg(LISTING_STREAM, subject, direct=True)
@@ -145,7 +206,7 @@ class RunHistory:
             except NotFoundError:
                 return None
             assert msg.subject is not None and msg.data is not None
-            return _number(msg.subject), _decoder.decode(msg.data)
+            return _number(msg.subject), _decode(msg.data), int(msg.seq or 0)
 
         return await retrying(f"history {subject}", get, self.deadline_s)
 
@@ -165,7 +226,7 @@ class HistoryWriter:
     def __init__(self, history: RunHistory, index: RunIndex) -> None:
         self.history = history
         self.pending: dict[str, tuple[str, Listed]] = {}  # run id -> (team, entry), log order
-        self._tops: dict[str, tuple[int, int]] = {}  # team -> (newest number, its run's seq)
+        self._tops: dict[str, Top] = {}  # team -> where its history ends
         index.listen(self._observe)
 
     def _observe(
@@ -192,33 +253,43 @@ class HistoryWriter:
         except RETRYABLE as err:
             log.warning("run history not written now (%r); later", err)
 
-    async def _top(self, team: str) -> tuple[int, int]:
+    async def _top(self, team: str) -> Top:
         top = self._tops.get(team)
         if top is None:
-            newest = await self.history.newest(team)
-            top = self._tops[team] = (0, 0) if newest is None else (newest[0], newest[1].seq)
+            top = self._tops[team] = await self.history.top(team)
         return top
 
     async def _write(self) -> None:
-        blocked: set[str] = set()
-        for run_id, (team, listed) in list(self.pending.items()):
-            if team in blocked:
-                continue
-            n, last_seq = await self._top(team)
-            if listed.seq <= last_seq:  # listed already (by this writer before a restart)
+        """Each team's pending runs, in log order, as blocks of up to ``BLOCK`` entries: one
+        message and one acknowledgement per block, not per run."""
+        teams: dict[str, list[tuple[str, Listed]]] = {}
+        for run_id, (team, listed) in self.pending.items():
+            teams.setdefault(team, []).append((run_id, listed))
+        for team, runs in teams.items():
+            await self._write_team(team, runs)
+
+    async def _write_team(self, team: str, runs: list[tuple[str, Listed]]) -> None:
+        top = await self._top(team)
+        fresh = []
+        for run_id, listed in runs:
+            if listed.seq <= top.seq:  # listed already (by this writer before a restart)
                 self.pending.pop(run_id, None)
-                continue
-            if await self.history.add(team, n + 1, listed):
-                self._tops[team] = (n + 1, listed.seq)
-                self.pending.pop(run_id, None)
-            else:  # another writer took n + 1: read the team's newest again next step
+            else:
+                fresh.append((run_id, listed))
+        for at in range(0, len(fresh), BLOCK):
+            chunk = fresh[at : at + BLOCK]
+            stored = await self.history.add_block(team, top, [listed for _, listed in chunk])
+            if stored is None:  # another writer listed runs: read the team's newest next step
                 self._tops.pop(team, None)
-                blocked.add(team)
+                return
+            top = self._tops[team] = Top(top.number + len(chunk), chunk[-1][1].seq, stored)
+            for run_id, _ in chunk:
+                self.pending.pop(run_id, None)
 
     async def _drop_listed(self) -> None:
         teams = {team for team, _ in self.pending.values()}
         for team in teams:
-            _, last_seq = await self._top(team)
+            last_seq = (await self._top(team)).seq
             for run_id, (t, listed) in list(self.pending.items()):
                 if t == team and listed.seq <= last_seq:
                     del self.pending[run_id]

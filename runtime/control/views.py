@@ -187,8 +187,8 @@ class ViewKeeper:
         """Store pending views, forget ended runs, checkpoint. A standby (``leading`` False)
         only forgets: the leader is the one writer."""
         cutoff = now - self.settings.keep_ended_s
-        await self.writer.step(leading)
         if not leading:
+            await self.writer.step(leading)
             self.unstored.clear()
             self.index.forget_ended(cutoff, may=lambda run_id: not self.writer.holds(run_id))
             return
@@ -205,7 +205,8 @@ class ViewKeeper:
             if self.unstored.get(run.id) is run:
                 del self.unstored[run.id]
 
-        async with anyio.create_task_group() as tg:
+        async with anyio.create_task_group() as tg:  # history and views written together
+            tg.start_soon(self.writer.step, leading)
             for run in pending:
                 tg.start_soon(store, run)
         self.index.forget_ended(cutoff, may=self._may_forget)
