@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 
@@ -57,3 +58,18 @@ async def test_tasks_started_in_a_block_inherit_its_fields() -> None:
         with bound(run_id="run_9"):
             tg.start_soon(child)
     assert seen == ["run_9"]
+
+
+@pytest.mark.parametrize(
+    "created",
+    [1795677788.2089996, 1795677788.9999996, 1795677788.0000004, 1795677788.9995, 0.5, 1.0],
+)
+def test_timestamps_are_datetimes_isoformat_in_milliseconds(created: float) -> None:
+    """The second is formatted once and kept; the milliseconds round as datetime does."""
+    rec = record()
+    for nearby in (created - 1.0, created, created + 0.25, created):  # the cache comes and goes
+        at = datetime.datetime.fromtimestamp(nearby, datetime.UTC)
+        want = at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        rec.created = nearby
+        assert TextFormatter().format(rec).split(" ")[0] == want
+        assert json.loads(JsonFormatter().format(rec))["ts"] == want

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -51,17 +52,34 @@ class ContextFilter(logging.Filter):
         return True
 
 
+_ALL_FIELDS = (*FIELDS, *ACCESS_FIELDS)
+
+
 def fields_of(record: logging.LogRecord) -> dict[str, Any]:
-    return {
-        key: getattr(record, key)
-        for key in (*FIELDS, *ACCESS_FIELDS)
-        if getattr(record, key, None) is not None
-    }
+    """The fields of ``FIELDS`` and ``ACCESS_FIELDS`` the record has (``extra=``, ``bound``):
+    read from its ``__dict__``, where both put them (``getattr`` with a default raises and
+    catches an AttributeError inside for each one missing)."""
+    values = record.__dict__
+    return {key: value for key in _ALL_FIELDS if (value := values.get(key)) is not None}
+
+
+_last_second: tuple[int, str] = (-1, "")  # the last second formatted: records come many a second
 
 
 def _timestamp(record: logging.LogRecord) -> str:
-    at = datetime.datetime.fromtimestamp(record.created, datetime.UTC)
-    return at.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """``2026-01-01T12:00:00.123Z``: UTC, milliseconds (truncated, as ``datetime.isoformat``)."""
+    global _last_second
+    created = record.created
+    second = math.floor(created)
+    micros = round((created - second) * 1e6)  # as datetime rounds: half to even
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    cached, text = _last_second  # one tuple: a thread never sees half an update
+    if second != cached:
+        at = datetime.datetime.fromtimestamp(second, datetime.UTC)
+        text = at.strftime("%Y-%m-%dT%H:%M:%S")
+        _last_second = (second, text)
+    return f"{text}.{micros // 1000:03d}Z"
 
 
 class TextFormatter(logging.Formatter):
