@@ -38,6 +38,7 @@ from runtime.infra.config import Settings
 log = logging.getLogger("jetrun.http")
 
 FD_RESERVE = 64  # descriptors kept for everything that is not an HTTP connection
+TIMER_SLACK_S = 0.002  # a loop may run a timer this much before its time
 _408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 _431 = (
     b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
@@ -79,7 +80,8 @@ class LimitedHttpTools(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timer: asyncio.TimerHandle | None = None  # pending: looks at the deadline
+        self._head_deadline: float | None = None  # loop time; None: no head being read
         self._head_bytes = 0  # received while the current request head is unfinished
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -91,18 +93,21 @@ class LimitedHttpTools(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self._head_timer is not None and not self.transport.is_closing():  # head unfinished
+        if self._head_deadline is not None and not self.transport.is_closing():  # unfinished
             self._head_bytes += len(data)
             if self._head_bytes > self.max_head_bytes:
                 self._refuse(_431)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._head_done()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().connection_lost(exc)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._head_timer is None:  # a keep-alive connection's next request
+        if self._head_deadline is None:  # a keep-alive connection's next request
             self._await_head()
 
     def on_headers_complete(self) -> None:
@@ -119,18 +124,27 @@ class LimitedHttpTools(HttpToolsProtocol):
             self.reading[self] = None  # idle between requests: as evictable as a slow head
 
     def _await_head(self) -> None:
+        """A request head is due within ``header_timeout_s``. One timer per connection, not one
+        per request: a pending timer is left running and, when it fires, looks at the deadline
+        of the head being read then (none: it ends; later: it waits again)."""
         self._head_bytes = 0
-        self._head_timer = self.loop.call_later(self.header_timeout_s, self._head_timed_out)
+        self._head_deadline = self.loop.time() + self.header_timeout_s
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(self._head_deadline, self._head_timer_fired)
         self.reading[self] = None
 
     def _head_done(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._head_deadline = None
         self.reading.pop(self, None)
 
-    def _head_timed_out(self) -> None:
+    def _head_timer_fired(self) -> None:
         self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:  # no head being read: the next one starts a timer
+            return
+        if self.loop.time() < deadline - TIMER_SLACK_S:  # a later request's head
+            self._head_timer = self.loop.call_at(deadline, self._head_timer_fired)
+            return
         self._refuse(_408)
 
     def _evict_one(self) -> bool:

@@ -1,0 +1,94 @@
+"""The request-head deadline of the gateway's HTTP protocol, per request on a keep-alive
+connection: a connection busy with quick requests for longer than the deadline is never cut,
+and a later request whose head stalls is answered 408 about one deadline after it began (a real
+uvicorn server on loopback with the gateway's protocol; raw sockets)."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from runtime.infra.config import Settings
+from runtime.infra.http_server import protocol_for
+
+pytestmark = pytest.mark.anyio
+
+DEADLINE_S = 0.6
+REQUEST = b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+async def ok(request: Request) -> Response:
+    return Response(b"ok")
+
+
+@pytest.fixture
+async def port() -> AsyncIterator[int]:
+    settings = Settings(http_header_timeout_s=DEADLINE_S, http_keepalive_s=30)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(16)
+    config = uvicorn.Config(
+        Starlette(routes=[Route("/ok", ok)]),
+        lifespan="off",
+        log_config=None,
+        loop="none",
+        http=protocol_for(settings),
+        timeout_keep_alive=30,
+        log_level="critical",
+    )
+    server = uvicorn.Server(config)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(server.serve, [sock])
+        with anyio.fail_after(10):
+            while not server.started:
+                await anyio.sleep(0.01)
+        yield sock.getsockname()[1]
+        server.should_exit = True
+
+
+async def answer(conn: anyio.abc.SocketStream) -> bytes:
+    data = b""
+    with anyio.fail_after(5):
+        while not data.endswith(b"ok") and not data.startswith(b"HTTP/1.1 408"):
+            chunk = await conn.receive()
+            data += chunk
+    return data
+
+
+async def test_quick_requests_outlive_the_deadline_and_a_stalled_head_does_not(port: int) -> None:
+    async with await anyio.connect_tcp("127.0.0.1", port) as conn:
+        began = time.monotonic()
+        while time.monotonic() - began < 2.5 * DEADLINE_S:  # longer than the deadline, busy
+            await conn.send(REQUEST)
+            assert (await answer(conn)).startswith(b"HTTP/1.1 200 OK")
+            await anyio.sleep(0.05)
+        await conn.send(b"GET /ok HTTP/1.1\r\nHo")  # the next head stalls
+        stalled = time.monotonic()
+        refused = await answer(conn)
+        waited = time.monotonic() - stalled
+    assert refused.startswith(b"HTTP/1.1 408")
+    assert DEADLINE_S - 0.05 <= waited <= DEADLINE_S + 1.0, waited
+
+
+async def test_an_idle_keep_alive_connection_then_a_stalled_head(port: int) -> None:
+    """Idle time between requests is the keep-alive timer's: the head's deadline starts with
+    the head's first byte."""
+    async with await anyio.connect_tcp("127.0.0.1", port) as conn:
+        await conn.send(REQUEST)
+        assert (await answer(conn)).startswith(b"HTTP/1.1 200 OK")
+        await anyio.sleep(2 * DEADLINE_S)  # idle: no head being read
+        await conn.send(REQUEST)
+        assert (await answer(conn)).startswith(b"HTTP/1.1 200 OK")
+        await conn.send(b"GET /ok HTTP/1.1\r\n")
+        stalled = time.monotonic()
+        assert (await answer(conn)).startswith(b"HTTP/1.1 408")
+        assert DEADLINE_S - 0.05 <= time.monotonic() - stalled <= DEADLINE_S + 1.0
