@@ -165,7 +165,8 @@ class Jetrun:
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
-        anyio.run(bench_runs.wait_ready, self.url)
+        # the sync runs are echo runs, the throughput runs no-ops: both must be ready
+        anyio.run(bench_runs.wait_ready, self.url, ("demo/noop:v1", "demo/echo:v1"))
         self.client = httpx.Client(
             base_url=self.url, headers={"Authorization": "Bearer bench"}, timeout=30
         )

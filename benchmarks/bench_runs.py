@@ -75,13 +75,19 @@ def rss_mb(pid: int) -> float:
     return total / 1024
 
 
-async def wait_ready(url: str) -> None:
+async def wait_ready(url: str, pipelines: tuple[str, ...] = ("demo/noop:v1",)) -> None:
+    """Until each of ``pipelines`` has a ready replica (the local agent warms them in
+    parallel: one being ready says nothing of another)."""
+    waiting = list(pipelines)
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": "Bearer bench"}) as c:
         for _ in range(600):
             try:
-                r = await c.get("/v4/pipelines/demo/noop:v1/scaling")
+                r = await c.get(f"/v4/pipelines/{waiting[0]}/scaling")
                 if r.status_code == 200 and r.json()["current_replicas"] >= 1:
-                    return
+                    waiting.pop(0)
+                    if not waiting:
+                        return
+                    continue
             except httpx.TransportError:
                 pass
             await anyio.sleep(0.1)
