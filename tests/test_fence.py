@@ -9,10 +9,11 @@ from pathlib import Path
 
 import anyio
 import pytest
+from nats.errors import TimeoutError as NatsTimeoutError
 
 from contracts.events import RunCancelled, SchedulerElected
-from runtime.infra.eventlog import EventLog
-from runtime.infra.fence import Fence, Fenced, append, slot_id
+from runtime.infra.eventlog import Appended, EventLog
+from runtime.infra.fence import Fence, Fenced, append, append_all, slot_id
 from runtime.infra.natsserver import NatsServer
 from runtime.infra.streams import EVENTS_STREAM
 
@@ -131,3 +132,65 @@ async def test_each_append_in_flight_holds_its_own_slot_and_one_more_waits() -> 
     fence.drop()
     async with fence.slot() as fencing:
         assert fencing is None  # not established: unfenced
+
+
+async def test_a_batch_appends_more_events_than_slots_and_a_fenced_one_appends_none(
+    server: NatsServer,
+) -> None:
+    a_nc = await server.connect("scheduler", "a")
+    b_nc = await server.connect("scheduler", "b")
+    try:
+        a, b = Fence(EventLog(a_nc), "a", slots=4), Fence(EventLog(b_nc), "b", slots=4)
+        with anyio.fail_after(20):
+            await a.establish(term=1)
+            events = [RunCancelled(run_id=f"batch-{n}", at=time.time()) for n in range(10)]
+            results = await append_all(a.log, a, events)
+            seqs = [r.seq for r in results if isinstance(r, Appended)]
+            assert len(seqs) == 10 and len(set(seqs)) == 10
+            for event, seq in zip(events, seqs, strict=True):
+                assert [s.seq for s in await a.log.read(event.run_id)] == [seq]
+            again = await append_all(a.log, a, events[:3])  # the same decisions: stored once
+            assert all(isinstance(r, Appended) and r.duplicate for r in again)
+            fenced_at = await b.establish(term=2)
+            late = [RunCancelled(run_id=f"late-{n}", at=time.time()) for n in range(6)]
+            assert all(isinstance(r, Fenced) for r in await append_all(a.log, a, late))
+            assert await last_seq(a.log) == fenced_at
+            assert a.has_free() and sorted(a._free) == [0, 1, 2, 3]  # every slot given back
+    finally:
+        await a_nc.close()
+        await b_nc.close()
+
+
+class FlakyLog:
+    """A log whose first try of each append meets an outage; the patient one stores it."""
+
+    def __init__(self, refuse: Exception) -> None:
+        self.refuse = refuse
+        self.sent: list[str] = []
+        self.appended: list[str] = []
+
+    async def send(self, event: RunCancelled, *, fencing: object = None) -> object:
+        self.sent.append(event.run_id)
+        raise self.refuse
+
+    async def append(self, event: RunCancelled, *, fencing: object = None) -> Appended:
+        self.appended.append(event.run_id)
+        return Appended(len(self.appended), False)
+
+
+@pytest.mark.parametrize("refuse", [NatsTimeoutError(), RuntimeError("a bug")])
+async def test_a_batch_tries_again_what_met_an_outage_and_reports_a_final_error(
+    refuse: Exception,
+) -> None:
+    flaky = FlakyLog(refuse)
+    fence = Fence(EventLog.__new__(EventLog), "a", slots=2)
+    events = [RunCancelled(run_id=f"r{n}", at=1.0) for n in range(5)]
+    with anyio.fail_after(5):
+        results = await append_all(flaky, fence, events)  # type: ignore[arg-type]
+    assert flaky.sent == [e.run_id for e in events]
+    if isinstance(refuse, NatsTimeoutError):  # an outage: made again, the patient way
+        assert sorted(flaky.appended) == sorted(flaky.sent)
+        assert all(isinstance(r, Appended) for r in results)
+    else:  # a final answer: reported, not retried
+        assert flaky.appended == [] and results == [refuse] * 5
+    assert sorted(fence._free) == [0, 1]

@@ -24,8 +24,8 @@ from runtime.control.decide import not_admitted
 from runtime.control.passes import Decisions, Worklist
 from runtime.infra.clock import Clock
 from runtime.infra.config import Config
-from runtime.infra.eventlog import EventLog
-from runtime.infra.fence import Fence, Fenced
+from runtime.infra.eventlog import Appended, EventLog
+from runtime.infra.fence import Fence, Fenced, append_all
 from runtime.infra.fence import append as fenced_append
 from runtime.infra.fleet import Fleet
 from runtime.infra.jsretry import RETRYABLE
@@ -121,15 +121,33 @@ class Applier:
             why = "its admission permit was given back before the run reached the event log"
             await append(not_admitted(run, self.clock.now(), why))
 
-        calls = [partial(append, event) for event in d.events]
-        calls += [partial(admit, admission) for admission in d.admissions]
-        calls += [partial(check, run_id) for run_id in d.permit_checks]
-        if len(calls) == 1:  # one decision (a run at a time): no task group, no task
-            await calls[0]()
-        elif calls:
+        async def append_events() -> None:
+            """The pass's decisions, in flight together from this task (no task each)."""
+            nonlocal stored
+            if self.fenced:
+                failed.update(event.run_id for event in d.events)
+                return
+            results = await append_all(self.log, self.fence, d.events)
+            for event, result in zip(d.events, results, strict=True):
+                if isinstance(result, Appended):
+                    stored = max(stored, result.seq)
+                    self._decisions += 1
+                    continue
+                failed.add(event.run_id)
+                if isinstance(result, Fenced):
+                    self._fenced_out(result)
+                else:
+                    log.warning("could not append %s for %s: %r", event.kind, event.run_id, result)
+
+        late = [partial(admit, admission) for admission in d.admissions]
+        late += [partial(check, run_id) for run_id in d.permit_checks]
+        if late:  # permits to look up first: one task each, beside the decisions
             async with anyio.create_task_group() as tg:
-                for call in calls:
+                for call in late:
                     tg.start_soon(call)
+                await append_events()
+        elif d.events:
+            await append_events()
         self._applying = 0
         if stored:
             await self.index.wait_for_seq(stored, timeout=CATCH_UP_S)

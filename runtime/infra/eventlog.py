@@ -154,22 +154,23 @@ class EventLog:
         ``fencing`` (or ``expect_last_seq``: the run's last event) the server stores it only
         if that subject's last message is still the one expected. ``payload``: the event
         already encoded (``encode_event(event)``), for a caller that measured it."""
-        headers = {"Nats-Msg-Id": event.message_id()}
         if expect_last_seq is not None:
             fencing = Fencing(run_subjects(event.run_id), expect_last_seq)
-        if fencing is not None:
-            headers["Nats-Expected-Last-Subject-Sequence"] = str(fencing.seq)
-            headers["Nats-Expected-Last-Subject-Sequence-Subject"] = fencing.subject
-        subject = subject_of(event)
-        if payload is None:
-            payload = encode_event(event)
+        subject, data, headers = _message(event, fencing, payload)
         publisher = self._publisher
 
         async def publish() -> api.PubAck:
-            return await publisher.publish(subject, payload, headers, PUBLISH_TIMEOUT_S)
+            return await publisher.publish(subject, data, headers, PUBLISH_TIMEOUT_S)
 
         ack = await retrying(f"append {subject}", publish, self.settings.append_deadline_s)
         return Appended(ack.seq, bool(ack.duplicate))
+
+    async def send(self, event: Event, *, fencing: Fencing | None = None) -> jspub.Pending:
+        """The first try of ``append(event, fencing=fencing)``, its ack awaited later
+        (``Pending.ack()``), so that one task can have many appends in flight. No retry: after
+        an outage the caller calls ``append`` (the same message id: stored once)."""
+        subject, data, headers = _message(event, fencing, None)
+        return await self._publisher.send(subject, data, headers, PUBLISH_TIMEOUT_S)
 
     async def read(self, run_id: str) -> list[Stored]:
         """Every event of one run, in log order."""
@@ -301,6 +302,17 @@ class NamedEachTime(api.ConsumerConfig):
 
     def __post_init__(self) -> None:
         self.name = uuid.uuid4().hex
+
+
+def _message(
+    event: Event, fencing: Fencing | None, payload: bytes | None
+) -> tuple[str, bytes, dict[str, str]]:
+    """An append's subject, payload and headers."""
+    headers = {"Nats-Msg-Id": event.message_id()}
+    if fencing is not None:
+        headers["Nats-Expected-Last-Subject-Sequence"] = str(fencing.seq)
+        headers["Nats-Expected-Last-Subject-Sequence-Subject"] = fencing.subject
+    return subject_of(event), payload if payload is not None else encode_event(event), headers
 
 
 ACK_TOKENS = 9  # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<seq>.<time>.<pending>

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import anyio
 from nats.js.errors import APIError, NotFoundError
 
 from contracts.events import Event, SchedulerElected
 from runtime.infra.eventlog import Appended, EventLog, Fencing, event_subject
-from runtime.infra.jsretry import retrying
+from runtime.infra.jspub import Pending
+from runtime.infra.jsretry import RETRYABLE, retrying
 from runtime.infra.streams import EVENTS_STREAM
 
 log = logging.getLogger("jetrun.fence")
@@ -117,6 +119,25 @@ class Fence:
         (None when not established), the slot given back on leaving."""
         return _Slot(self)
 
+    async def take(self) -> tuple[int, Fencing | None]:
+        """A free slot (waiting for one while all are taken) and its fencing headers (None
+        when not established); ``give`` it back once its append is answered."""
+        try:
+            self._available.acquire_nowait()
+        except anyio.WouldBlock:  # every slot has an append in flight: wait for one to end
+            await self._available.acquire()
+        slot = self._free.pop()
+        if not self.markers:
+            return slot, None
+        return slot, Fencing(self._subjects[slot], self.markers[slot])
+
+    def give(self, slot: int) -> None:
+        self._free.append(slot)
+        self._available.release()
+
+    def has_free(self) -> bool:
+        return self._available.value > 0
+
     async def _last_marker(self, slot: int) -> int:
         subject = event_subject(slot_id(slot), "elected")
 
@@ -141,19 +162,11 @@ class _Slot:
         self._slot = -1
 
     async def __aenter__(self) -> Fencing | None:
-        fence = self._fence
-        try:
-            fence._available.acquire_nowait()
-        except anyio.WouldBlock:  # 64 appends in flight: wait for one to end
-            await fence._available.acquire()
-        self._slot = slot = fence._free.pop()
-        if not fence.markers:
-            return None
-        return Fencing(fence._subjects[slot], fence.markers[slot])
+        self._slot, fencing = await self._fence.take()
+        return fencing
 
     async def __aexit__(self, *exc: object) -> None:
-        self._fence._free.append(self._slot)
-        self._fence._available.release()
+        self._fence.give(self._slot)
 
 
 async def append(log: EventLog, event: Event, fencing: Fencing | None) -> Appended:
@@ -172,4 +185,93 @@ async def append(log: EventLog, event: Event, fencing: Fencing | None) -> Append
     raise Fenced(f"{event.kind} of {event.run_id}: the fence slot stayed busy")
 
 
-__all__ = ["FENCE_SLOTS", "Fence", "Fenced", "append", "busy", "fenced_out", "slot_id"]
+def _first_try(event: Event, err: Exception) -> Exception | None:
+    """What a refused first try of a batched append means: ``Fenced``, the error itself (a
+    final answer), or None (an outage or a busy slot: try again the patient way)."""
+    if fenced_out(err):
+        description = err.description if isinstance(err, APIError) else err
+        return Fenced(f"{event.kind} of {event.run_id} refused: {description}")
+    if busy(err) or isinstance(err, RETRYABLE):
+        return None
+    return err
+
+
+async def append_all(
+    log: EventLog, fence: Fence, events: Sequence[Event]
+) -> list[Appended | Exception]:
+    """Append ``events`` (about different runs) behind ``fence``, each on a slot of its own,
+    with no task per append: each publish is sent as soon as it has a slot, and the acks are
+    awaited once no slot is free or all are sent. A first try refused for an outage or a busy
+    slot is made again by ``append`` (the same message id, so stored once), those together.
+    Returns, per event, where it was stored or the exception (``Fenced``: a newer scheduler
+    fenced its slot)."""
+    results: list[Appended | Exception | None] = [None] * len(events)
+    flight: list[tuple[int, int, Fencing | None, Pending]] = []
+    again: list[tuple[int, int, Fencing | None]] = []
+    held: set[int] = set()
+
+    async def land() -> None:
+        for i, slot, fencing, pending in flight:
+            try:
+                ack = await pending.ack()
+                results[i] = Appended(ack.seq, bool(ack.duplicate))
+            except Exception as err:
+                results[i] = _first_try(events[i], err)
+                if results[i] is None:
+                    again.append((i, slot, fencing))
+                    continue
+            held.discard(slot)
+            fence.give(slot)
+        flight.clear()
+
+    async def patiently(i: int, slot: int, fencing: Fencing | None) -> None:
+        try:
+            results[i] = await append(log, events[i], fencing)
+        except Exception as err:
+            results[i] = err
+        finally:
+            held.discard(slot)
+            fence.give(slot)
+
+    async def settle() -> None:
+        await land()
+        if again:
+            async with anyio.create_task_group() as tg:
+                for i, slot, fencing in again:
+                    tg.start_soon(patiently, i, slot, fencing)
+                again.clear()
+
+    try:
+        for i, event in enumerate(events):
+            if not fence.has_free() and (flight or again):
+                await settle()  # our own appends hold the slots: free them first
+            slot, fencing = await fence.take()
+            held.add(slot)
+            try:
+                flight.append((i, slot, fencing, await log.send(event, fencing=fencing)))
+            except Exception as err:
+                results[i] = _first_try(event, err)
+                if results[i] is None:
+                    again.append((i, slot, fencing))
+                else:
+                    held.discard(slot)
+                    fence.give(slot)
+        await settle()
+    finally:  # cancelled: stop waiting for what is in flight and give every slot back
+        for _, _, _, pending in flight:
+            pending.cancel()
+        for slot in held:
+            fence.give(slot)
+    return [r if r is not None else Fenced("not appended") for r in results]
+
+
+__all__ = [
+    "FENCE_SLOTS",
+    "Fence",
+    "Fenced",
+    "append",
+    "append_all",
+    "busy",
+    "fenced_out",
+    "slot_id",
+]

@@ -70,18 +70,55 @@ class Publisher:
         self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float
     ) -> api.PubAck:
         """Publish to a stream's subject and wait (up to ``timeout`` seconds) for its ack."""
+        return await (await self.send(subject, payload, headers, timeout)).ack()
+
+    async def send(
+        self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float
+    ) -> Pending:
+        """Publish to a stream's subject; its ack is awaited later (``Pending.ack``), so that
+        several publishes can be in flight from one task. Whoever gets a ``Pending`` either
+        awaits its ack or cancels it."""
         reply = f"{await self._replies()}{next(self._tokens)}"
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Msg] = loop.create_future()
         self._waiting[reply] = future
-        timer = loop.call_later(timeout, _expire, future)
+        pending = Pending(self, reply, future, loop.call_later(timeout, _expire, future))
         try:
             await self.nc.publish(subject, payload, reply=reply, headers=headers)
-            msg = await future
+        except BaseException:
+            pending.cancel()
+            raise
+        return pending
+
+
+class Pending:
+    """A publish in flight: ``ack()`` waits for its acknowledgement, ``cancel()`` stops
+    waiting (the message may still be stored)."""
+
+    __slots__ = ("_future", "_publisher", "_reply", "_timer")
+
+    def __init__(
+        self,
+        publisher: Publisher,
+        reply: str,
+        future: asyncio.Future[Msg],
+        timer: asyncio.TimerHandle,
+    ) -> None:
+        self._publisher, self._reply, self._future, self._timer = publisher, reply, future, timer
+
+    async def ack(self) -> api.PubAck:
+        """The ack, as ``JetStreamContext.publish`` answers (see ``publish``)."""
+        try:
+            msg = await self._future
         finally:
-            timer.cancel()
-            self._waiting.pop(reply, None)
+            self.cancel()
         return _ack_of(msg)
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+        self._publisher._waiting.pop(self._reply, None)
+        if not self._future.done():
+            self._future.cancel()
 
 
 def _expire(future: asyncio.Future[Msg]) -> None:
