@@ -26,6 +26,8 @@ from pathlib import Path
 
 import anyio
 import httpx
+import nats.errors
+from nats.js import JetStreamContext, api
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -33,9 +35,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import nats_traffic  # noqa: E402
 
+from contracts.events import decode_event  # noqa: E402
 from runtime.clients.client import RunEvents  # noqa: E402
 from runtime.infra.nats_auth import Credentials  # noqa: E402
 from runtime.infra.natsserver import free_port  # noqa: E402
+from runtime.infra.streams import EVENTS_STREAM  # noqa: E402
 
 CONFIG = """
 [teams.bench]
@@ -45,7 +49,7 @@ tokens = ["bench"]
 [settings]
 rate_limit_per_s = 0  # the load generator is one token: measure jetrun, not its rate limit
 """
-TERMINAL_KINDS = {"completed", "failed", "no_resources", "preempted", "cancelled"}
+TERMINAL_KINDS = ("completed", "failed", "timed_out", "no_resources", "preempted", "cancelled")
 NOOP = {"pipeline": "demo/noop:v1", "inputs": []}
 
 
@@ -191,22 +195,38 @@ async def wrk_throughput(
 @dataclass
 class Span:
     """The runs submitted after ``since``: when each was submitted and when each ended, read
-    from the log as it grows (each event once: re-reading the whole log every poll would load
-    nats-server with the benchmark's own reads)."""
+    from the log as it grows through one consumer of the ``submitted`` and terminal events
+    only, each event once (re-reading the whole log every poll loaded nats-server with the
+    benchmark's own reads: 25 of 46 NATS messages per run)."""
 
     since: float
     next_seq: int
     first: dict[str, float] = field(default_factory=dict)
     last: dict[str, float] = field(default_factory=dict)
+    _sub: JetStreamContext.PullSubscription | None = None
 
     async def read(self, events: RunEvents) -> None:
-        for stored in await events.log.read_subject("jetrun.ev.>", self.next_seq):
-            self.next_seq = max(self.next_seq, stored.seq + 1)
-            event = stored.event
-            if event.kind == "submitted" and event.at >= self.since:
-                self.first[event.run_id] = event.at
-            elif event.kind in TERMINAL_KINDS and event.run_id in self.first:
-                self.last[event.run_id] = event.at
+        if self._sub is None:
+            config = api.ConsumerConfig(
+                ack_policy=api.AckPolicy.NONE,
+                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                opt_start_seq=self.next_seq,
+                filter_subjects=[f"jetrun.ev.*.{k}" for k in ("submitted", *TERMINAL_KINDS)],
+                inactive_threshold=30.0,
+                mem_storage=True,
+            )
+            self._sub = await events.log.js.pull_subscribe("", stream=EVENTS_STREAM, config=config)
+        while True:
+            try:
+                msgs = await self._sub.fetch(1024, timeout=0.5)
+            except nats.errors.TimeoutError:
+                return
+            for msg in msgs:
+                event = decode_event(msg.data)
+                if event.kind == "submitted" and event.at >= self.since:
+                    self.first[event.run_id] = event.at
+                elif event.kind in TERMINAL_KINDS and event.run_id in self.first:
+                    self.last[event.run_id] = event.at
 
 
 async def main() -> None:
