@@ -12,6 +12,7 @@ cannot take fails the attempt instead of being lost.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 from collections import deque
@@ -331,16 +332,16 @@ class Runner:
         output = self.flusher.open(
             AttemptLog(self.logs, run_id, n, self.clock, max_bytes=self.log_max_bytes)
         )
-        limit = anyio.CancelScope() if timeout is None else anyio.move_on_after(timeout)
+        limit = anyio.move_on_after(timeout) if timeout is not None else None
         try:
-            with limit:
+            with limit if limit is not None else contextlib.nullcontext():
                 result = await worker.run(submitted.inputs, on_output, output.capture)
         finally:  # the attempt's outputs and logs are stored before its result
             if streaming.pending:
                 with anyio.CancelScope(shield=True):
                     await streaming.stored()
             await self.flusher.close(output)
-        if limit.cancelled_caught:
+        if limit is not None and limit.cancelled_caught:
             await worker.kill()
             return RunTimedOut(
                 run_id=run_id, at=self.clock.now(), attempt=n, timeout_s=timeout or 0.0

@@ -140,7 +140,7 @@ class PipelineWorker:
         self._declared = dict(declared or {})  # the pipeline's ``@pipeline(env=...)``
         self._pipes: WorkerPipes | None = None  # the child: its stdout, stderr and exit
         self._channel: FrameChannel | None = None  # the protocol: requests out, frames in
-        self._lock = anyio.Lock(fast_acquire=True)
+        self._lock = asyncio.Lock()  # taken at once when free (no checkpoint)
         self._reaped: anyio.Event | None = None
         self._busy = False
         self._runs = 0
