@@ -12,9 +12,9 @@ import pytest
 
 from contracts.values import from_python
 from runtime.infra.capture import LogCapture, marker_bytes, start_marker_bytes
-from runtime.node.worker_channel import FrameChannel, Gone
+from runtime.node.worker_channel import MAX_FRAME_BYTES, MAX_QUEUED, FrameChannel, Gone
 from runtime.node.worker_output import WorkerPipes
-from runtime.node.worker_process import Finished, Output, frame_bytes
+from runtime.node.worker_process import HEADER, Finished, Output, frame_bytes
 
 pytestmark = pytest.mark.anyio
 
@@ -150,5 +150,37 @@ async def test_an_unreadable_frame_ends_the_channel_after_the_frames_before_it()
         assert await ours.receive() == Finished(outputs=[])
         with pytest.raises(Gone, match="unreadable frame"):
             await ours.receive()
+    theirs.close()
+    ours.close()
+
+
+async def test_a_frame_announced_too_large_ends_the_channel_before_it_is_kept() -> None:
+    ours, theirs = await channel()
+    theirs.sendall(HEADER.pack(MAX_FRAME_BYTES + 1) + b"x" * 1000)
+    with anyio.fail_after(5), pytest.raises(Gone, match="at most"):
+        await ours.receive()
+    theirs.close()
+    ours.close()
+
+
+async def test_a_flood_of_frames_stops_the_socket_being_read_until_they_are_taken() -> None:
+    ours, theirs = await channel()
+    theirs.setblocking(False)
+    frame = frame_bytes(Output(index=0, output=from_python("o")))
+    sent = 0
+    with anyio.fail_after(10):
+        while True:  # until the socket is full: the agent's end stopped reading
+            try:
+                theirs.send(frame)
+            except BlockingIOError:
+                break
+            sent += 1
+            if sent % 256 == 0:
+                await anyio.sleep(0.001)
+        await anyio.sleep(0.05)
+        queued = ours.queued
+        assert MAX_QUEUED <= queued < sent  # the rest waits in the socket, not in memory
+        for _ in range(sent):
+            assert isinstance(await ours.receive(), Output)  # taking them reads on
     theirs.close()
     ours.close()

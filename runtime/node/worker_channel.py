@@ -4,6 +4,12 @@ A protocol of the event loop: the socket stays registered for reading for the wo
 each read is one callback that splits complete frames off the buffer (length-prefixed msgpack,
 see ``runtime.node.worker_process``), and a waiting ``receive`` wakes once per frame. Sending
 writes at once (what the socket cannot take now is written as it drains).
+
+What a worker sends is bounded, whatever its pipeline does: a frame may be at most
+``MAX_FRAME_BYTES`` (more than any event the log can take: NATS caps ``max_payload`` at
+64 MiB), announced larger it ends the channel before a byte of it is kept; and while
+``MAX_QUEUED`` frames wait to be received the socket is not read, so a pipeline that streams
+outputs faster than they are appended waits for them.
 """
 
 from __future__ import annotations
@@ -15,6 +21,9 @@ from typing import cast
 import msgspec
 
 from runtime.node.worker_process import HEADER, Frame, decoder
+
+MAX_FRAME_BYTES = 72 * 1024 * 1024
+MAX_QUEUED = 64
 
 
 class Gone(Exception):
@@ -30,6 +39,7 @@ class FrameChannel(asyncio.Protocol):
         self._frames: deque[Frame] = deque()
         self._gone: Gone | None = None  # set once nothing more can come
         self._waiter: asyncio.Future[None] | None = None
+        self._paused = False
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -46,7 +56,11 @@ class FrameChannel(asyncio.Protocol):
         buffer = b"".join(self._chunks) if len(self._chunks) > 1 else data
         view, start = memoryview(buffer), 0
         while len(buffer) - start >= HEADER.size:
-            end = start + HEADER.size + HEADER.unpack_from(buffer, start)[0]
+            size = HEADER.unpack_from(buffer, start)[0]
+            if size > MAX_FRAME_BYTES:
+                self._stop(Gone(_too_large(size)))
+                return
+            end = start + HEADER.size + size
             if len(buffer) < end:
                 break
             try:
@@ -62,6 +76,9 @@ class FrameChannel(asyncio.Protocol):
         if len(rest) >= HEADER.size:
             self._need += HEADER.unpack_from(rest)[0]
         if self._frames:
+            if len(self._frames) >= MAX_QUEUED and self.transport is not None:
+                self._paused = True
+                self.transport.pause_reading()
             self._wake()
 
     def eof_received(self) -> bool:
@@ -72,6 +89,11 @@ class FrameChannel(asyncio.Protocol):
         self._stop(Gone())
 
     # --- the agent's side ----------------------------------------------------------------
+
+    @property
+    def queued(self) -> int:
+        """Frames received and not yet taken by ``receive``."""
+        return len(self._frames)
 
     def send(self, data: bytes) -> None:
         """Write ``data``; never blocks. Raises ``Gone`` once the worker cannot read it."""
@@ -90,7 +112,11 @@ class FrameChannel(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
-        return self._frames.popleft()
+        frame = self._frames.popleft()
+        if self._paused and len(self._frames) <= MAX_QUEUED // 2 and self.transport is not None:
+            self._paused = False
+            self.transport.resume_reading()
+        return frame
 
     def close(self) -> None:
         """Close the socket (the worker reads end of file). Idempotent."""
@@ -107,3 +133,10 @@ class FrameChannel(asyncio.Protocol):
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+
+def _too_large(size: int) -> str:
+    return (
+        f"the worker process sent a frame of {size:,} bytes; at most {MAX_FRAME_BYTES:,} are"
+        " taken (no event of the log can be that large)"
+    )
