@@ -81,3 +81,18 @@ async def test_permits_of_ended_runs_are_reclaimed_and_swept(nc: Client) -> None
     assert await admission.sweep(now=101.0, grace_s=30.0) == 0
     assert await admission.sweep(now=200.0, grace_s=30.0) == 2
     assert [p.run_id for _, p in await admission.holders(2, "t")] == []
+
+
+async def test_permits_are_given_back_together_and_one_already_gone_says_so(nc: Client) -> None:
+    admission = Admission(nc.jetstream(), {4}, lookback_s=3600)
+    await admission.ensure()
+    slots = []
+    for run_id in ("p", "q", "r"):
+        slot = await admission.try_admit(team="g", tier="x", limit=4, run_id=run_id, now=1.0)
+        assert slot is not None
+        slots.append(slot)
+    assert await admission.release(slots[1])  # given back before: gone
+    gone = AdmissionSlot(stream=slots[0].stream, seq=slots[-1].seq + 1000)  # never existed
+    assert await admission.release_all([*slots, gone]) == [True, False, True, False]
+    assert await admission.holders(4, "g") == []
+    assert await admission.release_all([]) == []

@@ -102,7 +102,11 @@ async def test_a_permit_release_that_times_out_is_retried(nc: Client) -> None:
         released.append(slot)
         return await release(slot)
 
+    async def timing_out(slots: list[AdmissionSlot]) -> list[bool | Exception]:
+        return [NatsTimeoutError() for _ in slots]  # each first try (together) times out
+
     scheduler.admission.release = flaky_release  # type: ignore[method-assign]
+    scheduler.admission.release_all = timing_out  # type: ignore[method-assign,assignment]
     with anyio.fail_after(60):
         async with anyio.create_task_group() as tg:
             await tg.start(scheduler.run)

@@ -10,7 +10,7 @@ permit older than the lookback window expires by itself, which is the lookback r
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import anyio
 import msgspec
@@ -19,8 +19,9 @@ from nats.js.errors import APIError, NotFoundError
 
 from contracts.events import AdmissionSlot
 from contracts.run import RunRecord
+from runtime.infra import jspub
 from runtime.infra.config import Config
-from runtime.infra.jsretry import retrying
+from runtime.infra.jsretry import RETRYABLE, retrying
 from runtime.infra.streams import admission_config, admission_stream
 from runtime.infra.streamsetup import ensure_stream, require_stream
 
@@ -54,7 +55,18 @@ def permit_subject(limit: int, team: str) -> str:
     return f"jetrun.admit.{limit}.{team}"
 
 
+DELETE_API = "$JS.API.STREAM.MSG.DELETE"
+RELEASE_TRY_S = 5.0  # one try of giving a permit back
+DELETE_FAILED = 10057  # the server's answer for a message that is not there
+
+
+class _Delete(msgspec.Struct, frozen=True):
+    seq: int
+    no_erase: bool = True  # deleted, not overwritten first: a permit holds no secret
+
+
 _encoder = msgspec.json.Encoder()
+_delete_encoder = msgspec.json.Encoder()
 _decoder = msgspec.json.Decoder(Permit)
 Lookup = Callable[[str], RunRecord | None]
 
@@ -195,6 +207,40 @@ class Admission:
             return bool(await self.js.delete_msg(slot.stream, slot.seq))
         except (NotFoundError, APIError):
             return False
+
+    async def release_all(self, slots: Sequence[AdmissionSlot]) -> list[bool | Exception]:
+        """Give permits back together from this task: every delete is sent, then the answers
+        are awaited (no task, and not nats-py's request path, per permit; not erased, only
+        deleted). Per slot: True, False if it was already gone, or the exception of an outage
+        (give that one back later with ``release``, or leave it to the sweep)."""
+        publisher = jspub.publisher_of(self.js)
+        sent: list[jspub.Pending | Exception] = []
+        try:
+            for slot in slots:
+                subject = f"{DELETE_API}.{slot.stream}"
+                data = _delete_encoder.encode(_Delete(seq=slot.seq))
+                try:
+                    sent.append(await publisher.send(subject, data, None, RELEASE_TRY_S))
+                except RETRYABLE as err:
+                    sent.append(err)
+            results: list[bool | Exception] = []
+            for pending in sent:
+                if isinstance(pending, Exception):
+                    results.append(pending)
+                    continue
+                try:
+                    await pending.ack()
+                    results.append(True)
+                except APIError as err:  # 10057: no such message (already given back)
+                    gone = err.err_code == DELETE_FAILED or not isinstance(err, RETRYABLE)
+                    results.append(False if gone else err)
+                except RETRYABLE as err:
+                    results.append(err)
+            return results
+        finally:
+            for pending in sent:
+                if isinstance(pending, jspub.Pending):
+                    pending.cancel()
 
     async def sweep(self, now: float, grace_s: float) -> int:
         """Give back permits of ended runs, and of runs that never got recorded (a gateway

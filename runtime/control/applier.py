@@ -210,7 +210,13 @@ class Applier:
         """Give back the permits of runs that ended, together: an outage holds a pass up for
         one retry budget at most, not one per run. A permit still held is the sweep's job."""
         ended, self._ended = self._ended, []
-        if not ended:
+        held = [(run.id, run.slot) for run in ended if run.slot is not None]
+        again: list[tuple[str, AdmissionSlot]] = []
+        for start in range(0, len(held), APPENDS_IN_FLIGHT):  # in flight together, no tasks
+            chunk = held[start : start + APPENDS_IN_FLIGHT]
+            results = await self.admission.release_all([slot for _, slot in chunk])
+            again += [pair for pair, r in zip(chunk, results, strict=True) if _outage(r)]
+        if not again:
             return
         limiter = anyio.CapacityLimiter(APPENDS_IN_FLIGHT)
 
@@ -221,10 +227,9 @@ class Applier:
                 except RETRYABLE as err:
                     log.warning("could not give back the permit of %s (%r)", run_id, err)
 
-        async with anyio.create_task_group() as tg:
-            for run in ended:
-                if run.slot is not None:
-                    tg.start_soon(release, run.id, run.slot)
+        async with anyio.create_task_group() as tg:  # an outage: each retried, patiently
+            for run_id, slot in again:
+                tg.start_soon(release, run_id, slot)
 
     async def _sweep(self) -> None:
         try:
@@ -236,6 +241,10 @@ class Applier:
             return
         if released:
             log.info("gave back %d admission permits of ended or unrecorded runs", released)
+
+
+def _outage(result: bool | Exception) -> bool:
+    return isinstance(result, Exception)
 
 
 __all__ = ["APPENDS_IN_FLIGHT", "Applier", "patiently"]
