@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 from starlette.exceptions import HTTPException
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 from starlette.responses import Response
 
 from contracts.api import ErrorBody, ErrorDetail, RunCreate
@@ -71,15 +71,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise error(413, "body_too_large", f"request body is over {limit} bytes")
     chunks, size = [], 0
-    try:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise error(413, "body_too_large", f"request body is over {limit} bytes")
-            chunks.append(chunk)
-    except ClientDisconnect:
-        raise error(400, "client_disconnected", "the request body was cut off") from None
-    return b"".join(chunks)
+    receive = request.receive  # the ASGI messages themselves: no generator per request
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise error(400, "client_disconnected", "the request body was cut off")
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise error(413, "body_too_large", f"request body is over {limit} bytes")
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def parse_create(body: bytes) -> RunCreate:

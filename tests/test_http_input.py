@@ -1,0 +1,56 @@
+"""Reading a request body (``read_body``) from the ASGI messages: joined across chunks, 413 over
+the limit whether declared or streamed, 400 when the client goes away mid-body."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from starlette.requests import Request
+
+from runtime.control.http_input import HTTPError, read_body
+
+pytestmark = pytest.mark.anyio
+
+
+def request(messages: list[dict[str, Any]], headers: dict[str, str] | None = None) -> Request:
+    pending = list(messages)
+
+    async def receive() -> dict[str, Any]:
+        return pending.pop(0)
+
+    raw = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    scope = {"type": "http", "method": "POST", "path": "/v4/runs", "headers": raw}
+    return Request(scope, receive)
+
+
+def part(body: bytes, more: bool) -> dict[str, Any]:
+    return {"type": "http.request", "body": body, "more_body": more}
+
+
+async def refusal(read: Callable[[], Awaitable[bytes]]) -> tuple[int, str]:
+    with pytest.raises(HTTPError) as refused:
+        await read()
+    return refused.value.status, refused.value.detail.code
+
+
+async def test_a_body_in_chunks_is_joined() -> None:
+    assert (
+        await read_body(request([part(b"ab", True), part(b"", True), part(b"c", False)]), 3)
+        == b"abc"
+    )
+    assert await read_body(request([part(b"abc", False)]), 3) == b"abc"
+    assert await read_body(request([{"type": "http.request"}]), 3) == b""
+
+
+async def test_over_the_limit_declared_or_streamed_is_413() -> None:
+    declared = request([part(b"", False)], {"content-length": "4"})
+    assert await refusal(lambda: read_body(declared, 3)) == (413, "body_too_large")
+    streamed = request([part(b"ab", True), part(b"cd", True)])  # no length: counted as it comes
+    assert await refusal(lambda: read_body(streamed, 3)) == (413, "body_too_large")
+
+
+async def test_a_client_gone_mid_body_is_400() -> None:
+    gone = request([part(b"ab", True), {"type": "http.disconnect"}])
+    assert await refusal(lambda: read_body(gone, 10)) == (400, "client_disconnected")
