@@ -145,3 +145,31 @@ async def test_seq_waiters_wake_when_their_sequence_is_applied_and_not_before() 
             assert sorted(woken) == [2, 2, 5]
             feed(index, admit("r1"))  # sequences 7-9
     assert sorted(woken) == [2, 2, 5, 7, 9]
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_wait_leaves_the_others_on_the_same_run_waiting() -> None:
+    index = RunIndex()
+    feed(index, admit("r0"))
+    woken: list[RunState] = []
+
+    async def wait() -> None:
+        run = await index.wait_until("r0", lambda r: r.state is RunState.running, 5.0)
+        assert run is not None
+        woken.append(run.state)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            async with anyio.create_task_group() as gone:  # a client that went away
+                gone.start_soon(wait)
+                await anyio.wait_all_tasks_blocked()
+                gone.cancel_scope.cancel()
+            assert woken == []
+            feed(index, [RunDispatched(run_id="r0", at=3.0, attempt=1, agent_id="a")])
+    assert woken == [RunState.running]
+    assert index._changed == {}
+    late = await index.wait_until("r0", lambda r: r.state is RunState.completed, 0.01)
+    assert late is not None and late.state is RunState.running  # timed out: as it is then
+    assert await index.wait_until("nope", lambda r: True, 0.01) is None
+    assert index._changed == {} and not await index.wait_for_seq(99, timeout=0.01)

@@ -9,12 +9,12 @@ each group in log order.
 
 from __future__ import annotations
 
+import asyncio
 import heapq
 import itertools
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping
 
-import anyio
 import msgspec
 from sortedcontainers import SortedList
 
@@ -23,6 +23,7 @@ from contracts.machine import evolve
 from contracts.run import RunRecord
 from contracts.states import RunState
 from runtime.infra.queue_log import QueueLog
+from runtime.infra.waits import drop, wait, wake
 
 Ticket = tuple[int, int]
 COMPACT_AFTER = 1024  # queue events kept per queue before its queued runs take them on
@@ -93,8 +94,11 @@ class RunIndex:
         self._first: dict[str, tuple[int, float]] = {}
         self._last_of: dict[str, int] = {}
         self._ended: deque[str] = deque()  # runs that ended, in log order, until forgotten
-        self._changed: dict[str, anyio.Event] = {}
-        self._seq_waiters: list[tuple[int, int, anyio.Event]] = []  # a heap: lowest seq first
+        # the requests waiting for a run to change, and for a sequence (a heap: lowest first);
+        # plain futures with a timer: on the hot path of every request (an anyio Event and
+        # cancel scope per wait cost about four times as much)
+        self._changed: dict[str, list[asyncio.Future[None]]] = {}
+        self._seq_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiter_ids = itertools.count()  # ties in seq are broken by arrival
         self._queue_events: dict[str, int] = {}  # pipeline -> its queue's last event (seq)
         self._synced: dict[str, int] = {}  # queued run -> the queue event its record includes
@@ -155,8 +159,8 @@ class RunIndex:
         self._reindex(seq, event, before, after)
         # the run's waiters (a request waiting for its end) are woken before the listeners'
         # tasks (the scheduler's next pass), so an answer does not wait behind that pass
-        if waiter := self._changed.pop(event.run_id, None):
-            waiter.set()
+        if waiters := self._changed.pop(event.run_id, None):
+            wake(waiters)
         for listener in self._listeners:
             listener(seq, event, before, after)
         self._wake_seq_waiters()
@@ -185,7 +189,7 @@ class RunIndex:
         for run_id in list(self._changed):  # O(waiters): those waiting on a run of the queue
             run = self.stored.get(run_id)
             if run is not None and run.pipeline == event.pipeline and run.state is RunState.queued:
-                self._changed.pop(run_id).set()
+                wake(self._changed.pop(run_id))
 
     def _compact(self, pipeline: str) -> None:
         """Store every queued run of ``pipeline`` as its queue's events left it, so that those
@@ -358,10 +362,9 @@ class RunIndex:
         seconds. Every wait has a deadline: the caller says what to do when it passes."""
         if self.last_seq >= seq:
             return True
-        event = anyio.Event()
-        heapq.heappush(self._seq_waiters, (seq, next(self._waiter_ids), event))
-        with anyio.move_on_after(timeout):
-            await event.wait()
+        waiter = asyncio.get_running_loop().create_future()
+        heapq.heappush(self._seq_waiters, (seq, next(self._waiter_ids), waiter))
+        await wait(waiter, timeout)
         return self.last_seq >= seq
 
     async def catch_up(self, seq: int, *, timeout: float) -> None:
@@ -378,20 +381,27 @@ class RunIndex:
         own append, a scan of every waiter on every event would be quadratic."""
         waiters = self._seq_waiters
         while waiters and waiters[0][0] <= self.last_seq:
-            heapq.heappop(waiters)[2].set()
+            waiter = heapq.heappop(waiters)[2]
+            if not waiter.done():  # else it timed out or was cancelled
+                waiter.set_result(None)
 
     async def wait_until(
         self, run_id: str, done: Callable[[RunRecord], bool], timeout: float
     ) -> RunRecord | None:
         """Wait until the run exists and ``done(run)``; returns the run as it is then (also on
         timeout), or None if it does not exist."""
-        with anyio.move_on_after(timeout):
-            while True:
-                run = self.records.get(run_id)
-                if run is not None and done(run):
-                    return run
-                event = self._changed.get(run_id)
-                if event is None:
-                    event = self._changed[run_id] = anyio.Event()
-                await event.wait()
-        return self.records.get(run_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            run = self.records.get(run_id)
+            if run is not None and done(run):
+                return run
+            left = deadline - loop.time()
+            if left <= 0:
+                return run
+            waiter = loop.create_future()  # one per wait: a cancelled wait cancels only its own
+            self._changed.setdefault(run_id, []).append(waiter)
+            try:
+                await wait(waiter, left)
+            finally:
+                drop(self._changed, run_id, waiter)  # woken: already gone with its list
