@@ -141,6 +141,7 @@ class RunMetrics(Collector):
             buckets=PHASE_BUCKETS,
             registry=None,
         )
+        self._phase_of: dict[tuple[str, str], Histogram] = {}
         self.lost = Counter(
             "jetrun_attempts_lost",
             "Attempts ended by a loss: node_lost, node_preempted (recalled), attempt_lost",
@@ -182,7 +183,11 @@ class RunMetrics(Collector):
 
     def _observe(self, phase: str, run: RunRecord, since: float | None, at: float) -> None:
         if since is not None and self.phases and self.caught_up():
-            self.phase.labels(phase, run.pipeline).observe(max(0.0, at - since))
+            key = (phase, run.pipeline)
+            child = self._phase_of.get(key)
+            if child is None:  # labels() takes a lock and checks its values each call
+                child = self._phase_of[key] = self.phase.labels(phase, run.pipeline)
+            child.observe(max(0.0, at - since))
 
     def used_slots(self, live_agents: set[str]) -> Tally[str]:
         return Tally(kind for agent, kind in self.slots.values() if agent in live_agents)
