@@ -60,6 +60,9 @@ class App:
     async def nats_down(self, request: Request, exc: Exception) -> Response:
         return error_response(error(503, "event_log_unavailable", "down"))
 
+    async def broken(self, request: Request, exc: Exception) -> Response:
+        raise RuntimeError("an error handler that fails")
+
     def front(self) -> Front:
         async def refused(request: Request, exc: Exception) -> Response:
             assert isinstance(exc, HTTPError)
@@ -69,6 +72,7 @@ class App:
             HTTPError: refused,
             HTTPException: on_http_exception,
             nats.errors.Error: self.nats_down,
+            KeyError: self.broken,
             Exception: on_unexpected,
         }
         routes = [
@@ -186,3 +190,14 @@ async def test_what_the_direct_dispatch_leaves_to_the_router(
     for i in range(5):  # odd methods and paths make no new label values
         assert (await http.request(f"BREW{i}", f"/no/such/{i}")).status_code == 404
     assert app.count("unmatched", "other", "404") == 5
+
+
+async def test_an_error_handler_that_fails_is_answered_as_a_bug(
+    app: App, http: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    app.fail = KeyError("x")
+    for method, path in (("POST", "/v4/runs"), ("GET", "/v4/runs/run_1")):
+        answer = await http.request(method, path)
+        assert answer.status_code == 500
+        assert answer.json()["detail"]["code"] == "internal_error"
+    assert app.count("/v4/runs", "POST", "500") == 1

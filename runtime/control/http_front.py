@@ -48,7 +48,8 @@ _RUN_PREFIX = "/v4/runs/"
 class Front:
     """``app``: Starlette with every route (``create`` and ``get`` among them, for what the
     direct dispatch does not take: ``HEAD``, a path with a trailing slash, ...); ``errors``: the
-    exception handlers by class, looked up along the exception's MRO as Starlette does."""
+    exception handlers by class, looked up along the exception's MRO as Starlette does, one of
+    them for ``Exception``."""
 
     def __init__(
         self,
@@ -63,6 +64,7 @@ class Front:
         self.app = app
         self.create, self.get = create, get
         self.errors = dict(errors)
+        self.fallback = self.errors[Exception]  # a bug, or an error handler that failed
         self.ready = ready
         self.latency = latency
         self._children: dict[tuple[str, str, int], Any] = {}  # histogram children by labels
@@ -118,13 +120,15 @@ class Front:
         return response.status_code
 
     async def _answer(self, request: Request, exc: Exception) -> Response:
-        for cls in type(exc).__mro__:
-            handler = self.errors.get(cls)
-            if handler is not None:
-                response = await handler(request, exc)
-                exc.__traceback__ = None  # a kept exception instance must not grow a traceback
-                return response
-        raise exc  # no handler (``errors`` holds one for Exception: not reached)
+        """What the handler for ``exc`` (along its MRO) answers; the handler of ``Exception``
+        answers a handler that failed itself."""
+        handler = next((h for c in type(exc).__mro__ if (h := self.errors.get(c))), None)
+        try:
+            return await (handler or self.fallback)(request, exc)
+        except Exception as failed:
+            return await self.fallback(request, failed)
+        finally:
+            exc.__traceback__ = None  # a kept exception instance must not grow a traceback
 
     def _observe(self, template: str, method: str, status: int, elapsed: float) -> None:
         key = (template, method if method in METHODS else "other", status)
