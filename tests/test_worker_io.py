@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from contracts.values import from_python
-from runtime.infra.capture import LogCapture, marker_bytes, start_marker_bytes
+from runtime.infra.capture import DEFAULT_MAX_BYTES, LogCapture, marker_bytes, start_marker_bytes
 from runtime.node.worker_channel import MAX_FRAME_BYTES, MAX_QUEUED, FrameChannel, Gone
 from runtime.node.worker_output import WorkerPipes
 from runtime.node.worker_process import HEADER, Finished, Output, frame_bytes
@@ -45,8 +45,8 @@ def pipes() -> tuple[WorkerPipes, FakeTransport]:
     return pipes, transport
 
 
-def attempt_capture(**kwargs: int) -> LogCapture:
-    capture = LogCapture(time.time, **kwargs)
+def attempt_capture(max_bytes: int = DEFAULT_MAX_BYTES) -> LogCapture:
+    capture = LogCapture(time.time, max_bytes=max_bytes)
     capture.expect_start()
     return capture
 
