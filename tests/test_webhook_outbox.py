@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contracts import RunSubmitted
 from contracts.events import encode_event
-from runtime.control.webhook_outbox import AckWindow, Callbacks, subject_parts
+from runtime.control.webhook_outbox import AckWindow, Callbacks, stream_seq, subject_parts
 
 
 def submitted(run_id: str, url: str | None) -> bytes:
@@ -65,3 +65,13 @@ def test_an_event_handled_twice_counts_once() -> None:
     window.handled(3, "m3")
     window.handled(3, "m3 redelivered")
     assert len(window) == 1 and window.ready(1)
+
+
+def test_the_stream_sequence_is_read_from_either_form_of_ack_subject() -> None:
+    v1 = "$JS.ACK.JETRUN_EVENTS.webhooks-outbox.1.12345.67.1732600000000000000.17"
+    v2 = "$JS.ACK.hub.ACCHASH.JETRUN_EVENTS.webhooks-outbox.2.12346.68.1732600000000000000.3.tok"
+    assert stream_seq(v1) == 12345
+    assert stream_seq(v2) == 12346
+    assert stream_seq(v2.rsplit(".", 1)[0]) == 12346  # 11 tokens: no final token
+    for other in (None, "", "_INBOX.x.y", "$JS.ACK.a.b.c", "$JS.ACK.S.C.1.x.2.3.4"):
+        assert stream_seq(other) is None

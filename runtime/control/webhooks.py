@@ -42,7 +42,7 @@ from contracts.machine import evolve, fold
 from contracts.run import Run
 from contracts.webhooks import DeadDelivery, Delivery, delivery_id_for
 from runtime.control.webhook_delivery import Deliverer, fetch, pending_subject
-from runtime.control.webhook_outbox import AckWindow, Callbacks, subject_parts
+from runtime.control.webhook_outbox import AckWindow, Callbacks, stream_seq, subject_parts
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
 from runtime.infra.eventlog import EventLog, LogSettings, submission_of
@@ -148,7 +148,8 @@ class WebhookService:
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=1.0)
                 else:
-                    window.handled(msg.metadata.sequence.stream, msg)
+                    seq = stream_seq(msg.reply)
+                    window.handled(msg.metadata.sequence.stream if seq is None else seq, msg)
             await self._ack(psub, window)
             if len(msgs) < OUTBOX_BATCH:
                 await anyio.sleep(OUTBOX_LINGER_S)
