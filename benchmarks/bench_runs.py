@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import bench_stages  # noqa: E402
 import nats_traffic  # noqa: E402
 
 from contracts.events import decode_event  # noqa: E402
@@ -98,7 +99,9 @@ async def wait_ready(url: str, pipelines: tuple[str, ...] = ("demo/noop:v1",)) -
     raise TimeoutError("jetrun up did not become ready")
 
 
-async def sync_latency(url: str, n: int) -> list[float]:
+async def sync_latency(url: str, n: int, by_run: dict[str, float] | None = None) -> list[float]:
+    """Seconds per sequential sync run (after 20 untimed ones); each also into ``by_run``
+    under its run's id when given."""
     latencies = []
     async with httpx.AsyncClient(base_url=url, headers={"Authorization": "Bearer bench"}) as c:
         for _ in range(20):  # warm-up
@@ -107,7 +110,10 @@ async def sync_latency(url: str, n: int) -> list[float]:
             start = time.perf_counter()
             response = await c.post("/v4/runs", json=NOOP)
             latencies.append(time.perf_counter() - start)
-            assert response.json()["state"] == "completed", response.text
+            run = response.json()
+            assert run["state"] == "completed", response.text
+            if by_run is not None:
+                by_run[run["id"]] = latencies[-1]
     return latencies
 
 
@@ -229,6 +235,32 @@ class Span:
                     self.last[event.run_id] = event.at
 
 
+@dataclass
+class Phases:
+    """Where each phase began in the log, for its per-stage breakdown (``bench_stages``),
+    and the sync runs' latencies by run id."""
+
+    nats_url: str
+    creds: Credentials
+    starts: list[tuple[str, int]] = field(default_factory=list)
+    client_s: dict[str, float] = field(default_factory=dict)
+
+    async def begin(self, phase: str) -> None:
+        self.starts.append((phase, await bench_stages.next_seq(self.nats_url, self.creds)))
+
+    async def lines(self) -> list[str]:
+        """Each phase's stage lines, read from its range of the log (to where the next began)."""
+        stop = await bench_stages.next_seq(self.nats_url, self.creds)
+        ends = [start for _, start in self.starts[1:]] + [stop]
+        lines: list[str] = []
+        for (phase, start), end in zip(self.starts, ends, strict=True):
+            client_s = self.client_s if phase == "sync" else None
+            lines += await bench_stages.phase_lines(
+                self.nats_url, self.creds, phase, start, end, client_s
+            )
+        return lines
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sync", type=int, default=300)
@@ -273,9 +305,12 @@ async def main() -> None:
         up = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         await wait_ready(url)
-        latencies = await sync_latency(url, args.sync)
         nats_url = f"nats://127.0.0.1:{nats_port}"
         creds = Credentials.from_dir(tmp / "data" / "credentials", "service")
+        phases = Phases(nats_url, creds)
+        await phases.begin("sync")
+        latencies = await sync_latency(url, args.sync, phases.client_s)
+        await phases.begin("async (Python client)")
         before = nats_traffic.snapshot(monitor_url)
         accepted, throughput = await async_throughput(
             url, nats_url, args.async_runs, args.concurrency, creds
@@ -284,10 +319,12 @@ async def main() -> None:
         traffic = nats_traffic.per_run(before, nats_traffic.snapshot(monitor_url), args.async_runs)
         loaded = None
         if shutil.which("wrk"):
+            await phases.begin("wrk")
             loaded = await wrk_throughput(
                 url, nats_url, args.wrk_seconds, args.concurrency, tmp, creds
             )
         memory = rss_mb(up.pid)
+        stages = await phases.lines()  # every measurement is over: reading costs none of them
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(60)
@@ -317,6 +354,7 @@ async def main() -> None:
             f"submit-to-terminal"
         )
     print(f"memory: {memory:.0f} MiB RSS (jetrun up: nats-server, control plane, agent, workers)")
+    print("\n".join(stages))
 
 
 if __name__ == "__main__":
