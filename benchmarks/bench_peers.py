@@ -47,6 +47,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import bench_runs  # noqa: E402
+import bench_stages  # noqa: E402
 import nats_traffic  # noqa: E402
 
 from runtime.infra.natsserver import free_port  # noqa: E402
@@ -171,6 +172,7 @@ class Jetrun:
             base_url=self.url, headers={"Authorization": "Bearer bench"}, timeout=30
         )
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        self.sync_ids: list[str] = []  # the runs of sync_run, in order (bench_stages)
 
     def sync_run(self) -> None:
         """One sync run over a kept-alive connection of the standard library's HTTP client
@@ -178,7 +180,9 @@ class Jetrun:
         self.conn.request("POST", "/v4/runs", body=SYNC_BODY, headers=SYNC_HEADERS)
         response = self.conn.getresponse()
         body = response.read()
-        assert json.loads(body)["outputs"][0]["value"] == PAYLOAD, body
+        run = json.loads(body)
+        assert run["outputs"][0]["value"] == PAYLOAD, body
+        self.sync_ids.append(run["id"])
 
     def httpx_p50_ms(self, n: int) -> float:
         """Sequential sync runs through an ``httpx.Client`` kept open (what the SDK uses)."""
@@ -219,6 +223,34 @@ class Jetrun:
 
     def pids(self) -> list[int]:
         return tree(self.proc.pid)()
+
+    def nats(self) -> tuple[str, bench_runs.Credentials]:
+        creds = bench_runs.Credentials.from_dir(self.tmp / "data" / "credentials", "service")
+        return f"nats://127.0.0.1:{self.nats_port}", creds
+
+    def next_seq(self) -> int:
+        """The log's next sequence: where a phase begins."""
+        return anyio.run(bench_stages.next_seq, *self.nats())
+
+    def stage_lines(self, starts: list[int], latencies: list[float]) -> list[str]:
+        """The stages of the sync phase's runs (the last ``len(latencies)`` of ``sync_run``)
+        and of the throughput phase's, each read from its range of the log: ``starts`` is
+        where the sync phase began, where the throughput phase began and where it ended."""
+        sync, throughput, stop = starts
+        client_s = dict(zip(self.sync_ids[-len(latencies) :], latencies, strict=True))
+
+        async def read() -> list[str]:
+            nats_url, creds = self.nats()
+            return [
+                *await bench_stages.phase_lines(
+                    nats_url, creds, "jetrun sync", sync, throughput, client_s
+                ),
+                *await bench_stages.phase_lines(
+                    nats_url, creds, "jetrun throughput", throughput, stop
+                ),
+            ]
+
+        return anyio.run(read)
 
     def close(self) -> None:
         self.conn.close()
@@ -329,11 +361,14 @@ class Celery:
 def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) -> None:
     for _ in range(20):
         system.sync_run()
+    starts = [system.next_seq()] if isinstance(system, Jetrun) else []  # of each phase, in the log
     latencies = []
     for _ in range(sync):
         start = time.perf_counter()
         system.sync_run()
         latencies.append(time.perf_counter() - start)
+    if isinstance(system, Jetrun):
+        starts.append(system.next_seq())
     traffic = nats_traffic.snapshot(system.monitor_url) if isinstance(system, Jetrun) else None
     before, parts = cpu_seconds(system.pids), cpu_by_process(system.pids)
     rate, total = system.throughput(runs)
@@ -343,6 +378,7 @@ def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) 
         assert traffic is not None
         after = cpu_by_process(system.pids)
         counted = nats_traffic.per_run(traffic, nats_traffic.snapshot(system.monitor_url), total)
+        starts.append(system.next_seq())  # where the throughput phase's runs end in the log
         print("\n".join(f"  {line}" for line in counted.lines()), flush=True)
         shares = {k: (v - parts.get(k, 0.0)) / total * 1000 for k, v in after.items()}
         print(
@@ -357,6 +393,9 @@ def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) 
         f"{rate:6.0f} runs/s ({total} runs)  {used / total * 1000:5.2f} CPU s per 1k runs",
         flush=True,
     )
+    if isinstance(system, Jetrun):  # every measurement of the round is over: reading is free
+        lines = system.stage_lines(starts, latencies)
+        print("\n".join(f"  {line}" for line in lines), flush=True)
 
 
 @contextmanager
