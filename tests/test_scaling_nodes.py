@@ -9,6 +9,7 @@ import re
 import signal
 import sys
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import anyio
@@ -117,15 +118,18 @@ def _agent_running(node_id: str, log: Path) -> bool:
 
 async def test_the_scaling_command_reads_and_changes_settings(url: str) -> None:
     base = [JETRUN, "scaling", "test/later", "--url", url, "--token", "tok_test"]
+    # a warm window twelve hours from now (UTC): one that held now would add a scaling event
+    hour = (datetime.now(UTC).hour + 12) % 24
+    start, end = f"{hour:02d}:00", f"{hour:02d}:59"
     with anyio.fail_after(90):
         changed = await anyio.run_process(
-            [*base, "--cooldown", "7", "--warm", "08:00-09:00=1"], check=False
+            [*base, "--cooldown", "7", "--warm", f"{start}-{end}=1"], check=False
         )
         assert changed.returncode == 0, changed.stderr.decode()
         body = json.loads(changed.stdout)
         assert body["pipeline"] == "test/later:v1"
         assert body["settings"]["cooldown_s"] == 7
-        assert body["settings"]["warm"] == [{"start": "08:00", "end": "09:00", "replicas": 1}]
+        assert body["settings"]["warm"] == [{"start": start, "end": end, "replicas": 1}]
         history = await anyio.run_process([*base, "--history"], check=False)
         assert history.returncode == 0
         events = json.loads(history.stdout)["events"]
