@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contracts import RunSubmitted
 from contracts.events import encode_event
-from runtime.control.webhook_outbox import AckWindow, Callbacks, stream_seq, subject_parts
+from runtime.control.webhook_outbox import AckWindow, Callbacks, sequences, subject_parts
 
 
 def submitted(run_id: str, url: str | None) -> bytes:
@@ -67,11 +67,59 @@ def test_an_event_handled_twice_counts_once() -> None:
     assert len(window) == 1 and window.ready(1)
 
 
-def test_the_stream_sequence_is_read_from_either_form_of_ack_subject() -> None:
+def test_the_sequences_are_read_from_either_form_of_ack_subject() -> None:
     v1 = "$JS.ACK.JETRUN_EVENTS.webhooks-outbox.1.12345.67.1732600000000000000.17"
     v2 = "$JS.ACK.hub.ACCHASH.JETRUN_EVENTS.webhooks-outbox.2.12346.68.1732600000000000000.3.tok"
-    assert stream_seq(v1) == 12345
-    assert stream_seq(v2) == 12346
-    assert stream_seq(v2.rsplit(".", 1)[0]) == 12346  # 11 tokens: no final token
+    assert sequences(v1) == (12345, 67)
+    assert sequences(v2) == (12346, 68)
+    assert sequences(v2.rsplit(".", 1)[0]) == (12346, 68)  # 11 tokens: no final token
     for other in (None, "", "_INBOX.x.y", "$JS.ACK.a.b.c", "$JS.ACK.S.C.1.x.2.3.4"):
-        assert stream_seq(other) is None
+        assert sequences(other) is None
+
+
+def test_unbroken_deliveries_since_a_verified_start_need_no_question() -> None:
+    window: AckWindow[str] = AckWindow()
+    window.handled(10, "m10", delivery=1)
+    assert not window.unbroken  # nothing known of what came before: ask the server
+    assert window.ready(1)
+    window.verified(delivered=1)
+    window.acked()
+    window.handled(11, "m11", delivery=2)
+    window.handled(13, "m13", delivery=3)
+    assert window.unbroken and window.newest == "m13"
+    window.acked()
+    window.handled(15, "m15", delivery=5)  # delivery 4 (14) went elsewhere, or was lost
+    assert not window.unbroken
+    assert not window.ready(2)  # 14 is still outstanding: no ack may cover it
+    window.handled(14, "m14 again", delivery=6)  # delivered again
+    assert not window.unbroken and window.ready(2) and window.newest == "m15"
+    window.verified(delivered=6)
+    window.acked()
+    window.handled(16, "m16", delivery=7)
+    assert window.unbroken
+    window.failed(delivery=8)  # nak'd: outstanding and not handled
+    window.handled(17, "m17", delivery=9)
+    assert not window.unbroken and not window.ready(3)
+
+
+def test_deliveries_made_before_the_verified_start_are_no_gap() -> None:
+    window: AckWindow[str] = AckWindow()
+    window.handled(5, "m5", delivery=4)
+    assert window.ready(1)
+    window.verified(delivered=6)  # two more were on their way (redeliveries of handled ones)
+    window.acked()
+    window.handled(5, "m5 again", delivery=5)
+    window.handled(5, "m5 again", delivery=6)
+    window.handled(8, "m8", delivery=7)
+    assert window.unbroken and window.newest == "m8" and len(window) == 1
+
+
+def test_an_ack_whose_answer_was_lost_is_learnt_from_the_ack_floor() -> None:
+    window: AckWindow[str] = AckWindow()
+    window.handled(10, "m10")
+    window.handled(11, "m11")  # acked, but the answer never came: not ``acked``
+    window.handled(14, "m14")
+    # 12 is outstanding and was never handled here: counting 10 and 11 would hide it
+    assert not window.ready(outstanding=2, acked_to=11)
+    assert window.floor == 11 and len(window) == 1 and window.newest == "m14"
+    assert window.ready(outstanding=1, acked_to=11)

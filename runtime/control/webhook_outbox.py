@@ -30,18 +30,18 @@ def subject_parts(subject: str) -> tuple[str, str]:
     return parts[2], parts[3]
 
 
-def stream_seq(reply: str | None) -> int | None:
-    """The stream sequence named in a JetStream message's ack subject, read without building
-    nats-py's whole ``Metadata`` (a date among it): ``$JS.ACK.<stream>.<consumer>.<delivered>.
-    <sseq>.<dseq>.<ts>.<pending>``, or the form with a domain and an account hash after
-    ``$JS.ACK`` (and a token at the end). None for anything else."""
+def sequences(reply: str | None) -> tuple[int, int] | None:
+    """``(stream sequence, delivery number)`` named in a JetStream message's ack subject, read
+    without building nats-py's whole ``Metadata`` (a date among it): ``$JS.ACK.<stream>.
+    <consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>``, or the form with a domain and an
+    account hash after ``$JS.ACK`` (and a token at the end). None for anything else."""
     tokens = (reply or "").split(".")
     if tokens[:2] != ["$JS", "ACK"]:
         return None
     at = 5 if len(tokens) == 9 else 7 if len(tokens) >= 11 else None
-    if at is None or not tokens[at].isdigit():
+    if at is None or not (tokens[at].isdigit() and tokens[at + 1].isdigit()):
         return None
-    return int(tokens[at])
+    return int(tokens[at]), int(tokens[at + 1])
 
 
 class Callbacks:
@@ -73,33 +73,72 @@ class AckWindow(Generic[M]):
     newest message handled, covers every message the consumer delivered up to it, so it is
     sent only once every message the server counts as outstanding has been handled.
 
-    ``handled`` each message once its work is done (its delivery stored); ``ready`` with the
-    consumer's ``num_ack_pending``: True when the server's outstanding messages are exactly
-    the ones handled since the last ack (each of those is outstanding: above the last ack).
-    Anything else outstanding (a message that failed and was nak'd, one lost in transit
-    across a reconnect, one an earlier process was given before it was killed, one another
-    process holds, one still on its way) holds the ack back until it is handled. ``acked``
-    once the ack is confirmed."""
+    ``handled`` each message once its work is done (its delivery stored), ``failed`` one that
+    was not (it was nak'd). Two ways to know that nothing else is outstanding:
+
+    - ``ready``, with the consumer's ``num_ack_pending`` and ack floor (one consumer info):
+      True when the server's outstanding messages are exactly the ones handled here above
+      its ack floor (each of those is outstanding: an ack covers all or nothing up to it).
+      Anything else outstanding (a message that failed, one lost in transit across a
+      reconnect, one an earlier process was given before it was killed, one another process
+      holds, one still on its way) holds the ack back until it is handled. ``verified``
+      then takes the consumer's delivery count as the new start.
+    - ``unbroken``, with no request: every delivery since that start (the consumer numbers
+      them 1, 2, 3, ... redeliveries included, and one connection receives them in order)
+      came here and was handled. A missing number (another process's, or lost) or a failure
+      sends the next ack through ``ready`` again."""
 
     def __init__(self) -> None:
         self._handled: set[int] = set()  # stream sequences handled since the last ack
         self._newest: tuple[int, M] | None = None  # (sequence, its message)
         self.floor = 0  # the sequence acked last: every message up to it is acked
+        self._next: int | None = None  # the delivery number expected next (None: unknown)
+        self._broken = True  # a delivery missed or failed since the last verified start
 
-    def handled(self, seq: int, msg: M) -> None:
+    def handled(self, seq: int, msg: M, delivery: int | None = None) -> None:
+        self._delivered(delivery)
         if seq <= self.floor:
             return  # covered by an ack already (a late redelivery)
         self._handled.add(seq)
         if self._newest is None or seq > self._newest[0]:
             self._newest = (seq, msg)
 
+    def failed(self, delivery: int | None = None) -> None:
+        self._delivered(delivery)
+        self._broken = True
+
+    def _delivered(self, delivery: int | None) -> None:
+        if delivery is None or self._next is None:
+            self._broken = True
+            return
+        if delivery < self._next:
+            return  # delivered before the verified start (a redelivery of a handled one)
+        if delivery != self._next:
+            self._broken = True  # a delivery that did not come here
+        self._next = delivery + 1
+
     @property
     def newest(self) -> M | None:
         """The message whose ack would cover every one handled; None when none is."""
         return None if self._newest is None else self._newest[1]
 
-    def ready(self, outstanding: int) -> bool:
+    @property
+    def unbroken(self) -> bool:
+        return self._newest is not None and not self._broken
+
+    def ready(self, outstanding: int, acked_to: int = 0) -> bool:
+        """``outstanding``: the consumer's ``num_ack_pending``; ``acked_to``: its ack floor's
+        stream sequence (what an ack whose answer was lost did is learnt here)."""
+        if acked_to > self.floor:
+            self.floor = acked_to
+            self._handled = {seq for seq in self._handled if seq > acked_to}
+            if self._newest is not None and self._newest[0] <= acked_to:
+                self._newest = None
         return self._newest is not None and outstanding == len(self._handled)
+
+    def verified(self, delivered: int) -> None:
+        """``ready`` held when the consumer had made ``delivered`` deliveries."""
+        self._next, self._broken = delivered + 1, False
 
     def acked(self) -> None:
         if self._newest is not None:

@@ -42,7 +42,7 @@ from contracts.machine import evolve, fold
 from contracts.run import Run
 from contracts.webhooks import DeadDelivery, Delivery, delivery_id_for
 from runtime.control.webhook_delivery import Deliverer, fetch, pending_subject
-from runtime.control.webhook_outbox import AckWindow, Callbacks, stream_seq, subject_parts
+from runtime.control.webhook_outbox import AckWindow, Callbacks, sequences, subject_parts
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
 from runtime.infra.eventlog import EventLog, LogSettings, submission_of
@@ -141,15 +141,18 @@ class WebhookService:
         while True:
             msgs = await fetch(psub, OUTBOX_BATCH)
             for msg in msgs:
+                seqs = sequences(msg.reply)
+                if seqs is None:
+                    seqs = (msg.metadata.sequence.stream, msg.metadata.sequence.consumer)
                 try:
                     await self._on_event(msg)
                 except Exception as err:  # not handled: no ack covers it until it is
                     log.warning("webhooks outbox: %s will be retried: %r", msg.subject, err)
+                    window.failed(seqs[1])
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=1.0)
                 else:
-                    seq = stream_seq(msg.reply)
-                    window.handled(msg.metadata.sequence.stream if seq is None else seq, msg)
+                    window.handled(seqs[0], msg, seqs[1])
             await self._ack(psub, window)
             if len(msgs) < OUTBOX_BATCH:
                 await anyio.sleep(OUTBOX_LINGER_S)
@@ -161,10 +164,17 @@ class WebhookService:
         if newest is None:
             return
         try:
-            info = await psub.consumer_info()
-            if window.ready(info.num_ack_pending or 0):
-                await newest.ack_sync()
-                window.acked()
+            if not window.unbroken:  # ask the server what is outstanding
+                info = await psub.consumer_info()
+                acked_to = info.ack_floor.stream_seq if info.ack_floor else 0
+                if not window.ready(info.num_ack_pending or 0, acked_to or 0):
+                    return
+                window.verified((info.delivered.consumer_seq or 0) if info.delivered else 0)
+                newest = window.newest
+                if newest is None:
+                    return
+            await newest.ack_sync()
+            window.acked()
         except Exception as err:  # an outage: the events stay outstanding, acked later
             log.debug("webhooks outbox: ack later: %r", err)
 
