@@ -23,6 +23,7 @@ from contracts.events import (
 from contracts.machine import restate
 from contracts.run import RunRecord
 from contracts.states import RunState
+from runtime.control import listing as listing_module
 from runtime.control.history import HistoryWriter, Listed, RunHistory
 from runtime.control.listing import Cursor, ListQuery, RunListing, decode_cursor
 from runtime.infra.projection import RunIndex
@@ -273,3 +274,43 @@ async def test_entries_of_single_run_messages_and_blocks_are_read_alike(nc: Clie
     walked = [(n, listed.run_id) async for n, listed in history.entries("acme", 7, 1)]
     assert walked == [(7, "run_7"), (6, "run_6"), (5, "run_5"), (4, "run_4"), (2, "run_2"),
                       (1, "run_1")]  # fmt: skip
+
+
+async def test_a_cursor_below_every_entry_walks_no_more_than_a_page_of_the_history(
+    nc: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cursor naming sequence 1 and no entry (walk from the newest): every entry lies at or
+    above its sequence and is skipped. Each skipped entry counts against ``MAX_HISTORY``, so a
+    page reads a bounded part of the history and hands on a cursor, and the pages end (the
+    walk had read the team's whole history, a get per number, in one request)."""
+    monkeypatch.setattr(listing_module, "MAX_HISTORY", 16)
+    index = RunIndex()
+    views = Views(index)
+    history = RunHistory(nc.jetstream())
+    writer = HistoryWriter(history, index)
+    listing = RunListing(index, history, views.load)
+    for i in range(160):
+        feed(index, run_events(f"run_{i:03d}", 10.0 + i, "acme", "t/x:v1", fail=False))
+    await writer.step(leading=True)
+    assert index.forget_ended(1000.0) == 160
+    gets = 0
+    real_get = history._get
+
+    async def counted(subject: str, *, last: bool) -> tuple[int, list[Listed], int] | None:
+        nonlocal gets
+        gets += 1
+        return await real_get(subject, last=last)
+
+    monkeypatch.setattr(history, "_get", counted)
+    with anyio.fail_after(20):
+        runs, cursor = await listing.page("acme", ListQuery(cursor=Cursor(1, -1)))
+    assert runs == [] and cursor is not None
+    assert gets <= 2 + 3 * 31  # newest, oldest, and at most three rounds of lookups
+    assert decode_cursor(cursor).seq == 1
+    pages = 1
+    while cursor is not None:
+        with anyio.fail_after(20):
+            runs, cursor = await listing.page("acme", ListQuery(cursor=decode_cursor(cursor)))
+        assert runs == []
+        pages += 1
+        assert pages <= 11

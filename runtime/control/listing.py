@@ -238,6 +238,7 @@ class _Pager:
         self.found: list[RunRecord] = []
         self.seen: set[str] = set()
         self.entry = query.cursor.entry if query.cursor is not None else -1
+        self.cursor_seq = query.cursor.seq if query.cursor is not None else None
         self.last_seq: int | None = None
 
     async def run(self, max_scan: int) -> tuple[list[RunRecord], str | None]:
@@ -258,7 +259,8 @@ class _Pager:
                     head = next(held, None)
                     continue
                 listed_scanned += 1
-                await self._offer_listed(entry[1])
+                if self.cursor_seq is None or entry[1].seq < self.cursor_seq:
+                    await self._offer_listed(entry[1])
                 entry = await anext(listed, None)
             return self.found, None
         finally:
@@ -267,10 +269,11 @@ class _Pager:
     def _cursor(self, entry: tuple[int, Listed] | None) -> str | None:
         """Resume below the last run looked at; the history at the entry not read yet (0 when
         none is left: entries written later are of runs held in memory until then)."""
-        if self.last_seq is None:
+        seq = self.last_seq if self.last_seq is not None else self.cursor_seq
+        if seq is None:
             return None
         resume = entry[0] if entry is not None else 0
-        return encode_cursor(Cursor(self.last_seq, resume))
+        return encode_cursor(Cursor(seq, resume))
 
     def _offer(self, seq: int, run: RunRecord) -> None:
         self.last_seq = seq
@@ -300,10 +303,9 @@ class _Pager:
         # and one naming entry 2**62 would otherwise be walked down one number at a time
         start = newest[0] if self.entry < 0 else min(self.entry, newest[0])
         oldest = await self.history.oldest(self.team) or 1
-        cursor_seq = self.query.cursor.seq if self.query.cursor is not None else None
+        # entries at or above the cursor's sequence are skipped by ``run``, each counted
+        # against ``MAX_HISTORY``: a cursor naming sequence 1 must not walk the whole history
         async for n, listed in self.history.entries(self.team, start, oldest):
-            if cursor_seq is not None and listed.seq >= cursor_seq:
-                continue
             if _too_old(listed.created_at, self.query):
                 return
             yield n, listed
