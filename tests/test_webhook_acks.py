@@ -12,9 +12,10 @@ from nats.aio.client import Client
 from nats.js import api
 from nats.js.errors import NotFoundError
 
-from contracts.events import AnyEvent, RunSubmitted
+from contracts.events import AnyEvent, RunCompleted, RunSubmitted
+from contracts.values import from_python
 from runtime.control.webhook_delivery import pending_subject
-from runtime.control.webhooks import OUTBOX, WebhookService, outbox_config
+from runtime.control.webhooks import OUTBOX, WebhookService, dead_letters, outbox_config
 from runtime.infra.config import parse
 from runtime.infra.eventlog import EventLog
 from runtime.infra.natsserver import NatsServer
@@ -111,3 +112,44 @@ async def test_an_outbox_that_acked_each_event_carries_on_from_its_first_unacked
     assert info.config.ack_policy == api.AckPolicy.ALL
     assert info.config.opt_start_seq is not None and info.config.opt_start_seq <= seqs_b[0]
     assert info.num_pending == 2  # run_b's submitted and end: nothing lost, nothing acked twice
+
+
+async def test_a_run_too_large_to_deliver_goes_to_the_dead_letters_and_holds_no_ack_back(
+    nc: Client,
+) -> None:
+    """A team's run whose view is over a message's size (its inputs and streamed outputs
+    together): its delivery can never be stored. It goes to the dead letters, trimmed, with
+    why; the outbox acks past it, so the next run's event (another team's, in real life) is
+    acknowledged. Retried for ever, it held back the one ack of every later event, and the
+    outbox stopped once max_ack_pending events were outstanding."""
+    js = nc.jetstream()
+    service = WebhookService(nc, CONFIG)
+    await service.ensure()
+    half = "x" * (nc.max_payload * 5 // 8)  # each event fits; the run's view does not
+    big = with_callback("run_big")
+    first, end = big[0], big[-1]
+    assert isinstance(first, RunSubmitted) and isinstance(end, RunCompleted)
+    big[0] = msgspec.structs.replace(first, inputs=[from_python(half)])
+    big[-1] = msgspec.structs.replace(end, outputs=[from_python(half)])
+    log = EventLog(nc)
+    for event in big:
+        await log.append(event)
+    seqs_b = await append(nc, "run_b")
+
+    outbox = await js.pull_subscribe_bind(durable=OUTBOX, stream=EVENTS_STREAM)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(service._outbox_loop, outbox)
+        with anyio.fail_after(20):
+            while True:
+                info = await js.consumer_info(EVENTS_STREAM, OUTBOX)
+                floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                if (floor or 0) >= seqs_b[-1] and not info.num_ack_pending:
+                    break
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    assert await delivery_stored(nc, "run_b")
+    assert not await delivery_stored(nc, "run_big")
+    [(_, dead)] = await dead_letters(js)
+    assert dead.delivery.run.id == "run_big" and dead.delivery.run.state == "completed"
+    assert dead.delivery.run.inputs == [] and dead.delivery.run.outputs == []
+    assert "over the" in dead.error and "GET /v4/runs/run_big" in dead.error

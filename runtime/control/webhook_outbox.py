@@ -12,7 +12,11 @@ from typing import Generic, TypeVar
 
 import msgspec
 
+from contracts.webhooks import Delivery
+
 M = TypeVar("M")
+HEADER_ROOM = 4096  # of a message's max_payload, left for its headers
+_delivery_encoder = msgspec.json.Encoder()
 
 
 class _Submitted(msgspec.Struct):
@@ -148,3 +152,22 @@ class AckWindow(Generic[M]):
 
     def __len__(self) -> int:
         return len(self._handled)
+
+
+def fitted(delivery: Delivery, max_payload: int) -> tuple[Delivery, bytes, str | None]:
+    """``(delivery, its encoding, None)`` when it fits in one message. A run's view can be
+    larger than a message may be (its inputs and streamed outputs together): then the delivery
+    with the run's inputs and outputs left out, and why it cannot be sent. It goes to the dead
+    letters: an event whose delivery can never be stored would otherwise be retried for ever,
+    and hold back the outbox's one ack of every team's events."""
+    payload = _delivery_encoder.encode(delivery)
+    limit = max_payload - HEADER_ROOM
+    if len(payload) <= limit:
+        return delivery, payload, None
+    run = msgspec.structs.replace(delivery.run, inputs=[], outputs=[])
+    trimmed = msgspec.structs.replace(delivery, run=run)
+    why = (
+        f"the run's view is {len(payload):,} bytes, over the {limit:,} a message may hold:"
+        f" not sent (its inputs and outputs are left out here; GET /v4/runs/{run.id} has them)"
+    )
+    return trimmed, _delivery_encoder.encode(trimmed), why

@@ -42,7 +42,13 @@ from contracts.machine import evolve, fold
 from contracts.run import Run
 from contracts.webhooks import DeadDelivery, Delivery, delivery_id_for
 from runtime.control.webhook_delivery import Deliverer, fetch, pending_subject
-from runtime.control.webhook_outbox import AckWindow, Callbacks, sequences, subject_parts
+from runtime.control.webhook_outbox import (
+    AckWindow,
+    Callbacks,
+    fitted,
+    sequences,
+    subject_parts,
+)
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
 from runtime.infra.eventlog import EventLog, LogSettings, submission_of
@@ -198,15 +204,18 @@ class WebhookService:
             delivery = Delivery(
                 delivery_id=delivery_id_for(run_id), team=after.team, url=url, run=Run.of(after)
             )
-            if after.team in self.config.teams:
-                await self._enqueue(delivery)
+            delivery, payload, too_large = fitted(delivery, self.nc.max_payload)
+            if too_large is not None:  # it could never be stored: the dead letters say why
+                await self.deliverer.bury(delivery, 0, too_large, seq)
+            elif after.team in self.config.teams:
+                await self._enqueue(delivery, payload)
             else:  # no consumer will ever take it: straight to the dead letters
                 await self.deliverer.bury(delivery, 0, f"team {after.team} is not configured", seq)
 
-    async def _enqueue(self, delivery: Delivery, msg_id: str | None = None) -> None:
+    async def _enqueue(self, delivery: Delivery, payload: bytes) -> None:
         subject = pending_subject(delivery.team, delivery.run.id)
-        headers = {"Nats-Msg-Id": msg_id or delivery.delivery_id}
-        await self.js.publish(subject, _json.encode(delivery), headers=headers)
+        headers = {"Nats-Msg-Id": delivery.delivery_id}
+        await self.js.publish(subject, payload, headers=headers)
 
 
 def outbox_config(
