@@ -240,3 +240,39 @@ async def test_the_api_says_starting_until_the_gateway_has_caught_up(nc: Client)
         assert answer.status_code == 503 and answer.headers["retry-after"] == "1"
         assert answer.json()["detail"]["code"] == "starting"
         assert (await http.get("/healthz")).status_code == 200
+
+
+async def test_a_run_whose_view_is_over_a_message_is_read_from_its_events(
+    nc: Client, log: EventLog
+) -> None:
+    """A team's run with large inputs and outputs (each event fits; the view holding both
+    does not): its view cannot be stored. The scheduler's keeper logs that and carries on
+    (the put raised out of its step and ended the scheduler, for every team); the run is
+    forgotten like any other and read back from its events."""
+    half = "x" * (nc.max_payload * 5 // 8)
+    big = RunSubmitted(
+        run_id="run_big",
+        at=T0,
+        team="acme",
+        pipeline=PIPELINE,
+        inputs=[RunIO(type="string", value=half)],
+        admission=AdmissionGrant(tier="startup"),
+    )
+    await log.append(big)
+    await log.append(RunQueued(run_id="run_big", at=T0, attempt=1))
+    await log.append(RunDispatched(run_id="run_big", at=T0, attempt=1, agent_id="a1"))
+    outputs = [RunIO(type="string", value=half)]
+    await log.append(RunCompleted(run_id="run_big", at=T0 + 1, attempt=1, outputs=outputs))
+    ids = await fill(log, 2)
+    scheduler = Scheduler(nc, CONFIG)
+    async with scheduler.following():
+        with anyio.fail_after(30):
+            await scheduler.keeper.step(T0 + 1000, 0.0)
+        assert not scheduler.keeper.unstored
+        assert scheduler.index.get("run_big") is None and scheduler.index.get(ids[0]) is None
+    views = RunViews(log.js)
+    await views.ensure()
+    assert await views.get("run_big") is None
+    assert await views.get(ids[0]) is not None
+    run = await find_run(log, views, "run_big")
+    assert run is not None and run.state is RunState.completed and run.outputs == outputs

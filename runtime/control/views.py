@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import anyio
 import msgspec
+from nats.errors import MaxPayloadError
 from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
@@ -202,6 +203,13 @@ class ViewKeeper:
                 except RETRYABLE as err:
                     log.warning("view of %s not stored now (%r); later", run.id, err)
                     return
+                except MaxPayloadError:  # never storable: its events answer for it
+                    log.warning(
+                        "view of %s is over a message's size: not stored (read from its"
+                        " events while the log keeps them)",
+                        run.id,
+                        extra={"run_id": run.id, "team": run.team},
+                    )
             if self.unstored.get(run.id) is run:
                 del self.unstored[run.id]
 
