@@ -18,7 +18,14 @@ from nats.js.errors import APIError, NotFoundError
 
 from contracts import RunState, RunSubmitted
 from contracts.agents import PipelineInfo
-from contracts.events import AdmissionGrant, AnyEvent, RunDispatched, RunQueued, RunRestated
+from contracts.events import (
+    AdmissionGrant,
+    AnyEvent,
+    RunDispatched,
+    RunOutputProduced,
+    RunQueued,
+    RunRestated,
+)
 from contracts.machine import restate
 from contracts.values import IOType, RunIO
 from runtime.control.restate import restate_before
@@ -264,3 +271,30 @@ async def test_a_run_queued_longer_than_the_log_keeps_events_completes_with_its_
 
 
 TERMINAL = {"completed", "failed", "no_resources_available", "node_preempted", "cancelled"}
+
+
+async def test_a_run_too_large_to_restate_is_logged_and_the_scheduler_carries_on(
+    nc: Client, log: EventLog
+) -> None:
+    """A running run that streamed more output than one message holds (each output fits):
+    its restatement cannot be appended. The restater logs that and carries on with the other
+    runs (the MaxPayloadError ended the leading scheduler, for every team)."""
+    now = time.time()
+    half = "x" * (nc.max_payload * 5 // 8)
+    for event in queued("big", now):
+        await log.append(event)
+    await log.append(RunDispatched(run_id="big", at=now, attempt=1, agent_id="a1"))
+    for index in (0, 1):
+        output = RunIO(type=IOType.string, value=half)
+        await log.append(
+            RunOutputProduced(run_id="big", at=now, attempt=1, index=index, output=output)
+        )
+    for event in queued("small", now):
+        await log.append(event)
+    scheduler = Scheduler(nc, CONFIG)
+    async with scheduler.following():
+        with anyio.fail_after(10):
+            assert await scheduler.restater.step(now + MAX_AGE_S, 0.0) == 1
+    restated = await last_event_of_kind(log, "small", "restated")
+    assert isinstance(restated, RunRestated)
+    assert await last_event_of_kind(log, "big", "restated") is None

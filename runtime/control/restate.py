@@ -22,6 +22,7 @@ import logging
 from collections.abc import Callable
 
 import anyio
+from nats.errors import MaxPayloadError
 from nats.js.errors import APIError
 
 from contracts.machine import restate
@@ -91,6 +92,15 @@ class Restater:
                     return
                 except RETRYABLE as err:
                     log.warning("run %s not restated now (%r); next round", run_id, err)
+                    return
+                except MaxPayloadError:  # its outputs so far: more than one message holds
+                    log.error(
+                        "run %s cannot be restated: the run as it stands is over a message's"
+                        " size; a reader that starts after its first events age out will not"
+                        " find it",
+                        run_id,
+                        extra={"run_id": run_id, "team": run.team},
+                    )
                     return
             appended += 1
 
