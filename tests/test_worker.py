@@ -3,7 +3,9 @@ tests wait for frames (a streamed output says a run is under way) or for process
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -178,6 +180,27 @@ async def test_a_worker_dying_mid_run_is_an_unknown_error() -> None:
     assert result.error is not None and result.error.type is ErrorType.unknown
     assert result.error.message == "the worker process exited with code 3"
     assert again.error is not None and again.error.type is ErrorType.unknown
+
+
+async def test_a_worker_dying_while_a_process_it_forked_holds_its_socket_ends_the_run() -> None:
+    forked: list[int] = []
+
+    async def on_output(index: int, output: RunIO) -> None:
+        assert isinstance(output.value, int)
+        forked.append(output.value)
+
+    try:
+        async with PipelineWorker(USER_MODULE, "user/fork-exit:v1") as worker:
+            with anyio.fail_after(10):  # not the forked process's minute
+                result = await worker.run([], on_output)
+            assert not worker.alive
+    finally:
+        for pid in forked:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert forked and result.outputs == [from_python(forked[0])]
+    assert result.error is not None and result.error.type is ErrorType.unknown
+    assert result.error.message == "the worker process exited with code 5"
 
 
 # --- startup ------------------------------------------------------------------------------

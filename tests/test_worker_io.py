@@ -12,6 +12,7 @@ import pytest
 
 from contracts.values import from_python
 from runtime.infra.capture import DEFAULT_MAX_BYTES, LogCapture, marker_bytes, start_marker_bytes
+from runtime.node import worker_channel
 from runtime.node.worker_channel import MAX_FRAME_BYTES, MAX_QUEUED, FrameChannel, Gone
 from runtime.node.worker_output import WorkerPipes
 from runtime.node.worker_process import HEADER, Finished, Output, frame_bytes
@@ -182,5 +183,26 @@ async def test_a_flood_of_frames_stops_the_socket_being_read_until_they_are_take
         assert MAX_QUEUED <= queued < sent  # the rest waits in the socket, not in memory
         for _ in range(sent):
             assert isinstance(await ours.receive(), Output)  # taking them reads on
+    theirs.close()
+    ours.close()
+
+
+async def test_a_worker_that_exited_ends_the_channel_after_its_frames_though_the_socket_is_open(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(worker_channel, "EXIT_GRACE_S", 0.05)
+    ours, theirs = await channel()  # ``theirs`` stays open: a process the worker forked
+    frames = [frame_bytes(Output(index=i, output=from_python(i))) for i in range(MAX_QUEUED * 3)]
+    theirs.sendall(b"".join(frames))
+    with anyio.fail_after(10):
+        while not ours.queued:
+            await anyio.sleep(0.001)
+        ours.worker_exited()
+        await anyio.sleep(0.2)  # the grace is over while frames wait: the rest is still read
+        for i in range(len(frames)):
+            frame = await ours.receive()
+            assert isinstance(frame, Output) and frame.index == i
+        with pytest.raises(Gone):
+            await ours.receive()
     theirs.close()
     ours.close()

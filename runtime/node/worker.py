@@ -196,6 +196,10 @@ class PipelineWorker:
                 env={**self._child_env(), MARKER_ENV: startup.nonce},
             )
             _, self._channel = await loop.create_unix_connection(FrameChannel, sock=ours)
+            # a child that exits ends the protocol, even if a process it forked holds it open
+            self._pipes.on_exit = self._channel.worker_exited
+            if self._pipes.exited.is_set():
+                self._channel.worker_exited()
         except BaseException:
             ours.close()
             await self.kill()

@@ -10,6 +10,10 @@ What a worker sends is bounded, whatever its pipeline does: a frame may be at mo
 64 MiB), announced larger it ends the channel before a byte of it is kept; and while
 ``MAX_QUEUED`` frames wait to be received the socket is not read, so a pipeline that streams
 outputs faster than they are appended waits for them.
+
+Once the worker process exits, what it wrote is read and then nothing more is awaited (within
+``EXIT_GRACE_S``): a process its pipeline forked may hold the socket open for as long as it
+likes, and must not hold the attempt with it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from runtime.node.worker_process import HEADER, Frame, decoder
 
 MAX_FRAME_BYTES = 72 * 1024 * 1024
 MAX_QUEUED = 64
+EXIT_GRACE_S = 1.0  # after the worker exited, for what it wrote to be read
 
 
 class Gone(Exception):
@@ -40,6 +45,7 @@ class FrameChannel(asyncio.Protocol):
         self._gone: Gone | None = None  # set once nothing more can come
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
+        self._exit_due = False  # the worker exited and its grace is over while paused
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -116,7 +122,23 @@ class FrameChannel(asyncio.Protocol):
         if self._paused and len(self._frames) <= MAX_QUEUED // 2 and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
+            if self._exit_due:
+                self._exit_due = False
+                self.worker_exited()
         return frame
+
+    def worker_exited(self) -> None:
+        """The worker process exited: the channel ends once what it wrote before has been
+        read (``EXIT_GRACE_S``; longer while frames wait to be taken and the socket is not
+        read), even if a process it forked still holds the socket open."""
+        if self._gone is None:
+            asyncio.get_running_loop().call_later(EXIT_GRACE_S, self._exit_grace_over)
+
+    def _exit_grace_over(self) -> None:
+        if self._paused:  # what is still in the socket is read once frames are taken
+            self._exit_due = True
+        else:
+            self._stop(Gone())
 
     def close(self) -> None:
         """Close the socket (the worker reads end of file). Idempotent."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import cast
 
 import anyio
@@ -53,6 +54,7 @@ class WorkerPipes(asyncio.SubprocessProtocol):
         self._held: dict[Stream, bytes] = {}  # read while no capture wanted it
         self._paused: set[Stream] = set()
         self._waiter: asyncio.Future[None] | None = None
+        self.on_exit: Callable[[], None] | None = None  # called once the child exited
 
     # --- asyncio.SubprocessProtocol ------------------------------------------------------
 
@@ -74,6 +76,8 @@ class WorkerPipes(asyncio.SubprocessProtocol):
 
     def process_exited(self) -> None:
         self.exited.set()
+        if self.on_exit is not None:
+            self.on_exit()
 
     # --- attempts ------------------------------------------------------------------------
 
