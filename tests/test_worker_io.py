@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 
 import anyio
@@ -13,7 +14,13 @@ import pytest
 from contracts.values import from_python
 from runtime.infra.capture import DEFAULT_MAX_BYTES, LogCapture, marker_bytes, start_marker_bytes
 from runtime.node import worker_channel
-from runtime.node.worker_channel import MAX_FRAME_BYTES, MAX_QUEUED, FrameChannel, Gone
+from runtime.node.worker_channel import (
+    MAX_FRAME_BYTES,
+    MAX_QUEUED,
+    MAX_QUEUED_BYTES,
+    FrameChannel,
+    Gone,
+)
 from runtime.node.worker_output import WorkerPipes
 from runtime.node.worker_process import HEADER, Finished, Output, frame_bytes
 
@@ -206,3 +213,25 @@ async def test_a_worker_that_exited_ends_the_channel_after_its_frames_though_the
             await ours.receive()
     theirs.close()
     ours.close()
+
+
+async def test_large_frames_stop_the_socket_being_read_by_their_bytes_not_their_count() -> None:
+    ours, theirs = await channel()
+    frame = frame_bytes(Output(index=0, output=from_python("z" * 1_048_576)))
+    size, count = len(frame) - HEADER.size, 40  # 40 MiB: fewer than MAX_QUEUED frames
+    sender = threading.Thread(target=theirs.sendall, args=(frame * count,), daemon=True)
+    sender.start()
+    try:
+        with anyio.fail_after(20):
+            queued = -1
+            while ours.queued != queued:  # until the agent's end stopped reading
+                queued = ours.queued
+                await anyio.sleep(0.2)
+            assert sender.is_alive()  # blocked: the rest waits in the socket, not in memory
+            assert queued * size <= MAX_QUEUED_BYTES + size
+            for _ in range(count):
+                assert isinstance(await ours.receive(), Output)  # taking them reads on
+    finally:
+        theirs.close()
+        ours.close()
+        sender.join(5)

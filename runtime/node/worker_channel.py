@@ -8,8 +8,8 @@ writes at once (what the socket cannot take now is written as it drains).
 What a worker sends is bounded, whatever its pipeline does: a frame may be at most
 ``MAX_FRAME_BYTES`` (more than any event the log can take: NATS caps ``max_payload`` at
 64 MiB), announced larger it ends the channel before a byte of it is kept; and while
-``MAX_QUEUED`` frames wait to be received the socket is not read, so a pipeline that streams
-outputs faster than they are appended waits for them.
+``MAX_QUEUED`` frames, or ``MAX_QUEUED_BYTES`` of them, wait to be received the socket is not
+read, so a pipeline that streams outputs faster than they are appended waits for them.
 
 Once the worker process exits, what it wrote is read and then nothing more is awaited (within
 ``EXIT_GRACE_S``): a process its pipeline forked may hold the socket open for as long as it
@@ -28,6 +28,7 @@ from runtime.node.worker_process import HEADER, Frame, decoder
 
 MAX_FRAME_BYTES = 72 * 1024 * 1024
 MAX_QUEUED = 64
+MAX_QUEUED_BYTES = 16 * 1024 * 1024  # of frames waiting (the first is taken whatever its size)
 EXIT_GRACE_S = 1.0  # after the worker exited, for what it wrote to be read
 
 
@@ -41,7 +42,8 @@ class FrameChannel(asyncio.Protocol):
         self._chunks: list[bytes] = []  # received, not yet a whole frame
         self._size = 0  # their length
         self._need = HEADER.size  # how many bytes the next frame needs, once known
-        self._frames: deque[Frame] = deque()
+        self._frames: deque[tuple[Frame, int]] = deque()  # with their sizes
+        self._queued_bytes = 0
         self._gone: Gone | None = None  # set once nothing more can come
         self._waiter: asyncio.Future[None] | None = None
         self._paused = False
@@ -70,10 +72,11 @@ class FrameChannel(asyncio.Protocol):
             if len(buffer) < end:
                 break
             try:
-                self._frames.append(decoder.decode(view[start + HEADER.size : end]))
+                self._frames.append((decoder.decode(view[start + HEADER.size : end]), size))
             except (msgspec.DecodeError, RecursionError) as exc:
                 self._stop(Gone(f"the worker process sent an unreadable frame: {exc}"))
                 return
+            self._queued_bytes += size
             start = end
         rest = buffer[start:] if start else buffer
         self._chunks = [rest] if rest else []
@@ -82,7 +85,8 @@ class FrameChannel(asyncio.Protocol):
         if len(rest) >= HEADER.size:
             self._need += HEADER.unpack_from(rest)[0]
         if self._frames:
-            if len(self._frames) >= MAX_QUEUED and self.transport is not None:
+            full = len(self._frames) >= MAX_QUEUED or self._queued_bytes >= MAX_QUEUED_BYTES
+            if full and self.transport is not None:
                 self._paused = True
                 self.transport.pause_reading()
             self._wake()
@@ -118,14 +122,19 @@ class FrameChannel(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
-        frame = self._frames.popleft()
-        if self._paused and len(self._frames) <= MAX_QUEUED // 2 and self.transport is not None:
+        frame, size = self._frames.popleft()
+        self._queued_bytes -= size
+        if self._paused and self._drained() and self.transport is not None:
             self._paused = False
             self.transport.resume_reading()
             if self._exit_due:
                 self._exit_due = False
                 self.worker_exited()
         return frame
+
+    def _drained(self) -> bool:
+        """Few enough frames wait to read the socket again."""
+        return len(self._frames) <= MAX_QUEUED // 2 and self._queued_bytes <= MAX_QUEUED_BYTES // 2
 
     def worker_exited(self) -> None:
         """The worker process exited: the channel ends once what it wrote before has been
