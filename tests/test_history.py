@@ -276,3 +276,43 @@ async def test_a_run_whose_view_is_over_a_message_is_read_from_its_events(
     assert await views.get(ids[0]) is not None
     run = await find_run(log, views, "run_big")
     assert run is not None and run.state is RunState.completed and run.outputs == outputs
+
+
+def ended(index: RunIndex, run_id: str) -> bool:
+    run = index.get(run_id)
+    return run is not None and run.is_terminal
+
+
+class ParkedClock(FakeClock):
+    """A clock whose sleeps never end: the keeper's loop makes one step and no other."""
+
+    async def sleep(self, seconds: float) -> None:
+        await anyio.sleep_forever()
+
+
+@pytest.mark.parametrize("leading", [True, False])
+async def test_the_leader_stores_a_view_as_its_run_ends_not_at_its_next_step(
+    nc: Client, log: EventLog, leading: bool
+) -> None:
+    """The leading scheduler stores a run's view once the run has ended, between its keeper's
+    steps (a step every second stored a second's views at once and delayed the process's other
+    work meanwhile); a standby stores none."""
+    scheduler = Scheduler(nc, CONFIG)
+    keeper = scheduler.keeper
+    async with scheduler.following(), anyio.create_task_group() as tg:
+        tg.start_soon(keeper.run, ParkedClock(T0), lambda: leading)
+        await anyio.sleep(0.05)  # its one step is over
+        ids = await fill(log, 3)
+        with anyio.fail_after(10):
+            while not all(ended(scheduler.index, run_id) for run_id in ids):
+                await anyio.sleep(0.01)
+            while leading and keeper.unstored:
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.1)
+        stored = [await keeper.views.get(run_id) for run_id in ids]
+        tg.cancel_scope.cancel()
+    if leading:
+        assert all(run is not None and run.state is RunState.completed for run in stored)
+        assert not keeper.unstored
+    else:
+        assert stored == [None, None, None] and len(keeper.unstored) == 3

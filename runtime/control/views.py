@@ -175,6 +175,8 @@ class ViewKeeper:
         self.settings = settings
         self.writer = HistoryWriter(views.history, index)
         self.unstored: dict[str, RunRecord] = {}
+        self._storing: set[str] = set()  # run ids whose put is in flight
+        self._ended = anyio.Event()  # set when a run joins ``unstored``
         self._last_checkpoint = float("-inf")
         index.listen(self._observe)
 
@@ -183,6 +185,7 @@ class ViewKeeper:
     ) -> None:
         if after.is_terminal and (before is None or not before.is_terminal):
             self.unstored[after.id] = after
+            self._ended.set()
 
     async def step(self, now: float, mono: float, leading: bool = True) -> None:
         """Store pending views, forget ended runs, checkpoint. A standby (``leading`` False)
@@ -193,30 +196,9 @@ class ViewKeeper:
             self.unstored.clear()
             self.index.forget_ended(cutoff, may=lambda run_id: not self.writer.holds(run_id))
             return
-        pending = list(self.unstored.values())
-        limiter = anyio.CapacityLimiter(STORES_IN_FLIGHT)
-
-        async def store(run: RunRecord) -> None:
-            async with limiter:
-                try:
-                    await self.views.put(run)
-                except RETRYABLE as err:
-                    log.warning("view of %s not stored now (%r); later", run.id, err)
-                    return
-                except MaxPayloadError:  # never storable: its events answer for it
-                    log.warning(
-                        "view of %s is over a message's size: not stored (read from its"
-                        " events while the log keeps them)",
-                        run.id,
-                        extra={"run_id": run.id, "team": run.team},
-                    )
-            if self.unstored.get(run.id) is run:
-                del self.unstored[run.id]
-
         async with anyio.create_task_group() as tg:  # history and views written together
             tg.start_soon(self.writer.step, leading)
-            for run in pending:
-                tg.start_soon(store, run)
+            tg.start_soon(self._store_unstored)
         self.index.forget_ended(cutoff, may=self._may_forget)
         if mono - self._last_checkpoint >= self.settings.checkpoint_every_s:
             checkpoint = Checkpoint(
@@ -232,10 +214,53 @@ class ViewKeeper:
     def _may_forget(self, run_id: str) -> bool:
         return run_id not in self.unstored and not self.writer.holds(run_id)
 
-    async def run(self, clock: Clock, leading: Callable[[], bool], every_s: float = 1.0) -> None:
+    async def _store_unstored(self) -> None:
+        """Store the view of every unstored run not being stored already, ``STORES_IN_FLIGHT``
+        at a time."""
+        limiter = anyio.CapacityLimiter(STORES_IN_FLIGHT)
+        async with anyio.create_task_group() as tg:
+            for run in list(self.unstored.values()):
+                if run.id not in self._storing:
+                    self._storing.add(run.id)
+                    tg.start_soon(self._store, run, limiter)
+
+    async def _store(self, run: RunRecord, limiter: anyio.CapacityLimiter) -> None:
+        try:
+            async with limiter:
+                await self.views.put(run)
+        except RETRYABLE as err:
+            log.warning("view of %s not stored now (%r); later", run.id, err)
+            return
+        except MaxPayloadError:  # never storable: its events answer for it
+            log.warning(
+                "view of %s is over a message's size: not stored (read from its"
+                " events while the log keeps them)",
+                run.id,
+                extra={"run_id": run.id, "team": run.team},
+            )
+        finally:
+            self._storing.discard(run.id)
+        if self.unstored.get(run.id) is run:
+            del self.unstored[run.id]
+
+    async def _store_as_runs_end(self, leading: Callable[[], bool]) -> None:
+        """The leader stores a run's view as soon as the run has ended, not in the next
+        ``step``: a step every second stored a second's ended runs at once (300-470 views at
+        330 sync runs/s, 30-60 ms in which this process's other work, sync runs among it,
+        waited; those steps overlapped 1.6% of the sync runs but two thirds of the slowest
+        1%). ``step`` still stores whatever this left (a put that failed, a standby's runs)."""
         while True:
-            await self.step(clock.now(), clock.monotonic(), leading())
-            await clock.sleep(every_s)
+            await self._ended.wait()
+            self._ended = anyio.Event()
+            if leading():
+                await self._store_unstored()
+
+    async def run(self, clock: Clock, leading: Callable[[], bool], every_s: float = 1.0) -> None:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._store_as_runs_end, leading)
+            while True:
+                await self.step(clock.now(), clock.monotonic(), leading())
+                await clock.sleep(every_s)
 
 
 async def forget_loop(index: RunIndex, clock: Clock, keep_s: float, every_s: float = 1.0) -> None:
