@@ -26,7 +26,6 @@ from pathlib import Path
 
 import anyio
 import httpx
-import nats.errors
 from nats.js import JetStreamContext, api
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -225,7 +224,7 @@ class Span:
         while True:
             try:
                 msgs = await self._sub.fetch(1024, timeout=0.5)
-            except nats.errors.TimeoutError:
+            except TimeoutError:  # nats-py raises its own or asyncio's (both TimeoutError)
                 return
             for msg in msgs:
                 event = decode_event(msg.data)

@@ -184,7 +184,7 @@ async def read_events(
                 while True:
                     try:
                         msgs = await sub.fetch(1024, timeout=1.0)
-                    except nats.errors.TimeoutError:
+                    except TimeoutError:  # nats-py raises its own or asyncio's (both TimeoutError)
                         return found, True  # nothing more stored
                     for msg in msgs:
                         if msg.metadata.sequence.stream >= stop:
