@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from contracts import RunSubmitted
 from contracts.events import encode_event
-from runtime.control.webhook_outbox import AckWindow, Callbacks, sequences, subject_parts
+from runtime.control.webhook_outbox import AckWindow, Callbacks, subject_parts
+from runtime.infra.eventlog import ack_sequences as sequences
 
 
 def submitted(run_id: str, url: str | None) -> bytes:

@@ -34,20 +34,6 @@ def subject_parts(subject: str) -> tuple[str, str]:
     return parts[2], parts[3]
 
 
-def sequences(reply: str | None) -> tuple[int, int] | None:
-    """``(stream sequence, delivery number)`` named in a JetStream message's ack subject, read
-    without building nats-py's whole ``Metadata`` (a date among it): ``$JS.ACK.<stream>.
-    <consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>``, or the form with a domain and an
-    account hash after ``$JS.ACK`` (and a token at the end). None for anything else."""
-    tokens = (reply or "").split(".")
-    if tokens[:2] != ["$JS", "ACK"]:
-        return None
-    at = 5 if len(tokens) == 9 else 7 if len(tokens) >= 11 else None
-    if at is None or not (tokens[at].isdigit() and tokens[at + 1].isdigit()):
-        return None
-    return int(tokens[at]), int(tokens[at + 1])
-
-
 class Callbacks:
     """The runs the outbox saw submitted and not yet ended, each with its callback URL (None:
     it has none)."""

@@ -42,16 +42,10 @@ from contracts.machine import evolve, fold
 from contracts.run import Run
 from contracts.webhooks import DeadDelivery, Delivery, delivery_id_for
 from runtime.control.webhook_delivery import Deliverer, fetch, pending_subject
-from runtime.control.webhook_outbox import (
-    AckWindow,
-    Callbacks,
-    fitted,
-    sequences,
-    subject_parts,
-)
+from runtime.control.webhook_outbox import AckWindow, Callbacks, fitted, subject_parts
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
-from runtime.infra.eventlog import EventLog, LogSettings, submission_of
+from runtime.infra.eventlog import EventLog, LogSettings, ack_sequences, submission_of
 from runtime.infra.streams import (
     DEAD_PREFIX,
     DEAD_STREAM,
@@ -147,11 +141,11 @@ class WebhookService:
         while True:
             msgs = await fetch(psub, OUTBOX_BATCH)
             for msg in msgs:
-                seqs = sequences(msg.reply)
+                seqs = ack_sequences(msg.reply)
                 if seqs is None:
                     seqs = (msg.metadata.sequence.stream, msg.metadata.sequence.consumer)
                 try:
-                    await self._on_event(msg)
+                    await self._on_event(msg, seqs[0])
                 except Exception as err:  # not handled: no ack covers it until it is
                     log.warning("webhooks outbox: %s will be retried: %r", msg.subject, err)
                     window.failed(seqs[1])
@@ -184,7 +178,7 @@ class WebhookService:
         except Exception as err:  # an outage: the events stay outstanding, acked later
             log.debug("webhooks outbox: ack later: %r", err)
 
-    async def _on_event(self, msg: Msg) -> None:
+    async def _on_event(self, msg: Msg, seq: int) -> None:
         run_id, kind = subject_parts(msg.subject)
         if kind == "submitted":
             self.callbacks.submitted(run_id, msg.data)
@@ -195,7 +189,6 @@ class WebhookService:
             url = getattr(submitted, "callback_url", None)
         if not url:
             return  # no callback: nothing to store
-        seq = msg.metadata.sequence.stream
         event = decode_event(msg.data)
         stored = await self.log.read(run_id)
         before = fold((s.event for s in stored if s.seq < seq), run_id=run_id)

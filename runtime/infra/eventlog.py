@@ -315,17 +315,26 @@ def _message(
     return subject_of(event), payload if payload is not None else encode_event(event), headers
 
 
-ACK_TOKENS = 9  # $JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<seq>.<time>.<pending>
+def ack_sequences(reply: str | None) -> tuple[int, int] | None:
+    """``(stream sequence, delivery number)`` named in a JetStream message's ack subject, read
+    without building nats-py's whole ``Metadata`` (a date among it): ``$JS.ACK.<stream>.
+    <consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>``, or the form with a domain and an
+    account hash after ``$JS.ACK`` (and a token at the end). None for anything else."""
+    tokens = (reply or "").split(".")
+    if tokens[:2] != ["$JS", "ACK"]:
+        return None
+    at = 5 if len(tokens) == 9 else 7 if len(tokens) >= 11 else None
+    if at is None or not (tokens[at].isdigit() and tokens[at + 1].isdigit()):
+        return None
+    return int(tokens[at]), int(tokens[at + 1])
 
 
 def stream_seq(msg: Msg) -> int:
     """The stream sequence of a message a consumer delivered, read from its reply subject
-    split once (``msg.metadata`` builds every field, the time included, for each message).
-    The longer form (with a domain and an account hash) is read by nats-py."""
-    tokens = (msg.reply or "").split(".")
-    if len(tokens) == ACK_TOKENS and tokens[0] == "$JS" and tokens[1] == "ACK":
-        return int(tokens[5])
-    return int(msg.metadata.sequence.stream)
+    split once (``msg.metadata`` builds every field, the time included, for each message);
+    nats-py's parse only for a reply subject ``ack_sequences`` does not read."""
+    found = ack_sequences(msg.reply)
+    return found[0] if found is not None else int(msg.metadata.sequence.stream)
 
 
 def _decode(msg: Msg) -> AnyEvent | None:
