@@ -1,6 +1,7 @@
-"""What a worker prints between two attempts belongs to neither: a real worker process whose
-pipeline prints from a thread after its run returned; the next attempt (maybe another team's
-run of the same pipeline) must not get those lines in its logs."""
+"""What a worker prints belongs to the attempt that printed it: real worker processes whose
+pipeline leaves a thread, a forked process or a program it ran printing after its run returned;
+the next attempt (maybe another team's run of the same pipeline) must not get those lines in its
+logs, even while they go on printing during it."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ pytestmark = pytest.mark.anyio
 LOGS = str(Path(__file__).parent / "fixtures" / "log_pipelines.py")
 
 
+def tries(tally: Path) -> int:
+    return len(tally.read_text().splitlines()) if tally.exists() else 0
+
+
 async def test_output_printed_after_an_attempt_never_lands_in_the_next() -> None:
     async with PipelineWorker(LOGS, "test/late-print:v1") as worker:
         first, second = LogCapture(time.time), LogCapture(time.time)
@@ -30,3 +35,26 @@ async def test_output_printed_after_an_attempt_never_lands_in_the_next() -> None
             assert ok.ok, ok
     assert [line.text for line in first.take()] == ["now: team-a-secret"]
     assert [line.text for line in second.take()] == ["now: team-b"]
+
+
+@pytest.mark.parametrize("how", ["thread", "fork", "exec"])
+async def test_what_lingers_and_prints_during_the_next_attempt_never_lands_in_it(
+    how: str, tmp_path: Path
+) -> None:
+    tally = tmp_path / "tally"
+    team_a = [from_python(v) for v in ("team-a-secret", how, 5.0, 0.4, str(tally))]
+    team_b = [from_python(v) for v in ("team-b", "nothing", 0.0, 0.8, str(tally))]
+    async with PipelineWorker(LOGS, "test/linger:v1") as worker:
+        first, second, third = (LogCapture(time.time) for _ in range(3))
+        with anyio.fail_after(30):
+            assert (await worker.run(team_a, output=first)).ok
+            before = tries(tally)
+            assert (await worker.run(team_b, output=second)).ok
+            during = tries(tally) - before
+            assert (await worker.run(team_b, output=third)).ok
+    # it was printing while the next attempts ran (about 80 tries in 0.8 s)
+    assert during >= 10
+    mine = [line.text for line in first.take()]
+    assert mine[0] == "now: team-a-secret" and "late: team-a-secret" in mine  # while it ran
+    assert [line.text for line in second.take()] == ["now: team-b"]
+    assert [line.text for line in third.take()] == ["now: team-b"]

@@ -1,18 +1,21 @@
-"""The agent's end of a worker's pipes and protocol socket, fed by hand: a fake subprocess
-transport records when a pipe is paused; a real socket pair carries frames in pieces."""
+"""The agent's end of a worker's pipes and protocol socket, fed by hand: real pipes whose
+write ends the test holds (as a worker would); a real socket pair carries frames in pieces."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import anyio
 import pytest
 
 from contracts.values import from_python
-from runtime.infra.capture import DEFAULT_MAX_BYTES, LogCapture, marker_bytes, start_marker_bytes
+from runtime.infra.capture import DEFAULT_MAX_BYTES, LogCapture
 from runtime.node import worker_channel
 from runtime.node.worker_channel import (
     MAX_FRAME_BYTES,
@@ -21,108 +24,85 @@ from runtime.node.worker_channel import (
     FrameChannel,
     Gone,
 )
-from runtime.node.worker_output import WorkerPipes
+from runtime.node.worker_output import AttemptOutput
 from runtime.node.worker_process import HEADER, Finished, Output, frame_bytes
 
 pytestmark = pytest.mark.anyio
 
 
-class FakePipe:
-    def __init__(self) -> None:
-        self.paused = False
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
+def attempt_output(max_bytes: int = DEFAULT_MAX_BYTES) -> AttemptOutput:
+    output = AttemptOutput(LogCapture(time.time, max_bytes=max_bytes))
+    fds, output.write_fds = output.write_fds, ()  # type: ignore[assignment]
+    writers.extend(fds)
+    return output
 
 
-class FakeTransport:
-    def __init__(self) -> None:
-        self.pipes = {1: FakePipe(), 2: FakePipe()}
-
-    def get_pipe_transport(self, fd: int) -> FakePipe:
-        return self.pipes[fd]
+writers: list[int] = []  # the write ends a test holds (the worker's, here)
 
 
-def pipes() -> tuple[WorkerPipes, FakeTransport]:
-    transport = FakeTransport()
-    pipes = WorkerPipes("test/p:v1")
-    pipes.connection_made(transport)  # type: ignore[arg-type]
-    return pipes, transport
+@pytest.fixture(autouse=True)
+def close_writers() -> Iterator[None]:
+    yield
+    while writers:
+        with contextlib.suppress(OSError):
+            os.close(writers.pop())
 
 
-def attempt_capture(max_bytes: int = DEFAULT_MAX_BYTES) -> LogCapture:
-    capture = LogCapture(time.time, max_bytes=max_bytes)
-    capture.expect_start()
-    return capture
-
-
-def both(pipes: WorkerPipes, data: bytes) -> None:
-    pipes.pipe_data_received(1, data)
-    pipes.pipe_data_received(2, data)
-
-
-async def test_an_attempt_that_printed_nothing_is_settled_by_its_markers_alone() -> None:
-    worker, transport = pipes()
-    capture = attempt_capture()
-    worker.begin(capture)
-    both(worker, start_marker_bytes(capture.nonce) + marker_bytes(capture.nonce))
-    assert worker.ended
-    with anyio.fail_after(1):
-        assert await worker.settle(grace_s=30)
-    assert worker.release() is capture and not capture.take()
-    assert not any(pipe.paused for pipe in transport.pipes.values())
-
-
-async def test_output_between_attempts_is_held_paused_and_never_the_next_attempts() -> None:
-    worker, transport = pipes()
-    first = attempt_capture()
-    worker.begin(first)
-    worker.pipe_data_received(1, start_marker_bytes(first.nonce) + b"mine\n")
-    worker.pipe_data_received(1, marker_bytes(first.nonce) + b"late from a thread\n")
-    assert transport.pipes[1].paused  # what came after the end marker waits, unread
-    worker.pipe_data_received(2, start_marker_bytes(first.nonce) + marker_bytes(first.nonce))
-    worker.release()
-    worker.pipe_data_received(2, b"printed between attempts\n")
-    assert transport.pipes[2].paused
-    assert [line.text for line in first.take()] == ["mine"]
-
-    second = attempt_capture()
-    worker.begin(second)
-    assert not any(pipe.paused for pipe in transport.pipes.values())
-    both(worker, start_marker_bytes(second.nonce) + b"theirs\n" + marker_bytes(second.nonce))
-    assert worker.ended
-    assert [line.text for line in second.take()] == ["theirs", "theirs"]
-    assert second.stray_bytes == len(b"late from a thread\n") + len(b"printed between attempts\n")
-
-
-async def test_a_flood_past_the_cap_pauses_its_pipe_and_resumes_it_later() -> None:
-    worker, transport = pipes()
-    capture = attempt_capture(max_bytes=1000)
-    worker.begin(capture)
-    worker.pipe_data_received(1, start_marker_bytes(capture.nonce) + b"x" * 5000 + b"\n")
-    assert capture.over_cap and transport.pipes[1].paused and not transport.pipes[2].paused
+async def test_an_attempt_reads_as_it_goes_and_finish_takes_what_is_left() -> None:
+    output = attempt_output()
+    out, err = writers
+    os.write(out, b"first\n")
     with anyio.fail_after(5):
-        while transport.pipes[1].paused:
+        while not output.capture.has_lines:
             await anyio.sleep(0.001)
+    assert [line.text for line in output.capture.take()] == ["first"]
+    os.write(out, b"second\npartial")  # written just before the reply: finish reads it
+    os.write(err, b"oops\n")
+    capture = output.finish()
+    assert [(line.stream, line.text) for line in capture.take()] == [
+        ("stdout", "second"),
+        ("stderr", "oops"),
+        ("stdout", "partial"),
+    ]
+    output.finish()  # idempotent
 
 
-async def test_a_closed_pipe_ends_its_stream_and_a_missing_marker_times_out() -> None:
-    worker, _ = pipes()
-    capture = attempt_capture()
-    worker.begin(capture)
-    worker.pipe_data_received(1, start_marker_bytes(capture.nonce) + marker_bytes(capture.nonce))
+async def test_what_is_written_after_finish_reaches_no_one() -> None:
+    """A process the pipeline forked keeps the write end: once the attempt ended its writes
+    fail (EPIPE), they never wait in a pipe for a later reader."""
+    output = attempt_output()
+    out, _ = writers
+    capture = output.finish()
+    with pytest.raises(BrokenPipeError):
+        os.write(out, b"late\n")
+    assert not capture.take()
+
+
+async def test_a_flood_past_the_cap_is_read_slowly_and_its_reader_comes_back() -> None:
+    output = attempt_output(max_bytes=1000)
+    out, _ = writers
+    os.set_blocking(out, False)
     with anyio.fail_after(5):
-        assert not await worker.settle(grace_s=0.05)  # stderr never ended
-    worker.pipe_connection_lost(2, None)
-    assert worker.ended
-    worker.release()
-    later = attempt_capture()
-    worker.begin(later)  # a pipe that is gone has no end to wait for
-    worker.pipe_data_received(1, start_marker_bytes(later.nonce) + marker_bytes(later.nonce))
-    assert worker.ended
+        while not output.capture.over_cap:
+            with contextlib.suppress(BlockingIOError):
+                os.write(out, b"x" * 5000 + b"\n")
+            await anyio.sleep(0.001)
+        dropped = output.capture.dropped_bytes
+        os.write(out, b"y" * 100 + b"\n")
+        while output.capture.dropped_bytes == dropped:  # read again after its pause
+            await anyio.sleep(0.001)
+    output.finish()
+
+
+async def test_a_pipe_closed_by_the_pipeline_stops_being_read_and_its_attempt_ends() -> None:
+    output = attempt_output()
+    out, err = writers
+    os.write(err, b"before closing\n")
+    os.close(err)
+    writers.remove(err)
+    os.write(out, b"on stdout\n")
+    capture = output.finish()
+    assert {line.text for line in capture.take()} == {"before closing", "on stdout"}
 
 
 async def channel() -> tuple[FrameChannel, socket.socket]:

@@ -6,18 +6,17 @@
 time.
 
 The protocol runs over a socket pair (the child's stdin), so the child's stdout and stderr are
-the pipeline's own, each a pipe the parent reads into one ``LogCapture`` per attempt that keeps
-them apart: after its startup step and after each attempt the child flushes both and writes
-the end marker of the nonce it was given on each (``JETRUN_LOG_MARKER`` for the startup step,
-``RunRequest.log_marker`` for an attempt); before an attempt it flushes and writes that
-attempt's start marker on each, and what came before it (printed after the previous attempt
-ended, by a thread of its pipeline, say) is dropped: the next attempt may be another team's
-run. Output with no capture of its own (the startup step, or ``run`` without ``output=``) goes
-to the ``jetrun.worker`` logger, capped. The socket and both pipes are protocols of the event
-loop (``runtime.node.worker_channel``, ``runtime.node.worker_output``): registered once for
-the worker's life, read by callbacks, with no task per attempt; the attempt waits once per
-frame. Between attempts a pipe that has something to read is paused: a pipeline printing from
-a background thread then blocks.
+the pipeline's own. Each attempt (and the startup step) gets two fresh pipes for them
+(``runtime.node.worker_output``): the write ends go to the child over a second socket pair,
+with ``SCM_RIGHTS``, just before the attempt's request; the read ends are read into the
+attempt's ``LogCapture`` and closed once its reply came (the child flushes before it replies).
+A thread or process of the pipeline that goes on printing after its attempt ended therefore
+never reaches a later attempt's logs, which may be another team's run: a process writes into
+pipes nobody reads, a thread's Python-level writes are dropped (``runtime.node.worker_stdio``).
+Output with no capture of its own (the startup step, or ``run`` without ``output=``) goes to
+the ``jetrun.worker`` logger, capped. The protocol socket is a protocol of the event loop
+(``runtime.node.worker_channel``) registered once for the worker's life, the pipes are read
+by callbacks of the loop, with no task per attempt; the attempt waits once per frame.
 """
 
 from __future__ import annotations
@@ -27,7 +26,6 @@ import contextlib
 import logging
 import os
 import socket
-import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -42,9 +40,9 @@ from runtime.infra.capture import LogCapture
 from runtime.infra.lifetime import child_env
 from runtime.node.worker_channel import FrameChannel, Gone
 from runtime.node.worker_env import worker_env
-from runtime.node.worker_output import WorkerPipes, log_lines, uncaptured
+from runtime.node.worker_output import AttemptOutput, WorkerExit, log_lines, uncaptured
 from runtime.node.worker_process import (
-    MARKER_ENV,
+    OUTPUT_ENV,
     Failed,
     Finished,
     Frame,
@@ -138,8 +136,9 @@ class PipelineWorker:
         self.pointer = pointer
         self._env = dict(env or {})  # the agent's settings for this worker (its GPUs)
         self._declared = dict(declared or {})  # the pipeline's ``@pipeline(env=...)``
-        self._pipes: WorkerPipes | None = None  # the child: its stdout, stderr and exit
+        self._pipes: WorkerExit | None = None  # the child's exit
         self._channel: FrameChannel | None = None  # the protocol: requests out, frames in
+        self._output: socket.socket | None = None  # each attempt's pipes go out on it
         self._lock = asyncio.Lock()  # taken at once when free (no checkpoint)
         self._reaped: anyio.Event | None = None
         self._busy = False
@@ -181,19 +180,22 @@ class PipelineWorker:
         """
         if self._pipes is not None:
             raise RuntimeError(f"worker for {self.pointer} was already started")
-        startup = uncaptured()
         python = os.environ.get(PYTHON_ENV) or sys.executable
         argv = [python, "-m", "runtime.node.worker_process", self.module, self.pointer]
         loop = asyncio.get_running_loop()
         ours, theirs = socket.socketpair()
+        self._output, their_output = socket.socketpair()
+        self._output.setblocking(False)
+        startup = AttemptOutput(uncaptured())
         try:
             _, self._pipes = await loop.subprocess_exec(
-                lambda: WorkerPipes(self.pointer),
+                WorkerExit,
                 *_as_user(os.environ.get(USER_ENV) or None, argv),
                 stdin=theirs.fileno(),
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env={**self._child_env(), MARKER_ENV: startup.nonce},
+                stdout=startup.write_fds[0],
+                stderr=startup.write_fds[1],
+                pass_fds=(their_output.fileno(),),
+                env={**self._child_env(), OUTPUT_ENV: str(their_output.fileno())},
             )
             _, self._channel = await loop.create_unix_connection(FrameChannel, sock=ours)
             # a child that exits ends the protocol, even if a process it forked holds it open
@@ -202,12 +204,15 @@ class PipelineWorker:
                 self._channel.worker_exited()
         except BaseException:
             ours.close()
+            log_lines(self.pointer, startup.finish())
             await self.kill()
             raise
         finally:
+            startup.handed()
             theirs.close()
+            their_output.close()
         try:
-            frame = await self._exchange(None, None, startup, own=True, strict=False)
+            frame = await self._exchange(None, None, startup, own=True)
         except Gone:
             code = await self._reap()
             raise StartupFailed(startup_error(f"{_exited(code)} during startup")) from None
@@ -254,9 +259,8 @@ class PipelineWorker:
         if self._pipes is None:
             raise RuntimeError(f"worker for {self.pointer} was not started")
         capture = output or uncaptured()
-        capture.expect_start()  # what was printed before this attempt began is not its
         try:
-            request = frame_bytes(RunRequest(inputs=inputs, log_marker=capture.nonce))
+            request = frame_bytes(RunRequest(inputs=inputs))
         except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
             message = f"the inputs cannot be sent to the pipeline: {type(exc).__name__}: {exc}"
             return WorkerResult(error=RunError(type=ErrorType.input_error, message=message))
@@ -310,35 +314,41 @@ class PipelineWorker:
         self,
         request: bytes | None,
         on_frame: Callable[[Frame], Awaitable[bool]] | None,
-        capture: LogCapture,
+        output: LogCapture | AttemptOutput,
         *,
         own: bool,
-        strict: bool = True,
     ) -> Frame:
-        """Send ``request`` (if any) and return the first frame ``on_frame`` does not take,
-        with what the child prints going to ``capture`` meanwhile and until both its end
-        markers came (for at most a short grace; a worker that misses them is killed when
-        ``strict``). ``capture`` is finished on the way out, and its lines logged if ``own``.
-        Raises ``Gone`` if the child stops answering first."""
-        pipes, channel = self._pipes, self._channel
-        assert pipes is not None and channel is not None
-        pipes.begin(capture)
+        """Send ``request`` (if any: with fresh pipes for the attempt's output) and return the
+        first frame ``on_frame`` does not take, with what the child prints going to the
+        capture meanwhile. On the way out the pipes are read to their end and closed, the
+        capture finished, and its lines logged if ``own``. Raises ``Gone`` if the child stops
+        answering first."""
+        channel = self._channel
+        assert channel is not None
+        if isinstance(output, LogCapture):
+            output = AttemptOutput(output)
         try:
             if request is not None:
+                self._hand_pipes(output)
                 channel.send(request)
             while True:
                 frame = await channel.receive()
                 if on_frame is None or not await on_frame(frame):
-                    break
-            if not await pipes.settle() and strict:
-                log.warning("%s: no end of output in time; worker retired", self.pointer)
-                await self.kill()
-            return frame
+                    return frame
         finally:
-            pipes.release()
-            capture.finish()
+            capture = output.finish()
             if own:
                 log_lines(self.pointer, capture)
+
+    def _hand_pipes(self, output: AttemptOutput) -> None:
+        """Send the attempt's pipes to the child (before its request; see the module)."""
+        assert self._output is not None
+        try:
+            socket.send_fds(self._output, [b"o"], list(output.write_fds))
+        except OSError as exc:  # the child is gone (or wedged with a full socket)
+            raise Gone(f"the worker process cannot take its output pipes: {exc}") from None
+        finally:
+            output.handed()
 
     async def kill(self) -> None:
         """SIGKILL the child and reap it; blocks until it is reaped (shielded from
@@ -359,6 +369,8 @@ class PipelineWorker:
                 pipes.transport.close()
                 if self._channel is not None:
                     self._channel.close()
+                if self._output is not None:
+                    self._output.close()
             finally:
                 self._reaped.set()
 

@@ -1,38 +1,41 @@
-"""What a worker process prints: its stdout and stderr, two pipes read by callbacks of the
-event loop into the ``LogCapture`` of the attempt under way, up to the attempt's end markers
-(see ``runtime.node.worker``). No task reads them: a read is one callback that feeds the
-capture, so an attempt that prints nothing costs its markers alone.
+"""What a worker process prints: the agent's side of its stdout and stderr.
 
-Past the capture's cap a flood is read slowly (a pipe is paused after each read, longer for a
-longer read), so it slows only the pipeline that prints it. Output read while no capture wants
-it (printed between two attempts, or after an attempt's end marker) is held for the next
-capture, which drops what comes before its start marker, and that pipe is paused until then:
-a pipeline printing from a background thread between attempts blocks, as no one reads it.
+Every attempt (and the startup step) gets two fresh pipes: the agent keeps their read ends,
+registered with the event loop (one callback per read feeds the attempt's ``LogCapture``; no
+task), and hands the write ends to the worker (see ``runtime.node.worker_stdio`` for the
+child's side). The worker flushes what the pipeline printed before it replies, so once the
+reply came ``finish`` reads what the pipes hold at that moment (``FIONREAD``) and closes
+them: output lands in the attempt that printed it, and whatever writes to those pipes later (a
+process the pipeline forked that goes on printing) writes into a pipe nobody reads (``EPIPE``),
+never into a later attempt's capture, which may be another team's run of the same pipeline.
+
+The pipes are watched from ``WATCH_AFTER_S`` into the attempt on (an attempt that ends sooner,
+as most short ones do, costs no registration with the loop: its output waits in the pipes,
+which hold 64 KiB, for ``finish``; one that prints more first waits that long). Past the
+capture's cap a flood is read slowly (a pipe is not read for a while after each read,
+longer for a longer read), so it slows only the pipeline that prints it.
 """
 
 from __future__ import annotations
 
+import array
 import asyncio
+import fcntl
 import logging
+import os
+import termios
 import time
 from collections.abc import Callable
-from typing import cast
-
-import anyio
 
 from contracts.logs import STDERR, STDOUT, Stream
-from runtime.infra.capture import LogCapture
+from runtime.infra.capture import STREAMS, LogCapture
 
 log = logging.getLogger("jetrun.worker")
 
-_STREAM_OF_FD: dict[int, Stream] = {1: STDOUT, 2: STDERR}
-_FD_OF_STREAM: dict[Stream, int] = {STDOUT: 1, STDERR: 2}
 _READ_SIZE = 65_536
 _OVER_CAP_PAUSE_S = 0.005  # per 64 KiB read past its cap: a flood is read at <= 13 MB/s
-# how long to wait for an attempt's end marker after its result; a worker that misses it is
-# killed, so that what it printed late can never land in another attempt's logs
-END_GRACE_S = 5.0
 UNCAPTURED_MAX_BYTES = 65_536
+WATCH_AFTER_S = 0.002
 
 
 def uncaptured() -> LogCapture:
@@ -40,122 +43,109 @@ def uncaptured() -> LogCapture:
     return LogCapture(time.time, max_bytes=UNCAPTURED_MAX_BYTES)
 
 
-class WorkerPipes(asyncio.SubprocessProtocol):
-    """The agent's end of one worker process: its stdout and stderr fed to the capture set by
-    ``begin``, and its exit. Callbacks of the event loop; never blocks."""
+class WorkerExit(asyncio.SubprocessProtocol):
+    """The agent's end of one worker process: when it exits. Its stdout and stderr are each
+    attempt's ``AttemptOutput``."""
 
-    def __init__(self, pointer: str) -> None:
-        self.pointer = pointer
+    def __init__(self) -> None:
         self.transport: asyncio.SubprocessTransport | None = None
         self.exited = asyncio.Event()
-        self.capture: LogCapture | None = None
-        self._open: set[Stream] = {STDOUT, STDERR}  # pipes not closed by the child
-        self._ended: set[Stream] = set()  # streams whose end the current capture saw
-        self._held: dict[Stream, bytes] = {}  # read while no capture wanted it
-        self._paused: set[Stream] = set()
-        self._waiter: asyncio.Future[None] | None = None
         self.on_exit: Callable[[], None] | None = None  # called once the child exited
 
-    # --- asyncio.SubprocessProtocol ------------------------------------------------------
-
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.SubprocessTransport, transport)  # uvloop's: no subclass
-
-    def pipe_data_received(self, fd: int, data: bytes) -> None:
-        stream = _STREAM_OF_FD.get(fd)
-        if stream is not None:
-            self._feed(stream, data)
-
-    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
-        stream = _STREAM_OF_FD.get(fd)
-        if stream is not None:
-            self._open.discard(stream)
-            self._paused.discard(stream)
-            if self.capture is not None:
-                self._end(stream)
+        self.transport = transport  # type: ignore[assignment]  # uvloop's: no subclass
 
     def process_exited(self) -> None:
         self.exited.set()
         if self.on_exit is not None:
             self.on_exit()
 
-    # --- attempts ------------------------------------------------------------------------
 
-    @property
-    def ended(self) -> bool:
-        """Both streams of the current capture ended (their end markers, or closed pipes)."""
-        return len(self._ended) == len(_STREAM_OF_FD)
+class AttemptOutput:
+    """One attempt's stdout and stderr: two pipes read into ``capture`` until ``finish``.
+    ``write_fds`` go to the worker; ``handed`` closes the agent's copies."""
 
-    def begin(self, capture: LogCapture) -> None:
-        """Feed what the child prints to ``capture`` from now on (what was held first)."""
+    def __init__(self, capture: LogCapture) -> None:
         self.capture = capture
-        self._ended = {s for s in _FD_OF_STREAM if s not in self._open}
-        self._waiter = None
-        for stream in _FD_OF_STREAM:
-            held = self._held.pop(stream, b"")
-            self._resume(stream)
-            if held:
-                self._feed(stream, held)
+        self._loop = asyncio.get_running_loop()
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        self.write_fds: tuple[int, int] = (out_w, err_w)
+        self._fds: dict[Stream, int] = {STDOUT: out_r, STDERR: err_r}
+        self._reading: set[Stream] = set()
+        for fd in self._fds.values():
+            os.set_blocking(fd, False)
+        self._watch = self._loop.call_later(WATCH_AFTER_S, self._read_both)
 
-    async def settle(self, grace_s: float = END_GRACE_S) -> bool:
-        """Wait up to ``grace_s`` until both streams ended; whether they did."""
-        if not self.ended:
-            self._waiter = asyncio.get_running_loop().create_future()
-            with anyio.move_on_after(grace_s):
-                await self._waiter
-        return self.ended
+    def handed(self) -> None:
+        """The worker has the write ends (or will never get them): close ours."""
+        fds, self.write_fds = self.write_fds, ()  # type: ignore[assignment]
+        for fd in fds:
+            os.close(fd)
 
-    def release(self) -> LogCapture | None:
-        """Stop feeding the current capture (returned); later output is held."""
-        capture, self.capture, self._waiter = self.capture, None, None
-        return capture
+    def finish(self) -> LogCapture:
+        """Read what the pipes hold now (all the worker wrote before its reply), close them and
+        finish the capture (returned). Idempotent."""
+        self.handed()
+        self._watch.cancel()
+        for stream, fd in self._fds.items():
+            self._stop(stream)
+            self._drain(stream, fd, _available(fd))
+            os.close(fd)
+        self._fds = {}
+        self.capture.finish()
+        return self.capture
 
-    def _feed(self, stream: Stream, data: bytes) -> None:
-        capture = self.capture
-        if capture is None or stream in self._ended:
-            self._hold(stream, data)
-        elif capture.feed(data, stream):
-            self._end(stream)
-            rest = capture.leftover(stream)
-            if rest:
-                self._hold(stream, rest)
-        elif capture.over_cap:  # a flood must not starve the agent
-            self._pause(stream)
+    def _on_readable(self, stream: Stream) -> None:
+        try:
+            data = os.read(self._fds[stream], _READ_SIZE)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:  # every write end is closed: nothing more can come
+            self._stop(stream)
+            return
+        self.capture.feed(data, stream)
+        if self.capture.over_cap:  # a flood must not starve the agent
+            self._stop(stream)
             pause = _OVER_CAP_PAUSE_S * max(1.0, len(data) / _READ_SIZE)
-            asyncio.get_running_loop().call_later(pause, self._resume_for, capture, stream)
+            self._loop.call_later(pause, self._read_again, stream)
 
-    def _hold(self, stream: Stream, data: bytes) -> None:
-        self._held[stream] = self._held.get(stream, b"") + data
-        self._pause(stream)
+    def _drain(self, stream: Stream, fd: int, size: int) -> None:
+        while size > 0:
+            try:
+                data = os.read(fd, min(size, _READ_SIZE))
+            except OSError:
+                return
+            if not data:
+                return
+            size -= len(data)
+            self.capture.feed(data, stream)
 
-    def _end(self, stream: Stream) -> None:
-        self._ended.add(stream)
-        waiter = self._waiter
-        if self.ended and waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    def _read_both(self) -> None:
+        for stream in STREAMS:
+            self._read_again(stream)
 
-    def _resume_for(self, capture: LogCapture, stream: Stream) -> None:
-        if self.capture is capture and stream not in self._ended:
-            self._resume(stream)
+    def _read_again(self, stream: Stream) -> None:
+        if stream in self._fds and stream not in self._reading:
+            self._reading.add(stream)
+            self._loop.add_reader(self._fds[stream], self._on_readable, stream)
 
-    def _pause(self, stream: Stream) -> None:
-        pipe = self._pipe(stream)
-        if pipe is not None and stream not in self._paused:
-            self._paused.add(stream)
-            pipe.pause_reading()
+    def _stop(self, stream: Stream) -> None:
+        if stream in self._reading:
+            self._reading.discard(stream)
+            self._loop.remove_reader(self._fds[stream])
 
-    def _resume(self, stream: Stream) -> None:
-        pipe = self._pipe(stream)
-        if pipe is not None and stream in self._paused:
-            self._paused.discard(stream)
-            pipe.resume_reading()
 
-    def _pipe(self, stream: Stream) -> asyncio.ReadTransport | None:
-        if self.transport is None or stream not in self._open:
-            return None
-        return cast(
-            asyncio.ReadTransport | None, self.transport.get_pipe_transport(_FD_OF_STREAM[stream])
-        )
+def _available(fd: int) -> int:
+    """How many bytes the pipe ``fd`` holds."""
+    size = array.array("i", [0])
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, size, True)
+    except OSError:
+        return 0
+    return size[0]
 
 
 def log_lines(pointer: str, capture: LogCapture) -> None:

@@ -4,12 +4,11 @@ It imports the pipeline module, runs the startup step once (the cold start), rep
 or ``StartupError``, then serves run requests one at a time until its stdin closes. Frames are
 msgpack, each prefixed by its length (4 bytes, big-endian). Its stdin is a socket (one end of a
 socket pair): the child reads requests from and writes replies to duplicates of it, and fd 0
-then reads /dev/null, so a pipeline's prints (fds 1 and 2, two pipes the agent reads apart)
-cannot corrupt the protocol. After its startup step and after each attempt it flushes stdout
-and stderr and writes the end marker of the nonce it was given on both (``JETRUN_LOG_MARKER``
-for the startup step, ``RunRequest.log_marker`` for an attempt); before an attempt it flushes
-and writes that attempt's start marker on both (see ``runtime.node.worker`` for how the agent
-reads them).
+then reads /dev/null, so a pipeline's prints (fds 1 and 2) cannot corrupt the protocol. fds 1
+and 2 are pipes the agent reads: the startup step's, given at spawn, then each attempt's own,
+whose write ends come over a second socket (fd ``$JETRUN_OUTPUT_FD``) just before its request;
+between attempts they are /dev/null (see ``runtime.node.worker_stdio``). What the pipeline
+printed is flushed before each reply, so the agent has it all once the reply came.
 
 Child to parent: ``Ready``, ``StartupError``, then per run any number of ``Output`` (streamed,
 one per ``yield``) and one ``Finished`` or ``Failed``. A run's outputs are the streamed ones
@@ -19,10 +18,10 @@ side; it imports nothing the child does not need.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import io
 import os
+import socket
 import struct
 import sys
 import traceback
@@ -34,11 +33,11 @@ import msgspec
 
 from contracts.errors import ErrorType, RunError
 from contracts.values import RunIO
-from runtime.infra.capture import marker_bytes, start_marker_bytes
 from runtime.infra.lifetime import honour_parent
+from runtime.node.worker_stdio import Stdio
 
 HEADER = struct.Struct(">I")
-MARKER_ENV = "JETRUN_LOG_MARKER"
+OUTPUT_ENV = "JETRUN_OUTPUT_FD"  # the socket each attempt's stdout and stderr pipes come on
 
 
 class Ready(msgspec.Struct, frozen=True, kw_only=True, tag="ready"):
@@ -51,7 +50,6 @@ class StartupError(msgspec.Struct, frozen=True, kw_only=True, tag="startup_error
 
 class RunRequest(msgspec.Struct, frozen=True, kw_only=True, tag="run"):
     inputs: list[RunIO]
-    log_marker: str = ""  # the nonce of this attempt's end-of-output marker
 
 
 class Output(msgspec.Struct, frozen=True, kw_only=True, tag="output"):
@@ -140,24 +138,6 @@ class _Channel:
     def send(self, frame: Frame) -> None:
         self.write(frame_bytes(frame))
 
-    @staticmethod
-    def start_output(nonce: str) -> None:
-        """Flush what was printed before this attempt, then mark where the attempt starts."""
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        if nonce:
-            _mark(start_marker_bytes(nonce))
-
-    @staticmethod
-    def end_output(nonce: str) -> None:
-        """Flush what the pipeline printed, then mark its end (see the module docstring)."""
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):  # a pipeline may have replaced or closed it
-                stream.flush()
-        if nonce:
-            _mark(marker_bytes(nonce))
-
     def write(self, data: bytes) -> None:
         self.out.write(data)
         self.out.flush()
@@ -169,13 +149,6 @@ class _Channel:
             return None
         body = self.inp.read(HEADER.unpack(header)[0])
         return msgspec.msgpack.decode(body, type=RunRequest)
-
-
-def _mark(marker: bytes) -> None:
-    """Write ``marker`` on stdout and on stderr (a pipeline that closed one loses its end)."""
-    for fd in (1, 2):
-        with contextlib.suppress(OSError):
-            os.write(fd, marker)
 
 
 def _encode_output(frame: Output | Finished) -> bytes:
@@ -206,15 +179,16 @@ def _startup(module: str, pointer: str) -> tuple[Any, Callable[..., Any]]:
         raise StartupFailed(startup_error(error.message, error.traceback)) from exc
 
 
-def _serve_one(channel: _Channel, spec: Any, call: Callable[..., Any], request: RunRequest) -> None:
+def _serve_one(
+    channel: _Channel, stdio: Stdio, spec: Any, call: Callable[..., Any], request: RunRequest
+) -> None:
     from runtime.node import pipelines
 
-    marker = request.log_marker
-    channel.start_output(marker)
+    stdio.begin()
     try:
         args = pipelines.validate_inputs(spec, request.inputs)
     except pipelines.InputError as exc:
-        channel.end_output(marker)
+        stdio.end()
         channel.send(Failed(error=RunError(type=ErrorType.input_error, message=str(exc))))
         return
     try:
@@ -227,7 +201,7 @@ def _serve_one(channel: _Channel, spec: Any, call: Callable[..., Any], request: 
             reply = _encode_output(Finished(outputs=list(pipelines.outputs(result))))
     except (Exception, SystemExit) as exc:
         reply = frame_bytes(Failed(error=error_of(exc)))
-    channel.end_output(marker)
+    stdio.end()
     channel.write(reply)
 
 
@@ -239,19 +213,23 @@ def main(argv: list[str] | None = None) -> int:
         usage = "usage: python -m runtime.node.worker_process <module-or-file.py> <pointer>"
         print(usage, file=sys.stderr)
         return 2
-    startup_marker = os.environ.pop(MARKER_ENV, "")
+    output = os.environ.pop(OUTPUT_ENV, "")
     channel = _Channel.take_stdio()
+    if output:
+        os.set_inheritable(int(output), False)  # not for the programs a pipeline runs
+    stdio = Stdio(socket.socket(fileno=int(output)) if output else None)
+    stdio.install()
     try:
         try:
             spec, call = _startup(*args)
         except StartupFailed as failed:
-            channel.end_output(startup_marker)
+            stdio.end()
             channel.send(StartupError(error=failed.error))
             return 1
-        channel.end_output(startup_marker)
+        stdio.end()
         channel.send(Ready(pid=os.getpid()))
         while (request := channel.receive()) is not None:
-            _serve_one(channel, spec, call, request)
+            _serve_one(channel, stdio, spec, call, request)
     except (KeyboardInterrupt, BrokenPipeError):
         return 130
     return 0
