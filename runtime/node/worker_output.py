@@ -11,7 +11,7 @@ never into a later attempt's capture, which may be another team's run of the sam
 
 The pipes are watched from ``WATCH_AFTER_S`` into the attempt on (an attempt that ends sooner,
 as most short ones do, costs no registration with the loop: its output waits in the pipes,
-which hold 64 KiB, for ``finish``; one that prints more first waits that long). Past the
+which hold 64 KiB, for ``finish``; one that prints more first waits up to that long). Past the
 capture's cap a flood is read slowly (a pipe is not read for a while after each read,
 longer for a longer read), so it slows only the pipeline that prints it.
 """
@@ -35,7 +35,7 @@ log = logging.getLogger("jetrun.worker")
 _READ_SIZE = 65_536
 _OVER_CAP_PAUSE_S = 0.005  # per 64 KiB read past its cap: a flood is read at <= 13 MB/s
 UNCAPTURED_MAX_BYTES = 65_536
-WATCH_AFTER_S = 0.002
+WATCH_AFTER_S = 0.01
 
 
 def uncaptured() -> LogCapture:

@@ -19,6 +19,7 @@ thread, ``os.write``) cannot be told apart and go to the attempt under way.
 
 from __future__ import annotations
 
+import array
 import contextlib
 import os
 import socket
@@ -27,6 +28,7 @@ import threading
 from collections.abc import Iterable
 from typing import Any
 
+_FDS_SPACE = socket.CMSG_SPACE(2 * array.array("i").itemsize)
 _TAG = "_jetrun_attempt"  # the attribute a Thread carries: the attempt it belongs to
 
 
@@ -94,7 +96,8 @@ class Stdio:
         self.output = output  # where each attempt's pipes come from
         self.attempts = Attempts()
         self._null = os.open(os.devnull, os.O_WRONLY)
-        self._real = (sys.stdout, sys.stderr)
+        self._real: list[Any] = [sys.stdout, sys.stderr]
+        self._routed: list[Any] = list(self._real)
 
     def install(self) -> None:
         """Route ``sys.stdout``, ``sys.stderr`` and the threads started from now on."""
@@ -107,8 +110,8 @@ class Stdio:
         threading.Thread.start = tagged_start  # type: ignore[method-assign,assignment]
         # a process forked while another thread writes must not inherit the lock held
         os.register_at_fork(after_in_child=attempts.renew_lock)
-        sys.stdout = Routed(sys.stdout, attempts)
-        sys.stderr = Routed(sys.stderr, attempts)
+        self._routed = [Routed(sys.stdout, attempts), Routed(sys.stderr, attempts)]
+        sys.stdout, sys.stderr = self._routed
 
     def begin(self) -> None:
         """Put this attempt's pipes (sent by the agent with its request) on fds 1 and 2."""
@@ -132,12 +135,15 @@ class Stdio:
 
     def _receive(self) -> tuple[int, int]:
         """The two write ends the agent sent; /dev/null for any that did not come."""
-        if self.output is None:
-            return self._null, self._null
-        try:
-            _, fds, _, _ = socket.recv_fds(self.output, 1, 2)
-        except OSError:
-            fds = []
+        fds = array.array("i")
+        if self.output is not None:
+            try:
+                _, ancillary, _, _ = self.output.recvmsg(1, _FDS_SPACE)
+            except OSError:
+                ancillary = []
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
         if len(fds) != 2:
             for fd in fds:
                 os.close(fd)
@@ -145,6 +151,9 @@ class Stdio:
         return fds[0], fds[1]
 
     def _flush(self) -> None:
-        for stream in (sys.stdout, sys.stderr, *self._real):
+        streams = [sys.stdout, sys.stderr]
+        if streams != self._routed:  # the pipeline replaced them: ours too
+            streams += self._real
+        for stream in streams:
             with contextlib.suppress(Exception):  # a pipeline may have replaced or closed it
                 stream.flush()
