@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from runtime.node.runners import Runners, RunnersStatistics
@@ -70,3 +71,41 @@ async def test_a_job_is_never_handed_to_a_task_being_cancelled() -> None:
                 await anyio.sleep(0.001)
         outer.cancel_scope.cancel()
     assert ran == [1, 2]
+
+
+async def test_a_job_handed_over_as_the_group_is_cancelled_still_starts() -> None:
+    ran: list[int] = []
+
+    async def job(i: int) -> None:
+        ran.append(i)
+        await anyio.lowlevel.checkpoint()
+
+    for outer_cancel in (False, True):
+        ran.clear()
+        with anyio.CancelScope() as outer:
+            async with anyio.create_task_group() as tg:
+                runners = Runners(tg, job)
+                runners.start(1)
+                with anyio.fail_after(5):
+                    while runners.statistics().idle < 1:
+                        await anyio.sleep(0.001)
+                assert runners.start(2)  # handed to the waiting task...
+                (outer if outer_cancel else tg.cancel_scope).cancel()  # ...cancelled at once
+        assert ran == [1, 2]
+
+
+async def test_a_job_handed_over_once_the_group_ended_is_refused_not_raised() -> None:
+    ran: list[int] = []
+
+    async def job(i: int) -> None:
+        ran.append(i)
+
+    async with anyio.create_task_group() as tg:
+        runners = Runners(tg, job)
+        assert runners.start(1)
+        with anyio.fail_after(5):
+            while runners.statistics().idle < 1:
+                await anyio.sleep(0.001)
+        tg.cancel_scope.cancel()
+    assert not runners.start(2)  # the shutdown: the caller learns the job will never run
+    assert ran == [1] and runners.statistics().tasks == 0

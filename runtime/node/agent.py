@@ -290,7 +290,9 @@ class Agent(Replicas):
             if event.run_id not in self.attempts and not self.draining and runners is not None:
                 attempt = Attempt(event.run_id, event.attempt, anyio.CancelScope())
                 self.attempts[event.run_id] = attempt
-                runners.start((event, attempt))
+                if not runners.start((event, attempt)):  # the agent is stopping: not run
+                    del self.attempts[event.run_id]
+                    log.info("dispatch of %s not started: the agent is stopping", event.run_id)
         elif isinstance(event, RunCancelled):
             self._ended.note(event.run_id, seq)
             running = self.attempts.get(event.run_id)

@@ -5,6 +5,10 @@ group costs about four times as much (17 us against 4 on a 2-core VM, measured).
 starts an attempt for every dispatch: ``Runners`` keeps the tasks that finished one waiting
 for the next, and starts a task only when none waits, so there are never more tasks than the
 most jobs that ran at once. A job's exception propagates to the task group, as a task's would.
+
+A job handed to a task at the moment the group is cancelled still starts (anyio delivers the
+cancellation only once the task has taken it), so the job's own cleanup runs; once the group
+has ended ``start`` refuses (returns False), and the caller knows the job will never run.
 """
 
 from __future__ import annotations
@@ -30,15 +34,20 @@ class Runners(Generic[T]):
         self._idle: list[asyncio.Future[T]] = []  # one per task waiting for a job
         self._tasks = 0
 
-    def start(self, item: T) -> None:
-        """Run ``job(item)`` in a waiting task, or in a new one if none waits. Never blocks."""
+    def start(self, item: T) -> bool:
+        """Run ``job(item)`` in a waiting task, or in a new one if none waits; False if the
+        task group has ended (the job will not run). Never blocks."""
         while self._idle:
             waiting = self._idle.pop()
             if not waiting.done():  # else its task is being cancelled
                 waiting.set_result(item)
-                return
+                return True
+        try:
+            self.tg.start_soon(self._serve, item)
+        except RuntimeError:  # the task group is not active: it has ended
+            return False
         self._tasks += 1
-        self.tg.start_soon(self._serve, item)
+        return True
 
     def statistics(self) -> RunnersStatistics:
         return RunnersStatistics(tasks=self._tasks, idle=len(self._idle))
