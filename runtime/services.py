@@ -68,15 +68,16 @@ async def serve_http(
     from runtime.infra.http_server import protocol_for
 
     settings = gateway.config.settings
+    app = gateway.app()
     config = uvicorn.Config(
-        gateway.app(),
+        app,
         host=host,
         port=port,
         lifespan="off",
         access_log=False,
         log_level="warning",
         log_config=None,  # its records go through jetrun's formatter (text or JSON)
-        http=protocol_for(settings),
+        http=protocol_for(settings, direct=app),  # the hot endpoints answered without ASGI
         loop="none",
         timeout_graceful_shutdown=int(max(1, settings.shutdown_grace_s)),
         timeout_keep_alive=int(max(1, settings.http_keepalive_s)),

@@ -11,6 +11,11 @@ Every request passes through ``Front`` once, which
 - observes the request's duration in the latency histogram (route template, method, status);
 - writes the access log line (``runtime.infra.accesslog``).
 
+The gateway's HTTP protocol asks ``route`` before it starts a request: the two direct endpoints,
+once ready, it hands to ``Front`` without ASGI (``runtime.infra.http_cycles``: the proxy
+headers applied, the answer written in one write); ``__call__`` takes the same two the same way
+when they come through ASGI (another server, the tests' ASGI transport).
+
 One layer instead of five nested middlewares (access log, latency, readiness, Starlette's error
 and exception middlewares) and the router: each of those wrapped ``send`` and added a coroutine
 frame per request.
@@ -21,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import Any
 
 from prometheus_client import Histogram
@@ -32,6 +38,7 @@ from starlette.types import Message, Receive, Scope, Send
 
 from runtime.control.warming import starting_response
 from runtime.infra import accesslog
+from runtime.infra.http_cycles import Answer, DirectCall
 
 log = logging.getLogger("jetrun.gateway")
 
@@ -74,14 +81,26 @@ class Front:
         """Every route, those dispatched directly included (the OpenAPI document's check)."""
         return self.app.routes
 
+    def route(self, method: str, path: str) -> DirectCall | None:
+        """The direct call for a request to one of the two hot endpoints, once ready."""
+        if path == RUNS:
+            return self._create if method == "POST" and self.ready() else None
+        if method == "GET" and path.startswith(_RUN_PREFIX) and _one_segment(path):
+            return self._get if self.ready() else None
+        return None
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = time.perf_counter()
         path: str = scope["path"]
         method: str = scope["method"]
-        status, template = 500, ""
+        call = self.route(method, path)
+        if call is not None:
+            await call(scope, receive, partial(_asgi_answer, scope, receive, send))
+            return
+        started = time.perf_counter()
+        status = 500
 
         async def sending(message: Message) -> None:  # what Starlette answers
             nonlocal status
@@ -94,30 +113,38 @@ class Front:
                 response = starting_response()
                 status = response.status_code
                 await response(scope, receive, send)
-            elif path == RUNS and method == "POST":
-                template = RUNS
-                status = await self._direct(self.create, scope, receive, send)
-            elif method == "GET" and path.startswith(_RUN_PREFIX) and _one_segment(path):
-                template = RUN
-                scope["path_params"] = {"run_id": path[len(_RUN_PREFIX) :]}
-                status = await self._direct(self.get, scope, receive, send)
             else:
                 await self.app(scope, receive, sending)
         finally:
             elapsed = time.perf_counter() - started
-            if not template:
-                template = getattr(scope.get("route"), "path", None) or UNMATCHED
+            template = getattr(scope.get("route"), "path", None) or UNMATCHED
             self._observe(template, method, status, elapsed)
             accesslog.write(scope, status, elapsed)
 
-    async def _direct(self, handler: Handler, scope: Scope, receive: Receive, send: Send) -> int:
-        request = Request(scope, receive, send)
+    async def _create(self, scope: Scope, receive: Receive, answer: Answer) -> None:
+        await self._direct(RUNS, self.create, scope, receive, answer)
+
+    async def _get(self, scope: Scope, receive: Receive, answer: Answer) -> None:
+        scope["path_params"] = {"run_id": scope["path"][len(_RUN_PREFIX) :]}
+        await self._direct(RUN, self.get, scope, receive, answer)
+
+    async def _direct(
+        self, template: str, handler: Handler, scope: Scope, receive: Receive, answer: Answer
+    ) -> None:
+        started = time.perf_counter()
+        status = 500
         try:
-            response = await handler(request)
-        except Exception as exc:
-            response = await self._answer(request, exc)
-        await response(scope, receive, send)
-        return response.status_code
+            request = Request(scope, receive)
+            try:
+                response = await handler(request)
+            except Exception as exc:
+                response = await self._answer(request, exc)
+            status = response.status_code
+            await answer(response)
+        finally:
+            elapsed = time.perf_counter() - started
+            self._observe(template, scope["method"], status, elapsed)
+            accesslog.write(scope, status, elapsed)
 
     async def _answer(self, request: Request, exc: Exception) -> Response:
         """What the handler for ``exc`` (along its MRO) answers; the handler of ``Exception``
@@ -136,6 +163,10 @@ class Front:
         if child is None:  # bounded: the routes x METHODS and "other" x the statuses answered
             child = self._children[key] = self.latency.labels(key[0], key[1], str(status))
         child.observe(elapsed)
+
+
+async def _asgi_answer(scope: Scope, receive: Receive, send: Send, response: Response) -> None:
+    await response(scope, receive, send)
 
 
 def _one_segment(path: str) -> bool:

@@ -16,24 +16,24 @@
 
 Keep-alive idle connections are closed after ``http_keepalive_s`` (uvicorn's own timer).
 
-- **One write per response**: uvicorn writes a response's head and its body with two
-  ``transport.write`` calls (two ``send`` system calls, two TCP segments). A response of known
-  length (``content-length``) has its head held until its body is written, and both leave in
-  one write; a streamed (chunked) response's head still leaves at once, and a response whose
-  body never comes (a ``HEAD``, an application error) has its head written as before.
+How a response is written (one write per response; the requests the application answers
+directly, beside ASGI) is ``runtime.infra.http_cycles``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import resource
 from collections import OrderedDict
 from typing import Any, cast
 
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from runtime.infra.config import Settings
+from runtime.infra.http_cycles import Direct, DirectCycle, HeldHead, OneWriteCycle
 
 log = logging.getLogger("jetrun.http")
 
@@ -55,9 +55,10 @@ def connection_cap(configured: int) -> int:
     return max(1, min(configured, soft - FD_RESERVE))
 
 
-def protocol_for(settings: Settings) -> type[asyncio.Protocol]:
+def protocol_for(settings: Settings, direct: Direct | None = None) -> type[asyncio.Protocol]:
     """A protocol class for one server: the limits and the set of connections still reading
-    a request head are shared by its connections."""
+    a request head are shared by its connections; ``direct`` (the server's application) is
+    asked which requests it answers directly."""
     header_timeout = settings.http_header_timeout_s
     cap = connection_cap(settings.http_max_connections)
     reading: OrderedDict[LimitedHttpTools, None] = OrderedDict()  # oldest first
@@ -69,6 +70,7 @@ def protocol_for(settings: Settings) -> type[asyncio.Protocol]:
     Protocol.max_connections = cap
     Protocol.max_head_bytes = settings.http_max_head_bytes
     Protocol.reading = reading
+    Protocol.direct = direct
     return Protocol
 
 
@@ -77,6 +79,7 @@ class LimitedHttpTools(HttpToolsProtocol):
     max_connections: int
     max_head_bytes: int = 65_536
     reading: OrderedDict[LimitedHttpTools, None]
+    direct: Direct | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -117,6 +120,27 @@ class LimitedHttpTools(HttpToolsProtocol):
         if cycle is not None and not isinstance(cycle, OneWriteCycle):
             cycle.__class__ = OneWriteCycle  # adds behaviour only: the same fields
             cast(OneWriteCycle, cycle).transport = HeldHead(self.transport)
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        """Start a request (at once, or when the one before it on the connection is answered):
+        directly if the application takes it, else as uvicorn does."""
+        call = None
+        if self.direct is not None and app is self.app:  # not uvicorn's 503 over its limit
+            call = self.direct.route(cycle.scope["method"], cycle.scope["path"])
+        if call is None:
+            super()._start_asgi_task(cycle, app)
+            return
+        if not isinstance(cycle.transport, HeldHead):
+            cycle.transport = HeldHead(self.transport)  # type: ignore[assignment]
+        cycle.__class__ = DirectCycle  # adds behaviour only: the same fields
+        proxy = app if isinstance(app, ProxyHeadersMiddleware) else None
+        run = cast(DirectCycle, cycle).run_direct(call, proxy)
+        if self.config.reset_contextvars:  # as uvicorn
+            task = self.loop.create_task(run, context=contextvars.Context())
+        else:
+            task = self.loop.create_task(run)
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -161,61 +185,3 @@ class LimitedHttpTools(HttpToolsProtocol):
         if not self.transport.is_closing():
             self.transport.write(response)
             self.transport.close()
-
-
-class HeldHead:
-    """A response cycle's transport: while ``holding``, the next write (the response head) is
-    kept back and goes out joined to the write after it (the body), or on ``flush``/``close``."""
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self.transport = transport
-        self.holding = False
-        self.held = b""
-
-    def write(self, data: bytes) -> None:
-        if self.holding:
-            self.holding = False
-            self.held = data
-            return
-        if self.held:
-            data, self.held = self.held + data, b""
-        self.transport.write(data)
-
-    def flush(self) -> None:
-        self.holding = False
-        if self.held:
-            data, self.held = self.held, b""
-            if not self.transport.is_closing():
-                self.transport.write(data)
-
-    def close(self) -> None:
-        self.flush()
-        self.transport.close()
-
-    def is_closing(self) -> bool:
-        return self.transport.is_closing()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.transport, name)
-
-
-class OneWriteCycle(RequestResponseCycle):
-    """uvicorn's request/response cycle, writing a response of known length in one write."""
-
-    transport: HeldHead  # type: ignore[assignment]
-
-    async def send(self, message: Any) -> None:
-        transport = self.transport
-        if message["type"] == "http.response.start" and not self.response_started:
-            transport.holding = True
-            try:
-                await super().send(message)
-            finally:
-                transport.holding = False
-            if self.chunked_encoding is not False or self.scope["method"] == "HEAD":
-                transport.flush()  # streamed, or no body to come: the head goes now
-            return
-        try:
-            await super().send(message)
-        finally:
-            transport.flush()
