@@ -37,9 +37,10 @@ import nats_traffic  # noqa: E402
 
 from contracts.events import decode_event  # noqa: E402
 from runtime.clients.client import RunEvents  # noqa: E402
+from runtime.infra.eventlog import kind_filters  # noqa: E402
 from runtime.infra.nats_auth import Credentials  # noqa: E402
 from runtime.infra.natsserver import free_port  # noqa: E402
-from runtime.infra.streams import EVENTS_STREAM  # noqa: E402
+from runtime.infra.streams import EVENTS_STREAM, TERMINAL_KINDS  # noqa: E402
 
 CONFIG = """
 [teams.bench]
@@ -49,7 +50,7 @@ tokens = ["bench"]
 [settings]
 rate_limit_per_s = 0  # the load generator is one token: measure jetrun, not its rate limit
 """
-TERMINAL_KINDS = ("completed", "failed", "timed_out", "no_resources", "preempted", "cancelled")
+READ_KINDS = ("submitted", *TERMINAL_KINDS)
 NOOP = {"pipeline": "demo/noop:v1", "inputs": []}
 
 
@@ -216,7 +217,7 @@ class Span:
                 ack_policy=api.AckPolicy.NONE,
                 deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
                 opt_start_seq=self.next_seq,
-                filter_subjects=[f"jetrun.ev.*.{k}" for k in ("submitted", *TERMINAL_KINDS)],
+                filter_subjects=[f for k in READ_KINDS for f in kind_filters(k)],
                 inactive_threshold=30.0,
                 mem_storage=True,
             )

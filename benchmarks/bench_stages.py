@@ -29,14 +29,15 @@ from nats.js import api
 
 from contracts.events import AnyEvent, AttemptEvent, decode_event
 from runtime.clients.client import RunEvents
+from runtime.infra.eventlog import kind_filters
 from runtime.infra.nats_auth import Credentials
-from runtime.infra.streams import EVENTS_PREFIX, EVENTS_STREAM
+from runtime.infra.streams import EVENTS_STREAM, TERMINAL_KINDS
 
-TERMINAL_KINDS = ("completed", "failed", "timed_out", "no_resources", "preempted", "cancelled")
 #: what the stages are read from: no outputs, no queue or fence events
 SUBJECTS = [
-    *(f"{EVENTS_PREFIX}.*.{kind}" for kind in ("submitted", "queued", "started", *TERMINAL_KINDS)),
-    f"{EVENTS_PREFIX}.*.dispatched.*",
+    f
+    for kind in ("submitted", "queued", "started", "dispatched", *TERMINAL_KINDS)
+    for f in kind_filters(kind)
 ]
 SUBMITTED_TO_QUEUED = "submitted -> queued"
 QUEUED_TO_DISPATCHED = "queued -> dispatched"

@@ -130,6 +130,8 @@ class RunDispatched(AttemptEvent, frozen=True, kw_only=True, tag="dispatched", o
     team: str | None = None
     pipeline: str | None = None
     inputs: list[RunIO] | None = None
+    # the run has a callback URL: the agent appends its end where the webhook outbox reads it
+    callback: bool = False
 
 
 class RunStarted(AttemptEvent, frozen=True, kw_only=True, tag="started"):

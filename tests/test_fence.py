@@ -168,13 +168,22 @@ class FlakyLog:
         self.refuse = refuse
         self.sent: list[str] = []
         self.appended: list[str] = []
+        self.callbacks: set[tuple[str, str]] = set()  # (how, run id) appended with callback
 
-    async def send(self, event: RunCancelled, *, fencing: object = None) -> object:
+    async def send(
+        self, event: RunCancelled, *, fencing: object = None, callback: bool = False
+    ) -> object:
         self.sent.append(event.run_id)
+        if callback:
+            self.callbacks.add(("send", event.run_id))
         raise self.refuse
 
-    async def append(self, event: RunCancelled, *, fencing: object = None) -> Appended:
+    async def append(
+        self, event: RunCancelled, *, fencing: object = None, callback: bool = False
+    ) -> Appended:
         self.appended.append(event.run_id)
+        if callback:
+            self.callbacks.add(("append", event.run_id))
         return Appended(len(self.appended), False)
 
 
@@ -186,10 +195,12 @@ async def test_a_batch_tries_again_what_met_an_outage_and_reports_a_final_error(
     fence = Fence(EventLog.__new__(EventLog), "a", slots=2)
     events = [RunCancelled(run_id=f"r{n}", at=1.0) for n in range(5)]
     with anyio.fail_after(5):
-        results = await append_all(flaky, fence, events)  # type: ignore[arg-type]
+        results = await append_all(flaky, fence, events, "r1".__eq__)  # type: ignore[arg-type]
     assert flaky.sent == [e.run_id for e in events]
     if isinstance(refuse, NatsTimeoutError):  # an outage: made again, the patient way
         assert sorted(flaky.appended) == sorted(flaky.sent)
+        # r1 has a callback URL: each try says so (its end goes where the outbox reads it)
+        assert flaky.callbacks == {("send", "r1"), ("append", "r1")}
         assert all(isinstance(r, Appended) for r in results)
     else:  # a final answer: reported, not retried
         assert flaky.appended == [] and results == [refuse] * 5

@@ -17,9 +17,9 @@ from contracts.values import from_python
 from runtime.control.webhook_delivery import pending_subject
 from runtime.control.webhooks import OUTBOX, WebhookService, dead_letters, outbox_config
 from runtime.infra.config import parse
-from runtime.infra.eventlog import EventLog
+from runtime.infra.eventlog import EventLog, callback_ends
 from runtime.infra.natsserver import NatsServer
-from runtime.infra.streams import EVENTS_STREAM, WEBHOOKS_STREAM
+from runtime.infra.streams import EVENTS_STREAM, TERMINAL_KINDS, WEBHOOKS_STREAM
 from tests.test_eventlog import history
 
 pytestmark = pytest.mark.anyio
@@ -40,9 +40,11 @@ def with_callback(run_id: str) -> list[AnyEvent]:
     return [msgspec.structs.replace(first, callback_url="http://127.0.0.1:9/hook"), *events[1:]]
 
 
-async def append(nc: Client, run_id: str) -> list[int]:
+async def append(nc: Client, run_id: str, callback: bool = True) -> list[int]:
+    """``run_id``'s history, with a callback URL, appended as this release does (``callback``:
+    its end on the subject the outbox reads) or as an older one did."""
     log = EventLog(nc)
-    return [(await log.append(event)).seq for event in with_callback(run_id)]
+    return [(await log.append(e, callback=callback)).seq for e in with_callback(run_id)]
 
 
 async def delivery_stored(nc: Client, run_id: str) -> bool:
@@ -65,7 +67,7 @@ async def test_events_a_killed_process_took_are_never_covered_by_another_ones_ac
     taken = await (
         await other.jetstream().pull_subscribe_bind(durable=OUTBOX, stream=EVENTS_STREAM)
     ).fetch(10, timeout=5)
-    assert {m.subject for m in taken} == {"jetrun.ev.run_a.submitted", "jetrun.ev.run_a.completed"}
+    assert [m.subject for m in taken] == ["jetrun.ev.run_a.completed.callback"]
     await other.close()  # ... killed before it handled or acked them
     await append(nc, "run_b")
 
@@ -93,25 +95,50 @@ async def test_events_a_killed_process_took_are_never_covered_by_another_ones_ac
     assert info.config.ack_policy == api.AckPolicy.ALL
 
 
+# what older releases' outboxes read: every run's submitted and end
+OLD_FILTERS = [f"jetrun.ev.*.{kind}" for kind in ("submitted", *TERMINAL_KINDS)]
+
+
 async def test_an_outbox_that_acked_each_event_carries_on_from_its_first_unacked_one(
     nc: Client,
 ) -> None:
     js = nc.jetstream()
-    older = dataclasses.replace(outbox_config(), ack_policy=api.AckPolicy.EXPLICIT)
+    older = dataclasses.replace(
+        outbox_config(), ack_policy=api.AckPolicy.EXPLICIT, filter_subjects=OLD_FILTERS
+    )
     await js.add_consumer(EVENTS_STREAM, older)
-    await append(nc, "run_a")
-    seqs_b = await append(nc, "run_b")
+    await append(nc, "run_a", callback=False)
     psub = await js.pull_subscribe_bind(durable=OUTBOX, stream=EVENTS_STREAM)
     for msg in await psub.fetch(2, timeout=5):  # run_a's submitted and end, acked one by one
         assert msg.subject.startswith("jetrun.ev.run_a.")
         await msg.ack_sync()
     await psub.unsubscribe()
+    seqs_b = await append(nc, "run_b")  # this release's writers
 
     await WebhookService(nc, CONFIG).ensure()
     info = await js.consumer_info(EVENTS_STREAM, OUTBOX)
     assert info.config.ack_policy == api.AckPolicy.ALL
+    assert info.config.filter_subjects == callback_ends()
     assert info.config.opt_start_seq is not None and info.config.opt_start_seq <= seqs_b[0]
-    assert info.num_pending == 2  # run_b's submitted and end: nothing lost, nothing acked twice
+    assert info.num_pending == 1  # run_b's end: nothing lost, nothing acked twice
+
+
+async def test_an_outbox_that_read_every_run_reads_only_the_ends_of_runs_with_a_callback(
+    nc: Client,
+) -> None:
+    """An older release's outbox (batch acks, every run's submitted and end) carries on from
+    where it stands with this release's filters."""
+    js = nc.jetstream()
+    await js.add_consumer(
+        EVENTS_STREAM, dataclasses.replace(outbox_config(), filter_subjects=OLD_FILTERS)
+    )
+    await append(nc, "run_a", callback=False)
+    assert (await js.consumer_info(EVENTS_STREAM, OUTBOX)).num_pending == 2
+    await WebhookService(nc, CONFIG).ensure()
+    await append(nc, "run_b")
+    info = await js.consumer_info(EVENTS_STREAM, OUTBOX)
+    assert info.config.filter_subjects == callback_ends()
+    assert info.num_pending == 1  # run_b's end alone
 
 
 async def test_a_run_too_large_to_deliver_goes_to_the_dead_letters_and_holds_no_ack_back(
@@ -133,7 +160,7 @@ async def test_a_run_too_large_to_deliver_goes_to_the_dead_letters_and_holds_no_
     big[-1] = msgspec.structs.replace(end, outputs=[from_python(half)])
     log = EventLog(nc)
     for event in big:
-        await log.append(event)
+        await log.append(event, callback=True)
     seqs_b = await append(nc, "run_b")
 
     outbox = await js.pull_subscribe_bind(durable=OUTBOX, stream=EVENTS_STREAM)

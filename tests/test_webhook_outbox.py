@@ -1,42 +1,79 @@
-"""The outbox's knowledge of live runs' callbacks, and when it may acknowledge (pure)."""
+"""Where the outbox reads runs' ends, and when it may acknowledge (pure)."""
 
 from __future__ import annotations
 
-from contracts import RunSubmitted
-from contracts.events import encode_event
-from runtime.control.webhook_outbox import AckWindow, Callbacks, subject_parts
+from contracts.errors import ErrorType, RunError
+from contracts.events import (
+    RunCancelled,
+    RunCompleted,
+    RunDispatched,
+    RunFailed,
+    RunNoResourcesAvailable,
+    RunPreempted,
+    RunQueued,
+    RunRequeued,
+    RunTimedOut,
+)
+from runtime.control.webhook_outbox import AckWindow, subject_parts
+from runtime.control.webhooks import outbox_config
 from runtime.infra.eventlog import ack_sequences as sequences
-
-
-def submitted(run_id: str, url: str | None) -> bytes:
-    event = RunSubmitted(run_id=run_id, at=1.0, team="t", pipeline="a/b:v1", inputs=[])
-    if url is not None:
-        event = RunSubmitted(
-            run_id=run_id, at=1.0, team="t", pipeline="a/b:v1", inputs=[], callback_url=url
-        )
-    return encode_event(event)
-
-
-def test_a_run_seen_submitted_ends_with_its_callback_or_none_and_is_forgotten() -> None:
-    callbacks = Callbacks()
-    callbacks.submitted("run_a", submitted("run_a", "https://example.com/hook"))
-    callbacks.submitted("run_b", submitted("run_b", None))
-    assert len(callbacks) == 2
-    assert callbacks.ended("run_a") == (True, "https://example.com/hook")
-    assert callbacks.ended("run_b") == (True, None)
-    assert len(callbacks) == 0  # bounded by live runs
-    assert callbacks.ended("run_a") == (False, None)  # a second end: ask the log
-
-
-def test_a_run_never_seen_or_undecodable_is_unknown() -> None:
-    callbacks = Callbacks()
-    callbacks.submitted("run_x", b"{not json")
-    assert callbacks.ended("run_x") == (False, None)
-    assert callbacks.ended("run_never") == (False, None)
+from runtime.infra.eventlog import kind_filters, subject_of
+from runtime.infra.nats_auth import permissions
+from runtime.infra.streams import TERMINAL_KINDS
 
 
 def test_subject_parts() -> None:
     assert subject_parts("jetrun.ev.run_1.completed") == ("run_1", "completed")
+    assert subject_parts("jetrun.ev.run_1.completed.callback") == ("run_1", "completed")
+
+
+ERROR = RunError(type=ErrorType.pipeline_error, message="x")
+ENDS = [
+    RunCompleted(run_id="run_1", at=1.0, attempt=1, outputs=[]),
+    RunFailed(run_id="run_1", at=1.0, attempt=1, error=ERROR),
+    RunTimedOut(run_id="run_1", at=1.0, attempt=1, timeout_s=1.0),
+    RunPreempted(run_id="run_1", at=1.0, attempt=1, agent_id="a", reason="gone"),
+    RunNoResourcesAvailable(run_id="run_1", at=1.0, attempt=1, reason="none"),
+    RunCancelled(run_id="run_1", at=1.0),
+]
+
+
+def matches(subject: str, pattern: str) -> bool:
+    """NATS subject matching: ``*`` one token, ``>`` one or more at the end."""
+    got, want = subject.split("."), pattern.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(got) > i
+        if i >= len(got) or (token != "*" and token != got[i]):
+            return False
+    return len(got) == len(want)
+
+
+def test_only_the_ends_of_runs_with_a_callback_are_on_the_outbox_subjects() -> None:
+    """Every terminal kind of a run with a callback is on a subject the outbox reads; no event
+    of a run without one is, nor any other kind of a run with one. Whichever form, the run's
+    subjects (``jetrun.ev.<run>.>``, what fencing and readers of a run use) and the readers of
+    its kind see it, and the roles that append it may."""
+    assert {e.kind for e in ENDS} == set(TERMINAL_KINDS)
+    outbox = outbox_config().filter_subjects or []
+    others = [
+        RunQueued(run_id="run_1", at=1.0, attempt=1),
+        RunDispatched(run_id="run_1", at=1.0, attempt=1, agent_id="callback", callback=True),
+        RunRequeued(run_id="run_1", at=1.0, attempt=1, agent_id="a", reason="gone"),
+    ]
+    appenders = [permissions(role).publish for role in ("scheduler", "agent:a1")]
+    for event in ENDS:
+        for callback in (False, True):
+            subject = subject_of(event, callback)
+            assert any(matches(subject, f) for f in outbox) is callback, subject
+            assert matches(subject, "jetrun.ev.run_1.>")
+            assert any(matches(subject, f) for f in kind_filters(event.kind))
+            assert any(matches(subject, p) for perms in appenders for p in perms), subject
+    for event in others:
+        for callback in (False, True):
+            assert not any(matches(subject_of(event, callback), f) for f in outbox)
+    assert subject_of(ENDS[0], True) == "jetrun.ev.run_1.completed.callback"
+    assert subject_of(ENDS[0]) == "jetrun.ev.run_1.completed"
 
 
 def test_the_window_acks_the_newest_handled_only_when_nothing_else_is_outstanding() -> None:

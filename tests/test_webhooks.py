@@ -21,6 +21,7 @@ import pytest
 from runtime.control.webhook_delivery import team_consumer
 from runtime.control.webhook_policy import verify
 from runtime.control.webhooks import OUTBOX
+from runtime.infra.eventlog import EventLog
 from runtime.infra.natsserver import free_port
 from runtime.infra.streams import EVENTS_STREAM, WEBHOOKS_STREAM
 from tests.harness import CONFIG, ROOT, Proc, Stack, client, wait_replicas, wait_state
@@ -253,11 +254,69 @@ async def outbox_idle(stack: Stack) -> bool:
     return info.num_pending == 0 and info.num_ack_pending == 0
 
 
+async def outbox_delivered(stack: Stack) -> int:
+    nc = await stack.connect()
+    try:
+        info = await nc.jetstream().consumer_info(EVENTS_STREAM, OUTBOX)
+    finally:
+        await nc.close()
+    return info.delivered.consumer_seq or 0 if info.delivered else 0
+
+
+async def test_the_outbox_reads_nothing_of_a_run_without_a_callback(
+    hookstack: Stack, receiver: Receiver
+) -> None:
+    with_one = await run_with_callback(hookstack, receiver.url("/ok"), "one")
+    await until(lambda: receiver.ok(with_one["id"]))
+    with anyio.fail_after(10):
+        while not await outbox_idle(hookstack):
+            await anyio.sleep(0.05)
+    before = await outbox_delivered(hookstack)
+    async with client(hookstack, "tok_acme") as c:
+        for text in ("a", "b", "c"):
+            body = {"pipeline": "demo/echo:v1", "inputs": [{"type": "string", "value": text}]}
+            assert (await c.post("/v4/runs", json=body)).json()["state"] == "completed"
+    with_two = await run_with_callback(hookstack, receiver.url("/ok"), "two")
+    await until(lambda: receiver.ok(with_two["id"]))
+    assert await outbox_delivered(hookstack) == before + 1  # the end of the run with a callback
+
+
+async def test_a_run_cancelled_by_the_scheduler_is_posted_and_its_attempt_killed(
+    hookstack: Stack, receiver: Receiver
+) -> None:
+    """The scheduler appends a cancelled run's end (the agent a completed one's): it goes where
+    the outbox reads it, and the agent still hears the cancellation of a run with a callback
+    (whose end has one more subject token): it kills the attempt, no result follows."""
+    body = {
+        "pipeline": "demo/sleep:v1",
+        "inputs": [{"type": "fp", "value": 2.0}],
+        "callback_url": receiver.url("/ok"),
+        "async_run": True,
+    }
+    async with client(hookstack, "tok_acme") as c:
+        run_id = (await c.post("/v4/runs", json=body)).json()["id"]
+        await wait_state(c, run_id, {"running"})
+        assert (await c.post(f"/v4/runs/{run_id}/cancel")).status_code == 200
+    await until(lambda: receiver.ok(run_id))
+    [post] = receiver.of(run_id)
+    assert post["run"]["state"] == "cancelled"
+    await anyio.sleep(3.0)  # the attempt would have ended by now had it not been killed
+    nc = await hookstack.connect()
+    try:
+        kinds = [s.event.kind for s in await EventLog(nc).read(run_id)]
+        end = await nc.jetstream().get_msg(
+            EVENTS_STREAM, subject=f"jetrun.ev.{run_id}.cancelled.callback", direct=True
+        )
+    finally:
+        await nc.close()
+    assert kinds[-1] == "cancelled" and "completed" not in kinds
+    assert end.data is not None
+
+
 async def test_a_run_submitted_before_the_deliverer_restarted_is_still_posted(
     hookstack: Stack, receiver: Receiver
 ) -> None:
-    """The outbox learns callbacks from ``submitted`` events as they pass; a deliverer started
-    after a run's submission asks the log for it instead."""
+    """A deliverer started while a run with a callback was running posts it when it ends."""
     body = {
         "pipeline": "demo/sleep:v1",
         "inputs": [{"type": "fp", "value": 3.0}],

@@ -86,7 +86,8 @@ class Applier:
                     failed.add(event.run_id)
                     return
                 try:
-                    seq = (await fenced_append(self.log, event, fencing)).seq
+                    callback = self.has_callback(event.run_id)
+                    seq = (await fenced_append(self.log, event, fencing, callback)).seq
                 except Fenced as err:
                     self._fenced_out(err)
                     failed.add(event.run_id)
@@ -127,7 +128,7 @@ class Applier:
             if self.fenced:
                 failed.update(event.run_id for event in d.events)
                 return
-            results = await append_all(self.log, self.fence, d.events)
+            results = await append_all(self.log, self.fence, d.events, self.has_callback)
             for event, result in zip(d.events, results, strict=True):
                 if isinstance(result, Appended):
                     stored = max(stored, result.seq)
@@ -152,6 +153,12 @@ class Applier:
         if stored:
             await self.index.wait_for_seq(stored, timeout=CATCH_UP_S)
         await self._settle(d, failed)
+
+    def has_callback(self, run_id: str) -> bool:
+        """Whether ``run_id`` was submitted with a callback URL (its end then goes where the
+        webhook outbox reads it)."""
+        run = self.index.records.get(run_id)
+        return run is not None and run.callback_url is not None
 
     def _fenced_out(self, err: Fenced) -> None:
         if not self.fenced:

@@ -243,6 +243,7 @@ def dispatched(run: RunRecord, at: float, agent_id: str, slot: str) -> RunDispat
         team=run.team if inline else None,
         pipeline=run.pipeline if inline else None,
         inputs=run.inputs if inline else None,
+        callback=run.callback_url is not None,
     )
 
 

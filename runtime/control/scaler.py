@@ -336,7 +336,7 @@ class Scaler:
             run = self.scheduler.index.records[run_id]
             event = RunFailed(run_id=run_id, at=self.clock.now(), attempt=run.attempt, error=error)
             try:
-                await self.scheduler.log.append(event)
+                await self.scheduler.log.append(event, callback=run.callback_url is not None)
             except Exception as err:
                 log.warning("could not fail %s after startup gave up: %r", run_id, err)
 

@@ -2,16 +2,14 @@
 
 Durable consumers, so that nothing is lost to a restart:
 
-1. **Outbox** (``webhooks-outbox`` on ``JETRUN_EVENTS``, ``submitted`` and the terminal event
-   kinds only): for the event that made a run with a ``callback_url`` terminal, store one
+1. **Outbox** (``webhooks-outbox`` on ``JETRUN_EVENTS``): the terminal events of runs
+   submitted with a ``callback_url`` only, which their writers append on
+   ``jetrun.ev.<run_id>.<kind>.callback`` (``runtime.infra.eventlog``): a run without one
+   costs the outbox nothing. For the event that made such a run terminal, store one
    ``Delivery`` on ``jetrun.webhooks.pending.<team>.<run_id>`` (``Nats-Msg-Id`` = its delivery
    id, so a re-processed event stores it once). The consumer acks a batch at a time
    (``AckPolicy.ALL``), and only once every event it counts as outstanding was handled here
-   (``AckWindow``), so an ack never covers an event whose delivery is not stored. Which live
-   runs have a callback is learnt from their ``submitted`` events as they pass (``Callbacks``:
-   memory bounded by live runs), so a run without one costs no read of the log; only a run
-   submitted before the deliverer started (or whose ``submitted`` it never saw) costs one
-   direct get.
+   (``AckWindow``), so an ack never covers an event whose delivery is not stored.
 2. **Deliverer** (one consumer per team on ``JETRUN_WEBHOOKS``, ``runtime.control.
    webhook_delivery``): POST it, signed, with retries and back-off, each team within its own
    cap and the deliverer's slots shared fairly between teams; ack after a 2xx. A delivery that
@@ -42,14 +40,13 @@ from contracts.machine import evolve, fold
 from contracts.run import Run
 from contracts.webhooks import DeadDelivery, Delivery, delivery_id_for
 from runtime.control.webhook_delivery import Deliverer, fetch, pending_subject
-from runtime.control.webhook_outbox import AckWindow, Callbacks, fitted, subject_parts
+from runtime.control.webhook_outbox import AckWindow, fitted, subject_parts
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
-from runtime.infra.eventlog import EventLog, LogSettings, ack_sequences, submission_of
+from runtime.infra.eventlog import EventLog, LogSettings, ack_sequences, callback_ends
 from runtime.infra.streams import (
     DEAD_PREFIX,
     DEAD_STREAM,
-    EVENTS_PREFIX,
     EVENTS_STREAM,
     dead_config,
     webhooks_config,
@@ -58,8 +55,6 @@ from runtime.infra.streamsetup import ensure_stream
 
 log = logging.getLogger("jetrun.webhooks")
 
-TERMINAL_KINDS = ("completed", "failed", "timed_out", "preempted", "no_resources", "cancelled")
-OUTBOX_KINDS = ("submitted", *TERMINAL_KINDS)
 OUTBOX = "webhooks-outbox"
 OUTBOX_BATCH = 256
 OUTBOX_ACK_WAIT_S = 60.0
@@ -83,7 +78,6 @@ class WebhookService:
         self.js: JetStreamContext = self.log.js
         self.policy = config.webhooks
         self.deliverer = Deliverer(self.js, config, clock)
-        self.callbacks = Callbacks()
         self.outbox_ack_wait_s = OUTBOX_ACK_WAIT_S
 
     @property
@@ -104,9 +98,13 @@ class WebhookService:
         await self.deliverer.ensure()
 
     async def _ensure_outbox(self) -> None:
+        """Create the outbox, or bring an older release's to this one's settings. One that read
+        ``submitted`` and every run's end carries on from where it stands, reading only the
+        ends of runs with a callback: ends an older release appended (without the callback
+        token) after that point are not posted (see docs/architecture.md, Webhooks)."""
         try:
             await self.js.add_consumer(EVENTS_STREAM, outbox_config(None, self.outbox_ack_wait_s))
-        except APIError as err:  # it exists with other settings
+        except APIError as err:  # it exists with settings that cannot be updated
             info = await self.js.consumer_info(EVENTS_STREAM, OUTBOX)
             if info.config.ack_policy != api.AckPolicy.EXPLICIT:
                 log.warning("consumer %s on %s kept as it is: %s", OUTBOX, EVENTS_STREAM, err)
@@ -179,21 +177,13 @@ class WebhookService:
             log.debug("webhooks outbox: ack later: %r", err)
 
     async def _on_event(self, msg: Msg, seq: int) -> None:
-        run_id, kind = subject_parts(msg.subject)
-        if kind == "submitted":
-            self.callbacks.submitted(run_id, msg.data)
-            return  # seen again after a restart at worst: nothing to lose
-        known, url = self.callbacks.ended(run_id)
-        if not known:  # submitted before this process read the log: ask it
-            submitted = await submission_of(self.log, run_id)
-            url = getattr(submitted, "callback_url", None)
-        if not url:
-            return  # no callback: nothing to store
+        run_id, _ = subject_parts(msg.subject)
         event = decode_event(msg.data)
         stored = await self.log.read(run_id)
         before = fold((s.event for s in stored if s.seq < seq), run_id=run_id)
         after = evolve(before, event)
-        if after.is_terminal and not before.is_terminal:  # the event that ended it
+        url = after.callback_url
+        if url and after.is_terminal and not before.is_terminal:  # the event that ended it
             delivery = Delivery(
                 delivery_id=delivery_id_for(run_id), team=after.team, url=url, run=Run.of(after)
             )
@@ -214,12 +204,12 @@ class WebhookService:
 def outbox_config(
     start_seq: int | None = None, ack_wait_s: float = OUTBOX_ACK_WAIT_S
 ) -> api.ConsumerConfig:
-    """The outbox's durable consumer: ``submitted`` and the terminal kinds, from the start of
+    """The outbox's durable consumer: the ends of runs with a callback URL, from the start of
     the log (or ``start_seq``), acknowledged a batch at a time (``AckPolicy.ALL``); what a
     dead process held comes back after ``ack_wait_s``."""
     return api.ConsumerConfig(
         durable_name=OUTBOX,
-        filter_subjects=[f"{EVENTS_PREFIX}.*.{kind}" for kind in OUTBOX_KINDS],
+        filter_subjects=callback_ends(),
         ack_policy=api.AckPolicy.ALL,
         deliver_policy=(
             api.DeliverPolicy.ALL if start_seq is None else api.DeliverPolicy.BY_START_SEQUENCE

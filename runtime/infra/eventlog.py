@@ -2,7 +2,12 @@
 
 Subjects are ``jetrun.ev.<run_id>.<kind>``, except dispatches, which name their agent:
 ``jetrun.ev.<run_id>.dispatched.<agent_id>``, so an agent's consumer receives only its own
-(``jetrun.ev.*.dispatched.<agent_id>``). One run's events are ``jetrun.ev.<run_id>.>``. Every
+(``jetrun.ev.*.dispatched.<agent_id>``), and the terminal events of a run submitted with a
+callback URL, which say so: ``jetrun.ev.<run_id>.<kind>.callback``, so the webhook outbox reads
+only those (``callback_ends``) and no event of any other run. Whoever appends a run's end says
+whether the run has one (``append(..., callback=True)``): the scheduler from its record, the
+agent from the dispatch (``RunDispatched.callback``). One run's events are
+``jetrun.ev.<run_id>.>``; readers of a terminal kind read both forms (``kind_filters``). Every
 append carries ``Nats-Msg-Id`` = ``event.message_id()``, so a retried append inside the stream's
 duplicate window is recorded once.
 """
@@ -39,7 +44,7 @@ from contracts.names import check_token
 from contracts.run import RunRecord
 from runtime.infra import jspub, streams
 from runtime.infra.jsretry import retrying
-from runtime.infra.streams import EVENTS_PREFIX, EVENTS_STREAM
+from runtime.infra.streams import CALLBACK_TOKEN, EVENTS_PREFIX, EVENTS_STREAM, TERMINAL_KINDS
 from runtime.infra.streamsetup import ensure_stream, require_stream
 
 log = logging.getLogger("jetrun.eventlog")
@@ -61,10 +66,15 @@ def dispatch_subject(run_id: str, agent_id: str) -> str:
     return f"{event_subject(run_id, 'dispatched')}.{agent_id}"
 
 
-def subject_of(event: Event) -> str:
+def subject_of(event: Event, callback: bool = False) -> str:
+    """Where ``event`` is appended; ``callback``: its run has a callback URL (only a terminal
+    kind's subject says so)."""
     if isinstance(event, RunDispatched):
         return dispatch_subject(event.run_id, event.agent_id)
-    return event_subject(event.run_id, event.kind)
+    subject = event_subject(event.run_id, event.kind)
+    if callback and event.kind in TERMINAL_KINDS:
+        return f"{subject}.{CALLBACK_TOKEN}"
+    return subject
 
 
 def run_subjects(run_id: str) -> str:
@@ -74,10 +84,24 @@ def run_subjects(run_id: str) -> str:
 
 
 def kind_subjects(kind: str) -> str:
-    """Every event of ``kind``; dispatches: every agent's."""
+    """Every event of ``kind``; dispatches: every agent's; a terminal kind: the runs without
+    a callback only (``kind_filters`` has both forms)."""
     if kind == "dispatched":
         return f"{EVENTS_PREFIX}.*.dispatched.*"
     return f"{EVENTS_PREFIX}.*.{kind}"
+
+
+def kind_filters(kind: str) -> list[str]:
+    """Every event of ``kind``, as one filter per subject form (a terminal kind has two)."""
+    if kind in TERMINAL_KINDS:
+        return [kind_subjects(kind), f"{EVENTS_PREFIX}.*.{kind}.{CALLBACK_TOKEN}"]
+    return [kind_subjects(kind)]
+
+
+def callback_ends() -> list[str]:
+    """The terminal events of the runs that have a callback URL (what the webhook outbox
+    reads)."""
+    return [f"{EVENTS_PREFIX}.*.{kind}.{CALLBACK_TOKEN}" for kind in TERMINAL_KINDS]
 
 
 def agent_dispatches(agent_id: str) -> str:
@@ -148,15 +172,18 @@ class EventLog:
         expect_last_seq: int | None = None,
         fencing: Fencing | None = None,
         payload: bytes | None = None,
+        callback: bool = False,
     ) -> Appended:
         """Append ``event``; blocks until the server has stored it. Idempotent for the duplicate
         window. Retries through outages for ``append_deadline_s``, then raises. With
         ``fencing`` (or ``expect_last_seq``: the run's last event) the server stores it only
         if that subject's last message is still the one expected. ``payload``: the event
-        already encoded (``encode_event(event)``), for a caller that measured it."""
+        already encoded (``encode_event(event)``), for a caller that measured it.
+        ``callback``: the run has a callback URL (a terminal event then goes where the webhook
+        outbox reads it)."""
         if expect_last_seq is not None:
             fencing = Fencing(run_subjects(event.run_id), expect_last_seq)
-        subject, data, headers = _message(event, fencing, payload)
+        subject, data, headers = _message(event, fencing, payload, callback)
         publisher = self._publisher
 
         async def publish() -> api.PubAck:
@@ -165,11 +192,13 @@ class EventLog:
         ack = await retrying(f"append {subject}", publish, self.settings.append_deadline_s)
         return Appended(ack.seq, bool(ack.duplicate))
 
-    async def send(self, event: Event, *, fencing: Fencing | None = None) -> jspub.Pending:
-        """The first try of ``append(event, fencing=fencing)``, its ack awaited later
-        (``Pending.ack()``), so that one task can have many appends in flight. No retry: after
-        an outage the caller calls ``append`` (the same message id: stored once)."""
-        subject, data, headers = _message(event, fencing, None)
+    async def send(
+        self, event: Event, *, fencing: Fencing | None = None, callback: bool = False
+    ) -> jspub.Pending:
+        """The first try of ``append(event, fencing=fencing, callback=callback)``, its ack
+        awaited later (``Pending.ack()``), so that one task can have many appends in flight. No
+        retry: after an outage the caller calls ``append`` (the same message id: stored once)."""
+        subject, data, headers = _message(event, fencing, None, callback)
         return await self._publisher.send(subject, data, headers, PUBLISH_TIMEOUT_S)
 
     async def read(self, run_id: str) -> list[Stored]:
@@ -305,14 +334,15 @@ class NamedEachTime(api.ConsumerConfig):
 
 
 def _message(
-    event: Event, fencing: Fencing | None, payload: bytes | None
+    event: Event, fencing: Fencing | None, payload: bytes | None, callback: bool = False
 ) -> tuple[str, bytes, dict[str, str]]:
     """An append's subject, payload and headers."""
     headers = {"Nats-Msg-Id": event.message_id()}
     if fencing is not None:
         headers["Nats-Expected-Last-Subject-Sequence"] = str(fencing.seq)
         headers["Nats-Expected-Last-Subject-Sequence-Subject"] = fencing.subject
-    return subject_of(event), payload if payload is not None else encode_event(event), headers
+    data = payload if payload is not None else encode_event(event)
+    return subject_of(event, callback), data, headers
 
 
 def ack_sequences(reply: str | None) -> tuple[int, int] | None:

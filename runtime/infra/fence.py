@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import anyio
 from nats.js.errors import APIError, NotFoundError
@@ -169,13 +169,16 @@ class _Slot:
         self._fence.give(self._slot)
 
 
-async def append(log: EventLog, event: Event, fencing: Fencing | None) -> Appended:
+async def append(
+    log: EventLog, event: Event, fencing: Fencing | None, callback: bool = False
+) -> Appended:
     """Append ``event`` behind ``fencing``: raises ``Fenced`` if a newer scheduler fenced the
     slot; a check refused only because another one on the slot is still being proposed (a
-    replicated stream, just after this slot's previous append) is tried again."""
+    replicated stream, just after this slot's previous append) is tried again. ``callback``:
+    its run has a callback URL (``EventLog.append``)."""
     for _ in range(BUSY_RETRIES):
         try:
-            return await log.append(event, fencing=fencing)
+            return await log.append(event, fencing=fencing, callback=callback)
         except APIError as err:
             if fenced_out(err):
                 raise Fenced(f"{event.kind} of {event.run_id} refused: {err.description}") from err
@@ -196,15 +199,22 @@ def _first_try(event: Event, err: Exception) -> Exception | None:
     return err
 
 
+def _no_callback(run_id: str) -> bool:
+    return False
+
+
 async def append_all(
-    log: EventLog, fence: Fence, events: Sequence[Event]
+    log: EventLog,
+    fence: Fence,
+    events: Sequence[Event],
+    callback: Callable[[str], bool] = _no_callback,
 ) -> list[Appended | Exception]:
     """Append ``events`` (about different runs) behind ``fence``, each on a slot of its own,
     with no task per append: each publish is sent as soon as it has a slot, and the acks are
     awaited once no slot is free or all are sent. A first try refused for an outage or a busy
     slot is made again by ``append`` (the same message id, so stored once), those together.
     Returns, per event, where it was stored or the exception (``Fenced``: a newer scheduler
-    fenced its slot)."""
+    fenced its slot). ``callback(run_id)``: whether that run has a callback URL."""
     results: list[Appended | Exception | None] = [None] * len(events)
     flight: list[tuple[int, int, Fencing | None, Pending]] = []
     again: list[tuple[int, int, Fencing | None]] = []
@@ -226,7 +236,8 @@ async def append_all(
 
     async def patiently(i: int, slot: int, fencing: Fencing | None) -> None:
         try:
-            results[i] = await append(log, events[i], fencing)
+            event = events[i]
+            results[i] = await append(log, event, fencing, callback(event.run_id))
         except Exception as err:
             results[i] = err
         finally:
@@ -248,7 +259,8 @@ async def append_all(
             slot, fencing = await fence.take()
             held.add(slot)
             try:
-                flight.append((i, slot, fencing, await log.send(event, fencing=fencing)))
+                pending = await log.send(event, fencing=fencing, callback=callback(event.run_id))
+                flight.append((i, slot, fencing, pending))
             except Exception as err:
                 results[i] = _first_try(event, err)
                 if results[i] is None:

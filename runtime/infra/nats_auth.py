@@ -31,7 +31,7 @@ from typing import Any
 import nkeys
 
 from contracts.names import check_token, is_token
-from runtime.infra.streams import EVENTS_PREFIX
+from runtime.infra.streams import CALLBACK_TOKEN, EVENTS_PREFIX, TERMINAL_KINDS
 
 ROLES = ("admin", "gateway", "scheduler", "service", "webhooks")  # one seed each
 AGENT = "agent"  # not one identity: each agent has its own (``agent_role``)
@@ -72,7 +72,14 @@ def inbox_prefix(role: str) -> str:
 
 
 def _append(*kinds: str) -> list[str]:
-    return [f"jetrun.ev.*.{kind}" for kind in kinds]
+    return [subject for kind in kinds for subject in _kind_subjects(kind)]
+
+
+def _kind_subjects(kind: str) -> list[str]:
+    """The subjects of ``kind``'s events: a terminal kind's of a run with a callback URL end
+    with one more token."""
+    plain = f"{EVENTS_PREFIX}.*.{kind}"
+    return [plain, f"{plain}.{CALLBACK_TOKEN}"] if kind in TERMINAL_KINDS else [plain]
 
 
 def _read(stream: str) -> list[str]:
@@ -194,8 +201,6 @@ def permissions(role: str) -> Permissions:
                 *_READ_LOG,
                 *_read(WEBHOOKS),
                 *_read(DEAD),
-                f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.submitted",
-                f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.restated",
                 f"{API}.CONSUMER.DURABLE.CREATE.{EVENTS}.*",
                 f"{API}.CONSUMER.DURABLE.CREATE.{WEBHOOKS}.*",
                 f"$JS.ACK.{EVENTS}.>",
@@ -231,7 +236,7 @@ def agent_permissions(agent_id: str) -> Permissions:
     itself, and appends what an attempt did. Raises ``ValueError`` for a bad id."""
     check_token(agent_id, "agent id")
     reads = [f"{EVENTS_PREFIX}.*.dispatched.{agent_id}"]
-    reads += [f"{EVENTS_PREFIX}.*.{kind}" for kind in AGENT_READS]
+    reads += [subject for kind in AGENT_READS for subject in _kind_subjects(kind)]
     return Permissions(
         publish=(
             *_INFO,

@@ -20,6 +20,10 @@ log = logging.getLogger("jetrun.streams")
 
 EVENTS_STREAM = "JETRUN_EVENTS"
 EVENTS_PREFIX = "jetrun.ev"
+# the kinds that can end a run; a run with a callback URL appends them with one more token,
+# CALLBACK_TOKEN (``jetrun.ev.<run_id>.<kind>.callback``: what the webhook outbox reads)
+TERMINAL_KINDS = ("completed", "failed", "timed_out", "preempted", "no_resources", "cancelled")
+CALLBACK_TOKEN = "callback"
 CATALOG_STREAM = "JETRUN_PIPELINES"
 CATALOG_PREFIX = "jetrun.pipelines"
 ADMIT_PREFIX = "jetrun.admit"

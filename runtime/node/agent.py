@@ -39,7 +39,7 @@ from contracts.names import check_token
 from runtime.infra.capture import DEFAULT_MAX_BYTES
 from runtime.infra.catalog import Catalog
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
-from runtime.infra.eventlog import EventLog, LogSettings, agent_dispatches, kind_subjects
+from runtime.infra.eventlog import EventLog, LogSettings, agent_dispatches, kind_filters
 from runtime.infra.fleet import (
     HEARTBEAT_SUBJECT,
     RECALL_SUBJECT,
@@ -165,7 +165,7 @@ class Agent(Replicas):
         # a dispatch, cancellation or fencing handled wrongly would leave this agent acting on
         # a view of its runs the log does not share: fatal
         on_event = self.guard.wrap("dispatch handler", self._on_event)
-        subjects = [agent_dispatches(self.agent_id), *(kind_subjects(k) for k in kinds)]
+        subjects = [agent_dispatches(self.agent_id), *(f for k in kinds for f in kind_filters(k))]
         # one consumer per subject: NATS lets this agent's identity read only its own dispatches
         subs = await self.log.tail_each(on_event, from_seq=start, subjects=subjects)
         on_recall = self.guard.wrap("recall handler", self._on_recall, fatal=False)

@@ -94,14 +94,17 @@ class Reporter:
         for scope in self._reporting:
             scope.deadline = min(scope.deadline, give_up)
 
-    async def report(self, event: Event, payload: bytes | None = None) -> None:
-        """Append ``event`` (``payload``: its encoding, if the caller has it)."""
+    async def report(
+        self, event: Event, payload: bytes | None = None, callback: bool = False
+    ) -> None:
+        """Append ``event`` (``payload``: its encoding, if the caller has it; ``callback``: its
+        run has a callback URL, see ``EventLog.append``)."""
         with anyio.CancelScope(shield=True) as scope:
             if self.on_notice:
                 scope.deadline = anyio.current_time() + REPORT_GRACE_S
             self._reporting.add(scope)
             try:
-                await self.log.append(event, payload=payload)
+                await self.log.append(event, payload=payload, callback=callback)
             except Exception as err:
                 log.error("could not report %s for %s: %r", event.kind, event.run_id, err)
             finally:
@@ -259,7 +262,8 @@ class Runner:
             # a failure is worth a line in the agent's log; a completion is in the event log
             level = logging.DEBUG if isinstance(result, RunCompleted) else logging.INFO
             log.log(level, "attempt ended: %s", result.kind)
-            await self.reporter.report(*fitted(result, self.max_event_bytes()))
+            event, payload = fitted(result, self.max_event_bytes())
+            await self.reporter.report(event, payload, callback=dispatch.callback)
 
     async def result(
         self, dispatch: RunDispatched, attempt: Attempt, tg: TaskGroup
