@@ -2,7 +2,9 @@
 
 The outbox consumes the terminal events of runs that have a callback URL (appended on
 ``jetrun.ev.<run_id>.<kind>.callback``) and acknowledges them one batch at a time
-(``AckWindow``); ``fitted`` is a delivery as it can be stored.
+(``AckWindow``); ``fitted`` is a delivery as it can be stored; ``retry_after`` says when an
+event the outbox could not handle is tried again, and when it goes to the dead letters instead
+(``unhandled``), so that it cannot hold back the one ack that covers every team's events.
 """
 
 from __future__ import annotations
@@ -11,10 +13,14 @@ from typing import Generic, TypeVar
 
 import msgspec
 
-from contracts.webhooks import Delivery
+from contracts.run import Run, RunRecord
+from contracts.webhooks import Delivery, delivery_id_for
 
 M = TypeVar("M")
 HEADER_ROOM = 4096  # of a message's max_payload, left for its headers
+ATTEMPTS = 6  # times the outbox tries to handle one event before it goes to the dead letters
+RETRY_BASE_S = 1.0  # the wait after the first failed attempt, doubled after each
+RETRY_MAX_S = 30.0
 _delivery_encoder = msgspec.json.Encoder()
 
 
@@ -123,3 +129,33 @@ def fitted(delivery: Delivery, max_payload: int) -> tuple[Delivery, bytes, str |
         f" not sent (its inputs and outputs are left out here; GET /v4/runs/{run.id} has them)"
     )
     return trimmed, _delivery_encoder.encode(trimmed), why
+
+
+def retry_after(attempts: int, limit: int = ATTEMPTS, base_s: float = RETRY_BASE_S) -> float | None:
+    """How long until an event the outbox failed to handle ``attempts`` times (the consumer's
+    delivery count) is handled again: ``base_s``, doubled after each attempt up to
+    ``RETRY_MAX_S``; None once ``limit`` attempts failed: it goes to the dead letters (held for
+    ever, it would hold back the one ack of every later event, every team's, and stop the
+    outbox once ``max_ack_pending`` of them were outstanding)."""
+    if attempts >= limit:
+        return None
+    return min(base_s * 2.0 ** max(attempts - 1, 0), RETRY_MAX_S)
+
+
+def unhandled(run_id: str, record: RunRecord | None) -> Delivery:
+    """The dead letter's delivery for an event the outbox gave up on: the run as far as the log
+    could be read (``record``; None: only its id is known, its team and URL are empty)."""
+    found = record if record is not None else RunRecord(id=run_id)
+    return Delivery(
+        delivery_id=delivery_id_for(run_id),
+        team=found.team,
+        url=found.callback_url or "",
+        run=Run.of(found),
+    )
+
+
+def failure(err: BaseException, deadline_s: float) -> str:
+    """What went wrong handling an event, for its dead letter."""
+    if isinstance(err, TimeoutError):
+        return f"not handled within {deadline_s:g} s"
+    return f"{type(err).__name__}: {err}"[:2000]

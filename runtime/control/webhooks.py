@@ -9,7 +9,10 @@ Durable consumers, so that nothing is lost to a restart:
    ``Delivery`` on ``jetrun.webhooks.pending.<team>.<run_id>`` (``Nats-Msg-Id`` = its delivery
    id, so a re-processed event stores it once). The consumer acks a batch at a time
    (``AckPolicy.ALL``), and only once every event it counts as outstanding was handled here
-   (``AckWindow``), so an ack never covers an event whose delivery is not stored.
+   (``AckWindow``), so an ack never covers an event whose delivery is not stored. An event it
+   cannot handle (an exception, or ``EVENT_DEADLINE_S`` passed) is tried again later, and
+   after ``ATTEMPTS`` tries goes to the dead letters with why (``_give_up``): held for ever
+   it would hold back the ack of every team's later events.
 2. **Deliverer** (one consumer per team on ``JETRUN_WEBHOOKS``, ``runtime.control.
    webhook_delivery``): POST it, signed, with retries and back-off, each team within its own
    cap and the deliverer's slots shared fairly between teams; ack after a 2xx. A delivery that
@@ -40,7 +43,16 @@ from contracts.machine import evolve, fold
 from contracts.run import Run
 from contracts.webhooks import DeadDelivery, Delivery, delivery_id_for
 from runtime.control.webhook_delivery import Deliverer, fetch, pending_subject
-from runtime.control.webhook_outbox import AckWindow, fitted, subject_parts
+from runtime.control.webhook_outbox import (
+    ATTEMPTS,
+    RETRY_BASE_S,
+    AckWindow,
+    failure,
+    fitted,
+    retry_after,
+    subject_parts,
+    unhandled,
+)
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
 from runtime.infra.eventlog import EventLog, LogSettings, ack_sequences, callback_ends
@@ -59,6 +71,7 @@ OUTBOX = "webhooks-outbox"
 OUTBOX_BATCH = 256
 OUTBOX_ACK_WAIT_S = 60.0
 OUTBOX_LINGER_S = 0.05  # after a short batch: let events gather (fewer, fuller fetches)
+EVENT_DEADLINE_S = 20.0  # handling one event (reading its run, storing its delivery)
 _dead_decoder = msgspec.json.Decoder(DeadDelivery)
 _json = msgspec.json.Encoder()
 
@@ -79,6 +92,10 @@ class WebhookService:
         self.policy = config.webhooks
         self.deliverer = Deliverer(self.js, config, clock)
         self.outbox_ack_wait_s = OUTBOX_ACK_WAIT_S
+        # an event not handled in ``attempts`` tries (``retry_base_s`` apart, doubling), each
+        # within ``event_deadline_s``, goes to the dead letters
+        self.attempts, self.retry_base_s = ATTEMPTS, RETRY_BASE_S
+        self.event_deadline_s = EVENT_DEADLINE_S
 
     @property
     def delivered(self) -> int:
@@ -142,15 +159,10 @@ class WebhookService:
                 seqs = ack_sequences(msg.reply)
                 if seqs is None:
                     seqs = (msg.metadata.sequence.stream, msg.metadata.sequence.consumer)
-                try:
-                    await self._on_event(msg, seqs[0])
-                except Exception as err:  # not handled: no ack covers it until it is
-                    log.warning("webhooks outbox: %s will be retried: %r", msg.subject, err)
-                    window.failed(seqs[1])
-                    with contextlib.suppress(Exception):
-                        await msg.nak(delay=1.0)
-                else:
+                if await self._handle(msg, seqs[0]):
                     window.handled(seqs[0], msg, seqs[1])
+                else:  # no ack covers it until it is handled
+                    window.failed(seqs[1])
             await self._ack(psub, window)
             if len(msgs) < OUTBOX_BATCH:
                 await anyio.sleep(OUTBOX_LINGER_S)
@@ -176,6 +188,47 @@ class WebhookService:
         except Exception as err:  # an outage: the events stay outstanding, acked later
             log.debug("webhooks outbox: ack later: %r", err)
 
+    async def _handle(self, msg: Msg, seq: int) -> bool:
+        """Handle one event: True once nothing more is to be done with it (handled, or given
+        up on and in the dead letters); False: it was nak'd and comes again later."""
+        try:
+            with anyio.fail_after(self.event_deadline_s):
+                await self._on_event(msg, seq)
+            return True
+        except Exception as err:
+            attempts = delivery_count(msg)
+            delay = retry_after(attempts, self.attempts, self.retry_base_s)
+            if delay is None:
+                try:
+                    await self._give_up(msg, seq, attempts, err)
+                    return True
+                except Exception as bury_err:  # NATS trouble: tried again later
+                    log.warning("webhooks outbox: %s not buried: %r", msg.subject, bury_err)
+                    delay = self.retry_base_s
+            log.warning(
+                "webhooks outbox: %s (attempt %d) will be retried in %g s: %r",
+                msg.subject,
+                attempts,
+                delay,
+                err,
+            )
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=delay)
+            return False
+
+    async def _give_up(self, msg: Msg, seq: int, attempts: int, err: Exception) -> None:
+        """The event goes to the dead letters, with the run as far as the log can be read."""
+        run_id, kind = subject_parts(msg.subject)
+        record = None
+        with contextlib.suppress(Exception), anyio.fail_after(self.event_deadline_s):
+            record = await self.log.load(run_id)
+        why = (
+            f"the outbox could not handle this run's {kind} event (log sequence {seq}) in"
+            f" {attempts} attempts ({failure(err, self.event_deadline_s)}): no callback was"
+            " queued for it"
+        )
+        await self.deliverer.bury(unhandled(run_id, record), attempts, why, f"event{seq}")
+
     async def _on_event(self, msg: Msg, seq: int) -> None:
         run_id, _ = subject_parts(msg.subject)
         event = decode_event(msg.data)
@@ -199,6 +252,14 @@ class WebhookService:
         subject = pending_subject(delivery.team, delivery.run.id)
         headers = {"Nats-Msg-Id": delivery.delivery_id}
         await self.js.publish(subject, payload, headers=headers)
+
+
+def delivery_count(msg: Msg) -> int:
+    """How many times the consumer has delivered ``msg`` (this time included)."""
+    try:
+        return int(msg.metadata.num_delivered or 1)
+    except Exception:  # not a JetStream message: its first
+        return 1
 
 
 def outbox_config(

@@ -1,0 +1,150 @@
+"""An event the webhook outbox cannot handle (one that does not decode, a run whose read keeps
+timing out) goes to the dead letters after bounded attempts, with why, against a real
+nats-server: with batch acks (``AckPolicy.ALL``), retried for ever it held back the one ack of
+every later event, every team's, and stopped the outbox once ``max_ack_pending`` were
+outstanding."""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+import pytest
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.js.errors import NotFoundError
+
+from contracts.events import AnyEvent, RunCompleted, RunSubmitted
+from runtime.control.webhook_delivery import pending_subject
+from runtime.control.webhook_outbox import retry_after, unhandled
+from runtime.control.webhooks import OUTBOX, WebhookService, dead_letters
+from runtime.infra.config import parse
+from runtime.infra.eventlog import EventLog, Stored, subject_of
+from runtime.infra.streams import EVENTS_STREAM, WEBHOOKS_STREAM
+from tests.test_eventlog import history
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "whsec_" + "a" * 24
+CONFIG = parse(
+    {
+        "teams": {
+            "acme": {"tier": "startup", "tokens": ["tok_a"], "webhook_secret": SECRET},
+            "big": {"tier": "startup", "tokens": ["tok_b"], "webhook_secret": SECRET},
+        }
+    }
+)
+
+
+def with_callback(run_id: str, team: str) -> list[AnyEvent]:
+    events = history(run_id)
+    first = events[0]
+    assert isinstance(first, RunSubmitted)
+    url = f"http://127.0.0.1:9/{team}"
+    return [msgspec.structs.replace(first, team=team, callback_url=url), *events[1:]]
+
+
+async def delivery_stored(nc: Client, team: str, run_id: str) -> bool:
+    try:
+        await nc.jetstream().get_last_msg(WEBHOOKS_STREAM, pending_subject(team, run_id))
+    except NotFoundError:
+        return False
+    return True
+
+
+class SlowLog(EventLog):
+    """The event log, except that reading ``slow`` never ends (a read that keeps timing out)."""
+
+    slow = "run_slow"
+
+    async def read(self, run_id: str) -> list[Stored]:
+        if run_id == self.slow:
+            await anyio.sleep_forever()
+        return await super().read(run_id)
+
+
+def test_an_event_is_tried_a_bounded_number_of_times_ever_further_apart() -> None:
+    assert [retry_after(n, limit=6, base_s=1.0) for n in range(1, 7)] == [1, 2, 4, 8, 16, None]
+    assert retry_after(5, limit=10, base_s=4.0) == 30.0  # capped
+    nothing = unhandled("run_x", None)
+    assert (nothing.delivery_id, nothing.team, nothing.url) == ("dlv_run_x", "", "")
+    assert nothing.run.id == "run_x" and nothing.run.state == "unknown"
+
+
+async def test_one_teams_poison_events_go_to_the_dead_letters_and_hold_back_no_other_ack(
+    nc: Client,
+) -> None:
+    js = nc.jetstream()
+    service = WebhookService(nc, CONFIG)
+    service.log = SlowLog(nc)
+    service.attempts, service.retry_base_s, service.event_deadline_s = 3, 0.2, 0.5
+    await service.ensure()
+    log = EventLog(nc)
+    # acme's: an end that does not decode, and a run whose read never ends
+    bad = subject_of(RunCompleted(run_id="run_bad", at=1.0, attempt=1, outputs=[]), True)
+    await js.publish(bad, b'{"event": "completed", "run_id": ')
+    for event in with_callback("run_slow", "acme"):
+        await log.append(event, callback=True)
+    # then another team's run
+    last = 0
+    for event in with_callback("run_big", "big"):
+        last = (await log.append(event, callback=True)).seq
+
+    outbox = await js.pull_subscribe_bind(durable=OUTBOX, stream=EVENTS_STREAM)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(service._outbox_loop, outbox)
+        with anyio.fail_after(30):  # every event handled or buried, and acked
+            while True:
+                info = await js.consumer_info(EVENTS_STREAM, OUTBOX)
+                floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                if (floor or 0) >= last and not info.num_ack_pending and not info.num_pending:
+                    break
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    assert await delivery_stored(nc, "big", "run_big")
+    dead = {letter.delivery.run.id: letter for _, letter in await dead_letters(js)}
+    assert set(dead) == {"run_bad", "run_slow"}
+    for letter in dead.values():
+        assert letter.attempts == 3
+        assert "the outbox could not handle this run's completed event" in letter.error
+        assert "no callback was queued" in letter.error
+    assert "DecodeError" in dead["run_bad"].error or "ValidationError" in dead["run_bad"].error
+    assert "not handled within 0.5 s" in dead["run_slow"].error
+    assert dead["run_bad"].delivery.team == ""  # nothing of it could be read
+    assert dead["run_slow"].delivery.team == ""  # its read never ends: the same
+
+
+async def test_an_outage_while_burying_keeps_the_event_for_later(nc: Client) -> None:
+    """Giving up needs the dead letters: an event that cannot be buried now is nak'd, kept
+    outstanding (no ack covers it), and buried on a later attempt."""
+    js = nc.jetstream()
+    service = WebhookService(nc, CONFIG)
+    service.attempts, service.retry_base_s, service.event_deadline_s = 2, 0.2, 0.5
+    await service.ensure()
+    bad = subject_of(RunCompleted(run_id="run_bad", at=1.0, attempt=1, outputs=[]), True)
+    seq = (await js.publish(bad, b"not json")).seq
+    buried = service.deliverer.bury
+    refusals = 2
+
+    async def flaky_bury(*args: object) -> None:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            raise NoRespondersError
+        await buried(*args)  # type: ignore[arg-type]
+
+    service.deliverer.bury = flaky_bury  # type: ignore[method-assign]
+    outbox = await js.pull_subscribe_bind(durable=OUTBOX, stream=EVENTS_STREAM)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(service._outbox_loop, outbox)
+        with anyio.fail_after(30):
+            while not await dead_letters(js):
+                info = await js.consumer_info(EVENTS_STREAM, OUTBOX)
+                floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                assert (floor or 0) < seq  # never acked while not buried
+                await anyio.sleep(0.05)
+            while (await js.consumer_info(EVENTS_STREAM, OUTBOX)).num_ack_pending:
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    [(_, letter)] = await dead_letters(js)
+    assert letter.delivery.run.id == "run_bad" and letter.attempts >= 2
+    assert refusals == 0
