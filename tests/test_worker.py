@@ -311,3 +311,24 @@ async def test_kill_before_start_and_twice_is_harmless(echo: PipelineWorker) -> 
         tg.start_soon(echo.kill)
         tg.start_soon(echo.kill)
     assert not echo.alive
+
+
+async def test_outputs_over_the_event_limit_fail_the_attempt_before_they_are_decoded() -> None:
+    limit = 100_000
+    async with PipelineWorker(DEMO, "demo/echo:v1", max_output_bytes=lambda: limit) as worker:
+        with anyio.fail_after(30):
+            result = await worker.run(inputs("x", limit))
+            assert result.error is not None and result.error.type is ErrorType.pipeline_error
+            assert result.error.message.startswith("output too large: the result is 100,0")
+            assert "at most 100,000 bytes" in result.error.message and not result.outputs
+            assert worker.alive  # it finished: it serves the next attempt
+            assert (await worker.run(inputs("x", limit - 100))).ok
+    async with PipelineWorker(
+        USER_MODULE, "user/stream-big:v1", max_output_bytes=lambda: limit
+    ) as worker:
+        with anyio.fail_after(30):
+            result = await worker.run(inputs(limit))
+        assert result.error is not None and result.error.type is ErrorType.pipeline_error
+        assert result.error.message.startswith("output too large: an output is")
+        assert [o.value for o in result.outputs] == ["small"] and result.streamed == 1
+        assert not worker.alive  # stopped mid-stream

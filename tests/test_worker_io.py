@@ -9,9 +9,11 @@ import os
 import socket
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 
 import anyio
+import msgspec
 import pytest
 
 from contracts.values import from_python
@@ -25,7 +27,7 @@ from runtime.node.worker_channel import (
     Gone,
 )
 from runtime.node.worker_output import AttemptOutput
-from runtime.node.worker_process import HEADER, Finished, Output, frame_bytes
+from runtime.node.worker_process import HEADER, Finished, Output, frame_bytes, output_bytes
 
 pytestmark = pytest.mark.anyio
 
@@ -114,14 +116,14 @@ async def channel() -> tuple[FrameChannel, socket.socket]:
 
 async def test_frames_in_pieces_and_several_in_one_read_come_out_whole_and_in_order() -> None:
     ours, theirs = await channel()
-    big = Finished(outputs=[from_python("y" * 300_000)])
-    data = frame_bytes(Output(index=0, output=from_python("a"))) + frame_bytes(big)
+    big = Finished(outputs=output_bytes([from_python("y" * 300_000)]))
+    data = frame_bytes(Output(index=0, output=output_bytes(from_python("a")))) + frame_bytes(big)
     theirs.setblocking(True)
     with anyio.fail_after(10):
         for at in range(0, len(data), 7_000):
             theirs.sendall(data[at : at + 7_000])
             await anyio.sleep(0.001)  # each piece read on its own
-        assert await ours.receive() == Output(index=0, output=from_python("a"))
+        assert await ours.receive() == Output(index=0, output=output_bytes(from_python("a")))
         assert await ours.receive() == big
     theirs.close()
     with anyio.fail_after(5), pytest.raises(Gone):
@@ -132,10 +134,10 @@ async def test_frames_in_pieces_and_several_in_one_read_come_out_whole_and_in_or
 
 async def test_an_unreadable_frame_ends_the_channel_after_the_frames_before_it() -> None:
     ours, theirs = await channel()
-    good = frame_bytes(Finished(outputs=[]))
+    good = frame_bytes(Finished())
     theirs.sendall(good + b"\x00\x00\x00\x03\xc1\xc1\xc1")
     with anyio.fail_after(5):
-        assert await ours.receive() == Finished(outputs=[])
+        assert await ours.receive() == Finished()
         with pytest.raises(Gone, match="unreadable frame"):
             await ours.receive()
     theirs.close()
@@ -154,7 +156,7 @@ async def test_a_frame_announced_too_large_ends_the_channel_before_it_is_kept() 
 async def test_a_flood_of_frames_stops_the_socket_being_read_until_they_are_taken() -> None:
     ours, theirs = await channel()
     theirs.setblocking(False)
-    frame = frame_bytes(Output(index=0, output=from_python("o")))
+    frame = frame_bytes(Output(index=0, output=output_bytes(from_python("o"))))
     sent = 0
     with anyio.fail_after(10):
         while True:  # until the socket is full: the agent's end stopped reading
@@ -179,7 +181,10 @@ async def test_a_worker_that_exited_ends_the_channel_after_its_frames_though_the
 ) -> None:
     monkeypatch.setattr(worker_channel, "EXIT_GRACE_S", 0.05)
     ours, theirs = await channel()  # ``theirs`` stays open: a process the worker forked
-    frames = [frame_bytes(Output(index=i, output=from_python(i))) for i in range(MAX_QUEUED * 3)]
+    frames = [
+        frame_bytes(Output(index=i, output=output_bytes(from_python(i))))
+        for i in range(MAX_QUEUED * 3)
+    ]
     theirs.sendall(b"".join(frames))
     with anyio.fail_after(10):
         while not ours.queued:
@@ -197,7 +202,7 @@ async def test_a_worker_that_exited_ends_the_channel_after_its_frames_though_the
 
 async def test_large_frames_stop_the_socket_being_read_by_their_bytes_not_their_count() -> None:
     ours, theirs = await channel()
-    frame = frame_bytes(Output(index=0, output=from_python("z" * 1_048_576)))
+    frame = frame_bytes(Output(index=0, output=output_bytes(from_python("z" * 1_048_576))))
     size, count = len(frame) - HEADER.size, 40  # 40 MiB: fewer than MAX_QUEUED frames
     sender = threading.Thread(target=theirs.sendall, args=(frame * count,), daemon=True)
     sender.start()
@@ -215,3 +220,33 @@ async def test_large_frames_stop_the_socket_being_read_by_their_bytes_not_their_
         theirs.close()
         ours.close()
         sender.join(5)
+
+
+async def test_a_frame_of_many_tiny_values_costs_about_its_own_size_to_decode() -> None:
+    """A pipeline writing to its worker's socket a frame of 8 million one-byte values (which
+    used to decode into a list of 64 MB, before any size check) is refused unread; a frame of
+    the real shape decodes into about its own size (its outputs stay bytes until weighed)."""
+    count = 8_000_000
+    forged = {"type": "finished", "outputs": [{"type": "array", "value": [0] * count}]}
+    shaped = Finished(outputs=b"[" + b"0," * (count // 2) + b"0]")
+    for frame, refused in ((msgspec.msgpack.encode(forged), True), (frame_bytes(shaped), False)):
+        if refused:
+            frame = HEADER.pack(len(frame)) + frame
+        ours, theirs = await channel()
+        tracemalloc.start()
+        try:
+            sender = threading.Thread(target=theirs.sendall, args=(frame,))
+            sender.start()
+            with anyio.fail_after(20):
+                if refused:
+                    with pytest.raises(Gone, match="unreadable"):
+                        await ours.receive()
+                else:
+                    assert await ours.receive() == shaped
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+            sender.join(timeout=10)
+            theirs.close()
+            ours.close()
+        assert peak < 4 * len(frame), (len(frame), peak)  # its pieces, joined, its outputs

@@ -51,6 +51,10 @@ class Replicas(ABC):
     _scaling_seq: int
 
     @abstractmethod
+    def max_event_bytes(self) -> int:
+        """The largest event the log takes (what a worker's outputs are weighed against)."""
+
+    @abstractmethod
     async def _beat(self) -> None:
         """Publish the agent's heartbeat now (a pool's status changed)."""
 
@@ -97,7 +101,13 @@ class Replicas(ABC):
 
     async def _spawn(self, pool: Pool) -> PipelineWorker:
         env = {"CUDA_VISIBLE_DEVICES": ",".join(map(str, pool.gpus))} if pool.gpus else None
-        worker = PipelineWorker(pool.module, pool.spec.pointer, env=env, declared=pool.spec.env)
+        worker = PipelineWorker(
+            pool.module,
+            pool.spec.pointer,
+            env=env,
+            declared=pool.spec.env,
+            max_output_bytes=self.max_event_bytes,
+        )
         with self.cold_starts.labels(pool.spec.pointer).time():
             await worker.start()
         return worker

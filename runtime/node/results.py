@@ -34,12 +34,17 @@ def encoded(event: Event, limit: int) -> bytes:
     size = len(payload)
     if size > limit:
         what = "an output" if event.kind == "output" else "the result"
-        message = (
-            f"output too large: {what} is {size:,} bytes encoded; the event log takes at most"
-            f" {limit:,} bytes per message (NATS max_payload). Return a file or a URL instead."
-        )
-        raise ResultTooLarge(RunError(type=ErrorType.pipeline_error, message=message))
+        raise ResultTooLarge(too_large(what, size, limit))
     return payload
+
+
+def too_large(what: str, size: int, limit: int) -> RunError:
+    """The failure of an attempt whose ``what`` is ``size`` bytes, over ``limit``."""
+    message = (
+        f"output too large: {what} is {size:,} bytes encoded; the event log takes at most"
+        f" {limit:,} bytes per message (NATS max_payload). Return a file or a URL instead."
+    )
+    return RunError(type=ErrorType.pipeline_error, message=message)
 
 
 def shortened(error: RunError, keep: int = 16_384) -> RunError:

@@ -30,6 +30,7 @@ import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
 import anyio
 import msgspec
@@ -38,8 +39,9 @@ from contracts.errors import ErrorType, RunError
 from contracts.values import RunIO
 from runtime.infra.capture import LogCapture
 from runtime.infra.lifetime import child_env
+from runtime.node.results import too_large
 from runtime.node.worker_channel import FrameChannel, Gone
-from runtime.node.worker_env import worker_env
+from runtime.node.worker_env import PASS_ENV, PYTHON_ENV, USER_ENV, as_user, home_of, worker_env
 from runtime.node.worker_output import AttemptOutput, WorkerExit, log_lines, uncaptured
 from runtime.node.worker_process import (
     OUTPUT_ENV,
@@ -59,14 +61,9 @@ from runtime.node.worker_process import (
 __all__ = ["PipelineWorker", "StartupFailed", "WorkerResult", "WorkerStatistics", "error_of"]
 
 log = logging.getLogger("jetrun.worker")
+_T = TypeVar("_T")
 
 _PACKAGE_ROOT = str(Path(__file__).resolve().parent.parent.parent)
-PASS_ENV = "JETRUN_WORKER_ENV"  # names, comma-separated, the operator lets through to workers
-# The OS user workers run as (the agent must be root to switch): then tenant code cannot read
-# the agent's owner-only seed file, its /proc entries or signal it; and the interpreter that
-# user runs (default: the agent's own, which that user may not be able to read)
-USER_ENV = "JETRUN_WORKER_USER"
-PYTHON_ENV = "JETRUN_WORKER_PYTHON"
 
 
 OnOutput = Callable[[int, RunIO], Awaitable[None]]
@@ -95,27 +92,6 @@ class WorkerStatistics(msgspec.Struct, frozen=True, kw_only=True):
 # --- the parent side ----------------------------------------------------------------------
 
 
-def _as_user(user: str | None, argv: list[str]) -> list[str]:
-    """``argv`` run as ``user`` (util-linux ``setpriv``, which then execs it: the worker keeps
-    its pid; the event loop's subprocess support cannot switch users itself)."""
-    if user is None:
-        return argv
-    import pwd
-
-    entry = pwd.getpwnam(user)
-    ids = [f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups"]
-    return ["setpriv", *ids, "--", *argv]
-
-
-def _home(user: str | None) -> str:
-    """The workers' ``HOME``: the agent's, or that of the user they run as."""
-    if user is None:
-        return os.environ.get("HOME", "/")
-    import pwd
-
-    return pwd.getpwnam(user).pw_dir
-
-
 class PipelineWorker:
     """One child process serving one pipeline, one attempt at a time.
 
@@ -131,11 +107,13 @@ class PipelineWorker:
         *,
         env: Mapping[str, str] | None = None,
         declared: Mapping[str, str] | None = None,
+        max_output_bytes: Callable[[], int] | None = None,
     ) -> None:
         self.module = str(Path(module).resolve()) if module.endswith(".py") else module
         self.pointer = pointer
         self._env = dict(env or {})  # the agent's settings for this worker (its GPUs)
         self._declared = dict(declared or {})  # the pipeline's ``@pipeline(env=...)``
+        self._max_output_bytes = max_output_bytes  # an event's limit: outputs weighed first
         self._pipes: WorkerExit | None = None  # the child's exit
         self._channel: FrameChannel | None = None  # the protocol: requests out, frames in
         self._output: socket.socket | None = None  # each attempt's pipes go out on it
@@ -190,7 +168,7 @@ class PipelineWorker:
         try:
             _, self._pipes = await loop.subprocess_exec(
                 WorkerExit,
-                *_as_user(os.environ.get(USER_ENV) or None, argv),
+                *as_user(os.environ.get(USER_ENV) or None, argv),
                 stdin=theirs.fileno(),
                 stdout=startup.write_fds[0],
                 stderr=startup.write_fds[1],
@@ -235,7 +213,7 @@ class PipelineWorker:
             declared=self._declared,
             passed=passed,
             package_root=_PACKAGE_ROOT,
-            home=_home(os.environ.get(USER_ENV) or None),
+            home=home_of(os.environ.get(USER_ENV) or None),
         )
         env.update(self._env)
         return child_env(env)  # the worker dies with its agent
@@ -253,6 +231,8 @@ class PipelineWorker:
         ``on_output(index, output)`` as they come. Pipeline
         failures come back as ``WorkerResult.error`` (``input_error``, ``pipeline_error``,
         ``oom``, ``cuda_oom``, ``cuda_error``; ``unknown`` if the worker died or was killed).
+        Outputs over ``max_output_bytes()`` (as JSON, weighed before they are decoded) fail
+        the attempt ``pipeline_error`` "output too large" (a stream's worker is killed).
         If cancelled (e.g. by a timeout) or if ``on_output`` raises, the worker is killed and
         the exception propagates. Raises ``RuntimeError`` if the worker was never started.
         """
@@ -282,33 +262,49 @@ class PipelineWorker:
 
         async def on_frame(frame: Frame) -> bool:  # whether the attempt goes on
             if isinstance(frame, Output):
-                streamed.append(frame.output)
+                output = self._outputs(frame.output, "an output", _run_io)
+                streamed.append(output)
                 if on_output is not None:
-                    await on_output(frame.index, frame.output)
+                    await on_output(frame.index, output)
                 return True
             return False
+
+        def ended(error: RunError | None = None, more: list[RunIO] | None = None) -> WorkerResult:
+            outputs = streamed + (more or [])
+            return WorkerResult(outputs=outputs, error=error, streamed=len(streamed))
 
         try:
             frame = await self._exchange(request, on_frame, capture, own=own)
         except Gone as gone:
             code = await self._reap()
-            message = str(gone) or _exited(code)
-            return WorkerResult(
-                outputs=streamed,
-                error=RunError(type=ErrorType.unknown, message=message),
-                streamed=len(streamed),
-            )
+            return ended(RunError(type=ErrorType.unknown, message=str(gone) or _exited(code)))
+        except _TooLarge as large:  # mid-stream: the worker cannot be stopped but killed
+            await self.kill()
+            return ended(large.error)
         if isinstance(frame, Finished):
-            return WorkerResult(outputs=streamed + frame.outputs, streamed=len(streamed))
+            try:
+                return ended(more=self._outputs(frame.outputs, "the result", _run_ios))
+            except _TooLarge as large:
+                return ended(large.error)
+            except Gone as gone:
+                await self.kill()
+                return ended(RunError(type=ErrorType.unknown, message=str(gone)))
         if isinstance(frame, Failed):
-            return WorkerResult(outputs=streamed, error=frame.error, streamed=len(streamed))
+            return ended(frame.error)
         await self.kill()
         message = f"unexpected frame {type(frame).__name__} during a run"
-        return WorkerResult(
-            outputs=streamed,
-            error=RunError(type=ErrorType.unknown, message=message),
-            streamed=len(streamed),
-        )
+        return ended(RunError(type=ErrorType.unknown, message=message))
+
+    def _outputs(self, value: bytes, what: str, decoder: msgspec.json.Decoder[_T]) -> _T:
+        """Outputs as the worker sent them (JSON), weighed before they are decoded: raises
+        ``_TooLarge`` past the event limit, ``Gone`` if they are not what was sent."""
+        limit = self._max_output_bytes() if self._max_output_bytes is not None else None
+        if limit is not None and len(value) > limit:
+            raise _TooLarge(too_large(what, len(value), limit))
+        try:
+            return decoder.decode(value)
+        except (msgspec.DecodeError, RecursionError) as exc:
+            raise Gone(f"the worker process sent an unreadable output: {exc}") from None
 
     async def _exchange(
         self,
@@ -382,6 +378,16 @@ class PipelineWorker:
                 await self._pipes.exited.wait()
         await self.kill()
         return self._pipes.transport.get_returncode()
+
+
+class _TooLarge(Exception):
+    def __init__(self, error: RunError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+_run_io = msgspec.json.Decoder(RunIO)
+_run_ios = msgspec.json.Decoder(list[RunIO])
 
 
 def _exited(code: int | None) -> str:

@@ -4,13 +4,20 @@ The agent's environment may hold where NATS is and its credentials (``JETRUN_NAT
 ``JETRUN_NATS_SEED``, ...), cloud keys of the node, tokens. A worker gets only the variables
 named here (locale, paths, the accelerator selection), plus what its pipeline declares with
 ``@pipeline(env={...})`` (values written in the pipeline's own code), plus the names the
-operator lets through in ``$JETRUN_WORKER_ENV``. Pure functions.
+operator lets through in ``$JETRUN_WORKER_ENV``; and the OS user it runs as. Pure functions.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Mapping
+
+PASS_ENV = "JETRUN_WORKER_ENV"  # names, comma-separated, the operator lets through to workers
+# The OS user workers run as (the agent must be root to switch): then tenant code cannot read
+# the agent's owner-only seed file, its /proc entries or signal it; and the interpreter that
+# user runs (default: the agent's own, which that user may not be able to read)
+USER_ENV = "JETRUN_WORKER_USER"
+PYTHON_ENV = "JETRUN_WORKER_PYTHON"
 
 ALLOWED = frozenset(
     {
@@ -82,3 +89,24 @@ def worker_env(
     path = env.get("PYTHONPATH")
     env["PYTHONPATH"] = package_root + (os.pathsep + path if path else "")
     return env
+
+
+def as_user(user: str | None, argv: list[str]) -> list[str]:
+    """``argv`` run as ``user`` (util-linux ``setpriv``, which then execs it: the worker keeps
+    its pid; the event loop's subprocess support cannot switch users itself)."""
+    if user is None:
+        return argv
+    import pwd
+
+    entry = pwd.getpwnam(user)
+    ids = [f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--init-groups"]
+    return ["setpriv", *ids, "--", *argv]
+
+
+def home_of(user: str | None) -> str:
+    """The workers' ``HOME``: the agent's, or that of the user they run as."""
+    if user is None:
+        return os.environ.get("HOME", "/")
+    import pwd
+
+    return pwd.getpwnam(user).pw_dir

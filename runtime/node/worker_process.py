@@ -12,7 +12,8 @@ printed is flushed before each reply, so the agent has it all once the reply cam
 
 Child to parent: ``Ready``, ``StartupError``, then per run any number of ``Output`` (streamed,
 one per ``yield``) and one ``Finished`` or ``Failed``. A run's outputs are the streamed ones
-followed by ``Finished.outputs``. This module holds the frames both sides speak and the child's
+followed by ``Finished.outputs``, carried as JSON (the bytes their event carries, weighed by the
+agent before it decodes them). This module holds the frames both sides speak and the child's
 side; it imports nothing the child does not need.
 """
 
@@ -54,11 +55,16 @@ class RunRequest(msgspec.Struct, frozen=True, kw_only=True, tag="run"):
 
 class Output(msgspec.Struct, frozen=True, kw_only=True, tag="output"):
     index: int
-    output: RunIO
+    output: bytes  # the RunIO as JSON, as its event carries it (see ``Finished``)
 
 
 class Finished(msgspec.Struct, frozen=True, kw_only=True, tag="finished"):
-    outputs: list[RunIO]
+    """``outputs`` is a JSON array of RunIO, as the event carries it: every frame has a fixed
+    shape of a few fields, so the agent decodes one into about its own size in memory and
+    weighs the outputs before it decodes them (a frame of many tiny values cannot cost it
+    more than an event the log can take)."""
+
+    outputs: bytes = b"[]"
 
 
 class Failed(msgspec.Struct, frozen=True, kw_only=True, tag="failed"):
@@ -151,9 +157,13 @@ class _Channel:
         return msgspec.msgpack.decode(body, type=RunRequest)
 
 
-def _encode_output(frame: Output | Finished) -> bytes:
+_values = msgspec.json.Encoder()
+
+
+def output_bytes(output: RunIO | list[RunIO]) -> bytes:
+    """Outputs as the frames carry them (JSON); raises ``ValueError`` if they cannot be sent."""
     try:
-        return frame_bytes(frame)
+        return _values.encode(output)
     except (TypeError, ValueError, OverflowError, RecursionError, msgspec.EncodeError) as exc:
         raise ValueError(f"a pipeline output cannot be sent: {exc}") from exc
 
@@ -195,10 +205,11 @@ def _serve_one(
         result = call(*args)
         if inspect.isgenerator(result):
             for index, output in enumerate(pipelines.outputs(result)):
-                channel.write(_encode_output(Output(index=index, output=output)))
-            reply = _encode_output(Finished(outputs=[]))
+                channel.write(frame_bytes(Output(index=index, output=output_bytes(output))))
+            reply = frame_bytes(Finished())
         else:
-            reply = _encode_output(Finished(outputs=list(pipelines.outputs(result))))
+            outputs = output_bytes(list(pipelines.outputs(result)))
+            reply = frame_bytes(Finished(outputs=outputs))
     except (Exception, SystemExit) as exc:
         reply = frame_bytes(Failed(error=error_of(exc)))
     stdio.end()
