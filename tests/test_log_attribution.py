@@ -58,3 +58,21 @@ async def test_what_lingers_and_prints_during_the_next_attempt_never_lands_in_it
     assert mine[0] == "now: team-a-secret" and "late: team-a-secret" in mine  # while it ran
     assert [line.text for line in second.take()] == ["now: team-b"]
     assert [line.text for line in third.take()] == ["now: team-b"]
+
+
+async def test_a_pool_kept_across_runs_prints_into_the_run_that_gave_it_work() -> None:
+    async with PipelineWorker(LOGS, "test/pool-print:v1") as worker:
+        for team in ("team-a", "team-b", "team-c"):
+            capture = LogCapture(time.time)
+            with anyio.fail_after(30):
+                assert (await worker.run([from_python(team)], output=capture)).ok
+            assert [line.text for line in capture.take()] == [f"pool: {team}"]
+
+
+async def test_a_thread_the_startup_step_started_prints_into_the_attempt_under_way() -> None:
+    async with PipelineWorker(LOGS, "test/helper-thread:v1") as worker:
+        for team in ("team-a", "team-b"):
+            capture = LogCapture(time.time)
+            with anyio.fail_after(30):
+                assert (await worker.run([from_python(team)], output=capture)).ok
+            assert [line.text for line in capture.take()] == [f"helper: {team}"]

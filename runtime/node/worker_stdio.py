@@ -12,9 +12,10 @@ team's run of the same pipeline. Between attempts fds 1 and 2 are ``/dev/null``.
 Threads share the worker's fds, so Python-level writes are routed by thread: ``sys.stdout``
 and ``sys.stderr`` become ``Routed`` streams, and a thread started during an attempt (or by a
 thread that was) belongs to it: what it writes goes to that attempt's pipes while it runs and
-is dropped once it ended. Threads started by the startup step, and the main thread, write to
-whatever fds 1 and 2 are. Writes to fds 1 and 2 that bypass ``sys.stdout`` (a C library's own
-thread, ``os.write``) cannot be told apart and go to the attempt under way.
+is dropped once it ended; work given to a ``ThreadPoolExecutor`` belongs to the attempt that
+submitted it, whichever thread runs it. Threads started by the startup step, and the main
+thread, write to whatever fds 1 and 2 are. Writes to fds 1 and 2 that bypass ``sys.stdout``
+(a C library's own thread, ``os.write``) cannot be told apart and go to the attempt under way.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import socket
 import sys
 import threading
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 _FDS_SPACE = socket.CMSG_SPACE(2 * array.array("i").itemsize)
@@ -54,6 +56,28 @@ class Attempts:
         """The calling thread's output goes to the attempt under way (or to /dev/null)."""
         tag = getattr(threading.current_thread(), _TAG, None)
         return tag is None or (self.live and tag == self.current)
+
+
+def _tag_pool_work(attempts: Attempts) -> None:
+    """Work given to a thread pool belongs to the attempt of the thread that submitted it,
+    whichever attempt started the pool's thread that runs it (pools are reused)."""
+    submit = ThreadPoolExecutor.submit
+
+    def tagged_submit(pool: ThreadPoolExecutor, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        tag = attempts.started_by(threading.current_thread())
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            thread = threading.current_thread()
+            before = getattr(thread, _TAG, None)
+            setattr(thread, _TAG, tag)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                setattr(thread, _TAG, before)
+
+        return submit(pool, run, *args, **kwargs)
+
+    ThreadPoolExecutor.submit = tagged_submit  # type: ignore[method-assign,assignment]
 
 
 class Routed:
@@ -108,6 +132,7 @@ class Stdio:
             start(thread)
 
         threading.Thread.start = tagged_start  # type: ignore[method-assign,assignment]
+        _tag_pool_work(attempts)
         # a process forked while another thread writes must not inherit the lock held
         os.register_at_fork(after_in_child=attempts.renew_lock)
         self._routed = [Routed(sys.stdout, attempts), Routed(sys.stderr, attempts)]
