@@ -11,7 +11,7 @@ from typing import Any, NamedTuple, TypeVar
 import anyio
 import click
 import msgspec
-from nats.js import JetStreamContext
+from nats.aio.client import Client
 
 from runtime.cli_auth import ca_option, credentials_for, seed_option
 from runtime.infra.config import Config
@@ -64,7 +64,7 @@ def register(
 
         from runtime.control.webhooks import dead_letters
 
-        rows = _with_js(nats_url, dead_letters)
+        rows = _with_nc(nats_url, lambda nc: dead_letters(nc.jetstream(timeout=5.0)))
         if as_json:
             for seq, letter in rows:
                 click.echo(msgspec.json.encode({"seq": seq, **msgspec.to_builtins(letter)}))
@@ -84,20 +84,26 @@ def register(
     @click.option("--all", "everything", is_flag=True, help="Every dead delivery.")
     @click.pass_obj
     def replay(nats_url: Target, ids: tuple[str, ...], everything: bool) -> None:
-        """Queue dead deliveries (delivery or run ids) for delivery again."""
+        """Queue dead deliveries (delivery or run ids) for delivery again. One whose event the
+        outbox could not handle is handled again from the event log as it is now."""
         from runtime.control.webhooks import replay as replay_dead
+        from runtime.infra.eventlog import EventLog
 
         if not ids and not everything:
             raise click.UsageError("name delivery or run ids, or pass --all")
 
-        async def go(js: JetStreamContext) -> list[str]:
-            return await replay_dead(js, set(ids), everything)
+        async def go(nc: Client) -> tuple[list[str], list[str]]:
+            return await replay_dead(nc.jetstream(timeout=5.0), set(ids), everything, EventLog(nc))
 
-        queued = _with_js(nats_url, go)
+        queued, left = _with_nc(nats_url, go)
         for delivery_id in queued:
             click.echo(f"queued {delivery_id}")
-        if not queued:
+        for line in left:
+            click.echo(f"not queued {line}", err=True)
+        if not queued and not left:
             raise click.ClickException("no such dead delivery")
+        if left:
+            raise SystemExit(1)
 
 
 class Target(NamedTuple):
@@ -107,7 +113,7 @@ class Target(NamedTuple):
     credentials: Credentials | None
 
 
-def _with_js(target: Target, call: Callable[[JetStreamContext], Awaitable[T]]) -> T:
+def _with_nc(target: Target, call: Callable[[Client], Awaitable[T]]) -> T:
     from runtime.infra.nats_conn import connect
 
     logging.getLogger("jetrun").setLevel(logging.WARNING)  # not the connection's comings, goings
@@ -115,7 +121,7 @@ def _with_js(target: Target, call: Callable[[JetStreamContext], Awaitable[T]]) -
     async def go() -> T:
         nc = await connect(target.url, "jetrun-webhooks-cli", target.credentials)
         try:
-            return await call(nc.jetstream(timeout=5.0))
+            return await call(nc)
         finally:
             await nc.close()
 

@@ -16,7 +16,7 @@ from nats.js.errors import NotFoundError
 from contracts.events import AnyEvent, RunCompleted, RunSubmitted
 from runtime.control.webhook_delivery import pending_subject
 from runtime.control.webhook_outbox import retry_after, unhandled
-from runtime.control.webhooks import OUTBOX, WebhookService, dead_letters
+from runtime.control.webhooks import OUTBOX, WebhookService, dead_letters, replay
 from runtime.infra.config import parse
 from runtime.infra.eventlog import EventLog, Stored, subject_of
 from runtime.infra.streams import EVENTS_STREAM, WEBHOOKS_STREAM
@@ -111,6 +111,14 @@ async def test_one_teams_poison_events_go_to_the_dead_letters_and_hold_back_no_o
     assert "not handled within 0.5 s" in dead["run_slow"].error
     assert dead["run_bad"].delivery.team == ""  # nothing of it could be read
     assert dead["run_slow"].delivery.team == ""  # its read never ends: the same
+    assert all(letter.delivery.url == "" for letter in dead.values())  # nothing was queued
+
+    # replayed: handled again from the log as it is now (run_slow's can be read now)
+    queued, left = await replay(js, set(), everything=True, log=EventLog(nc))
+    assert queued == ["dlv_run_slow"] and await delivery_stored(nc, "acme", "run_slow")
+    [why] = left
+    assert why.startswith("dlv_run_bad: ") and "nothing to send" in why
+    assert [letter.delivery.run.id for _, letter in await dead_letters(js)] == ["run_bad"]
 
 
 async def test_an_outage_while_burying_keeps_the_event_for_later(nc: Client) -> None:

@@ -144,14 +144,11 @@ def retry_after(attempts: int, limit: int = ATTEMPTS, base_s: float = RETRY_BASE
 
 def unhandled(run_id: str, record: RunRecord | None) -> Delivery:
     """The dead letter's delivery for an event the outbox gave up on: the run as far as the log
-    could be read (``record``; None: only its id is known, its team and URL are empty)."""
+    could be read (``record``; None: only its id is known, its team is empty). Its URL is empty
+    (nothing was queued: ``replay`` handles it again from the log), and so is it for a run
+    the log does not show ended: that view must never be sent as the run's end."""
     found = record if record is not None else RunRecord(id=run_id)
-    return Delivery(
-        delivery_id=delivery_id_for(run_id),
-        team=found.team,
-        url=found.callback_url or "",
-        run=Run.of(found),
-    )
+    return Delivery(delivery_id=delivery_id_for(run_id), team=found.team, url="", run=Run.of(found))
 
 
 def failure(err: BaseException, deadline_s: float) -> str:

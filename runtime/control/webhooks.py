@@ -302,17 +302,51 @@ async def dead_letters(js: JetStreamContext) -> list[tuple[int, DeadDelivery]]:
     return found
 
 
-async def replay(js: JetStreamContext, ids: set[str], everything: bool = False) -> list[str]:
+async def replay(
+    js: JetStreamContext, ids: set[str], everything: bool = False, log: EventLog | None = None
+) -> tuple[list[str], list[str]]:
     """Queue dead deliveries again (by delivery id or run id, or all); each leaves the dead
-    letters once queued. Returns the delivery ids queued."""
+    letters once queued. A letter of an event the outbox could not handle (no URL: nothing was
+    queued then) is handled again from the log as it is now (``log``): queued if its run ended
+    with a callback URL, else left with why. Returns the delivery ids queued, and a line for
+    each letter left."""
     queued: list[str] = []
+    left: list[str] = []
     for seq, dead in await dead_letters(js):
         d = dead.delivery
         if not everything and d.delivery_id not in ids and d.run.id not in ids:
             continue
+        payload = _json.encode(d)
+        if not d.url:
+            found = await _from_log(log, d.run.id)
+            if isinstance(found, str):
+                left.append(f"{d.delivery_id}: {found}")
+                continue
+            d, payload = found
         subject = pending_subject(d.team, d.run.id)
         headers = {"Nats-Msg-Id": f"{d.delivery_id}:replay:{seq}"}
-        await js.publish(subject, _json.encode(d), headers=headers)
+        await js.publish(subject, payload, headers=headers)
         await js.delete_msg(DEAD_STREAM, seq)
         queued.append(d.delivery_id)
-    return queued
+    return queued, left
+
+
+async def _from_log(log: EventLog | None, run_id: str) -> tuple[Delivery, bytes] | str:
+    """The delivery of ``run_id`` as the log has it now, or why there is none."""
+    if log is None:
+        return "its run must be read from the event log again"
+    try:
+        record = await log.load(run_id)
+    except Exception as err:
+        return f"its run cannot be read from the event log: {err!r}"
+    if not record.is_terminal or not record.callback_url:
+        url = "" if record.callback_url else " with no callback URL"
+        return f"its run is {record.state}{url} in the event log: nothing to send"
+    delivery = Delivery(
+        delivery_id=delivery_id_for(run_id),
+        team=record.team,
+        url=record.callback_url,
+        run=Run.of(record),
+    )
+    delivery, payload, too_large = fitted(delivery, log.nc.max_payload)
+    return too_large if too_large is not None else (delivery, payload)
