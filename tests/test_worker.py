@@ -332,3 +332,35 @@ async def test_outputs_over_the_event_limit_fail_the_attempt_before_they_are_dec
         assert result.error.message.startswith("output too large: an output is")
         assert [o.value for o in result.outputs] == ["small"] and result.streamed == 1
         assert not worker.alive  # stopped mid-stream
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+async def test_every_attempts_pipes_are_closed_however_it_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each attempt has pipes of its own: none may be left open by an attempt that ended,
+    was killed, or a worker that failed to start."""
+    async with PipelineWorker(DEMO, "demo/echo:v1") as worker:
+        with anyio.fail_after(30):
+            await worker.run(inputs("warm"))
+            before = open_fds()
+            for i in range(40):
+                assert (await worker.run(inputs(str(i)))).ok
+                assert not (await worker.run(inputs("x", -1))).ok  # a pipeline error
+            assert open_fds() == before
+    baseline = open_fds()
+    with anyio.fail_after(30):
+        for _ in range(3):
+            with pytest.raises(StartupFailed):
+                await PipelineWorker(USER_MODULE, "user/bad-start:v1").start()
+            async with PipelineWorker(USER_MODULE, "user/block:v1") as blocked:
+                with anyio.move_on_after(0.2):
+                    await blocked.run([])  # cancelled mid-attempt: the worker is killed
+            with monkeypatch.context() as patched:  # no interpreter: the spawn itself fails
+                patched.setenv("JETRUN_WORKER_PYTHON", "/nonexistent/python")
+                with pytest.raises(OSError):
+                    await PipelineWorker(DEMO, "demo/echo:v1").start()
+    assert open_fds() == baseline

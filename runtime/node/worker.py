@@ -351,6 +351,8 @@ class PipelineWorker:
         cancellation). Idempotent; a no-op before ``start()``."""
         pipes = self._pipes
         if pipes is None or pipes.transport is None:
+            if self._output is not None:  # a start that failed before the child ran
+                self._output.close()
             return
         if self._reaped is not None:
             await self._reaped.wait()
