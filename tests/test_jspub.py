@@ -70,3 +70,16 @@ async def test_no_stream_and_no_answer(nc: Client) -> None:
         with pytest.raises(TimeoutError):  # nats.errors.TimeoutError is one
             await pub.publish("jspub.silent", b"1", None, 0.2)
     assert not pub._waiting  # nothing left behind
+
+
+async def test_acks_reach_their_publishes_without_a_task_of_their_own(nc: Client) -> None:
+    js = nc.jetstream(timeout=5.0)
+    await js.add_stream(STREAM)
+    pub = jspub.publisher(nc)
+    first = await pub.send("jspub.t.a", b"1", None, 5.0)
+    second = await pub.send("jspub.t.b", b"2", None, 5.0)
+    replies = [sub for sub in nc._subs.values() if sub.subject.startswith(pub._prefix)]
+    assert len(replies) == 1 and replies[0]._wait_for_msgs_task is None
+    with anyio.fail_after(5):
+        assert ((await second.ack()).seq, (await first.ack()).seq) == (2, 1)
+    assert not pub._waiting

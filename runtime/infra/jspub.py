@@ -9,6 +9,10 @@ and the ack's ``json.loads`` plus dataclass building (msgspec decodes it). Repli
 one wildcard subscription per connection, under the connection's own inbox prefix (so a
 role's inbox permissions hold), and tokens come from a counter. Concurrent publishes share
 the connection's flushes, as before.
+
+The reply subscription is made with nats-py's ``future=`` (its request path): the reader hands
+each ack to ``_Replies.set_result`` as it parses it, where a ``cb`` subscription queues it for a
+task of its own, one more step of the loop per ack before its publish hears of it.
 """
 
 from __future__ import annotations
@@ -57,14 +61,9 @@ class Publisher:
         async with self._subscribing:
             if not self._prefix:
                 prefix = self.nc.new_inbox() + "."
-                await self.nc.subscribe(prefix + "*", cb=self._on_reply)
+                await self.nc.subscribe(prefix + "*", future=_Replies(self._waiting))
                 self._prefix = prefix
         return self._prefix
-
-    async def _on_reply(self, msg: Msg) -> None:
-        future = self._waiting.pop(msg.subject, None)
-        if future is not None and not future.done():
-            future.set_result(msg)
 
     async def publish(
         self, subject: str, payload: bytes, headers: dict[str, str] | None, timeout: float
@@ -89,6 +88,21 @@ class Publisher:
             pending.cancel()
             raise
         return pending
+
+
+class _Replies(asyncio.Future[Msg]):
+    """The receiver of a publisher's acks. nats-py calls ``set_result(msg)`` of a subscription's
+    ``future`` for every message it parses on it (it never completes this one), so each ack
+    reaches the future of its publish from the reader itself, with no task in between."""
+
+    def __init__(self, waiting: dict[str, asyncio.Future[Msg]]) -> None:
+        super().__init__()
+        self._waiting = waiting
+
+    def set_result(self, result: Msg) -> None:
+        future = self._waiting.pop(result.subject, None)
+        if future is not None and not future.done():
+            future.set_result(result)
 
 
 class Pending:
