@@ -19,8 +19,16 @@ from contracts.agents import (
     PipelineStatus,
 )
 from contracts.errors import ErrorType
-from contracts.events import AdmissionGrant, RunCompleted, RunStarted
+from contracts.events import (
+    AdmissionGrant,
+    AdmissionSlot,
+    Event,
+    RunCompleted,
+    RunOutputProduced,
+    RunStarted,
+)
 from contracts.run import RunRecord
+from contracts.values import from_python
 from runtime.control.scheduler import Scheduler
 from runtime.infra.catalog import Catalog
 from runtime.infra.config import parse
@@ -400,3 +408,60 @@ async def test_a_run_whose_permit_was_given_back_before_it_reached_the_log_never
     assert gone.error.type is ErrorType.unknown
     assert gone.error.message.startswith("not_admitted: ")
     assert "given back before the run reached the event log" in gone.error.message
+
+
+async def applied(h: Harness, event: Event) -> None:
+    seq = (await h.log.append(event)).seq
+    await h.scheduler.index.wait_for_seq(seq, timeout=5)
+
+
+async def test_a_start_an_output_or_an_end_that_frees_nothing_wakes_no_pass(h: Harness) -> None:
+    h.scheduler.fleet.observe(beat("a1", "t/p:v1", slots=1))
+    await h.submit("r1")  # an unlimited tier: no permit to give back
+    assert h.run("r1").state is RunState.running and h.run("r1").slot is None
+    h.scheduler._kick = anyio.Event()  # what woke the passes so far is done
+    now = h.clock.now()
+    await applied(h, RunStarted(run_id="r1", at=now, attempt=1, agent_id="a1"))
+    output = RunOutputProduced(run_id="r1", at=now, attempt=1, index=0, output=from_python(1))
+    await applied(h, output)
+    assert len(h.run("r1").outputs) == 1
+    await applied(h, RunCompleted(run_id="r1", at=now, attempt=1, outputs=[]))
+    assert h.run("r1").state is RunState.completed
+    assert not h.scheduler._kick.is_set()  # no queue for its slot, no permit
+
+
+async def test_an_end_wakes_a_pass_when_a_run_waits_in_a_queue(h: Harness) -> None:
+    h.scheduler.fleet.observe(beat("a1", "t/p:v1", slots=1))
+    await h.submit("r1")
+    await h.submit("r2")
+    assert h.run("r2").state is RunState.queued
+    h.scheduler._kick = anyio.Event()
+    await applied(h, RunCompleted(run_id="r1", at=h.clock.now(), attempt=1, outputs=[]))
+    assert h.scheduler._kick.is_set()  # its slot may take the queued run
+    await h.settle()
+    assert h.run("r2").state is RunState.running
+
+
+async def test_an_end_wakes_a_pass_when_its_permit_is_to_be_given_back(h: Harness) -> None:
+    h.scheduler.fleet.observe(beat("a1", "t/p:v1", slots=1))
+    now = h.clock.now()
+    await h.log.append(RunSubmitted(run_id="r1", at=now, team="t", pipeline="t/p:v1", inputs=[]))
+    slot = AdmissionSlot(stream="JETRUN_ADMIT_3", seq=1)
+    await applied(h, RunAdmitted(run_id="r1", at=now, tier="basic", slot=slot))
+    await h.settle()
+    assert h.run("r1").state is RunState.running
+    h.scheduler._kick = anyio.Event()
+    await applied(h, RunCompleted(run_id="r1", at=now, attempt=1, outputs=[]))
+    assert h.scheduler._kick.is_set()
+
+
+async def test_the_pass_that_dispatches_a_run_leaves_no_pass_behind(h: Harness) -> None:
+    h.scheduler.fleet.observe(beat("a1", "t/p:v1", slots=1))
+    now = h.clock.now()
+    await h.log.append(RunSubmitted(run_id="r1", at=now, team="t", pipeline="t/p:v1", inputs=[]))
+    await applied(h, RunAdmitted(run_id="r1", at=now, tier="startup"))
+    assert h.scheduler._kick.is_set()  # a routing run asks for a decision
+    h.scheduler._kick = anyio.Event()
+    await h.scheduler.decide()  # appends the dispatch and waits until the index holds it
+    assert h.run("r1").state is RunState.running
+    assert not h.scheduler._kick.is_set()

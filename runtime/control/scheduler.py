@@ -7,13 +7,14 @@ decision of a scheduler that led before, and one that finds itself fenced out st
 
 It tails the event log into a ``RunIndex``, hears agents' heartbeats and drain requests into a
 ``Fleet``, and runs decision passes (``runtime.control.decide``, pure) in one task that
-applies them: on every change a pass over what events ask for, every tick one that adds what
-time asks for. It appends a pass's events together (``runtime.control.applier``), waits
-until its own index has them, and only then decides again, so no two passes ever work from
-the same picture. It keeps no state of its own that the log cannot rebuild: after a crash it
-replays the log and carries on. Every decision is an event with a deterministic message id
-(run, kind, attempt), so a decision made twice, by a restarted scheduler or a second one, is
-recorded once.
+applies them: on every change that may ask for a decision (not a dispatch, start or output,
+nor an end that frees a slot no run waits for) a pass over what events ask for, every tick
+one that adds what time asks for. It appends a pass's events together
+(``runtime.control.applier``), waits until its own index has them, and only then decides
+again, so no two passes ever work from the same picture. It keeps no state of its own that
+the log cannot rebuild: after a crash it replays the log and carries on. Every decision is an
+event with a deterministic message id (run, kind, attempt), so a decision made twice, by a
+restarted scheduler or a second one, is recorded once.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from contracts.agents import AgentHeartbeat, PipelineInfo, SchedulerHeartbeat
-from contracts.events import AnyEvent, QueueWaitChanged
+from contracts.events import (
+    AnyEvent,
+    QueueWaitChanged,
+    RunDispatched,
+    RunOutputProduced,
+    RunStarted,
+)
 from contracts.run import RunRecord
 from runtime.control.admission import Admission
 from runtime.control.applier import CATCH_UP_S, Applier, patiently
@@ -60,6 +67,12 @@ from runtime.infra.projection import RunIndex
 from runtime.infra.streamsetup import ensure_all, require_all
 
 log = logging.getLogger("jetrun.scheduler")
+
+# Events that move a run along on its agent: they neither ask for a decision nor free a slot,
+# so they wake no pass (a sync run's dispatch woke one that found nothing to do, at the moment
+# its agent needed the CPU). A run's end wakes one only if it asks for one (``_end_asks``);
+# every other change of a run wakes the deciding task.
+NO_DECISION = (RunDispatched, RunStarted, RunOutputProduced)
 
 
 class SchedulerStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -239,7 +252,14 @@ class Scheduler(Applier):
         newly_ended = run.is_terminal and (before is None or not before.is_terminal)
         if newly_ended and self.caught_up and run.slot is not None:
             self._ended.append(run)
-        self._kick.set()
+        if not isinstance(event, NO_DECISION) and (not newly_ended or self._end_asks(run)):
+            self._kick.set()
+
+    def _end_asks(self, run: RunRecord) -> bool:
+        """Whether a run's end asks for a pass: its permit is to be given back, or a run waits
+        in a queue (the slot it freed may take it). Else nothing waits for the slot: a routing
+        run that finds no free slot is queued."""
+        return run.slot is not None or bool(self.index.pipelines_with_queue())
 
     def _observe_queue(self, seq: int, event: QueueWaitChanged, queued: list[str]) -> None:
         self.work.observe_queue(event, queued)
