@@ -316,3 +316,42 @@ async def test_the_leader_stores_a_view_as_its_run_ends_not_at_its_next_step(
         assert not keeper.unstored
     else:
         assert stored == [None, None, None] and len(keeper.unstored) == 3
+
+
+async def test_views_of_runs_that_end_close_together_are_stored_together(
+    nc: Client, log: EventLog
+) -> None:
+    """A run's view waits ``batch_s`` for the runs that end after it, then all are stored in
+    one round (one write to the server for them all), not one put per run as each ends."""
+    scheduler = Scheduler(nc, CONFIG)
+    keeper = scheduler.keeper
+    keeper.batch_s = 1.0
+    rounds: list[set[str]] = []
+    store = keeper._store_unstored
+
+    async def counted() -> None:
+        if pending := set(keeper.unstored) - keeper._storing:
+            rounds.append(pending)
+        await store()
+
+    keeper._store_unstored = counted  # type: ignore[method-assign]
+    async with scheduler.following(), anyio.create_task_group() as tg:
+        tg.start_soon(keeper.run, ParkedClock(T0), lambda: True)
+        await anyio.sleep(0.05)  # its one step is over
+        first = await fill(log, 1)
+        with anyio.fail_after(10):
+            while not ended(scheduler.index, first[0]):
+                await anyio.sleep(0.01)
+        await anyio.sleep(0.2)
+        assert first[0] in keeper.unstored and not rounds  # waiting for the runs after it
+        ids = [*first, *[f"later{i}" for i in range(2)]]
+        for run_id in ids[1:]:
+            for event in completed_history(run_id, T0, "acme"):
+                await log.append(event)
+        with anyio.fail_after(10):
+            while keeper.unstored or not rounds:
+                await anyio.sleep(0.01)
+        stored = [await keeper.views.get(run_id) for run_id in ids]
+        tg.cancel_scope.cancel()
+    assert rounds == [set(ids)]
+    assert all(run is not None and run.state is RunState.completed for run in stored)
