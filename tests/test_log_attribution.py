@@ -37,7 +37,9 @@ async def test_output_printed_after_an_attempt_never_lands_in_the_next() -> None
     assert [line.text for line in second.take()] == ["now: team-b"]
 
 
-@pytest.mark.parametrize("how", ["thread", "fork", "exec", "thread+sigpipe", "fork+sigpipe"])
+@pytest.mark.parametrize(
+    "how", ["thread", "fork", "fork-print", "exec", "thread+sigpipe", "fork+sigpipe"]
+)
 async def test_what_lingers_and_prints_during_the_next_attempt_never_lands_in_it(
     how: str, tmp_path: Path
 ) -> None:

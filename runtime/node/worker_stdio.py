@@ -41,9 +41,23 @@ class Attempts:
         self.lock = threading.RLock()  # held while fds 1 and 2 change, and around each write
         self.current = 0  # the latest attempt's number (0: none yet)
         self.live = False  # it is under way
+        self.pid = os.getpid()  # the worker's (a forked process has another)
 
     def renew_lock(self) -> None:
         self.lock = threading.RLock()
+
+    def orphaned(self) -> bool:
+        """A write failed with EPIPE. In a process the pipeline forked, whose attempt (or
+        startup step) ended and whose pipes were closed, what it prints from now on goes to
+        /dev/null instead of raising (say, in the workers of a pool kept across runs): True.
+        The worker's own fds are never closed pipes: there the error stands (False)."""
+        if os.getpid() == self.pid:
+            return False
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 1)
+        os.dup2(null, 2)
+        os.close(null)
+        return True
 
     def started_by(self, parent: threading.Thread) -> int | None:
         """The attempt a thread started by ``parent`` belongs to (None: the pipeline's own)."""
@@ -91,7 +105,11 @@ class Routed:
     def write(self, data: Any) -> int:
         with self._attempts.lock:
             if self._attempts.may_write():
-                return int(self._real.write(data))
+                try:
+                    return int(self._real.write(data))
+                except BrokenPipeError:
+                    if not self._attempts.orphaned():
+                        raise
         return len(data)
 
     def writelines(self, lines: Iterable[Any]) -> None:
@@ -100,7 +118,11 @@ class Routed:
 
     def flush(self) -> None:
         with self._attempts.lock:
-            self._real.flush()
+            try:
+                self._real.flush()
+            except BrokenPipeError:
+                if not self._attempts.orphaned():
+                    raise
 
     @property
     def buffer(self) -> Routed:
