@@ -1,10 +1,12 @@
 """The request-head deadline of the gateway's HTTP protocol, per request on a keep-alive
 connection: a connection busy with quick requests for longer than the deadline is never cut,
-and a later request whose head stalls is answered 408 about one deadline after it began (a real
-uvicorn server on loopback with the gateway's protocol; raw sockets)."""
+and a later request whose head stalls is answered 408 about one deadline after it began; the
+keep-alive deadline likewise: a connection busy for longer than it stays open, one idle for it
+is closed (a real uvicorn server on loopback with the gateway's protocol; raw sockets)."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -32,7 +34,13 @@ async def ok(request: Request) -> Response:
 
 @pytest.fixture
 async def port() -> AsyncIterator[int]:
-    settings = Settings(http_header_timeout_s=DEADLINE_S, http_keepalive_s=30)
+    async with serving(keepalive_s=30) as port:
+        yield port
+
+
+@contextlib.asynccontextmanager
+async def serving(keepalive_s: int) -> AsyncIterator[int]:
+    settings = Settings(http_header_timeout_s=DEADLINE_S, http_keepalive_s=keepalive_s)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(16)
@@ -42,7 +50,7 @@ async def port() -> AsyncIterator[int]:
         log_config=None,
         loop="none",
         http=protocol_for(settings),
-        timeout_keep_alive=30,
+        timeout_keep_alive=keepalive_s,
         log_level="critical",
     )
     server = uvicorn.Server(config)
@@ -51,8 +59,10 @@ async def port() -> AsyncIterator[int]:
         with anyio.fail_after(10):
             while not server.started:
                 await anyio.sleep(0.01)
-        yield sock.getsockname()[1]
-        server.should_exit = True
+        try:
+            yield sock.getsockname()[1]
+        finally:
+            server.should_exit = True  # also when the test failed
 
 
 async def answer(conn: anyio.abc.SocketStream) -> bytes:
@@ -92,3 +102,24 @@ async def test_an_idle_keep_alive_connection_then_a_stalled_head(port: int) -> N
         stalled = time.monotonic()
         assert (await answer(conn)).startswith(b"HTTP/1.1 408")
         assert DEADLINE_S - 0.05 <= time.monotonic() - stalled <= DEADLINE_S + 1.0
+
+
+async def test_the_keep_alive_deadline_counts_from_the_last_response() -> None:
+    """Requests every 0.4 s for 2.5 s on a 1 s keep-alive: never closed (each response starts
+    the idle time again); then idle: closed about 1 s after the last response."""
+    async with serving(keepalive_s=1) as port, await anyio.connect_tcp("127.0.0.1", port) as conn:
+        began = time.monotonic()
+        while time.monotonic() - began < 2.5:
+            await conn.send(REQUEST)
+            assert (await answer(conn)).startswith(b"HTTP/1.1 200 OK")
+            await anyio.sleep(0.4)
+        last = time.monotonic()
+        await conn.send(REQUEST)
+        assert (await answer(conn)).startswith(b"HTTP/1.1 200 OK")
+        closed = False
+        with anyio.move_on_after(5):
+            try:
+                await conn.receive()
+            except (anyio.EndOfStream, anyio.BrokenResourceError):
+                closed = True  # by the server
+        assert closed and 0.9 <= time.monotonic() - last <= 2.5

@@ -14,7 +14,10 @@
   ``431`` and the connection closed. The HTTP parser has no limit of its own, so without it a
   client could stream headers into the gateway's memory until the header-read deadline.
 
-Keep-alive idle connections are closed after ``http_keepalive_s`` (uvicorn's own timer).
+- **Keep-alive deadline** (``http_keepalive_s``): a connection idle that long after a response
+  is closed. uvicorn starts a timer after every response and cancels it when the next request
+  comes (1.7 CPU µs a request); here, as for the head deadline, one timer per connection looks
+  at the deadline when it fires.
 
 How a response is written (one write per response; the requests the application answers
 directly, beside ASGI) is ``runtime.infra.http_cycles``.
@@ -86,6 +89,7 @@ class LimitedHttpTools(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None  # pending: looks at the deadline
         self._head_deadline: float | None = None  # loop time; None: no head being read
         self._head_bytes = 0  # received while the current request head is unfinished
+        self._idle_deadline: float | None = None  # loop time; None: not idle after a response
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -107,6 +111,9 @@ class LimitedHttpTools(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
         super().connection_lost(exc)
+        if self.timeout_keep_alive_task is not None:
+            self.timeout_keep_alive_task.cancel()
+            self.timeout_keep_alive_task = None
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -143,9 +150,35 @@ class LimitedHttpTools(HttpToolsProtocol):
         self.tasks.add(task)
 
     def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if not self.transport.is_closing():
-            self.reading[self] = None  # idle between requests: as evictable as a slow head
+        """uvicorn's, but idle until a deadline instead of a timer per response."""
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        self.flow.resume_reading()
+        if self.pipeline:  # a pipelined request waits: it starts now
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+        else:
+            self._idle_deadline = self.loop.time() + self.timeout_keep_alive
+            if self.timeout_keep_alive_task is None:
+                self.timeout_keep_alive_task = self.loop.call_at(
+                    self._idle_deadline, self._idle_timer_fired
+                )
+        self.reading[self] = None  # idle between requests: as evictable as a slow head
+
+    def _unset_keepalive_if_required(self) -> None:
+        """Not idle any more (data came): a pending timer is left to find no deadline."""
+        self._idle_deadline = None
+
+    def _idle_timer_fired(self) -> None:
+        self.timeout_keep_alive_task = None
+        deadline = self._idle_deadline
+        if deadline is None:  # busy again: the next response starts a timer
+            return
+        if self.loop.time() < deadline - TIMER_SLACK_S:  # idle again since, until later
+            self.timeout_keep_alive_task = self.loop.call_at(deadline, self._idle_timer_fired)
+            return
+        self.timeout_keep_alive_handler()
 
     def _await_head(self) -> None:
         """A request head is due within ``header_timeout_s``. One timer per connection, not one
