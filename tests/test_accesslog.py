@@ -5,6 +5,7 @@ the request's fields; a record factory someone installed is honoured; nothing wh
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -91,3 +92,26 @@ def test_nothing_when_info_is_off(collected: list[logging.LogRecord]) -> None:
     logging.getLogger("jetrun.access").setLevel(logging.WARNING)
     accesslog.write(scope("/a"), 200, 0.001)
     assert collected == []
+
+
+def test_a_forked_child_names_its_own_process(collected: list[logging.LogRecord]) -> None:
+    """The template of the parent's last record is forgotten in a forked child."""
+    accesslog.write(scope("/parent"), 200, 0.001)
+    assert collected[0].process == os.getpid()
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child: its record's process id, through the pipe
+        try:
+            accesslog.write(scope("/child"), 200, 0.001)
+            os.write(write_end, str(collected[-1].process).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        deadline = time.monotonic() + 10
+        while os.waitpid(child, os.WNOHANG) == (0, 0):
+            assert time.monotonic() < deadline, "the forked child did not end"
+            time.sleep(0.01)
+        assert os.read(read_end, 64).decode() == str(child)
+    finally:
+        os.close(read_end)
