@@ -7,9 +7,12 @@ Durable consumers, so that nothing is lost to a restart:
    ``jetrun.ev.<run_id>.<kind>.callback`` (``runtime.infra.eventlog``): a run without one
    costs the outbox nothing. For the event that made such a run terminal, store one
    ``Delivery`` on ``jetrun.webhooks.pending.<team>.<run_id>`` (``Nats-Msg-Id`` = its delivery
-   id, so a re-processed event stores it once). The consumer acks a batch at a time
-   (``AckPolicy.ALL``), and only once every event it counts as outstanding was handled here
-   (``AckWindow``), so an ack never covers an event whose delivery is not stored. An event it
+   id, so a re-processed event stores it once). Events are handled concurrently, each team's
+   within its own lane (``Lanes``), so one team's slow or hanging events never hold another
+   team's. The consumer acks a batch at a time (``AckPolicy.ALL``), up to the highest
+   sequence below which every event known here is handled, and only when nothing it counts
+   as outstanding is unknown here (``AckWindow``), so an ack never covers an event whose
+   delivery is not stored. An event it
    cannot handle (an exception, or ``EVENT_DEADLINE_S`` passed) is tried again later, and
    after ``ATTEMPTS`` tries goes to the dead letters with why (``_give_up``): held for ever
    it would hold back the ack of every team's later events.
@@ -43,10 +46,12 @@ from contracts.machine import evolve, fold
 from contracts.run import Run
 from contracts.webhooks import DeadDelivery, Delivery, delivery_id_for
 from runtime.control.webhook_delivery import Deliverer, fetch, pending_subject
+from runtime.control.webhook_lanes import Lanes
 from runtime.control.webhook_outbox import (
     ATTEMPTS,
     RETRY_BASE_S,
     AckWindow,
+    ack_subject,
     failure,
     fitted,
     retry_after,
@@ -55,7 +60,13 @@ from runtime.control.webhook_outbox import (
 )
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
-from runtime.infra.eventlog import EventLog, LogSettings, ack_sequences, callback_ends
+from runtime.infra.eventlog import (
+    EventLog,
+    LogSettings,
+    ack_sequences,
+    callback_ends,
+    submission_of,
+)
 from runtime.infra.streams import (
     DEAD_PREFIX,
     DEAD_STREAM,
@@ -71,6 +82,8 @@ OUTBOX = "webhooks-outbox"
 OUTBOX_BATCH = 256
 OUTBOX_ACK_WAIT_S = 60.0
 OUTBOX_LINGER_S = 0.05  # after a short batch: let events gather (fewer, fuller fetches)
+OUTBOX_SLOTS = 32  # events handled at once
+OUTBOX_TEAM_SLOTS = 8  # of those, one team's at most
 EVENT_DEADLINE_S = 20.0  # handling one event (reading its run, storing its delivery)
 _dead_decoder = msgspec.json.Decoder(DeadDelivery)
 _json = msgspec.json.Encoder()
@@ -96,6 +109,8 @@ class WebhookService:
         # within ``event_deadline_s``, goes to the dead letters
         self.attempts, self.retry_base_s = ATTEMPTS, RETRY_BASE_S
         self.event_deadline_s = EVENT_DEADLINE_S
+        # events handled at once, in all and of one team (``Lanes``)
+        self.outbox_concurrency, self.outbox_team_concurrency = OUTBOX_SLOTS, OUTBOX_TEAM_SLOTS
 
     @property
     def delivered(self) -> int:
@@ -152,69 +167,103 @@ class WebhookService:
     # --- the outbox: terminal events -> deliveries ---------------------------------------------
 
     async def _outbox_loop(self, psub: JetStreamContext.PullSubscription) -> None:
+        """Fetch events while fewer than ``OUTBOX_BATCH`` are being handled, each handled in
+        its own task (within its team's lane), and ack between fetches (nothing is on its way
+        to this process then: a pull consumer delivers only what a fetch asks for)."""
         window: AckWindow[Msg] = AckWindow()
-        while True:
-            msgs = await fetch(psub, OUTBOX_BATCH)
-            for msg in msgs:
-                seqs = ack_sequences(msg.reply)
-                if seqs is None:
-                    seqs = (msg.metadata.sequence.stream, msg.metadata.sequence.consumer)
-                if await self._handle(msg, seqs[0]):
-                    window.handled(seqs[0], msg, seqs[1])
-                else:  # no ack covers it until it is handled
-                    window.failed(seqs[1])
-            await self._ack(psub, window)
-            if len(msgs) < OUTBOX_BATCH:
-                await anyio.sleep(OUTBOX_LINGER_S)
+        lanes = Lanes(self.outbox_concurrency, self.outbox_team_concurrency)
+        async with anyio.create_task_group() as tg:
+            while True:
+                room = OUTBOX_BATCH - window.busy
+                msgs = await fetch(psub, room) if room > 0 else []
+                for msg in msgs:
+                    seqs = ack_sequences(msg.reply)
+                    if seqs is None:
+                        seqs = (msg.metadata.sequence.stream, msg.metadata.sequence.consumer)
+                    if window.received(*seqs):
+                        tg.start_soon(self._handle_one, msg, seqs[0], window, lanes)
+                await self._ack(psub, window)
+                if len(msgs) < room or room <= 0:
+                    await anyio.sleep(OUTBOX_LINGER_S)
+
+    async def _handle_one(self, msg: Msg, seq: int, window: AckWindow[Msg], lanes: Lanes) -> None:
+        if await self._handle(msg, seq, lanes):
+            window.handled(seq, msg)
+        else:  # no ack covers it until it is handled
+            window.failed(seq)
 
     async def _ack(self, psub: JetStreamContext.PullSubscription, window: AckWindow[Msg]) -> None:
-        """One ack for every event handled since the last, once the consumer has nothing else
-        outstanding (``AckWindow``); otherwise later."""
-        newest = window.newest
-        if newest is None:
+        """One ack for every event handled below the first one not handled yet, once the
+        consumer has nothing outstanding that is unknown here (``AckWindow``); otherwise
+        later."""
+        if window.target is None:
             return
         try:
             if not window.unbroken:  # ask the server what is outstanding
                 info = await psub.consumer_info()
-                acked_to = info.ack_floor.stream_seq if info.ack_floor else 0
-                if not window.ready(info.num_ack_pending or 0, acked_to or 0):
+                floor = info.ack_floor
+                if not window.ready(info.num_ack_pending or 0, (floor and floor.stream_seq) or 0):
                     return
-                window.verified((info.delivered.consumer_seq or 0) if info.delivered else 0)
-                newest = window.newest
-                if newest is None:
-                    return
-            await newest.ack_sync()
-            window.acked()
+                delivered = (info.delivered.consumer_seq or 0) if info.delivered else 0
+                window.verified(delivered, (floor and floor.consumer_seq) or 0)
+            target, delivery = window.target, window.ack_delivery
+            if target is None or delivery is None:
+                return
+            subject = ack_subject(target[1].reply, delivery)
+            if subject is None:
+                return
+            await self.nc.request(subject, b"+ACK", timeout=5.0)
+            window.acked(target[0], delivery)
         except Exception as err:  # an outage: the events stay outstanding, acked later
             log.debug("webhooks outbox: ack later: %r", err)
 
-    async def _handle(self, msg: Msg, seq: int) -> bool:
-        """Handle one event: True once nothing more is to be done with it (handled, or given
-        up on and in the dead letters); False: it was nak'd and comes again later."""
+    async def _handle(self, msg: Msg, seq: int, lanes: Lanes | None = None) -> bool:
+        """Handle one event, in its team's lane: True once nothing more is to be done with it
+        (handled, or given up on and in the dead letters); False: it was nak'd and comes again
+        later."""
+        lanes = lanes or Lanes(1, 1)
+        run_id, _ = subject_parts(msg.subject)
         try:
             with anyio.fail_after(self.event_deadline_s):
-                await self._on_event(msg, seq)
-            return True
+                team = await self._team_of(run_id)
         except Exception as err:
-            attempts = delivery_count(msg)
-            delay = retry_after(attempts, self.attempts, self.retry_base_s)
-            if delay is None:
-                try:
-                    await self._give_up(msg, seq, attempts, err)
-                    return True
-                except Exception as bury_err:  # NATS trouble: tried again later
-                    log.warning("webhooks outbox: %s not buried: %r", msg.subject, bury_err)
-                    delay = self.retry_base_s
-            log.warning(
-                "webhooks outbox: %s (attempt %d) will be retried in %g s: %r",
-                msg.subject,
-                attempts,
-                delay,
-                err,
-            )
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=delay)
-            return False
+            return await self._failed(msg, seq, err)
+        async with lanes.slot(team, msg.in_progress, self.outbox_ack_wait_s / 3):
+            try:
+                with anyio.fail_after(self.event_deadline_s):
+                    await self._on_event(msg, seq)
+                return True
+            except Exception as err:
+                return await self._failed(msg, seq, err)
+
+    async def _team_of(self, run_id: str) -> str:
+        """The team of ``run_id`` (two direct gets at most, however long its run); empty for
+        a run the log does not know."""
+        submitted = await submission_of(self.log, run_id)
+        return submitted.team if submitted is not None else ""
+
+    async def _failed(self, msg: Msg, seq: int, err: Exception) -> bool:
+        """An attempt failed: nak'd to come back later (False), or, after the last attempt, in
+        the dead letters (True)."""
+        attempts = delivery_count(msg)
+        delay = retry_after(attempts, self.attempts, self.retry_base_s)
+        if delay is None:
+            try:
+                await self._give_up(msg, seq, attempts, err)
+                return True
+            except Exception as bury_err:  # NATS trouble: tried again later
+                log.warning("webhooks outbox: %s not buried: %r", msg.subject, bury_err)
+                delay = self.retry_base_s
+        log.warning(
+            "webhooks outbox: %s (attempt %d) will be retried in %g s: %r",
+            msg.subject,
+            attempts,
+            delay,
+            err,
+        )
+        with contextlib.suppress(Exception):
+            await msg.nak(delay=delay)
+        return False
 
     async def _give_up(self, msg: Msg, seq: int, attempts: int, err: Exception) -> None:
         """The event goes to the dead letters, with the run as far as the log can be read."""

@@ -206,6 +206,9 @@ def permissions(role: str) -> Permissions:
                 f"$JS.ACK.{EVENTS}.>",
                 f"$JS.ACK.{WEBHOOKS}.>",
                 "jetrun.webhooks.>",
+                # a run's team, before its event is handled (the outbox's lanes)
+                f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.submitted",
+                f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.restated",
                 f"{API}.STREAM.MSG.GET.{DEAD}",
                 f"{API}.STREAM.MSG.DELETE.{DEAD}",
             ),

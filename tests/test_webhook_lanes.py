@@ -1,0 +1,140 @@
+"""The webhook outbox handles events concurrently, each team within its own lane, against a
+real nats-server: one team's events whose handling hangs (a run with tens of thousands of
+streamed outputs to read, a read that times out) do not hold back another team's callbacks,
+and the outbox's one ack (``AckPolicy.ALL``) never covers an event not handled yet."""
+
+from __future__ import annotations
+
+import anyio
+import msgspec
+import pytest
+from nats.aio.client import Client
+from nats.js.errors import NotFoundError
+
+from contracts.events import AnyEvent, RunSubmitted
+from runtime.control.webhook_delivery import pending_subject
+from runtime.control.webhook_lanes import Lanes
+from runtime.control.webhooks import OUTBOX, WebhookService
+from runtime.infra.config import parse
+from runtime.infra.eventlog import EventLog, Stored
+from runtime.infra.streams import EVENTS_STREAM, WEBHOOKS_STREAM
+from tests.test_eventlog import history
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "whsec_" + "a" * 24
+CONFIG = parse(
+    {
+        "teams": {
+            "acme": {"tier": "startup", "tokens": ["tok_a"], "webhook_secret": SECRET},
+            "big": {"tier": "startup", "tokens": ["tok_b"], "webhook_secret": SECRET},
+        }
+    }
+)
+
+
+def with_callback(run_id: str, team: str) -> list[AnyEvent]:
+    events = history(run_id)
+    first = events[0]
+    assert isinstance(first, RunSubmitted)
+    url = f"http://127.0.0.1:9/{team}"
+    return [msgspec.structs.replace(first, team=team, callback_url=url), *events[1:]]
+
+
+async def delivery_stored(nc: Client, team: str, run_id: str) -> bool:
+    try:
+        await nc.jetstream().get_last_msg(WEBHOOKS_STREAM, pending_subject(team, run_id))
+    except NotFoundError:
+        return False
+    return True
+
+
+class GatedLog(EventLog):
+    """The event log, except that reading one of ``held`` waits until ``release`` is set."""
+
+    held: set[str] = set()
+    release = anyio.Event()
+
+    async def read(self, run_id: str) -> list[Stored]:
+        if run_id in self.held:
+            await self.release.wait()
+        return await super().read(run_id)
+
+
+async def test_one_teams_hung_events_do_not_hold_back_another_teams_callback(nc: Client) -> None:
+    js = nc.jetstream()
+    service = WebhookService(nc, CONFIG)
+    service.outbox_concurrency, service.outbox_team_concurrency = 4, 2
+    service.event_deadline_s = 60.0  # acme's reads hang for the whole test, until released
+    gated = GatedLog(nc)
+    gated.held, gated.release = {f"run_a{i}" for i in range(4)}, anyio.Event()
+    service.log = gated
+    await service.ensure()
+    log = EventLog(nc)
+    hung_ends = []  # acme's: more than its lane, as many as every slot
+    for i in range(4):
+        for event in with_callback(f"run_a{i}", "acme"):
+            seq = (await log.append(event, callback=True)).seq
+        hung_ends.append(seq)
+    for event in with_callback("run_b", "big"):  # then another team's run
+        last = (await log.append(event, callback=True)).seq
+
+    outbox = await js.pull_subscribe_bind(durable=OUTBOX, stream=EVENTS_STREAM)
+    floors: list[int] = []
+
+    async def ack_floor() -> int:
+        info = await js.consumer_info(EVENTS_STREAM, OUTBOX)
+        floors.append((info.ack_floor.stream_seq if info.ack_floor else 0) or 0)
+        return floors[-1]
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(service._outbox_loop, outbox)
+        with anyio.fail_after(10):  # big's delivery is stored while acme's reads hang
+            while not await delivery_stored(nc, "big", "run_b"):
+                assert await ack_floor() < hung_ends[0]
+                await anyio.sleep(0.05)
+        for _ in range(20):  # a second on: nothing acked past acme's unhandled events
+            assert await ack_floor() < hung_ends[0]
+            await anyio.sleep(0.05)
+        assert not any([await delivery_stored(nc, "acme", f"run_a{i}") for i in range(4)])
+        gated.release.set()
+        with anyio.fail_after(15):  # then every event is handled and acked
+            while True:
+                info = await js.consumer_info(EVENTS_STREAM, OUTBOX)
+                floor = (info.ack_floor.stream_seq if info.ack_floor else 0) or 0
+                if floor >= last and not info.num_ack_pending and not info.num_pending:
+                    break
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    assert all([await delivery_stored(nc, "acme", f"run_a{i}") for i in range(4)])
+    assert floors and max(floors) < hung_ends[0]  # while they hung, no ack passed them
+
+
+async def test_a_team_holds_at_most_its_lane_and_the_others_take_turns() -> None:
+    lanes = Lanes(total=3, per_team=2)
+    inside: dict[str, int] = {"a": 0, "b": 0}
+    most: dict[str, int] = {"a": 0, "b": 0}
+    order: list[str] = []
+    gate = anyio.Event()
+
+    async def event(team: str, hold: bool) -> None:
+        async with lanes.slot(team):
+            inside[team] += 1
+            most[team] = max(most[team], inside[team])
+            order.append(team)
+            if hold:
+                await gate.wait()
+            inside[team] -= 1
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            for _ in range(5):
+                tg.start_soon(event, "a", True)
+            await anyio.sleep(0.05)
+            for _ in range(3):
+                tg.start_soon(event, "b", False)
+            await anyio.sleep(0.05)
+            assert order == ["a", "a", "b", "b", "b"]  # b's ran while a's held their lane
+            gate.set()
+    assert most == {"a": 2, "b": 1}
+    assert lanes.busy("a") == 0 and lanes.busy("b") == 0
