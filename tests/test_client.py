@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from contextlib import aclosing
 
+import msgspec
 import pytest
+from nats.js.errors import NotFoundError
 
 from contracts import RunAdmitted, RunCompleted, RunDispatched, RunQueued, RunState, RunSubmitted
-from contracts.events import AnyEvent
+from contracts.events import AnyEvent, RunCancelled
 from runtime.clients.client import RunChange, RunEvents
+from runtime.control.webhooks import OUTBOX, outbox_config
 from runtime.infra.natsserver import NatsServer
+from runtime.infra.streams import EVENTS_STREAM
 
 pytestmark = pytest.mark.anyio
 
@@ -61,3 +65,31 @@ async def test_watch_filters_and_resumes(nats_server: NatsServer) -> None:
         assert resumed[-1].run.team == "acme"
         resumed_team = await collect(events, 1, team="rival", from_seq=acme[2].seq + 1)
         assert resumed_team[0].run.id == "r2"
+
+
+async def test_a_runs_end_published_here_is_posted_when_the_run_has_a_callback(
+    nats_server: NatsServer,
+) -> None:
+    """An end published through ``publish`` (the admin path) goes where the webhook outbox
+    reads it when the run was submitted with a callback URL, and only then."""
+    async with RunEvents.connect(nats_server.url, nats_server.credentials("admin")) as events:
+        await events.log.ensure()
+        js = events.log.js
+        await js.add_consumer(EVENTS_STREAM, outbox_config())
+        hooked = history("r_hook", "acme", "a/x:v1")
+        first = hooked[0]
+        assert isinstance(first, RunSubmitted)
+        hooked[0] = msgspec.structs.replace(first, callback_url="https://example.com/hook")
+        for event in [*hooked, *history("r_plain", "acme", "a/x:v1")]:
+            await events.publish(event)
+        ends = [RunCancelled(run_id="r_unknown", at=6.0)]  # a run the log does not know
+        for event in ends:
+            await events.publish(event)
+        stored = await js.get_last_msg(EVENTS_STREAM, "jetrun.ev.r_hook.completed.callback")
+        assert stored.data is not None
+        with pytest.raises(NotFoundError):
+            await js.get_last_msg(EVENTS_STREAM, "jetrun.ev.r_hook.completed")
+        await js.get_last_msg(EVENTS_STREAM, "jetrun.ev.r_plain.completed")
+        await js.get_last_msg(EVENTS_STREAM, "jetrun.ev.r_unknown.cancelled")
+        info = await js.consumer_info(EVENTS_STREAM, OUTBOX)
+        assert info.num_pending == 1  # the outbox reads r_hook's end, and nothing else

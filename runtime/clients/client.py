@@ -32,9 +32,17 @@ from contracts.states import RunState
 from contracts.submission import SUBMIT_SUBJECT, SubmitReply, SubmitRequest
 from contracts.values import from_python
 from runtime.clients.sdk import ConcurrencyLimitReached, JetrunError
-from runtime.infra.eventlog import ALL_EVENTS, Appended, EventLog, kind_subjects, run_subjects
+from runtime.infra.eventlog import (
+    ALL_EVENTS,
+    Appended,
+    EventLog,
+    kind_subjects,
+    run_subjects,
+    submission_of,
+)
 from runtime.infra.nats_auth import Credentials
 from runtime.infra.nats_conn import connect
+from runtime.infra.streams import TERMINAL_KINDS
 
 _reply_decoder = msgspec.json.Decoder(SubmitReply)
 
@@ -59,8 +67,17 @@ class RunEvents:
     async def publish(self, event: Event) -> Appended:
         """Append a run event (idempotent by its message id); blocks until stored. A
         ``submitted`` event published this way skips admission: the scheduler fails that run
-        (``not_admitted``) and it never runs; submit runs with ``submit``."""
-        return await self.log.append(event)
+        (``not_admitted``) and it never runs; submit runs with ``submit``. A run's end is
+        appended where the webhook outbox reads it when the run has a callback URL (as the
+        log records its submission), so that its callback is posted."""
+        callback = event.kind in TERMINAL_KINDS and await self._has_callback(event.run_id)
+        return await self.log.append(event, callback=callback)
+
+    async def _has_callback(self, run_id: str) -> bool:
+        """Whether ``run_id`` was submitted with a callback URL (its ``submitted`` event, or
+        its latest ``restated`` one): two direct gets at most, however long the run."""
+        submitted = await submission_of(self.log, run_id)
+        return submitted is not None and bool(submitted.callback_url)
 
     async def submit(
         self,
