@@ -5,6 +5,7 @@ logs, even while they go on printing during it."""
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -38,7 +39,8 @@ async def test_output_printed_after_an_attempt_never_lands_in_the_next() -> None
 
 
 @pytest.mark.parametrize(
-    "how", ["thread", "fork", "fork-print", "exec", "thread+sigpipe", "fork+sigpipe"]
+    "how",
+    ["thread", "raw-thread", "fork", "fork-print", "exec", "thread+sigpipe", "fork+sigpipe"],
 )
 async def test_what_lingers_and_prints_during_the_next_attempt_never_lands_in_it(
     how: str, tmp_path: Path
@@ -74,10 +76,64 @@ async def test_a_pool_kept_across_runs_prints_into_the_run_that_gave_it_work() -
             assert [line.text for line in capture.take()] == [f"pool: {team}"]
 
 
-async def test_a_thread_the_startup_step_started_prints_into_the_attempt_under_way() -> None:
+def pipeline_log(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str]]:
+    """What the worker logged as the pipeline's own output: (stream, text)."""
+    return [
+        (getattr(r, "stream", ""), r.getMessage().split(": ", 1)[1])
+        for r in caplog.records
+        if r.name == "jetrun.worker" and getattr(r, "pipeline", None)
+    ]
+
+
+async def test_a_thread_the_startup_step_started_prints_into_no_attempt(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="jetrun.worker")
     async with PipelineWorker(LOGS, "test/helper-thread:v1") as worker:
         for team in ("team-a", "team-b"):
             capture = LogCapture(time.time)
             with anyio.fail_after(30):
                 assert (await worker.run([from_python(team)], output=capture)).ok
-            assert [line.text for line in capture.take()] == [f"helper: {team}"]
+            assert capture.take() == []
+    logged = [text for _, text in pipeline_log(caplog)]
+    assert logged == ["helper: team-a", "helper: team-b"]  # the pipeline's own log
+
+
+@pytest.mark.parametrize("kind", ["heartbeat", "raw-heartbeat"])
+async def test_a_startup_thread_printing_through_two_teams_attempts_lands_in_neither(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="jetrun.worker")
+    async with PipelineWorker(LOGS, f"test/{kind}:v1") as worker:
+        captures = {team: LogCapture(time.time) for team in ("team-a", "team-b")}
+        with anyio.fail_after(30):
+            for team, capture in captures.items():
+                done = await worker.run([from_python(team), from_python(0.4)], output=capture)
+                assert done.ok, done
+            beats = [text for _, text in pipeline_log(caplog) if text.startswith("heartbeat")]
+            assert len(beats) >= 40  # logged as they came, while the attempts ran (0.8 s)
+    for team, capture in captures.items():
+        assert [line.text for line in capture.take()] == [f"now: {team}"]
+    logged = pipeline_log(caplog)
+    assert logged[0] == ("stdout", "loading")
+    assert {stream for stream, text in logged if text.startswith("heartbeat")} == {
+        "stdout",
+        "stderr",
+    }
+
+
+async def test_a_thread_nobody_tagged_prints_into_no_attempt(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="jetrun.worker")
+    tally = str(tmp_path / "tally")
+    team_a = [from_python(v) for v in ("team-a-secret", "untagged-thread", 5.0, 0.4, tally)]
+    team_b = [from_python(v) for v in ("team-b", "nothing", 0.0, 0.4, tally)]
+    async with PipelineWorker(LOGS, "test/linger:v1") as worker:
+        first, second = LogCapture(time.time), LogCapture(time.time)
+        with anyio.fail_after(30):
+            assert (await worker.run(team_a, output=first)).ok
+            assert (await worker.run(team_b, output=second)).ok
+    assert [line.text for line in first.take()] == ["now: team-a-secret"]
+    assert [line.text for line in second.take()] == ["now: team-b"]
+    assert ("stdout", "late: team-a-secret") in pipeline_log(caplog)

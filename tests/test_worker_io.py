@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import socket
 import threading
@@ -18,7 +19,7 @@ import pytest
 
 from contracts.values import from_python
 from runtime.infra.capture import DEFAULT_MAX_BYTES, LogCapture
-from runtime.node import worker_channel
+from runtime.node import worker_channel, worker_output
 from runtime.node.worker_channel import (
     MAX_FRAME_BYTES,
     MAX_QUEUED,
@@ -26,7 +27,12 @@ from runtime.node.worker_channel import (
     FrameChannel,
     Gone,
 )
-from runtime.node.worker_output import AttemptOutput
+from runtime.node.worker_output import (
+    PIPELINE_LOG_WINDOW_S,
+    UNCAPTURED_MAX_BYTES,
+    AttemptOutput,
+    PipelineLog,
+)
 from runtime.node.worker_process import HEADER, Finished, Output, frame_bytes, output_bytes
 
 pytestmark = pytest.mark.anyio
@@ -93,6 +99,44 @@ async def test_a_flood_past_the_cap_is_read_slowly_and_its_reader_comes_back() -
         os.write(out, b"y" * 100 + b"\n")
         while output.capture.dropped_bytes == dropped:  # read again after its pause
             await anyio.sleep(0.001)
+    output.finish()
+
+
+async def test_the_pipelines_own_output_is_logged_as_it_comes_within_a_cap_per_window(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """What belongs to no attempt (a startup thread's heartbeat, say) goes to the agent's log
+    for the worker's life: at most 64 KiB per window, the rest counted with a marker line."""
+    caplog.set_level(logging.INFO, logger="jetrun.worker")
+    now = [0.0]
+    output = PipelineLog("team/p:v1", clock=lambda: now[0])
+    fds, output.write_fds = output.write_fds, ()  # type: ignore[assignment]
+    writers.extend(fds)
+    out, err = fds
+    os.set_blocking(out, False)
+
+    def logged() -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == "jetrun.worker"]
+
+    os.write(err, b"beat 0\n")
+    with anyio.fail_after(5):
+        while logged() != ["team/p:v1: beat 0"]:  # as it comes, not at the end
+            await anyio.sleep(0.001)
+        line = b"x" * 999 + b"\n"
+        while not output.capture.over_cap:
+            with contextlib.suppress(BlockingIOError):
+                os.write(out, line * 8)
+            await anyio.sleep(0.001)
+        assert sum(len(text) for text in logged()) < UNCAPTURED_MAX_BYTES + 2000
+        while worker_output._available(output._fds["stdout"]):  # the rest of the flood
+            await anyio.sleep(0.001)
+        now[0] = PIPELINE_LOG_WINDOW_S  # a new window: the marker, then lines again
+        os.write(out, b"after the window\n")
+        while "team/p:v1: after the window" not in logged():
+            with contextlib.suppress(BlockingIOError):
+                os.write(out, b"after the window\n")
+            await anyio.sleep(0.001)
+    assert any("output truncated" in text for text in logged())
     output.finish()
 
 

@@ -13,8 +13,10 @@ attempt's ``LogCapture`` and closed once its reply came (the child flushes befor
 A thread or process of the pipeline that goes on printing after its attempt ended therefore
 never reaches a later attempt's logs, which may be another team's run: a process writes into
 pipes nobody reads, a thread's Python-level writes are dropped (``runtime.node.worker_stdio``).
-Output with no capture of its own (the startup step, or ``run`` without ``output=``) goes to
-the ``jetrun.worker`` logger, capped. The protocol socket is a protocol of the event loop
+The startup step's pipes stay open for the worker's life as the pipeline's own output (what
+threads the startup step started print goes there, never into an attempt), logged to the
+``jetrun.worker`` logger as it comes, capped (``PipelineLog``); so is the output of ``run``
+without ``output=``. The protocol socket is a protocol of the event loop
 (``runtime.node.worker_channel``) registered once for the worker's life, the pipes are read
 by callbacks of the loop, with no task per attempt; the attempt waits once per frame.
 """
@@ -42,7 +44,7 @@ from runtime.infra.lifetime import child_env
 from runtime.node.results import too_large
 from runtime.node.worker_channel import FrameChannel, Gone
 from runtime.node.worker_env import PASS_ENV, PYTHON_ENV, USER_ENV, as_user, home_of, worker_env
-from runtime.node.worker_output import AttemptOutput, WorkerExit, log_lines, uncaptured
+from runtime.node.worker_output import AttemptOutput, PipelineLog, WorkerExit, log_lines, uncaptured
 from runtime.node.worker_process import (
     OUTPUT_ENV,
     Failed,
@@ -117,6 +119,7 @@ class PipelineWorker:
         self._pipes: WorkerExit | None = None  # the child's exit
         self._channel: FrameChannel | None = None  # the protocol: requests out, frames in
         self._output: socket.socket | None = None  # each attempt's pipes go out on it
+        self._log: PipelineLog | None = None  # the startup step's pipes, for the worker's life
         self._lock = asyncio.Lock()  # taken at once when free (no checkpoint)
         self._reaped: anyio.Event | None = None
         self._busy = False
@@ -164,7 +167,7 @@ class PipelineWorker:
         ours, theirs = socket.socketpair()
         self._output, their_output = socket.socketpair()
         self._output.setblocking(False)
-        startup = AttemptOutput(uncaptured())
+        startup = self._log = PipelineLog(self.pointer)
         try:
             _, self._pipes = await loop.subprocess_exec(
                 WorkerExit,
@@ -182,7 +185,6 @@ class PipelineWorker:
                 self._channel.worker_exited()
         except BaseException:
             ours.close()
-            log_lines(self.pointer, startup.finish())
             await self.kill()
             raise
         finally:
@@ -190,7 +192,7 @@ class PipelineWorker:
             theirs.close()
             their_output.close()
         try:
-            frame = await self._exchange(None, None, startup, own=True)
+            frame = await self._exchange(None, None, None, own=False)
         except Gone:
             code = await self._reap()
             raise StartupFailed(startup_error(f"{_exited(code)} during startup")) from None
@@ -310,31 +312,31 @@ class PipelineWorker:
         self,
         request: bytes | None,
         on_frame: Callable[[Frame], Awaitable[bool]] | None,
-        output: LogCapture | AttemptOutput,
+        output: LogCapture | None,
         *,
         own: bool,
     ) -> Frame:
         """Send ``request`` (if any: with fresh pipes for the attempt's output) and return the
         first frame ``on_frame`` does not take, with what the child prints going to the
-        capture meanwhile. On the way out the pipes are read to their end and closed, the
-        capture finished, and its lines logged if ``own``. Raises ``Gone`` if the child stops
-        answering first."""
+        capture meanwhile (none: the startup step, whose pipes are the worker's ``PipelineLog``).
+        On the way out the pipes are read to their end and closed, the capture finished, and
+        its lines logged if ``own``. Raises ``Gone`` if the child stops answering first."""
         channel = self._channel
         assert channel is not None
-        if isinstance(output, LogCapture):
-            output = AttemptOutput(output)
+        pipes = AttemptOutput(output) if output is not None else None
         try:
-            if request is not None:
-                self._hand_pipes(output)
+            if request is not None and pipes is not None:
+                self._hand_pipes(pipes)
                 channel.send(request)
             while True:
                 frame = await channel.receive()
                 if on_frame is None or not await on_frame(frame):
                     return frame
         finally:
-            capture = output.finish()
-            if own:
-                log_lines(self.pointer, capture)
+            if pipes is not None:
+                capture = pipes.finish()
+                if own:
+                    log_lines(self.pointer, capture)
 
     def _hand_pipes(self, output: AttemptOutput) -> None:
         """Send the attempt's pipes to the child (before its request; see the module)."""
@@ -353,6 +355,8 @@ class PipelineWorker:
         if pipes is None or pipes.transport is None:
             if self._output is not None:  # a start that failed before the child ran
                 self._output.close()
+            if self._log is not None:
+                self._log.finish()
             return
         if self._reaped is not None:
             await self._reaped.wait()
@@ -370,6 +374,8 @@ class PipelineWorker:
                 if self._output is not None:
                     self._output.close()
             finally:
+                if self._log is not None:  # what the pipeline printed outside attempts
+                    self._log.finish()
                 self._reaped.set()
 
     async def _reap(self) -> int | None:

@@ -1,13 +1,15 @@
 """What a worker process prints: the agent's side of its stdout and stderr.
 
-Every attempt (and the startup step) gets two fresh pipes: the agent keeps their read ends,
-registered with the event loop (one callback per read feeds the attempt's ``LogCapture``; no
-task), and hands the write ends to the worker (see ``runtime.node.worker_stdio`` for the
-child's side). The worker flushes what the pipeline printed before it replies, so once the
-reply came ``finish`` reads what the pipes hold at that moment (``FIONREAD``) and closes
-them: output lands in the attempt that printed it, and whatever writes to those pipes later (a
-process the pipeline forked that goes on printing) writes into a pipe nobody reads (``EPIPE``),
-never into a later attempt's capture, which may be another team's run of the same pipeline.
+Every attempt gets two fresh pipes (and so does the startup step, whose pipes then stay open
+for the worker's life as the pipeline's own output: ``PipelineLog``): the agent keeps their
+read ends, registered with the event loop (one callback per read feeds the attempt's
+``LogCapture``; no task), and hands the write ends to the worker (see
+``runtime.node.worker_stdio`` for the child's side). The worker flushes what the pipeline
+printed before it replies, so once the reply came ``finish`` reads what the pipes hold at that
+moment (``FIONREAD``) and closes them: output lands in the attempt that printed it, and
+whatever writes to those pipes later (a process the pipeline forked that goes on printing)
+writes into a pipe nobody reads (``EPIPE``), never into a later attempt's capture, which may be
+another team's run of the same pipeline.
 
 The pipes are watched from ``WATCH_AFTER_S`` into the attempt on (an attempt that ends sooner,
 as most short ones do, costs no registration with the loop: its output waits in the pipes,
@@ -35,6 +37,7 @@ log = logging.getLogger("jetrun.worker")
 _READ_SIZE = 65_536
 _OVER_CAP_PAUSE_S = 0.005  # per 64 KiB read past its cap: a flood is read at <= 13 MB/s
 UNCAPTURED_MAX_BYTES = 65_536
+PIPELINE_LOG_WINDOW_S = 60.0  # the pipeline's own output: UNCAPTURED_MAX_BYTES per window
 WATCH_AFTER_S = 0.01
 
 
@@ -136,6 +139,34 @@ class AttemptOutput:
         if stream in self._reading:
             self._reading.discard(stream)
             self._loop.remove_reader(self._fds[stream])
+
+
+class PipelineLog(AttemptOutput):
+    """The pipeline's own output, for the worker's life: the startup step's pipes, which the
+    worker keeps for what belongs to no attempt (the startup step, threads it started, programs
+    it ran then). Its lines go to the ``jetrun.worker`` logger as they come, never into a run:
+    at most ``UNCAPTURED_MAX_BYTES`` per ``PIPELINE_LOG_WINDOW_S``, the rest counted and
+    dropped (a truncation marker line ends each window that dropped some)."""
+
+    def __init__(self, pointer: str, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(uncaptured())
+        self.pointer = pointer
+        self._clock = clock
+        self._since = clock()
+
+    def _on_readable(self, stream: Stream) -> None:
+        if self.capture.over_cap and self._clock() - self._since >= PIPELINE_LOG_WINDOW_S:
+            self.capture.finish()
+            log_lines(self.pointer, self.capture)
+            self.capture, self._since = uncaptured(), self._clock()
+        super()._on_readable(stream)
+        log_lines(self.pointer, self.capture)
+
+    def finish(self) -> LogCapture:
+        """Read what the pipes hold, close them and log the last lines. Idempotent."""
+        capture = super().finish()
+        log_lines(self.pointer, capture)
+        return capture
 
 
 def _available(fd: int) -> int:

@@ -9,29 +9,43 @@ came, so a process the pipeline forked during the attempt that keeps printing wr
 pipe nobody reads (and gets ``EPIPE``), never into a later attempt's, which may be another
 team's run of the same pipeline. Between attempts fds 1 and 2 are ``/dev/null``.
 
+The startup step's pipes (fds 1 and 2 at spawn) stay open for the worker's life as the
+pipeline's own output: the agent logs what comes on them (``jetrun.worker``), never into a run.
+
 Threads share the worker's fds, so Python-level writes are routed by thread: ``sys.stdout``
-and ``sys.stderr`` become ``Routed`` streams, and a thread started during an attempt (or by a
-thread that was) belongs to it: what it writes goes to that attempt's pipes while it runs and
-is dropped once it ended; work given to a ``ThreadPoolExecutor`` belongs to the attempt that
-submitted it, whichever thread runs it. Threads started by the startup step, and the main
-thread, write to whatever fds 1 and 2 are. Writes to fds 1 and 2 that bypass ``sys.stdout``
+and ``sys.stderr`` become ``Routed`` streams, and a thread started during an attempt (by
+``threading.Thread`` or ``_thread.start_new_thread``, or by a thread that was) belongs to it:
+what it writes goes to that attempt's pipes while it runs and is dropped once it ended; work
+given to a ``ThreadPoolExecutor`` belongs to the attempt that submitted it, whichever thread
+runs it. The main thread's writes go to the attempt under way. Threads started by the startup
+step (a model loader's progress or heartbeat thread), and threads nobody tagged (started
+before the worker began routing, or by C code calling into Python), belong to no attempt:
+their writes go to the pipeline's own output. Writes to fds 1 and 2 that bypass ``sys.stdout``
 (a C library's own thread, ``os.write``) cannot be told apart and go to the attempt under way.
 """
 
 from __future__ import annotations
 
+import _thread
 import array
 import contextlib
+import functools
 import os
 import socket
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 _FDS_SPACE = socket.CMSG_SPACE(2 * array.array("i").itemsize)
 _TAG = "_jetrun_attempt"  # the attribute a Thread carries: the attempt it belongs to
+OWN = 0  # the tag of what belongs to no attempt (attempts are numbered from 1)
+REAL, PIPELINE, DROP = "real", "pipeline", "drop"  # where a write goes (see ``Attempts.route``)
+
+
+class _Local(threading.local):
+    tag: int | None = None  # of a thread ``_thread.start_new_thread`` started
 
 
 class Attempts:
@@ -42,9 +56,12 @@ class Attempts:
         self.current = 0  # the latest attempt's number (0: none yet)
         self.live = False  # it is under way
         self.pid = os.getpid()  # the worker's (a forked process has another)
+        self.local = _Local()
+        self.main = threading.main_thread()
 
     def renew_lock(self) -> None:
         self.lock = threading.RLock()
+        self.main = threading.main_thread()  # in a forked process, the thread that forked
 
     def orphaned(self) -> bool:
         """A write failed with EPIPE. In a process the pipeline forked, whose attempt (or
@@ -59,17 +76,30 @@ class Attempts:
         os.close(null)
         return True
 
-    def started_by(self, parent: threading.Thread) -> int | None:
-        """The attempt a thread started by ``parent`` belongs to (None: the pipeline's own)."""
-        tag: int | None = getattr(parent, _TAG, None)
-        if tag is None and self.live and parent is threading.main_thread():
-            return self.current
+    def owner(self) -> int:
+        """The attempt the calling thread's work belongs to, ``OWN`` if none: the main
+        thread's is the attempt under way; a thread's, the one it was tagged with when it
+        started; an untagged thread's (started before routing, or by C code) is ``OWN``."""
+        tag = self.local.tag
+        if tag is None:
+            thread = threading.current_thread()
+            tag = getattr(thread, _TAG)  # None unless tagged (a class attribute: no miss)
+            if tag is None:
+                return self.current if self.live and thread is self.main else OWN
         return tag
 
-    def may_write(self) -> bool:
-        """The calling thread's output goes to the attempt under way (or to /dev/null)."""
-        tag = getattr(threading.current_thread(), _TAG, None)
-        return tag is None or (self.live and tag == self.current)
+    def route(self) -> str:
+        """Where the calling thread's writes go: ``REAL`` (fds 1 and 2: the attempt under
+        way), ``PIPELINE`` (the pipeline's own output) or ``DROP`` (its attempt ended)."""
+        tag = self.local.tag  # ``owner``, inlined: this runs for every write
+        if tag is None:
+            thread = threading.current_thread()
+            tag = getattr(thread, _TAG)
+            if tag is None:
+                return REAL if self.live and thread is self.main else PIPELINE
+        if tag == OWN:
+            return PIPELINE
+        return REAL if self.live and tag == self.current else DROP
 
 
 def _tag_pool_work(attempts: Attempts) -> None:
@@ -78,7 +108,7 @@ def _tag_pool_work(attempts: Attempts) -> None:
     submit = ThreadPoolExecutor.submit
 
     def tagged_submit(pool: ThreadPoolExecutor, fn: Any, /, *args: Any, **kwargs: Any) -> Any:
-        tag = attempts.started_by(threading.current_thread())
+        tag = attempts.owner()
 
         def run(*args: Any, **kwargs: Any) -> Any:
             thread = threading.current_thread()
@@ -94,17 +124,43 @@ def _tag_pool_work(attempts: Attempts) -> None:
     ThreadPoolExecutor.submit = tagged_submit  # type: ignore[method-assign,assignment]
 
 
-class Routed:
-    """A stream whose writes from a thread of an ended attempt are dropped (see above).
-    Everything else is the real stream's."""
+def _tag_raw_threads(attempts: Attempts) -> None:
+    """A thread started with ``_thread.start_new_thread`` (not through ``threading.Thread``,
+    which ``threading`` calls by its own reference) belongs to its starter's attempt too."""
+    start_new_thread = _thread.start_new_thread
 
-    def __init__(self, real: Any, attempts: Attempts) -> None:
-        self._real, self._attempts = real, attempts
+    def tagged(function: Callable[..., Any], args: Any, kwargs: Any = None) -> int:
+        tag = attempts.owner()
+
+        @functools.wraps(function)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            attempts.local.tag = tag
+            return function(*args, **kwargs)
+
+        if kwargs is None:
+            return start_new_thread(run, args)
+        return start_new_thread(run, args, kwargs)
+
+    _thread.start_new_thread = tagged
+    _thread.start_new = tagged  # its old alias
+
+
+class Routed:
+    """A stream whose writes go where ``Attempts.route`` says: the real stream's (fds 1 and
+    2), the pipeline's own output, or nowhere. Everything else is the real stream's."""
+
+    def __init__(self, real: Any, own: Any, attempts: Attempts) -> None:
+        self._real, self._own, self._attempts = real, own, attempts
         self._buffer: Routed | None = None
 
     def write(self, data: Any) -> int:
+        route = self._attempts.route()
+        if route == PIPELINE:
+            with contextlib.suppress(BrokenPipeError):  # the agent let go of the worker
+                self._own.write(data)
+            return len(data)
         with self._attempts.lock:
-            if self._attempts.may_write():
+            if route == REAL:
                 try:
                     return int(self._real.write(data))
                 except BrokenPipeError:
@@ -117,6 +173,10 @@ class Routed:
             self.write(line)
 
     def flush(self) -> None:
+        if self._attempts.route() == PIPELINE:
+            with contextlib.suppress(BrokenPipeError):
+                self._own.flush()
+            return
         with self._attempts.lock:
             try:
                 self._real.flush()
@@ -127,7 +187,7 @@ class Routed:
     @property
     def buffer(self) -> Routed:
         if self._buffer is None:
-            self._buffer = Routed(self._real.buffer, self._attempts)
+            self._buffer = Routed(self._real.buffer, self._own.buffer, self._attempts)
         return self._buffer
 
     def __getattr__(self, name: str) -> Any:
@@ -136,7 +196,7 @@ class Routed:
 
 class Stdio:
     """fds 1 and 2 of the worker: the startup step's pipes, then each attempt's, with
-    ``/dev/null`` between attempts."""
+    ``/dev/null`` between attempts; the startup step's pipes stay the pipeline's own."""
 
     def __init__(self, output: socket.socket | None) -> None:
         self.output = output  # where each attempt's pipes come from
@@ -144,20 +204,24 @@ class Stdio:
         self._null = os.open(os.devnull, os.O_WRONLY)
         self._real: list[Any] = [sys.stdout, sys.stderr]
         self._routed: list[Any] = list(self._real)
+        self._own: list[Any] = []
 
     def install(self) -> None:
         """Route ``sys.stdout``, ``sys.stderr`` and the threads started from now on."""
         attempts, start = self.attempts, threading.Thread.start
+        setattr(threading.Thread, _TAG, None)
 
         def tagged_start(thread: threading.Thread) -> None:
-            setattr(thread, _TAG, attempts.started_by(threading.current_thread()))
+            setattr(thread, _TAG, attempts.owner())
             start(thread)
 
         threading.Thread.start = tagged_start  # type: ignore[method-assign,assignment]
         _tag_pool_work(attempts)
+        _tag_raw_threads(attempts)
         # a process forked while another thread writes must not inherit the lock held
         os.register_at_fork(after_in_child=attempts.renew_lock)
-        self._routed = [Routed(sys.stdout, attempts), Routed(sys.stderr, attempts)]
+        self._own = [_own_stream(stream) for stream in self._real]
+        self._routed = [Routed(r, o, attempts) for r, o in zip(self._real, self._own, strict=True)]
         sys.stdout, sys.stderr = self._routed
 
     def begin(self) -> None:
@@ -179,6 +243,10 @@ class Stdio:
             os.dup2(self._null, 1)
             os.dup2(self._null, 2)
             self.attempts.live = False
+        if self.attempts.current == 0:  # the startup step's: what it printed with no newline
+            for stream in self._own:
+                with contextlib.suppress(Exception):
+                    stream.flush()
 
     def _receive(self) -> tuple[int, int]:
         """The two write ends the agent sent; /dev/null for any that did not come."""
@@ -198,9 +266,20 @@ class Stdio:
         return fds[0], fds[1]
 
     def _flush(self) -> None:
-        streams = [sys.stdout, sys.stderr]
-        if streams != self._routed:  # the pipeline replaced them: ours too
-            streams += self._real
+        streams = list(self._real)
+        if [sys.stdout, sys.stderr] != self._routed:  # the pipeline replaced them: theirs too
+            streams += [sys.stdout, sys.stderr]
         for stream in streams:
             with contextlib.suppress(Exception):  # a pipeline may have replaced or closed it
                 stream.flush()
+
+
+def _own_stream(real: Any) -> Any:
+    """A line-buffered text stream on a copy of ``real``'s fd (at startup: the startup step's
+    pipe, kept for the worker's life); ``/dev/null`` if it has none (never fds 1 and 2)."""
+    try:
+        fd = os.dup(real.fileno())  # not inheritable: only the worker writes to it
+    except (AttributeError, OSError, ValueError):
+        fd = os.open(os.devnull, os.O_WRONLY)
+    encoding, errors = getattr(real, "encoding", None), getattr(real, "errors", None)
+    return open(fd, "w", buffering=1, encoding=encoding, errors=errors)  # for the worker's life
