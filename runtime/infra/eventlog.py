@@ -1,15 +1,9 @@
 """The event log: one JetStream stream holding every run event, the source of truth.
 
-Subjects are ``jetrun.ev.<run_id>.<kind>``, except dispatches, which name their agent:
-``jetrun.ev.<run_id>.dispatched.<agent_id>``, so an agent's consumer receives only its own
-(``jetrun.ev.*.dispatched.<agent_id>``), and the terminal events of a run submitted with a
-callback URL, which say so: ``jetrun.ev.<run_id>.<kind>.callback``, so the webhook outbox reads
-only those (``callback_ends``) and no event of any other run. Whoever appends a run's end says
-whether the run has one (``append(..., callback=True)``): the scheduler from its record, the
-agent from the dispatch (``RunDispatched.callback``). One run's events are
-``jetrun.ev.<run_id>.>``; readers of a terminal kind read both forms (``kind_filters``). Every
-append carries ``Nats-Msg-Id`` = ``event.message_id()``, so a retried append inside the stream's
-duplicate window is recorded once.
+Where each event goes (its subject) and the filters that read them are in
+``runtime.infra.event_subjects`` (re-exported here). Every append carries ``Nats-Msg-Id`` =
+``event.message_id()``, so a retried append inside the stream's duplicate window is recorded
+once.
 """
 
 from __future__ import annotations
@@ -33,81 +27,59 @@ from nats.js.errors import (
 from contracts.events import (
     AnyEvent,
     Event,
-    RunDispatched,
     RunRestated,
     RunSubmitted,
     decode_event,
     encode_event,
 )
 from contracts.machine import fold, restated_record
-from contracts.names import check_token
 from contracts.run import RunRecord
 from runtime.infra import jspub, streams
+from runtime.infra.event_subjects import (
+    ALL_EVENTS,
+    agent_dispatches,
+    callback_ends,
+    dispatch_subject,
+    event_subject,
+    kind_filters,
+    kind_subjects,
+    run_subjects,
+    subject_of,
+)
 from runtime.infra.jsretry import retrying
-from runtime.infra.streams import CALLBACK_TOKEN, EVENTS_PREFIX, EVENTS_STREAM, TERMINAL_KINDS
+from runtime.infra.streams import EVENTS_STREAM
 from runtime.infra.streamsetup import ensure_stream, require_stream
 
 log = logging.getLogger("jetrun.eventlog")
 
-ALL_EVENTS = f"{EVENTS_PREFIX}.>"
+# with the subject names of ``runtime.infra.event_subjects``, which the log's callers use
+__all__ = [
+    "ALL_EVENTS",
+    "PUBLISH_TIMEOUT_S",
+    "Appended",
+    "EventLog",
+    "Fencing",
+    "Handler",
+    "LogSettings",
+    "NamedEachTime",
+    "SkipHandler",
+    "Stored",
+    "ack_sequences",
+    "agent_dispatches",
+    "callback_ends",
+    "dispatch_subject",
+    "event_subject",
+    "kind_filters",
+    "kind_subjects",
+    "last_event_of_kind",
+    "run_subjects",
+    "stream_seq",
+    "subject_of",
+    "submission_of",
+]
+
+
 PUBLISH_TIMEOUT_S = 5.0  # one try of an append; ``retrying`` repeats it until its deadline
-
-
-def event_subject(run_id: str, kind: str) -> str:
-    """Raises ``ValueError`` for a run id that is not one subject token."""
-    check_token(run_id, "run id")
-    return f"{EVENTS_PREFIX}.{run_id}.{kind}"
-
-
-def dispatch_subject(run_id: str, agent_id: str) -> str:
-    """Where a dispatch of ``run_id`` to ``agent_id`` is appended. Raises ``ValueError`` for an
-    id that is not one subject token."""
-    check_token(agent_id, "agent id")
-    return f"{event_subject(run_id, 'dispatched')}.{agent_id}"
-
-
-def subject_of(event: Event, callback: bool = False) -> str:
-    """Where ``event`` is appended; ``callback``: its run has a callback URL (only a terminal
-    kind's subject says so)."""
-    if isinstance(event, RunDispatched):
-        return dispatch_subject(event.run_id, event.agent_id)
-    subject = event_subject(event.run_id, event.kind)
-    if callback and event.kind in TERMINAL_KINDS:
-        return f"{subject}.{CALLBACK_TOKEN}"
-    return subject
-
-
-def run_subjects(run_id: str) -> str:
-    """Raises ``ValueError`` for a run id that is not one subject token."""
-    check_token(run_id, "run id")
-    return f"{EVENTS_PREFIX}.{run_id}.>"
-
-
-def kind_subjects(kind: str) -> str:
-    """Every event of ``kind``; dispatches: every agent's; a terminal kind: the runs without
-    a callback only (``kind_filters`` has both forms)."""
-    if kind == "dispatched":
-        return f"{EVENTS_PREFIX}.*.dispatched.*"
-    return f"{EVENTS_PREFIX}.*.{kind}"
-
-
-def kind_filters(kind: str) -> list[str]:
-    """Every event of ``kind``, as one filter per subject form (a terminal kind has two)."""
-    if kind in TERMINAL_KINDS:
-        return [kind_subjects(kind), f"{EVENTS_PREFIX}.*.{kind}.{CALLBACK_TOKEN}"]
-    return [kind_subjects(kind)]
-
-
-def callback_ends() -> list[str]:
-    """The terminal events of the runs that have a callback URL (what the webhook outbox
-    reads)."""
-    return [f"{EVENTS_PREFIX}.*.{kind}.{CALLBACK_TOKEN}" for kind in TERMINAL_KINDS]
-
-
-def agent_dispatches(agent_id: str) -> str:
-    """The dispatches addressed to ``agent_id``."""
-    check_token(agent_id, "agent id")
-    return f"{EVENTS_PREFIX}.*.dispatched.{agent_id}"
 
 
 @dataclass(frozen=True)
