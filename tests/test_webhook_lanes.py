@@ -17,6 +17,7 @@ from runtime.control.webhook_lanes import Lanes
 from runtime.control.webhooks import OUTBOX, WebhookService
 from runtime.infra.config import parse
 from runtime.infra.eventlog import EventLog, Stored
+from runtime.infra.natsserver import NatsServer
 from runtime.infra.streams import EVENTS_STREAM, WEBHOOKS_STREAM
 from tests.test_eventlog import history
 
@@ -108,6 +109,60 @@ async def test_one_teams_hung_events_do_not_hold_back_another_teams_callback(nc:
         tg.cancel_scope.cancel()
     assert all([await delivery_stored(nc, "acme", f"run_a{i}") for i in range(4)])
     assert floors and max(floors) < hung_ends[0]  # while they hung, no ack passed them
+
+
+async def test_events_in_flight_when_the_process_dies_are_handled_by_the_next_one(
+    nats_server: NatsServer, nc: Client
+) -> None:
+    """A deliverer dies (its connection drops) while acme's events are being handled and a
+    later event of another team was handled (its delivery stored): no ack covers acme's, and
+    the next deliverer stores their deliveries once their ack_wait has passed."""
+    js = nc.jetstream()
+    doomed = await nats_server.connect("admin", "jetrun-webhooks")
+    first = WebhookService(doomed, CONFIG)
+    first.outbox_ack_wait_s = 2.0  # what the dead process held comes back soon
+    gated = GatedLog(doomed)
+    gated.held, gated.release = {"run_a0", "run_a1"}, anyio.Event()  # never released
+    first.log = gated
+    await first.ensure()
+    log = EventLog(nc)
+    hung_ends = []
+    for run_id in ("run_a0", "run_a1"):
+        for event in with_callback(run_id, "acme"):
+            seq = (await log.append(event, callback=True)).seq
+        hung_ends.append(seq)
+    for event in with_callback("run_b", "big"):
+        last = (await log.append(event, callback=True)).seq
+
+    async def ack_floor() -> int:
+        info = await js.consumer_info(EVENTS_STREAM, OUTBOX)
+        return (info.ack_floor.stream_seq if info.ack_floor else 0) or 0
+
+    outbox = await doomed.jetstream().pull_subscribe_bind(durable=OUTBOX, stream=EVENTS_STREAM)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(first._outbox_loop, outbox)
+        with anyio.fail_after(10):
+            while not await delivery_stored(nc, "big", "run_b"):
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    await doomed.close()  # dead: acme's events were taken and never handled
+    assert await ack_floor() < hung_ends[0]
+
+    second = WebhookService(nc, CONFIG)
+    outbox = await js.pull_subscribe_bind(durable=OUTBOX, stream=EVENTS_STREAM)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(second._outbox_loop, outbox)
+        with anyio.fail_after(20):
+            while True:
+                stored = [await delivery_stored(nc, "acme", r) for r in ("run_a0", "run_a1")]
+                floor = await ack_floor()
+                if not stored[0]:
+                    assert floor < hung_ends[0]
+                info = await js.consumer_info(EVENTS_STREAM, OUTBOX)
+                if all(stored) and floor >= last and not info.num_ack_pending:
+                    break
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
 
 
 async def test_a_team_holds_at_most_its_lane_and_the_others_take_turns() -> None:
