@@ -40,7 +40,10 @@ async def test_output_printed_after_an_attempt_never_lands_in_the_next() -> None
 
 @pytest.mark.parametrize(
     "how",
-    ["thread", "raw-thread", "fork", "fork-print", "exec", "thread+sigpipe", "fork+sigpipe"],
+    [
+        *("thread", "raw-thread", "thread-program", "fork", "fork-print", "exec"),
+        *("thread+sigpipe", "fork+sigpipe"),
+    ],
 )
 async def test_what_lingers_and_prints_during_the_next_attempt_never_lands_in_it(
     how: str, tmp_path: Path
@@ -111,15 +114,16 @@ async def test_a_startup_thread_printing_through_two_teams_attempts_lands_in_nei
                 done = await worker.run([from_python(team), from_python(0.4)], output=capture)
                 assert done.ok, done
             beats = [text for _, text in pipeline_log(caplog) if text.startswith("heartbeat")]
-            assert len(beats) >= 40  # logged as they came, while the attempts ran (0.8 s)
+            assert len(beats) >= 30  # logged as they came, while the attempts ran (0.8 s)
     for team, capture in captures.items():
         assert [line.text for line in capture.take()] == [f"now: {team}"]
     logged = pipeline_log(caplog)
     assert logged[0] == ("stdout", "loading")
-    assert {stream for stream, text in logged if text.startswith("heartbeat")} == {
-        "stdout",
-        "stderr",
-    }
+    beats_by_way: dict[int, set[str]] = {}  # print to stdout, stderr, sys.__stderr__, echo
+    for stream, text in logged:
+        if text.startswith("heartbeat"):
+            beats_by_way.setdefault(int(text.split()[1]) % 4, set()).add(stream)
+    assert beats_by_way == {0: {"stdout"}, 1: {"stderr"}, 2: {"stderr"}, 3: {"stdout"}}
 
 
 async def test_a_thread_nobody_tagged_prints_into_no_attempt(

@@ -13,7 +13,9 @@ The startup step's pipes (fds 1 and 2 at spawn) stay open for the worker's life 
 pipeline's own output: the agent logs what comes on them (``jetrun.worker``), never into a run.
 
 Threads share the worker's fds, so Python-level writes are routed by thread: ``sys.stdout``
-and ``sys.stderr`` become ``Routed`` streams, and a thread started during an attempt (by
+and ``sys.stderr`` (and ``sys.__stdout__``, ``sys.__stderr__``) become ``Routed`` streams, and
+a program a thread starts with ``subprocess`` gets its stdout and stderr by the same rule
+unless told otherwise. A thread started during an attempt (by
 ``threading.Thread`` or ``_thread.start_new_thread``, or by a thread that was) belongs to it:
 what it writes goes to that attempt's pipes while it runs and is dropped once it ended; work
 given to a ``ThreadPoolExecutor`` belongs to the attempt that submitted it, whichever thread
@@ -21,7 +23,8 @@ runs it. The main thread's writes go to the attempt under way. Threads started b
 step (a model loader's progress or heartbeat thread), and threads nobody tagged (started
 before the worker began routing, or by C code calling into Python), belong to no attempt:
 their writes go to the pipeline's own output. Writes to fds 1 and 2 that bypass ``sys.stdout``
-(a C library's own thread, ``os.write``) cannot be told apart and go to the attempt under way.
+(a C library's own thread, ``os.write``, ``os.system``) cannot be told apart and go to the
+attempt under way.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import contextlib
 import functools
 import os
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterable
@@ -145,6 +149,25 @@ def _tag_raw_threads(attempts: Attempts) -> None:
     _thread.start_new = tagged  # its old alias
 
 
+def _route_programs(attempts: Attempts, own: tuple[int, int]) -> None:
+    """A program started with ``subprocess`` (or asyncio's subprocesses, built on it) by a
+    thread that is not the attempt's own gets no share of the attempt's fds 1 and 2 unless
+    asked: its stdout and stderr default to the pipeline's own output (a thread of no attempt)
+    or to ``/dev/null`` (a thread of an ended attempt)."""
+    init = subprocess.Popen.__init__
+
+    def routed_init(popen: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
+        route = attempts.route()
+        if route != REAL and len(args) < 5:  # stdout is the 5th positional parameter
+            fds = own if route == PIPELINE else (subprocess.DEVNULL, subprocess.DEVNULL)
+            for name, fd in zip(("stdout", "stderr"), fds, strict=True):
+                if kwargs.get(name) is None:
+                    kwargs[name] = fd
+        init(popen, *args, **kwargs)
+
+    subprocess.Popen.__init__ = routed_init  # type: ignore[method-assign,assignment]
+
+
 class Routed:
     """A stream whose writes go where ``Attempts.route`` says: the real stream's (fds 1 and
     2), the pipeline's own output, or nowhere. Everything else is the real stream's."""
@@ -223,6 +246,8 @@ class Stdio:
         self._own = [_own_stream(stream) for stream in self._real]
         self._routed = [Routed(r, o, attempts) for r, o in zip(self._real, self._own, strict=True)]
         sys.stdout, sys.stderr = self._routed
+        sys.__stdout__, sys.__stderr__ = self._routed  # type: ignore[misc]  # the same, by name
+        _route_programs(attempts, (self._own[0].fileno(), self._own[1].fileno()))
 
     def begin(self) -> None:
         """Put this attempt's pipes (sent by the agent with its request) on fds 1 and 2."""
