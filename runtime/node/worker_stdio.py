@@ -177,17 +177,19 @@ class Routed:
         self._buffer: Routed | None = None
 
     def write(self, data: Any) -> int:
-        route = self._attempts.route()
-        if route == PIPELINE:
+        attempts = self._attempts
+        if attempts.route() == PIPELINE:  # a thread's route to its pipeline never changes
             with contextlib.suppress(BrokenPipeError):  # the agent let go of the worker
                 self._own.write(data)
             return len(data)
-        with self._attempts.lock:
-            if route == REAL:
+        with attempts.lock:
+            # decided again under the lock: the attempt this thread belongs to may have ended
+            # (and the next one, maybe another team's, begun) while it waited for the lock
+            if attempts.route() == REAL:
                 try:
                     return int(self._real.write(data))
                 except BrokenPipeError:
-                    if not self._attempts.orphaned():
+                    if not attempts.orphaned():
                         raise
         return len(data)
 
