@@ -8,15 +8,12 @@ bounded."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import pytest
-import uvicorn
 from prometheus_client import CollectorRegistry, Histogram
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -28,6 +25,7 @@ from runtime.control.http_input import HTTPError, error_response, json_response,
 from runtime.control.http_input import read_body as read_limited
 from runtime.infra.config import Settings
 from runtime.infra.http_server import protocol_for
+from tests.http_serving import recording, serving
 
 pytestmark = pytest.mark.anyio
 
@@ -76,42 +74,14 @@ class Gateway:
         )
 
 
-class Recorded:
-    def __init__(self, transport: asyncio.Transport, writes: list[bytes]) -> None:
-        self._transport, self._writes = transport, writes
-
-    def write(self, data: bytes) -> None:
-        self._writes.append(bytes(data))
-        self._transport.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[Gateway, int]]:
     gateway = Gateway()
     front = gateway.front()
     settings = Settings(http_header_timeout_s=DEADLINE_S, http_keepalive_s=30)
-
-    class Protocol(protocol_for(settings, direct=front)):  # type: ignore[misc]
-        def connection_made(self, transport: asyncio.Transport) -> None:
-            super().connection_made(Recorded(transport, gateway.writes))  # type: ignore[arg-type]
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    config = uvicorn.Config(
-        front, lifespan="off", log_config=None, loop="none", http=Protocol, log_level="critical"
-    )
-    server = uvicorn.Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve, [sock])
-        with anyio.fail_after(10):
-            while not server.started:
-                await anyio.sleep(0.01)
-        yield gateway, sock.getsockname()[1]
-        server.should_exit = True
+    protocol = recording(protocol_for(settings, direct=front), gateway.writes)
+    async with serving(front, protocol) as port:
+        yield gateway, port
 
 
 def post(body: bytes, *head: bytes) -> bytes:

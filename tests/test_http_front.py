@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import httpx
 import nats.errors
 import pytest
-import uvicorn
 from prometheus_client import CollectorRegistry, Histogram
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -36,6 +33,7 @@ from runtime.control.http_input import (
 )
 from runtime.infra.config import Settings
 from runtime.infra.http_server import protocol_for
+from tests.http_serving import serving as on_loopback
 
 pytestmark = pytest.mark.anyio
 
@@ -122,25 +120,8 @@ async def http(app: App, request: pytest.FixtureRequest) -> AsyncIterator[httpx.
 @contextlib.asynccontextmanager
 async def serving(front: Front) -> AsyncIterator[str]:
     """``front`` served on loopback by the gateway's protocol, as ``jetrun`` serves it."""
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    config = uvicorn.Config(
-        front,
-        lifespan="off",
-        log_config=None,
-        loop="none",
-        http=protocol_for(Settings(), direct=front),
-        log_level="critical",
-    )
-    server = uvicorn.Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve, [sock])
-        with anyio.fail_after(10):
-            while not server.started:
-                await anyio.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-        server.should_exit = True
+    async with on_loopback(front, protocol_for(Settings(), direct=front)) as port:
+        yield f"http://127.0.0.1:{port}"
 
 
 def access_lines(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:

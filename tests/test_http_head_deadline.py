@@ -7,13 +7,11 @@ is closed (a real uvicorn server on loopback with the gateway's protocol; raw so
 from __future__ import annotations
 
 import contextlib
-import socket
 import time
 from collections.abc import AsyncIterator
 
 import anyio
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -21,6 +19,7 @@ from starlette.routing import Route
 
 from runtime.infra.config import Settings
 from runtime.infra.http_server import protocol_for
+from tests.http_serving import serving
 
 pytestmark = pytest.mark.anyio
 
@@ -34,35 +33,16 @@ async def ok(request: Request) -> Response:
 
 @pytest.fixture
 async def port() -> AsyncIterator[int]:
-    async with serving(keepalive_s=30) as port:
+    async with served(keepalive_s=30) as port:
         yield port
 
 
 @contextlib.asynccontextmanager
-async def serving(keepalive_s: int) -> AsyncIterator[int]:
+async def served(keepalive_s: int) -> AsyncIterator[int]:
     settings = Settings(http_header_timeout_s=DEADLINE_S, http_keepalive_s=keepalive_s)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    config = uvicorn.Config(
-        Starlette(routes=[Route("/ok", ok)]),
-        lifespan="off",
-        log_config=None,
-        loop="none",
-        http=protocol_for(settings),
-        timeout_keep_alive=keepalive_s,
-        log_level="critical",
-    )
-    server = uvicorn.Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve, [sock])
-        with anyio.fail_after(10):
-            while not server.started:
-                await anyio.sleep(0.01)
-        try:
-            yield sock.getsockname()[1]
-        finally:
-            server.should_exit = True  # also when the test failed
+    app = Starlette(routes=[Route("/ok", ok)])
+    async with serving(app, protocol_for(settings), timeout_keep_alive=keepalive_s) as port:
+        yield port
 
 
 async def answer(conn: anyio.abc.SocketStream) -> bytes:
@@ -107,7 +87,7 @@ async def test_an_idle_keep_alive_connection_then_a_stalled_head(port: int) -> N
 async def test_the_keep_alive_deadline_counts_from_the_last_response() -> None:
     """Requests every 0.4 s for 2.5 s on a 1 s keep-alive: never closed (each response starts
     the idle time again); then idle: closed about 1 s after the last response."""
-    async with serving(keepalive_s=1) as port, await anyio.connect_tcp("127.0.0.1", port) as conn:
+    async with served(keepalive_s=1) as port, await anyio.connect_tcp("127.0.0.1", port) as conn:
         began = time.monotonic()
         while time.monotonic() - began < 2.5:
             await conn.send(REQUEST)

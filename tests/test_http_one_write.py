@@ -5,15 +5,12 @@ transport wrapped to record every write."""
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import httpx
 import pytest
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
@@ -21,22 +18,9 @@ from starlette.routing import Route
 
 from runtime.infra.config import Settings
 from runtime.infra.http_server import protocol_for
+from tests.http_serving import recording, serving
 
 pytestmark = pytest.mark.anyio
-
-
-class Recorded:
-    """A transport that records what is written through it."""
-
-    def __init__(self, transport: asyncio.Transport, writes: list[bytes]) -> None:
-        self._transport, self._writes = transport, writes
-
-    def write(self, data: bytes) -> None:
-        self._writes.append(bytes(data))
-        self._transport.write(data)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
 
 
 async def fixed(request: Request) -> Response:
@@ -63,30 +47,14 @@ async def half(scope: Any, receive: Any, send: Any) -> None:
 async def server() -> AsyncIterator[tuple[str, list[bytes]]]:
     writes: list[bytes] = []
 
-    class Protocol(protocol_for(Settings())):  # type: ignore[misc]
-        def connection_made(self, transport: asyncio.Transport) -> None:
-            super().connection_made(Recorded(transport, writes))  # type: ignore[arg-type]
-
     app = Starlette(routes=[Route("/fixed", fixed), Route("/stream", streamed)])
 
     async def routed(scope: Any, receive: Any, send: Any) -> None:
         target = half if scope.get("path") == "/half" else app
         await target(scope, receive, send)
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(16)
-    config = uvicorn.Config(
-        routed, lifespan="off", log_config=None, loop="none", http=Protocol, log_level="critical"
-    )
-    server = uvicorn.Server(config)
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(server.serve, [sock])
-        with anyio.fail_after(10):
-            while not server.started:
-                await anyio.sleep(0.01)
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", writes
-        server.should_exit = True
+    async with serving(routed, recording(protocol_for(Settings()), writes)) as port:
+        yield f"http://127.0.0.1:{port}", writes
 
 
 async def test_a_response_of_known_length_is_one_write(
