@@ -25,12 +25,14 @@ from runtime.infra.streams import (
     EVENTS_STREAM,
     LOGS_STREAM,
     PROBE_STREAM,
+    RETRY_STREAM,
     SCALING_STREAM,
     STREAM_SLOTS_STREAM,
     VIEWS_STREAM,
     WEBHOOKS_STREAM,
     dead_config,
     probe_config,
+    retry_config,
     stream_slots_config,
     webhooks_config,
 )
@@ -52,6 +54,7 @@ async def provision(nc: Client, config: Config, settings: LogSettings) -> list[s
     for stream in (
         webhooks_config(replicas=settings.replicas),
         dead_config(replicas=settings.replicas),
+        retry_config(replicas=settings.replicas),
         stream_slots_config(replicas=settings.replicas),
     ):
         await ensure_stream(log.js, stream, settings.setup_deadline_s)
@@ -60,6 +63,7 @@ async def provision(nc: Client, config: Config, settings: LogSettings) -> list[s
         VIEWS_STREAM,
         WEBHOOKS_STREAM,
         DEAD_STREAM,
+        RETRY_STREAM,
         STREAM_SLOTS_STREAM,
         LOGS_STREAM,
         PROBE_STREAM,

@@ -13,9 +13,11 @@ Durable consumers, so that nothing is lost to a restart:
    sequence below which every event known here is handled, and only when nothing it counts
    as outstanding is unknown here (``AckWindow``), so an ack never covers an event whose
    delivery is not stored. An event it
-   cannot handle (an exception, or ``EVENT_DEADLINE_S`` passed) is tried again later, and
-   after ``ATTEMPTS`` tries goes to the dead letters with why (``_give_up``): held for ever
-   it would hold back the ack of every team's later events.
+   cannot handle (an exception, or ``EVENT_DEADLINE_S`` passed) is parked in
+   ``JETRUN_WEBHOOKS_RETRY`` and retried from there (``runtime.control.webhook_retries``), so
+   the ack moves on past it; after ``ATTEMPTS`` tries it goes to the dead letters with why
+   (``give_up``). An event whose team's lane is full is parked too (``Crowded``), rather than
+   wait here holding back the ack and the fetch budget of every team.
 2. **Deliverer** (one consumer per team on ``JETRUN_WEBHOOKS``, ``runtime.control.
    webhook_delivery``): POST it, signed, with retries and back-off, each team within its own
    cap and the deliverer's slots shared fairly between teams; ack after a 2xx. A delivery that
@@ -54,10 +56,10 @@ from runtime.control.webhook_outbox import (
     ack_subject,
     failure,
     fitted,
-    retry_after,
     subject_parts,
     unhandled,
 )
+from runtime.control.webhook_retries import Crowded, Keep, Retries
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
 from runtime.infra.eventlog import (
@@ -72,6 +74,7 @@ from runtime.infra.streams import (
     DEAD_STREAM,
     EVENTS_STREAM,
     dead_config,
+    retry_config,
     webhooks_config,
 )
 from runtime.infra.streamsetup import ensure_stream
@@ -111,6 +114,8 @@ class WebhookService:
         self.event_deadline_s = EVENT_DEADLINE_S
         # events handled at once, in all and of one team (``Lanes``)
         self.outbox_concurrency, self.outbox_team_concurrency = OUTBOX_SLOTS, OUTBOX_TEAM_SLOTS
+        self.lanes = Lanes(OUTBOX_SLOTS, OUTBOX_TEAM_SLOTS)  # made again by ``_outbox_loop``
+        self.retries = Retries(self.js, self)
 
     @property
     def delivered(self) -> int:
@@ -124,9 +129,10 @@ class WebhookService:
         """Streams and the durable consumers (the outbox, one per team). Idempotent."""
         await self.log.ensure()
         replicas = self.settings.replicas
-        for config in (webhooks_config(replicas=replicas), dead_config(replicas=replicas)):
-            await ensure_stream(self.js, config, self.settings.setup_deadline_s)
+        for config in (webhooks_config, dead_config, retry_config):
+            await ensure_stream(self.js, config(replicas=replicas), self.settings.setup_deadline_s)
         await self._ensure_outbox()
+        await self.retries.ensure()
         await self.deliverer.ensure()
 
     async def _ensure_outbox(self) -> None:
@@ -168,11 +174,13 @@ class WebhookService:
 
     async def _outbox_loop(self, psub: JetStreamContext.PullSubscription) -> None:
         """Fetch events while fewer than ``OUTBOX_BATCH`` are being handled, each handled in
-        its own task (within its team's lane), and ack between fetches (nothing is on its way
-        to this process then: a pull consumer delivers only what a fetch asks for)."""
+        its own task (within its team's lane, or parked if that is full), and ack between
+        fetches (nothing is on its way to this process then: a pull consumer
+        delivers only what a fetch asks for). Parked events are retried alongside."""
         window: AckWindow[Msg] = AckWindow()
-        lanes = Lanes(self.outbox_concurrency, self.outbox_team_concurrency)
+        self.lanes = Lanes(self.outbox_concurrency, self.outbox_team_concurrency)
         async with anyio.create_task_group() as tg:
+            tg.start_soon(self.retries.run)
             while True:
                 room = OUTBOX_BATCH - window.busy
                 msgs = await fetch(psub, room) if room > 0 else []
@@ -181,13 +189,16 @@ class WebhookService:
                     if seqs is None:
                         seqs = (msg.metadata.sequence.stream, msg.metadata.sequence.consumer)
                     if window.received(*seqs):
-                        tg.start_soon(self._handle_one, msg, seqs[0], window, lanes)
+                        tg.start_soon(self._handle_one, msg, seqs[0], window)
                 await self._ack(psub, window)
                 if len(msgs) < room or room <= 0:
                     await anyio.sleep(OUTBOX_LINGER_S)
 
-    async def _handle_one(self, msg: Msg, seq: int, window: AckWindow[Msg], lanes: Lanes) -> None:
-        if await self._handle(msg, seq, lanes):
+    async def _handle_one(self, msg: Msg, seq: int, window: AckWindow[Msg]) -> None:
+        """Handled, parked or buried: an ack may cover it; else no ack covers it until it
+        is, and it comes again."""
+        err = await self.attempt(msg.subject, msg.data, seq, msg.in_progress, crowd=True)
+        if err is None or await self.retries.failed(msg, seq, err):
             window.handled(seq, msg)
         else:  # no ack covers it until it is handled
             window.failed(seq)
@@ -217,24 +228,27 @@ class WebhookService:
         except Exception as err:  # an outage: the events stay outstanding, acked later
             log.debug("webhooks outbox: ack later: %r", err)
 
-    async def _handle(self, msg: Msg, seq: int, lanes: Lanes | None = None) -> bool:
-        """Handle one event, in its team's lane: True once nothing more is to be done with it
-        (handled, or given up on and in the dead letters); False: it was nak'd and comes again
-        later."""
-        lanes = lanes or Lanes(1, 1)
-        run_id, _ = subject_parts(msg.subject)
+    async def attempt(
+        self, subject: str, data: bytes, seq: int, keep: Keep, crowd: bool = False
+    ) -> Exception | None:
+        """Handle an event once, in its team's lane (``keep``: its message's ``in_progress``
+        while it waits): None, or why it failed (``crowd``: ``Crowded`` when its team's lane
+        is full, for it to be parked rather than wait here holding back the ack)."""
+        run_id, _ = subject_parts(subject)
         try:
             with anyio.fail_after(self.event_deadline_s):
                 team = await self._team_of(run_id)
         except Exception as err:
-            return await self._failed(msg, seq, err)
-        async with lanes.slot(team, msg.in_progress, self.outbox_ack_wait_s / 3):
+            return err
+        if crowd and self.lanes.busy(team) >= self.lanes.per_team:
+            return Crowded(f"team {team or '(unknown)'}'s lane is full")
+        async with self.lanes.slot(team, keep, self.outbox_ack_wait_s / 3):
             try:
                 with anyio.fail_after(self.event_deadline_s):
-                    await self._on_event(msg, seq)
-                return True
+                    await self._on_event(subject, data, seq)
+                return None
             except Exception as err:
-                return await self._failed(msg, seq, err)
+                return err
 
     async def _team_of(self, run_id: str) -> str:
         """The team of ``run_id`` (two direct gets at most, however long its run); empty for
@@ -242,32 +256,9 @@ class WebhookService:
         submitted = await submission_of(self.log, run_id)
         return submitted.team if submitted is not None else ""
 
-    async def _failed(self, msg: Msg, seq: int, err: Exception) -> bool:
-        """An attempt failed: nak'd to come back later (False), or, after the last attempt, in
-        the dead letters (True)."""
-        attempts = delivery_count(msg)
-        delay = retry_after(attempts, self.attempts, self.retry_base_s)
-        if delay is None:
-            try:
-                await self._give_up(msg, seq, attempts, err)
-                return True
-            except Exception as bury_err:  # NATS trouble: tried again later
-                log.warning("webhooks outbox: %s not buried: %r", msg.subject, bury_err)
-                delay = self.retry_base_s
-        log.warning(
-            "webhooks outbox: %s (attempt %d) will be retried in %g s: %r",
-            msg.subject,
-            attempts,
-            delay,
-            err,
-        )
-        with contextlib.suppress(Exception):
-            await msg.nak(delay=delay)
-        return False
-
-    async def _give_up(self, msg: Msg, seq: int, attempts: int, err: Exception) -> None:
+    async def give_up(self, subject: str, seq: int, attempts: int, err: Exception) -> None:
         """The event goes to the dead letters, with the run as far as the log can be read."""
-        run_id, kind = subject_parts(msg.subject)
+        run_id, kind = subject_parts(subject)
         record = None
         with contextlib.suppress(Exception), anyio.fail_after(self.event_deadline_s):
             record = await self.log.load(run_id)
@@ -278,9 +269,9 @@ class WebhookService:
         )
         await self.deliverer.bury(unhandled(run_id, record), attempts, why, f"event{seq}")
 
-    async def _on_event(self, msg: Msg, seq: int) -> None:
-        run_id, _ = subject_parts(msg.subject)
-        event = decode_event(msg.data)
+    async def _on_event(self, subject: str, data: bytes, seq: int) -> None:
+        run_id, _ = subject_parts(subject)
+        event = decode_event(data)
         stored = await self.log.read(run_id)
         before = fold((s.event for s in stored if s.seq < seq), run_id=run_id)
         after = evolve(before, event)
@@ -301,14 +292,6 @@ class WebhookService:
         subject = pending_subject(delivery.team, delivery.run.id)
         headers = {"Nats-Msg-Id": delivery.delivery_id}
         await self.js.publish(subject, payload, headers=headers)
-
-
-def delivery_count(msg: Msg) -> int:
-    """How many times the consumer has delivered ``msg`` (this time included)."""
-    try:
-        return int(msg.metadata.num_delivered or 1)
-    except Exception:  # not a JetStream message: its first
-        return 1
 
 
 def outbox_config(

@@ -42,6 +42,7 @@ SCALING = "JETRUN_SCALING"
 LOGS = "JETRUN_LOGS"
 WEBHOOKS = "JETRUN_WEBHOOKS"
 DEAD = "JETRUN_WEBHOOKS_DEAD"
+RETRY = "JETRUN_WEBHOOKS_RETRY"  # the outbox's events parked for a retry
 VIEWS = "JETRUN_RUNS"  # KV bucket: ended runs' views and the replay checkpoint
 LISTING = "JETRUN_LISTING"  # every run per team (the listing index)
 SUBMIT_SUBJECT = "jetrun.submit"  # request: a platform service submits a run through admission
@@ -201,10 +202,13 @@ def permissions(role: str) -> Permissions:
                 *_READ_LOG,
                 *_read(WEBHOOKS),
                 *_read(DEAD),
+                *_read(RETRY),
                 f"{API}.CONSUMER.DURABLE.CREATE.{EVENTS}.*",
                 f"{API}.CONSUMER.DURABLE.CREATE.{WEBHOOKS}.*",
+                f"{API}.CONSUMER.DURABLE.CREATE.{RETRY}.*",
                 f"$JS.ACK.{EVENTS}.>",
                 f"$JS.ACK.{WEBHOOKS}.>",
+                f"$JS.ACK.{RETRY}.>",
                 "jetrun.webhooks.>",
                 # a run's team, before its event is handled (the outbox's lanes)
                 f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.submitted",

@@ -37,6 +37,8 @@ WEBHOOKS_STREAM = "JETRUN_WEBHOOKS"
 WEBHOOKS_PREFIX = "jetrun.webhooks.pending"
 DEAD_STREAM = "JETRUN_WEBHOOKS_DEAD"
 DEAD_PREFIX = "jetrun.webhooks.dead"
+RETRY_STREAM = "JETRUN_WEBHOOKS_RETRY"
+RETRY_PREFIX = "jetrun.webhooks.retry"
 STREAM_SLOTS_STREAM = "JETRUN_STREAM_SLOTS"
 STREAM_SLOTS_PREFIX = "jetrun.streams"
 STREAM_SLOT_TTL_S = 30.0  # a slot its gateway stopped renewing (it died) is free after this
@@ -188,6 +190,21 @@ def dead_config(*, replicas: int) -> api.StreamConfig:
         num_replicas=replicas,
         max_age=30 * 86_400.0,
         allow_direct=True,
+    )
+
+
+def retry_config(*, replicas: int) -> api.StreamConfig:
+    """``JETRUN_WEBHOOKS_RETRY``: the outbox's events it failed to handle once, ``.retry.<run_id>``,
+    each parked here until it is handled or in the dead letters (a work queue: gone once acked);
+    a day's dedup window (an event parked again after a restart is stored once)."""
+    return api.StreamConfig(
+        name=RETRY_STREAM,
+        subjects=[f"{RETRY_PREFIX}.>"],
+        retention=api.RetentionPolicy.WORK_QUEUE,
+        storage=api.StorageType.FILE,
+        num_replicas=replicas,
+        duplicate_window=86_400.0,
+        max_age=7 * 86_400.0,
     )
 
 
