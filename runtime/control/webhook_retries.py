@@ -106,7 +106,9 @@ class Retries:
                 await self.outbox.give_up(msg.subject, seq, attempts, err)
             else:
                 await self.park(msg.subject, msg.data, seq, attempts, delay)
-                log.warning(
+                level = logging.DEBUG if attempts == 0 else logging.WARNING  # 0: crowded
+                log.log(
+                    level,
                     "webhooks outbox: %s (attempt %d) parked, retried in %g s: %r",
                     msg.subject,
                     attempts,
