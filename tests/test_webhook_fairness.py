@@ -8,40 +8,18 @@ from __future__ import annotations
 import dataclasses
 
 import anyio
-import msgspec
 import pytest
 from nats.aio.client import Client
-from nats.js.errors import NotFoundError
 
 import runtime.control.webhooks as webhooks
-from contracts.events import AnyEvent, RunCompleted, RunSubmitted
-from runtime.control.webhook_delivery import pending_subject
+from contracts.events import RunCompleted
 from runtime.control.webhooks import OUTBOX, WebhookService, dead_letters, outbox_config
-from runtime.infra.config import parse
 from runtime.infra.eventlog import EventLog, Stored, subject_of
 from runtime.infra.natsserver import NatsServer
-from runtime.infra.streams import EVENTS_STREAM, RETRY_STREAM, WEBHOOKS_STREAM
-from tests.test_eventlog import history
+from runtime.infra.streams import EVENTS_STREAM
+from tests.webhook_teams import CONFIG, delivery_stored, parked, with_callback
 
 pytestmark = pytest.mark.anyio
-
-SECRET = "whsec_" + "a" * 24
-CONFIG = parse(
-    {
-        "teams": {
-            "acme": {"tier": "startup", "tokens": ["tok_a"], "webhook_secret": SECRET},
-            "big": {"tier": "startup", "tokens": ["tok_b"], "webhook_secret": SECRET},
-        }
-    }
-)
-
-
-def with_callback(run_id: str, team: str) -> list[AnyEvent]:
-    events = history(run_id)
-    first = events[0]
-    assert isinstance(first, RunSubmitted)
-    url = f"http://127.0.0.1:9/{team}"
-    return [msgspec.structs.replace(first, team=team, callback_url=url), *events[1:]]
 
 
 async def append_run(log: EventLog, run_id: str, team: str) -> int:
@@ -50,18 +28,6 @@ async def append_run(log: EventLog, run_id: str, team: str) -> int:
     for event in with_callback(run_id, team):
         seq = (await log.append(event, callback=True)).seq
     return seq
-
-
-async def stored(nc: Client, team: str, run_id: str) -> bool:
-    try:
-        await nc.jetstream().get_last_msg(WEBHOOKS_STREAM, pending_subject(team, run_id))
-    except NotFoundError:
-        return False
-    return True
-
-
-async def parked(nc: Client) -> int:
-    return (await nc.jetstream().stream_info(RETRY_STREAM)).state.messages
 
 
 class GatedLog(EventLog):
@@ -102,7 +68,7 @@ async def test_a_failing_event_is_parked_and_holds_no_other_teams_callbacks_back
     async with anyio.create_task_group() as tg:
         tg.start_soon(service._outbox_loop, outbox)
         with anyio.fail_after(10):  # long before acme's event could be given up on (31 s)
-            while not all([await stored(nc, "big", r) for r in runs]):
+            while not all([await delivery_stored(nc, "big", r) for r in runs]):
                 info = await js.consumer_info(EVENTS_STREAM, OUTBOX)
                 if ((info.ack_floor.stream_seq if info.ack_floor else 0) or 0) >= bad_seq:
                     assert await parked(nc) == 1  # acked past it only once parked
@@ -150,9 +116,9 @@ async def test_a_burst_of_one_teams_slow_events_does_not_delay_another_teams(
     async with anyio.create_task_group() as tg:
         tg.start_soon(service._outbox_loop, outbox)
         with anyio.fail_after(5):
-            while not await stored(nc, "big", "run_b"):
+            while not await delivery_stored(nc, "big", "run_b"):
                 await anyio.sleep(0.05)
-        assert not any([await stored(nc, "acme", r) for r in burst])  # still hanging
+        assert not any([await delivery_stored(nc, "acme", r) for r in burst])  # still hanging
         assert await parked(nc) > 0  # acme's beyond its lane
         gated.release.set()
         with anyio.fail_after(20):  # then every event is handled and acked
@@ -164,4 +130,4 @@ async def test_a_burst_of_one_teams_slow_events_does_not_delay_another_teams(
                     break
                 await anyio.sleep(0.05)
         tg.cancel_scope.cancel()
-    assert all([await stored(nc, "acme", r) for r in burst])
+    assert all([await delivery_stored(nc, "acme", r) for r in burst])

@@ -6,48 +6,17 @@ and the outbox's one ack (``AckPolicy.ALL``) never covers an event not handled y
 from __future__ import annotations
 
 import anyio
-import msgspec
 import pytest
 from nats.aio.client import Client
-from nats.js.errors import NotFoundError
 
-from contracts.events import AnyEvent, RunSubmitted
-from runtime.control.webhook_delivery import pending_subject
 from runtime.control.webhook_lanes import Lanes
 from runtime.control.webhooks import OUTBOX, WebhookService
-from runtime.infra.config import parse
 from runtime.infra.eventlog import EventLog, Stored
 from runtime.infra.natsserver import NatsServer
-from runtime.infra.streams import EVENTS_STREAM, WEBHOOKS_STREAM
-from tests.test_eventlog import history
+from runtime.infra.streams import EVENTS_STREAM
+from tests.webhook_teams import CONFIG, delivery_stored, with_callback
 
 pytestmark = pytest.mark.anyio
-
-SECRET = "whsec_" + "a" * 24
-CONFIG = parse(
-    {
-        "teams": {
-            "acme": {"tier": "startup", "tokens": ["tok_a"], "webhook_secret": SECRET},
-            "big": {"tier": "startup", "tokens": ["tok_b"], "webhook_secret": SECRET},
-        }
-    }
-)
-
-
-def with_callback(run_id: str, team: str) -> list[AnyEvent]:
-    events = history(run_id)
-    first = events[0]
-    assert isinstance(first, RunSubmitted)
-    url = f"http://127.0.0.1:9/{team}"
-    return [msgspec.structs.replace(first, team=team, callback_url=url), *events[1:]]
-
-
-async def delivery_stored(nc: Client, team: str, run_id: str) -> bool:
-    try:
-        await nc.jetstream().get_last_msg(WEBHOOKS_STREAM, pending_subject(team, run_id))
-    except NotFoundError:
-        return False
-    return True
 
 
 class GatedLog(EventLog):

@@ -7,53 +7,18 @@ outstanding."""
 from __future__ import annotations
 
 import anyio
-import msgspec
 import pytest
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
-from nats.js.errors import NotFoundError
 
-from contracts.events import AnyEvent, RunCompleted, RunSubmitted
-from runtime.control.webhook_delivery import pending_subject
+from contracts.events import RunCompleted
 from runtime.control.webhook_outbox import retry_after, unhandled
 from runtime.control.webhooks import OUTBOX, WebhookService, dead_letters, replay
-from runtime.infra.config import parse
 from runtime.infra.eventlog import EventLog, Stored, subject_of
-from runtime.infra.streams import EVENTS_STREAM, RETRY_STREAM, WEBHOOKS_STREAM
-from tests.test_eventlog import history
+from runtime.infra.streams import EVENTS_STREAM
+from tests.webhook_teams import CONFIG, delivery_stored, parked, with_callback
 
 pytestmark = pytest.mark.anyio
-
-SECRET = "whsec_" + "a" * 24
-CONFIG = parse(
-    {
-        "teams": {
-            "acme": {"tier": "startup", "tokens": ["tok_a"], "webhook_secret": SECRET},
-            "big": {"tier": "startup", "tokens": ["tok_b"], "webhook_secret": SECRET},
-        }
-    }
-)
-
-
-def with_callback(run_id: str, team: str) -> list[AnyEvent]:
-    events = history(run_id)
-    first = events[0]
-    assert isinstance(first, RunSubmitted)
-    url = f"http://127.0.0.1:9/{team}"
-    return [msgspec.structs.replace(first, team=team, callback_url=url), *events[1:]]
-
-
-async def delivery_stored(nc: Client, team: str, run_id: str) -> bool:
-    try:
-        await nc.jetstream().get_last_msg(WEBHOOKS_STREAM, pending_subject(team, run_id))
-    except NotFoundError:
-        return False
-    return True
-
-
-async def parked(nc: Client) -> int:
-    """Events parked for a retry (neither handled nor in the dead letters yet)."""
-    return (await nc.jetstream().stream_info(RETRY_STREAM)).state.messages
 
 
 class SlowLog(EventLog):
@@ -146,7 +111,7 @@ async def test_an_outage_while_burying_keeps_the_event_for_later(nc: Client) -> 
             raise NoRespondersError
         await buried(*args)  # type: ignore[arg-type]
 
-    service.deliverer.bury = flaky_bury  # type: ignore[method-assign]
+    service.deliverer.bury = flaky_bury  # type: ignore[method-assign,assignment]
     outbox = await js.pull_subscribe_bind(durable=OUTBOX, stream=EVENTS_STREAM)
     async with anyio.create_task_group() as tg:
         tg.start_soon(service._outbox_loop, outbox)
