@@ -14,10 +14,10 @@ from nats.aio.client import Client
 import runtime.control.webhooks as webhooks
 from contracts.events import RunCompleted
 from runtime.control.webhooks import OUTBOX, WebhookService, dead_letters, outbox_config
-from runtime.infra.eventlog import EventLog, Stored, subject_of
+from runtime.infra.eventlog import EventLog, subject_of
 from runtime.infra.natsserver import NatsServer
 from runtime.infra.streams import EVENTS_STREAM
-from tests.webhook_teams import CONFIG, delivery_stored, parked, with_callback
+from tests.webhook_teams import CONFIG, GatedLog, delivery_stored, parked, with_callback
 
 pytestmark = pytest.mark.anyio
 
@@ -28,18 +28,6 @@ async def append_run(log: EventLog, run_id: str, team: str) -> int:
     for event in with_callback(run_id, team):
         seq = (await log.append(event, callback=True)).seq
     return seq
-
-
-class GatedLog(EventLog):
-    """The event log, except that reading one of ``held`` waits until ``release`` is set."""
-
-    held: set[str] = set()
-    release = anyio.Event()
-
-    async def read(self, run_id: str) -> list[Stored]:
-        if run_id in self.held:
-            await self.release.wait()
-        return await super().read(run_id)
 
 
 async def test_a_failing_event_is_parked_and_holds_no_other_teams_callbacks_back(

@@ -11,24 +11,12 @@ from nats.aio.client import Client
 
 from runtime.control.webhook_lanes import Lanes
 from runtime.control.webhooks import OUTBOX, WebhookService
-from runtime.infra.eventlog import EventLog, Stored
+from runtime.infra.eventlog import EventLog
 from runtime.infra.natsserver import NatsServer
 from runtime.infra.streams import EVENTS_STREAM
-from tests.webhook_teams import CONFIG, delivery_stored, with_callback
+from tests.webhook_teams import CONFIG, GatedLog, delivery_stored, with_callback
 
 pytestmark = pytest.mark.anyio
-
-
-class GatedLog(EventLog):
-    """The event log, except that reading one of ``held`` waits until ``release`` is set."""
-
-    held: set[str] = set()
-    release = anyio.Event()
-
-    async def read(self, run_id: str) -> list[Stored]:
-        if run_id in self.held:
-            await self.release.wait()
-        return await super().read(run_id)
 
 
 async def test_one_teams_hung_events_do_not_hold_back_another_teams_callback(nc: Client) -> None:

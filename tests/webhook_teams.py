@@ -1,8 +1,10 @@
-"""Two teams with webhook secrets, runs of theirs with a callback URL, and what the webhook
-outbox stored or parked: what the outbox's tests against a real nats-server share."""
+"""Two teams with webhook secrets, runs of theirs with a callback URL, an event log whose reads
+of some runs hang until released, and what the webhook outbox stored or parked: what the
+outbox's tests against a real nats-server share."""
 
 from __future__ import annotations
 
+import anyio
 import msgspec
 from nats.aio.client import Client
 from nats.js.errors import NotFoundError
@@ -10,6 +12,7 @@ from nats.js.errors import NotFoundError
 from contracts.events import AnyEvent, RunSubmitted
 from runtime.control.webhook_delivery import pending_subject
 from runtime.infra.config import parse
+from runtime.infra.eventlog import EventLog, Stored
 from runtime.infra.streams import RETRY_STREAM, WEBHOOKS_STREAM
 from tests.test_eventlog import history
 
@@ -45,3 +48,15 @@ async def delivery_stored(nc: Client, team: str, run_id: str) -> bool:
 async def parked(nc: Client) -> int:
     """Events parked for a retry (neither handled nor in the dead letters yet)."""
     return (await nc.jetstream().stream_info(RETRY_STREAM)).state.messages
+
+
+class GatedLog(EventLog):
+    """The event log, except that reading one of ``held`` waits until ``release`` is set."""
+
+    held: set[str] = set()
+    release = anyio.Event()
+
+    async def read(self, run_id: str) -> list[Stored]:
+        if run_id in self.held:
+            await self.release.wait()
+        return await super().read(run_id)
