@@ -259,7 +259,7 @@ class Scheduler(Applier):
         """Whether a run's end asks for a pass: its permit is to be given back, or a run waits
         in a queue (the slot it freed may take it). Else nothing waits for the slot: a routing
         run that finds no free slot is queued."""
-        return run.slot is not None or bool(self.index.pipelines_with_queue())
+        return run.slot is not None or self.index.any_queued()
 
     def _observe_queue(self, seq: int, event: QueueWaitChanged, queued: list[str]) -> None:
         self.work.observe_queue(event, queued)

@@ -344,6 +344,11 @@ class RunIndex:
     def pipelines_with_queue(self) -> list[str]:
         return [p for p, q in self._queues.items() if q]
 
+    def any_queued(self) -> bool:
+        """Whether any run waits in a queue (``pipelines_with_queue`` without the list, for a
+        check made at every run's end)."""
+        return any(self._queues.values())
+
     def statistics(self) -> IndexStats:
         queues = [
             QueueStats(pipeline=p, depth=len(q), oldest_ticket_seq=q[0][1] if q else None)
