@@ -32,7 +32,15 @@ def test_one_gateway_per_two_cores_at_least_one_at_most_the_cap() -> None:
 
 
 def listening_on(pid: int, port: int) -> bool:
-    """Whether process ``pid`` holds a TCP socket listening on ``port`` (from /proc)."""
+    """Whether process ``pid`` holds a TCP socket listening on ``port`` (from /proc); a process
+    that exits while it is looked at (a gateway just killed) listens on nothing."""
+    try:
+        return _listening_on(pid, port)
+    except FileNotFoundError:  # its /proc entry went away meanwhile
+        return False
+
+
+def _listening_on(pid: int, port: int) -> bool:
     inodes = set()
     for fd in Path(f"/proc/{pid}/fd").iterdir():
         with contextlib.suppress(OSError):
