@@ -16,11 +16,11 @@ import contextlib
 from dataclasses import dataclass
 
 import anyio
-from nats.aio.subscription import Subscription
 
 from contracts.events import AnyEvent
 from runtime.control.views import RunViews, start_position
 from runtime.infra.eventlog import EventLog, Handler, SkipHandler
+from runtime.infra.ordered import OrderedTail
 from runtime.infra.projection import RunIndex
 
 
@@ -45,7 +45,7 @@ class LogFeed:
         self._readers: list[_Reader] = []
         self._position: Position | None = None
         self._starting = anyio.Lock()
-        self._sub: Subscription | None = None
+        self._sub: OrderedTail | None = None
         self._active = 0
 
     def join(self, index: RunIndex, on_event: Handler, on_skipped: SkipHandler) -> None:

@@ -18,7 +18,6 @@ from typing import Any, NamedTuple
 import msgspec
 from nats.aio.client import Client
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
 from nats.js import api
 from nats.js.errors import (
     NotFoundError,
@@ -47,6 +46,7 @@ from runtime.infra.event_subjects import (
     subject_of,
 )
 from runtime.infra.jsretry import retrying
+from runtime.infra.ordered import OrderedTail, TailHandler
 from runtime.infra.streams import EVENTS_STREAM
 from runtime.infra.streamsetup import ensure_stream, require_stream
 
@@ -221,18 +221,17 @@ class EventLog:
         subject: str = ALL_EVENTS,
         subjects: list[str] | None = None,
         skipped: SkipHandler | None = None,
-    ) -> Subscription:
+    ) -> OrderedTail:
         """Call ``handler(seq, event)`` for every event on ``subject`` from ``from_seq`` on,
-        in order, one at a time. An ordered consumer: after a reconnect, a server restart or a
-        gap it is recreated from the last sequence seen, so a handler may see a sequence again
-        (handlers must skip sequences they have seen). A message that does not decode (an
-        event kind from a newer release, say) is logged at WARNING and passed to
-        ``skipped(seq)``, so a reader that counts sequences still moves past it. Unsubscribe
-        the returned subscription to stop."""
+        in order, one at a time (``runtime.infra.ordered``: a handler that suspends holds back
+        the events after it). An ordered consumer: after a reconnect, a server restart or a
+        gap it is recreated from the sequence after the last one received, so each sequence
+        is passed once. A message that does not decode (an event kind from a newer release,
+        say) is logged at WARNING and passed to ``skipped(seq)``, so a reader that counts
+        sequences still moves past it. ``unsubscribe()`` the returned tail to stop."""
 
-        async def on_msg(msg: Msg) -> None:
-            seq = stream_seq(msg)
-            event = _decode(msg)
+        async def on_msg(seq: int, subject: bytes, data: bytes) -> None:
+            event = _decode_data(data, subject)
             if event is not None:
                 await handler(seq, event)
             elif skipped is not None:
@@ -246,13 +245,13 @@ class EventLog:
 
     async def tail_each(
         self, handler: Handler, *, from_seq: int, subjects: list[str]
-    ) -> list[Subscription]:
+    ) -> list[OrderedTail]:
         """``tail`` with one ordered consumer per subject, each created through JetStream's
         filtered create call (``$JS.API.CONSUMER.CREATE.<stream>.<name>.<filter>``), so that
         NATS permissions can say which filters a role may read (one consumer with several
         filters cannot be checked). Events of different subjects may arrive out of log order;
         within a subject they are in order and each sequence is passed once."""
-        subs: list[Subscription] = []
+        subs: list[OrderedTail] = []
         try:
             for subject in subjects:
                 subs.append(await self._tail_one(handler, from_seq, subject))
@@ -263,16 +262,9 @@ class EventLog:
             raise
         return subs
 
-    async def _tail_one(self, handler: Handler, from_seq: int, subject: str) -> Subscription:
-        last = 0
-
-        async def on_msg(msg: Msg) -> None:
-            nonlocal last
-            seq = stream_seq(msg)
-            if seq <= last:  # redelivered after the consumer was recreated
-                return
-            last = seq
-            event = _decode(msg)
+    async def _tail_one(self, handler: Handler, from_seq: int, subject: str) -> OrderedTail:
+        async def on_msg(seq: int, subject: bytes, data: bytes) -> None:
+            event = _decode_data(data, subject)
             if event is not None:
                 await handler(seq, event)
 
@@ -280,18 +272,13 @@ class EventLog:
         return await self._ordered(subject, on_msg, config)
 
     async def _ordered(
-        self, subject: str, on_msg: Callable[[Msg], Awaitable[None]], config: api.ConsumerConfig
-    ) -> Subscription:
-        """An ordered push consumer on the event stream from ``config``'s start sequence."""
-        return await self.js.subscribe(
-            subject,
-            stream=EVENTS_STREAM,
-            cb=on_msg,
-            ordered_consumer=True,
-            idle_heartbeat=1.0,
-            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-            config=config,
-        )
+        self, subject: str, on_msg: TailHandler, config: api.ConsumerConfig
+    ) -> OrderedTail:
+        """An ordered push consumer on the event stream from ``config``'s start sequence,
+        delivered from the connection's reader (``runtime.infra.ordered``)."""
+        if not config.filter_subjects:
+            config.filter_subject = subject
+        return await OrderedTail(self.js, EVENTS_STREAM, config, on_msg, idle_heartbeat=1.0).start()
 
 
 @dataclass
@@ -340,10 +327,15 @@ def stream_seq(msg: Msg) -> int:
 
 
 def _decode(msg: Msg) -> AnyEvent | None:
+    return _decode_data(msg.data, msg.subject)
+
+
+def _decode_data(data: bytes, subject: str | bytes) -> AnyEvent | None:
     try:
-        return decode_event(msg.data)
+        return decode_event(data)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as err:
-        log.warning("skipping undecodable event on %s: %s", msg.subject, err)
+        where = subject.decode(errors="replace") if isinstance(subject, bytes) else subject
+        log.warning("skipping undecodable event on %s: %s", where, err)
         return None
 
 

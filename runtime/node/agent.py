@@ -199,9 +199,14 @@ class Agent(Replicas):
                 raise AgentFenced(self.agent_id)
         finally:
             with anyio.CancelScope(shield=True):
-                for subscription in (*subs, recall, scaling):
+                stops = [
+                    *(tail.unsubscribe for tail in subs),
+                    recall.unsubscribe,
+                    scaling.unsubscribe,
+                ]
+                for stop in stops:
                     with contextlib.suppress(Exception):
-                        await subscription.unsubscribe()
+                        await stop()
                 await self._kill_all()
 
     async def _on_recall(self, msg: Msg) -> None:
