@@ -11,7 +11,9 @@ and jetrun's ratio to each peer. Figures:
   the standard library's client; the same through httpx and through the SDK's module-level
   ``run_pipeline`` are printed beside it);
 - throughput: runs/s from the first submit to the last result (jetrun: async runs submitted by wrk
-  for a fixed time, then until every one is terminal in the event log);
+  for a fixed time, then until every one is terminal in the event log; while they drain the
+  benchmark only polls counts nats-server keeps, and it reads the runs' events, first submit and
+  last end included, once the phase's CPU and messages are counted: ``run_ends.py``);
 - CPU: seconds of CPU per 1,000 runs of each system's own processes during the throughput phase
   (jetrun: until its webhook outbox has also read every event; per process with psutil).
 
@@ -173,6 +175,7 @@ class Jetrun:
         )
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         self.sync_ids: list[str] = []  # the runs of sync_run, in order (bench_stages)
+        self.phase: bench_runs.WrkPhase | None = None  # the last throughput phase
 
     def sync_run(self) -> None:
         """One sync run over a kept-alive connection of the standard library's HTTP client
@@ -220,12 +223,19 @@ class Jetrun:
         )
         nats_url = f"nats://127.0.0.1:{self.nats_port}"
         creds = bench_runs.Credentials.from_dir(self.tmp / "data" / "credentials", "service")
-        _, rate, total = anyio.run(
+        self.phase = anyio.run(
             bench_runs.wrk_throughput, self.url, nats_url, self.wrk_seconds, 256, self.tmp, creds
         )
         # the outbox's CPU (and messages) for these runs are counted too
         anyio.run(nats_traffic.outbox_caught_up, nats_url, creds)
-        return rate, total
+        return float("nan"), self.phase.runs  # the rate: end_to_end, once the CPU is counted
+
+    def end_to_end(self) -> float:
+        """The last throughput phase's runs/s from the first submit to the last run's end, as
+        recorded in the events: read after the phase's CPU and messages are counted (the
+        benchmark's reading is not jetrun's load)."""
+        assert self.phase is not None
+        return anyio.run(bench_runs.end_to_end, *self.nats(), self.phase)
 
     def pids(self) -> list[int]:
         return tree(self.proc.pid)()
@@ -379,12 +389,14 @@ def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) 
     before, parts = cpu_seconds(system.pids), cpu_by_process(system.pids)
     rate, total = system.throughput(runs)
     used = cpu_seconds(system.pids) - before
-    into.add(latencies, rate, used / total * 1000)
     if isinstance(system, Jetrun):
         assert traffic is not None
         after = cpu_by_process(system.pids)
         counted = nats_traffic.per_run(traffic, nats_traffic.snapshot(system.monitor_url), total)
+        rate = system.end_to_end()  # its events are read now: after the counting
         starts.append(system.next_seq())  # where the throughput phase's runs end in the log
+    into.add(latencies, rate, used / total * 1000)
+    if isinstance(system, Jetrun):
         print("\n".join(f"  {line}" for line in counted.lines()), flush=True)
         shares = {k: (v - parts.get(k, 0.0)) / total * 1000 for k, v in after.items()}
         print(

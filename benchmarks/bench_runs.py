@@ -26,7 +26,6 @@ from pathlib import Path
 
 import anyio
 import httpx
-from nats.js import JetStreamContext, api
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,13 +33,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import bench_stages  # noqa: E402
 import nats_traffic  # noqa: E402
+from run_ends import EndCounts, Span  # noqa: E402
 
-from contracts.events import decode_event  # noqa: E402
 from runtime.clients.client import RunEvents  # noqa: E402
-from runtime.infra.eventlog import kind_filters  # noqa: E402
 from runtime.infra.nats_auth import Credentials  # noqa: E402
 from runtime.infra.natsserver import free_port  # noqa: E402
-from runtime.infra.streams import EVENTS_STREAM, TERMINAL_KINDS  # noqa: E402
 
 CONFIG = """
 [teams.bench]
@@ -50,7 +47,6 @@ tokens = ["bench"]
 [settings]
 rate_limit_per_s = 0  # the load generator is one token: measure jetrun, not its rate limit
 """
-READ_KINDS = ("submitted", *TERMINAL_KINDS)
 NOOP = {"pipeline": "demo/noop:v1", "inputs": []}
 
 
@@ -174,65 +170,44 @@ wrk.headers["Authorization"] = "Bearer bench"
 """
 
 
+@dataclass
+class WrkPhase:
+    """A throughput phase under wrk: the rate the API accepted, how many runs it submitted (as
+    counted in the log) and their ``submitted`` and end events, read by ``end_to_end``."""
+
+    accepted: float
+    runs: int
+    span: Span
+
+
 async def wrk_throughput(
     url: str, nats_url: str, seconds: int, concurrency: int, tmp: Path, creds: Credentials
-) -> tuple[float, float, int]:
+) -> WrkPhase:
     """Async runs submitted by wrk (a C load generator: the Python client tops out first) for
-    ``seconds``; then waits until every run is terminal. Returns (accepted runs/s, runs/s from
-    the first submit to the last terminal state, runs)."""
+    ``seconds``; returns once every run is terminal, learned from the counts nats-server keeps
+    (``run_ends.EndCounts``: none of the runs' events is read while they drain; the runs of
+    earlier phases all ended before this one began)."""
     script = tmp / "post.lua"
     script.write_text(POST_LUA)
     argv = ["wrk", "-t2", f"-c{concurrency}", f"-d{seconds}s", "-s", str(script), f"{url}/v4/runs"]
     if os.environ.get("JETRUN_BENCH_LOADGEN_CPUS"):  # keep the load generator off jetrun's cores
         argv = ["taskset", "-c", os.environ["JETRUN_BENCH_LOADGEN_CPUS"], *argv]
     async with RunEvents.connect(nats_url, creds) as events:
-        seen = Span(since=time.time(), next_seq=await events.log.last_seq() + 1)
-        out = await anyio.run_process(argv)
-        accepted = float(out.stdout.decode().split("Requests/sec:")[1].split()[0])
-        for _ in range(1200):  # bounded: 10 minutes
-            await seen.read(events)
-            if seen.first and len(seen.last) == len(seen.first):
-                first, last = min(seen.first.values()), max(seen.last.values())
-                return accepted, len(seen.last) / (last - first), len(seen.first)
-            await anyio.sleep(0.5)
-    raise TimeoutError("runs did not all end")
+        span = Span(since=time.time(), next_seq=await events.log.last_seq() + 1)
+        async with EndCounts(events.log.js, span.next_seq) as counts:
+            out = await anyio.run_process(argv)
+            accepted = float(out.stdout.decode().split("Requests/sec:")[1].split()[0])
+            runs = await counts.until_all_ended(600.0)  # bounded: 10 minutes
+    return WrkPhase(accepted, runs, span)
 
 
-@dataclass
-class Span:
-    """The runs submitted after ``since``: when each was submitted and when each ended, read
-    from the log as it grows through one consumer of the ``submitted`` and terminal events
-    only, each event once (re-reading the whole log every poll loaded nats-server with the
-    benchmark's own reads: 25 of 46 NATS messages per run)."""
-
-    since: float
-    next_seq: int
-    first: dict[str, float] = field(default_factory=dict)
-    last: dict[str, float] = field(default_factory=dict)
-    _sub: JetStreamContext.PullSubscription | None = None
-
-    async def read(self, events: RunEvents) -> None:
-        if self._sub is None:
-            config = api.ConsumerConfig(
-                ack_policy=api.AckPolicy.NONE,
-                deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
-                opt_start_seq=self.next_seq,
-                filter_subjects=[f for k in READ_KINDS for f in kind_filters(k)],
-                inactive_threshold=30.0,
-                mem_storage=True,
-            )
-            self._sub = await events.log.js.pull_subscribe("", stream=EVENTS_STREAM, config=config)
-        while True:
-            try:
-                msgs = await self._sub.fetch(1024, timeout=0.5)
-            except TimeoutError:  # nats-py raises its own or asyncio's (both TimeoutError)
-                return
-            for msg in msgs:
-                event = decode_event(msg.data)
-                if event.kind == "submitted" and event.at >= self.since:
-                    self.first[event.run_id] = event.at
-                elif event.kind in TERMINAL_KINDS and event.run_id in self.first:
-                    self.last[event.run_id] = event.at
+async def end_to_end(nats_url: str, creds: Credentials, phase: WrkPhase) -> float:
+    """The phase's runs/s from the first submit to the last run's end, as recorded in the
+    events, read once the phase is over; raises ``TimeoutError`` if some run's end is not in
+    the log."""
+    async with RunEvents.connect(nats_url, creds) as events:
+        await phase.span.read_all(events.log.js, phase.runs)
+    return phase.span.runs_per_s()
 
 
 @dataclass
@@ -320,9 +295,10 @@ async def main() -> None:
         loaded = None
         if shutil.which("wrk"):
             await phases.begin("wrk")
-            loaded = await wrk_throughput(
+            phase = await wrk_throughput(
                 url, nats_url, args.wrk_seconds, args.concurrency, tmp, creds
             )
+            loaded = phase.accepted, await end_to_end(nats_url, creds, phase), phase.runs
         memory = rss_mb(up.pid)
         stages = await phases.lines()  # every measurement is over: reading costs none of them
     finally:
