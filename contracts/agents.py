@@ -10,12 +10,17 @@ from contracts.scaling import ScalingSettings
 
 
 class Accelerator(msgspec.Struct, frozen=True, kw_only=True):
-    """A group of identical slots on a node: ``kind`` is ``cpu`` or ``gpu``."""
+    """A group of identical slots on a node: ``kind`` is ``cpu`` or ``gpu``.
+
+    ``queue``: how many dispatches beyond ``slots`` the agent takes and holds, first come first
+    served, until one of these slots is free (0, what an agent from before it says: none).
+    Only CPU slots have one: the scheduler never uses a GPU group's."""
 
     kind: str
     model: str = ""
     memory_mb: int | None = None
     slots: int = 1
+    queue: int = 0
 
 
 class PipelineStatus(enum.StrEnum):
@@ -67,6 +72,10 @@ class AgentHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
 
     def slots(self, kind: str) -> int:
         return sum(a.slots for a in self.accelerators if a.kind == kind)
+
+    def queue(self, kind: str) -> int:
+        """Dispatches of ``kind`` the agent holds waiting for a slot, at most."""
+        return sum(a.queue for a in self.accelerators if a.kind == kind)
 
     def ready(self, pointer: str) -> bool:
         return any(

@@ -99,6 +99,13 @@ def _sync_interval(value: str | None) -> str | None:
     "--slots", default=4, show_default=True, type=int, help="CPU slots of the local agent."
 )
 @click.option(
+    "--queue-depth",
+    default=None,
+    type=click.IntRange(0),
+    help="CPU dispatches each agent (the local one and those the autoscaler adds) holds "
+    "waiting for a busy slot (short runs only; default: as many as its CPU slots; 0: none).",
+)
+@click.option(
     "--gateways",
     default=None,
     type=click.IntRange(1, 64),
@@ -135,6 +142,7 @@ def up(
     nats_monitor_port: int | None,
     modules: tuple[str, ...],
     slots: int,
+    queue_depth: int | None,
     gateways: int | None,
     boot_delay: float,
     node_slots: int | None,
@@ -158,6 +166,7 @@ def up(
         nats_monitor_port=nats_monitor_port,
         modules=list(modules),
         slots=slots,
+        queue_depth=queue_depth,
         boot_delay_s=boot_delay,
         node_slots=slots if node_slots is None else node_slots,
         gateways=default_gateways() if gateways is None else gateways,
@@ -234,6 +243,13 @@ def gateway(
     help="local: CPU slots of the agents it starts.",
 )
 @click.option(
+    "--node-queue-depth",
+    default=None,
+    type=click.IntRange(0),
+    help="local: CPU dispatches each agent it starts holds waiting for a busy slot "
+    "(default: as many as --node-slots).",
+)
+@click.option(
     "--boot-delay",
     default=0.0,
     show_default=True,
@@ -268,6 +284,7 @@ def scheduler(
     provider: str,
     node_pipelines: tuple[str, ...],
     node_slots: int,
+    node_queue_depth: int | None,
     boot_delay: float,
     add_command: str | None,
     remove_command: str | None,
@@ -286,6 +303,7 @@ def scheduler(
             nats_url,
             list(node_pipelines),
             cpu_slots=node_slots,
+            cpu_queue=node_queue_depth,
             boot_delay_s=boot_delay,
             env=child_env(),
             node_env=seed_env(node_credentials, child_env()) if node_credentials else None,
@@ -319,6 +337,14 @@ def scheduler(
 )
 @click.option("--slots", default=2, show_default=True, type=int, help="CPU slots.")
 @click.option(
+    "--queue-depth",
+    default=None,
+    type=click.IntRange(0),
+    help="CPU dispatches the agent holds waiting for a busy slot, so the next run is "
+    "there when a slot frees (used only for pipelines whose runs are short; default: as many "
+    "as --slots; 0: none).",
+)
+@click.option(
     "--heartbeat", default=1.0, show_default=True, type=float, help="Seconds between heartbeats."
 )
 @click.option(
@@ -342,6 +368,7 @@ def agent(
     replicas: int,
     modules: tuple[str, ...],
     slots: int,
+    queue_depth: int | None,
     heartbeat: float,
     agent_id: str | None,
     log_max_bytes: int,
@@ -366,6 +393,7 @@ def agent(
         health=(health_host, health_port),
         log_max_bytes=log_max_bytes,
         credentials=credentials,
+        queue_depth=queue_depth,
     )
     _run(serve, nats_url, list(modules), slots, heartbeat, agent_id, LogSettings(replicas=replicas))
 

@@ -172,8 +172,13 @@ class AgentMetrics(Collector):
         slots = GaugeMetricFamily("jetrun_agent_slots", "Slots of this agent", labels=["kind"])
         for accelerator in self.agent.accelerators:
             slots.add_metric([accelerator.kind], accelerator.slots)
+        waiting = self.agent.runner.cpu.statistics().tasks_waiting
         attempts = GaugeMetricFamily("jetrun_agent_attempts", "Attempts running on this agent")
-        attempts.add_metric([], len(self.agent.attempts))
+        attempts.add_metric([], max(len(self.agent.attempts) - waiting, 0))
+        queued = GaugeMetricFamily(
+            "jetrun_agent_attempts_waiting", "Attempts dispatched here waiting for a CPU slot"
+        )
+        queued.add_metric([], waiting)
         pipelines = GaugeMetricFamily(
             "jetrun_agent_pipelines", "Pipelines of this agent", labels=["pipeline", "status"]
         )
@@ -181,7 +186,7 @@ class AgentMetrics(Collector):
             pipelines.add_metric([pointer, pool.status.value], 1)
         draining = GaugeMetricFamily("jetrun_agent_draining", "1 while the agent takes no work")
         draining.add_metric([], int(self.agent.draining))
-        yield from (slots, attempts, pipelines, draining)
+        yield from (slots, attempts, queued, pipelines, draining)
 
 
 def agent_exposition(agent: Agent) -> Exposition:

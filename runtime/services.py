@@ -163,7 +163,9 @@ async def serve_agent(
     health: Address | None = None,
     log_max_bytes: int = DEFAULT_MAX_BYTES,
     credentials: Credentials | None = None,
+    queue_depth: int | None = None,
 ) -> None:
+    """``queue_depth``: CPU dispatches held waiting for a slot (None: as many as ``slots``)."""
     from runtime.health import agent_checks, agent_exposition, health_app, serve_health
     from runtime.node.agent import Agent, AgentFenced
     from runtime.node.replicas import PipelineModuleError
@@ -173,6 +175,7 @@ async def serve_agent(
         nc,
         modules=modules,
         cpu_slots=slots,
+        cpu_queue=slots if queue_depth is None else queue_depth,
         agent_id=agent_id,
         heartbeat_interval_s=heartbeat_s,
         log_settings=settings,

@@ -61,6 +61,8 @@ class UpOptions:
     slots: int
     boot_delay_s: float = 0.0  # simulated boot time of an agent the autoscaler adds
     node_slots: int | None = None  # CPU slots of such an agent (default: ``slots``)
+    # CPU dispatches every agent holds waiting for a slot (None: as many as its slots)
+    queue_depth: int | None = None
     nats_sync: str | None = None  # the embedded nats-server's sync_interval (None: its default)
     gateways: int = 1  # gateway processes on the HTTP port (this one and gateways - 1 more)
     config_path: str | None = None  # what extra gateways and the webhook deliverer read

@@ -83,6 +83,7 @@ def _provider(opts: UpOptions, nats_url: str, server: NatsServer | None) -> Loca
         nats_url,
         opts.modules,
         cpu_slots=opts.slots if opts.node_slots is None else opts.node_slots,
+        cpu_queue=opts.queue_depth,
         boot_delay_s=opts.boot_delay_s,
         heartbeat_s=opts.config.settings.heartbeat_interval_s,
         node_env=node_env,
@@ -106,7 +107,7 @@ async def _serve_agent(
     first = True
     while not stopping.is_set():
         proc = subprocess.Popen(  # noqa: ASYNC220 (returns at once)
-            agent_command(opts.modules, opts.slots, agent_id),
+            agent_command(opts.modules, opts.slots, agent_id, opts.queue_depth),
             env=env,
         )
         try:
@@ -173,9 +174,13 @@ def agent_env(nats_url: str, credentials: Credentials | None) -> dict[str, str]:
     return env
 
 
-def agent_command(modules: list[str], slots: int, agent_id: str) -> list[str]:
+def agent_command(
+    modules: list[str], slots: int, agent_id: str, queue_depth: int | None = None
+) -> list[str]:
     command = [sys.executable, "-m", "runtime.cli", "agent"]
     command += ["--slots", str(slots), "--id", agent_id, "--health-port", "0"]
+    if queue_depth is not None:
+        command += ["--queue-depth", str(queue_depth)]
     for module in modules:
         command += ["--pipelines", module]
     return command

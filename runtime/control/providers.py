@@ -51,13 +51,16 @@ class LocalProvider:
     """Starts ``jetrun agent`` processes on this machine.
 
     ``boot_delay_s`` simulates a machine booting: the agent process starts that long after the
-    request. Each agent gets ``cpu_slots`` slots and serves ``modules``. ``node_env(node_id)``,
-    if given, is the environment of that node's agent (its own NATS identity); else ``env``.
+    request. Each agent gets ``cpu_slots`` slots (and a queue of ``cpu_queue`` dispatches
+    waiting for one; None: the agent's default, as many as its slots) and serves ``modules``.
+    ``node_env(node_id)``, if given, is the environment of that node's agent (its own NATS
+    identity); else ``env``.
     """
 
     nats_url: str
     modules: Sequence[str]
     cpu_slots: int = 2
+    cpu_queue: int | None = None
     boot_delay_s: float = 0.0
     heartbeat_s: float = 1.0
     extra_args: Sequence[str] = ()
@@ -73,6 +76,8 @@ class LocalProvider:
     def command(self, node_id: str) -> list[str]:
         argv = [sys.executable, "-m", "runtime.cli", "agent", "--nats", self.nats_url]
         argv += ["--id", node_id, "--slots", str(self.cpu_slots)]
+        if self.cpu_queue is not None:
+            argv += ["--queue-depth", str(self.cpu_queue)]
         argv += ["--heartbeat", str(self.heartbeat_s), "--health-port", "0"]
         for module in self.modules:
             argv += ["--pipelines", module]

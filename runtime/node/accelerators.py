@@ -15,18 +15,20 @@ NVIDIA_SMI_ARGS = ["--query-gpu=name,memory.total", "--format=csv,noheader,nouni
 NVIDIA_SMI_TIMEOUT_S = 5.0
 
 
-def detect(cpu_slots: int) -> list[Accelerator]:
-    """The node's GPUs, one slot each (identical ones grouped), then ``cpu_slots`` CPU slots.
+def detect(cpu_slots: int, cpu_queue: int = 0) -> list[Accelerator]:
+    """The node's GPUs, one slot each (identical ones grouped), then ``cpu_slots`` CPU slots
+    with a queue of ``cpu_queue`` dispatches waiting for one.
 
     Blocks for up to 5 s while ``nvidia-smi`` runs. Never raises for a missing or failing
     ``nvidia-smi``: the node then reports CPU slots only (and logs a warning if it failed).
     """
-    return [*detect_gpus(), Accelerator(kind="cpu", model="cpu", slots=cpu_slots)]
+    cpu = Accelerator(kind="cpu", model="cpu", slots=cpu_slots, queue=cpu_queue)
+    return [*detect_gpus(), cpu]
 
 
-async def detect_async(cpu_slots: int) -> list[Accelerator]:
+async def detect_async(cpu_slots: int, cpu_queue: int = 0) -> list[Accelerator]:
     """``detect`` in a worker thread, for async callers."""
-    return await anyio.to_thread.run_sync(detect, cpu_slots)
+    return await anyio.to_thread.run_sync(detect, cpu_slots, cpu_queue)
 
 
 def detect_gpus() -> list[Accelerator]:

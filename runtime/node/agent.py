@@ -90,6 +90,7 @@ class Agent(Replicas):
         *,
         modules: list[str],
         cpu_slots: int = 2,
+        cpu_queue: int = 0,
         agent_id: str | None = None,
         heartbeat_interval_s: float = 1.0,
         clock: Clock = SYSTEM_CLOCK,
@@ -112,7 +113,9 @@ class Agent(Replicas):
         self.catalog = Catalog(self.log.js, replicas=settings.replicas)
         self.logs = LogStore(self.log.js, settings)
         self.log_max_bytes = log_max_bytes
-        self.accelerators = accelerators if accelerators is not None else detect(cpu_slots)
+        if accelerators is None:
+            accelerators = detect(cpu_slots, cpu_queue)
+        self.accelerators = accelerators
         self.pools: dict[str, Pool] = {}
         self.attempts: dict[str, Attempt] = {}
         self.draining = False
@@ -140,6 +143,9 @@ class Agent(Replicas):
             log_max_bytes=log_max_bytes,
             starts=Starts(self.reporter),
             flusher=LogFlusher(),
+            cpu=anyio.Semaphore(
+                sum(a.slots for a in accelerators if a.kind == "cpu"), fast_acquire=True
+            ),
         )
         self.guard = Guard(f"agent {self.agent_id}")
         self.scaling = ScalingLog(self.log.js, replicas=settings.replicas)

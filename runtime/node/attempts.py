@@ -8,6 +8,15 @@ first output): a shorter attempt appends its end alone, one append instead of tw
 machine takes ``dispatched`` then the end). Whatever goes wrong on the node fails that attempt
 alone, never the agent. Every result is measured before it is appended, so an event the log
 cannot take fails the attempt instead of being lost.
+
+At most as many CPU attempts run at once as the node has CPU slots (``Runner.cpu``); a CPU
+dispatch beyond that waits for a slot, first come first served, before it takes a worker (the
+agent's queue: its scheduler sends it at most ``Accelerator.queue`` such dispatches, and only
+of pipelines whose attempts are short). Its execution timeout and its ``started`` begin once
+it holds a slot; cancelled while it waits (its run cancelled or taken off the node, the agent
+draining), it leaves the line and never runs. The slot is given back as soon as the worker is
+done, before the end is appended, so the next attempt runs while the end is being stored. GPU
+attempts never wait here: their placement is by GPU memory, and one runs per replica.
 """
 
 from __future__ import annotations
@@ -250,6 +259,7 @@ class Runner:
     log_max_bytes: int
     starts: Starts
     flusher: LogFlusher
+    cpu: anyio.Semaphore  # the node's CPU slots: a CPU attempt holds one while it runs
 
     async def run(self, dispatch: RunDispatched, attempt: Attempt, tg: TaskGroup) -> None:
         """Run the attempt and report how it ended (nothing if it was interrupted)."""
@@ -294,6 +304,23 @@ class Runner:
             return RunFailed(run_id=run_id, at=self.clock.now(), attempt=n, error=error)
         attempt.pipeline = pool.spec.pointer
         bind(team=submitted.team, pipeline=submitted.pipeline)
+        if pool.spec.accelerator != "cpu":
+            return await self._take_worker(dispatch, submitted, pool, attempt, tg)
+        await self.cpu.acquire()  # may wait in line: see the module docstring
+        try:
+            return await self._take_worker(dispatch, submitted, pool, attempt, tg)
+        finally:
+            self.cpu.release()
+
+    async def _take_worker(
+        self,
+        dispatch: RunDispatched,
+        submitted: RunSubmitted,
+        pool: Pool,
+        attempt: Attempt,
+        tg: TaskGroup,
+    ) -> AttemptEvent | None:
+        run_id, n = dispatch.run_id, dispatch.attempt
         try:
             worker = pool.idle.pop() if pool.idle else await self.spawn(pool)
         except StartupFailed as failed:
