@@ -32,7 +32,8 @@ class QueueView(msgspec.Struct, frozen=True, kw_only=True):
 class AgentView(msgspec.Struct, frozen=True, kw_only=True):
     agent_id: str
     accelerators: list[Accelerator]  # GPUs (model, memory) and CPU slots
-    used_slots: dict[str, int]  # slot kind -> slots running an attempt
+    # slot kind -> runs dispatched there: running, or (past its slots) waiting in its queue
+    used_slots: dict[str, int]
     pipelines: dict[str, str]  # pointer -> status
     draining: bool
 

@@ -72,15 +72,18 @@ async def nc(nats_server: NatsServer) -> AsyncIterator[Client]:
 
 @pytest.fixture(scope="module")
 async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack]:
-    """nats-server, a scheduler, two gateways, a demo agent (4 slots) and an agent serving
-    tests/fixtures/gate_pipelines.py (1 slot); test/ghost:v1 is known but has no replica."""
+    """nats-server, a scheduler, two gateways, a demo agent (4 slots, the default queue) and an
+    agent serving tests/fixtures/gate_pipelines.py (1 slot, no queue: a gate run behind a busy
+    slot waits in the scheduler's queue, with a position); test/ghost:v1 is known but has no
+    replica."""
     async with Stack(tmp_path_factory.mktemp("stack"), resource_wait_timeout_s=2.0) as stack:
         await stack.start_nats()
         stack.start_scheduler()
         await stack.start_gateway()
         await stack.start_gateway()
         stack.start_agent("agent-demo", "runtime.node.demo", slots=4)
-        stack.start_agent("agent-gates", str(FIXTURES / "gate_pipelines.py"), slots=1)
+        gates = str(FIXTURES / "gate_pipelines.py")
+        stack.start_agent("agent-gates", gates, slots=1, queue_depth=0)
         # an agent's pipelines become ready one by one: wait for every one a test may run
         for pointer in DEMO_PIPELINES + GATE_PIPELINES:
             await wait_replicas(stack.url, "tok_big", pointer)

@@ -131,6 +131,7 @@ class Stack:
     node_loss_timeout_s: float = 3.0
     resource_wait_timeout_s: float = 300.0
     keep_ended_s: float = 300.0  # how long services hold an ended run in memory
+    short_attempt_s: float = 0.05  # runs of pipelines this short may wait at an agent
     nats: NatsServer | None = None
     procs: list[Proc] = field(default_factory=list)
     gateway_urls: list[str] = field(default_factory=list)
@@ -211,13 +212,13 @@ class Stack:
         return args
 
     def write_config(self) -> None:
-        self.config_path.write_text(
-            CONFIG.format(
-                node_loss_timeout_s=self.node_loss_timeout_s,
-                resource_wait_timeout_s=self.resource_wait_timeout_s,
-                keep_ended_s=self.keep_ended_s,
-            )
+        text = CONFIG.format(
+            node_loss_timeout_s=self.node_loss_timeout_s,
+            resource_wait_timeout_s=self.resource_wait_timeout_s,
+            keep_ended_s=self.keep_ended_s,
         )
+        settings = f"[settings]\nshort_attempt_s = {self.short_attempt_s}\n"
+        self.config_path.write_text(text.replace("[settings]\n", settings))
 
     async def start_nats(self) -> NatsServer:
         """One nats-server; called again, restarts it on the same port and store dir."""
@@ -299,7 +300,10 @@ class Stack:
             str(self.config_path),
         )
 
-    def start_agent(self, name: str, *modules: str, slots: int = 2) -> Proc:
+    def start_agent(
+        self, name: str, *modules: str, slots: int = 2, queue_depth: int | None = None
+    ) -> Proc:
+        """An agent process; ``queue_depth`` None: the agent's default (as many as ``slots``)."""
         assert self.nats is not None
         self.agent_credentials(name)
         args = [
@@ -315,6 +319,8 @@ class Stack:
             "--id",
             name,
         ]
+        if queue_depth is not None:
+            args += ["--queue-depth", str(queue_depth)]
         for module in modules or ("runtime.node.demo",):
             args += ["--pipelines", module]
         return self._cli(name, *args)

@@ -17,10 +17,7 @@ What a pass reads and returns (``Pass``, ``Decisions``, ``Worklist``) is in
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
-
-import msgspec
 
 from contracts.agents import PipelineStatus
 from contracts.errors import ErrorType, RunError
@@ -29,7 +26,6 @@ from contracts.events import (
     QueueWaitChanged,
     RunAdmitted,
     RunCancelled,
-    RunDispatched,
     RunFailed,
     RunNoResourcesAvailable,
     RunPreempted,
@@ -40,12 +36,12 @@ from contracts.events import (
 from contracts.run import RunRecord
 from contracts.states import RunState, WaitingFor
 from runtime.control.passes import Decisions, Now, Pass, Runs, Worklist
+from runtime.control.slots import INLINE_INPUTS_BYTES, Slots, dispatched
 from runtime.infra.fleet import ATTEMPT_LOST, NODE_LOST, NODE_RECALLED, FleetView
 
 # Codes that open the reason of a run that ended for want of a replica (its error message).
 NO_RESOURCES = "no_resources_available"
 STARTUP_ERROR = "startup_error"
-INLINE_INPUTS_BYTES = 64 * 1024  # inputs up to this size ride in the dispatch
 
 
 def decide(p: Pass, *, timed: bool) -> Decisions:
@@ -194,65 +190,10 @@ def dispatch(p: Pass, d: Decisions, slots: Slots) -> None:
                 break
 
 
-class Slots:
-    """The free slots of live agents in one pass: slots taken in the pass count at once."""
-
-    def __init__(self, p: Pass) -> None:
-        self.used = _slots_in_use(p)
-        self.fleet = p.fleet
-        self.kind = p.kind
-
-    def free(self, pipeline: str) -> int:
-        kind = self.kind(pipeline)
-        return sum(
-            max(a.slots(kind) - self.used[a.agent_id, kind], 0)
-            for a in self.fleet.serving(pipeline)
-        )
-
-    def place(self, p: Pass, d: Decisions, run: RunRecord) -> bool:
-        """Dispatch ``run`` to the agent with the most free slots for it; False if none has
-        one (or the run already has a decision in this pass)."""
-        kind = self.kind(run.pipeline)
-        best, most = None, 0
-        for agent in self.fleet.serving(run.pipeline):
-            n = agent.slots(kind) - self.used[agent.agent_id, kind]
-            if n > most:
-                best, most = agent.agent_id, n
-        if best is None or not d.add(dispatched(run, p.now.wall, best, kind)):
-            return False
-        self.used[best, kind] += 1
-        return True
-
-
 def queue_waits(p: Pass, d: Decisions, pipeline: str) -> bool:
     """Whether a queued run of ``pipeline`` is still waiting after this pass's decisions."""
     ahead = p.runs.queued(pipeline, limit=len(d.decided) + 1)
     return any(run_id not in d.decided for run_id in ahead)
-
-
-def dispatched(run: RunRecord, at: float, agent_id: str, slot: str) -> RunDispatched:
-    """The dispatch of ``run``'s attempt, carrying its team, pipeline and inputs when they are
-    small enough (the agent then runs it without reading the log)."""
-    inline = len(msgspec.json.encode(run.inputs)) <= INLINE_INPUTS_BYTES
-    return RunDispatched(
-        run_id=run.id,
-        at=at,
-        attempt=run.attempt,
-        agent_id=agent_id,
-        slot=slot,
-        team=run.team if inline else None,
-        pipeline=run.pipeline if inline else None,
-        inputs=run.inputs if inline else None,
-        callback=run.callback_url is not None,
-    )
-
-
-def _slots_in_use(p: Pass) -> Counter[tuple[str, str]]:
-    used: Counter[tuple[str, str]] = Counter()
-    for beat in p.fleet.live():
-        for run_id in p.runs.on_agent.get(beat.agent_id, ()):
-            used[beat.agent_id, p.kind(p.run(run_id).pipeline)] += 1
-    return used
 
 
 # --- what time asks for ------------------------------------------------------------------
@@ -349,4 +290,16 @@ def _stale_waits(p: Pass, pipeline: str, waiting: WaitingFor) -> Iterator[str]:
             yield run_id
 
 
-__all__ = ["Decisions", "Now", "Pass", "Runs", "Worklist", "decide", "not_admitted", "waits_for"]
+__all__ = [
+    "INLINE_INPUTS_BYTES",
+    "Decisions",
+    "Now",
+    "Pass",
+    "Runs",
+    "Slots",
+    "Worklist",
+    "decide",
+    "dispatched",
+    "not_admitted",
+    "waits_for",
+]

@@ -16,6 +16,7 @@ from contracts.events import AnyEvent, Event, QueueWaitChanged, RunAdmitted, Run
 from contracts.machine import WAITS_FOR_A_REPLICA
 from contracts.run import RunRecord
 from contracts.states import RunState, WaitingFor
+from runtime.control.durations import AttemptDurations
 from runtime.infra.config import Config
 from runtime.infra.fleet import FleetView
 
@@ -58,6 +59,7 @@ class Worklist:
     # (``resources_since``): expiring resource waits looks only at the heads that are due
     resource_waits: dict[str, SortedList] = field(default_factory=dict)
     _waiting: dict[str, tuple[str, float]] = field(default_factory=dict)  # run -> its entry
+    durations: AttemptDurations = field(default_factory=AttemptDurations)  # per pipeline
 
     def observe_queue(self, event: QueueWaitChanged, queued: list[str]) -> None:
         """A queue's event (its runs stay queued: only their wait for a replica changes, as the
@@ -83,6 +85,7 @@ class Worklist:
         _toggle(self.created, run.id, run.state is RunState.created)
         _toggle(self.cancelling, run.id, run.cancel_requested and not run.is_terminal)
         self._track_resource_wait(run)
+        self.durations.observe(event, run)
         if run.state is RunState.running:
             self.running_since[run.id] = mono
             if isinstance(event, RunDispatched):

@@ -83,6 +83,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     lookback_s: float = 86_400.0  # admission counts non-terminal runs created this recently
     resource_wait_timeout_s: float = 300.0
     node_loss_timeout_s: float = 10.0
+    # a pipeline's runs may wait in an agent's queue (dispatched while every slot is busy)
+    # only while its typical attempt is shorter than this: a run waiting there waits behind
+    # the attempts running there (see runtime.control.slots); 0: never
+    short_attempt_s: Annotated[float, msgspec.Meta(ge=0)] = 0.05
     heartbeat_interval_s: float = 1.0
     max_body_bytes: int = 1_048_576
     sync_wait_s: float = 600.0  # a sync POST waits this long, then answers 202 like async

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from contracts.agents import AgentHeartbeat
 from contracts.events import (
     AnyEvent,
     RunDispatched,
@@ -189,8 +190,10 @@ class RunMetrics(Collector):
                 child = self._phase_of[key] = self.phase.labels(phase, run.pipeline)
             child.observe(max(0.0, at - since))
 
-    def used_slots(self, live_agents: set[str]) -> Tally[str]:
-        return Tally(kind for agent, kind in self.slots.values() if agent in live_agents)
+    def used_slots(self, live_agents: set[str]) -> Tally[tuple[str, str]]:
+        """Per (agent, slot kind): its runs dispatched there (running, or waiting in its
+        queue for a slot)."""
+        return Tally(where for where in self.slots.values() if where[0] in live_agents)
 
     async def refresh_lag(self, log: EventLog) -> None:
         try:
@@ -251,22 +254,34 @@ class FleetMetrics(Collector):
             "jetrun_replicas", "Pipeline replicas on live agents", labels=["pipeline", "status"]
         )
         counts: Tally[tuple[str, str]] = Tally()
-        total: Tally[str] = Tally()
         for beat in live:
             for p in beat.pipelines:
                 counts[(p.pointer, p.status.value)] += 1
-            for accelerator in beat.accelerators:
-                total[accelerator.kind] += accelerator.slots
         for (pipeline, status), n in sorted(counts.items()):
             replicas.add_metric([pipeline, status], n)
-        used = self.runs.used_slots({b.agent_id for b in live})
-        slots = GaugeMetricFamily(
-            "jetrun_slots", "Slots of live agents, by kind, free or used", labels=["kind", "state"]
+        yield from (agents, replicas, self._slots(live))
+
+    def _slots(self, live: list[AgentHeartbeat]) -> Metric:
+        """Per kind: slots running an attempt, free slots, and runs waiting in agents' queues
+        for a slot (dispatched beyond an agent's slots)."""
+        dispatched = self.runs.used_slots({b.agent_id for b in live})
+        states: dict[str, Tally[str]] = {"used": Tally(), "free": Tally(), "waiting": Tally()}
+        for beat in live:
+            for kind in {a.kind for a in beat.accelerators}:
+                slots, n = beat.slots(kind), dispatched[beat.agent_id, kind]
+                states["used"][kind] += min(n, slots)
+                states["free"][kind] += max(slots - n, 0)
+                states["waiting"][kind] += max(n - slots, 0)
+        family = GaugeMetricFamily(
+            "jetrun_slots",
+            "Slots of live agents, by kind, free or used; waiting: runs dispatched beyond an "
+            "agent's slots, waiting in its queue for one",
+            labels=["kind", "state"],
         )
-        for kind in sorted(set(total) | set(used)):
-            slots.add_metric([kind, "used"], used[kind])
-            slots.add_metric([kind, "free"], max(0, total[kind] - used[kind]))
-        yield from (agents, replicas, slots)
+        for kind in sorted(set(states["used"]) | set(states["free"])):
+            for state in ("used", "free", "waiting"):
+                family.add_metric([kind, state], states[state][kind])
+        return family
 
 
 class NodeLosses(Collector):
