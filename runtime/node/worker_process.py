@@ -35,6 +35,7 @@ import msgspec
 from contracts.errors import ErrorType, RunError
 from contracts.values import RunIO
 from runtime.infra.lifetime import honour_parent
+from runtime.node import pipelines
 from runtime.node.worker_stdio import Stdio
 
 HEADER = struct.Struct(">I")
@@ -122,9 +123,10 @@ def startup_error(message: str, trace: str | None = None) -> RunError:
 
 
 class _Channel:
-    """The child's end of the protocol; every call blocks."""
+    """The child's end of the protocol; every call blocks. A frame goes out in one write of
+    the socket (no buffer in between: each is whole and sent at once)."""
 
-    def __init__(self, inp: BinaryIO, out: BinaryIO) -> None:
+    def __init__(self, inp: BinaryIO, out: socket.socket) -> None:
         self.inp, self.out = inp, out
 
     @classmethod
@@ -132,7 +134,7 @@ class _Channel:
         """Move the protocol (a socket, both ways) off fd 0, which then reads /dev/null; fds
         1 and 2 stay the pipeline's stdout and stderr."""
         sys.stdout.flush()
-        out = os.fdopen(os.dup(0), "wb")
+        out = socket.socket(fileno=os.dup(0))
         inp = os.fdopen(os.dup(0), "rb")
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
@@ -145,8 +147,7 @@ class _Channel:
         self.write(frame_bytes(frame))
 
     def write(self, data: bytes) -> None:
-        self.out.write(data)
-        self.out.flush()
+        self.out.sendall(data)
 
     def receive(self) -> RunRequest | None:
         """The next request, or None once the parent closed our stdin."""
@@ -170,8 +171,6 @@ def output_bytes(output: RunIO | list[RunIO]) -> bytes:
 
 def _startup(module: str, pointer: str) -> tuple[Any, Callable[..., Any]]:
     """Load the pipeline and run its startup step; raises ``StartupFailed``."""
-    from runtime.node import pipelines
-
     try:
         specs = pipelines.load_module(module)
     except (Exception, SystemExit) as exc:
@@ -192,8 +191,6 @@ def _startup(module: str, pointer: str) -> tuple[Any, Callable[..., Any]]:
 def _serve_one(
     channel: _Channel, stdio: Stdio, spec: Any, call: Callable[..., Any], request: RunRequest
 ) -> None:
-    from runtime.node import pipelines
-
     stdio.begin()
     try:
         args = pipelines.validate_inputs(spec, request.inputs)

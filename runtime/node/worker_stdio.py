@@ -253,15 +253,16 @@ class Stdio:
 
     def begin(self) -> None:
         """Put this attempt's pipes (sent by the agent with its request) on fds 1 and 2."""
-        fds = self._receive()
+        out, err = self._receive()
         with self.attempts.lock:
             self._flush()
-            for target, fd in zip((1, 2), fds, strict=True):
-                os.dup2(fd, target)
+            os.dup2(out, 1)
+            os.dup2(err, 2)
             self.attempts.current += 1
             self.attempts.live = True
-        for fd in set(fds) - {self._null}:
-            os.close(fd)
+        if out != self._null:  # both came, or neither
+            os.close(out)
+            os.close(err)
 
     def end(self) -> None:
         """Flush what the attempt printed into its pipes and let go of them."""
@@ -293,12 +294,14 @@ class Stdio:
         return fds[0], fds[1]
 
     def _flush(self) -> None:
-        streams = list(self._real)
-        if [sys.stdout, sys.stderr] != self._routed:  # the pipeline replaced them: theirs too
-            streams += [sys.stdout, sys.stderr]
+        streams = self._real
+        if sys.stdout is not self._routed[0] or sys.stderr is not self._routed[1]:
+            streams = [*streams, sys.stdout, sys.stderr]  # the pipeline replaced them: theirs too
         for stream in streams:
-            with contextlib.suppress(Exception):  # a pipeline may have replaced or closed it
+            try:
                 stream.flush()
+            except Exception:  # a pipeline may have replaced or closed it
+                continue
 
 
 def _own_stream(real: Any) -> Any:
