@@ -10,13 +10,11 @@ with no second logging system to configure.
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import math
 import os
 import sys
-from collections.abc import Iterator
 from contextvars import ContextVar
 from typing import Any
 
@@ -29,14 +27,25 @@ _context: ContextVar[dict[str, Any]] = ContextVar("jetrun_log_context", default=
 _json = msgspec.json.Encoder()
 
 
-@contextlib.contextmanager
-def bound(**fields: Any) -> Iterator[None]:
+class _Bound:
+    """The block of ``bound``: a class rather than a generator, as the agent enters one for
+    every attempt."""
+
+    __slots__ = ("_fields", "_token")
+
+    def __init__(self, fields: dict[str, Any]) -> None:
+        self._fields = fields
+
+    def __enter__(self) -> None:
+        self._token = _context.set({**_context.get(), **self._fields})
+
+    def __exit__(self, *exc: object) -> None:
+        _context.reset(self._token)
+
+
+def bound(**fields: Any) -> _Bound:
     """Add ``fields`` to every record logged in this block (and in tasks it starts)."""
-    token = _context.set({**_context.get(), **fields})
-    try:
-        yield
-    finally:
-        _context.reset(token)
+    return _Bound(fields)
 
 
 def bind(**fields: Any) -> None:

@@ -28,6 +28,7 @@ import contextlib
 import logging
 import os
 import socket
+import struct
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -323,7 +324,7 @@ class PipelineWorker:
         its lines logged if ``own``. Raises ``Gone`` if the child stops answering first."""
         channel = self._channel
         assert channel is not None
-        pipes = AttemptOutput(output) if output is not None else None
+        pipes = AttemptOutput(output, channel.loop) if output is not None else None
         try:
             if request is not None and pipes is not None:
                 self._hand_pipes(pipes)
@@ -342,7 +343,8 @@ class PipelineWorker:
         """Send the attempt's pipes to the child (before its request; see the module)."""
         assert self._output is not None
         try:
-            socket.send_fds(self._output, [b"o"], list(output.write_fds))
+            fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _TWO_FDS.pack(*output.write_fds))]
+            self._output.sendmsg(_ONE_BYTE, fds)
         except OSError as exc:  # the child is gone (or wedged with a full socket)
             raise Gone(f"the worker process cannot take its output pipes: {exc}") from None
         finally:
@@ -394,6 +396,8 @@ class _TooLarge(Exception):
         self.error = error
 
 
+_ONE_BYTE = [b"o"]  # what carries an attempt's pipes (``SCM_RIGHTS``)
+_TWO_FDS = struct.Struct("ii")
 _run_io = msgspec.json.Decoder(RunIO)
 _run_ios = msgspec.json.Decoder(list[RunIO])
 

@@ -38,6 +38,7 @@ class Gone(Exception):
 
 class FrameChannel(asyncio.Protocol):
     def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()  # made by the loop's create_unix_connection
         self.transport: asyncio.Transport | None = None
         self._chunks: list[bytes] = []  # received, not yet a whole frame
         self._size = 0  # their length
@@ -117,7 +118,7 @@ class FrameChannel(asyncio.Protocol):
         while not self._frames:
             if self._gone is not None:
                 raise self._gone
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self.loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -141,7 +142,7 @@ class FrameChannel(asyncio.Protocol):
         read (``EXIT_GRACE_S``; longer while frames wait to be taken and the socket is not
         read), even if a process it forked still holds the socket open."""
         if self._gone is None:
-            asyncio.get_running_loop().call_later(EXIT_GRACE_S, self._exit_grace_over)
+            self.loop.call_later(EXIT_GRACE_S, self._exit_grace_over)
 
     def _exit_grace_over(self) -> None:
         if self._paused:  # what is still in the socket is read once frames are taken

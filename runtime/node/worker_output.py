@@ -68,9 +68,9 @@ class AttemptOutput:
     """One attempt's stdout and stderr: two pipes read into ``capture`` until ``finish``.
     ``write_fds`` go to the worker; ``handed`` closes the agent's copies."""
 
-    def __init__(self, capture: LogCapture) -> None:
+    def __init__(self, capture: LogCapture, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.capture = capture
-        self._loop = asyncio.get_running_loop()
+        self._loop = loop or asyncio.get_running_loop()
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
         self.write_fds: tuple[int, int] = (out_w, err_w)
