@@ -364,3 +364,14 @@ async def test_every_attempts_pipes_are_closed_however_it_ends(
                 with pytest.raises(OSError):
                     await PipelineWorker(DEMO, "demo/echo:v1").start()
     assert open_fds() == baseline
+
+
+async def test_a_worker_exits_once_the_agent_closes_its_request_socket() -> None:
+    async with PipelineWorker(DEMO, "demo/noop:v1") as worker:
+        assert (await worker.run([])).ok
+        pipes, requests = worker._pipes, worker._output
+        assert pipes is not None and pipes.transport is not None and requests is not None
+        requests.close()  # end of file on the worker's side: it stops serving, with code 0
+        with anyio.fail_after(10):
+            await pipes.exited.wait()
+        assert pipes.transport.get_returncode() == 0

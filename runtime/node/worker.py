@@ -5,10 +5,10 @@
 ``runtime.node.worker_process``), waits for its startup step, and sends it one attempt at a
 time.
 
-The protocol runs over a socket pair (the child's stdin), so the child's stdout and stderr are
-the pipeline's own. Each attempt (and the startup step) gets two fresh pipes for them
+The child's frames come over a socket pair (the child's stdin), so the child's stdout and
+stderr are the pipeline's own. Each attempt (and the startup step) gets two fresh pipes for them
 (``runtime.node.worker_output``): the write ends go to the child over a second socket pair,
-with ``SCM_RIGHTS``, just before the attempt's request; the read ends are read into the
+with ``SCM_RIGHTS``, in one message with the attempt's request; the read ends are read into the
 attempt's ``LogCapture`` and closed once its reply came (the child flushes before it replies).
 A thread or process of the pipeline that goes on printing after its attempt ended therefore
 never reaches a later attempt's logs, which may be another team's run: a process writes into
@@ -118,8 +118,8 @@ class PipelineWorker:
         self._declared = dict(declared or {})  # the pipeline's ``@pipeline(env=...)``
         self._max_output_bytes = max_output_bytes  # an event's limit: outputs weighed first
         self._pipes: WorkerExit | None = None  # the child's exit
-        self._channel: FrameChannel | None = None  # the protocol: requests out, frames in
-        self._output: socket.socket | None = None  # each attempt's pipes go out on it
+        self._channel: FrameChannel | None = None  # the protocol: frames in
+        self._output: socket.socket | None = None  # requests go out on it, with their pipes
         self._log: PipelineLog | None = None  # the startup step's pipes, for the worker's life
         self._lock = asyncio.Lock()  # taken at once when free (no checkpoint)
         self._reaped: anyio.Event | None = None
@@ -327,8 +327,9 @@ class PipelineWorker:
         pipes = AttemptOutput(output, channel.loop) if output is not None else None
         try:
             if request is not None and pipes is not None:
-                self._hand_pipes(pipes)
-                channel.send(request)
+                sent = self._send(request, pipes)
+                if sent < len(request):  # a large request: the rest as the worker reads it
+                    await self._send_rest(memoryview(request)[sent:])
             while True:
                 frame = await channel.receive()
                 if on_frame is None or not await on_frame(frame):
@@ -339,16 +340,24 @@ class PipelineWorker:
                 if own:
                     log_lines(self.pointer, capture)
 
-    def _hand_pipes(self, output: AttemptOutput) -> None:
-        """Send the attempt's pipes to the child (before its request; see the module)."""
+    def _send(self, request: bytes, output: AttemptOutput) -> int:
+        """Send ``request`` with the attempt's pipes, in one message (see the module); returns
+        how much of it went."""
         assert self._output is not None
         try:
             fds = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, _TWO_FDS.pack(*output.write_fds))]
-            self._output.sendmsg(_ONE_BYTE, fds)
+            return self._output.sendmsg([request], fds)
         except OSError as exc:  # the child is gone (or wedged with a full socket)
-            raise Gone(f"the worker process cannot take its output pipes: {exc}") from None
+            raise Gone(f"the worker process cannot take its request: {exc}") from None
         finally:
             output.handed()
+
+    async def _send_rest(self, rest: memoryview) -> None:
+        assert self._output is not None and self._channel is not None
+        try:
+            await self._channel.loop.sock_sendall(self._output, rest)
+        except OSError as exc:
+            raise Gone(f"the worker process cannot take its request: {exc}") from None
 
     async def kill(self) -> None:
         """SIGKILL the child and reap it; blocks until it is reaped (shielded from
@@ -396,7 +405,6 @@ class _TooLarge(Exception):
         self.error = error
 
 
-_ONE_BYTE = [b"o"]  # what carries an attempt's pipes (``SCM_RIGHTS``)
 _TWO_FDS = struct.Struct("ii")
 _run_io = msgspec.json.Decoder(RunIO)
 _run_ios = msgspec.json.Decoder(list[RunIO])

@@ -1,9 +1,9 @@
-"""The agent's end of a worker's protocol socket: requests out, frames in.
+"""The agent's end of a worker's protocol socket: frames in (requests go out with their
+attempt's pipes on a second socket, see ``runtime.node.worker``).
 
 A protocol of the event loop: the socket stays registered for reading for the worker's life,
 each read is one callback that splits complete frames off the buffer (length-prefixed msgpack,
-see ``runtime.node.worker_process``), and a waiting ``receive`` wakes once per frame. Sending
-writes at once (what the socket cannot take now is written as it drains).
+see ``runtime.node.worker_process``), and a waiting ``receive`` wakes once per frame.
 
 What a worker sends is bounded, whatever its pipeline does: a frame may be at most
 ``MAX_FRAME_BYTES`` (more than any event the log can take: NATS caps ``max_payload`` at
@@ -105,13 +105,6 @@ class FrameChannel(asyncio.Protocol):
     def queued(self) -> int:
         """Frames received and not yet taken by ``receive``."""
         return len(self._frames)
-
-    def send(self, data: bytes) -> None:
-        """Write ``data``; never blocks. Raises ``Gone`` once the worker cannot read it."""
-        transport = self.transport
-        if self._gone is not None or transport is None or transport.is_closing():
-            raise Gone()
-        transport.write(data)
 
     async def receive(self) -> Frame:
         """The next frame; raises ``Gone`` once none can come."""

@@ -1,12 +1,13 @@
 """The worker process: ``python -m runtime.node.worker_process <module-spec> <pointer>``.
 
 It imports the pipeline module, runs the startup step once (the cold start), reports ``Ready``
-or ``StartupError``, then serves run requests one at a time until its stdin closes. Frames are
-msgpack, each prefixed by its length (4 bytes, big-endian). Its stdin is a socket (one end of a
-socket pair): the child reads requests from and writes replies to duplicates of it, and fd 0
-then reads /dev/null, so a pipeline's prints (fds 1 and 2) cannot corrupt the protocol. fds 1
-and 2 are pipes the agent reads: the startup step's, given at spawn, then each attempt's own,
-whose write ends come over a second socket (fd ``$JETRUN_OUTPUT_FD``) just before its request;
+or ``StartupError``, then serves run requests one at a time until the agent closes its
+request socket. Frames are msgpack, each prefixed by its length (4 bytes, big-endian). Its
+stdin is a socket (one end of a socket pair): the child writes its frames to a duplicate of
+it, and fd 0 then reads /dev/null, so a pipeline's prints (fds 1 and 2) cannot corrupt the
+protocol. fds 1 and 2 are pipes the agent reads: the startup step's, given at spawn, then each
+attempt's own, whose write ends come in one message with its request (``SCM_RIGHTS``) on a
+second socket (fd ``$JETRUN_OUTPUT_FD``; one message: one syscall on each side per attempt);
 between attempts they are /dev/null (see ``runtime.node.worker_stdio``). What the pipeline
 printed is flushed before each reply, so the agent has it all once the reply came.
 
@@ -19,6 +20,7 @@ side; it imports nothing the child does not need.
 
 from __future__ import annotations
 
+import array
 import inspect
 import io
 import os
@@ -28,7 +30,7 @@ import sys
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import msgspec
 
@@ -124,24 +126,27 @@ def startup_error(message: str, trace: str | None = None) -> RunError:
 
 class _Channel:
     """The child's end of the protocol; every call blocks. A frame goes out in one write of
-    the socket (no buffer in between: each is whole and sent at once)."""
+    the socket (no buffer in between: each is whole and sent at once). A request comes in
+    one message with its attempt's pipes (``SCM_RIGHTS``) on ``requests``."""
 
-    def __init__(self, inp: BinaryIO, out: socket.socket) -> None:
-        self.inp, self.out = inp, out
+    def __init__(self, out: socket.socket, requests: socket.socket) -> None:
+        self.out, self.requests = out, requests
 
     @classmethod
-    def take_stdio(cls) -> _Channel:
-        """Move the protocol (a socket, both ways) off fd 0, which then reads /dev/null; fds
-        1 and 2 stay the pipeline's stdout and stderr."""
+    def take_stdio(cls, requests: int | None) -> _Channel:
+        """Move the protocol (a socket) off fd 0, which then reads /dev/null; fds 1 and 2 stay
+        the pipeline's stdout and stderr. Requests come on the fd ``requests`` (the protocol
+        socket if None)."""
         sys.stdout.flush()
         out = socket.socket(fileno=os.dup(0))
-        inp = os.fdopen(os.dup(0), "rb")
+        inbound = socket.socket(fileno=requests if requests is not None else os.dup(0))
+        inbound.setblocking(True)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.close(null)
         if isinstance(sys.stdout, io.TextIOWrapper):
             sys.stdout.reconfigure(line_buffering=True)
-        return cls(inp, out)
+        return cls(out, inbound)
 
     def send(self, frame: Frame) -> None:
         self.write(frame_bytes(frame))
@@ -149,15 +154,44 @@ class _Channel:
     def write(self, data: bytes) -> None:
         self.out.sendall(data)
 
-    def receive(self) -> RunRequest | None:
-        """The next request, or None once the parent closed our stdin."""
-        header = self.inp.read(HEADER.size)
-        if len(header) < HEADER.size:
+    def receive(self) -> tuple[RunRequest, list[int]] | None:
+        """The next request and the fds that came with it (its attempt's stdout and stderr),
+        or None once the agent closed the socket."""
+        data, ancillary, _, _ = self.requests.recvmsg(_FIRST_READ, _FDS_SPACE)
+        fds = array.array("i")
+        for level, kind, item in ancillary:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(item[: len(item) - len(item) % fds.itemsize])
+        size = len(data)
+        end = HEADER.size + HEADER.unpack_from(data)[0] if size >= HEADER.size else -1
+        frame = memoryview(data)[HEADER.size : end] if 0 < end <= size else self._whole(data)
+        if frame is None:
+            for fd in fds:
+                os.close(fd)
             return None
-        body = self.inp.read(HEADER.unpack(header)[0])
-        return msgspec.msgpack.decode(body, type=RunRequest)
+        return _requests.decode(frame), fds.tolist()
+
+    def _whole(self, data: bytes) -> memoryview | None:
+        """The body of the frame ``data`` begins (the rest read as it comes); None at EOF."""
+        buffer = bytearray(data)
+        while len(buffer) < HEADER.size:
+            more = self.requests.recv(_FIRST_READ)
+            if not more:
+                return None
+            buffer += more
+        end = HEADER.size + HEADER.unpack_from(buffer)[0]
+        while len(buffer) < end:
+            more = self.requests.recv(end - len(buffer))
+            if not more:
+                return None
+            buffer += more
+        return memoryview(buffer)[HEADER.size : end]
 
 
+_FIRST_READ = 16_384
+_FDS_SPACE = socket.CMSG_SPACE(2 * array.array("i").itemsize)
+_requests = msgspec.msgpack.Decoder(RunRequest)
+_Received = tuple[RunRequest, list[int]]
 _values = msgspec.json.Encoder()
 
 
@@ -189,9 +223,10 @@ def _startup(module: str, pointer: str) -> tuple[Any, Callable[..., Any]]:
 
 
 def _serve_one(
-    channel: _Channel, stdio: Stdio, spec: Any, call: Callable[..., Any], request: RunRequest
+    channel: _Channel, stdio: Stdio, spec: Any, call: Callable[..., Any], received: _Received
 ) -> None:
-    stdio.begin()
+    request, fds = received
+    stdio.begin(fds)
     try:
         args = pipelines.validate_inputs(spec, request.inputs)
     except pipelines.InputError as exc:
@@ -222,10 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         print(usage, file=sys.stderr)
         return 2
     output = os.environ.pop(OUTPUT_ENV, "")
-    channel = _Channel.take_stdio()
     if output:
         os.set_inheritable(int(output), False)  # not for the programs a pipeline runs
-    stdio = Stdio(socket.socket(fileno=int(output)) if output else None)
+    channel = _Channel.take_stdio(int(output) if output else None)
+    stdio = Stdio()
     stdio.install()
     try:
         try:
@@ -236,8 +271,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         stdio.end()
         channel.send(Ready(pid=os.getpid()))
-        while (request := channel.receive()) is not None:
-            _serve_one(channel, stdio, spec, call, request)
+        while (received := channel.receive()) is not None:
+            _serve_one(channel, stdio, spec, call, received)
     except (KeyboardInterrupt, BrokenPipeError):
         return 130
     return 0

@@ -1,8 +1,8 @@
 """The worker's stdout and stderr, one attempt at a time (the child's side; imported by
 ``runtime.node.worker_process`` only).
 
-Each attempt gets two fresh pipes from the agent (their write ends come over the worker's
-output socket, ``SCM_RIGHTS``, just before the attempt's request): the worker puts them on
+Each attempt gets two fresh pipes from the agent (their write ends come in one message with
+the attempt's request, ``SCM_RIGHTS``; ``runtime.node.worker_process``): the worker puts them on
 fds 1 and 2 for the attempt and, when it ends, puts ``/dev/null`` there instead and drops
 them. The agent reads the attempt's output from its own pipes and closes them once the reply
 came, so a process the pipeline forked during the attempt that keeps printing writes into a
@@ -30,11 +30,9 @@ attempt under way.
 from __future__ import annotations
 
 import _thread
-import array
 import contextlib
 import functools
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -42,7 +40,6 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-_FDS_SPACE = socket.CMSG_SPACE(2 * array.array("i").itemsize)
 _TAG = "_jetrun_attempt"  # the attribute a Thread carries: the attempt it belongs to
 OWN = 0  # the tag of what belongs to no attempt (attempts are numbered from 1)
 REAL, PIPELINE, DROP = "real", "pipeline", "drop"  # where a write goes (see ``Attempts.route``)
@@ -223,8 +220,7 @@ class Stdio:
     """fds 1 and 2 of the worker: the startup step's pipes, then each attempt's, with
     ``/dev/null`` between attempts; the startup step's pipes stay the pipeline's own."""
 
-    def __init__(self, output: socket.socket | None) -> None:
-        self.output = output  # where each attempt's pipes come from
+    def __init__(self) -> None:
         self.attempts = Attempts()
         self._null = os.open(os.devnull, os.O_WRONLY)
         self._real: list[Any] = [sys.stdout, sys.stderr]
@@ -251,9 +247,9 @@ class Stdio:
         sys.__stdout__, sys.__stderr__ = self._routed  # type: ignore[misc]  # the same, by name
         _route_programs(attempts, (self._own[0].fileno(), self._own[1].fileno()))
 
-    def begin(self) -> None:
+    def begin(self, fds: list[int]) -> None:
         """Put this attempt's pipes (sent by the agent with its request) on fds 1 and 2."""
-        out, err = self._receive()
+        out, err = self._pipes(fds)
         with self.attempts.lock:
             self._flush()
             os.dup2(out, 1)
@@ -276,17 +272,8 @@ class Stdio:
                 with contextlib.suppress(Exception):
                     stream.flush()
 
-    def _receive(self) -> tuple[int, int]:
-        """The two write ends the agent sent; /dev/null for any that did not come."""
-        fds = array.array("i")
-        if self.output is not None:
-            try:
-                _, ancillary, _, _ = self.output.recvmsg(1, _FDS_SPACE)
-            except OSError:
-                ancillary = []
-            for level, kind, data in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.frombytes(data[: len(data) - len(data) % fds.itemsize])
+    def _pipes(self, fds: list[int]) -> tuple[int, int]:
+        """The two write ends the agent sent; /dev/null for both unless two came."""
         if len(fds) != 2:
             for fd in fds:
                 os.close(fd)
