@@ -3,6 +3,7 @@
     pip install -e '.[bench]'          # ray, celery[redis], psutil
     apt-get install wrk redis-server   # the load generator and Celery's broker
     python benchmarks/bench_peers.py [--runs 5000] [--sync 300] [--rounds 3] [--slots 4]
+        [--queue-depth N]
 
 The task returns its input (a short string). Each round measures every system in turn
 (interleaved, so a noisy neighbour hits all of them alike); the table shows medians over the rounds
@@ -150,6 +151,7 @@ class Jetrun:
         nats_sync: str | None,
         wrk_seconds: int,
         gateways: int | None = None,
+        queue_depth: int | None = None,
     ) -> None:
         self.tmp, self.wrk_seconds = tmp, wrk_seconds
         (tmp / "jetrun.toml").write_text(bench_runs.CONFIG)
@@ -164,6 +166,8 @@ class Jetrun:
             argv += ["--nats-sync", nats_sync]
         if gateways:
             argv += ["--gateways", str(gateways)]
+        if queue_depth is not None:
+            argv += ["--queue-depth", str(queue_depth)]
         with open(tmp / "up.log", "wb") as log:
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -430,7 +434,11 @@ def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) 
 def systems(args: argparse.Namespace, tmp: Path) -> Iterator[list[Jetrun | Ray | Celery]]:
     started: list[Jetrun | Ray | Celery] = []
     try:
-        started.append(Jetrun(tmp, args.slots, args.nats_sync, args.wrk_seconds, args.gateways))
+        started.append(
+            Jetrun(
+                tmp, args.slots, args.nats_sync, args.wrk_seconds, args.gateways, args.queue_depth
+            )
+        )
         if "ray" in args.peers:
             started.append(Ray())
         if "celery" in args.peers:
@@ -467,6 +475,9 @@ def main() -> None:
     parser.add_argument("--sync", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--slots", type=int, default=4)
+    parser.add_argument(
+        "--queue-depth", type=int, default=None, help="agents' queue depth (default: jetrun up's)"
+    )
     parser.add_argument("--nats-sync", default=None, help="nats-server sync_interval, or always")
     parser.add_argument("--gateways", type=int, default=None, help="default: jetrun up's")
     parser.add_argument("--peers", default="ray,celery", help="'' measures jetrun alone")
