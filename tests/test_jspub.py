@@ -83,3 +83,23 @@ async def test_acks_reach_their_publishes_without_a_task_of_their_own(nc: Client
     with anyio.fail_after(5):
         assert ((await second.ack()).seq, (await first.ack()).seq) == (2, 1)
     assert not pub._waiting
+
+
+async def test_each_publish_times_out_at_its_own_deadline(nc: Client) -> None:
+    js = nc.jetstream(timeout=5.0)
+    await js.add_stream(STREAM)
+    pub = jspub.publisher(nc)
+    await nc.subscribe("jspub.silent")  # someone listens, nobody answers
+    with anyio.fail_after(5):
+        late = await pub.send("jspub.silent", b"1", None, 1.5)
+        early = await pub.send("jspub.silent", b"2", None, 0.1)  # due before the first
+        answered = await pub.send("jspub.t.a", b"3", None, 0.3)
+        start = anyio.current_time()
+        with pytest.raises(TimeoutError):
+            await early.ack()
+        assert anyio.current_time() - start < 1.0
+        assert (await answered.ack()).seq == 1
+        with pytest.raises(TimeoutError):
+            await late.ack()
+        assert anyio.current_time() - start >= 1.3
+    assert not pub._waiting

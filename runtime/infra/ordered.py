@@ -81,13 +81,16 @@ def ack_tokens(reply: bytes) -> tuple[int, int] | None:
 
 
 class Connection:
-    """A client's tails, by subscription id; made once per client (``of``)."""
+    """A client's tails, and its other subscriptions whose messages go raw to a function
+    (``receivers``: ``runtime.infra.jspub``'s acks get ``(subject, payload, raw headers)``),
+    by subscription id; made once per client (``of``)."""
 
     _made: weakref.WeakKeyDictionary[Client, Connection] = weakref.WeakKeyDictionary()
 
     def __init__(self, nc: Client) -> None:
         self.nc = nc
         self.tails: dict[int, OrderedTail] = {}
+        self.receivers: dict[int, Callable[[bytes, bytes, bytes], None]] = {}
         self._process_msg = nc._process_msg
         nc._process_msg = self.process_msg  # type: ignore[method-assign]
 
@@ -103,7 +106,14 @@ class Connection:
     ) -> None:
         tail = self.tails.get(sid)
         if tail is None:
-            await self._process_msg(sid, subject, reply, data, headers)
+            receiver = self.receivers.get(sid)
+            if receiver is None:
+                await self._process_msg(sid, subject, reply, data, headers)
+                return
+            stats = self.nc.stats
+            stats["in_msgs"] += 1
+            stats["in_bytes"] += len(data)
+            receiver(subject, data, headers)
             return
         stats = self.nc.stats
         stats["in_msgs"] += 1
