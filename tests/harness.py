@@ -303,7 +303,7 @@ class Stack:
     def start_agent(
         self, name: str, *modules: str, slots: int = 2, queue_depth: int | None = None
     ) -> Proc:
-        """An agent process; ``queue_depth`` None: the agent's default (as many as ``slots``)."""
+        """An agent process; ``queue_depth`` None: the agent's default (twice ``slots``)."""
         assert self.nats is not None
         self.agent_credentials(name)
         args = [
