@@ -376,6 +376,19 @@ def open_gate(path: Path, text: str) -> None:
     os.replace(aside, path)
 
 
+async def gate_run(c: httpx.AsyncClient, gate: Path, pointer: str = "test/gate:v1") -> str:
+    """Submit an async run of a gate pipeline (tests/fixtures/gate_pipelines.py and its kin)
+    that waits for ``gate`` to open; its run id."""
+    body = {
+        "pipeline": pointer,
+        "async_run": True,
+        "inputs": [{"type": "string", "value": str(gate)}],
+    }
+    response = await c.post("/v4/runs", json=body)
+    assert response.status_code == 202, response.text
+    return str(response.json()["id"])
+
+
 def client(stack: Stack, token: str, gateway: int = 0) -> httpx.AsyncClient:
     """An HTTP client for one of the stack's gateways, with a team's token."""
     return httpx.AsyncClient(

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests import harness
-from tests.harness import FIXTURES, Stack, open_gate, wait_replicas, wait_state
+from tests.harness import FIXTURES, Stack, gate_run, open_gate, wait_replicas, wait_state
 from tests.test_metrics import scrape, value
 
 pytestmark = pytest.mark.anyio
@@ -45,23 +45,12 @@ def client(stack: Stack) -> httpx.AsyncClient:
     return harness.client(stack, "tok_big")
 
 
-async def submit(c: httpx.AsyncClient, pointer: str, gate: Path) -> str:
-    body = {
-        "pipeline": pointer,
-        "async_run": True,
-        "inputs": [{"type": "string", "value": str(gate)}],
-    }
-    response = await c.post("/v4/runs", json=body)
-    assert response.status_code == 202, response.text
-    return str(response.json()["id"])
-
-
 async def warm(c: httpx.AsyncClient, pointer: str, tmp: Path, n: int = 3) -> None:
     """``n`` runs that end at once: the scheduler has seen short attempts of ``pointer``."""
     for i in range(n):
         gate = tmp / f"warm-{pointer.split('/')[1].split(':')[0]}-{i}"
         open_gate(gate, "warm")
-        run_id = await submit(c, pointer, gate)
+        run_id = await gate_run(c, gate, pointer)
         await wait_state(c, run_id, {"completed"}, timeout=30)
 
 
@@ -84,9 +73,9 @@ async def test_a_second_short_run_waits_at_the_agent_and_runs_right_after(
     async with client(stack) as c:
         await warm(c, pointer, tmp_path)
         first, second = tmp_path / "first", tmp_path / "second"
-        first_id = await submit(c, pointer, first)
+        first_id = await gate_run(c, first, pointer)
         await executing(first)
-        second_id = await submit(c, pointer, second)
+        second_id = await gate_run(c, second, pointer)
         # dispatched to agent-q although its only slot is busy: it waits there for a worker
         waiting = await wait_state(c, second_id, {"running"}, timeout=15)
         dispatched = time.monotonic()  # a little after the dispatch
@@ -121,10 +110,10 @@ async def test_a_run_cancelled_while_it_waits_at_the_agent_never_runs(
     async with client(stack) as c:
         await warm(c, pointer, tmp_path)
         first, second, third = tmp_path / "first", tmp_path / "second", tmp_path / "third"
-        first_id = await submit(c, pointer, first)
+        first_id = await gate_run(c, first, pointer)
         await executing(first)
         open_gate(second, "would end at once")
-        second_id = await submit(c, pointer, second)
+        second_id = await gate_run(c, second, pointer)
         waiting = await wait_state(c, second_id, {"running"}, timeout=15)
         assert waiting["waiting_for"] == "worker"
         response = await c.post(f"/v4/runs/{second_id}/cancel")
@@ -133,7 +122,7 @@ async def test_a_run_cancelled_while_it_waits_at_the_agent_never_runs(
         open_gate(first, "1")
         await wait_state(c, first_id, {"completed"}, timeout=15)
         open_gate(third, "3")  # the slot's next run: second's turn has passed
-        third_id = await submit(c, pointer, third)
+        third_id = await gate_run(c, third, pointer)
         await wait_state(c, third_id, {"completed"}, timeout=15)
     assert cancelled["outputs"] == [] and cancelled["waiting_for"] is None
     assert executions(second) == 0
@@ -146,15 +135,15 @@ async def test_a_long_pipeline_gets_no_queue_room_and_its_queue_stays_exact(
     pointer = "test/queue-long:v1"
     async with client(stack) as c:
         long_warm = tmp_path / "long-warm"
-        warm_id = await submit(c, pointer, long_warm)
+        warm_id = await gate_run(c, long_warm, pointer)
         await executing(long_warm)
         await anyio.sleep(2 * SHORT_S)  # its typical attempt is now long
         open_gate(long_warm, "done")
         await wait_state(c, warm_id, {"completed"}, timeout=15)
         gates = [tmp_path / f"g{i}" for i in range(3)]
-        ids = [await submit(c, pointer, gates[0])]
+        ids = [await gate_run(c, gates[0], pointer)]
         await executing(gates[0])
-        ids += [await submit(c, pointer, gate) for gate in gates[1:]]
+        ids += [await gate_run(c, gate, pointer) for gate in gates[1:]]
         views = [(await c.get(f"/v4/runs/{run_id}")).json() for run_id in ids[1:]]
         assert [(v["state"], v["queue_position"], v["waiting_for"]) for v in views] == [
             ("queued", 0, "capacity"),
@@ -176,10 +165,10 @@ async def test_a_run_waiting_at_a_killed_agent_is_requeued_and_runs_once_elsewhe
     async with client(stack) as c:
         await warm(c, pointer, tmp_path)
         first, second = tmp_path / "first", tmp_path / "second"
-        first_id = await submit(c, pointer, first)
+        first_id = await gate_run(c, first, pointer)
         await executing(first)
         open_gate(second, "2")  # it ends as soon as it runs
-        second_id = await submit(c, pointer, second)
+        second_id = await gate_run(c, second, pointer)
         waiting = await wait_state(c, second_id, {"running"}, timeout=15)
         assert waiting["waiting_for"] == "worker"
         rescuer = stack.start_agent("agent-qk2", RETRY, slots=1, queue_depth=1)

@@ -25,6 +25,7 @@ from tests.harness import (
     Load,
     Stack,
     audit,
+    gate_run,
     open_gate,
     wait_ready,
     wait_replicas,
@@ -50,17 +51,6 @@ async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
 
 def client(stack: Stack, token: str = "tok_big") -> httpx.AsyncClient:
     return harness.client(stack, token)
-
-
-async def gate_run(c: httpx.AsyncClient, gate: Path, pointer: str = "test/gate:v1") -> str:
-    body = {
-        "pipeline": pointer,
-        "async_run": True,
-        "inputs": [{"type": "string", "value": str(gate)}],
-    }
-    response = await c.post("/v4/runs", json=body)
-    assert response.status_code == 202, response.text
-    return str(response.json()["id"])
 
 
 async def test_a_killed_agents_run_ends_node_preempted_in_bounded_time(
