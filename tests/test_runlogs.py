@@ -36,6 +36,7 @@ async def logstack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[St
             stack.start_agent("agent-logs", LOGS, slots=3)
             await wait_replicas(stack.url, "tok_acme", "test/chatty:v1")
             await wait_replicas(stack.url, "tok_acme", "test/flood:v1")
+            await wait_replicas(stack.url, "tok_acme", "test/say:v1")
             yield stack
     finally:
         if before is None:
