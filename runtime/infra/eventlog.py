@@ -46,7 +46,7 @@ from runtime.infra.event_subjects import (
     subject_of,
 )
 from runtime.infra.jsretry import retrying
-from runtime.infra.ordered import OrderedTail, TailHandler
+from runtime.infra.ordered import OrderedTail, TailHandler, ack_tokens
 from runtime.infra.streams import EVENTS_STREAM
 from runtime.infra.streamsetup import ensure_stream, require_stream
 
@@ -305,17 +305,10 @@ def _message(
 
 
 def ack_sequences(reply: str | None) -> tuple[int, int] | None:
-    """``(stream sequence, delivery number)`` named in a JetStream message's ack subject, read
-    without building nats-py's whole ``Metadata`` (a date among it): ``$JS.ACK.<stream>.
-    <consumer>.<delivered>.<sseq>.<dseq>.<ts>.<pending>``, or the form with a domain and an
-    account hash after ``$JS.ACK`` (and a token at the end). None for anything else."""
-    tokens = (reply or "").split(".")
-    if tokens[:2] != ["$JS", "ACK"]:
-        return None
-    at = 5 if len(tokens) == 9 else 7 if len(tokens) >= 11 else None
-    if at is None or not (tokens[at].isdigit() and tokens[at + 1].isdigit()):
-        return None
-    return int(tokens[at]), int(tokens[at + 1])
+    """``(stream sequence, consumer sequence)`` named in a JetStream message's ack subject,
+    read without building nats-py's whole ``Metadata`` (a date among it): ``ordered.ack_tokens``
+    of a reply subject nats-py decoded. None for anything else."""
+    return ack_tokens(reply.encode()) if reply else None
 
 
 def stream_seq(msg: Msg) -> int:

@@ -74,10 +74,9 @@ def ack_tokens(reply: bytes) -> tuple[int, int] | None:
     at = 5 if n == 9 else 7 if n >= 11 else 0
     if not at or tokens[0] != b"$JS" or tokens[1] != b"ACK":
         return None
-    try:
-        return int(tokens[at]), int(tokens[at + 1])
-    except ValueError:
+    if not (tokens[at].isdigit() and tokens[at + 1].isdigit()):
         return None
+    return int(tokens[at]), int(tokens[at + 1])
 
 
 class Connection:
