@@ -303,6 +303,12 @@ def test_passes_never_overbook_nor_dispatch_to_agents_that_cannot_take_work(
             beat_ = w.fleet.get(str(agent_id))
             if beat_ is not None:
                 assert n_used <= beat_.slots(kind)
+        on_agent = {  # what a pass counts as in use: the index's runs on each agent
+            a: Counter(w.index.records[r].pipeline for r in runs)
+            for a, runs in w.index.on_agent.items()
+            if runs
+        }
+        assert w.work.agent_load == on_agent
     queued = [r for r in w.index.records.values() if r.state is RunState.queued]
     assert all(isinstance(r.waiting_for, WaitingFor) for r in queued)
 

@@ -5,6 +5,7 @@ live in ``runtime.control.decide``."""
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
@@ -60,6 +61,11 @@ class Worklist:
     resource_waits: dict[str, SortedList] = field(default_factory=dict)
     _waiting: dict[str, tuple[str, float]] = field(default_factory=dict)  # run -> its entry
     durations: AttemptDurations = field(default_factory=AttemptDurations)  # per pipeline
+    # agent -> pipeline -> its runs the log says are on the agent (running or waiting there):
+    # the index's ``on_agent`` counted by pipeline, so a pass counts slots in use without
+    # reading every such run
+    agent_load: dict[str, Counter[str]] = field(default_factory=dict)
+    _on_agent: dict[str, tuple[str, str]] = field(default_factory=dict)  # run -> its entry
 
     def observe_queue(self, event: QueueWaitChanged, queued: list[str]) -> None:
         """A queue's event (its runs stay queued: only their wait for a replica changes, as the
@@ -85,6 +91,7 @@ class Worklist:
         _toggle(self.created, run.id, run.state is RunState.created)
         _toggle(self.cancelling, run.id, run.cancel_requested and not run.is_terminal)
         self._track_resource_wait(run)
+        self._track_agent(run)
         self.durations.observe(event, run)
         if run.state is RunState.running:
             self.running_since[run.id] = mono
@@ -102,6 +109,24 @@ class Worklist:
             and run.waiting_for not in (told, WaitingFor.cancellation)
         ):
             del self.announced[run.pipeline]
+
+    def _track_agent(self, run: RunRecord) -> None:
+        on = run.agent_id if run.state is RunState.running else None  # as the index's on_agent
+        entry = None if on is None else (on, run.pipeline)
+        old = self._on_agent.get(run.id)
+        if old == entry:
+            return
+        if old is not None:
+            load = self.agent_load[old[0]]
+            load[old[1]] -= 1
+            if not load[old[1]]:
+                del load[old[1]]
+                if not load:
+                    del self.agent_load[old[0]]
+            del self._on_agent[run.id]
+        if entry is not None:
+            self.agent_load.setdefault(entry[0], Counter())[entry[1]] += 1
+            self._on_agent[run.id] = entry
 
     def _track_resource_wait(self, run: RunRecord) -> None:
         since = run.resources_since if run.state is RunState.queued else None

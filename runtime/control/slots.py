@@ -105,8 +105,8 @@ def _slots_in_use(p: Pass) -> Counter[tuple[str, str]]:
     """Per (agent, slot kind): its runs the log says are on it (running or waiting there)."""
     used: Counter[tuple[str, str]] = Counter()
     for beat in p.fleet.live():
-        for run_id in p.runs.on_agent.get(beat.agent_id, ()):
-            used[beat.agent_id, p.kind(p.run(run_id).pipeline)] += 1
+        for pipeline, n in p.work.agent_load.get(beat.agent_id, {}).items():
+            used[beat.agent_id, p.kind(pipeline)] += n
     return used
 
 
