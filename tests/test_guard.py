@@ -53,6 +53,31 @@ async def test_a_non_fatal_callback_is_logged_and_carries_on(
     assert scope.cancelled_caught
 
 
+async def test_a_plain_function_is_guarded_too(caplog: pytest.LogCaptureFixture) -> None:
+    """``wrap_sync``: what an index's apply is wrapped in (called from the connection's reader):
+    its result is dropped, an exception logged and, if fatal, failing the watch."""
+    guard = Guard("tester")
+    calls: list[int] = []
+
+    def apply(seq: int) -> int:
+        calls.append(seq)
+        if seq == 2:
+            raise KeyError(seq)
+        return seq
+
+    guarded = guard.wrap_sync("event-log tail", apply)
+    with caplog.at_level(logging.ERROR, logger="jetrun.guard"):
+        assert guarded(1) is None
+        with anyio.move_on_after(0.05) as scope:
+            await guard.watch()
+        assert scope.cancelled_caught  # nothing failed yet
+        guarded(2)  # never raises into the reader
+    assert calls == [1, 2]
+    assert caplog.records[-1].exc_info is not None
+    with pytest.raises(CallbackFailed, match="KeyError"), anyio.fail_after(1):
+        await guard.watch()
+
+
 async def test_a_scheduler_whose_log_callback_raises_exits_loudly(tmp_path: Path) -> None:
     async with Stack(tmp_path) as stack:
         await stack.start_nats()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import msgspec
 import pytest
 from nats.aio.client import Client
 
@@ -10,7 +11,7 @@ from contracts import RunSubmitted
 from contracts.events import AnyEvent
 from runtime.control.logfeed import LogFeed
 from runtime.control.views import RunViews
-from runtime.infra.eventlog import EventLog
+from runtime.infra.eventlog import EventLog, event_subject
 from runtime.infra.projection import RunIndex
 from runtime.infra.streams import EVENTS_STREAM
 
@@ -27,11 +28,11 @@ class Reader:
         self.seen: list[int] = []
         feed.join(self.index, self.on_event, self.on_skipped)
 
-    async def on_event(self, seq: int, event: AnyEvent) -> None:
+    def on_event(self, seq: int, event: AnyEvent) -> None:
         self.seen.append(seq)
         self.index.apply(seq, event)
 
-    async def on_skipped(self, seq: int) -> None:
+    def on_skipped(self, seq: int) -> None:
         self.index.skip(seq)
 
 
@@ -73,10 +74,10 @@ async def test_an_index_two_readers_share_is_fed_once(nc: Client) -> None:
     first = Reader(feed)
     second_seen: list[int] = []
 
-    async def second(seq: int, event: AnyEvent) -> None:
+    def second(seq: int, event: AnyEvent) -> None:
         second_seen.append(seq)
 
-    async def skipped(seq: int) -> None:
+    def skipped(seq: int) -> None:
         second_seen.append(seq)
 
     feed.join(first.index, second, skipped)  # the same index: not fed a second time
@@ -89,4 +90,30 @@ async def test_an_index_two_readers_share_is_fed_once(nc: Client) -> None:
     assert first.seen == list(range(position.start, last + 6))
     assert second_seen == []
     assert len(first.index.records) == last + 5 - position.start + 1
+    await feed.leave()
+
+
+async def test_a_message_that_does_not_decode_moves_every_reader_past_it(nc: Client) -> None:
+    """An event kind from a newer release: each reader's ``on_skipped`` gets its sequence, so
+    a wait for it (or for a later one) does not hang, and the events after it are applied."""
+    log = EventLog(nc)
+    views = RunViews(log.js)
+    await views.require()
+    feed = LogFeed(log, views)
+    readers = [Reader(feed), Reader(feed)]
+    position = await feed.start()
+    newer = {"event": "frobnicated", "run_id": "run_newer", "at": 1.0}
+    ack = await log.js.publish(
+        event_subject("run_newer", "frobnicated"), msgspec.json.encode(newer), stream=EVENTS_STREAM
+    )
+    await log.append(submitted("after_newer"))
+    with anyio.fail_after(10):
+        for reader in readers:
+            await reader.index.wait_for_seq(ack.seq + 1, timeout=10)
+    for reader in readers:
+        assert ack.seq not in reader.seen and reader.seen[-1] == ack.seq + 1
+        assert reader.index.get("after_newer") is not None
+        assert reader.index.get("run_newer") is None
+    assert position.start <= ack.seq
+    await feed.leave()
     await feed.leave()

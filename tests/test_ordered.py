@@ -221,6 +221,43 @@ async def test_a_handler_that_raises_reports_and_goes_on(
     assert [str(e) for e in errors] == ["bad 10", "bad 20"]
 
 
+async def test_a_plain_function_handler_is_called_in_order_and_may_raise(
+    js: nats.js.JetStreamContext, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler that is a plain function (an index's apply) is called from the reader, in
+    log order, with no coroutine; one that raises is reported and the next message handled."""
+    await fill(js, 300)
+    errors: list[BaseException] = []
+
+    async def error_cb(err: BaseException) -> None:
+        errors.append(err)
+
+    monkeypatch.setattr(js._nc, "_error_cb", error_cb)
+    seen = Seen()
+    reader = None
+
+    def handler(seq: int, subject: bytes, data: bytes) -> None:
+        nonlocal reader
+        reader = asyncio.current_task()
+        assert data.startswith(str(seq - 1).encode())
+        if seq == 100:
+            raise ValueError("bad 100")
+        seen.add(seq)
+
+    tail = await OrderedTail(js, NAME, config(), handler).start()
+    await seen.until(299)
+    await fill_more(js, 300, 50)
+    await seen.until(349)
+    with anyio.fail_after(5):
+        while not errors:
+            await anyio.sleep(0.01)
+    await tail.unsubscribe()
+    assert seen.seqs == [s for s in range(1, 351) if s != 100]
+    assert [str(e) for e in errors] == ["bad 100"]
+    assert reader is not tail._task  # called from the connection's reader, not the tail's task
+    assert tail._handled == 350 and not tail._busy
+
+
 async def test_unsubscribe_stops_delivery(js: nats.js.JetStreamContext) -> None:
     seen = Seen()
 

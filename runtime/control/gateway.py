@@ -27,7 +27,6 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from contracts.events import AnyEvent
 from runtime import health
 from runtime.control.admission import Admission
 from runtime.control.http_front import Front
@@ -131,11 +130,11 @@ class Gateway(RunsApi):
             self.log.js, config.settings.max_streams_per_team, replicas=settings.replicas
         )
         self.feed = feed or LogFeed(self.log, self.views)
-        tail = self.guard.wrap
+        tail = self.guard.wrap_sync
         self.feed.join(
             self.index,
-            tail("event-log tail", self._on_event),
-            tail("event-log tail", self._on_skipped),
+            tail("event-log tail", self.index.apply),
+            tail("event-log tail", self.index.skip),
         )
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -171,12 +170,6 @@ class Gateway(RunsApi):
                 for sub in (beats, scheduler_beats):
                     with contextlib.suppress(Exception):
                         await sub.unsubscribe()
-
-    async def _on_event(self, seq: int, event: AnyEvent) -> None:
-        self.index.apply(seq, event)
-
-    async def _on_skipped(self, seq: int) -> None:
-        self.index.skip(seq)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:

@@ -3,8 +3,10 @@
 A gateway and a scheduler each keep a ``RunIndex`` of the whole log. Apart, each has its own
 ordered consumer: nats-server delivers every event twice, and the process parses and decodes it
 twice. In one process (``jetrun up``) they share a ``LogFeed``: one consumer, each event decoded
-once and handed to every reader in log order, the indexes positioned at the same sequence. Two
-readers may also share one index (``jetrun up``: the gateway and the scheduler hold one
+once and handed to every reader in log order, the indexes positioned at the same sequence. A
+reader's callbacks are plain functions that apply the event to its index: the connection's
+reader calls them as each message arrives, no coroutine or task per event (``EventLog.follow``).
+Two readers may also share one index (``jetrun up``: the gateway and the scheduler hold one
 ``RunIndex``): it is then fed once, through the callbacks of the reader that joined first. A
 component that is alone in its process gets a feed of its own, so the code is the same either
 way.
@@ -19,7 +21,7 @@ import anyio
 
 from contracts.events import AnyEvent
 from runtime.control.views import RunViews, start_position
-from runtime.infra.eventlog import EventLog, Handler, SkipHandler
+from runtime.infra.eventlog import Apply, EventLog, Skip
 from runtime.infra.ordered import OrderedTail
 from runtime.infra.projection import RunIndex
 
@@ -33,8 +35,8 @@ class Position:
 @dataclass(frozen=True)
 class _Reader:
     index: RunIndex
-    on_event: Handler
-    on_skipped: SkipHandler
+    on_event: Apply
+    on_skipped: Skip
 
 
 class LogFeed:
@@ -48,7 +50,7 @@ class LogFeed:
         self._sub: OrderedTail | None = None
         self._active = 0
 
-    def join(self, index: RunIndex, on_event: Handler, on_skipped: SkipHandler) -> None:
+    def join(self, index: RunIndex, on_event: Apply, on_skipped: Skip) -> None:
         """Feed ``index`` (through ``on_event``/``on_skipped``, which must not raise: wrap them
         in the component's ``Guard``). An index another reader joined with is fed once, through
         that reader's callbacks. Raises ``RuntimeError`` once the feed has started."""
@@ -66,11 +68,11 @@ class LogFeed:
                 begin, target = await start_position(self.log.js, self.views)
                 for reader in self._readers:
                     reader.index.start_at(begin - 1)
-                on_event: Handler = self._on_event
-                on_skipped: SkipHandler = self._on_skipped
+                on_event: Apply = self._on_event
+                on_skipped: Skip = self._on_skipped
                 if len(self._readers) == 1:  # straight to the one reader
                     on_event, on_skipped = self._readers[0].on_event, self._readers[0].on_skipped
-                self._sub = await self.log.tail(on_event, from_seq=begin, skipped=on_skipped)
+                self._sub = await self.log.follow(on_event, on_skipped, from_seq=begin)
                 self._position = Position(begin, target)
             self._active += 1
             return self._position
@@ -83,10 +85,10 @@ class LogFeed:
             with contextlib.suppress(Exception):  # the connection may be gone
                 await sub.unsubscribe()
 
-    async def _on_event(self, seq: int, event: AnyEvent) -> None:
+    def _on_event(self, seq: int, event: AnyEvent) -> None:
         for reader in self._readers:
-            await reader.on_event(seq, event)
+            reader.on_event(seq, event)
 
-    async def _on_skipped(self, seq: int) -> None:
+    def _on_skipped(self, seq: int) -> None:
         for reader in self._readers:
-            await reader.on_skipped(seq)
+            reader.on_skipped(seq)

@@ -142,11 +142,11 @@ class Scheduler(Applier):
         # the pipelines a node is being added for (the scaler beside it sets this)
         self.booting: Callable[[], frozenset[str]] = frozenset
         self.feed = feed or LogFeed(self.log, self.views)
-        tail = self.guard.wrap
+        tail = self.guard.wrap_sync
         self.feed.join(
             self.index,
-            tail("event-log tail", self._on_event),
-            tail("event-log tail", self._on_skipped),
+            tail("event-log tail", self.index.apply),
+            tail("event-log tail", self.index.skip),
         )
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -216,12 +216,6 @@ class Scheduler(Applier):
         )
 
     # --- inputs: they only record what they heard and wake the deciding task ----------------
-
-    async def _on_event(self, seq: int, event: AnyEvent) -> None:
-        self.index.apply(seq, event)
-
-    async def _on_skipped(self, seq: int) -> None:
-        self.index.skip(seq)
 
     async def _on_heartbeat(self, msg: Msg) -> None:
         try:

@@ -57,11 +57,13 @@ __all__ = [
     "ALL_EVENTS",
     "PUBLISH_TIMEOUT_S",
     "Appended",
+    "Apply",
     "EventLog",
     "Fencing",
     "Handler",
     "LogSettings",
     "NamedEachTime",
+    "Skip",
     "SkipHandler",
     "Stored",
     "ack_sequences",
@@ -111,6 +113,8 @@ class Stored(NamedTuple):
 
 Handler = Callable[[int, AnyEvent], Awaitable[None]]
 SkipHandler = Callable[[int], Awaitable[None]]
+Apply = Callable[[int, AnyEvent], None]  # ``follow``'s handlers: plain functions
+Skip = Callable[[int], None]
 
 
 class EventLog:
@@ -242,6 +246,22 @@ class EventLog:
             config.filter_subjects = subjects
             subject = subjects[0]
         return await self._ordered(subject, on_msg, config)
+
+    async def follow(self, apply: Apply, skip: Skip, *, from_seq: int = 1) -> OrderedTail:
+        """``tail`` of every event for handlers that are plain functions (a reader that
+        applies each event to an index): ``apply(seq, event)``, or ``skip(seq)`` for a message
+        that does not decode. Each event is handled as the connection's reader receives it:
+        no coroutine, no task (``runtime.infra.ordered``)."""
+
+        def on_msg(seq: int, subject: bytes, data: bytes) -> None:
+            event = _decode_data(data, subject)
+            if event is not None:
+                apply(seq, event)
+            else:
+                skip(seq)
+
+        config = api.ConsumerConfig(opt_start_seq=max(from_seq, 1))
+        return await self._ordered(ALL_EVENTS, on_msg, config)
 
     async def tail_each(
         self, handler: Handler, *, from_seq: int, subjects: list[str]

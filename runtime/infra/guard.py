@@ -48,6 +48,20 @@ class Guard:
 
         return guarded
 
+    def wrap_sync(
+        self, what: str, callback: Callable[P, object], *, fatal: bool = True
+    ) -> Callable[P, None]:
+        """``wrap`` for a plain function (an index's apply, called from the connection's
+        reader; what it returns is dropped): it never raises either."""
+
+        def guarded(*args: P.args, **kwargs: P.kwargs) -> None:
+            try:
+                callback(*args, **kwargs)
+            except Exception as err:
+                self._fail(what, err, fatal=fatal)
+
+        return guarded
+
     def _fail(self, what: str, err: Exception, *, fatal: bool) -> None:
         consequence = "stopping so that a restart rebuilds it" if fatal else "carrying on"
         log.error("%s: %s raised (%s)", self.owner, what, consequence, exc_info=err)

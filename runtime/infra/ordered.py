@@ -13,12 +13,13 @@ handler reads the ack subject a third time. Here:
   heartbeat, a flow-control request), no ``Msg`` is built, the ack subject is split once and
   the handler gets ``(stream sequence, subject, payload)``.
 - The handler's coroutine is started there, inline. A handler that finishes without
-  suspending (most do) costs no task and no queue. One that suspends is continued by the
-  tail's own task, and every message that arrives meanwhile waits in a deque behind it:
-  handlers run one at a time, in log order. While a handler runs inline, the tail's task is
-  made the current task (as Python 3.12's eager tasks do), so code that looks at
-  ``asyncio.current_task()`` (anyio's locks and cancel scopes) sees the same task before and
-  after a suspension.
+  suspending (most do) costs no task and no queue; a plain function (it returns None: the
+  readers that apply each event to an index) not even a coroutine. One that suspends is
+  continued by the tail's own task, and every message that arrives meanwhile waits in a
+  deque behind it: handlers run one at a time, in log order. While a handler runs inline,
+  the tail's task is made the current task (as Python 3.12's eager tasks do), so code that
+  looks at ``asyncio.current_task()`` (anyio's locks and cancel scopes) sees the same task
+  before and after a suspension.
 - Sequences: a consumer sequence that is not the next one expected (a message lost on the way,
   a consumer the server no longer has) recreates the consumer from the stream sequence after
   the last one received, under a new deliver subject, as nats-py does; so do two
@@ -58,7 +59,8 @@ from nats.js import JetStreamContext, api
 
 log = logging.getLogger("jetrun.ordered")
 
-TailHandler = Callable[[int, bytes, bytes], Awaitable[None]]  # (stream seq, subject, payload)
+# (stream seq, subject, payload); a handler that returns None (a plain function) is done
+TailHandler = Callable[[int, bytes, bytes], Awaitable[None] | None]
 
 _STATUS_LINE = b"NATS/1.0 "  # a status message: "NATS/1.0 100 Idle Heartbeat\r\n..."
 LAST_CONSUMER = "Nats-Last-Consumer"
@@ -311,7 +313,15 @@ class OrderedTail:
         """Start the handler here; if it suspends, the tail's task continues it."""
         task = self._task
         assert task is not None
-        coro = self.handler(seq, subject, data)
+        try:
+            coro = self.handler(seq, subject, data)
+        except Exception as err:  # a plain function that raised
+            self._failed(err)
+            self._done()
+            return
+        if coro is None:  # a plain function: done
+            self._done()
+            return
         if not isinstance(coro, Coroutine):  # another awaitable: the task awaits it
             self._hand_off(_awaiting(coro), None)
             return
@@ -369,7 +379,9 @@ class OrderedTail:
             while self._waiting:
                 seq, subject, data = self._waiting.popleft()
                 try:
-                    await self.handler(seq, subject, data)
+                    pending = self.handler(seq, subject, data)
+                    if pending is not None:
+                        await pending
                 except Exception as err:
                     self._failed(err)
                 self._done()
