@@ -12,7 +12,7 @@ in their index, so any gateway answers any run, however old, without holding it 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import anyio
 import msgspec
@@ -121,6 +121,51 @@ class RunViews:
             raise RuntimeError("RunViews.ensure() has not run")
         await retrying(f"store view of {run.id}", put, self.deadline_s)
 
+    async def put_all(self, runs: Sequence[RunRecord]) -> list[Exception | None]:
+        """Store the views of ``runs`` (different runs) together from this one task: every put
+        is sent, then their acks are read (no task, limiter and retry wrapper per view). A put
+        whose first try meets an outage is made again the patient way (``put``), those
+        together. Returns, per run, None (stored) or the exception (``MaxPayloadError``: never
+        storable; a ``RETRYABLE`` one: not stored now)."""
+        if self._kv is None:
+            raise RuntimeError("RunViews.ensure() has not run")
+        publisher = jspub.publisher_of(self.js)
+        results: list[Exception | None] = [None] * len(runs)
+        flight: list[tuple[int, jspub.Pending]] = []
+        again: list[int] = []
+        try:
+            for i, run in enumerate(runs):
+                data, subject = _encoder.encode(run), f"$KV.{VIEWS_BUCKET}.{view_key(run.id)}"
+                try:
+                    flight.append((i, await publisher.send(subject, data, None, PUBLISH_TIMEOUT_S)))
+                except RETRYABLE:
+                    again.append(i)
+                except Exception as err:
+                    results[i] = err
+            for i, pending in flight:
+                try:
+                    await pending.ack()
+                except RETRYABLE:
+                    again.append(i)
+                except Exception as err:
+                    results[i] = err
+            flight.clear()
+        finally:  # cancelled: stop waiting for what is in flight
+            for _, pending in flight:
+                pending.cancel()
+
+        async def patiently(i: int) -> None:
+            try:
+                await self.put(runs[i])
+            except Exception as err:
+                results[i] = err
+
+        if again:
+            async with anyio.create_task_group() as tg:
+                for i in again:
+                    tg.start_soon(patiently, i)
+        return results
+
     async def get(self, run_id: str) -> RunRecord | None:
         """The stored view of ``run_id``; None if there is none (or it aged out)."""
         data = await self._get(view_key(run_id))
@@ -221,30 +266,32 @@ class ViewKeeper:
 
     async def _store_unstored(self) -> None:
         """Store the view of every unstored run not being stored already, ``STORES_IN_FLIGHT``
-        at a time."""
-        limiter = anyio.CapacityLimiter(STORES_IN_FLIGHT)
-        async with anyio.create_task_group() as tg:
-            for run in list(self.unstored.values()):
-                if run.id not in self._storing:
-                    self._storing.add(run.id)
-                    tg.start_soon(self._store, run, limiter)
-
-    async def _store(self, run: RunRecord, limiter: anyio.CapacityLimiter) -> None:
+        in flight at a time (``RunViews.put_all``: one task sends them and reads the acks)."""
+        runs = [run for run in self.unstored.values() if run.id not in self._storing]
+        self._storing.update(run.id for run in runs)
         try:
-            async with limiter:
-                await self.views.put(run)
-        except RETRYABLE as err:
-            log.warning("view of %s not stored now (%r); later", run.id, err)
+            for start in range(0, len(runs), STORES_IN_FLIGHT):
+                chunk = runs[start : start + STORES_IN_FLIGHT]
+                results = await self.views.put_all(chunk)
+                for run, result in zip(chunk, results, strict=True):
+                    self._stored(run, result)
+                    self._storing.discard(run.id)
+        finally:  # cancelled or failed: the runs not stored are stored later
+            self._storing.difference_update(run.id for run in runs)
+
+    def _stored(self, run: RunRecord, error: Exception | None) -> None:
+        if isinstance(error, RETRYABLE):
+            log.warning("view of %s not stored now (%r); later", run.id, error)
             return
-        except MaxPayloadError:  # never storable: its events answer for it
+        if isinstance(error, MaxPayloadError):  # never storable: its events answer for it
             log.warning(
                 "view of %s is over a message's size: not stored (read from its"
                 " events while the log keeps them)",
                 run.id,
                 extra={"run_id": run.id, "team": run.team},
             )
-        finally:
-            self._storing.discard(run.id)
+        elif error is not None:
+            raise error
         if self.unstored.get(run.id) is run:
             del self.unstored[run.id]
 
