@@ -159,6 +159,9 @@ class RunCompleted(AttemptEvent, frozen=True, kw_only=True, tag="completed", omi
     kind: ClassVar[str] = "completed"
     outputs: list[RunIO]
     streamed: Annotated[int, msgspec.Meta(ge=0, le=MAX_OUTPUTS)] = 0
+    # seconds the attempt's worker ran it (from ``started``'s time to this end), by the agent's
+    # clock; not what it waited at the agent for a slot. None from agents that did not say
+    ran_s: Annotated[float, msgspec.Meta(ge=0)] | None = None
 
 
 class RunFailed(AttemptEvent, frozen=True, kw_only=True, tag="failed"):

@@ -103,7 +103,8 @@ def _sync_interval(value: str | None) -> str | None:
     default=None,
     type=click.IntRange(0),
     help="CPU dispatches each agent (the local one and those the autoscaler adds) holds "
-    "waiting for a busy slot (short runs only; default: twice its CPU slots; 0: none).",
+    "waiting for a busy slot (short runs only, within the scheduler's agent_queue_wait_s; "
+    "default: 16 per CPU slot; 0: none).",
 )
 @click.option(
     "--gateways",
@@ -247,7 +248,7 @@ def gateway(
     default=None,
     type=click.IntRange(0),
     help="local: CPU dispatches each agent it starts holds waiting for a busy slot "
-    "(default: twice --node-slots).",
+    "(default: 16 per --node-slots slot).",
 )
 @click.option(
     "--boot-delay",
@@ -341,8 +342,8 @@ def scheduler(
     default=None,
     type=click.IntRange(0),
     help="CPU dispatches the agent holds waiting for a busy slot, so the next run is "
-    "there when a slot frees (used only for pipelines whose runs are short; default: twice "
-    "--slots; 0: none).",
+    "there when a slot frees (used only for pipelines whose runs are short, within the "
+    "scheduler's agent_queue_wait_s; default: 16 per slot; 0: none).",
 )
 @click.option(
     "--heartbeat", default=1.0, show_default=True, type=float, help="Seconds between heartbeats."

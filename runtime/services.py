@@ -34,10 +34,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("jetrun")
 Address = tuple[str, int]  # host, port of a service's /metrics, /healthz, /readyz
-# An agent's default CPU queue depth, per CPU slot: 2 gave 6-30% more no-op runs/s than 1 in five
-# of five alternating bench_peers pairs (README, "Benchmarks"); a waiting run is still behind at
-# most two short attempts per slot.
-QUEUE_PER_SLOT = 2
+# An agent's default CPU queue depth, per CPU slot: deep enough that for very short attempts the
+# scheduler's bound on the wait there (``agent_queue_wait_s``, runtime.control.slots), not the
+# depth, decides how many runs wait at the agent (README, "Benchmarks").
+QUEUE_PER_SLOT = 16
 
 
 class _Server(uvicorn.Server):

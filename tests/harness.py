@@ -132,6 +132,7 @@ class Stack:
     resource_wait_timeout_s: float = 300.0
     keep_ended_s: float = 300.0  # how long services hold an ended run in memory
     short_attempt_s: float = 0.05  # runs of pipelines this short may wait at an agent
+    agent_queue_wait_s: float = 0.02  # ... while the wait there is expected to be under this
     nats: NatsServer | None = None
     procs: list[Proc] = field(default_factory=list)
     gateway_urls: list[str] = field(default_factory=list)
@@ -217,7 +218,10 @@ class Stack:
             resource_wait_timeout_s=self.resource_wait_timeout_s,
             keep_ended_s=self.keep_ended_s,
         )
-        settings = f"[settings]\nshort_attempt_s = {self.short_attempt_s}\n"
+        settings = (
+            f"[settings]\nshort_attempt_s = {self.short_attempt_s}\n"
+            f"agent_queue_wait_s = {self.agent_queue_wait_s}\n"
+        )
         self.config_path.write_text(text.replace("[settings]\n", settings))
 
     async def start_nats(self) -> NatsServer:
@@ -303,7 +307,8 @@ class Stack:
     def start_agent(
         self, name: str, *modules: str, slots: int = 2, queue_depth: int | None = None
     ) -> Proc:
-        """An agent process; ``queue_depth`` None: the agent's default (twice ``slots``)."""
+        """An agent process; ``queue_depth`` None: the agent's default (``QUEUE_PER_SLOT``
+        per slot)."""
         assert self.nats is not None
         self.agent_credentials(name)
         args = [

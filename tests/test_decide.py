@@ -45,7 +45,7 @@ from runtime.control.decide import (
     decide,
     dispatched,
 )
-from runtime.infra.config import parse
+from runtime.infra.config import Config, parse
 from runtime.infra.fleet import NODE_LOST, NODE_RECALLED, Fleet
 from runtime.infra.projection import RunIndex
 
@@ -91,7 +91,8 @@ def beat(
 class World:
     """A run index and a fleet fed by hand; ``decide`` applies each pass's events at once."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: Config = CONFIG) -> None:
+        self.config = config
         self.mono = 0.0
         self.wall = T0
         self.index = RunIndex()
@@ -129,7 +130,7 @@ class World:
             self.work,
             self.fleet.view(),
             CATALOGUE,
-            CONFIG,
+            self.config,
             Now(self.wall, self.mono),
             booting,
         )

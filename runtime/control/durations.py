@@ -1,11 +1,18 @@
-"""How long a pipeline's attempts typically take, as the scheduler reads them in the log.
+"""How long a pipeline's attempts typically take, and how fast each agent ends attempts, as the
+scheduler reads them in the log.
 
-An attempt's duration runs from its ``dispatched`` to its end (``completed``, ``failed`` or
-``timed_out``), by the events' own times: a replay of the log gives the same figures, and it
-includes what the attempt waited at its agent (so it errs long). A cancelled, preempted or
-requeued attempt tells nothing and is not counted. The typical duration is the median of the
-pipeline's last ``SAMPLES`` attempts; unknown until one has ended. It decides whether a
-pipeline's runs may wait in an agent's queue (``runtime.control.slots``).
+An attempt's duration is what its worker ran it: a ``completed`` says so (``ran_s``, by the
+agent's clock, without what the attempt waited at its agent for a slot). An end that does not
+(``failed``, ``timed_out``, a ``completed`` from an older agent) counts from its ``dispatched``
+to the end, by the events' own times, which includes any wait at the agent (so it errs long). A
+cancelled, preempted or requeued attempt tells nothing and is not counted. The typical duration
+is the median of the pipeline's last ``SAMPLES`` attempts; unknown until one has ended. It
+decides whether a pipeline's runs may wait in an agent's queue (``runtime.control.slots``).
+
+An agent's drain rate is how many attempts of a slot kind it ended per second, over its last
+``DRAIN_SAMPLES`` ends of that kind (by the ends' own times, whatever their pipeline): when
+all its slots are busy, about how fast the runs waiting there reach a slot. It bounds how many
+runs may wait there (``runtime.control.slots``). Both are the same after a replay of the log.
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ from contracts.run import RunRecord
 from contracts.states import RunState
 
 SAMPLES = 8  # recent attempts per pipeline the typical duration is the median of
+DRAIN_SAMPLES = 32  # recent ends per agent and slot kind its drain rate is measured over
+MAX_AGENTS = 1024  # agents whose ends are kept (the first seen is forgotten past it)
 _ENDS = (RunCompleted, RunFailed, RunTimedOut)
 
 
@@ -25,23 +34,37 @@ class AttemptDurations:
     """Fed every event the scheduler's index applies (``observe``), with the run it made."""
 
     def __init__(self) -> None:
-        self._dispatched: dict[str, tuple[int, float]] = {}  # run -> (attempt, dispatched at)
+        # run -> (attempt, dispatched at, agent, slot kind)
+        self._dispatched: dict[str, tuple[int, float, str, str]] = {}
         self._recent: dict[str, deque[float]] = {}  # pipeline -> its last durations
         self._typical: dict[str, float] = {}  # pipeline -> the median of ``_recent``
+        self._ends: dict[tuple[str, str], deque[float]] = {}  # (agent, kind) -> its last ends
 
     def observe(self, event: AnyEvent, run: RunRecord) -> None:
         if run.state is RunState.running:
             if isinstance(event, RunDispatched) and event.attempt == run.attempt:
-                self._dispatched[run.id] = (event.attempt, event.at)
+                self._dispatched[run.id] = (event.attempt, event.at, event.agent_id, event.slot)
             return
         began = self._dispatched.pop(run.id, None)
-        if began is not None and isinstance(event, _ENDS) and event.attempt == began[0]:
-            self._add(run.pipeline, max(event.at - began[1], 0.0))
+        if began is None or not isinstance(event, _ENDS) or event.attempt != began[0]:
+            return
+        ran = event.ran_s if isinstance(event, RunCompleted) else None
+        self._add(run.pipeline, max(event.at - began[1], 0.0) if ran is None else ran)
+        self._ended(began[2], began[3], event.at)
 
     def typical(self, pipeline: str) -> float | None:
         """The median duration of ``pipeline``'s recent attempts (seconds); None if none
         has ended since this process began reading the log."""
         return self._typical.get(pipeline)
+
+    def drain_rate(self, agent_id: str, kind: str) -> float | None:
+        """Attempts of slot ``kind`` ``agent_id`` ended per second, over its recent ends;
+        None until two have ended at distinct times."""
+        ends = self._ends.get((agent_id, kind))
+        if ends is None or len(ends) < 2:
+            return None
+        span = max(ends) - min(ends)
+        return (len(ends) - 1) / span if span > 0 else None
 
     def _add(self, pipeline: str, seconds: float) -> None:
         recent = self._recent.get(pipeline)
@@ -49,3 +72,11 @@ class AttemptDurations:
             recent = self._recent[pipeline] = deque(maxlen=SAMPLES)
         recent.append(seconds)
         self._typical[pipeline] = statistics.median(recent)
+
+    def _ended(self, agent_id: str, kind: str, at: float) -> None:
+        ends = self._ends.get((agent_id, kind))
+        if ends is None:
+            if len(self._ends) >= MAX_AGENTS:
+                del self._ends[next(iter(self._ends))]
+            ends = self._ends[agent_id, kind] = deque(maxlen=DRAIN_SAMPLES)
+        ends.append(at)

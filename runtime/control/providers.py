@@ -52,7 +52,8 @@ class LocalProvider:
 
     ``boot_delay_s`` simulates a machine booting: the agent process starts that long after the
     request. Each agent gets ``cpu_slots`` slots (and a queue of ``cpu_queue`` dispatches
-    waiting for one; None: the agent's default, as many as its slots) and serves ``modules``.
+    waiting for one; None: the agent's default, ``QUEUE_PER_SLOT`` per slot) and serves
+    ``modules``.
     ``node_env(node_id)``, if given, is the environment of that node's agent (its own NATS
     identity); else ``env``.
     """

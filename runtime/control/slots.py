@@ -3,16 +3,23 @@
 A run goes to a live agent with its pipeline ready and a free slot of the kind it needs, the
 freest first. Only when no agent has one may it go into an agent's queue room: the dispatches
 an agent holds waiting for a busy CPU slot (``Accelerator.queue``), so that its next attempt
-is already there when a slot frees instead of a log round trip later. Among agents with room,
-the one with the fewest attempts already waiting. Queue room is used only
+is already there when a slot frees instead of a log round trip later. Queue room is used only
 - for CPU runs (GPU runs are long, and placed by GPU memory);
 - for a run's first attempt (a requeued run waits for a real slot);
 - for pipelines whose typical attempt (``runtime.control.durations``) is shorter than
-  ``Settings.short_attempt_s`` (50 ms by default); unknown (none has ended yet): no room.
-A run waiting at an agent waits behind the attempts running there (it is ``running``,
-``waiting_for: worker``, until a worker takes it), so head-of-line blocking stays about one
-short attempt long; a pipeline whose attempts are long keeps its runs in the scheduler's queue,
-where any agent's freed slot takes the head.
+  ``Settings.short_attempt_s`` (50 ms by default); unknown (none has ended yet): no room;
+- while the run's expected wait there is under ``Settings.agent_queue_wait_s`` (20 ms by
+  default): the runs ahead of it there (those the log says wait there, and one more, for the
+  first slot to free) over the agent's drain rate (``runtime.control.durations``: how many CPU
+  attempts it ended per second recently, whatever their pipeline; unknown: no room). An agent
+  runs what it holds first come first served, so the run starts within about that long; a
+  run the log still shows there that has ended counts as waiting, so the figure errs long.
+  A long attempt holding one of its slots slows its drain, and so shortens its line.
+Among agents with room, the one where the run would start soonest. A run waiting at an agent
+is ``running``, ``waiting_for: worker``, until a worker takes it, with no queue position; the
+bound is what it (and any other team's run behind it) waits there. A pipeline whose attempts
+are long keeps its runs in the scheduler's queue, with exact positions, where any agent's
+freed slot takes the head.
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ class Slots:
     counts at once."""
 
     def __init__(self, p: Pass) -> None:
-        self.used = _slots_in_use(p)
         self.fleet: FleetView = p.fleet
         self.kind = p.kind
         self.durations = p.work.durations
         self.short_s = p.config.settings.short_attempt_s
+        self.wait_s = p.config.settings.agent_queue_wait_s
         self._queues: dict[str, bool] = {}  # pipeline -> whether its runs may use queue room
+        self.used = _slots_in_use(p)
 
     def queues(self, pipeline: str) -> bool:
         """Whether runs of ``pipeline`` may wait in an agent's queue (see the module
@@ -64,16 +72,16 @@ class Slots:
         return sum(
             max(a.slots(kind) + (_room(a, kind) if room else 0) - self.used[a.agent_id, kind], 0)
             for a in self.fleet.serving(pipeline)
-        )
+        )  # at most: the bound on the wait there may leave some of the room unused
 
     def place(self, p: Pass, d: Decisions, run: RunRecord) -> bool:
         """Dispatch ``run`` to the agent with the most free slots for it, else (where it may)
-        into the queue of the agent with the fewest waiting; False if none has room (or the
-        run already has a decision in this pass)."""
+        into the queue of the agent where it would start soonest; False if none has room (or
+        the run already has a decision in this pass)."""
         kind = self.kind(run.pipeline)
         best = self._freest(run.pipeline, kind)
         if best is None and run.attempt <= 1 and self.queues(run.pipeline):
-            best = self._shortest_queue(run.pipeline, kind)
+            best = self._soonest(run.pipeline, kind)
         if best is None or not d.add(dispatched(run, p.now.wall, best, kind)):
             return False
         self.used[best, kind] += 1
@@ -87,12 +95,16 @@ class Slots:
                 best, most = agent.agent_id, n
         return best
 
-    def _shortest_queue(self, pipeline: str, kind: str) -> str | None:
-        best, fewest = None, 0
+    def _soonest(self, pipeline: str, kind: str) -> str | None:
+        """The agent with queue room where a run would start soonest, within the bound."""
+        best, soonest = None, self.wait_s
         for agent in self.fleet.serving(pipeline):
-            waiting = self.used[agent.agent_id, kind] - agent.slots(kind)
-            if waiting < _room(agent, kind) and (best is None or waiting < fewest):
-                best, fewest = agent.agent_id, waiting
+            ahead = self.used[agent.agent_id, kind] - agent.slots(kind) + 1
+            rate = self.durations.drain_rate(agent.agent_id, kind)
+            if ahead > _room(agent, kind) or rate is None:
+                continue
+            if ahead / rate < soonest:
+                best, soonest = agent.agent_id, ahead / rate
         return best
 
 

@@ -87,6 +87,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # only while its typical attempt is shorter than this: a run waiting there waits behind
     # the attempts running there (see runtime.control.slots); 0: never
     short_attempt_s: Annotated[float, msgspec.Meta(ge=0)] = 0.05
+    # and only while a run dispatched there is expected to start within this: the runs waiting
+    # there, and one more, over how many attempts the agent ended per second recently (so
+    # about the longest any team's run waits there behind others; runtime.control.slots)
+    agent_queue_wait_s: Annotated[float, msgspec.Meta(ge=0)] = 0.02
     heartbeat_interval_s: float = 1.0
     max_body_bytes: int = 1_048_576
     sync_wait_s: float = 600.0  # a sync POST waits this long, then answers 202 like async

@@ -391,6 +391,7 @@ class Runner:
             attempt=n,
             outputs=result.outputs[result.streamed :],
             streamed=result.streamed,
+            ran_s=round(max(now - start.event.at, 0.0), 6),  # read by the scheduler's queue room
         )
 
     async def _submitted(self, dispatch: RunDispatched) -> RunSubmitted | None:
