@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import json
 import logging
@@ -9,7 +10,14 @@ import logging
 import anyio
 import pytest
 
-from runtime.infra.logsetup import ContextFilter, JsonFormatter, TextFormatter, bind, bound
+from runtime.infra.logsetup import (
+    ContextFilter,
+    JsonFormatter,
+    LineHandler,
+    TextFormatter,
+    bind,
+    bound,
+)
 
 
 def record(message: str = "attempt ended: %s", *args: object, **extra: object) -> logging.LogRecord:
@@ -73,3 +81,80 @@ def test_timestamps_are_datetimes_isoformat_in_milliseconds(created: float) -> N
         rec.created = nearby
         assert TextFormatter().format(rec).split(" ")[0] == want
         assert json.loads(JsonFormatter().format(rec))["ts"] == want
+
+
+class Writes:
+    """A stream that keeps each write (one string per system call in a real one)."""
+
+    def __init__(self) -> None:
+        self.writes: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.writes.append(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def line_handler() -> tuple[logging.Logger, Writes, LineHandler]:
+    stream = Writes()
+    handler = LineHandler(stream)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    logger = logging.getLogger(f"test.lines.{id(stream)}")
+    logger.propagate = False
+    logger.setLevel(logging.DEBUG)
+    logger.handlers[:] = [handler]
+    return logger, stream, handler
+
+
+@pytest.mark.anyio
+async def test_a_loop_iterations_lines_are_one_write_after_it() -> None:
+    logger, stream, _ = line_handler()
+    logger.info("a")
+    logger.debug("b")
+    assert stream.writes == []  # not yet: at the end of this iteration
+    await anyio.sleep(0.01)
+    logger.info("c")
+    await anyio.sleep(0.01)
+    assert stream.writes == ["INFO a\nDEBUG b\n", "INFO c\n"]
+
+
+@pytest.mark.anyio
+async def test_a_warning_is_written_at_once_after_the_lines_before_it() -> None:
+    logger, stream, _ = line_handler()
+    logger.info("a")
+    logger.warning("w")
+    assert stream.writes == ["INFO a\nWARNING w\n"]
+    logger.info("b")
+    await anyio.sleep(0.01)
+    assert stream.writes == ["INFO a\nWARNING w\n", "INFO b\n"]
+
+
+def test_lines_off_a_loop_are_written_at_once() -> None:
+    logger, stream, _ = line_handler()
+    logger.info("a")
+    assert stream.writes == ["INFO a\n"]
+
+
+def test_lines_of_a_loop_that_ended_come_before_the_next_and_at_flush() -> None:
+    logger, stream, handler = line_handler()
+
+    def log_on_a_loop_that_stops() -> None:
+        loop = asyncio.new_event_loop()
+
+        def last() -> None:
+            logger.info("last")  # due at the end of the iteration: the loop stops first
+            loop.stop()
+
+        loop.call_soon(last)
+        loop.run_forever()
+        loop.close()
+
+    log_on_a_loop_that_stops()
+    assert stream.writes == []
+    logger.info("after")
+    assert stream.writes == ["INFO last\nINFO after\n"]
+
+    log_on_a_loop_that_stops()
+    handler.flush()  # as logging.shutdown at exit
+    assert stream.writes[-1] == "INFO last\n"

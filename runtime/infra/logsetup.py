@@ -10,6 +10,7 @@ with no second logging system to configure.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import math
@@ -95,10 +96,12 @@ class TextFormatter(logging.Formatter):
     """``2026-01-01T12:00:00.000Z INFO jetrun.agent: message run_id=... attempt=1``"""
 
     def format(self, record: logging.LogRecord) -> str:
-        text = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage()}"
-        extra = " ".join(f"{k}={v}" for k, v in fields_of(record).items())
-        if extra:
-            text = f"{text} {extra}"
+        values = record.__dict__  # the fields in one pass, no dict of them (a line per request)
+        parts = [_timestamp(record), record.levelname, f"{record.name}:", record.getMessage()]
+        for key in _ALL_FIELDS:
+            if (value := values.get(key)) is not None:
+                parts.append(f"{key}={value}")
+        text = " ".join(parts)
         if record.exc_info:
             text = f"{text}\n{self.formatException(record.exc_info)}"
         return text
@@ -120,11 +123,67 @@ class JsonFormatter(logging.Formatter):
         return _json.encode(entry).decode()
 
 
+class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A ``StreamHandler`` whose INFO and DEBUG lines logged on an event loop are written at
+    the end of the loop's iteration, all of that iteration's lines in one write: a line per
+    request (the access log) is not a system call per request. A WARNING or worse is written
+    at once, with the lines before it; lines logged off the loop (other threads, before or
+    after it runs) are written at once, after any that wait; ``flush`` (also at exit) and
+    ``close`` write what waits. Lines keep their order."""
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._waiting: list[str] = []  # lines to write at the end of the iteration
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop their write is due on
+
+    def emit(self, record: logging.LogRecord) -> None:  # called with the handler's lock held
+        try:
+            line = self.format(record) + self.terminator
+        except RecursionError:  # as StreamHandler
+            raise
+        except Exception:
+            self.handleError(record)
+            return
+        loop = asyncio._get_running_loop()
+        if loop is None or record.levelno >= logging.WARNING:
+            self._waiting.append(line)
+            self._write_waiting()
+        elif self._waiting and loop is self._loop:  # the iteration's write is due
+            self._waiting.append(line)
+        else:
+            self._write_waiting()  # due on a loop that is gone (its write never ran)
+            self._waiting.append(line)
+            self._loop = loop
+            loop.call_soon(self._due)
+
+    def _due(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            if self._waiting:
+                self._write_waiting()
+
+    def _write_waiting(self) -> None:
+        if not self._waiting:
+            return
+        text, self._waiting, self._loop = "".join(self._waiting), [], None
+        try:
+            self.stream.write(text)
+            self.stream.flush()
+        except RecursionError:
+            raise
+        except Exception:
+            self.handleError(logging.makeLogRecord({"msg": text}))
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write_waiting()
+        super().flush()
+
+
 def configure(*, verbose: bool = False, fmt: str | None = None) -> None:
     """Set up the root logger for a jetrun process (idempotent). ``fmt``: ``text`` or
     ``json``; default from ``$JETRUN_LOG_FORMAT``, else text."""
     fmt = (fmt or os.environ.get(FORMAT_ENV) or "text").lower()
-    handler = logging.StreamHandler(sys.stderr)
+    handler = LineHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     handler.addFilter(ContextFilter())
     root = logging.getLogger()
