@@ -4,6 +4,7 @@ append is made to fail the way an outage does (stored, then no answer until the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -121,3 +122,12 @@ async def test_an_append_the_log_refused_gives_the_permit_back(h: Harness) -> No
     assert "nothing was recorded" in response.json()["detail"]["message"]
     assert await h.kinds(run_id_for("acme", "k-no")) == []
     assert await h.permits() == []
+
+
+def test_run_ids_are_fresh_128_bits_or_the_keys() -> None:
+    fresh = {run_id_for("acme", None) for _ in range(1000)}
+    assert len(fresh) == 1000
+    assert all(re.fullmatch(r"run_[0-9a-f]{32}", run_id) for run_id in fresh)
+    keyed = run_id_for("acme", "k1")
+    assert keyed == run_id_for("acme", "k1") != run_id_for("other", "k1")
+    assert re.fullmatch(r"run_[0-9a-f]{32}", keyed)

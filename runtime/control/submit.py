@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import uuid
+import os
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -55,8 +55,8 @@ def refused(status: int, code: str, message: str, field: str | None = None) -> R
 
 def run_id_for(team: str, idempotency_key: str | None) -> str:
     """A fresh id, or one derived from the team and its key so a retried POST finds its run."""
-    if idempotency_key is None:
-        return f"run_{uuid.uuid4().hex}"
+    if idempotency_key is None:  # 128 random bits (uuid4's object and version bits cost 1.5 us)
+        return f"run_{os.urandom(16).hex()}"
     digest = hashlib.sha256(f"{team}\0{idempotency_key}".encode()).hexdigest()
     return f"run_{digest[:32]}"
 
