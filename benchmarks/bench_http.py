@@ -1,20 +1,24 @@
 """CPU per request of the gateway's HTTP layer alone, in one process: no NATS, no sockets.
 
-    python benchmarks/bench_http.py [--requests 20000] [--rounds 3] [--asgi] [--tree DIR]
+    python benchmarks/bench_http.py [--requests 20000] [--rounds 3] [--connections 1] [--asgi]
+                                    [--tree DIR]
 
 The gateway's protocol (``runtime.infra.http_server.protocol_for``) under uvicorn's config as
 ``jetrun up`` builds it (proxy headers on, the front layer ``runtime.control.http_front.Front``
 with its latency histogram and access log, written through jetrun's text formatter to
-/dev/null) is fed whole requests on one keep-alive connection through a transport that keeps
+/dev/null) is fed whole requests on keep-alive connections through a transport that keeps
 what is written; each request is awaited until its answer was written. Handlers shaped like the
 gateway's hot ones (bearer token, body read and decoded, a JSON answer) but answering from
 memory. Prints CPU microseconds per request (``time.process_time``) for ``POST /v4/runs`` (a
 body of 62 bytes), ``GET /v4/runs/{id}`` and ``GET /healthz`` (the Starlette router's way),
 through the direct routes and through ASGI, interleaved, the least and the median over the
 rounds. CPU time is what load on the machine changes least; the least is what it changes least.
-``--asgi``: only through ASGI (the protocol not told of the front layer's direct routes);
-``--tree DIR``: import jetrun from another checkout (an A/B against an older tree,
-with ``--asgi`` where that tree has no direct routes).
+``--connections N``: N connections, each given its next request in the same loop iteration (as
+under load: many answers per iteration, the access lines of an iteration written together);
+``--only TEXT``: only the requests whose name has it (``POST``); ``--asgi``: only through ASGI
+(the protocol not told of the front layer's direct routes);
+``--tree DIR``: import jetrun from another checkout (an A/B against an older tree, with
+``--asgi`` where that tree has no direct routes).
 """
 
 from __future__ import annotations
@@ -50,9 +54,9 @@ from runtime.control.http_input import (  # noqa: E402
     on_unexpected,
     read_body,
 )
+from runtime.infra import logsetup  # noqa: E402
 from runtime.infra.config import Settings  # noqa: E402
 from runtime.infra.http_server import protocol_for  # noqa: E402
-from runtime.infra.logsetup import TextFormatter  # noqa: E402
 
 BODY = b'{"pipeline": "demo/noop:v1", "inputs": [], "async_run": true}\n'
 HEAD = b"Host: 127.0.0.1:8000\r\nAuthorization: Bearer bench\r\nUser-Agent: bench\r\n"
@@ -142,29 +146,40 @@ def front() -> Front:
     return Front(app, create=create, get=get, errors=errors, ready=lambda: True, latency=latency)
 
 
-async def measure(request: bytes, n: int, direct: bool) -> float:
-    """CPU microseconds per request, ``n`` requests on one connection."""
+async def measure(request: bytes, n: int, direct: bool, connections: int = 1) -> float:
+    """CPU microseconds per request, ``n`` requests on ``connections`` connections, each
+    connection's next request fed in the same loop iteration (as many clients at once)."""
     settings = Settings()
     app = front()
     protocol_class = protocol_for(settings, direct=app) if direct else protocol_for(settings)
     config = uvicorn.Config(app, lifespan="off", log_config=None, http=protocol_class)
     config.load()
-    protocol = protocol_class(config=config, server_state=ServerState(), app_state={})  # type: ignore[call-arg]
-    transport = Transport()
-    protocol.connection_made(transport)
+    state = ServerState()
+    pairs = []
+    for _ in range(connections):
+        protocol = protocol_class(config=config, server_state=state, app_state={})  # type: ignore[call-arg]
+        transport = Transport()
+        protocol.connection_made(transport)
+        pairs.append((protocol, transport))
     loop = asyncio.get_running_loop()
-    for i in range(n + 200):  # the first 200 untimed
-        if i == 200:
+    rounds = max(1, n // connections)
+    for i in range(rounds + max(1, 200 // connections)):  # the first ~200 untimed
+        if i == max(1, 200 // connections):
             started = time.process_time()
-        answer = transport.answer = loop.create_future()
-        protocol.data_received(request)
-        data = await answer
-        if not data.startswith(b"HTTP/1.1 20"):
-            raise RuntimeError(data.decode(errors="replace"))
-        await asyncio.sleep(0)  # the request's task ends
+        answers = []
+        for protocol, transport in pairs:
+            answer = transport.answer = loop.create_future()
+            answers.append(answer)
+            protocol.data_received(request)
+        for answer in answers:
+            data = await answer
+            if not data.startswith(b"HTTP/1.1 20"):
+                raise RuntimeError(data.decode(errors="replace"))
+        await asyncio.sleep(0)  # the requests' tasks end
     elapsed = time.process_time() - started
-    protocol.connection_lost(None)
-    return elapsed / n * 1e6
+    for protocol, _ in pairs:
+        protocol.connection_lost(None)
+    return elapsed / (rounds * connections) * 1e6
 
 
 def main() -> None:
@@ -173,9 +188,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--asgi", action="store_true", help="no direct routes")
     parser.add_argument("--tree", default=None, help="import jetrun from this checkout")
+    parser.add_argument(
+        "--connections", type=int, default=1, help="requests fed per loop iteration"
+    )
+    parser.add_argument("--only", default="", help="only the requests whose name has this")
     args = parser.parse_args()
-    handler = logging.StreamHandler(open("/dev/null", "w"))  # noqa: SIM115
-    handler.setFormatter(TextFormatter())
+    lines = getattr(logsetup, "LineHandler", logging.StreamHandler)  # as configure() makes
+    handler = lines(open("/dev/null", "w"))  # noqa: SIM115
+    handler.setFormatter(logsetup.TextFormatter())
+    handler.addFilter(logsetup.ContextFilter())
     access = logging.getLogger("jetrun.access")
     access.addHandler(handler)
     access.setLevel(logging.INFO)
@@ -184,8 +205,11 @@ def main() -> None:
     figures: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.rounds):  # interleaved: a burst of load touches every variant alike
         for name, request in REQUESTS.items():
+            if args.only not in name:
+                continue
             for way, direct in ways:
-                figure = uvloop.run(measure(request, args.requests, direct))
+                run = measure(request, args.requests, direct, args.connections)
+                figure = uvloop.run(run)
                 figures.setdefault((name, way), []).append(figure)
     for (name, way), got in figures.items():
         shown = ", ".join(f"{f:.1f}" for f in got)

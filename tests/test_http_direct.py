@@ -24,6 +24,7 @@ from runtime.control.http_front import Front
 from runtime.control.http_input import HTTPError, error_response, json_response, on_unexpected
 from runtime.control.http_input import read_body as read_limited
 from runtime.infra.config import Settings
+from runtime.infra.http_cycles import _default_block
 from runtime.infra.http_server import protocol_for
 from tests.http_serving import recording, serving
 
@@ -245,3 +246,15 @@ async def test_while_not_ready_the_api_says_starting(served: tuple[Gateway, int]
         (answer,) = await read_answers(conn, 1)
     assert answer.startswith(b"HTTP/1.1 503") and b'"starting"' in answer
     assert gateway.bodies == []
+
+
+def test_the_default_headers_block_follows_each_new_list() -> None:
+    """uvicorn makes a new default-header list when the date changes: each gets its block."""
+    first = [(b"date", b"Thu, 26 Nov 2026 14:00:00 GMT"), (b"server", b"uvicorn")]
+    second = [(b"date", b"Thu, 26 Nov 2026 14:00:01 GMT"), (b"server", b"uvicorn")]
+    want = b"date: Thu, 26 Nov 2026 14:00:00 GMT\r\nserver: uvicorn\r\n"
+    assert _default_block(first) == (want, False)
+    assert _default_block(second)[0] == want.replace(b":00 GMT", b":01 GMT")
+    assert _default_block([*second, (b"connection", b"Close")])[1] is True
+    with pytest.raises(RuntimeError, match="invalid HTTP header"):
+        _default_block([(b"x-bad", b"a\r\nb")])

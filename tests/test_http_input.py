@@ -6,10 +6,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import msgspec
 import pytest
 from starlette.requests import Request
+from starlette.responses import Response
 
-from runtime.control.http_input import HTTPError, read_body
+from runtime.control.http_input import HTTPError, json_response, read_body
 
 pytestmark = pytest.mark.anyio
 
@@ -54,3 +56,28 @@ async def test_over_the_limit_declared_or_streamed_is_413() -> None:
 async def test_a_client_gone_mid_body_is_400() -> None:
     gone = request([part(b"ab", True), {"type": "http.disconnect"}])
     assert await refusal(lambda: read_body(gone, 10)) == (400, "client_disconnected")
+
+
+@pytest.mark.parametrize(
+    ("status", "headers"),
+    [
+        (200, None),
+        (202, {"Location": "/v4/runs/run_1"}),
+        (429, {"Retry-After": "2", "X-Other": "a"}),
+        (404, {}),
+        (204, None),
+        (200, {"Content-Type": "application/problem+json"}),
+    ],
+)
+def test_a_json_answer_has_starlettes_headers_in_starlettes_order(
+    status: int, headers: dict[str, str] | None
+) -> None:
+    body = {"detail": {"code": "x", "message": "ünïcode"}}
+    made = json_response(body, status, headers)
+    want = Response(msgspec.json.encode(body), status, headers, media_type="application/json")
+    assert (made.body, made.status_code, made.raw_headers) == (
+        want.body,
+        want.status_code,
+        want.raw_headers,
+    )
+    assert made.media_type == "application/json" and made.background is None

@@ -153,21 +153,47 @@ class DirectCycle(OneWriteCycle):
         self.on_response()
 
     def _encode(self, response: Response) -> bytes:
-        parts: list[bytes | memoryview] = [STATUS_LINE[response.status_code]]
-        closing = False
-        for name, value in (*self.default_headers, *response.raw_headers):
-            if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
-                raise RuntimeError(f"invalid HTTP header {name!r}")
-            if name == b"connection" and b"close" in value.lower():
-                self.keep_alive = False
-                closing = True
-            parts += (name, b": ", value, b"\r\n")
-        if not self.keep_alive and not closing:
+        block, closing = _default_block(self.default_headers)
+        parts: list[bytes | memoryview] = [STATUS_LINE[response.status_code], block]
+        for name, value in response.raw_headers:
+            closing = _header(parts, name, value) or closing
+        if closing:
+            self.keep_alive = False
+        elif not self.keep_alive:
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
         if self.scope["method"] != "HEAD":
             parts.append(response.body)
         return b"".join(parts)
+
+
+def _header(parts: list[bytes | memoryview], name: bytes, value: bytes) -> bool:
+    """Add a header line to ``parts`` (checked as uvicorn does); whether it closes."""
+    if HEADER_RE.search(name) or HEADER_VALUE_RE.search(value):
+        raise RuntimeError(f"invalid HTTP header {name!r}")
+    parts += (name, b": ", value, b"\r\n")
+    return name == b"connection" and b"close" in value.lower()
+
+
+class _Defaults:
+    """The server's default headers (``date``, ``server``, the configured ones) as one block,
+    checked and joined once per list: uvicorn makes a new list once a second (the date) and
+    every response until then carries the same one."""
+
+    made: tuple[list[tuple[bytes, bytes]], bytes, bool] | None = None
+
+
+def _default_block(headers: list[tuple[bytes, bytes]]) -> tuple[bytes, bool]:
+    made = _Defaults.made
+    if made is not None and made[0] is headers:
+        return made[1], made[2]
+    parts: list[bytes | memoryview] = []
+    closing = False
+    for name, value in headers:
+        closing = _header(parts, name, value) or closing
+    block = b"".join(parts)
+    _Defaults.made = (headers, block, closing)
+    return block, closing
 
 
 def forwarded(scope: Scope, proxy: ProxyHeadersMiddleware) -> None:
