@@ -32,7 +32,7 @@ from contracts.events import (
     RunStarted,
 )
 from contracts.run import RunRecord
-from contracts.states import RunState
+from contracts.states import TERMINAL_STATES, RunState
 from runtime.infra.fleet import ATTEMPT_LOST, NODE_LOST, NODE_RECALLED, Fleet
 from runtime.infra.projection import RunIndex
 
@@ -69,6 +69,7 @@ def operation_of(what: str) -> str:
 
 # States in which a run waits to be placed on a slot: routing (admitted), queued.
 _WAITING_FOR_A_SLOT = frozenset({RunState.routing, RunState.queued})
+_LOSSES = (RunPreempted, RunRequeued)
 
 
 class Exposition:
@@ -125,7 +126,7 @@ class RunMetrics(Collector):
         self.caught_up = caught_up
         self.phases = phases
         self.wall = wall
-        self.counts: Tally[tuple[str, str]] = Tally()
+        self.counts: Tally[tuple[RunState, str]] = Tally()  # (state, pipeline): runs
         self.queued_at: dict[str, float] = {}
         self.dispatched_at: dict[str, float] = {}
         self.started_at: dict[str, float] = {}
@@ -154,16 +155,8 @@ class RunMetrics(Collector):
     def _on_change(
         self, seq: int, event: AnyEvent, before: RunRecord | None, after: RunRecord
     ) -> None:
-        state_before = before.state if before is not None else None
-        if state_before is not after.state:
-            if before is not None and before.pipeline:
-                self.counts[(before.state.value, before.pipeline)] -= 1
-            self.counts[(after.state.value, after.pipeline)] += 1
-        live = self.caught_up()
-        if after.state in _WAITING_FOR_A_SLOT and state_before not in _WAITING_FOR_A_SLOT:
-            self.queued_at[after.id] = event.at  # admitted or requeued: placement may begin
-        if isinstance(event, RunPreempted | RunRequeued) and live:
-            self.lost.labels(_reason_class(event.reason)).inc()
+        # what most events change first (a dispatch, a start), then only a change of state
+        # (a start, an output or a cancel request keeps it) touches the counts and the waits
         if isinstance(event, RunDispatched):
             self.slots[after.id] = (event.agent_id, event.slot)
             self._observe("queue_wait", after, self.queued_at.pop(after.id, None), event.at)
@@ -171,7 +164,18 @@ class RunMetrics(Collector):
         elif isinstance(event, RunStarted):
             self._observe("start", after, self.dispatched_at.pop(after.id, None), event.at)
             self.started_at[after.id] = event.at
-        if after.state is not RunState.running:
+        elif isinstance(event, _LOSSES) and self.caught_up():
+            self.lost.labels(_reason_class(event.reason)).inc()
+        state = after.state
+        state_before = before.state if before is not None else None
+        if state_before is state:
+            return
+        if before is not None and before.pipeline:
+            self.counts[(before.state, before.pipeline)] -= 1
+        self.counts[(state, after.pipeline)] += 1
+        if state in _WAITING_FOR_A_SLOT and state_before not in _WAITING_FOR_A_SLOT:
+            self.queued_at[after.id] = event.at  # admitted or requeued: placement may begin
+        if state_before is RunState.running:  # the attempt's end (only a running run has one)
             self.slots.pop(after.id, None)
             dispatched = self.dispatched_at.pop(after.id, None)
             started = self.started_at.pop(after.id, None)
@@ -179,7 +183,7 @@ class RunMetrics(Collector):
             # its execution counts from the dispatch
             since = started if started is not None else dispatched
             self._observe("execution", after, since, event.at)
-        if after.is_terminal:
+        if state in TERMINAL_STATES:
             self.queued_at.pop(after.id, None)
 
     def _observe(self, phase: str, run: RunRecord, since: float | None, at: float) -> None:
@@ -209,7 +213,7 @@ class RunMetrics(Collector):
         )
         for (state, pipeline), n in sorted(self.counts.items()):
             if n:
-                runs.add_metric([state, pipeline], n)
+                runs.add_metric([state.value, pipeline], n)
         depth = GaugeMetricFamily("jetrun_queue_depth", "Queued runs", labels=["pipeline"])
         oldest = GaugeMetricFamily(
             "jetrun_queue_oldest_wait_seconds",
