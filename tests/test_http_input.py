@@ -11,7 +11,7 @@ import pytest
 from starlette.requests import Request
 from starlette.responses import Response
 
-from runtime.control.http_input import HTTPError, json_response, read_body
+from runtime.control.http_input import HTTPError, header, json_response, read_body
 
 pytestmark = pytest.mark.anyio
 
@@ -81,3 +81,15 @@ def test_a_json_answer_has_starlettes_headers_in_starlettes_order(
         want.raw_headers,
     )
     assert made.media_type == "application/json" and made.background is None
+
+
+def test_a_header_is_read_as_starlettes_headers_get_reads_it() -> None:
+    raw = [
+        (b"host", b"x"),
+        (b"idempotency-key", b"k\xe9-1"),
+        (b"idempotency-key", b"k-2"),
+        (b"authorization", b"Bearer t"),
+    ]
+    got = Request({"type": "http", "headers": raw})
+    for name in ("idempotency-key", "authorization", "content-length", "host"):
+        assert header(got, name.encode()) == got.headers.get(name)

@@ -92,9 +92,19 @@ async def on_unexpected(request: Request, exc: Exception) -> Response:
     return error_response(error(500, "internal_error", "the gateway failed; this is a bug"))
 
 
+def header(request: Request, name: bytes) -> str | None:
+    """The request's first ``name`` header (lower-case, as the server gives them), as
+    ``request.headers.get`` answers, without making Starlette's ``Headers`` for it."""
+    headers: list[tuple[bytes, bytes]] = request.scope["headers"]
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body; 413 over ``limit`` bytes, 400 if the client went away."""
-    declared = request.headers.get("content-length")
+    declared = header(request, b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise error(413, "body_too_large", f"request body is over {limit} bytes")
     chunks, size = [], 0

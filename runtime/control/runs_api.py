@@ -18,7 +18,7 @@ from contracts.api import RunCreate, RunList
 from contracts.events import Event, RunCancelRequested
 from contracts.run import Run, RunRecord, RunUpdate
 from contracts.states import RunState
-from runtime.control.http_input import error, json_response, parse_create, read_body
+from runtime.control.http_input import error, header, json_response, parse_create, read_body
 from runtime.control.listing import BadQuery, RunListing, parse_query
 from runtime.control.logs_api import follow_logs, read_logs, stream_filter, wants_follow
 from runtime.control.ratelimit import RateLimiter
@@ -58,8 +58,7 @@ class RunsApi:
     # --- helpers -----------------------------------------------------------------------------
 
     def _team(self, request: Request) -> Team:
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
+        scheme, _, token = (header(request, b"authorization") or "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise error(
                 401, "unauthorized", "missing bearer token: send Authorization: Bearer <token>"
@@ -68,7 +67,7 @@ class RunsApi:
         team = self.config.team_for_digest(digest)
         if team is None:
             raise error(401, "unauthorized", "unknown token")
-        request.state.team = team.name  # for the access log
+        request.scope.setdefault("state", {})["team"] = team.name  # for the access log
         wait = self.limiter.check(digest, self.clock.monotonic())
         if wait > 0:
             limit = self.config.settings.rate_limit_per_s
@@ -115,7 +114,7 @@ class RunsApi:
     async def create_run(self, request: Request) -> Response:
         team = self._team(request)
         create = await self._parse(request)
-        run = await self._submit(team, create, request.headers.get("idempotency-key"))
+        run = await self._submit(team, create, header(request, b"idempotency-key"))
         sync = not create.async_run
         if sync:
             run = await self._wait(
@@ -201,7 +200,7 @@ class RunsApi:
         create = await self._parse(request)
         release = await self.streams.acquire(team.name)  # before the run is recorded
         try:
-            run = await self._submit(team, create, request.headers.get("idempotency-key"))
+            run = await self._submit(team, create, header(request, b"idempotency-key"))
         except BaseException:
             await release()
             raise
