@@ -157,7 +157,7 @@ class Applier:
     def has_callback(self, run_id: str) -> bool:
         """Whether ``run_id`` was submitted with a callback URL (its end then goes where the
         webhook outbox reads it)."""
-        run = self.index.records.get(run_id)
+        run = self.index.stored.get(run_id)  # set at submission: queue events never change it
         return run is not None and run.callback_url is not None
 
     def _fenced_out(self, err: Fenced) -> None:

@@ -56,6 +56,8 @@ from runtime.infra.scalinglog import ScalingLog
 
 log = logging.getLogger("jetrun.scaler")
 
+_WANTED = (RunAdmitted, RunQueued)  # a tuple: ``A | B`` builds a union per call
+
 _STATES = {
     PipelineStatus.loading: ReplicaState.loading,
     PipelineStatus.ready: ReplicaState.ready,
@@ -161,7 +163,7 @@ class Scaler:
 
     def _observe(self, seq: int, event: AnyEvent, before: RunRecord | None, run: RunRecord) -> None:
         p = run.pipeline
-        if isinstance(event, RunAdmitted | RunQueued):
+        if isinstance(event, _WANTED):
             self._wanted[p] = max(self._wanted.get(p, -math.inf), event.at)
         elif isinstance(event, RunNoResourcesAvailable):
             self._wanted[p] = max(self._wanted.get(p, -math.inf), event.at)

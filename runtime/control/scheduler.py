@@ -378,8 +378,8 @@ class Scheduler(Applier):
         catalogue stays unreachable."""
         pipelines = set(self.index.pipelines_with_queue())
         pipelines.update(self.index.records[r].pipeline for r in self.work.routing)
-        for runs in self.index.on_agent.values():
-            pipelines.update(self.index.records[r].pipeline for r in runs)
+        for load in self.work.agent_load.values():  # the pipelines of the runs on agents
+            pipelines.update(load)
         found: dict[str, PipelineInfo] = {}
         for pipeline in pipelines:
             if (info := self.catalog.current(pipeline)) is not None:
