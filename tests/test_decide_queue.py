@@ -81,6 +81,19 @@ def drained(
         w.append(RunCompleted(run_id=run_id, at=w.wall, attempt=1, outputs=[], ran_s=ran_s))
 
 
+def drained_together(w: World, every: dict[str, float], n: int = 3) -> None:
+    """Each agent in ``every`` ends ``n`` runs of P, ``every[agent]`` seconds apart, the last
+    ones all now: each drains 1 / ``every[agent]`` attempts a second, as of now."""
+    last = w.wall + max(every.values()) * (n - 1) + 0.001
+    ends = sorted((last - k * e, a) for a, e in every.items() for k in range(n))
+    for at, agent_id in ends:
+        run_id = f"drained-{agent_id}-{w.seq}"
+        w.submit(run_id, P)
+        w.append(RunDispatched(run_id=run_id, at=w.wall, attempt=1, agent_id=agent_id))
+        w.advance(at - w.wall)
+        w.append(RunCompleted(run_id=run_id, at=at, attempt=1, outputs=[]))
+
+
 def on_agents(w: World) -> Counter[str]:
     return Counter(
         r.agent_id for r in w.index.records.values() if r.state is RunState.running and r.agent_id
@@ -142,8 +155,7 @@ def test_queue_room_goes_to_the_agent_where_the_run_starts_soonest() -> None:
     w = World()
     w.fleet.observe(beat("a1", P, slots=1, queue=3))
     w.fleet.observe(beat("a2", P, slots=1, queue=3))
-    drained(w, "a1")
-    drained(w, "a2")  # both end an attempt every 5 ms
+    drained_together(w, {"a1": 0.005, "a2": 0.005})  # both end an attempt every 5 ms
     for run_id in ("b1", "b2"):
         busy(w, run_id)
     for n in range(4):
@@ -157,8 +169,7 @@ def test_an_agent_that_drains_faster_takes_more_of_the_queue_room() -> None:
     w = World()
     w.fleet.observe(beat("slow", P, slots=1, queue=8))
     w.fleet.observe(beat("fast", P, slots=4, queue=8))
-    drained(w, "slow", every=0.0045)
-    drained(w, "fast", every=0.001)
+    drained_together(w, {"slow": 0.0045, "fast": 0.001})
     for n in range(5):
         busy(w, f"b{n}")
     assert on_agents(w) == {"slow": 1, "fast": 4}
@@ -291,12 +302,16 @@ def test_an_agents_drain_rate_is_measured_over_its_recent_ends_of_one_kind() -> 
     w = World()
     durations = w.work.durations
     drained(w, "a1", n=1)
-    assert durations.drain_rate("a1", "cpu") is None  # one end says nothing of a pace
+    assert durations.drain_rate("a1", "cpu", w.wall) is None  # one end says nothing of a pace
     drained(w, "a1", every=1.0, n=2)
-    assert durations.drain_rate("a1", "cpu") == pytest.approx(1.0)  # 3 ends over 2 s
+    assert durations.drain_rate("a1", "cpu", w.wall) == pytest.approx(1.0)  # 3 ends over 2 s
     drained(w, "a1", every=0.002, n=DRAIN_SAMPLES)  # only the last DRAIN_SAMPLES count
-    assert durations.drain_rate("a1", "cpu") == pytest.approx(500)
-    assert durations.drain_rate("a1", "gpu") is None and durations.drain_rate("a2", "cpu") is None
+    assert durations.drain_rate("a1", "cpu", w.wall) == pytest.approx(500)
+    w.advance(0.062)  # nothing ended since: counted until now, 31 ends in 124 ms
+    assert durations.drain_rate("a1", "cpu", w.wall) == pytest.approx(250)
+    assert durations.drain_rate("a1", "cpu", w.wall - 1) == pytest.approx(500)  # clocks apart
+    assert durations.drain_rate("a1", "gpu", w.wall) is None
+    assert durations.drain_rate("a2", "cpu", w.wall) is None
 
 
 def test_a_replay_of_the_log_gives_the_same_durations() -> None:
@@ -310,7 +325,7 @@ def test_a_replay_of_the_log_gives_the_same_durations() -> None:
     for event, run in seen:
         again.observe(event, run)  # type: ignore[arg-type]
     assert again.typical(P) == w.work.durations.typical(P) == pytest.approx(0.02)
-    assert again.drain_rate("a1", "cpu") == w.work.durations.drain_rate("a1", "cpu")
+    assert again.drain_rate("a1", "cpu", w.wall) == w.work.durations.drain_rate("a1", "cpu", w.wall)
 
 
 @settings(max_examples=100, deadline=None)
@@ -354,6 +369,25 @@ def test_queue_room_is_filled_only_while_the_wait_there_stays_under_the_bound() 
     w.append(RunCompleted(run_id="r0", at=w.wall, attempt=1, outputs=[]))
     w.settle()  # one ended, at the same pace: one more may wait there, the head of the queue
     assert on_agents(w) == {"a1": 9} and w.run("r9").agent_id == "a1"
+
+
+def test_an_agent_that_stops_ending_attempts_gets_a_shorter_line() -> None:
+    """A pipeline whose attempts were short and turned long (slow on purpose, or stuck): the
+    agent's runs stop ending, its drain rate falls as the silence lasts, and so does how many
+    more runs may wait there, other teams' included."""
+    w = World()
+    w.fleet.observe(beat("a1", P, slots=1, queue=50))
+    drained(w, "a1", every=0.00105, n=DRAIN_SAMPLES, ran_s=0.0005)
+    busy(w, "stuck")
+    for n in range(10):
+        w.submit(f"r{n}")
+    w.settle()  # 952 ends a second: up to 19 may wait (the 19th starts within 19.95 ms)
+    assert on_agents(w) == {"a1": 11}
+    w.advance(0.031)  # nothing ended for 31 ms: 488 a second, so 9 may wait, not 19
+    w.fleet.observe(beat("a1", P, slots=1, queue=50))
+    w.submit("late")
+    w.settle()
+    assert on_agents(w) == {"a1": 11} and w.state("late") is RunState.queued
 
 
 def test_no_queue_room_with_a_bound_of_zero() -> None:
@@ -431,7 +465,7 @@ def test_runs_wait_at_agents_only_within_the_bound(
     short = attempt_s < SHORT
 
     def room(agent_id: str, slots: int, queue: int) -> int:  # how many more may wait there
-        rate = w.work.durations.drain_rate(agent_id, "cpu")
+        rate = w.work.durations.drain_rate(agent_id, "cpu", w.wall)
         fits = 0
         if short and rate is not None:
             fits = sum(1 for ahead in range(1, queue + 1) if ahead / rate < BOUND)

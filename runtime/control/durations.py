@@ -9,10 +9,12 @@ cancelled, preempted or requeued attempt tells nothing and is not counted. The t
 is the median of the pipeline's last ``SAMPLES`` attempts; unknown until one has ended. It
 decides whether a pipeline's runs may wait in an agent's queue (``runtime.control.slots``).
 
-An agent's drain rate is how many attempts of a slot kind it ended per second, over its last
-``DRAIN_SAMPLES`` ends of that kind (by the ends' own times, whatever their pipeline): when
-all its slots are busy, about how fast the runs waiting there reach a slot. It bounds how many
-runs may wait there (``runtime.control.slots``). Both are the same after a replay of the log.
+An agent's drain rate is how many attempts of a slot kind it ended per second, from the first
+of its last ``DRAIN_SAMPLES`` ends of that kind until now (by the ends' own times, whatever
+their pipeline): when all its slots are busy, about how fast the runs waiting there reach a
+slot. Counting until now, not until its last end, makes it fall while an agent ends nothing
+(its slots held by attempts that turned long). It bounds how many runs may wait there
+(``runtime.control.slots``). Both are the same after a replay of the log.
 """
 
 from __future__ import annotations
@@ -57,13 +59,14 @@ class AttemptDurations:
         has ended since this process began reading the log."""
         return self._typical.get(pipeline)
 
-    def drain_rate(self, agent_id: str, kind: str) -> float | None:
-        """Attempts of slot ``kind`` ``agent_id`` ended per second, over its recent ends;
-        None until two have ended at distinct times."""
+    def drain_rate(self, agent_id: str, kind: str, now: float) -> float | None:
+        """Attempts of slot ``kind`` ``agent_id`` ended per second from the first of its
+        recent ends until ``now`` (Unix seconds; an agent's clock ahead of ``now``: until its
+        last end); None until two have ended at distinct times."""
         ends = self._ends.get((agent_id, kind))
         if ends is None or len(ends) < 2:
             return None
-        span = max(ends) - min(ends)
+        span = max(now, max(ends)) - min(ends)
         return (len(ends) - 1) / span if span > 0 else None
 
     def _add(self, pipeline: str, seconds: float) -> None:

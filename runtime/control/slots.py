@@ -11,7 +11,8 @@ is already there when a slot frees instead of a log round trip later. Queue room
 - while the run's expected wait there is under ``Settings.agent_queue_wait_s`` (20 ms by
   default): the runs ahead of it there (those the log says wait there, and one more, for the
   first slot to free) over the agent's drain rate (``runtime.control.durations``: how many CPU
-  attempts it ended per second recently, whatever their pipeline; unknown: no room). An agent
+  attempts it ended per second recently, until now, whatever their pipeline; unknown: no
+  room; it falls while the agent ends nothing). An agent
   runs what it holds first come first served, so the run starts within about that long; a
   run the log still shows there that has ended counts as waiting, so the figure errs long.
   A long attempt holding one of its slots slows its drain, and so shortens its line.
@@ -48,6 +49,7 @@ class Slots:
         self.durations = p.work.durations
         self.short_s = p.config.settings.short_attempt_s
         self.wait_s = p.config.settings.agent_queue_wait_s
+        self.now = p.now.wall
         self._queues: dict[str, bool] = {}  # pipeline -> whether its runs may use queue room
         self.used = _slots_in_use(p)
 
@@ -100,7 +102,7 @@ class Slots:
         best, soonest = None, self.wait_s
         for agent in self.fleet.serving(pipeline):
             ahead = self.used[agent.agent_id, kind] - agent.slots(kind) + 1
-            rate = self.durations.drain_rate(agent.agent_id, kind)
+            rate = self.durations.drain_rate(agent.agent_id, kind, self.now)
             if ahead > _room(agent, kind) or rate is None:
                 continue
             if ahead / rate < soonest:
