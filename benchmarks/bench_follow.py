@@ -44,7 +44,6 @@ from tests.harness import Stack  # noqa: E402
 
 EVENTS_PER_RUN = 4
 TOKEN = "tok_acme"
-BATCH_S = 0.01  # the runs of one 10 ms step are appended together
 
 
 def history(run_id: str, at: float) -> list[Event]:
@@ -73,10 +72,10 @@ def history(run_id: str, at: float) -> list[Event]:
     ]
 
 
-async def append_runs(log: EventLog, runs: int, rate: float) -> str:
+async def append_runs(log: EventLog, runs: int, rate: float, step_s: float) -> str:
     """Append ``runs`` histories at about ``rate`` runs/s, each run's events in order and the
-    runs of one step concurrently; returns the last run's id."""
-    per_step = max(1, int(rate * BATCH_S))
+    runs of one ``step_s`` step concurrently; returns the last run's id."""
+    per_step = max(1, int(rate * step_s))
     started = time.monotonic()
     last = ""
     for first in range(0, runs, per_step):
@@ -137,7 +136,7 @@ def sys_s(pid: int) -> float:
 
 async def measure(args: argparse.Namespace) -> list[float]:
     with tempfile.TemporaryDirectory() as tmp:
-        async with Stack(Path(tmp)) as stack:
+        async with Stack(Path(tmp), keep_ended_s=args.keep_ended_s) as stack:
             await stack.start_nats()
             for _ in range(args.gateways):
                 await start_gateway(stack)
@@ -151,7 +150,7 @@ async def measure(args: argparse.Namespace) -> list[float]:
                 before = [cpu_s(pid) for pid in pids]
                 sys_before = [sys_s(pid) for pid in pids]
                 t0 = time.monotonic()
-                last = await append_runs(log, args.runs, args.rate)
+                last = await append_runs(log, args.runs, args.rate, args.step_s)
                 for url in stack.gateway_urls:
                     await wait_completed(url, last, timeout=120.0)
                 elapsed = time.monotonic() - t0
@@ -178,6 +177,12 @@ def main() -> None:
     parser.add_argument("--gateways", type=int, default=2)
     parser.add_argument("--runs", type=int, default=4000)
     parser.add_argument("--rate", type=float, default=1000.0, help="runs appended per second")
+    parser.add_argument(
+        "--step-s", type=float, default=0.01, help="the runs of one step are appended at once"
+    )
+    parser.add_argument(
+        "--keep-ended-s", type=float, default=300.0, help="settings.keep_ended_s (the default)"
+    )
     parser.add_argument("--idle-s", type=float, default=2.0, help="idle CPU measured this long")
     args = parser.parse_args()
     print(f"load average {psutil.getloadavg()[0]:.2f}, {psutil.cpu_count()} cores")

@@ -152,6 +152,7 @@ class Jetrun:
         wrk_seconds: int,
         gateways: int | None = None,
         queue_depth: int | None = None,
+        dedicated_gateways: bool = False,
     ) -> None:
         self.tmp, self.wrk_seconds = tmp, wrk_seconds
         (tmp / "jetrun.toml").write_text(bench_runs.CONFIG)
@@ -166,6 +167,8 @@ class Jetrun:
             argv += ["--nats-sync", nats_sync]
         if gateways:
             argv += ["--gateways", str(gateways)]
+        if dedicated_gateways:
+            argv += ["--dedicated-gateways"]
         if queue_depth is not None:
             argv += ["--queue-depth", str(queue_depth)]
         with open(tmp / "up.log", "wb") as log:
@@ -436,7 +439,13 @@ def systems(args: argparse.Namespace, tmp: Path) -> Iterator[list[Jetrun | Ray |
     try:
         started.append(
             Jetrun(
-                tmp, args.slots, args.nats_sync, args.wrk_seconds, args.gateways, args.queue_depth
+                tmp,
+                args.slots,
+                args.nats_sync,
+                args.wrk_seconds,
+                args.gateways,
+                args.queue_depth,
+                args.dedicated_gateways,
             )
         )
         if "ray" in args.peers:
@@ -480,6 +489,11 @@ def main() -> None:
     )
     parser.add_argument("--nats-sync", default=None, help="nats-server sync_interval, or always")
     parser.add_argument("--gateways", type=int, default=None, help="default: jetrun up's")
+    parser.add_argument(
+        "--dedicated-gateways",
+        action="store_true",
+        help="jetrun up --dedicated-gateways: its own event loop serves no connection",
+    )
     parser.add_argument("--peers", default="ray,celery", help="'' measures jetrun alone")
     args = parser.parse_args()
     for tool in ("wrk", "redis-server") if "celery" in args.peers else ("wrk",):
@@ -490,7 +504,8 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.2f}, Python {platform.python_version()}"
     )
     print(f"jetrun durability: nats-server sync {args.nats_sync or 'default (every 2 min)'}")
-    print(f"jetrun gateways: {args.gateways or 'jetrun up default (one per two cores)'}")
+    dedicated = ", dedicated (up serves none)" if args.dedicated_gateways else ""
+    print(f"jetrun gateways: {args.gateways or 'jetrun up default (one per two cores)'}{dedicated}")
     tmp = Path(tempfile.mkdtemp(prefix="jetrun-peers-"))
     with systems(args, tmp) as started:
         figures = {system.name: Figures() for system in started}

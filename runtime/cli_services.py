@@ -113,6 +113,13 @@ def _sync_interval(value: str | None) -> str | None:
     help="Gateway processes sharing the HTTP port (default: one per two cores, at most 8).",
 )
 @click.option(
+    "--dedicated-gateways",
+    is_flag=True,
+    help="With --gateways N > 1: all N are gateway processes and this one (the scheduler's "
+    "event loop) serves no connection; its /metrics (the scheduler's phase histograms and "
+    "node losses) is then not on the port.",
+)
+@click.option(
     "--boot-delay",
     default=0.0,
     show_default=True,
@@ -145,6 +152,7 @@ def up(
     slots: int,
     queue_depth: int | None,
     gateways: int | None,
+    dedicated_gateways: bool,
     boot_delay: float,
     node_slots: int | None,
     credentials_dir: Path | None,
@@ -171,6 +179,7 @@ def up(
         boot_delay_s=boot_delay,
         node_slots=slots if node_slots is None else node_slots,
         gateways=default_gateways() if gateways is None else gateways,
+        dedicated_gateways=dedicated_gateways,
         config_path=None if config_path is None else str(Path(config_path).resolve()),
         credentials_dir=credentials_dir,
     )

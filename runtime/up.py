@@ -25,7 +25,7 @@ from pathlib import Path
 import anyio
 
 from runtime.control.gateway import Gateway
-from runtime.control.gateway_pool import extra_gateways, gateway_command
+from runtime.control.gateway_pool import extra_gateways, gateway_command, until_served
 from runtime.control.readiness import Readiness
 from runtime.control.scaler import Scaler
 from runtime.control.scheduler import Scheduler
@@ -47,6 +47,7 @@ STORE_CHECK_S = 1.0
 STORE_FAILING_S = 3.0  # the store refused writes this long: worth a nats-server restart
 STORE_RESTART_EVERY_S = 30.0
 STORE_FREE_MIN = 8 << 20  # only with this much room on the store's disk
+GATEWAYS_WITHIN_S = 60.0  # the gateway processes serve the HTTP port within this, or no banner
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class UpOptions:
     queue_depth: int | None = None
     nats_sync: str | None = None  # the embedded nats-server's sync_interval (None: its default)
     gateways: int = 1  # gateway processes on the HTTP port (this one and gateways - 1 more)
+    # with gateways > 1: all of them are ``jetrun gateway`` processes and this one serves no
+    # connection (its event loop, the scheduler's, is left to the scheduler)
+    dedicated_gateways: bool = False
     config_path: str | None = None  # what extra gateways and the webhook deliverer read
     credentials_dir: Path | None = None  # with nats_url: role seeds (none: anonymous)
     nats_monitor_port: int | None = None  # the embedded nats-server's /varz, /connz (loopback)
@@ -117,7 +121,10 @@ async def serve_up(opts: UpOptions) -> None:
     """Everything on one machine until SIGINT or SIGTERM. Raises ``StartupError`` when it
     cannot start and ``AgentExited`` when the agent stops by itself."""
     http = bind(opts.host, opts.port, "HTTP", reuse_port=opts.gateways > 1)
-    http.listen(2048)
+    if serves_http(opts):
+        http.listen(2048)
+    # else the port stays bound (taken, and its number known for --port 0) and the gateway
+    # processes listen on it
     opts = dataclasses.replace(opts, port=http.getsockname()[1])  # --port 0: the one we got
     stopping = anyio.Event()
     with contextlib.closing(http), anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as sig:
@@ -177,24 +184,38 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
             if server is not None:
                 tg.start_soon(recover_store, server, gateway.readiness)
             async with anyio.create_task_group() as http_tg:
-                server_http = await http_tg.start(serve_http, gateway, opts.host, opts.port, http)
+                server_http = None
+                here = serves_http(opts)
+                if here:
+                    server_http = await http_tg.start(
+                        serve_http, gateway, opts.host, opts.port, http
+                    )
                 command = gateway_command(nats_url, opts.host, opts.port, opts.config_path)
                 try:
                     async with (
                         extra_gateways(
-                            opts.gateways - 1,
+                            opts.gateways - 1 if here else opts.gateways,
                             command,
                             grace + 5.0,
                             env=agent_env(nats_url, opts.credentials("gateway")),
                         ),
                         _webhooks(opts, nats_url),
                     ):
+                        if not here:
+                            async with step("starting the gateway processes"):
+                                await until_served(opts.host, opts.port, GATEWAYS_WITHIN_S)
                         await _serve_agent(opts, gateway, nats_url, server, stopping)
                 finally:
                     if stopping.is_set():
                         print("\njetrun: shutting down", flush=True)
-                    server_http.should_exit = True  # in-flight requests get the grace period
+                    if server_http is not None:  # in-flight requests get the grace period
+                        server_http.should_exit = True
             tg.cancel_scope.cancel()
+
+
+def serves_http(opts: UpOptions) -> bool:
+    """Whether this process's own gateway serves the HTTP port."""
+    return opts.gateways == 1 or not opts.dedicated_gateways
 
 
 async def recover_store(server: NatsServer, readiness: Readiness) -> None:

@@ -13,7 +13,13 @@ import anyio
 import httpx
 import pytest
 
-from runtime.control.gateway_pool import MAX_GATEWAYS, default_gateways, usable_cores
+from runtime.control.gateway_pool import (
+    MAX_GATEWAYS,
+    default_gateways,
+    listening_socket,
+    until_served,
+    usable_cores,
+)
 from runtime.infra.natsserver import free_port
 from tests.test_up import SEED, children, up, wait_output
 
@@ -110,3 +116,40 @@ async def test_extra_gateways_share_the_port_and_one_that_dies_is_replaced(
         for pid in family:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+async def test_dedicated_gateways_leave_up_serving_no_connection(tmp_path: Path) -> None:
+    """``--dedicated-gateways``: the gateway processes serve the port and ``jetrun up`` (the
+    scheduler's event loop) none; the banner comes once one of them accepts connections, and
+    runs go through them end to end."""
+    port = free_port()
+    proc = up(tmp_path, port, "up", "--gateways", "2", "--dedicated-gateways")
+    headers = {"Authorization": "Bearer jr_demo_token"}
+    try:
+        await wait_output(proc, "Ctrl-C stops everything.")
+        assert not listening_on(proc.pid, port)
+        await listening_gateways(proc.pid, port, 2, timeout=30)
+        with anyio.fail_after(60):
+            for _ in range(4):  # a new connection each: spread over the gateways
+                async with httpx.AsyncClient(headers=headers, timeout=30) as c:
+                    r = await c.post(f"http://127.0.0.1:{port}/v4/runs", json=SEED)
+                    assert r.status_code == 200 and r.json()["state"] == "completed", r.text
+                    got = await c.get(f"http://127.0.0.1:{port}/v4/runs/{r.json()['id']}")
+                    assert got.status_code == 200 and got.json()["state"] == "completed"
+    finally:
+        family = list(children(proc.pid))
+        proc.stop()
+        for pid in family:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+async def test_until_served_waits_for_a_listener_and_is_bounded() -> None:
+    port = free_port()
+    with pytest.raises(TimeoutError):
+        await until_served("127.0.0.1", port, 0.3)  # nothing listens: bounded
+    sock = listening_socket("127.0.0.1", port, reuse_port=True)
+    try:
+        await until_served("0.0.0.0", port, 5.0)  # a wildcard host is tried on loopback
+    finally:
+        sock.close()

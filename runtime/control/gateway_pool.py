@@ -2,8 +2,11 @@
 on a machine with more cores ``jetrun up`` runs more gateways, every one on the same HTTP port
 (``SO_REUSEPORT``: the kernel spreads new connections over them). Each is ``jetrun gateway
 --reuse-port``, follows the event log into its own index and answers every run; it binds the
-port only once it has caught up, so no connection reaches a gateway that is not ready. One that
-exits is started again; all of them die with ``jetrun up`` (``PR_SET_PDEATHSIG``)."""
+port only once it has caught up, so no connection reaches a gateway that is not ready. With
+``--dedicated-gateways`` ``jetrun up``'s own gateway (in the scheduler's process, sharing its
+index) serves no connection: that event loop, the one that cannot be spread over cores, is
+left to the scheduler. One that exits is started again; all of them die with ``jetrun up``
+(``PR_SET_PDEATHSIG``)."""
 
 from __future__ import annotations
 
@@ -55,6 +58,21 @@ def listening_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket
         sock.close()
         raise
     return sock
+
+
+async def until_served(host: str, port: int, timeout: float) -> None:
+    """Wait until something accepts TCP connections on ``host:port`` (a wildcard host is
+    tried on loopback). Raises ``TimeoutError`` after ``timeout`` seconds."""
+    target = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+    with anyio.fail_after(timeout):
+        while True:
+            try:
+                stream = await anyio.connect_tcp(target, port)
+            except OSError:
+                await anyio.sleep(0.1)
+                continue
+            await stream.aclose()
+            return
 
 
 def gateway_command(nats_url: str, host: str, port: int, config_path: str | None) -> list[str]:
@@ -114,4 +132,10 @@ async def _reap(proc: subprocess.Popen[bytes], grace_s: float) -> None:
         await anyio.to_thread.run_sync(proc.wait)
 
 
-__all__ = ["default_gateways", "extra_gateways", "gateway_command", "listening_socket"]
+__all__ = [
+    "default_gateways",
+    "extra_gateways",
+    "gateway_command",
+    "listening_socket",
+    "until_served",
+]
