@@ -8,8 +8,8 @@ This starts a nats-server and ``--gateways`` real ``jetrun gateway`` processes (
 client uses), appends ``--runs`` runs' events (submitted, queued, dispatched, completed: a
 queued run's history) at about ``--rate`` runs per second from this process, waits until every
 gateway answers the last run as completed, and prints each gateway's CPU seconds per 1,000
-runs and microseconds per event, its idle CPU over the same time taken off. Every wait is
-bounded.
+runs and microseconds per event, its idle CPU over the same time taken off, and its resident
+memory then (it holds every run that ended within ``--keep-ended-s``). Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -155,19 +155,21 @@ async def measure(args: argparse.Namespace) -> list[float]:
                     await wait_completed(url, last, timeout=120.0)
                 elapsed = time.monotonic() - t0
                 used = [cpu_s(pid) - c for pid, c in zip(pids, before, strict=True)]
+                rss = [psutil.Process(pid).memory_info().rss for pid in pids]
                 kernel = [sys_s(pid) - c for pid, c in zip(pids, sys_before, strict=True)]
             finally:
                 await nc.close()
     print(f"{args.runs} runs in {elapsed:.1f} s ({args.runs / elapsed:.0f} runs/s appended)")
     per_1k = []
-    for pid, cpu, in_kernel, idle_rate in zip(pids, used, kernel, idle, strict=True):
+    for pid, cpu, in_kernel, idle_rate, held in zip(pids, used, kernel, idle, rss, strict=True):
         net = max(0.0, cpu - idle_rate * elapsed)
         per_1k.append(net / args.runs * 1000)
         print(
             f"  gateway {pid}: {cpu:.2f} CPU s ({in_kernel:.2f} in the kernel; "
             f"{idle_rate * 100:.1f}% of a core idle): "
             f"{per_1k[-1]:.3f} CPU s per 1k runs, "
-            f"{net / (args.runs * EVENTS_PER_RUN) * 1e6:.1f} us per event"
+            f"{net / (args.runs * EVENTS_PER_RUN) * 1e6:.1f} us per event, "
+            f"{held / 2**20:.0f} MiB resident"
         )
     return per_1k
 
