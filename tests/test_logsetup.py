@@ -97,10 +97,12 @@ class Writes:
 
 
 def line_handler() -> tuple[logging.Logger, Writes, LineHandler]:
+    """A logger whose lines its handler batches (as the access log's)."""
     stream = Writes()
-    handler = LineHandler(stream)
+    name = f"test.lines.{id(stream)}"
+    handler = LineHandler(stream, batched=[name])
     handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    logger = logging.getLogger(f"test.lines.{id(stream)}")
+    logger = logging.getLogger(name)
     logger.propagate = False
     logger.setLevel(logging.DEBUG)
     logger.handlers[:] = [handler]
@@ -128,6 +130,20 @@ async def test_a_warning_is_written_at_once_after_the_lines_before_it() -> None:
     logger.info("b")
     await anyio.sleep(0.01)
     assert stream.writes == ["INFO a\nWARNING w\n", "INFO b\n"]
+
+
+@pytest.mark.anyio
+async def test_other_loggers_lines_are_written_at_once_after_those_waiting() -> None:
+    """A line about the process's own life is never left waiting (a kill loses it)."""
+    logger, stream, handler = line_handler()
+    other = logging.getLogger(f"{logger.name}.other.x")  # not named in batched
+    other.propagate = False
+    other.setLevel(logging.DEBUG)
+    other.handlers[:] = [handler]
+    logger.info("a")
+    other.info("lifecycle")
+    assert stream.writes == ["INFO a\nINFO lifecycle\n"]
+    assert LineHandler().batched == {"jetrun.access"}  # configure()'s: the access log
 
 
 def test_lines_off_a_loop_are_written_at_once() -> None:

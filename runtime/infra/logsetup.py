@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Collection
 from contextvars import ContextVar
 from typing import Any
 
@@ -24,6 +25,7 @@ import msgspec
 FORMAT_ENV = "JETRUN_LOG_FORMAT"
 FIELDS = ("run_id", "team", "pipeline", "agent_id", "attempt")
 ACCESS_FIELDS = ("method", "path", "status", "duration_ms", "client")
+ACCESS_LOGGER = "jetrun.access"  # runtime.infra.accesslog's: a line per request
 _context: ContextVar[dict[str, Any]] = ContextVar("jetrun_log_context", default={})  # noqa: B039
 _json = msgspec.json.Encoder()
 
@@ -124,15 +126,18 @@ class JsonFormatter(logging.Formatter):
 
 
 class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A ``StreamHandler`` whose INFO and DEBUG lines logged on an event loop are written at
-    the end of the loop's iteration, all of that iteration's lines in one write: a line per
-    request (the access log) is not a system call per request. A WARNING or worse is written
-    at once, with the lines before it; lines logged off the loop (other threads, before or
-    after it runs) are written at once, after any that wait; ``flush`` (also at exit) and
-    ``close`` write what waits. Lines keep their order."""
+    """A ``StreamHandler`` whose per-request lines (INFO and DEBUG records of the loggers named
+    in ``batched``: the access log) logged on an event loop are written at the end of the loop's
+    iteration, all of that iteration's lines in one write: a line per request is not a system
+    call per request. Every other line is written at once, with the lines waiting before it (a
+    process killed in the middle of an iteration loses at most that iteration's access lines,
+    never a line about its own life); lines logged off the loop (other threads, before or after
+    it runs) likewise; ``flush`` (also at exit) and ``close`` write what waits. Lines keep their
+    order."""
 
-    def __init__(self, stream: Any = None) -> None:
+    def __init__(self, stream: Any = None, batched: Collection[str] = (ACCESS_LOGGER,)) -> None:
         super().__init__(stream)
+        self.batched = frozenset(batched)
         self._waiting: list[str] = []  # lines to write at the end of the iteration
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop their write is due on
 
@@ -145,7 +150,7 @@ class LineHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.handleError(record)
             return
         loop = asyncio._get_running_loop()
-        if loop is None or record.levelno >= logging.WARNING:
+        if loop is None or record.levelno >= logging.WARNING or record.name not in self.batched:
             self._waiting.append(line)
             self._write_waiting()
         elif self._waiting and loop is self._loop:  # the iteration's write is due
