@@ -75,7 +75,10 @@ def fields_of(record: logging.LogRecord) -> dict[str, Any]:
     return {key: value for key in _ALL_FIELDS if (value := values.get(key)) is not None}
 
 
-_last_second: tuple[int, str] = (-1, "")  # the last second formatted: records come many a second
+_last_second: tuple[int | None, str] = (
+    None,
+    "",
+)  # the last second formatted: records come many a second
 
 
 def _timestamp(record: logging.LogRecord) -> str:
