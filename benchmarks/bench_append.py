@@ -4,8 +4,9 @@
 
 Three ways, each ``--appends`` events of distinct runs (so each is stored, not a duplicate):
 ``sequential`` awaits each append's ack before the next (``EventLog.append``), ``pipelined``
-sends ``--window`` at a time and then awaits their acks (``EventLog.send``, as the scheduler's
-``append_all`` does), ``fenced`` is ``pipelined`` with the two fencing headers. Prints this
+sends ``--window`` at a time and then awaits their acks (``EventLog.send``, one timer for the
+window's acks: ``jspub.Expiry``; as the scheduler's ``append_all`` does), ``fenced`` is
+``pipelined`` with the two fencing headers. Prints this
 process's CPU (user + system, ``time.process_time``) per append in microseconds and appends per
 second of wall time; nats-server's CPU is not counted. The CPU figure survives a loaded machine;
 the wall figure does not. For a figure that load does not move at all, count instructions:
@@ -29,7 +30,8 @@ import anyio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from contracts.events import RunDispatched
-from runtime.infra.eventlog import EventLog, Fencing, LogSettings, event_subject
+from runtime.infra.eventlog import PUBLISH_TIMEOUT_S, EventLog, Fencing, LogSettings, event_subject
+from runtime.infra.jspub import Expiry
 from runtime.infra.natsserver import NatsServer
 
 Way = Callable[[EventLog, int, str], Awaitable[None]]
@@ -48,12 +50,14 @@ async def pipelined(log: EventLog, n: int, tag: str, fenced: bool = False) -> No
     window = ARGS.window
     for start in range(0, n, window):
         pending = []
+        expiry = Expiry(PUBLISH_TIMEOUT_S)  # one timer per window, as append_all has
         for i in range(start, min(start + window, n)):
             e = event(i, tag)
             fencing = Fencing(event_subject(e.run_id, "x"), 0) if fenced else None
-            pending.append(await log.send(e, fencing=fencing))
+            pending.append(await log.send(e, fencing=fencing, expiry=expiry))
         for p in pending:
             await p.ack()
+        expiry.cancel()
 
 
 async def fenced(log: EventLog, n: int, tag: str) -> None:

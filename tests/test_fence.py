@@ -171,7 +171,12 @@ class FlakyLog:
         self.callbacks: set[tuple[str, str]] = set()  # (how, run id) appended with callback
 
     async def send(
-        self, event: RunCancelled, *, fencing: object = None, callback: bool = False
+        self,
+        event: RunCancelled,
+        *,
+        fencing: object = None,
+        callback: bool = False,
+        expiry: object = None,
     ) -> object:
         self.sent.append(event.run_id)
         if callback:

@@ -103,3 +103,33 @@ async def test_each_publish_times_out_at_its_own_deadline(nc: Client) -> None:
             await late.ack()
         assert anyio.current_time() - start >= 1.3
     assert not pub._waiting
+
+
+async def test_publishes_sent_together_time_out_together_on_one_timer(nc: Client) -> None:
+    """``Expiry``: the acks of publishes sent with it that are not answered fail with a
+    TimeoutError once its time has passed, the answered ones keep their acks, and after
+    ``cancel()`` nothing fails later."""
+    js = nc.jetstream(timeout=5.0)
+    await js.add_stream(STREAM)
+    pub = jspub.publisher(nc)
+    await nc.subscribe("jspub.silent")  # someone listens, nobody answers
+    with anyio.fail_after(5):
+        expiry = jspub.Expiry(0.3)
+        silent = [await pub.send("jspub.silent", b"1", None, 0.3, expiry) for _ in range(2)]
+        answered = await pub.send("jspub.t.a", b"2", None, 0.3, expiry)
+        start = anyio.current_time()
+        assert (await answered.ack()).seq == 1
+        for pending in silent:
+            with pytest.raises(TimeoutError):
+                await pending.ack()
+        assert 0.1 <= anyio.current_time() - start < 2.0
+        expiry.cancel()
+        kept = jspub.Expiry(0.1)
+        done = await pub.send("jspub.t.b", b"3", None, 0.1, kept)
+        assert (await done.ack()).seq == 2
+        kept.cancel()
+        late = await pub.send("jspub.silent", b"4", None, 0.1, kept)  # its timer is gone
+        await anyio.sleep(0.3)
+        assert not late._future.done()
+        late.cancel()
+    assert not pub._waiting

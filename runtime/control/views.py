@@ -133,11 +133,13 @@ class RunViews:
         results: list[Exception | None] = [None] * len(runs)
         flight: list[tuple[int, jspub.Pending]] = []
         again: list[int] = []
+        expiry = jspub.Expiry(PUBLISH_TIMEOUT_S)  # one timer for them all
         try:
             for i, run in enumerate(runs):
                 data, subject = _encoder.encode(run), f"$KV.{VIEWS_BUCKET}.{view_key(run.id)}"
                 try:
-                    flight.append((i, await publisher.send(subject, data, None, PUBLISH_TIMEOUT_S)))
+                    pending = await publisher.send(subject, data, None, PUBLISH_TIMEOUT_S, expiry)
+                    flight.append((i, pending))
                 except RETRYABLE:
                     again.append(i)
                 except Exception as err:
@@ -153,6 +155,7 @@ class RunViews:
         finally:  # cancelled: stop waiting for what is in flight
             for _, pending in flight:
                 pending.cancel()
+            expiry.cancel()
 
         async def patiently(i: int) -> None:
             try:

@@ -169,13 +169,19 @@ class EventLog:
         return Appended(ack.seq, bool(ack.duplicate))
 
     async def send(
-        self, event: Event, *, fencing: Fencing | None = None, callback: bool = False
+        self,
+        event: Event,
+        *,
+        fencing: Fencing | None = None,
+        callback: bool = False,
+        expiry: jspub.Expiry | None = None,
     ) -> jspub.Pending:
         """The first try of ``append(event, fencing=fencing, callback=callback)``, its ack
         awaited later (``Pending.ack()``), so that one task can have many appends in flight. No
-        retry: after an outage the caller calls ``append`` (the same message id: stored once)."""
+        retry: after an outage the caller calls ``append`` (the same message id: stored once).
+        ``expiry``: appends sent together time out together (``jspub.Expiry``)."""
         subject, data, headers = _message(event, fencing, None, callback)
-        return await self._publisher.send(subject, data, headers, PUBLISH_TIMEOUT_S)
+        return await self._publisher.send(subject, data, headers, PUBLISH_TIMEOUT_S, expiry)
 
     async def read(self, run_id: str) -> list[Stored]:
         """Every event of one run, in log order."""

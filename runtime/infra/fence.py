@@ -25,8 +25,8 @@ import anyio
 from nats.js.errors import APIError, NotFoundError
 
 from contracts.events import Event, SchedulerElected
-from runtime.infra.eventlog import Appended, EventLog, Fencing, event_subject
-from runtime.infra.jspub import Pending
+from runtime.infra.eventlog import PUBLISH_TIMEOUT_S, Appended, EventLog, Fencing, event_subject
+from runtime.infra.jspub import Expiry, Pending
 from runtime.infra.jsretry import RETRYABLE, retrying
 from runtime.infra.streams import EVENTS_STREAM
 
@@ -220,7 +220,10 @@ async def append_all(
     again: list[tuple[int, int, Fencing | None]] = []
     held: set[int] = set()
 
+    expiry: Expiry | None = None  # one timer for the appends in flight (jspub.Expiry)
+
     async def land() -> None:
+        nonlocal expiry
         for i, slot, fencing, pending in flight:
             try:
                 ack = await pending.ack()
@@ -233,6 +236,9 @@ async def append_all(
             held.discard(slot)
             fence.give(slot)
         flight.clear()
+        if expiry is not None:
+            expiry.cancel()
+            expiry = None
 
     async def patiently(i: int, slot: int, fencing: Fencing | None) -> None:
         try:
@@ -259,7 +265,11 @@ async def append_all(
             slot, fencing = await fence.take()
             held.add(slot)
             try:
-                pending = await log.send(event, fencing=fencing, callback=callback(event.run_id))
+                if expiry is None:
+                    expiry = Expiry(PUBLISH_TIMEOUT_S)
+                pending = await log.send(
+                    event, fencing=fencing, callback=callback(event.run_id), expiry=expiry
+                )
                 flight.append((i, slot, fencing, pending))
             except Exception as err:
                 results[i] = _first_try(event, err)
@@ -272,6 +282,8 @@ async def append_all(
     finally:  # cancelled: stop waiting for what is in flight and give every slot back
         for _, _, _, pending in flight:
             pending.cancel()
+        if expiry is not None:
+            expiry.cancel()
         for slot in held:
             fence.give(slot)
     return [r if r is not None else Fenced("not appended") for r in results]
