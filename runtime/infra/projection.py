@@ -311,7 +311,9 @@ class RunIndex:
     # --- reading -----------------------------------------------------------------------------
 
     def get(self, run_id: str) -> RunRecord | None:
-        return self.records.get(run_id)
+        """The run as it stands now, or None: a membership test first, not ``Mapping.get``'s
+        KeyError raised and caught for a run not held (every new submission asks)."""
+        return self.read(run_id) if run_id in self.stored else None
 
     def queue_position(self, run_id: str) -> int | None:
         """Runs of the same queue waiting ahead of ``run_id``; ``None`` unless it is queued."""
@@ -398,7 +400,7 @@ class RunIndex:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            run = self.records.get(run_id)
+            run = self.get(run_id)
             if run is not None and done(run):
                 return run
             left = deadline - loop.time()
