@@ -505,7 +505,8 @@ def main() -> None:
     )
     print(f"jetrun durability: nats-server sync {args.nats_sync or 'default (every 2 min)'}")
     dedicated = ", dedicated (up serves none)" if args.dedicated_gateways else ""
-    print(f"jetrun gateways: {args.gateways or 'jetrun up default (one per two cores)'}{dedicated}")
+    picked = "jetrun up default (1 below 8 cores, else 2 dedicated)"
+    print(f"jetrun gateways: {args.gateways or picked}{dedicated}")
     tmp = Path(tempfile.mkdtemp(prefix="jetrun-peers-"))
     with systems(args, tmp) as started:
         figures = {system.name: Figures() for system in started}

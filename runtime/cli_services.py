@@ -110,14 +110,16 @@ def _sync_interval(value: str | None) -> str | None:
     "--gateways",
     default=None,
     type=click.IntRange(1, 64),
-    help="Gateway processes sharing the HTTP port (default: one per two cores, at most 8).",
+    help="Gateway processes sharing the HTTP port (default: 1 below 8 cores; from 8 cores, 2 "
+    "dedicated ones).",
 )
 @click.option(
-    "--dedicated-gateways",
-    is_flag=True,
+    "--dedicated-gateways/--shared-gateway",
+    default=None,
     help="With --gateways N > 1: all N are gateway processes and this one (the scheduler's "
     "event loop) serves no connection; its /metrics (the scheduler's phase histograms and "
-    "node losses) is then not on the port.",
+    "node losses) is then not on the port (default: dedicated only where --gateways is not "
+    "given and 8 or more cores pick 2).",
 )
 @click.option(
     "--boot-delay",
@@ -152,18 +154,19 @@ def up(
     slots: int,
     queue_depth: int | None,
     gateways: int | None,
-    dedicated_gateways: bool,
+    dedicated_gateways: bool | None,
     boot_delay: float,
     node_slots: int | None,
     credentials_dir: Path | None,
 ) -> None:
     """Start everything: nats-server, gateway, scheduler and a local agent; more local agents
     are started (and stopped) as the autoscaler needs room."""
-    from runtime.control.gateway_pool import default_gateways
+    from runtime.control.gateway_pool import gateway_layout
     from runtime.up import UpOptions, serve_up
     from runtime.up_children import AgentExited
     from runtime.up_ready import StartupError
 
+    gateways, dedicated_gateways = gateway_layout(gateways, dedicated_gateways)
     options = UpOptions(
         data_dir=data_dir.resolve(),
         config=_config(config_path),
@@ -178,7 +181,7 @@ def up(
         queue_depth=queue_depth,
         boot_delay_s=boot_delay,
         node_slots=slots if node_slots is None else node_slots,
-        gateways=default_gateways() if gateways is None else gateways,
+        gateways=gateways,
         dedicated_gateways=dedicated_gateways,
         config_path=None if config_path is None else str(Path(config_path).resolve()),
         credentials_dir=credentials_dir,

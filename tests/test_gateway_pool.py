@@ -14,8 +14,10 @@ import httpx
 import pytest
 
 from runtime.control.gateway_pool import (
-    MAX_GATEWAYS,
+    MANY_CORES,
+    MANY_CORES_GATEWAYS,
     default_gateways,
+    gateway_layout,
     listening_socket,
     until_served,
     usable_cores,
@@ -29,12 +31,23 @@ pytestmark = [
 ]
 
 
-def test_one_gateway_per_two_cores_at_least_one_at_most_the_cap() -> None:
-    assert [default_gateways(n) for n in (1, 2, 3, 4, 16)] == [1, 1, 1, 2, 8]
-    assert default_gateways(256) == MAX_GATEWAYS
+def test_ups_own_gateway_below_many_cores_and_two_dedicated_ones_from_there() -> None:
+    assert [default_gateways(n) for n in (1, 2, 4, MANY_CORES - 1)] == [(1, False)] * 4
+    assert MANY_CORES_GATEWAYS == 2
+    for cores in (MANY_CORES, 14, 16, 256):
+        assert default_gateways(cores) == (MANY_CORES_GATEWAYS, True)
     assert default_gateways() == default_gateways(usable_cores())
     assert usable_cores() == len(os.sched_getaffinity(0))  # taskset and CPU sets count
     assert default_gateways() == default_gateways(os.cpu_count())
+
+
+def test_a_gateway_count_given_keeps_ups_own_gateway_unless_told_otherwise() -> None:
+    assert gateway_layout(None, None, cpus=2) == (1, False)
+    assert gateway_layout(None, None, cpus=16) == (2, True)
+    assert gateway_layout(None, False, cpus=16) == (2, False)
+    assert gateway_layout(3, None, cpus=16) == (3, False)
+    assert gateway_layout(3, True, cpus=2) == (3, True)
+    assert gateway_layout(1, None, cpus=16) == (1, False)
 
 
 def listening_on(pid: int, port: int) -> bool:

@@ -1,5 +1,5 @@
 """The extra gateway processes of ``jetrun up``: one Python event loop serves about one core, so
-on a machine with more cores ``jetrun up`` runs more gateways, every one on the same HTTP port
+on a machine with many cores ``jetrun up`` runs gateway processes, every one on the same HTTP port
 (``SO_REUSEPORT``: the kernel spreads new connections over them). Each is ``jetrun gateway
 --reuse-port``, follows the event log into its own index and answers every run; it binds the
 port only once it has caught up, so no connection reaches a gateway that is not ready. With
@@ -24,7 +24,10 @@ from runtime.infra.lifetime import child_env
 
 log = logging.getLogger("jetrun.up")
 
-MAX_GATEWAYS = 8  # beyond this the event log's fan-out, not the gateways, is the limit
+#: from this many usable cores ``jetrun up`` runs ``MANY_CORES_GATEWAYS`` dedicated gateways;
+#: below it, its own gateway alone (measured on 2 and 14 cores: docs/architecture.md)
+MANY_CORES = 8
+MANY_CORES_GATEWAYS = 2
 RESTART_PAUSE_S = 1.0  # between a gateway's exit and its next start
 
 
@@ -35,12 +38,26 @@ def usable_cores() -> int:
     return os.cpu_count() or 1
 
 
-def default_gateways(cpus: int | None = None) -> int:
-    """Gateways for a machine with ``cpus`` cores (default: the cores this process may run on,
-    so ``taskset`` and CPU sets count): one per two cores, so the scheduler, the agent's workers
-    and nats-server keep the rest; at least one."""
+def default_gateways(cpus: int | None = None) -> tuple[int, bool]:
+    """``(gateways, dedicated)`` for a machine with ``cpus`` cores (default: the cores this
+    process may run on, so ``taskset`` and CPU sets count). Below ``MANY_CORES``: one, ``jetrun
+    up``'s own. From ``MANY_CORES`` on: ``MANY_CORES_GATEWAYS`` gateway processes and none in
+    ``jetrun up``, whose event loop (the scheduler's) is then the ceiling; every further gateway
+    follows the whole log, which costs more than the HTTP it takes off the others."""
     cores = usable_cores() if cpus is None else cpus
-    return max(1, min(MAX_GATEWAYS, (cores or 1) // 2))
+    if (cores or 1) < MANY_CORES:
+        return 1, False
+    return MANY_CORES_GATEWAYS, True
+
+
+def gateway_layout(
+    gateways: int | None, dedicated: bool | None, cpus: int | None = None
+) -> tuple[int, bool]:
+    """``(gateways, dedicated)`` from ``jetrun up``'s options (None: not given): a count given
+    keeps ``jetrun up``'s own gateway unless ``dedicated`` says otherwise; neither given picks
+    ``default_gateways``."""
+    picked = default_gateways(cpus) if gateways is None else (gateways, False)
+    return picked[0], picked[1] if dedicated is None else dedicated
 
 
 def listening_socket(host: str, port: int, *, reuse_port: bool) -> socket.socket:
@@ -136,6 +153,7 @@ __all__ = [
     "default_gateways",
     "extra_gateways",
     "gateway_command",
+    "gateway_layout",
     "listening_socket",
     "until_served",
 ]
