@@ -23,6 +23,7 @@ from runtime.control.gateway_pool import (
     usable_cores,
 )
 from runtime.infra.natsserver import free_port
+from tests.harness import Proc
 from tests.test_up import SEED, children, up, wait_output
 
 pytestmark = [
@@ -85,6 +86,15 @@ def gateways_of(pid: int) -> list[int]:
     return found
 
 
+def stop_with_children(proc: Proc) -> None:
+    """Stops ``jetrun up`` and SIGKILLs what it had started, should any outlive it."""
+    family = list(children(proc.pid))
+    proc.stop()
+    for pid in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 async def listening_gateways(pid: int, port: int, count: int, timeout: float) -> list[int]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -124,11 +134,7 @@ async def test_extra_gateways_share_the_port_and_one_that_dies_is_replaced(
             for _ in range(6):
                 await sync_run()
     finally:
-        family = list(children(proc.pid))
-        proc.stop()
-        for pid in family:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        stop_with_children(proc)
 
 
 async def test_dedicated_gateways_leave_up_serving_no_connection(tmp_path: Path) -> None:
@@ -150,11 +156,7 @@ async def test_dedicated_gateways_leave_up_serving_no_connection(tmp_path: Path)
                     got = await c.get(f"http://127.0.0.1:{port}/v4/runs/{r.json()['id']}")
                     assert got.status_code == 200 and got.json()["state"] == "completed"
     finally:
-        family = list(children(proc.pid))
-        proc.stop()
-        for pid in family:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        stop_with_children(proc)
 
 
 async def test_until_served_waits_for_a_listener_and_is_bounded() -> None:
