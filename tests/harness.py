@@ -20,6 +20,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -371,6 +372,28 @@ class Stack:
 
     def logs(self) -> str:
         return "\n".join(f"----- {p.name} -----\n{p.output()[-4000:]}" for p in self.procs)
+
+
+@contextlib.asynccontextmanager
+async def own_server(tmp_path: Path) -> AsyncIterator[tuple[NatsServer, Client]]:
+    """A nats-server of the test's own (its store under ``tmp_path``) and a connection to it,
+    for tests that stop and start it; both closed at the end."""
+    server = NatsServer(store_dir=tmp_path / "nats")
+    await server.start()
+    nc = await server.connect()
+    try:
+        yield server, nc
+    finally:
+        await nc.close()
+        await server.stop()
+
+
+async def stop_until_disconnected(server: NatsServer, nc: Client, timeout: float = 10.0) -> None:
+    """Stops ``server`` and waits until ``nc`` knows it is disconnected."""
+    await server.stop()
+    with anyio.fail_after(timeout):
+        while nc.is_connected:
+            await anyio.sleep(0.01)
 
 
 def open_gate(path: Path, text: str) -> None:

@@ -24,6 +24,7 @@ from runtime.infra.eventlog import EventLog, Fencing, subject_of
 from runtime.infra.fence import WRONG_LAST_SEQUENCE
 from runtime.infra.jspub import publisher
 from runtime.infra.natsserver import NatsServer
+from tests.harness import own_server, stop_until_disconnected
 
 pytestmark = pytest.mark.anyio
 
@@ -149,17 +150,11 @@ async def test_an_append_sent_twice_is_stored_once_and_fencing_refuses(nc: Clien
 async def test_an_append_while_the_server_restarts_is_stored_once_it_is_back(
     tmp_path: Path,
 ) -> None:
-    server = NatsServer(store_dir=tmp_path / "nats")
-    await server.start()
-    nc = await server.connect()
-    try:
+    async with own_server(tmp_path) as (server, nc):
         log = EventLog(nc)
         await log.ensure()
         await log.append(dispatched("before"))
-        await server.stop()
-        with anyio.fail_after(10):
-            while nc.is_connected:
-                await anyio.sleep(0.01)
+        await stop_until_disconnected(server, nc)
         appended: list[int] = []
 
         async def append() -> None:
@@ -175,9 +170,6 @@ async def test_an_append_while_the_server_restarts_is_stored_once_it_is_back(
             assert (await pending.ack()).seq > 0
             assert [len(await log.read(r)) for r in ("before", "during", "buffered")] == [1, 1, 1]
         assert len(appended) == 1
-    finally:
-        await nc.close()
-        await server.stop()
 
 
 async def test_the_connections_refusals_are_nats_pys(nats_server: NatsServer) -> None:

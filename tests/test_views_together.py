@@ -17,8 +17,8 @@ from contracts.values import RunIO
 from runtime.control.views import RunViews
 from runtime.infra.config import Config
 from runtime.infra.eventlog import LogSettings
-from runtime.infra.natsserver import NatsServer
 from runtime.provision import provision
+from tests.harness import own_server, stop_until_disconnected
 
 pytestmark = pytest.mark.anyio
 
@@ -56,17 +56,11 @@ async def test_views_put_together_are_each_stored_and_one_too_large_is_refused_a
 async def test_views_put_while_the_server_restarts_are_stored_once_it_is_back(
     tmp_path: Path,
 ) -> None:
-    server = NatsServer(store_dir=tmp_path / "nats")
-    await server.start()
-    nc = await server.connect()
-    try:
+    async with own_server(tmp_path) as (server, nc):
         await provision(nc, Config(tiers={}, teams={}), LogSettings())
         views = RunViews(nc.jetstream(), deadline_s=20.0)
         await views.ensure()
-        await server.stop()
-        with anyio.fail_after(10):
-            while nc.is_connected:
-                await anyio.sleep(0.01)
+        await stop_until_disconnected(server, nc)
         runs = [ended(f"run_{i}") for i in range(5)]
         results: list[Exception | None] = []
 
@@ -81,6 +75,3 @@ async def test_views_put_while_the_server_restarts_are_stored_once_it_is_back(
                 await server.start()
             assert results == [None] * 5
             assert [await views.get(run.id) for run in runs] == runs
-    finally:
-        await nc.close()
-        await server.stop()
