@@ -129,7 +129,29 @@ async def test_publishes_sent_together_time_out_together_on_one_timer(nc: Client
         assert (await done.ack()).seq == 2
         kept.cancel()
         late = await pub.send("jspub.silent", b"4", None, 0.1, kept)  # its timer is gone
-        await anyio.sleep(0.3)
-        assert not late._future.done()
-        late.cancel()
+        with pytest.raises(TimeoutError):  # ... so it has one of its own
+            await late.ack()
+    assert not pub._waiting
+
+
+async def test_a_publish_sent_after_its_expiry_fired_still_times_out(nc: Client) -> None:
+    """A send that waited past the expiry's time (a connection stalled under its writes) joins
+    an expiry whose timer has already fired: its ack still fails at its own deadline instead
+    of being awaited for ever."""
+    js = nc.jetstream(timeout=5.0)
+    await js.add_stream(STREAM)
+    pub = jspub.publisher(nc)
+    await nc.subscribe("jspub.silent")  # someone listens, nobody answers
+    with anyio.fail_after(5):
+        expiry = jspub.Expiry(0.1)
+        first = await pub.send("jspub.silent", b"1", None, 0.1, expiry)
+        await anyio.sleep(0.3)  # the expiry's timer fires
+        with pytest.raises(TimeoutError):
+            await first.ack()
+        late = await pub.send("jspub.silent", b"2", None, 0.2, expiry)
+        start = anyio.current_time()
+        with pytest.raises(TimeoutError):
+            await late.ack()
+        assert anyio.current_time() - start >= 0.1
+        expiry.cancel()
     assert not pub._waiting

@@ -104,11 +104,10 @@ class Publisher:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
         self._waiting[key] = future
-        if expiry is None:
-            pending = Pending(self, key, future, loop.call_later(timeout, _expire, future))
-        else:
-            expiry.add(future)
+        if expiry is not None and expiry.add(future):
             pending = Pending(self, key, future, None)
+        else:  # alone, or sent after the expiry's timer fired or was cancelled: its own timer
+            pending = Pending(self, key, future, loop.call_later(timeout, _expire, future))
         try:
             await pubframe.send(self.nc, command, len(payload))
         except BaseException:
@@ -122,22 +121,31 @@ class Expiry:
     ``timeout`` seconds have passed, each of their acks not yet answered fails with
     ``nats.errors.TimeoutError``, as its own timer would have failed it. A timer per publish
     (a handle made and cancelled each time) cost about 3 us of the scheduler's CPU per append.
-    ``cancel()`` once the acks are all read."""
+    ``cancel()`` once the acks are all read. A publish sent with it once its timer has fired
+    or been cancelled (a send that waited that long for the connection) is not taken: it gets
+    a timer of its own, so that no ack is ever awaited without one."""
 
-    __slots__ = ("_futures", "_timer")
+    __slots__ = ("_futures", "_open", "_timer")
 
     def __init__(self, timeout: float) -> None:
         self._futures: list[asyncio.Future[Reply]] = []
+        self._open = True  # its timer has neither fired nor been cancelled
         self._timer = asyncio.get_running_loop().call_later(timeout, self._expire)
 
-    def add(self, future: asyncio.Future[Reply]) -> None:
-        self._futures.append(future)
+    def add(self, future: asyncio.Future[Reply]) -> bool:
+        """Time ``future`` out with the others; False (not taken) once the timer is done."""
+        if self._open:
+            self._futures.append(future)
+        return self._open
 
     def _expire(self) -> None:
+        self._open = False
         for future in self._futures:
             _expire(future)
+        self._futures.clear()
 
     def cancel(self) -> None:
+        self._open = False
         self._timer.cancel()
         self._futures.clear()
 
