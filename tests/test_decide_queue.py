@@ -390,6 +390,24 @@ def test_an_agent_that_stops_ending_attempts_gets_a_shorter_line() -> None:
     assert on_agents(w) == {"a1": 11} and w.state("late") is RunState.queued
 
 
+@pytest.mark.parametrize(("silent_s", "joins"), [(0.6, True), (0.621, False)])
+def test_no_run_joins_a_line_once_its_agent_has_ended_nothing_for_long_enough(
+    silent_s: float, joins: bool
+) -> None:
+    """However fast an agent drained, (DRAIN_SAMPLES - 1) x ``agent_queue_wait_s`` after its
+    last end (0.62 s by default) its drain rate leaves room for no one (docs/security.md)."""
+    w = World()
+    w.fleet.observe(beat("a1", P, slots=1, queue=50))
+    drained(w, "a1", every=0.00001, n=DRAIN_SAMPLES, ran_s=0.00001)
+    busy(w, "stuck")
+    w.advance(silent_s)
+    w.fleet.observe(beat("a1", P, slots=1, queue=50))
+    w.submit("next")
+    w.settle()
+    assert (w.state("next") is RunState.running) is joins
+    assert pytest.approx(0.62) == (DRAIN_SAMPLES - 1) * BOUND
+
+
 def test_no_queue_room_with_a_bound_of_zero() -> None:
     w = World(parse({"settings": {"agent_queue_wait_s": 0}}))
     w.fleet.observe(beat("a1", P, slots=1, queue=8))
