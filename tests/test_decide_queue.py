@@ -169,7 +169,7 @@ def test_an_agent_that_drains_faster_takes_more_of_the_queue_room() -> None:
     w = World()
     w.fleet.observe(beat("slow", P, slots=1, queue=8))
     w.fleet.observe(beat("fast", P, slots=4, queue=8))
-    drained_together(w, {"slow": 0.0045, "fast": 0.001})
+    drained_together(w, {"slow": 0.0045, "fast": 0.001}, n=5)  # more ends than slots: a pace
     for n in range(5):
         busy(w, f"b{n}")
     assert on_agents(w) == {"slow": 1, "fast": 4}
@@ -178,6 +178,22 @@ def test_an_agent_that_drains_faster_takes_more_of_the_queue_room() -> None:
     d = w.decide()
     # runs waiting at "fast" start 1, 2, 3, 4 ms from now, the first at "slow" 4.5 ms from now
     assert Counter(dispatches(w, d).values()) == {"slow": 1, "fast": 4}
+
+
+def test_an_agents_first_ends_give_no_pace_until_more_than_its_slots_ended() -> None:
+    """Two slots ending their first attempts 1 ms apart say nothing of how fast the agent
+    drains (its attempts may take 40 ms each): no queue room until a third end."""
+    w = World()
+    w.fleet.observe(beat("a1", P, slots=2, queue=8))
+    drained_together(w, {"a1": 0.001}, n=2)
+    assert w.work.durations.drain_rate("a1", "cpu", w.wall) is not None  # 2 ends: a "pace"
+    busy(w, "b0"), busy(w, "b1")
+    w.submit("r0")
+    w.settle()
+    assert w.state("r0") is RunState.queued  # not trusted for an agent of 2 slots
+    drained(w, "a1", every=0.001, n=1)
+    w.settle()
+    assert w.run("r0").agent_id == "a1" and w.run("r0").waiting_for is WaitingFor.worker
 
 
 def test_an_agent_that_has_ended_nothing_gets_no_queue_room() -> None:
@@ -340,7 +356,7 @@ def test_an_agent_never_holds_more_than_its_slots_and_queue(
 ) -> None:
     w = World()
     if warm_s is not None:
-        drained(w, "a1", every=warm_s)
+        drained(w, "a1", every=warm_s, n=slots + 2)
     w.fleet.observe(beat("a1", P, slots=slots, queue=queue))
     for n in range(runs):
         w.submit(f"r{n}")
@@ -469,7 +485,7 @@ def test_runs_wait_at_agents_only_within_the_bound(
     beats = [beat(f"a{i}", P, slots=s, queue=q) for i, (s, q, _) in enumerate(agents)]
     for b, (_, _, every) in zip(beats, agents, strict=True):
         if every is not None:
-            drained(w, b.agent_id, every=every, n=4, ran_s=attempt_s)
+            drained(w, b.agent_id, every=every, n=b.slots("cpu") + 2, ran_s=attempt_s)
     if all(every is None for _, _, every in agents):
         drained(w, "gone", ran_s=attempt_s)
     for b in beats:
@@ -483,7 +499,7 @@ def test_runs_wait_at_agents_only_within_the_bound(
     short = attempt_s < SHORT
 
     def room(agent_id: str, slots: int, queue: int) -> int:  # how many more may wait there
-        rate = w.work.durations.drain_rate(agent_id, "cpu", w.wall)
+        rate = w.work.durations.drain_rate(agent_id, "cpu", w.wall, slots + 1)
         fits = 0
         if short and rate is not None:
             fits = sum(1 for ahead in range(1, queue + 1) if ahead / rate < BOUND)

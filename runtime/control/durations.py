@@ -59,12 +59,15 @@ class AttemptDurations:
         has ended since this process began reading the log."""
         return self._typical.get(pipeline)
 
-    def drain_rate(self, agent_id: str, kind: str, now: float) -> float | None:
+    def drain_rate(self, agent_id: str, kind: str, now: float, min_ends: int = 2) -> float | None:
         """Attempts of slot ``kind`` ``agent_id`` ended per second from the first of its
         recent ends until ``now`` (Unix seconds; an agent's clock ahead of ``now``: until its
-        last end); None until two have ended at distinct times."""
+        last end); None until ``min_ends`` (at least 2, at most ``DRAIN_SAMPLES``) have ended
+        at distinct times. Ask for one more end than the agent has slots: its slots may end
+        their first attempts all at once, and ends closer together than one attempt's length
+        would read as a pace it cannot keep."""
         ends = self._ends.get((agent_id, kind))
-        if ends is None or len(ends) < 2:
+        if ends is None or len(ends) < min(max(min_ends, 2), DRAIN_SAMPLES):
             return None
         span = max(now, max(ends)) - min(ends)
         return (len(ends) - 1) / span if span > 0 else None

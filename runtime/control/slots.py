@@ -101,8 +101,10 @@ class Slots:
         """The agent with queue room where a run would start soonest, within the bound."""
         best, soonest = None, self.wait_s
         for agent in self.fleet.serving(pipeline):
-            ahead = self.used[agent.agent_id, kind] - agent.slots(kind) + 1
-            rate = self.durations.drain_rate(agent.agent_id, kind, self.now)
+            slots = agent.slots(kind)
+            ahead = self.used[agent.agent_id, kind] - slots + 1
+            # more ends than its slots: those may all end their first attempts at once
+            rate = self.durations.drain_rate(agent.agent_id, kind, self.now, slots + 1)
             if ahead > _room(agent, kind) or rate is None:
                 continue
             if ahead / rate < soonest:
