@@ -118,9 +118,18 @@ def _sync_interval(value: str | None) -> str | None:
     default=None,
     help="With --gateways N > 1: all N are gateway processes and this one (the scheduler's "
     "event loop) serves no connection; its /metrics (the scheduler's phase histograms and "
-    "node losses) is then not on the port (default: dedicated only where --gateways is not "
+    "node losses) is then on --health-port (default: dedicated only where --gateways is not "
     "given and 8 or more cores pick 2).",
 )
+@click.option(
+    "--health-port",
+    default=None,
+    type=click.IntRange(0, 65535),
+    help="Port of this process's /metrics (the scheduler's too), /healthz and /readyz, no token "
+    "asked (default: none while it serves the HTTP port, which has them; with dedicated "
+    "gateways, any free port, logged).",
+)
+@click.option("--health-host", default="127.0.0.1", show_default=True, help="Its address.")
 @click.option(
     "--boot-delay",
     default=0.0,
@@ -155,6 +164,8 @@ def up(
     queue_depth: int | None,
     gateways: int | None,
     dedicated_gateways: bool | None,
+    health_port: int | None,
+    health_host: str,
     boot_delay: float,
     node_slots: int | None,
     credentials_dir: Path | None,
@@ -183,6 +194,8 @@ def up(
         node_slots=slots if node_slots is None else node_slots,
         gateways=gateways,
         dedicated_gateways=dedicated_gateways,
+        health_port=health_port,
+        health_host=health_host,
         config_path=None if config_path is None else str(Path(config_path).resolve()),
         credentials_dir=credentials_dir,
     )

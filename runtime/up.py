@@ -29,7 +29,7 @@ from runtime.control.gateway_pool import extra_gateways, gateway_command, until_
 from runtime.control.readiness import Readiness
 from runtime.control.scaler import Scaler
 from runtime.control.scheduler import Scheduler
-from runtime.health import add_scheduler
+from runtime.health import add_scheduler, health_app, scheduler_checks, serve_health
 from runtime.infra.config import Config
 from runtime.infra.eventlog import LogSettings
 from runtime.infra.nats_auth import AGENTS_DIR, Credentials
@@ -69,6 +69,10 @@ class UpOptions:
     # with gateways > 1: all of them are ``jetrun gateway`` processes and this one serves no
     # connection (its event loop, the scheduler's, is left to the scheduler)
     dedicated_gateways: bool = False
+    # this process's /metrics, /healthz, /readyz (None: none, or any free port where it serves
+    # no HTTP, so that the scheduler's metrics are somewhere)
+    health_port: int | None = None
+    health_host: str = "127.0.0.1"
     config_path: str | None = None  # what extra gateways and the webhook deliverer read
     credentials_dir: Path | None = None  # with nats_url: role seeds (none: anonymous)
     nats_monitor_port: int | None = None  # the embedded nats-server's /varz, /connz (loopback)
@@ -181,6 +185,10 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
                 await tg.start(gateway.run)
                 await tg.start(scheduler.run)
                 await tg.start(scaler.run)
+            health = health_address(opts)
+            if health is not None:
+                app = health_app(gateway.telemetry.exposition, scheduler_checks(scheduler))
+                await tg.start(serve_health, app, *health)
             if server is not None:
                 tg.start_soon(recover_store, server, gateway.readiness)
             async with anyio.create_task_group() as http_tg:
@@ -216,6 +224,15 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
 def serves_http(opts: UpOptions) -> bool:
     """Whether this process's own gateway serves the HTTP port."""
     return opts.gateways == 1 or not opts.dedicated_gateways
+
+
+def health_address(opts: UpOptions) -> tuple[str, int] | None:
+    """Where this process serves its /metrics, /healthz and /readyz: ``health_port`` if
+    given; else nowhere while it serves the HTTP port (which has /metrics), and any free port
+    where it does not (dedicated gateways), so that the scheduler's metrics are served."""
+    if opts.health_port is not None:
+        return opts.health_host, opts.health_port
+    return None if serves_http(opts) else (opts.health_host, 0)
 
 
 async def recover_store(server: NatsServer, readiness: Readiness) -> None:

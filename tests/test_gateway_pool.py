@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import anyio
@@ -22,7 +24,9 @@ from runtime.control.gateway_pool import (
     until_served,
     usable_cores,
 )
+from runtime.infra.config import Config
 from runtime.infra.natsserver import free_port
+from runtime.up import UpOptions, health_address
 from tests.harness import Proc
 from tests.test_up import SEED, children, up, wait_output
 
@@ -40,6 +44,25 @@ def test_ups_own_gateway_below_many_cores_and_two_dedicated_ones_from_there() ->
     assert default_gateways() == default_gateways(usable_cores())
     assert usable_cores() == len(os.sched_getaffinity(0))  # taskset and CPU sets count
     assert default_gateways() == default_gateways(os.cpu_count())
+
+
+def test_up_serves_its_health_port_where_asked_or_where_it_serves_no_http() -> None:
+    opts = UpOptions(
+        data_dir=Path("/nonexistent"),
+        config=Config(tiers={}, teams={}),
+        host="127.0.0.1",
+        port=8080,
+        nats_url=None,
+        nats_port=0,
+        modules=[],
+        slots=1,
+    )
+    assert health_address(opts) is None  # its HTTP port has /metrics
+    assert health_address(replace(opts, gateways=2)) is None  # shared: still serves HTTP
+    dedicated = replace(opts, gateways=2, dedicated_gateways=True)
+    assert health_address(dedicated) == ("127.0.0.1", 0)
+    assert health_address(replace(opts, health_port=9101)) == ("127.0.0.1", 9101)
+    assert health_address(replace(dedicated, health_port=9101, health_host="::1")) == ("::1", 9101)
 
 
 def test_a_gateway_count_given_keeps_ups_own_gateway_unless_told_otherwise() -> None:
@@ -155,6 +178,14 @@ async def test_dedicated_gateways_leave_up_serving_no_connection(tmp_path: Path)
                     assert r.status_code == 200 and r.json()["state"] == "completed", r.text
                     got = await c.get(f"http://127.0.0.1:{port}/v4/runs/{r.json()['id']}")
                     assert got.status_code == 200 and got.json()["state"] == "completed"
+        # the scheduler's metrics and health are on a port of their own (any free one, logged)
+        found = re.search(r"metrics and health on (http://127\.0\.0\.1:\d+)", proc.output())
+        assert found is not None, proc.output()
+        async with httpx.AsyncClient(base_url=found.group(1), timeout=30) as health:
+            assert (await health.get("/readyz")).status_code == 200
+            metrics = (await health.get("/metrics")).text
+            assert 'jetrun_run_phase_seconds_count{phase="execution"' in metrics
+            assert "jetrun_nodes_lost_total" in metrics
     finally:
         stop_with_children(proc)
 
