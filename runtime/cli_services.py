@@ -37,14 +37,17 @@ def _nats_args(seed: Path | None, ca: Path | None) -> list[str]:
     return args + (["--nats-ca", str(ca)] if ca is not None else [])
 
 
-def health_options(default_port: int) -> Callable[[Callable[..., None]], Callable[..., None]]:
+def health_options(
+    default_port: int | None,
+    port_help: str = "Port of /metrics, /healthz and /readyz (0: any free port, logged).",
+) -> Callable[[Callable[..., None]], Callable[..., None]]:
     def wrap(command: Callable[..., None]) -> Callable[..., None]:
         command = click.option(
             "--health-port",
             default=default_port,
-            show_default=True,
+            show_default=default_port is not None,
             type=click.IntRange(0, 65535),
-            help="Port of /metrics, /healthz and /readyz (0: any free port, logged).",
+            help=port_help,
         )(command)
         return click.option(
             "--health-host", default="127.0.0.1", show_default=True, help="Its address."
@@ -121,15 +124,12 @@ def _sync_interval(value: str | None) -> str | None:
     "node losses) is then on --health-port (default: dedicated only where --gateways is not "
     "given and 8 or more cores pick 2).",
 )
-@click.option(
-    "--health-port",
-    default=None,
-    type=click.IntRange(0, 65535),
-    help="Port of this process's /metrics (the scheduler's too), /healthz and /readyz, no token "
+@health_options(
+    None,
+    "Port of this process's /metrics (the scheduler's too), /healthz and /readyz, no token "
     "asked (default: none while it serves the HTTP port, which has them; with dedicated "
     "gateways, any free port, logged).",
 )
-@click.option("--health-host", default="127.0.0.1", show_default=True, help="Its address.")
 @click.option(
     "--boot-delay",
     default=0.0,

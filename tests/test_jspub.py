@@ -16,6 +16,14 @@ pytestmark = pytest.mark.anyio
 STREAM = api.StreamConfig(name="JSPUB_T", subjects=["jspub.t.>"], duplicate_window=60.0)
 
 
+async def publisher_beside_a_silent_listener(nc: Client) -> jspub.Publisher:
+    """The connection's publisher, the test stream on ``jspub.t.>``, and a subscriber on
+    ``jspub.silent`` that never answers (publishes there wait for an ack that never comes)."""
+    await nc.jetstream(timeout=5.0).add_stream(STREAM)
+    await nc.subscribe("jspub.silent")
+    return jspub.publisher(nc)
+
+
 async def test_acks_match_nats_py_and_duplicates_are_flagged(nc: Client) -> None:
     js = nc.jetstream(timeout=5.0)
     await js.add_stream(STREAM)
@@ -86,10 +94,7 @@ async def test_acks_reach_their_publishes_without_a_task_of_their_own(nc: Client
 
 
 async def test_each_publish_times_out_at_its_own_deadline(nc: Client) -> None:
-    js = nc.jetstream(timeout=5.0)
-    await js.add_stream(STREAM)
-    pub = jspub.publisher(nc)
-    await nc.subscribe("jspub.silent")  # someone listens, nobody answers
+    pub = await publisher_beside_a_silent_listener(nc)
     with anyio.fail_after(5):
         late = await pub.send("jspub.silent", b"1", None, 1.5)
         early = await pub.send("jspub.silent", b"2", None, 0.1)  # due before the first
@@ -109,10 +114,7 @@ async def test_publishes_sent_together_time_out_together_on_one_timer(nc: Client
     """``Expiry``: the acks of publishes sent with it that are not answered fail with a
     TimeoutError once its time has passed, the answered ones keep their acks, and after
     ``cancel()`` nothing fails later."""
-    js = nc.jetstream(timeout=5.0)
-    await js.add_stream(STREAM)
-    pub = jspub.publisher(nc)
-    await nc.subscribe("jspub.silent")  # someone listens, nobody answers
+    pub = await publisher_beside_a_silent_listener(nc)
     with anyio.fail_after(5):
         expiry = jspub.Expiry(0.3)
         silent = [await pub.send("jspub.silent", b"1", None, 0.3, expiry) for _ in range(2)]
@@ -138,10 +140,7 @@ async def test_a_publish_sent_after_its_expiry_fired_still_times_out(nc: Client)
     """A send that waited past the expiry's time (a connection stalled under its writes) joins
     an expiry whose timer has already fired: its ack still fails at its own deadline instead
     of being awaited for ever."""
-    js = nc.jetstream(timeout=5.0)
-    await js.add_stream(STREAM)
-    pub = jspub.publisher(nc)
-    await nc.subscribe("jspub.silent")  # someone listens, nobody answers
+    pub = await publisher_beside_a_silent_listener(nc)
     with anyio.fail_after(5):
         expiry = jspub.Expiry(0.1)
         first = await pub.send("jspub.silent", b"1", None, 0.1, expiry)
