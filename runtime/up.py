@@ -188,7 +188,8 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
             health = health_address(opts)
             if health is not None:
                 app = health_app(gateway.telemetry.exposition, scheduler_checks(scheduler))
-                await tg.start(serve_health, app, *health)
+                async with step("serving /metrics and /healthz"):
+                    await tg.start(serve_health, app, *health)
             if server is not None:
                 tg.start_soon(recover_store, server, gateway.readiness)
             async with anyio.create_task_group() as http_tg:

@@ -132,6 +132,12 @@ async def test_a_port_in_use_fails_fast(tmp_path: Path, listener: int, taken: st
     assert_one_clear_line(proc, f"{what} port {listener}", "not available")
 
 
+async def test_a_health_port_in_use_fails_fast(tmp_path: Path, listener: int) -> None:
+    proc = up(tmp_path, free_port(), "up", "--health-port", str(listener))
+    assert await exit_code(proc, timeout=30) == 1
+    assert_one_clear_line(proc, "serving /metrics and /healthz failed", str(listener))
+
+
 async def test_a_bad_config_is_one_line(tmp_path: Path) -> None:
     config = tmp_path / "bad.toml"
     config.write_text('[teams.acme]\ntier = "platinum"\ntokens = ["t"]\n')
