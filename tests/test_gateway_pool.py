@@ -151,6 +151,9 @@ async def test_extra_gateways_share_the_port_and_one_that_dies_is_replaced(
                         tg.start_soon(sync_run)
 
         os.kill(first[0], signal.SIGKILL)
+        with anyio.fail_after(10):  # the signal is sent; the process is gone a moment later
+            while listening_on(first[0], port):
+                await anyio.sleep(0.05)
         again = await listening_gateways(proc.pid, port, 2, timeout=30)
         assert first[0] not in again and first[1] in again
         with anyio.fail_after(60):
