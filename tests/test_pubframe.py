@@ -5,6 +5,7 @@ the server restarts is stored once it is back, and the connection's refusals are
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ import anyio
 import pytest
 from nats import errors
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import api
 from nats.js.errors import APIError
 
@@ -84,6 +86,12 @@ async def test_nats_py_internals_it_relies_on(nc: Client) -> None:
     assert isinstance(nc._max_pending_size, int)
     assert inspect.iscoroutinefunction(nc._send_command)
     assert inspect.iscoroutinefunction(nc._flush_pending)
+    # a frame written at once goes where the flusher writes, and only with nothing pending
+    assert isinstance(nc._pending, list) and not nc._pending
+    assert isinstance(nc._transport._io_writer, asyncio.StreamWriter)
+    flusher = inspect.getsource(Client._flusher)
+    assert "self._transport.writelines(self._pending[:])\n" in flusher
+    assert "self._pending = []\n" in flusher
 
 
 async def test_frames_are_the_bytes_nats_py_sends(
@@ -113,6 +121,40 @@ async def test_frames_are_the_bytes_nats_py_sends(
         with pytest.raises(type(theirs.value)):
             pubframe.frame(subject, reply, headers, b"")
     assert not sent
+
+
+async def test_a_lone_frame_leaves_at_once_and_a_burst_shares_the_flushers_write(
+    nc: Client,
+) -> None:
+    """The first frame of a loop iteration on an idle connection is written to the socket
+    before ``send`` returns (nothing pending, the flusher not woken); the frames after it in
+    the same iteration wait in the pending buffer for the flusher; everything arrives once, in
+    the order sent; an iteration later, a lone frame is written at once again."""
+    got: list[bytes] = []
+
+    async def receive(msg: Msg) -> None:
+        got.append(msg.data)
+
+    sub = await nc.subscribe("pubframe.t.order.>", cb=receive)
+    await nc.flush()
+    with anyio.fail_after(10):
+        frames = [pubframe.frame(f"pubframe.t.order.{i}", "", None, b"%d" % i) for i in range(5)]
+        await pubframe.send(nc, frames[0], 1)
+        assert not nc._pending and nc._flush_queue.empty()  # on the socket already
+        for command in frames[1:3]:  # the same iteration: queued for the flusher
+            await pubframe.send(nc, command, 1)
+        assert nc._pending == frames[1:3]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        await pubframe.send(nc, frames[3], 1)  # a later iteration, the flusher done: at once
+        assert not nc._pending
+        await pubframe.send(nc, frames[4], 1)
+        assert nc._pending == frames[4:]
+        while len(got) < 5:
+            await anyio.sleep(0.01)
+    await anyio.sleep(0.05)
+    assert got == [b"0", b"1", b"2", b"3", b"4"]
+    await sub.unsubscribe()
 
 
 async def test_headers_and_payload_arrive_exactly(nc: Client, js: object) -> None:

@@ -9,7 +9,9 @@ break is refused, ``BadSubjectError``; a header name outside the token character
 ``ConnectionDrainingError``; disconnected with the reconnect buffer full or off:
 ``OutboundBufferLimitError``; a payload over the server's limit: ``MaxPayloadError``;
 ``stats``) and the same path out: the connection's pending buffer, flushed by its flusher
-task (kept while disconnected and sent after a reconnect). What it saves, per publish: the
+task (kept while disconnected and sent after a reconnect), except that a frame on an idle
+connection is written to the socket at once (``_write_now``: one loop iteration sooner; a
+burst's later frames still share the flusher's write). What it saves, per publish: the
 header block built a piece at a time (a regex match, a strip, a translate and two encodes per
 header), the command's f-string plus three concatenations, the subject checks of a subject
 already checked, the connection state read through four properties.
@@ -18,12 +20,16 @@ nats-py internals relied on (it is pinned in constraints.txt; tests/test_pubfram
 if they change): ``Client._status`` and ``Client.CONNECTED``, ``Client._max_payload``,
 ``Client._max_pending_size``, ``Client._pending_data_size``, ``Client._flush_queue``,
 ``Client.stats``, ``Client._send_command(bytes)`` (appends to the pending buffer, flushes when
-it is over its limit) and ``Client._flush_pending()`` (wakes the flusher).
+it is over its limit) and ``Client._flush_pending()`` (wakes the flusher), ``Client._pending``
+(the frames the flusher has yet to write) and ``Client._transport._io_writer`` (the asyncio
+``StreamWriter`` of nats-py's TCP transport, which the flusher writes to).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import weakref
 
 from nats import errors
 from nats.aio.client import Client
@@ -82,7 +88,8 @@ def frame(subject: str, reply: str, headers: dict[str, str] | None, payload: byt
 
 async def send(nc: Client, command: bytes, payload_size: int) -> None:
     """Send a ``frame`` whose payload is ``payload_size`` bytes, as ``Client.publish`` sends
-    (the same checks, errors, buffering and flushing)."""
+    (the same checks, errors, buffering and flushing), except that the first frame of a loop
+    iteration on an idle connection is written at once (``_write_now``)."""
     if nc._status != Client.CONNECTED:
         _check_state(nc, payload_size)
     if payload_size > nc._max_payload:
@@ -90,10 +97,54 @@ async def send(nc: Client, command: bytes, payload_size: int) -> None:
     stats = nc.stats
     stats["out_msgs"] += 1
     stats["out_bytes"] += payload_size
+    if _write_now(nc, command):
+        return
     await nc._send_command(command)
     queue = nc._flush_queue
     if queue is not None and queue.empty():
         await nc._flush_pending()
+
+
+class _Turn:
+    """Whether a connection wrote a frame at once in the current loop iteration."""
+
+    __slots__ = ("taken",)
+
+    def __init__(self) -> None:
+        self.taken = False
+
+    def end(self) -> None:
+        self.taken = False
+
+
+_turns: weakref.WeakKeyDictionary[Client, _Turn] = weakref.WeakKeyDictionary()
+
+
+def _write_now(nc: Client, command: bytes) -> bool:
+    """Write ``command`` to the socket now if the connection is idle: connected, nothing in
+    its pending buffer (so nothing sent before it is still waiting: the order holds), nothing
+    left unsent in the socket's buffer, and no frame written this way yet in this loop
+    iteration. Else False: the caller queues it for the flusher task, which writes in the
+    next iteration whatever was queued until then, in one write.
+
+    The flusher's way costs every publish a loop iteration before it leaves (13-26 us on a
+    2-core machine, three times on a sync run's path: ``submitted``, ``dispatched``, the
+    end); a lone publish (a sync run's) now leaves at once. A burst still shares the
+    flusher's writes: only its first frame is written alone."""
+    if nc._status != Client.CONNECTED or nc._pending:
+        return False
+    writer = getattr(nc._transport, "_io_writer", None)  # a TCP (or TLS) connection's
+    if writer is None or writer.transport.get_write_buffer_size():
+        return False
+    turn = _turns.get(nc)
+    if turn is None:
+        turn = _turns[nc] = _Turn()
+    elif turn.taken:
+        return False
+    turn.taken = True
+    asyncio.get_running_loop().call_soon(turn.end)
+    writer.write(command)
+    return True
 
 
 def _check_state(nc: Client, payload_size: int) -> None:
