@@ -6,13 +6,14 @@ scheduler writes, and the reads of a team's newest and oldest entry.
 ``JETRUN_LISTING`` (its real config) gets one team's history, ``--blocks`` messages of 16
 entries each on ``jetrun.listing.<team>.<n>`` (published pipelined, as the writer would have
 over time). Then, each ``--calls`` times: a publish of the next block with no check;
-``RunHistory.add_block`` (the writer's call: its publish expects the team's newest message over
-``jetrun.listing.<team>.>``); ``RunHistory.newest`` (a listing page's first read, and the
-writer's ``top``: the last message on that wildcard); ``RunHistory.oldest`` (the first one).
-Printed: wall time and nats-server CPU per call (from /proc, in clock ticks: use enough calls).
-nats-server answers a wildcard's last (or first) message by visiting every subject under it, so
-all but the first grow with the number of blocks the team has. Loopback only; every wait is
-bounded.
+``RunHistory.add_block`` (the writer's call: its publish expects the stream's last message,
+``Nats-Expected-Last-Sequence``); the same block with an earlier release's check (the team's
+newest message over ``jetrun.listing.<team>.>``); ``RunHistory.newest`` (a listing page's
+first read, and the writer's ``top`` once per team and leadership: the last message on that
+wildcard); ``RunHistory.oldest`` (the first one). Printed: wall time and nats-server CPU per
+call (from /proc, in clock ticks: use enough calls). nats-server answers a wildcard's last (or
+first) message by visiting every subject under it, so the earlier check and the two reads grow
+with the number of blocks the team has. Loopback only; every wait is bounded.
 """
 
 from __future__ import annotations
@@ -83,9 +84,20 @@ async def measure(server: NatsServer, history: RunHistory, calls: int) -> list[s
 
     async def checked() -> None:
         nonlocal top
-        stream_seq = await history.add_block(TEAM, top, block(top.number + 1))
+        stream_seq = await history.add_block(TEAM, top, block(top.number + 1), top.stream_seq)
         assert stream_seq is not None
         top = Top(top.number + BLOCK, top.seq, stream_seq)
+
+    async def team_wide() -> None:  # an earlier release's check
+        nonlocal top
+        headers = {
+            "Nats-Expected-Last-Subject-Sequence": str(top.stream_seq),
+            "Nats-Expected-Last-Subject-Sequence-Subject": f"{entry_subject(TEAM, 0)[:-2]}.>",
+        }
+        subject = entry_subject(TEAM, top.number + BLOCK)
+        payload = msgspec.json.encode(block(top.number + 1))
+        ack = await history.js.publish(subject, payload, headers=headers)
+        top = Top(top.number + BLOCK, top.seq, ack.seq)
 
     async def newest() -> None:
         assert await history.newest(TEAM) is not None
@@ -97,6 +109,7 @@ async def measure(server: NatsServer, history: RunHistory, calls: int) -> list[s
     for what, call in (
         ("publish, no check", unchecked),
         ("add_block (chain check)", checked),
+        ("team-wide check (before)", team_wide),
         ("newest (a page's first read)", newest),
         ("oldest", oldest),
     ):

@@ -8,6 +8,7 @@ import anyio
 import msgspec
 import pytest
 from nats.aio.client import Client
+from nats.js.errors import BadRequestError
 
 from contracts import RunSubmitted
 from contracts.errors import ErrorType, RunError
@@ -24,7 +25,7 @@ from contracts.machine import restate
 from contracts.run import RunRecord
 from contracts.states import RunState
 from runtime.control import listing as listing_module
-from runtime.control.history import HistoryWriter, Listed, RunHistory
+from runtime.control.history import HistoryWriter, Listed, RunHistory, Top
 from runtime.control.listing import Cursor, ListQuery, RunListing, decode_cursor
 from runtime.infra.projection import RunIndex
 from runtime.infra.streams import LISTING_STREAM
@@ -248,15 +249,93 @@ async def test_a_writer_whose_picture_is_stale_lists_nothing_and_numbers_stay_un
 ) -> None:
     history = RunHistory(nc.jetstream())
     listed = [Listed(run_id=f"run_{i}", pipeline="t/x:v1", created_at=1.0, seq=i) for i in (1, 2)]
+    last = await history.last_seq()
     start = await history.top("acme")
     assert start == (0, 0, 0)
-    stored = await history.add_block("acme", start, listed[:1])
+    stored = await history.add_block("acme", start, listed[:1], last)
     assert stored is not None
-    assert await history.add_block("acme", start, listed[1:]) is None  # another wrote first
+    assert await history.add_block("acme", start, listed[1:], last) is None  # another wrote first
     top = await history.top("acme")
     assert top.number == 1 and top.seq == 1
-    assert await history.add_block("acme", top, listed[1:]) is not None
+    assert await history.add_block("acme", top, listed[1:], stored) is not None
     assert [n async for n, _ in history.entries("acme", 5, 1)] == [2, 1]
+
+
+async def test_a_block_is_refused_after_any_write_to_the_history_and_listed_later(
+    nc: Client,
+) -> None:
+    """A block expects the stream's last message (one number nats-server keeps, however long
+    the team's history), not the team's newest found over ``jetrun.listing.<team>.>``: so a
+    write of another team's block since the writer read its picture refuses it too. The
+    refused writer reads the picture again and lists its runs on its next step, each once,
+    numbered on from the team's newest."""
+    js = nc.jetstream()
+    history = RunHistory(js)
+    first_index, second_index = RunIndex(), RunIndex()
+    first = HistoryWriter(history, first_index)
+    second = HistoryWriter(history, second_index)  # a second leader, for a moment
+    acme = [e for i in range(3) for e in run_events(f"run_a{i}", 10.0 + i, "acme", "t/x:v1", False)]
+    rival = [
+        e for i in range(2) for e in run_events(f"run_r{i}", 20.0 + i, "rival", "t/x:v1", False)
+    ]
+    feed(first_index, acme[:5])  # run_a0
+    await first.step(leading=True)  # first's picture: the stream ends at its block
+    feed(second_index, rival)
+    await second.step(leading=True)  # another team's block, by another writer
+    feed(first_index, acme[5:])  # run_a1, run_a2
+    await first.step(leading=True)  # refused: the stream moved on since its picture
+    assert set(first.pending) == {"run_a1", "run_a2"}
+    assert (await js.stream_info(LISTING_STREAM)).state.messages == 2
+    await first.step(leading=True)  # with the picture read again
+    assert not first.pending and not second.pending
+    acme_entries = [(n, e.run_id) async for n, e in history.entries("acme", 3, 1)]
+    assert acme_entries == [(3, "run_a2"), (2, "run_a1"), (1, "run_a0")]
+    rival_entries = [(n, e.run_id) async for n, e in history.entries("rival", 2, 1)]
+    assert rival_entries == [(2, "run_r1"), (1, "run_r0")]
+
+
+async def test_a_writer_of_the_team_wide_check_and_one_of_the_stream_wide_check_chain_together(
+    nc: Client,
+) -> None:
+    """While schedulers of both releases run (an upgrade), a block an earlier release stores
+    (its check: the team's newest over ``jetrun.listing.<team>.>``) refuses this release's
+    next block, which is then numbered after it; and the earlier check refuses a block whose
+    team gained one meanwhile."""
+    js = nc.jetstream()
+    history = RunHistory(js)
+    index = RunIndex()
+    writer = HistoryWriter(history, index)
+    events = [
+        e for i in range(3) for e in run_events(f"run_{i}", 10.0 + i, "acme", "t/x:v1", False)
+    ]
+    feed(index, events[:5])
+    await writer.step(leading=True)  # run_0 is entry 1
+    top = await history.top("acme")
+    old = Listed(run_id="run_old", pipeline="t/x:v1", created_at=1.0, seq=top.seq + 1)
+
+    async def earlier_release(after: Top) -> int | None:
+        headers = {
+            "Nats-Expected-Last-Subject-Sequence": str(after.stream_seq),
+            "Nats-Expected-Last-Subject-Sequence-Subject": "jetrun.listing.acme.>",
+        }
+        try:
+            ack = await js.publish(
+                f"jetrun.listing.acme.{after.number + 1}",
+                msgspec.json.encode([old]),
+                headers=headers,
+            )
+        except BadRequestError:
+            return None
+        return int(ack.seq)
+
+    assert await earlier_release(top) is not None  # entry 2, by the earlier release
+    feed(index, events[5:])
+    await writer.step(leading=True)  # refused, then listed after it
+    await writer.step(leading=True)
+    assert not writer.pending
+    walked = [(n, e.run_id) async for n, e in history.entries("acme", 4, 1)]
+    assert walked == [(4, "run_2"), (3, "run_1"), (2, "run_old"), (1, "run_0")]
+    assert await earlier_release(top) is None  # its picture is stale: refused
 
 
 async def test_entries_of_single_run_messages_and_blocks_are_read_alike(nc: Client) -> None:

@@ -6,9 +6,13 @@ entry once (``HistoryWriter``, fed by its index as it reads ``submitted`` events
 entries in log order, in blocks: each step, one message per team and up to ``BLOCK`` runs (a
 JSON array, oldest first) on ``jetrun.listing.<team>.<n>``, ``n`` the number of its last entry
 (an earlier release wrote one entry, a JSON object, per message; both are read alike). Each
-block is published with ``Nats-Expected-Last-Subject-Sequence`` = the team's newest message
-over ``jetrun.listing.<team>.>``: one chain per team, so two writers can never give one number
-to two runs, and none is skipped.
+block is published with ``Nats-Expected-Last-Sequence`` = the stream's last message when its
+writer read the team's newest entry (or stored its own last block): stored only if nothing was
+stored in ``JETRUN_LISTING`` since, so two writers can never give one number to two runs, and
+none is skipped. nats-server checks that against one number it keeps; an earlier release
+expected the team's newest message over ``jetrun.listing.<team>.>``, which nats-server finds by
+visiting every subject under it (one per block: a cost per block that grew with the team's
+history). Both checks hold together while writers of both releases run.
 
 Reading needs no consumer and holds nothing in memory: the newest number of a team is one
 direct get (the last message on ``jetrun.listing.<team>.>``), the oldest one kept another (the
@@ -160,25 +164,34 @@ class RunHistory:
     async def add(self, team: str, n: int, listed: Listed) -> bool:
         """Store ``listed`` as the team's entry ``n``; False unless ``n`` follows the team's
         newest number (a number is never given twice)."""
+        last = await self.last_seq()  # first: a top read after it is current until it moves
         top = await self.top(team)
         if n != top.number + 1:
             return False
-        return await self.add_block(team, top, [listed]) is not None
+        return await self.add_block(team, top, [listed], last) is not None
 
-    async def add_block(self, team: str, after: Top, block: list[Listed]) -> int | None:
+    async def last_seq(self) -> int:
+        """The sequence of the last message stored in ``JETRUN_LISTING`` (0: none ever)."""
+
+        async def info() -> int:
+            return int((await self.js.stream_info(LISTING_STREAM)).state.last_seq)
+
+        return await retrying("history's last sequence", info, self.deadline_s)
+
+    async def add_block(
+        self, team: str, after: Top, block: list[Listed], last_seq: int
+    ) -> int | None:
         """Store ``block`` as the team's entries ``after.number + 1`` on, in one message, only
-        if the team's newest message is still ``after`` (``Nats-Expected-Last-Subject-
-        Sequence`` over the team's subjects: one chain per team, so no number is given twice
-        and none is skipped, whoever else writes). Returns the message's sequence; None when
-        ``after`` is no longer the newest (another writer, or this one's earlier try whose
-        answer was lost)."""
+        if the stream's last message is still ``last_seq`` (``Nats-Expected-Last-Sequence``).
+        ``after`` must have been read (or stored) when the stream ended at ``last_seq``: then
+        nothing was stored since, so ``after`` is still the team's newest, no number is given
+        twice and none is skipped, whoever else writes. Returns the message's sequence; None
+        when the stream has moved on (another writer, or this one's earlier try whose answer
+        was lost)."""
         assert 0 < len(block) <= BLOCK
         subject = entry_subject(team, after.number + len(block))
         payload = _block_encoder.encode(block) if len(block) > 1 else _encoder.encode(block[0])
-        headers = {
-            "Nats-Expected-Last-Subject-Sequence": str(after.stream_seq),
-            "Nats-Expected-Last-Subject-Sequence-Subject": f"{LISTING_PREFIX}.{team}.>",
-        }
+        headers = {"Nats-Expected-Last-Sequence": str(last_seq)}
         publisher = jspub.publisher_of(self.js)  # the same answers as js.publish, cheaper
 
         async def publish() -> int:
@@ -227,6 +240,8 @@ class HistoryWriter:
         self.history = history
         self.pending: dict[str, tuple[str, Listed]] = {}  # run id -> (team, entry), log order
         self._tops: dict[str, Top] = {}  # team -> where its history ends
+        # the stream's last sequence, known before every top in ``_tops`` was read (or stored)
+        self._last: int | None = None
         index.listen(self._observe)
 
     def _observe(
@@ -248,16 +263,28 @@ class HistoryWriter:
             if leading:
                 await self._write()
             else:
-                self._tops.clear()
+                self._forget_picture()
                 await self._drop_listed()
         except RETRYABLE as err:
             log.warning("run history not written now (%r); later", err)
+
+    def _forget_picture(self) -> None:
+        self._tops.clear()
+        self._last = None
 
     async def _top(self, team: str) -> Top:
         top = self._tops.get(team)
         if top is None:
             top = self._tops[team] = await self.history.top(team)
         return top
+
+    async def _last_seq(self) -> int:
+        """The stream's last sequence, read before any top then held (a top read after it is
+        the team's newest as long as the stream still ends there: the publish checks that)."""
+        if self._last is None:
+            self._tops.clear()
+            self._last = await self.history.last_seq()
+        return self._last
 
     async def _write(self) -> None:
         """Each team's pending runs, in log order, as blocks of up to ``BLOCK`` entries: one
@@ -269,6 +296,7 @@ class HistoryWriter:
             await self._write_team(team, runs)
 
     async def _write_team(self, team: str, runs: list[tuple[str, Listed]]) -> None:
+        await self._last_seq()
         top = await self._top(team)
         fresh = []
         for run_id, listed in runs:
@@ -278,10 +306,12 @@ class HistoryWriter:
                 fresh.append((run_id, listed))
         for at in range(0, len(fresh), BLOCK):
             chunk = fresh[at : at + BLOCK]
-            stored = await self.history.add_block(team, top, [listed for _, listed in chunk])
-            if stored is None:  # another writer listed runs: read the team's newest next step
-                self._tops.pop(team, None)
+            block = [listed for _, listed in chunk]
+            stored = await self.history.add_block(team, top, block, await self._last_seq())
+            if stored is None:  # another writer stored something: read the picture again
+                self._forget_picture()
                 return
+            self._last = stored
             top = self._tops[team] = Top(top.number + len(chunk), chunk[-1][1].seq, stored)
             for run_id, _ in chunk:
                 self.pending.pop(run_id, None)
@@ -293,4 +323,4 @@ class HistoryWriter:
             for run_id, (t, listed) in list(self.pending.items()):
                 if t == team and listed.seq <= last_seq:
                     del self.pending[run_id]
-        self._tops.clear()
+        self._forget_picture()
