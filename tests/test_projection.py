@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import anyio
 import pytest
 
@@ -17,7 +15,6 @@ from contracts import (
     RunSubmitted,
 )
 from contracts.events import AnyEvent
-from contracts.run import RunRecord
 from runtime.infra.projection import IndexLagging, RunIndex
 
 
@@ -176,34 +173,3 @@ async def test_a_cancelled_wait_leaves_the_others_on_the_same_run_waiting() -> N
     assert late is not None and late.state is RunState.running  # timed out: as it is then
     assert await index.wait_until("nope", lambda r: True, 0.01) is None
     assert index._changed == {} and not await index.wait_for_seq(99, timeout=0.01)
-
-
-@pytest.mark.anyio
-async def test_a_wait_is_woken_only_by_the_change_it_waits_for() -> None:
-    """A sync request waits for its run's end: ``dispatched`` leaves it waiting (no wake-up, no
-    new timer), while a wait on the same run for ``running`` is woken by it; the end wakes the
-    first, and nothing is left registered."""
-    index = RunIndex()
-    feed(index, admit("r0"))
-    woken: list[tuple[str, RunState]] = []
-    futures: list[object] = []
-
-    async def wait(name: str, done: Callable[[RunRecord], bool]) -> None:
-        run = await index.wait_until("r0", done, 5.0)
-        assert run is not None
-        woken.append((name, run.state))
-
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(wait, "end", lambda r: r.is_terminal)
-            tg.start_soon(wait, "running", lambda r: r.state is RunState.running)
-            await anyio.wait_all_tasks_blocked()
-            futures += [w.future for w in index._changed["r0"]]
-            feed(index, [RunDispatched(run_id="r0", at=3.0, attempt=1, agent_id="a")])
-            [left] = index._changed["r0"]
-            assert left.future is futures[0] and not left.future.done()  # the same wait, asleep
-            await anyio.wait_all_tasks_blocked()
-            assert woken == [("running", RunState.running)]
-            feed(index, [RunCancelled(run_id="r0", at=4.0)])
-    assert woken == [("running", RunState.running), ("end", RunState.cancelled)]
-    assert index._changed == {}

@@ -23,7 +23,7 @@ from contracts.machine import evolve
 from contracts.run import RunRecord
 from contracts.states import RunState
 from runtime.infra.queue_log import QueueLog
-from runtime.infra.waits import Until, drop, wait, wake_all, wake_done
+from runtime.infra.waits import drop, wait, wake
 
 Ticket = tuple[int, int]
 COMPACT_AFTER = 1024  # queue events kept per queue before its queued runs take them on
@@ -97,7 +97,7 @@ class RunIndex:
         # the requests waiting for a run to change, and for a sequence (a heap: lowest first);
         # plain futures with a timer: on the hot path of every request (an anyio Event and
         # cancel scope per wait cost about four times as much)
-        self._changed: dict[str, list[Until[RunRecord]]] = {}
+        self._changed: dict[str, list[asyncio.Future[None]]] = {}
         self._seq_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiter_ids = itertools.count()  # ties in seq are broken by arrival
         self._queue_events: dict[str, int] = {}  # pipeline -> its queue's last event (seq)
@@ -158,10 +158,9 @@ class RunIndex:
             self._ended.append(event.run_id)
         self._reindex(seq, event, before, after)
         # the run's waiters (a request waiting for its end) are woken before the listeners'
-        # tasks (the scheduler's next pass), so an answer does not wait behind that pass; only
-        # those whose wait is over (a sync request is not woken by ``dispatched``)
-        if event.run_id in self._changed:
-            wake_done(self._changed, event.run_id, after)
+        # tasks (the scheduler's next pass), so an answer does not wait behind that pass
+        if waiters := self._changed.pop(event.run_id, None):
+            wake(waiters)
         for listener in self._listeners:
             listener(seq, event, before, after)
         self._wake_seq_waiters()
@@ -190,7 +189,7 @@ class RunIndex:
         for run_id in list(self._changed):  # O(waiters): those waiting on a run of the queue
             run = self.stored.get(run_id)
             if run is not None and run.pipeline == event.pipeline and run.state is RunState.queued:
-                wake_all(self._changed.pop(run_id))  # each looks at the run as it reads now
+                wake(self._changed.pop(run_id))
 
     def _compact(self, pipeline: str) -> None:
         """Store every queued run of ``pipeline`` as its queue's events left it, so that those
@@ -407,10 +406,9 @@ class RunIndex:
             left = deadline - loop.time()
             if left <= 0:
                 return run
-            # one future per wait: a cancelled wait cancels only its own
-            waiter = Until(done, loop.create_future())
+            waiter = loop.create_future()  # one per wait: a cancelled wait cancels only its own
             self._changed.setdefault(run_id, []).append(waiter)
             try:
-                await wait(waiter.future, left)
+                await wait(waiter, left)
             finally:
-                drop(self._changed, run_id, waiter)  # woken: already gone from its list
+                drop(self._changed, run_id, waiter)  # woken: already gone with its list
