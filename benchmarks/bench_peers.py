@@ -182,23 +182,28 @@ class Jetrun:
         )
         self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         self.sync_ids: list[str] = []  # the runs of sync_run, in order (bench_stages)
+        self.sync_at: list[tuple[float, float]] = []  # their wall clock: sent, answer read
         self.phase: bench_runs.WrkPhase | None = None  # the last throughput phase
 
     def sync_run(self) -> None:
         """One sync run over a kept-alive connection of the standard library's HTTP client
         (about 0.1 ms of client CPU per request here; httpx takes about 0.4: see httpx_p50_ms)."""
+        sent = time.time()
         try:
             self.conn.request("POST", "/v4/runs", body=SYNC_BODY, headers=SYNC_HEADERS)
             response = self.conn.getresponse()
         except (ConnectionError, http.client.RemoteDisconnected):
             # the gateway closed the kept-alive connection while it sat idle between phases
             self.conn.close()
+            sent = time.time()
             self.conn.request("POST", "/v4/runs", body=SYNC_BODY, headers=SYNC_HEADERS)
             response = self.conn.getresponse()
         body = response.read()
+        read = time.time()
         run = json.loads(body)
         assert run["outputs"][0]["value"] == PAYLOAD, body
         self.sync_ids.append(run["id"])
+        self.sync_at.append((sent, read))
 
     def httpx_p50_ms(self, n: int) -> float:
         """Sequential sync runs through an ``httpx.Client`` kept open (what the SDK uses)."""
@@ -260,13 +265,15 @@ class Jetrun:
         and of the throughput phase's, each read from its range of the log: ``starts`` is
         where the sync phase began, where the throughput phase began and where it ended."""
         sync, throughput, stop = starts
-        client_s = dict(zip(self.sync_ids[-len(latencies) :], latencies, strict=True))
+        timed = self.sync_ids[-len(latencies) :]
+        client_s = dict(zip(timed, latencies, strict=True))
+        client_at = dict(zip(timed, self.sync_at[-len(latencies) :], strict=True))
 
         async def read() -> list[str]:
             nats_url, creds = self.nats()
             return [
                 *await bench_stages.phase_lines(
-                    nats_url, creds, "jetrun sync", sync, throughput, client_s
+                    nats_url, creds, "jetrun sync", sync, throughput, client_s, client_at
                 ),
                 *await bench_stages.phase_lines(
                     nats_url, creds, "jetrun throughput", throughput, stop

@@ -10,7 +10,12 @@ of them run on one machine). For the runs submitted in one phase's range of the 
   timed_out, ...), from the dispatch of the attempt that ended;
 - ``submitted -> end``: the whole run as the log saw it;
 - ``HTTP + gateway``: sync runs only, the client's observed latency minus
-  (end.at - submitted.at): the request's way in and the answer's way out.
+  (end.at - submitted.at): the request's way in and the answer's way out;
+- ``client -> submitted`` and ``end -> client``: the same two ways apart, when the client's
+  wall clock at sending and at receiving is known (``client_at``): the request's way in until
+  the gateway stamps ``submitted`` (HTTP, the body, the catalogue), and from the moment the
+  agent stamps the end (its worker just answered) until the client has the answer (the end's
+  append, the gateway's tail, the answer's way out).
 
 ``stage_durations`` and ``stage_lines`` are pure (tests/test_bench_stages.py);
 ``read_events`` reads a phase's range of the log once the phase's measurement is over.
@@ -46,6 +51,8 @@ DISPATCHED_TO_STARTED = "dispatched -> started"
 DISPATCHED_TO_END = "dispatched -> end"
 SUBMITTED_TO_END = "submitted -> end"
 HTTP_AND_GATEWAY = "HTTP + gateway"
+CLIENT_TO_SUBMITTED = "client -> submitted"
+END_TO_CLIENT = "end -> client"
 #: printing order
 STAGES = (
     SUBMITTED_TO_DISPATCHED,
@@ -55,6 +62,8 @@ STAGES = (
     DISPATCHED_TO_END,
     SUBMITTED_TO_END,
     HTTP_AND_GATEWAY,
+    CLIENT_TO_SUBMITTED,
+    END_TO_CLIENT,
 )
 
 
@@ -80,11 +89,15 @@ class Stages:
 
 
 def stage_durations(
-    events: Iterable[AnyEvent], client_s: Mapping[str, float] | None = None
+    events: Iterable[AnyEvent],
+    client_s: Mapping[str, float] | None = None,
+    client_at: Mapping[str, tuple[float, float]] | None = None,
 ) -> Stages:
     """The stages of the runs whose ``submitted`` is among ``events`` (in log order; events of
     other runs are ignored). ``client_s``: the client's observed latency (seconds) by run id,
-    for sync runs; when given, only those runs are counted (a warm-up's are not)."""
+    for sync runs; when given, only those runs are counted (a warm-up's are not).
+    ``client_at``: the client's wall clock when it sent each run's request and when it had
+    the answer, for the runs it knows them of."""
     runs: dict[str, _Run] = {}
     for event in events:
         if event.kind == "submitted":
@@ -105,6 +118,11 @@ def stage_durations(
     stages = Stages(runs=len(runs))
     for run_id, run in runs.items():
         _add_run(stages, run, None if client_s is None else client_s[run_id])
+        at = None if client_at is None else client_at.get(run_id)
+        if at is not None:
+            stages.add(CLIENT_TO_SUBMITTED, run.submitted - at[0])
+            if run.end is not None:
+                stages.add(END_TO_CLIENT, at[1] - run.end.at)
     return stages
 
 
@@ -207,9 +225,10 @@ async def phase_lines(
     start: int,
     stop: int,
     client_s: Mapping[str, float] | None = None,
+    client_at: Mapping[str, tuple[float, float]] | None = None,
 ) -> list[str]:
     """Reads the phase's events and returns its stage lines (call it once the phase's
     measurement is over: the reading is not part of it)."""
     events, complete = await read_events(nats_url, creds, start, stop)
     note = "" if complete else "; the log was not read to the end within the deadline"
-    return stage_lines(phase, stage_durations(events, client_s), note)
+    return stage_lines(phase, stage_durations(events, client_s, client_at), note)

@@ -131,3 +131,18 @@ def test_percentile_is_the_nearest_rank_of_bench_runs(values: list[float]) -> No
 
     for p in (0, 50, 99, 100):
         assert bench_stages.percentile(values, p) == bench_runs.percentile(values, p)
+
+
+def test_the_clients_wall_clock_splits_its_time_beyond_the_log_into_the_way_in_and_out() -> None:
+    client_s = {"plain": 0.009, "failed": 0.0165}
+    client_at = {"plain": (99.999, 100.008), "failed": (100.0048, 100.0213)}
+    stages = bench_stages.stage_durations(histories(), client_s, client_at)
+
+    assert ms(stages, bench_stages.CLIENT_TO_SUBMITTED) == [1.0, 0.2]  # to the gateway's stamp
+    assert ms(stages, bench_stages.END_TO_CLIENT) == [2.0, 0.3]  # from the agent's stamp
+    assert ms(stages, bench_stages.HTTP_AND_GATEWAY) == [3.0, 0.5]  # the two together
+    lines = bench_stages.stage_lines("sync", stages)
+    assert [line.split(":")[0].strip() for line in lines[-2:]] == [
+        bench_stages.CLIENT_TO_SUBMITTED,
+        bench_stages.END_TO_CLIENT,
+    ]
