@@ -12,6 +12,7 @@ import nats.errors
 import nkeys
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.js import api
 
 from contracts.events import (
@@ -23,10 +24,12 @@ from contracts.events import (
     RunSubmitted,
 )
 from runtime.control.admission import Admission, permit_subject, stream_name
+from runtime.infra import nats_auth
 from runtime.infra.config import parse
 from runtime.infra.eventlog import EVENTS_STREAM, EventLog, LogSettings, subject_of
 from runtime.infra.nats_auth import (
     ROLES,
+    SUBMIT_SUBJECT,
     Credentials,
     agent_of,
     agent_role,
@@ -277,6 +280,39 @@ async def test_no_role_reads_another_roles_replies(server: NatsServer) -> None:
         await spy.nc.close()
     assert seen == []
     assert sum("permissions violation" in e.lower() for e in spy.errors) == 2
+
+
+async def test_a_role_answers_a_request_it_received_only_within_the_response_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A role answers a request once, within ``RESPONSE_WINDOW`` (nats-server's
+    ``allow_responses`` expiry; its default, 2 minutes, kept every reply subject delivered to
+    a connection that long, one per event for a tail of the log). Here the window is 1 s: the
+    gateway's answer at once arrives, its answer 1.5 s late is refused."""
+    monkeypatch.setattr(nats_auth, "RESPONSE_WINDOW", "1s")
+    async with NatsServer(store_dir=tmp_path / "nats") as server:
+        gateway = await as_role(server, "gateway")
+        service = await as_role(server, "service")
+
+        async def answer(msg: Msg) -> None:
+            if msg.data == b"late":
+                await anyio.sleep(1.5)
+            await msg.respond(b"re:" + msg.data)
+
+        try:
+            await gateway.nc.subscribe(SUBMIT_SUBJECT, cb=answer)
+            await gateway.nc.flush()
+            reply = await service.nc.request(SUBMIT_SUBJECT, b"now", timeout=5)
+            assert reply.data == b"re:now"
+            with pytest.raises(nats.errors.TimeoutError):
+                await service.nc.request(SUBMIT_SUBJECT, b"late", timeout=3)
+            with anyio.fail_after(5):
+                while not any("permissions violation" in e.lower() for e in gateway.errors):
+                    await anyio.sleep(0.05)
+        finally:
+            await gateway.nc.close()
+            await service.nc.close()
+    assert not service.errors
 
 
 async def test_anonymous_and_unknown_clients_are_refused(

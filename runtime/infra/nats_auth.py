@@ -46,6 +46,14 @@ RETRY = "JETRUN_WEBHOOKS_RETRY"  # the outbox's events parked for a retry
 VIEWS = "JETRUN_RUNS"  # KV bucket: ended runs' views and the replay checkpoint
 LISTING = "JETRUN_LISTING"  # every run per team (the listing index)
 SUBMIT_SUBJECT = "jetrun.submit"  # request: a platform service submits a run through admission
+# How long a role may answer a request it received (once): nats-server's ``allow_responses``
+# ``expires``. Every requester here gives up sooner or at the same time (an agent's drain
+# request and ``jetrun recall`` 5 s, a service's submit 30 s by default). nats-server keeps,
+# per connection, the reply subject of every message delivered to it for this long, and walks
+# them all every 4,096 deliveries: a tail of the log gets one per event, so its default
+# (2 minutes) kept ~2 minutes of the log per tailing connection and the walks grew with the
+# square of the event rate (at 1,500 runs/s, 20-35 s into a run: 12% of nats-server's CPU).
+RESPONSE_WINDOW = "30s"
 API = "$JS.API"
 
 
@@ -277,7 +285,11 @@ def _user(key: str, perms: Permissions) -> str:
     publish = f"allow: {_quoted(perms.publish)}"
     if perms.publish_deny:
         publish += f", deny: {_quoted(perms.publish_deny)}"
-    responses = ", allow_responses: true" if perms.allow_responses else ""
+    responses = (
+        f', allow_responses: {{ max: 1, expires: "{RESPONSE_WINDOW}" }}'
+        if perms.allow_responses
+        else ""
+    )
     return (
         f'    {{ nkey: "{key}", permissions: {{ publish: {{ {publish} }}, '
         f"subscribe: {{ allow: {_quoted(perms.subscribe)} }}{responses} }} }}"
