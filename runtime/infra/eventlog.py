@@ -175,12 +175,14 @@ class EventLog:
         fencing: Fencing | None = None,
         callback: bool = False,
         expiry: jspub.Expiry | None = None,
+        payload: bytes | None = None,
     ) -> jspub.Pending:
         """The first try of ``append(event, fencing=fencing, callback=callback)``, its ack
         awaited later (``Pending.ack()``), so that one task can have many appends in flight. No
         retry: after an outage the caller calls ``append`` (the same message id: stored once).
-        ``expiry``: appends sent together time out together (``jspub.Expiry``)."""
-        subject, data, headers = _message(event, fencing, None, callback)
+        ``expiry``: appends sent together time out together (``jspub.Expiry``). ``payload``: as
+        for ``append``."""
+        subject, data, headers = _message(event, fencing, payload, callback)
         return await self._publisher.send(subject, data, headers, PUBLISH_TIMEOUT_S, expiry)
 
     async def read(self, run_id: str) -> list[Stored]:
