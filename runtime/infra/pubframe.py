@@ -106,12 +106,14 @@ async def send(nc: Client, command: bytes, payload_size: int) -> None:
 
 
 class _Turn:
-    """Whether a connection wrote a frame at once in the current loop iteration."""
+    """Whether a connection wrote a frame at once in the current loop iteration; the
+    connection's loop is kept (on Python 3.11 ``asyncio.get_running_loop()`` is a ``getpid``
+    system call)."""
 
-    __slots__ = ("taken",)
+    __slots__ = ("loop", "taken")
 
-    def __init__(self) -> None:
-        self.taken = False
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.taken = loop, False
 
     def end(self) -> None:
         self.taken = False
@@ -138,11 +140,11 @@ def _write_now(nc: Client, command: bytes) -> bool:
         return False
     turn = _turns.get(nc)
     if turn is None:
-        turn = _turns[nc] = _Turn()
+        turn = _turns[nc] = _Turn(asyncio.get_running_loop())
     elif turn.taken:
         return False
     turn.taken = True
-    asyncio.get_running_loop().call_soon(turn.end)
+    turn.loop.call_soon(turn.end)
     writer.write(command)
     return True
 
