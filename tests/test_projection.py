@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import msgspec
 import pytest
 
 from contracts import (
@@ -14,7 +15,8 @@ from contracts import (
     RunState,
     RunSubmitted,
 )
-from contracts.events import AnyEvent
+from contracts.events import AnyEvent, QueueWaitChanged, queue_id
+from contracts.states import WaitingFor
 from runtime.infra.projection import IndexLagging, RunIndex
 
 
@@ -173,3 +175,56 @@ async def test_a_cancelled_wait_leaves_the_others_on_the_same_run_waiting() -> N
     assert late is not None and late.state is RunState.running  # timed out: as it is then
     assert await index.wait_until("nope", lambda r: True, 0.01) is None
     assert index._changed == {} and not await index.wait_for_seq(99, timeout=0.01)
+
+
+@pytest.mark.anyio
+async def test_a_wait_is_woken_only_by_the_change_it_waits_for() -> None:
+    """A waiting request's task is not woken by its run's other events (submitted, admitted,
+    queued): its one waiter stays in place until the run is as it waits for."""
+    index = RunIndex()
+    woken: list[RunState] = []
+
+    async def wait() -> None:
+        run = await index.wait_until("r0", lambda r: r.state is RunState.running, 5.0)
+        assert run is not None
+        woken.append(run.state)
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            (first,) = index._changed["r0"]  # the run does not exist yet
+            feed(index, admit("r0"))
+            await anyio.wait_all_tasks_blocked()
+            assert index._changed["r0"] == [first] and not first.future.done()
+            assert woken == []
+            feed(index, [RunDispatched(run_id="r0", at=3.0, attempt=1, agent_id="a")])
+    assert woken == [RunState.running] and index._changed == {}
+
+
+@pytest.mark.anyio
+async def test_a_queue_event_wakes_a_wait_it_satisfies() -> None:
+    """A queue's event changes its runs as read (not as stored): a wait on a queued run is
+    asked about the run with it, and woken once it holds."""
+    index = RunIndex()
+    feed(index, admit("r0"))
+    woken: list[WaitingFor | None] = []
+
+    async def wait() -> None:
+        run = await index.wait_until("r0", lambda r: r.waiting_for is WaitingFor.resources, 5.0)
+        assert run is not None
+        woken.append(run.waiting_for)
+
+    change = QueueWaitChanged(
+        run_id=queue_id("a/b:v1"), at=3.0, pipeline="a/b:v1", waiting_for=WaitingFor.capacity
+    )
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(wait)
+            await anyio.wait_all_tasks_blocked()
+            feed(index, [change])  # not what it waits for
+            await anyio.wait_all_tasks_blocked()
+            assert woken == [] and len(index._changed["r0"]) == 1
+            wanted = msgspec.structs.replace(change, waiting_for=WaitingFor.resources, at=4.0)
+            feed(index, [wanted])
+    assert woken == [WaitingFor.resources] and index._changed == {}

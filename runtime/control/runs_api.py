@@ -23,7 +23,7 @@ from runtime.control.listing import BadQuery, RunListing, parse_query
 from runtime.control.logs_api import follow_logs, read_logs, stream_filter, wants_follow
 from runtime.control.ratelimit import RateLimiter
 from runtime.control.streamquota import Held, StreamQuota
-from runtime.control.submit import Refused, Submitter
+from runtime.control.submit import Refused, Submitter, Until
 from runtime.control.views import RunViews, find_run
 from runtime.control.webhook_policy import DestinationRefused, check_callback_url
 from runtime.infra.clock import Clock
@@ -114,19 +114,17 @@ class RunsApi:
     async def create_run(self, request: Request) -> Response:
         team = self._team(request)
         create = await self._parse(request)
-        run = await self._submit(team, create, header(request, b"idempotency-key"))
         sync = not create.async_run
-        if sync:
-            run = await self._wait(
-                run.id, lambda r: r.is_terminal, self.config.settings.sync_wait_s
-            )
-        else:
-            run = await self._wait(run.id, _placed, self.config.settings.settle_s)
+        settings = self.config.settings
+        until = (_ended, settings.sync_wait_s) if sync else (_placed, settings.settle_s)
+        run = await self._submit(team, create, header(request, b"idempotency-key"), until)
         return self._respond(run, sync=sync)
 
-    async def _submit(self, team: Team, create: RunCreate, key: str | None) -> RunRecord:
+    async def _submit(
+        self, team: Team, create: RunCreate, key: str | None, until: Until | None = None
+    ) -> RunRecord:
         try:
-            return await self.submitter.submit(team, create, key)
+            return await self.submitter.submit(team, create, key, until)
         except Refused as refusal:
             if refusal.status == 429:
                 self.telemetry.refusals.labels(team.name).inc()
@@ -230,3 +228,7 @@ class RunsApi:
 
 def _placed(run: RunRecord) -> bool:
     return run.state not in (RunState.created, RunState.routing)
+
+
+def _ended(run: RunRecord) -> bool:
+    return run.is_terminal

@@ -39,6 +39,8 @@ from runtime.infra.projection import RunIndex
 log = logging.getLogger("jetrun.submit")
 
 VISIBLE_WITHIN_S = 10.0  # a recorded run shows up in this process's index within this
+# what a caller waits for once the run is recorded, and how long: a plain function of the run
+Until = tuple[Callable[[RunRecord], bool], float]
 
 
 class Refused(Exception):
@@ -88,9 +90,13 @@ class Submitter:
         self.admission, self.config, self.clock = admission, config, clock
         self.stored = stored  # a run the index no longer holds (it ended long ago)
 
-    async def submit(self, team: Team, create: RunCreate, key: str | None) -> RunRecord:
+    async def submit(
+        self, team: Team, create: RunCreate, key: str | None, until: Until | None = None
+    ) -> RunRecord:
         """The run for this request, recorded and admitted (or found again by its key).
-        Blocks until this process's index shows it. Raises ``Refused``."""
+        Blocks until this process's index shows it and, with ``until = (done, timeout)``,
+        until ``done(run)`` or ``timeout`` seconds have passed (the run as it is then). Raises
+        ``Refused``."""
         if await self.catalog.lookup(create.pipeline) is None:
             raise refused(404, "pipeline_not_found", f"pipeline {create.pipeline} not found")
         if create.callback_url is not None and not team.webhook_secret:
@@ -101,7 +107,7 @@ class Submitter:
         if existing is None and key is not None and self.stored is not None:
             existing = await self.stored(run_id)  # a key reused after its run left memory
         if existing is not None:
-            return self._same_or_refuse(existing, create, key)
+            return await self._until(self._same_or_refuse(existing, create, key), until)
         now = self.clock.now()
         slot = await self._admit(team, run_id, now)
         submitted = RunSubmitted(
@@ -117,12 +123,27 @@ class Submitter:
             callback_url=create.callback_url,
         )
         seq = await self._record(submitted, slot)
-        await self.index.wait_for_seq(seq, timeout=VISIBLE_WITHIN_S)
+        if until is not None:  # one wait, woken once: the run shows up and is as asked
+            found = await self.index.wait_until(run_id, *until)
+            if found is not None:
+                return self._same_or_refuse(found, create, key)
+        await self.index.wait_for_seq(seq, timeout=VISIBLE_WITHIN_S)  # slower than ``until``
         run = self.index.get(run_id)
         if run is None:
             message = f"run {run_id} was recorded but is not visible here yet; GET it shortly"
             raise refused(503, "event_log_lagging", message)
-        return self._same_or_refuse(run, create, key)
+        return await self._until(self._same_or_refuse(run, create, key), until)
+
+    async def _until(self, run: RunRecord, until: Until | None) -> RunRecord:
+        """``run`` once ``until`` holds for it (or its time has passed)."""
+        if until is None or until[0](run):
+            return run
+        found = await self.index.wait_until(run.id, *until)
+        if found is None and self.stored is not None:  # it ended and left the index meanwhile
+            found = await self.stored(run.id)
+        if found is None:
+            raise refused(503, "event_log_lagging", f"run {run.id} is not visible here yet")
+        return found
 
     def _same_or_refuse(self, run: RunRecord, create: RunCreate, key: str | None) -> RunRecord:
         if not same_request(run, create):

@@ -59,10 +59,14 @@ class Publisher:
         self._tokens = itertools.count()
         self._waiting: dict[bytes, asyncio.Future[Reply]] = {}
         self._subscribing: asyncio.Lock | None = None
+        # the connection's loop, kept: asking for the running loop per publish is a ``getpid``
+        # system call on Python 3.11
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def _replies(self) -> str:
         if self._prefix:
             return self._prefix
+        self._loop = asyncio.get_running_loop()
         if self._subscribing is None:
             self._subscribing = asyncio.Lock()
         async with self._subscribing:
@@ -101,7 +105,7 @@ class Publisher:
         reply = f"{self._prefix or await self._replies()}{next(self._tokens)}"
         command = pubframe.frame(subject, reply, headers, payload)
         key = reply.encode()
-        loop = asyncio.get_running_loop()
+        loop = self._loop or asyncio.get_running_loop()
         future: asyncio.Future[Reply] = loop.create_future()
         self._waiting[key] = future
         if expiry is not None and expiry.add(future):

@@ -23,7 +23,7 @@ from contracts.machine import evolve
 from contracts.run import RunRecord
 from contracts.states import RunState
 from runtime.infra.queue_log import QueueLog
-from runtime.infra.waits import drop, wait, wake
+from runtime.infra.waits import Waiter, drop, wait, wake
 
 Ticket = tuple[int, int]
 COMPACT_AFTER = 1024  # queue events kept per queue before its queued runs take them on
@@ -94,10 +94,11 @@ class RunIndex:
         self._first: dict[str, tuple[int, float]] = {}
         self._last_of: dict[str, int] = {}
         self._ended: deque[str] = deque()  # runs that ended, in log order, until forgotten
-        # the requests waiting for a run to change, and for a sequence (a heap: lowest first);
-        # plain futures with a timer: on the hot path of every request (an anyio Event and
-        # cancel scope per wait cost about four times as much)
-        self._changed: dict[str, list[asyncio.Future[None]]] = {}
+        # the requests waiting for a run to change (each woken once the run is as it waits for),
+        # and for a sequence (a heap: lowest first); plain futures with a timer: on the hot path
+        # of every request (an anyio Event and cancel scope per wait cost about four times as
+        # much)
+        self._changed: dict[str, list[Waiter]] = {}
         self._seq_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
         self._waiter_ids = itertools.count()  # ties in seq are broken by arrival
         self._queue_events: dict[str, int] = {}  # pipeline -> its queue's last event (seq)
@@ -159,8 +160,8 @@ class RunIndex:
         self._reindex(seq, event, before, after)
         # the run's waiters (a request waiting for its end) are woken before the listeners'
         # tasks (the scheduler's next pass), so an answer does not wait behind that pass
-        if waiters := self._changed.pop(event.run_id, None):
-            wake(waiters)
+        if (waiters := self._changed.pop(event.run_id, None)) and (left := wake(waiters, after)):
+            self._changed[event.run_id] = left
         for listener in self._listeners:
             listener(seq, event, before, after)
         self._wake_seq_waiters()
@@ -188,8 +189,10 @@ class RunIndex:
                 listener(seq, event, queued)
         for run_id in list(self._changed):  # O(waiters): those waiting on a run of the queue
             run = self.stored.get(run_id)
-            if run is not None and run.pipeline == event.pipeline and run.state is RunState.queued:
-                wake(self._changed.pop(run_id))
+            if run is None or run.pipeline != event.pipeline or run.state is not RunState.queued:
+                continue
+            if left := wake(self._changed.pop(run_id), self.current(run)):
+                self._changed[run_id] = left
 
     def _compact(self, pipeline: str) -> None:
         """Store every queued run of ``pipeline`` as its queue's events left it, so that those
@@ -369,9 +372,10 @@ class RunIndex:
         seconds. Every wait has a deadline: the caller says what to do when it passes."""
         if self.last_seq >= seq:
             return True
-        waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        waiter = loop.create_future()
         heapq.heappush(self._seq_waiters, (seq, next(self._waiter_ids), waiter))
-        await wait(waiter, timeout)
+        await wait(waiter, timeout, loop)
         return self.last_seq >= seq
 
     async def catch_up(self, seq: int, *, timeout: float) -> None:
@@ -396,19 +400,25 @@ class RunIndex:
         self, run_id: str, done: Callable[[RunRecord], bool], timeout: float
     ) -> RunRecord | None:
         """Wait until the run exists and ``done(run)``; returns the run as it is then (also on
-        timeout), or None if it does not exist."""
+        timeout), or None if it does not exist. The wait is woken only by a change of the run
+        that makes ``done(run)`` true (or by its queue's events, which ``done`` is asked about
+        when they are read), so ``done`` must be a plain function of the run."""
+        run = self.get(run_id)
+        if run is not None and done(run):
+            return run
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            run = self.get(run_id)
-            if run is not None and done(run):
-                return run
             left = deadline - loop.time()
             if left <= 0:
                 return run
-            waiter = loop.create_future()  # one per wait: a cancelled wait cancels only its own
+            # one future per wait: a cancelled wait cancels only its own
+            waiter = Waiter(done, loop.create_future())
             self._changed.setdefault(run_id, []).append(waiter)
             try:
-                await wait(waiter, left)
+                await wait(waiter.future, left, loop)
             finally:
-                drop(self._changed, run_id, waiter)  # woken: already gone with its list
+                drop(self._changed, run_id, waiter)  # woken: already gone from its list
+            run = self.get(run_id)
+            if run is not None and done(run):
+                return run
