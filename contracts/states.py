@@ -20,9 +20,9 @@ class RunState(enum.StrEnum):
     cancelled = "cancelled"
     unknown = "unknown"
 
-    @property
-    def is_terminal(self) -> bool:
-        return self in TERMINAL_STATES
+    # whether a run in this state has ended: a plain attribute of each member (set below),
+    # read several times for every event every process applies (a property was a call each)
+    is_terminal: bool
 
 
 TERMINAL_STATES: frozenset[RunState] = frozenset(
@@ -34,6 +34,9 @@ TERMINAL_STATES: frozenset[RunState] = frozenset(
         RunState.cancelled,
     }
 )
+for _state in RunState:
+    _state.is_terminal = _state in TERMINAL_STATES
+del _state
 
 
 class WaitingFor(enum.StrEnum):

@@ -228,3 +228,25 @@ async def test_a_queue_event_wakes_a_wait_it_satisfies() -> None:
             wanted = msgspec.structs.replace(change, waiting_for=WaitingFor.resources, at=4.0)
             feed(index, [wanted])
     assert woken == [WaitingFor.resources] and index._changed == {}
+
+
+def test_new_and_end_listeners_hear_each_run_once() -> None:
+    """``listen_new`` hears a run's first event and ``listen_ended`` its end, once each,
+    after the per-event listeners; a replayed (already applied) event is heard by none."""
+    index = RunIndex()
+    heard: list[tuple[str, str, str]] = []
+    index.listen(lambda seq, event, before, after: heard.append(("event", event.kind, after.id)))
+    index.listen_new(lambda seq, event, run: heard.append(("new", event.kind, run.id)))
+    index.listen_ended(lambda run: heard.append(("ended", run.state, run.id)))
+    feed(index, admit("r0"))
+    index.apply(1, admit("r0")[0])  # already applied: skipped
+    feed(index, [RunCancelled(run_id="r0", at=3.0)])
+    feed(index, [RunCancelled(run_id="r0", at=4.0)])  # illegal once ended: no change
+    assert heard == [
+        ("event", "submitted", "r0"),
+        ("new", "submitted", "r0"),
+        ("event", "admitted", "r0"),
+        ("event", "queued", "r0"),
+        ("event", "cancelled", "r0"),
+        ("ended", RunState.cancelled, "r0"),
+    ]

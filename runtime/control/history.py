@@ -242,12 +242,10 @@ class HistoryWriter:
         self._tops: dict[str, Top] = {}  # team -> where its history ends
         # the stream's last sequence, known before every top in ``_tops`` was read (or stored)
         self._last: int | None = None
-        index.listen(self._observe)
+        index.listen_new(self._observe)
 
-    def _observe(
-        self, seq: int, event: AnyEvent, before: RunRecord | None, after: RunRecord
-    ) -> None:
-        if before is None and isinstance(event, RunSubmitted) and after.team:
+    def _observe(self, seq: int, event: AnyEvent, after: RunRecord) -> None:
+        if isinstance(event, RunSubmitted) and after.team:
             # (a run first read from its ``restated`` event was listed at its submission)
             listed = Listed(
                 run_id=after.id, pipeline=after.pipeline, created_at=after.created_at, seq=seq

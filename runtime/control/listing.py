@@ -162,9 +162,14 @@ class RunListing:
     def _on_change(
         self, seq: int, event: AnyEvent, before: RunRecord | None, after: RunRecord
     ) -> None:
-        if not after.team:
+        team = after.team
+        if not team:
             return
-        if (before is None or not before.team) and after.id not in self._seq:
+        if before is not None and before.team:  # placed and active since its first event
+            if after.state.is_terminal and not before.state.is_terminal:
+                self._active[team].pop(after.id, None)
+            return
+        if after.id not in self._seq:
             if isinstance(event, RunRestated):
                 self._unplaced[after.team][after.id] = None
             else:

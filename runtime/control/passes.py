@@ -85,30 +85,40 @@ class Worklist:
                 del self._waiting[run_id]
 
     def observe(self, seq: int, event: AnyEvent, run: RunRecord, mono: float) -> None:
-        _toggle(self.routing, run.id, run.state is RunState.routing)
-        if run.state is not RunState.routing:
-            self.permit_held.discard(run.id)
-        _toggle(self.created, run.id, run.state is RunState.created)
-        _toggle(self.cancelling, run.id, run.cancel_requested and not run.is_terminal)
-        self._track_resource_wait(run)
-        self._track_agent(run)
-        self.durations.observe(event, run)
-        if run.state is RunState.running:
-            self.running_since[run.id] = mono
-            if isinstance(event, RunDispatched):
-                self.dispatched_at[run.id] = seq
+        # every event of every run comes here: the sets kept in place without a call each,
+        # and what only concerns a queued or running run skipped for the others
+        run_id, state = run.id, run.state
+        if state is RunState.routing:
+            self.routing.setdefault(run_id, None)
         else:
-            self.running_since.pop(run.id, None)
-            self.dispatched_at.pop(run.id, None)
-        # queued (or requeued) with another wait than its queue was told last: the next timed
-        # pass looks at the whole queue again
-        told = self.announced.get(run.pipeline)
-        if (
-            run.state is RunState.queued
-            and told is not None
-            and run.waiting_for not in (told, WaitingFor.cancellation)
-        ):
-            del self.announced[run.pipeline]
+            self.routing.pop(run_id, None)
+            self.permit_held.discard(run_id)
+        if state is RunState.created:
+            self.created.setdefault(run_id, None)
+        else:
+            self.created.pop(run_id, None)
+        if run.cancel_requested and not state.is_terminal:
+            self.cancelling.setdefault(run_id, None)
+        else:
+            self.cancelling.pop(run_id, None)
+        if state is RunState.queued or run_id in self._waiting:
+            self._track_resource_wait(run)
+        if state is RunState.running or run_id in self._on_agent:
+            self._track_agent(run)
+        self.durations.observe(event, run)
+        if state is RunState.running:
+            self.running_since[run_id] = mono
+            if isinstance(event, RunDispatched):
+                self.dispatched_at[run_id] = seq
+        else:
+            self.running_since.pop(run_id, None)
+            self.dispatched_at.pop(run_id, None)
+        if state is RunState.queued:
+            # queued (or requeued) with another wait than its queue was told last: the next
+            # timed pass looks at the whole queue again
+            told = self.announced.get(run.pipeline)
+            if told is not None and run.waiting_for not in (told, WaitingFor.cancellation):
+                del self.announced[run.pipeline]
 
     def _track_agent(self, run: RunRecord) -> None:
         on = run.agent_id if run.state is RunState.running else None  # as the index's on_agent
@@ -195,14 +205,6 @@ class Pass:
 
     def run(self, run_id: str) -> RunRecord:
         return self.runs.records[run_id]
-
-
-def _toggle(items: dict[str, None], item: str, present: bool) -> None:
-    """Keep ``item`` in (or out of) an insertion-ordered set."""
-    if present:
-        items.setdefault(item, None)
-    else:
-        items.pop(item, None)
 
 
 __all__ = ["Decisions", "Now", "Pass", "Runs", "Worklist"]

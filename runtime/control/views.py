@@ -21,7 +21,6 @@ from nats.js import JetStreamContext
 from nats.js.errors import KeyNotFoundError, NotFoundError
 from nats.js.kv import KeyValue
 
-from contracts.events import AnyEvent
 from contracts.names import check_token
 from contracts.outputs import Outputs
 from contracts.run import RunRecord
@@ -231,14 +230,11 @@ class ViewKeeper:
         self._ended = anyio.Event()  # set when a run joins ``unstored``
         self.batch_s = VIEW_BATCH_S
         self._last_checkpoint = float("-inf")
-        index.listen(self._observe)
+        index.listen_ended(self._observe)
 
-    def _observe(
-        self, seq: int, event: AnyEvent, before: RunRecord | None, after: RunRecord
-    ) -> None:
-        if after.is_terminal and (before is None or not before.is_terminal):
-            self.unstored[after.id] = after
-            self._ended.set()
+    def _observe(self, run: RunRecord) -> None:
+        self.unstored[run.id] = run
+        self._ended.set()
 
     async def step(self, now: float, mono: float, leading: bool = True) -> None:
         """Store pending views, forget ended runs, checkpoint. A standby (``leading`` False)

@@ -28,6 +28,8 @@ from runtime.infra.waits import Waiter, drop, wait, wake
 Ticket = tuple[int, int]
 COMPACT_AFTER = 1024  # queue events kept per queue before its queued runs take them on
 Listener = Callable[[int, AnyEvent, RunRecord | None, RunRecord], None]
+NewListener = Callable[[int, AnyEvent, RunRecord], None]
+EndListener = Callable[[RunRecord], None]
 Forgetter = Callable[[RunRecord], None]
 QueueListener = Callable[[int, QueueWaitChanged, list[str]], None]
 
@@ -88,6 +90,8 @@ class RunIndex:
         self._by_ticket: dict[Ticket, str] = {}
         self.on_agent: dict[str, set[str]] = defaultdict(set)
         self._listeners: list[Listener] = []
+        self._new_listeners: list[NewListener] = []
+        self._end_listeners: list[EndListener] = []
         self._forgetters: list[Forgetter] = []
         # held run -> (sequence, time) of its first event here (log order: a restated run moves
         # to the end), and the sequence of its last event (a restatement expects it)
@@ -109,6 +113,17 @@ class RunIndex:
     def listen(self, listener: Listener) -> None:
         """Call ``listener(seq, event, before, after)`` after every event that changed a run."""
         self._listeners.append(listener)
+
+    def listen_new(self, listener: NewListener) -> None:
+        """Call ``listener(seq, event, run)`` after the first event of a run held here (its
+        ``submitted``, or the ``restated`` it was first read from), after the ``listen``-ers:
+        for what only a run's beginning concerns, without a call for each of its events."""
+        self._new_listeners.append(listener)
+
+    def listen_ended(self, listener: EndListener) -> None:
+        """Call ``listener(run)`` after the event that ended a run, after the ``listen``-ers and
+        the ``listen_new``-ers."""
+        self._end_listeners.append(listener)
 
     def listen_queue(self, listener: QueueListener) -> None:
         """Call ``listener(seq, event, queued)`` after every queue event, with the ids of the
@@ -135,36 +150,50 @@ class RunIndex:
         self.last_seq = seq
         if isinstance(event, QueueWaitChanged):
             self._apply_to_queue(seq, event)
-            self._wake_seq_waiters()
+            if self._seq_waiters:
+                self._wake_seq_waiters()
             return None
-        held = self.stored.get(event.run_id)
-        before = None if held is None else self.current(held)
-        base = before or RunRecord(id=event.run_id)
+        run_id = event.run_id
+        held = self.stored.get(run_id)
+        if held is None:
+            before = None
+            base = RunRecord(id=run_id)
+        else:  # a queued run is read with its queue's events
+            before = base = held if held.state is not RunState.queued else self.current(held)
         after = evolve(base, event)
         if before is not None:
-            self._last_of[event.run_id] = seq
+            self._last_of[run_id] = seq
             if isinstance(event, RunRestated):  # its older events are no longer needed
-                del self._first[event.run_id]
-                self._first[event.run_id] = (seq, event.at)
+                del self._first[run_id]
+                self._first[run_id] = (seq, event.at)
         if after is base:
             if before is not None and before is not held:  # its queue's events, taken on now
-                self.stored[event.run_id] = before
-            self._wake_seq_waiters()
+                self.stored[run_id] = before
+            if self._seq_waiters:
+                self._wake_seq_waiters()
             return None
-        self.stored[event.run_id] = after
+        self.stored[run_id] = after
         if before is None:
-            self._first[event.run_id] = (seq, event.at)
-            self._last_of[event.run_id] = seq
-        if after.is_terminal and (before is None or not before.is_terminal):
-            self._ended.append(event.run_id)
+            self._first[run_id] = (seq, event.at)
+            self._last_of[run_id] = seq
+        ended = after.state.is_terminal and (before is None or not before.state.is_terminal)
+        if ended:
+            self._ended.append(run_id)
         self._reindex(seq, event, before, after)
         # the run's waiters (a request waiting for its end) are woken before the listeners'
         # tasks (the scheduler's next pass), so an answer does not wait behind that pass
-        if (waiters := self._changed.pop(event.run_id, None)) and (left := wake(waiters, after)):
-            self._changed[event.run_id] = left
+        if (waiters := self._changed.pop(run_id, None)) and (left := wake(waiters, after)):
+            self._changed[run_id] = left
         for listener in self._listeners:
             listener(seq, event, before, after)
-        self._wake_seq_waiters()
+        if before is None:
+            for new in self._new_listeners:
+                new(seq, event, after)
+        if ended:
+            for end in self._end_listeners:
+                end(after)
+        if self._seq_waiters:
+            self._wake_seq_waiters()
         return after
 
     def _apply_to_queue(self, seq: int, event: QueueWaitChanged) -> None:
