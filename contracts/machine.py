@@ -139,28 +139,47 @@ def evolve(run: RunRecord, event: Event) -> RunRecord:
             return run
         return restated_record(event)
     after = _evolve_one(run, event)
-    follow = event.implied() if isinstance(event, RunSubmitted) else None
-    if after is not run and follow is not None:
-        after = _evolve_one(after, follow)
+    if after is not run and isinstance(event, RunSubmitted):
+        follow = event.implied()
+        if follow is not None:
+            after = _evolve_one(after, follow)
     return after
 
 
 def _evolve_one(run: RunRecord, event: Event) -> RunRecord:
-    if judge(run, event) is not Verdict.applied:
+    # ``judge``'s rules, read once per event (every process applies every event): the next
+    # state for this kind in this state, then foreign and stale events left out
+    kind = type(event)
+    state = TRANSITIONS.get(run.state, _NO_MOVES).get(kind)
+    if state is None:  # illegal (terminal states included)
         return run
-    changes = _APPLY[type(event)](run, event)
-    state = TRANSITIONS[run.state][type(event)]
-    waiting = changes.get("waiting_for", run.waiting_for)
-    changes["resources_since"] = (
-        None if state.is_terminal else _resources_since(run, waiting, event.at)
-    )
+    if kind in _QUEUE_KINDS:
+        if event.pipeline != run.pipeline:  # type: ignore[attr-defined]
+            return run
+    elif event.run_id != run.id:
+        return run
+    if kind in _ATTEMPT_KINDS and event.attempt != run.attempt:  # type: ignore[attr-defined]
+        return run
+    changes = _APPLY[kind](run, event)
+    at = event.at
     if state.is_terminal:
+        changes["resources_since"] = None
         changes["waiting_for"] = None
-    elif run.cancel_requested or isinstance(event, RunCancelRequested):
-        changes["waiting_for"] = WaitingFor.cancellation
+    else:
+        waiting = changes.get("waiting_for", run.waiting_for)
+        changes["resources_since"] = _resources_since(run, waiting, at)
+        if run.cancel_requested or kind is RunCancelRequested:
+            changes["waiting_for"] = WaitingFor.cancellation
+    updated = run.updated_at
     return msgspec.structs.replace(
-        run, state=state, updated_at=max(run.updated_at, event.at), **changes
+        run, state=state, updated_at=at if at > updated else updated, **changes
     )
+
+
+_NO_MOVES: dict[type[Event], RunState] = {}
+_KINDS = {kind for moves in TRANSITIONS.values() for kind in moves}
+_QUEUE_KINDS = frozenset(k for k in _KINDS if issubclass(k, QueueWaitChanged))
+_ATTEMPT_KINDS = frozenset(k for k in _KINDS if issubclass(k, AttemptEvent))
 
 
 WAITS_FOR_A_REPLICA = frozenset({WaitingFor.resources, WaitingFor.cold_start})
