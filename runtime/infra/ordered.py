@@ -57,6 +57,8 @@ from nats.aio.client import Client
 from nats.aio.subscription import Subscription
 from nats.js import JetStreamContext, api
 
+from runtime.infra import natsparse
+
 log = logging.getLogger("jetrun.ordered")
 
 # (stream seq, subject, payload); a handler that returns None (a plain function) is done
@@ -94,6 +96,7 @@ class Connection:
         self.receivers: dict[int, Callable[[bytes, bytes, bytes], None]] = {}
         self._process_msg = nc._process_msg
         nc._process_msg = self.process_msg  # type: ignore[method-assign]
+        natsparse.install(nc, self.dispatch)
 
     @classmethod
     def of(cls, nc: Client) -> Connection:
@@ -101,6 +104,28 @@ class Connection:
         if found is None:
             found = cls._made[nc] = cls(nc)
         return found
+
+    def dispatch(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> bool:
+        """``process_msg`` without a coroutine, for the parser (``natsparse``): a message of
+        a tail or a receiver; False (not taken) for a status message or another
+        subscription's, which ``process_msg`` handles."""
+        tail = self.tails.get(sid)
+        if tail is None:
+            receiver = self.receivers.get(sid)
+            if receiver is None:
+                return False
+            stats = self.nc.stats
+            stats["in_msgs"] += 1
+            stats["in_bytes"] += len(data)
+            receiver(subject, data, headers)
+            return True
+        if headers and not data and headers.startswith(_STATUS_LINE):
+            return False
+        stats = self.nc.stats
+        stats["in_msgs"] += 1
+        stats["in_bytes"] += len(data)
+        tail.on_message(sid, subject, reply, data)
+        return True
 
     async def process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes

@@ -1,0 +1,157 @@
+"""natsparse.FastParser reads the server's protocol exactly as nats-py's Parser does (the same
+messages, in the same order, whatever the chunking), and hands the messages a dispatcher takes
+to it with a plain call."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import anyio
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from nats import errors
+from nats.aio.client import Client
+from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
+
+from runtime.infra.natsparse import FastParser, install
+
+
+class Recorder:
+    """The parts of ``Client`` the parser calls, recording what it was told."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[Any, ...]] = []
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        self.seen.append(("msg", sid, subject, reply, data, headers))
+
+    async def _process_ping(self) -> None:
+        self.seen.append(("ping",))
+
+    async def _process_pong(self) -> None:
+        self.seen.append(("pong",))
+
+    async def _process_info(self, info: dict[str, Any]) -> None:
+        self.seen.append(("info", info))
+
+    async def _process_err(self, err: str) -> None:
+        self.seen.append(("err", err))
+
+
+def msg(subject: str, sid: int, reply: str, payload: bytes, sep: str = " ") -> bytes:
+    head = sep.join(["MSG", subject, str(sid), *([reply] if reply else []), str(len(payload))])
+    return f"{head}\r\n".encode() + payload + b"\r\n"
+
+
+def hmsg(subject: str, sid: int, reply: str, headers: bytes, payload: bytes) -> bytes:
+    sizes = [str(len(headers)), str(len(headers) + len(payload))]
+    head = " ".join(["HMSG", subject, str(sid), *([reply] if reply else []), *sizes])
+    return f"{head}\r\n".encode() + headers + payload + b"\r\n"
+
+
+WIRE = b"".join(
+    [
+        b'INFO {"server_id":"x","max_payload":1048576}\r\n',
+        msg("jetrun.a", 1, "", b"hello"),
+        b"+OK\r\n",
+        msg("jetrun.b", 22, "_INBOX.up.7", b""),
+        hmsg("jetrun.ev.run_1.submitted", 3, "$JS.ACK.S.c.1.5.5.1.0", b"NATS/1.0\r\n\r\n", b"hi"),
+        b"PING\r\n",
+        hmsg("_INBOX.x.1", 4, "", b"NATS/1.0 100 Idle Heartbeat\r\n\r\n", b""),
+        b"PONG\r\n",
+        msg("jetrun.c", 9, "", b"abc", sep="  "),  # runs of spaces: nats-py's way
+        msg("jetrun.d", 9, "", b"xyz", sep="\t"),  # tabs
+        hmsg("jetrun.e", 5, "reply.e", b"NATS/1.0\r\n\r\n", b"ok"),
+        msg("jetrun.f", 6, "", b"p" * 12345),
+        b"-ERR 'Stale Connection'\r\n",
+    ]
+)
+
+
+async def parse_all(parser: Parser, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        await parser.parse(chunk)
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+@pytest.mark.anyio
+@settings(max_examples=60, deadline=None)
+@given(cuts=st.lists(st.integers(min_value=0, max_value=len(WIRE)), max_size=40))
+async def test_the_same_messages_as_nats_py_however_chunked(cuts: list[int]) -> None:
+    chunks = chunked(WIRE, cuts)
+    slow, fast = Recorder(), Recorder()
+    await parse_all(Parser(slow), chunks)
+    fast_parser = FastParser(fast)
+    await parse_all(fast_parser, chunks)
+    assert fast.seen == slow.seen
+    assert len(fast.seen) == 12 and fast_parser.state == AWAITING_CONTROL_LINE
+    assert not fast_parser.buf
+
+
+@pytest.mark.anyio
+async def test_malformed_lines_raise_as_in_nats_py() -> None:
+    for wire in (b"MSG a b 5\r\nhello\r\n", b"MSG a 1 x\r\n", b"FOO bar\r\n"):
+        for parser in (Parser(Recorder()), FastParser(Recorder())):
+            with pytest.raises(errors.ProtocolError):
+                await parser.parse(wire)
+
+
+@pytest.mark.anyio
+async def test_a_dispatcher_takes_its_messages_and_leaves_the_rest() -> None:
+    taken: list[tuple[Any, ...]] = []
+
+    def dispatch(sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> bool:
+        if sid != 3:
+            return False
+        taken.append((subject, reply, data, headers))
+        return True
+
+    recorder = Recorder()
+    parser = FastParser(recorder)
+    parser.dispatch = dispatch
+    await parser.parse(WIRE)
+    assert taken == [
+        (
+            b"jetrun.ev.run_1.submitted",
+            b"$JS.ACK.S.c.1.5.5.1.0",
+            b"hi",
+            b"NATS/1.0\r\n\r\n",
+        )
+    ]
+    assert len(recorder.seen) == 11 and all(s[1] != 3 for s in recorder.seen if s[0] == "msg")
+
+
+@pytest.mark.anyio
+async def test_install_keeps_the_parser_and_its_state() -> None:
+    """Installed on a client whose parser is mid-message: the same object and buffer, now
+    parsing the fast way (the nats-py internals this relies on are as named)."""
+    nc = Client()
+    parser = nc._ps
+    assert type(parser) is Parser
+    await parser.parse(b"MSG jetrun.a 1 5\r\nhel")
+    assert parser.state == AWAITING_MSG_PAYLOAD
+    assert parser.msg_arg == {"subject": b"jetrun.a", "sid": 1, "reply": b""}
+    seen: list[bytes] = []
+    install(nc, lambda sid, subject, reply, data, headers: seen.append(data) is None)
+    assert nc._ps is parser and isinstance(parser, FastParser)
+    await parser.parse(b"lo\r\n")
+    assert seen == [b"hello"] and parser.state == AWAITING_CONTROL_LINE
+
+
+@pytest.mark.anyio
+async def test_a_line_nats_py_leaves_waiting_waits_here_too() -> None:
+    """An unknown line over nats-py's control-line limit: nats-py waits for more (it does
+    not raise); so does this parser, without looping on it."""
+    wire = b"X" * 5000 + b"\r\n"
+    for parser in (Parser(Recorder()), FastParser(Recorder())):
+        with anyio.fail_after(5):
+            await parser.parse(wire)
+        assert bytes(parser.buf) == wire
