@@ -4,7 +4,10 @@ to it with a plain call."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import threading
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import anyio
@@ -155,3 +158,83 @@ async def test_a_line_nats_py_leaves_waiting_waits_here_too() -> None:
         with anyio.fail_after(5):
             await parser.parse(wire)
         assert bytes(parser.buf) == wire
+
+
+class Resetting(Recorder):
+    """A client whose ``_process_err`` resets its parser on a stale connection, as nats-py's
+    ``Client._process_err`` does (through ``_process_op_err``, a reconnect beginning)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parser: Parser | None = None
+
+    async def _process_err(self, err: str) -> None:
+        await super()._process_err(err)
+        if "stale connection" in err and self.parser is not None:
+            self.parser.reset()
+
+
+def finishes(main: Callable[[], Coroutine[Any, Any, None]], within: float = 5.0) -> bool:
+    """Whether ``main`` (run on an event loop of its own, in a thread) returns in time: a parser
+    looping without a suspension would stall the test's own loop, and any deadline on it."""
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    thread.join(within)
+    return not thread.is_alive()
+
+
+STALE = msg("jetrun.a", 1, "", b"hi") + b"-ERR 'Stale Connection'\r\n"
+AFTER_STALE = msg("jetrun.b", 1, "", b"ho") + b"PING\r\n"
+
+
+@pytest.mark.parametrize("rest", [b"", AFTER_STALE], ids=["last", "more after it"])
+def test_a_stale_connection_resets_the_parser_as_in_nats_py(rest: bytes) -> None:
+    """``-ERR 'Stale Connection'`` resets the parser (a reconnect begins): what came after it
+    on the old connection is dropped, as nats-py drops it, and the parse returns."""
+    seen: dict[type[Parser], Resetting] = {}
+    for kind in (Parser, FastParser):
+        client = seen[kind] = Resetting()
+        parser = client.parser = kind(client)
+        assert finishes(lambda parser=parser: parser.parse(STALE + rest)), kind.__name__
+        assert not parser.buf and parser.state == AWAITING_CONTROL_LINE
+    assert seen[FastParser].seen == seen[Parser].seen
+    assert [s[0] for s in seen[Parser].seen] == ["msg", "err"]
+
+
+class Suspending(Recorder):
+    """A client whose first message's processing suspends until ``go`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.go = asyncio.Event()
+        self.suspended = asyncio.Event()
+
+    async def _process_msg(
+        self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes | None
+    ) -> None:
+        await super()._process_msg(sid, subject, reply, data, headers)
+        if len(self.seen) == 1:
+            self.suspended.set()
+            await self.go.wait()
+
+
+def test_a_reset_while_a_message_is_processed_drops_the_old_bytes_as_in_nats_py() -> None:
+    """Another task resets the parser (a reconnect begins) while a message's processing is
+    suspended: the parse stops there, as nats-py's does, whatever the old buffer still held."""
+    wire = msg("jetrun.a", 1, "", b"hi") + b"PING\r\n" + AFTER_STALE
+    seen: dict[type[Parser], Suspending] = {}
+
+    for kind in (Parser, FastParser):
+
+        async def main(kind: type[Parser] = kind) -> None:
+            client = seen[kind] = Suspending()
+            parser = kind(client)
+            parsing = asyncio.create_task(parser.parse(wire))
+            await client.suspended.wait()
+            parser.reset()
+            client.go.set()
+            await parsing
+            assert not parser.buf and parser.state == AWAITING_CONTROL_LINE
+
+        assert finishes(main), kind.__name__
+    assert seen[FastParser].seen == seen[Parser].seen == [("msg", 1, b"jetrun.a", b"", b"hi", None)]

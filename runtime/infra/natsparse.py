@@ -14,7 +14,8 @@ and every message nobody takes raw through ``Client._process_msg``: same results
 errors.
 
 nats-py internals relied on (pinned in constraints.txt; tests/test_natsparse.py checks them):
-``Client._ps`` (made once per client, reset in place on reconnects), ``Parser.buf``,
+``Client._ps`` (made once per client, reset in place on reconnects: ``reset`` gives it a new
+``buf``, and a ``parse`` under way stops at its next line or message), ``Parser.buf``,
 ``state``, ``needed``, ``header_needed``, ``msg_arg``, the states ``AWAITING_CONTROL_LINE``
 and ``AWAITING_MSG_PAYLOAD``, and ``Client._process_msg(sid, subject, reply, payload,
 headers)``.
@@ -58,6 +59,8 @@ class FastParser(Parser):
                 dispatch = self.dispatch
                 if dispatch is None or not dispatch(sid, subject, reply, payload, headers or b""):
                     await self.nc._process_msg(sid, subject, reply, payload, headers)
+                    if self.buf is not buf:  # reset meanwhile (a reconnect began): stop here
+                        return
                 continue
             # a message's line of the form the server writes (single spaces, decimal numbers)
             # is split; nats-py matches regular expressions (MSG_RE first, which an HMSG, a
@@ -97,15 +100,19 @@ class FastParser(Parser):
 
     async def _slowly(self, size: int) -> bool:
         """nats-py's ``parse`` of the first ``size`` bytes (one line) alone; whether it read
-        anything."""
-        rest = self.buf[size:]
-        del self.buf[size:]
+        anything and the parser was not reset meanwhile. A reset (``Client._process_op_err``
+        on ``-ERR 'Stale Connection'``, a reconnect begun by another task) gives the parser a
+        new buffer: what the old one still holds came on the connection being left, and is
+        dropped, as nats-py's ``parse`` (which reads ``self.buf`` anew) drops it."""
+        buf = self.buf
+        rest = buf[size:]
+        del buf[size:]
         try:
             await Parser.parse(self)
         finally:
-            left = len(self.buf)
-            self.buf.extend(rest)
-        return left < size or self.state != AWAITING_CONTROL_LINE
+            left = len(buf)
+            buf.extend(rest)
+        return self.buf is buf and (left < size or self.state != AWAITING_CONTROL_LINE)
 
 
 def install(nc: Client, dispatch: Dispatch | None) -> None:
