@@ -157,6 +157,29 @@ async def test_a_lone_frame_leaves_at_once_and_a_burst_shares_the_flushers_write
     await sub.unsubscribe()
 
 
+async def test_a_frame_is_not_written_at_once_past_one_still_pending(nc: Client) -> None:
+    """A frame another path left in the pending buffer (``Client.publish``, a ``SUB``) is
+    still ahead of a frame sent after it, even as the first of a loop iteration: the later
+    one waits behind it for the flusher, and they arrive in the order sent."""
+    got: list[bytes] = []
+
+    async def receive(msg: Msg) -> None:
+        got.append(msg.data)
+
+    sub = await nc.subscribe("pubframe.t.behind.>", cb=receive)
+    await nc.flush()
+    with anyio.fail_after(10):
+        await asyncio.sleep(0)  # a fresh loop iteration: no frame written at once in it yet
+        await nc.publish("pubframe.t.behind.0", b"0")  # pending, for the flusher
+        assert nc._pending
+        await pubframe.send(nc, pubframe.frame("pubframe.t.behind.1", "", None, b"1"), 1)
+        assert len(nc._pending) == 2  # behind the pending one, not on the socket
+        while len(got) < 2:
+            await anyio.sleep(0.01)
+    assert got == [b"0", b"1"]
+    await sub.unsubscribe()
+
+
 async def test_headers_and_payload_arrive_exactly(nc: Client, js: object) -> None:
     pub = publisher(nc)
     payload = bytes(range(256)) + b"\r\nPUB pubframe.t.x 1\r\n"
