@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import socket
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -19,6 +24,7 @@ from nats.aio.client import Client
 from nats.protocol.parser import AWAITING_CONTROL_LINE, AWAITING_MSG_PAYLOAD, Parser
 
 from runtime.infra.natsparse import FastParser, install
+from runtime.infra.natsserver import find_binary, free_port
 
 
 class Recorder:
@@ -238,3 +244,61 @@ def test_a_reset_while_a_message_is_processed_drops_the_old_bytes_as_in_nats_py(
 
         assert finishes(main), kind.__name__
     assert seen[FastParser].seen == seen[Parser].seen == [("msg", 1, b"jetrun.a", b"", b"hi", None)]
+
+
+STALE_CLIENT = """
+import asyncio, sys, time
+import nats
+from runtime.infra import ordered
+
+async def main() -> None:
+    nc = await nats.connect(sys.argv[1], ping_interval=100, reconnect_time_wait=0.1)
+    ordered.Connection.of(nc)  # the fast parser, as every service has it
+    assert type(nc._ps).__name__ == "FastParser"
+    time.sleep(1.0)  # the loop blocked: the server's pings go unanswered
+    while not nc.stats["reconnects"]:
+        await asyncio.sleep(0.05)
+    await nc.flush(timeout=5)
+    print("reconnected", flush=True)
+    await nc.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_client_the_server_finds_stale_reconnects(tmp_path: Path) -> None:
+    """A real nats-server pinging every 200 ms closes a connection whose loop was blocked
+    (``-ERR 'Stale Connection'``, which resets the parser as a reconnect begins): the client,
+    parsing the fast way, reconnects and is answered again. The client is a process of its own:
+    a parse that looped on the old buffer would hang its event loop, and any deadline in it."""
+    port = free_port()
+    config = tmp_path / "nats.conf"
+    config.write_text(f'listen: 127.0.0.1:{port}\nping_interval: "200ms"\nping_max: 1\n')
+    server = subprocess.Popen(
+        [find_binary(), "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while not _accepts(port):
+            assert time.monotonic() < deadline and server.poll() is None, "no nats-server"
+            time.sleep(0.05)
+        done = subprocess.run(
+            [sys.executable, "-c", STALE_CLIENT, f"nats://127.0.0.1:{port}"],
+            cwd=Path(__file__).resolve().parent.parent,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    assert done.returncode == 0 and "reconnected" in done.stdout, done.stderr[-2000:]
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
