@@ -5,12 +5,14 @@ append is made to fail the way an outage does (stored, then no answer until the 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
 import anyio
 import httpx
+import msgspec
 import pytest
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -19,6 +21,7 @@ from nats.js.errors import BadRequestError
 from contracts.agents import PipelineInfo
 from contracts.events import Event, RunSubmitted
 from contracts.states import RunState
+from contracts.values import IOType, RunIO
 from runtime.control.gateway import Gateway
 from runtime.control.submit import run_id_for
 from runtime.infra.config import parse
@@ -30,7 +33,7 @@ pytestmark = pytest.mark.anyio
 CONFIG = parse(
     {
         "teams": {"acme": {"tier": "basic", "tokens": ["tok_acme"]}},
-        "settings": {"request_deadline_s": 2, "settle_s": 0.1},
+        "settings": {"request_deadline_s": 2, "settle_s": 0.1, "sync_wait_s": 2},
     }
 )
 BODY = {"pipeline": "t/p:v1", "inputs": [{"type": "string", "value": "x"}], "async_run": True}
@@ -131,3 +134,48 @@ def test_run_ids_are_fresh_128_bits_or_the_keys() -> None:
     keyed = run_id_for("acme", "k1")
     assert keyed == run_id_for("acme", "k1") != run_id_for("other", "k1")
     assert re.fullmatch(r"run_[0-9a-f]{32}", keyed)
+
+
+SYNC = {**BODY, "async_run": False}
+
+
+async def test_a_sync_request_whose_key_another_body_won_meanwhile_is_refused_at_once(
+    h: Harness,
+) -> None:
+    async def the_other_body_first(event: Event) -> Appended:
+        assert isinstance(event, RunSubmitted)
+        other = [RunIO(type=IOType.string, value="the other body")]
+        await h.real_append(msgspec.structs.replace(event, inputs=other))
+        return await h.real_append(event)  # the same run id: a duplicate, not stored
+
+    h.fail_submissions(the_other_body_first)
+    with anyio.fail_after(1.5):  # no scheduler here: the run never ends (sync_wait_s is 2)
+        response = await h.http.post("/v4/runs", json=SYNC, headers={"Idempotency-Key": "k2"})
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"]["code"] == "idempotency_key_reused"
+
+
+async def test_a_sync_request_waits_out_its_wait_once_when_the_index_lags(h: Harness) -> None:
+    lag_s = 2.5  # longer than sync_wait_s (2): the first wait ends before the run is seen
+
+    async def stored_later(event: Event) -> Appended:
+        seq = h.gateway.index.last_seq + 1  # the next one: nothing else is appended here
+
+        async def later() -> None:
+            await anyio.sleep(lag_s)
+            await h.real_append(event)
+
+        tg.start_soon(later)
+        return Appended(seq=seq, duplicate=False)
+
+    h.fail_submissions(stored_later)
+    async with anyio.create_task_group() as tg:
+        began = time.monotonic()
+        with anyio.fail_after(10):
+            response = await h.http.post("/v4/runs", json=SYNC)
+        waited = time.monotonic() - began
+    # the run as it is once seen (still routing: nothing runs it here), not after a second
+    # sync_wait_s (2 s) on top of the lag
+    assert response.status_code == 202, response.text
+    assert response.json()["state"] == "routing"
+    assert lag_s <= waited < lag_s + 1.5

@@ -73,6 +73,21 @@ def same_request(run: RunRecord, create: RunCreate) -> bool:
     )
 
 
+def _or_other_body(
+    done: Callable[[RunRecord], bool], create: RunCreate
+) -> Callable[[RunRecord], bool]:
+    """``done``, or the run was created by another request with the same key and a
+    different body (asked once: what a run was created with never changes)."""
+    other: list[bool] = []
+
+    def answered(run: RunRecord) -> bool:
+        if not other:
+            other.append(not same_request(run, create))
+        return other[0] or done(run)
+
+    return answered
+
+
 class Submitter:
     """Admits and records runs for one process (a gateway). Safe to share within it."""
 
@@ -123,8 +138,12 @@ class Submitter:
             callback_url=create.callback_url,
         )
         seq = await self._record(submitted, slot)
+        began = self.clock.monotonic()
         if until is not None:  # one wait, woken once: the run shows up and is as asked
-            found = await self.index.wait_until(run_id, *until)
+            done, timeout = until
+            if key is not None:  # or another request's body won the key: a 422 at once
+                done = _or_other_body(done, create)
+            found = await self.index.wait_until(run_id, done, timeout)
             if found is not None:
                 return self._same_or_refuse(found, create, key)
         await self.index.wait_for_seq(seq, timeout=VISIBLE_WITHIN_S)  # slower than ``until``
@@ -132,6 +151,9 @@ class Submitter:
         if run is None:
             message = f"run {run_id} was recorded but is not visible here yet; GET it shortly"
             raise refused(503, "event_log_lagging", message)
+        if until is not None:  # what is left of the request's wait, not a second one
+            done, timeout = until
+            until = (done, max(0.0, timeout - (self.clock.monotonic() - began)))
         return await self._until(self._same_or_refuse(run, create, key), until)
 
     async def _until(self, run: RunRecord, until: Until | None) -> RunRecord:
