@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import anyio
 import msgspec
 import pytest
@@ -149,16 +151,23 @@ async def test_seq_waiters_wake_when_their_sequence_is_applied_and_not_before() 
     assert sorted(woken) == [2, 2, 5, 7, 9]
 
 
-@pytest.mark.anyio
-async def test_a_cancelled_wait_leaves_the_others_on_the_same_run_waiting() -> None:
-    index = RunIndex()
-    feed(index, admit("r0"))
-    woken: list[RunState] = []
+def until_running(index: RunIndex, woken: list[RunState]) -> Callable[[], Awaitable[None]]:
+    """A request waiting until run r0 runs; what it found goes to ``woken``."""
 
     async def wait() -> None:
         run = await index.wait_until("r0", lambda r: r.state is RunState.running, 5.0)
         assert run is not None
         woken.append(run.state)
+
+    return wait
+
+
+@pytest.mark.anyio
+async def test_a_cancelled_wait_leaves_the_others_on_the_same_run_waiting() -> None:
+    index = RunIndex()
+    feed(index, admit("r0"))
+    woken: list[RunState] = []
+    wait = until_running(index, woken)
 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:
@@ -183,11 +192,7 @@ async def test_a_wait_is_woken_only_by_the_change_it_waits_for() -> None:
     queued): its one waiter stays in place until the run is as it waits for."""
     index = RunIndex()
     woken: list[RunState] = []
-
-    async def wait() -> None:
-        run = await index.wait_until("r0", lambda r: r.state is RunState.running, 5.0)
-        assert run is not None
-        woken.append(run.state)
+    wait = until_running(index, woken)
 
     with anyio.fail_after(5):
         async with anyio.create_task_group() as tg:

@@ -130,24 +130,18 @@ class Connection:
     async def process_msg(
         self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes
     ) -> None:
+        """nats-py's way in (a parser that is not ``natsparse``'s, or a message ``dispatch``
+        did not take): a tail's status message, or another subscription's message."""
+        if self.dispatch(sid, subject, reply, data, headers):
+            return
         tail = self.tails.get(sid)
         if tail is None:
-            receiver = self.receivers.get(sid)
-            if receiver is None:
-                await self._process_msg(sid, subject, reply, data, headers)
-                return
-            stats = self.nc.stats
-            stats["in_msgs"] += 1
-            stats["in_bytes"] += len(data)
-            receiver(subject, data, headers)
+            await self._process_msg(sid, subject, reply, data, headers)
             return
         stats = self.nc.stats
         stats["in_msgs"] += 1
         stats["in_bytes"] += len(data)
-        if headers and not data and headers.startswith(_STATUS_LINE):
-            tail.on_status(sid, reply, await self.nc._process_headers(headers) or {})
-        else:
-            tail.on_message(sid, subject, reply, data)
+        tail.on_status(sid, reply, await self.nc._process_headers(headers) or {})
 
 
 class OrderedTail:
