@@ -248,17 +248,26 @@ def test_a_reset_while_a_message_is_processed_drops_the_old_bytes_as_in_nats_py(
 
 STALE_CLIENT = """
 import asyncio, sys, time
-import nats
-from runtime.infra import ordered
+from nats.aio.client import Client
+from runtime.infra import natsread, ordered
+
+def eager(nc: Client) -> bool:
+    return type(nc._transport._io_reader).__name__ == "EagerReader"
 
 async def main() -> None:
-    nc = await nats.connect(sys.argv[1], ping_interval=100, reconnect_time_wait=0.1)
+    nc = Client()
+    if sys.argv[2] == "eager":
+        natsread.install(nc)  # parsed in data_received, as every service's connection is
+    await nc.connect(sys.argv[1], ping_interval=100, reconnect_time_wait=0.1)
     ordered.Connection.of(nc)  # the fast parser, as every service has it
     assert type(nc._ps).__name__ == "FastParser"
+    await asyncio.sleep(0)  # the read loop starts
+    assert eager(nc) == (sys.argv[2] == "eager")
     time.sleep(1.0)  # the loop blocked: the server's pings go unanswered
     while not nc.stats["reconnects"]:
         await asyncio.sleep(0.05)
     await nc.flush(timeout=5)
+    assert eager(nc) == (sys.argv[2] == "eager")
     print("reconnected", flush=True)
     await nc.close()
 
@@ -266,10 +275,12 @@ asyncio.run(main())
 """
 
 
-def test_a_client_the_server_finds_stale_reconnects(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reader", ["eager", "nats-py"])
+def test_a_client_the_server_finds_stale_reconnects(tmp_path: Path, reader: str) -> None:
     """A real nats-server pinging every 200 ms closes a connection whose loop was blocked
     (``-ERR 'Stale Connection'``, which resets the parser as a reconnect begins): the client,
-    parsing the fast way, reconnects and is answered again. The client is a process of its own:
+    parsing the fast way (in ``data_received`` too: ``natsread``), reconnects and is answered
+    again. The client is a process of its own:
     a parse that looped on the old buffer would hang its event loop, and any deadline in it."""
     port = free_port()
     config = tmp_path / "nats.conf"
@@ -283,7 +294,7 @@ def test_a_client_the_server_finds_stale_reconnects(tmp_path: Path) -> None:
             assert time.monotonic() < deadline and server.poll() is None, "no nats-server"
             time.sleep(0.05)
         done = subprocess.run(
-            [sys.executable, "-c", STALE_CLIENT, f"nats://127.0.0.1:{port}"],
+            [sys.executable, "-c", STALE_CLIENT, f"nats://127.0.0.1:{port}", reader],
             cwd=Path(__file__).resolve().parent.parent,
             capture_output=True,
             text=True,

@@ -10,6 +10,7 @@ import nats
 import nats.errors
 from nats.aio.client import Client
 
+from runtime.infra import natsread
 from runtime.infra.nats_auth import Credentials
 
 log = logging.getLogger("jetrun.nats")
@@ -63,12 +64,14 @@ async def connect(
     async def on_reconnect() -> None:
         log.info("%s: reconnected to NATS", name)
 
+    nc = Client()
+    natsread.install(nc)  # messages parsed where they arrive
     with anyio.move_on_after(first_connect_s):
-        return await nats.connect(
+        await nc.connect(
             servers=url.split(","),
             name=name,
             max_reconnect_attempts=-1,
-            reconnect_time_wait=0.25,
+            reconnect_time_wait=0.25,  # type: ignore[arg-type]  # nats-py takes a float
             connect_timeout=2,
             allow_reconnect=True,
             error_cb=on_error,
@@ -77,6 +80,7 @@ async def connect(
             pending_size=16 * 1024 * 1024,
             **options,
         )
+        return nc
     raise NatsUnreachable(
         f"no NATS server answered at {url} within {first_connect_s:g} s "
         "(nothing listens there, or something that is not NATS)"

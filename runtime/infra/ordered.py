@@ -96,7 +96,7 @@ class Connection:
         self.receivers: dict[int, Callable[[bytes, bytes, bytes], None]] = {}
         self._process_msg = nc._process_msg
         nc._process_msg = self.process_msg  # type: ignore[method-assign]
-        natsparse.install(nc, self.dispatch)
+        natsparse.install(nc, self.dispatch, self.takes)
 
     @classmethod
     def of(cls, nc: Client) -> Connection:
@@ -104,6 +104,11 @@ class Connection:
         if found is None:
             found = cls._made[nc] = cls(nc)
         return found
+
+    def takes(self, sid: int) -> bool:
+        """Whether ``dispatch`` takes subscription ``sid``'s messages (a tail's status
+        messages excepted)."""
+        return sid in self.tails or sid in self.receivers
 
     def dispatch(self, sid: int, subject: bytes, reply: bytes, data: bytes, headers: bytes) -> bool:
         """``process_msg`` without a coroutine, for the parser (``natsparse``): a message of
