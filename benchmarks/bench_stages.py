@@ -32,7 +32,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from contracts.events import AnyEvent, AttemptEvent, decode_event
+from contracts.events import AnyEvent, AttemptEvent, RunsQueued, decode_event
 from runtime.clients.client import RunEvents
 from runtime.infra.eventlog import kind_filters
 from runtime.infra.nats_auth import Credentials
@@ -41,7 +41,7 @@ from runtime.infra.streams import EVENTS_STREAM, TERMINAL_KINDS
 #: what the stages are read from: no outputs, no queue or fence events
 SUBJECTS = [
     f
-    for kind in ("submitted", "queued", "started", "dispatched", *TERMINAL_KINDS)
+    for kind in ("submitted", "queued", "queued_runs", "started", "dispatched", *TERMINAL_KINDS)
     for f in kind_filters(kind)
 ]
 SUBMITTED_TO_QUEUED = "submitted -> queued"
@@ -99,7 +99,7 @@ def stage_durations(
     ``client_at``: the client's wall clock when it sent each run's request and when it had
     the answer, for the runs it knows them of."""
     runs: dict[str, _Run] = {}
-    for event in events:
+    for event in _each_run(events):
         if event.kind == "submitted":
             if client_s is None or event.run_id in client_s:
                 runs.setdefault(event.run_id, _Run(submitted=event.at))
@@ -124,6 +124,15 @@ def stage_durations(
             if run.end is not None:
                 stages.add(END_TO_CLIENT, at[1] - run.end.at)
     return stages
+
+
+def _each_run(events: Iterable[AnyEvent]) -> Iterable[AnyEvent]:
+    """``events``, a ``queued_runs`` batch as the ``queued`` of each of its runs."""
+    for event in events:
+        if isinstance(event, RunsQueued):
+            yield from event.queued()
+        else:
+            yield event
 
 
 def _add_run(stages: Stages, run: _Run, client: float | None) -> None:

@@ -121,6 +121,54 @@ def queue_id(pipeline: str) -> str:
     return "_queue-" + hashlib.sha256(pipeline.encode()).hexdigest()[:24]
 
 
+class QueuedRun(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One run of a ``queued_runs`` event: what that run's own ``queued`` would say."""
+
+    run_id: str
+    attempt: int = 1
+    waiting_for: WaitingFor = WaitingFor.capacity
+
+
+QUEUED_RUNS_ID = "_queued"  # the ``run_id`` of ``queued_runs`` events: never a run's id
+
+
+class RunsQueued(Event, frozen=True, kw_only=True, tag="queued_runs"):
+    """Several runs placed in their pipelines' queues by one decision pass: one event (one
+    stored message) instead of one ``queued`` per run. ``run_id`` is ``QUEUED_RUNS_ID``, never
+    a run; each of ``runs`` is applied, in order, exactly as that run's own ``queued`` at this
+    point of the log (``queued()`` gives those events), and the runs take their places in
+    their queues in that order. It is not on any run's own subjects: a reader of one run's
+    events alone sees the run go from ``routing`` straight to ``dispatched``. Its message id
+    names the runs and attempts it carries, so the same batch decided twice from one picture
+    is stored once; a run in two different batches is queued by the first (a second
+    ``queued`` of a queued run is ignored, as a duplicate ``queued`` would be)."""
+
+    kind: ClassVar[str] = "queued_runs"
+    runs: list[QueuedRun]
+
+    def queued(self) -> list[RunQueued]:
+        """The ``queued`` event each run of the batch stands for, in order."""
+        at = self.at
+        return [
+            RunQueued(run_id=r.run_id, at=at, attempt=r.attempt, waiting_for=r.waiting_for)
+            for r in self.runs
+        ]
+
+    def message_id(self) -> str:
+        digest = hashlib.sha256()
+        for r in self.runs:
+            digest.update(f"{r.run_id}:{r.attempt}:{r.waiting_for}\n".encode())
+        return f"{self.run_id}:{self.kind}:{len(self.runs)}:{digest.hexdigest()[:32]}"
+
+
+def queued_runs(events: list[RunQueued], at: float) -> RunsQueued:
+    """One ``queued_runs`` event standing for ``events`` (in that order), stamped ``at``."""
+    runs = [
+        QueuedRun(run_id=e.run_id, attempt=e.attempt, waiting_for=e.waiting_for) for e in events
+    ]
+    return RunsQueued(run_id=QUEUED_RUNS_ID, at=at, runs=runs)
+
+
 class RunDispatched(AttemptEvent, frozen=True, kw_only=True, tag="dispatched", omit_defaults=True):
     kind: ClassVar[str] = "dispatched"
     agent_id: str
@@ -216,13 +264,14 @@ class RunRestated(Event, frozen=True, kw_only=True, tag="restated"):
     leading scheduler before the events it was folded from age out of the log (retention): a
     reader that no longer has those events begins the run here. ``record`` is the
     ``contracts.run.RunRecord`` as builtins (that module imports this one); ``queue_ticket`` is
-    its place in its pipeline's queue (``(group, sequence)``), kept across the restatement.
+    its place in its pipeline's queue (``[group, sequence]``, or ``[group, sequence, index]``
+    for a run a ``queued_runs`` batch queued at ``index`` > 0), kept across the restatement.
     Appended only if ``of_seq`` is still the run's last event, so it never hides a newer one."""
 
     kind: ClassVar[str] = "restated"
     of_seq: int
     record: dict[str, Any]
-    queue_ticket: list[int] | None = None  # [group, sequence]
+    queue_ticket: list[int] | None = None  # [group, sequence(, index in its batch)]
 
     def message_id(self) -> str:
         return f"{self.run_id}:{self.kind}:{self.of_seq}"
@@ -250,6 +299,7 @@ AnyEvent = (
     | RunQueued
     | RunWaitChanged
     | QueueWaitChanged
+    | RunsQueued
     | RunDispatched
     | RunStarted
     | RunOutputProduced
@@ -271,6 +321,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     RunQueued,
     RunWaitChanged,
     QueueWaitChanged,
+    RunsQueued,
     RunDispatched,
     RunStarted,
     RunOutputProduced,

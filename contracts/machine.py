@@ -21,6 +21,10 @@ Rules of this machine:
    that pipeline that is queued where it stands in the log, as a ``waiting`` would to each
    (``fold`` applies it to the one run; readers of the whole log keep it once for the queue and
    a queued run takes it on when read: ``runtime.infra.queue_log``).
+9. A batch of ``queued`` (``queued_runs``: one decision pass's runs placed in their queues, in
+   one event) is, for each run it names, that run's own ``queued`` where the batch stands in
+   the log; for any other run it is foreign (``fold`` applies the one run's entry; readers of
+   the whole log apply every entry in order: ``RunsQueued.queued()``).
 No I/O, no clock: time is a field of each event. The same events give the same run anywhere.
 """
 
@@ -49,6 +53,7 @@ from contracts.events import (
     RunQueued,
     RunRequeued,
     RunRestated,
+    RunsQueued,
     RunStarted,
     RunSubmitted,
     RunTimedOut,
@@ -119,6 +124,9 @@ class IllegalTransition(Exception):
 def judge(run: RunRecord, event: Event) -> Verdict:
     """What ``evolve`` would do with ``event``, without doing it. A queue's event is about
     every run of its pipeline (rule 8)."""
+    if isinstance(event, RunsQueued):  # rule 9
+        own = queued_in(event, run.id)
+        return Verdict.foreign if own is None else judge(run, own)
     if isinstance(event, QueueWaitChanged):
         if event.pipeline != run.pipeline:
             return Verdict.foreign
@@ -138,6 +146,9 @@ def evolve(run: RunRecord, event: Event) -> RunRecord:
         if event.run_id != run.id or run.state is not S.unknown:
             return run
         return restated_record(event)
+    if isinstance(event, RunsQueued):  # rule 9
+        own = queued_in(event, run.id)
+        return run if own is None else _evolve_one(run, own)
     after = _evolve_one(run, event)
     if after is not run and isinstance(event, RunSubmitted):
         follow = event.implied()
@@ -176,6 +187,17 @@ def _evolve_one(run: RunRecord, event: Event) -> RunRecord:
     )
 
 
+def queued_in(batch: RunsQueued, run_id: str) -> RunQueued | None:
+    """The ``queued`` that ``batch`` stands for for ``run_id`` (None: not in it). A fold of
+    one run's history asks once per batch; readers of the whole log use ``batch.queued()``."""
+    for one in batch.runs:
+        if one.run_id == run_id:
+            return RunQueued(
+                run_id=run_id, at=batch.at, attempt=one.attempt, waiting_for=one.waiting_for
+            )
+    return None
+
+
 _NO_MOVES: dict[type[Event], RunState] = {}
 _KINDS = {kind for moves in TRANSITIONS.values() for kind in moves}
 _QUEUE_KINDS = frozenset(k for k in _KINDS if issubclass(k, QueueWaitChanged))
@@ -203,10 +225,15 @@ def _decode_hook(kind: type, obj: Any) -> Any:
     raise NotImplementedError(f"cannot decode {kind.__name__}")
 
 
-def restate(run: RunRecord, of_seq: int, at: float, ticket: tuple[int, int] | None) -> RunRestated:
-    """The ``restated`` event of ``run`` as it stands after the event at ``of_seq``."""
+def restate(run: RunRecord, of_seq: int, at: float, ticket: tuple[int, ...] | None) -> RunRestated:
+    """The ``restated`` event of ``run`` as it stands after the event at ``of_seq``. Its queue
+    ticket is written ``[group, sequence]`` unless the run was queued by a batch at an index
+    other than 0 (``[group, sequence, index]``), so a reader that knows only the two-element
+    form reads every other ticket exactly."""
     record = msgspec.to_builtins(run, enc_hook=encode_hook)
-    place = None if ticket is None else list(ticket)
+    place = None
+    if ticket is not None:
+        place = list(ticket[:2]) if len(ticket) < 3 or not ticket[2] else list(ticket[:3])
     return RunRestated(run_id=run.id, at=at, of_seq=of_seq, record=record, queue_ticket=place)
 
 

@@ -16,6 +16,7 @@ from contracts.events import (
     RunQueued,
     RunStarted,
     RunSubmitted,
+    queued_runs,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
@@ -75,6 +76,15 @@ def test_each_stage_comes_from_the_events_of_its_own_run() -> None:
     assert ms(stages, bench_stages.DISPATCHED_TO_END) == [4.0, 2.0, 100.0, 10.0]
     assert ms(stages, bench_stages.SUBMITTED_TO_END) == [6.0, 24.0, 106.0, 16.0]
     assert bench_stages.HTTP_AND_GATEWAY not in stages.ms  # no client latencies given
+
+
+def test_runs_queued_by_one_batch_have_their_queued_stages() -> None:
+    """A pass's ``queued_runs`` stands for each of its runs' ``queued``: the same stages."""
+    runs = [RunQueued(run_id=r, at=100.003, attempt=1) for r in ("before", "queued")]
+    batch = queued_runs(runs, 100.003)
+    events = [batch if isinstance(e, RunQueued) else e for e in histories()]
+    assert bench_stages.stage_durations(events) == bench_stages.stage_durations(histories())
+    assert "queued_runs" in str(bench_stages.SUBJECTS)
 
 
 def test_a_requeued_run_ends_from_the_dispatch_of_its_last_attempt() -> None:

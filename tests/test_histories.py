@@ -14,13 +14,19 @@ from typing import Any
 import msgspec
 import pytest
 
-from contracts.events import QueueWaitChanged, SchedulerElected, decode_events, encode_event
+from contracts.events import (
+    QueueWaitChanged,
+    RunsQueued,
+    SchedulerElected,
+    decode_events,
+    encode_event,
+)
 from contracts.machine import fold
 from contracts.outputs import encode_hook
 from contracts.run import RunRecord
 
 HISTORIES = Path(__file__).parent / "histories"
-NOT_A_RUNS = (QueueWaitChanged, SchedulerElected)  # about a queue, or the fence: no run_id
+NOT_A_RUNS = (QueueWaitChanged, RunsQueued, SchedulerElected)  # a queue, a batch, the fence
 FILES = sorted(HISTORIES.glob("*.json"))
 
 #: One per failure mode of SPEC section 3, one per happy path, and the cancel/stale cases.

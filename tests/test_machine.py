@@ -30,6 +30,7 @@ from contracts.events import (
     RunQueued,
     RunRequeued,
     RunRestated,
+    RunsQueued,
     RunStarted,
     RunSubmitted,
     RunTimedOut,
@@ -38,6 +39,7 @@ from contracts.events import (
     decode_event,
     encode_event,
     queue_id,
+    queued_runs,
 )
 from contracts.machine import (
     TRANSITIONS,
@@ -58,8 +60,9 @@ from contracts.values import IOType, RunIO, from_python
 RUN = "run_table"
 T0 = 1_700_000_000.0
 AT = T0 + 100.0  # the time of the event under test: later than every prefix event
-# the events of the table (rules 1-6); ``restated`` is rule 7, tested on its own below
-TABLE_EVENT_TYPES = [t for t in EVENT_TYPES if t is not RunRestated]
+# the events of the table (rules 1-6); ``restated`` is rule 7 and ``queued_runs`` rule 9,
+# tested on their own below
+TABLE_EVENT_TYPES = [t for t in EVENT_TYPES if t not in (RunRestated, RunsQueued)]
 
 
 # --- realistic prefixes: the log of a run that has reached a given state -------------------------
@@ -603,3 +606,50 @@ def test_a_queue_event_is_about_every_run_queued_in_its_pipeline() -> None:
     running = run_in(RunState.running, "dispatched")
     assert evolve(running, msgspec.structs.replace(event, pipeline=running.pipeline)) is running
     assert queue_id(run.pipeline) != queue_id("other/p:v1")
+
+
+# --- rule 9: a batch of queued runs ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("state", "how"), all_prefixes(list(RunState)))
+def test_a_batch_is_each_named_runs_own_queued_and_foreign_to_others(
+    state: RunState, how: str
+) -> None:
+    """In every state, a ``queued_runs`` naming the run does to it exactly what the run's own
+    ``queued`` (its attempt, its wait) would: queues it from ``routing``, is ignored (illegal
+    or stale) elsewhere; one that does not name it changes nothing."""
+    run = run_in(state, how)
+    for attempt in {run.attempt, run.attempt + 1}:
+        own = RunQueued(run_id=RUN, at=AT, attempt=attempt, waiting_for=WaitingFor.resources)
+        batch = queued_runs([RunQueued(run_id="run_a", at=AT, attempt=1), own], AT)
+        assert evolve(run, batch) == evolve(run, own)
+        assert judge(run, batch) is judge(run, own)
+        assert fold([*PREFIXES[state][how], batch], run_id=RUN) == evolve(run, own)
+    others = queued_runs([RunQueued(run_id="run_a", at=AT, attempt=1)], AT)
+    assert evolve(run, others) is run
+    assert judge(run, others) is Verdict.foreign
+
+
+def test_a_batch_keeps_its_runs_order_and_its_message_id_names_them() -> None:
+    """The ``queued`` events a batch stands for come out in order, each as it was decided;
+    the same runs and attempts give the same message id (stored once), others another."""
+    one = [
+        RunQueued(run_id="run_b", at=AT, attempt=2, waiting_for=WaitingFor.cold_start),
+        RunQueued(run_id="run_a", at=AT, attempt=1),
+    ]
+    batch = queued_runs(one, AT)
+    assert batch.queued() == one
+    assert decode_event(encode_event(batch)) == batch
+    assert batch.message_id() == queued_runs(list(one), AT + 5).message_id()
+    assert batch.message_id() != queued_runs(one[::-1], AT).message_id()
+    assert batch.message_id() != queued_runs(one[:1], AT).message_id()
+    bumped = [one[0], msgspec.structs.replace(one[1], attempt=2)]
+    assert batch.message_id() != queued_runs(bumped, AT).message_id()
+
+
+def test_a_restated_ticket_keeps_a_batch_index_only_when_it_is_not_zero() -> None:
+    """A reader that knows two-element tickets reads every ticket but a batch's later runs'."""
+    run = run_in(RunState.queued, "first attempt")
+    assert restate(run, 9, AT, (1, 7, 0)).queue_ticket == [1, 7]
+    assert restate(run, 9, AT, (1, 7)).queue_ticket == [1, 7]
+    assert restate(run, 9, AT, (1, 7, 3)).queue_ticket == [1, 7, 3]

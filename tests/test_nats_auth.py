@@ -20,8 +20,11 @@ from contracts.events import (
     RunCancelRequested,
     RunCompleted,
     RunDispatched,
+    RunQueued,
+    RunsQueued,
     RunStarted,
     RunSubmitted,
+    queued_runs,
 )
 from runtime.control.admission import Admission, permit_subject, stream_name
 from runtime.infra import nats_auth
@@ -112,7 +115,9 @@ Attempt = Callable[[Role], Awaitable[object]]
 
 def append(event: object) -> Attempt:
     async def attempt(role: Role) -> object:
-        assert isinstance(event, RunSubmitted | RunCompleted | RunDispatched | RunCancelled)
+        assert isinstance(
+            event, RunSubmitted | RunCompleted | RunDispatched | RunCancelled | RunsQueued
+        )
         subject = subject_of(event)
         return await role.js.publish(subject, b"{}", headers={"Nats-Msg-Id": subject})
 
@@ -165,6 +170,8 @@ FORGED_COMPLETED = append(RunCompleted(run_id="run_victim", at=2.0, attempt=1, o
 FORGED_SUBMITTED = append(submitted("run_forged"))
 FORGED_DISPATCH = append(RunDispatched(run_id="run_victim", at=2.0, attempt=1, agent_id="a"))
 FORGED_CANCELLED = append(RunCancelled(run_id="run_victim", at=2.0))
+# a batch of queued runs is the scheduler's alone: another role could place runs in a queue
+FORGED_BATCH = append(queued_runs([RunQueued(run_id="run_victim", at=2.0, attempt=1)] * 2, 2.0))
 ALWAYS_DENIED = [delete_stream, purge_admission, delete_event, update_stream]
 NOT_THE_VIEWS = [forge_view, forge_checkpoint]  # only the scheduler writes them
 
@@ -175,6 +182,7 @@ FORBIDDEN: dict[str, list[Attempt]] = {
         FORGED_SUBMITTED,
         FORGED_DISPATCH,
         FORGED_CANCELLED,
+        FORGED_BATCH,
         take_permit,
         release_permit,
         *NOT_THE_VIEWS,
@@ -184,6 +192,7 @@ FORBIDDEN: dict[str, list[Attempt]] = {
         FORGED_SUBMITTED,
         FORGED_COMPLETED,
         FORGED_DISPATCH,
+        FORGED_BATCH,
         take_permit,
         release_permit,
         *NOT_THE_VIEWS,
@@ -193,6 +202,7 @@ FORBIDDEN: dict[str, list[Attempt]] = {
         FORGED_COMPLETED,
         FORGED_DISPATCH,
         FORGED_CANCELLED,
+        FORGED_BATCH,
         *NOT_THE_VIEWS,
         *ALWAYS_DENIED,
     ],
@@ -241,6 +251,8 @@ async def test_each_role_can_do_its_own_job(server: NatsServer) -> None:
         await EventLog(scheduler.nc).append(RunCancelled(run_id="run_ok", at=3.0))
         dispatch = RunDispatched(run_id="run_victim", at=2.0, attempt=2, agent_id="a")
         await EventLog(scheduler.nc).append(dispatch)
+        batch = [RunQueued(run_id=r, at=2.0, attempt=1) for r in ("run_q1", "run_q2")]
+        await EventLog(scheduler.nc).append(queued_runs(batch, 2.0))
         await scheduler.js.publish(f"$KV.{VIEWS_BUCKET}.run.run_ok", b"{}")
         view = await gateway.js.get_msg(VIEWS_STREAM, subject=f"$KV.{VIEWS_BUCKET}.run.run_ok")
         assert view.data == b"{}"

@@ -97,7 +97,7 @@ def test_live_runs_are_due_oldest_first_and_a_restatement_moves_the_replay_posit
     assert [(run.id, seq) for run, seq in index.restatable(T0 + 50, 10)] == [("a", 2), ("b", 4)]
     assert [run.id for run, _ in index.restatable(T0 + 50, 1)] == ["a"]
     a = index.get("a")
-    assert a is not None and index.ticket("a") == (1, 2)
+    assert a is not None and index.ticket("a") == (1, 2, 0)
     index.apply(6, restate(a, 2, T0 + 60, index.ticket("a")))
     assert index.get("a") == a  # a known run: nothing changes
     assert index.replay_from() == 3  # "a" is held from its restatement on; "b" is now the oldest

@@ -25,7 +25,7 @@ import anyio
 import msgspec
 from nats.aio.client import Client
 
-from contracts.events import AnyEvent, Event, QueueWaitChanged, RunSubmitted
+from contracts.events import AnyEvent, Event, QueueWaitChanged, RunsQueued, RunSubmitted
 from contracts.machine import evolve
 from contracts.run import Run, RunRecord
 from contracts.states import RunState
@@ -134,8 +134,12 @@ class RunEvents:
         async def on_event(seq: int, event: AnyEvent) -> None:
             await send.send((seq, event))
 
-        if run_id:  # the run's own events, and its queue's
-            subjects = [run_subjects(run_id), kind_subjects(QueueWaitChanged.kind)]
+        if run_id:  # the run's own events, its queue's, and the batches that may queue it
+            subjects = [
+                run_subjects(run_id),
+                kind_subjects(QueueWaitChanged.kind),
+                kind_subjects(RunsQueued.kind),
+            ]
             sub = await self.log.tail(on_event, from_seq=from_seq, subjects=subjects)
         else:
             sub = await self.log.tail(on_event, from_seq=from_seq, subject=ALL_EVENTS)
@@ -145,15 +149,16 @@ class RunEvents:
                     if seq <= last:
                         continue  # a consumer recreated after a gap delivers again
                     last = seq
-                    if (
-                        from_seq > 1
-                        and not isinstance(event, (RunSubmitted, QueueWaitChanged))
-                        and runs.unseen(event.run_id)
-                    ):  # the run began before from_seq: load what came before
-                        runs.load(event.run_id, await self._load_before(event.run_id, seq))
-                    for after in runs.apply(event):
-                        if _matches(after, team, pipeline, run_id):
-                            yield RunChange(seq=seq, event=event, run=after)
+                    for one in _each_run(event, run_id):
+                        if (
+                            from_seq > 1
+                            and not isinstance(one, (RunSubmitted, QueueWaitChanged))
+                            and runs.unseen(one.run_id)
+                        ):  # the run began before from_seq: load what came before
+                            runs.load(one.run_id, await self._load_before(one.run_id, seq))
+                        for after in runs.apply(one):
+                            if _matches(after, team, pipeline, run_id):
+                                yield RunChange(seq=seq, event=one, run=after)
         finally:
             send.close()
             with anyio.CancelScope(shield=True):
@@ -197,6 +202,8 @@ class RunFollower:
         ended run changes none)."""
         if isinstance(event, QueueWaitChanged):
             return self._apply_to_queue(event)
+        if isinstance(event, RunsQueued):  # each run's own ``queued``, in order
+            return [run for one in event.queued() for run in self.apply(one)]
         if event.run_id in self.ended:
             return []
         base = self.runs.get(event.run_id) or RunRecord(id=event.run_id)
@@ -233,6 +240,14 @@ class RunFollower:
             runs.pop(run.id, None)
             if not runs:
                 del self.queued[run.pipeline]
+
+
+def _each_run(event: AnyEvent, run_id: str | None) -> list[AnyEvent]:
+    """``event``, or the ``queued`` of each run a ``queued_runs`` batch stands for (only
+    ``run_id``'s when one run is watched), each then yielded as that run's own event."""
+    if not isinstance(event, RunsQueued):
+        return [event]
+    return [one for one in event.queued() if run_id is None or one.run_id == run_id]
 
 
 def _matches(run: RunRecord, team: str | None, pipeline: str | None, run_id: str | None) -> bool:

@@ -21,7 +21,7 @@ from contracts.events import AdmissionSlot, Event, RunAdmitted
 from contracts.run import RunRecord
 from runtime.control.admission import Admission, stream_name
 from runtime.control.decide import not_admitted
-from runtime.control.passes import Decisions, Worklist
+from runtime.control.passes import Decisions, Worklist, packed, runs_of
 from runtime.infra.clock import Clock
 from runtime.infra.config import Config
 from runtime.infra.eventlog import Appended, EventLog
@@ -128,13 +128,15 @@ class Applier:
             if self.fenced:
                 failed.update(event.run_id for event in d.events)
                 return
-            results = await append_all(self.log, self.fence, d.events, self.has_callback)
-            for event, result in zip(d.events, results, strict=True):
+            events = packed(d.events)  # the queued runs of the pass: one event per 256
+            results = await append_all(self.log, self.fence, events, self.has_callback)
+            for event, result in zip(events, results, strict=True):
+                runs = runs_of(event)
                 if isinstance(result, Appended):
                     stored = max(stored, result.seq)
-                    self._decisions += 1
+                    self._decisions += len(runs)
                     continue
-                failed.add(event.run_id)
+                failed.update(runs)
                 if isinstance(result, Fenced):
                     self._fenced_out(result)
                 else:

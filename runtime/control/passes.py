@@ -13,7 +13,16 @@ from typing import NamedTuple, Protocol
 from sortedcontainers import SortedList
 
 from contracts.agents import PipelineInfo
-from contracts.events import AnyEvent, Event, QueueWaitChanged, RunAdmitted, RunDispatched
+from contracts.events import (
+    AnyEvent,
+    Event,
+    QueueWaitChanged,
+    RunAdmitted,
+    RunDispatched,
+    RunQueued,
+    RunsQueued,
+    queued_runs,
+)
 from contracts.machine import WAITS_FOR_A_REPLICA
 from contracts.run import RunRecord
 from contracts.states import RunState, WaitingFor
@@ -182,6 +191,43 @@ class Decisions:
         return bool(self.events or self.admissions or self.lost or self.permit_checks)
 
 
+QUEUED_PER_EVENT = 256  # runs per ``queued_runs`` event (some 12 KB)
+
+
+def packed(events: list[Event], per_event: int = QUEUED_PER_EVENT) -> list[Event]:
+    """``events`` as a pass appends them: the ``queued`` of two or more runs go as
+    ``queued_runs`` events (one stored message for up to ``per_event`` runs, in the order
+    decided, runs stamped with one time per event), where the first of them stood; every other
+    event, and a lone ``queued``, as it is. Pure: the same decisions give the same events, so
+    the same batch decided twice from one picture has one message id."""
+    queued = [e for e in events if isinstance(e, RunQueued)]
+    if len(queued) < 2:
+        return events
+    batches: list[Event] = []
+    chunk: list[RunQueued] = []
+    for one in queued:
+        if chunk and (len(chunk) >= per_event or one.at != chunk[0].at):
+            batches.append(queued_runs(chunk, chunk[0].at))
+            chunk = []
+        chunk.append(one)
+    batches.append(queued_runs(chunk, chunk[0].at))
+    out: list[Event] = []
+    for event in events:
+        if not isinstance(event, RunQueued):
+            out.append(event)
+        elif batches:
+            out += batches
+            batches = []
+    return out
+
+
+def runs_of(event: Event) -> list[str]:
+    """The runs an appended event decides about (a ``queued_runs`` batch: each of its runs)."""
+    if isinstance(event, RunsQueued):
+        return [r.run_id for r in event.runs]
+    return [event.run_id]
+
+
 @dataclass(frozen=True)
 class Pass:
     """Everything one pass reads."""
@@ -207,4 +253,4 @@ class Pass:
         return self.runs.records[run_id]
 
 
-__all__ = ["Decisions", "Now", "Pass", "Runs", "Worklist"]
+__all__ = ["QUEUED_PER_EVENT", "Decisions", "Now", "Pass", "Runs", "Worklist", "packed", "runs_of"]

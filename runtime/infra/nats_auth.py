@@ -180,6 +180,7 @@ def permissions(role: str) -> Permissions:
                 *_append(
                     "admitted",
                     "queued",
+                    "queued_runs",  # one per decision pass: the runs it queued
                     "waiting",
                     "queue_waiting",  # one per queue: what its queued runs wait for now
                     "failed",

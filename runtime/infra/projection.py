@@ -3,8 +3,9 @@
 ``RunIndex.apply(seq, event)`` is the only way in; it is pure bookkeeping (no I/O), so every
 process that tails the log holds the same index at the same sequence, and it can be rebuilt from
 the stream at any time. Queue positions are exact and cost O(log n) to read: each queue is a
-sorted list of tickets ``(group, seq)``; requeued runs (group 0) go before fresh ones (group 1),
-each group in log order.
+sorted list of tickets ``(group, seq, index)``; requeued runs (group 0) go before fresh ones
+(group 1), each group in log order (``index``: a run's place in the ``queued_runs`` batch that
+queued it, 0 for a run queued by an event of its own).
 """
 
 from __future__ import annotations
@@ -18,14 +19,14 @@ from collections.abc import Callable, Iterator, Mapping
 import msgspec
 from sortedcontainers import SortedList
 
-from contracts.events import AnyEvent, QueueWaitChanged, RunRequeued, RunRestated
+from contracts.events import AnyEvent, QueueWaitChanged, RunRequeued, RunRestated, RunsQueued
 from contracts.machine import evolve
 from contracts.run import RunRecord
 from contracts.states import RunState
 from runtime.infra.queue_log import QueueLog
 from runtime.infra.waits import Waiter, drop, wait, wake
 
-Ticket = tuple[int, int]
+Ticket = tuple[int, int, int]  # (group, sequence, index in its batch)
 COMPACT_AFTER = 1024  # queue events kept per queue before its queued runs take them on
 Listener = Callable[[int, AnyEvent, RunRecord | None, RunRecord], None]
 NewListener = Callable[[int, AnyEvent, RunRecord], None]
@@ -97,6 +98,9 @@ class RunIndex:
         # to the end), and the sequence of its last event (a restatement expects it)
         self._first: dict[str, tuple[int, float]] = {}
         self._last_of: dict[str, int] = {}
+        # run -> the sequence of its last event on its own subjects, while its last event is
+        # a ``queued_runs`` batch (not on them): what a restatement expects there
+        self._own_last: dict[str, int] = {}
         self._ended: deque[str] = deque()  # runs that ended, in log order, until forgotten
         # the requests waiting for a run to change (each woken once the run is as it waits for),
         # and for a sequence (a heap: lowest first); plain futures with a timer: on the hot path
@@ -153,6 +157,17 @@ class RunIndex:
             if self._seq_waiters:
                 self._wake_seq_waiters()
             return None
+        if isinstance(event, RunsQueued):  # each run's ``queued``, in order, at this sequence
+            for index, queued in enumerate(event.queued()):
+                self._apply_run(seq, queued, index)
+            if self._seq_waiters:
+                self._wake_seq_waiters()
+            return None
+        return self._apply_run(seq, event, -1)
+
+    def _apply_run(self, seq: int, event: AnyEvent, batched: int) -> RunRecord | None:
+        """One run's event at ``seq``; ``batched``: its index in a ``queued_runs`` batch (-1:
+        an event of its own, on its own subjects)."""
         run_id = event.run_id
         held = self.stored.get(run_id)
         if held is None:
@@ -162,6 +177,11 @@ class RunIndex:
             before = base = held if held.state is not RunState.queued else self.current(held)
         after = evolve(base, event)
         if before is not None:
+            if batched < 0:
+                if self._own_last:
+                    self._own_last.pop(run_id, None)
+            elif run_id not in self._own_last:
+                self._own_last[run_id] = self._last_of[run_id]
             self._last_of[run_id] = seq
             if isinstance(event, RunRestated):  # its older events are no longer needed
                 del self._first[run_id]
@@ -179,7 +199,7 @@ class RunIndex:
         ended = after.state.is_terminal and (before is None or not before.state.is_terminal)
         if ended:
             self._ended.append(run_id)
-        self._reindex(seq, event, before, after)
+        self._reindex(seq, event, before, after, max(batched, 0))
         # the run's waiters (a request waiting for its end) are woken before the listeners'
         # tasks (the scheduler's next pass), so an answer does not wait behind that pass
         if (waiters := self._changed.pop(run_id, None)) and (left := wake(waiters, after)):
@@ -259,15 +279,15 @@ class RunIndex:
             self._wake_seq_waiters()
 
     def _reindex(
-        self, seq: int, event: AnyEvent, before: RunRecord | None, after: RunRecord
+        self, seq: int, event: AnyEvent, before: RunRecord | None, after: RunRecord, index: int
     ) -> None:
         was_queued = before is not None and before.state is RunState.queued
         if after.state is RunState.queued and not was_queued:
             group = 0 if isinstance(event, RunRequeued) else 1
-            ticket = (group, seq)
+            ticket = (group, seq, index)
             place = event.queue_ticket if isinstance(event, RunRestated) else None
-            if place is not None and len(place) == 2:
-                ticket = (place[0], place[1])  # its place in the queue, kept
+            if place is not None and len(place) in (2, 3):  # its place in the queue, kept
+                ticket = (place[0], place[1], place[2] if len(place) == 3 else 0)
             self._enqueue(after, ticket)
         elif was_queued and after.state is not RunState.queued:
             self._dequeue(after)
@@ -310,6 +330,7 @@ class RunIndex:
             del self.stored[run.id]
             self._first.pop(run.id, None)
             self._last_of.pop(run.id, None)
+            self._own_last.pop(run.id, None)
             self._changed.pop(run.id, None)
             for forgetter in self._forgetters:
                 forgetter(run)
@@ -325,15 +346,16 @@ class RunIndex:
 
     def restatable(self, before: float, limit: int) -> list[tuple[RunRecord, int]]:
         """Up to ``limit`` live runs whose first event here is older than ``before``, oldest
-        first, each with the sequence of its last event: the runs to restate before their
-        events age out of the log. Ended runs are skipped (their views are stored)."""
+        first, each with the sequence of its last event on its own subjects (a restatement
+        expects it there; a ``queued_runs`` batch is not on them): the runs to restate before
+        their events age out of the log. Ended runs are skipped (their views are stored)."""
         due: list[tuple[RunRecord, int]] = []
         for run_id, (_, at) in self._first.items():  # log order: stops at the first young one
             if at >= before or len(due) >= limit:
                 break
             run = self.records[run_id]
             if not run.is_terminal:
-                due.append((run, self._last_of[run_id]))
+                due.append((run, self._own_last.get(run_id, self._last_of[run_id])))
         return due
 
     def ticket(self, run_id: str) -> Ticket | None:
