@@ -146,7 +146,7 @@ def evolve(run: RunRecord, event: Event) -> RunRecord:
         if event.run_id != run.id or run.state is not S.unknown:
             return run
         return restated_record(event)
-    if isinstance(event, RunsQueued):  # rule 9
+    if type(event) is RunsQueued:  # rule 9 (an identity test: read for every event)
         own = queued_in(event, run.id)
         return run if own is None else _evolve_one(run, own)
     after = _evolve_one(run, event)

@@ -146,28 +146,27 @@ class RunIndex:
         """Call ``forgetter(run)`` for every ended run that ``forget_ended`` drops."""
         self._forgetters.append(forgetter)
 
-    def apply(self, seq: int, event: AnyEvent) -> RunRecord | None:
+    def apply(self, seq: int, event: AnyEvent, batched: int = -1) -> RunRecord | None:
         """Apply the event stored at ``seq``; sequences already applied are skipped. Returns
-        the run if the event changed it."""
-        if seq <= self.last_seq:
-            return None
-        self.last_seq = seq
-        if isinstance(event, QueueWaitChanged):
-            self._apply_to_queue(seq, event)
-            if self._seq_waiters:
-                self._wake_seq_waiters()
-            return None
-        if isinstance(event, RunsQueued):  # each run's ``queued``, in order, at this sequence
-            for index, queued in enumerate(event.queued()):
-                self._apply_run(seq, queued, index)
-            if self._seq_waiters:
-                self._wake_seq_waiters()
-            return None
-        return self._apply_run(seq, event, -1)
-
-    def _apply_run(self, seq: int, event: AnyEvent, batched: int) -> RunRecord | None:
-        """One run's event at ``seq``; ``batched``: its index in a ``queued_runs`` batch (-1:
-        an event of its own, on its own subjects)."""
+        the run if the event changed it. (``batched``, internal: the index in a ``queued_runs``
+        batch of the ``queued`` it stands for, applied at the batch's ``seq``; one function,
+        not a call more, on the path of every event.)"""
+        if batched < 0:
+            if seq <= self.last_seq:
+                return None
+            self.last_seq = seq
+            kind = type(event)  # an identity test: ``isinstance`` walks the class's bases
+            if kind is QueueWaitChanged:
+                self._apply_to_queue(seq, event)  # type: ignore[arg-type]
+                if self._seq_waiters:
+                    self._wake_seq_waiters()
+                return None
+            if kind is RunsQueued:  # each run's ``queued``, in order, at this sequence
+                for index, queued in enumerate(event.queued()):  # type: ignore[union-attr]
+                    self.apply(seq, queued, index)
+                if self._seq_waiters:
+                    self._wake_seq_waiters()
+                return None
         run_id = event.run_id
         held = self.stored.get(run_id)
         if held is None:
@@ -178,8 +177,8 @@ class RunIndex:
         after = evolve(base, event)
         if before is not None:
             if batched < 0:
-                if self._own_last:
-                    self._own_last.pop(run_id, None)
+                if self._own_last and run_id in self._own_last:
+                    del self._own_last[run_id]
             elif run_id not in self._own_last:
                 self._own_last[run_id] = self._last_of[run_id]
             self._last_of[run_id] = seq
@@ -199,7 +198,7 @@ class RunIndex:
         ended = after.state.is_terminal and (before is None or not before.state.is_terminal)
         if ended:
             self._ended.append(run_id)
-        self._reindex(seq, event, before, after, max(batched, 0))
+        self._reindex(seq, event, before, after, batched)
         # the run's waiters (a request waiting for its end) are woken before the listeners'
         # tasks (the scheduler's next pass), so an answer does not wait behind that pass
         if (waiters := self._changed.pop(run_id, None)) and (left := wake(waiters, after)):
@@ -284,7 +283,7 @@ class RunIndex:
         was_queued = before is not None and before.state is RunState.queued
         if after.state is RunState.queued and not was_queued:
             group = 0 if isinstance(event, RunRequeued) else 1
-            ticket = (group, seq, index)
+            ticket = (group, seq, index if index > 0 else 0)
             place = event.queue_ticket if isinstance(event, RunRestated) else None
             if place is not None and len(place) in (2, 3):  # its place in the queue, kept
                 ticket = (place[0], place[1], place[2] if len(place) == 3 else 0)
