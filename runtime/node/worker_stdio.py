@@ -150,17 +150,34 @@ def _route_programs(attempts: Attempts, own: tuple[int, int]) -> None:
     """A program started with ``subprocess`` (or asyncio's subprocesses, built on it) by a
     thread that is not the attempt's own gets no share of the attempt's fds 1 and 2 unless
     asked: its stdout and stderr default to the pipeline's own output (a thread of no attempt)
-    or to ``/dev/null`` (a thread of an ended attempt)."""
+    or to ``/dev/null`` (a thread of an ended attempt). A thread of the attempt under way gives
+    it copies of the attempt's pipes, taken under the lock: fds 1 and 2 as they are at the fork
+    may already be the next attempt's (maybe another team's run), if the attempt ended meanwhile."""
     init = subprocess.Popen.__init__
 
     def routed_init(popen: subprocess.Popen[Any], *args: Any, **kwargs: Any) -> None:
-        route = attempts.route()
-        if route != REAL and len(args) < 5:  # stdout is the 5th positional parameter
-            fds = own if route == PIPELINE else (subprocess.DEVNULL, subprocess.DEVNULL)
-            for name, fd in zip(("stdout", "stderr"), fds, strict=True):
+        if len(args) >= 5:  # stdout is the 5th positional parameter: the caller chose
+            init(popen, *args, **kwargs)
+            return
+        fds: list[Any] = []  # none: inherit fds 1 and 2 (the main thread, which moves them)
+        with attempts.lock:
+            route = attempts.route()
+            if route == REAL and threading.current_thread() is not attempts.main:
+                fds = held = [os.dup(1), os.dup(2)]  # this attempt's pipes, whatever comes next
+            else:
+                held = []
+        if route == PIPELINE:
+            fds = list(own)
+        elif route == DROP:
+            fds = [subprocess.DEVNULL, subprocess.DEVNULL]
+        try:
+            for name, fd in zip(("stdout", "stderr"), fds, strict=False):
                 if kwargs.get(name) is None:
                     kwargs[name] = fd
-        init(popen, *args, **kwargs)
+            init(popen, *args, **kwargs)
+        finally:
+            for fd in held:
+                os.close(fd)
 
     subprocess.Popen.__init__ = routed_init  # type: ignore[method-assign,assignment]
 
