@@ -32,7 +32,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
-from contracts.events import AnyEvent, AttemptEvent, RunsQueued, decode_event
+from contracts.events import BATCHES, AnyEvent, AttemptEvent, decode_event
 from runtime.clients.client import RunEvents
 from runtime.infra.eventlog import kind_filters
 from runtime.infra.nats_auth import Credentials
@@ -127,10 +127,11 @@ def stage_durations(
 
 
 def _each_run(events: Iterable[AnyEvent]) -> Iterable[AnyEvent]:
-    """``events``, a ``queued_runs`` batch as the ``queued`` of each of its runs."""
+    """``events``, a batch (``queued_runs``, ``dispatched_runs``) as each of its runs' own
+    event (``dispatched_runs`` is read with ``dispatched``: it is on that kind's subjects)."""
     for event in events:
-        if isinstance(event, RunsQueued):
-            yield from event.queued()
+        if isinstance(event, BATCHES):
+            yield from event.each()
         else:
             yield event
 

@@ -160,6 +160,19 @@ class RunsQueued(Event, frozen=True, kw_only=True, tag="queued_runs"):
             digest.update(f"{r.run_id}:{r.attempt}:{r.waiting_for}\n".encode())
         return f"{self.run_id}:{self.kind}:{len(self.runs)}:{digest.hexdigest()[:32]}"
 
+    def each(self) -> list[RunQueued]:
+        """Each run's own event, in order (``queued()``; every batch kind has ``each``)."""
+        return self.queued()
+
+    def one(self, run_id: str) -> RunQueued | None:
+        """The ``queued`` this batch stands for for ``run_id`` (None: not in it)."""
+        for r in self.runs:
+            if r.run_id == run_id:
+                return RunQueued(
+                    run_id=run_id, at=self.at, attempt=r.attempt, waiting_for=r.waiting_for
+                )
+        return None
+
 
 def queued_runs(events: list[RunQueued], at: float) -> RunsQueued:
     """One ``queued_runs`` event standing for ``events`` (in that order), stamped ``at``."""
@@ -180,6 +193,94 @@ class RunDispatched(AttemptEvent, frozen=True, kw_only=True, tag="dispatched", o
     inputs: list[RunIO] | None = None
     # the run has a callback URL: the agent appends its end where the webhook outbox reads it
     callback: bool = False
+
+
+class DispatchedRun(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One run of a ``dispatched_runs`` event: what that run's own ``dispatched`` would say
+    (its agent is the batch's)."""
+
+    run_id: str
+    attempt: int = 1
+    slot: str = "cpu"
+    team: str | None = None
+    pipeline: str | None = None
+    inputs: list[RunIO] | None = None
+    callback: bool = False
+
+
+DISPATCHED_RUNS_ID = "_dispatched"  # the ``run_id`` of ``dispatched_runs`` events: never a run's
+
+
+class RunsDispatched(Event, frozen=True, kw_only=True, tag="dispatched_runs"):
+    """Several runs dispatched to one agent by one decision pass: one event (one stored
+    message, one delivery to the agent) instead of one ``dispatched`` per run. ``run_id`` is
+    ``DISPATCHED_RUNS_ID``, never a run; it is appended where that agent's dispatches go
+    (``jetrun.ev._dispatched.dispatched.<agent_id>``), and each of ``runs`` is applied, in
+    order, exactly as that run's own ``dispatched`` at this point of the log (``dispatched()``
+    gives those events): by every reader of the whole log and by the agent. It is not on any
+    run's own subjects: a reader of one run's events alone sees the agent's events (``started``,
+    an end) follow ``routing`` or ``queued`` (the state machine takes them there as the
+    dispatch they imply). Its message id is a hash of the agent, runs and attempts it carries,
+    so the same batch decided twice from one picture is stored once."""
+
+    kind: ClassVar[str] = "dispatched_runs"
+    agent_id: str
+    runs: list[DispatchedRun]
+
+    def dispatched(self) -> list[RunDispatched]:
+        """The ``dispatched`` event each run of the batch stands for, in order."""
+        return [self._of(r) for r in self.runs]
+
+    def each(self) -> list[RunDispatched]:
+        """Each run's own event, in order (``dispatched()``)."""
+        return self.dispatched()
+
+    def one(self, run_id: str) -> RunDispatched | None:
+        """The ``dispatched`` this batch stands for for ``run_id`` (None: not in it)."""
+        for r in self.runs:
+            if r.run_id == run_id:
+                return self._of(r)
+        return None
+
+    def _of(self, r: DispatchedRun) -> RunDispatched:
+        return RunDispatched(
+            run_id=r.run_id,
+            at=self.at,
+            attempt=r.attempt,
+            agent_id=self.agent_id,
+            slot=r.slot,
+            team=r.team,
+            pipeline=r.pipeline,
+            inputs=r.inputs,
+            callback=r.callback,
+        )
+
+    def message_id(self) -> str:
+        digest = hashlib.sha256(f"{self.agent_id}\n".encode())
+        for r in self.runs:
+            digest.update(f"{r.run_id}:{r.attempt}\n".encode())
+        return f"{self.run_id}:{self.kind}:{len(self.runs)}:{digest.hexdigest()[:32]}"
+
+
+def dispatched_runs(events: list[RunDispatched], at: float) -> RunsDispatched:
+    """One ``dispatched_runs`` event standing for ``events`` (in that order, all to one
+    agent), stamped ``at``."""
+    runs = [
+        DispatchedRun(
+            run_id=e.run_id,
+            attempt=e.attempt,
+            slot=e.slot,
+            team=e.team,
+            pipeline=e.pipeline,
+            inputs=e.inputs,
+            callback=e.callback,
+        )
+        for e in events
+    ]
+    return RunsDispatched(run_id=DISPATCHED_RUNS_ID, at=at, agent_id=events[0].agent_id, runs=runs)
+
+
+BATCHES = (RunsQueued, RunsDispatched)  # events that stand for one event of each of several runs
 
 
 class RunStarted(AttemptEvent, frozen=True, kw_only=True, tag="started"):
@@ -301,6 +402,7 @@ AnyEvent = (
     | QueueWaitChanged
     | RunsQueued
     | RunDispatched
+    | RunsDispatched
     | RunStarted
     | RunOutputProduced
     | RunCompleted
@@ -323,6 +425,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     QueueWaitChanged,
     RunsQueued,
     RunDispatched,
+    RunsDispatched,
     RunStarted,
     RunOutputProduced,
     RunCompleted,

@@ -24,7 +24,14 @@ Rules of this machine:
 9. A batch of ``queued`` (``queued_runs``: one decision pass's runs placed in their queues, in
    one event) is, for each run it names, that run's own ``queued`` where the batch stands in
    the log; for any other run it is foreign (``fold`` applies the one run's entry; readers of
-   the whole log apply every entry in order: ``RunsQueued.queued()``).
+   the whole log apply every entry in order: ``RunsQueued.queued()``). A batch of
+   ``dispatched`` (``dispatched_runs``: the runs one pass dispatched to one agent) is the same
+   for each run's own ``dispatched`` (``RunsDispatched.dispatched()``).
+10. A run's own subjects do not hold a batch (rule 9): a reader of them alone sees the agent's
+   events of an attempt (``started``, ``output``, an end) and the scheduler's loss of it
+   (``preempted``, ``requeued``) follow ``routing`` or ``queued``. The table takes them there
+   as the dispatch they imply, for the run's current attempt only (rule 4); in the whole log
+   a dispatch always comes first, so a reader of it never uses these rows.
 No I/O, no clock: time is a field of each event. The same events give the same run anywhere.
 """
 
@@ -38,6 +45,7 @@ import msgspec
 
 from contracts.errors import ErrorType, RunError
 from contracts.events import (
+    BATCHES,
     AttemptEvent,
     Event,
     QueueWaitChanged,
@@ -53,6 +61,7 @@ from contracts.events import (
     RunQueued,
     RunRequeued,
     RunRestated,
+    RunsDispatched,
     RunsQueued,
     RunStarted,
     RunSubmitted,
@@ -65,6 +74,17 @@ from contracts.states import RunState, WaitingFor
 from contracts.values import RunIO
 
 S = RunState
+
+# rule 10: what a run's attempt may be told after a dispatch that a reader of its own subjects
+# does not see (a ``dispatched_runs`` batch), and where it takes the run
+_AFTER_AN_UNSEEN_DISPATCH: dict[type[Event], RunState] = {
+    RunStarted: S.running,
+    RunOutputProduced: S.running,
+    RunCompleted: S.completed,
+    RunTimedOut: S.failed,
+    RunPreempted: S.node_preempted,
+    RunRequeued: S.queued,
+}
 
 TRANSITIONS: dict[RunState, dict[type[Event], RunState]] = {
     S.unknown: {RunSubmitted: S.created},
@@ -81,6 +101,7 @@ TRANSITIONS: dict[RunState, dict[type[Event], RunState]] = {
         RunFailed: S.failed,
         RunCancelRequested: S.routing,
         RunCancelled: S.cancelled,
+        **_AFTER_AN_UNSEEN_DISPATCH,
     },
     S.queued: {
         RunWaitChanged: S.queued,
@@ -90,6 +111,7 @@ TRANSITIONS: dict[RunState, dict[type[Event], RunState]] = {
         RunFailed: S.failed,
         RunCancelRequested: S.queued,
         RunCancelled: S.cancelled,
+        **_AFTER_AN_UNSEEN_DISPATCH,
     },
     S.running: {
         RunStarted: S.running,
@@ -124,8 +146,8 @@ class IllegalTransition(Exception):
 def judge(run: RunRecord, event: Event) -> Verdict:
     """What ``evolve`` would do with ``event``, without doing it. A queue's event is about
     every run of its pipeline (rule 8)."""
-    if isinstance(event, RunsQueued):  # rule 9
-        own = queued_in(event, run.id)
+    if isinstance(event, BATCHES):  # rule 9
+        own = event.one(run.id)
         return Verdict.foreign if own is None else judge(run, own)
     if isinstance(event, QueueWaitChanged):
         if event.pipeline != run.pipeline:
@@ -146,8 +168,9 @@ def evolve(run: RunRecord, event: Event) -> RunRecord:
         if event.run_id != run.id or run.state is not S.unknown:
             return run
         return restated_record(event)
-    if type(event) is RunsQueued:  # rule 9 (an identity test: read for every event)
-        own = queued_in(event, run.id)
+    kind = type(event)
+    if kind is RunsQueued or kind is RunsDispatched:  # rule 9 (identity tests: every event)
+        own = event.one(run.id)  # type: ignore[attr-defined]
         return run if own is None else _evolve_one(run, own)
     after = _evolve_one(run, event)
     if after is not run and isinstance(event, RunSubmitted):
@@ -190,12 +213,7 @@ def _evolve_one(run: RunRecord, event: Event) -> RunRecord:
 def queued_in(batch: RunsQueued, run_id: str) -> RunQueued | None:
     """The ``queued`` that ``batch`` stands for for ``run_id`` (None: not in it). A fold of
     one run's history asks once per batch; readers of the whole log use ``batch.queued()``."""
-    for one in batch.runs:
-        if one.run_id == run_id:
-            return RunQueued(
-                run_id=run_id, at=batch.at, attempt=one.attempt, waiting_for=one.waiting_for
-            )
-    return None
+    return batch.one(run_id)
 
 
 _NO_MOVES: dict[type[Event], RunState] = {}

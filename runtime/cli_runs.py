@@ -343,8 +343,9 @@ def _print_lines(pieces: list[tuple[str, str]]) -> None:
 def events_command(
     run_id: str, nats_url: str, nats_seed: Path | None, nats_ca: Path | None, as_json: bool
 ) -> None:
-    """RUN_ID's full event history, read from the event log over NATS (for operators; the
-    service or admin seed)."""
+    """RUN_ID's own events, read from the event log over NATS (for operators; the service or
+    admin seed). A queued or dispatched batched with other runs' by a decision pass is not among
+    them."""
     credentials = credentials_for("service", nats_seed, nats_ca)
     from runtime.infra.eventlog import EventLog
     from runtime.infra.nats_conn import connect

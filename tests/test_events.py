@@ -17,6 +17,7 @@ from contracts.events import (
     AdmissionSlot,
     AnyEvent,
     AttemptEvent,
+    DispatchedRun,
     Event,
     QueuedRun,
     QueueWaitChanged,
@@ -32,6 +33,7 @@ from contracts.events import (
     RunQueued,
     RunRequeued,
     RunRestated,
+    RunsDispatched,
     RunsQueued,
     RunStarted,
     RunSubmitted,
@@ -105,6 +107,23 @@ SAMPLES: dict[type[Event], AnyEvent] = {
         runs=[
             QueuedRun(run_id="run_a"),
             QueuedRun(run_id="run_b", attempt=2, waiting_for=WaitingFor.resources),
+        ],
+    ),
+    RunsDispatched: RunsDispatched(
+        run_id=RUN,
+        at=AT,
+        agent_id="agent-1",
+        runs=[
+            DispatchedRun(run_id="run_a"),
+            DispatchedRun(
+                run_id="run_b",
+                attempt=2,
+                slot="gpu",
+                team="team-a",
+                pipeline="demo/echo:v1",
+                inputs=[from_python(3)],
+                callback=True,
+            ),
         ],
     ),
 }

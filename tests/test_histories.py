@@ -16,6 +16,7 @@ import pytest
 
 from contracts.events import (
     QueueWaitChanged,
+    RunsDispatched,
     RunsQueued,
     SchedulerElected,
     decode_events,
@@ -26,7 +27,8 @@ from contracts.outputs import encode_hook
 from contracts.run import RunRecord
 
 HISTORIES = Path(__file__).parent / "histories"
-NOT_A_RUNS = (QueueWaitChanged, RunsQueued, SchedulerElected)  # a queue, a batch, the fence
+# a queue, the batches, the fence
+NOT_A_RUNS = (QueueWaitChanged, RunsQueued, RunsDispatched, SchedulerElected)
 FILES = sorted(HISTORIES.glob("*.json"))
 
 #: One per failure mode of SPEC section 3, one per happy path, and the cancel/stale cases.

@@ -30,6 +30,7 @@ from contracts.events import (
     RunQueued,
     RunRequeued,
     RunRestated,
+    RunsDispatched,
     RunsQueued,
     RunStarted,
     RunSubmitted,
@@ -60,9 +61,9 @@ from contracts.values import IOType, RunIO, from_python
 RUN = "run_table"
 T0 = 1_700_000_000.0
 AT = T0 + 100.0  # the time of the event under test: later than every prefix event
-# the events of the table (rules 1-6); ``restated`` is rule 7 and ``queued_runs`` rule 9,
+# the events of the table (rules 1-6); ``restated`` is rule 7 and the batches rule 9,
 # tested on their own below
-TABLE_EVENT_TYPES = [t for t in EVENT_TYPES if t not in (RunRestated, RunsQueued)]
+TABLE_EVENT_TYPES = [t for t in EVENT_TYPES if t not in (RunRestated, RunsQueued, RunsDispatched)]
 
 
 # --- realistic prefixes: the log of a run that has reached a given state -------------------------

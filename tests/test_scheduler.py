@@ -25,6 +25,7 @@ from contracts.events import (
     Event,
     RunCompleted,
     RunOutputProduced,
+    RunsDispatched,
     RunStarted,
 )
 from contracts.run import RunRecord
@@ -343,7 +344,12 @@ async def test_a_draining_agent_is_never_dispatched_new_runs(nc: Client) -> None
             handled = int(reply.data)
             await _until(lambda: scheduler.index.queue_depth("t/p:v1") == 0)
             dispatched = await log.read_subject(kind_subjects("dispatched"))
-            to_a1 = {s.event.run_id for s in dispatched if getattr(s.event, "agent_id", "") == "a1"}
+            each = [  # a pass's dispatches to one agent are one dispatched_runs
+                e
+                for s in dispatched
+                for e in (s.event.each() if isinstance(s.event, RunsDispatched) else [s.event])
+            ]
+            to_a1 = {e.run_id for e in each if getattr(e, "agent_id", "") == "a1"}
             preempted = await log.read_subject(kind_subjects("preempted"))
             reasons = {s.event.run_id: getattr(s.event, "reason", "") for s in preempted}
             assert set(reasons) == to_a1 and handled == len(to_a1)

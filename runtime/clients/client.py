@@ -25,7 +25,15 @@ import anyio
 import msgspec
 from nats.aio.client import Client
 
-from contracts.events import AnyEvent, Event, QueueWaitChanged, RunsQueued, RunSubmitted
+from contracts.events import (
+    BATCHES,
+    AnyEvent,
+    Event,
+    QueueWaitChanged,
+    RunsDispatched,
+    RunsQueued,
+    RunSubmitted,
+)
 from contracts.machine import evolve
 from contracts.run import Run, RunRecord
 from contracts.states import RunState
@@ -139,6 +147,7 @@ class RunEvents:
                 run_subjects(run_id),
                 kind_subjects(QueueWaitChanged.kind),
                 kind_subjects(RunsQueued.kind),
+                kind_subjects(RunsDispatched.kind),
             ]
             sub = await self.log.tail(on_event, from_seq=from_seq, subjects=subjects)
         else:
@@ -202,8 +211,8 @@ class RunFollower:
         ended run changes none)."""
         if isinstance(event, QueueWaitChanged):
             return self._apply_to_queue(event)
-        if isinstance(event, RunsQueued):  # each run's own ``queued``, in order
-            return [run for one in event.queued() for run in self.apply(one)]
+        if isinstance(event, BATCHES):  # each run's own event, in order
+            return [run for one in event.each() for run in self.apply(one)]
         if event.run_id in self.ended:
             return []
         base = self.runs.get(event.run_id) or RunRecord(id=event.run_id)
@@ -243,11 +252,12 @@ class RunFollower:
 
 
 def _each_run(event: AnyEvent, run_id: str | None) -> list[AnyEvent]:
-    """``event``, or the ``queued`` of each run a ``queued_runs`` batch stands for (only
-    ``run_id``'s when one run is watched), each then yielded as that run's own event."""
-    if not isinstance(event, RunsQueued):
+    """``event``, or the event of each run a batch (``queued_runs``, ``dispatched_runs``)
+    stands for (only ``run_id``'s when one run is watched), each then yielded as that run's own
+    event."""
+    if not isinstance(event, BATCHES):
         return [event]
-    return [one for one in event.queued() if run_id is None or one.run_id == run_id]
+    return [one for one in event.each() if run_id is None or one.run_id == run_id]
 
 
 def _matches(run: RunRecord, team: str | None, pipeline: str | None, run_id: str | None) -> bool:

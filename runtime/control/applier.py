@@ -17,11 +17,11 @@ import msgspec
 import stamina
 from nats.aio.client import Client
 
-from contracts.events import AdmissionSlot, Event, RunAdmitted
+from contracts.events import AdmissionSlot, Event, RunAdmitted, RunDispatched, RunsDispatched
 from contracts.run import RunRecord
 from runtime.control.admission import Admission, stream_name
 from runtime.control.decide import not_admitted
-from runtime.control.passes import Decisions, Worklist, packed, runs_of
+from runtime.control.passes import DISPATCHED_BYTES, Decisions, Worklist, packed, runs_of
 from runtime.infra.clock import Clock
 from runtime.infra.config import Config
 from runtime.infra.eventlog import Appended, EventLog
@@ -70,6 +70,7 @@ class Applier:
     _lost: int
     _ended: list[RunRecord]
     _drain_replies: dict[str, list[str]]
+    _unsure: bool  # a dispatch's append failed and may be stored: read the log's end first
 
     async def apply(self, d: Decisions) -> None:
         """Append a pass's events together (they are about different runs), wait until the
@@ -77,6 +78,9 @@ class Applier:
         waits, answer drain requests."""
         failed: set[str] = set()
         stored = 0
+        if self._unsure and not await self._read_to_end():
+            failed.update(event.run_id for event in d.events)  # decided from a stale picture
+            d = Decisions()
         self._applying = len(d.events) + len(d.admissions)
 
         async def append(event: Event) -> None:
@@ -128,7 +132,9 @@ class Applier:
             if self.fenced:
                 failed.update(event.run_id for event in d.events)
                 return
-            events = packed(d.events)  # the queued runs of the pass: one event per 256
+            # the queued runs of the pass, and its dispatches to each agent: batched
+            most = min(DISPATCHED_BYTES, self.nc.max_payload // 4)
+            events = packed(d.events, dispatched_bytes=most)
             results = await append_all(self.log, self.fence, events, self.has_callback)
             for event, result in zip(events, results, strict=True):
                 runs = runs_of(event)
@@ -139,8 +145,10 @@ class Applier:
                 failed.update(runs)
                 if isinstance(result, Fenced):
                     self._fenced_out(result)
-                else:
-                    log.warning("could not append %s for %s: %r", event.kind, event.run_id, result)
+                    continue
+                log.warning("could not append %s for %s: %r", event.kind, event.run_id, result)
+                if isinstance(event, RunDispatched | RunsDispatched):
+                    self._unsure = True
 
         late = [partial(admit, admission) for admission in d.admissions]
         late += [partial(check, run_id) for run_id in d.permit_checks]
@@ -154,7 +162,26 @@ class Applier:
         self._applying = 0
         if stored:
             await self.index.wait_for_seq(stored, timeout=CATCH_UP_S)
+        if self._unsure:
+            await self._read_to_end()
         await self._settle(d, failed)
+
+    async def _read_to_end(self) -> bool:
+        """After a dispatch whose append failed (it may be stored all the same: a timeout, an
+        outage), read the log up to its end before the next pass decides: a batch's message id
+        dedupes only that same batch, so a run of it decided again from a picture that lacks it
+        (with other runs, or to another agent) would be stored twice and run twice. True once
+        the index holds the log's end; until then passes append nothing."""
+        try:
+            last = await patiently("the log's end", self.log.last_seq)
+        except Exception as err:
+            log.warning("the log's end is not known now (%r); deciding nothing until it is", err)
+            return False
+        if not await self.index.wait_for_seq(last, timeout=CATCH_UP_S):
+            log.warning("the index has not reached the log's end (%d) yet; deciding later", last)
+            return False
+        self._unsure = False
+        return True
 
     def has_callback(self, run_id: str) -> bool:
         """Whether ``run_id`` was submitted with a callback URL (its end then goes where the

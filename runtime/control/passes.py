@@ -10,17 +10,19 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
+import msgspec
 from sortedcontainers import SortedList
 
 from contracts.agents import PipelineInfo
 from contracts.events import (
+    BATCHES,
     AnyEvent,
     Event,
     QueueWaitChanged,
     RunAdmitted,
     RunDispatched,
     RunQueued,
-    RunsQueued,
+    dispatched_runs,
     queued_runs,
 )
 from contracts.machine import WAITS_FOR_A_REPLICA
@@ -192,17 +194,57 @@ class Decisions:
 
 
 QUEUED_PER_EVENT = 256  # runs per ``queued_runs`` event (some 12 KB)
+DISPATCHED_PER_EVENT = 256  # runs per ``dispatched_runs`` event
+# bytes of the entries of one ``dispatched_runs`` event (inputs up to 64 KiB each are carried):
+# well under nats-server's max_payload (1 MiB by default; the applier passes a quarter of the
+# connection's, if that is less)
+DISPATCHED_BYTES = 256 * 1024
+_ENTRY_BYTES = 160  # an entry's own fields, beside its team, pipeline and inputs (a bound)
+_encode = msgspec.json.Encoder().encode
 
 
-def packed(events: list[Event], per_event: int = QUEUED_PER_EVENT) -> list[Event]:
+def packed(
+    events: list[Event],
+    per_event: int = QUEUED_PER_EVENT,
+    *,
+    dispatched_per_event: int = DISPATCHED_PER_EVENT,
+    dispatched_bytes: int = DISPATCHED_BYTES,
+) -> list[Event]:
     """``events`` as a pass appends them: the ``queued`` of two or more runs go as
     ``queued_runs`` events (one stored message for up to ``per_event`` runs, in the order
-    decided, runs stamped with one time per event), where the first of them stood; every other
-    event, and a lone ``queued``, as it is. Pure: the same decisions give the same events, so
-    the same batch decided twice from one picture has one message id."""
+    decided, runs stamped with one time per event), where the first of them stood; the
+    ``dispatched`` of two or more runs to one agent go as ``dispatched_runs`` events (up to
+    ``dispatched_per_event`` runs and ``dispatched_bytes`` of entries each), where the first
+    dispatch to that agent stood; every other event, and a lone ``queued`` or ``dispatched``,
+    as it is. Pure: the same decisions give the same events, so the same batch decided twice
+    from one picture has one message id."""
     queued = [e for e in events if isinstance(e, RunQueued)]
-    if len(queued) < 2:
+    to: dict[str, list[RunDispatched]] = {}
+    for e in events:
+        if isinstance(e, RunDispatched):
+            to.setdefault(e.agent_id, []).append(e)
+    if len(queued) < 2 and all(len(runs) < 2 for runs in to.values()):
         return events
+    batches: list[Event] | None = _queued_batches(queued, per_event) if len(queued) > 1 else None
+    by_agent = {
+        agent: _dispatched_batches(runs, dispatched_per_event, dispatched_bytes)
+        for agent, runs in to.items()
+        if len(runs) > 1
+    }
+    out: list[Event] = []
+    for event in events:
+        if isinstance(event, RunQueued) and batches is not None:
+            out += batches
+            batches = []
+        elif isinstance(event, RunDispatched) and event.agent_id in by_agent:
+            out += by_agent[event.agent_id]
+            by_agent[event.agent_id] = []
+        else:
+            out.append(event)
+    return out
+
+
+def _queued_batches(queued: list[RunQueued], per_event: int) -> list[Event]:
     batches: list[Event] = []
     chunk: list[RunQueued] = []
     for one in queued:
@@ -211,19 +253,39 @@ def packed(events: list[Event], per_event: int = QUEUED_PER_EVENT) -> list[Event
             chunk = []
         chunk.append(one)
     batches.append(queued_runs(chunk, chunk[0].at))
-    out: list[Event] = []
-    for event in events:
-        if not isinstance(event, RunQueued):
-            out.append(event)
-        elif batches:
-            out += batches
-            batches = []
-    return out
+    return batches
+
+
+def _dispatched_batches(runs: list[RunDispatched], per_event: int, max_bytes: int) -> list[Event]:
+    """One agent's dispatches, in order, as ``dispatched_runs`` events; a chunk of one goes as
+    the plain ``dispatched``."""
+    chunks: list[list[RunDispatched]] = []
+    chunk: list[RunDispatched] = []
+    size = 0
+    for one in runs:
+        bytes_ = _entry_bytes(one)
+        if chunk and (
+            len(chunk) >= per_event or size + bytes_ > max_bytes or one.at != chunk[0].at
+        ):
+            chunks.append(chunk)
+            chunk, size = [], 0
+        chunk.append(one)
+        size += bytes_
+    chunks.append(chunk)
+    return [c[0] if len(c) == 1 else dispatched_runs(c, c[0].at) for c in chunks]
+
+
+def _entry_bytes(one: RunDispatched) -> int:
+    """A bound on the bytes of ``one``'s entry in a ``dispatched_runs`` event."""
+    size = _ENTRY_BYTES + len(one.run_id) + len(one.team or "") + len(one.pipeline or "")
+    if one.inputs:
+        size += len(_encode(one.inputs))
+    return size
 
 
 def runs_of(event: Event) -> list[str]:
-    """The runs an appended event decides about (a ``queued_runs`` batch: each of its runs)."""
-    if isinstance(event, RunsQueued):
+    """The runs an appended event decides about (a batch: each of its runs)."""
+    if isinstance(event, BATCHES):
         return [r.run_id for r in event.runs]
     return [event.run_id]
 
@@ -253,4 +315,15 @@ class Pass:
         return self.runs.records[run_id]
 
 
-__all__ = ["QUEUED_PER_EVENT", "Decisions", "Now", "Pass", "Runs", "Worklist", "packed", "runs_of"]
+__all__ = [
+    "DISPATCHED_BYTES",
+    "DISPATCHED_PER_EVENT",
+    "QUEUED_PER_EVENT",
+    "Decisions",
+    "Now",
+    "Pass",
+    "Runs",
+    "Worklist",
+    "packed",
+    "runs_of",
+]

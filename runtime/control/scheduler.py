@@ -125,6 +125,7 @@ class Scheduler(Applier):
         self._kick = anyio.Event()
         self._timed = False
         self._applying = 0
+        self._unsure = False  # a dispatch's append failed: the next pass reads the log's end
         self._decisions = 0
         self._passes = 0
         self._lost = 0

@@ -9,12 +9,15 @@ only those (``callback_ends``) and no event of any other run. Whoever appends a 
 whether the run has one (``EventLog.append(..., callback=True)``): the scheduler from its
 record, the agent from the dispatch (``RunDispatched.callback``), ``RunEvents.publish`` from
 the run's submission in the log. One run's events are ``jetrun.ev.<run_id>.>``; readers of a
-terminal kind read both forms (``kind_filters``).
+terminal kind read both forms (``kind_filters``). The dispatches one pass makes to one agent,
+batched (``dispatched_runs``), go where that agent's dispatches go, under a run id no run has:
+``jetrun.ev._dispatched.dispatched.<agent_id>`` (so the agent's filter and its permissions are
+unchanged, and every reader of ``dispatched`` reads the batches too).
 """
 
 from __future__ import annotations
 
-from contracts.events import Event, RunDispatched
+from contracts.events import DISPATCHED_RUNS_ID, Event, RunDispatched, RunsDispatched
 from contracts.names import check_token
 from runtime.infra.streams import CALLBACK_TOKEN, EVENTS_PREFIX, TERMINAL_KINDS
 
@@ -37,7 +40,7 @@ def dispatch_subject(run_id: str, agent_id: str) -> str:
 def subject_of(event: Event, callback: bool = False) -> str:
     """Where ``event`` is appended; ``callback``: its run has a callback URL (only a terminal
     kind's subject says so)."""
-    if isinstance(event, RunDispatched):
+    if isinstance(event, RunDispatched | RunsDispatched):
         return dispatch_subject(event.run_id, event.agent_id)
     subject = event_subject(event.run_id, event.kind)
     if callback and event.kind in TERMINAL_KINDS:
@@ -54,8 +57,10 @@ def run_subjects(run_id: str) -> str:
 def kind_subjects(kind: str) -> str:
     """Every event of ``kind``; dispatches: every agent's; a terminal kind: the runs without
     a callback only (``kind_filters`` has both forms)."""
-    if kind == "dispatched":
+    if kind == "dispatched":  # batches included
         return f"{EVENTS_PREFIX}.*.dispatched.*"
+    if kind == RunsDispatched.kind:
+        return f"{EVENTS_PREFIX}.{DISPATCHED_RUNS_ID}.dispatched.*"
     return f"{EVENTS_PREFIX}.*.{kind}"
 
 

@@ -19,7 +19,14 @@ from collections.abc import Callable, Iterator, Mapping
 import msgspec
 from sortedcontainers import SortedList
 
-from contracts.events import AnyEvent, QueueWaitChanged, RunRequeued, RunRestated, RunsQueued
+from contracts.events import (
+    AnyEvent,
+    QueueWaitChanged,
+    RunRequeued,
+    RunRestated,
+    RunsDispatched,
+    RunsQueued,
+)
 from contracts.machine import evolve
 from contracts.run import RunRecord
 from contracts.states import RunState
@@ -99,7 +106,7 @@ class RunIndex:
         self._first: dict[str, tuple[int, float]] = {}
         self._last_of: dict[str, int] = {}
         # run -> the sequence of its last event on its own subjects, while its last event is
-        # a ``queued_runs`` batch (not on them): what a restatement expects there
+        # a batch (``queued_runs``, ``dispatched_runs``: not on them): what a restatement expects
         self._own_last: dict[str, int] = {}
         self._ended: deque[str] = deque()  # runs that ended, in log order, until forgotten
         # the requests waiting for a run to change (each woken once the run is as it waits for),
@@ -148,9 +155,9 @@ class RunIndex:
 
     def apply(self, seq: int, event: AnyEvent, batched: int = -1) -> RunRecord | None:
         """Apply the event stored at ``seq``; sequences already applied are skipped. Returns
-        the run if the event changed it. (``batched``, internal: the index in a ``queued_runs``
-        batch of the ``queued`` it stands for, applied at the batch's ``seq``; one function,
-        not a call more, on the path of every event.)"""
+        the run if the event changed it. (``batched``, internal: the index in a batch
+        (``queued_runs``, ``dispatched_runs``) of the run's event it stands for, applied at the
+        batch's ``seq``; one function, not a call more, on the path of every event.)"""
         if batched < 0:
             if seq <= self.last_seq:
                 return None
@@ -161,9 +168,9 @@ class RunIndex:
                 if self._seq_waiters:
                     self._wake_seq_waiters()
                 return None
-            if kind is RunsQueued:  # each run's ``queued``, in order, at this sequence
-                for index, queued in enumerate(event.queued()):  # type: ignore[union-attr]
-                    self.apply(seq, queued, index)
+            if kind is RunsQueued or kind is RunsDispatched:  # each run's own, in order
+                for index, one in enumerate(event.each()):  # type: ignore[union-attr]
+                    self.apply(seq, one, index)
                 if self._seq_waiters:
                     self._wake_seq_waiters()
                 return None
@@ -346,7 +353,7 @@ class RunIndex:
     def restatable(self, before: float, limit: int) -> list[tuple[RunRecord, int]]:
         """Up to ``limit`` live runs whose first event here is older than ``before``, oldest
         first, each with the sequence of its last event on its own subjects (a restatement
-        expects it there; a ``queued_runs`` batch is not on them): the runs to restate before
+        expects it there; a batch is not on them): the runs to restate before
         their events age out of the log. Ended runs are skipped (their views are stored)."""
         due: list[tuple[RunRecord, int]] = []
         for run_id, (_, at) in self._first.items():  # log order: stops at the first young one

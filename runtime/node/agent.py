@@ -34,6 +34,7 @@ from contracts.events import (
     RunDispatched,
     RunPreempted,
     RunRequeued,
+    RunsDispatched,
 )
 from contracts.names import check_token
 from runtime.infra.capture import DEFAULT_MAX_BYTES
@@ -294,16 +295,12 @@ class Agent(Replicas):
 
     async def _on_event(self, seq: int, event: AnyEvent) -> None:
         if isinstance(event, RunDispatched) and event.agent_id == self.agent_id:
+            self._take(seq, event)
             self.seen_seq = max(self.seen_seq, seq)
-            if self._ended.ended_after(event.run_id, seq):
-                return  # cancelled or taken off here later in the log (heard first)
-            runners = self._runners
-            if event.run_id not in self.attempts and not self.draining and runners is not None:
-                attempt = Attempt(event.run_id, event.attempt, anyio.CancelScope())
-                self.attempts[event.run_id] = attempt
-                if not runners.start((event, attempt)):  # the agent is stopping: not run
-                    del self.attempts[event.run_id]
-                    log.info("dispatch of %s not started: the agent is stopping", event.run_id)
+        elif isinstance(event, RunsDispatched) and event.agent_id == self.agent_id:
+            for one in event.dispatched():  # each as the dispatch it stands for, in order
+                self._take(seq, one)
+            self.seen_seq = max(self.seen_seq, seq)
         elif isinstance(event, RunCancelled):
             self._ended.note(event.run_id, seq)
             running = self.attempts.get(event.run_id)
@@ -321,6 +318,19 @@ class Agent(Replicas):
                 # and its slot must be free, as the scheduler now believes it is
                 log.warning("run %s attempt %d was declared lost; killing it", *_ids(running))
                 self._abandon(running)
+
+    def _take(self, seq: int, event: RunDispatched) -> None:
+        """Start the attempt ``event`` dispatches here (stored at ``seq``), unless its run
+        ended later in the log, it runs here already, or the agent drains or stops."""
+        if self._ended.ended_after(event.run_id, seq):
+            return  # cancelled or taken off here later in the log (heard first)
+        runners = self._runners
+        if event.run_id not in self.attempts and not self.draining and runners is not None:
+            attempt = Attempt(event.run_id, event.attempt, anyio.CancelScope())
+            self.attempts[event.run_id] = attempt
+            if not runners.start((event, attempt)):  # the agent is stopping: not run
+                del self.attempts[event.run_id]
+                log.info("dispatch of %s not started: the agent is stopping", event.run_id)
 
     def _abandon(self, attempt: Attempt) -> None:
         """Kill an attempt whose run has moved on; it reports nothing. Its slot is free at
