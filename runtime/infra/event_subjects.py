@@ -48,6 +48,26 @@ def subject_of(event: Event, callback: bool = False) -> str:
     return subject
 
 
+_TERMINAL = frozenset(TERMINAL_KINDS)
+
+
+def on_its_subject(event: Event, subject: str) -> bool:
+    """Whether ``subject`` is where ``event`` belongs: its run's, its kind's (a dispatch's
+    agent's, or none as a release before agents were named wrote them; a terminal kind's with
+    or without the callback token). A role may append only the kinds its NATS permissions
+    name by subject, so a body unlike its subject (an agent's ``started`` subject carrying a
+    ``cancelled`` or a ``queued_runs`` batch) is no event: every reader drops it."""
+    head = f"{EVENTS_PREFIX}.{event.run_id}.{event.kind}"
+    if subject == head:
+        return True
+    if len(subject) <= len(head) or subject[len(head)] != "." or not subject.startswith(head):
+        return False
+    rest = subject[len(head) + 1 :]
+    if isinstance(event, RunDispatched):
+        return rest == event.agent_id
+    return rest == CALLBACK_TOKEN and event.kind in _TERMINAL
+
+
 def run_subjects(run_id: str) -> str:
     """Raises ``ValueError`` for a run id that is not one subject token."""
     check_token(run_id, "run id")

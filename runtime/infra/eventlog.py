@@ -42,6 +42,7 @@ from runtime.infra.event_subjects import (
     event_subject,
     kind_filters,
     kind_subjects,
+    on_its_subject,
     run_subjects,
     subject_of,
 )
@@ -74,6 +75,7 @@ __all__ = [
     "kind_filters",
     "kind_subjects",
     "last_event_of_kind",
+    "on_its_subject",
     "run_subjects",
     "stream_seq",
     "subject_of",
@@ -81,6 +83,7 @@ __all__ = [
 ]
 
 
+_PREFIX = ALL_EVENTS[:-1]  # "jetrun.ev."
 PUBLISH_TIMEOUT_S = 5.0  # one try of an append; ``retrying`` repeats it until its deadline
 
 
@@ -352,12 +355,18 @@ def _decode(msg: Msg) -> AnyEvent | None:
 
 
 def _decode_data(data: bytes, subject: str | bytes) -> AnyEvent | None:
+    # latin-1: never fails (a subject's bytes are anyone's), and an event's own subject is ASCII
+    where = subject.decode("latin-1") if isinstance(subject, bytes) else subject
     try:
-        return decode_event(data)
+        event = decode_event(data)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as err:
-        where = subject.decode(errors="replace") if isinstance(subject, bytes) else subject
         log.warning("skipping undecodable event on %s: %s", where, err)
         return None
+    if where == f"{_PREFIX}{event.run_id}.{event.kind}" or on_its_subject(event, where):
+        return event
+    # another kind or run than its subject says: appended by a role not allowed that kind
+    log.warning("skipping a %s event of %s on %s", event.kind, event.run_id, where)
+    return None
 
 
 async def last_event_of_kind(log: EventLog, run_id: str, kind: str) -> AnyEvent | None:
