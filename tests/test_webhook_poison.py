@@ -11,7 +11,7 @@ import pytest
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 
-from contracts.events import RunCompleted
+from contracts.events import RunCancelled, RunCompleted, encode_event
 from runtime.control.webhook_outbox import retry_after, unhandled
 from runtime.control.webhooks import OUTBOX, WebhookService, dead_letters, replay
 from runtime.infra.eventlog import EventLog, Stored, subject_of
@@ -130,3 +130,32 @@ async def test_an_outage_while_burying_keeps_the_event_for_later(nc: Client) -> 
     [(_, letter)] = await dead_letters(js)
     assert letter.delivery.run.id == "run_bad" and letter.attempts >= 2
     assert refusals == 0
+
+
+async def test_a_body_unlike_its_subject_posts_no_callback(nc: Client) -> None:
+    """An agent may publish on any run's ``<kind>.callback`` subject of an end it appends; a
+    body of another kind there (a ``cancelled`` on ``completed.callback``, while the run still
+    runs) is no event: no callback is stored or buried for it."""
+    js = nc.jetstream()
+    service = WebhookService(nc, CONFIG)
+    service.attempts, service.retry_base_s, service.event_deadline_s = 2, 0.2, 0.5
+    await service.ensure()
+    log = EventLog(nc)
+    for event in with_callback("run_running", "acme")[:-1]:  # dispatched: it runs
+        await log.append(event, callback=True)
+    where = subject_of(RunCompleted(run_id="run_running", at=6.0, attempt=1, outputs=[]), True)
+    forged = encode_event(RunCancelled(run_id="run_running", at=6.0))
+    seq = (await js.publish(where, forged)).seq
+    outbox = await js.pull_subscribe_bind(durable=OUTBOX, stream=EVENTS_STREAM)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(service._outbox_loop, outbox)
+        with anyio.fail_after(30):  # handled and acked
+            while True:
+                info = await js.consumer_info(EVENTS_STREAM, OUTBOX)
+                floor = info.ack_floor.stream_seq if info.ack_floor else 0
+                if (floor or 0) >= seq and not info.num_ack_pending and not await parked(nc):
+                    break
+                await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    assert not await delivery_stored(nc, "acme", "run_running")
+    assert not await dead_letters(js)

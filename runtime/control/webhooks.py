@@ -67,6 +67,7 @@ from runtime.infra.eventlog import (
     LogSettings,
     ack_sequences,
     callback_ends,
+    on_its_subject,
     submission_of,
 )
 from runtime.infra.streams import (
@@ -272,6 +273,9 @@ class WebhookService:
     async def _on_event(self, subject: str, data: bytes, seq: int) -> None:
         run_id, _ = subject_parts(subject)
         event = decode_event(data)
+        if not on_its_subject(event, subject):  # another run's or kind's: forged, no event
+            log.warning("skipping a %s event of %s on %s", event.kind, event.run_id, subject)
+            return
         stored = await self.log.read(run_id)
         before = fold((s.event for s in stored if s.seq < seq), run_id=run_id)
         after = evolve(before, event)
