@@ -14,15 +14,17 @@ from contracts.events import (
     AdmissionGrant,
     Event,
     RunCancelled,
+    RunDispatched,
     RunQueued,
     RunStarted,
     RunSubmitted,
+    dispatched_runs,
     encode_event,
     queued_runs,
 )
 from contracts.states import RunState
 from runtime.infra.config import parse
-from runtime.infra.eventlog import ALL_EVENTS, EventLog, LogSettings
+from runtime.infra.eventlog import ALL_EVENTS, EventLog, LogSettings, subject_of
 from runtime.infra.nats_auth import agent_role
 from runtime.infra.natsserver import NatsServer
 from runtime.infra.projection import RunIndex
@@ -126,20 +128,32 @@ async def test_a_body_unlike_its_subject_is_no_event_to_readers(
         await admin.close()
 
 
-async def test_the_scheduler_batch_on_its_own_subject_is_read(server: NatsServer) -> None:
-    """The check refuses only what does not match: the scheduler's own batch is read."""
+async def test_the_schedulers_batches_on_their_own_subjects_are_read(server: NatsServer) -> None:
+    """The check refuses only what does not match: the scheduler's own batches are read, a
+    ``dispatched_runs`` on its agent's dispatch subject only."""
     run_id = "run_batched"
     admin = await server.connect("admin")
     try:
         log = EventLog(admin)
         await log.append(submitted(run_id))
-        batch = queued_runs(
-            [RunQueued(run_id=run_id, at=2.0, attempt=1), RunQueued(run_id="x", at=2.0, attempt=1)],
-            2.0,
-        )
-        seq = await publish_as(server, "scheduler", "jetrun.ev._queued.queued_runs", batch)
-        index = await index_upto(log, seq)
+        two = [
+            RunQueued(run_id=run_id, at=2.0, attempt=1),
+            RunQueued(run_id="x", at=2.0, attempt=1),
+        ]
+        batch = queued_runs(two, 2.0)
+        await publish_as(server, "scheduler", subject_of(batch), batch)
+        sent = [
+            RunDispatched(run_id=r, at=3.0, attempt=1, agent_id="node-b") for r in (run_id, "x")
+        ]
+        dispatches = dispatched_runs(sent, 3.0)
+        elsewhere = "jetrun.ev._dispatched.dispatched.node-c"  # another agent's
+        await publish_as(server, "scheduler", elsewhere, dispatches)
+        index = await index_upto(log, await publish_as(server, "scheduler", elsewhere, batch))
         assert index.records[run_id].state is RunState.queued
+        seq = await publish_as(server, "scheduler", subject_of(dispatches), dispatches)
+        index = await index_upto(log, seq)
+        assert index.records[run_id].state is RunState.running
+        assert index.records[run_id].agent_id == "node-b"
     finally:
         await admin.close()
 

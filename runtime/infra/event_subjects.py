@@ -57,6 +57,8 @@ def on_its_subject(event: Event, subject: str) -> bool:
     or without the callback token). A role may append only the kinds its NATS permissions
     name by subject, so a body unlike its subject (an agent's ``started`` subject carrying a
     ``cancelled`` or a ``queued_runs`` batch) is no event: every reader drops it."""
+    if isinstance(event, RunsDispatched):  # where its agent's dispatches go
+        return subject == f"{EVENTS_PREFIX}.{event.run_id}.dispatched.{event.agent_id}"
     head = f"{EVENTS_PREFIX}.{event.run_id}.{event.kind}"
     if subject == head:
         return True
