@@ -3,8 +3,8 @@ each of its runs runs once; a run of a batch cancelled later in the log does not
 fence refuses a fenced scheduler's batch and the same batch is stored once; an agent killed
 holding runs a scheduler dispatched to it in one batch has them requeued and run once
 elsewhere; a pass whose batch append failed decides nothing until its index read the log to
-its end; a reader of one run's own subjects sees it through; a client watching one run hears
-its ``dispatched``."""
+its end; readers of one run's own subjects (``EventLog.load``, the webhook outbox) see it
+through; a client watching one run hears its ``dispatched``."""
 
 from __future__ import annotations
 
@@ -16,8 +16,10 @@ from typing import Any
 
 import anyio
 import httpx
+import msgspec
 import pytest
 from nats.aio.client import Client
+from nats.js.errors import NotFoundError
 
 from contracts import RunState, RunSubmitted
 from contracts.agents import (
@@ -31,6 +33,7 @@ from contracts.events import (
     AdmissionGrant,
     AnyEvent,
     RunCancelled,
+    RunCompleted,
     RunDispatched,
     RunsDispatched,
     dispatched_runs,
@@ -40,12 +43,14 @@ from contracts.values import from_python
 from runtime.clients.client import RunEvents
 from runtime.control import applier
 from runtime.control.scheduler import Scheduler
+from runtime.control.webhook_delivery import pending_subject
+from runtime.control.webhooks import OUTBOX, WebhookService
 from runtime.infra.config import parse
 from runtime.infra.eventlog import Appended, EventLog, kind_subjects
 from runtime.infra.fence import Fence, Fenced, append_all
 from runtime.infra.natsserver import NatsServer
 from runtime.infra.projection import RunIndex
-from runtime.infra.streams import EVENTS_STREAM
+from runtime.infra.streams import EVENTS_STREAM, WEBHOOKS_STREAM
 from runtime.node.agent import Agent
 from tests import harness
 from tests.fakes import FakeClock
@@ -356,3 +361,46 @@ async def test_a_client_watching_one_run_hears_its_dispatched_from_a_batch(nc: C
         ("submitted", RunState.routing, None),
         ("dispatched", RunState.running, "agent-w"),
     ]
+
+
+WEBHOOK_CONFIG = parse(
+    {
+        "teams": {
+            "acme": {"tier": "startup", "tokens": ["tok"], "webhook_secret": "whsec_" + "a" * 24}
+        }
+    }
+)
+
+
+async def test_the_webhook_outbox_posts_the_end_of_a_run_a_batch_dispatched(nc: Client) -> None:
+    """The outbox folds the run's own subjects (the batch is not there): ``submitted`` then
+    its ``completed`` ends the run (rule 10), so its callback is queued, as completed."""
+    service = WebhookService(nc, WEBHOOK_CONFIG)
+    await service.ensure()
+    log = EventLog(nc)
+    now = time.time()
+    hook = "http://127.0.0.1:9/hook"
+    for run_id in ("h-other", "h-mine"):
+        event = submitted(run_id, Path("/g"), now)
+        await log.append(msgspec.structs.replace(event, callback_url=hook))
+    sent = [
+        msgspec.structs.replace(dispatch(r, Path("/g"), "agent-h", now), callback=True)
+        for r in ("h-other", "h-mine")
+    ]
+    await log.append(dispatched_runs(sent, now))
+    done = RunCompleted(run_id="h-mine", at=now + 1, attempt=1, outputs=[from_python("ok")])
+    await log.append(done, callback=True)
+    js = nc.jetstream()
+    outbox = await js.pull_subscribe_bind(durable=OUTBOX, stream=EVENTS_STREAM)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(service._outbox_loop, outbox)
+        with anyio.fail_after(20):
+            while True:
+                try:
+                    msg = await js.get_last_msg(WEBHOOKS_STREAM, pending_subject("acme", "h-mine"))
+                    break
+                except NotFoundError:
+                    await anyio.sleep(0.05)
+        tg.cancel_scope.cancel()
+    delivery = msgspec.json.decode(msg.data)
+    assert delivery["run"]["state"] == "completed" and delivery["url"] == hook

@@ -18,6 +18,7 @@ from contracts.events import (
     RunQueued,
     RunRequeued,
     RunTimedOut,
+    dispatched_runs,
 )
 from runtime.control.webhook_outbox import AckWindow, ack_subject, subject_parts
 from runtime.control.webhooks import outbox_config
@@ -65,6 +66,10 @@ def test_only_the_ends_of_runs_with_a_callback_are_on_the_outbox_subjects() -> N
         RunQueued(run_id="run_1", at=1.0, attempt=1),
         RunDispatched(run_id="run_1", at=1.0, attempt=1, agent_id="callback", callback=True),
         RunRequeued(run_id="run_1", at=1.0, attempt=1, agent_id="a", reason="gone"),
+        dispatched_runs(  # a batch of runs with a callback: on no outbox subject either
+            [RunDispatched(run_id=r, at=1.0, attempt=1, agent_id="a", callback=True) for r in "xy"],
+            1.0,
+        ),
     ]
     appenders = [permissions(role).publish for role in ("scheduler", "agent:a1")]
     for event in ENDS:
