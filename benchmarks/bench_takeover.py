@@ -28,7 +28,12 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from contracts.events import AnyEvent, RunDispatched, SchedulerElected  # noqa: E402
+from contracts.events import (  # noqa: E402
+    AnyEvent,
+    RunDispatched,
+    RunsDispatched,
+    SchedulerElected,
+)
 from runtime.infra.eventlog import EventLog  # noqa: E402
 from tests.harness import FIXTURES, Proc, Stack, wait_replicas  # noqa: E402
 
@@ -47,6 +52,9 @@ class Watch:
             self.elected.append((time.monotonic(), event.holder))
         elif isinstance(event, RunDispatched):
             self.dispatched.setdefault(event.run_id, time.monotonic())
+        elif isinstance(event, RunsDispatched):  # a pass's dispatches to one agent
+            for one in event.runs:
+                self.dispatched.setdefault(one.run_id, time.monotonic())
 
 
 async def leader(stack: Stack, timeout: float = 60.0) -> Proc:
