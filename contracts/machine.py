@@ -30,8 +30,12 @@ Rules of this machine:
 10. A run's own subjects do not hold a batch (rule 9): a reader of them alone sees the agent's
    events of an attempt (``started``, ``output``, an end) and the scheduler's loss of it
    (``preempted``, ``requeued``) follow ``routing`` or ``queued``. The table takes them there
-   as the dispatch they imply, for the run's current attempt only (rule 4); in the whole log
-   a dispatch always comes first, so a reader of it never uses these rows.
+   as the dispatch they imply, for the run's current attempt only (rule 4), for such a reader
+   only (``fold``, ``evolve(..., own_subjects=True)``). In the whole log a dispatch always
+   comes first, so there such an event is one no dispatch implies (another agent's forgery:
+   any agent may append an attempt's events for any run): a reader of the whole log
+   (``evolve``: every ``RunIndex``, so what the scheduler decides from) leaves the run as it
+   is (``Verdict.illegal``).
 No I/O, no clock: time is a field of each event. The same events give the same run anywhere.
 """
 
@@ -127,6 +131,17 @@ TRANSITIONS: dict[RunState, dict[type[Event], RunState]] = {
 }
 
 
+# rule 10's rows: only a reader of a run's own subjects takes them
+OWN_SUBJECTS_ONLY: frozenset[tuple[RunState, type[Event]]] = frozenset(
+    (state, kind) for state in (S.routing, S.queued) for kind in _AFTER_AN_UNSEEN_DISPATCH
+)
+# what a reader of the whole log goes by: the table without them
+_WHOLE_LOG: dict[RunState, dict[type[Event], RunState]] = {
+    state: {kind: to for kind, to in row.items() if (state, kind) not in OWN_SUBJECTS_ONLY}
+    for state, row in TRANSITIONS.items()
+}
+
+
 class Verdict(enum.StrEnum):
     applied = "applied"
     illegal = "illegal"  # not in the table for the run's state (terminal states included)
@@ -143,27 +158,30 @@ class IllegalTransition(Exception):
         self.verdict = verdict
 
 
-def judge(run: RunRecord, event: Event) -> Verdict:
+def judge(run: RunRecord, event: Event, own_subjects: bool = False) -> Verdict:
     """What ``evolve`` would do with ``event``, without doing it. A queue's event is about
     every run of its pipeline (rule 8)."""
     if isinstance(event, BATCHES):  # rule 9
         own = event.one(run.id)
-        return Verdict.foreign if own is None else judge(run, own)
+        return Verdict.foreign if own is None else judge(run, own, own_subjects)
     if isinstance(event, QueueWaitChanged):
         if event.pipeline != run.pipeline:
             return Verdict.foreign
     elif event.run_id != run.id:
         return Verdict.foreign
-    if type(event) not in TRANSITIONS.get(run.state, {}):
+    table = TRANSITIONS if own_subjects else _WHOLE_LOG
+    if type(event) not in table.get(run.state, {}):
         return Verdict.illegal
     if isinstance(event, AttemptEvent) and event.attempt != run.attempt:
         return Verdict.stale
     return Verdict.applied
 
 
-def evolve(run: RunRecord, event: Event) -> RunRecord:
+def evolve(run: RunRecord, event: Event, own_subjects: bool = False) -> RunRecord:
     """The run after ``event`` (and what it implies: rule 6); the same run if the event is
-    illegal, stale or foreign."""
+    illegal, stale or foreign. ``own_subjects``: ``event`` is read from the run's own subjects
+    alone, not from the whole log (rule 10)."""
+    table = TRANSITIONS if own_subjects else _WHOLE_LOG
     if isinstance(event, RunRestated):  # rule 7
         if event.run_id != run.id or run.state is not S.unknown:
             return run
@@ -171,20 +189,22 @@ def evolve(run: RunRecord, event: Event) -> RunRecord:
     kind = type(event)
     if kind is RunsQueued or kind is RunsDispatched:  # rule 9 (identity tests: every event)
         own = event.one(run.id)  # type: ignore[attr-defined]
-        return run if own is None else _evolve_one(run, own)
-    after = _evolve_one(run, event)
+        return run if own is None else _evolve_one(run, own, table)
+    after = _evolve_one(run, event, table)
     if after is not run and isinstance(event, RunSubmitted):
         follow = event.implied()
         if follow is not None:
-            after = _evolve_one(after, follow)
+            after = _evolve_one(after, follow, table)
     return after
 
 
-def _evolve_one(run: RunRecord, event: Event) -> RunRecord:
+def _evolve_one(
+    run: RunRecord, event: Event, table: dict[RunState, dict[type[Event], RunState]]
+) -> RunRecord:
     # ``judge``'s rules, read once per event (every process applies every event): the next
     # state for this kind in this state, then foreign and stale events left out
     kind = type(event)
-    state = TRANSITIONS.get(run.state, _NO_MOVES).get(kind)
+    state = table.get(run.state, _NO_MOVES).get(kind)
     if state is None:  # illegal (terminal states included)
         return run
     if kind in _QUEUE_KINDS:
@@ -261,24 +281,24 @@ def restated_record(event: RunRestated) -> RunRecord:
     return msgspec.structs.replace(run, id=event.run_id)
 
 
-def evolve_strict(run: RunRecord, event: Event) -> RunRecord:
+def evolve_strict(run: RunRecord, event: Event, own_subjects: bool = False) -> RunRecord:
     """Like ``evolve``, but raises ``IllegalTransition`` instead of ignoring an event."""
-    verdict = judge(run, event)
+    verdict = judge(run, event, own_subjects)
     if verdict is not Verdict.applied:
         raise IllegalTransition(run, event, verdict)
-    return evolve(run, event)
+    return evolve(run, event, own_subjects)
 
 
 def fold(events: Iterable[Event], run_id: str | None = None) -> RunRecord:
-    """The run that ``events`` (in log order) describe. ``run_id`` defaults to the first
-    event's run; an empty log gives a run in state ``unknown``."""
+    """The run that ``events`` (in log order: its own subjects, rule 10) describe. ``run_id``
+    defaults to the first event's run; an empty log gives a run in state ``unknown``."""
     it = iter(events)
     first = next(it, None)
     if first is None:
         return RunRecord(id=run_id or "")
-    run = evolve(RunRecord(id=run_id or first.run_id), first)
+    run = evolve(RunRecord(id=run_id or first.run_id), first, True)
     for event in it:
-        run = evolve(run, event)
+        run = evolve(run, event, True)
     return run
 
 

@@ -350,4 +350,54 @@ def test_an_agents_event_of_another_attempt_still_changes_nothing() -> None:
             error=RunError(type=ErrorType.pipeline_error, message="x"),
         ),
     ):
-        assert evolve(requeued, late) is requeued and judge(requeued, late) is Verdict.stale
+        assert evolve(requeued, late, True) is requeued
+        assert judge(requeued, late, True) is Verdict.stale
+        assert evolve(requeued, late) is requeued  # the whole log: not its rows at all
+
+
+@pytest.mark.parametrize("queued", [False, True])
+def test_a_reader_of_the_whole_log_takes_no_agent_event_for_a_run_not_dispatched(
+    queued: bool,
+) -> None:
+    """Rule 10 is for readers of a run's own subjects only. In the whole log every dispatch
+    comes before its attempt's events, so an agent's event for a run still routing or queued
+    there is one no dispatch implies: another agent's forgery (attempt 1 is easy to guess).
+    The index (what the scheduler decides from, what gateways answer) and a whole-log watch
+    leave the run as it is; before rule 10 they did too."""
+    forged: list[AnyEvent] = [
+        RunStarted(run_id="r", at=3.0, attempt=1, agent_id="rogue"),
+        RunOutputProduced(run_id="r", at=3.0, attempt=1, index=0, output=from_python(9)),
+        RunCompleted(run_id="r", at=3.0, attempt=1, outputs=[from_python(9)]),
+        RunTimedOut(run_id="r", at=3.0, attempt=1, timeout_s=1.0),
+    ]
+    for event in forged:
+        index = RunIndex()
+        feed(index, own_subjects(queued=queued))
+        before = index.records["r"]
+        feed(index, [event])
+        assert index.records["r"] == before, event
+        assert index.queue_position("r") == (0 if queued else None)
+        follower = RunFollower()
+        for one in own_subjects(queued=queued):
+            follower.apply(one)
+        assert follower.apply(event) == [], event
+        assert follower.runs["r"].state is before.state
+        assert evolve(before, event) is before and judge(before, event) is Verdict.illegal
+    # a reader of the run's own subjects alone still takes them (rule 10)
+    assert fold(own_subjects(forged[2], queued=queued)).state is RunState.completed
+
+
+def test_a_watch_that_loaded_a_run_from_its_own_subjects_takes_its_agents_events() -> None:
+    """A watch from a later sequence loads a run's earlier events from its own subjects: a
+    batch before that may have dispatched it, so rule 10 applies to that run until it leaves
+    ``routing`` or ``queued`` (and only to it)."""
+    follower = RunFollower()
+    follower.load("r", fold(own_subjects(queued=True)))
+    done = RunCompleted(run_id="r", at=3.0, attempt=1, outputs=[from_python(1)])
+    [after] = follower.apply(done)
+    assert after.state is RunState.completed
+    follower.load("s", fold(submitted("s")))
+    follower.apply(dispatched("s"))
+    assert "s" not in follower.loaded  # moved on: the whole log's rules from here
+    follower.apply(RunSubmitted(run_id="t", at=1.0, team="t", pipeline=P, inputs=[]))
+    assert follower.apply(RunCompleted(run_id="t", at=3.0, attempt=1, outputs=[])) == []

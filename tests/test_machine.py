@@ -43,6 +43,7 @@ from contracts.events import (
     queued_runs,
 )
 from contracts.machine import (
+    OWN_SUBJECTS_ONLY,
     TRANSITIONS,
     IllegalTransition,
     Verdict,
@@ -341,17 +342,20 @@ def expected_resources_since(run: RunRecord, changes: dict[str, Any], ends: bool
 def test_legal_transition(state: RunState, how: str, event_type: type[Event]) -> None:
     run = run_in(state, how)
     event = event_for(event_type, run)
-    after = evolve(run, event)
+    own = (state, event_type) in OWN_SUBJECTS_ONLY  # rule 10: a reader of its own subjects
+    after = evolve(run, event, own)
 
     target = TRANSITIONS[state][event_type]
     changes = expected_changes(run, event)
     changes["resources_since"] = expected_resources_since(run, changes, target.is_terminal)
     if not target.is_terminal and run.cancel_requested:
         changes["waiting_for"] = WaitingFor.cancellation  # a pending cancel outranks the rest
-    assert judge(run, event) is Verdict.applied
+    assert judge(run, event, own) is Verdict.applied
     assert after.state is target
     assert after == msgspec.structs.replace(run, state=target, updated_at=AT, **changes)
-    assert evolve_strict(run, event) == after
+    assert evolve_strict(run, event, own) == after
+    if own:  # a reader of the whole log saw no dispatch: another agent's event, ignored
+        assert judge(run, event) is Verdict.illegal and evolve(run, event) is run
 
 
 def test_every_state_of_the_table_has_a_prefix() -> None:
@@ -435,11 +439,12 @@ def test_event_of_another_attempt_is_stale(
 ) -> None:
     run = run_in(state, how)
     event = event_for(event_type, run, attempt=run.attempt + offset)
+    own = (state, event_type) in OWN_SUBJECTS_ONLY  # rule 10: a reader of its own subjects
 
-    assert judge(run, event) is Verdict.stale
-    assert evolve(run, event) is run
+    assert judge(run, event, own) is Verdict.stale
+    assert evolve(run, event, own) is run
     with pytest.raises(IllegalTransition) as raised:
-        evolve_strict(run, event)
+        evolve_strict(run, event, own)
     assert raised.value.verdict is Verdict.stale
     assert f"attempt {run.attempt}" in str(raised.value)
 

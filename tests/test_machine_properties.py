@@ -17,7 +17,15 @@ from contracts.events import (
     decode_events,
     encode_event,
 )
-from contracts.machine import TRANSITIONS, Verdict, evolve, evolve_strict, fold, judge
+from contracts.machine import (
+    OWN_SUBJECTS_ONLY,
+    TRANSITIONS,
+    Verdict,
+    evolve,
+    evolve_strict,
+    fold,
+    judge,
+)
 from contracts.run import RunRecord
 from contracts.states import RunState
 from tests.strategies import (
@@ -50,11 +58,12 @@ ATTEMPT_EVENT_TYPES = sorted(
 )
 
 
-def prefix_runs(events: list[AnyEvent]) -> list[RunRecord]:
-    """``fold(events[:k])`` for every k, computed in one pass."""
+def prefix_runs(events: list[AnyEvent], own_subjects: bool = True) -> list[RunRecord]:
+    """``fold(events[:k])`` for every k, computed in one pass (``own_subjects`` False: as a
+    reader of the whole log reads them, without rule 10's rows)."""
     runs = [RunRecord(id=events[0].run_id if events else "")]
     for event in events:
-        runs.append(evolve(runs[-1], event))
+        runs.append(evolve(runs[-1], event, own_subjects))
     return runs
 
 
@@ -78,12 +87,13 @@ def test_a_valid_history_is_legal_everywhere_and_ends_where_it_walked(history: H
 @settings(max_examples=1000, deadline=None)
 @given(mixed_logs())
 def test_a_terminal_run_never_moves(events: list[AnyEvent]) -> None:
-    runs = prefix_runs(events)
-    ended = next((run for run in runs if run.is_terminal), None)
-    if ended is not None:
-        later = runs[runs.index(ended) :]
-        assert all(run == ended for run in later)
-    assert fold(events) == runs[-1]
+    for own_subjects in (True, False):
+        runs = prefix_runs(events, own_subjects)
+        ended = next((run for run in runs if run.is_terminal), None)
+        if ended is not None:
+            later = runs[runs.index(ended) :]
+            assert all(run == ended for run in later)
+    assert fold(events) == prefix_runs(events)[-1]
 
 
 @settings(max_examples=1000, deadline=None)
@@ -92,11 +102,17 @@ def test_only_the_table_moves_a_run(events: list[AnyEvent]) -> None:
     runs = prefix_runs(events)
     for before, event, after in zip(runs[:-1], events, runs[1:], strict=True):
         assert after.state in REACHABLE
-        if judge(before, event) is Verdict.applied:
+        if judge(before, event, own_subjects=True) is Verdict.applied:
             expected = TRANSITIONS[before.state][type(event)]
             if isinstance(event, RunSubmitted) and event.admission is not None:
                 expected = TRANSITIONS[expected][RunAdmitted]  # rule 6: it implies admitted
             assert after.state is expected
+        else:
+            assert after is before
+    whole = prefix_runs(events, own_subjects=False)  # rule 10's rows left out
+    for before, event, after in zip(whole[:-1], events, whole[1:], strict=True):
+        if judge(before, event) is Verdict.applied:
+            assert (before.state, type(event)) not in OWN_SUBJECTS_ONLY
         else:
             assert after is before
 
@@ -141,8 +157,9 @@ def test_events_of_a_non_current_attempt_change_nothing(data: st.DataObject) -> 
         others = [a for a in range(MAX_ATTEMPTS + 2) if a != run.attempt]
         attempt = data.draw(st.sampled_from(others))
         stale = data.draw(events_of(event_type, attempt=attempt))
-        assert judge(run, stale) in (Verdict.stale, Verdict.illegal)
-        assert evolve(run, stale) is run
+        for own_subjects in (True, False):
+            assert judge(run, stale, own_subjects) in (Verdict.stale, Verdict.illegal)
+            assert evolve(run, stale, own_subjects) is run
         log.insert(position, stale)
     assert fold(log) == fold(events)
 

@@ -180,7 +180,7 @@ class RunEvents:
         for s in stored:
             if s.seq >= seq:
                 break
-            record = evolve(record or RunRecord(id=run_id), s.event)
+            record = evolve(record or RunRecord(id=run_id), s.event, own_subjects=True)
         return record
 
 
@@ -196,6 +196,9 @@ class RunFollower:
         self.queued: dict[str, dict[str, None]] = {}  # pipeline -> its runs queued now
         self.ended: dict[str, None] = {}  # insertion-ordered: the oldest is dropped first
         self.remember_ended = remember_ended
+        # runs loaded from their own subjects still routing or queued: a batch before the
+        # watch began may have dispatched them (rule 10 applies until they move on)
+        self.loaded: set[str] = set()
 
     def unseen(self, run_id: str) -> bool:
         """Whether this run was never followed here (neither live nor recently ended)."""
@@ -204,6 +207,8 @@ class RunFollower:
     def load(self, run_id: str, record: RunRecord | None) -> None:
         """Take a run's state before the watch began (read from the log)."""
         if record is not None:
+            if record.state in (RunState.routing, RunState.queued):
+                self.loaded.add(record.id)
             self._keep(record)
 
     def apply(self, event: AnyEvent) -> list[RunRecord]:
@@ -216,9 +221,12 @@ class RunFollower:
         if event.run_id in self.ended:
             return []
         base = self.runs.get(event.run_id) or RunRecord(id=event.run_id)
-        after = evolve(base, event)
+        loaded = self.loaded
+        after = evolve(base, event, own_subjects=bool(loaded) and event.run_id in loaded)
         if after is base:
             return []
+        if loaded and after.state not in (RunState.routing, RunState.queued):
+            loaded.discard(after.id)
         self._keep(after)
         return [after]
 

@@ -278,7 +278,7 @@ class WebhookService:
             return
         stored = await self.log.read(run_id)
         before = fold((s.event for s in stored if s.seq < seq), run_id=run_id)
-        after = evolve(before, event)
+        after = evolve(before, event, own_subjects=True)  # rule 10: no batch is read here
         url = after.callback_url
         if url and after.is_terminal and not before.is_terminal:  # the event that ended it
             delivery = Delivery(
