@@ -289,16 +289,19 @@ def evolve_strict(run: RunRecord, event: Event, own_subjects: bool = False) -> R
     return evolve(run, event, own_subjects)
 
 
-def fold(events: Iterable[Event], run_id: str | None = None) -> RunRecord:
-    """The run that ``events`` (in log order: its own subjects, rule 10) describe. ``run_id``
-    defaults to the first event's run; an empty log gives a run in state ``unknown``."""
+def fold(
+    events: Iterable[Event], run_id: str | None = None, own_subjects: bool = True
+) -> RunRecord:
+    """The run that ``events`` (in log order: its own subjects, rule 10, unless
+    ``own_subjects`` is False) describe. ``run_id`` defaults to the first event's run; an empty
+    log gives a run in state ``unknown``."""
     it = iter(events)
     first = next(it, None)
     if first is None:
         return RunRecord(id=run_id or "")
-    run = evolve(RunRecord(id=run_id or first.run_id), first, True)
+    run = evolve(RunRecord(id=run_id or first.run_id), first, own_subjects)
     for event in it:
-        run = evolve(run, event, True)
+        run = evolve(run, event, own_subjects)
     return run
 
 

@@ -401,3 +401,19 @@ def test_a_watch_that_loaded_a_run_from_its_own_subjects_takes_its_agents_events
     assert "s" not in follower.loaded  # moved on: the whole log's rules from here
     follower.apply(RunSubmitted(run_id="t", at=1.0, team="t", pipeline=P, inputs=[]))
     assert follower.apply(RunCompleted(run_id="t", at=3.0, attempt=1, outputs=[])) == []
+
+
+def test_packed_leaves_the_dispatch_of_a_run_with_a_callback_alone() -> None:
+    """The webhook outbox reads a run's own subjects: a run with a callback URL is dispatched
+    there (its dispatch plain, where it stood), so the outbox needs no rule 10."""
+    hooked = dispatched("h", callback=True)
+    events: list[Event] = [
+        dispatched("d1"),
+        hooked,
+        dispatched("d2"),
+        dispatched("h2", callback=True),
+    ]
+    out = packed(events)
+    assert [type(e) for e in out] == [RunsDispatched, RunDispatched, RunDispatched]
+    assert out[1:] == [hooked, events[3]]
+    assert [r for e in out for r in runs_of(e)] == ["d1", "d2", "h", "h2"]

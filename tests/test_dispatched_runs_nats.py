@@ -42,6 +42,7 @@ from contracts.run import RunRecord
 from contracts.values import from_python
 from runtime.clients.client import RunEvents
 from runtime.control import applier
+from runtime.control.passes import packed
 from runtime.control.scheduler import Scheduler
 from runtime.control.webhook_delivery import pending_subject
 from runtime.control.webhooks import OUTBOX, WebhookService
@@ -372,9 +373,10 @@ WEBHOOK_CONFIG = parse(
 )
 
 
-async def test_the_webhook_outbox_posts_the_end_of_a_run_a_batch_dispatched(nc: Client) -> None:
-    """The outbox folds the run's own subjects (the batch is not there): ``submitted`` then
-    its ``completed`` ends the run (rule 10), so its callback is queued, as completed."""
+async def test_the_webhook_outbox_posts_the_end_of_a_run_with_a_callback(nc: Client) -> None:
+    """The outbox folds the run's own subjects: a pass's dispatches of runs with a callback
+    are not batched (``packed``), so it reads the dispatch there, then the end, and queues
+    the callback, as completed."""
     service = WebhookService(nc, WEBHOOK_CONFIG)
     await service.ensure()
     log = EventLog(nc)
@@ -387,7 +389,10 @@ async def test_the_webhook_outbox_posts_the_end_of_a_run_a_batch_dispatched(nc: 
         msgspec.structs.replace(dispatch(r, Path("/g"), "agent-h", now), callback=True)
         for r in ("h-other", "h-mine")
     ]
-    await log.append(dispatched_runs(sent, now))
+    appended = packed(list(sent))
+    assert appended == sent  # each alone, on its run's own subject
+    for event in appended:
+        await log.append(event)
     done = RunCompleted(run_id="h-mine", at=now + 1, attempt=1, outputs=[from_python("ok")])
     await log.append(done, callback=True)
     js = nc.jetstream()

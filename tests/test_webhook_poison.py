@@ -7,15 +7,18 @@ outstanding."""
 from __future__ import annotations
 
 import anyio
+import msgspec
 import pytest
 from nats.aio.client import Client
 from nats.errors import NoRespondersError
 
 from contracts.events import RunCancelled, RunCompleted, encode_event
+from contracts.values import from_python
+from runtime.control.webhook_delivery import pending_subject
 from runtime.control.webhook_outbox import retry_after, unhandled
 from runtime.control.webhooks import OUTBOX, WebhookService, dead_letters, replay
 from runtime.infra.eventlog import EventLog, Stored, subject_of
-from runtime.infra.streams import EVENTS_STREAM
+from runtime.infra.streams import EVENTS_STREAM, WEBHOOKS_STREAM
 from tests.webhook_teams import CONFIG, delivery_stored, parked, with_callback
 
 pytestmark = pytest.mark.anyio
@@ -158,4 +161,44 @@ async def test_a_body_unlike_its_subject_posts_no_callback(nc: Client) -> None:
                 await anyio.sleep(0.05)
         tg.cancel_scope.cancel()
     assert not await delivery_stored(nc, "acme", "run_running")
+    assert not await dead_letters(js)
+
+
+async def test_an_agents_end_of_a_queued_run_posts_no_callback(nc: Client) -> None:
+    """The outbox reads a run's own subjects: a run with a callback is dispatched alone (on its
+    own subject), so an end with no dispatch before it is another agent's forgery (attempt 1 of
+    a queued run is easy to guess): no callback for it, and the run's real end is posted."""
+    js = nc.jetstream()
+    service = WebhookService(nc, CONFIG)
+    service.attempts, service.retry_base_s, service.event_deadline_s = 2, 0.2, 0.5
+    await service.ensure()
+    log = EventLog(nc)
+    events = with_callback("run_queued", "acme")  # submitted, admitted, queued, dispatched, done
+    for event in events[:3]:
+        await log.append(event, callback=True)
+    forged = RunCompleted(run_id="run_queued", at=3.5, attempt=1, outputs=[from_python("lie")])
+    await js.publish(subject_of(forged, True), encode_event(forged))  # no message id of its
+    outbox = await js.pull_subscribe_bind(durable=OUTBOX, stream=EVENTS_STREAM)
+
+    async def settled(seq: int) -> None:
+        while True:
+            info = await js.consumer_info(EVENTS_STREAM, OUTBOX)
+            floor = info.ack_floor.stream_seq if info.ack_floor else 0
+            if (floor or 0) >= seq and not info.num_ack_pending and not await parked(nc):
+                return
+            await anyio.sleep(0.05)
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(service._outbox_loop, outbox)
+        with anyio.fail_after(30):
+            await settled(await log.last_seq())
+            assert not await delivery_stored(nc, "acme", "run_queued")
+            for event in events[3:]:  # its dispatch, then its real end
+                await log.append(event, callback=True)
+            await settled(await log.last_seq())
+        tg.cancel_scope.cancel()
+    msg = await js.get_last_msg(WEBHOOKS_STREAM, pending_subject("acme", "run_queued"))
+    delivery = msgspec.json.decode(msg.data)
+    assert delivery["run"]["state"] == "completed"
+    assert [o["value"] for o in delivery["run"]["outputs"]] == ["hihi"]  # not the forged
     assert not await dead_letters(js)

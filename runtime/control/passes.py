@@ -215,13 +215,15 @@ def packed(
     decided, runs stamped with one time per event), where the first of them stood; the
     ``dispatched`` of two or more runs to one agent go as ``dispatched_runs`` events (up to
     ``dispatched_per_event`` runs and ``dispatched_bytes`` of entries each), where the first
-    dispatch to that agent stood; every other event, and a lone ``queued`` or ``dispatched``,
-    as it is. Pure: the same decisions give the same events, so the same batch decided twice
-    from one picture has one message id."""
+    dispatch to that agent stood; every other event, a lone ``queued`` or ``dispatched``, and
+    the dispatch of a run with a callback URL, as it is (the webhook outbox reads a run's own
+    subjects: there it sees the dispatch, so an end no dispatch came before is a forgery). Pure:
+    the same decisions give the same events, so the same batch decided twice from one picture
+    has one message id."""
     queued = [e for e in events if isinstance(e, RunQueued)]
     to: dict[str, list[RunDispatched]] = {}
     for e in events:
-        if isinstance(e, RunDispatched):
+        if isinstance(e, RunDispatched) and not e.callback:
             to.setdefault(e.agent_id, []).append(e)
     if len(queued) < 2 and all(len(runs) < 2 for runs in to.values()):
         return events
@@ -236,7 +238,7 @@ def packed(
         if isinstance(event, RunQueued) and batches is not None:
             out += batches
             batches = []
-        elif isinstance(event, RunDispatched) and event.agent_id in by_agent:
+        elif isinstance(event, RunDispatched) and not event.callback and event.agent_id in by_agent:
             out += by_agent[event.agent_id]
             by_agent[event.agent_id] = []
         else:

@@ -277,8 +277,10 @@ class WebhookService:
             log.warning("skipping a %s event of %s on %s", event.kind, event.run_id, subject)
             return
         stored = await self.log.read(run_id)
-        before = fold((s.event for s in stored if s.seq < seq), run_id=run_id)
-        after = evolve(before, event, own_subjects=True)  # rule 10: no batch is read here
+        # a run with a callback is dispatched alone, on its own subjects (``passes.packed``):
+        # no rule 10 here, so another agent's end of a run not dispatched is no end
+        before = fold((s.event for s in stored if s.seq < seq), run_id, own_subjects=False)
+        after = evolve(before, event)
         url = after.callback_url
         if url and after.is_terminal and not before.is_terminal:  # the event that ended it
             delivery = Delivery(
