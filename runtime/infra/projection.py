@@ -10,9 +10,6 @@ queued it, 0 for a run queued by an event of its own).
 
 from __future__ import annotations
 
-import asyncio
-import heapq
-import itertools
 from collections import defaultdict, deque
 from collections.abc import Callable, Iterator, Mapping
 
@@ -30,8 +27,9 @@ from contracts.events import (
 from contracts.machine import evolve
 from contracts.run import RunRecord
 from contracts.states import RunState
+from runtime.infra.index_waits import IndexLagging, IndexWaits
 from runtime.infra.queue_log import QueueLog
-from runtime.infra.waits import Waiter, drop, wait, wake
+from runtime.infra.waits import wake
 
 Ticket = tuple[int, int, int]  # (group, sequence, index in its batch)
 COMPACT_AFTER = 1024  # queue events kept per queue before its queued runs take them on
@@ -53,10 +51,6 @@ class IndexStats(msgspec.Struct, frozen=True, kw_only=True):
     runs: int
     active: int
     queues: list[QueueStats]
-
-
-class IndexLagging(TimeoutError):
-    """The index did not reach a sequence of the log in time."""
 
 
 class Records(Mapping[str, RunRecord]):
@@ -83,10 +77,11 @@ class Records(Mapping[str, RunRecord]):
         return self._index.current(self._index.stored.pop(run_id))
 
 
-class RunIndex:
+class RunIndex(IndexWaits):
     """In-memory projection of the event log. Not thread-safe; one event loop owns it."""
 
     def __init__(self) -> None:
+        super().__init__()  # the waits (``IndexWaits``)
         self.last_seq = 0
         # each run as its own events left it; ``records`` reads it with its queue's events
         self.stored: dict[str, RunRecord] = {}
@@ -109,13 +104,6 @@ class RunIndex:
         # a batch (``queued_runs``, ``dispatched_runs``: not on them): what a restatement expects
         self._own_last: dict[str, int] = {}
         self._ended: deque[str] = deque()  # runs that ended, in log order, until forgotten
-        # the requests waiting for a run to change (each woken once the run is as it waits for),
-        # and for a sequence (a heap: lowest first); plain futures with a timer: on the hot path
-        # of every request (an anyio Event and cancel scope per wait cost about four times as
-        # much)
-        self._changed: dict[str, list[Waiter]] = {}
-        self._seq_waiters: list[tuple[int, int, asyncio.Future[None]]] = []
-        self._waiter_ids = itertools.count()  # ties in seq are broken by arrival
         self._queue_events: dict[str, int] = {}  # pipeline -> its queue's last event (seq)
         self._synced: dict[str, int] = {}  # queued run -> the queue event its record includes
 
@@ -422,60 +410,13 @@ class RunIndex:
             last_seq=self.last_seq, runs=len(self.records), active=active, queues=queues
         )
 
-    # --- waiting -----------------------------------------------------------------------------
 
-    async def wait_for_seq(self, seq: int, *, timeout: float) -> bool:
-        """Wait until the index has applied (or skipped) ``seq``; False after ``timeout``
-        seconds. Every wait has a deadline: the caller says what to do when it passes."""
-        if self.last_seq >= seq:
-            return True
-        loop = asyncio.get_running_loop()
-        waiter = loop.create_future()
-        heapq.heappush(self._seq_waiters, (seq, next(self._waiter_ids), waiter))
-        await wait(waiter, timeout, loop)
-        return self.last_seq >= seq
-
-    async def catch_up(self, seq: int, *, timeout: float) -> None:
-        """Wait until the index has reached ``seq`` (a replay on start); raises
-        ``IndexLagging`` after ``timeout`` seconds, so a service that cannot catch up fails
-        loudly instead of never becoming ready."""
-        if not await self.wait_for_seq(seq, timeout=timeout):
-            raise IndexLagging(
-                f"the index reached sequence {self.last_seq} of {seq} within {timeout:g} s"
-            )
-
-    def _wake_seq_waiters(self) -> None:
-        """O(woken log n) per event: with hundreds of requests in flight, each waiting for its
-        own append, a scan of every waiter on every event would be quadratic."""
-        waiters = self._seq_waiters
-        while waiters and waiters[0][0] <= self.last_seq:
-            waiter = heapq.heappop(waiters)[2]
-            if not waiter.done():  # else it timed out or was cancelled
-                waiter.set_result(None)
-
-    async def wait_until(
-        self, run_id: str, done: Callable[[RunRecord], bool], timeout: float
-    ) -> RunRecord | None:
-        """Wait until the run exists and ``done(run)``; returns the run as it is then (also on
-        timeout), or None if it does not exist. The wait is woken only by a change of the run
-        that makes ``done(run)`` true (or by its queue's events, which ``done`` is asked about
-        when they are read), so ``done`` must be a plain function of the run."""
-        run = self.get(run_id)
-        if run is not None and done(run):
-            return run
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while True:
-            left = deadline - loop.time()
-            if left <= 0:
-                return run
-            # one future per wait: a cancelled wait cancels only its own
-            waiter = Waiter(done, loop.create_future())
-            self._changed.setdefault(run_id, []).append(waiter)
-            try:
-                await wait(waiter.future, left, loop)
-            finally:
-                drop(self._changed, run_id, waiter)  # woken: already gone from its list
-            run = self.get(run_id)
-            if run is not None and done(run):
-                return run
+__all__ = [
+    "COMPACT_AFTER",
+    "IndexLagging",
+    "IndexStats",
+    "QueueStats",
+    "Records",
+    "RunIndex",
+    "Ticket",
+]
