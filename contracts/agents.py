@@ -69,6 +69,9 @@ class AgentHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     seen_seq: int = 0
     # pointers this agent could load (code present, hardware fits), loaded or not
     can_serve: list[str] = msgspec.field(default_factory=list)
+    # it takes ``dispatched_runs`` batches (a release before them skips one as an unknown
+    # kind and never runs its runs: the scheduler sends such an agent each dispatch alone)
+    batches: bool = False
 
     def slots(self, kind: str) -> int:
         return sum(a.slots for a in self.accelerators if a.kind == kind)

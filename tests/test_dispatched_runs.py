@@ -417,3 +417,13 @@ def test_packed_leaves_the_dispatch_of_a_run_with_a_callback_alone() -> None:
     assert [type(e) for e in out] == [RunsDispatched, RunDispatched, RunDispatched]
     assert out[1:] == [hooked, events[3]]
     assert [r for e in out for r in runs_of(e)] == ["d1", "d2", "h", "h2"]
+
+
+def test_packed_batches_only_to_the_agents_that_take_batches() -> None:
+    """An agent of a release before ``dispatched_runs`` (its heartbeat says no ``batches``)
+    gets each dispatch plain; the others' are batched as before."""
+    events: list[Event] = [dispatched("x1"), dispatched("y1", "agent-y"), dispatched("x2")]
+    events.append(dispatched("y2", "agent-y"))
+    out = packed(events, batches_to=lambda agent: agent != "agent-x")
+    assert [type(e) for e in out] == [RunDispatched, RunsDispatched, RunDispatched]
+    assert [r for e in out for r in runs_of(e)] == ["x1", "y1", "y2", "x2"]

@@ -280,14 +280,40 @@ CONFIG = parse(
 )
 
 
-def beat(agent_id: str, status: PipelineStatus = PipelineStatus.ready) -> AgentHeartbeat:
+def beat(
+    agent_id: str, status: PipelineStatus = PipelineStatus.ready, batches: bool = True
+) -> AgentHeartbeat:
     return AgentHeartbeat(
         agent_id=agent_id,
         at=0.0,
         started_at=0.0,
         accelerators=[Accelerator(kind="cpu", slots=2)],
         pipelines=[LoadedPipeline(pointer=PIPELINE, status=status)],
+        batches=batches,
     )
+
+
+async def test_an_agent_of_a_release_before_batches_gets_each_dispatch_alone(
+    nc: Client,
+) -> None:
+    """During a rolling upgrade an agent of a release before ``dispatched_runs`` skips a batch
+    as an unknown kind and would never run its runs: the scheduler batches a pass's
+    dispatches only to an agent whose heartbeat says it takes batches."""
+    scheduler = Scheduler(nc, CONFIG, clock=FakeClock())
+    await scheduler.ensure()
+    await scheduler.catalog.register(PipelineInfo(pointer=PIPELINE))
+    async with scheduler.following():
+        scheduler.fleet.observe(beat("old", batches=False))  # no ``batches`` in its heartbeat
+        for run_id in ("o1", "o2"):
+            await scheduler.log.append(submitted(run_id, Path("/nonexistent"), time.time()))
+        await scheduler.index.wait_for_seq(await scheduler.log.last_seq(), timeout=5)
+        with anyio.fail_after(20):
+            await scheduler.decide()
+        assert await count(scheduler.log, kind_subjects(RunsDispatched.kind)) == 0
+        assert await count(scheduler.log, "jetrun.ev.*.dispatched.old") == 2
+        for run_id in ("o1", "o2"):
+            run = scheduler.index.get(run_id)
+            assert run is not None and (run.state, run.agent_id) == (RunState.running, "old")
 
 
 async def test_runs_of_a_batch_whose_append_failed_are_decided_again_only_from_the_whole_log(

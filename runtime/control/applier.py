@@ -134,7 +134,7 @@ class Applier:
                 return
             # the queued runs of the pass, and its dispatches to each agent: batched
             most = min(DISPATCHED_BYTES, self.nc.max_payload // 4)
-            events = packed(d.events, dispatched_bytes=most)
+            events = packed(d.events, dispatched_bytes=most, batches_to=self._takes_batches)
             results = await append_all(self.log, self.fence, events, self.has_callback)
             for event, result in zip(events, results, strict=True):
                 runs = runs_of(event)
@@ -182,6 +182,12 @@ class Applier:
             return False
         self._unsure = False
         return True
+
+    def _takes_batches(self, agent_id: str) -> bool:
+        """Whether ``agent_id``'s last heartbeat says it takes ``dispatched_runs`` batches (an
+        agent of a release before them would skip one and never run its runs)."""
+        beat = self.fleet.get(agent_id)
+        return beat is not None and beat.batches
 
     def has_callback(self, run_id: str) -> bool:
         """Whether ``run_id`` was submitted with a callback URL (its end then goes where the

@@ -6,7 +6,7 @@ live in ``runtime.control.decide``."""
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
 
@@ -209,6 +209,7 @@ def packed(
     *,
     dispatched_per_event: int = DISPATCHED_PER_EVENT,
     dispatched_bytes: int = DISPATCHED_BYTES,
+    batches_to: Callable[[str], bool] | None = None,
 ) -> list[Event]:
     """``events`` as a pass appends them: the ``queued`` of two or more runs go as
     ``queued_runs`` events (one stored message for up to ``per_event`` runs, in the order
@@ -217,13 +218,16 @@ def packed(
     ``dispatched_per_event`` runs and ``dispatched_bytes`` of entries each), where the first
     dispatch to that agent stood; every other event, a lone ``queued`` or ``dispatched``, and
     the dispatch of a run with a callback URL, as it is (the webhook outbox reads a run's own
-    subjects: there it sees the dispatch, so an end no dispatch came before is a forgery). Pure:
+    subjects: there it sees the dispatch, so an end no dispatch came before is a forgery), and
+    the dispatches to an agent that ``batches_to`` (None: all) says takes no batch. Pure:
     the same decisions give the same events, so the same batch decided twice from one picture
     has one message id."""
     queued = [e for e in events if isinstance(e, RunQueued)]
     to: dict[str, list[RunDispatched]] = {}
     for e in events:
-        if isinstance(e, RunDispatched) and not e.callback:
+        if not isinstance(e, RunDispatched) or e.callback:
+            continue
+        if batches_to is None or batches_to(e.agent_id):
             to.setdefault(e.agent_id, []).append(e)
     if len(queued) < 2 and all(len(runs) < 2 for runs in to.values()):
         return events

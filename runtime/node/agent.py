@@ -277,6 +277,7 @@ class Agent(Replicas):
             running=sorted(self.attempts),
             seen_seq=self.seen_seq,
             can_serve=sorted(self.pools),
+            batches=True,
         )
 
     async def _beat(self) -> None:
