@@ -94,3 +94,6 @@ class SchedulerHeartbeat(msgspec.Struct, frozen=True, kw_only=True):
     at: float
     started_at: float
     seen_seq: int = 0
+    # it reads ``queued_runs`` and ``dispatched_runs`` (one of a release before them, were it to
+    # lead, would read a batched dispatch's runs as routing and dispatch them again)
+    batches: bool = False

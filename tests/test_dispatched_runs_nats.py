@@ -28,6 +28,7 @@ from contracts.agents import (
     LoadedPipeline,
     PipelineInfo,
     PipelineStatus,
+    SchedulerHeartbeat,
 )
 from contracts.events import (
     AdmissionGrant,
@@ -43,6 +44,7 @@ from contracts.values import from_python
 from runtime.clients.client import RunEvents
 from runtime.control import applier
 from runtime.control.passes import packed
+from runtime.control.readiness import SCHEDULER_HEARTBEAT_SUBJECT
 from runtime.control.scheduler import Scheduler
 from runtime.control.webhook_delivery import pending_subject
 from runtime.control.webhooks import OUTBOX, WebhookService
@@ -291,6 +293,49 @@ def beat(
         pipelines=[LoadedPipeline(pointer=PIPELINE, status=status)],
         batches=batches,
     )
+
+
+async def test_no_batched_dispatch_while_a_scheduler_of_a_release_before_batches_is_heard(
+    nc: Client,
+) -> None:
+    """A scheduler of a release before ``dispatched_runs`` skips a batch: a run it dispatched
+    reads ``routing`` to it, and if it led next it would dispatch that run again (run twice).
+    While one is heard (a standby during a rolling upgrade: its heartbeat has no ``batches``),
+    the leader dispatches each run alone; once it is gone, in batches again."""
+    clock = FakeClock()
+    scheduler = Scheduler(nc, CONFIG, clock=clock)
+    await scheduler.ensure()
+    await scheduler.catalog.register(PipelineInfo(pointer=PIPELINE))
+    async with scheduler.following():
+        scheduler.fleet.observe(beat("a1"))
+        older = SchedulerHeartbeat(scheduler_id="scheduler-older", at=0.0, started_at=0.0)
+        await nc.publish(SCHEDULER_HEARTBEAT_SUBJECT, msgspec.json.encode(older))
+        await nc.flush()
+        with anyio.fail_after(10):
+            while not scheduler.peers.older_heard():
+                await anyio.sleep(0.01)
+        for run_id in ("p1", "p2"):
+            await scheduler.log.append(submitted(run_id, Path("/nonexistent"), time.time()))
+        await scheduler.index.wait_for_seq(await scheduler.log.last_seq(), timeout=5)
+        with anyio.fail_after(20):
+            await scheduler.decide()
+        assert await count(scheduler.log, kind_subjects(RunsDispatched.kind)) == 0
+        assert await count(scheduler.log, "jetrun.ev.*.dispatched.a1") == 2
+        own = scheduler.heartbeat()  # its own heartbeat says it reads batches: not an older one
+        assert own.batches
+        await nc.publish(SCHEDULER_HEARTBEAT_SUBJECT, msgspec.json.encode(own))
+        await nc.flush()
+        await anyio.sleep(0.05)
+        assert scheduler.peers.older_heard()  # its own heartbeat changes nothing
+        clock.advance(scheduler.peers.timeout_s + 1)  # the older one is gone
+        assert not scheduler.peers.older_heard()
+        scheduler.fleet.observe(beat("a2"))  # a1's two slots are taken
+        for run_id in ("p3", "p4"):
+            await scheduler.log.append(submitted(run_id, Path("/nonexistent"), time.time()))
+        await scheduler.index.wait_for_seq(await scheduler.log.last_seq(), timeout=5)
+        with anyio.fail_after(20):
+            await scheduler.decide()
+        assert await count(scheduler.log, kind_subjects(RunsDispatched.kind)) == 1
 
 
 async def test_an_agent_of_a_release_before_batches_gets_each_dispatch_alone(

@@ -22,6 +22,7 @@ from contracts.run import RunRecord
 from runtime.control.admission import Admission, stream_name
 from runtime.control.decide import not_admitted
 from runtime.control.passes import DISPATCHED_BYTES, Decisions, Worklist, packed, runs_of
+from runtime.control.readiness import PeerSchedulers
 from runtime.infra.clock import Clock
 from runtime.infra.config import Config
 from runtime.infra.eventlog import Appended, EventLog
@@ -60,6 +61,7 @@ class Applier:
     index: RunIndex
     work: Worklist
     fleet: Fleet
+    peers: PeerSchedulers
     admission: Admission
     fence: Fence
     fenced: bool  # a newer scheduler fenced the log: stand by
@@ -185,9 +187,10 @@ class Applier:
 
     def _takes_batches(self, agent_id: str) -> bool:
         """Whether ``agent_id``'s last heartbeat says it takes ``dispatched_runs`` batches (an
-        agent of a release before them would skip one and never run its runs)."""
+        agent of a release before them would skip one and never run its runs), and no scheduler
+        of such a release was heard (were it to lead next, it would dispatch them again)."""
         beat = self.fleet.get(agent_id)
-        return beat is not None and beat.batches
+        return beat is not None and beat.batches and not self.peers.older_heard()
 
     def has_callback(self, run_id: str) -> bool:
         """Whether ``run_id`` was submitted with a callback URL (its end then goes where the

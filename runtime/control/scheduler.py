@@ -45,7 +45,11 @@ from runtime.control.applier import CATCH_UP_S, Applier, patiently
 from runtime.control.decide import decide
 from runtime.control.logfeed import LogFeed
 from runtime.control.passes import Now, Pass, Worklist
-from runtime.control.readiness import new_scheduler_id, publish_scheduler_heartbeats
+from runtime.control.readiness import (
+    PeerSchedulers,
+    new_scheduler_id,
+    publish_scheduler_heartbeats,
+)
 from runtime.control.restate import Restater
 from runtime.control.views import RunViews, ViewKeeper
 from runtime.infra.catalog import Catalog
@@ -131,6 +135,10 @@ class Scheduler(Applier):
         self._lost = 0
         self._cut_off = False
         self.scheduler_id = new_scheduler_id()
+        # one of a release before batches, heard: dispatch each run alone (``Applier``)
+        self.peers = PeerSchedulers(
+            self.scheduler_id, clock.monotonic, config.settings.node_loss_timeout_s
+        )
         # the lease is about real time (the server expires it), never an injected clock
         self.lease = Lease(
             self.log.js, self.scheduler_id, monotonic=time.monotonic, replicas=settings.replicas
@@ -182,6 +190,7 @@ class Scheduler(Applier):
         # a failed drain answer leaves nothing diverged: the agent is then lost by timeout
         drain = guard("drain handler", self._on_drain, fatal=False)
         drains = await self.nc.subscribe(f"{DRAIN_SUBJECT}.*", cb=drain)
+        peers = await self.peers.subscribe(self.nc, self.guard)
         try:
             async with self.catalog.following():
                 target, deadline = position.target, self.config.settings.replay_deadline_s
@@ -193,7 +202,7 @@ class Scheduler(Applier):
         finally:
             with anyio.CancelScope(shield=True):
                 await self.feed.leave()
-                for sub in (heartbeats, drains):
+                for sub in (heartbeats, drains, peers):
                     with contextlib.suppress(Exception):  # the connection may be gone
                         await sub.unsubscribe()
 
@@ -203,6 +212,7 @@ class Scheduler(Applier):
             at=self.clock.now(),
             started_at=self.started_at,
             seen_seq=self.index.last_seq,
+            batches=True,
         )
 
     def statistics(self) -> SchedulerStats:

@@ -203,7 +203,12 @@ def permissions(role: str) -> Permissions:
                 "jetrun.scaling.>",  # the autoscaler's decisions (not teams' settings)
             ),
             publish_deny=(*_NOT_THE_LOG, "jetrun.scaling.*.settings"),
-            subscribe=(*inbox, "jetrun.agents.heartbeat.*", "jetrun.agents.drain.*"),
+            subscribe=(
+                *inbox,
+                "jetrun.agents.heartbeat.*",
+                "jetrun.agents.drain.*",
+                "jetrun.scheduler.heartbeat",  # another of a release before batches: none
+            ),
             allow_responses=True,
         ),
         "webhooks": Permissions(  # the webhook deliverer (``jetrun webhooks``)
