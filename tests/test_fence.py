@@ -177,6 +177,7 @@ class FlakyLog:
         fencing: object = None,
         callback: bool = False,
         expiry: object = None,
+        last: bool = True,
     ) -> object:
         self.sent.append(event.run_id)
         if callback:

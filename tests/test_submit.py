@@ -44,6 +44,7 @@ class Harness:
     gateway: Gateway
     http: httpx.AsyncClient
     real_append: Append
+    real_record: Append
 
     def fail_submissions(self, how: Callable[[Event], Awaitable[Appended]]) -> None:
         async def append(event: Event, **kw: Any) -> Appended:
@@ -51,10 +52,16 @@ class Harness:
                 return await how(event)
             return await self.real_append(event, **kw)
 
+        async def record(event: Event) -> Appended:
+            return await append(event)
+
+        # a submission is recorded with ``record`` (confirmed by the gateway's tail, else acked)
         self.gateway.log.append = append  # type: ignore[method-assign]
+        self.gateway.log.record = record  # type: ignore[method-assign]
 
     def heal(self) -> None:
         self.gateway.log.append = self.real_append  # type: ignore[method-assign]
+        self.gateway.log.record = self.real_record  # type: ignore[method-assign]
 
     async def permits(self) -> list[str]:
         return [p.run_id for _, p in await self.gateway.admission.holders(3, "acme")]
@@ -75,7 +82,7 @@ async def h(nc: Client) -> AsyncIterator[Harness]:
         async with httpx.AsyncClient(
             transport=transport, base_url="http://gw", headers=headers
         ) as http:
-            yield Harness(gateway, http, gateway.log.append)
+            yield Harness(gateway, http, gateway.log.append, gateway.log.record)
         tg.cancel_scope.cancel()
 
 

@@ -137,7 +137,9 @@ class Applier:
             # the queued runs of the pass, and its dispatches to each agent: batched
             most = min(DISPATCHED_BYTES, self.nc.max_payload // 4)
             events = packed(d.events, dispatched_bytes=most, batches_to=self._takes_batches)
-            results = await append_all(self.log, self.fence, events, self.has_callback)
+            results = await append_all(
+                self.log, self.fence, events, self.has_callback, self._fenced_out
+            )
             for event, result in zip(events, results, strict=True):
                 runs = runs_of(event)
                 if isinstance(result, Appended):

@@ -130,6 +130,7 @@ class Gateway(RunsApi):
             self.log.js, config.settings.max_streams_per_team, replicas=settings.replicas
         )
         self.feed = feed or LogFeed(self.log, self.views)
+        self.feed.confirm_appends(self.log)  # its tail shows what it appends
         tail = self.guard.wrap_sync
         self.feed.join(
             self.index,

@@ -24,6 +24,7 @@ from runtime.control.views import RunViews, start_position
 from runtime.infra.eventlog import Apply, EventLog, Skip
 from runtime.infra.ordered import OrderedTail
 from runtime.infra.projection import RunIndex
+from runtime.infra.tailconfirm import TailConfirm
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,13 @@ class LogFeed:
         self._starting = anyio.Lock()
         self._sub: OrderedTail | None = None
         self._active = 0
+        # the appends of this process's components that the feed will show go without a
+        # reply: the feed confirms them (``runtime.infra.tailconfirm``; ``confirm_appends``)
+        self.confirm = TailConfirm()
+
+    def confirm_appends(self, log: EventLog) -> None:
+        """Have ``log``'s ``send`` and ``record`` confirmed by this feed, not by acks."""
+        log.tail_confirm = self.confirm
 
     def join(self, index: RunIndex, on_event: Apply, on_skipped: Skip) -> None:
         """Feed ``index`` (through ``on_event``/``on_skipped``, which must not raise: wrap them
@@ -72,7 +80,10 @@ class LogFeed:
                 on_skipped: Skip = self._on_skipped
                 if len(self._readers) == 1:  # straight to the one reader
                     on_event, on_skipped = self._readers[0].on_event, self._readers[0].on_skipped
-                self._sub = await self.log.follow(on_event, on_skipped, from_seq=begin)
+                self._sub = await self.log.follow(
+                    on_event, on_skipped, from_seq=begin, confirm=self.confirm
+                )
+                self.confirm.start()
                 self._position = Position(begin, target)
             self._active += 1
             return self._position
@@ -81,6 +92,7 @@ class LogFeed:
         """A reader is done; the last one stops the consumer."""
         self._active -= 1
         if self._active <= 0 and self._sub is not None:
+            self.confirm.stop()
             sub, self._sub = self._sub, None
             with contextlib.suppress(Exception):  # the connection may be gone
                 await sub.unsubscribe()

@@ -151,6 +151,7 @@ class Scheduler(Applier):
         # the pipelines a node is being added for (the scaler beside it sets this)
         self.booting: Callable[[], frozenset[str]] = frozenset
         self.feed = feed or LogFeed(self.log, self.views)
+        self.feed.confirm_appends(self.log)  # its tail shows what it appends
         tail = self.guard.wrap_sync
         self.feed.join(
             self.index,

@@ -192,7 +192,7 @@ class Submitter:
         """Append ``submitted``; its sequence. A permit is given back only when the log said
         no; while the outcome is unknown it stays (the sweep gives it back if no run appears)."""
         try:
-            return (await self.log.append(submitted)).seq
+            return (await self.log.record(submitted)).seq
         except MaxPayloadError:  # refused by the client itself: certainly not recorded
             if slot is not None:
                 await self.admission.release(slot)

@@ -33,7 +33,7 @@ from contracts.events import (
 )
 from contracts.machine import fold, restated_record
 from contracts.run import RunRecord
-from runtime.infra import jspub, streams
+from runtime.infra import jspub, streams, tailconfirm
 from runtime.infra.event_subjects import (
     ALL_EVENTS,
     agent_dispatches,
@@ -46,7 +46,7 @@ from runtime.infra.event_subjects import (
     run_subjects,
     subject_of,
 )
-from runtime.infra.jsretry import retrying
+from runtime.infra.jsretry import RETRYABLE, retrying
 from runtime.infra.ordered import OrderedTail, TailHandler, ack_tokens
 from runtime.infra.streams import EVENTS_STREAM
 from runtime.infra.streamsetup import ensure_stream, require_stream
@@ -128,6 +128,9 @@ class EventLog:
         self.js = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
         self.settings = settings or LogSettings()
         self._publisher = jspub.publisher(nc)
+        # this process's tail of the whole log, where it has one (``LogFeed``): ``send`` and
+        # ``record`` go without a reply and are confirmed by it (``runtime.infra.tailconfirm``)
+        self.tail_confirm: tailconfirm.TailConfirm | None = None
 
     def stream_config(self) -> api.StreamConfig:
         s = self.settings
@@ -171,6 +174,21 @@ class EventLog:
         ack = await retrying(f"append {subject}", publish, self.settings.append_deadline_s)
         return Appended(ack.seq, bool(ack.duplicate))
 
+    async def record(self, event: Event) -> Appended:
+        """``append(event)``, confirmed by this process's tail where it has one (no ack
+        message): an append the tail does not show (``tailconfirm.NotSeen``) is made again the
+        acked way, whose answer tells the outcome (``append``'s)."""
+        confirm = self.tail_confirm
+        if confirm is not None and confirm.active:
+            subject, data, headers = _message(event, None, None)
+            try:
+                tailed = await confirm.send(self.nc, subject, data, headers)
+                if tailed is not None:
+                    return Appended((await tailed.ack()).seq, False)
+            except RETRYABLE:  # not seen (``NotSeen`` is one), or not sent: the acked way tells
+                pass
+        return await self.append(event)
+
     async def send(
         self,
         event: Event,
@@ -179,13 +197,27 @@ class EventLog:
         callback: bool = False,
         expiry: jspub.Expiry | None = None,
         payload: bytes | None = None,
-    ) -> jspub.Pending:
+        last: bool = True,
+    ) -> jspub.Pending | tailconfirm.Tailed:
         """The first try of ``append(event, fencing=fencing, callback=callback)``, its ack
         awaited later (``Pending.ack()``), so that one task can have many appends in flight. No
         retry: after an outage the caller calls ``append`` (the same message id: stored once).
         ``expiry``: appends sent together time out together (``jspub.Expiry``). ``payload``: as
-        for ``append``."""
+        for ``append``.
+
+        Where this process tails the whole log (``tail_confirm``), an append that is not the
+        ``last`` of the appends sent together goes without a reply and the tail confirms it:
+        its ``ack()`` raises ``tailconfirm.NotSeen`` (a retryable timeout) for one the tail
+        does not show, which the caller appends again as after an outage. The last one is
+        acked, and its answer settles the ones before it (``TailConfirm.send_acked``)."""
         subject, data, headers = _message(event, fencing, payload, callback)
+        confirm = self.tail_confirm
+        if confirm is not None and confirm.active:
+            if last:
+                return await confirm.send_acked(self.nc, subject, data, headers, PUBLISH_TIMEOUT_S)
+            tailed = await confirm.send(self.nc, subject, data, headers)
+            if tailed is not None:
+                return tailed
         return await self._publisher.send(subject, data, headers, PUBLISH_TIMEOUT_S, expiry)
 
     async def read(self, run_id: str) -> list[Stored]:
@@ -258,11 +290,19 @@ class EventLog:
             subject = subjects[0]
         return await self._ordered(subject, on_msg, config)
 
-    async def follow(self, apply: Apply, skip: Skip, *, from_seq: int = 1) -> OrderedTail:
+    async def follow(
+        self,
+        apply: Apply,
+        skip: Skip,
+        *,
+        from_seq: int = 1,
+        confirm: tailconfirm.TailConfirm | None = None,
+    ) -> OrderedTail:
         """``tail`` of every event for handlers that are plain functions (a reader that
         applies each event to an index): ``apply(seq, event)``, or ``skip(seq)`` for a message
         that does not decode. Each event is handled as the connection's reader receives it:
-        no coroutine, no task (``runtime.infra.ordered``)."""
+        no coroutine, no task (``runtime.infra.ordered``). ``confirm``: told of every message
+        once it is applied, to confirm this process's reply-less appends."""
 
         def on_msg(seq: int, subject: bytes, data: bytes) -> None:
             event = _decode_data(data, subject)
@@ -270,6 +310,8 @@ class EventLog:
                 apply(seq, event)
             else:
                 skip(seq)
+            if confirm is not None:
+                confirm.seen(seq, subject, data)
 
         config = api.ConsumerConfig(opt_start_seq=max(from_seq, 1))
         return await self._ordered(ALL_EVENTS, on_msg, config)

@@ -29,6 +29,7 @@ from runtime.infra.eventlog import PUBLISH_TIMEOUT_S, Appended, EventLog, Fencin
 from runtime.infra.jspub import Expiry, Pending
 from runtime.infra.jsretry import RETRYABLE, retrying
 from runtime.infra.streams import EVENTS_STREAM
+from runtime.infra.tailconfirm import Tailed
 
 log = logging.getLogger("jetrun.fence")
 
@@ -208,15 +209,18 @@ async def append_all(
     fence: Fence,
     events: Sequence[Event],
     callback: Callable[[str], bool] = _no_callback,
+    fenced: Callable[[Fenced], None] | None = None,
 ) -> list[Appended | Exception]:
     """Append ``events`` (about different runs) behind ``fence``, each on a slot of its own,
     with no task per append: each publish is sent as soon as it has a slot, and the acks are
     awaited once no slot is free or all are sent. A first try refused for an outage or a busy
     slot is made again by ``append`` (the same message id, so stored once), those together.
     Returns, per event, where it was stored or the exception (``Fenced``: a newer scheduler
-    fenced its slot). ``callback(run_id)``: whether that run has a callback URL."""
+    fenced its slot). ``callback(run_id)``: whether that run has a callback URL. ``fenced``:
+    told at once of a first try refused by the fence, before the others are settled (where
+    the log's tail confirms appends, the ones sent before it are then asked about again)."""
     results: list[Appended | Exception | None] = [None] * len(events)
-    flight: list[tuple[int, int, Fencing | None, Pending]] = []
+    flight: list[tuple[int, int, Fencing | None, Pending | Tailed]] = []
     again: list[tuple[int, int, Fencing | None]] = []
     held: set[int] = set()
 
@@ -229,10 +233,12 @@ async def append_all(
                 ack = await pending.ack()
                 results[i] = Appended(ack.seq, bool(ack.duplicate))
             except Exception as err:
-                results[i] = _first_try(events[i], err)
-                if results[i] is None:
+                result = results[i] = _first_try(events[i], err)
+                if result is None:
                     again.append((i, slot, fencing))
                     continue
+                if fenced is not None and isinstance(result, Fenced):
+                    fenced(result)
             held.discard(slot)
             fence.give(slot)
         flight.clear()
@@ -268,7 +274,12 @@ async def append_all(
                 if expiry is None:
                     expiry = Expiry(PUBLISH_TIMEOUT_S)
                 pending = await log.send(
-                    event, fencing=fencing, callback=callback(event.run_id), expiry=expiry
+                    event,
+                    fencing=fencing,
+                    callback=callback(event.run_id),
+                    expiry=expiry,
+                    # the last before the acks are awaited: acked (``EventLog.send``)
+                    last=i == len(events) - 1 or not fence.has_free(),
                 )
                 flight.append((i, slot, fencing, pending))
             except Exception as err:

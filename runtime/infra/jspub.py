@@ -21,8 +21,10 @@ which completes the waiting publish's future; no ``Msg``, no task in between.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -168,6 +170,20 @@ class Pending:
         timer: asyncio.TimerHandle | None,
     ) -> None:
         self._publisher, self._key, self._future, self._timer = publisher, key, future, timer
+
+    def on_answer(self, call: Callable[[bool], None]) -> None:
+        """``call(stored)`` once the ack is in (or timed out, or waiting was cancelled):
+        ``stored`` is whether it says the message was stored now (not a duplicate, not
+        refused)."""
+
+        def answered(future: asyncio.Future[Reply]) -> None:
+            stored = False
+            if not future.cancelled() and future.exception() is None:
+                with contextlib.suppress(Exception):
+                    stored = not _ack_of(*future.result()).duplicate
+            call(stored)
+
+        self._future.add_done_callback(answered)
 
     async def ack(self) -> api.PubAck:
         """The ack, as ``JetStreamContext.publish`` answers (see ``publish``)."""
