@@ -41,7 +41,15 @@ from runtime.infra.streams import EVENTS_STREAM, TERMINAL_KINDS
 #: what the stages are read from: no outputs, no queue or fence events
 SUBJECTS = [
     f
-    for kind in ("submitted", "queued", "queued_runs", "started", "dispatched", *TERMINAL_KINDS)
+    for kind in (
+        "submitted",
+        "queued",
+        "queued_runs",
+        "started",
+        "dispatched",
+        *TERMINAL_KINDS,
+        "ended_runs",
+    )
     for f in kind_filters(kind)
 ]
 SUBMITTED_TO_QUEUED = "submitted -> queued"
@@ -127,8 +135,9 @@ def stage_durations(
 
 
 def _each_run(events: Iterable[AnyEvent]) -> Iterable[AnyEvent]:
-    """``events``, a batch (``queued_runs``, ``dispatched_runs``) as each of its runs' own
-    event (``dispatched_runs`` is read with ``dispatched``: it is on that kind's subjects)."""
+    """``events``, a batch (``queued_runs``, ``dispatched_runs``, ``ended_runs``) as each of its
+    runs' own event (``dispatched_runs`` is read with ``dispatched``: it is on that kind's
+    subjects)."""
     for event in events:
         if isinstance(event, BATCHES):
             yield from event.each()

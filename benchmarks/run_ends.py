@@ -18,17 +18,26 @@ import uuid
 from dataclasses import dataclass, field
 
 import anyio
+import msgspec
 from nats.js import JetStreamContext, api
 
-from contracts.events import decode_event
+from contracts.events import BATCHES, RunsEnded, decode_event
 from runtime.infra.eventlog import kind_filters
 from runtime.infra.streams import EVENTS_STREAM, TERMINAL_KINDS
 
 SUBMITTED = kind_filters("submitted")
 ENDS = [f for kind in TERMINAL_KINDS for f in kind_filters(kind)]
+ENDED_RUNS = kind_filters(RunsEnded.kind)  # an agent's batches of ends: read, entries counted
 POLL_S = 0.25
 #: an abandoned counting consumer (the benchmark died) is removed after this
 INACTIVE_S = 900.0
+
+
+class _Ends(msgspec.Struct):
+    ends: list[msgspec.Raw]
+
+
+_count = msgspec.json.Decoder(_Ends)
 
 
 @dataclass
@@ -39,6 +48,9 @@ class EndCounts:
     js: JetStreamContext
     start_seq: int
     names: tuple[str, str] = ("", "")
+    batched: int = 0  # ends read in ``ended_runs`` batches so far
+    batch_counter: str = ""  # a consumer of the batches nothing is fetched from
+    _batches: JetStreamContext.PullSubscription | None = None
 
     async def __aenter__(self) -> EndCounts:
         names = []
@@ -55,30 +67,67 @@ class EndCounts:
             info = await self.js.add_consumer(EVENTS_STREAM, config)
             names.append(info.name)
         self.names = (names[0], names[1])
+        config = api.ConsumerConfig(
+            ack_policy=api.AckPolicy.NONE,
+            deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+            opt_start_seq=self.start_seq,
+            filter_subjects=ENDED_RUNS,
+            inactive_threshold=INACTIVE_S,
+            mem_storage=True,
+        )
+        self._batches = await self.js.pull_subscribe("", stream=EVENTS_STREAM, config=config)
+        config.name = f"bench-count-{uuid.uuid4().hex}"
+        self.batch_counter = (await self.js.add_consumer(EVENTS_STREAM, config)).name
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(10):
-            for name in self.names:
+            for name in (*self.names, self.batch_counter):
                 await self.js.delete_consumer(EVENTS_STREAM, name)
+            if self._batches is not None:
+                await self._batches.unsubscribe()
 
     async def counts(self) -> tuple[int, int]:
-        """(runs submitted, runs ended) since ``start_seq``."""
+        """(runs submitted, runs ended) since ``start_seq`` (an ``ended_runs`` batch: each of
+        its ends; these batches are read, the other messages counted by nats-server)."""
         submitted, ended = [
             (await self.js.consumer_info(EVENTS_STREAM, name)).num_pending or 0
             for name in self.names
         ]
-        return submitted, ended
+        while self._batches is not None:
+            try:
+                msgs = await self._batches.fetch(1024, timeout=0.05)
+            except TimeoutError:
+                break
+            self.batched += sum(len(_count.decode(msg.data).ends) for msg in msgs)
+        return submitted, ended + self.batched
 
     async def until_all_ended(self, timeout_s: float) -> int:
         """Waits until as many runs ended as were submitted (at least one); returns how many.
-        Raises ``TimeoutError`` after ``timeout_s``."""
+        Raises ``TimeoutError`` after ``timeout_s``. While the runs drain, nothing is read: the
+        ``ended_runs`` batches are counted as messages (each holds two ends or more), and read
+        for their exact count only once the counts stop moving."""
+        last: tuple[int, int, int] | None = None
         with anyio.fail_after(timeout_s):
             while True:
-                submitted, ended = await self.counts()
-                if submitted and ended >= submitted:
+                submitted, plain, batches = now = await self._pending()
+                if submitted and plain + 2 * batches >= submitted:
                     return submitted
+                if submitted and now == last:
+                    counted, ended = await self.counts()
+                    if ended >= counted:
+                        return counted
+                last = now
                 await anyio.sleep(POLL_S)
+
+    async def _pending(self) -> tuple[int, int, int]:
+        """(runs submitted, plain ends, ``ended_runs`` batches) since ``start_seq``."""
+        submitted, ended = [
+            (await self.js.consumer_info(EVENTS_STREAM, name)).num_pending or 0
+            for name in self.names
+        ]
+        info = await self.js.consumer_info(EVENTS_STREAM, self.batch_counter)
+        return submitted, ended, info.num_pending or 0
 
 
 @dataclass
@@ -108,7 +157,7 @@ class Span:
                 ack_policy=api.AckPolicy.NONE,
                 deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
                 opt_start_seq=self.next_seq,
-                filter_subjects=[*SUBMITTED, *ENDS],
+                filter_subjects=[*SUBMITTED, *ENDS, *ENDED_RUNS],
                 inactive_threshold=30.0,
                 mem_storage=True,
             )
@@ -119,11 +168,12 @@ class Span:
             except TimeoutError:  # nats-py raises its own or asyncio's (both TimeoutError)
                 return
             for msg in msgs:
-                event = decode_event(msg.data)
-                if event.kind == "submitted" and event.at >= self.since:
-                    self.first[event.run_id] = event.at
-                elif event.kind in TERMINAL_KINDS and event.run_id in self.first:
-                    self.last[event.run_id] = event.at
+                batch = decode_event(msg.data)
+                for event in batch.each() if isinstance(batch, BATCHES) else (batch,):
+                    if event.kind == "submitted" and event.at >= self.since:
+                        self.first[event.run_id] = event.at
+                    elif event.kind in TERMINAL_KINDS and event.run_id in self.first:
+                        self.last[event.run_id] = event.at
 
     async def read_all(self, js: JetStreamContext, runs: int, timeout_s: float = 60.0) -> None:
         """Reads until ``runs`` runs were submitted and every one of them ended in the log.

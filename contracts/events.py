@@ -280,9 +280,6 @@ def dispatched_runs(events: list[RunDispatched], at: float) -> RunsDispatched:
     return RunsDispatched(run_id=DISPATCHED_RUNS_ID, at=at, agent_id=events[0].agent_id, runs=runs)
 
 
-BATCHES = (RunsQueued, RunsDispatched)  # events that stand for one event of each of several runs
-
-
 class RunStarted(AttemptEvent, frozen=True, kw_only=True, tag="started"):
     kind: ClassVar[str] = "started"
     agent_id: str
@@ -323,6 +320,54 @@ class RunTimedOut(AttemptEvent, frozen=True, kw_only=True, tag="timed_out"):
 
     kind: ClassVar[str] = "timed_out"
     timeout_s: float
+
+
+ENDED_RUNS_ID = "_ended"  # the ``run_id`` of ``ended_runs`` events: never a run's
+
+
+class RunsEnded(Event, frozen=True, kw_only=True, tag="ended_runs"):
+    """Several attempts one agent ended, ready in the same turn of its loop: one event (one
+    stored message, one ack, one delivery to each reader) instead of one end each. ``run_id``
+    is ``ENDED_RUNS_ID``, never a run; it is appended on ``jetrun.ev._ended.ended_runs.<agent>``
+    (only that agent may publish there). Each of ``ends`` (a ``completed``, ``failed`` or
+    ``timed_out``, in the order the attempts ended) is applied as that run's own end at this
+    point of the log, by every reader of the whole log, but only to a run whose current attempt
+    was dispatched to ``agent_id`` (``ended_by``); any other entry is ignored. Runs with a
+    callback URL never go in one (their ends stay on the subjects the webhook outbox reads),
+    and neither does an end too large for one. It is not on any run's own subjects (the state
+    machine's rule 10). Its message id is a hash of the agent and each entry's run, attempt and
+    kind, so a retried batch is stored once."""
+
+    kind: ClassVar[str] = "ended_runs"
+    agent_id: str
+    ends: list[RunCompleted | RunFailed | RunTimedOut]
+
+    def each(self) -> list[AnyEvent]:
+        """Each run's own end, in order (a reader checks ``ended_by`` before applying one)."""
+        return list(self.ends)
+
+    def one(self, run_id: str) -> RunCompleted | RunFailed | RunTimedOut | None:
+        """The end this batch stands for for ``run_id`` (None: not in it)."""
+        for end in self.ends:
+            if end.run_id == run_id:
+                return end
+        return None
+
+    def message_id(self) -> str:
+        digest = hashlib.sha256(f"{self.agent_id}\n".encode())
+        for end in self.ends:
+            digest.update(f"{end.run_id}:{end.attempt}:{end.kind}\n".encode())
+        return f"{self.run_id}:{self.kind}:{len(self.ends)}:{digest.hexdigest()[:32]}"
+
+
+def ended_by(agent_id: str | None, batch: RunsEnded) -> bool:
+    """Whether an entry of ``batch`` may apply to a run whose current attempt went to
+    ``agent_id`` (the run record's ``agent_id``): only its own agent ends a run by batch."""
+    return agent_id == batch.agent_id
+
+
+# events that stand for one event of each of several runs
+BATCHES = (RunsQueued, RunsDispatched, RunsEnded)
 
 
 class RunPreempted(AttemptEvent, frozen=True, kw_only=True, tag="preempted"):
@@ -408,6 +453,7 @@ AnyEvent = (
     | RunCompleted
     | RunFailed
     | RunTimedOut
+    | RunsEnded
     | RunPreempted
     | RunRequeued
     | RunNoResourcesAvailable
@@ -431,6 +477,7 @@ EVENT_TYPES: tuple[type[Event], ...] = (
     RunCompleted,
     RunFailed,
     RunTimedOut,
+    RunsEnded,
     RunPreempted,
     RunRequeued,
     RunNoResourcesAvailable,

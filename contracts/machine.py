@@ -36,6 +36,10 @@ Rules of this machine:
    any agent may append an attempt's events for any run): a reader of the whole log
    (``evolve``: every ``RunIndex``, so what the scheduler decides from) leaves the run as it
    is (``Verdict.illegal``).
+11. A batch of ends (``ended_runs``: attempts one agent ended in the same turn of its loop) is,
+   for each run it names, that run's own end where the batch stands in the log, but only if
+   the run's current attempt was dispatched to the batch's agent (``ended_by``); otherwise,
+   and for any other run, it is foreign. A run's own subjects do not hold it (rule 10).
 No I/O, no clock: time is a field of each event. The same events give the same run anywhere.
 """
 
@@ -66,11 +70,13 @@ from contracts.events import (
     RunRequeued,
     RunRestated,
     RunsDispatched,
+    RunsEnded,
     RunsQueued,
     RunStarted,
     RunSubmitted,
     RunTimedOut,
     RunWaitChanged,
+    ended_by,
 )
 from contracts.outputs import Outputs, encode_hook
 from contracts.run import RunRecord
@@ -161,9 +167,11 @@ class IllegalTransition(Exception):
 def judge(run: RunRecord, event: Event, own_subjects: bool = False) -> Verdict:
     """What ``evolve`` would do with ``event``, without doing it. A queue's event is about
     every run of its pipeline (rule 8)."""
-    if isinstance(event, BATCHES):  # rule 9
+    if isinstance(event, BATCHES):  # rules 9 and 11
         own = event.one(run.id)
-        return Verdict.foreign if own is None else judge(run, own, own_subjects)
+        if own is None or (isinstance(event, RunsEnded) and not ended_by(run.agent_id, event)):
+            return Verdict.foreign
+        return judge(run, own, own_subjects)
     if isinstance(event, QueueWaitChanged):
         if event.pipeline != run.pipeline:
             return Verdict.foreign
@@ -190,6 +198,11 @@ def evolve(run: RunRecord, event: Event, own_subjects: bool = False) -> RunRecor
     if kind is RunsQueued or kind is RunsDispatched:  # rule 9 (identity tests: every event)
         own = event.one(run.id)  # type: ignore[attr-defined]
         return run if own is None else _evolve_one(run, own, table)
+    if kind is RunsEnded:  # rule 11
+        end = event.one(run.id)  # type: ignore[attr-defined]
+        if end is None or not ended_by(run.agent_id, event):  # type: ignore[arg-type]
+            return run
+        return _evolve_one(run, end, table)
     after = _evolve_one(run, event, table)
     if after is not run and isinstance(event, RunSubmitted):
         follow = event.implied()

@@ -344,8 +344,9 @@ def events_command(
     run_id: str, nats_url: str, nats_seed: Path | None, nats_ca: Path | None, as_json: bool
 ) -> None:
     """RUN_ID's own events, read from the event log over NATS (for operators; the service or
-    admin seed). A queued or dispatched batched with other runs' by a decision pass is not among
-    them."""
+    admin seed), with its dispatch and end where a batch carried them (``dispatched_runs``,
+    ``ended_runs``: shown as the run's own). A queued batched with other runs' by a decision
+    pass is not among them."""
     credentials = credentials_for("service", nats_seed, nats_ca)
     from runtime.infra.eventlog import EventLog
     from runtime.infra.nats_conn import connect
@@ -355,7 +356,7 @@ def events_command(
     async def read() -> list[tuple[int, dict[str, Any]]]:
         nc = await connect(nats_url, "jetrun-events", credentials)
         try:
-            stored = await EventLog(nc).read(run_id)
+            stored = await EventLog(nc).history(run_id)
         finally:
             await nc.close()
         return [(s.seq, msgspec.to_builtins(s.event)) for s in stored]

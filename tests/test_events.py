@@ -34,6 +34,7 @@ from contracts.events import (
     RunRequeued,
     RunRestated,
     RunsDispatched,
+    RunsEnded,
     RunsQueued,
     RunStarted,
     RunSubmitted,
@@ -124,6 +125,15 @@ SAMPLES: dict[type[Event], AnyEvent] = {
                 inputs=[from_python(3)],
                 callback=True,
             ),
+        ],
+    ),
+    RunsEnded: RunsEnded(
+        run_id=RUN,
+        at=AT,
+        agent_id="agent-1",
+        ends=[
+            RunCompleted(run_id="run_a", at=AT, attempt=1, outputs=[from_python(1)], ran_s=0.01),
+            RunTimedOut(run_id="run_b", at=AT, attempt=2, timeout_s=1.5),
         ],
     ),
 }

@@ -17,6 +17,7 @@ import pytest
 from contracts.events import (
     QueueWaitChanged,
     RunsDispatched,
+    RunsEnded,
     RunsQueued,
     SchedulerElected,
     decode_events,
@@ -28,7 +29,7 @@ from contracts.run import RunRecord
 
 HISTORIES = Path(__file__).parent / "histories"
 # a queue, the batches, the fence
-NOT_A_RUNS = (QueueWaitChanged, RunsQueued, RunsDispatched, SchedulerElected)
+NOT_A_RUNS = (QueueWaitChanged, RunsQueued, RunsDispatched, RunsEnded, SchedulerElected)
 FILES = sorted(HISTORIES.glob("*.json"))
 
 #: One per failure mode of SPEC section 3, one per happy path, and the cancel/stale cases.

@@ -31,6 +31,7 @@ from contracts.events import (
     RunRequeued,
     RunRestated,
     RunsDispatched,
+    RunsEnded,
     RunsQueued,
     RunStarted,
     RunSubmitted,
@@ -64,7 +65,9 @@ T0 = 1_700_000_000.0
 AT = T0 + 100.0  # the time of the event under test: later than every prefix event
 # the events of the table (rules 1-6); ``restated`` is rule 7 and the batches rule 9,
 # tested on their own below
-TABLE_EVENT_TYPES = [t for t in EVENT_TYPES if t not in (RunRestated, RunsQueued, RunsDispatched)]
+TABLE_EVENT_TYPES = [
+    t for t in EVENT_TYPES if t not in (RunRestated, RunsQueued, RunsDispatched, RunsEnded)
+]
 
 
 # --- realistic prefixes: the log of a run that has reached a given state -------------------------

@@ -31,6 +31,7 @@ from contracts.events import (
     Event,
     QueueWaitChanged,
     RunsDispatched,
+    RunsEnded,
     RunsQueued,
     RunSubmitted,
 )
@@ -148,6 +149,7 @@ class RunEvents:
                 kind_subjects(QueueWaitChanged.kind),
                 kind_subjects(RunsQueued.kind),
                 kind_subjects(RunsDispatched.kind),
+                kind_subjects(RunsEnded.kind),
             ]
             sub = await self.log.tail(on_event, from_seq=from_seq, subjects=subjects)
         else:
@@ -158,14 +160,14 @@ class RunEvents:
                     if seq <= last:
                         continue  # a consumer recreated after a gap delivers again
                     last = seq
-                    for one in _each_run(event, run_id):
+                    for one, by in _each_run(event, run_id):
                         if (
                             from_seq > 1
                             and not isinstance(one, (RunSubmitted, QueueWaitChanged))
                             and runs.unseen(one.run_id)
                         ):  # the run began before from_seq: load what came before
                             runs.load(one.run_id, await self._load_before(one.run_id, seq))
-                        for after in runs.apply(one):
+                        for after in runs.apply(one, by):
                             if _matches(after, team, pipeline, run_id):
                                 yield RunChange(seq=seq, event=one, run=after)
         finally:
@@ -211,16 +213,20 @@ class RunFollower:
                 self.loaded.add(record.id)
             self._keep(record)
 
-    def apply(self, event: AnyEvent) -> list[RunRecord]:
+    def apply(self, event: AnyEvent, by: str | None = None) -> list[RunRecord]:
         """The runs ``event`` changed, changed (a queue's event may change many; an event of an
-        ended run changes none)."""
+        ended run changes none). ``by``: ``event`` is an entry of an ``ended_runs`` batch of
+        that agent's, applied only to a run whose current attempt went to it."""
         if isinstance(event, QueueWaitChanged):
             return self._apply_to_queue(event)
         if isinstance(event, BATCHES):  # each run's own event, in order
-            return [run for one in event.each() for run in self.apply(one)]
+            return [run for one, agent in _entries(event) for run in self.apply(one, agent)]
         if event.run_id in self.ended:
             return []
-        base = self.runs.get(event.run_id) or RunRecord(id=event.run_id)
+        held = self.runs.get(event.run_id)
+        if by is not None and (held is None or held.agent_id != by):
+            return []  # an end only the run's own agent may batch (machine rule 11)
+        base = held or RunRecord(id=event.run_id)
         loaded = self.loaded
         after = evolve(base, event, own_subjects=bool(loaded) and event.run_id in loaded)
         if after is base:
@@ -259,13 +265,19 @@ class RunFollower:
                 del self.queued[run.pipeline]
 
 
-def _each_run(event: AnyEvent, run_id: str | None) -> list[AnyEvent]:
-    """``event``, or the event of each run a batch (``queued_runs``, ``dispatched_runs``)
-    stands for (only ``run_id``'s when one run is watched), each then yielded as that run's own
-    event."""
+def _each_run(event: AnyEvent, run_id: str | None) -> list[tuple[AnyEvent, str | None]]:
+    """``event``, or the event of each run a batch (``queued_runs``, ``dispatched_runs``,
+    ``ended_runs``) stands for (only ``run_id``'s when one run is watched), each then yielded as
+    that run's own event; with the agent of an ``ended_runs`` batch (``RunFollower.apply``)."""
     if not isinstance(event, BATCHES):
-        return [event]
-    return [one for one in event.each() if run_id is None or one.run_id == run_id]
+        return [(event, None)]
+    return [(one, by) for one, by in _entries(event) if run_id is None or one.run_id == run_id]
+
+
+def _entries(batch: RunsQueued | RunsDispatched | RunsEnded) -> list[tuple[AnyEvent, str | None]]:
+    """Each run's own event of ``batch``, with the agent it must have gone to (ends only)."""
+    by = batch.agent_id if isinstance(batch, RunsEnded) else None
+    return [(one, by) for one in batch.each()]
 
 
 def _matches(run: RunRecord, team: str | None, pipeline: str | None, run_id: str | None) -> bool:

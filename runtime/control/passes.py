@@ -292,7 +292,7 @@ def _entry_bytes(one: RunDispatched) -> int:
 def runs_of(event: Event) -> list[str]:
     """The runs an appended event decides about (a batch: each of its runs)."""
     if isinstance(event, BATCHES):
-        return [r.run_id for r in event.runs]
+        return [r.run_id for r in event.each()]
     return [event.run_id]
 
 

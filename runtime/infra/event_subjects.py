@@ -12,12 +12,21 @@ the run's submission in the log. One run's events are ``jetrun.ev.<run_id>.>``; 
 terminal kind read both forms (``kind_filters``). The dispatches one pass makes to one agent,
 batched (``dispatched_runs``), go where that agent's dispatches go, under a run id no run has:
 ``jetrun.ev._dispatched.dispatched.<agent_id>`` (so the agent's filter and its permissions are
-unchanged, and every reader of ``dispatched`` reads the batches too).
+unchanged, and every reader of ``dispatched`` reads the batches too). The ends of attempts
+one agent has ready at once, batched (``ended_runs``), go where only that agent may append:
+``jetrun.ev._ended.ended_runs.<agent_id>``.
 """
 
 from __future__ import annotations
 
-from contracts.events import DISPATCHED_RUNS_ID, Event, RunDispatched, RunsDispatched
+from contracts.events import (
+    DISPATCHED_RUNS_ID,
+    ENDED_RUNS_ID,
+    Event,
+    RunDispatched,
+    RunsDispatched,
+    RunsEnded,
+)
 from contracts.names import check_token
 from runtime.infra.streams import CALLBACK_TOKEN, EVENTS_PREFIX, TERMINAL_KINDS
 
@@ -37,11 +46,20 @@ def dispatch_subject(run_id: str, agent_id: str) -> str:
     return f"{event_subject(run_id, 'dispatched')}.{agent_id}"
 
 
+def ended_subject(agent_id: str) -> str:
+    """Where ``agent_id``'s ``ended_runs`` batches are appended (only it may publish there).
+    Raises ``ValueError`` for an id that is not one subject token."""
+    check_token(agent_id, "agent id")
+    return f"{EVENTS_PREFIX}.{ENDED_RUNS_ID}.{RunsEnded.kind}.{agent_id}"
+
+
 def subject_of(event: Event, callback: bool = False) -> str:
     """Where ``event`` is appended; ``callback``: its run has a callback URL (only a terminal
     kind's subject says so)."""
     if isinstance(event, RunDispatched | RunsDispatched):
         return dispatch_subject(event.run_id, event.agent_id)
+    if isinstance(event, RunsEnded):
+        return ended_subject(event.agent_id)
     subject = event_subject(event.run_id, event.kind)
     if callback and event.kind in TERMINAL_KINDS:
         return f"{subject}.{CALLBACK_TOKEN}"
@@ -59,6 +77,10 @@ def on_its_subject(event: Event, subject: str) -> bool:
     ``cancelled`` or a ``queued_runs`` batch) is no event: every reader drops it."""
     if isinstance(event, RunsDispatched):  # where its agent's dispatches go
         return subject == f"{EVENTS_PREFIX}.{event.run_id}.dispatched.{event.agent_id}"
+    if isinstance(event, RunsEnded):  # where only its agent may append
+        return event.run_id == ENDED_RUNS_ID and subject == (
+            f"{EVENTS_PREFIX}.{ENDED_RUNS_ID}.{RunsEnded.kind}.{event.agent_id}"
+        )
     head = f"{EVENTS_PREFIX}.{event.run_id}.{event.kind}"
     if subject == head:
         return True
@@ -83,6 +105,8 @@ def kind_subjects(kind: str) -> str:
         return f"{EVENTS_PREFIX}.*.dispatched.*"
     if kind == RunsDispatched.kind:
         return f"{EVENTS_PREFIX}.{DISPATCHED_RUNS_ID}.dispatched.*"
+    if kind == RunsEnded.kind:
+        return f"{EVENTS_PREFIX}.{ENDED_RUNS_ID}.{RunsEnded.kind}.*"
     return f"{EVENTS_PREFIX}.*.{kind}"
 
 

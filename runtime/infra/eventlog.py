@@ -48,6 +48,7 @@ from runtime.infra.event_subjects import (
 )
 from runtime.infra.jsretry import RETRYABLE, retrying
 from runtime.infra.ordered import OrderedTail, TailHandler, ack_tokens
+from runtime.infra.run_batches import with_batches
 from runtime.infra.streams import EVENTS_STREAM
 from runtime.infra.streamsetup import ensure_stream, require_stream
 
@@ -224,8 +225,9 @@ class EventLog:
         """Every event of one run, in log order."""
         return await self.read_subject(run_subjects(run_id))
 
-    async def read_subject(self, subject: str, start_seq: int = 1) -> list[Stored]:
-        """Every event on ``subject`` from ``start_seq``, in log order."""
+    async def read_subject(self, subject: str | list[str], start_seq: int = 1) -> list[Stored]:
+        """Every event on ``subject`` (or on any of a list of subjects) from ``start_seq``, in
+        log order."""
         stored: list[Stored] = []
         config = api.ConsumerConfig(
             ack_policy=api.AckPolicy.NONE,
@@ -234,6 +236,8 @@ class EventLog:
             inactive_threshold=30.0,
             mem_storage=True,
         )
+        if isinstance(subject, list):
+            config.filter_subjects, subject = subject, ""
         psub = await self.js.pull_subscribe(subject, stream=EVENTS_STREAM, config=config)
         info = await psub.consumer_info()
         try:
@@ -253,8 +257,19 @@ class EventLog:
         return stored
 
     async def load(self, run_id: str) -> RunRecord:
-        """The run folded from its events; state ``unknown`` if it has none."""
-        return fold((s.event for s in await self.read(run_id)), run_id=run_id)
+        """The run folded from its events (``history``, batches read only if its own events
+        leave it unended); state ``unknown`` if it has none."""
+        own = await self.read(run_id)
+        run = fold((s.event for s in own), run_id=run_id)
+        if not own or run.state.is_terminal:
+            return run
+        return fold((s.event for s in await with_batches(self, run_id, own)), run_id=run_id)
+
+    async def history(self, run_id: str) -> list[Stored]:
+        """Every event of one run, in log order: its own, and its entries of the batches that
+        dispatched or ended it (``dispatched_runs``, ``ended_runs``: not on its own subjects),
+        each as the run's own event."""
+        return await with_batches(self, run_id, await self.read(run_id))
 
     async def last_seq(self) -> int:
         info = await self.js.stream_info(EVENTS_STREAM)

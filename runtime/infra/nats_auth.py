@@ -30,6 +30,7 @@ from typing import Any
 
 import nkeys
 
+from contracts.events import ENDED_RUNS_ID
 from contracts.names import check_token, is_token
 from runtime.infra.streams import CALLBACK_TOKEN, EVENTS_PREFIX, TERMINAL_KINDS
 
@@ -270,6 +271,8 @@ def agent_permissions(agent_id: str) -> Permissions:
             f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.submitted",
             f"{API}.DIRECT.GET.{EVENTS}.jetrun.ev.*.restated",
             *_append("started", "output", "completed", "failed", "timed_out"),
+            # its own batches of ends (no other identity may publish there)
+            f"{EVENTS_PREFIX}.{ENDED_RUNS_ID}.ended_runs.{agent_id}",
             "jetrun.pipelines.*",
             "jetrun.logs.*.*",  # what an attempt printed
             f"jetrun.agents.heartbeat.{agent_id}",

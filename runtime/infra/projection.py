@@ -22,7 +22,9 @@ from contracts.events import (
     RunRequeued,
     RunRestated,
     RunsDispatched,
+    RunsEnded,
     RunsQueued,
+    ended_by,
 )
 from contracts.machine import evolve
 from contracts.run import RunRecord
@@ -159,6 +161,14 @@ class RunIndex(IndexWaits):
             if kind is RunsQueued or kind is RunsDispatched:  # each run's own, in order
                 for index, one in enumerate(event.each()):  # type: ignore[union-attr]
                     self.apply(seq, one, index)
+                if self._seq_waiters:
+                    self._wake_seq_waiters()
+                return None
+            if kind is RunsEnded:  # each end, to a run whose attempt went to its agent
+                for index, one in enumerate(event.ends):  # type: ignore[union-attr]
+                    held = self.stored.get(one.run_id)
+                    if held is not None and ended_by(held.agent_id, event):  # type: ignore[arg-type]
+                        self.apply(seq, one, index)
                 if self._seq_waiters:
                     self._wake_seq_waiters()
                 return None

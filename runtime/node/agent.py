@@ -56,6 +56,7 @@ from runtime.infra.streamsetup import require_all
 from runtime.node.accelerators import detect
 from runtime.node.attempts import Attempt, Pool, Reporter, Runner, Starts
 from runtime.node.ended import EndedRuns
+from runtime.node.ends import Ends
 from runtime.node.replicas import Replicas
 from runtime.node.results import HEADER_ROOM
 from runtime.node.runners import Runners
@@ -132,12 +133,14 @@ class Agent(Replicas):
         self.serving = False  # subscribed to dispatches and heartbeating
         self.cold_starts = cold_start_histogram()
         self.reporter = Reporter(self.log)
+        ends = Ends(self.reporter, self.agent_id, self.max_event_bytes, lambda: len(self.attempts))
         self.runner = Runner(
             agent_id=self.agent_id,
             pools=self.pools,
             log=self.log,
             logs=self.logs,
             reporter=self.reporter,
+            ends=ends,
             clock=clock,
             spawn=self._spawn,
             max_event_bytes=self.max_event_bytes,

@@ -2,7 +2,9 @@
 
 The agent (``runtime.node.agent``) decides which dispatches to take and when to kill; this
 module runs a taken attempt and appends its events: ``started``, streamed ``output`` events
-(several in flight at once), then the end (``completed``, ``failed`` or ``timed_out``).
+(several in flight at once), then the end (``completed``, ``failed`` or ``timed_out``; with the
+ends of other attempts ready in the same turn of the loop as one ``ended_runs``:
+``runtime.node.ends``).
 ``started`` is appended only once the attempt has run for ``STARTED_AFTER_S`` (or before its
 first output): a shorter attempt appends its end alone, one append instead of two (the state
 machine takes ``dispatched`` then the end). Whatever goes wrong on the node fails that attempt
@@ -50,6 +52,7 @@ from runtime.infra.clock import Clock
 from runtime.infra.eventlog import EventLog, submission_of
 from runtime.infra.logsetup import bind
 from runtime.infra.runlogs import AttemptLog, LogFlusher, LogStore
+from runtime.node.ends import Ends
 from runtime.node.pipelines import PipelineSpec
 from runtime.node.results import ResultTooLarge, encoded, fitted
 from runtime.node.worker import PipelineWorker, StartupFailed
@@ -290,6 +293,7 @@ class Runner:
     log: EventLog
     logs: LogStore
     reporter: Reporter
+    ends: Ends  # the ends of attempts ready at once, batched
     clock: Clock
     spawn: Callable[[Pool], Awaitable[PipelineWorker]]
     max_event_bytes: Callable[[], int]
@@ -310,7 +314,10 @@ class Runner:
             level = logging.DEBUG if isinstance(result, RunCompleted) else logging.INFO
             log.log(level, "attempt ended: %s", result.kind)
             event, payload = fitted(result, self.max_event_bytes())
-            await self.reporter.report(event, payload, callback=dispatch.callback)
+            if isinstance(event, RunCompleted | RunFailed | RunTimedOut) and not dispatch.callback:
+                await self.ends.report(event, payload)  # maybe with others ending now
+            else:  # a run with a callback: where the webhook outbox reads it, never batched
+                await self.reporter.report(event, payload, callback=dispatch.callback)
 
     async def result(
         self, dispatch: RunDispatched, attempt: Attempt, tg: TaskGroup
