@@ -338,6 +338,22 @@ async def test_no_batched_dispatch_while_a_scheduler_of_a_release_before_batches
         assert await count(scheduler.log, kind_subjects(RunsDispatched.kind)) == 1
 
 
+async def test_an_agent_hears_a_scheduler_of_a_release_before_batches(
+    nc: Client, agent: Agent
+) -> None:
+    """An agent ends attempts alone while it hears one (``Ends``: each end as itself), and
+    its own scheduler's heartbeats (``batches``) change nothing."""
+    assert not agent.peers.older_heard()
+    current = SchedulerHeartbeat(scheduler_id="scheduler-new", at=0.0, started_at=0.0, batches=True)
+    await nc.publish(SCHEDULER_HEARTBEAT_SUBJECT, msgspec.json.encode(current))
+    older = SchedulerHeartbeat(scheduler_id="scheduler-older", at=0.0, started_at=0.0)
+    await nc.publish(SCHEDULER_HEARTBEAT_SUBJECT, msgspec.json.encode(older))
+    await nc.flush()
+    with anyio.fail_after(10):
+        while not agent.peers.older_heard():
+            await anyio.sleep(0.01)
+
+
 async def test_an_agent_of_a_release_before_batches_gets_each_dispatch_alone(
     nc: Client,
 ) -> None:

@@ -228,3 +228,25 @@ def test_a_batchs_message_id_names_its_agent_runs_attempts_and_kinds() -> None:
         run_id="r2", at=5.0, attempt=1, error=RunError(type=ErrorType.unknown, message="m")
     )
     assert base.message_id() != batch("a", done("r1"), failed).message_id()
+
+
+async def test_no_batch_while_a_scheduler_of_a_release_before_batches_is_heard() -> None:
+    """Such a scheduler skips an ``ended_runs`` batch: to it the runs still run, and were it to
+    lead it would declare them lost and run them again. While one is heard, each end goes
+    alone, as itself."""
+    recorder = Recorder()
+    older_heard = True
+    batcher = Ends(recorder, "ag", lambda: 1 << 20, lambda: 4, lambda: not older_heard)
+    sent = [done("r1"), done("r2")]
+    async with anyio.create_task_group() as tg:
+        for end in sent:
+            tg.start_soon(batcher.report, end, encode_event(end))
+    assert sorted((e.run_id, type(e)) for e, _ in recorder.appended) == [
+        ("r1", RunCompleted),
+        ("r2", RunCompleted),
+    ]
+    older_heard = False  # gone: batched again
+    async with anyio.create_task_group() as tg:
+        for end in (done("r3"), done("r4")):
+            tg.start_soon(batcher.report, end, encode_event(end))
+    assert isinstance(recorder.appended[-1][0], RunsEnded)

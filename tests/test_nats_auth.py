@@ -253,10 +253,14 @@ async def test_each_role_can_do_its_own_job(server: NatsServer) -> None:
         await EventLog(scheduler.nc).append(dispatch)
         batch = [RunQueued(run_id=r, at=2.0, attempt=1) for r in ("run_q1", "run_q2")]
         await EventLog(scheduler.nc).append(queued_runs(batch, 2.0))
-        # the other schedulers' heartbeats (one of a release before batches: no batches)
+        # the schedulers' heartbeats (one of a release before batches: no batches), heard by
+        # the other schedulers and by agents
         heard = await scheduler.nc.subscribe("jetrun.scheduler.heartbeat", max_msgs=1)
+        agent_heard = await agent.nc.subscribe("jetrun.scheduler.heartbeat", max_msgs=1)
+        await agent.nc.flush()
         await scheduler.nc.publish("jetrun.scheduler.heartbeat", b"{}")
         assert (await heard.next_msg(timeout=DENIED_WITHIN_S)).data == b"{}"
+        assert (await agent_heard.next_msg(timeout=DENIED_WITHIN_S)).data == b"{}"
         await scheduler.js.publish(f"$KV.{VIEWS_BUCKET}.run.run_ok", b"{}")
         view = await gateway.js.get_msg(VIEWS_STREAM, subject=f"$KV.{VIEWS_BUCKET}.run.run_ok")
         assert view.data == b"{}"

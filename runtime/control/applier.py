@@ -22,7 +22,6 @@ from contracts.run import RunRecord
 from runtime.control.admission import Admission, stream_name
 from runtime.control.decide import not_admitted
 from runtime.control.passes import DISPATCHED_BYTES, Decisions, Worklist, packed, runs_of
-from runtime.control.readiness import PeerSchedulers
 from runtime.infra.clock import Clock
 from runtime.infra.config import Config
 from runtime.infra.eventlog import Appended, EventLog
@@ -30,6 +29,7 @@ from runtime.infra.fence import Fence, Fenced, append_all
 from runtime.infra.fence import append as fenced_append
 from runtime.infra.fleet import Fleet
 from runtime.infra.jsretry import RETRYABLE
+from runtime.infra.peers import PeerSchedulers
 from runtime.infra.projection import RunIndex
 
 log = logging.getLogger("jetrun.scheduler")

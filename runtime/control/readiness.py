@@ -27,12 +27,12 @@ from nats.js.errors import NoStreamResponseError, NotFoundError
 from contracts.agents import SchedulerHeartbeat
 from runtime.infra.clock import Clock
 from runtime.infra.guard import Guard
+from runtime.infra.peers import SCHEDULER_HEARTBEAT_SUBJECT
 from runtime.infra.streams import EVENTS_STREAM, PROBE_PREFIX, PROBE_STREAM, probe_config
 from runtime.infra.streamsetup import ensure_stream, require_stream
 
 log = logging.getLogger("jetrun.readiness")
 
-SCHEDULER_HEARTBEAT_SUBJECT = "jetrun.scheduler.heartbeat"
 CHECK_TIMEOUT_S = 1.0
 CACHE_S = 1.0
 # a page's worth, so a probe needs fresh space on the store's disk (a tiny one fits in a page
@@ -80,36 +80,6 @@ class SchedulerWatch:
 
     def alive(self) -> bool:
         return self.monotonic() - self._heard_at <= self.timeout_s
-
-
-class PeerSchedulers:
-    """The other schedulers' heartbeats, as the leader hears them: ``older_heard()`` while one
-    of a release before batches (no ``batches`` in its heartbeat) was heard within
-    ``timeout_s``. Such a scheduler skips a ``dispatched_runs`` batch, so a run it dispatched
-    reads ``routing`` to it, and were it to lead next it would dispatch that run again: while
-    one may, the leader dispatches each run alone (a rolling upgrade's standby)."""
-
-    def __init__(self, own_id: str, monotonic: Callable[[], float], timeout_s: float) -> None:
-        self.own_id = own_id
-        self.monotonic = monotonic
-        self.timeout_s = timeout_s
-        self._older_at = float("-inf")
-
-    async def subscribe(self, nc: Client, guard: Guard) -> Subscription:
-        callback = guard.wrap("scheduler heartbeat handler", self._on_beat, fatal=False)
-        return await nc.subscribe(SCHEDULER_HEARTBEAT_SUBJECT, cb=callback)
-
-    async def _on_beat(self, msg: Msg) -> None:
-        try:
-            beat = _decoder.decode(msg.data)
-        except msgspec.MsgspecError:
-            log.warning("undecodable scheduler heartbeat")
-            return
-        if beat.scheduler_id != self.own_id and not beat.batches:
-            self._older_at = self.monotonic()
-
-    def older_heard(self) -> bool:
-        return self.monotonic() - self._older_at <= self.timeout_s
 
 
 def new_scheduler_id() -> str:

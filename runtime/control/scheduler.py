@@ -45,11 +45,7 @@ from runtime.control.applier import CATCH_UP_S, Applier, patiently
 from runtime.control.decide import decide
 from runtime.control.logfeed import LogFeed
 from runtime.control.passes import Now, Pass, Worklist
-from runtime.control.readiness import (
-    PeerSchedulers,
-    new_scheduler_id,
-    publish_scheduler_heartbeats,
-)
+from runtime.control.readiness import new_scheduler_id, publish_scheduler_heartbeats
 from runtime.control.restate import Restater
 from runtime.control.views import RunViews, ViewKeeper
 from runtime.infra.catalog import Catalog
@@ -67,6 +63,7 @@ from runtime.infra.fleet import (
 from runtime.infra.guard import Guard
 from runtime.infra.jsretry import RETRYABLE
 from runtime.infra.lease import Lease
+from runtime.infra.peers import PeerSchedulers
 from runtime.infra.projection import RunIndex
 from runtime.infra.streamsetup import ensure_all, require_all
 

@@ -278,7 +278,11 @@ def agent_permissions(agent_id: str) -> Permissions:
             f"jetrun.agents.heartbeat.{agent_id}",
             f"jetrun.agents.drain.{agent_id}",
         ),
-        subscribe=(f"{inbox_prefix(agent_role(agent_id))}.>", f"jetrun.agents.recall.{agent_id}"),
+        subscribe=(
+            f"{inbox_prefix(agent_role(agent_id))}.>",
+            f"jetrun.agents.recall.{agent_id}",
+            "jetrun.scheduler.heartbeat",  # one of a release before batches: ends go alone
+        ),
         allow_responses=True,
     )
 

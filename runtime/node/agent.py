@@ -50,6 +50,7 @@ from runtime.infra.fleet import (
 from runtime.infra.guard import Guard
 from runtime.infra.logsetup import bound
 from runtime.infra.metrics import cold_start_histogram
+from runtime.infra.peers import PeerSchedulers
 from runtime.infra.runlogs import LogFlusher, LogStore
 from runtime.infra.scalinglog import ScalingLog
 from runtime.infra.streamsetup import require_all
@@ -62,6 +63,7 @@ from runtime.node.results import HEADER_ROOM
 from runtime.node.runners import Runners
 
 log = logging.getLogger("jetrun.agent")
+PEERS_TIMEOUT_S = 10.0  # a scheduler of a release before batches heard: ends alone this long
 _encoder = msgspec.json.Encoder()
 
 
@@ -133,7 +135,15 @@ class Agent(Replicas):
         self.serving = False  # subscribed to dispatches and heartbeating
         self.cold_starts = cold_start_histogram()
         self.reporter = Reporter(self.log)
-        ends = Ends(self.reporter, self.agent_id, self.max_event_bytes, lambda: len(self.attempts))
+        # a scheduler of a release before batches, heard: each end alone (``runtime.infra.peers``)
+        self.peers = PeerSchedulers("", clock.monotonic, PEERS_TIMEOUT_S)
+        ends = Ends(
+            self.reporter,
+            self.agent_id,
+            self.max_event_bytes,
+            lambda: len(self.attempts),
+            lambda: not self.peers.older_heard(),
+        )
         self.runner = Runner(
             agent_id=self.agent_id,
             pools=self.pools,
@@ -180,6 +190,7 @@ class Agent(Replicas):
         subs = await self.log.tail_each(on_event, from_seq=start, subjects=subjects)
         on_recall = self.guard.wrap("recall handler", self._on_recall, fatal=False)
         recall = await self.nc.subscribe(f"{RECALL_SUBJECT}.{self.agent_id}", cb=on_recall)
+        peers = await self.peers.subscribe(self.nc, self.guard)
         try:
             async with anyio.create_task_group() as tg:
                 self._tg = tg
@@ -212,6 +223,7 @@ class Agent(Replicas):
                 stops = [
                     *(tail.unsubscribe for tail in subs),
                     recall.unsubscribe,
+                    peers.unsubscribe,
                     scaling.unsubscribe,
                 ]
                 for stop in stops:

@@ -49,7 +49,9 @@ class _Batch:
 
 class Ends:
     """Appends attempts' ends, batched per turn of the loop (see the module docstring).
-    ``running``: the attempts running on this node now (the one ending included)."""
+    ``running``: the attempts running on this node now (the one ending included).
+    ``batching``: whether ends may go in a batch now (no scheduler of a release before batches
+    heard lately: ``runtime.infra.peers``)."""
 
     def __init__(
         self,
@@ -57,9 +59,11 @@ class Ends:
         agent_id: str,
         max_event_bytes: Callable[[], int],
         running: Callable[[], int],
+        batching: Callable[[], bool] = lambda: True,
     ) -> None:
         self.reporter, self.agent_id = reporter, agent_id
         self.max_event_bytes, self.running = max_event_bytes, running
+        self.batching = batching
         self._open: _Batch | None = None  # the batch of this turn, not yet appended
         self._agent = _encode(agent_id)
 
@@ -79,7 +83,7 @@ class Ends:
                 batch.size += size
                 await _outcome(batch)
                 return
-        elif self.running() > 1 and size <= self._limit():
+        elif self.running() > 1 and size <= self._limit() and self.batching():
             batch = self._open = _Batch([end], [payload], size)
             try:  # the attempts ready in this turn report theirs meanwhile
                 await anyio.lowlevel.checkpoint()
