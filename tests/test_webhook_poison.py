@@ -202,3 +202,28 @@ async def test_an_agents_end_of_a_queued_run_posts_no_callback(nc: Client) -> No
     assert delivery["run"]["state"] == "completed"
     assert [o["value"] for o in delivery["run"]["outputs"]] == ["hihi"]  # not the forged
     assert not await dead_letters(js)
+
+
+async def test_a_replayed_letter_is_built_from_the_runs_real_end_not_a_forged_one(
+    nc: Client,
+) -> None:
+    """A letter the outbox could not handle is handled again from the log: a run with a
+    callback is dispatched on its own subjects, so an end before its dispatch (another agent's,
+    for a queued run) is no end there either; the callback carries the real one."""
+    js = nc.jetstream()
+    service = WebhookService(nc, CONFIG)
+    await service.ensure()
+    log = EventLog(nc)
+    events = with_callback("run_replayed", "acme")  # submitted, admitted, queued, dispatched, done
+    for event in events[:3]:
+        await log.append(event, callback=True)
+    forged = RunCompleted(run_id="run_replayed", at=3.5, attempt=1, outputs=[from_python("lie")])
+    await js.publish(subject_of(forged, True), encode_event(forged))
+    for event in events[3:]:
+        await log.append(event, callback=True)
+    await service.deliverer.bury(unhandled("run_replayed", None), 3, "could not handle", "e1")
+    queued, left = await replay(js, {"run_replayed"}, log=log)
+    assert queued == ["dlv_run_replayed"] and not left
+    msg = await js.get_last_msg(WEBHOOKS_STREAM, pending_subject("acme", "run_replayed"))
+    delivery = msgspec.json.decode(msg.data)
+    assert [o["value"] for o in delivery["run"]["outputs"]] == ["hihi"]  # not the forged
