@@ -31,12 +31,14 @@ from contracts.agents import (
     SchedulerHeartbeat,
 )
 from contracts.events import (
+    ENDED_RUNS_ID,
     AdmissionGrant,
     AnyEvent,
     RunCancelled,
     RunCompleted,
     RunDispatched,
     RunsDispatched,
+    RunsEnded,
     dispatched_runs,
 )
 from contracts.run import RunRecord
@@ -449,6 +451,29 @@ async def test_a_client_watching_one_run_hears_its_dispatched_from_a_batch(nc: C
         ("submitted", RunState.routing, None),
         ("dispatched", RunState.running, "agent-w"),
     ]
+
+
+async def test_a_watch_from_after_a_batched_dispatch_hears_the_batched_end(nc: Client) -> None:
+    """A watch from a later sequence loads the run's earlier events, its entries of batches
+    included: the agent a batch dispatched it to is known, so that agent's ``ended_runs``
+    entry ends it (rule 11) and the watch yields it."""
+    log = EventLog(nc)
+    now = time.time()
+    for run_id in ("l-other", "l-mine"):
+        await log.append(submitted(run_id, Path("/nonexistent"), now))
+    sent = [dispatch(r, Path("/g"), "agent-l", now) for r in ("l-other", "l-mine")]
+    after = (await log.append(dispatched_runs(sent, now))).seq + 1
+    ended = [RunCompleted(run_id=r, at=now + 1, attempt=1, outputs=[]) for r in ("l-mine", "l-x")]
+    await log.append(RunsEnded(run_id=ENDED_RUNS_ID, at=now + 1, agent_id="agent-l", ends=ended))
+    with anyio.fail_after(10):
+        watch = RunEvents(nc).watch(run_id="l-mine", from_seq=after)
+        async with aclosing(watch) as changes:  # type: ignore[type-var]
+            change = await anext(changes)
+    assert (change.event.kind, change.run.state, change.run.agent_id) == (
+        "completed",
+        RunState.completed,
+        "agent-l",
+    )
 
 
 WEBHOOK_CONFIG = parse(

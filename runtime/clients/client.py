@@ -177,7 +177,10 @@ class RunEvents:
                     await sub.unsubscribe()
 
     async def _load_before(self, run_id: str, seq: int) -> RunRecord | None:
-        stored = await self.log.read(run_id)
+        """The run as the log had it before ``seq``: its own events and its entries of the
+        batches that dispatched or ended it (``EventLog.history``), so the agent a batch sent
+        it to is known (an ``ended_runs`` entry applies only to that agent's run)."""
+        stored = await self.log.history(run_id)
         record: RunRecord | None = None
         for s in stored:
             if s.seq >= seq:
