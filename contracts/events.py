@@ -8,6 +8,7 @@ that belong to one attempt carry ``attempt`` so that the state machine can fence
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from typing import Annotated, Any, ClassVar
 
 import msgspec
@@ -121,6 +122,17 @@ def queue_id(pipeline: str) -> str:
     return "_queue-" + hashlib.sha256(pipeline.encode()).hexdigest()[:24]
 
 
+def _batch_id(batch: Event, agent_id: str, entries: Iterable[str]) -> str:
+    """A batch's message id: its kind, how many entries, and a hash of its agent (if any) and
+    of each entry's line, so the same batch decided twice is stored once."""
+    digest = hashlib.sha256(f"{agent_id}\n".encode() if agent_id else b"")
+    n = 0
+    for line in entries:
+        digest.update(f"{line}\n".encode())
+        n += 1
+    return f"{batch.run_id}:{batch.kind}:{n}:{digest.hexdigest()[:32]}"
+
+
 class QueuedRun(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     """One run of a ``queued_runs`` event: what that run's own ``queued`` would say."""
 
@@ -148,17 +160,10 @@ class RunsQueued(Event, frozen=True, kw_only=True, tag="queued_runs"):
 
     def queued(self) -> list[RunQueued]:
         """The ``queued`` event each run of the batch stands for, in order."""
-        at = self.at
-        return [
-            RunQueued(run_id=r.run_id, at=at, attempt=r.attempt, waiting_for=r.waiting_for)
-            for r in self.runs
-        ]
+        return [self._of(r) for r in self.runs]
 
     def message_id(self) -> str:
-        digest = hashlib.sha256()
-        for r in self.runs:
-            digest.update(f"{r.run_id}:{r.attempt}:{r.waiting_for}\n".encode())
-        return f"{self.run_id}:{self.kind}:{len(self.runs)}:{digest.hexdigest()[:32]}"
+        return _batch_id(self, "", (f"{r.run_id}:{r.attempt}:{r.waiting_for}" for r in self.runs))
 
     def each(self) -> list[RunQueued]:
         """Each run's own event, in order (``queued()``; every batch kind has ``each``)."""
@@ -166,12 +171,10 @@ class RunsQueued(Event, frozen=True, kw_only=True, tag="queued_runs"):
 
     def one(self, run_id: str) -> RunQueued | None:
         """The ``queued`` this batch stands for for ``run_id`` (None: not in it)."""
-        for r in self.runs:
-            if r.run_id == run_id:
-                return RunQueued(
-                    run_id=run_id, at=self.at, attempt=r.attempt, waiting_for=r.waiting_for
-                )
-        return None
+        return next((self._of(r) for r in self.runs if r.run_id == run_id), None)
+
+    def _of(self, r: QueuedRun) -> RunQueued:
+        return RunQueued(run_id=r.run_id, at=self.at, attempt=r.attempt, waiting_for=r.waiting_for)
 
 
 def queued_runs(events: list[RunQueued], at: float) -> RunsQueued:
@@ -237,10 +240,7 @@ class RunsDispatched(Event, frozen=True, kw_only=True, tag="dispatched_runs"):
 
     def one(self, run_id: str) -> RunDispatched | None:
         """The ``dispatched`` this batch stands for for ``run_id`` (None: not in it)."""
-        for r in self.runs:
-            if r.run_id == run_id:
-                return self._of(r)
-        return None
+        return next((self._of(r) for r in self.runs if r.run_id == run_id), None)
 
     def _of(self, r: DispatchedRun) -> RunDispatched:
         return RunDispatched(
@@ -256,10 +256,7 @@ class RunsDispatched(Event, frozen=True, kw_only=True, tag="dispatched_runs"):
         )
 
     def message_id(self) -> str:
-        digest = hashlib.sha256(f"{self.agent_id}\n".encode())
-        for r in self.runs:
-            digest.update(f"{r.run_id}:{r.attempt}\n".encode())
-        return f"{self.run_id}:{self.kind}:{len(self.runs)}:{digest.hexdigest()[:32]}"
+        return _batch_id(self, self.agent_id, (f"{r.run_id}:{r.attempt}" for r in self.runs))
 
 
 def dispatched_runs(events: list[RunDispatched], at: float) -> RunsDispatched:
@@ -354,10 +351,8 @@ class RunsEnded(Event, frozen=True, kw_only=True, tag="ended_runs"):
         return None
 
     def message_id(self) -> str:
-        digest = hashlib.sha256(f"{self.agent_id}\n".encode())
-        for end in self.ends:
-            digest.update(f"{end.run_id}:{end.attempt}:{end.kind}\n".encode())
-        return f"{self.run_id}:{self.kind}:{len(self.ends)}:{digest.hexdigest()[:32]}"
+        entries = (f"{e.run_id}:{e.attempt}:{e.kind}" for e in self.ends)
+        return _batch_id(self, self.agent_id, entries)
 
 
 def ended_by(agent_id: str | None, batch: RunsEnded) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 import msgspec
 from sortedcontainers import SortedList
@@ -201,6 +201,7 @@ DISPATCHED_PER_EVENT = 256  # runs per ``dispatched_runs`` event
 DISPATCHED_BYTES = 256 * 1024
 _ENTRY_BYTES = 160  # an entry's own fields, beside its team, pipeline and inputs (a bound)
 _encode = msgspec.json.Encoder().encode
+E = TypeVar("E", RunQueued, RunDispatched)
 
 
 def packed(
@@ -251,34 +252,35 @@ def packed(
 
 
 def _queued_batches(queued: list[RunQueued], per_event: int) -> list[Event]:
-    batches: list[Event] = []
-    chunk: list[RunQueued] = []
-    for one in queued:
-        if chunk and (len(chunk) >= per_event or one.at != chunk[0].at):
-            batches.append(queued_runs(chunk, chunk[0].at))
-            chunk = []
-        chunk.append(one)
-    batches.append(queued_runs(chunk, chunk[0].at))
-    return batches
+    """The queued runs, in order, as ``queued_runs`` events."""
+    return [queued_runs(c, c[0].at) for c in _chunks(queued, per_event)]
 
 
 def _dispatched_batches(runs: list[RunDispatched], per_event: int, max_bytes: int) -> list[Event]:
     """One agent's dispatches, in order, as ``dispatched_runs`` events; a chunk of one goes as
     the plain ``dispatched``."""
-    chunks: list[list[RunDispatched]] = []
-    chunk: list[RunDispatched] = []
-    size = 0
-    for one in runs:
-        bytes_ = _entry_bytes(one)
-        if chunk and (
-            len(chunk) >= per_event or size + bytes_ > max_bytes or one.at != chunk[0].at
-        ):
-            chunks.append(chunk)
-            chunk, size = [], 0
-        chunk.append(one)
-        size += bytes_
-    chunks.append(chunk)
+    chunks = _chunks(runs, per_event, max_bytes, _entry_bytes)
     return [c[0] if len(c) == 1 else dispatched_runs(c, c[0].at) for c in chunks]
+
+
+def _chunks(
+    events: list[E], per_event: int, max_bytes: int = 0, size: Callable[[E], int] | None = None
+) -> list[list[E]]:
+    """``events`` cut, in order, into chunks of at most ``per_event`` events stamped with one
+    time each (and, given ``size``, at most ``max_bytes`` of entries each)."""
+    chunks: list[list[E]] = []
+    chunk: list[E] = []
+    used = 0
+    for one in events:
+        bytes_ = size(one) if size is not None else 0
+        full = len(chunk) >= per_event or (size is not None and used + bytes_ > max_bytes)
+        if chunk and (full or one.at != chunk[0].at):
+            chunks.append(chunk)
+            chunk, used = [], 0
+        chunk.append(one)
+        used += bytes_
+    chunks.append(chunk)
+    return chunks
 
 
 def _entry_bytes(one: RunDispatched) -> int:
