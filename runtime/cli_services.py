@@ -99,7 +99,14 @@ def _sync_interval(value: str | None) -> str | None:
     help="Pipeline module (dotted name or .py path) for the local agent; repeatable.",
 )
 @click.option(
-    "--slots", default=4, show_default=True, type=int, help="CPU slots of the local agent."
+    "--slots", default=4, show_default=True, type=int, help="CPU slots of each local agent."
+)
+@click.option(
+    "--agents",
+    default=None,
+    type=click.IntRange(1, 64),
+    help="Local agent processes, each with its own id and --slots CPU slots (default: 1 below "
+    "8 cores; from 8 cores one per 7 cores, at most 4).",
 )
 @click.option(
     "--queue-depth",
@@ -161,6 +168,7 @@ def up(
     nats_monitor_port: int | None,
     modules: tuple[str, ...],
     slots: int,
+    agents: int | None,
     queue_depth: int | None,
     gateways: int | None,
     dedicated_gateways: bool | None,
@@ -170,10 +178,11 @@ def up(
     node_slots: int | None,
     credentials_dir: Path | None,
 ) -> None:
-    """Start everything: nats-server, gateway, scheduler and a local agent; more local agents
+    """Start everything: nats-server, gateway, scheduler and local agents; more local agents
     are started (and stopped) as the autoscaler needs room."""
     from runtime.control.gateway_pool import gateway_layout
     from runtime.up import UpOptions, serve_up
+    from runtime.up_agents import default_agents
     from runtime.up_children import AgentExited
     from runtime.up_ready import StartupError
 
@@ -189,6 +198,7 @@ def up(
         nats_monitor_port=nats_monitor_port,
         modules=list(modules),
         slots=slots,
+        agents=default_agents() if agents is None else agents,
         queue_depth=queue_depth,
         boot_delay_s=boot_delay,
         node_slots=slots if node_slots is None else node_slots,

@@ -1,12 +1,13 @@
-"""``jetrun up``: an embedded nats-server, the gateway and the scheduler in this process, and a
-local agent in a child process; the autoscaler beside the scheduler starts more local agents
-(``LocalProvider``) when the first has no room for a replica, and stops them when idle.
+"""``jetrun up``: an embedded nats-server, the gateway and the scheduler in this process, and
+local agents in child processes (``--agents``; one below 8 cores: ``runtime.up_agents``); the
+autoscaler beside the scheduler starts more local agents (``LocalProvider``) when they have no
+room for a replica, and stops them when idle.
 
-Startup either reaches the banner, printed once the agent's pipelines are ready, or stops with
-one line and a non-zero exit (``StartupError``): a port in use, a store that cannot be written, a
-pipeline module that does not import, a pipeline whose startup step fails. Shutdown (Ctrl-C,
-SIGTERM) is bounded at every step by ``shutdown_grace_s``, also when NATS is gone. The
-nats-server and the agent die with this process, even when it is SIGKILLed
+Startup either reaches the banner, printed once every local agent's pipelines are ready, or stops
+with one line and a non-zero exit (``StartupError``): a port in use, a store that cannot be
+written, a pipeline module that does not import, a pipeline whose startup step fails. Shutdown
+(Ctrl-C, SIGTERM) is bounded at every step by ``shutdown_grace_s``, also when NATS is gone. The
+nats-server and the agents die with this process, even when it is SIGKILLed
 (``runtime.infra.lifetime``).
 """
 
@@ -38,7 +39,8 @@ from runtime.infra.natsserver import NatsServer, NatsServerFailed, NatsServerNot
 from runtime.infra.projection import RunIndex
 from runtime.provision import provision
 from runtime.services import serve_http
-from runtime.up_children import _provider, _serve_agent, _webhooks, agent_env
+from runtime.up_agents import serve_agents
+from runtime.up_children import _provider, _webhooks, agent_env
 from runtime.up_ready import StartupError
 
 log = logging.getLogger("jetrun")
@@ -59,7 +61,8 @@ class UpOptions:
     nats_url: str | None
     nats_port: int
     modules: list[str]
-    slots: int
+    slots: int  # CPU slots of each local agent
+    agents: int = 1  # local agent processes (``runtime.up_agents.default_agents``)
     boot_delay_s: float = 0.0  # simulated boot time of an agent the autoscaler adds
     node_slots: int | None = None  # CPU slots of such an agent (default: ``slots``)
     # CPU dispatches every agent holds waiting for a slot (None: as many as its slots)
@@ -213,7 +216,9 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
                         if not here:
                             async with step("starting the gateway processes"):
                                 await until_served(opts.host, opts.port, GATEWAYS_WITHIN_S)
-                        await _serve_agent(opts, gateway, nats_url, server, stopping)
+                        await serve_agents(
+                            opts, gateway, nats_url, server, stopping, scheduler.fleet.is_gone
+                        )
                 finally:
                     if stopping.is_set():
                         print("\njetrun: shutting down", flush=True)

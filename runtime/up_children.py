@@ -1,31 +1,26 @@
-"""The child processes of ``jetrun up``: the local agent (started, restarted with the same id
-when it was declared lost, stopped bounded; the banner once its pipelines are ready), the
-agents the autoscaler adds (``LocalProvider``), the webhook deliverer; their NATS identity,
-environment and command line."""
+"""The child processes of ``jetrun up`` but its local agents (``runtime.up_agents``): the
+agents the autoscaler adds (``LocalProvider``), the webhook deliverer; the NATS identity,
+environment and command line of each child, how one is stopped (bounded), and the banner."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import re
 import signal
-import socket
 import subprocess
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import anyio
 
-from runtime.control.gateway import Gateway
-from runtime.control.providers import LocalProvider, list_pipelines
+from runtime.control.providers import LocalProvider
 from runtime.infra.config import DEMO_TOKEN, Config
 from runtime.infra.lifetime import child_env
 from runtime.infra.nats_auth import Credentials, agent_role
 from runtime.infra.natsserver import NatsServer
-from runtime.up_ready import DEMO_POINTER, StartupError, pipelines_ready, pointer, registered
+from runtime.up_ready import DEMO_POINTER, StartupError
 
 if TYPE_CHECKING:
     from runtime.up import UpOptions
@@ -91,46 +86,6 @@ def _provider(opts: UpOptions, nats_url: str, server: NatsServer | None) -> Loca
     )
 
 
-async def _serve_agent(
-    opts: UpOptions,
-    gateway: Gateway,
-    nats_url: str,
-    server: NatsServer | None,
-    stopping: anyio.Event,
-) -> None:
-    """Run the local agent: the banner once its pipelines are ready; restarted (same id) if
-    it was declared lost; stopped (bounded) when this process stops."""
-    embedded = server is not None
-    agent_id = _local_agent_id(embedded or opts.credentials_dir is None)
-    env = agent_env(nats_url, await agent_identity(opts, server, agent_id))
-    grace = opts.config.settings.shutdown_grace_s
-    first = True
-    while not stopping.is_set():
-        proc = subprocess.Popen(  # noqa: ASYNC220 (returns at once)
-            agent_command(opts.modules, opts.slots, agent_id, opts.queue_depth),
-            env=env,
-        )
-        try:
-            if first:
-                beat = await pipelines_ready(gateway.fleet, proc, agent_id, stopping)
-                if beat is None:
-                    return
-                deployed = await list_pipelines(opts.modules)
-                if not await registered(gateway.catalog, deployed, beat, stopping):
-                    return
-                data_dir = opts.data_dir if embedded else None
-                _banner(opts.host, opts.port, nats_url, data_dir, opts.config, pointer(beat))
-                first = False
-            code = await _exited(proc, stopping)
-        finally:
-            await _stop_child(proc, grace + 5.0)
-        if code is None:
-            return
-        if code != FENCED_EXIT:
-            raise AgentExited(f"the local agent exited with code {code}")
-        log.warning("the local agent was declared lost; starting it again")
-
-
 async def _exited(proc: subprocess.Popen[bytes], stopping: anyio.Event) -> int | None:
     """The agent's exit code once it exits; None if this process is stopping first."""
     while not stopping.is_set():
@@ -152,13 +107,6 @@ async def _stop_child(proc: subprocess.Popen[bytes], grace: float) -> None:
         log.warning("the local agent did not stop within %g s; killing it", grace)
         proc.kill()
         proc.wait()
-
-
-def _local_agent_id(fresh: bool) -> str:
-    """``local-<host>``, plus a random part where its identity is minted here (``fresh``);
-    without it where the operator minted one ahead for it."""
-    host = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname())[:40] or "host"
-    return f"local-{host}-{uuid.uuid4().hex[:6]}" if fresh else f"local-{host}"
 
 
 def agent_env(nats_url: str, credentials: Credentials | None) -> dict[str, str]:
