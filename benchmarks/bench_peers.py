@@ -113,6 +113,25 @@ def cpu_by_process(pids: Callable[[], list[int]]) -> dict[str, float]:
     return found
 
 
+def cpu_of_each(pids: Callable[[], list[int]], label: str) -> dict[int, float]:
+    """CPU seconds of each process of ``pids`` labelled ``label`` (each local agent)."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+
+    found: dict[int, float] = {}
+    for pid in pids():
+        try:
+            process = psutil.Process(pid)
+            times, argv = process.cpu_times(), process.cmdline()
+        except psutil.Error:
+            continue
+        if _label(argv) == label:
+            found[pid] = times.user + times.system
+    return found
+
+
 def _label(argv: list[str]) -> str:
     text = " ".join(argv)
     if "nats-server" in text:
@@ -153,6 +172,7 @@ class Jetrun:
         gateways: int | None = None,
         queue_depth: int | None = None,
         dedicated_gateways: bool = False,
+        agents: int | None = None,
     ) -> None:
         self.tmp, self.wrk_seconds = tmp, wrk_seconds
         (tmp / "jetrun.toml").write_text(bench_runs.CONFIG)
@@ -171,6 +191,8 @@ class Jetrun:
             argv += ["--dedicated-gateways"]
         if queue_depth is not None:
             argv += ["--queue-depth", str(queue_depth)]
+        if agents is not None:
+            argv += ["--agents", str(agents)]
         with open(tmp / "up.log", "wb") as log:
             self.proc = subprocess.Popen(
                 argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
@@ -401,6 +423,7 @@ def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) 
         starts.append(system.next_seq())
     traffic = nats_traffic.snapshot(system.monitor_url) if isinstance(system, Jetrun) else None
     before, parts = cpu_seconds(system.pids), cpu_by_process(system.pids)
+    agents = cpu_of_each(system.pids, "agent")
     own = os.times()  # the benchmark's own process, and wrk (its child) once waited for
     rate, total = system.throughput(runs)
     used = cpu_seconds(system.pids) - before
@@ -408,6 +431,7 @@ def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) 
     if isinstance(system, Jetrun):
         assert traffic is not None
         after = cpu_by_process(system.pids)
+        agents_after = cpu_of_each(system.pids, "agent")
         counted = nats_traffic.per_run(traffic, nats_traffic.snapshot(system.monitor_url), total)
         rate = system.end_to_end()  # its events are read now: after the counting
         starts.append(system.next_seq())  # where the throughput phase's runs end in the log
@@ -420,6 +444,10 @@ def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) 
             + ", ".join(f"{k} {v:.2f}" for k, v in sorted(shares.items(), key=lambda kv: -kv[1])),
             flush=True,
         )
+        each = [(v - agents.get(pid, 0.0)) / total * 1000 for pid, v in agents_after.items()]
+        if len(each) > 1:
+            shown = ", ".join(f"{v:.3f}" for v in each)
+            print(f"  jetrun CPU s per 1k runs of each agent: {shown}", flush=True)
         bench_s = own_after.user + own_after.system - own.user - own.system
         wrk_s = own_after.children_user + own_after.children_system
         wrk_s -= own.children_user + own.children_system
@@ -453,6 +481,7 @@ def systems(args: argparse.Namespace, tmp: Path) -> Iterator[list[Jetrun | Ray |
                 args.gateways,
                 args.queue_depth,
                 args.dedicated_gateways,
+                args.agents,
             )
         )
         if "ray" in args.peers:
@@ -501,6 +530,9 @@ def main() -> None:
         action="store_true",
         help="jetrun up --dedicated-gateways: its own event loop serves no connection",
     )
+    parser.add_argument(
+        "--agents", type=int, default=None, help="jetrun up's local agents, --slots each"
+    )
     parser.add_argument("--peers", default="ray,celery", help="'' measures jetrun alone")
     args = parser.parse_args()
     for tool in ("wrk", "redis-server") if "celery" in args.peers else ("wrk",):
@@ -514,6 +546,8 @@ def main() -> None:
     dedicated = ", dedicated (up serves none)" if args.dedicated_gateways else ""
     picked = "jetrun up default (1 below 8 cores, else 2 dedicated)"
     print(f"jetrun gateways: {args.gateways or picked}{dedicated}")
+    agents = args.agents or "jetrun up default (1 below 8 cores, else 1 per 7 cores)"
+    print(f"jetrun local agents: {agents}, {args.slots} CPU slots each")
     tmp = Path(tempfile.mkdtemp(prefix="jetrun-peers-"))
     with systems(args, tmp) as started:
         figures = {system.name: Figures() for system in started}
