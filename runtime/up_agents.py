@@ -115,7 +115,8 @@ async def serve_agents(
     envs = [agent_env(nats_url, await agent_identity(opts, server, i)) for i in ids]
     agents: list[LocalAgent] = []
     try:
-        agents += [LocalAgent(opts, agent_id, env) for agent_id, env in zip(ids, envs, strict=True)]
+        for agent_id, env in zip(ids, envs, strict=True):
+            agents.append(LocalAgent(opts, agent_id, env))  # each one stopped if the next fails
         beats = [await pipelines_ready(gateway.fleet, a.proc, a.agent_id, stopping) for a in agents]
         ready = [beat for beat in beats if beat is not None]
         if len(ready) < len(agents) or not await _registered(opts, gateway, ready, stopping):
