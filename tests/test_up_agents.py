@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -16,8 +18,19 @@ import httpx
 import pytest
 
 from runtime.control.gateway_pool import MANY_CORES, usable_cores
+from runtime.infra.config import Config
 from runtime.infra.natsserver import free_port
-from runtime.up_agents import AGENT_CORES, MAX_AGENTS, default_agents, local_agent_ids
+from runtime.up import UpOptions
+from runtime.up_agents import (
+    AGENT_CORES,
+    MAX_AGENTS,
+    LocalAgent,
+    _keep,
+    default_agents,
+    local_agent_ids,
+    stop_all,
+)
+from runtime.up_children import FENCED_EXIT, AgentExited
 from tests.harness import CONFIG
 from tests.test_up import alive, assert_one_clear_line, children, exit_code, up, wait_output
 
@@ -173,3 +186,55 @@ async def test_any_agent_that_cannot_start_is_one_clear_startup_error(tmp_path: 
     proc = up(tmp_path, free_port(), "up", "--agents", "2", "--pipelines", str(bad))
     assert await exit_code(proc, timeout=30) == 1
     assert_one_clear_line(proc, "local agent exited", "before it was ready")
+
+
+class Exits(LocalAgent):
+    """A stand-in local agent whose processes exit with ``codes`` in turn, then sleep."""
+
+    def __init__(self, codes: list[int]) -> None:
+        self.codes, self.starts = codes, 0
+        opts = UpOptions(
+            data_dir=Path("/nonexistent"),
+            config=Config(tiers={}, teams={}),
+            host="127.0.0.1",
+            port=0,
+            nats_url=None,
+            nats_port=0,
+            modules=[],
+            slots=1,
+        )
+        super().__init__(opts, "local-test", {})
+
+    def start(self) -> subprocess.Popen[bytes]:
+        code = self.codes[self.starts] if self.starts < len(self.codes) else None
+        self.starts += 1
+        script = "import time; time.sleep(30)" if code is None else f"raise SystemExit({code})"
+        self.proc = subprocess.Popen([sys.executable, "-c", script])
+        return self.proc
+
+
+async def test_the_only_agent_exiting_stops_up_and_one_of_several_comes_back_once_lost() -> None:
+    stopping = anyio.Event()
+    alone = Exits([7])
+    with anyio.fail_after(10), pytest.raises(AgentExited, match="exited with code 7"):
+        await _keep(alone, False, stopping, lambda _: False)
+
+    fenced = Exits([FENCED_EXIT])  # declared lost: back at once, alone or not
+    several = Exits([-9])
+    gone: set[str] = set()
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_keep, fenced, False, stopping, lambda _: False)
+                tg.start_soon(_keep, several, True, stopping, gone.__contains__)
+                while fenced.starts < 2:
+                    await anyio.sleep(0.05)
+                await anyio.sleep(0.5)
+                assert several.starts == 1  # not before the scheduler declared it lost
+                gone.add(several.agent_id)
+                while several.starts < 2:
+                    await anyio.sleep(0.05)
+                stopping.set()
+    finally:
+        await stop_all([fenced.proc, several.proc], 5.0)
+    assert fenced.proc.returncode is not None and several.proc.returncode is not None
