@@ -132,6 +132,28 @@ def cpu_of_each(pids: Callable[[], list[int]], label: str) -> dict[int, float]:
     return found
 
 
+def calls_by_process(pids: Callable[[], list[int]]) -> dict[str, tuple[int, int]]:
+    """Read and write system calls of ``pids`` by what each runs (as ``cpu_by_process``).
+    Sampling profilers count a thread preempted inside write() as busy there: this says how
+    many writes there really were."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+
+    found: dict[str, tuple[int, int]] = {}
+    for pid in pids():
+        try:
+            process = psutil.Process(pid)
+            io, argv = process.io_counters(), process.cmdline()
+        except (psutil.Error, AttributeError):
+            continue
+        label = _label(argv)
+        reads, writes = found.get(label, (0, 0))
+        found[label] = reads + io.read_count, writes + io.write_count
+    return found
+
+
 def _label(argv: list[str]) -> str:
     text = " ".join(argv)
     if "nats-server" in text:
@@ -423,6 +445,7 @@ def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) 
         starts.append(system.next_seq())
     traffic = nats_traffic.snapshot(system.monitor_url) if isinstance(system, Jetrun) else None
     before, parts = cpu_seconds(system.pids), cpu_by_process(system.pids)
+    calls = calls_by_process(system.pids)
     agents = cpu_of_each(system.pids, "agent")
     own = os.times()  # the benchmark's own process, and wrk (its child) once waited for
     rate, total = system.throughput(runs)
@@ -431,6 +454,7 @@ def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) 
     if isinstance(system, Jetrun):
         assert traffic is not None
         after = cpu_by_process(system.pids)
+        calls_after = calls_by_process(system.pids)
         agents_after = cpu_of_each(system.pids, "agent")
         counted = nats_traffic.per_run(traffic, nats_traffic.snapshot(system.monitor_url), total)
         rate = system.end_to_end()  # its events are read now: after the counting
@@ -448,6 +472,15 @@ def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) 
         if len(each) > 1:
             shown = ", ".join(f"{v:.3f}" for v in each)
             print(f"  jetrun CPU s per 1k runs of each agent: {shown}", flush=True)
+        deltas = {
+            k: ((r - calls.get(k, (0, 0))[0]) / total, (w - calls.get(k, (0, 0))[1]) / total)
+            for k, (r, w) in calls_after.items()
+        }
+        print(
+            "  system calls per run by process, read/write: "
+            + ", ".join(f"{k} {r:.2f}/{w:.2f}" for k, (r, w) in sorted(deltas.items())),
+            flush=True,
+        )
         bench_s = own_after.user + own_after.system - own.user - own.system
         wrk_s = own_after.children_user + own_after.children_system
         wrk_s -= own.children_user + own.children_system
