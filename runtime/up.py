@@ -19,20 +19,23 @@ import logging
 import shutil
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
+from nats.aio.client import Client
 
 from runtime.control.gateway import Gateway
 from runtime.control.gateway_pool import extra_gateways, gateway_command, until_served
-from runtime.control.readiness import Readiness
+from runtime.control.readiness import Readiness, SchedulerWatch
 from runtime.control.scaler import Scaler
 from runtime.control.scheduler import Scheduler
 from runtime.health import add_scheduler, health_app, scheduler_checks, serve_health
 from runtime.infra.config import Config
 from runtime.infra.eventlog import LogSettings
+from runtime.infra.metrics import Exposition
 from runtime.infra.nats_auth import AGENTS_DIR, Credentials
 from runtime.infra.nats_conn import close, connect
 from runtime.infra.natsserver import NatsServer, NatsServerFailed, NatsServerNotFound
@@ -174,57 +177,110 @@ async def _up(opts: UpOptions, http: socket.socket, stopping: anyio.Event) -> No
                 nats_url, "jetrun-scheduler", opts.credentials("scheduler"), first_connect_s=10.0
             )
             stack.push_async_callback(close, snc, grace)
-        # one tail of the log and one run index for both: each event is delivered, decoded and
-        # applied once in this process; the scheduler forgets ended runs for both
-        index = RunIndex()
-        gateway = Gateway(nc, opts.config, log_settings=settings, index=index)
-        scheduler = Scheduler(
-            snc, opts.config, log_settings=settings, feed=gateway.feed, index=index
-        )
-        scaler = Scaler(scheduler, _provider(opts, nats_url, server))
-        async with anyio.create_task_group() as tg:
-            add_scheduler(gateway.telemetry.exposition, scheduler, alongside=gateway.telemetry)
-            async with step("setting up the event log"):
-                await tg.start(gateway.run)
-                await tg.start(scheduler.run)
-                await tg.start(scaler.run)
-            health = health_address(opts)
-            if health is not None:
-                app = health_app(gateway.telemetry.exposition, scheduler_checks(scheduler))
-                async with step("serving /metrics and /healthz"):
-                    await tg.start(serve_health, app, *health)
-            if server is not None:
-                tg.start_soon(recover_store, server, gateway.readiness)
-            async with anyio.create_task_group() as http_tg:
-                server_http = None
-                here = serves_http(opts)
-                if here:
-                    server_http = await http_tg.start(
-                        serve_http, gateway, opts.host, opts.port, http
+        if serves_http(opts):
+            await _serve(opts, http, stopping, nc, snc, nats_url, server)
+        else:
+            await _schedule(opts, stopping, nc, snc, nats_url, server)
+
+
+async def _serve(
+    opts: UpOptions,
+    http: socket.socket,
+    stopping: anyio.Event,
+    nc: Client,
+    snc: Client,
+    nats_url: str,
+    server: NatsServer | None,
+) -> None:
+    """This process's gateway serves the HTTP port (with ``gateways - 1`` more processes)."""
+    settings = LogSettings()
+    # one tail of the log and one run index for both: each event is delivered, decoded and
+    # applied once in this process; the scheduler forgets ended runs for both
+    index = RunIndex()
+    gateway = Gateway(nc, opts.config, log_settings=settings, index=index)
+    scheduler = Scheduler(snc, opts.config, log_settings=settings, feed=gateway.feed, index=index)
+    scaler = Scaler(scheduler, _provider(opts, nats_url, server))
+    async with anyio.create_task_group() as tg:
+        add_scheduler(gateway.telemetry.exposition, scheduler, alongside=gateway.telemetry)
+        async with step("setting up the event log"):
+            await tg.start(gateway.run)
+            await tg.start(scheduler.run)
+            await tg.start(scaler.run)
+        health = health_address(opts)
+        if health is not None:
+            app = health_app(gateway.telemetry.exposition, scheduler_checks(scheduler))
+            async with step("serving /metrics and /healthz"):
+                await tg.start(serve_health, app, *health)
+        if server is not None:
+            tg.start_soon(recover_store, server, gateway.readiness)
+        async with anyio.create_task_group() as http_tg:
+            server_http = await http_tg.start(serve_http, gateway, opts.host, opts.port, http)
+            try:
+                async with _children(opts, nats_url, opts.gateways - 1):
+                    await serve_agents(
+                        opts, scheduler.fleet, scheduler.catalog, nats_url, server, stopping
                     )
-                command = gateway_command(nats_url, opts.host, opts.port, opts.config_path)
-                try:
-                    async with (
-                        extra_gateways(
-                            opts.gateways - 1 if here else opts.gateways,
-                            command,
-                            grace + 5.0,
-                            env=agent_env(nats_url, opts.credentials("gateway")),
-                        ),
-                        _webhooks(opts, nats_url),
-                    ):
-                        if not here:
-                            async with step("starting the gateway processes"):
-                                await until_served(opts.host, opts.port, GATEWAYS_WITHIN_S)
-                        await serve_agents(
-                            opts, gateway, nats_url, server, stopping, scheduler.fleet.is_gone
-                        )
-                finally:
-                    if stopping.is_set():
-                        print("\njetrun: shutting down", flush=True)
-                    if server_http is not None:  # in-flight requests get the grace period
-                        server_http.should_exit = True
-            tg.cancel_scope.cancel()
+            finally:
+                if stopping.is_set():
+                    print("\njetrun: shutting down", flush=True)
+                server_http.should_exit = True  # in-flight requests get the grace period
+        tg.cancel_scope.cancel()
+
+
+async def _schedule(
+    opts: UpOptions,
+    stopping: anyio.Event,
+    nc: Client,
+    snc: Client,
+    nats_url: str,
+    server: NatsServer | None,
+) -> None:
+    """Dedicated gateways serve the HTTP port: this process runs the scheduler alone, with
+    its own tail of the log and run index, and no gateway (nothing here reads a run list, a
+    team's limits or the API's metrics: each event costs only what the scheduler does with
+    it). ``nc`` (the gateway role) serves the store's readiness probe."""
+    settings = LogSettings()
+    scheduler = Scheduler(snc, opts.config, log_settings=settings)
+    scaler = Scaler(scheduler, _provider(opts, nats_url, server))
+    exposition = Exposition()
+    add_scheduler(exposition, scheduler)
+    watch = SchedulerWatch(time.monotonic, opts.config.settings.node_loss_timeout_s)
+    readiness = Readiness(
+        nc, nc.jetstream(), watch, replayed=lambda: scheduler.caught_up, replicas=settings.replicas
+    )
+    async with anyio.create_task_group() as tg:
+        async with step("setting up the event log"):
+            await readiness.require()
+            await tg.start(scheduler.run)
+            await tg.start(scaler.run)
+        health = health_address(opts)
+        if health is not None:
+            app = health_app(exposition, scheduler_checks(scheduler))
+            async with step("serving /metrics and /healthz"):
+                await tg.start(serve_health, app, *health)
+        if server is not None:
+            tg.start_soon(recover_store, server, readiness)
+        try:
+            async with _children(opts, nats_url, opts.gateways):
+                async with step("starting the gateway processes"):
+                    await until_served(opts.host, opts.port, GATEWAYS_WITHIN_S)
+                await serve_agents(
+                    opts, scheduler.fleet, scheduler.catalog, nats_url, server, stopping
+                )
+        finally:
+            if stopping.is_set():
+                print("\njetrun: shutting down", flush=True)
+        tg.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _children(opts: UpOptions, nats_url: str, gateways: int) -> AsyncIterator[None]:
+    """``gateways`` gateway processes on the HTTP port and the webhook deliverer."""
+    grace = opts.config.settings.shutdown_grace_s
+    command = gateway_command(nats_url, opts.host, opts.port, opts.config_path)
+    env = agent_env(nats_url, opts.credentials("gateway"))
+    async with extra_gateways(gateways, command, grace + 5.0, env=env), _webhooks(opts, nats_url):
+        yield
 
 
 def serves_http(opts: UpOptions) -> bool:

@@ -34,9 +34,10 @@ from typing import TYPE_CHECKING
 import anyio
 
 from contracts.agents import AgentHeartbeat
-from runtime.control.gateway import Gateway
 from runtime.control.gateway_pool import MANY_CORES, usable_cores
 from runtime.control.providers import list_pipelines
+from runtime.infra.catalog import Catalog
+from runtime.infra.fleet import Fleet
 from runtime.infra.natsserver import NatsServer
 from runtime.up_children import (
     FENCED_EXIT,
@@ -101,15 +102,17 @@ class LocalAgent:
 
 async def serve_agents(
     opts: UpOptions,
-    gateway: Gateway,
+    fleet: Fleet,
+    catalog: Catalog,
     nats_url: str,
     server: NatsServer | None,
     stopping: anyio.Event,
-    is_gone: Callable[[str], bool] = lambda _agent_id: False,
 ) -> None:
     """Run ``opts.agents`` local agents until ``stopping``: the banner once all are ready;
     each restarted as the module docstring says; all stopped (bounded) on the way out.
-    ``is_gone``: whether this process's scheduler has declared an agent lost."""
+    ``fleet``: this process's scheduler's (whether it has declared an agent lost);
+    ``catalog``: where the agents' pipelines are looked up before the banner."""
+    is_gone = fleet.is_gone
     embedded = server is not None
     ids = local_agent_ids(opts.agents, fresh=embedded or opts.credentials_dir is None)
     envs = [agent_env(nats_url, await agent_identity(opts, server, i)) for i in ids]
@@ -117,9 +120,9 @@ async def serve_agents(
     try:
         for agent_id, env in zip(ids, envs, strict=True):
             agents.append(LocalAgent(opts, agent_id, env))  # each one stopped if the next fails
-        beats = [await pipelines_ready(gateway.fleet, a.proc, a.agent_id, stopping) for a in agents]
+        beats = [await pipelines_ready(fleet, a.proc, a.agent_id, stopping) for a in agents]
         ready = [beat for beat in beats if beat is not None]
-        if len(ready) < len(agents) or not await _registered(opts, gateway, ready, stopping):
+        if len(ready) < len(agents) or not await _registered(opts, catalog, ready, stopping):
             return
         data_dir = opts.data_dir if embedded else None
         _banner(opts.host, opts.port, nats_url, data_dir, opts.config, pointer(ready[0]))
@@ -132,10 +135,10 @@ async def serve_agents(
 
 
 async def _registered(
-    opts: UpOptions, gateway: Gateway, beats: list[AgentHeartbeat], stopping: anyio.Event
+    opts: UpOptions, catalog: Catalog, beats: list[AgentHeartbeat], stopping: anyio.Event
 ) -> bool:
     deployed = await list_pipelines(opts.modules)
-    return await registered(gateway.catalog, deployed, beats[0], stopping)
+    return await registered(catalog, deployed, beats[0], stopping)
 
 
 async def _keep(
