@@ -577,7 +577,7 @@ def main() -> None:
     )
     print(f"jetrun durability: nats-server sync {args.nats_sync or 'default (every 2 min)'}")
     dedicated = ", dedicated (up serves none)" if args.dedicated_gateways else ""
-    picked = "jetrun up default (1 below 8 cores, else 2 dedicated)"
+    picked = "jetrun up default (1 below 8 cores, 2 dedicated from 8, 3 from 12)"
     print(f"jetrun gateways: {args.gateways or picked}{dedicated}")
     agents = args.agents or "jetrun up default (1 below 8 cores, else 1 per 7 cores)"
     print(f"jetrun local agents: {agents}, {args.slots} CPU slots each")

@@ -120,8 +120,8 @@ def _sync_interval(value: str | None) -> str | None:
     "--gateways",
     default=None,
     type=click.IntRange(1, 64),
-    help="Gateway processes sharing the HTTP port (default: 1 below 8 cores; from 8 cores, 2 "
-    "dedicated ones).",
+    help="Gateway processes sharing the HTTP port (default: 1 below 8 cores; 2 dedicated ones "
+    "from 8 cores, 3 from 12).",
 )
 @click.option(
     "--dedicated-gateways/--shared-gateway",

@@ -18,6 +18,8 @@ import pytest
 from runtime.control.gateway_pool import (
     MANY_CORES,
     MANY_CORES_GATEWAYS,
+    MORE_CORES,
+    MORE_CORES_GATEWAYS,
     default_gateways,
     gateway_layout,
     listening_socket,
@@ -36,11 +38,13 @@ pytestmark = [
 ]
 
 
-def test_ups_own_gateway_below_many_cores_and_two_dedicated_ones_from_there() -> None:
+def test_ups_own_gateway_below_many_cores_then_two_dedicated_ones_then_three() -> None:
     assert [default_gateways(n) for n in (1, 2, 4, MANY_CORES - 1)] == [(1, False)] * 4
-    assert MANY_CORES_GATEWAYS == 2
-    for cores in (MANY_CORES, 14, 16, 256):
-        assert default_gateways(cores) == (MANY_CORES_GATEWAYS, True)
+    assert (MANY_CORES_GATEWAYS, MORE_CORES_GATEWAYS) == (2, 3)
+    for cores in (MANY_CORES, MORE_CORES - 1):
+        assert default_gateways(cores) == (2, True)
+    for cores in (MORE_CORES, 14, 16, 256):
+        assert default_gateways(cores) == (3, True)
     assert default_gateways() == default_gateways(usable_cores())
     assert usable_cores() == len(os.sched_getaffinity(0))  # taskset and CPU sets count
     assert default_gateways() == default_gateways(os.cpu_count())
@@ -67,8 +71,9 @@ def test_up_serves_its_health_port_where_asked_or_where_it_serves_no_http() -> N
 
 def test_a_gateway_count_given_keeps_ups_own_gateway_unless_told_otherwise() -> None:
     assert gateway_layout(None, None, cpus=2) == (1, False)
-    assert gateway_layout(None, None, cpus=16) == (2, True)
-    assert gateway_layout(None, False, cpus=16) == (2, False)
+    assert gateway_layout(None, None, cpus=8) == (2, True)
+    assert gateway_layout(None, None, cpus=16) == (3, True)
+    assert gateway_layout(None, False, cpus=16) == (3, False)
     assert gateway_layout(3, None, cpus=16) == (3, False)
     assert gateway_layout(3, True, cpus=2) == (3, True)
     assert gateway_layout(1, None, cpus=16) == (1, False)

@@ -24,10 +24,13 @@ from runtime.infra.lifetime import child_env
 
 log = logging.getLogger("jetrun.up")
 
-#: from this many usable cores ``jetrun up`` runs ``MANY_CORES_GATEWAYS`` dedicated gateways;
-#: below it, its own gateway alone (measured on 2 and 14 cores: docs/architecture.md)
+#: from this many usable cores ``jetrun up`` runs ``MANY_CORES_GATEWAYS`` dedicated gateways,
+#: from ``MORE_CORES`` on ``MORE_CORES_GATEWAYS``; below it, its own gateway alone (measured on
+#: 2 and 14 cores: docs/architecture.md, "Gateways on many cores")
 MANY_CORES = 8
 MANY_CORES_GATEWAYS = 2
+MORE_CORES = 12
+MORE_CORES_GATEWAYS = 3
 RESTART_PAUSE_S = 1.0  # between a gateway's exit and its next start
 
 
@@ -42,12 +45,13 @@ def default_gateways(cpus: int | None = None) -> tuple[int, bool]:
     """``(gateways, dedicated)`` for a machine with ``cpus`` cores (default: the cores this
     process may run on, so ``taskset`` and CPU sets count). Below ``MANY_CORES``: one, ``jetrun
     up``'s own. From ``MANY_CORES`` on: ``MANY_CORES_GATEWAYS`` gateway processes and none in
-    ``jetrun up``, whose event loop (the scheduler's) is then the ceiling; every further gateway
-    follows the whole log, which costs more than the HTTP it takes off the others."""
+    ``jetrun up``, whose event loop is then the scheduler's alone; from ``MORE_CORES`` on,
+    ``MORE_CORES_GATEWAYS``. Every gateway follows the whole log, so each one more costs CPU for
+    every run whether or not it serves it: more pay only where the HTTP ingest is the ceiling."""
     cores = usable_cores() if cpus is None else cpus
     if (cores or 1) < MANY_CORES:
         return 1, False
-    return MANY_CORES_GATEWAYS, True
+    return (MORE_CORES_GATEWAYS if cores >= MORE_CORES else MANY_CORES_GATEWAYS), True
 
 
 def gateway_layout(
