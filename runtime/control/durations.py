@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import statistics
 from collections import deque
+from typing import cast
 
 from contracts.events import AnyEvent, RunCompleted, RunDispatched, RunFailed, RunTimedOut
 from contracts.run import RunRecord
@@ -29,7 +30,8 @@ from contracts.states import RunState
 SAMPLES = 8  # recent attempts per pipeline the typical duration is the median of
 DRAIN_SAMPLES = 32  # recent ends per agent and slot kind its drain rate is measured over
 MAX_AGENTS = 1024  # agents whose ends are kept (the first seen is forgotten past it)
-_ENDS = (RunCompleted, RunFailed, RunTimedOut)
+_ENDS = frozenset({RunCompleted, RunFailed, RunTimedOut})  # kinds, tested by identity
+_RUNNING = RunState.running
 
 
 class AttemptDurations:
@@ -43,14 +45,19 @@ class AttemptDurations:
         self._ends: dict[tuple[str, str], deque[float]] = {}  # (agent, kind) -> its last ends
 
     def observe(self, event: AnyEvent, run: RunRecord) -> None:
-        if run.state is RunState.running:
-            if isinstance(event, RunDispatched) and event.attempt == run.attempt:
-                self._dispatched[run.id] = (event.attempt, event.at, event.agent_id, event.slot)
+        kind = type(event)  # identity tests: ``isinstance`` walks the class's bases
+        if run.state is _RUNNING:
+            if kind is RunDispatched:
+                sent = cast(RunDispatched, event)
+                if sent.attempt == run.attempt:
+                    self._dispatched[run.id] = (sent.attempt, sent.at, sent.agent_id, sent.slot)
+            return
+        if not self._dispatched:
             return
         began = self._dispatched.pop(run.id, None)
-        if began is None or not isinstance(event, _ENDS) or event.attempt != began[0]:
+        if began is None or kind not in _ENDS or event.attempt != began[0]:  # type: ignore[union-attr]
             return
-        ran = event.ran_s if isinstance(event, RunCompleted) else None
+        ran = event.ran_s if kind is RunCompleted else None  # type: ignore[union-attr]
         self._add(run.pipeline, max(event.at - began[1], 0.0) if ran is None else ran)
         self._ended(began[2], began[3], event.at)
 

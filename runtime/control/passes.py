@@ -32,6 +32,13 @@ from runtime.control.durations import AttemptDurations
 from runtime.infra.config import Config
 from runtime.infra.fleet import FleetView
 
+_CREATED, _ROUTING, _QUEUED, _RUNNING = (
+    RunState.created,
+    RunState.routing,
+    RunState.queued,
+    RunState.running,
+)
+
 
 class Now(NamedTuple):
     wall: float  # Unix seconds: stamped on events, compared with event times
@@ -97,34 +104,36 @@ class Worklist:
 
     def observe(self, seq: int, event: AnyEvent, run: RunRecord, mono: float) -> None:
         # every event of every run comes here: the sets kept in place without a call each,
-        # and what only concerns a queued or running run skipped for the others
+        # and what only concerns a queued or running run skipped for the others (the states
+        # are module constants: on Python 3.11 reading ``RunState.x`` is a descriptor call)
         run_id, state = run.id, run.state
-        if state is RunState.routing:
+        if state is _ROUTING:
             self.routing.setdefault(run_id, None)
         else:
             self.routing.pop(run_id, None)
-            self.permit_held.discard(run_id)
-        if state is RunState.created:
+            if self.permit_held:
+                self.permit_held.discard(run_id)
+        if state is _CREATED:
             self.created.setdefault(run_id, None)
         else:
             self.created.pop(run_id, None)
         if run.cancel_requested and not state.is_terminal:
             self.cancelling.setdefault(run_id, None)
-        else:
+        elif self.cancelling:
             self.cancelling.pop(run_id, None)
-        if state is RunState.queued or run_id in self._waiting:
+        if state is _QUEUED or run_id in self._waiting:
             self._track_resource_wait(run)
-        if state is RunState.running or run_id in self._on_agent:
+        if state is _RUNNING or run_id in self._on_agent:
             self._track_agent(run)
         self.durations.observe(event, run)
-        if state is RunState.running:
+        if state is _RUNNING:
             self.running_since[run_id] = mono
-            if isinstance(event, RunDispatched):
+            if type(event) is RunDispatched:
                 self.dispatched_at[run_id] = seq
         else:
             self.running_since.pop(run_id, None)
             self.dispatched_at.pop(run_id, None)
-        if state is RunState.queued:
+        if state is _QUEUED:
             # queued (or requeued) with another wait than its queue was told last: the next
             # timed pass looks at the whole queue again
             told = self.announced.get(run.pipeline)
@@ -132,7 +141,7 @@ class Worklist:
                 del self.announced[run.pipeline]
 
     def _track_agent(self, run: RunRecord) -> None:
-        on = run.agent_id if run.state is RunState.running else None  # as the index's on_agent
+        on = run.agent_id if run.state is _RUNNING else None  # as the index's on_agent
         entry = None if on is None else (on, run.pipeline)
         old = self._on_agent.get(run.id)
         if old == entry:
@@ -150,7 +159,7 @@ class Worklist:
             self._on_agent[run.id] = entry
 
     def _track_resource_wait(self, run: RunRecord) -> None:
-        since = run.resources_since if run.state is RunState.queued else None
+        since = run.resources_since if run.state is _QUEUED else None
         entry = None if since is None else (run.pipeline, since)
         old = self._waiting.get(run.id)
         if old == entry:

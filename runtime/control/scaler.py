@@ -56,7 +56,7 @@ from runtime.infra.scalinglog import ScalingLog
 
 log = logging.getLogger("jetrun.scaler")
 
-_WANTED = (RunAdmitted, RunQueued)  # a tuple: ``A | B`` builds a union per call
+_WANTED = frozenset({RunAdmitted, RunQueued})  # kinds, tested by identity
 
 _STATES = {
     PipelineStatus.loading: ReplicaState.loading,
@@ -162,14 +162,14 @@ class Scaler:
     # --- inputs ------------------------------------------------------------------------------
 
     def _observe(self, seq: int, event: AnyEvent, before: RunRecord | None, run: RunRecord) -> None:
-        p = run.pipeline
-        if isinstance(event, _WANTED):
+        p, kind = run.pipeline, type(event)  # kinds by identity: ``isinstance`` walks bases
+        if kind in _WANTED:
             self._wanted[p] = max(self._wanted.get(p, -math.inf), event.at)
-        elif isinstance(event, RunNoResourcesAvailable):
+        elif kind is RunNoResourcesAvailable:
             self._wanted[p] = max(self._wanted.get(p, -math.inf), event.at)
             self._rejected[p] = max(self._rejected.get(p, -math.inf), event.at)
         agent = run.agent_id or (before.agent_id if before is not None else None)
-        if agent is not None and (isinstance(event, RunDispatched) or run.is_terminal):
+        if agent is not None and (kind is RunDispatched or run.is_terminal):
             self._busy[(p, agent)] = max(self._busy.get((p, agent), -math.inf), event.at)
 
     def booting(self) -> frozenset[str]:

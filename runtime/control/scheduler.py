@@ -73,7 +73,7 @@ log = logging.getLogger("jetrun.scheduler")
 # so they wake no pass (a sync run's dispatch woke one that found nothing to do, at the moment
 # its agent needed the CPU). A run's end wakes one only if it asks for one (``_end_asks``);
 # every other change of a run wakes the deciding task.
-NO_DECISION = (RunDispatched, RunStarted, RunOutputProduced)
+NO_DECISION = frozenset({RunDispatched, RunStarted, RunOutputProduced})  # kinds, by identity
 
 
 class SchedulerStats(msgspec.Struct, frozen=True, kw_only=True):
@@ -255,7 +255,7 @@ class Scheduler(Applier):
         newly_ended = run.is_terminal and (before is None or not before.is_terminal)
         if newly_ended and self.caught_up and run.slot is not None:
             self._ended.append(run)
-        if not isinstance(event, NO_DECISION) and (not newly_ended or self._end_asks(run)):
+        if type(event) not in NO_DECISION and (not newly_ended or self._end_asks(run)):
             self._kick.set()
 
     def _end_asks(self, run: RunRecord) -> bool:

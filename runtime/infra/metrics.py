@@ -16,7 +16,7 @@ import math
 import time
 from collections import Counter as Tally
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import anyio
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -32,7 +32,7 @@ from contracts.events import (
     RunStarted,
 )
 from contracts.run import RunRecord
-from contracts.states import TERMINAL_STATES, RunState
+from contracts.states import RunState
 from runtime.infra.fleet import ATTEMPT_LOST, NODE_LOST, NODE_RECALLED, Fleet
 from runtime.infra.projection import RunIndex
 
@@ -69,7 +69,7 @@ def operation_of(what: str) -> str:
 
 # States in which a run waits to be placed on a slot: routing (admitted), queued.
 _WAITING_FOR_A_SLOT = frozenset({RunState.routing, RunState.queued})
-_LOSSES = (RunPreempted, RunRequeued)
+_RUNNING = RunState.running
 
 
 class Exposition:
@@ -156,26 +156,32 @@ class RunMetrics(Collector):
         self, seq: int, event: AnyEvent, before: RunRecord | None, after: RunRecord
     ) -> None:
         # what most events change first (a dispatch, a start), then only a change of state
-        # (a start, an output or a cancel request keeps it) touches the counts and the waits
-        if isinstance(event, RunDispatched):
-            self.slots[after.id] = (event.agent_id, event.slot)
+        # (a start, an output or a cancel request keeps it) touches the counts and the waits;
+        # kinds tested by identity (``isinstance`` walks the class's bases)
+        kind = type(event)
+        if kind is RunDispatched:
+            sent = cast(RunDispatched, event)
+            self.slots[after.id] = (sent.agent_id, sent.slot)
             self._observe("queue_wait", after, self.queued_at.pop(after.id, None), event.at)
             self.dispatched_at[after.id] = event.at
-        elif isinstance(event, RunStarted):
+        elif kind is RunStarted:
             self._observe("start", after, self.dispatched_at.pop(after.id, None), event.at)
             self.started_at[after.id] = event.at
-        elif isinstance(event, _LOSSES) and self.caught_up():
-            self.lost.labels(_reason_class(event.reason)).inc()
+        elif (kind is RunPreempted or kind is RunRequeued) and self.caught_up():
+            self.lost.labels(_reason_class(event.reason)).inc()  # type: ignore[union-attr]
         state = after.state
-        state_before = before.state if before is not None else None
-        if state_before is state:
-            return
-        if before is not None and before.pipeline:
-            self.counts[(before.state, before.pipeline)] -= 1
+        if before is None:
+            state_before = None
+        else:
+            state_before = before.state
+            if state_before is state:
+                return
+            if before.pipeline:
+                self.counts[(state_before, before.pipeline)] -= 1
         self.counts[(state, after.pipeline)] += 1
         if state in _WAITING_FOR_A_SLOT and state_before not in _WAITING_FOR_A_SLOT:
             self.queued_at[after.id] = event.at  # admitted or requeued: placement may begin
-        if state_before is RunState.running:  # the attempt's end (only a running run has one)
+        if state_before is _RUNNING:  # the attempt's end (only a running run has one)
             self.slots.pop(after.id, None)
             dispatched = self.dispatched_at.pop(after.id, None)
             started = self.started_at.pop(after.id, None)
@@ -183,7 +189,7 @@ class RunMetrics(Collector):
             # its execution counts from the dispatch
             since = started if started is not None else dispatched
             self._observe("execution", after, since, event.at)
-        if state in TERMINAL_STATES:
+        if state.is_terminal:
             self.queued_at.pop(after.id, None)
 
     def _observe(self, phase: str, run: RunRecord, since: float | None, at: float) -> None:
