@@ -160,7 +160,7 @@ def _label(argv: list[str]) -> str:
         return "nats-server"
     if "worker_process" in text:
         return "worker"
-    for name in ("gateway", "scheduler", "agent", "webhooks", "up"):
+    for name in ("gateway", "scheduler", "recorder", "agent", "webhooks", "up"):
         if f" {name}" in text:
             return name
     return "other"

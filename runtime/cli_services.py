@@ -362,6 +362,31 @@ def scheduler(
 @nats_option
 @seed_option
 @ca_option
+@config_option
+@replicas_option
+def recorder(
+    nats_url: str,
+    nats_seed: Path | None,
+    nats_ca: Path | None,
+    config_path: str | None,
+    replicas: int,
+) -> None:
+    """Store run views, the run history and the checkpoint for a scheduler that does not
+    (what `jetrun up` runs beside its scheduler with dedicated gateways). (NATS role:
+    scheduler.)"""
+    from runtime.infra.lifetime import honour_parent
+    from runtime.services import serve_recorder
+
+    honour_parent()  # started by `jetrun up`: die with it
+    credentials = credentials_for("scheduler", nats_seed, nats_ca)
+    serve = partial(serve_recorder, credentials=credentials)
+    _run(serve, nats_url, _config(config_path), LogSettings(replicas=replicas))
+
+
+@click.command()
+@nats_option
+@seed_option
+@ca_option
 @replicas_option
 @click.option(
     "--pipelines",
@@ -435,5 +460,5 @@ def agent(
 
 
 def register(main: click.Group) -> None:
-    for command in (up, gateway, scheduler, agent):
+    for command in (up, gateway, scheduler, recorder, agent):
         main.add_command(command)

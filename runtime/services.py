@@ -156,6 +156,23 @@ async def serve_scheduler(
     await close(nc)
 
 
+async def serve_recorder(
+    nats_url: str, config: Config, settings: LogSettings, *, credentials: Credentials | None = None
+) -> None:
+    """Run views, the run history and the checkpoint, beside a scheduler that does not keep
+    them (``runtime.control.recorder``)."""
+    from runtime.control.recorder import Recorder
+
+    nc = await connect(nats_url, "jetrun-recorder", credentials)
+    recorder = Recorder(nc, config, log_settings=settings)
+    async with anyio.create_task_group() as tg:
+        await tg.start(recorder.run)
+        log.info("recorder running")
+        await until_signalled()
+        tg.cancel_scope.cancel()
+    await close(nc)
+
+
 async def serve_agent(
     nats_url: str,
     modules: list[str],

@@ -43,7 +43,7 @@ from runtime.infra.projection import RunIndex
 from runtime.provision import provision
 from runtime.services import serve_http
 from runtime.up_agents import serve_agents
-from runtime.up_children import _provider, _webhooks, agent_env
+from runtime.up_children import _provider, _webhooks, agent_env, recorder_command
 from runtime.up_ready import StartupError
 
 log = logging.getLogger("jetrun")
@@ -240,7 +240,8 @@ async def _schedule(
     team's limits or the API's metrics: each event costs only what the scheduler does with
     it). ``nc`` (the gateway role) serves the store's readiness probe."""
     settings = LogSettings()
-    scheduler = Scheduler(snc, opts.config, log_settings=settings)
+    # the views, the run history and the checkpoint: the recorder's (a child, below)
+    scheduler = Scheduler(snc, opts.config, log_settings=settings, keeps=False)
     scaler = Scaler(scheduler, _provider(opts, nats_url, server))
     exposition = Exposition()
     add_scheduler(exposition, scheduler)
@@ -261,7 +262,7 @@ async def _schedule(
         if server is not None:
             tg.start_soon(recover_store, server, readiness)
         try:
-            async with _children(opts, nats_url, opts.gateways):
+            async with _children(opts, nats_url, opts.gateways), _recorder(opts, nats_url):
                 async with step("starting the gateway processes"):
                     await until_served(opts.host, opts.port, GATEWAYS_WITHIN_S)
                 await serve_agents(
@@ -271,6 +272,17 @@ async def _schedule(
             if stopping.is_set():
                 print("\njetrun: shutting down", flush=True)
         tg.cancel_scope.cancel()
+
+
+@contextlib.asynccontextmanager
+async def _recorder(opts: UpOptions, nats_url: str) -> AsyncIterator[None]:
+    """``jetrun recorder`` (``runtime.control.recorder``) as a child process, started again if
+    it exits: it stores what the scheduler here does not keep."""
+    grace = opts.config.settings.shutdown_grace_s
+    command = recorder_command(nats_url, opts.config_path)
+    env = agent_env(nats_url, opts.credentials("scheduler"))
+    async with extra_gateways(1, command, grace + 5.0, env=env, what="recorder"):
+        yield
 
 
 @contextlib.asynccontextmanager

@@ -122,6 +122,11 @@ def agent_env(nats_url: str, credentials: Credentials | None) -> dict[str, str]:
     return env
 
 
+def recorder_command(nats_url: str, config_path: str | None) -> list[str]:
+    command = [sys.executable, "-m", "runtime.cli", "recorder", "--nats", nats_url]
+    return command + (["--config", config_path] if config_path is not None else [])
+
+
 def agent_command(
     modules: list[str], slots: int, agent_id: str, queue_depth: int | None = None
 ) -> list[str]:

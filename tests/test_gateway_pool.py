@@ -26,7 +26,10 @@ from runtime.control.gateway_pool import (
     until_served,
     usable_cores,
 )
+from runtime.control.views import RunViews
 from runtime.infra.config import Config
+from runtime.infra.nats_auth import Credentials
+from runtime.infra.nats_conn import close, connect
 from runtime.infra.natsserver import free_port
 from runtime.up import UpOptions, health_address
 from tests.harness import Proc
@@ -207,3 +210,65 @@ async def test_until_served_waits_for_a_listener_and_is_bounded() -> None:
         await until_served("0.0.0.0", port, 5.0)  # a wildcard host is tried on loopback
     finally:
         sock.close()
+
+
+def recorders_of(pid: int) -> list[int]:
+    found = []
+    for child in children(pid):
+        with contextlib.suppress(OSError):
+            if b"recorder" in Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0"):
+                found.append(child)
+    return found
+
+
+async def views_stored(views: RunViews, run_ids: list[str], timeout: float) -> None:
+    with anyio.fail_after(timeout):
+        for run_id in run_ids:
+            while (view := await views.get(run_id)) is None:
+                await anyio.sleep(0.1)
+            assert view.state.is_terminal
+
+
+async def test_dedicated_up_stores_views_in_a_recorder_started_again_after_a_kill(
+    tmp_path: Path,
+) -> None:
+    """With dedicated gateways the scheduler keeps no views: a recorder child process stores
+    each ended run's view and the checkpoint. SIGKILLed, it is started again, and the views
+    of the runs that ended meanwhile are stored (its tail starts from the checkpoint)."""
+    port, nats_port = free_port(), free_port()
+    args = ["--gateways", "2", "--dedicated-gateways", "--nats-port", str(nats_port)]
+    proc = up(tmp_path, port, "up", *args)
+    headers = {"Authorization": "Bearer jr_demo_token"}
+    nc = None
+
+    async def sync_run() -> str:
+        async with httpx.AsyncClient(headers=headers, timeout=30) as c:
+            r = await c.post(f"http://127.0.0.1:{port}/v4/runs", json=SEED)
+            assert r.status_code == 200 and r.json()["state"] == "completed", r.text
+            return str(r.json()["id"])
+
+    try:
+        await wait_output(proc, "Ctrl-C stops everything.")
+        admin = Credentials.from_dir(tmp_path / "data" / "credentials", "admin")
+        nc = await connect(f"nats://127.0.0.1:{nats_port}", "test", admin)
+        views = RunViews(nc.jetstream())
+        await views.require()
+        first = recorders_of(proc.pid)
+        assert len(first) == 1
+        with anyio.fail_after(60):
+            before = [await sync_run() for _ in range(2)]
+        await views_stored(views, before, timeout=30)
+        os.kill(first[0], signal.SIGKILL)
+        with anyio.fail_after(60):
+            meanwhile = [await sync_run() for _ in range(2)]
+        with anyio.fail_after(30):
+            while not (again := recorders_of(proc.pid)) or again == first:
+                await anyio.sleep(0.1)
+        await views_stored(views, meanwhile, timeout=30)
+        with anyio.fail_after(30):  # every 5 s by default
+            while await views.checkpoint() is None:
+                await anyio.sleep(0.2)
+    finally:
+        if nc is not None:
+            await close(nc)
+        stop_with_children(proc)

@@ -106,15 +106,20 @@ def gateway_command(nats_url: str, host: str, port: int, config_path: str | None
 
 @contextlib.asynccontextmanager
 async def extra_gateways(
-    count: int, command: list[str], grace_s: float, env: dict[str, str] | None = None
+    count: int,
+    command: list[str],
+    grace_s: float,
+    env: dict[str, str] | None = None,
+    what: str = "gateway",
 ) -> AsyncIterator[list[subprocess.Popen[bytes]]]:
-    """``count`` gateway processes running ``command``, kept running (restarted after an
-    exit) while inside; stopped (SIGTERM, SIGKILL after ``grace_s``) on the way out."""
+    """``count`` ``what`` processes (gateways) running ``command``, kept running (restarted
+    after an exit) while inside; stopped (SIGTERM, SIGKILL after ``grace_s``) on the way
+    out."""
     env = env or child_env()
     procs = [_start(command, env) for _ in range(count)]
     try:
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_supervise, procs, command, env)
+            tg.start_soon(_supervise, procs, command, env, what)
             yield procs
             tg.cancel_scope.cancel()
     finally:
@@ -123,7 +128,7 @@ async def extra_gateways(
                 if proc.poll() is None:
                     proc.terminate()
             for proc in procs:
-                await _reap(proc, grace_s)
+                await _reap(proc, grace_s, what)
 
 
 def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -131,7 +136,7 @@ def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
 
 
 async def _supervise(
-    procs: list[subprocess.Popen[bytes]], command: list[str], env: dict[str, str]
+    procs: list[subprocess.Popen[bytes]], command: list[str], env: dict[str, str], what: str
 ) -> None:
     while True:
         await anyio.sleep(RESTART_PAUSE_S)
@@ -139,16 +144,16 @@ async def _supervise(
             code = proc.poll()
             if code is not None:
                 log.error(
-                    "gateway process %d exited with code %d; starting it again", proc.pid, code
+                    "%s process %d exited with code %d; starting it again", what, proc.pid, code
                 )
                 procs[i] = _start(command, env)
 
 
-async def _reap(proc: subprocess.Popen[bytes], grace_s: float) -> None:
+async def _reap(proc: subprocess.Popen[bytes], grace_s: float, what: str) -> None:
     try:
         await anyio.to_thread.run_sync(proc.wait, grace_s)
     except subprocess.TimeoutExpired:
-        log.warning("gateway process %d did not stop within %g s; killing it", proc.pid, grace_s)
+        log.warning("%s process %d did not stop within %g s; killing it", what, proc.pid, grace_s)
         proc.kill()
         await anyio.to_thread.run_sync(proc.wait)
 

@@ -47,7 +47,7 @@ from runtime.control.logfeed import LogFeed
 from runtime.control.passes import Now, Pass, Worklist
 from runtime.control.readiness import new_scheduler_id, publish_scheduler_heartbeats
 from runtime.control.restate import Restater
-from runtime.control.views import RunViews, ViewKeeper
+from runtime.control.views import RunViews, ViewKeeper, forget_loop
 from runtime.infra.catalog import Catalog
 from runtime.infra.clock import SYSTEM_CLOCK, Clock
 from runtime.infra.config import Config
@@ -97,11 +97,15 @@ class Scheduler(Applier):
         tick_s: float = 0.25,
         feed: LogFeed | None = None,
         index: RunIndex | None = None,
+        keeps: bool = True,
     ) -> None:
         """``feed``: a log tail shared with other readers in this process (``jetrun up``);
         by default the scheduler has its own. ``index``: a run index shared with a gateway in
         this process (each event applied once; the gateway then leaves forgetting ended runs
-        to this scheduler, which forgets them once their views are stored and listed)."""
+        to this scheduler, which forgets them once their views are stored and listed).
+        ``keeps`` False: a recorder beside it (``runtime.control.recorder``) stores the views,
+        the run history and the checkpoint; this scheduler writes none of them and forgets
+        ended runs ``keep_ended_s`` after they ended, as a gateway does."""
         self.nc = nc
         self.config = config
         self.clock = clock
@@ -112,7 +116,7 @@ class Scheduler(Applier):
         self.index.listen(self._observe)
         self.index.listen_queue(self._observe_queue)
         self.views = RunViews(self.log.js, replicas=settings.replicas)
-        self.keeper = ViewKeeper(self.views, self.index, config.settings)
+        self.keeper = ViewKeeper(self.views, self.index, config.settings) if keeps else None
         self.restater = Restater(self.log, self.index)  # live runs outlive their events
         self.work = Worklist()
         self.fleet = Fleet(clock.monotonic, config.settings.node_loss_timeout_s)
@@ -167,7 +171,12 @@ class Scheduler(Applier):
         async with self.following(), anyio.create_task_group() as tg:
             tg.start_soon(self.guard.watch)
             tg.start_soon(self._lead)
-            tg.start_soon(self.keeper.run, self.clock, lambda: self._leading)
+            if self.keeper is not None:
+                tg.start_soon(self.keeper.run, self.clock, lambda: self._leading)
+            else:  # the recorder stores them: ended runs are only forgotten here
+                tg.start_soon(
+                    forget_loop, self.index, self.clock, self.config.settings.keep_ended_s
+                )
             tg.start_soon(self.restater.run, self.clock, lambda: self._leading)
             every = self.config.settings.heartbeat_interval_s
             tg.start_soon(publish_scheduler_heartbeats, self.nc, self.heartbeat, every, self.clock)
