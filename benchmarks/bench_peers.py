@@ -17,6 +17,9 @@ and jetrun's ratio to each peer. Figures:
   last end included, once the phase's CPU and messages are counted: ``run_ends.py``);
 - CPU: seconds of CPU per 1,000 runs of each system's own processes during the throughput phase
   (jetrun: until its webhook outbox has also read every event; per process with psutil).
+  ``--followers N`` also starts N ``jetrun gateway`` processes that no client reaches and prints
+  their CPU per run apart (not in jetrun's): what following the log costs each gateway
+  process, paid for every run whichever gateway served it.
 
 Durability, as measured: jetrun with nats-server's default file-store sync (every 2 minutes),
 or ``--nats-sync always``; Celery with Redis ``appendonly yes``, ``appendfsync everysec``; Ray
@@ -26,6 +29,7 @@ keeps task results in memory only. Everything listens on 127.0.0.1 and every loo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
@@ -195,8 +199,10 @@ class Jetrun:
         queue_depth: int | None = None,
         dedicated_gateways: bool = False,
         agents: int | None = None,
+        followers: int = 0,
     ) -> None:
         self.tmp, self.wrk_seconds = tmp, wrk_seconds
+        self.followers: list[subprocess.Popen[bytes]] = []
         (tmp / "jetrun.toml").write_text(bench_runs.CONFIG)
         port, self.nats_port, monitor_port = free_port(), free_port(), free_port()
         self.url = f"http://127.0.0.1:{port}"
@@ -228,6 +234,34 @@ class Jetrun:
         self.sync_ids: list[str] = []  # the runs of sync_run, in order (bench_stages)
         self.sync_at: list[tuple[float, float]] = []  # their wall clock: sent, answer read
         self.phase: bench_runs.WrkPhase | None = None  # the last throughput phase
+        for _ in range(followers):
+            self.followers.append(self._follower())
+
+    def _follower(self) -> subprocess.Popen[bytes]:
+        """A ``jetrun gateway`` on a port no client uses: what following the log costs one
+        gateway process (its CPU is shown apart, not in jetrun's)."""
+        from runtime.up_children import agent_env
+
+        port = free_port()
+        argv = [str(Path(sys.executable).parent / "jetrun"), "gateway", "--host", "127.0.0.1"]
+        argv += ["--port", str(port), "--config", str(self.tmp / "jetrun.toml")]
+        nats_url, _ = self.nats()
+        gateway = bench_runs.Credentials.from_dir(self.tmp / "data" / "credentials", "gateway")
+        with open(self.tmp / f"follower-{port}.log", "wb") as log:
+            proc = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, env=agent_env(nats_url, gateway)
+            )
+        for _ in range(600):  # until it has caught up with the log
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 200:
+                    return proc
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait(30)
+        raise TimeoutError("a follower gateway did not become ready")
+
+    def follower_pids(self) -> list[int]:
+        return [proc.pid for proc in self.followers]
 
     def sync_run(self) -> None:
         """One sync run over a kept-alive connection of the standard library's HTTP client
@@ -329,6 +363,9 @@ class Jetrun:
     def close(self) -> None:
         self.conn.close()
         self.client.close()
+        for proc in self.followers:
+            proc.terminate()
+            proc.wait(30)
         self.proc.send_signal(2)
         self.proc.wait(60)
 
@@ -447,6 +484,7 @@ def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) 
     before, parts = cpu_seconds(system.pids), cpu_by_process(system.pids)
     calls = calls_by_process(system.pids)
     agents = cpu_of_each(system.pids, "agent")
+    followed = cpu_seconds(system.follower_pids) if isinstance(system, Jetrun) else 0.0
     own = os.times()  # the benchmark's own process, and wrk (its child) once waited for
     rate, total = system.throughput(runs)
     used = cpu_seconds(system.pids) - before
@@ -456,6 +494,7 @@ def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) 
         after = cpu_by_process(system.pids)
         calls_after = calls_by_process(system.pids)
         agents_after = cpu_of_each(system.pids, "agent")
+        followed = cpu_seconds(system.follower_pids) - followed
         counted = nats_traffic.per_run(traffic, nats_traffic.snapshot(system.monitor_url), total)
         rate = system.end_to_end()  # its events are read now: after the counting
         starts.append(system.next_seq())  # where the throughput phase's runs end in the log
@@ -481,6 +520,10 @@ def measure(system: Jetrun | Ray | Celery, sync: int, runs: int, into: Figures) 
             + ", ".join(f"{k} {r:.2f}/{w:.2f}" for k, (r, w) in sorted(deltas.items())),
             flush=True,
         )
+        if system.followers:
+            each = followed / len(system.followers) / total * 1000
+            shown = f"{each:.3f}"
+            print(f"  a gateway no client reaches (following the log), CPU s per 1k runs: {shown}")
         bench_s = own_after.user + own_after.system - own.user - own.system
         wrk_s = own_after.children_user + own_after.children_system
         wrk_s -= own.children_user + own.children_system
@@ -515,6 +558,7 @@ def systems(args: argparse.Namespace, tmp: Path) -> Iterator[list[Jetrun | Ray |
                 args.queue_depth,
                 args.dedicated_gateways,
                 args.agents,
+                args.followers,
             )
         )
         if "ray" in args.peers:
@@ -565,6 +609,13 @@ def main() -> None:
     )
     parser.add_argument(
         "--agents", type=int, default=None, help="jetrun up's local agents, --slots each"
+    )
+    parser.add_argument(
+        "--followers",
+        type=int,
+        default=0,
+        help="also run this many gateway processes no client reaches: their CPU per run is "
+        "what following the log costs each gateway (shown apart, not in jetrun's)",
     )
     parser.add_argument("--peers", default="ray,celery", help="'' measures jetrun alone")
     args = parser.parse_args()
