@@ -12,6 +12,8 @@ import pytest
 
 from contracts import RunAdmitted, RunCancelled, RunSubmitted
 from contracts.events import AnyEvent
+from contracts.machine import restate
+from contracts.run import RunRecord
 from contracts.states import RunState
 from runtime.clients import sdk
 from runtime.control.listing import (
@@ -196,3 +198,29 @@ async def test_listing_over_http_and_the_sdk(stack: Stack) -> None:
         with pytest.raises(sdk.JetrunError) as err:
             await c.list_runs(limit=1000)
         assert err.value.status == 422
+
+
+def test_a_run_is_placed_by_its_first_event_and_active_until_its_end() -> None:
+    """The listing hears a run's first event and its end, not every event between: a run read
+    from its submission is placed and active until it ends; a run first read from its
+    restatement is active but left for its history entry to place; a run that ends with
+    its first event (refused at once) is never active."""
+    index = RunIndex()
+    listing = RunListing(index)
+    feed(index, submit("s1", 10.0))
+    restated = restate(
+        RunRecord(id="r1", state=RunState.queued, team="t", pipeline="a/b:v1", created_at=5.0),
+        of_seq=1,
+        at=11.0,
+        ticket=None,
+    )
+    feed(index, [restated])
+    refused = RunRecord(id="n1", state=RunState.cancelled, team="t", pipeline="a/b:v1")
+    feed(index, [restate(refused, of_seq=1, at=12.0, ticket=None)])
+    assert [listing.placed(i) for i in ("s1", "r1", "n1")] == [True, False, False]
+    assert [r.id for r in listing.active("t")] == ["s1", "r1"]
+    feed(index, [RunCancelled(run_id="s1", at=13.0)])
+    assert [r.id for r in listing.active("t")] == ["r1"]
+    feed(index, [RunCancelled(run_id="r1", at=14.0)])
+    assert listing.active("t") == [] and listing.active(None) == []
+    assert [r.id for r in listing.page_held("t", ListQuery())[0]] == ["s1"]

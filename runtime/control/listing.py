@@ -143,7 +143,10 @@ class RunListing:
         # places them, at their submission
         self._unplaced: dict[str, dict[str, None]] = defaultdict(dict)
         self._active: dict[str, dict[str, None]] = defaultdict(dict)
-        index.listen(self._on_change)
+        # a run's first event places it and its end leaves the unfinished: no call for the
+        # events between (every gateway process applies every event of every run)
+        index.listen_new(self._on_new)
+        index.listen_ended(self._on_ended)
         index.on_forget(self._forget)
 
     def _forget(self, run: RunRecord) -> None:
@@ -159,26 +162,25 @@ class RunListing:
             if not keys:
                 del self._by_team[run.team]
 
-    def _on_change(
-        self, seq: int, event: AnyEvent, before: RunRecord | None, after: RunRecord
-    ) -> None:
-        team = after.team
+    def _on_new(self, seq: int, event: AnyEvent, run: RunRecord) -> None:
+        """The first event of a run held here: its place by submission (a run first read
+        from its restatement is placed by its history entry) and, unless it has ended
+        already, among its team's unfinished runs."""
+        team = run.team
         if not team:
             return
-        if before is not None and before.team:  # placed and active since its first event
-            if after.state.is_terminal and not before.state.is_terminal:
-                self._active[team].pop(after.id, None)
-            return
-        if after.id not in self._seq:
-            if isinstance(event, RunRestated):
-                self._unplaced[after.team][after.id] = None
-            else:
-                self._seq[after.id] = seq
-                self._by_team[after.team].add((-seq, after.id))
-        if after.is_terminal:
-            self._active[after.team].pop(after.id, None)
+        if isinstance(event, RunRestated):
+            self._unplaced[team][run.id] = None
         else:
-            self._active[after.team][after.id] = None
+            self._seq[run.id] = seq
+            self._by_team[team].add((-seq, run.id))
+        if not run.is_terminal:
+            self._active[team][run.id] = None
+
+    def _on_ended(self, run: RunRecord) -> None:
+        active = self._active.get(run.team)
+        if active is not None:
+            active.pop(run.id, None)
 
     def placed(self, run_id: str) -> bool:
         """Held, and placed in the team's order by its submission."""

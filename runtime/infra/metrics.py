@@ -112,7 +112,8 @@ def _reason_class(reason: str) -> str:
 
 class RunMetrics(Collector):
     """Runs by state and pipeline, queues, slot use by kind, index lag; phase histograms and
-    attempt losses from the events as they arrive (``phases=True`` in the one scheduler)."""
+    attempt losses from the events as they arrive (``phases=True`` in the one scheduler; set
+    before the first event: without it the dispatch and start times are not kept)."""
 
     def __init__(
         self,
@@ -157,16 +158,20 @@ class RunMetrics(Collector):
     ) -> None:
         # what most events change first (a dispatch, a start), then only a change of state
         # (a start, an output or a cancel request keeps it) touches the counts and the waits;
-        # kinds tested by identity (``isinstance`` walks the class's bases)
+        # kinds tested by identity (``isinstance`` walks the class's bases); the times only
+        # the phase histograms read are kept only with them (not in a gateway process)
         kind = type(event)
         if kind is RunDispatched:
             sent = cast(RunDispatched, event)
             self.slots[after.id] = (sent.agent_id, sent.slot)
-            self._observe("queue_wait", after, self.queued_at.pop(after.id, None), event.at)
-            self.dispatched_at[after.id] = event.at
+            queued = self.queued_at.pop(after.id, None)
+            if self.phases:
+                self._observe("queue_wait", after, queued, event.at)
+                self.dispatched_at[after.id] = event.at
         elif kind is RunStarted:
-            self._observe("start", after, self.dispatched_at.pop(after.id, None), event.at)
-            self.started_at[after.id] = event.at
+            if self.phases:
+                self._observe("start", after, self.dispatched_at.pop(after.id, None), event.at)
+                self.started_at[after.id] = event.at
         elif (kind is RunPreempted or kind is RunRequeued) and self.caught_up():
             self.lost.labels(_reason_class(event.reason)).inc()  # type: ignore[union-attr]
         state = after.state
@@ -183,12 +188,13 @@ class RunMetrics(Collector):
             self.queued_at[after.id] = event.at  # admitted or requeued: placement may begin
         if state_before is _RUNNING:  # the attempt's end (only a running run has one)
             self.slots.pop(after.id, None)
-            dispatched = self.dispatched_at.pop(after.id, None)
-            started = self.started_at.pop(after.id, None)
-            # an attempt that ends within the agent's STARTED_AFTER_S appends no ``started``:
-            # its execution counts from the dispatch
-            since = started if started is not None else dispatched
-            self._observe("execution", after, since, event.at)
+            if self.phases:
+                dispatched = self.dispatched_at.pop(after.id, None)
+                started = self.started_at.pop(after.id, None)
+                # an attempt that ends within the agent's STARTED_AFTER_S appends no
+                # ``started``: its execution counts from the dispatch
+                since = started if started is not None else dispatched
+                self._observe("execution", after, since, event.at)
         if state.is_terminal:
             self.queued_at.pop(after.id, None)
 
