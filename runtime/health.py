@@ -155,6 +155,10 @@ def add_scheduler(
         exposition.register(metrics, refresh=lambda: metrics.refresh_lag(scheduler.log))
         exposition.register(FleetMetrics(scheduler.fleet, metrics))
     exposition.register(NodeLosses(lambda: scheduler.statistics().lost_agents))
+    from runtime.control.checkpoint_metrics import CheckpointMetrics  # (agents import this file)
+
+    checkpoint = CheckpointMetrics(scheduler.views, scheduler.log)
+    exposition.register(checkpoint, refresh=checkpoint.refresh)
 
 
 def scheduler_checks(scheduler: Scheduler) -> Checks:
