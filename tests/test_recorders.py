@@ -1,0 +1,82 @@
+"""Two recorders at once (an HA pair of ``jetrun up`` with dedicated gateways), one of them
+stopped and started again from the checkpoint meanwhile, against a real nats-server: every run
+is listed once, in log order, with its view stored, and the checkpoint moves past them all."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import anyio
+import pytest
+from nats.aio.client import Client
+
+from runtime.control.history import RunHistory
+from runtime.control.recorder import Recorder
+from runtime.control.views import RunViews
+from runtime.infra.eventlog import EventLog, LogSettings
+from runtime.provision import provision
+from tests.test_history import CONFIG, T0, completed_history
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+async def log(nc: Client) -> AsyncIterator[EventLog]:
+    await provision(nc, CONFIG, LogSettings())
+    yield EventLog(nc)
+
+
+async def listed(history: RunHistory, team: str) -> list[tuple[int, str, int]]:
+    newest = await history.newest(team)
+    if newest is None:
+        return []
+    return [(n, e.run_id, e.seq) async for n, e in history.entries(team, newest[0], 1)]
+
+
+async def test_two_recorders_list_every_run_once_and_store_every_view(
+    nc: Client, log: EventLog
+) -> None:
+    views = RunViews(log.js)
+    await views.require()
+    history = RunHistory(log.js)
+    teams = {"acme": [f"a{i:02d}" for i in range(40)], "rival": [f"r{i:02d}" for i in range(20)]}
+    order = [(t, ids[i]) for i in range(40) for t, ids in teams.items() if i < len(ids)]
+
+    async def recorder(scope: anyio.CancelScope) -> None:
+        with scope:
+            await Recorder(nc, CONFIG).run()
+
+    with anyio.fail_after(60):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(recorder, anyio.CancelScope())
+            second = anyio.CancelScope()
+            tg.start_soon(recorder, second)
+            for k, (team, run_id) in enumerate(order):
+                for event in completed_history(run_id, T0 + k, team):
+                    await log.append(event)
+                if k == 25:  # one of them stops (its unstored runs with it) and starts again
+                    second.cancel()
+                    second = anyio.CancelScope()
+                    tg.start_soon(recorder, second)
+                if k % 8 == 0:
+                    await anyio.sleep(0.3)  # steps of both happen while runs keep coming
+            last = await log.last_seq()
+            for team, ids in teams.items():
+                while len(await listed(history, team)) < len(ids):
+                    await anyio.sleep(0.1)
+            for run_id in (r for ids in teams.values() for r in ids):
+                while (view := await views.get(run_id)) is None:
+                    await anyio.sleep(0.1)
+                assert view.state.is_terminal
+            # every run stored and listed: the checkpoint has nothing of them to read again
+            while (
+                checkpoint := await views.checkpoint()
+            ) is None or checkpoint.replay_from <= last:
+                await anyio.sleep(0.1)
+            tg.cancel_scope.cancel()
+    for team, ids in teams.items():
+        entries = await listed(history, team)
+        assert [n for n, _, _ in entries] == list(range(len(ids), 0, -1))  # no gap, none twice
+        assert [run_id for _, run_id, _ in entries] == ids[::-1]  # in log order
+        seqs = [seq for _, _, seq in entries]
+        assert seqs == sorted(seqs, reverse=True)
