@@ -197,6 +197,11 @@ async def test_dedicated_gateways_leave_up_serving_no_connection(tmp_path: Path)
             metrics = (await health.get("/metrics")).text
             assert 'jetrun_run_phase_seconds_count{phase="execution"' in metrics
             assert "jetrun_nodes_lost_total" in metrics
+            with anyio.fail_after(30):  # the recorder child stores the checkpoint: its age shows
+                while "jetrun_checkpoint_age_seconds NaN" in metrics:
+                    await anyio.sleep(0.2)
+                    metrics = (await health.get("/metrics")).text
+            assert "jetrun_checkpoint_age_seconds " in metrics
     finally:
         stop_with_children(proc)
 
