@@ -21,6 +21,7 @@ from runtime.infra.nats_auth import Credentials
 GROUPS = {
     "jetrun-gateway": "gateway",
     "jetrun-scheduler": "scheduler",
+    "jetrun-recorder": "recorder",
     "jetrun-agent": "agent",
     "jetrun-webhooks": "webhooks",
     "jetrun-client": "bench",
