@@ -1,6 +1,8 @@
-"""Two recorders at once (an HA pair of ``jetrun up`` with dedicated gateways), one of them
-stopped and started again from the checkpoint meanwhile, against a real nats-server: every run
-is listed once, in log order, with its view stored, and the checkpoint moves past them all."""
+"""Second writers of views, history and checkpoint, against a real nats-server. Two recorders
+at once (an HA pair of ``jetrun up`` with dedicated gateways), one of them stopped and started
+again from the checkpoint meanwhile: every run is listed once, in log order, with its view
+stored, and the checkpoint moves past them all. A standby scheduler whose leader (or recorder)
+died with views not stored stores them when it takes over."""
 
 from __future__ import annotations
 
@@ -12,8 +14,9 @@ from nats.aio.client import Client
 
 from runtime.control.history import RunHistory
 from runtime.control.recorder import Recorder
-from runtime.control.views import RunViews
+from runtime.control.views import RunViews, ViewKeeper
 from runtime.infra.eventlog import EventLog, LogSettings
+from runtime.infra.projection import RunIndex
 from runtime.provision import provision
 from tests.test_history import CONFIG, T0, completed_history
 
@@ -80,3 +83,34 @@ async def test_two_recorders_list_every_run_once_and_store_every_view(
         assert [run_id for _, run_id, _ in entries] == ids[::-1]  # in log order
         seqs = [seq for _, _, seq in entries]
         assert seqs == sorted(seqs, reverse=True)
+
+
+async def test_a_standby_stores_the_views_its_writer_died_without_storing(
+    nc: Client, log: EventLog
+) -> None:
+    views = RunViews(log.js)
+    await views.require()
+    writer_index, standby_index = RunIndex(), RunIndex()
+    writer = ViewKeeper(views, writer_index, CONFIG.settings)  # the leader's, or a recorder's
+    standby = ViewKeeper(views, standby_index, CONFIG.settings)  # a scheduler's, not leading
+    later = T0 + 1000  # past keep_ended_s of every run here
+
+    def both(run_id: str, first_seq: int) -> None:
+        for seq, event in enumerate(completed_history(run_id, T0), start=first_seq):
+            writer_index.apply(seq, event)
+            standby_index.apply(seq, event)
+
+    both("early", 1)  # stored, listed and forgotten by its writer, whose checkpoint moves on
+    await writer.step(later, 0.0)
+    await standby.step(later, 0.0, leading=False)
+    assert standby_index.get("early") is None and not standby.unstored  # the standby lets go
+    assert await views.get("early") is not None
+
+    both("late", 6)  # its writer dies before storing its view (or listing it)
+    await standby.step(later, 1.0, leading=False)
+    assert standby_index.get("late") is not None and "late" in standby.unstored
+    await standby.step(later, 2.0, leading=True)  # the standby takes over
+    view = await views.get("late")
+    assert view is not None and view.state.is_terminal
+    checkpoint = await views.checkpoint()
+    assert checkpoint is not None and checkpoint.replay_from == 11  # past both, both stored

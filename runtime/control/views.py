@@ -238,12 +238,12 @@ class ViewKeeper:
 
     async def step(self, now: float, mono: float, leading: bool = True) -> None:
         """Store pending views, forget ended runs, checkpoint. A standby (``leading`` False)
-        only forgets: the leader is the one writer."""
+        only forgets, and drops the views its writer has stored (``_drop_stored``)."""
         cutoff = now - self.settings.keep_ended_s
         if not leading:
             await self.writer.step(leading)
-            self.unstored.clear()
-            self.index.forget_ended(cutoff, may=lambda run_id: not self.writer.holds(run_id))
+            await self._drop_stored()
+            self.index.forget_ended(cutoff, may=self._may_forget)
             return
         async with anyio.create_task_group() as tg:  # history and views written together
             tg.start_soon(self.writer.step, leading)
@@ -259,6 +259,31 @@ class ViewKeeper:
                 log.warning("checkpoint not stored now (%r); later", err)
                 return
             self._last_checkpoint = mono
+
+    async def _drop_stored(self) -> None:
+        """A standby keeps an ended run unstored until the stored checkpoint is past the run's
+        last event: whoever wrote it (the leader, or a recorder) no longer held the run, so it
+        had stored its view. Should this process lead first (that writer died with views not
+        stored: the runs that ended within its lag, or in an outage), it stores them, instead
+        of leaving those runs with no view once their events age out. Oldest first, stopping
+        at the first run still held there (one read of the checkpoint per step)."""
+        if not self.unstored:
+            return
+        try:
+            checkpoint = await self.views.checkpoint()
+        except RETRYABLE as err:
+            log.warning("checkpoint not read now (%r); later", err)
+            return
+        if checkpoint is None or checkpoint.replay_from > self.index.last_seq + 1:
+            return  # none yet, or written ahead of this index: nothing known stored
+        stored = []
+        for run_id in self.unstored:  # in the order they ended
+            last = self.index.last_seq_of(run_id)
+            if last is not None and last >= checkpoint.replay_from:
+                break
+            stored.append(run_id)
+        for run_id in stored:
+            del self.unstored[run_id]
 
     def _may_forget(self, run_id: str) -> bool:
         return run_id not in self.unstored and not self.writer.holds(run_id)

@@ -362,6 +362,10 @@ class RunIndex(IndexWaits):
                 due.append((run, self._own_last.get(run_id, self._last_of[run_id])))
         return due
 
+    def last_seq_of(self, run_id: str) -> int | None:
+        """The sequence of the last event of ``run_id`` read here; None unless it is held."""
+        return self._last_of.get(run_id)
+
     def ticket(self, run_id: str) -> Ticket | None:
         """The run's place in its queue; None unless it is queued."""
         return self._tickets.get(run_id)
