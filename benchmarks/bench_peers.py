@@ -97,43 +97,34 @@ def cpu_seconds(pids: Callable[[], list[int]]) -> float:
     return total
 
 
-def cpu_by_process(pids: Callable[[], list[int]]) -> dict[str, float]:
-    """CPU seconds of ``pids`` by what each runs (``jetrun up``'s children: nats-server,
-    gateway, scheduler, agent, webhooks, worker); empty without psutil."""
+def _cpu_times(pids: Callable[[], list[int]]) -> Iterator[tuple[int, str, float]]:
+    """``(pid, label, CPU seconds)`` of each process of ``pids`` still there; none without
+    psutil."""
     try:
         import psutil
     except ImportError:
-        return {}
-
-    found: dict[str, float] = {}
+        return
     for pid in pids():
         try:
             process = psutil.Process(pid)
             times, argv = process.cpu_times(), process.cmdline()
         except psutil.Error:
             continue
-        label = _label(argv)
-        found[label] = found.get(label, 0.0) + times.user + times.system
+        yield pid, _label(argv), times.user + times.system
+
+
+def cpu_by_process(pids: Callable[[], list[int]]) -> dict[str, float]:
+    """CPU seconds of ``pids`` by what each runs (``jetrun up``'s children: nats-server,
+    gateway, scheduler, agent, webhooks, worker); empty without psutil."""
+    found: dict[str, float] = {}
+    for _, label, seconds in _cpu_times(pids):
+        found[label] = found.get(label, 0.0) + seconds
     return found
 
 
 def cpu_of_each(pids: Callable[[], list[int]], label: str) -> dict[int, float]:
     """CPU seconds of each process of ``pids`` labelled ``label`` (each local agent)."""
-    try:
-        import psutil
-    except ImportError:
-        return {}
-
-    found: dict[int, float] = {}
-    for pid in pids():
-        try:
-            process = psutil.Process(pid)
-            times, argv = process.cpu_times(), process.cmdline()
-        except psutil.Error:
-            continue
-        if _label(argv) == label:
-            found[pid] = times.user + times.system
-    return found
+    return {pid: seconds for pid, named, seconds in _cpu_times(pids) if named == label}
 
 
 def calls_by_process(pids: Callable[[], list[int]]) -> dict[str, tuple[int, int]]:
