@@ -18,7 +18,7 @@ from runtime.control.views import RunViews, ViewKeeper
 from runtime.infra.eventlog import EventLog, LogSettings
 from runtime.infra.projection import RunIndex
 from runtime.provision import provision
-from tests.test_history import CONFIG, T0, completed_history
+from tests.test_history import CONFIG, T0, completed_history, submitted
 
 pytestmark = pytest.mark.anyio
 
@@ -107,10 +107,35 @@ async def test_a_standby_stores_the_views_its_writer_died_without_storing(
     assert await views.get("early") is not None
 
     both("late", 6)  # its writer dies before storing its view (or listing it)
-    await standby.step(later, 1.0, leading=False)
+    soon = T0 + 10  # the takeover comes within keep_ended_s of the run's end
+    await standby.step(soon, 1.0, leading=False)
     assert standby_index.get("late") is not None and "late" in standby.unstored
-    await standby.step(later, 2.0, leading=True)  # the standby takes over
+    await standby.step(soon, 2.0, leading=True)  # the standby takes over
     view = await views.get("late")
     assert view is not None and view.state.is_terminal
+    await standby.step(later, 3.0 + CONFIG.settings.checkpoint_every_s, leading=True)
     checkpoint = await views.checkpoint()
     assert checkpoint is not None and checkpoint.replay_from == 11  # past both, both stored
+
+
+async def test_a_standby_lets_go_of_runs_ended_keep_ended_s_ago_while_a_live_run_runs_on(
+    nc: Client, log: EventLog
+) -> None:
+    views = RunViews(log.js)
+    await views.require()
+    writer_index, standby_index = RunIndex(), RunIndex()
+    writer = ViewKeeper(views, writer_index, CONFIG.settings)
+    standby = ViewKeeper(views, standby_index, CONFIG.settings)
+    events = [submitted("long", T0), *completed_history("done", T0)]  # "long" runs on
+    for seq, event in enumerate(events, start=1):
+        writer_index.apply(seq, event)
+        standby_index.apply(seq, event)
+    later = T0 + CONFIG.settings.keep_ended_s + 10
+    await writer.step(later, 0.0)
+    checkpoint = await views.checkpoint()
+    assert checkpoint is not None and checkpoint.replay_from == 1  # held back by "long"
+    assert await views.get("done") is not None
+    await standby.step(later, 1.0, leading=False)
+    # bounded by keep_ended_s, as a standby always was, whatever the checkpoint says
+    assert "done" not in standby.unstored and standby_index.get("done") is None
+    assert standby_index.get("long") is not None

@@ -242,7 +242,7 @@ class ViewKeeper:
         cutoff = now - self.settings.keep_ended_s
         if not leading:
             await self.writer.step(leading)
-            await self._drop_stored()
+            await self._drop_stored(cutoff)
             self.index.forget_ended(cutoff, may=self._may_forget)
             return
         async with anyio.create_task_group() as tg:  # history and views written together
@@ -260,13 +260,22 @@ class ViewKeeper:
                 return
             self._last_checkpoint = mono
 
-    async def _drop_stored(self) -> None:
+    async def _drop_stored(self, cutoff: float) -> None:
         """A standby keeps an ended run unstored until the stored checkpoint is past the run's
         last event: whoever wrote it (the leader, or a recorder) no longer held the run, so it
         had stored its view. Should this process lead first (that writer died with views not
         stored: the runs that ended within its lag, or in an outage), it stores them, instead
         of leaving those runs with no view once their events age out. Oldest first, stopping
-        at the first run still held there (one read of the checkpoint per step)."""
+        at the first run still held there (one read of the checkpoint per step). A run that
+        ended before ``cutoff`` (``keep_ended_s`` ago) is dropped whatever the checkpoint says:
+        a live run holds the checkpoint back for as long as it runs (hours, for a long
+        attempt), and a takeover comes within seconds of a writer's death, so this keeps a
+        standby's memory bounded by ``keep_ended_s`` of ended runs, as before."""
+        while self.unstored:
+            oldest = next(iter(self.unstored.values()))
+            if oldest.updated_at >= cutoff:
+                break
+            del self.unstored[oldest.id]
         if not self.unstored:
             return
         try:
