@@ -131,12 +131,7 @@ class Gateway(RunsApi):
         )
         self.feed = feed or LogFeed(self.log, self.views)
         self.feed.confirm_appends(self.log)  # its tail shows what it appends
-        tail = self.guard.wrap_sync
-        self.feed.join(
-            self.index,
-            tail("event-log tail", self.index.apply),
-            tail("event-log tail", self.index.skip),
-        )
+        self.feed.join_guarded(self.index, self.guard)
 
     # --- lifecycle ---------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ import anyio
 from contracts.events import AnyEvent
 from runtime.control.views import RunViews, start_position
 from runtime.infra.eventlog import Apply, EventLog, Skip
+from runtime.infra.guard import Guard
 from runtime.infra.ordered import OrderedTail
 from runtime.infra.projection import RunIndex
 from runtime.infra.tailconfirm import TailConfirm
@@ -67,6 +68,12 @@ class LogFeed:
         if any(reader.index is index for reader in self._readers):
             return
         self._readers.append(_Reader(index, on_event, on_skipped))
+
+    def join_guarded(self, index: RunIndex, guard: Guard) -> None:
+        """``join`` with ``index``'s own apply and skip, each wrapped in ``guard`` (a failure
+        stops that component, not the tail)."""
+        tail = guard.wrap_sync
+        self.join(index, tail("event-log tail", index.apply), tail("event-log tail", index.skip))
 
     async def start(self) -> Position:
         """Position every reader's index and start the one consumer; idempotent (a later

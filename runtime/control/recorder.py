@@ -52,12 +52,7 @@ class Recorder:
         self.keeper = ViewKeeper(self.views, self.index, config.settings)
         self.guard = Guard("recorder")
         self.feed = LogFeed(self.log, self.views)
-        tail = self.guard.wrap_sync
-        self.feed.join(
-            self.index,
-            tail("event-log tail", self.index.apply),
-            tail("event-log tail", self.index.skip),
-        )
+        self.feed.join_guarded(self.index, self.guard)
         self.caught_up = False
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
