@@ -14,6 +14,7 @@ connect.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -69,11 +70,35 @@ def find_binary() -> str:
     )
 
 
+EPHEMERAL_PORTS = Path("/proc/sys/net/ipv4/ip_local_port_range")
+PICKS = 64  # random ports tried below the ephemeral range before taking any free one
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
+    """A TCP port that was free a moment ago on ``host``, picked at random below the range
+    the OS hands out to outgoing connections (Linux: ``ip_local_port_range``): a port from
+    that range (what binding port 0 gives) can be taken by any process's next ``connect``
+    before whoever asked binds it, and busy processes make many."""
+    low = _ephemeral_low()
+    for _ in range(PICKS if low > 2048 else 0):
+        port = random.randint(max(1024, low - 16384), low - 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])
+
+
+def _ephemeral_low() -> int:
+    """The first port of the OS's range for outgoing connections (32768 where unknown)."""
+    try:
+        return int(EPHEMERAL_PORTS.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _port_open(host: str, port: int) -> bool:
